@@ -1,0 +1,20 @@
+package state
+
+import "errors"
+
+var (
+	// ErrCorrupt means the state file could not be read or parsed. The error
+	// names the file and the reason; the file is left in place and a copy of
+	// its bytes is kept aside. Nothing is deleted because of it.
+	ErrCorrupt = errors.New("state file is corrupt")
+	// ErrUnsupportedVersion means the state file was written by a newer
+	// depcache with a format this one does not know.
+	ErrUnsupportedVersion = errors.New("state file has an unsupported format version")
+	// ErrOutsideRoot means a path would leave the cache root.
+	ErrOutsideRoot = errors.New("path leaves the cache root")
+	// ErrBadKey means a key is malformed.
+	ErrBadKey = errors.New("bad key")
+	// ErrLockLost means the lock was no longer ours when we went to use or
+	// release it: another process judged us stale and broke it.
+	ErrLockLost = errors.New("lock lost")
+)

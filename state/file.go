@@ -1,0 +1,260 @@
+package state
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/google/renameio/v2"
+)
+
+// File names inside the root.
+const (
+	StateFile = "state.json"
+	LockFile  = "state.lock"
+	// PrevSuffix names the previous good version of the state file.
+	PrevSuffix = ".prev"
+	// BadSuffix names copies of unreadable state files, followed by a hash
+	// of their content.
+	BadSuffix = ".bad-"
+)
+
+// Options configures a [Store].
+type Options struct {
+	// Lock configures the state lock.
+	Lock LockOptions
+	// FilePerm is the permission of the state file. Default 0644.
+	FilePerm fs.FileMode
+	// OnHold, when set, is told how long each Update held the lock.
+	OnHold func(time.Duration)
+}
+
+// Store is the state file of one cache root.
+type Store struct {
+	root string
+	path string
+	lock *Lock
+	opts Options
+}
+
+// Open returns the store of the cache root dir, creating the directory if
+// needed. It does not read the state.
+func Open(dir string, opts Options) (*Store, error) {
+	if dir == "" {
+		return nil, errors.New("state: empty root directory")
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("state: root %q: %w", dir, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
+	if opts.FilePerm == 0 {
+		opts.FilePerm = 0o644
+	}
+	l, err := NewLock(filepath.Join(dir, LockFile), opts.Lock)
+	if err != nil {
+		return nil, err
+	}
+	return &Store{root: dir, path: filepath.Join(dir, StateFile), lock: l, opts: opts}, nil
+}
+
+// Root returns the absolute cache root.
+func (s *Store) Root() string { return s.root }
+
+// Path returns the state file's name.
+func (s *Store) Path() string { return s.path }
+
+// Lock returns the store's lock, for callers that must hold it around more
+// than one Update (none in depcache) and for diagnostics.
+func (s *Store) Lock() *Lock { return s.lock }
+
+// Abs returns the absolute path of rel, a path recorded in the state, or an
+// error if it would leave the root.
+func (s *Store) Abs(rel string) (string, error) {
+	if err := CheckRelPath(rel); err != nil {
+		return "", err
+	}
+	return filepath.Join(s.root, rel), nil
+}
+
+// View returns the current state without taking the lock. The file is only
+// ever replaced by rename, so the result is a consistent snapshot, possibly
+// already outdated. A missing file is an empty state.
+func (s *Store) View(ctx context.Context) (*State, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	st, _, err := s.read()
+	return st, err
+}
+
+// Update calls fn on the current state with the lock held. If fn reports a
+// change and returns no error, the result is validated and written
+// atomically; a result identical to the file is not written. fn must not
+// block or do I/O: the lock is held while it runs. If the state file cannot
+// be parsed, fn is not called and the error wraps [ErrCorrupt] or
+// [ErrUnsupportedVersion].
+func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err error)) (err error) {
+	unlock, err := s.lock.Lock(ctx)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	defer func() {
+		if uerr := unlock(); uerr != nil && err == nil {
+			err = uerr
+		}
+		if s.opts.OnHold != nil {
+			s.opts.OnHold(time.Since(start))
+		}
+	}()
+	st, old, err := s.read()
+	if err != nil {
+		return err
+	}
+	changed, err := fn(st)
+	if err != nil || !changed {
+		return err
+	}
+	st.Version = FormatVersion
+	if err := st.Validate(); err != nil {
+		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+	}
+	data, err := json.Marshal(st)
+	if err != nil {
+		return fmt.Errorf("state %s: %w", s.path, err)
+	}
+	if bytes.Equal(data, old) {
+		return nil
+	}
+	return s.commit(data, old != nil)
+}
+
+// read returns the parsed state and the raw bytes (nil if no file).
+func (s *Store) read() (*State, []byte, error) {
+	b, err := os.ReadFile(s.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return New(), nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
+	}
+	st, err := Decode(b)
+	if err != nil {
+		aside := s.keepAside(b)
+		return nil, nil, fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", s.path, aside, err)
+	}
+	return st, b, nil
+}
+
+// Decode parses a state file's bytes. Errors wrap [ErrCorrupt] or
+// [ErrUnsupportedVersion] and say what is wrong.
+func Decode(b []byte) (*State, error) {
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil, fmt.Errorf("%w: file is empty", ErrCorrupt)
+	}
+	var probe struct {
+		Version *int `json:"version"`
+	}
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	switch {
+	case probe.Version == nil:
+		return nil, fmt.Errorf("%w: no \"version\" field", ErrCorrupt)
+	case *probe.Version > FormatVersion:
+		return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, *probe.Version, FormatVersion)
+	case *probe.Version < 1:
+		return nil, fmt.Errorf("%w: version %d", ErrCorrupt, *probe.Version)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var st State
+	if err := dec.Decode(&st); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("%w: trailing data after the JSON document", ErrCorrupt)
+	}
+	if err := st.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return &st, nil
+}
+
+// keepAside copies unreadable bytes next to the state file, named by their
+// hash so that repeated failures keep one copy. The state file itself stays
+// where it is: every process keeps refusing it until an operator acts.
+func (s *Store) keepAside(b []byte) string {
+	sum := sha256.Sum256(b)
+	aside := s.path + BadSuffix + hex.EncodeToString(sum[:6])
+	if _, err := os.Stat(aside); err == nil {
+		return aside
+	}
+	if err := renameio.WriteFile(aside, b, 0o644, renameio.WithTempDir(s.root)); err != nil {
+		return "(none: " + err.Error() + ")"
+	}
+	return aside
+}
+
+// commit replaces the state file with data. The previous version is linked
+// to state.json.prev first, so no moment exists without a state file.
+func (s *Store) commit(data []byte, hadOld bool) error {
+	pf, err := renameio.NewPendingFile(s.path, renameio.WithTempDir(s.root), renameio.WithPermissions(s.opts.FilePerm))
+	if err != nil {
+		return fmt.Errorf("state %s: %w", s.path, err)
+	}
+	defer pf.Cleanup()
+	if _, err := pf.Write(data); err != nil {
+		return fmt.Errorf("state %s: writing: %w", s.path, err)
+	}
+	if hadOld {
+		if err := s.keepPrev(); err != nil {
+			return err
+		}
+	}
+	// Last look before the commit point: a holder judged stale by another
+	// host must not overwrite what the new holder wrote.
+	if err := s.lock.Check(); err != nil {
+		return err
+	}
+	if err := pf.CloseAtomicallyReplace(); err != nil {
+		return fmt.Errorf("state %s: replacing: %w", s.path, err)
+	}
+	return syncDir(s.root)
+}
+
+func (s *Store) keepPrev() error {
+	tmp := s.path + PrevSuffix + ".tmp"
+	_ = os.Remove(tmp)
+	if err := os.Link(s.path, tmp); err != nil {
+		return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
+	}
+	if err := os.Rename(tmp, s.path+PrevSuffix); err != nil {
+		return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
+	}
+	return nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}

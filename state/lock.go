@@ -1,0 +1,477 @@
+package state
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/big"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// Clock is this process's monotonic clock. Readings are compared only with
+// other readings of the same clock, never with a time written by another
+// host.
+type Clock interface {
+	Now() time.Time
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+
+// RealClock returns the clock production code uses.
+func RealClock() Clock { return realClock{} }
+
+// LockOptions configures a [Lock]. Zero fields take the defaults.
+type LockOptions struct {
+	// Lease is how long a lock held from another host or pid namespace must
+	// stay unchanged, on our clock, before it is judged stale. It must be far
+	// longer than any hold. Default 30s.
+	Lease time.Duration
+	// WarnAfter is how long a wait goes on before it is logged with the
+	// holder's identity, and then again every WarnAfter. Default 5s.
+	WarnAfter time.Duration
+	// Perm is the permission of the lock file. Default 0644.
+	Perm fs.FileMode
+	// Processes tells who we are and whether a local holder is alive.
+	// Default: System().
+	Processes Processes
+	// Clock is our monotonic clock. Default: time.Now.
+	Clock Clock
+	// Rand is the source of nonces. Default: crypto/rand.
+	Rand io.Reader
+	// Log receives the wait and break messages. Default: logrus's standard
+	// logger.
+	Log logrus.FieldLogger
+}
+
+// Lock is a mutual-exclusion lock on a file name, safe between goroutines,
+// processes, pid namespaces and hosts that share the directory over NFS or a
+// weaker filesystem such as sshfs.
+//
+// Acquiring links a private file holding our identity and a random nonce to
+// the lock name; link(2) fails with EEXIST when the name is taken, atomically
+// on the server. Success is confirmed by reading our nonce back, never by
+// link counts or inode numbers (sshfs gets both wrong), and an EEXIST whose
+// content is our nonce is a success whose reply was lost.
+//
+// A holder on our machine (same boot and pid namespace) whose process is
+// gone is broken at once. Any other holder is broken only after the lock's
+// content stayed unchanged for the lease on our own clock. Breaking goes
+// through a second lock named after the stale nonce, so of two waiters that
+// judge the same holder stale only one breaks it, and neither can remove a
+// lock taken after it.
+type Lock struct {
+	path  string
+	opts  LockOptions
+	mu    chan struct{} // in-process mutex: link() cannot tell our goroutines apart
+	nonce string        // the nonce of the current hold; guarded by mu
+}
+
+// maxBreakDepth bounds the recursion when breakers themselves die while
+// breaking; beyond it an operator must look (doctor --break-lock).
+const maxBreakDepth = 3
+
+// holder is the content of a lock file.
+type holder struct {
+	Process
+	Nonce string `json:"nonce"`
+	// Acquired is the holder's wall clock, shown to humans only.
+	Acquired time.Time `json:"acquired"`
+}
+
+// NewLock returns a lock on the file at path. It does not touch the disk.
+func NewLock(path string, opts LockOptions) (*Lock, error) {
+	if opts.Lease <= 0 {
+		opts.Lease = 30 * time.Second
+	}
+	if opts.WarnAfter <= 0 {
+		opts.WarnAfter = 5 * time.Second
+	}
+	if opts.Perm == 0 {
+		opts.Perm = 0o644
+	}
+	if opts.Processes == nil {
+		p, err := System()
+		if err != nil {
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		opts.Processes = p
+	}
+	if opts.Clock == nil {
+		opts.Clock = realClock{}
+	}
+	if opts.Rand == nil {
+		opts.Rand = rand.Reader
+	}
+	if opts.Log == nil {
+		opts.Log = logrus.StandardLogger()
+	}
+	return &Lock{path: path, opts: opts, mu: make(chan struct{}, 1)}, nil
+}
+
+// Path returns the lock file's name.
+func (l *Lock) Path() string { return l.path }
+
+// Lock blocks until the lock is held or ctx is done. On success it returns
+// the function that releases the lock; that function reports [ErrLockLost] if
+// the lock was broken meanwhile. On ctx's end the error wraps ctx.Err() and
+// names the holder.
+func (l *Lock) Lock(ctx context.Context) (unlock func() error, err error) {
+	select {
+	case l.mu <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("lock %s: waiting for another goroutine of this process: %w", l.path, ctx.Err())
+	}
+	unlock, err = l.lock(ctx)
+	if err != nil {
+		<-l.mu
+		return nil, err
+	}
+	return unlock, nil
+}
+
+func (l *Lock) lock(ctx context.Context) (func() error, error) {
+	nonce, err := l.newNonce()
+	if err != nil {
+		return nil, err
+	}
+	rec, err := json.Marshal(holder{Process: l.opts.Processes.Self(), Nonce: nonce, Acquired: time.Now()})
+	if err != nil {
+		return nil, err
+	}
+	tmp := l.path + ".tmp-" + nonce
+	if err := writeExcl(tmp, rec, l.opts.Perm); err != nil {
+		return nil, fmt.Errorf("lock %s: %w", l.path, err)
+	}
+	defer os.Remove(tmp)
+
+	w := waiter{l: l, tmp: tmp, nonce: nonce, seen: map[string]observation{}}
+	start := l.opts.Clock.Now()
+	nextWarn := start.Add(l.opts.WarnAfter)
+	delay := minPoll
+	for {
+		won, content, err := w.tryLink(l.path)
+		if err != nil {
+			return nil, fmt.Errorf("lock %s: %w", l.path, err)
+		}
+		if won {
+			l.nonce = nonce
+			return l.unlockOnce(), nil
+		}
+		if content != nil {
+			h := parseHolder(content)
+			stale, why := w.judge(l.path, h, content)
+			if stale {
+				if err := w.breakStale(l.path, h, content, why, 0); err != nil {
+					return nil, fmt.Errorf("lock %s: breaking stale lock: %w", l.path, err)
+				}
+				continue
+			}
+			if now := l.opts.Clock.Now(); now.After(nextWarn) {
+				nextWarn = now.Add(l.opts.WarnAfter)
+				l.logHolder(h, w.seen[l.path], now).WithField("waited", now.Sub(start).Round(time.Millisecond)).
+					Warn("waiting for the state lock")
+			}
+		}
+		if err := sleep(ctx, l.jitter(delay)); err != nil {
+			h := parseHolder(content)
+			return nil, fmt.Errorf("lock %s held by %s (acquired %s by its clock, unchanged for %s by ours): %w",
+				l.path, h.describe(), h.Acquired.Format(time.RFC3339), l.opts.Clock.Now().Sub(w.seen[l.path].since).Round(time.Millisecond), err)
+		}
+		delay = min(delay*2, maxPoll)
+	}
+}
+
+// Polling bounds: short enough that a released lock is noticed within a few
+// milliseconds locally, long enough that waiters do not hammer a shared
+// filesystem.
+const (
+	minPoll = 200 * time.Microsecond
+	maxPoll = 10 * time.Millisecond
+)
+
+func (l *Lock) unlockOnce() func() error {
+	done := false
+	return func() error {
+		if done {
+			return fmt.Errorf("lock %s: unlocked twice", l.path)
+		}
+		done = true
+		defer func() { <-l.mu }()
+		err := l.release(l.path, l.nonce)
+		l.nonce = ""
+		return err
+	}
+}
+
+// Check reports whether the lock is still ours. The caller must hold it.
+// Store.Update calls it right before committing.
+func (l *Lock) Check() error {
+	b, err := os.ReadFile(l.path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("lock %s vanished: %w", l.path, ErrLockLost)
+		}
+		return fmt.Errorf("lock %s: %w", l.path, err)
+	}
+	if h := parseHolder(b); h.Nonce != l.nonce {
+		return fmt.Errorf("lock %s now held by %s: %w", l.path, h.describe(), ErrLockLost)
+	}
+	return nil
+}
+
+// release removes name if it still holds nonce.
+func (l *Lock) release(name, nonce string) error {
+	b, err := os.ReadFile(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("lock %s vanished while held: %w", name, ErrLockLost)
+	}
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", name, err)
+	}
+	if h := parseHolder(b); h.Nonce != nonce {
+		return fmt.Errorf("lock %s taken over by %s while held: %w", name, h.describe(), ErrLockLost)
+	}
+	if err := os.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("lock %s: %w", name, err)
+	}
+	return nil
+}
+
+// waiter is the state of one Lock call: our nonce and the lock contents we
+// have seen, with when we first saw each on our clock.
+type waiter struct {
+	l     *Lock
+	tmp   string
+	nonce string
+	seen  map[string]observation
+	eperm int
+}
+
+// maxEPERM bounds how often a link may fail with EPERM while the name does
+// not exist before the EPERM is taken for a real permission error.
+const maxEPERM = 100
+
+// LinkExists reports whether err from link(2) means that the new name may
+// already exist. sshfs reports EEXIST only when the kernel already knew the
+// name; when the server finds it, the SFTP status carries no errno and sshfs
+// answers EPERM, so EPERM is "maybe exists" there, to be settled by reading
+// the name.
+func LinkExists(err error) bool {
+	return errors.Is(err, fs.ErrExist) || errors.Is(err, syscall.EPERM)
+}
+
+type observation struct {
+	content string
+	since   time.Time
+}
+
+// tryLink tries to take name. It returns won, or the current content of the
+// lock (nil when the name vanished between the link and the read: retry).
+func (w *waiter) tryLink(name string) (won bool, content []byte, err error) {
+	err = os.Link(w.tmp, name)
+	if err != nil && !LinkExists(err) {
+		return false, nil, err
+	}
+	// Read back in both cases: after success to confirm (the name may have
+	// been broken at once by someone judging an earlier holder), after
+	// EEXIST because a lost reply makes a successful link look failed.
+	// Opening also refreshes a stale name that sshfs still caches.
+	b, rerr := os.ReadFile(name)
+	if errors.Is(rerr, fs.ErrNotExist) {
+		if errors.Is(err, syscall.EPERM) {
+			// EPERM with no file: either a race with a release, or a real
+			// permission problem; do not spin on the latter forever.
+			w.eperm++
+			if w.eperm > maxEPERM {
+				return false, nil, err
+			}
+		}
+		return false, nil, nil
+	}
+	if rerr != nil {
+		return false, nil, rerr
+	}
+	if parseHolder(b).Nonce == w.nonce {
+		return true, nil, nil
+	}
+	return false, b, nil
+}
+
+// judge decides whether the holder recorded in content is stale.
+func (w *waiter) judge(name string, h holder, content []byte) (bool, string) {
+	self := w.l.opts.Processes.Self()
+	if h.Nonce != "" && self.SameMachine(h.Process) {
+		alive, err := w.l.opts.Processes.Alive(h.Process)
+		if err != nil {
+			w.l.opts.Log.WithError(err).WithField("lock", name).Warn("cannot tell whether the lock holder is alive")
+			return false, ""
+		}
+		if !alive {
+			return true, "holder process is gone"
+		}
+		return false, ""
+	}
+	now := w.l.opts.Clock.Now()
+	o, ok := w.seen[name]
+	if !ok || o.content != string(content) {
+		w.seen[name] = observation{content: string(content), since: now}
+		return false, ""
+	}
+	if d := now.Sub(o.since); d >= w.l.opts.Lease {
+		return true, fmt.Sprintf("unchanged for %s (lease %s)", d.Round(time.Millisecond), w.l.opts.Lease)
+	}
+	return false, ""
+}
+
+// breakStale removes the lock at name whose content we judged stale. Only
+// the winner of the link on name+".break-"+ID(content) may do it, so two
+// waiters that judged the same holder never both break; and the winner
+// breaks only if the lock still has that content.
+func (w *waiter) breakStale(name string, h holder, content []byte, why string, depth int) error {
+	id := h.Nonce
+	if !isHex(id) {
+		sum := sha256.Sum256(content)
+		id = hex.EncodeToString(sum[:8])
+	}
+	breaker := name + ".break-" + id
+	won, bcontent, err := w.tryLink(breaker)
+	if err != nil {
+		return err
+	}
+	if !won {
+		if bcontent == nil {
+			return nil
+		}
+		// Someone else is breaking it. If that breaker died at it, break
+		// the breaker.
+		bh := parseHolder(bcontent)
+		if stale, bwhy := w.judge(breaker, bh, bcontent); stale && depth < maxBreakDepth {
+			return w.breakStale(breaker, bh, bcontent, bwhy, depth+1)
+		}
+		return nil
+	}
+	defer func() {
+		if err := w.l.release(breaker, w.nonce); err != nil {
+			w.l.opts.Log.WithError(err).WithField("lock", breaker).Warn("releasing the breaker lock")
+		}
+	}()
+
+	cur, err := os.ReadFile(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(cur, content) {
+		return nil // it changed: someone else broke or released it
+	}
+	aside := name + ".stale-" + id
+	if err := os.Rename(name, aside); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	got, err := os.ReadFile(aside)
+	if err == nil && !bytes.Equal(got, content) {
+		// Only a stale holder that resumed and released between our read and
+		// the rename can get us here; give the new holder its lock back.
+		if lerr := os.Link(aside, name); lerr != nil {
+			w.l.opts.Log.WithError(lerr).WithField("lock", name).Error("removed a live lock while breaking a stale one and could not restore it")
+		}
+	}
+	_ = os.Remove(aside)
+	w.l.logHolder(h, w.seen[name], w.l.opts.Clock.Now()).WithField("reason", why).Warn("broke a stale lock")
+	return nil
+}
+
+func (l *Lock) logHolder(h holder, o observation, now time.Time) logrus.FieldLogger {
+	f := logrus.Fields{"lock": l.path, "holder_host": h.Host, "holder_pid": h.PID,
+		"holder_acquired": h.Acquired.Format(time.RFC3339Nano)}
+	if !o.since.IsZero() {
+		f["unchanged_for"] = now.Sub(o.since).Round(time.Millisecond)
+	}
+	return l.opts.Log.WithFields(f)
+}
+
+func parseHolder(b []byte) holder {
+	var h holder
+	if json.Unmarshal(b, &h) != nil || !isHex(h.Nonce) {
+		return holder{}
+	}
+	return h
+}
+
+func (h holder) describe() string {
+	if h.Nonce == "" {
+		return "an unreadable holder"
+	}
+	return h.Process.String()
+}
+
+func (l *Lock) newNonce() (string, error) {
+	b := make([]byte, 16)
+	if _, err := io.ReadFull(l.opts.Rand, b); err != nil {
+		return "", fmt.Errorf("nonce: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}
+
+// jitter spreads waiters so that they do not poll in step.
+func (l *Lock) jitter(d time.Duration) time.Duration {
+	n, err := rand.Int(l.opts.Rand, big.NewInt(int64(d)))
+	if err != nil {
+		return d
+	}
+	return d/2 + time.Duration(n.Int64())/2
+}
+
+func isHex(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+func writeExcl(name string, data []byte, perm fs.FileMode) error {
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		os.Remove(name)
+		return err
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(name)
+		return err
+	}
+	return nil
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,90 @@
+package state
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// System returns the real [Processes] of this machine, read from /proc.
+func System() (Processes, error) {
+	host, err := os.Hostname()
+	if err != nil {
+		return nil, fmt.Errorf("hostname: %w", err)
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return nil, fmt.Errorf("boot id: %w", err)
+	}
+	ns, err := os.Readlink("/proc/self/ns/pid")
+	if err != nil {
+		return nil, fmt.Errorf("pid namespace: %w", err)
+	}
+	pid := os.Getpid()
+	start, err := startTime(pid)
+	if err != nil {
+		return nil, err
+	}
+	return &system{self: Process{
+		Host:      host,
+		BootID:    strings.TrimSpace(string(boot)),
+		PIDNS:     ns,
+		PID:       pid,
+		StartTime: start,
+	}}, nil
+}
+
+type system struct{ self Process }
+
+func (s *system) Self() Process { return s.self }
+
+func (s *system) Alive(p Process) (bool, error) {
+	if !s.self.SameMachine(p) {
+		return false, fmt.Errorf("process %v is not on this machine", p)
+	}
+	if p.Same(s.self) {
+		return true, nil
+	}
+	st, zombie, err := procStat(p.PID)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	// A zombie has exited; only its parent has not reaped it yet.
+	return st == p.StartTime && !zombie, nil
+}
+
+func startTime(pid int) (uint64, error) {
+	st, _, err := procStat(pid)
+	return st, err
+}
+
+// procStat reads the start time (field 22) and whether the process is a
+// zombie (field 3) from /proc/PID/stat. The command name (field 2) may hold
+// spaces and parentheses, so fields are counted after its last ')'.
+func procStat(pid int) (start uint64, zombie bool, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, false, err
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, false, fmt.Errorf("/proc/%d/stat: no command field", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// f[0] is field 3 (state), so field 22 is f[19].
+	if len(f) < 20 {
+		return 0, false, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+	}
+	v, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return 0, false, fmt.Errorf("/proc/%d/stat: start time: %w", pid, err)
+	}
+	return v, f[0] == "Z" || f[0] == "X", nil
+}

@@ -1,0 +1,88 @@
+// Package rigtest finds the test rigs of ../shared/rigs (shared filesystem,
+// Docker engine, disk full, fake hosts) for integration tests. A test that
+// needs a rig that is not running skips on a developer's machine and fails
+// under CI=true, where .ci/run has started every rig.
+package rigtest
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
+
+// InCI reports whether the tests run under CI=true.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Missing skips t, or fails it under CI, because what is missing.
+func Missing(t testing.TB, what string) {
+	t.Helper()
+	if InCI() {
+		t.Fatalf("CI=true but %s; .ci/run must start it", what)
+	}
+	t.Skipf("skipping: %s (start the rigs of ../shared/rigs, see .ci/run)", what)
+}
+
+// Env returns the environment variable name, which a rig sets.
+func Env(t testing.TB, name string) string {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		Missing(t, name+" is not set")
+	}
+	return v
+}
+
+// SharedFS returns two mounts of one export of the sshfs rig.
+func SharedFS(t testing.TB) (mnt1, mnt2 string) {
+	t.Helper()
+	mnt1, mnt2 = Env(t, "SHAREDFS_MNT1"), Env(t, "SHAREDFS_MNT2")
+	for _, m := range []string{mnt1, mnt2} {
+		if _, err := os.Stat(m); err != nil {
+			Missing(t, "shared filesystem mount "+m+" is not usable: "+err.Error())
+		}
+	}
+	return mnt1, mnt2
+}
+
+// DiskFull returns the directory of the disk-full rig.
+func DiskFull(t testing.TB) string {
+	t.Helper()
+	return Env(t, "DISKFULL_DIR")
+}
+
+// Dir returns the rigs directory: $DEPCACHE_RIGS, else ../shared/rigs next to
+// the module root.
+func Dir(t testing.TB) string {
+	t.Helper()
+	if d := os.Getenv("DEPCACHE_RIGS"); d != "" {
+		return d
+	}
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	mod := string(out[:len(out)-1])
+	return filepath.Join(filepath.Dir(mod), "..", "shared", "rigs")
+}
+
+// FakeHost returns the command that runs argv as if on a separate host
+// named name (its own PID and UTS namespace). pid, when non-zero, is the
+// pid argv gets inside that host.
+func FakeHost(t testing.TB, name string, pid int, argv ...string) *exec.Cmd {
+	t.Helper()
+	script := filepath.Join(Dir(t), "fakehost.sh")
+	if _, err := os.Stat(script); err != nil {
+		Missing(t, "fakehost.sh not found at "+script)
+	}
+	if os.Geteuid() != 0 {
+		Missing(t, "fake hosts need root")
+	}
+	cmd := exec.Command("bash", append([]string{script, name}, argv...)...)
+	cmd.Env = os.Environ()
+	if pid != 0 {
+		cmd.Env = append(cmd.Env, "FAKEHOST_PID="+strconv.Itoa(pid))
+	}
+	return cmd
+}

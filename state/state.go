@@ -1,0 +1,187 @@
+package state
+
+import (
+	"fmt"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// FormatVersion is the version of the state file format this package writes.
+// A file with a higher version is refused with [ErrUnsupportedVersion] rather
+// than misread, so an older depcache never rewrites a newer one's state.
+const FormatVersion = 1
+
+// Stage is where an entry is in its life.
+type Stage string
+
+const (
+	// Downloading means the content is being fetched. Owner names the one
+	// process doing it; a Downloading entry without an owner is claimable.
+	Downloading Stage = "DOWNLOADING"
+	// Ready means the content is complete at Path and verified. It is left
+	// only by eviction.
+	Ready Stage = "READY"
+	// Failed means the last attempt gave up; Message says why. The entry is
+	// pruned after a cool-down so that a later request retries.
+	Failed Stage = "FAILED"
+)
+
+// Valid reports whether s is one of the three stages.
+func (s Stage) Valid() bool {
+	return s == Downloading || s == Ready || s == Failed
+}
+
+// UnmarshalText refuses unknown stages so that a corrupt file is an error,
+// not an entry in a stage nothing handles.
+func (s *Stage) UnmarshalText(b []byte) error {
+	v := Stage(b)
+	if !v.Valid() {
+		return fmt.Errorf("unknown stage %q", b)
+	}
+	*s = v
+	return nil
+}
+
+// State is the whole content of the state file.
+type State struct {
+	// Version is the file format version; see FormatVersion.
+	Version int `json:"version"`
+	// Entries maps Key.ID() to the entry.
+	Entries map[string]*Entry `json:"entries"`
+}
+
+// New returns an empty state of the current format version.
+func New() *State {
+	return &State{Version: FormatVersion, Entries: map[string]*Entry{}}
+}
+
+// Get returns the entry for k, or nil.
+func (s *State) Get(k Key) *Entry {
+	return s.Entries[k.ID()]
+}
+
+// Put stores e under its key's ID, replacing any entry with that key.
+func (s *State) Put(e *Entry) {
+	s.Entries[e.Key.ID()] = e
+}
+
+// Delete removes the entry for k.
+func (s *State) Delete(k Key) {
+	delete(s.Entries, k.ID())
+}
+
+// Sorted returns the entries ordered by key ID, for stable output.
+func (s *State) Sorted() []*Entry {
+	out := make([]*Entry, 0, len(s.Entries))
+	for _, e := range s.Entries {
+		out = append(out, e)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key.ID() < out[j].Key.ID() })
+	return out
+}
+
+// Entry is one cached dependency.
+type Entry struct {
+	Key   Key   `json:"key"`
+	Stage Stage `json:"stage"`
+	// Path is the content's location relative to the root ("" until READY).
+	Path string `json:"path,omitempty"`
+	// SizeBytes is the size on disk of the published content.
+	SizeBytes int64 `json:"size_bytes"`
+	// Dependents are the users of the entry, by name.
+	Dependents map[string]Dependent `json:"dependents,omitempty"`
+	// Owner is the process downloading the entry; nil when nobody is.
+	Owner *Owner `json:"owner,omitempty"`
+	// Generation is bumped on every claim. It is the fencing token: a
+	// download may publish only with the generation it claimed.
+	Generation uint64 `json:"generation"`
+	// Progress is reported by the owner while downloading.
+	Progress Progress `json:"progress"`
+	// LastUsed and Created are wall-clock times of whoever wrote them; they
+	// order entries for eviction, they never decide liveness.
+	LastUsed time.Time `json:"last_used"`
+	Created  time.Time `json:"created"`
+	// Failures counts failed attempts in a row, for the cool-down back-off.
+	Failures int `json:"failures"`
+	// Message is the reason of the last failure, or a note.
+	Message string `json:"message,omitempty"`
+	// ImageID is the full image ID of a READY image entry.
+	ImageID string `json:"image_id,omitempty"`
+}
+
+// Progress is what an owner reports while downloading. Waiters judge a stall
+// by watching these values stay unchanged on their own clock, never by
+// comparing a timestamp.
+type Progress struct {
+	Bytes int64 `json:"bytes"`
+	// Total is the expected size, or 0 when unknown.
+	Total int64 `json:"total,omitempty"`
+	// Heartbeat is bumped by the owner on every report, even when no bytes
+	// arrived, so that a slow but live download is not taken over.
+	Heartbeat uint64 `json:"heartbeat"`
+}
+
+// Dependent is one named user of an entry.
+type Dependent struct {
+	// Since is when it registered (the registering host's clock).
+	Since time.Time `json:"since"`
+	// Process, when set, binds the dependent to a live process: it is
+	// reaped once that process is provably gone.
+	Process *Process `json:"process,omitempty"`
+	// Expires, when set, is when a TTL-bound dependent lapses.
+	Expires *time.Time `json:"expires,omitempty"`
+}
+
+// Owner is the process that downloads an entry.
+type Owner struct {
+	Process
+	// ManagerID tells apart two managers in one process.
+	ManagerID string `json:"manager_id"`
+}
+
+// Same reports whether o and p denote the same manager of the same process.
+func (o *Owner) Same(p *Owner) bool {
+	return o != nil && p != nil && o.ManagerID == p.ManagerID && o.Process.Same(p.Process)
+}
+
+// Validate checks what a hand-edited or corrupt file could get wrong and
+// what would make the rest of depcache unsafe: keys and paths.
+func (s *State) Validate() error {
+	if s.Entries == nil {
+		return fmt.Errorf("no \"entries\" object")
+	}
+	for id, e := range s.Entries {
+		if e == nil {
+			return fmt.Errorf("entry %s: null", id)
+		}
+		if err := e.Key.Validate(); err != nil {
+			return fmt.Errorf("entry %s: %w", id, err)
+		}
+		if e.Key.ID() != id {
+			return fmt.Errorf("entry %s: filed under the wrong ID (its key's ID is %s)", id, e.Key.ID())
+		}
+		if !e.Stage.Valid() {
+			return fmt.Errorf("entry %s: unknown stage %q", id, e.Stage)
+		}
+		if e.Path != "" {
+			if err := CheckRelPath(e.Path); err != nil {
+				return fmt.Errorf("entry %s: %w", id, err)
+			}
+		}
+		if e.SizeBytes < 0 || e.Progress.Bytes < 0 || e.Progress.Total < 0 {
+			return fmt.Errorf("entry %s: negative size", id)
+		}
+	}
+	return nil
+}
+
+// CheckRelPath rejects a path that is absolute, not clean, or would leave the
+// root, so that no value read from the state file can point outside it.
+func CheckRelPath(p string) error {
+	if !filepath.IsLocal(p) || filepath.Clean(p) != p || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("path %q: %w", p, ErrOutsideRoot)
+	}
+	return nil
+}

@@ -105,6 +105,9 @@ type Entry struct {
 	Created  time.Time `json:"created"`
 	// Failures counts failed attempts in a row, for the cool-down back-off.
 	Failures int `json:"failures"`
+	// FailedAt is when the entry became FAILED (the failing host's clock);
+	// it only times the cool-down.
+	FailedAt time.Time `json:"failed_at,omitzero"`
 	// Message is the reason of the last failure, or a note.
 	Message string `json:"message,omitempty"`
 	// ImageID is the full image ID of a READY image entry.

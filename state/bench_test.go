@@ -1,0 +1,122 @@
+package state_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/depcache/depcache/state"
+	"github.com/google/renameio/v2"
+)
+
+// benchDirs are the roots the benchmarks run on: local disk always, the
+// sshfs rig when it is up.
+func benchDirs(b *testing.B) map[string]string {
+	dirs := map[string]string{"local": b.TempDir()}
+	if m := os.Getenv("SHAREDFS_MNT1"); m != "" {
+		d, err := os.MkdirTemp(m, "bench-")
+		if err == nil {
+			b.Cleanup(func() { os.RemoveAll(d) })
+			dirs["sshfs"] = d
+		}
+	}
+	return dirs
+}
+
+func seed(b *testing.B, s *state.Store, n int) {
+	b.Helper()
+	err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		for i := range n {
+			st.Put(&state.Entry{Key: bundleKey(i), Stage: state.Ready, Path: fmt.Sprintf("entries/%d", i), SizeBytes: int64(i)})
+		}
+		return true, nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkUpdate: one read-modify-write that changes one entry, with n
+// entries in the state.
+func BenchmarkUpdate(b *testing.B) {
+	for fs, dir := range benchDirs(b) {
+		for _, n := range []int{100, 1000, 10000} {
+			b.Run(fmt.Sprintf("%s/entries=%d", fs, n), func(b *testing.B) {
+				root := filepath.Join(dir, fmt.Sprintf("u%d", n))
+				s := openStore(b, root)
+				seed(b, s, n)
+				info, _ := os.Stat(s.Path())
+				b.SetBytes(info.Size())
+				ctx := context.Background()
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if err := s.Update(ctx, func(st *state.State) (bool, error) {
+						st.Get(bundleKey(0)).Generation++
+						return true, nil
+					}); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkDurableCommit is the limit for Update: write the same number of
+// bytes to a temp file, fsync, rename over the target, fsync the directory.
+func BenchmarkDurableCommit(b *testing.B) {
+	for fs, dir := range benchDirs(b) {
+		for _, n := range []int{100, 1000, 10000} {
+			b.Run(fmt.Sprintf("%s/entries=%d", fs, n), func(b *testing.B) {
+				root := filepath.Join(dir, fmt.Sprintf("c%d", n))
+				s := openStore(b, root)
+				seed(b, s, n)
+				data, err := os.ReadFile(s.Path())
+				if err != nil {
+					b.Fatal(err)
+				}
+				target := filepath.Join(root, "raw.json")
+				b.SetBytes(int64(len(data)))
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if err := renameio.WriteFile(target, data, 0o644, renameio.WithTempDir(root)); err != nil {
+						b.Fatal(err)
+					}
+					d, err := os.Open(root)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if err := d.Sync(); err != nil {
+						b.Fatal(err)
+					}
+					d.Close()
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkLock: an uncontended acquire and release.
+func BenchmarkLock(b *testing.B) {
+	for fs, dir := range benchDirs(b) {
+		b.Run(fs, func(b *testing.B) {
+			l, err := state.NewLock(filepath.Join(dir, "lock"), state.LockOptions{Log: quietLog()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				unlock, err := l.Lock(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := unlock(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,41 @@
+package transitions
+
+import "github.com/depcache/depcache/state"
+
+// Action is something the manager must do after the state is written.
+type Action interface{ action() }
+
+// StartDownload: this manager now owns the entry at Generation and must
+// fetch it into that generation's staging path.
+type StartDownload struct {
+	Generation uint64
+}
+
+// CancelDownload: stop this manager's download of the entry, if any.
+type CancelDownload struct {
+	Reason string
+}
+
+// TakeOver records that the entry was taken from another owner; the
+// manager logs it and counts it.
+type TakeOver struct {
+	From   state.Owner
+	Reason string
+}
+
+// RemoveStaging: the staging data of Generation may be deleted, because its
+// writer is proven gone.
+type RemoveStaging struct {
+	Generation uint64
+}
+
+// Removed: the entry was removed from the state.
+type Removed struct {
+	Reason string
+}
+
+func (StartDownload) action()  {}
+func (CancelDownload) action() {}
+func (TakeOver) action()       {}
+func (RemoveStaging) action()  {}
+func (Removed) action()        {}

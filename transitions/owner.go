@@ -1,0 +1,82 @@
+package transitions
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// fence checks that self still owns e at generation gen.
+func fence(e *state.Entry, self state.Owner, gen uint64) error {
+	switch {
+	case e == nil:
+		return fmt.Errorf("entry removed: %w", ErrFenced)
+	case e.Stage != state.Downloading:
+		return fmt.Errorf("entry %s is %s: %w", e.Key, e.Stage, ErrFenced)
+	case !e.Owner.Same(&self):
+		return fmt.Errorf("entry %s is owned by %s: %w", e.Key, ownerString(e.Owner), ErrFenced)
+	case e.Generation != gen:
+		return fmt.Errorf("entry %s is at generation %d, ours is %d: %w", e.Key, e.Generation, gen, ErrFenced)
+	}
+	return nil
+}
+
+func ownerString(o *state.Owner) string {
+	if o == nil {
+		return "nobody"
+	}
+	return o.Process.String()
+}
+
+// Report records the owner's progress and bumps the heartbeat.
+func Report(e *state.Entry, self state.Owner, gen uint64, bytes, total int64) (Result, error) {
+	if err := fence(e, self, gen); err != nil {
+		return Result{}, err
+	}
+	n := clone(e)
+	n.Progress.Bytes = bytes
+	n.Progress.Total = total
+	n.Progress.Heartbeat++
+	return Result{Entry: n, Changed: true}, nil
+}
+
+// Published describes content that is in place.
+type Published struct {
+	Path      string
+	SizeBytes int64
+	ImageID   string
+}
+
+// Publish makes the entry READY and clears its owner, in one step.
+func Publish(e *state.Entry, self state.Owner, gen uint64, pub Published, now time.Time) (Result, error) {
+	if err := fence(e, self, gen); err != nil {
+		return Result{}, err
+	}
+	n := clone(e)
+	n.Stage = state.Ready
+	n.Owner = nil
+	n.Path = pub.Path
+	n.SizeBytes = pub.SizeBytes
+	n.ImageID = pub.ImageID
+	n.Progress.Bytes = max(n.Progress.Bytes, n.Progress.Total)
+	n.Failures = 0
+	n.FailedAt = time.Time{}
+	n.Message = ""
+	n.LastUsed = now
+	return Result{Entry: n, Changed: true}, nil
+}
+
+// Fail makes the entry FAILED with reason, after the owner's last retry.
+func Fail(e *state.Entry, self state.Owner, gen uint64, reason string, now time.Time) (Result, error) {
+	if err := fence(e, self, gen); err != nil {
+		return Result{}, err
+	}
+	n := clone(e)
+	n.Stage = state.Failed
+	n.Owner = nil
+	n.Failures++
+	n.FailedAt = now
+	n.Message = reason
+	return Result{Entry: n, Changed: true}, nil
+}

@@ -1,0 +1,50 @@
+package transitions
+
+import (
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// Request registers dependent name on the entry for key (e is nil when the
+// state has none). A missing entry is created DOWNLOADING without an owner;
+// a FAILED entry past its cool-down becomes DOWNLOADING again; otherwise
+// the stage is kept and the caller reports it.
+func Request(e *state.Entry, key state.Key, name string, dep state.Dependent, p Policy, now time.Time) (Result, error) {
+	p = p.WithDefaults()
+	var n *state.Entry
+	if e == nil {
+		n = &state.Entry{Key: key, Stage: state.Downloading, Created: now}
+	} else {
+		if !e.Stage.Valid() {
+			return Result{}, invalid(e, "request")
+		}
+		n = clone(e)
+		if n.Stage == state.Failed && cooledDown(n, p, now) {
+			n = retry(n)
+		}
+	}
+	if n.Dependents == nil {
+		n.Dependents = map[string]state.Dependent{}
+	}
+	n.Dependents[name] = dep
+	n.LastUsed = now
+	return Result{Entry: n, Changed: true}, nil
+}
+
+// Release removes dependent name. A DOWNLOADING entry left without
+// dependents is removed, which cancels its download wherever it runs.
+func Release(e *state.Entry, name string) (Result, error) {
+	if e == nil {
+		return Result{}, ErrNotRegistered
+	}
+	if _, ok := e.Dependents[name]; !ok {
+		return keep(e), ErrNotRegistered
+	}
+	n := clone(e)
+	delete(n.Dependents, name)
+	if n.Stage == state.Downloading && len(n.Dependents) == 0 {
+		return Result{Changed: true, Actions: []Action{CancelDownload{Reason: "last dependent released"}, Removed{Reason: "last dependent released"}}}, nil
+	}
+	return Result{Entry: n, Changed: true}, nil
+}

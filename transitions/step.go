@@ -1,0 +1,96 @@
+package transitions
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// Step applies the periodic rules to one entry.
+func Step(e *state.Entry, v View, p Policy, now time.Time) (Result, error) {
+	p = p.WithDefaults()
+	switch e.Stage {
+	case state.Downloading:
+		return stepDownloading(e, v, p)
+	case state.Ready:
+		return keep(e), nil
+	case state.Failed:
+		return stepFailed(e, v, p, now)
+	}
+	return Result{}, invalid(e, "step")
+}
+
+func stepDownloading(e *state.Entry, v View, p Policy) (Result, error) {
+	if len(e.Dependents) == 0 {
+		return Result{Changed: true, Actions: []Action{CancelDownload{Reason: "no dependent left"}, Removed{Reason: "no dependent left"}}}, nil
+	}
+	if !v.Drive {
+		return keep(e), nil
+	}
+	switch {
+	case e.Owner == nil:
+		return claim(e, v.Self), nil
+	case e.Owner.Same(&v.Self):
+		if v.Running {
+			return keep(e), nil
+		}
+		// Ours by the record, but no download runs here: it ended without
+		// publishing or failing (or this manager lost track of it).
+		return claim(e, v.Self), nil
+	case v.OwnerDead:
+		r := claim(e, v.Self)
+		r.Actions = append(r.Actions,
+			TakeOver{From: *e.Owner, Reason: "owner process is gone"},
+			RemoveStaging{Generation: e.Generation})
+		return r, nil
+	case v.Unchanged >= p.DownloadTimeout:
+		// The old owner may still be alive (stopped, partitioned): its
+		// staging data stays until it is proven gone, and its publish will be
+		// fenced.
+		r := claim(e, v.Self)
+		r.Actions = append(r.Actions, TakeOver{From: *e.Owner,
+			Reason: fmt.Sprintf("no progress for %s (timeout %s)", v.Unchanged.Round(time.Second), p.DownloadTimeout)})
+		return r, nil
+	}
+	return keep(e), nil
+}
+
+// claim makes self the owner with the next generation.
+func claim(e *state.Entry, self state.Owner) Result {
+	n := clone(e)
+	o := self
+	n.Owner = &o
+	n.Generation++
+	n.Progress = state.Progress{}
+	return Result{Entry: n, Changed: true, Actions: []Action{StartDownload{Generation: n.Generation}}}
+}
+
+func stepFailed(e *state.Entry, v View, p Policy, now time.Time) (Result, error) {
+	if !cooledDown(e, p, now) {
+		return keep(e), nil
+	}
+	if len(e.Dependents) > 0 && v.Drive {
+		r, err := stepDownloading(retry(e), v, p)
+		r.Changed = true
+		return r, err
+	}
+	if len(e.Dependents) == 0 {
+		return Result{Changed: true, Actions: []Action{Removed{Reason: "failed entry pruned after its cool-down"}}}, nil
+	}
+	return keep(e), nil
+}
+
+func cooledDown(e *state.Entry, p Policy, now time.Time) bool {
+	return now.Sub(e.FailedAt) >= p.Cooldown(e.Failures)
+}
+
+// retry turns a FAILED entry into an unowned download, keeping its failure
+// count for the next back-off.
+func retry(e *state.Entry) *state.Entry {
+	n := clone(e)
+	n.Stage = state.Downloading
+	n.Owner = nil
+	n.Progress = state.Progress{}
+	return n
+}

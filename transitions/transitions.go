@@ -1,0 +1,111 @@
+package transitions
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+var (
+	// ErrFenced means an owner's event arrived for an entry it no longer
+	// owns: the entry was removed, finished, or claimed again with a newer
+	// generation. The owner must discard its work.
+	ErrFenced = errors.New("superseded: no longer the owner of this generation")
+	// ErrInvalidTransition means the entry is in a stage the rule does not
+	// apply to.
+	ErrInvalidTransition = errors.New("invalid transition")
+	// ErrNotRegistered means Release named a dependent the entry does not
+	// have.
+	ErrNotRegistered = errors.New("dependent not registered")
+)
+
+// Policy holds the timings the rules use.
+type Policy struct {
+	// DownloadTimeout is how long an owner's progress may stay unchanged,
+	// as watched by a waiter, before the waiter takes over. Default 5m.
+	DownloadTimeout time.Duration
+	// FailureCooldown is how long a FAILED entry stays before it may be
+	// retried; it doubles with each further failure of the key, up to
+	// MaxCooldown. Default 1m.
+	FailureCooldown time.Duration
+	// MaxCooldown caps the back-off. Default 1h.
+	MaxCooldown time.Duration
+}
+
+// WithDefaults fills zero fields.
+func (p Policy) WithDefaults() Policy {
+	if p.DownloadTimeout <= 0 {
+		p.DownloadTimeout = 5 * time.Minute
+	}
+	if p.FailureCooldown <= 0 {
+		p.FailureCooldown = time.Minute
+	}
+	if p.MaxCooldown <= 0 {
+		p.MaxCooldown = time.Hour
+	}
+	if p.MaxCooldown < p.FailureCooldown {
+		p.MaxCooldown = p.FailureCooldown
+	}
+	return p
+}
+
+// Cooldown is the wait after the n-th failure in a row.
+func (p Policy) Cooldown(n int) time.Duration {
+	d := p.FailureCooldown
+	for i := 1; i < n && d < p.MaxCooldown; i++ {
+		d *= 2
+	}
+	return min(d, p.MaxCooldown)
+}
+
+// View is what this manager observed about an entry, outside the state.
+type View struct {
+	// Self is this manager.
+	Self state.Owner
+	// Drive: this manager drives the entry (it has local dependents, or it
+	// drives every entry, as serve does). Others are only cleaned up.
+	Drive bool
+	// Running: this manager has a live download of the entry's current
+	// generation.
+	Running bool
+	// OwnerDead: the owner is on this machine (same boot and pid namespace)
+	// and its process is provably gone.
+	OwnerDead bool
+	// Unchanged is how long this manager has watched the entry's owner,
+	// generation and progress stay exactly the same, on its own clock.
+	Unchanged time.Duration
+}
+
+// Result is the outcome of a rule.
+type Result struct {
+	// Entry is the new entry, or nil when the entry is to be removed.
+	Entry *state.Entry
+	// Changed says whether the state must be written.
+	Changed bool
+	// Actions are for the manager to carry out after the state is written.
+	Actions []Action
+}
+
+func keep(e *state.Entry) Result { return Result{Entry: e} }
+
+// clone copies e deeply enough that rules never modify their input.
+func clone(e *state.Entry) *state.Entry {
+	c := *e
+	if e.Owner != nil {
+		o := *e.Owner
+		c.Owner = &o
+	}
+	if e.Dependents != nil {
+		c.Dependents = make(map[string]state.Dependent, len(e.Dependents))
+		for k, v := range e.Dependents {
+			c.Dependents[k] = v
+		}
+	}
+	return &c
+}
+
+func invalid(e *state.Entry, rule string) error {
+	return fmt.Errorf("%s on %s entry %s: %w", rule, e.Stage, e.Key, ErrInvalidTransition)
+}

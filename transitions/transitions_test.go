@@ -1,0 +1,292 @@
+package transitions
+
+import (
+	"errors"
+	"os/exec"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+var (
+	t0   = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	key  = state.Key{Kind: state.Bundle, Source: "https://example.com/a.tar.gz"}
+	self = owner("h1", 10, "m-self")
+	// other is another manager on another host.
+	other = owner("h2", 10, "m-other")
+	pol   = Policy{DownloadTimeout: 5 * time.Minute, FailureCooldown: time.Minute, MaxCooldown: 8 * time.Minute}
+)
+
+func owner(host string, pid int, id string) state.Owner {
+	return state.Owner{Process: state.Process{Host: host, BootID: "b-" + host, PIDNS: "ns", PID: pid, StartTime: 1}, ManagerID: id}
+}
+
+// entry builds an entry; opts adjust it.
+func entry(stage state.Stage, opts ...func(*state.Entry)) *state.Entry {
+	e := &state.Entry{Key: key, Stage: stage, Generation: 3,
+		Dependents: map[string]state.Dependent{"run1": {Since: t0}}}
+	for _, o := range opts {
+		o(e)
+	}
+	return e
+}
+
+func ownedBy(o state.Owner) func(*state.Entry) { return func(e *state.Entry) { e.Owner = &o } }
+func noDeps(e *state.Entry)                    { e.Dependents = nil }
+func failedAt(t time.Time, n int) func(*state.Entry) {
+	return func(e *state.Entry) { e.FailedAt, e.Failures, e.Message = t, n, "HTTP 404" }
+}
+
+func view(opts ...func(*View)) View {
+	v := View{Self: self, Drive: true}
+	for _, o := range opts {
+		o(&v)
+	}
+	return v
+}
+
+func running(v *View)   { v.Running = true }
+func ownerDead(v *View) { v.OwnerDead = true }
+func passive(v *View)   { v.Drive = false }
+func unchanged(d time.Duration) func(*View) {
+	return func(v *View) { v.Unchanged = d }
+}
+
+func actionTypes(as []Action) []string {
+	var out []string
+	for _, a := range as {
+		out = append(out, reflect.TypeOf(a).Name())
+	}
+	return out
+}
+
+func TestStep(t *testing.T) {
+	tests := []struct {
+		name  string
+		in    *state.Entry
+		view  View
+		now   time.Time
+		wgen  uint64 // generation of the result; 0 = entry removed
+		wown  *state.Owner
+		wstg  state.Stage
+		wchg  bool
+		wacts []string
+		werr  error
+	}{
+		{name: "downloading, unowned: claim", in: entry(state.Downloading), view: view(),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload"}},
+		{name: "downloading, unowned, not driven here: wait", in: entry(state.Downloading), view: view(passive),
+			wgen: 3, wstg: state.Downloading},
+		{name: "downloading, ours and running: nothing", in: entry(state.Downloading, ownedBy(self)), view: view(running),
+			wgen: 3, wown: &self, wstg: state.Downloading},
+		{name: "downloading, ours by record but not running: reclaim", in: entry(state.Downloading, ownedBy(self)), view: view(),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload"}},
+		{name: "owner equals self after restart (same host, new process): dead, take over",
+			in: entry(state.Downloading, ownedBy(owner("h1", 99, "m-old"))), view: view(ownerDead),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload", "TakeOver", "RemoveStaging"}},
+		{name: "other owner making progress: wait", in: entry(state.Downloading, ownedBy(other)), view: view(unchanged(time.Minute)),
+			wgen: 3, wown: &other, wstg: state.Downloading},
+		{name: "other owner, unchanged just below the timeout: wait", in: entry(state.Downloading, ownedBy(other)),
+			view: view(unchanged(5*time.Minute - time.Nanosecond)), wgen: 3, wown: &other, wstg: state.Downloading},
+		{name: "other owner stalled for the timeout: take over, keep its staging", in: entry(state.Downloading, ownedBy(other)),
+			view: view(unchanged(5 * time.Minute)), wgen: 4, wown: &self, wstg: state.Downloading, wchg: true,
+			wacts: []string{"StartDownload", "TakeOver"}},
+		{name: "other owner dead: take over, remove its staging", in: entry(state.Downloading, ownedBy(other)), view: view(ownerDead),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload", "TakeOver", "RemoveStaging"}},
+		{name: "stalled owner, not driven here: wait", in: entry(state.Downloading, ownedBy(other)), view: view(passive, unchanged(time.Hour)),
+			wgen: 3, wown: &other, wstg: state.Downloading},
+		{name: "downloading, no dependent left: cancel and remove", in: entry(state.Downloading, ownedBy(self), noDeps), view: view(running),
+			wchg: true, wacts: []string{"CancelDownload", "Removed"}},
+		{name: "downloading, no dependent, not driven here: still removed", in: entry(state.Downloading, ownedBy(other), noDeps), view: view(passive),
+			wchg: true, wacts: []string{"CancelDownload", "Removed"}},
+		{name: "ready: nothing", in: entry(state.Ready), view: view(), wgen: 3, wstg: state.Ready},
+		{name: "ready without dependents: nothing (eviction decides)", in: entry(state.Ready, noDeps), view: view(), wgen: 3, wstg: state.Ready},
+		{name: "failed, cooling down: nothing", in: entry(state.Failed, failedAt(t0, 1)), view: view(), now: t0.Add(59 * time.Second),
+			wgen: 3, wstg: state.Failed},
+		{name: "failed, cooled down, dependents: retry and claim", in: entry(state.Failed, failedAt(t0, 1)), view: view(), now: t0.Add(time.Minute),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload"}},
+		{name: "failed twice: cool-down doubled", in: entry(state.Failed, failedAt(t0, 2)), view: view(), now: t0.Add(90 * time.Second),
+			wgen: 3, wstg: state.Failed},
+		{name: "failed 10 times: cool-down capped", in: entry(state.Failed, failedAt(t0, 10)), view: view(), now: t0.Add(8 * time.Minute),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload"}},
+		{name: "failed, cooled down, no dependents: pruned", in: entry(state.Failed, failedAt(t0, 1), noDeps), view: view(), now: t0.Add(time.Hour),
+			wchg: true, wacts: []string{"Removed"}},
+		{name: "failed, cooled down, dependents, not driven here: nothing", in: entry(state.Failed, failedAt(t0, 1)), view: view(passive), now: t0.Add(time.Hour),
+			wgen: 3, wstg: state.Failed},
+		{name: "clock jumped back before the failure: still cooling", in: entry(state.Failed, failedAt(t0, 1)), view: view(), now: t0.Add(-time.Hour),
+			wgen: 3, wstg: state.Failed},
+		{name: "unknown stage: invalid", in: entry("DONE"), view: view(), werr: ErrInvalidTransition},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before := *tc.in
+			now := tc.now
+			if now.IsZero() {
+				now = t0
+			}
+			r, err := Step(tc.in, tc.view, pol, now)
+			if !errors.Is(err, tc.werr) || (err != nil) != (tc.werr != nil) {
+				t.Fatalf("err = %v, want %v", err, tc.werr)
+			}
+			if err != nil {
+				return
+			}
+			if !reflect.DeepEqual(*tc.in, before) {
+				t.Error("Step modified its input")
+			}
+			if r.Changed != tc.wchg {
+				t.Errorf("changed = %v, want %v", r.Changed, tc.wchg)
+			}
+			if got := actionTypes(r.Actions); !reflect.DeepEqual(got, tc.wacts) {
+				t.Errorf("actions = %v, want %v", got, tc.wacts)
+			}
+			if tc.wgen == 0 {
+				if r.Entry != nil {
+					t.Fatalf("entry kept: %+v, want removed", r.Entry)
+				}
+				return
+			}
+			if r.Entry == nil {
+				t.Fatal("entry removed")
+			}
+			if r.Entry.Generation != tc.wgen || r.Entry.Stage != tc.wstg {
+				t.Errorf("got %s gen %d, want %s gen %d", r.Entry.Stage, r.Entry.Generation, tc.wstg, tc.wgen)
+			}
+			if (r.Entry.Owner == nil) != (tc.wown == nil) || (tc.wown != nil && !r.Entry.Owner.Same(tc.wown)) {
+				t.Errorf("owner = %v, want %v", r.Entry.Owner, tc.wown)
+			}
+			for _, a := range r.Actions {
+				if s, ok := a.(StartDownload); ok && s.Generation != r.Entry.Generation {
+					t.Errorf("StartDownload generation %d, entry at %d", s.Generation, r.Entry.Generation)
+				}
+			}
+		})
+	}
+}
+
+func TestOwnerEvents(t *testing.T) {
+	mine := func() *state.Entry { return entry(state.Downloading, ownedBy(self)) }
+	pub := Published{Path: "entries/x-g3/content", SizeBytes: 42}
+	tests := []struct {
+		name  string
+		ev    func() (Result, error)
+		werr  error
+		wstg  state.Stage
+		check func(t *testing.T, e *state.Entry)
+	}{
+		{name: "report bumps heartbeat", ev: func() (Result, error) { return Report(mine(), self, 3, 10, 100) },
+			wstg: state.Downloading, check: func(t *testing.T, e *state.Entry) {
+				if e.Progress != (state.Progress{Bytes: 10, Total: 100, Heartbeat: 1}) {
+					t.Errorf("progress = %+v", e.Progress)
+				}
+			}},
+		{name: "publish: ready, owner cleared, size set", ev: func() (Result, error) { return Publish(mine(), self, 3, pub, t0) },
+			wstg: state.Ready, check: func(t *testing.T, e *state.Entry) {
+				if e.Owner != nil || e.Path != pub.Path || e.SizeBytes != 42 || e.Failures != 0 {
+					t.Errorf("entry = %+v", e)
+				}
+			}},
+		{name: "fail: failed, failures counted", ev: func() (Result, error) { return Fail(mine(), self, 3, "HTTP 500", t0) },
+			wstg: state.Failed, check: func(t *testing.T, e *state.Entry) {
+				if e.Owner != nil || e.Failures != 1 || e.Message != "HTTP 500" || !e.FailedAt.Equal(t0) {
+					t.Errorf("entry = %+v", e)
+				}
+			}},
+		{name: "publish with an old generation (taken over meanwhile): fenced",
+			ev: func() (Result, error) { return Publish(mine(), self, 2, pub, t0) }, werr: ErrFenced},
+		{name: "killed while publishing, taken over: late publish fenced",
+			ev: func() (Result, error) {
+				e := entry(state.Downloading, ownedBy(other))
+				e.Generation = 4
+				return Publish(e, self, 3, pub, t0)
+			}, werr: ErrFenced},
+		{name: "publish after the new owner published: fenced",
+			ev: func() (Result, error) { return Publish(entry(state.Ready), self, 3, pub, t0) }, werr: ErrFenced},
+		{name: "report after the entry was removed (released): fenced",
+			ev: func() (Result, error) { return Report(nil, self, 3, 1, 1) }, werr: ErrFenced},
+		{name: "same host and pid but another manager: fenced",
+			ev: func() (Result, error) { return Report(mine(), owner("h1", 10, "m-twin"), 3, 1, 1) }, werr: ErrFenced},
+		{name: "fail on a failed entry: fenced",
+			ev: func() (Result, error) { return Fail(entry(state.Failed), self, 3, "x", t0) }, werr: ErrFenced},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := tc.ev()
+			if !errors.Is(err, tc.werr) || (err != nil) != (tc.werr != nil) {
+				t.Fatalf("err = %v, want %v", err, tc.werr)
+			}
+			if err != nil {
+				return
+			}
+			if !r.Changed || r.Entry == nil || r.Entry.Stage != tc.wstg {
+				t.Fatalf("result = %+v, want changed %s", r, tc.wstg)
+			}
+			tc.check(t, r.Entry)
+		})
+	}
+}
+
+func TestRequestRelease(t *testing.T) {
+	dep := state.Dependent{Since: t0}
+	t.Run("missing: created downloading, unowned", func(t *testing.T) {
+		r, err := Request(nil, key, "run1", dep, pol, t0)
+		if err != nil || r.Entry.Stage != state.Downloading || r.Entry.Owner != nil || len(r.Entry.Dependents) != 1 {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+	})
+	t.Run("ready: dependent added, last used bumped", func(t *testing.T) {
+		r, err := Request(entry(state.Ready), key, "run2", dep, pol, t0.Add(time.Hour))
+		if err != nil || r.Entry.Stage != state.Ready || len(r.Entry.Dependents) != 2 || !r.Entry.LastUsed.Equal(t0.Add(time.Hour)) {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+	})
+	t.Run("failed within cool-down: stays failed", func(t *testing.T) {
+		r, err := Request(entry(state.Failed, failedAt(t0, 1)), key, "run2", dep, pol, t0.Add(time.Second))
+		if err != nil || r.Entry.Stage != state.Failed {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+	})
+	t.Run("failed past cool-down: retried, failures kept", func(t *testing.T) {
+		r, err := Request(entry(state.Failed, failedAt(t0, 2)), key, "run2", dep, pol, t0.Add(time.Hour))
+		if err != nil || r.Entry.Stage != state.Downloading || r.Entry.Failures != 2 || r.Entry.Owner != nil {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+	})
+	t.Run("release the last dependent of a download: removed and cancelled", func(t *testing.T) {
+		r, err := Release(entry(state.Downloading, ownedBy(other)), "run1")
+		if err != nil || r.Entry != nil || !reflect.DeepEqual(actionTypes(r.Actions), []string{"CancelDownload", "Removed"}) {
+			t.Fatalf("%+v %v", r, err)
+		}
+	})
+	t.Run("release the last dependent of a ready entry: kept for eviction", func(t *testing.T) {
+		r, err := Release(entry(state.Ready), "run1")
+		if err != nil || r.Entry == nil || len(r.Entry.Dependents) != 0 {
+			t.Fatalf("%+v %v", r, err)
+		}
+	})
+	t.Run("release an unknown dependent: error", func(t *testing.T) {
+		if _, err := Release(entry(state.Ready), "nobody"); !errors.Is(err, ErrNotRegistered) {
+			t.Fatalf("err = %v", err)
+		}
+		if _, err := Release(nil, "run1"); !errors.Is(err, ErrNotRegistered) {
+			t.Fatalf("err = %v", err)
+		}
+	})
+}
+
+// TestPure: transitions imports neither os nor the network, and reads no
+// clock, so that its rules stay pure.
+func TestPure(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if dep == "net" || dep == "net/http" || dep == "os/exec" || strings.HasPrefix(dep, "github.com/depcache/depcache/manager") {
+			t.Errorf("transitions depends on %s", dep)
+		}
+	}
+}

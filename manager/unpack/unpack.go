@@ -1,0 +1,261 @@
+// Package unpack turns a fetched file into an entry's content: a tar archive
+// (plain or gzip, recognised by its bytes, not its name) becomes a
+// directory, anything else stays a file.
+//
+// Archives are untrusted. Extract refuses, with an error wrapping
+// [ErrHostile] that names the member, any member that would leave the target
+// directory (.., absolute names, symlinks or hard links pointing out,
+// writing through a symlink the archive made), device files and fifos,
+// duplicate files, and an archive whose contents exceed the byte or file
+// budget (which also stops gzip bombs). All writes go through an [os.Root],
+// so even a bug in these checks cannot write outside the directory. A
+// truncated or malformed archive wraps [ErrCorrupt].
+package unpack
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+)
+
+var (
+	// ErrHostile means the archive tried something it may not.
+	ErrHostile = errors.New("hostile archive refused")
+	// ErrCorrupt means the archive is truncated or malformed.
+	ErrCorrupt = errors.New("corrupt archive")
+	// ErrTooLarge means the content exceeds the budget.
+	ErrTooLarge = errors.New("archive exceeds the size budget")
+)
+
+// Format is what a fetched file turned out to be.
+type Format int
+
+const (
+	// Plain is any file that is not a tar archive.
+	Plain Format = iota
+	// Tar is an uncompressed tar archive.
+	Tar
+	// TarGzip is a gzip-compressed tar archive.
+	TarGzip
+)
+
+func (f Format) String() string {
+	return [...]string{"file", "tar", "tar+gzip"}[f]
+}
+
+// Limits bound what an archive may create. Zero means no bound.
+type Limits struct {
+	MaxBytes int64
+	MaxFiles int
+}
+
+// Sniff tells a tar archive (plain or gzip) from any other file by its
+// first bytes.
+func Sniff(f io.ReaderAt) (Format, error) {
+	head := make([]byte, 512)
+	n, err := f.ReadAt(head, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return Plain, err
+	}
+	head = head[:n]
+	if isTar(head) {
+		return Tar, nil
+	}
+	if len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+		zr, err := gzip.NewReader(io.NewSectionReader(f, 0, 1<<62))
+		if err != nil {
+			return Plain, nil
+		}
+		inner := make([]byte, 512)
+		m, _ := io.ReadFull(zr, inner)
+		if isTar(inner[:m]) {
+			return TarGzip, nil
+		}
+	}
+	return Plain, nil
+}
+
+// isTar looks for the ustar magic (POSIX and GNU) at offset 257.
+func isTar(b []byte) bool {
+	return len(b) >= 262 && bytes.Equal(b[257:262], []byte("ustar"))
+}
+
+// Open returns the tar stream of an archive of format f.
+func Open(r io.Reader, f Format) (io.Reader, error) {
+	if f == TarGzip {
+		zr, err := gzip.NewReader(bufio.NewReader(r))
+		if err != nil {
+			return nil, fmt.Errorf("%w: gzip: %w", ErrCorrupt, err)
+		}
+		return zr, nil
+	}
+	return r, nil
+}
+
+// Extract unpacks the tar stream r into dir, which must exist and be empty.
+// It returns the number of content bytes written.
+func Extract(ctx context.Context, r io.Reader, dir string, lim Limits) (int64, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return 0, err
+	}
+	defer root.Close()
+	x := extractor{root: root, lim: lim, symlinks: map[string]bool{}, files: map[string]bool{}}
+	tr := tar.NewReader(r)
+	for {
+		if err := ctx.Err(); err != nil {
+			return x.bytes, err
+		}
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return x.bytes, nil
+		}
+		if err != nil {
+			return x.bytes, fmt.Errorf("%w: %w", ErrCorrupt, err)
+		}
+		if err := x.member(hdr, tr); err != nil {
+			return x.bytes, err
+		}
+	}
+}
+
+type extractor struct {
+	root     *os.Root
+	lim      Limits
+	bytes    int64
+	count    int
+	symlinks map[string]bool // names the archive made symlinks
+	files    map[string]bool // regular files, the only hard-link targets
+}
+
+func hostile(name, why string) error {
+	return fmt.Errorf("%w: member %q: %s", ErrHostile, name, why)
+}
+
+// clean returns the member's name as a local slash path, or an error.
+func (x *extractor) clean(name string) (string, error) {
+	if strings.ContainsRune(name, 0) {
+		return "", hostile(name, "NUL in name")
+	}
+	if path.IsAbs(name) || filepath.IsAbs(name) {
+		return "", hostile(name, "absolute name")
+	}
+	p := path.Clean(name)
+	if !filepath.IsLocal(p) && p != "." {
+		return "", hostile(name, "leaves the directory")
+	}
+	// Writing at or below a symlink the archive made would write wherever
+	// it points.
+	for q := p; q != "." && q != "/"; q = path.Dir(q) {
+		if x.symlinks[q] {
+			return "", hostile(name, "writes through the symlink "+q)
+		}
+	}
+	return p, nil
+}
+
+func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
+	p, err := x.clean(hdr.Name)
+	if err != nil {
+		return err
+	}
+	x.count++
+	if x.lim.MaxFiles > 0 && x.count > x.lim.MaxFiles {
+		return fmt.Errorf("%w: more than %d members", ErrTooLarge, x.lim.MaxFiles)
+	}
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		if p == "." {
+			return nil
+		}
+		return x.root.MkdirAll(p, 0o755)
+	case tar.TypeReg, tar.TypeRegA: //nolint:staticcheck // TypeRegA appears in old archives
+		return x.regular(p, hdr, r)
+	case tar.TypeSymlink:
+		t := hdr.Linkname
+		if t == "" || path.IsAbs(t) || !filepath.IsLocal(path.Join(path.Dir(p), t)) {
+			return hostile(hdr.Name, fmt.Sprintf("symlink to %q points outside", t))
+		}
+		if err := x.parent(p); err != nil {
+			return err
+		}
+		if err := x.root.Symlink(t, p); err != nil {
+			return fmt.Errorf("%w: member %q: %w", ErrHostile, hdr.Name, err)
+		}
+		x.symlinks[p] = true
+		return nil
+	case tar.TypeLink:
+		t, err := x.clean(hdr.Linkname)
+		if err != nil {
+			return hostile(hdr.Name, fmt.Sprintf("hard link to %q: %v", hdr.Linkname, err))
+		}
+		if !x.files[t] {
+			return hostile(hdr.Name, fmt.Sprintf("hard link to %q, which is not a file of this archive", hdr.Linkname))
+		}
+		if err := x.parent(p); err != nil {
+			return err
+		}
+		if err := x.root.Link(t, p); err != nil {
+			return fmt.Errorf("%w: member %q: %w", ErrHostile, hdr.Name, err)
+		}
+		return nil
+	case tar.TypeChar, tar.TypeBlock:
+		return hostile(hdr.Name, "device file")
+	case tar.TypeFifo:
+		return hostile(hdr.Name, "fifo")
+	case tar.TypeXGlobalHeader, tar.TypeXHeader, tar.TypeGNULongName, tar.TypeGNULongLink:
+		return nil // metadata the reader has already applied
+	}
+	return hostile(hdr.Name, fmt.Sprintf("unsupported member type %q", hdr.Typeflag))
+}
+
+func (x *extractor) parent(p string) error {
+	if d := path.Dir(p); d != "." {
+		return x.root.MkdirAll(d, 0o755)
+	}
+	return nil
+}
+
+func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
+	if hdr.Size < 0 {
+		return fmt.Errorf("%w: member %q: negative size", ErrCorrupt, hdr.Name)
+	}
+	if x.lim.MaxBytes > 0 && x.bytes+hdr.Size > x.lim.MaxBytes {
+		return fmt.Errorf("%w: member %q of %d bytes would pass the budget of %d", ErrTooLarge, hdr.Name, hdr.Size, x.lim.MaxBytes)
+	}
+	if err := x.parent(p); err != nil {
+		return err
+	}
+	// No set-uid, set-gid or sticky bits from strangers.
+	perm := fs.FileMode(hdr.Mode).Perm() | 0o600
+	f, err := x.root.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if errors.Is(err, fs.ErrExist) {
+		return hostile(hdr.Name, "duplicate member")
+	}
+	if err != nil {
+		return fmt.Errorf("member %q: %w", hdr.Name, err)
+	}
+	n, err := io.Copy(f, r)
+	x.bytes += n
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("%w: member %q: truncated", ErrCorrupt, hdr.Name)
+		}
+		return fmt.Errorf("member %q: %w", hdr.Name, err)
+	}
+	x.files[p] = true
+	return nil
+}

@@ -1,0 +1,164 @@
+package unpack
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const budget = 8 << 20
+
+// extractFile sniffs and extracts an archive file into parent/target and
+// checks that nothing appeared in parent besides target and the canary.
+func extractFile(t *testing.T, archive string) error {
+	t.Helper()
+	parent := t.TempDir()
+	target := filepath.Join(parent, "target")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	canary := filepath.Join(parent, "canary")
+	os.WriteFile(canary, []byte("untouched"), 0o644)
+	f, err := os.Open(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	format, err := Sniff(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var xerr error
+	if format == Plain {
+		xerr = errors.New("not recognised as an archive")
+	} else {
+		r, err := Open(f, format)
+		if err != nil {
+			xerr = err
+		} else {
+			_, xerr = Extract(context.Background(), r, target, Limits{MaxBytes: budget, MaxFiles: 1000})
+		}
+	}
+	ents, _ := os.ReadDir(parent)
+	for _, e := range ents {
+		if e.Name() != "target" && e.Name() != "canary" {
+			t.Errorf("%s written outside the target directory", e.Name())
+		}
+	}
+	if b, _ := os.ReadFile(canary); string(b) != "untouched" {
+		t.Error("canary changed")
+	}
+	if _, err := os.Lstat("/tmp/depcache-evil"); err == nil {
+		t.Error("/tmp/depcache-evil was written")
+	}
+	return xerr
+}
+
+func TestHostileCorpus(t *testing.T) {
+	files, err := filepath.Glob("../../testdata/hostile/*.tar*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) < 12 {
+		t.Fatalf("hostile corpus has %d archives, want at least 12", len(files))
+	}
+	for _, fx := range files {
+		t.Run(filepath.Base(fx), func(t *testing.T) {
+			err := extractFile(t, fx)
+			if !errors.Is(err, ErrHostile) && !errors.Is(err, ErrTooLarge) && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("err = %v, want a refusal", err)
+			}
+			t.Logf("refused: %v", err)
+		})
+	}
+}
+
+func TestGoodArchive(t *testing.T) {
+	if err := extractFile(t, "../../testdata/bundles/hello.tar.gz"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestExtractContent(t *testing.T) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	add := func(h *tar.Header, data string) {
+		h.Size = int64(len(data))
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write([]byte(data))
+	}
+	add(&tar.Header{Name: "./", Typeflag: tar.TypeDir, Mode: 0o755}, "")
+	add(&tar.Header{Name: "a/b.txt", Typeflag: tar.TypeReg, Mode: 0o4755}, "hello")
+	add(&tar.Header{Name: "a/link", Typeflag: tar.TypeSymlink, Linkname: "b.txt"}, "")
+	add(&tar.Header{Name: "hard", Typeflag: tar.TypeLink, Linkname: "a/b.txt"}, "")
+	tw.Close()
+	dir := t.TempDir()
+	n, err := Extract(context.Background(), &buf, dir, Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 5 {
+		t.Errorf("bytes = %d, want 5", n)
+	}
+	for _, p := range []string{"a/b.txt", "a/link", "hard"} {
+		b, err := os.ReadFile(filepath.Join(dir, p))
+		if err != nil || string(b) != "hello" {
+			t.Errorf("%s: %q %v", p, b, err)
+		}
+	}
+	fi, _ := os.Stat(filepath.Join(dir, "a/b.txt"))
+	if fi.Mode()&os.ModeSetuid != 0 {
+		t.Error("set-uid bit kept")
+	}
+}
+
+func TestSniff(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		want Format
+	}{
+		{"../../testdata/bundles/hello.tar.gz", TarGzip},
+		{"../../testdata/hostile/dotdot.tar", Tar},
+		{"../../testdata/hostile/README.md", Plain},
+	} {
+		f, err := os.Open(tc.file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := Sniff(f)
+		f.Close()
+		if err != nil || got != tc.want {
+			t.Errorf("%s: %v %v, want %v", tc.file, got, err, tc.want)
+		}
+	}
+}
+
+// FuzzExtract: whatever the bytes, nothing is written outside the target.
+func FuzzExtract(f *testing.F) {
+	files, _ := filepath.Glob("../../testdata/hostile/*.tar")
+	for _, fx := range files {
+		b, _ := os.ReadFile(fx)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		parent := t.TempDir()
+		target := filepath.Join(parent, "t")
+		os.Mkdir(target, 0o755)
+		Extract(context.Background(), bytes.NewReader(data), target, Limits{MaxBytes: 1 << 20, MaxFiles: 100})
+		ents, _ := os.ReadDir(parent)
+		if len(ents) != 1 {
+			var names []string
+			for _, e := range ents {
+				names = append(names, e.Name())
+			}
+			t.Fatalf("written outside the target: %s", strings.Join(names, ", "))
+		}
+	})
+}

@@ -179,7 +179,7 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 			return nil
 		}
 		return x.root.MkdirAll(p, 0o755)
-	case tar.TypeReg, tar.TypeRegA: //nolint:staticcheck // TypeRegA appears in old archives
+	case tar.TypeReg: // the reader reports old TypeRegA members as TypeReg
 		return x.regular(p, hdr, r)
 	case tar.TypeSymlink:
 		t := hdr.Linkname

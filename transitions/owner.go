@@ -80,3 +80,15 @@ func Fail(e *state.Entry, self state.Owner, gen uint64, reason string, now time.
 	n.Message = reason
 	return Result{Entry: n, Changed: true}, nil
 }
+
+// Abandon hands an entry back unowned, when its owner stops without
+// finishing (shutdown), so that another manager claims it at once instead
+// of waiting until the owner is known to be dead.
+func Abandon(e *state.Entry, self state.Owner, gen uint64) (Result, error) {
+	if err := fence(e, self, gen); err != nil {
+		return Result{}, err
+	}
+	n := clone(e)
+	n.Owner = nil
+	return Result{Entry: n, Changed: true}, nil
+}

@@ -1,0 +1,39 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+// Exit codes: the contract in ../shared/design.md.
+const (
+	exitOK      = 0
+	exitFailed  = 1 // the entry is FAILED, or any other error
+	exitUsage   = 2 // bad usage or bad input
+	exitTimeout = 3 // --timeout passed while waiting
+)
+
+// errUsage marks errors in how depcache was called.
+var errUsage = errors.New("usage")
+
+func usageErrorf(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{errUsage}, args...)...)
+}
+
+// exitCode is the only place that knows exit statuses.
+func exitCode(err error) int {
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.Is(err, errUsage), errors.Is(err, manager.ErrBadSource), errors.Is(err, manager.ErrBadDependent),
+		errors.Is(err, state.ErrBadKey), errors.Is(err, errBadFlag):
+		return exitUsage
+	case errors.Is(err, context.DeadlineExceeded):
+		return exitTimeout
+	}
+	return exitFailed
+}

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/spf13/cobra"
+)
+
+func newGet(g *globals) *cobra.Command {
+	var (
+		dependent, sha string
+		ttl, timeout   time.Duration
+		noWait         bool
+		lf             loopFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "get [flags] SOURCE",
+		Short: "Register a dependent, fetch SOURCE once (or wait for whoever fetches it) and print its path",
+		Long: `get registers a dependent of SOURCE (http://, https:// or file://), drives the
+download in this process if nobody else does, waits until it is READY and
+prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
+2 bad usage or bad input, 3 timed out.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if ttl < 0 || timeout < 0 {
+				return fmt.Errorf("--ttl and --timeout: %w: must not be negative", errBadFlag)
+			}
+			if sha != "" {
+				if err := state.CheckSHA256(sha); err != nil {
+					return fmt.Errorf("--sha256: %w", err)
+				}
+			}
+			key, err := manager.ParseKey(args[0], sha)
+			if err != nil {
+				return err
+			}
+			cfg, err := g.config(&lf)
+			if err != nil {
+				return err
+			}
+			m, err := manager.New(cfg)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			stop, err := m.Start(ctx)
+			if err != nil {
+				return err
+			}
+			defer stop()
+			var opts []manager.GetOption
+			if dependent != "" {
+				opts = append(opts, manager.Detached())
+			} else {
+				dependent = anonymousDependent()
+			}
+			if ttl > 0 {
+				opts = append(opts, manager.WithTTL(ttl))
+			}
+			e, err := m.Get(ctx, dependent, key, opts...)
+			if err != nil {
+				return err
+			}
+			if !noWait {
+				wctx := ctx
+				if timeout > 0 {
+					var cancel context.CancelFunc
+					wctx, cancel = context.WithTimeout(ctx, timeout)
+					defer cancel()
+				}
+				e, err = waitShowingProgress(wctx, g, m, key)
+				var failed *manager.FailedError
+				if errors.As(err, &failed) {
+					if g.json {
+						printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+					}
+					return err
+				}
+				if err != nil {
+					if errors.Is(err, context.DeadlineExceeded) {
+						return fmt.Errorf("%s: not ready after %s: %w", key.Source, timeout, err)
+					}
+					return err
+				}
+			}
+			if g.json {
+				return printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+			}
+			if e.Stage != state.Ready {
+				fmt.Fprintln(g.stdout, e.Stage)
+				return nil
+			}
+			p, err := m.Abs(e)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(g.stdout, p)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&dependent, "dependent", "", "name of the dependent to register (default: one unique to this invocation, bound to this process)")
+	f.DurationVar(&ttl, "ttl", 0, "the dependent lapses after this long unless released")
+	f.StringVar(&sha, "sha256", "", "expected sha256 of the fetched bytes")
+	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage")
+	f.DurationVar(&timeout, "timeout", 0, "give up waiting after this long (exit 3)")
+	lf.register(f)
+	return cmd
+}
+
+// waitShowingProgress waits for key, telling the user every few seconds
+// whom it waits for and how far they are.
+func waitShowingProgress(ctx context.Context, g *globals, m *manager.Manager, key state.Key) (state.Entry, error) {
+	for {
+		tick, cancel := context.WithTimeout(ctx, 2*time.Second)
+		e, err := m.Wait(tick, key)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+			return e, err
+		}
+		if !g.json {
+			fmt.Fprintln(g.stderr, describeProgress(m, key))
+		}
+	}
+}
+
+func describeProgress(m *manager.Manager, key state.Key) string {
+	e, ok := m.Snapshot(key)
+	if !ok || e.Owner == nil {
+		return fmt.Sprintf("waiting for %s: no owner yet", key.Source)
+	}
+	who := fmt.Sprintf("pid %d on %s", e.Owner.PID, e.Owner.Host)
+	if m.IsSelf(e.Owner) {
+		who = "this process"
+	}
+	total := "?"
+	if e.Progress.Total > 0 {
+		total = fmt.Sprint(e.Progress.Total)
+	}
+	return fmt.Sprintf("waiting for %s: downloaded by %s, %d/%s bytes", key.Source, who, e.Progress.Bytes, total)
+}
+
+func anonymousDependent() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	host, _ := os.Hostname()
+	return fmt.Sprintf("cli-%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+}

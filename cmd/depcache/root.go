@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+)
+
+// errBadFlag marks a flag or environment value out of range.
+var errBadFlag = errors.New("bad flag value")
+
+// globals are the flags every command takes.
+type globals struct {
+	root      string
+	json      bool
+	logLevel  string
+	logFormat string
+	stdout    io.Writer
+	stderr    io.Writer
+	log       *logrus.Logger
+}
+
+// loopFlags are the policy flags of the commands that run the loops.
+type loopFlags struct {
+	downloadTimeout  time.Duration
+	failureCooldown  time.Duration
+	retries          int
+	progressInterval time.Duration
+	lockLease        time.Duration
+}
+
+func (l *loopFlags) register(fs *pflag.FlagSet) {
+	fs.DurationVar(&l.downloadTimeout, "download-timeout", 5*time.Minute, "take over a download whose progress stayed unchanged this long")
+	fs.DurationVar(&l.failureCooldown, "failure-cooldown", time.Minute, "keep a FAILED entry this long before retrying (doubles per failure)")
+	fs.IntVar(&l.retries, "retries", 3, "attempts after the first within one download")
+	fs.DurationVar(&l.progressInterval, "progress-interval", 2*time.Second, "how often a downloader reports progress and its heartbeat")
+	fs.DurationVar(&l.lockLease, "lock-lease", 30*time.Second, "how long a lock held from another host must stay unchanged before it is broken")
+}
+
+func (l *loopFlags) validate() error {
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"download-timeout", l.downloadTimeout}, {"failure-cooldown", l.failureCooldown}, {"progress-interval", l.progressInterval}, {"lock-lease", l.lockLease}} {
+		if d.v <= 0 {
+			return fmt.Errorf("--%s %s: %w: must be positive", d.name, d.v, errBadFlag)
+		}
+	}
+	if l.retries < 0 || l.retries > 100 {
+		return fmt.Errorf("--retries %d: %w: must be between 0 and 100", l.retries, errBadFlag)
+	}
+	if l.progressInterval*2 > l.downloadTimeout {
+		return fmt.Errorf("--progress-interval %s: %w: must be at most half of --download-timeout (%s), or live downloads look stalled",
+			l.progressInterval, errBadFlag, l.downloadTimeout)
+	}
+	return nil
+}
+
+func (g *globals) config(l *loopFlags) (manager.Config, error) {
+	if err := l.validate(); err != nil {
+		return manager.Config{}, err
+	}
+	retries := l.retries
+	if retries == 0 {
+		retries = -1 // manager.Config: 0 means the default
+	}
+	cfg := manager.Config{
+		Root: g.root,
+		Policy: transitions.Policy{
+			DownloadTimeout: l.downloadTimeout,
+			FailureCooldown: l.failureCooldown,
+		},
+		Retries:          retries,
+		ProgressInterval: l.progressInterval,
+		LockLease:        l.lockLease,
+		Log:              g.log,
+	}
+	return cfg, nil
+}
+
+// defaultRoot: $DEPCACHE_ROOT, else $XDG_CACHE_HOME/depcache, else
+// ~/.cache/depcache.
+func defaultRoot() string {
+	if r := os.Getenv("DEPCACHE_ROOT"); r != "" {
+		return r
+	}
+	if x := os.Getenv("XDG_CACHE_HOME"); x != "" {
+		return filepath.Join(x, "depcache")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".cache", "depcache")
+	}
+	return ".depcache"
+}
+
+func newRoot(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "depcache",
+		Short:         "Fetch dependencies once into a cache shared by processes and hosts",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if err := applyEnv(cmd); err != nil {
+				return err
+			}
+			lvl, err := logrus.ParseLevel(g.logLevel)
+			if err != nil {
+				return fmt.Errorf("--log-level %q: %w", g.logLevel, errBadFlag)
+			}
+			g.log.SetLevel(lvl)
+			switch g.logFormat {
+			case "text":
+				g.log.SetFormatter(&logrus.TextFormatter{})
+			case "json":
+				g.log.SetFormatter(&logrus.JSONFormatter{})
+			default:
+				return fmt.Errorf("--log-format %q: %w: want text or json", g.logFormat, errBadFlag)
+			}
+			if g.root == "" {
+				return fmt.Errorf("--root: %w: empty", errBadFlag)
+			}
+			return nil
+		},
+	}
+	root.SetOut(g.stdout)
+	root.SetErr(g.stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return fmt.Errorf("%w: %w", errUsage, err) })
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.root, "root", defaultRoot(), "cache directory (env DEPCACHE_ROOT)")
+	pf.BoolVar(&g.json, "json", false, "machine-readable output")
+	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
+	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
+	root.AddCommand(newGet(g), newRelease(g), newLs(g))
+	return root
+}
+
+// applyEnv gives every flag not set on the command line the value of its
+// environment twin: --max-size <-> DEPCACHE_MAX_SIZE.
+func applyEnv(cmd *cobra.Command) error {
+	var err error
+	set := func(f *pflag.Flag) {
+		if err != nil || f.Changed {
+			return
+		}
+		name := "DEPCACHE_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(name); ok && f.Name != "root" {
+			if serr := f.Value.Set(v); serr != nil {
+				err = fmt.Errorf("%s=%q: %w: %w", name, v, errBadFlag, serr)
+			}
+		}
+	}
+	cmd.Flags().VisitAll(set)
+	cmd.InheritedFlags().VisitAll(set)
+	return err
+}
+
+// run is main without the exit, for tests.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	g := &globals{stdout: stdout, stderr: stderr, log: logrus.New()}
+	g.log.SetOutput(stderr)
+	root := newRoot(g)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err != nil {
+		fmt.Fprintln(stderr, "depcache:", err)
+	}
+	return exitCode(err)
+}

@@ -1,0 +1,382 @@
+package manager
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/depcache/depcache/manager/unpack"
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// Directories inside the root.
+const (
+	entriesDir  = "entries" // published content: entries/<id>-g<gen>/content
+	stagingDir  = "staging" // downloads in progress: staging/<id>-g<gen>/
+	trashDir    = "trash"   // content moved aside, deleted outside the lock
+	contentName = "content"
+	metaName    = "meta.json"
+	ownerName   = "owner.json"
+)
+
+// Why a download's context was cancelled.
+var (
+	errReleased   = errors.New("last dependent released")
+	errSuperseded = errors.New("superseded by another owner")
+	errShutdown   = errors.New("manager stopping")
+)
+
+type download struct {
+	gen    uint64
+	cancel context.CancelCauseFunc
+}
+
+// stagingName is unique to (entry, generation), so that two owners never
+// write into one place, and is derived from the key's hash, never from the
+// source string.
+func stagingName(k state.Key, gen uint64) string {
+	return fmt.Sprintf("%s-g%d", k.ID(), gen)
+}
+
+// Meta is the metadata file published next to an entry's content, from
+// which the state can be rebuilt.
+type Meta struct {
+	Key        state.Key `json:"key"`
+	Generation uint64    `json:"generation"`
+	SizeBytes  int64     `json:"size_bytes"`
+	SHA256     string    `json:"sha256"`
+	Format     string    `json:"format"`
+	Published  time.Time `json:"published"`
+}
+
+func (m *Manager) startDownload(ctx context.Context, key state.Key, gen uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	id := key.ID()
+	if d := m.downloads[id]; d != nil {
+		d.cancel(errSuperseded)
+	}
+	// Only an explicit cancel, with its reason, stops a download: the
+	// reason decides what happens to the entry.
+	dctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	d := &download{gen: gen, cancel: cancel}
+	m.downloads[id] = d
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.runDownload(dctx, key, gen)
+		cancel(nil)
+		m.mu.Lock()
+		if m.downloads[id] == d {
+			delete(m.downloads, id)
+		}
+		m.mu.Unlock()
+		m.kick()
+	}()
+}
+
+// runDownload fetches, verifies, unpacks and publishes one generation.
+func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
+	log := m.log.WithFields(logrus.Fields{"key": key.String(), "gen": gen})
+	staging := filepath.Join(m.Root(), stagingDir, stagingName(key, gen))
+	// Whatever happens below, state updates must not be cut short by the
+	// download's own cancellation.
+	bg := context.WithoutCancel(ctx)
+	start := time.Now()
+	meta, err := m.fetch(ctx, key, gen, staging, log)
+	if err == nil {
+		err = m.publish(bg, key, gen, staging, meta)
+		if err == nil {
+			log.WithFields(logrus.Fields{"bytes": meta.SizeBytes, "took": time.Since(start).Round(time.Millisecond)}).Info("published")
+			return
+		}
+	}
+	defer func() {
+		if rerr := os.RemoveAll(staging); rerr != nil {
+			log.WithError(rerr).Warn("removing staging data")
+		}
+	}()
+	cause := context.Cause(ctx)
+	switch {
+	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):
+		log.WithError(err).Warn("discarding download: superseded")
+	case errors.Is(cause, errReleased):
+		log.Info("download cancelled: no dependent left")
+	case errors.Is(cause, errShutdown):
+		// Hand the entry back so that another process claims it at once
+		// instead of waiting for our death to be noticed.
+		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Abandon(e, m.self, gen)
+		})
+		log.Info("download interrupted: manager stopping")
+	default:
+		log.WithError(err).Warn("download failed")
+		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Fail(e, m.self, gen, err.Error(), time.Now())
+		})
+	}
+}
+
+// update applies an owner's event to key's entry under the lock.
+func (m *Manager) update(ctx context.Context, key state.Key, rule func(*state.Entry) (transitions.Result, error)) error {
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		r, err := rule(st.Get(key))
+		if err != nil {
+			return false, err
+		}
+		m.apply(st, key.ID(), r)
+		return r.Changed, nil
+	})
+	if err != nil && !errors.Is(err, transitions.ErrFenced) {
+		m.log.WithError(err).WithField("key", key.String()).Error("state update failed")
+	}
+	m.kick()
+	return err
+}
+
+// fetch downloads into staging with retries, verifies and unpacks. It
+// reports progress and the heartbeat while it runs, and stops when the
+// report finds it superseded.
+func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging string, log logrus.FieldLogger) (Meta, error) {
+	meta := Meta{Key: key, Generation: gen}
+	src, ok := m.cfg.Sources[scheme(key.Source)]
+	if !ok {
+		return meta, fmt.Errorf("no source for %q: %w", scheme(key.Source), ErrBadSource)
+	}
+	_ = os.RemoveAll(staging) // a leftover of our own earlier try of this generation
+	if err := os.MkdirAll(staging, 0o755); err != nil {
+		return meta, err
+	}
+	ob, _ := json.Marshal(struct {
+		Owner      state.Owner `json:"owner"`
+		Generation uint64      `json:"generation"`
+	}{m.self, gen})
+	if err := os.WriteFile(filepath.Join(staging, ownerName), ob, 0o644); err != nil {
+		return meta, err
+	}
+	raw := filepath.Join(staging, "download")
+	f, err := os.Create(raw)
+	if err != nil {
+		return meta, err
+	}
+	defer f.Close()
+
+	var written, total atomic.Int64
+	stopReports := m.reportProgress(ctx, key, gen, &written, &total)
+	defer stopReports()
+
+	h := sha256.New()
+	for attempt := 0; ; attempt++ {
+		if err := resetFile(f); err != nil {
+			return meta, err
+		}
+		h.Reset()
+		written.Store(0)
+		w := io.MultiWriter(f, h, counter{&written})
+		err = src.Fetch(ctx, key.Source, w, total.Store)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return meta, context.Cause(ctx)
+		}
+		if errors.Is(err, ErrPermanent) || errors.Is(err, syscall.ENOSPC) || attempt >= m.cfg.Retries {
+			if attempt > 0 {
+				err = fmt.Errorf("after %d attempts: %w", attempt+1, err)
+			}
+			return meta, err
+		}
+		wait := m.cfg.RetryBackoff << attempt
+		log.WithError(err).WithFields(logrus.Fields{"attempt": attempt + 1, "retry_in": wait}).Warn("fetch failed, retrying")
+		if err := sleepCtx(ctx, wait); err != nil {
+			return meta, context.Cause(ctx)
+		}
+	}
+	meta.SHA256 = hex.EncodeToString(h.Sum(nil))
+	if key.SHA256 != "" && meta.SHA256 != key.SHA256 {
+		return meta, fmt.Errorf("sha256 mismatch: got %s, want %s", meta.SHA256, key.SHA256)
+	}
+	if t := total.Load(); t > 0 && written.Load() != t {
+		return meta, fmt.Errorf("size mismatch: got %d bytes, expected %d", written.Load(), t)
+	}
+	if m.cfg.MaxBundleBytes > 0 && written.Load() > m.cfg.MaxBundleBytes {
+		return meta, fmt.Errorf("%d bytes exceed the bundle budget of %d", written.Load(), m.cfg.MaxBundleBytes)
+	}
+	format, err := unpack.Sniff(f)
+	if err != nil {
+		return meta, err
+	}
+	meta.Format = format.String()
+	content := filepath.Join(staging, contentName)
+	if format == unpack.Plain {
+		if err := f.Sync(); err != nil {
+			return meta, err
+		}
+		if err := os.Rename(raw, content); err != nil {
+			return meta, err
+		}
+		meta.SizeBytes = written.Load()
+	} else {
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return meta, err
+		}
+		r, err := unpack.Open(f, format)
+		if err != nil {
+			return meta, err
+		}
+		if err := os.Mkdir(content, 0o755); err != nil {
+			return meta, err
+		}
+		n, err := unpack.Extract(ctx, r, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes})
+		if err != nil {
+			return meta, fmt.Errorf("unpacking: %w", err)
+		}
+		meta.SizeBytes = n
+		f.Close()
+		if err := os.Remove(raw); err != nil {
+			return meta, err
+		}
+	}
+	meta.Published = time.Now()
+	mb, _ := json.MarshalIndent(meta, "", "  ")
+	if err := os.WriteFile(filepath.Join(staging, metaName), mb, 0o644); err != nil {
+		return meta, err
+	}
+	// One syncfs makes every unpacked file durable before the publish.
+	if err := syncFS(staging); err != nil {
+		return meta, err
+	}
+	return meta, nil
+}
+
+// publish moves staging into place and marks the entry READY in one
+// commit, only if we still own this generation.
+func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, staging string, meta Meta) error {
+	final := filepath.Join(entriesDir, stagingName(key, gen))
+	abs := filepath.Join(m.Root(), final)
+	if err := os.MkdirAll(filepath.Dir(abs), 0o755); err != nil {
+		return err
+	}
+	renamed := false
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		r, err := transitions.Publish(st.Get(key), m.self, gen, transitions.Published{
+			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes}, time.Now())
+		if err != nil {
+			return false, err
+		}
+		// The one filesystem change made under the lock: a rename, so that
+		// no one sees READY without content, or content without its entry.
+		if err := os.Rename(staging, abs); err != nil {
+			return false, err
+		}
+		renamed = true
+		m.apply(st, key.ID(), r)
+		return true, nil
+	})
+	if err != nil && renamed {
+		if rerr := os.Rename(abs, staging); rerr != nil {
+			m.log.WithError(rerr).WithField("path", abs).Error("could not undo a publish whose commit failed; start-up reconciliation will move it aside")
+		}
+	}
+	if err == nil {
+		if serr := syncDir(filepath.Dir(abs)); serr != nil {
+			m.log.WithError(serr).Warn("fsync of the entries directory")
+		}
+	}
+	m.kick()
+	return err
+}
+
+// reportProgress reports progress every ProgressInterval until the
+// returned function is called. A report that finds us superseded or the
+// entry gone cancels the download.
+func (m *Manager) reportProgress(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64) func() {
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(m.cfg.ProgressInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			err := m.update(context.WithoutCancel(ctx), key, func(e *state.Entry) (transitions.Result, error) {
+				return transitions.Report(e, m.self, gen, written.Load(), total.Load())
+			})
+			if errors.Is(err, transitions.ErrFenced) {
+				m.mu.Lock()
+				if d := m.downloads[key.ID()]; d != nil && d.gen == gen {
+					d.cancel(errSuperseded)
+				}
+				m.mu.Unlock()
+				return
+			}
+		}
+	}()
+	return func() { close(done); <-stopped }
+}
+
+type counter struct{ n *atomic.Int64 }
+
+func (c counter) Write(p []byte) (int, error) {
+	c.n.Add(int64(len(p)))
+	return len(p), nil
+}
+
+func resetFile(f *os.File) error {
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	_, err := f.Seek(0, io.SeekStart)
+	return err
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func syncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return &fs.PathError{Op: "syncfs", Path: dir, Err: err}
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,232 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+)
+
+// observation is what this manager watched of an entry's owner and
+// progress, and since when (on its own clock) it has stayed the same.
+type observation struct {
+	sig   string
+	since time.Time
+}
+
+// keyedAction is an action for the entry with key.
+type keyedAction struct {
+	key state.Key
+	act transitions.Action
+}
+
+// Run reconciles the root with its state, then runs the transition loop
+// until ctx is done. On return, every download this manager ran has
+// stopped; an interrupted download's entry is handed back unowned so that
+// others claim it at once.
+func (m *Manager) Run(ctx context.Context) error {
+	if err := m.begin(); err != nil {
+		return err
+	}
+	return m.run(ctx)
+}
+
+// begin marks the manager running, so that Wait works from then on.
+func (m *Manager) begin() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.running {
+		return errors.New("manager: already running")
+	}
+	m.running = true
+	return nil
+}
+
+func (m *Manager) run(ctx context.Context) error {
+	defer func() {
+		m.mu.Lock()
+		m.running = false
+		close(m.passDone) // release waiters; they see !running
+		m.passDone = make(chan struct{})
+		m.mu.Unlock()
+	}()
+	if err := m.reconcile(ctx); err != nil {
+		return err
+	}
+	var lastErr error
+	for {
+		if err := m.step(ctx); err != nil && ctx.Err() == nil {
+			// A lock or state problem: say it once per kind, keep trying.
+			if lastErr == nil || err.Error() != lastErr.Error() {
+				m.log.WithError(err).Error("transition pass failed")
+			}
+			lastErr = err
+		} else {
+			lastErr = nil
+		}
+		t := time.NewTimer(m.cfg.PollInterval)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			m.stopDownloads()
+			return nil
+		case <-m.wake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// step runs one pass: all entries through transitions.Step under one lock
+// hold, then the actions outside it.
+func (m *Manager) step(ctx context.Context) error {
+	var acts []keyedAction
+	var seenState *state.State
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		acts = acts[:0]
+		now := m.cfg.Clock.Now()
+		changed := false
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		for id, e := range st.Entries {
+			r, err := transitions.Step(e, m.viewLocked(id, e, now), m.cfg.Policy, now)
+			if err != nil {
+				m.log.WithError(err).WithField("key", e.Key.String()).Warn("entry skipped")
+				continue
+			}
+			if r.Changed {
+				changed = true
+				if r.Entry == nil {
+					delete(st.Entries, id)
+				} else {
+					st.Entries[id] = r.Entry
+				}
+			}
+			for _, a := range r.Actions {
+				acts = append(acts, keyedAction{key: e.Key, act: a})
+			}
+		}
+		for id := range m.seen {
+			if st.Entries[id] == nil {
+				delete(m.seen, id)
+			}
+		}
+		seenState = st
+		return changed, nil
+	})
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.last = seenState
+	m.pass++
+	close(m.passDone)
+	m.passDone = make(chan struct{})
+	// A download whose entry another process removed or took: stop it.
+	for id, d := range m.downloads {
+		e := seenState.Entries[id]
+		if e == nil || e.Generation != d.gen || !e.Owner.Same(&m.self) {
+			d.cancel(errSuperseded)
+		}
+	}
+	m.mu.Unlock()
+	for _, ka := range acts {
+		m.carryOut(ctx, ka)
+	}
+	return nil
+}
+
+// viewLocked builds what this manager knows about entry e. m.mu is held.
+func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitions.View {
+	v := transitions.View{Self: m.self, Drive: m.cfg.DriveAll || len(m.local[id]) > 0}
+	if d := m.downloads[id]; d != nil && d.gen == e.Generation {
+		v.Running = true
+	}
+	if e.Stage != state.Downloading || e.Owner == nil {
+		delete(m.seen, id)
+		return v
+	}
+	if m.self.SameMachine(e.Owner.Process) && !e.Owner.Same(&m.self) {
+		alive, err := m.cfg.Processes.Alive(e.Owner.Process)
+		if err != nil {
+			m.log.WithError(err).WithField("key", e.Key.String()).Warn("cannot tell whether the owner is alive")
+		} else {
+			v.OwnerDead = !alive
+		}
+	}
+	sig := fmt.Sprintf("%s/%d/%d/%d/%d/%d", e.Owner.ManagerID, e.Owner.PID, e.Generation, e.Progress.Bytes, e.Progress.Total, e.Progress.Heartbeat)
+	o, ok := m.seen[id]
+	if !ok || o.sig != sig {
+		o = observation{sig: sig, since: now}
+		m.seen[id] = o
+	}
+	v.Unchanged = now.Sub(o.since)
+	return v
+}
+
+// apply writes a rule's result for id into st. Actions other than those
+// Release returns are carried out by the caller.
+func (m *Manager) apply(st *state.State, id string, r transitions.Result) {
+	if !r.Changed {
+		return
+	}
+	if r.Entry == nil {
+		delete(st.Entries, id)
+		return
+	}
+	st.Entries[id] = r.Entry
+}
+
+func (m *Manager) carryOut(ctx context.Context, ka keyedAction) {
+	log := m.log.WithField("key", ka.key.String())
+	switch a := ka.act.(type) {
+	case transitions.StartDownload:
+		log.WithField("gen", a.Generation).Info("claimed download")
+		m.startDownload(ctx, ka.key, a.Generation)
+	case transitions.CancelDownload:
+		m.mu.Lock()
+		if d := m.downloads[ka.key.ID()]; d != nil {
+			d.cancel(errReleased)
+		}
+		m.mu.Unlock()
+	case transitions.TakeOver:
+		log.WithFields(logrus.Fields{"from_host": a.From.Host, "from_pid": a.From.PID, "reason": a.Reason}).Info("took over download")
+	case transitions.RemoveStaging:
+		dir := filepath.Join(m.Root(), stagingDir, stagingName(ka.key, a.Generation))
+		if err := os.RemoveAll(dir); err != nil {
+			log.WithError(err).Warn("removing a dead owner's staging data")
+		}
+	case transitions.Removed:
+		log.WithField("reason", a.Reason).Info("entry removed")
+	}
+}
+
+func (m *Manager) stopDownloads() {
+	m.mu.Lock()
+	for _, d := range m.downloads {
+		d.cancel(errShutdown)
+	}
+	m.mu.Unlock()
+	m.wg.Wait()
+}
+
+// Start runs the loop in a goroutine and returns the function that stops
+// it and waits for it (and for every download it ran) to end.
+func (m *Manager) Start(ctx context.Context) (stop func() error, err error) {
+	if err := m.begin(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.run(ctx) }()
+	return func() error {
+		cancel()
+		return <-done
+	}, nil
+}

@@ -1,0 +1,332 @@
+package manager
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+)
+
+var (
+	// ErrFailed means the entry is FAILED; errors wrapping it are
+	// *FailedError and carry the reason.
+	ErrFailed = errors.New("dependency failed")
+	// ErrNotFound means the entry is not in the cache (it was released and
+	// its download cancelled, or evicted).
+	ErrNotFound = errors.New("no such entry")
+	// ErrBadDependent means a dependent name is empty, too long or has
+	// control characters.
+	ErrBadDependent = errors.New("bad dependent name")
+	// ErrNotRunning means Wait was called on a manager whose loop is not
+	// running.
+	ErrNotRunning = errors.New("manager is not running")
+	// ErrNotRegistered means a release named a dependent the entry does
+	// not have.
+	ErrNotRegistered = transitions.ErrNotRegistered
+)
+
+// FailedError is the error of a FAILED entry.
+type FailedError struct {
+	Key    state.Key
+	Reason string
+}
+
+func (e *FailedError) Error() string { return fmt.Sprintf("%s: %s", e.Key.Source, e.Reason) }
+
+// Unwrap makes errors.Is(err, ErrFailed) true.
+func (e *FailedError) Unwrap() error { return ErrFailed }
+
+// Config configures a Manager. Zero fields take the defaults.
+type Config struct {
+	// Root is the cache directory.
+	Root string
+	// Policy holds the download timeout and the failure cool-down.
+	Policy transitions.Policy
+	// Retries is the number of attempts after the first within one
+	// download, with doubling back-off from RetryBackoff. Default 3 (when
+	// 0); negative means none. RetryBackoff defaults to 1s.
+	Retries      int
+	RetryBackoff time.Duration
+	// ProgressInterval is how often an owner reports progress and its
+	// heartbeat. Default 2s.
+	ProgressInterval time.Duration
+	// PollInterval is how often the loop reads the state to notice other
+	// processes' changes. Default 250ms.
+	PollInterval time.Duration
+	// MaxBundleBytes bounds the unpacked size of one bundle. Default 0: no
+	// bound.
+	MaxBundleBytes int64
+	// LockLease is the state lock's lease across hosts. Default 30s.
+	LockLease time.Duration
+	// DriveAll makes the manager claim and take over every entry, not only
+	// those it has dependents for (serve does this).
+	DriveAll bool
+	// Sources by URL scheme. Default: http, https and file.
+	Sources map[string]Source
+	// Log receives the manager's logs. Default: logrus's standard logger.
+	Log logrus.FieldLogger
+	// Clock and Processes are for tests; production uses the real ones.
+	Clock     state.Clock
+	Processes state.Processes
+}
+
+// Manager drives the entries of one cache root: it registers dependents,
+// downloads what its dependents need when nobody else does, takes over
+// from dead or stalled owners, and publishes.
+type Manager struct {
+	cfg   Config
+	store *state.Store
+	self  state.Owner
+	log   logrus.FieldLogger
+
+	mu        sync.Mutex
+	local     map[string]map[string]bool // key ID -> dependents registered here
+	downloads map[string]*download       // key ID -> our running download
+	seen      map[string]observation     // key ID -> what we watched stay unchanged
+	last      *state.State               // the state the last pass saw
+	pass      uint64                     // number of finished passes
+	passDone  chan struct{}              // closed when the current pass finishes
+	running   bool
+
+	wake chan struct{}
+	wg   sync.WaitGroup // download goroutines
+}
+
+// New opens the cache root and returns a manager. Call Run (or Start) for
+// downloads and Wait to work.
+func New(cfg Config) (*Manager, error) {
+	if cfg.Root == "" {
+		return nil, errors.New("manager: no cache root")
+	}
+	cfg.Policy = cfg.Policy.WithDefaults()
+	switch {
+	case cfg.Retries < 0:
+		cfg.Retries = 0
+	case cfg.Retries == 0:
+		cfg.Retries = 3
+	}
+	if cfg.RetryBackoff <= 0 {
+		cfg.RetryBackoff = time.Second
+	}
+	if cfg.ProgressInterval <= 0 {
+		cfg.ProgressInterval = 2 * time.Second
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = 250 * time.Millisecond
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.StandardLogger()
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = state.RealClock()
+	}
+	if cfg.Processes == nil {
+		p, err := state.System()
+		if err != nil {
+			return nil, fmt.Errorf("manager: %w", err)
+		}
+		cfg.Processes = p
+	}
+	if cfg.Sources == nil {
+		h := HTTPSource(&http.Client{Transport: http.DefaultTransport}, min(cfg.Policy.DownloadTimeout, time.Minute))
+		cfg.Sources = map[string]Source{"http": h, "https": h, "file": FileSource()}
+	}
+	store, err := state.Open(cfg.Root, state.Options{Lock: state.LockOptions{
+		Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
+	if err != nil {
+		return nil, err
+	}
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return nil, err
+	}
+	self := state.Owner{Process: cfg.Processes.Self(), ManagerID: hex.EncodeToString(id)}
+	return &Manager{
+		cfg:       cfg,
+		store:     store,
+		self:      self,
+		log:       cfg.Log.WithField("manager", self.ManagerID),
+		local:     map[string]map[string]bool{},
+		downloads: map[string]*download{},
+		seen:      map[string]observation{},
+		passDone:  make(chan struct{}),
+		wake:      make(chan struct{}, 1),
+	}, nil
+}
+
+// Root returns the absolute cache root.
+func (m *Manager) Root() string { return m.store.Root() }
+
+// Abs returns the absolute path of an entry's content.
+func (m *Manager) Abs(e state.Entry) (string, error) {
+	if e.Path == "" {
+		return "", fmt.Errorf("%s has no content path", e.Key.Source)
+	}
+	return m.store.Abs(e.Path)
+}
+
+// GetOption adjusts a Get.
+type GetOption func(*state.Dependent)
+
+// WithTTL makes the dependent lapse after d unless released earlier.
+func WithTTL(d time.Duration) GetOption {
+	return func(dep *state.Dependent) {
+		t := time.Now().Add(d)
+		dep.Expires = &t
+	}
+}
+
+// Detached registers a dependent that is not bound to this process: it
+// lives until released (or until its TTL), as a named CLI dependent does.
+func Detached() GetOption {
+	return func(dep *state.Dependent) { dep.Process = nil }
+}
+
+// Get registers dependent as a user of key and returns a snapshot of the
+// entry without waiting. A missing entry is created DOWNLOADING; the
+// download starts in this process's loop if no one else runs it. By
+// default the dependent is bound to this process.
+func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts ...GetOption) (state.Entry, error) {
+	if err := checkDependent(dependent); err != nil {
+		return state.Entry{}, err
+	}
+	if err := key.Validate(); err != nil {
+		return state.Entry{}, err
+	}
+	p := m.self.Process
+	dep := state.Dependent{Since: time.Now(), Process: &p}
+	for _, o := range opts {
+		o(&dep)
+	}
+	var snap state.Entry
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, time.Now())
+		if err != nil {
+			return false, err
+		}
+		st.Put(r.Entry)
+		snap = *r.Entry
+		return r.Changed, nil
+	})
+	if err != nil {
+		return state.Entry{}, err
+	}
+	m.mu.Lock()
+	id := key.ID()
+	if m.local[id] == nil {
+		m.local[id] = map[string]bool{}
+	}
+	m.local[id][dependent] = true
+	m.mu.Unlock()
+	m.kick()
+	return snap, nil
+}
+
+// Wait blocks until the entry for key is READY (returned with a nil error)
+// or FAILED (returned with a *FailedError), or ctx is done. Waiters in this
+// process are woken by the pass that sees the change; changes made by other
+// processes are seen at the next poll. The manager must be running.
+func (m *Manager) Wait(ctx context.Context, key state.Key) (state.Entry, error) {
+	id := key.ID()
+	m.mu.Lock()
+	start := m.pass
+	m.mu.Unlock()
+	m.kick()
+	for {
+		m.mu.Lock()
+		st, pass, done, running := m.last, m.pass, m.passDone, m.running
+		m.mu.Unlock()
+		if !running {
+			return state.Entry{}, ErrNotRunning
+		}
+		// Only a pass that started after this call can say the entry is
+		// gone; an older one may predate the Get.
+		if st != nil && pass > start+1 {
+			e := st.Entries[id]
+			switch {
+			case e == nil:
+				return state.Entry{}, fmt.Errorf("%s: %w (released, cancelled or evicted)", key.Source, ErrNotFound)
+			case e.Stage == state.Ready:
+				return *e, nil
+			case e.Stage == state.Failed:
+				return *e, &FailedError{Key: key, Reason: e.Message}
+			}
+		}
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return state.Entry{}, ctx.Err()
+		}
+	}
+}
+
+// Release removes dependent from key's entry. A download left without
+// dependents is cancelled wherever it runs, and its entry removed.
+func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) error {
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		r, err := transitions.Release(st.Get(key), dependent)
+		if err != nil {
+			return false, err
+		}
+		m.apply(st, key.ID(), r)
+		return r.Changed, nil
+	})
+	m.mu.Lock()
+	delete(m.local[key.ID()], dependent)
+	if len(m.local[key.ID()]) == 0 {
+		delete(m.local, key.ID())
+	}
+	m.mu.Unlock()
+	m.kick()
+	if errors.Is(err, transitions.ErrNotRegistered) {
+		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)
+	}
+	return err
+}
+
+// Entries returns the current state, without the lock.
+func (m *Manager) Entries(ctx context.Context) (*state.State, error) {
+	return m.store.View(ctx)
+}
+
+// kick wakes the loop for an early pass.
+func (m *Manager) kick() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+func checkDependent(name string) error {
+	if name == "" || len(name) > 256 || strings.ContainsFunc(name, unicode.IsControl) {
+		return fmt.Errorf("%q: %w (want 1 to 256 printable characters)", name, ErrBadDependent)
+	}
+	return nil
+}
+
+// Snapshot returns the entry for key as the loop last saw it, without I/O.
+func (m *Manager) Snapshot(key state.Key) (state.Entry, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.last == nil {
+		return state.Entry{}, false
+	}
+	e := m.last.Entries[key.ID()]
+	if e == nil {
+		return state.Entry{}, false
+	}
+	return *e, true
+}
+
+// IsSelf reports whether o is this manager.
+func (m *Manager) IsSelf(o *state.Owner) bool { return o.Same(&m.self) }

@@ -1,0 +1,110 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/depcache/depcache/state"
+	"github.com/sirupsen/logrus"
+)
+
+// reconcile makes the root agree with its state, at start-up. It runs only
+// on a state that was read successfully (Update refuses a corrupt one), and
+// decides under the lock, where every publish also happens, so it cannot
+// race a live publisher:
+//   - a READY entry whose content is missing is dropped;
+//   - a published directory that no entry names (a publish whose commit was
+//     interrupted) is moved to trash;
+//   - staging data is removed only when its writer is provably gone;
+//   - trash is emptied, outside the lock.
+func (m *Manager) reconcile(ctx context.Context) error {
+	root := m.Root()
+	var dropped []string
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		changed := false
+		named := map[string]bool{}
+		for id, e := range st.Entries {
+			if e.Path == "" {
+				continue
+			}
+			abs, err := m.store.Abs(e.Path)
+			if err != nil {
+				return false, err
+			}
+			if _, err := os.Lstat(abs); errors.Is(err, fs.ErrNotExist) && e.Stage == state.Ready {
+				delete(st.Entries, id)
+				dropped = append(dropped, e.Key.String())
+				changed = true
+				continue
+			}
+			if parts := strings.Split(e.Path, string(filepath.Separator)); len(parts) >= 2 {
+				named[parts[1]] = true
+			}
+		}
+		ents, err := os.ReadDir(filepath.Join(root, entriesDir))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return false, err
+		}
+		for _, d := range ents {
+			if named[d.Name()] {
+				continue
+			}
+			if err := os.MkdirAll(filepath.Join(root, trashDir), 0o755); err != nil {
+				return false, err
+			}
+			if err := os.Rename(filepath.Join(root, entriesDir, d.Name()), filepath.Join(root, trashDir, d.Name())); err != nil {
+				return false, err
+			}
+			m.log.WithField("dir", d.Name()).Warn("moved aside published content that no entry names")
+		}
+		return changed, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range dropped {
+		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
+	}
+	m.removeDeadStaging()
+	if err := os.RemoveAll(filepath.Join(root, trashDir)); err != nil {
+		m.log.WithError(err).Warn("emptying trash")
+	}
+	return nil
+}
+
+// removeDeadStaging removes staging directories whose writer, on this
+// machine, is gone. A writer on another host may still be alive: its data
+// stays (doctor reports it).
+func (m *Manager) removeDeadStaging() {
+	dir := filepath.Join(m.Root(), stagingDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, d := range ents {
+		p := filepath.Join(dir, d.Name())
+		var rec struct {
+			Owner state.Owner `json:"owner"`
+		}
+		b, err := os.ReadFile(filepath.Join(p, ownerName))
+		if err != nil || json.Unmarshal(b, &rec) != nil {
+			continue
+		}
+		if !m.self.SameMachine(rec.Owner.Process) {
+			continue
+		}
+		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
+			continue
+		}
+		if err := os.RemoveAll(p); err != nil {
+			m.log.WithError(err).WithField("dir", p).Warn("removing dead staging data")
+			continue
+		}
+		m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("removed staging data of a dead writer")
+	}
+}

@@ -1,0 +1,78 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"path/filepath"
+	"strings"
+
+	"github.com/depcache/depcache/state"
+)
+
+// Source fetches the bytes of one kind of source.
+//
+// Fetch writes the content at src to w from its first byte. It calls total
+// with the expected size as soon as it knows it. An error that retrying
+// cannot fix (a 404, a missing file) wraps [ErrPermanent]; any other error
+// is retried by the manager with back-off, into a fresh w.
+type Source interface {
+	Fetch(ctx context.Context, src string, w io.Writer, total func(int64)) error
+}
+
+// ErrPermanent marks a fetch error that a retry would only repeat.
+var ErrPermanent = errors.New("permanent failure")
+
+// ErrBadSource means a source string cannot be used: unknown scheme,
+// malformed URL, relative file path.
+var ErrBadSource = errors.New("bad source")
+
+// ParseKey normalises a source string and an optional expected sha256 into
+// a key. Normalising makes two spellings of one URL share one entry.
+func ParseKey(source, sha256 string) (state.Key, error) {
+	u, err := url.Parse(source)
+	if err != nil {
+		return state.Key{}, fmt.Errorf("source %q: %w: %w", source, ErrBadSource, err)
+	}
+	k := state.Key{Kind: state.Bundle, SHA256: strings.ToLower(sha256)}
+	switch strings.ToLower(u.Scheme) {
+	case "http", "https":
+		if u.Host == "" {
+			return state.Key{}, fmt.Errorf("source %q: no host: %w", source, ErrBadSource)
+		}
+		u.Scheme = strings.ToLower(u.Scheme)
+		u.Host = strings.ToLower(u.Host)
+		if p := u.Port(); (u.Scheme == "http" && p == "80") || (u.Scheme == "https" && p == "443") {
+			u.Host = u.Hostname()
+		}
+		u.Fragment = ""
+		if u.Path == "" {
+			u.Path = "/"
+		}
+		k.Source = u.String()
+	case "file":
+		if u.Host != "" && u.Host != "localhost" {
+			return state.Key{}, fmt.Errorf("source %q: file URLs must name a local absolute path (file:///path): %w", source, ErrBadSource)
+		}
+		if !filepath.IsAbs(u.Path) {
+			return state.Key{}, fmt.Errorf("source %q: file path must be absolute: %w", source, ErrBadSource)
+		}
+		k.Source = "file://" + filepath.Clean(u.Path)
+	case "":
+		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https:// or file://): %w", source, ErrBadSource)
+	default:
+		return state.Key{}, fmt.Errorf("source %q: unsupported scheme %q: %w", source, u.Scheme, ErrBadSource)
+	}
+	if err := k.Validate(); err != nil {
+		return state.Key{}, fmt.Errorf("%w: %w", ErrBadSource, err)
+	}
+	return k, nil
+}
+
+// scheme returns the scheme of a normalised source.
+func scheme(src string) string {
+	s, _, _ := strings.Cut(src, "://")
+	return s
+}

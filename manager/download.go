@@ -104,11 +104,11 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 			return
 		}
 	}
-	defer func() {
-		if rerr := os.RemoveAll(staging); rerr != nil {
-			log.WithError(rerr).Warn("removing staging data")
-		}
-	}()
+	// Clean up before the terminal state is published, so that whoever
+	// sees it never sees our leftovers.
+	if rerr := os.RemoveAll(staging); rerr != nil {
+		log.WithError(rerr).Warn("removing staging data")
+	}
 	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):

@@ -140,16 +140,30 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	return s.commit(data, old != nil)
 }
 
+// rereads is how many times a state file that does not parse is read again
+// before it is declared corrupt: through another sshfs mount, the first read
+// of a file replaced by a larger one may be cut to the old size.
+const rereads = 3
+
 // read returns the parsed state and the raw bytes (nil if no file).
 func (s *Store) read() (*State, []byte, error) {
-	b, err := os.ReadFile(s.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return New(), nil, nil
+	var (
+		b   []byte
+		st  *State
+		err error
+	)
+	for try := 0; try <= rereads; try++ {
+		b, err = os.ReadFile(s.path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return New(), nil, nil
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
+		}
+		if st, err = Decode(b); err == nil || errors.Is(err, ErrUnsupportedVersion) {
+			break
+		}
 	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
-	}
-	st, err := Decode(b)
 	if err != nil {
 		aside := s.keepAside(b)
 		return nil, nil, fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", s.path, aside, err)

@@ -1,0 +1,377 @@
+package manager_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+)
+
+func quietLog() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	if os.Getenv("DT_VERBOSE") != "" {
+		l.SetOutput(os.Stderr)
+		l.SetLevel(logrus.DebugLevel)
+	}
+	return l
+}
+
+func newManager(t testing.TB, root string, adjust ...func(*manager.Config)) *manager.Manager {
+	t.Helper()
+	cfg := manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond,
+		RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond,
+		Policy: transitions.Policy{FailureCooldown: time.Hour}}
+	for _, a := range adjust {
+		a(&cfg)
+	}
+	m, err := manager.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop, err := m.Start(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return m
+}
+
+func mustKey(t testing.TB, src, sha string) state.Key {
+	t.Helper()
+	k, err := manager.ParseKey(src, sha)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func getWait(t testing.TB, m *manager.Manager, dep string, k state.Key) (state.Entry, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := m.Get(ctx, dep, k); err != nil {
+		t.Fatal(err)
+	}
+	return m.Wait(ctx, k)
+}
+
+// server serves body at /b, counting requests; behaviour can be changed.
+type server struct {
+	*httptest.Server
+	body     []byte
+	requests atomic.Int32
+	mu       sync.Mutex
+	handle   func(w http.ResponseWriter, r *http.Request) bool // true: handled
+}
+
+func newServer(t testing.TB, body []byte) *server {
+	s := &server{body: body}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.requests.Add(1)
+		s.mu.Lock()
+		h := s.handle
+		s.mu.Unlock()
+		if h != nil && h(w, r) {
+			return
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(s.body)))
+		w.Write(s.body)
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *server) set(h func(w http.ResponseWriter, r *http.Request) bool) {
+	s.mu.Lock()
+	s.handle = h
+	s.mu.Unlock()
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	r := rand.NewChaCha8([32]byte{1})
+	r.Read(b)
+	return b
+}
+
+func sum(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func TestGetFileBundle(t *testing.T) {
+	root := t.TempDir()
+	m := newManager(t, root)
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	e, err := getWait(t, m, "run1", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := m.Abs(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(p, "hello", "README.txt"))
+	if err != nil || string(b) != "hello from depcache\n" {
+		t.Fatalf("content: %q %v", b, err)
+	}
+	if e.SizeBytes <= 0 || e.Owner != nil || e.Generation != 1 {
+		t.Errorf("entry = %+v", e)
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(p), "meta.json")); err != nil {
+		t.Errorf("no metadata file: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "staging")); len(ents) != 0 {
+		t.Errorf("staging litter: %v", ents)
+	}
+	// A second Get is a hit: no new generation.
+	e2, err := getWait(t, m, "run2", k)
+	if err != nil || e2.Generation != 1 || len(e2.Dependents) != 2 {
+		t.Fatalf("second get: %+v %v", e2, err)
+	}
+}
+
+// Managers in one process on one root: one download.
+func TestDedupInProcess(t *testing.T) {
+	body := randomBytes(3 << 20)
+	srv := newServer(t, body)
+	root := t.TempDir()
+	k := mustKey(t, srv.URL+"/b", sum(body))
+	var wg sync.WaitGroup
+	paths := make([]string, 6)
+	for i := range paths {
+		m := newManager(t, root)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e, err := getWait(t, m, fmt.Sprintf("run%d", i), k)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			paths[i], _ = m.Abs(e)
+		}()
+	}
+	wg.Wait()
+	if n := srv.requests.Load(); n != 1 {
+		t.Errorf("%d downloads, want 1", n)
+	}
+	for _, p := range paths {
+		if p != paths[0] {
+			t.Errorf("paths differ: %v", paths)
+		}
+	}
+	got, err := os.ReadFile(paths[0])
+	if err != nil || sum(got) != sum(body) {
+		t.Fatalf("content does not verify: %v", err)
+	}
+}
+
+func TestFailures(t *testing.T) {
+	body := randomBytes(64 << 10)
+	tests := []struct {
+		name   string
+		sha    string
+		handle func(w http.ResponseWriter, r *http.Request) bool
+		wmsg   string
+		wreq   int32 // requests made: 1 for permanent errors, 1+retries otherwise
+	}{
+		{name: "404", handle: func(w http.ResponseWriter, r *http.Request) bool { http.NotFound(w, r); return true },
+			wmsg: "404", wreq: 1},
+		{name: "500 retried then failed", handle: func(w http.ResponseWriter, r *http.Request) bool {
+			http.Error(w, "boom", http.StatusInternalServerError)
+			return true
+		}, wmsg: "500", wreq: 3},
+		{name: "connection reset", handle: func(w http.ResponseWriter, r *http.Request) bool {
+			w.Header().Set("Content-Length", "100000")
+			w.WriteHeader(200)
+			w.Write(body[:1000])
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.(*net.TCPConn).SetLinger(0)
+			conn.Close()
+			return true
+		}, wmsg: "after", wreq: 3},
+		{name: "digest mismatch", sha: strings.Repeat("ab", 32), wmsg: "sha256 mismatch", wreq: 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newServer(t, body)
+			srv.set(tc.handle)
+			root := t.TempDir()
+			m := newManager(t, root, func(c *manager.Config) { c.Retries = 2 })
+			k := mustKey(t, srv.URL+"/b", tc.sha)
+			e, err := getWait(t, m, "run1", k)
+			var fe *manager.FailedError
+			if !errors.As(err, &fe) || !errors.Is(err, manager.ErrFailed) {
+				t.Fatalf("err = %v, want FailedError", err)
+			}
+			if !strings.Contains(fe.Reason, tc.wmsg) || e.Stage != state.Failed {
+				t.Errorf("reason %q (stage %s), want it to mention %q", fe.Reason, e.Stage, tc.wmsg)
+			}
+			if n := srv.requests.Load(); n != tc.wreq {
+				t.Errorf("%d requests, want %d", n, tc.wreq)
+			}
+			for _, d := range []string{"entries", "staging"} {
+				if ents, _ := os.ReadDir(filepath.Join(root, d)); len(ents) != 0 {
+					t.Errorf("%s not empty after a failure: %v", d, ents)
+				}
+			}
+		})
+	}
+}
+
+// A FAILED entry is retried once its cool-down has passed.
+func TestRetryAfterCooldown(t *testing.T) {
+	body := randomBytes(1000)
+	srv := newServer(t, body)
+	srv.set(func(w http.ResponseWriter, r *http.Request) bool { http.NotFound(w, r); return true })
+	m := newManager(t, t.TempDir(), func(c *manager.Config) { c.Policy.FailureCooldown = 50 * time.Millisecond })
+	k := mustKey(t, srv.URL+"/b", "")
+	if _, err := getWait(t, m, "run1", k); !errors.Is(err, manager.ErrFailed) {
+		t.Fatalf("err = %v, want FAILED", err)
+	}
+	srv.set(nil) // the server is fixed
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		e, err := m.Wait(ctx, k) // the loop retries the entry: it has a dependent
+		if err == nil {
+			if e.Failures != 0 || e.Stage != state.Ready {
+				t.Fatalf("entry = %+v", e)
+			}
+			break
+		}
+		if !errors.Is(err, manager.ErrFailed) {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // poll until the cool-down passes
+	}
+	if n := srv.requests.Load(); n != 2 {
+		t.Errorf("%d requests, want 2", n)
+	}
+}
+
+// Releasing the last dependent cancels the download within a tick, the
+// entry disappears, and a later Get downloads again.
+func TestCancelOnRelease(t *testing.T) {
+	body := randomBytes(1 << 20)
+	srv := newServer(t, body)
+	started := make(chan struct{}, 10)
+	cancelled := make(chan struct{}, 10)
+	srv.set(func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.WriteHeader(200)
+		w.Write(body[:1000])
+		w.(http.Flusher).Flush()
+		started <- struct{}{}
+		<-r.Context().Done() // stall until the client goes away
+		cancelled <- struct{}{}
+		return true
+	})
+	root := t.TempDir()
+	m := newManager(t, root)
+	k := mustKey(t, srv.URL+"/b", "")
+	ctx := context.Background()
+	if _, err := m.Get(ctx, "run1", k); err != nil {
+		t.Fatal(err)
+	}
+	<-started
+	if err := m.Release(ctx, "run1", k); err != nil {
+		t.Fatal(err)
+	}
+	<-cancelled // the download stopped: the server saw the client leave
+	st, err := m.Entries(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Get(k) != nil {
+		t.Fatal("entry still there after its last dependent left")
+	}
+	if err := m.Release(ctx, "run1", k); !errors.Is(err, manager.ErrNotRegistered) {
+		t.Errorf("second release: %v, want ErrNotRegistered", err)
+	}
+	srv.set(nil)
+	if _, err := getWait(t, m, "run2", k); err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.requests.Load(); n != 2 {
+		t.Errorf("%d requests, want 2", n)
+	}
+	waitNoStaging(t, root)
+}
+
+func waitNoStaging(t testing.TB, root string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ents, _ := os.ReadDir(filepath.Join(root, "staging"))
+		if len(ents) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("staging litter: %v", ents)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestParseKey(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string
+		werr     bool
+	}{
+		{"HTTP://Example.COM:80/a.tgz#frag", "http://example.com/a.tgz", false},
+		{"https://example.com:443", "https://example.com/", false},
+		{"https://example.com:8443/x?y=1", "https://example.com:8443/x?y=1", false},
+		{"file:///tmp/../tmp/x", "file:///tmp/x", false},
+		{"file://relative/x", "", true},
+		{"ftp://example.com/x", "", true},
+		{"/just/a/path", "", true},
+		{"http:///nohost", "", true},
+		{"http://example.com/\x7f", "", true},
+	} {
+		k, err := manager.ParseKey(tc.in, "")
+		if (err != nil) != tc.werr {
+			t.Errorf("%q: err = %v, want error %v", tc.in, err, tc.werr)
+			continue
+		}
+		if err != nil {
+			if !errors.Is(err, manager.ErrBadSource) {
+				t.Errorf("%q: %v does not wrap ErrBadSource", tc.in, err)
+			}
+			continue
+		}
+		if k.Source != tc.want {
+			t.Errorf("%q → %q, want %q", tc.in, k.Source, tc.want)
+		}
+	}
+	if _, err := manager.ParseKey("https://x/y", "ABC"); !errors.Is(err, state.ErrBadKey) {
+		t.Errorf("bad sha256 accepted: %v", err)
+	}
+}
+

@@ -58,6 +58,7 @@ type Meta struct {
 	Generation uint64    `json:"generation"`
 	SizeBytes  int64     `json:"size_bytes"`
 	SHA256     string    `json:"sha256"`
+	Fetched    int64     `json:"fetched_bytes"`
 	Format     string    `json:"format"`
 	Published  time.Time `json:"published"`
 }
@@ -206,6 +207,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		}
 	}
 	meta.SHA256 = hex.EncodeToString(h.Sum(nil))
+	meta.Fetched = written.Load()
 	if key.SHA256 != "" && meta.SHA256 != key.SHA256 {
 		return meta, fmt.Errorf("sha256 mismatch: got %s, want %s", meta.SHA256, key.SHA256)
 	}
@@ -273,7 +275,7 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 	renamed := false
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Publish(st.Get(key), m.self, gen, transitions.Published{
-			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes}, time.Now())
+			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes, Fetched: meta.Fetched}, time.Now())
 		if err != nil {
 			return false, err
 		}

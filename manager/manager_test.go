@@ -22,6 +22,7 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/rigtest"
 	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 )
@@ -375,3 +376,40 @@ func TestParseKey(t *testing.T) {
 	}
 }
 
+// TestDiskFull: a bundle larger than the disk-full rig's filesystem fails
+// with ENOSPC named in the reason, publishes nothing, leaves no staging data
+// and a state file that parses.
+func TestDiskFull(t *testing.T) {
+	dir := rigtest.DiskFull(t)
+	root, err := os.MkdirTemp(dir, "root-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	body := randomBytes(12 << 20)
+	srv := newServer(t, body)
+	m := newManager(t, root)
+	k := mustKey(t, srv.URL+"/big", "")
+	e, err := getWait(t, m, "run1", k)
+	var fe *manager.FailedError
+	if !errors.As(err, &fe) || !strings.Contains(fe.Reason, "no space left on device") {
+		t.Fatalf("err = %v, want FAILED naming the full disk", err)
+	}
+	if n := srv.requests.Load(); n != 1 {
+		t.Errorf("%d requests: a full disk should not be retried", n)
+	}
+	if e.Stage != state.Failed {
+		t.Errorf("stage %s", e.Stage)
+	}
+	b, err := os.ReadFile(filepath.Join(root, state.StateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := state.Decode(b); err != nil {
+		t.Fatalf("state does not parse after the full disk: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "entries")); len(ents) != 0 {
+		t.Errorf("something was published: %v", ents)
+	}
+	waitNoStaging(t, root)
+}

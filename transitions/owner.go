@@ -46,6 +46,9 @@ type Published struct {
 	Path      string
 	SizeBytes int64
 	ImageID   string
+	// Fetched is the number of bytes downloaded; it becomes the final
+	// progress.
+	Fetched int64
 }
 
 // Publish makes the entry READY and clears its owner, in one step.
@@ -59,7 +62,8 @@ func Publish(e *state.Entry, self state.Owner, gen uint64, pub Published, now ti
 	n.Path = pub.Path
 	n.SizeBytes = pub.SizeBytes
 	n.ImageID = pub.ImageID
-	n.Progress.Bytes = max(n.Progress.Bytes, n.Progress.Total)
+	n.Progress.Bytes = pub.Fetched
+	n.Progress.Total = pub.Fetched
 	n.Failures = 0
 	n.FailedAt = time.Time{}
 	n.Message = ""

@@ -7,6 +7,7 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/spf13/cobra"
 )
 
 // Exit codes: the contract in ../shared/design.md.
@@ -36,4 +37,14 @@ func exitCode(err error) int {
 		return exitTimeout
 	}
 	return exitFailed
+}
+
+// exactArgs is cobra.ExactArgs with the error marked as bad usage.
+func exactArgs(n int) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErrorf("%s takes %d argument(s), got %d", cmd.Name(), n, len(args))
+		}
+		return nil
+	}
 }

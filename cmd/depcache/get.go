@@ -28,7 +28,7 @@ func newGet(g *globals) *cobra.Command {
 download in this process if nobody else does, waits until it is READY and
 prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 2 bad usage or bad input, 3 timed out.`,
-		Args: cobra.ExactArgs(1),
+		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if ttl < 0 || timeout < 0 {
 				return fmt.Errorf("--ttl and --timeout: %w: must not be negative", errBadFlag)

@@ -77,7 +77,7 @@ func newLs(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "ls",
 		Short: "List the cache's entries",
-		Args:  cobra.NoArgs,
+		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := manager.New(manager.Config{Root: g.root, Log: g.log})
 			if err != nil {

@@ -13,7 +13,7 @@ func newRelease(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "release --dependent NAME SOURCE",
 		Short: "Remove a dependent of SOURCE; a download left without dependents is cancelled",
-		Args:  cobra.ExactArgs(1),
+		Args:  exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dependent == "" {
 				return usageErrorf("--dependent is required (an anonymous get's dependent ends with its process)")

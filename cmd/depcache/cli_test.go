@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/depcache/depcache/manager"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+// cli runs depcache in-process, as main would, with the environment
+// cleared of DEPCACHE_* so that the developer's settings do not leak in.
+func cli(t *testing.T, root string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "DEPCACHE_") {
+			t.Setenv(k, "")
+			os.Unsetenv(k)
+		}
+	}
+	var out, errb bytes.Buffer
+	code = run(context.Background(), append([]string{"--root", root}, args...), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// normalise replaces what changes between runs with placeholders.
+func normalise(s, root string) string {
+	s = strings.ReplaceAll(s, root, "$ROOT")
+	s = regexp.MustCompile(`\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ`).ReplaceAllString(s, "$$TIME")
+	s = regexp.MustCompile(`cli-[^"\s]+`).ReplaceAllString(s, "$$ANON")
+	return s
+}
+
+func golden(t *testing.T, name, got string) {
+	t.Helper()
+	p := filepath.Join("testdata", name+".golden")
+	if *update {
+		os.MkdirAll("testdata", 0o755)
+		if err := os.WriteFile(p, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("%v (run go test -run %s -update to create it)", err, t.Name())
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from %s:\n--- got\n%s\n--- want\n%s", name, p, got, want)
+	}
+}
+
+func TestCLIGolden(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	src := "file://" + abs
+	// The source path differs between machines; the golden files name it
+	// $SRC.
+	key, err := manager.ParseKey(src, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	norm := func(s string) string {
+		s = strings.ReplaceAll(normalise(s, root), abs, "$SRC")
+		return strings.ReplaceAll(s, key.ID(), "$KEYID")
+	}
+
+	code, out, errs := cli(t, root, "get", "--dependent", "job1", src)
+	if code != 0 {
+		t.Fatalf("get: exit %d: %s", code, errs)
+	}
+	golden(t, "get", norm(out))
+
+	code, out, _ = cli(t, root, "get", "--json", "--dependent", "job2", src)
+	if code != 0 {
+		t.Fatalf("get --json: exit %d", code)
+	}
+	golden(t, "get-json", norm(out))
+
+	code, out, _ = cli(t, root, "ls", "--json")
+	if code != 0 {
+		t.Fatalf("ls --json: exit %d", code)
+	}
+	golden(t, "ls-json", norm(out))
+
+	code, out, errs = cli(t, root, "release", "--dependent", "job1", src)
+	if code != 0 {
+		t.Fatalf("release: exit %d: %s", code, errs)
+	}
+	golden(t, "release", norm(out))
+
+	code, _, errs = cli(t, root, "release", "--dependent", "job1", src)
+	if code != 1 || !strings.Contains(errs, "not registered") {
+		t.Errorf("release twice: exit %d, %q; want 1 and 'not registered'", code, errs)
+	}
+}
+
+func TestCLIExitCodes(t *testing.T) {
+	stall := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "100")
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	}))
+	defer stall.Close()
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		wcode int
+		wmsg  string
+	}{
+		{"unsupported scheme", []string{"get", "ftp://example.com/x"}, 2, "unsupported scheme"},
+		{"relative file path", []string{"get", "file://relative/x"}, 2, "absolute"},
+		{"no source", []string{"get"}, 2, "takes 1 argument"},
+		{"bad sha256", []string{"get", "--sha256", "zz", "file:///x"}, 2, "sha256"},
+		{"negative retries", []string{"get", "--retries", "-1", "file:///x"}, 2, "--retries"},
+		{"progress interval over half the timeout", []string{"get", "--download-timeout", "1s", "--progress-interval", "1s", "file:///x"}, 2, "--progress-interval"},
+		{"unknown flag", []string{"get", "--nope", "file:///x"}, 2, "unknown flag"},
+		{"bad log level", []string{"--log-level", "loud", "ls"}, 2, "--log-level"},
+		{"release without dependent", []string{"release", "file:///x"}, 2, "--dependent is required"},
+		{"missing file: FAILED", []string{"get", "file:///nonexistent/depcache-test"}, 1, "no such file"},
+		{"timeout", []string{"get", "--timeout", "300ms", stall.URL + "/x"}, 3, "not ready after 300ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errs := cli(t, t.TempDir(), tc.args...)
+			if code != tc.wcode || !strings.Contains(errs, tc.wmsg) {
+				t.Errorf("exit %d, stderr %q; want exit %d and %q", code, errs, tc.wcode, tc.wmsg)
+			}
+		})
+	}
+}
+
+func TestCLIEnvTwins(t *testing.T) {
+	root := t.TempDir()
+	t.Setenv("DEPCACHE_RETRIES", "-5")
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"--root", root, "get", "file:///x"}, &out, &errb)
+	if code != 2 || !strings.Contains(errb.String(), "--retries -5") {
+		t.Errorf("DEPCACHE_RETRIES=-5: exit %d, %q; want 2 naming --retries", code, errb.String())
+	}
+	t.Setenv("DEPCACHE_RETRIES", "many")
+	errb.Reset()
+	code = run(context.Background(), []string{"--root", root, "get", "file:///x"}, &out, &errb)
+	if code != 2 || !strings.Contains(errb.String(), "DEPCACHE_RETRIES") {
+		t.Errorf("DEPCACHE_RETRIES=many: exit %d, %q; want 2 naming the variable", code, errb.String())
+	}
+}

@@ -34,7 +34,20 @@ func (m *Manager) Run(ctx context.Context) error {
 	if err := m.begin(); err != nil {
 		return err
 	}
+	if err := m.reconcile(ctx); err != nil {
+		m.end()
+		return err
+	}
 	return m.run(ctx)
+}
+
+// end marks the manager stopped and releases every waiter.
+func (m *Manager) end() {
+	m.mu.Lock()
+	m.running = false
+	close(m.passDone) // waiters wake and see !running
+	m.passDone = make(chan struct{})
+	m.mu.Unlock()
 }
 
 // begin marks the manager running, so that Wait works from then on.
@@ -49,16 +62,7 @@ func (m *Manager) begin() error {
 }
 
 func (m *Manager) run(ctx context.Context) error {
-	defer func() {
-		m.mu.Lock()
-		m.running = false
-		close(m.passDone) // release waiters; they see !running
-		m.passDone = make(chan struct{})
-		m.mu.Unlock()
-	}()
-	if err := m.reconcile(ctx); err != nil {
-		return err
-	}
+	defer m.end()
 	var lastErr error
 	for {
 		if err := m.step(ctx); err != nil && ctx.Err() == nil {
@@ -216,10 +220,16 @@ func (m *Manager) stopDownloads() {
 	m.wg.Wait()
 }
 
-// Start runs the loop in a goroutine and returns the function that stops
-// it and waits for it (and for every download it ran) to end.
+// Start reconciles the root with its state (an unreadable state file is
+// returned here), then runs the loop in a goroutine. It returns the
+// function that stops the loop and waits for it, and for every download it
+// ran, to end.
 func (m *Manager) Start(ctx context.Context) (stop func() error, err error) {
 	if err := m.begin(); err != nil {
+		return nil, err
+	}
+	if err := m.reconcile(ctx); err != nil {
+		m.end()
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)

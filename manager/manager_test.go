@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -412,4 +413,90 @@ func TestDiskFull(t *testing.T) {
 		t.Errorf("something was published: %v", ents)
 	}
 	waitNoStaging(t, root)
+}
+
+// A hostile archive fails the entry and writes nothing outside its staging
+// directory.
+func TestHostileArchiveFails(t *testing.T) {
+	root := t.TempDir()
+	m := newManager(t, root)
+	abs, _ := filepath.Abs("../testdata/hostile/symlink-escape.tar")
+	_, err := getWait(t, m, "run1", mustKey(t, "file://"+abs, ""))
+	var fe *manager.FailedError
+	if !errors.As(err, &fe) || !strings.Contains(fe.Reason, "hostile archive") {
+		t.Fatalf("err = %v, want FAILED as a hostile archive", err)
+	}
+	ents, _ := os.ReadDir(root)
+	for _, e := range ents {
+		switch e.Name() {
+		case "state.json", "state.json.prev", "state.lock", "staging", "entries":
+		default:
+			t.Errorf("unexpected %s in the root", e.Name())
+		}
+	}
+	waitNoStaging(t, root)
+}
+
+// TestReconcile: at start-up a READY entry without content is dropped,
+// published content that no entry names is removed, staging data of a dead
+// writer is removed and that of a live writer kept.
+func TestReconcile(t *testing.T) {
+	root := t.TempDir()
+	procs, err := state.System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := procs.Self()
+	dead := self
+	dead.StartTime++ // our pid, another start time: a process that is gone
+
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := state.Key{Kind: state.Bundle, Source: "https://example.com/kept"}
+	lost := state.Key{Kind: state.Bundle, Source: "https://example.com/lost"}
+	keptDir := filepath.Join("entries", kept.ID()+"-g1")
+	mkfile := func(p, content string) {
+		os.MkdirAll(filepath.Dir(filepath.Join(root, p)), 0o755)
+		if err := os.WriteFile(filepath.Join(root, p), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkfile(filepath.Join(keptDir, "content"), "kept")
+	mkfile("entries/orphan-g1/content", "orphan")
+	owner := func(p state.Process) string {
+		b, _ := json.Marshal(map[string]any{"owner": state.Owner{Process: p, ManagerID: "x"}, "generation": 1})
+		return string(b)
+	}
+	mkfile("staging/dead-g1/owner.json", owner(dead))
+	mkfile("staging/live-g1/owner.json", owner(self))
+	err = s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: kept, Stage: state.Ready, Path: filepath.Join(keptDir, "content")})
+		st.Put(&state.Entry{Key: lost, Stage: state.Ready, Path: filepath.Join("entries", lost.ID()+"-g1", "content")})
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newManager(t, root)
+	st, err := m.Entries(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Get(kept) == nil || st.Get(lost) != nil {
+		t.Errorf("entries after reconcile: kept %v, lost %v", st.Get(kept) != nil, st.Get(lost) != nil)
+	}
+	for p, want := range map[string]bool{
+		filepath.Join(keptDir, "content"): true,
+		"entries/orphan-g1":               false,
+		"staging/dead-g1":                 false,
+		"staging/live-g1":                 true,
+		"trash":                           false,
+	} {
+		_, err := os.Stat(filepath.Join(root, p))
+		if got := err == nil; got != want {
+			t.Errorf("%s exists: %v, want %v", p, got, want)
+		}
+	}
 }

@@ -116,38 +116,6 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 	return cmd
 }
 
-// waitShowingProgress waits for key, telling the user every few seconds
-// whom it waits for and how far they are.
-func waitShowingProgress(ctx context.Context, g *globals, m *manager.Manager, key state.Key) (state.Entry, error) {
-	for {
-		tick, cancel := context.WithTimeout(ctx, 2*time.Second)
-		e, err := m.Wait(tick, key)
-		cancel()
-		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
-			return e, err
-		}
-		if !g.json {
-			fmt.Fprintln(g.stderr, describeProgress(m, key))
-		}
-	}
-}
-
-func describeProgress(m *manager.Manager, key state.Key) string {
-	e, ok := m.Snapshot(key)
-	if !ok || e.Owner == nil {
-		return fmt.Sprintf("waiting for %s: no owner yet", key.Source)
-	}
-	who := fmt.Sprintf("pid %d on %s", e.Owner.PID, e.Owner.Host)
-	if m.IsSelf(e.Owner) {
-		who = "this process"
-	}
-	total := "?"
-	if e.Progress.Total > 0 {
-		total = fmt.Sprint(e.Progress.Total)
-	}
-	return fmt.Sprintf("waiting for %s: downloaded by %s, %d/%s bytes", key.Source, who, e.Progress.Bytes, total)
-}
-
 func anonymousDependent() string {
 	b := make([]byte, 4)
 	rand.Read(b)

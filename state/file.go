@@ -177,28 +177,30 @@ func Decode(b []byte) (*State, error) {
 	if len(bytes.TrimSpace(b)) == 0 {
 		return nil, fmt.Errorf("%w: file is empty", ErrCorrupt)
 	}
-	var probe struct {
-		Version *int `json:"version"`
-	}
-	if err := json.Unmarshal(b, &probe); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
-	}
-	switch {
-	case probe.Version == nil:
-		return nil, fmt.Errorf("%w: no \"version\" field", ErrCorrupt)
-	case *probe.Version > FormatVersion:
-		return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, *probe.Version, FormatVersion)
-	case *probe.Version < 1:
-		return nil, fmt.Errorf("%w: version %d", ErrCorrupt, *probe.Version)
-	}
+	// One strict pass in the common case; the version is looked at alone
+	// only to explain a failure, so that a newer format is reported as
+	// such rather than as an unknown field.
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	var st State
-	if err := dec.Decode(&st); err != nil {
+	err := dec.Decode(&st)
+	if err == nil && dec.More() {
+		err = errors.New("trailing data after the JSON document")
+	}
+	var probe struct {
+		Version *int `json:"version"`
+	}
+	if err != nil {
+		if json.Unmarshal(b, &probe) == nil && probe.Version != nil && *probe.Version > FormatVersion {
+			return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, *probe.Version, FormatVersion)
+		}
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
-	if dec.More() {
-		return nil, fmt.Errorf("%w: trailing data after the JSON document", ErrCorrupt)
+	switch {
+	case st.Version > FormatVersion:
+		return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, st.Version, FormatVersion)
+	case st.Version < 1:
+		return nil, fmt.Errorf("%w: no or bad \"version\" (%d)", ErrCorrupt, st.Version)
 	}
 	if err := st.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)

@@ -50,6 +50,8 @@ type State struct {
 	Version int `json:"version"`
 	// Entries maps Key.ID() to the entry.
 	Entries map[string]*Entry `json:"entries"`
+	// Policy is the root's cleanup policy; nil until a manager stores one.
+	Policy *Policy `json:"policy,omitempty"`
 }
 
 // New returns an empty state of the current format version.
@@ -135,6 +137,10 @@ type Dependent struct {
 	Process *Process `json:"process,omitempty"`
 	// Expires, when set, is when a TTL-bound dependent lapses.
 	Expires *time.Time `json:"expires,omitempty"`
+	// Lease is bumped by the manager of a process-bound dependent while it
+	// runs; another host reaps the dependent when it stayed unchanged for
+	// the lease duration on that host's clock.
+	Lease uint64 `json:"lease,omitempty"`
 }
 
 // Owner is the process that downloads an entry.
@@ -154,6 +160,11 @@ func (o *Owner) Same(p *Owner) bool {
 func (s *State) Validate() error {
 	if s.Entries == nil {
 		return fmt.Errorf("no \"entries\" object")
+	}
+	if s.Policy != nil {
+		if err := s.Policy.Validate(); err != nil {
+			return fmt.Errorf("policy: %w", err)
+		}
 	}
 	for id, e := range s.Entries {
 		if e == nil {

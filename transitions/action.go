@@ -34,6 +34,21 @@ type Removed struct {
 	Reason string
 }
 
+// Reaped: these dependents no longer held the entry and were removed.
+type Reaped struct {
+	Dependents []string
+}
+
+// Evict: the entry was removed by the sweep and its content must be moved
+// aside under the same lock hold.
+type Evict struct {
+	Path   string
+	Bytes  int64
+	Reason string
+}
+
+func (Reaped) action()         {}
+func (Evict) action()          {}
 func (StartDownload) action()  {}
 func (CancelDownload) action() {}
 func (TakeOver) action()       {}

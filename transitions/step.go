@@ -8,17 +8,33 @@ import (
 )
 
 // Step applies the periodic rules to one entry.
+//
+// Dependents that no longer hold the entry are reaped first (see Reap), so
+// a crashed run stops pinning its entries at the next pass.
 func Step(e *state.Entry, v View, p Policy, now time.Time) (Result, error) {
 	p = p.WithDefaults()
-	switch e.Stage {
-	case state.Downloading:
-		return stepDownloading(e, v, p)
-	case state.Ready:
-		return keep(e), nil
-	case state.Failed:
-		return stepFailed(e, v, p, now)
+	if !e.Stage.Valid() {
+		return Result{}, invalid(e, "step")
 	}
-	return Result{}, invalid(e, "step")
+	reaped, dead := Reap(e, v.Dependents, p, now)
+	var r Result
+	var err error
+	switch reaped.Entry.Stage {
+	case state.Downloading:
+		r, err = stepDownloading(reaped.Entry, v, p)
+	case state.Ready:
+		r = keep(reaped.Entry)
+	case state.Failed:
+		r, err = stepFailed(reaped.Entry, v, p, now)
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	if len(dead) > 0 {
+		r.Changed = true
+		r.Actions = append([]Action{Reaped{Dependents: dead}}, r.Actions...)
+	}
+	return r, nil
 }
 
 func stepDownloading(e *state.Entry, v View, p Policy) (Result, error) {

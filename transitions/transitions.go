@@ -19,6 +19,9 @@ var (
 	// ErrNotRegistered means Release named a dependent the entry does not
 	// have.
 	ErrNotRegistered = errors.New("dependent not registered")
+	// ErrTooLarge means a download cannot fit in the budget even after
+	// evicting everything that may be evicted.
+	ErrTooLarge = errors.New("does not fit in the cache budget")
 )
 
 // Policy holds the timings the rules use.
@@ -32,6 +35,9 @@ type Policy struct {
 	FailureCooldown time.Duration
 	// MaxCooldown caps the back-off. Default 1h.
 	MaxCooldown time.Duration
+	// LeaseDuration is how long the lease of a dependent on another machine
+	// may stay unrenewed before the dependent is reaped. Default 1m.
+	LeaseDuration time.Duration
 }
 
 // WithDefaults fills zero fields.
@@ -44,6 +50,9 @@ func (p Policy) WithDefaults() Policy {
 	}
 	if p.MaxCooldown <= 0 {
 		p.MaxCooldown = time.Hour
+	}
+	if p.LeaseDuration <= 0 {
+		p.LeaseDuration = time.Minute
 	}
 	if p.MaxCooldown < p.FailureCooldown {
 		p.MaxCooldown = p.FailureCooldown
@@ -76,6 +85,8 @@ type View struct {
 	// Unchanged is how long this manager has watched the entry's owner,
 	// generation and progress stay exactly the same, on its own clock.
 	Unchanged time.Duration
+	// Dependents: what this manager observed of each dependent, by name.
+	Dependents map[string]DependentView
 }
 
 // Result is the outcome of a rule.

@@ -1,0 +1,81 @@
+package transitions
+
+import (
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// DependentView is what this manager observed about one dependent.
+type DependentView struct {
+	// Local: the dependent's process is on this machine (same boot and pid
+	// namespace), so its liveness is provable.
+	Local bool
+	// Dead: Local, and the process is gone.
+	Dead bool
+	// LeaseUnchanged: how long this manager has watched the dependent's
+	// lease stay unchanged, on its own clock (processes on other machines).
+	LeaseUnchanged time.Duration
+}
+
+// Liveness says whether a dependent still holds its entry, and why.
+func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (live bool, why string) {
+	p = p.WithDefaults()
+	if d.Expires != nil && !now.Before(*d.Expires) {
+		return false, "ttl expired"
+	}
+	switch {
+	case d.Process == nil && d.Expires != nil:
+		return true, fmt.Sprintf("until released or %s", d.Expires.UTC().Format(time.RFC3339))
+	case d.Process == nil:
+		return true, "until released"
+	case dv.Local && dv.Dead:
+		return false, fmt.Sprintf("process %d is gone", d.Process.PID)
+	case dv.Local:
+		return true, fmt.Sprintf("process %d is alive", d.Process.PID)
+	case dv.LeaseUnchanged >= p.LeaseDuration:
+		return false, fmt.Sprintf("lease of pid %d on %s not renewed for %s", d.Process.PID, d.Process.Host, dv.LeaseUnchanged.Round(time.Second))
+	}
+	return true, fmt.Sprintf("lease of pid %d on %s renewed", d.Process.PID, d.Process.Host)
+}
+
+// Reap removes the dependents that no longer hold the entry: TTL passed,
+// process provably gone, or lease not renewed. It reports them by name.
+func Reap(e *state.Entry, views map[string]DependentView, p Policy, now time.Time) (Result, []string) {
+	var dead []string
+	for name, d := range e.Dependents {
+		if live, _ := Liveness(d, views[name], p, now); !live {
+			dead = append(dead, name)
+		}
+	}
+	if len(dead) == 0 {
+		return keep(e), nil
+	}
+	sort.Strings(dead)
+	n := clone(e)
+	for _, name := range dead {
+		delete(n.Dependents, name)
+	}
+	return Result{Entry: n, Changed: true}, dead
+}
+
+// Renew bumps the lease of every dependent bound to process self.
+func Renew(e *state.Entry, self state.Process) Result {
+	var n *state.Entry
+	for name, d := range e.Dependents {
+		if d.Process == nil || !d.Process.Same(self) {
+			continue
+		}
+		if n == nil {
+			n = clone(e)
+		}
+		d.Lease++
+		n.Dependents[name] = d
+	}
+	if n == nil {
+		return keep(e)
+	}
+	return Result{Entry: n, Changed: true}
+}

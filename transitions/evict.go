@@ -1,0 +1,153 @@
+package transitions
+
+import (
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// Usage is what the cache takes.
+type Usage struct {
+	// Bytes is the size on disk of READY and FAILED entries plus the
+	// expected size of downloads in flight.
+	Bytes int64
+	// DiskFree and DiskSize are the root filesystem's free and total bytes
+	// (statfs); 0 when unknown.
+	DiskFree, DiskSize int64
+}
+
+// Victim is an entry the sweep removes.
+type Victim struct {
+	Key    state.Key
+	Path   string
+	Bytes  int64
+	Reason string // "budget", "age", "free disk" or "failed"
+}
+
+// Measure returns the bytes the entries take, counting downloads in flight
+// at their expected size so that concurrent downloads cannot overshoot.
+func Measure(entries map[string]*state.Entry) int64 {
+	var n int64
+	for _, e := range entries {
+		if e.Stage == state.Downloading {
+			n += max(e.Progress.Total, e.Progress.Bytes)
+			continue
+		}
+		n += e.SizeBytes
+	}
+	return n
+}
+
+// Kept says why the sweep may not evict e, or "" if it may. Dependents
+// must already be reaped: any dependent left is live.
+func Kept(pol state.Policy, e *state.Entry, now time.Time) string {
+	switch {
+	case e.Stage == state.Downloading:
+		return "downloading"
+	case len(e.Dependents) > 0:
+		return fmt.Sprintf("in use by %d dependent(s)", len(e.Dependents))
+	case pol.Pinned(e.Key):
+		return "pinned"
+	case now.Sub(e.Created) < time.Duration(pol.MinAge):
+		return fmt.Sprintf("younger than min-age %s", pol.MinAge)
+	}
+	return ""
+}
+
+// PlanEviction chooses what a sweep removes: entries unused for max-age;
+// then, when usage is above the high watermark (or free disk below its
+// floor), FAILED entries first and READY entries least recently used first
+// (ties by key) until usage is at the low watermark. It never picks an
+// entry that Kept protects. The result is in eviction order.
+func PlanEviction(pol state.Policy, entries map[string]*state.Entry, u Usage, now time.Time) []Victim {
+	var cands []*state.Entry
+	for _, e := range entries {
+		if Kept(pol, e, now) == "" {
+			cands = append(cands, e)
+		}
+	}
+	sort.Slice(cands, func(i, j int) bool {
+		a, b := cands[i], cands[j]
+		if (a.Stage == state.Failed) != (b.Stage == state.Failed) {
+			return a.Stage == state.Failed
+		}
+		if !a.LastUsed.Equal(b.LastUsed) {
+			return a.LastUsed.Before(b.LastUsed)
+		}
+		return a.Key.ID() < b.Key.ID()
+	})
+	var out []Victim
+	chosen := map[string]bool{}
+	usage := u.Bytes
+	pick := func(e *state.Entry, reason string) {
+		chosen[e.Key.ID()] = true
+		usage -= e.SizeBytes
+		u.DiskFree += e.SizeBytes
+		out = append(out, Victim{Key: e.Key, Path: e.Path, Bytes: e.SizeBytes, Reason: reason})
+	}
+	if pol.MaxAge > 0 {
+		for _, e := range cands {
+			if now.Sub(e.LastUsed) >= time.Duration(pol.MaxAge) {
+				pick(e, "age")
+			}
+		}
+	}
+	reason, need := "", int64(0)
+	if pol.MaxSizeBytes > 0 && usage*100 > pol.MaxSizeBytes*int64(pol.HighWatermark) {
+		reason, need = "budget", usage-pol.MaxSizeBytes*int64(pol.LowWatermark)/100
+	}
+	if floor := minFree(pol, u); u.DiskFree > 0 || u.DiskSize > 0 {
+		if floor > u.DiskFree && floor-u.DiskFree > need {
+			reason, need = "free disk", floor-u.DiskFree
+		}
+	}
+	if need <= 0 {
+		return out
+	}
+	freed := int64(0)
+	for _, e := range cands {
+		if freed >= need {
+			break
+		}
+		if chosen[e.Key.ID()] {
+			continue
+		}
+		r := reason
+		if e.Stage == state.Failed {
+			r = "failed"
+		}
+		freed += e.SizeBytes
+		pick(e, r)
+	}
+	return out
+}
+
+func minFree(pol state.Policy, u Usage) int64 {
+	floor := pol.MinFreeDiskBytes
+	if pol.MinFreeDiskPercent > 0 && u.DiskSize > 0 {
+		floor = max(floor, u.DiskSize*int64(pol.MinFreeDiskPercent)/100)
+	}
+	return floor
+}
+
+// Fits says whether a download of total bytes can fit in the budget after
+// evicting everything evictable; if not, the error says why.
+func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, total int64, now time.Time) error {
+	if pol.MaxSizeBytes <= 0 || total <= 0 {
+		return nil
+	}
+	var fixed int64
+	for id, e := range entries {
+		if id == self.ID() || Kept(pol, e, now) == "" {
+			continue
+		}
+		fixed += max(e.SizeBytes, e.Progress.Total)
+	}
+	if total+fixed > pol.MaxSizeBytes {
+		return fmt.Errorf("%d bytes cannot fit in the budget of %d bytes (%d bytes are held by entries that cannot be evicted): %w",
+			total, pol.MaxSizeBytes, fixed, ErrTooLarge)
+	}
+	return nil
+}

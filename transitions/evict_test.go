@@ -1,0 +1,172 @@
+package transitions
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// cacheEntry builds entry i: READY, size MB, last used at minute used,
+// created an hour before t0.
+func cacheEntry(i int, size int64, used int, opts ...func(*state.Entry)) *state.Entry {
+	e := &state.Entry{Key: state.Key{Kind: state.Bundle, Source: fmt.Sprintf("https://x/%d", i)}, Stage: state.Ready,
+		SizeBytes: size << 20, LastUsed: t0.Add(time.Duration(used) * time.Minute), Created: t0.Add(-time.Hour)}
+	for _, o := range opts {
+		o(e)
+	}
+	return e
+}
+
+func entries(es ...*state.Entry) map[string]*state.Entry {
+	m := map[string]*state.Entry{}
+	for _, e := range es {
+		m[e.Key.ID()] = e
+	}
+	return m
+}
+
+func victims(vs []Victim) []string {
+	out := []string{}
+	for _, v := range vs {
+		out = append(out, v.Key.Source[len("https://x/"):]+":"+v.Reason)
+	}
+	return out
+}
+
+func TestPlanEviction(t *testing.T) {
+	pol := state.Policy{MaxSizeBytes: 100 << 20, HighWatermark: 90, LowWatermark: 50, MinAge: state.Duration(2 * time.Minute)}
+	dep := func(e *state.Entry) { e.Dependents = map[string]state.Dependent{"run": {}} }
+	young := func(e *state.Entry) { e.Created = t0.Add(-time.Minute) }
+	failed := func(e *state.Entry) { e.Stage, e.SizeBytes = state.Failed, 0 }
+	downloading := func(e *state.Entry) { e.Stage, e.Progress.Total = state.Downloading, e.SizeBytes; e.SizeBytes = 0 }
+	tests := []struct {
+		name string
+		pol  func(state.Policy) state.Policy
+		es   map[string]*state.Entry
+		u    Usage
+		want []string
+	}{
+		{name: "under the high watermark: nothing", es: entries(cacheEntry(1, 40, 1), cacheEntry(2, 40, 2)), want: []string{}},
+		{name: "over: least recently used first, down to the low watermark",
+			es:   entries(cacheEntry(1, 30, 3), cacheEntry(2, 30, 1), cacheEntry(3, 35, 2)),
+			want: []string{"2:budget", "3:budget"}},
+		{name: "failed first", es: entries(cacheEntry(1, 60, 1), cacheEntry(2, 35, 2), cacheEntry(3, 0, 9, failed)),
+			want: []string{"3:failed", "1:budget"}},
+		{name: "never with a dependent, young, downloading or pinned",
+			pol: func(p state.Policy) state.Policy { p.Pins = []string{"https://x/4*"}; return p },
+			es: entries(cacheEntry(1, 30, 1, dep), cacheEntry(2, 30, 1, young), cacheEntry(3, 30, 1, downloading),
+				cacheEntry(4, 30, 1), cacheEntry(5, 5, 9)),
+			want: []string{"5:budget"}},
+		{name: "ties broken by key", es: entries(cacheEntry(1, 50, 1), cacheEntry(2, 50, 1)),
+			want: []string{fmt.Sprint(map[bool]int{true: 1, false: 2}[cacheEntry(1, 0, 0).Key.ID() < cacheEntry(2, 0, 0).Key.ID()]) + ":budget"}},
+		{name: "max-age evicts under budget",
+			pol: func(p state.Policy) state.Policy { p.MaxAge = state.Duration(time.Hour); return p },
+			es:  entries(cacheEntry(1, 1, -120), cacheEntry(2, 1, -10)), want: []string{"1:age"}},
+		{name: "free-disk floor", pol: func(p state.Policy) state.Policy { p.MaxSizeBytes = 0; p.MinFreeDiskBytes = 50 << 20; return p },
+			es: entries(cacheEntry(1, 30, 1), cacheEntry(2, 30, 2), cacheEntry(3, 30, 3)), u: Usage{DiskFree: 10 << 20, DiskSize: 1 << 30},
+			want: []string{"1:free disk", "2:free disk"}},
+		{name: "no budget, no floor: nothing", pol: func(p state.Policy) state.Policy { p.MaxSizeBytes = 0; return p },
+			es: entries(cacheEntry(1, 300, 1)), want: []string{}},
+		{name: "not enough evictable: evicts what it can", es: entries(cacheEntry(1, 80, 1, dep), cacheEntry(2, 20, 2)),
+			want: []string{"2:budget"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := pol
+			if tc.pol != nil {
+				p = tc.pol(p)
+			}
+			u := tc.u
+			u.Bytes = Measure(tc.es)
+			got := victims(PlanEviction(p, tc.es, u, t0))
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("victims = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestFits(t *testing.T) {
+	pol := state.Policy{MaxSizeBytes: 100 << 20, HighWatermark: 90, LowWatermark: 50}
+	held := cacheEntry(1, 60, 1, func(e *state.Entry) { e.Dependents = map[string]state.Dependent{"r": {}} })
+	free := cacheEntry(2, 30, 1)
+	self := state.Key{Kind: state.Bundle, Source: "https://x/new"}
+	if err := Fits(pol, entries(held, free), self, 40<<20, t0); err != nil {
+		t.Errorf("40 MB beside 60 MB held: %v", err)
+	}
+	if err := Fits(pol, entries(held, free), self, 41<<20, t0); !errors.Is(err, ErrTooLarge) {
+		t.Errorf("41 MB beside 60 MB held: %v, want ErrTooLarge", err)
+	}
+	if err := Fits(state.Policy{}, entries(held), self, 1<<40, t0); err != nil {
+		t.Errorf("no budget: %v", err)
+	}
+}
+
+func TestLivenessAndReap(t *testing.T) {
+	p := Policy{LeaseDuration: time.Minute}
+	proc := &state.Process{Host: "h2", PID: 9}
+	past, future := t0.Add(-time.Second), t0.Add(time.Hour)
+	tests := []struct {
+		name  string
+		d     state.Dependent
+		dv    DependentView
+		wlive bool
+	}{
+		{"named, no ttl: until released", state.Dependent{}, DependentView{}, true},
+		{"ttl in the future", state.Dependent{Expires: &future}, DependentView{}, true},
+		{"ttl passed", state.Dependent{Expires: &past}, DependentView{}, false},
+		{"local process alive", state.Dependent{Process: proc}, DependentView{Local: true}, true},
+		{"local process gone", state.Dependent{Process: proc}, DependentView{Local: true, Dead: true}, false},
+		{"remote, lease renewed recently", state.Dependent{Process: proc}, DependentView{LeaseUnchanged: 59 * time.Second}, true},
+		{"remote, lease not renewed", state.Dependent{Process: proc}, DependentView{LeaseUnchanged: time.Minute}, false},
+		{"remote, dead flag ignored without proof", state.Dependent{Process: proc}, DependentView{Dead: true}, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			live, why := Liveness(tc.d, tc.dv, p, t0)
+			if live != tc.wlive || why == "" {
+				t.Errorf("live = %v (%q), want %v", live, why, tc.wlive)
+			}
+			e := entry(state.Ready, func(e *state.Entry) { e.Dependents = map[string]state.Dependent{"d": tc.d} })
+			r, dead := Reap(e, map[string]DependentView{"d": tc.dv}, p, t0)
+			if r.Changed == tc.wlive || (len(dead) == 1) == tc.wlive {
+				t.Errorf("reap changed=%v dead=%v, want live %v", r.Changed, dead, tc.wlive)
+			}
+			if len(e.Dependents) != 1 {
+				t.Error("Reap modified its input")
+			}
+		})
+	}
+}
+
+func TestStepReapsThenCancels(t *testing.T) {
+	e := entry(state.Downloading, ownedBy(other), func(e *state.Entry) {
+		e.Dependents = map[string]state.Dependent{"crashed": {Process: &state.Process{PID: 5}}}
+	})
+	v := view(func(v *View) { v.Dependents = map[string]DependentView{"crashed": {Local: true, Dead: true}} })
+	r, err := Step(e, v, pol, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Entry != nil || !reflect.DeepEqual(actionTypes(r.Actions), []string{"Reaped", "CancelDownload", "Removed"}) {
+		t.Fatalf("result %+v, actions %v", r.Entry, actionTypes(r.Actions))
+	}
+}
+
+func TestRenew(t *testing.T) {
+	me := state.Process{Host: "h", BootID: "b", PIDNS: "n", PID: 1, StartTime: 1}
+	e := entry(state.Ready, func(e *state.Entry) {
+		e.Dependents = map[string]state.Dependent{"mine": {Process: &me}, "named": {}}
+	})
+	r := Renew(e, me)
+	if !r.Changed || r.Entry.Dependents["mine"].Lease != 1 || r.Entry.Dependents["named"].Lease != 0 {
+		t.Fatalf("%+v", r.Entry.Dependents)
+	}
+	if e.Dependents["mine"].Lease != 0 {
+		t.Error("Renew modified its input")
+	}
+}

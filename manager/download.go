@@ -102,6 +102,9 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		err = m.publish(bg, key, gen, staging, meta)
 		if err == nil {
 			log.WithFields(logrus.Fields{"bytes": meta.SizeBytes, "took": time.Since(start).Round(time.Millisecond)}).Info("published")
+			m.mu.Lock()
+			m.sweepSoon = true
+			m.mu.Unlock()
 			return
 		}
 	}
@@ -114,6 +117,11 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	switch {
 	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):
 		log.WithError(err).Warn("discarding download: superseded")
+	case errors.Is(cause, transitions.ErrTooLarge):
+		log.WithError(cause).Warn("download does not fit in the budget")
+		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Fail(e, m.self, gen, cause.Error(), m.cfg.Clock.Now())
+		})
 	case errors.Is(cause, errReleased):
 		log.Info("download cancelled: no dependent left")
 	case errors.Is(cause, errShutdown):
@@ -126,7 +134,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	default:
 		log.WithError(err).Warn("download failed")
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
-			return transitions.Fail(e, m.self, gen, err.Error(), time.Now())
+			return transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())
 		})
 	}
 }
@@ -187,7 +195,12 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		h.Reset()
 		written.Store(0)
 		w := io.MultiWriter(f, h, counter{&written})
-		err = src.Fetch(ctx, key.Source, w, total.Store)
+		err = src.Fetch(ctx, key.Source, w, func(n int64) {
+			total.Store(n)
+			if ferr := m.checkFits(ctx, key, n); ferr != nil {
+				m.cancelDownload(key, gen, ferr)
+			}
+		})
 		if err == nil {
 			break
 		}
@@ -252,7 +265,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			return meta, err
 		}
 	}
-	meta.Published = time.Now()
+	meta.Published = m.cfg.Clock.Now()
 	mb, _ := json.MarshalIndent(meta, "", "  ")
 	if err := os.WriteFile(filepath.Join(staging, metaName), mb, 0o644); err != nil {
 		return meta, err
@@ -275,7 +288,7 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 	renamed := false
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Publish(st.Get(key), m.self, gen, transitions.Published{
-			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes, Fetched: meta.Fetched}, time.Now())
+			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes, Fetched: meta.Fetched}, m.cfg.Clock.Now())
 		if err != nil {
 			return false, err
 		}
@@ -381,4 +394,23 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// checkFits fails a download at once when its announced size cannot fit in
+// the budget even after evicting everything evictable.
+func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) error {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return nil // the publish will hit the same problem and say so
+	}
+	return transitions.Fits(policyOf(st), st.Entries, key, total, m.cfg.Clock.Now())
+}
+
+// cancelDownload stops our download of key at gen with cause.
+func (m *Manager) cancelDownload(key state.Key, gen uint64, cause error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d := m.downloads[key.ID()]; d != nil && d.gen == gen {
+		d.cancel(cause)
+	}
 }

@@ -74,6 +74,18 @@ func (m *Manager) run(ctx context.Context) error {
 		} else {
 			lastErr = nil
 		}
+		m.mu.Lock()
+		sweep := m.sweepSoon || m.cfg.Clock.Now().Sub(m.lastSweep) >= m.cfg.CleanupInterval
+		m.sweepSoon = false
+		m.mu.Unlock()
+		if sweep {
+			if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
+				m.log.WithError(err).Error("sweep failed")
+			}
+			m.mu.Lock()
+			m.lastSweep = m.cfg.Clock.Now()
+			m.mu.Unlock()
+		}
 		t := time.NewTimer(m.cfg.PollInterval)
 		select {
 		case <-ctx.Done():
@@ -121,6 +133,22 @@ func (m *Manager) step(ctx context.Context) error {
 				delete(m.seen, id)
 			}
 		}
+		for id := range m.leases {
+			if st.Entries[id] == nil {
+				delete(m.leases, id)
+			}
+		}
+		// Renew the leases of our process's dependents, often enough that
+		// other hosts never see one unchanged for a whole lease.
+		if now.Sub(m.lastRenew) >= m.cfg.Policy.LeaseDuration/3 {
+			m.lastRenew = now
+			for id, e := range st.Entries {
+				if r := transitions.Renew(e, m.self.Process); r.Changed {
+					st.Entries[id] = r.Entry
+					changed = true
+				}
+			}
+		}
 		seenState = st
 		return changed, nil
 	})
@@ -148,7 +176,8 @@ func (m *Manager) step(ctx context.Context) error {
 
 // viewLocked builds what this manager knows about entry e. m.mu is held.
 func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitions.View {
-	v := transitions.View{Self: m.self, Drive: m.cfg.DriveAll || len(m.local[id]) > 0}
+	v := transitions.View{Self: m.self, Drive: m.cfg.DriveAll || len(m.local[id]) > 0,
+		Dependents: m.dependentViewsLocked(e, now)}
 	if d := m.downloads[id]; d != nil && d.gen == e.Generation {
 		v.Running = true
 	}
@@ -206,6 +235,8 @@ func (m *Manager) carryOut(ctx context.Context, ka keyedAction) {
 		if err := os.RemoveAll(dir); err != nil {
 			log.WithError(err).Warn("removing a dead owner's staging data")
 		}
+	case transitions.Reaped:
+		log.WithField("dependents", a.Dependents).Info("reaped dependents that no longer hold the entry")
 	case transitions.Removed:
 		log.WithField("reason", a.Reason).Info("entry removed")
 	}

@@ -71,6 +71,19 @@ type Config struct {
 	// DriveAll makes the manager claim and take over every entry, not only
 	// those it has dependents for (serve does this).
 	DriveAll bool
+	// Cleanup holds the cleanup settings this caller gives. A root stores
+	// one policy for all its users: on a root that has none, the defaults
+	// with these settings are stored; on one that has a different policy,
+	// the stored one is used (and the difference reported, see
+	// PolicyMismatch) unless SetPolicy is true.
+	Cleanup   PolicyChange
+	SetPolicy bool
+	// CleanupInterval is how often the loop sweeps. Default 1m. A sweep
+	// also runs after each publish by this manager.
+	CleanupInterval time.Duration
+	// OnLockHold, when set, is told how long each hold of the state lock
+	// lasted (for metrics and tests).
+	OnLockHold func(time.Duration)
 	// Sources by URL scheme. Default: http, https and file.
 	Sources map[string]Source
 	// Log receives the manager's logs. Default: logrus's standard logger.
@@ -89,14 +102,19 @@ type Manager struct {
 	self  state.Owner
 	log   logrus.FieldLogger
 
-	mu        sync.Mutex
-	local     map[string]map[string]bool // key ID -> dependents registered here
-	downloads map[string]*download       // key ID -> our running download
-	seen      map[string]observation     // key ID -> what we watched stay unchanged
-	last      *state.State               // the state the last pass saw
-	pass      uint64                     // number of finished passes
-	passDone  chan struct{}              // closed when the current pass finishes
-	running   bool
+	mu             sync.Mutex
+	local          map[string]map[string]bool        // key ID -> dependents registered here
+	downloads      map[string]*download              // key ID -> our running download
+	seen           map[string]observation            // key ID -> what we watched stay unchanged
+	leases         map[string]map[string]observation // key ID -> dependent -> its lease as watched
+	lastRenew      time.Time                         // our clock, last lease renewal
+	lastSweep      time.Time                         // our clock, last sweep
+	sweepSoon      bool                              // a publish asked for a sweep
+	policyMismatch []string
+	last           *state.State  // the state the last pass saw
+	pass           uint64        // number of finished passes
+	passDone       chan struct{} // closed when the current pass finishes
+	running        bool
 
 	wake chan struct{}
 	wg   sync.WaitGroup // download goroutines
@@ -124,6 +142,9 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.PollInterval <= 0 {
 		cfg.PollInterval = 250 * time.Millisecond
 	}
+	if cfg.CleanupInterval <= 0 {
+		cfg.CleanupInterval = time.Minute
+	}
 	if cfg.Log == nil {
 		cfg.Log = logrus.StandardLogger()
 	}
@@ -141,7 +162,7 @@ func New(cfg Config) (*Manager, error) {
 		h := HTTPSource(&http.Client{Transport: http.DefaultTransport}, min(cfg.Policy.DownloadTimeout, time.Minute))
 		cfg.Sources = map[string]Source{"http": h, "https": h, "file": FileSource()}
 	}
-	store, err := state.Open(cfg.Root, state.Options{Lock: state.LockOptions{
+	store, err := state.Open(cfg.Root, state.Options{OnHold: cfg.OnLockHold, Lock: state.LockOptions{
 		Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
 	if err != nil {
 		return nil, err
@@ -159,6 +180,7 @@ func New(cfg Config) (*Manager, error) {
 		local:     map[string]map[string]bool{},
 		downloads: map[string]*download{},
 		seen:      map[string]observation{},
+		leases:    map[string]map[string]observation{},
 		passDone:  make(chan struct{}),
 		wake:      make(chan struct{}, 1),
 	}, nil
@@ -176,20 +198,22 @@ func (m *Manager) Abs(e state.Entry) (string, error) {
 }
 
 // GetOption adjusts a Get.
-type GetOption func(*state.Dependent)
+type GetOption func(*getOptions)
+
+type getOptions struct {
+	ttl      time.Duration
+	detached bool
+}
 
 // WithTTL makes the dependent lapse after d unless released earlier.
 func WithTTL(d time.Duration) GetOption {
-	return func(dep *state.Dependent) {
-		t := time.Now().Add(d)
-		dep.Expires = &t
-	}
+	return func(o *getOptions) { o.ttl = d }
 }
 
 // Detached registers a dependent that is not bound to this process: it
 // lives until released (or until its TTL), as a named CLI dependent does.
 func Detached() GetOption {
-	return func(dep *state.Dependent) { dep.Process = nil }
+	return func(o *getOptions) { o.detached = true }
 }
 
 // Get registers dependent as a user of key and returns a snapshot of the
@@ -203,14 +227,23 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	if err := key.Validate(); err != nil {
 		return state.Entry{}, err
 	}
-	p := m.self.Process
-	dep := state.Dependent{Since: time.Now(), Process: &p}
-	for _, o := range opts {
-		o(&dep)
+	var o getOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	now := m.cfg.Clock.Now()
+	dep := state.Dependent{Since: now}
+	if !o.detached {
+		p := m.self.Process
+		dep.Process = &p
+	}
+	if o.ttl > 0 {
+		exp := now.Add(o.ttl)
+		dep.Expires = &exp
 	}
 	var snap state.Entry
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
-		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, time.Now())
+		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, now)
 		if err != nil {
 			return false, err
 		}

@@ -26,7 +26,10 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	root := m.Root()
 	var dropped []string
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
-		changed := false
+		changed, err := m.settlePolicy(st)
+		if err != nil {
+			return false, err
+		}
 		named := map[string]bool{}
 		for id, e := range st.Entries {
 			if e.Path == "" {
@@ -107,4 +110,10 @@ func (m *Manager) removeDeadStaging() {
 		}
 		m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("removed staging data of a dead writer")
 	}
+}
+
+// Settle reconciles the root and settles the cleanup policy without
+// starting the loop, for one-shot commands such as gc.
+func (m *Manager) Settle(ctx context.Context) error {
+	return m.reconcile(ctx)
 }

@@ -255,7 +255,10 @@ func tortureWorker() int {
 			return fail(2, "counter: %v", err)
 		}
 		if err := os.Remove(filepath.Join(dir, "marker")); err != nil {
-			return fail(2, "marker: %v", err)
+			cur, _ := os.ReadFile(filepath.Join(dir, "marker"))
+			rec, _ := os.ReadFile(filepath.Join(dir, "recovered"))
+			lk, _ := os.ReadFile(filepath.Join(dir, "lock"))
+			return fail(3, "marker: %v (now %q; recoveries: %s; lock: %s)", err, cur, rec, lk)
 		}
 		if err := unlock(); err != nil {
 			return fail(4, "unlock: %v", err)
@@ -297,6 +300,10 @@ func enterMarker(dir, me string) error {
 		}
 		if err := os.Remove(marker); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
+		}
+		if f, err := os.OpenFile(filepath.Join(dir, "recovered"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
+			fmt.Fprintf(f, "%s removed the marker of killed %s at %s\n", me, who, time.Now().Format(time.StampMicro))
+			f.Close()
 		}
 	}
 	return fmt.Errorf("marker: gave up")

@@ -154,3 +154,74 @@ func TestCLIEnvTwins(t *testing.T) {
 		t.Errorf("DEPCACHE_RETRIES=many: exit %d, %q; want 2 naming the variable", code, errb.String())
 	}
 }
+
+func TestCLIGCGolden(t *testing.T) {
+	root := t.TempDir()
+	src := func(name string) string {
+		abs, _ := filepath.Abs(name)
+		return "file://" + abs
+	}
+	a, b := src("../../testdata/bundles/hello.tar.gz"), src("../../testdata/hostile/README.md")
+	for _, s := range []string{a, b} {
+		if code, _, errs := cli(t, root, "get", "--dependent", "job", s); code != 0 {
+			t.Fatalf("get %s: %s", s, errs)
+		}
+	}
+	if code, _, errs := cli(t, root, "release", "--dependent", "job", a); code != 0 {
+		t.Fatal(errs)
+	}
+	norm := func(s string) string {
+		s = strings.ReplaceAll(normalise(s, root), a, "$A")
+		return strings.ReplaceAll(s, b, "$B")
+	}
+	before, _ := os.ReadFile(filepath.Join(root, "state.json"))
+	code, out, errs := cli(t, root, "gc", "--dry-run", "--max-size", "100", "--min-age", "0s", "--set-policy")
+	if code != 0 {
+		t.Fatalf("gc --dry-run: exit %d: %s", code, errs)
+	}
+	golden(t, "gc-dry-run", norm(out))
+	after, _ := os.ReadFile(filepath.Join(root, "state.json"))
+	if string(before) != string(after) {
+		t.Error("gc --dry-run changed the state")
+	}
+	ents, _ := os.ReadDir(filepath.Join(root, "entries"))
+	if len(ents) != 2 {
+		t.Fatalf("gc --dry-run removed content: %d entries left", len(ents))
+	}
+	code, out, errs = cli(t, root, "gc", "--max-size", "100", "--min-age", "0s", "--set-policy")
+	if code != 0 {
+		t.Fatalf("gc: exit %d: %s", code, errs)
+	}
+	golden(t, "gc", norm(out))
+	ents, _ = os.ReadDir(filepath.Join(root, "entries"))
+	if len(ents) != 1 {
+		t.Errorf("%d entries left, want 1 (the one in use)", len(ents))
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "trash")); len(ents) != 0 {
+		t.Errorf("trash not emptied: %v", ents)
+	}
+	code, out, _ = cli(t, root, "ls")
+	if code != 0 || !strings.Contains(out, "in use by [job]") {
+		t.Errorf("ls does not explain why the entry is kept:\n%s", out)
+	}
+}
+
+func TestCLIPolicyFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		wmsg string
+	}{
+		{[]string{"gc", "--max-size", "-5"}, "must not be negative"},
+		{[]string{"gc", "--max-size", "lots"}, "want a size"},
+		{[]string{"gc", "--high-watermark", "120"}, "--high-watermark 120"},
+		{[]string{"gc", "--low-watermark", "96"}, "must not exceed --high-watermark"},
+		{[]string{"gc", "--min-free-disk", "150%"}, "percent"},
+		{[]string{"gc", "--min-age", "-1s"}, "--min-age"},
+		{[]string{"gc", "--max-age", "1m", "--set-policy"}, "max-age"},
+	} {
+		code, _, errs := cli(t, t.TempDir(), tc.args...)
+		if code != 2 || !strings.Contains(errs, tc.wmsg) {
+			t.Errorf("%v: exit %d, %q; want 2 and %q", tc.args, code, errs, tc.wmsg)
+		}
+	}
+}

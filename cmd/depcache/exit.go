@@ -31,7 +31,7 @@ func exitCode(err error) int {
 	case err == nil:
 		return exitOK
 	case errors.Is(err, errUsage), errors.Is(err, manager.ErrBadSource), errors.Is(err, manager.ErrBadDependent),
-		errors.Is(err, state.ErrBadKey), errors.Is(err, errBadFlag):
+		errors.Is(err, state.ErrBadKey), errors.Is(err, errBadFlag), errors.Is(err, manager.ErrBadPolicy):
 		return exitUsage
 	case errors.Is(err, context.DeadlineExceeded):
 		return exitTimeout

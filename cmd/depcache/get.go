@@ -20,6 +20,7 @@ func newGet(g *globals) *cobra.Command {
 		ttl, timeout   time.Duration
 		noWait         bool
 		lf             loopFlags
+		pf             policyFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "get [flags] SOURCE",
@@ -42,7 +43,7 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 			if err != nil {
 				return err
 			}
-			cfg, err := g.config(&lf)
+			cfg, err := g.config(&lf, &pf)
 			if err != nil {
 				return err
 			}
@@ -113,6 +114,7 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage")
 	f.DurationVar(&timeout, "timeout", 0, "give up waiting after this long (exit 3)")
 	lf.register(f)
+	pf.register(f)
 	return cmd
 }
 

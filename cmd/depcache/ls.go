@@ -33,6 +33,7 @@ type entryJSON struct {
 	Progress   state.Progress `json:"progress"`
 	Failures   int            `json:"failures"`
 	Message    string         `json:"message"`
+	manager.Description
 }
 
 type ownerJSON struct {
@@ -83,19 +84,24 @@ func newLs(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			st, err := m.Entries(cmd.Context())
+			st, desc, err := m.Describe(cmd.Context())
 			if err != nil {
 				return err
 			}
 			out := []entryJSON{}
 			for _, e := range st.Sorted() {
-				out = append(out, toJSON(m, *e))
+				j := toJSON(m, *e)
+				j.Description = desc[e.Key.ID()]
+				if j.Dependents == nil {
+					j.Dependents = []string{}
+				}
+				out = append(out, j)
 			}
 			if g.json {
 				return printJSON(g.stdout, out)
 			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "STAGE\tSIZE\tDEPENDENTS\tLAST USED\tSOURCE\tDETAIL")
+			fmt.Fprintln(tw, "STAGE\tSIZE\tDEPENDENTS\tLAST USED\tKEPT\tSOURCE\tDETAIL")
 			for _, e := range out {
 				detail := e.Path
 				switch {
@@ -104,9 +110,21 @@ func newLs(g *globals) *cobra.Command {
 				case e.Stage == string(state.Failed):
 					detail = e.Message
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", e.Stage, humanize.IBytes(uint64(e.SizeBytes)), len(e.Dependents), e.LastUsed, e.Source, detail)
+				kept := e.Kept
+				if kept == "" {
+					kept = "-"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", e.Stage, humanize.IBytes(uint64(e.SizeBytes)), len(e.Dependents), e.LastUsed, kept, e.Source, detail)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, e := range out {
+				for _, d := range e.Description.Dependents {
+					fmt.Fprintf(g.stdout, "  %s: dependent %s: %s\n", e.Source, d.Name, d.Liveness)
+				}
+			}
+			return nil
 		},
 	}
 }

@@ -20,6 +20,7 @@ import (
 // seconds otherwise.
 type progress interface {
 	show(e state.Entry, who string)
+	finish(e state.Entry) // the entry is READY
 	close()
 }
 
@@ -34,7 +35,7 @@ func waitShowingProgress(ctx context.Context, g *globals, m *manager.Manager, ke
 		cancel()
 		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
 			if err == nil {
-				p.show(e, "done")
+				p.finish(e)
 			}
 			return e, err
 		}
@@ -64,6 +65,7 @@ func newProgress(g *globals, key state.Key) (progress, time.Duration) {
 type quiet struct{}
 
 func (quiet) show(state.Entry, string) {}
+func (quiet) finish(state.Entry)       {}
 func (quiet) close()                   {}
 
 type lines struct {
@@ -79,7 +81,8 @@ func (l *lines) show(e state.Entry, who string) {
 	fmt.Fprintf(l.w, "waiting for %s: downloaded by %s, %d/%s bytes\n", l.key.Source, who, e.Progress.Bytes, total)
 }
 
-func (l *lines) close() {}
+func (l *lines) finish(state.Entry) {}
+func (l *lines) close()             {}
 
 type bar struct {
 	p   *mpb.Progress
@@ -108,6 +111,8 @@ func (b *bar) show(e state.Entry, who string) {
 	}
 	b.bar.SetCurrent(e.Progress.Bytes)
 }
+
+func (b *bar) finish(e state.Entry) { b.show(e, "done") }
 
 func (b *bar) close() {
 	b.bar.Abort(false)

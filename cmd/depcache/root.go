@@ -67,8 +67,12 @@ func (l *loopFlags) validate() error {
 	return nil
 }
 
-func (g *globals) config(l *loopFlags) (manager.Config, error) {
+func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 	if err := l.validate(); err != nil {
+		return manager.Config{}, err
+	}
+	change, err := p.change()
+	if err != nil {
 		return manager.Config{}, err
 	}
 	retries := l.retries
@@ -80,7 +84,11 @@ func (g *globals) config(l *loopFlags) (manager.Config, error) {
 		Policy: transitions.Policy{
 			DownloadTimeout: l.downloadTimeout,
 			FailureCooldown: l.failureCooldown,
+			LeaseDuration:   p.lease,
 		},
+		Cleanup:          change,
+		SetPolicy:        p.setPolicy,
+		CleanupInterval:  p.interval,
 		Retries:          retries,
 		ProgressInterval: l.progressInterval,
 		LockLease:        l.lockLease,
@@ -141,7 +149,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.BoolVar(&g.json, "json", false, "machine-readable output")
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
-	root.AddCommand(newGet(g), newRelease(g), newLs(g))
+	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g))
 	return root
 }
 
@@ -154,8 +162,9 @@ func applyEnv(cmd *cobra.Command) error {
 			return
 		}
 		name := "DEPCACHE_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(name); ok && f.Name != "root" {
-			if serr := f.Value.Set(v); serr != nil {
+		if v, ok := os.LookupEnv(name); ok && v != "" && f.Name != "root" {
+			// Set through the flag set, so that the flag counts as given.
+			if serr := cmd.Flags().Set(f.Name, v); serr != nil {
 				err = fmt.Errorf("%s=%q: %w: %w", name, v, errBadFlag, serr)
 			}
 		}

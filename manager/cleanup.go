@@ -1,0 +1,350 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/dustin/go-humanize"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// ErrBadPolicy means a cleanup setting is out of range.
+var ErrBadPolicy = errors.New("bad cleanup policy")
+
+// PolicyChange lists the cleanup settings a caller gave; nil fields were
+// not given and keep the stored (or default) value.
+type PolicyChange struct {
+	MaxSizeBytes       *int64
+	HighWatermark      *int
+	LowWatermark       *int
+	MinFreeDiskBytes   *int64
+	MinFreeDiskPercent *int
+	MinAge             *time.Duration
+	MaxAge             *time.Duration
+	Pins               []string // nil: not given
+}
+
+// Apply returns p with the given settings.
+func (c PolicyChange) Apply(p state.Policy) state.Policy {
+	set := func(dst *int64, v *int64) {
+		if v != nil {
+			*dst = *v
+		}
+	}
+	seti := func(dst *int, v *int) {
+		if v != nil {
+			*dst = *v
+		}
+	}
+	set(&p.MaxSizeBytes, c.MaxSizeBytes)
+	seti(&p.HighWatermark, c.HighWatermark)
+	seti(&p.LowWatermark, c.LowWatermark)
+	set(&p.MinFreeDiskBytes, c.MinFreeDiskBytes)
+	seti(&p.MinFreeDiskPercent, c.MinFreeDiskPercent)
+	if c.MinAge != nil {
+		p.MinAge = state.Duration(*c.MinAge)
+	}
+	if c.MaxAge != nil {
+		p.MaxAge = state.Duration(*c.MaxAge)
+	}
+	if c.Pins != nil {
+		p.Pins = slices.Clone(c.Pins)
+	}
+	return p
+}
+
+// Differences lists, flag by flag, where the given settings differ from p.
+func (c PolicyChange) Differences(p state.Policy) []string {
+	var out []string
+	q := c.Apply(p)
+	add := func(name string, stored, given any) {
+		if fmt.Sprint(stored) != fmt.Sprint(given) {
+			out = append(out, fmt.Sprintf("%s: stored %v, given %v", name, stored, given))
+		}
+	}
+	add("max-size", p.MaxSizeBytes, q.MaxSizeBytes)
+	add("high-watermark", p.HighWatermark, q.HighWatermark)
+	add("low-watermark", p.LowWatermark, q.LowWatermark)
+	add("min-free-disk", p.MinFreeDiskBytes, q.MinFreeDiskBytes)
+	add("min-free-disk-percent", p.MinFreeDiskPercent, q.MinFreeDiskPercent)
+	add("min-age", p.MinAge, q.MinAge)
+	add("max-age", p.MaxAge, q.MaxAge)
+	add("pin", p.Pins, q.Pins)
+	return out
+}
+
+// settlePolicy stores the policy on a root that has none, or reports a
+// configured policy that differs from the stored one. The stored policy
+// wins unless Config.SetPolicy says to change it: one root, one budget.
+// It runs inside the start-up Update.
+func (m *Manager) settlePolicy(st *state.State) (bool, error) {
+	if st.Policy == nil {
+		p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
+		if err := p.Validate(); err != nil {
+			return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
+		}
+		st.Policy = &p
+		return true, nil
+	}
+	diffs := m.cfg.Cleanup.Differences(*st.Policy)
+	if len(diffs) == 0 {
+		return false, nil
+	}
+	if m.cfg.SetPolicy {
+		p := m.cfg.Cleanup.Apply(*st.Policy)
+		if err := p.Validate(); err != nil {
+			return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
+		}
+		st.Policy = &p
+		m.log.WithField("changes", diffs).Info("cleanup policy of the root changed")
+		return true, nil
+	}
+	m.mu.Lock()
+	m.policyMismatch = diffs
+	m.mu.Unlock()
+	m.log.WithField("differences", diffs).Warn("the configured cleanup policy differs from the one stored in the root; using the stored one (set-policy changes it)")
+	return false, nil
+}
+
+// PolicyMismatch returns the differences between the configured and the
+// stored policy found at start-up (empty when they agree).
+func (m *Manager) PolicyMismatch() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.policyMismatch)
+}
+
+func policyOf(st *state.State) state.Policy {
+	if st.Policy == nil {
+		return state.DefaultPolicy()
+	}
+	return *st.Policy
+}
+
+// SweepReport is what one sweep did (or, dry, would do).
+type SweepReport struct {
+	DryRun  bool
+	Victims []transitions.Victim
+	Freed   int64
+	// Reaped lists dead dependents removed, by entry source.
+	Reaped map[string][]string
+	Usage  transitions.Usage
+	Policy state.Policy
+}
+
+// Sweep runs one cleanup now: it reaps dependents that no longer hold
+// their entries, picks victims (transitions.PlanEviction), removes them from
+// the state and moves their content to trash in one commit, then deletes
+// the trash outside the lock. Leftovers of an interrupted sweep are
+// deleted first. A dry run changes nothing.
+func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
+	rep := SweepReport{DryRun: dryRun, Reaped: map[string][]string{}}
+	root := m.Root()
+	if !dryRun {
+		m.emptyTrash()
+	}
+	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
+	type move struct{ from, to string }
+	var moves []move
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		moves = moves[:0]
+		rep.Victims, rep.Reaped = nil, map[string][]string{}
+		now := m.cfg.Clock.Now()
+		pol := policyOf(st)
+		if dryRun && (st.Policy == nil || m.cfg.SetPolicy) {
+			// What settlePolicy would store, without storing it.
+			pol = m.cfg.Cleanup.Apply(pol)
+		}
+		rep.Policy = pol
+		changed := false
+		m.mu.Lock()
+		for id, e := range st.Entries {
+			r, dead := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
+			if len(dead) > 0 {
+				rep.Reaped[e.Key.Source] = dead
+				st.Entries[id] = r.Entry
+				changed = true
+			}
+		}
+		m.mu.Unlock()
+		rep.Usage.Bytes = transitions.Measure(st.Entries)
+		rep.Victims = transitions.PlanEviction(pol, st.Entries, rep.Usage, now)
+		if dryRun {
+			return false, nil
+		}
+		for _, v := range rep.Victims {
+			delete(st.Entries, v.Key.ID())
+			changed = true
+			if v.Path == "" {
+				continue
+			}
+			abs, err := m.store.Abs(filepath.Dir(v.Path))
+			if err != nil {
+				return false, err
+			}
+			to := filepath.Join(root, trashDir, filepath.Base(abs)+"."+m.self.ManagerID)
+			if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+				return false, err
+			}
+			// Re-checked and moved under one lock hold: nobody can start
+			// using it between the decision and the move.
+			if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return false, err
+			}
+			moves = append(moves, move{abs, to})
+		}
+		return changed, nil
+	})
+	if err != nil {
+		for _, mv := range moves {
+			if rerr := os.Rename(mv.to, mv.from); rerr != nil {
+				m.log.WithError(rerr).WithField("path", mv.from).Error("could not put back content of an eviction whose commit failed")
+			}
+		}
+		return rep, err
+	}
+	for _, v := range rep.Victims {
+		rep.Freed += v.Bytes
+	}
+	if dryRun {
+		return rep, nil
+	}
+	m.emptyTrash()
+	for src, names := range rep.Reaped {
+		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")
+	}
+	if len(rep.Victims) > 0 {
+		reasons := map[string]int{}
+		for _, v := range rep.Victims {
+			reasons[v.Reason]++
+		}
+		m.log.WithFields(logrus.Fields{"evicted": len(rep.Victims), "freed": humanize.IBytes(uint64(rep.Freed)),
+			"reasons": reasons, "usage": humanize.IBytes(uint64(rep.Usage.Bytes - rep.Freed))}).Info("sweep")
+	}
+	return rep, nil
+}
+
+// emptyTrash deletes what sweeps moved aside, outside the lock.
+func (m *Manager) emptyTrash() {
+	dir := filepath.Join(m.Root(), trashDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			m.log.WithError(err).WithField("path", e.Name()).Warn("deleting evicted content")
+		}
+	}
+}
+
+// dependentViewsLocked observes the dependents of e. m.mu is held.
+func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string]transitions.DependentView {
+	if len(e.Dependents) == 0 {
+		return nil
+	}
+	views := make(map[string]transitions.DependentView, len(e.Dependents))
+	for name, d := range e.Dependents {
+		if d.Process == nil {
+			continue
+		}
+		var v transitions.DependentView
+		if m.self.SameMachine(*d.Process) {
+			v.Local = true
+			alive, err := m.cfg.Processes.Alive(*d.Process)
+			v.Dead = err == nil && !alive
+		} else {
+			seen := m.leases[e.Key.ID()]
+			if seen == nil {
+				seen = map[string]observation{}
+				m.leases[e.Key.ID()] = seen
+			}
+			sig := fmt.Sprint(d.Process.PID, "/", d.Process.StartTime, "/", d.Lease)
+			o, ok := seen[name]
+			if !ok || o.sig != sig {
+				o = observation{sig: sig, since: now}
+				seen[name] = o
+			}
+			v.LeaseUnchanged = now.Sub(o.since)
+		}
+		views[name] = v
+	}
+	return views
+}
+
+// diskSpace returns the free and total bytes of dir's filesystem, or zeros.
+func diskSpace(dir string) (free, size int64) {
+	var s unix.Statfs_t
+	if err := unix.Statfs(dir, &s); err != nil {
+		return 0, 0
+	}
+	return int64(s.Bavail) * int64(s.Bsize), int64(s.Blocks) * int64(s.Bsize)
+}
+
+// DependentInfo is one dependent with its liveness, for ls.
+type DependentInfo struct {
+	Name     string `json:"name"`
+	Live     bool   `json:"live"`
+	Liveness string `json:"liveness"`
+}
+
+// Description explains an entry for ls: its dependents' liveness and why a
+// sweep would keep it ("" if it may be evicted).
+type Description struct {
+	Dependents []DependentInfo `json:"dependents_detail"`
+	Kept       string          `json:"kept"`
+}
+
+// Describe returns the state and, by key ID, why each entry is kept. The
+// liveness of a dependent on another host is judged from this manager's
+// own observations of its lease; a one-shot caller has none, so such a
+// dependent shows as live.
+func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Description, error) {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := m.cfg.Clock.Now()
+	pol := policyOf(st)
+	out := map[string]Description{}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, e := range st.Entries {
+		views := m.dependentViewsLocked(e, now)
+		var d Description
+		live := 0
+		names := make([]string, 0, len(e.Dependents))
+		for name := range e.Dependents {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			ok, why := transitions.Liveness(e.Dependents[name], views[name], m.cfg.Policy, now)
+			d.Dependents = append(d.Dependents, DependentInfo{Name: name, Live: ok, Liveness: why})
+			if ok {
+				live++
+			}
+		}
+		reaped, _ := transitions.Reap(e, views, m.cfg.Policy, now)
+		d.Kept = transitions.Kept(pol, reaped.Entry, now)
+		if live > 0 {
+			var who []string
+			for _, di := range d.Dependents {
+				if di.Live {
+					who = append(who, di.Name)
+				}
+			}
+			d.Kept = fmt.Sprintf("in use by %v", who)
+		}
+		out[id] = d
+	}
+	return st, out, nil
+}

@@ -27,6 +27,9 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	if os.Getenv("DEPCACHE_TEST_ROLE") == "hold" {
+		os.Exit(hold())
+	}
 	dir, err := os.MkdirTemp("", "depcache-bin-")
 	if err != nil {
 		panic(err)

@@ -1,0 +1,87 @@
+package manager_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"golang.org/x/sys/unix"
+)
+
+func ptr[T any](v T) *T { return &v }
+
+// TestEvictBigTreeHoldsLockOnce: evicting a 1 GiB tree takes one lock hold
+// (decide, drop the entry, rename the tree into trash); the delete happens
+// after the lock is released.
+func TestEvictBigTreeHoldsLockOnce(t *testing.T) {
+	root := t.TempDir()
+	key := state.Key{Kind: state.Bundle, Source: "https://example.com/big.tar"}
+	rel := filepath.Join("entries", key.ID()+"-g1", "content")
+	dir := filepath.Join(root, rel)
+	const files, each = 1024, 1 << 20
+	for i := range files {
+		p := filepath.Join(dir, fmt.Sprintf("d%02d", i%32), fmt.Sprintf("f%04d", i))
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		f, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Fallocate(int(f.Fd()), 0, 0, each); err != nil {
+			f.Close()
+			t.Skipf("fallocate: %v", err)
+		}
+		f.Close()
+	}
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: key, Stage: state.Ready, Path: rel, SizeBytes: files * each,
+			Created: time.Now().Add(-time.Hour), LastUsed: time.Now().Add(-time.Hour)})
+		return true, nil
+	})
+	var mu sync.Mutex
+	var holds []time.Duration
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), SetPolicy: true,
+		Cleanup: manager.PolicyChange{MaxSizeBytes: ptr[int64](1 << 20), MinAge: ptr(time.Duration(0))},
+		OnLockHold: func(d time.Duration) {
+			mu.Lock()
+			holds = append(holds, d)
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Settle(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	holds = nil
+	mu.Unlock()
+	rep, err := m.Sweep(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("evicted %d entries, %d bytes; lock holds during the sweep: %v", len(rep.Victims), rep.Freed, holds)
+	if len(rep.Victims) != 1 || rep.Freed != files*each {
+		t.Fatalf("sweep evicted %+v", rep.Victims)
+	}
+	if len(holds) != 1 {
+		t.Errorf("%d lock holds for one eviction, want 1", len(holds))
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("content still there: %v", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "trash")); len(ents) != 0 {
+		t.Errorf("trash not emptied")
+	}
+}

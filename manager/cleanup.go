@@ -217,6 +217,10 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	if dryRun {
 		return rep, nil
 	}
+	for _, v := range rep.Victims {
+		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
+		m.metrics.freedBytes.Add(float64(v.Bytes))
+	}
 	m.emptyTrash()
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")

@@ -97,10 +97,14 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	// download's own cancellation.
 	bg := context.WithoutCancel(ctx)
 	start := time.Now()
+	m.metrics.downloads.WithLabelValues("started").Inc()
 	meta, err := m.fetch(ctx, key, gen, staging, log)
 	if err == nil {
 		err = m.publish(bg, key, gen, staging, meta)
 		if err == nil {
+			m.metrics.downloads.WithLabelValues("finished").Inc()
+			m.metrics.bytes.Add(float64(meta.Fetched))
+			m.metrics.downloadSeconds.Observe(seconds(time.Since(start)))
 			log.WithFields(logrus.Fields{"bytes": meta.SizeBytes, "took": time.Since(start).Round(time.Millisecond)}).Info("published")
 			m.mu.Lock()
 			m.sweepSoon = true
@@ -118,6 +122,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):
 		log.WithError(err).Warn("discarding download: superseded")
 	case errors.Is(cause, transitions.ErrTooLarge):
+		m.metrics.downloads.WithLabelValues("failed").Inc()
 		log.WithError(cause).Warn("download does not fit in the budget")
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 			return transitions.Fail(e, m.self, gen, cause.Error(), m.cfg.Clock.Now())
@@ -132,6 +137,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		})
 		log.Info("download interrupted: manager stopping")
 	default:
+		m.metrics.downloads.WithLabelValues("failed").Inc()
 		log.WithError(err).Warn("download failed")
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 			return transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())

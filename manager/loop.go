@@ -155,6 +155,7 @@ func (m *Manager) step(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	m.metrics.observeState(seenState)
 	m.mu.Lock()
 	m.last = seenState
 	m.pass++
@@ -229,6 +230,11 @@ func (m *Manager) carryOut(ctx context.Context, ka keyedAction) {
 		}
 		m.mu.Unlock()
 	case transitions.TakeOver:
+		reason := "stalled"
+		if a.Dead {
+			reason = "dead_owner"
+		}
+		m.metrics.takeovers.WithLabelValues(reason).Inc()
 		log.WithFields(logrus.Fields{"from_host": a.From.Host, "from_pid": a.From.PID, "reason": a.Reason}).Info("took over download")
 	case transitions.RemoveStaging:
 		dir := filepath.Join(m.Root(), stagingDir, stagingName(ka.key, a.Generation))

@@ -14,6 +14,7 @@ import (
 
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/transitions"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 )
 
@@ -84,6 +85,8 @@ type Config struct {
 	// OnLockHold, when set, is told how long each hold of the state lock
 	// lasted (for metrics and tests).
 	OnLockHold func(time.Duration)
+	// Metrics, when set, receives the manager's Prometheus metrics.
+	Metrics prometheus.Registerer
 	// Sources by URL scheme. Default: http, https and file.
 	Sources map[string]Source
 	// Log receives the manager's logs. Default: logrus's standard logger.
@@ -97,10 +100,11 @@ type Config struct {
 // downloads what its dependents need when nobody else does, takes over
 // from dead or stalled owners, and publishes.
 type Manager struct {
-	cfg   Config
-	store *state.Store
-	self  state.Owner
-	log   logrus.FieldLogger
+	cfg     Config
+	store   *state.Store
+	metrics *metrics
+	self    state.Owner
+	log     logrus.FieldLogger
 
 	mu             sync.Mutex
 	local          map[string]map[string]bool        // key ID -> dependents registered here
@@ -162,8 +166,16 @@ func New(cfg Config) (*Manager, error) {
 		h := HTTPSource(&http.Client{Transport: http.DefaultTransport}, min(cfg.Policy.DownloadTimeout, time.Minute))
 		cfg.Sources = map[string]Source{"http": h, "https": h, "file": FileSource()}
 	}
-	store, err := state.Open(cfg.Root, state.Options{OnHold: cfg.OnLockHold, Lock: state.LockOptions{
-		Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
+	met := newMetrics(cfg.Metrics)
+	onHold := func(d time.Duration) {
+		met.lockHold.Observe(seconds(d))
+		if cfg.OnLockHold != nil {
+			cfg.OnLockHold(d)
+		}
+	}
+	store, err := state.Open(cfg.Root, state.Options{OnHold: onHold,
+		OnWait: func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
+		Lock:   state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
 	if err != nil {
 		return nil, err
 	}
@@ -175,6 +187,7 @@ func New(cfg Config) (*Manager, error) {
 	return &Manager{
 		cfg:       cfg,
 		store:     store,
+		metrics:   met,
 		self:      self,
 		log:       cfg.Log.WithField("manager", self.ManagerID),
 		local:     map[string]map[string]bool{},
@@ -242,11 +255,13 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 		dep.Expires = &exp
 	}
 	var snap state.Entry
+	var result string
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, now)
 		if err != nil {
 			return false, err
 		}
+		result = requestResult(st.Get(key))
 		st.Put(r.Entry)
 		snap = *r.Entry
 		return r.Changed, nil
@@ -254,6 +269,7 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	if err != nil {
 		return state.Entry{}, err
 	}
+	m.metrics.requests.WithLabelValues(result).Inc()
 	m.mu.Lock()
 	id := key.ID()
 	if m.local[id] == nil {
@@ -269,7 +285,13 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 // or FAILED (returned with a *FailedError), or ctx is done. Waiters in this
 // process are woken by the pass that sees the change; changes made by other
 // processes are seen at the next poll. The manager must be running.
-func (m *Manager) Wait(ctx context.Context, key state.Key) (state.Entry, error) {
+func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err error) {
+	began := time.Now()
+	defer func() {
+		if err == nil || errors.Is(err, ErrFailed) {
+			m.metrics.waitSeconds.Observe(seconds(time.Since(began)))
+		}
+	}()
 	id := key.ID()
 	m.mu.Lock()
 	start := m.pass
@@ -363,3 +385,16 @@ func (m *Manager) Snapshot(key state.Key) (state.Entry, bool) {
 
 // IsSelf reports whether o is this manager.
 func (m *Manager) IsSelf(o *state.Owner) bool { return o.Same(&m.self) }
+
+// requestResult classifies a Get by the entry it found.
+func requestResult(e *state.Entry) string {
+	switch {
+	case e == nil:
+		return "miss"
+	case e.Stage == state.Ready:
+		return "hit"
+	case e.Stage == state.Failed:
+		return "failed"
+	}
+	return "wait"
+}

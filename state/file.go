@@ -35,6 +35,8 @@ type Options struct {
 	FilePerm fs.FileMode
 	// OnHold, when set, is told how long each Update held the lock.
 	OnHold func(time.Duration)
+	// OnWait, when set, is told how long each Update waited for the lock.
+	OnWait func(time.Duration)
 }
 
 // Store is the state file of one cache root.
@@ -105,11 +107,15 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 // be parsed, fn is not called and the error wraps [ErrCorrupt] or
 // [ErrUnsupportedVersion].
 func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err error)) (err error) {
+	waitStart := time.Now()
 	unlock, err := s.lock.Lock(ctx)
 	if err != nil {
 		return err
 	}
 	start := time.Now()
+	if s.opts.OnWait != nil {
+		s.opts.OnWait(start.Sub(waitStart))
+	}
 	defer func() {
 		if uerr := unlock(); uerr != nil && err == nil {
 			err = uerr

@@ -56,8 +56,25 @@ func (s *system) Alive(p Process) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	// A zombie has exited; only its parent has not reaped it yet.
-	return st == p.StartTime && !zombie, nil
+	if st != p.StartTime {
+		return false, nil
+	}
+	// A zombie has exited; only its parent has not reaped it yet. But the
+	// leader of a multi-threaded process shows as a zombie as soon as it
+	// exits itself, while its other threads may still be finishing a
+	// system call (an unlink of the very lock being judged): the process is
+	// gone only when its leader is the last task left.
+	if zombie {
+		tasks, err := os.ReadDir("/proc/" + strconv.Itoa(p.PID) + "/task")
+		if errors.Is(err, fs.ErrNotExist) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		return len(tasks) > 1, nil
+	}
+	return true, nil
 }
 
 func startTime(pid int) (uint64, error) {

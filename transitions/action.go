@@ -19,7 +19,9 @@ type CancelDownload struct {
 // TakeOver records that the entry was taken from another owner; the
 // manager logs it and counts it.
 type TakeOver struct {
-	From   state.Owner
+	From state.Owner
+	// Dead: the owner was provably gone; otherwise it was stalled.
+	Dead   bool
 	Reason string
 }
 

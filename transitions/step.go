@@ -57,7 +57,7 @@ func stepDownloading(e *state.Entry, v View, p Policy) (Result, error) {
 	case v.OwnerDead:
 		r := claim(e, v.Self)
 		r.Actions = append(r.Actions,
-			TakeOver{From: *e.Owner, Reason: "owner process is gone"},
+			TakeOver{From: *e.Owner, Dead: true, Reason: "owner process is gone"},
 			RemoveStaging{Generation: e.Generation})
 		return r, nil
 	case v.Unchanged >= p.DownloadTimeout:

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -84,18 +85,9 @@ func newLs(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			st, desc, err := m.Describe(cmd.Context())
+			out, err := describeEntries(cmd.Context(), m)
 			if err != nil {
 				return err
-			}
-			out := []entryJSON{}
-			for _, e := range st.Sorted() {
-				j := toJSON(m, *e)
-				j.Description = desc[e.Key.ID()]
-				if j.Dependents == nil {
-					j.Dependents = []string{}
-				}
-				out = append(out, j)
 			}
 			if g.json {
 				return printJSON(g.stdout, out)
@@ -127,4 +119,19 @@ func newLs(g *globals) *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// describeEntries is the content of ls --json and of serve's /v1/entries.
+func describeEntries(ctx context.Context, m *manager.Manager) ([]entryJSON, error) {
+	st, desc, err := m.Describe(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := []entryJSON{}
+	for _, e := range st.Sorted() {
+		j := toJSON(m, *e)
+		j.Description = desc[e.Key.ID()]
+		out = append(out, j)
+	}
+	return out, nil
 }

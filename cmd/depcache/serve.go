@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"html/template"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/dustin/go-humanize"
+	"github.com/nightlyone/lockfile"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+)
+
+// errAlreadyServing: another serve runs for this root on this host.
+var errAlreadyServing = errors.New("already served")
+
+func newServe(g *globals) *cobra.Command {
+	var (
+		listen string
+		lf     loopFlags
+		pf     policyFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the transition and cleanup loops for the root until SIGINT or SIGTERM, with /healthz, /metrics, /v1/entries and a status page",
+		Args:  exactArgs(0),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := g.config(&lf, &pf)
+			if err != nil {
+				return err
+			}
+			root, err := filepath.Abs(cfg.Root)
+			if err != nil {
+				return err
+			}
+			// One serve per root and host: a pid file on local disk, where
+			// lockfile's pid check is right (it is wrong across hosts, and
+			// never returns on sshfs).
+			sum := sha256.Sum256([]byte(root))
+			pidPath := filepath.Join(os.TempDir(), "depcache-serve-"+hex.EncodeToString(sum[:8])+".pid")
+			pidFile, err := lockfile.New(pidPath)
+			if err != nil {
+				return err
+			}
+			if err := pidFile.TryLock(); err != nil {
+				if owner, oerr := pidFile.GetOwner(); oerr == nil {
+					return fmt.Errorf("depcache serve (pid %d) already serves %s on this host (pid file %s): %w", owner.Pid, root, pidPath, errAlreadyServing)
+				}
+				return fmt.Errorf("pid file %s: %w", pidPath, err)
+			}
+			defer pidFile.Unlock()
+
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			cfg.Metrics = reg
+			cfg.DriveAll = true
+			m, err := manager.New(cfg)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			stop, err := m.Start(ctx)
+			if err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp", listen)
+			if err != nil {
+				stop()
+				return fmt.Errorf("--listen %s: %w", listen, err)
+			}
+			srv := &http.Server{Handler: serveMux(m, reg), ReadHeaderTimeout: 10 * time.Second}
+			g.log.WithField("root", root).WithField("addr", ln.Addr().String()).Info("serving")
+			fmt.Fprintf(g.stderr, "depcache: serving %s on http://%s\n", root, ln.Addr())
+			errc := make(chan error, 1)
+			go func() { errc <- srv.Serve(ln) }()
+			select {
+			case <-ctx.Done():
+			case err = <-errc:
+			}
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			srv.Shutdown(sctx)
+			if serr := stop(); err == nil {
+				err = serr
+			}
+			if errors.Is(err, http.ErrServerClosed) {
+				err = nil
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&listen, "listen", "127.0.0.1:9736", "address of the HTTP listener (/healthz, /metrics, /v1/entries, /)")
+	lf.register(f)
+	pf.register(f)
+	return cmd
+}
+
+func serveMux(m *manager.Manager, reg *prometheus.Registry) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := m.Entries(r.Context()); err != nil {
+			http.Error(w, "state unreadable: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /v1/entries", func(w http.ResponseWriter, r *http.Request) {
+		out, err := describeEntries(r.Context(), m)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		printJSON(w, out)
+	})
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		out, err := describeEntries(r.Context(), m)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		if err := statusPage.Execute(w, struct {
+			Root    string
+			Entries []entryJSON
+		}{m.Root(), out}); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+		}
+	})
+	return mux
+}
+
+var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
+	"bytes": func(n int64) string { return humanize.IBytes(uint64(max(n, 0))) },
+}).Parse(`<!doctype html>
+<html><head><meta charset="utf-8"><title>depcache: {{.Root}}</title>
+<meta http-equiv="refresh" content="5">
+<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+.READY{color:#070}.FAILED{color:#a00}.DOWNLOADING{color:#a60}</style></head>
+<body><h1>depcache</h1><p>Root: <code>{{.Root}}</code> · {{len .Entries}} entries · <a href="/metrics">metrics</a> · <a href="/v1/entries">JSON</a></p>
+<table><tr><th>stage</th><th>source</th><th>size</th><th>owner</th><th>progress</th><th>dependents</th><th>kept</th><th>message</th></tr>
+{{range .Entries}}<tr><td class="{{.Stage}}">{{.Stage}}</td><td>{{.Source}}</td><td>{{bytes .SizeBytes}}</td>
+<td>{{with .Owner}}pid {{.PID}} on {{.Host}}{{end}}</td>
+<td>{{if eq .Stage "DOWNLOADING"}}{{bytes .Progress.Bytes}}{{if .Progress.Total}} / {{bytes .Progress.Total}}{{end}}{{end}}</td>
+<td>{{range .Description.Dependents}}{{.Name}} ({{.Liveness}})<br>{{end}}</td><td>{{.Kept}}</td><td>{{.Message}}</td></tr>
+{{else}}<tr><td colspan="8">no entries</td></tr>{{end}}
+</table></body></html>
+`))

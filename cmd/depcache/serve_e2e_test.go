@@ -1,0 +1,105 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// scrape returns the value of one sample of /metrics.
+func scrape(t *testing.T, addr, sample string) float64 {
+	t.Helper()
+	resp, err := http.Get(addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
+}
+
+// TestE2EServe: serve as a process; other processes register dependents;
+// serve downloads once, its metrics say so, a budget change evicts, a second
+// serve on the same root and host is refused naming the first one's pid,
+// and SIGTERM stops it promptly with no staging litter.
+func TestE2EServe(t *testing.T) {
+	root := t.TempDir()
+	body := randomBody(1 << 20)
+	srv := newBlobServer(t, body, nil)
+	serve := exec.Command(bin, "--root", root, "serve", "--listen", "127.0.0.1:0", "--cleanup-interval", "100ms")
+	errPipe, _ := serve.StderrPipe()
+	if err := serve.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer serve.Process.Kill()
+	sc := bufio.NewScanner(errPipe)
+	var addr string
+	for sc.Scan() {
+		if m := regexp.MustCompile(`serving .* on (http://\S+)`).FindStringSubmatch(sc.Text()); m != nil {
+			addr = m[1]
+			break
+		}
+	}
+	if addr == "" {
+		t.Fatal("serve did not say where it listens")
+	}
+	go io.Copy(io.Discard, errPipe)
+
+	second := exec.Command(bin, "--root", root, "serve", "--listen", "127.0.0.1:0")
+	out, err := second.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "pid "+strconv.Itoa(serve.Process.Pid)) {
+		t.Errorf("second serve: %v, %q; want a refusal naming pid %d", err, out, serve.Process.Pid)
+	}
+
+	url := srv.URL + "/b.bin"
+	const n = 4
+	for i := range n {
+		get := exec.Command(bin, "--root", root, "get", "--no-wait", "--dependent", "job"+strconv.Itoa(i), url)
+		if out, err := get.CombinedOutput(); err != nil {
+			t.Fatalf("get: %v: %s", err, out)
+		}
+	}
+	waitFor(t, "serve to publish", func() bool { return scrape(t, addr, `depcache_downloads_total{event="finished"}`) == 1 })
+	if got := scrape(t, addr, `depcache_entries{stage="READY"}`); got != 1 {
+		t.Errorf("READY entries = %v, want 1", got)
+	}
+	if r := srv.requests.Load(); r != 1 {
+		t.Errorf("%d requests, want 1", r)
+	}
+	for i := range n {
+		if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job"+strconv.Itoa(i), url).CombinedOutput(); err != nil {
+			t.Fatalf("release: %v: %s", err, out)
+		}
+	}
+	// The operator shrinks the budget; serve's next sweep evicts.
+	if out, err := exec.Command(bin, "--root", root, "policy", "--max-size", "1", "--min-age", "0s").CombinedOutput(); err != nil {
+		t.Fatalf("policy: %v: %s", err, out)
+	}
+	waitFor(t, "serve to evict", func() bool { return scrape(t, addr, `depcache_evictions_total{reason="budget"}`) == 1 })
+
+	start := time.Now()
+	serve.Process.Signal(syscall.SIGTERM)
+	if err := serve.Wait(); err != nil {
+		t.Errorf("serve after SIGTERM: %v", err)
+	}
+	t.Logf("serve stopped %v after SIGTERM", time.Since(start))
+	noStaging(t, root)
+	if _, err := os.Stat(filepath.Join(root, "state.json")); err != nil {
+		t.Fatal(err)
+	}
+}

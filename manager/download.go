@@ -59,8 +59,10 @@ type Meta struct {
 	SizeBytes  int64     `json:"size_bytes"`
 	SHA256     string    `json:"sha256"`
 	Fetched    int64     `json:"fetched_bytes"`
-	Format     string    `json:"format"`
-	Published  time.Time `json:"published"`
+	// ContentSHA256 is ContentDigest of the published content, for verify.
+	ContentSHA256 string    `json:"content_sha256"`
+	Format        string    `json:"format"`
+	Published     time.Time `json:"published"`
 }
 
 func (m *Manager) startDownload(ctx context.Context, key state.Key, gen uint64) {
@@ -270,6 +272,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		if err := os.Remove(raw); err != nil {
 			return meta, err
 		}
+	}
+	if meta.ContentSHA256, err = ContentDigest(content); err != nil {
+		return meta, err
 	}
 	meta.Published = m.cfg.Clock.Now()
 	mb, _ := json.MarshalIndent(meta, "", "  ")

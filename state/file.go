@@ -280,3 +280,37 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// Reset replaces the state with the one fn builds from scratch, with the
+// lock held, without reading the current file: it is how an operator
+// recovers from an unreadable state file (depcache doctor --rebuild). The
+// unreadable file is copied aside first, as every read does.
+func (s *Store) Reset(ctx context.Context, fn func(*State) error) (err error) {
+	unlock, err := s.lock.Lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if uerr := unlock(); uerr != nil && err == nil {
+			err = uerr
+		}
+	}()
+	old, rerr := os.ReadFile(s.path)
+	if rerr == nil {
+		if _, derr := Decode(old); derr != nil {
+			s.keepAside(old)
+		}
+	}
+	st := New()
+	if err := fn(st); err != nil {
+		return err
+	}
+	if err := st.Validate(); err != nil {
+		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+	}
+	data, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	return s.commit(data, rerr == nil)
+}

@@ -225,3 +225,82 @@ func TestCLIPolicyFlags(t *testing.T) {
 		}
 	}
 }
+
+func TestCLIDoctorRebuildVerify(t *testing.T) {
+	root := t.TempDir()
+	abs := func(p string) string { a, _ := filepath.Abs(p); return "file://" + a }
+	a, b := abs("../../testdata/bundles/hello.tar.gz"), abs("../../testdata/hostile/README.md")
+	for _, s := range []string{a, b} {
+		if code, _, errs := cli(t, root, "get", "--dependent", "job", s); code != 0 {
+			t.Fatal(errs)
+		}
+	}
+	if code, out, errs := cli(t, root, "doctor"); code != 0 || strings.Contains(out, "fail") {
+		t.Fatalf("doctor on a healthy root: exit %d\n%s%s", code, out, errs)
+	}
+	if code, out, _ := cli(t, root, "verify"); code != 0 || strings.Count(out, "ok ") != 2 {
+		t.Fatalf("verify: exit %d\n%s", code, out)
+	}
+
+	// A corrupt state: every command refuses it, naming it; doctor says so;
+	// --rebuild brings the entries back from their metadata.
+	os.WriteFile(filepath.Join(root, "state.json"), []byte(`{"version":1,"entries":{`), 0o644)
+	if code, _, errs := cli(t, root, "ls"); code != 1 || !strings.Contains(errs, filepath.Join(root, "state.json")) {
+		t.Errorf("ls on a corrupt state: exit %d, %q", code, errs)
+	}
+	if code, out, _ := cli(t, root, "doctor"); code != 1 || !strings.Contains(out, "fail state") {
+		t.Errorf("doctor on a corrupt state: exit %d\n%s", code, out)
+	}
+	if code, out, errs := cli(t, root, "doctor", "--rebuild"); code != 0 || !strings.Contains(out, "from 2 published entries") {
+		t.Fatalf("doctor --rebuild: exit %d\n%s%s", code, out, errs)
+	}
+	if bad, _ := filepath.Glob(filepath.Join(root, "state.json.bad-*")); len(bad) != 1 {
+		t.Errorf("the unreadable state was not kept aside: %v", bad)
+	}
+
+	// Tampered content: verify marks it FAILED and says so.
+	readme := filepath.Join(root, "entries", mustID(t, a)+"-g1", "content", "hello", "README.txt")
+	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ := cli(t, root, "verify")
+	if code != 1 || !strings.Contains(out, "FAILED "+a) || !strings.Contains(out, "ok     "+b) {
+		t.Errorf("verify after tampering: exit %d\n%s", code, out)
+	}
+	_, out, _ = cli(t, root, "ls", "--json")
+	if !strings.Contains(out, `"stage": "FAILED"`) || !strings.Contains(out, "verify: content digest") {
+		t.Errorf("the tampered entry is not FAILED with the reason:\n%s", out)
+	}
+}
+
+func TestCLIBreakLock(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(root, 0o755)
+	holder := `{"host":"gone-host","boot_id":"x","pid_ns":"y","pid":42,"start_time":1,"nonce":"00112233445566778899aabbccddeeff"}`
+	os.WriteFile(filepath.Join(root, "state.lock"), []byte(holder), 0o644)
+	if _, out, _ := cli(t, root, "doctor"); !strings.Contains(out, "gone-host") {
+		t.Errorf("doctor does not show the lock's holder:\n%s", out)
+	}
+	code, out, _ := cli(t, root, "doctor", "--break-lock") // stdin is empty: the answer is no
+	if code != 0 || !strings.Contains(out, "left alone") {
+		t.Errorf("break-lock without confirmation: exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "state.lock")); err != nil {
+		t.Fatal("the lock was removed without confirmation")
+	}
+	if code, out, _ := cli(t, root, "doctor", "--break-lock", "--yes"); code != 0 || !strings.Contains(out, "broke") {
+		t.Errorf("break-lock --yes: exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "state.lock")); !os.IsNotExist(err) {
+		t.Error("the lock is still there")
+	}
+}
+
+func mustID(t *testing.T, src string) string {
+	t.Helper()
+	k, err := manager.ParseKey(src, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.ID()
+}

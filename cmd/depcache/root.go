@@ -149,7 +149,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.BoolVar(&g.json, "json", false, "machine-readable output")
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
-	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g))
+	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
 	return root
 }
 

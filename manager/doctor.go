@@ -1,0 +1,336 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/dustin/go-humanize"
+)
+
+// VerifyResult is the outcome of re-hashing one READY bundle.
+type VerifyResult struct {
+	Key    state.Key `json:"key"`
+	OK     bool      `json:"ok"`
+	Detail string    `json:"detail"`
+}
+
+// Verify re-hashes READY bundles (all, or those whose source is in
+// sources) against the digest recorded when they were published. A
+// mismatch or missing content marks the entry FAILED, with the reason, in
+// the same commit that moves its content to trash; nothing is skipped
+// silently: an entry without a recorded digest is reported as such.
+func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult, error) {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return nil, err
+	}
+	want := map[string]bool{}
+	for _, s := range sources {
+		want[s] = true
+	}
+	var out []VerifyResult
+	for _, e := range st.Sorted() {
+		if e.Stage != state.Ready || e.Key.Kind != state.Bundle || (len(want) > 0 && !want[e.Key.Source]) {
+			continue
+		}
+		r := VerifyResult{Key: e.Key}
+		abs, err := m.store.Abs(e.Path)
+		if err != nil {
+			return out, err
+		}
+		var meta Meta
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(abs), metaName))
+		if err == nil {
+			err = json.Unmarshal(b, &meta)
+		}
+		switch {
+		case err != nil:
+			r.Detail = "no readable metadata: " + err.Error()
+		case meta.ContentSHA256 == "":
+			r.OK, r.Detail = true, "no recorded digest (published by an older depcache); not checked"
+		default:
+			got, derr := ContentDigest(abs)
+			switch {
+			case derr != nil:
+				r.Detail = "content unreadable: " + derr.Error()
+			case got != meta.ContentSHA256:
+				r.Detail = fmt.Sprintf("content digest %s, recorded %s", got, meta.ContentSHA256)
+			default:
+				r.OK, r.Detail = true, "sha256 "+got
+			}
+		}
+		if !r.OK {
+			if err := m.markCorrupt(ctx, *e, r.Detail); err != nil {
+				return out, err
+			}
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// markCorrupt makes a READY entry that failed verification FAILED and moves
+// its content to trash, if it is still the entry that was checked.
+func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) error {
+	var moved, to string
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		e := st.Get(checked.Key)
+		if e == nil || e.Stage != state.Ready || e.Path != checked.Path || e.Generation != checked.Generation {
+			return false, nil // changed meanwhile: not what was checked
+		}
+		n := *e
+		n.Stage, n.Path, n.SizeBytes = state.Failed, "", 0
+		n.Failures++
+		n.FailedAt = m.cfg.Clock.Now()
+		n.Message = "verify: " + why
+		abs, err := m.store.Abs(filepath.Dir(checked.Path))
+		if err != nil {
+			return false, err
+		}
+		to = filepath.Join(m.Root(), trashDir, filepath.Base(abs)+".corrupt."+m.self.ManagerID)
+		if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+			return false, err
+		}
+		if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, err
+		}
+		moved = abs
+		st.Put(&n)
+		return true, nil
+	})
+	if err != nil && moved != "" {
+		os.Rename(to, moved)
+	}
+	if err == nil {
+		m.emptyTrash()
+	}
+	return err
+}
+
+// Rebuild replaces an unreadable state with one built from the metadata
+// files published next to each entry's content. Published content becomes
+// READY entries (the newest generation of a key wins); dependents, owners
+// and downloads in flight are lost, and the policy goes back to the
+// defaults plus this manager's settings. The unreadable file stays aside.
+func (m *Manager) Rebuild(ctx context.Context) (int, error) {
+	dir := filepath.Join(m.Root(), entriesDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, err
+	}
+	found := map[string]*state.Entry{}
+	for _, d := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, d.Name(), metaName))
+		if err != nil {
+			continue
+		}
+		var meta Meta
+		if json.Unmarshal(b, &meta) != nil || meta.Key.Validate() != nil || d.Name() != stagingName(meta.Key, meta.Generation) {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(dir, d.Name(), contentName)); err != nil {
+			continue
+		}
+		if old := found[meta.Key.ID()]; old != nil && old.Generation > meta.Generation {
+			continue
+		}
+		found[meta.Key.ID()] = &state.Entry{Key: meta.Key, Stage: state.Ready, Generation: meta.Generation,
+			Path: filepath.Join(entriesDir, d.Name(), contentName), SizeBytes: meta.SizeBytes,
+			Created: meta.Published, LastUsed: meta.Published,
+			Progress: state.Progress{Bytes: meta.Fetched, Total: meta.Fetched}}
+	}
+	err = m.store.Reset(ctx, func(st *state.State) error {
+		for _, e := range found {
+			st.Put(e)
+		}
+		p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
+		st.Policy = &p
+		return nil
+	})
+	return len(found), err
+}
+
+// Check is one verdict of Doctor.
+type Check struct {
+	Name   string `json:"name"`
+	Status string `json:"status"` // ok, warn or fail
+	Detail string `json:"detail"`
+}
+
+// Doctor checks the root and says, check by check, what it found. It
+// changes nothing.
+func (m *Manager) Doctor(ctx context.Context) []Check {
+	var out []Check
+	add := func(name, status, format string, args ...any) {
+		out = append(out, Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
+	}
+	root := m.Root()
+
+	// The lock works on this filesystem: two locks on one name exclude.
+	probe := filepath.Join(root, ".doctor-lock-"+m.self.ManagerID)
+	a, _ := state.NewLock(probe, state.LockOptions{Log: m.cfg.Log})
+	b, _ := state.NewLock(probe, state.LockOptions{Log: m.cfg.Log})
+	if unlock, err := a.Lock(ctx); err != nil {
+		add("lock", "fail", "cannot take a lock in %s: %v", root, err)
+	} else {
+		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		_, berr := b.Lock(tctx)
+		cancel()
+		uerr := unlock()
+		switch {
+		case berr == nil:
+			add("lock", "fail", "two holders got the same lock: link(2) does not exclude on this filesystem")
+		case uerr != nil:
+			add("lock", "fail", "release: %v", uerr)
+		default:
+			add("lock", "ok", "link(2) lock excludes a second holder")
+		}
+	}
+
+	// Clock: compare ours with the file server's, through a file's mtime.
+	if f, err := os.CreateTemp(root, ".doctor-clock-"); err == nil {
+		f.Close()
+		if fi, err := os.Stat(f.Name()); err == nil {
+			skew := time.Since(fi.ModTime())
+			if skew < -time.Minute || skew > time.Minute {
+				add("clock", "warn", "this host's clock differs from the file server's by %s (depcache never compares them for safety; LRU order and TTLs are skewed)", skew.Round(time.Second))
+			} else {
+				add("clock", "ok", "within %s of the file server's", skew.Abs().Round(time.Millisecond))
+			}
+		}
+		os.Remove(f.Name())
+	}
+
+	free, size := diskSpace(root)
+	if size > 0 {
+		status := "ok"
+		if free*20 < size {
+			status = "warn"
+		}
+		add("free space", status, "%s free of %s", humanize.IBytes(uint64(free)), humanize.IBytes(uint64(size)))
+	}
+
+	st, err := m.store.View(ctx)
+	if err != nil {
+		add("state", "fail", "%v (depcache doctor --rebuild rebuilds it from the published metadata)", err)
+		return out
+	}
+	add("state", "ok", "%s parses: %d entries", m.store.Path(), len(st.Entries))
+
+	named := map[string]bool{}
+	missing := 0
+	for _, e := range st.Entries {
+		if e.Path == "" {
+			continue
+		}
+		named[filepath.Base(filepath.Dir(e.Path))] = true
+		if abs, err := m.store.Abs(e.Path); err != nil || !exists(abs) {
+			missing++
+			add("content", "fail", "READY entry %s: content %s is missing", e.Key.Source, e.Path)
+		}
+	}
+	if missing == 0 {
+		add("content", "ok", "every READY entry's content exists")
+	}
+	var orphans []string
+	if ents, err := os.ReadDir(filepath.Join(root, entriesDir)); err == nil {
+		for _, d := range ents {
+			if !named[d.Name()] {
+				orphans = append(orphans, d.Name())
+			}
+		}
+	}
+	if len(orphans) > 0 {
+		add("orphans", "warn", "content without an entry (start-up moves it aside): %s", strings.Join(orphans, ", "))
+	} else {
+		add("orphans", "ok", "no content without an entry")
+	}
+
+	var litter []string
+	if ents, err := os.ReadDir(filepath.Join(root, stagingDir)); err == nil {
+		for _, d := range ents {
+			litter = append(litter, d.Name()+" ("+m.stagingWriter(filepath.Join(root, stagingDir, d.Name()), st)+")")
+		}
+	}
+	if len(litter) > 0 {
+		add("staging", "warn", "%s", strings.Join(litter, "; "))
+	} else {
+		add("staging", "ok", "no staging data")
+	}
+
+	lockPath := filepath.Join(root, state.LockFile)
+	if b, err := os.ReadFile(lockPath); err == nil {
+		add("state lock", "warn", "held now or left behind: %s (doctor --break-lock removes it after showing it)", strings.TrimSpace(string(b)))
+	} else {
+		add("state lock", "ok", "not held")
+	}
+	if leftovers, _ := filepath.Glob(lockPath + ".*"); len(leftovers) > 0 {
+		add("lock litter", "warn", "%d files of interrupted lock attempts: %s", len(leftovers), strings.Join(leftovers, ", "))
+	}
+	return out
+}
+
+// stagingWriter describes who wrote a staging directory and whether it is
+// still at work.
+func (m *Manager) stagingWriter(dir string, st *state.State) string {
+	var rec struct {
+		Owner      state.Owner `json:"owner"`
+		Generation uint64      `json:"generation"`
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ownerName))
+	if err != nil || json.Unmarshal(b, &rec) != nil {
+		return "writer unknown"
+	}
+	who := rec.Owner.Process.String()
+	if m.self.SameMachine(rec.Owner.Process) {
+		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err == nil && !alive {
+			return "written by " + who + ", which is gone: start-up removes it"
+		}
+	}
+	for _, e := range st.Entries {
+		if e.Owner != nil && e.Owner.Same(&rec.Owner) && e.Generation == rec.Generation {
+			return fmt.Sprintf("download in progress by %s, generation %d", who, rec.Generation)
+		}
+	}
+	return "written by " + who + ", superseded"
+}
+
+// LockHolder returns the content of the state lock, or "" if it is free.
+func (m *Manager) LockHolder() string {
+	b, err := os.ReadFile(filepath.Join(m.Root(), state.LockFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// BreakLock removes the state lock if its content is still holder (what
+// the operator was shown).
+func (m *Manager) BreakLock(holder string) error {
+	p := filepath.Join(m.Root(), state.LockFile)
+	aside := p + ".broken-by-doctor"
+	if err := os.Rename(p, aside); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(aside)
+	if err == nil && strings.TrimSpace(string(b)) != holder {
+		if lerr := os.Link(aside, p); lerr != nil {
+			return fmt.Errorf("the lock changed hands while breaking it and could not be restored: %w", lerr)
+		}
+		os.Remove(aside)
+		return errors.New("the lock changed hands meanwhile; left it alone")
+	}
+	return os.Remove(aside)
+}
+
+func exists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}

@@ -52,11 +52,17 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 				return err
 			}
 			ctx := cmd.Context()
-			stop, err := m.Start(ctx)
-			if err != nil {
+			if !noWait {
+				// Only a get that waits drives the download; --no-wait
+				// registers and leaves the work to a waiter or to serve.
+				stop, err := m.Start(ctx)
+				if err != nil {
+					return err
+				}
+				defer stop()
+			} else if err := m.Settle(ctx); err != nil {
 				return err
 			}
-			defer stop()
 			var opts []manager.GetOption
 			if dependent != "" {
 				opts = append(opts, manager.Detached())

@@ -152,8 +152,13 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 		m.emptyTrash()
 	}
 	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
+	var guards map[string]string
+	if snap, err := m.store.View(ctx); err == nil {
+		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+	}
 	type move struct{ from, to string }
 	var moves []move
+	var images []*state.Entry
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		moves = moves[:0]
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
@@ -176,11 +181,31 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 		}
 		m.mu.Unlock()
 		rep.Usage.Bytes = transitions.Measure(st.Entries)
-		rep.Victims = transitions.PlanEviction(pol, st.Entries, rep.Usage, now)
+		candidates := st.Entries
+		if len(guards) > 0 || hasImages(st) {
+			candidates = map[string]*state.Entry{}
+			for id, e := range st.Entries {
+				_, guarded := guards[id]
+				// An image entry the snapshot did not cover (new since) is
+				// not judged this time.
+				if e.Key.Kind == state.Image && (guards == nil || guarded) {
+					continue
+				}
+				if !guarded {
+					candidates[id] = e
+				}
+			}
+		}
+		rep.Victims = transitions.PlanEviction(pol, candidates, rep.Usage, now)
 		if dryRun {
 			return false, nil
 		}
+		images = images[:0]
 		for _, v := range rep.Victims {
+			if e := st.Entries[v.Key.ID()]; e != nil && e.Key.Kind == state.Image {
+				c := *e
+				images = append(images, &c)
+			}
 			delete(st.Entries, v.Key.ID())
 			changed = true
 			if v.Path == "" {
@@ -222,6 +247,9 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 		m.metrics.freedBytes.Add(float64(v.Bytes))
 	}
 	m.emptyTrash()
+	if len(images) > 0 {
+		m.removeImages(ctx, images)
+	}
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")
 	}
@@ -351,4 +379,13 @@ func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Descri
 		out[id] = d
 	}
 	return st, out, nil
+}
+
+func hasImages(st *state.State) bool {
+	for _, e := range st.Entries {
+		if e.Key.Kind == state.Image {
+			return true
+		}
+	}
+	return false
 }

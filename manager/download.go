@@ -100,19 +100,29 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	bg := context.WithoutCancel(ctx)
 	start := time.Now()
 	m.metrics.downloads.WithLabelValues("started").Inc()
-	meta, err := m.fetch(ctx, key, gen, staging, log)
-	if err == nil {
-		err = m.publish(bg, key, gen, staging, meta)
+	var meta Meta
+	var err error
+	if key.Kind == state.Image {
+		var pub transitions.Published
+		pub, err = m.pullImage(ctx, key, gen, log)
 		if err == nil {
-			m.metrics.downloads.WithLabelValues("finished").Inc()
-			m.metrics.bytes.Add(float64(meta.Fetched))
-			m.metrics.downloadSeconds.Observe(seconds(time.Since(start)))
-			log.WithFields(logrus.Fields{"bytes": meta.SizeBytes, "took": time.Since(start).Round(time.Millisecond)}).Info("published")
-			m.mu.Lock()
-			m.sweepSoon = true
-			m.mu.Unlock()
-			return
+			meta.SizeBytes, meta.Fetched = pub.SizeBytes, pub.Fetched
+			err = m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+				return transitions.Publish(e, m.self, gen, pub, m.cfg.Clock.Now())
+			})
 		}
+	} else if meta, err = m.fetch(ctx, key, gen, staging, log); err == nil {
+		err = m.publish(bg, key, gen, staging, meta)
+	}
+	if err == nil {
+		m.metrics.downloads.WithLabelValues("finished").Inc()
+		m.metrics.bytes.Add(float64(meta.Fetched))
+		m.metrics.downloadSeconds.Observe(seconds(time.Since(start)))
+		log.WithFields(logrus.Fields{"bytes": meta.SizeBytes, "took": time.Since(start).Round(time.Millisecond)}).Info("published")
+		m.mu.Lock()
+		m.sweepSoon = true
+		m.mu.Unlock()
+		return
 	}
 	// Clean up before the terminal state is published, so that whoever
 	// sees it never sees our leftovers.

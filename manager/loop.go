@@ -179,6 +179,9 @@ func (m *Manager) step(ctx context.Context) error {
 func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitions.View {
 	v := transitions.View{Self: m.self, Drive: m.cfg.DriveAll || len(m.local[id]) > 0,
 		Dependents: m.dependentViewsLocked(e, now)}
+	if e.Key.Kind == state.Image && (e.Key.Daemon == "" || e.Key.Daemon != m.daemonID) {
+		v.Drive = false // images live in their daemon: only its managers drive them
+	}
 	if d := m.downloads[id]; d != nil && d.gen == e.Generation {
 		v.Running = true
 	}

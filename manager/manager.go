@@ -85,6 +85,11 @@ type Config struct {
 	// OnLockHold, when set, is told how long each hold of the state lock
 	// lasted (for metrics and tests).
 	OnLockHold func(time.Duration)
+	// Docker is the engine for docker:// sources; nil: images are refused.
+	Docker Engine
+	// MaxImageBytes fails an image whose registry size exceeds it before
+	// pulling; 0: no bound.
+	MaxImageBytes int64
 	// Metrics, when set, receives the manager's Prometheus metrics.
 	Metrics prometheus.Registerer
 	// Sources by URL scheme. Default: http, https and file.
@@ -115,6 +120,7 @@ type Manager struct {
 	lastSweep      time.Time                         // our clock, last sweep
 	sweepSoon      bool                              // a publish asked for a sweep
 	policyMismatch []string
+	daemonID       string        // the Docker daemon's ID, when Config.Docker is set
 	last           *state.State  // the state the last pass saw
 	pass           uint64        // number of finished passes
 	passDone       chan struct{} // closed when the current pass finishes
@@ -230,12 +236,20 @@ func Detached() GetOption {
 }
 
 // Get registers dependent as a user of key and returns a snapshot of the
-// entry without waiting. A missing entry is created DOWNLOADING; the
+// entry without waiting. For an image, the key is completed with this
+// manager's daemon: use the returned entry's Key to Wait and Release. A missing entry is created DOWNLOADING; the
 // download starts in this process's loop if no one else runs it. By
 // default the dependent is bound to this process.
 func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts ...GetOption) (state.Entry, error) {
 	if err := checkDependent(dependent); err != nil {
 		return state.Entry{}, err
+	}
+	if key.Kind == state.Image && key.Daemon == "" {
+		id, err := m.daemon(ctx)
+		if err != nil {
+			return state.Entry{}, err
+		}
+		key.Daemon = id
 	}
 	if err := key.Validate(); err != nil {
 		return state.Entry{}, err
@@ -397,4 +411,25 @@ func requestResult(e *state.Entry) string {
 		return "failed"
 	}
 	return "wait"
+}
+
+// daemon returns the Docker daemon's ID, or why images cannot be had.
+func (m *Manager) daemon(ctx context.Context) (string, error) {
+	if m.cfg.Docker == nil {
+		return "", fmt.Errorf("docker:// sources need a Docker engine (set DOCKER_HOST): %w", ErrBadSource)
+	}
+	m.mu.Lock()
+	id := m.daemonID
+	m.mu.Unlock()
+	if id != "" {
+		return id, nil
+	}
+	id, err := m.cfg.Docker.DaemonID(ctx)
+	if err != nil {
+		return "", err
+	}
+	m.mu.Lock()
+	m.daemonID = id
+	m.mu.Unlock()
+	return id, nil
 }

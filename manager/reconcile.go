@@ -24,6 +24,11 @@ import (
 //   - trash is emptied, outside the lock.
 func (m *Manager) reconcile(ctx context.Context) error {
 	root := m.Root()
+	if m.cfg.Docker != nil {
+		if _, err := m.daemon(ctx); err != nil {
+			m.log.WithError(err).Warn("Docker engine unavailable: image entries are not driven")
+		}
+	}
 	var dropped []string
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		changed, err := m.settlePolicy(st)

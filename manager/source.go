@@ -60,8 +60,17 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 			return state.Key{}, fmt.Errorf("source %q: file path must be absolute: %w", source, ErrBadSource)
 		}
 		k.Source = "file://" + filepath.Clean(u.Path)
+	case "docker":
+		if sha256 != "" {
+			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles; pin an image by digest (docker://repo@sha256:...): %w", source, ErrBadSource)
+		}
+		ref, err := ParseImageRef(strings.TrimPrefix(source[len(u.Scheme):], "://"))
+		if err != nil {
+			return state.Key{}, err
+		}
+		k = state.Key{Kind: state.Image, Source: "docker://" + ref}
 	case "":
-		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https:// or file://): %w", source, ErrBadSource)
+		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https://, file:// or docker://): %w", source, ErrBadSource)
 	default:
 		return state.Key{}, fmt.Errorf("source %q: unsupported scheme %q: %w", source, u.Scheme, ErrBadSource)
 	}

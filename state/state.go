@@ -114,6 +114,11 @@ type Entry struct {
 	Message string `json:"message,omitempty"`
 	// ImageID is the full image ID of a READY image entry.
 	ImageID string `json:"image_id,omitempty"`
+	// RepoDigest is the image's repository digest, when the engine knows it.
+	RepoDigest string `json:"repo_digest,omitempty"`
+	// External: the content was there before depcache fetched it (an image
+	// the daemon already had); depcache never removes it.
+	External bool `json:"external,omitempty"`
 }
 
 // Progress is what an owner reports while downloading. Waiters judge a stall

@@ -50,6 +50,8 @@ func Kept(pol state.Policy, e *state.Entry, now time.Time) string {
 		return fmt.Sprintf("in use by %d dependent(s)", len(e.Dependents))
 	case pol.Pinned(e.Key):
 		return "pinned"
+	case e.External:
+		return "not fetched by depcache"
 	case now.Sub(e.Created) < time.Duration(pol.MinAge):
 		return fmt.Sprintf("younger than min-age %s", pol.MinAge)
 	}

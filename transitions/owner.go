@@ -49,6 +49,9 @@ type Published struct {
 	// Fetched is the number of bytes downloaded; it becomes the final
 	// progress.
 	Fetched int64
+	// RepoDigest of an image, and External when depcache did not fetch it.
+	RepoDigest string
+	External   bool
 }
 
 // Publish makes the entry READY and clears its owner, in one step.
@@ -62,6 +65,8 @@ func Publish(e *state.Entry, self state.Owner, gen uint64, pub Published, now ti
 	n.Path = pub.Path
 	n.SizeBytes = pub.SizeBytes
 	n.ImageID = pub.ImageID
+	n.RepoDigest = pub.RepoDigest
+	n.External = pub.External
 	n.Progress.Bytes = pub.Fetched
 	n.Progress.Total = pub.Fetched
 	n.Failures = 0

@@ -25,9 +25,9 @@ func newGet(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "get [flags] SOURCE",
 		Short: "Register a dependent, fetch SOURCE once (or wait for whoever fetches it) and print its path",
-		Long: `get registers a dependent of SOURCE (http://, https:// or file://), drives the
-download in this process if nobody else does, waits until it is READY and
-prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
+		Long: `get registers a dependent of SOURCE (http://, https://, file:// or docker://REF),
+drives the download (or pull) in this process if nobody else does, waits until
+it is READY and prints the local path (or the full image ID). Exit status: 0 READY, 1 FAILED (reason on stderr),
 2 bad usage or bad input, 3 timed out.`,
 		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -76,6 +76,7 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 			if err != nil {
 				return err
 			}
+			key = e.Key // an image's key names the daemon
 			if !noWait {
 				wctx := ctx
 				if timeout > 0 {
@@ -103,6 +104,10 @@ prints the local path. Exit status: 0 READY, 1 FAILED (reason on stderr),
 			}
 			if e.Stage != state.Ready {
 				fmt.Fprintln(g.stdout, e.Stage)
+				return nil
+			}
+			if e.Key.Kind == state.Image {
+				fmt.Fprintln(g.stdout, e.ImageID)
 				return nil
 			}
 			p, err := m.Abs(e)

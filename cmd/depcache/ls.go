@@ -25,6 +25,8 @@ type entryJSON struct {
 	Stage      string         `json:"stage"`
 	Path       string         `json:"path"`
 	ImageID    string         `json:"image_id"`
+	RepoDigest string         `json:"repo_digest,omitempty"`
+	Daemon     string         `json:"daemon,omitempty"`
 	SizeBytes  int64          `json:"size_bytes"`
 	Dependents []string       `json:"dependents"`
 	LastUsed   string         `json:"last_used"`
@@ -45,7 +47,7 @@ type ownerJSON struct {
 func toJSON(m *manager.Manager, e state.Entry) entryJSON {
 	j := entryJSON{
 		Key: e.Key.ID(), Kind: string(e.Key.Kind), Source: e.Key.Source, SHA256: e.Key.SHA256,
-		Stage: string(e.Stage), ImageID: e.ImageID, SizeBytes: e.SizeBytes, Dependents: []string{},
+		Stage: string(e.Stage), ImageID: e.ImageID, RepoDigest: e.RepoDigest, Daemon: e.Key.Daemon, SizeBytes: e.SizeBytes, Dependents: []string{},
 		LastUsed: rfc3339(e.LastUsed), Created: rfc3339(e.Created), Generation: e.Generation,
 		Progress: e.Progress, Failures: e.Failures, Message: e.Message,
 	}
@@ -101,6 +103,8 @@ func newLs(g *globals) *cobra.Command {
 					detail = fmt.Sprintf("gen %d by pid %d on %s, %s", e.Generation, e.Owner.PID, e.Owner.Host, humanize.IBytes(uint64(e.Progress.Bytes)))
 				case e.Stage == string(state.Failed):
 					detail = e.Message
+				case e.Kind == string(state.Image):
+					detail = fmt.Sprintf("%s on daemon %.12s", e.ImageID, e.Daemon)
 				}
 				kept := e.Kept
 				if kept == "" {

@@ -17,6 +17,7 @@ import (
 type policyFlags struct {
 	fs        *pflag.FlagSet
 	maxSize   sizeValue
+	maxImage  sizeValue
 	minFree   sizeValue
 	high, low int
 	minAge    time.Duration
@@ -30,6 +31,7 @@ type policyFlags struct {
 func (p *policyFlags) register(fs *pflag.FlagSet) {
 	p.fs = fs
 	fs.Var(&p.maxSize, "max-size", "byte budget of the cache, with units (10GiB, 500MB); 0 means none")
+	fs.Var(&p.maxImage, "max-image-size", "fail an image whose registry size exceeds this before pulling it (0: no limit)")
 	fs.IntVar(&p.high, "high-watermark", 95, "percent of max-size above which a sweep starts")
 	fs.IntVar(&p.low, "low-watermark", 85, "percent of max-size a sweep frees down to")
 	p.minFree.percentOK = true

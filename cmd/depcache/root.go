@@ -75,6 +75,14 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 	if err != nil {
 		return manager.Config{}, err
 	}
+	var engine manager.Engine
+	if os.Getenv("DOCKER_HOST") != "" || fileExists("/var/run/docker.sock") {
+		e, err := manager.DockerEngine()
+		if err != nil {
+			return manager.Config{}, err
+		}
+		engine = e
+	}
 	retries := l.retries
 	if retries == 0 {
 		retries = -1 // manager.Config: 0 means the default
@@ -86,6 +94,8 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 			FailureCooldown: l.failureCooldown,
 			LeaseDuration:   p.lease,
 		},
+		Docker:           engine,
+		MaxImageBytes:    p.maxImage.bytes,
 		Cleanup:          change,
 		SetPolicy:        p.setPolicy,
 		CleanupInterval:  p.interval,
@@ -185,4 +195,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "depcache:", err)
 	}
 	return exitCode(err)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }

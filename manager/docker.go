@@ -1,0 +1,189 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/image"
+	"github.com/docker/docker/client"
+	"github.com/docker/docker/pkg/jsonmessage"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+)
+
+// ErrImageInUse means the engine refused to remove an image because a
+// container uses it.
+var ErrImageInUse = errors.New("image in use")
+
+// Engine is the Docker engine as the manager needs it: images live in a
+// host's daemon, not on the shared filesystem.
+type Engine interface {
+	// DaemonID identifies the daemon; image entries belong to one daemon.
+	DaemonID(ctx context.Context) (string, error)
+	// Inspect returns the image's full ID and size, and false when the
+	// daemon does not have it.
+	Inspect(ctx context.Context, ref string) (ImageInfo, bool, error)
+	// Pull pulls ref, reporting bytes done and expected over all layers.
+	Pull(ctx context.Context, ref string, progress func(done, total int64)) error
+	// RegistrySize sums the manifest's layer and config sizes, or returns
+	// false when the registry cannot tell.
+	RegistrySize(ctx context.Context, ref string) (int64, bool, error)
+	// ImagesInUse returns the full IDs of images used by any container,
+	// running or not.
+	ImagesInUse(ctx context.Context) (map[string]bool, error)
+	// Remove removes an image by full ID; ErrImageInUse on a conflict. It
+	// never forces.
+	Remove(ctx context.Context, id string) error
+}
+
+// ImageInfo is what the engine says of an image.
+type ImageInfo struct {
+	ID          string
+	RepoDigests []string
+	Size        int64
+}
+
+// ParseImageRef normalises a docker:// reference: the registry, the
+// repository and a tag (latest when none is given) or a digest.
+func ParseImageRef(ref string) (string, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return "", fmt.Errorf("image reference %q: %w: %w", ref, ErrBadSource, err)
+	}
+	return r.Name(), nil
+}
+
+// DockerEngine talks to the engine at DOCKER_HOST (or the default socket),
+// negotiating the API version down to the daemon's.
+func DockerEngine() (Engine, error) {
+	c, err := client.NewClientWithOpts(client.FromEnv, client.WithAPIVersionNegotiation())
+	if err != nil {
+		return nil, fmt.Errorf("docker: %w", err)
+	}
+	return &dockerEngine{c: c}, nil
+}
+
+type dockerEngine struct {
+	c    *client.Client
+	once sync.Once
+	id   string
+	err  error
+}
+
+func (d *dockerEngine) DaemonID(ctx context.Context) (string, error) {
+	d.once.Do(func() {
+		info, err := d.c.Info(ctx)
+		if err != nil {
+			d.err = fmt.Errorf("docker: %w", err)
+			return
+		}
+		d.id = info.ID
+	})
+	return d.id, d.err
+}
+
+func (d *dockerEngine) Inspect(ctx context.Context, ref string) (ImageInfo, bool, error) {
+	r, err := d.c.ImageInspect(ctx, ref)
+	if cerrdefs.IsNotFound(err) {
+		return ImageInfo{}, false, nil
+	}
+	if err != nil {
+		return ImageInfo{}, false, fmt.Errorf("docker: inspecting %s: %w", ref, err)
+	}
+	return ImageInfo{ID: r.ID, RepoDigests: r.RepoDigests, Size: r.Size}, true, nil
+}
+
+func (d *dockerEngine) Pull(ctx context.Context, ref string, progress func(done, total int64)) error {
+	rc, err := d.c.ImagePull(ctx, ref, image.PullOptions{})
+	if err != nil {
+		return fmt.Errorf("docker: pulling %s: %w", ref, pullErr(err))
+	}
+	defer rc.Close()
+	type layer struct{ cur, total int64 }
+	layers := map[string]layer{}
+	dec := json.NewDecoder(rc)
+	for {
+		var msg jsonmessage.JSONMessage
+		if err := dec.Decode(&msg); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("docker: pulling %s: reading the engine's stream: %w", ref, err)
+		}
+		if msg.Error != nil {
+			return fmt.Errorf("docker: pulling %s: %s: %w", ref, msg.Error.Message, ErrPermanent)
+		}
+		if msg.Progress != nil && msg.ID != "" && strings.HasPrefix(msg.Status, "Downloading") {
+			layers[msg.ID] = layer{msg.Progress.Current, msg.Progress.Total}
+		}
+		if strings.HasPrefix(msg.Status, "Download complete") || strings.HasPrefix(msg.Status, "Pull complete") {
+			if l, ok := layers[msg.ID]; ok {
+				layers[msg.ID] = layer{l.total, l.total}
+			}
+		}
+		var done, total int64
+		for _, l := range layers {
+			done += l.cur
+			total += l.total
+		}
+		progress(done, total)
+	}
+}
+
+// pullErr marks errors a retry will not fix.
+func pullErr(err error) error {
+	if cerrdefs.IsNotFound(err) || cerrdefs.IsUnauthorized(err) || cerrdefs.IsPermissionDenied(err) || cerrdefs.IsInvalidArgument(err) {
+		return fmt.Errorf("%w: %w", err, ErrPermanent)
+	}
+	return err
+}
+
+func (d *dockerEngine) RegistrySize(ctx context.Context, ref string) (int64, bool, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return 0, false, err
+	}
+	img, err := remote.Image(r, remote.WithContext(ctx))
+	if err != nil {
+		return 0, false, err
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return 0, false, err
+	}
+	n := m.Config.Size
+	for _, l := range m.Layers {
+		n += l.Size
+	}
+	return n, true, nil
+}
+
+func (d *dockerEngine) ImagesInUse(ctx context.Context) (map[string]bool, error) {
+	cs, err := d.c.ContainerList(ctx, container.ListOptions{All: true})
+	if err != nil {
+		return nil, fmt.Errorf("docker: listing containers: %w", err)
+	}
+	used := map[string]bool{}
+	for _, c := range cs {
+		used[c.ImageID] = true
+	}
+	return used, nil
+}
+
+func (d *dockerEngine) Remove(ctx context.Context, id string) error {
+	_, err := d.c.ImageRemove(ctx, id, image.RemoveOptions{PruneChildren: true})
+	switch {
+	case err == nil, cerrdefs.IsNotFound(err):
+		return nil
+	case cerrdefs.IsConflict(err):
+		return fmt.Errorf("docker: removing %s: %w: %w", id, ErrImageInUse, err)
+	}
+	return fmt.Errorf("docker: removing %s: %w", id, err)
+}

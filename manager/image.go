@@ -1,0 +1,140 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/dustin/go-humanize"
+	"github.com/sirupsen/logrus"
+)
+
+// pullImage makes the image of key present in our daemon: at most one pull
+// per (daemon, image) across processes, because only the owner of the
+// entry's generation gets here.
+func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log logrus.FieldLogger) (transitions.Published, error) {
+	eng := m.cfg.Docker
+	if eng == nil {
+		return transitions.Published{}, fmt.Errorf("no Docker engine configured: %w", ErrPermanent)
+	}
+	ref := strings.TrimPrefix(key.Source, "docker://")
+	// Double check after taking ownership: an image the daemon already has
+	// is READY without a pull, and depcache will never remove it.
+	if info, ok, err := eng.Inspect(ctx, ref); err != nil {
+		return transitions.Published{}, err
+	} else if ok {
+		log.WithField("image_id", info.ID).Info("image already present: not pulled, never removed by depcache")
+		return published(info, 0, true), nil
+	}
+	if limit := m.cfg.MaxImageBytes; limit > 0 {
+		size, known, err := eng.RegistrySize(ctx, ref)
+		switch {
+		case err != nil || !known:
+			log.WithError(err).Warn("the registry did not tell the image's size; pulling without the size check")
+		case size > limit:
+			return transitions.Published{}, fmt.Errorf("image of %s (registry manifest) exceeds the image size limit of %s: %w",
+				humanize.IBytes(uint64(size)), humanize.IBytes(uint64(limit)), ErrPermanent)
+		}
+	}
+	var done, total atomic.Int64
+	stop := m.reportProgress(ctx, key, gen, &done, &total)
+	defer stop()
+	var err error
+	for attempt := 0; ; attempt++ {
+		err = eng.Pull(ctx, ref, func(d, t int64) { done.Store(d); total.Store(t) })
+		if err == nil || ctx.Err() != nil || errors.Is(err, ErrPermanent) || attempt >= m.cfg.Retries {
+			break
+		}
+		log.WithError(err).WithField("attempt", attempt+1).Warn("pull failed, retrying")
+		if sleepCtx(ctx, m.cfg.RetryBackoff<<attempt) != nil {
+			break
+		}
+	}
+	if ctx.Err() != nil {
+		return transitions.Published{}, context.Cause(ctx)
+	}
+	if err != nil {
+		return transitions.Published{}, err
+	}
+	info, ok, err := eng.Inspect(ctx, ref)
+	if err != nil {
+		return transitions.Published{}, err
+	}
+	if !ok {
+		return transitions.Published{}, fmt.Errorf("the engine reported %s pulled, but does not have it", ref)
+	}
+	return published(info, done.Load(), false), nil
+}
+
+func published(info ImageInfo, fetched int64, external bool) transitions.Published {
+	p := transitions.Published{ImageID: info.ID, SizeBytes: info.Size, Fetched: fetched, External: external}
+	if len(info.RepoDigests) > 0 {
+		p.RepoDigest = info.RepoDigests[0]
+	}
+	return p
+}
+
+// imageGuards returns, by key ID, why image entries of this root may not be
+// evicted by this manager: another daemon's, or used by a container. The
+// engine is asked before the lock is taken; a container created after
+// that is caught by the engine's refusal to remove the image.
+func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]string {
+	guards := map[string]string{}
+	var used map[string]bool
+	for id, e := range st.Entries {
+		if e.Key.Kind != state.Image {
+			continue
+		}
+		if m.cfg.Docker == nil || e.Key.Daemon != m.daemonIDNow() {
+			guards[id] = "image of another daemon"
+			continue
+		}
+		if used == nil {
+			var err error
+			if used, err = m.cfg.Docker.ImagesInUse(ctx); err != nil {
+				m.log.WithError(err).Warn("cannot list containers: no image is evicted in this sweep")
+				for id, e := range st.Entries {
+					if e.Key.Kind == state.Image {
+						guards[id] = "containers unknown"
+					}
+				}
+				return guards
+			}
+		}
+		if used[e.ImageID] {
+			guards[id] = "used by a container"
+		}
+	}
+	return guards
+}
+
+func (m *Manager) daemonIDNow() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.daemonID
+}
+
+// removeImages removes evicted images from the engine, outside the lock.
+// An image the engine refuses to remove (a container appeared) gets its
+// entry back, to be retried at a later sweep; nothing is forced.
+func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
+	for _, e := range victims {
+		err := m.cfg.Docker.Remove(ctx, e.ImageID)
+		if err == nil {
+			continue
+		}
+		m.log.WithError(err).WithField("image_id", e.ImageID).Warn("image not removed; its entry is kept for a later sweep")
+		restore := *e
+		m.store.Update(ctx, func(st *state.State) (bool, error) {
+			if st.Get(restore.Key) != nil {
+				return false, nil
+			}
+			st.Put(&restore)
+			return true, nil
+		})
+	}
+}

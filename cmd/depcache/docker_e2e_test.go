@@ -1,0 +1,340 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/docker/docker/api/types/build"
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/image"
+	"github.com/docker/docker/client"
+	"github.com/docker/docker/pkg/jsonmessage"
+	"github.com/google/go-containerregistry/pkg/registry"
+
+	"github.com/depcache/depcache/state/rigtest"
+)
+
+// testRegistry is an OCI registry in this process that counts blob GETs.
+type testRegistry struct {
+	*httptest.Server
+	host      string
+	mu        sync.Mutex
+	blobGets  map[string]int
+	manifests atomic.Int32
+	// stallFirst, when set, holds the first blob GET of a large blob until
+	// its client goes away or 3 s pass; stalled is told when it starts.
+	stallFirst atomic.Bool
+	stalled    chan struct{}
+}
+
+func newRegistry(t *testing.T) *testRegistry {
+	r := &testRegistry{blobGets: map[string]int{}}
+	h := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	r.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/blobs/sha256:") {
+			r.mu.Lock()
+			r.blobGets[req.URL.Path]++
+			r.mu.Unlock()
+			if r.stallFirst.Load() && r.stalled != nil {
+				rec := httptest.NewRecorder()
+				h.ServeHTTP(rec, req)
+				if rec.Body.Len() > 1<<20 && r.stallFirst.CompareAndSwap(true, false) {
+					close(r.stalled)
+					select {
+					case <-req.Context().Done():
+						return
+					case <-time.After(3 * time.Second):
+					}
+				}
+				for k, v := range rec.Header() {
+					w.Header()[k] = v
+				}
+				w.WriteHeader(rec.Code)
+				w.Write(rec.Body.Bytes())
+				return
+			}
+		}
+		if strings.Contains(req.URL.Path, "/manifests/") {
+			r.manifests.Add(1)
+		}
+		h.ServeHTTP(w, req)
+	}))
+	t.Cleanup(r.Close)
+	r.host = strings.TrimPrefix(r.URL, "http://")
+	return r
+}
+
+func (r *testRegistry) blobs() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]int{}
+	for k, v := range r.blobGets {
+		out[k] = v
+	}
+	return out
+}
+
+func dockerClient(t *testing.T) *client.Client {
+	t.Helper()
+	rigtest.Env(t, "DOCKER_HOST")
+	c, err := client.NewClientWithOpts(client.FromEnv, client.WithAPIVersionNegotiation())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ping(context.Background()); err != nil {
+		rigtest.Missing(t, "the Docker engine at $DOCKER_HOST: "+err.Error())
+	}
+	return c
+}
+
+// drain reads an engine JSON stream and returns its error, if any.
+func drain(rc io.ReadCloser) error {
+	defer rc.Close()
+	dec := json.NewDecoder(rc)
+	for {
+		var m jsonmessage.JSONMessage
+		if err := dec.Decode(&m); err == io.EOF {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		if m.Error != nil {
+			return fmt.Errorf("%s", m.Error.Message)
+		}
+	}
+}
+
+// pushImage builds an image FROM scratch holding size random bytes, pushes
+// it to ref and removes it from the daemon, so that getting it needs a pull.
+func pushImage(t *testing.T, c *client.Client, ref string, size int) {
+	t.Helper()
+	ctx := context.Background()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	payload := randomBody(size)
+	payload[0] = byte(len(ref)) // distinct content per reference
+	copy(payload[1:], ref)
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{"Dockerfile", []byte("FROM scratch\nCOPY payload /payload\n")}, {"payload", payload}} {
+		tw.WriteHeader(&tar.Header{Name: f.name, Mode: 0o644, Size: int64(len(f.data))})
+		tw.Write(f.data)
+	}
+	tw.Close()
+	resp, err := c.ImageBuild(ctx, &buf, build.ImageBuildOptions{Tags: []string{ref}, Remove: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := drain(resp.Body); err != nil {
+		t.Fatalf("build %s: %v", ref, err)
+	}
+	rc, err := c.ImagePush(ctx, ref, image.PushOptions{RegistryAuth: "e30="})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := drain(rc); err != nil {
+		t.Fatalf("push %s: %v", ref, err)
+	}
+	if _, err := c.ImageRemove(ctx, ref, image.RemoveOptions{PruneChildren: true}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func imageID(t *testing.T, c *client.Client, ref string) (string, bool) {
+	t.Helper()
+	r, err := c.ImageInspect(context.Background(), ref)
+	if err != nil {
+		return "", false
+	}
+	return r.ID, true
+}
+
+// TestE2EImageDedup: 8 processes get one image that is only in the local
+// registry: every blob is fetched once, all print the same full image ID.
+func TestE2EImageDedup(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	ref := reg.host + "/team/app:1"
+	pushImage(t, c, ref, 3<<20)
+	pushed := reg.blobs()
+	root := t.TempDir()
+	var wg sync.WaitGroup
+	outs := make([]string, 8)
+	for i := range outs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).Output()
+			if err != nil {
+				t.Errorf("get %d: %v", i, err)
+			}
+			outs[i] = strings.TrimSpace(string(out))
+		}()
+	}
+	wg.Wait()
+	id, ok := imageID(t, c, ref)
+	if !ok {
+		t.Fatal("the image is not in the daemon")
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	for i, o := range outs {
+		if o != id {
+			t.Errorf("get %d printed %q, want %s", i, o, id)
+		}
+	}
+	fetched := 0
+	for blob, n := range reg.blobs() {
+		if got := n - pushed[blob]; got > 1 {
+			t.Errorf("blob %s fetched %d times", blob, got)
+		}
+		fetched += n - pushed[blob]
+	}
+	if fetched == 0 {
+		t.Error("no blob was fetched: the image was not pulled from the registry")
+	}
+	st := readState(t, root)
+	e := onlyEntry(t, st)
+	if e.Stage != "READY" || e.ImageID != id || e.Key.Daemon == "" {
+		t.Errorf("entry %+v", e)
+	}
+}
+
+// TestE2EImageTooLarge: an image over --max-image-size fails before any
+// blob is fetched.
+func TestE2EImageTooLarge(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	ref := reg.host + "/team/big:1"
+	pushImage(t, c, ref, 2<<20)
+	before := reg.blobs()
+	cmd := exec.Command(bin, "--root", t.TempDir(), "get", "--max-image-size", "1MiB", "docker://"+ref)
+	out, err := cmd.CombinedOutput()
+	if code := cmd.ProcessState.ExitCode(); err == nil || code != 1 || !strings.Contains(string(out), "exceeds the image size limit") {
+		t.Errorf("get: exit %d, %s; want 1 and the size limit named", code, out)
+	}
+	for blob, n := range reg.blobs() {
+		if n != before[blob] {
+			t.Errorf("blob %s fetched although the image was too large", blob)
+		}
+	}
+	if _, ok := imageID(t, c, ref); ok {
+		t.Error("the image was pulled")
+	}
+}
+
+// TestE2EImageEviction: with a stopped container using image A and a
+// dependent holding image B, a sweep under a tiny budget removes only C;
+// once the container is gone and B released, A and B go too.
+func TestE2EImageEviction(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ctx := context.Background()
+	refs := map[string]string{}
+	for _, n := range []string{"a", "b", "c"} {
+		refs[n] = reg.host + "/team/" + n + ":1"
+		pushImage(t, c, refs[n], 64<<10)
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job-"+n, "docker://"+refs[n]).CombinedOutput(); err != nil {
+			t.Fatalf("get %s: %v: %s", n, err, out)
+		}
+	}
+	idA, _ := imageID(t, c, refs["a"])
+	ctr, err := c.ContainerCreate(ctx, &container.Config{Image: idA, Cmd: []string{"/payload"}}, nil, nil, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	removeCtr := func() { c.ContainerRemove(ctx, ctr.ID, container.RemoveOptions{Force: true}) }
+	t.Cleanup(removeCtr)
+	for _, n := range []string{"a", "c"} {
+		if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job-"+n, "docker://"+refs[n]).CombinedOutput(); err != nil {
+			t.Fatalf("release: %v: %s", err, out)
+		}
+	}
+	gc := func() string {
+		out, err := exec.Command(bin, "--root", root, "gc", "--max-size", "1", "--min-age", "0s", "--set-policy").CombinedOutput()
+		if err != nil {
+			t.Fatalf("gc: %v: %s", err, out)
+		}
+		return string(out)
+	}
+	out := gc()
+	_, hasA := imageID(t, c, refs["a"])
+	_, hasB := imageID(t, c, refs["b"])
+	_, hasC := imageID(t, c, refs["c"])
+	if !hasA || !hasB || hasC {
+		t.Fatalf("after the first sweep: a %v, b %v, c %v; want only c removed\n%s", hasA, hasB, hasC, out)
+	}
+	removeCtr()
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job-b", "docker://"+refs["b"]).CombinedOutput(); err != nil {
+		t.Fatalf("release: %v: %s", err, out)
+	}
+	out = gc()
+	_, hasA = imageID(t, c, refs["a"])
+	_, hasB = imageID(t, c, refs["b"])
+	if hasA || hasB {
+		t.Errorf("after the second sweep: a %v, b %v; want both removed\n%s", hasA, hasB, out)
+	}
+	if st := readState(t, root); len(st.Entries) != 0 {
+		t.Errorf("%d entries left", len(st.Entries))
+	}
+}
+
+// TestE2EImageTakeoverAfterKill: the process pulling an image is SIGKILLed
+// mid-pull; a waiting process takes over and the image ends READY.
+func TestE2EImageTakeoverAfterKill(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	ref := reg.host + "/team/slow:1"
+	pushImage(t, c, ref, 3<<20)
+	reg.stalled = make(chan struct{})
+	reg.stallFirst.Store(true)
+	root := t.TempDir()
+	owner := exec.Command(bin, "--root", root, "get", "docker://"+ref)
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	<-reg.stalled // the owner's pull is fetching the big layer
+	waiter := exec.Command(bin, "--root", root, "get", "docker://"+ref)
+	var out bytes.Buffer
+	waiter.Stdout = &out
+	if err := waiter.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the waiter to register", func() bool {
+		for _, e := range readState(t, root).Entries {
+			return len(e.Dependents) == 2
+		}
+		return false
+	})
+	owner.Process.Kill()
+	owner.Wait()
+	if err := waiter.Wait(); err != nil {
+		t.Fatalf("waiter: %v", err)
+	}
+	id, ok := imageID(t, c, ref)
+	if !ok {
+		t.Fatal("the image is not in the daemon")
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	if got := strings.TrimSpace(out.String()); got != id {
+		t.Errorf("waiter printed %q, want %s", got, id)
+	}
+	e := onlyEntry(t, readState(t, root))
+	if e.Stage != "READY" || e.Generation != 2 || e.ImageID != id {
+		t.Errorf("entry %s gen %d image %s; want READY gen 2 %s", e.Stage, e.Generation, e.ImageID, id)
+	}
+}

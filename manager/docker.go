@@ -10,12 +10,16 @@ import (
 	"sync"
 
 	cerrdefs "github.com/containerd/errdefs"
+	"github.com/docker/docker/api/types/build"
 	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/filters"
 	"github.com/docker/docker/api/types/image"
 	"github.com/docker/docker/client"
 	"github.com/docker/docker/pkg/jsonmessage"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/depcache/depcache/state"
 )
 
 // ErrImageInUse means the engine refused to remove an image because a
@@ -41,6 +45,10 @@ type Engine interface {
 	// Remove removes an image by full ID; ErrImageInUse on a conflict. It
 	// never forces.
 	Remove(ctx context.Context, id string) error
+	// FindLabeled finds an image carrying label=value.
+	FindLabeled(ctx context.Context, label, value string) (ImageInfo, bool, error)
+	// Build builds an image from a tar of its context and returns its ID.
+	Build(ctx context.Context, context io.Reader, spec state.BuildSpec, labels map[string]string) (string, error)
 }
 
 // ImageInfo is what the engine says of an image.
@@ -186,4 +194,59 @@ func (d *dockerEngine) Remove(ctx context.Context, id string) error {
 		return fmt.Errorf("docker: removing %s: %w: %w", id, ErrImageInUse, err)
 	}
 	return fmt.Errorf("docker: removing %s: %w", id, err)
+}
+
+func (d *dockerEngine) FindLabeled(ctx context.Context, label, value string) (ImageInfo, bool, error) {
+	imgs, err := d.c.ImageList(ctx, image.ListOptions{Filters: filters.NewArgs(filters.Arg("label", label+"="+value))})
+	if err != nil {
+		return ImageInfo{}, false, fmt.Errorf("docker: listing images: %w", err)
+	}
+	if len(imgs) == 0 {
+		return ImageInfo{}, false, nil
+	}
+	return ImageInfo{ID: imgs[0].ID, RepoDigests: imgs[0].RepoDigests, Size: imgs[0].Size}, true, nil
+}
+
+func (d *dockerEngine) Build(ctx context.Context, buildContext io.Reader, spec state.BuildSpec, labels map[string]string) (string, error) {
+	opts := build.ImageBuildOptions{Dockerfile: spec.Dockerfile, Labels: labels, Remove: true, ForceRemove: true}
+	if spec.Tag != "" {
+		opts.Tags = []string{spec.Tag}
+	}
+	for k, v := range spec.Args {
+		opts.BuildArgs = map[string]*string{}
+		v := v
+		opts.BuildArgs[k] = &v
+	}
+	resp, err := d.c.ImageBuild(ctx, buildContext, opts)
+	if err != nil {
+		return "", fmt.Errorf("docker: build: %w", err)
+	}
+	defer resp.Body.Close()
+	dec := json.NewDecoder(resp.Body)
+	id := ""
+	for {
+		var msg jsonmessage.JSONMessage
+		if err := dec.Decode(&msg); err != nil {
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			return "", fmt.Errorf("docker: build: reading the engine's stream: %w", err)
+		}
+		if msg.Error != nil {
+			return "", fmt.Errorf("docker: build: %s: %w", msg.Error.Message, ErrPermanent)
+		}
+		if msg.Aux != nil {
+			var aux struct{ ID string }
+			if json.Unmarshal(*msg.Aux, &aux) == nil && aux.ID != "" {
+				id = aux.ID
+			}
+		}
+		if s, ok := strings.CutPrefix(strings.TrimSpace(msg.Stream), "Successfully built "); ok && id == "" {
+			id = s
+		}
+	}
+	if id == "" {
+		return "", errors.New("docker: build finished without an image ID")
+	}
+	return id, nil
 }

@@ -21,6 +21,16 @@ func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log 
 	if eng == nil {
 		return transitions.Published{}, fmt.Errorf("no Docker engine configured: %w", ErrPermanent)
 	}
+	if key.Build != nil {
+		info, existed, err := m.buildImage(ctx, key)
+		if err != nil {
+			return transitions.Published{}, err
+		}
+		if existed {
+			log.WithField("image_id", info.ID).Info("an earlier build of this fingerprint is in the daemon: not built again")
+		}
+		return published(info, 0, false), nil
+	}
 	ref := strings.TrimPrefix(key.Source, "docker://")
 	// Double check after taking ownership: an image the daemon already has
 	// is READY without a pull, and depcache will never remove it.

@@ -356,6 +356,12 @@ func TestParseKey(t *testing.T) {
 		{"/just/a/path", "", true},
 		{"http:///nohost", "", true},
 		{"http://example.com/\x7f", "", true},
+		{"docker://alpine", "docker://index.docker.io/library/alpine:latest", false},
+		{"docker://127.0.0.1:5000/team/app", "docker://127.0.0.1:5000/team/app:latest", false},
+		{"docker://127.0.0.1:5000/team/app@sha256:" + strings.Repeat("a", 64), "docker://127.0.0.1:5000/team/app@sha256:" + strings.Repeat("a", 64), false},
+		{"docker://UPPER/case", "", true},
+		{"docker-build://relative/ctx", "", true},
+		{"docker-build:///nonexistent/ctx", "", true},
 	} {
 		k, err := manager.ParseKey(tc.in, "")
 		if (err != nil) != tc.werr {
@@ -428,8 +434,8 @@ func TestHostileArchiveFails(t *testing.T) {
 	}
 	ents, _ := os.ReadDir(root)
 	for _, e := range ents {
-		switch e.Name() {
-		case "state.json", "state.json.prev", "state.lock", "staging", "entries":
+		switch n := e.Name(); {
+		case n == "state.json", n == "state.json.prev", n == "staging", n == "entries", strings.HasPrefix(n, "state.lock"):
 		default:
 			t.Errorf("unexpected %s in the root", e.Name())
 		}

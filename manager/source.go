@@ -69,8 +69,13 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 			return state.Key{}, err
 		}
 		k = state.Key{Kind: state.Image, Source: "docker://" + ref}
+	case "docker-build":
+		if sha256 != "" {
+			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles: %w", source, ErrBadSource)
+		}
+		return parseBuildKey(u)
 	case "":
-		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https://, file:// or docker://): %w", source, ErrBadSource)
+		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https://, file://, docker:// or docker-build://): %w", source, ErrBadSource)
 	default:
 		return state.Key{}, fmt.Errorf("source %q: unsupported scheme %q: %w", source, u.Scheme, ErrBadSource)
 	}

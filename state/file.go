@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/google/renameio/v2"
@@ -146,10 +148,11 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	return s.commit(data, old != nil)
 }
 
-// rereads is how many times a state file that does not parse is read again
-// before it is declared corrupt: through another sshfs mount, the first read
-// of a file replaced by a larger one may be cut to the old size.
-const rereads = 3
+// rereadDelays space the reads of a state file that does not parse before
+// it is declared corrupt: on sshfs, a read of a file just replaced by a
+// larger one may be cut to the old size until the kernel's attribute cache
+// (1 s there) expires. A healthy file parses at the first read.
+var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, time.Second, 1500 * time.Millisecond}
 
 // read returns the parsed state and the raw bytes (nil if no file).
 func (s *Store) read() (*State, []byte, error) {
@@ -158,7 +161,8 @@ func (s *Store) read() (*State, []byte, error) {
 		st  *State
 		err error
 	)
-	for try := 0; try <= rereads; try++ {
+	for _, d := range rereadDelays {
+		time.Sleep(d)
 		b, err = os.ReadFile(s.path)
 		if errors.Is(err, fs.ErrNotExist) {
 			return New(), nil, nil
@@ -166,7 +170,7 @@ func (s *Store) read() (*State, []byte, error) {
 		if err != nil {
 			return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
 		}
-		if st, err = Decode(b); err == nil || errors.Is(err, ErrUnsupportedVersion) {
+		if st, err = Decode(b); err == nil || !looksCut(err) {
 			break
 		}
 	}
@@ -313,4 +317,9 @@ func (s *Store) Reset(ctx context.Context, fn func(*State) error) (err error) {
 		return err
 	}
 	return s.commit(data, rerr == nil)
+}
+
+// looksCut reports whether a decode error is what a read cut short gives.
+func looksCut(err error) bool {
+	return errors.Is(err, io.ErrUnexpectedEOF) || strings.Contains(err.Error(), "unexpected end of JSON input")
 }

@@ -34,6 +34,19 @@ type Key struct {
 	SHA256 string `json:"sha256,omitempty"`
 	// Daemon is the Docker daemon's ID for image entries.
 	Daemon string `json:"daemon,omitempty"`
+	// Build says how to build a docker-build:// image. It is not part of
+	// the key's identity (Source holds the fingerprint of the context, the
+	// Dockerfile and the build arguments): two requests for the same
+	// content share one entry whatever their tag.
+	Build *BuildSpec `json:"build,omitempty"`
+}
+
+// BuildSpec is how to build an image from a context directory.
+type BuildSpec struct {
+	Context    string            `json:"context"`
+	Dockerfile string            `json:"dockerfile"`
+	Tag        string            `json:"tag,omitempty"`
+	Args       map[string]string `json:"args,omitempty"`
 }
 
 // String is the canonical text of the key; ID hashes it.

@@ -10,7 +10,9 @@ import (
 	"log"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -336,5 +338,58 @@ func TestE2EImageTakeoverAfterKill(t *testing.T) {
 	e := onlyEntry(t, readState(t, root))
 	if e.Stage != "READY" || e.Generation != 2 || e.ImageID != id {
 		t.Errorf("entry %s gen %d image %s; want READY gen 2 %s", e.Stage, e.Generation, e.ImageID, id)
+	}
+}
+
+// TestE2EImageBuild: 4 processes ask for a build of one context: one build
+// runs; a changed file in the context gives a new entry and a second build.
+func TestE2EImageBuild(t *testing.T) {
+	c := dockerClient(t)
+	ctxDir := t.TempDir()
+	writeCtx := func(content string) {
+		os.WriteFile(filepath.Join(ctxDir, "Dockerfile"), []byte("FROM scratch\nCOPY f /f\n"), 0o644)
+		os.WriteFile(filepath.Join(ctxDir, "f"), []byte(content), 0o644)
+	}
+	writeCtx(fmt.Sprintf("first %d", time.Now().UnixNano()))
+	root := t.TempDir()
+	src := "docker-build://" + ctxDir + "?tag=depcache-test/build:1"
+	var wg sync.WaitGroup
+	outs, errs := make([]string, 4), make([]string, 4)
+	for i := range outs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cmd := exec.Command(bin, "--root", root, "--log-level", "info", "get", src)
+			var o, e bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &o, &e
+			if err := cmd.Run(); err != nil {
+				t.Errorf("get %d: %v: %s", i, err, e.String())
+			}
+			outs[i], errs[i] = strings.TrimSpace(o.String()), e.String()
+		}()
+	}
+	wg.Wait()
+	claims := strings.Count(strings.Join(errs, ""), "claimed download")
+	if claims != 1 {
+		t.Errorf("%d builds claimed, want 1", claims)
+	}
+	for _, o := range outs {
+		if o != outs[0] || !strings.HasPrefix(o, "sha256:") {
+			t.Fatalf("gets printed %v, want one image ID", outs)
+		}
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), outs[0], image.RemoveOptions{Force: true}) })
+	writeCtx("changed")
+	out, err := exec.Command(bin, "--root", root, "get", src).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := strings.TrimSpace(string(out))
+	t.Cleanup(func() { c.ImageRemove(context.Background(), second, image.RemoveOptions{Force: true}) })
+	if second == outs[0] {
+		t.Error("a changed context gave the same image")
+	}
+	if st := readState(t, root); len(st.Entries) != 2 {
+		t.Errorf("%d entries, want 2 (one per fingerprint)", len(st.Entries))
 	}
 }

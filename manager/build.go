@@ -1,0 +1,156 @@
+package manager
+
+import (
+	"archive/tar"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/depcache/depcache/state"
+)
+
+// fingerprintLabel marks images built by depcache with their fingerprint.
+const fingerprintLabel = "io.depcache.fingerprint"
+
+// parseBuildKey reads docker-build:///abs/context?dockerfile=F&tag=T&arg=K=V
+// and fingerprints the context: the key is the fingerprint, not the tag.
+func parseBuildKey(u *url.URL) (state.Key, error) {
+	dir := filepath.Clean(u.Path)
+	if u.Host != "" || !filepath.IsAbs(dir) {
+		return state.Key{}, fmt.Errorf("docker-build:// needs an absolute context path (docker-build:///path/to/context): %w", ErrBadSource)
+	}
+	q := u.Query()
+	spec := &state.BuildSpec{Context: dir, Dockerfile: q.Get("dockerfile"), Tag: q.Get("tag")}
+	if spec.Dockerfile == "" {
+		spec.Dockerfile = "Dockerfile"
+	}
+	if !filepath.IsLocal(spec.Dockerfile) {
+		return state.Key{}, fmt.Errorf("dockerfile %q must be a path inside the context: %w", spec.Dockerfile, ErrBadSource)
+	}
+	if spec.Tag != "" {
+		if _, err := ParseImageRef(spec.Tag); err != nil {
+			return state.Key{}, err
+		}
+	}
+	for _, a := range q["arg"] {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || k == "" {
+			return state.Key{}, fmt.Errorf("build arg %q: want NAME=VALUE: %w", a, ErrBadSource)
+		}
+		if spec.Args == nil {
+			spec.Args = map[string]string{}
+		}
+		spec.Args[k] = v
+	}
+	fp, err := fingerprint(spec)
+	if err != nil {
+		return state.Key{}, fmt.Errorf("build context %s: %w: %w", dir, ErrBadSource, err)
+	}
+	return state.Key{Kind: state.Image, Source: "docker-build://sha256:" + fp, Build: spec}, nil
+}
+
+// fingerprint hashes every file of the context (path, mode, content), the
+// Dockerfile's name and the build arguments.
+func fingerprint(spec *state.BuildSpec) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "dockerfile %s\n", spec.Dockerfile)
+	keys := make([]string, 0, len(spec.Args))
+	for k := range spec.Args {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(h, "arg %q=%q\n", k, spec.Args[k])
+	}
+	if _, err := os.Stat(filepath.Join(spec.Context, spec.Dockerfile)); err != nil {
+		return "", err
+	}
+	d, err := ContentDigest(spec.Context)
+	if err != nil {
+		return "", err
+	}
+	fmt.Fprintf(h, "context %s\n", d)
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// contextTar streams the build context as a tar archive.
+func contextTar(dir string) io.ReadCloser {
+	pr, pw := io.Pipe()
+	go func() {
+		tw := tar.NewWriter(pw)
+		err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || p == dir {
+				return err
+			}
+			info, err := d.Info()
+			if err != nil {
+				return err
+			}
+			link := ""
+			if d.Type()&fs.ModeSymlink != 0 {
+				if link, err = os.Readlink(p); err != nil {
+					return err
+				}
+			}
+			hdr, err := tar.FileInfoHeader(info, link)
+			if err != nil {
+				return err
+			}
+			rel, _ := filepath.Rel(dir, p)
+			hdr.Name = filepath.ToSlash(rel)
+			if err := tw.WriteHeader(hdr); err != nil {
+				return err
+			}
+			if d.Type().IsRegular() {
+				f, err := os.Open(p)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				_, err = io.Copy(tw, f)
+				return err
+			}
+			return nil
+		})
+		if err == nil {
+			err = tw.Close()
+		}
+		pw.CloseWithError(err)
+	}()
+	return pr
+}
+
+// buildImage builds the image of key (owner only), or finds the image an
+// earlier build of the same fingerprint left in the daemon.
+func (m *Manager) buildImage(ctx context.Context, key state.Key) (ImageInfo, bool, error) {
+	eng := m.cfg.Docker
+	if eng == nil {
+		return ImageInfo{}, false, fmt.Errorf("no Docker engine configured: %w", ErrPermanent)
+	}
+	if key.Build == nil {
+		return ImageInfo{}, false, fmt.Errorf("no build spec in the entry: %w", ErrPermanent)
+	}
+	fp := strings.TrimPrefix(key.Source, "docker-build://sha256:")
+	if info, ok, err := eng.FindLabeled(ctx, fingerprintLabel, fp); err != nil || ok {
+		return info, ok, err
+	}
+	rc := contextTar(key.Build.Context)
+	defer rc.Close()
+	id, err := eng.Build(ctx, rc, *key.Build, map[string]string{fingerprintLabel: fp})
+	if err != nil {
+		return ImageInfo{}, false, err
+	}
+	info, ok, err := eng.Inspect(ctx, id)
+	if err == nil && !ok {
+		err = fmt.Errorf("the engine built %s but does not have it", id)
+	}
+	return info, false, err
+}

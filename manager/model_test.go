@@ -234,6 +234,55 @@ func TestCleanupModel(t *testing.T) {
 			checkDisk(t, step, root, after)
 		}
 	}
+	// A last phase that must churn whatever the seed did: everything
+	// released, then each source fetched and released in turn, old enough
+	// to go, through more than the budget.
+	w := workers[0]
+	for id, deps := range holders {
+		for dep := range deps {
+			if err := w.m.Release(ctx, dep, keyByID(sources, id)); err != nil {
+				t.Fatalf("final release: %v", err)
+			}
+		}
+		delete(holders, id)
+	}
+	clock.advance(3 * minAge)
+	before, err := w.m.Entries(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for id := range before.Entries {
+		seen[id] = true
+	}
+	for i, k := range sources {
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		dep := fmt.Sprintf("final-%d", i)
+		if _, err := w.m.Get(wctx, dep, k); err != nil {
+			t.Fatal(err)
+		}
+		w.m.Wait(wctx, k)
+		cancel()
+		if err := w.m.Release(ctx, dep, k); err != nil {
+			t.Fatal(err)
+		}
+		seen[k.ID()] = true
+		clock.advance(3 * minAge)
+		rep, err := w.m.Sweep(ctx, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		evictions += len(rep.Victims)
+		after, _ := w.m.Entries(ctx)
+		checkBudget(t, steps+i, pol, after, holders, clock.Now())
+		checkDisk(t, steps+i, root, after)
+	}
+	final, _ := w.m.Entries(ctx)
+	for id := range seen {
+		if final.Entries[id] == nil {
+			removed++
+		}
+	}
 	t.Logf("%d steps: %d test sweeps evicted %d entries; %d entries removed in all; %d process deaths", steps, sweeps, evictions, removed, deaths)
 	if removed == 0 {
 		t.Error("no sweep evicted anything: the run proved nothing")

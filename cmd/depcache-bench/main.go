@@ -1,0 +1,461 @@
+// Command depcache-bench measures depcache where workers feel it, each
+// figure beside the physical limit measured in the same run:
+//
+//   - get+release ops/s and p50/p99 latency with N READY entries, from P
+//     processes × G goroutines, against one durable commit of the same
+//     bytes and a bare lock round trip;
+//   - lock hold p50/p99 during those runs;
+//   - cold fan-in: P processes get one cold bundle of S MB served on
+//     loopback, wall time until all are READY and downloads counted at the
+//     server, against one `curl -s URL | tar -xz`;
+//   - fetch throughput of one large bundle against `curl | tar`.
+//
+// It prints a table and, with --json, one JSON object per line. Workers are
+// this binary re-run with --worker.
+package main
+
+import (
+	"archive/tar"
+	"bufio"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/google/renameio/v2"
+	"github.com/sirupsen/logrus"
+)
+
+type options struct {
+	root       string
+	procs      int
+	goroutines int
+	entries    []int
+	duration   time.Duration
+	faninProcs int
+	faninMB    int
+	fetchMB    int
+	jsonOut    bool
+}
+
+func main() {
+	var o options
+	var entries string
+	var short bool
+	worker := flag.String("worker", "", "internal: run as a worker (getrelease, get)")
+	flag.StringVar(&o.root, "root", "", "directory to benchmark in (default: a temporary directory on local disk)")
+	flag.IntVar(&o.procs, "procs", 8, "processes for get+release")
+	flag.IntVar(&o.goroutines, "goroutines", 1, "goroutines per process for get+release")
+	flag.StringVar(&entries, "entries", "100,1000,10000,100000", "numbers of READY entries to measure with")
+	flag.DurationVar(&o.duration, "duration", 3*time.Second, "how long each get+release point runs")
+	flag.IntVar(&o.faninProcs, "fanin-procs", 16, "processes in the cold fan-in")
+	flag.IntVar(&o.faninMB, "fanin-mb", 200, "bundle size of the cold fan-in, MB")
+	flag.IntVar(&o.fetchMB, "fetch-mb", 500, "bundle size of the fetch-throughput run, MB")
+	flag.BoolVar(&o.jsonOut, "json", false, "also print one JSON line per result")
+	flag.BoolVar(&short, "short", false, "a few seconds in all, for CI: small sizes, short runs")
+	flag.Parse()
+	if *worker != "" {
+		os.Exit(runWorker(*worker, flag.Args()))
+	}
+	if short {
+		entries, o.duration, o.procs, o.faninProcs, o.faninMB, o.fetchMB = "100,1000", 500*time.Millisecond, 4, 4, 8, 16
+	}
+	for _, s := range strings.Split(entries, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n <= 0 {
+			fatalf("--entries %q: want positive numbers separated by commas", entries)
+		}
+		o.entries = append(o.entries, n)
+	}
+	if o.procs < 1 || o.goroutines < 1 || o.faninProcs < 1 || o.faninMB < 1 || o.fetchMB < 1 || o.duration <= 0 {
+		fatalf("--procs, --goroutines, --fanin-procs, --fanin-mb, --fetch-mb and --duration must be positive")
+	}
+	if o.root == "" {
+		d, err := os.MkdirTemp("", "depcache-bench-")
+		if err != nil {
+			fatalf("%v", err)
+		}
+		defer os.RemoveAll(d)
+		o.root = d
+	}
+	r := &report{json: o.jsonOut}
+	for _, n := range o.entries {
+		benchGetRelease(r, o, n)
+	}
+	benchFanIn(r, o)
+	benchFetch(r, o)
+	r.flush()
+}
+
+func fatalf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "depcache-bench: "+format+"\n", args...)
+	os.Exit(2)
+}
+
+// report collects results and prints them as a table (and JSON lines).
+type report struct {
+	json bool
+	rows [][2]string
+}
+
+func (r *report) add(name string, fields map[string]any, human string) {
+	r.rows = append(r.rows, [2]string{name, human})
+	if r.json {
+		fields["name"] = name
+		b, _ := json.Marshal(fields)
+		fmt.Println(string(b))
+	}
+	fmt.Fprintf(os.Stderr, "%-44s %s\n", name, human)
+}
+
+func (r *report) flush() {
+	fmt.Println()
+	for _, row := range r.rows {
+		fmt.Printf("%-44s %s\n", row[0], row[1])
+	}
+}
+
+func quietLog() *logrus.Logger {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return l
+}
+
+func percentile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	slices.Sort(d)
+	return d[min(len(d)-1, int(float64(len(d))*p))]
+}
+
+func benchKey(i int) state.Key {
+	return state.Key{Kind: state.Bundle, Source: fmt.Sprintf("https://bench.invalid/bundle/%d.tar.gz", i)}
+}
+
+// seedRoot writes n READY entries.
+func seedRoot(root string, n int) (*state.Store, error) {
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	return s, s.Update(context.Background(), func(st *state.State) (bool, error) {
+		for i := range n {
+			k := benchKey(i)
+			st.Put(&state.Entry{Key: k, Stage: state.Ready, Path: filepath.Join("entries", k.ID()+"-g1", "content"),
+				SizeBytes: 1 << 20, Generation: 1, Created: now, LastUsed: now})
+		}
+		return true, nil
+	})
+}
+
+func benchGetRelease(r *report, o options, n int) {
+	root := filepath.Join(o.root, fmt.Sprintf("getrelease-%d", n))
+	s, err := seedRoot(root, n)
+	if err != nil {
+		fatalf("seeding %d entries: %v", n, err)
+	}
+	// The limit: one durable commit of the same bytes, and a bare lock
+	// round trip, in the same run.
+	data, _ := os.ReadFile(s.Path())
+	commit := timeIt(o.duration/2, func() {
+		target := filepath.Join(root, "limit.json")
+		if err := renameio.WriteFile(target, data, 0o644, renameio.WithTempDir(root)); err != nil {
+			fatalf("%v", err)
+		}
+		d, _ := os.Open(root)
+		d.Sync()
+		d.Close()
+	})
+	lk, _ := state.NewLock(filepath.Join(root, "bench.lock"), state.LockOptions{Log: quietLog()})
+	lock := timeIt(o.duration/4, func() {
+		unlock, err := lk.Lock(context.Background())
+		if err != nil {
+			fatalf("%v", err)
+		}
+		unlock()
+	})
+
+	var cmds []*exec.Cmd
+	var outs []io.ReadCloser
+	for range o.procs {
+		cmd := exec.Command(os.Args[0], "--worker", "getrelease", root, strconv.Itoa(n), strconv.Itoa(o.goroutines), o.duration.String())
+		cmd.Stderr = os.Stderr
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			fatalf("%v", err)
+		}
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	var lat, holds []time.Duration
+	ops := 0
+	for i, cmd := range cmds {
+		var res workerResult
+		if err := json.NewDecoder(outs[i]).Decode(&res); err != nil {
+			fatalf("worker: %v", err)
+		}
+		cmd.Wait()
+		ops += res.Ops
+		lat = append(lat, res.Latencies...)
+		holds = append(holds, res.Holds...)
+	}
+	opsPerSec := float64(ops) / o.duration.Seconds()
+	commitsPerSec := 1 / commit.Seconds()
+	// A get+release is two commits: the limit is half the commit rate.
+	limit := commitsPerSec / 2
+	r.add(fmt.Sprintf("get+release, %d entries, %dx%d", n, o.procs, o.goroutines), map[string]any{
+		"entries": n, "procs": o.procs, "goroutines": o.goroutines, "ops_per_sec": opsPerSec,
+		"p50_ms": ms(percentile(lat, 0.5)), "p99_ms": ms(percentile(lat, 0.99)),
+		"limit_ops_per_sec": limit, "ratio_to_limit": opsPerSec / limit,
+		"commit_ms": ms(commit), "lock_roundtrip_ms": ms(lock), "state_bytes": len(data),
+		"lock_hold_p50_ms": ms(percentile(holds, 0.5)), "lock_hold_p99_ms": ms(percentile(holds, 0.99)),
+	}, fmt.Sprintf("%8.0f ops/s  p50 %6.2f ms  p99 %7.2f ms | limit %6.0f ops/s (commit %.2f ms of %d KB; lock %.3f ms)  ratio %.2f | hold p50 %.2f ms p99 %.2f ms",
+		opsPerSec, ms(percentile(lat, 0.5)), ms(percentile(lat, 0.99)), limit, ms(commit), len(data)>>10, ms(lock), opsPerSec/limit,
+		ms(percentile(holds, 0.5)), ms(percentile(holds, 0.99))))
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// timeIt runs f repeatedly for about d and returns its mean duration.
+func timeIt(d time.Duration, f func()) time.Duration {
+	start := time.Now()
+	n := 0
+	for time.Since(start) < d || n < 3 {
+		f()
+		n++
+	}
+	return time.Since(start) / time.Duration(n)
+}
+
+type workerResult struct {
+	Ops       int             `json:"ops"`
+	Latencies []time.Duration `json:"latencies"`
+	Holds     []time.Duration `json:"holds"`
+	Wall      time.Duration   `json:"wall"`
+	Path      string          `json:"path"`
+}
+
+func runWorker(mode string, args []string) int {
+	switch mode {
+	case "getrelease":
+		return workerGetRelease(args)
+	case "get":
+		return workerGet(args)
+	}
+	fmt.Fprintln(os.Stderr, "unknown worker mode", mode)
+	return 2
+}
+
+func workerGetRelease(args []string) int {
+	root := args[0]
+	n, _ := strconv.Atoi(args[1])
+	g, _ := strconv.Atoi(args[2])
+	dur, _ := time.ParseDuration(args[3])
+	var mu sync.Mutex
+	var res workerResult
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), OnLockHold: func(d time.Duration) {
+		mu.Lock()
+		res.Holds = append(res.Holds, d)
+		mu.Unlock()
+	}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	var ops atomic.Int64
+	deadline := time.Now().Add(dur)
+	for w := range g {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(os.Getpid()), uint64(w)))
+			var lat []time.Duration
+			for i := 0; time.Now().Before(deadline); i++ {
+				k := benchKey(rng.IntN(n))
+				dep := fmt.Sprintf("bench-%d-%d-%d", os.Getpid(), w, i)
+				start := time.Now()
+				if _, err := m.Get(ctx, dep, k, manager.Detached()); err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					os.Exit(1)
+				}
+				if err := m.Release(ctx, dep, k); err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					os.Exit(1)
+				}
+				lat = append(lat, time.Since(start))
+				ops.Add(1)
+			}
+			mu.Lock()
+			res.Latencies = append(res.Latencies, lat...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	res.Ops = int(ops.Load())
+	json.NewEncoder(os.Stdout).Encode(res)
+	return 0
+}
+
+func workerGet(args []string) int {
+	root, url := args[0], args[1]
+	start := time.Now()
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx := context.Background()
+	stop, err := m.Start(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer stop()
+	key, err := manager.ParseKey(url, "")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if _, err := m.Get(ctx, fmt.Sprintf("bench-%d", os.Getpid()), key); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	e, err := m.Wait(ctx, key)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	p, _ := m.Abs(e)
+	json.NewEncoder(os.Stdout).Encode(workerResult{Wall: time.Since(start), Path: p})
+	return 0
+}
+
+// bundle writes a tar.gz of one file of random (incompressible) bytes.
+func bundle(path string, mb int) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	bw := bufio.NewWriterSize(f, 1<<20)
+	zw, _ := gzip.NewWriterLevel(bw, gzip.BestSpeed)
+	tw := tar.NewWriter(zw)
+	size := int64(mb) << 20
+	tw.WriteHeader(&tar.Header{Name: "data/blob.bin", Mode: 0o644, Size: size})
+	r := rand.NewChaCha8([32]byte{42})
+	if _, err := io.CopyN(tw, r, size); err != nil {
+		return err
+	}
+	tw.Close()
+	zw.Close()
+	return bw.Flush()
+}
+
+// serve serves path on loopback and counts complete downloads.
+func serve(path string) (url string, downloads *atomic.Int32, stop func()) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fatalf("%v", err)
+	}
+	downloads = new(atomic.Int32)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		downloads.Add(1)
+		http.ServeFile(w, r, path)
+	})}
+	go srv.Serve(ln)
+	return "http://" + ln.Addr().String() + "/bundle.tar.gz", downloads, func() { srv.Close() }
+}
+
+// curlTar times `curl -s URL | tar -xz -C dir`, the baseline.
+func curlTar(url, dir string) (time.Duration, error) {
+	os.MkdirAll(dir, 0o755)
+	start := time.Now()
+	cmd := exec.Command("sh", "-c", `curl -sf "$1" | tar -xz -C "$2" && sync -f "$2"`, "sh", url, dir)
+	cmd.Stderr = os.Stderr
+	err := cmd.Run()
+	return time.Since(start), err
+}
+
+func benchFanIn(r *report, o options) {
+	dir := filepath.Join(o.root, "fanin")
+	os.MkdirAll(dir, 0o755)
+	src := filepath.Join(dir, "bundle.tar.gz")
+	if err := bundle(src, o.faninMB); err != nil {
+		fatalf("%v", err)
+	}
+	url, downloads, stop := serve(src)
+	defer stop()
+	base, err := curlTar(url, filepath.Join(dir, "curl"))
+	if err != nil {
+		fatalf("curl | tar: %v", err)
+	}
+	downloads.Store(0)
+	root := filepath.Join(dir, "root")
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, o.faninProcs)
+	for range o.faninProcs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, err := exec.Command(os.Args[0], "--worker", "get", root, url).Output()
+			if err != nil {
+				errs <- fmt.Errorf("worker: %v: %s", err, out)
+			}
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(start)
+	close(errs)
+	for err := range errs {
+		fatalf("%v", err)
+	}
+	r.add(fmt.Sprintf("cold fan-in, %d procs, %d MB", o.faninProcs, o.faninMB), map[string]any{
+		"procs": o.faninProcs, "mb": o.faninMB, "wall_s": wall.Seconds(), "curl_tar_s": base.Seconds(),
+		"ratio_to_curl_tar": wall.Seconds() / base.Seconds(), "downloads": downloads.Load(),
+	}, fmt.Sprintf("%6.2f s until all READY, %d download(s) | curl|tar %.2f s | ratio %.2f", wall.Seconds(), downloads.Load(), base.Seconds(), wall.Seconds()/base.Seconds()))
+}
+
+func benchFetch(r *report, o options) {
+	dir := filepath.Join(o.root, "fetch")
+	os.MkdirAll(dir, 0o755)
+	src := filepath.Join(dir, "bundle.tar.gz")
+	if err := bundle(src, o.fetchMB); err != nil {
+		fatalf("%v", err)
+	}
+	url, _, stop := serve(src)
+	defer stop()
+	base, err := curlTar(url, filepath.Join(dir, "curl"))
+	if err != nil {
+		fatalf("curl | tar: %v", err)
+	}
+	start := time.Now()
+	if out, err := exec.Command(os.Args[0], "--worker", "get", filepath.Join(dir, "root"), url).Output(); err != nil {
+		fatalf("worker: %v: %s", err, out)
+	}
+	wall := time.Since(start)
+	mbps := float64(o.fetchMB) / wall.Seconds()
+	basembps := float64(o.fetchMB) / base.Seconds()
+	r.add(fmt.Sprintf("fetch throughput, %d MB", o.fetchMB), map[string]any{
+		"mb": o.fetchMB, "mb_per_s": mbps, "curl_tar_mb_per_s": basembps, "ratio_to_curl_tar": mbps / basembps,
+	}, fmt.Sprintf("%6.1f MB/s | curl|tar %.1f MB/s | ratio %.2f", mbps, basembps, mbps/basembps))
+}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/renameio/v2"
@@ -47,6 +48,12 @@ type Store struct {
 	path string
 	lock *Lock
 	opts Options
+
+	// The last state read or written, with its bytes: a read that finds
+	// the same bytes clones it instead of decoding them again.
+	cacheMu  sync.Mutex
+	cacheRaw []byte
+	cacheSt  *State
 }
 
 // Open returns the store of the cache root dir, creating the directory if
@@ -145,7 +152,29 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	if bytes.Equal(data, old) {
 		return nil
 	}
-	return s.commit(data, old != nil)
+	if err := s.commit(data, old != nil); err != nil {
+		return err
+	}
+	s.remember(data, st)
+	return nil
+}
+
+// cached returns a copy of the remembered state if b is its bytes.
+func (s *Store) cached(b []byte) *State {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if s.cacheSt == nil || !bytes.Equal(b, s.cacheRaw) {
+		return nil
+	}
+	return s.cacheSt.Clone()
+}
+
+// remember keeps a copy of st as the state whose bytes are b.
+func (s *Store) remember(b []byte, st *State) {
+	c := st.Clone()
+	s.cacheMu.Lock()
+	s.cacheRaw, s.cacheSt = b, c
+	s.cacheMu.Unlock()
 }
 
 // rereadDelays space the reads of a state file that does not parse before
@@ -170,9 +199,15 @@ func (s *Store) read() (*State, []byte, error) {
 		if err != nil {
 			return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
 		}
+		if cached := s.cached(b); cached != nil {
+			return cached, b, nil
+		}
 		if st, err = Decode(b); err == nil || !looksCut(err) {
 			break
 		}
+	}
+	if err == nil {
+		s.remember(b, st)
 	}
 	if err != nil {
 		aside := s.keepAside(b)

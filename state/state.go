@@ -204,3 +204,34 @@ func CheckRelPath(p string) error {
 	}
 	return nil
 }
+
+// Clone returns a deep copy of s, sharing only values never modified in
+// place (processes, expiry times, build specs).
+func (s *State) Clone() *State {
+	c := &State{Version: s.Version, Entries: make(map[string]*Entry, len(s.Entries))}
+	if s.Policy != nil {
+		p := *s.Policy
+		p.Pins = append([]string(nil), s.Policy.Pins...)
+		c.Policy = &p
+	}
+	for id, e := range s.Entries {
+		c.Entries[id] = e.Clone()
+	}
+	return c
+}
+
+// Clone returns a deep copy of e.
+func (e *Entry) Clone() *Entry {
+	c := *e
+	if e.Owner != nil {
+		o := *e.Owner
+		c.Owner = &o
+	}
+	if e.Dependents != nil {
+		c.Dependents = make(map[string]Dependent, len(e.Dependents))
+		for k, v := range e.Dependents {
+			c.Dependents[k] = v
+		}
+	}
+	return &c
+}

@@ -2,6 +2,7 @@ package manager
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -215,10 +216,11 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			if err != nil {
 				return false, err
 			}
-			to := filepath.Join(root, trashDir, filepath.Base(abs)+"."+m.self.ManagerID)
-			if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+			own, err := m.ownTrash()
+			if err != nil {
 				return false, err
 			}
+			to := filepath.Join(own, filepath.Base(abs))
 			// Re-checked and moved under one lock hold: nobody can start
 			// using it between the decision and the move.
 			if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -264,7 +266,26 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	return rep, nil
 }
 
-// emptyTrash deletes what sweeps moved aside, outside the lock.
+// ownTrash returns this manager's trash directory, creating it with a note
+// of who owns it: only its owner empties it, or anyone once that owner is
+// provably gone. Another manager's trash may hold content it will put back
+// if its commit fails.
+func (m *Manager) ownTrash() (string, error) {
+	dir := filepath.Join(m.Root(), trashDir, m.self.ManagerID)
+	if _, err := os.Stat(filepath.Join(dir, ownerName)); err == nil {
+		return dir, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	b, _ := json.Marshal(struct {
+		Owner state.Owner `json:"owner"`
+	}{m.self})
+	return dir, os.WriteFile(filepath.Join(dir, ownerName), b, 0o644)
+}
+
+// emptyTrash deletes, outside the lock, what this manager moved aside, and
+// the trash of managers on this machine whose process is gone.
 func (m *Manager) emptyTrash() {
 	dir := filepath.Join(m.Root(), trashDir)
 	ents, err := os.ReadDir(dir)
@@ -272,8 +293,31 @@ func (m *Manager) emptyTrash() {
 		return
 	}
 	for _, e := range ents {
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
-			m.log.WithError(err).WithField("path", e.Name()).Warn("deleting evicted content")
+		p := filepath.Join(dir, e.Name())
+		if e.Name() == m.self.ManagerID {
+			items, _ := os.ReadDir(p)
+			for _, it := range items {
+				if it.Name() == ownerName {
+					continue
+				}
+				if err := os.RemoveAll(filepath.Join(p, it.Name())); err != nil {
+					m.log.WithError(err).WithField("path", it.Name()).Warn("deleting evicted content")
+				}
+			}
+			continue
+		}
+		var rec struct {
+			Owner state.Owner `json:"owner"`
+		}
+		b, err := os.ReadFile(filepath.Join(p, ownerName))
+		if err != nil || json.Unmarshal(b, &rec) != nil || !m.self.SameMachine(rec.Owner.Process) {
+			continue // another host's, or unknown: doctor reports it
+		}
+		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
+			continue
+		}
+		if err := os.RemoveAll(p); err != nil {
+			m.log.WithError(err).WithField("path", p).Warn("deleting a dead manager's trash")
 		}
 	}
 }

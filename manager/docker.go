@@ -212,10 +212,11 @@ func (d *dockerEngine) Build(ctx context.Context, buildContext io.Reader, spec s
 	if spec.Tag != "" {
 		opts.Tags = []string{spec.Tag}
 	}
-	for k, v := range spec.Args {
-		opts.BuildArgs = map[string]*string{}
-		v := v
-		opts.BuildArgs[k] = &v
+	if len(spec.Args) > 0 {
+		opts.BuildArgs = make(map[string]*string, len(spec.Args))
+		for k, v := range spec.Args {
+			opts.BuildArgs[k] = &v
+		}
 	}
 	resp, err := d.c.ImageBuild(ctx, buildContext, opts)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -50,23 +51,27 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 		if err == nil {
 			err = json.Unmarshal(b, &meta)
 		}
+		// Only a digest that differs condemns content: a file that cannot
+		// be read is reported, never a reason to delete anything.
+		mismatch := false
 		switch {
 		case err != nil:
-			r.Detail = "no readable metadata: " + err.Error()
+			r.Detail = "not checked: no readable metadata: " + err.Error()
 		case meta.ContentSHA256 == "":
 			r.OK, r.Detail = true, "no recorded digest (published by an older depcache); not checked"
 		default:
 			got, derr := ContentDigest(abs)
 			switch {
 			case derr != nil:
-				r.Detail = "content unreadable: " + derr.Error()
+				r.Detail = "not checked: content unreadable: " + derr.Error()
 			case got != meta.ContentSHA256:
 				r.Detail = fmt.Sprintf("content digest %s, recorded %s", got, meta.ContentSHA256)
+				mismatch = true
 			default:
 				r.OK, r.Detail = true, "sha256 "+got
 			}
 		}
-		if !r.OK {
+		if mismatch {
 			if err := m.markCorrupt(ctx, *e, r.Detail); err != nil {
 				return out, err
 			}
@@ -86,18 +91,26 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 			return false, nil // changed meanwhile: not what was checked
 		}
 		n := *e
-		n.Stage, n.Path, n.SizeBytes = state.Failed, "", 0
+		n.Stage = state.Failed
 		n.Failures++
 		n.FailedAt = m.cfg.Clock.Now()
 		n.Message = "verify: " + why
+		if len(e.Dependents) > 0 {
+			// Runs still hold it: mark it, leave the files to them; the
+			// sweep removes a FAILED entry once nobody holds it.
+			st.Put(&n)
+			return true, nil
+		}
+		n.Path, n.SizeBytes = "", 0
 		abs, err := m.store.Abs(filepath.Dir(checked.Path))
 		if err != nil {
 			return false, err
 		}
-		to = filepath.Join(m.Root(), trashDir, filepath.Base(abs)+".corrupt."+m.self.ManagerID)
-		if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+		own, err := m.ownTrash()
+		if err != nil {
 			return false, err
 		}
+		to = filepath.Join(own, filepath.Base(abs)+".corrupt")
 		if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return false, err
 		}
@@ -149,6 +162,18 @@ func (m *Manager) Rebuild(ctx context.Context) (int, error) {
 	err = m.store.Reset(ctx, func(st *state.State) error {
 		for _, e := range found {
 			st.Put(e)
+		}
+		st.NoteGenerations()
+		// Past any generation a staging directory (a download the lost
+		// state no longer names) may still be written under.
+		if ents, err := os.ReadDir(filepath.Join(m.Root(), stagingDir)); err == nil {
+			for _, d := range ents {
+				if i := strings.LastIndex(d.Name(), "-g"); i >= 0 {
+					if g, err := strconv.ParseUint(d.Name()[i+2:], 10, 64); err == nil {
+						st.MaxGeneration = max(st.MaxGeneration, g)
+					}
+				}
+			}
 		}
 		p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
 		st.Policy = &p
@@ -312,9 +337,22 @@ func (m *Manager) LockHolder() string {
 }
 
 // BreakLock removes the state lock if its content is still holder (what
-// the operator was shown).
+// the operator was shown) and its holder is not a live process of this
+// machine.
 func (m *Manager) BreakLock(holder string) error {
 	p := filepath.Join(m.Root(), state.LockFile)
+	var h struct {
+		state.Process
+		Nonce string `json:"nonce"`
+	}
+	if json.Unmarshal([]byte(holder), &h) == nil && m.self.SameMachine(h.Process) {
+		if alive, err := m.cfg.Processes.Alive(h.Process); err != nil || alive {
+			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it", h.Process)
+		}
+	}
+	if cur, err := os.ReadFile(p); err != nil || strings.TrimSpace(string(cur)) != holder {
+		return errors.New("the lock changed hands since it was shown; left it alone")
+	}
 	aside := p + ".broken-by-doctor"
 	if err := os.Rename(p, aside); err != nil {
 		return err

@@ -101,10 +101,26 @@ func (m *Manager) run(ctx context.Context) error {
 
 // step runs one pass: all entries through transitions.Step under one lock
 // hold, then the actions outside it.
-func (m *Manager) step(ctx context.Context) error {
+func (m *Manager) step(ctx context.Context) (err error) {
 	var acts []keyedAction
 	var seenState *state.State
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	m.mu.Lock()
+	m.started++
+	seq := m.started
+	m.mu.Unlock()
+	defer func() {
+		if err == nil {
+			return
+		}
+		// Wake waiters, so that they can give up with the error.
+		m.mu.Lock()
+		m.passErr = err
+		m.failures++
+		close(m.passDone)
+		m.passDone = make(chan struct{})
+		m.mu.Unlock()
+	}()
+	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		acts = acts[:0]
 		now := m.cfg.Clock.Now()
 		changed := false
@@ -158,7 +174,8 @@ func (m *Manager) step(ctx context.Context) error {
 	m.metrics.observeState(seenState)
 	m.mu.Lock()
 	m.last = seenState
-	m.pass++
+	m.pass = seq
+	m.passErr, m.failures = nil, 0
 	close(m.passDone)
 	m.passDone = make(chan struct{})
 	// A download whose entry another process removed or took: stop it.

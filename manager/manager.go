@@ -36,6 +36,10 @@ var (
 	ErrNotRegistered = transitions.ErrNotRegistered
 )
 
+// maxFailedPasses is how many passes in a row may fail (an unreadable
+// state, a lock error) before Wait gives up with the error.
+const maxFailedPasses = 3
+
 // FailedError is the error of a FAILED entry.
 type FailedError struct {
 	Key    state.Key
@@ -122,7 +126,10 @@ type Manager struct {
 	policyMismatch []string
 	daemonID       string        // the Docker daemon's ID, when Config.Docker is set
 	last           *state.State  // the state the last pass saw
-	pass           uint64        // number of finished passes
+	pass           uint64        // sequence number of the last finished pass
+	started        uint64        // sequence number of the last started pass
+	passErr        error         // error of the last pass, if it failed
+	failures       int           // passes failed in a row
 	passDone       chan struct{} // closed when the current pass finishes
 	running        bool
 
@@ -276,6 +283,9 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 			return false, err
 		}
 		result = requestResult(st.Get(key))
+		if st.Get(key) == nil {
+			r.Entry.Generation = st.MaxGeneration // never reuse a generation of an earlier incarnation
+		}
 		st.Put(r.Entry)
 		snap = *r.Entry
 		return r.Changed, nil
@@ -308,19 +318,22 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 	}()
 	id := key.ID()
 	m.mu.Lock()
-	start := m.pass
+	start := m.started
 	m.mu.Unlock()
 	m.kick()
 	for {
 		m.mu.Lock()
-		st, pass, done, running := m.last, m.pass, m.passDone, m.running
+		st, pass, done, running, passErr, failures := m.last, m.pass, m.passDone, m.running, m.passErr, m.failures
 		m.mu.Unlock()
 		if !running {
 			return state.Entry{}, ErrNotRunning
 		}
+		if failures >= maxFailedPasses {
+			return state.Entry{}, fmt.Errorf("%s: the loop cannot read the state: %w", key.Source, passErr)
+		}
 		// Only a pass that started after this call can say the entry is
 		// gone; an older one may predate the Get.
-		if st != nil && pass > start+1 {
+		if st != nil && pass > start {
 			e := st.Entries[id]
 			switch {
 			case e == nil:

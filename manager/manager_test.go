@@ -318,8 +318,14 @@ func TestCancelOnRelease(t *testing.T) {
 		t.Errorf("second release: %v, want ErrNotRegistered", err)
 	}
 	srv.set(nil)
-	if _, err := getWait(t, m, "run2", k); err != nil {
+	e, err := getWait(t, m, "run2", k)
+	if err != nil {
 		t.Fatal(err)
+	}
+	// The new incarnation must not reuse the cancelled one's generation:
+	// it is the fencing token and names the staging directory.
+	if e.Generation != 2 {
+		t.Errorf("generation %d after a cancelled generation 1, want 2", e.Generation)
 	}
 	if n := srv.requests.Load(); n != 2 {
 		t.Errorf("%d requests, want 2", n)
@@ -493,16 +499,59 @@ func TestReconcile(t *testing.T) {
 	if st.Get(kept) == nil || st.Get(lost) != nil {
 		t.Errorf("entries after reconcile: kept %v, lost %v", st.Get(kept) != nil, st.Get(lost) != nil)
 	}
+	if c := trashContent(root); len(c) != 0 {
+		t.Errorf("trash not emptied: %v", c)
+	}
 	for p, want := range map[string]bool{
 		filepath.Join(keptDir, "content"): true,
 		"entries/orphan-g1":               false,
 		"staging/dead-g1":                 false,
 		"staging/live-g1":                 true,
-		"trash":                           false,
 	} {
 		_, err := os.Stat(filepath.Join(root, p))
 		if got := err == nil; got != want {
 			t.Errorf("%s exists: %v, want %v", p, got, want)
 		}
+	}
+}
+
+// A root whose state file is gone while content is published is refused,
+// not reconciled into an empty cache.
+func TestMissingStateRefused(t *testing.T) {
+	root := t.TempDir()
+	m := newManager(t, root)
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	if _, err := getWait(t, m, "run1", mustKey(t, "file://"+abs, "")); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(filepath.Join(root, state.StateFile))
+	m2, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m2.Start(context.Background()); !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), "doctor --rebuild") {
+		t.Fatalf("Start on a root without its state: %v, want ErrCorrupt pointing to doctor --rebuild", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "entries")); len(ents) != 1 {
+		t.Errorf("published content touched: %d entries left", len(ents))
+	}
+}
+
+// Wait gives up with the error when the loop cannot read the state, instead
+// of waiting forever.
+func TestWaitReportsUnreadableState(t *testing.T) {
+	body := randomBytes(1000)
+	srv := newServer(t, body)
+	srv.set(func(w http.ResponseWriter, r *http.Request) bool { <-r.Context().Done(); return true })
+	root := t.TempDir()
+	m := newManager(t, root)
+	k := mustKey(t, srv.URL+"/b", "")
+	if _, err := m.Get(context.Background(), "run1", k); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(root, state.StateFile), []byte("garbage"), 0o644)
+	_, err := m.Wait(context.Background(), k)
+	if !errors.Is(err, state.ErrCorrupt) {
+		t.Fatalf("Wait = %v, want ErrCorrupt", err)
 	}
 }

@@ -331,7 +331,7 @@ func checkDisk(t *testing.T, step int, root string, st *state.State) {
 			t.Fatalf("step %d: content %s without an entry after a sweep", step, d.Name())
 		}
 	}
-	if ents, _ := os.ReadDir(filepath.Join(root, "trash")); len(ents) != 0 {
+	if ents := trashContent(root); len(ents) != 0 {
 		t.Fatalf("step %d: trash not empty after a sweep", step)
 	}
 }

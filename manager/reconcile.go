@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -30,6 +31,15 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		}
 	}
 	var dropped []string
+	// A root with published content but no state file lost its state
+	// (deleted, or restored without it): reconciling would move every
+	// entry aside as an orphan. Refuse; doctor --rebuild recovers it.
+	if _, err := os.Stat(m.store.Path()); errors.Is(err, fs.ErrNotExist) {
+		if ents, _ := os.ReadDir(filepath.Join(root, entriesDir)); len(ents) > 0 {
+			return fmt.Errorf("state file %s is missing but %d published entries exist (run 'depcache doctor --rebuild'): %w",
+				m.store.Path(), len(ents), state.ErrCorrupt)
+		}
+	}
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		changed, err := m.settlePolicy(st)
 		if err != nil {
@@ -62,10 +72,11 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			if named[d.Name()] {
 				continue
 			}
-			if err := os.MkdirAll(filepath.Join(root, trashDir), 0o755); err != nil {
+			own, err := m.ownTrash()
+			if err != nil {
 				return false, err
 			}
-			if err := os.Rename(filepath.Join(root, entriesDir, d.Name()), filepath.Join(root, trashDir, d.Name())); err != nil {
+			if err := os.Rename(filepath.Join(root, entriesDir, d.Name()), filepath.Join(own, d.Name())); err != nil {
 				return false, err
 			}
 			m.log.WithField("dir", d.Name()).Warn("moved aside published content that no entry names")
@@ -79,9 +90,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
 	}
 	m.removeDeadStaging()
-	if err := os.RemoveAll(filepath.Join(root, trashDir)); err != nil {
-		m.log.WithError(err).Warn("emptying trash")
-	}
+	m.emptyTrash()
 	return nil
 }
 

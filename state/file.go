@@ -125,9 +125,16 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	if s.opts.OnWait != nil {
 		s.opts.OnWait(start.Sub(waitStart))
 	}
+	committed := false
 	defer func() {
-		if uerr := unlock(); uerr != nil && err == nil {
-			err = uerr
+		if uerr := unlock(); uerr != nil {
+			if committed {
+				// After the commit point only log: the new state is in
+				// place, and callers undo their work on an error.
+				s.lock.opts.Log.WithError(uerr).WithField("state", s.path).Warn("releasing the state lock after a commit")
+			} else if err == nil {
+				err = uerr
+			}
 		}
 		if s.opts.OnHold != nil {
 			s.opts.OnHold(time.Since(start))
@@ -142,6 +149,7 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 		return err
 	}
 	st.Version = FormatVersion
+	st.NoteGenerations()
 	if err := st.Validate(); err != nil {
 		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
 	}
@@ -155,6 +163,7 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	if err := s.commit(data, old != nil); err != nil {
 		return err
 	}
+	committed = true
 	s.remember(data, st)
 	return nil
 }
@@ -292,7 +301,12 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 	if err := pf.CloseAtomicallyReplace(); err != nil {
 		return fmt.Errorf("state %s: replacing: %w", s.path, err)
 	}
-	return syncDir(s.root)
+	// The commit point has passed: a failed directory fsync is logged, not
+	// returned, or the caller would undo work the new state records.
+	if err := syncDir(s.root); err != nil {
+		s.lock.opts.Log.WithError(err).WithField("state", s.path).Warn("fsync of the root after a commit")
+	}
+	return nil
 }
 
 func (s *Store) keepPrev() error {

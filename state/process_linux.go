@@ -8,6 +8,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // System returns the real [Processes] of this machine, read from /proc.
@@ -51,6 +53,11 @@ func (s *system) Alive(p Process) (bool, error) {
 	}
 	st, zombie, err := procStat(p.PID)
 	if errors.Is(err, fs.ErrNotExist) {
+		// With /proc mounted hidepid, another user's live process is
+		// invisible there: only kill(2)'s ESRCH proves it gone.
+		if kerr := unix.Kill(p.PID, 0); kerr == nil || errors.Is(kerr, unix.EPERM) {
+			return true, nil
+		}
 		return false, nil
 	}
 	if err != nil {

@@ -52,6 +52,18 @@ type State struct {
 	Entries map[string]*Entry `json:"entries"`
 	// Policy is the root's cleanup policy; nil until a manager stores one.
 	Policy *Policy `json:"policy,omitempty"`
+	// MaxGeneration is the highest generation any entry of this root ever
+	// had. A new entry starts from it, so that a key removed and requested
+	// again never reuses a generation (the fencing token, and part of the
+	// staging and published paths) that an old owner may still hold.
+	MaxGeneration uint64 `json:"max_generation,omitempty"`
+}
+
+// NoteGenerations raises MaxGeneration to the highest entry generation.
+func (s *State) NoteGenerations() {
+	for _, e := range s.Entries {
+		s.MaxGeneration = max(s.MaxGeneration, e.Generation)
+	}
 }
 
 // New returns an empty state of the current format version.
@@ -208,7 +220,7 @@ func CheckRelPath(p string) error {
 // Clone returns a deep copy of s, sharing only values never modified in
 // place (processes, expiry times, build specs).
 func (s *State) Clone() *State {
-	c := &State{Version: s.Version, Entries: make(map[string]*Entry, len(s.Entries))}
+	c := &State{Version: s.Version, Entries: make(map[string]*Entry, len(s.Entries)), MaxGeneration: s.MaxGeneration}
 	if s.Policy != nil {
 		p := *s.Policy
 		p.Pins = append([]string(nil), s.Policy.Pins...)

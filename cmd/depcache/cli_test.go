@@ -197,7 +197,7 @@ func TestCLIGCGolden(t *testing.T) {
 	if len(ents) != 1 {
 		t.Errorf("%d entries left, want 1 (the one in use)", len(ents))
 	}
-	if ents, _ := os.ReadDir(filepath.Join(root, "trash")); len(ents) != 0 {
+	if ents, _ := filepath.Glob(filepath.Join(root, "trash", "*", "*")); len(ents) != 1 || filepath.Base(ents[0]) != "owner.json" {
 		t.Errorf("trash not emptied: %v", ents)
 	}
 	code, out, _ = cli(t, root, "ls")

@@ -52,6 +52,12 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				return err
 			}
 			ctx := cmd.Context()
+			if timeout > 0 {
+				// The timeout covers everything: the lock, the loop, the wait.
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
 			if !noWait {
 				// Only a get that waits drives the download; --no-wait
 				// registers and leaves the work to a waiter or to serve.
@@ -78,13 +84,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			}
 			key = e.Key // an image's key names the daemon
 			if !noWait {
-				wctx := ctx
-				if timeout > 0 {
-					var cancel context.CancelFunc
-					wctx, cancel = context.WithTimeout(ctx, timeout)
-					defer cancel()
-				}
-				e, err = waitShowingProgress(wctx, g, m, key)
+				e, err = waitShowingProgress(ctx, g, m, key)
 				var failed *manager.FailedError
 				if errors.As(err, &failed) {
 					if g.json {
@@ -101,6 +101,10 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			}
 			if g.json {
 				return printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+			}
+			if e.Stage == state.Failed {
+				fmt.Fprintln(g.stdout, e.Stage)
+				return &manager.FailedError{Key: e.Key, Reason: e.Message}
 			}
 			if e.Stage != state.Ready {
 				fmt.Fprintln(g.stdout, e.Stage)

@@ -98,6 +98,7 @@ func main() {
 	for _, n := range o.entries {
 		benchGetRelease(r, o, n)
 	}
+	benchServeRSS(r, o, o.entries[len(o.entries)-1])
 	benchFanIn(r, o)
 	benchFetch(r, o)
 	r.flush()
@@ -258,6 +259,8 @@ func runWorker(mode string, args []string) int {
 		return workerGetRelease(args)
 	case "get":
 		return workerGet(args)
+	case "serve":
+		return workerServe(args)
 	}
 	fmt.Fprintln(os.Stderr, "unknown worker mode", mode)
 	return 2
@@ -458,4 +461,51 @@ func benchFetch(r *report, o options) {
 	r.add(fmt.Sprintf("fetch throughput, %d MB", o.fetchMB), map[string]any{
 		"mb": o.fetchMB, "mb_per_s": mbps, "curl_tar_mb_per_s": basembps, "ratio_to_curl_tar": mbps / basembps,
 	}, fmt.Sprintf("%6.1f MB/s | curl|tar %.1f MB/s | ratio %.2f", mbps, basembps, mbps/basembps))
+}
+
+// benchServeRSS measures the peak RSS of a manager driving every entry (as
+// serve does) over n entries for a few passes.
+func benchServeRSS(r *report, o options, n int) {
+	root := filepath.Join(o.root, fmt.Sprintf("getrelease-%d", n)) // seeded by benchGetRelease
+	out, err := exec.Command(os.Args[0], "--worker", "serve", root, o.duration.String()).Output()
+	if err != nil {
+		fatalf("serve worker: %v", err)
+	}
+	var res struct {
+		Passes int   `json:"passes"`
+		PeakKB int64 `json:"peak_kb"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		fatalf("serve worker: %v: %s", err, out)
+	}
+	r.add(fmt.Sprintf("serve peak RSS, %d entries", n), map[string]any{"entries": n, "peak_rss_mb": float64(res.PeakKB) / 1024, "passes": res.Passes},
+		fmt.Sprintf("%6.1f MB peak RSS over %d passes", float64(res.PeakKB)/1024, res.Passes))
+}
+
+func workerServe(args []string) int {
+	root := args[0]
+	dur, _ := time.ParseDuration(args[1])
+	var passes atomic.Int64
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), DriveAll: true, OnLockHold: func(time.Duration) { passes.Add(1) }})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	stop, err := m.Start(context.Background())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	time.Sleep(max(dur, 2*time.Second)) // let the loop make its passes
+	stop()
+	var peak int64
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+				peak, _ = strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			}
+		}
+	}
+	json.NewEncoder(os.Stdout).Encode(map[string]any{"passes": passes.Load(), "peak_kb": peak})
+	return 0
 }

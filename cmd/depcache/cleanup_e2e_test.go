@@ -76,7 +76,9 @@ func sweeper(t *testing.T, root string, lease time.Duration) *manager.Manager {
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	oneByte, noMinAge := int64(1), time.Duration(0)
-	m, err := manager.New(manager.Config{Root: root, Log: log, SetPolicy: true,
+	// The lock lease too: a host that crashes while it holds the state lock
+	// (its loop takes it every pass) blocks everyone else for that long.
+	m, err := manager.New(manager.Config{Root: root, Log: log, SetPolicy: true, LockLease: lease,
 		Policy:  transitions.Policy{LeaseDuration: lease},
 		Cleanup: manager.PolicyChange{MaxSizeBytes: &oneByte, MinAge: &noMinAge}})
 	if err != nil {

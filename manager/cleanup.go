@@ -275,13 +275,13 @@ func (m *Manager) ownTrash() (string, error) {
 	if _, err := os.Stat(filepath.Join(dir, ownerName)); err == nil {
 		return dir, nil
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := m.perms.MkdirAll(dir); err != nil {
 		return "", err
 	}
 	b, _ := json.Marshal(struct {
 		Owner state.Owner `json:"owner"`
 	}{m.self})
-	return dir, os.WriteFile(filepath.Join(dir, ownerName), b, 0o644)
+	return dir, m.perms.WriteFile(filepath.Join(dir, ownerName), b)
 }
 
 // emptyTrash deletes, outside the lock, what this manager moved aside, and

@@ -184,19 +184,26 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		return meta, fmt.Errorf("no source for %q: %w", scheme(key.Source), ErrBadSource)
 	}
 	_ = os.RemoveAll(staging) // a leftover of our own earlier try of this generation
-	if err := os.MkdirAll(staging, 0o755); err != nil {
+	if err := m.perms.MkdirAll(filepath.Dir(staging)); err != nil {
+		return meta, err
+	}
+	if err := m.perms.MkdirAll(staging); err != nil {
 		return meta, err
 	}
 	ob, _ := json.Marshal(struct {
 		Owner      state.Owner `json:"owner"`
 		Generation uint64      `json:"generation"`
 	}{m.self, gen})
-	if err := os.WriteFile(filepath.Join(staging, ownerName), ob, 0o644); err != nil {
+	if err := m.perms.WriteFile(filepath.Join(staging, ownerName), ob); err != nil {
 		return meta, err
 	}
 	raw := filepath.Join(staging, "download")
-	f, err := os.Create(raw)
+	f, err := os.OpenFile(raw, os.O_RDWR|os.O_CREATE|os.O_TRUNC, m.perms.File)
 	if err != nil {
+		return meta, err
+	}
+	if err := f.Chmod(m.perms.File); err != nil {
+		f.Close()
 		return meta, err
 	}
 	defer f.Close()
@@ -270,10 +277,10 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		if err != nil {
 			return meta, err
 		}
-		if err := os.Mkdir(content, 0o755); err != nil {
+		if err := m.perms.MkdirAll(content); err != nil {
 			return meta, err
 		}
-		n, err := unpack.Extract(ctx, r, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes})
+		n, err := unpack.Extract(ctx, r, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes, Group: m.cfg.GroupShared})
 		if err != nil {
 			return meta, fmt.Errorf("unpacking: %w", err)
 		}
@@ -288,7 +295,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	}
 	meta.Published = m.cfg.Clock.Now()
 	mb, _ := json.MarshalIndent(meta, "", "  ")
-	if err := os.WriteFile(filepath.Join(staging, metaName), mb, 0o644); err != nil {
+	if err := m.perms.WriteFile(filepath.Join(staging, metaName), mb); err != nil {
 		return meta, err
 	}
 	// One syncfs makes every unpacked file durable before the publish.
@@ -303,7 +310,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, staging string, meta Meta) error {
 	final := filepath.Join(entriesDir, stagingName(key, gen))
 	abs := filepath.Join(m.Root(), final)
-	if err := os.MkdirAll(filepath.Dir(abs), 0o755); err != nil {
+	if err := m.perms.MkdirAll(filepath.Dir(abs)); err != nil {
 		return err
 	}
 	renamed := false

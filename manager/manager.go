@@ -89,6 +89,9 @@ type Config struct {
 	// OnLockHold, when set, is told how long each hold of the state lock
 	// lasted (for metrics and tests).
 	OnLockHold func(time.Duration)
+	// GroupShared makes everything depcache creates in the root usable by
+	// the root's group: directories 2770, files 0660 (state.GroupPerms).
+	GroupShared bool
 	// Docker is the engine for docker:// sources; nil: images are refused.
 	Docker Engine
 	// MaxImageBytes fails an image whose registry size exceeds it before
@@ -110,6 +113,7 @@ type Config struct {
 // from dead or stalled owners, and publishes.
 type Manager struct {
 	cfg     Config
+	perms   state.Perms
 	store   *state.Store
 	metrics *metrics
 	self    state.Owner
@@ -186,7 +190,11 @@ func New(cfg Config) (*Manager, error) {
 			cfg.OnLockHold(d)
 		}
 	}
-	store, err := state.Open(cfg.Root, state.Options{OnHold: onHold,
+	perms := state.DefaultPerms()
+	if cfg.GroupShared {
+		perms = state.GroupPerms()
+	}
+	store, err := state.Open(cfg.Root, state.Options{OnHold: onHold, Perms: perms,
 		OnWait: func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
 		Lock:   state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
 	if err != nil {
@@ -199,6 +207,7 @@ func New(cfg Config) (*Manager, error) {
 	self := state.Owner{Process: cfg.Processes.Self(), ManagerID: hex.EncodeToString(id)}
 	return &Manager{
 		cfg:       cfg,
+		perms:     perms,
 		store:     store,
 		metrics:   met,
 		self:      self,

@@ -26,6 +26,7 @@ import (
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 func quietLog() logrus.FieldLogger {
@@ -553,5 +554,37 @@ func TestWaitReportsUnreadableState(t *testing.T) {
 	_, err := m.Wait(context.Background(), k)
 	if !errors.Is(err, state.ErrCorrupt) {
 		t.Fatalf("Wait = %v, want ErrCorrupt", err)
+	}
+}
+
+// TestGroupShared: with GroupShared, what depcache creates is usable by the
+// group (directories 2770, files 0660, unpacked files with the owner's bits
+// for the group), whatever the umask.
+func TestGroupShared(t *testing.T) {
+	old := unix.Umask(0o077) // the most hostile umask
+	defer unix.Umask(old)
+	root := t.TempDir()
+	m := newManager(t, root, func(c *manager.Config) { c.GroupShared = true })
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	e, err := getWait(t, m, "run1", mustKey(t, "file://"+abs, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := m.Abs(e)
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(root, "state.json"):           0o660,
+		filepath.Join(root, "entries"):              0o770 | os.ModeSetgid | os.ModeDir,
+		filepath.Join(filepath.Dir(p), "meta.json"): 0o660,
+		filepath.Join(p, "hello"):                   0o770 | os.ModeSetgid | os.ModeDir,
+		filepath.Join(p, "hello", "README.txt"):     0o660,
+		filepath.Join(root, "staging"):              0o770 | os.ModeSetgid | os.ModeDir,
+	} {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode() != want {
+			t.Errorf("%s: mode %v, want %v", path, fi.Mode(), want)
+		}
 	}
 }

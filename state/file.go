@@ -34,8 +34,9 @@ const (
 type Options struct {
 	// Lock configures the state lock.
 	Lock LockOptions
-	// FilePerm is the permission of the state file. Default 0644.
-	FilePerm fs.FileMode
+	// Perms are the modes of the root, the state and lock files. Default:
+	// DefaultPerms().
+	Perms Perms
 	// OnHold, when set, is told how long each Update held the lock.
 	OnHold func(time.Duration)
 	// OnWait, when set, is told how long each Update waited for the lock.
@@ -66,11 +67,14 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state: root %q: %w", dir, err)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if opts.Perms == (Perms{}) {
+		opts.Perms = DefaultPerms()
+	}
+	if err := opts.Perms.MkdirAll(dir); err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
-	if opts.FilePerm == 0 {
-		opts.FilePerm = 0o644
+	if opts.Lock.Perm == 0 {
+		opts.Lock.Perm = opts.Perms.File
 	}
 	l, err := NewLock(filepath.Join(dir, LockFile), opts.Lock)
 	if err != nil {
@@ -271,7 +275,7 @@ func (s *Store) keepAside(b []byte) string {
 	if _, err := os.Stat(aside); err == nil {
 		return aside
 	}
-	if err := renameio.WriteFile(aside, b, 0o644, renameio.WithTempDir(s.root)); err != nil {
+	if err := renameio.WriteFile(aside, b, s.opts.Perms.File, renameio.WithTempDir(s.root), renameio.WithStaticPermissions(s.opts.Perms.File)); err != nil {
 		return "(none: " + err.Error() + ")"
 	}
 	return aside
@@ -280,7 +284,7 @@ func (s *Store) keepAside(b []byte) string {
 // commit replaces the state file with data. The previous version is linked
 // to state.json.prev first, so no moment exists without a state file.
 func (s *Store) commit(data []byte, hadOld bool) error {
-	pf, err := renameio.NewPendingFile(s.path, renameio.WithTempDir(s.root), renameio.WithPermissions(s.opts.FilePerm))
+	pf, err := renameio.NewPendingFile(s.path, renameio.WithTempDir(s.root), renameio.WithStaticPermissions(s.opts.Perms.File))
 	if err != nil {
 		return fmt.Errorf("state %s: %w", s.path, err)
 	}

@@ -453,6 +453,11 @@ func writeExcl(name string, data []byte, perm fs.FileMode) error {
 	if err != nil {
 		return err
 	}
+	if err := f.Chmod(perm); err != nil { // past the umask: a shared root's group must read it
+		f.Close()
+		os.Remove(name)
+		return err
+	}
 	if _, err := f.Write(data); err != nil {
 		f.Close()
 		os.Remove(name)

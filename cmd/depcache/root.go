@@ -26,6 +26,7 @@ type globals struct {
 	json      bool
 	logLevel  string
 	logFormat string
+	group     bool
 	stdout    io.Writer
 	stderr    io.Writer
 	log       *logrus.Logger
@@ -95,6 +96,7 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 			LeaseDuration:   p.lease,
 		},
 		Docker:           engine,
+		GroupShared:      g.group,
 		MaxImageBytes:    p.maxImage.bytes,
 		Cleanup:          change,
 		SetPolicy:        p.setPolicy,
@@ -159,6 +161,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.BoolVar(&g.json, "json", false, "machine-readable output")
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
+	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
 	return root
 }

@@ -57,6 +57,9 @@ func (f Format) String() string {
 type Limits struct {
 	MaxBytes int64
 	MaxFiles int
+	// Group gives the owner's permissions to the group as well (a root
+	// shared by a group), past the umask; others get none.
+	Group bool
 }
 
 // Sniff tells a tar archive (plain or gzip) from any other file by its
@@ -178,7 +181,7 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 		if p == "." {
 			return nil
 		}
-		return x.root.MkdirAll(p, 0o755)
+		return x.mkdir(p)
 	case tar.TypeReg: // the reader reports old TypeRegA members as TypeReg
 		return x.regular(p, hdr, r)
 	case tar.TypeSymlink:
@@ -221,9 +224,19 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 
 func (x *extractor) parent(p string) error {
 	if d := path.Dir(p); d != "." {
-		return x.root.MkdirAll(d, 0o755)
+		return x.mkdir(d)
 	}
 	return nil
+}
+
+func (x *extractor) mkdir(p string) error {
+	if !x.lim.Group {
+		return x.root.MkdirAll(p, 0o755)
+	}
+	if err := x.root.MkdirAll(p, 0o770); err != nil {
+		return err
+	}
+	return x.root.Chmod(p, 0o770|fs.ModeSetgid)
 }
 
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
@@ -238,12 +251,21 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	}
 	// No set-uid, set-gid or sticky bits from strangers.
 	perm := fs.FileMode(hdr.Mode).Perm() | 0o600
+	if x.lim.Group {
+		perm = perm&0o700 | (perm&0o700)>>3 // the group gets the owner's bits, others none
+	}
 	f, err := x.root.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 	if errors.Is(err, fs.ErrExist) {
 		return hostile(hdr.Name, "duplicate member")
 	}
 	if err != nil {
 		return fmt.Errorf("member %q: %w", hdr.Name, err)
+	}
+	if x.lim.Group {
+		if err := f.Chmod(perm); err != nil {
+			f.Close()
+			return fmt.Errorf("member %q: %w", hdr.Name, err)
+		}
 	}
 	n, err := io.Copy(f, r)
 	x.bytes += n

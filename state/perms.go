@@ -1,0 +1,38 @@
+package state
+
+import (
+	"io/fs"
+	"os"
+)
+
+// Perms are the modes of what depcache creates in a root. They are set
+// explicitly after each creation, so that the process's umask cannot strip
+// the group bits of a shared root.
+type Perms struct {
+	Dir  fs.FileMode
+	File fs.FileMode
+}
+
+// DefaultPerms is for a root used by one user: 0755 and 0644.
+func DefaultPerms() Perms { return Perms{Dir: 0o755, File: 0o644} }
+
+// GroupPerms is for a root shared by the users of one group (as CodaLab
+// workers share theirs): directories 2770 (new files inherit the group),
+// files 0660. Others get nothing.
+func GroupPerms() Perms { return Perms{Dir: 0o770 | fs.ModeSetgid, File: 0o660} }
+
+// MkdirAll creates dir (and missing parents) and gives dir its mode.
+func (p Perms) MkdirAll(dir string) error {
+	if err := os.MkdirAll(dir, p.Dir.Perm()); err != nil {
+		return err
+	}
+	return os.Chmod(dir, p.Dir)
+}
+
+// WriteFile writes a small file and gives it its mode.
+func (p Perms) WriteFile(name string, data []byte) error {
+	if err := os.WriteFile(name, data, p.File); err != nil {
+		return err
+	}
+	return os.Chmod(name, p.File)
+}

@@ -220,13 +220,35 @@ func TestFailures(t *testing.T) {
 			return true
 		}, wmsg: "after", wreq: 3},
 		{name: "digest mismatch", sha: strings.Repeat("ab", 32), wmsg: "sha256 mismatch", wreq: 1},
+		{name: "server stalls mid-body", handle: func(w http.ResponseWriter, r *http.Request) bool {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(200)
+			w.Write(body[:1000])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done() // the idle timeout must end it
+			return true
+		}, wmsg: "no data for", wreq: 3},
+		{name: "body shorter than Content-Length", handle: func(w http.ResponseWriter, r *http.Request) bool {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)+500))
+			w.WriteHeader(200)
+			w.Write(body)
+			return true
+		}, wmsg: "unexpected EOF", wreq: 3},
+		{name: "wrong content", sha: sum(randomBytes(10)), handle: func(w http.ResponseWriter, r *http.Request) bool {
+			w.Write([]byte("not the bundle you want"))
+			return true
+		}, wmsg: "sha256 mismatch", wreq: 1},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := newServer(t, body)
 			srv.set(tc.handle)
 			root := t.TempDir()
-			m := newManager(t, root, func(c *manager.Config) { c.Retries = 2 })
+			m := newManager(t, root, func(c *manager.Config) {
+				c.Retries = 2
+				h := manager.HTTPSource(nil, 200*time.Millisecond) // a short idle timeout for the stall
+				c.Sources = map[string]manager.Source{"http": h, "https": h}
+			})
 			k := mustKey(t, srv.URL+"/b", tc.sha)
 			e, err := getWait(t, m, "run1", k)
 			var fe *manager.FailedError

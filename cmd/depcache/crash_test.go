@@ -13,9 +13,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/depcache/depcache/state/rigtest"
 )
 
 // TestCrashTrials runs random workloads (get, release, gc) from several
@@ -33,6 +36,33 @@ func TestCrashTrials(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
 		trials = n
 	}
+	root := t.TempDir()
+	runTrials(t, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) })
+}
+
+// TestCrashTrialsTwoHosts: the same workload from 2 fake hosts, each on its
+// own sshfs mount of one export with the default (20 s) attribute cache;
+// every operation and its result are recorded, and the checker also reads
+// the history of publishes from the processes' logs: at most one publish
+// per entry and generation, across both hosts.
+func TestCrashTrialsTwoHosts(t *testing.T) {
+	mnt1, mnt2 := rigtest.SharedFS(t)
+	trials := 6 // each can wait out a lock lease or download timeout
+	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
+		trials = max(1, n/10)
+	}
+	sub := fmt.Sprintf("e2e-history-%d", time.Now().UnixNano())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	os.MkdirAll(filepath.Join(mnt1, sub), 0o755)
+	runTrials(t, trials, []string{filepath.Join(mnt1, sub), filepath.Join(mnt2, sub)}, func(host int, argv ...string) *exec.Cmd {
+		return rigtest.FakeHost(t, fmt.Sprintf("host-%c", 'a'+host), 0, argv...)
+	})
+}
+
+// runTrials runs the trials: each process runs on one of roots (one per
+// host) through start.
+func runTrials(t *testing.T, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd) {
+	t.Helper()
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 2))
@@ -57,13 +87,15 @@ func TestCrashTrials(t *testing.T) {
 	defer srv.Close()
 	sources = append(sources, srv.URL+"/slow.bin")
 
-	root := t.TempDir()
+	root := roots[0]
 	held := map[string]map[string]bool{} // source -> named dependents surely registered, not released
+	published := map[string]int{}        // "key gen" -> publishes seen in the logs
 	kills, ops := 0, 0
 	for trial := range trials {
 		type job struct {
 			cmd           *exec.Cmd
 			op, src, name string
+			logs          *bytes.Buffer
 		}
 		var jobs []job
 		for range 3 {
@@ -73,17 +105,20 @@ func TestCrashTrials(t *testing.T) {
 			op := []string{"get", "get", "release", "gc"}[rng.IntN(4)]
 			switch op {
 			case "get":
-				args = []string{"get", "--dependent", name, "--retries", "0", src}
+				args = []string{"get", "--dependent", name, "--retries", "0", "--download-timeout", "3s", "--progress-interval", "500ms", src}
 			case "release":
 				args = []string{"release", "--dependent", name, src}
 			case "gc":
-				args = []string{"gc", "--max-size", strconv.Itoa(rng.IntN(200 << 10)), "--min-age", "0s", "--set-policy"}
+				args = []string{"gc", "--max-size", strconv.Itoa(rng.IntN(4 << 20)), "--min-age", "0s", "--set-policy"}
 			}
-			cmd := exec.Command(bin, append([]string{"--root", root, "--lock-lease", "5s"}, args...)...)
+			host := rng.IntN(len(roots))
+			cmd := start(host, append([]string{bin, "--root", roots[host], "--lock-lease", "3s", "--log-level", "info", "--log-format", "json"}, args...)...)
+			var logs bytes.Buffer
+			cmd.Stderr = &logs
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
-			jobs = append(jobs, job{cmd, op, src, name})
+			jobs = append(jobs, job{cmd, op, src, name, &logs})
 			ops++
 		}
 		victim := rng.IntN(len(jobs))
@@ -101,7 +136,25 @@ func TestCrashTrials(t *testing.T) {
 		}
 		wg.Wait()
 		timer.Stop()
+		for _, j := range jobs {
+			for _, line := range strings.Split(j.logs.String(), "\n") {
+				var rec struct {
+					Msg string `json:"msg"`
+					Key string `json:"key"`
+					Gen uint64 `json:"gen"`
+				}
+				if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "published" {
+					k := fmt.Sprintf("%s gen %d", rec.Key, rec.Gen)
+					if published[k]++; published[k] > 1 {
+						t.Fatalf("trial %d: %s published twice", trial, k)
+					}
+				}
+			}
+		}
 		for i, j := range jobs {
+			if os.Getenv("DT_VERBOSE") != "" {
+				t.Logf("trial %d: %s %s %s: %v\n%s", trial, j.op, j.name, j.src, results[i], j.logs.String())
+			}
 			killed := j.cmd.ProcessState.String() == "signal: killed"
 			if killed {
 				kills++
@@ -120,7 +173,7 @@ func TestCrashTrials(t *testing.T) {
 		}
 		checkCrashInvariants(t, trial, root, held)
 	}
-	t.Logf("%d trials, %d operations, %d SIGKILLs, 0 invariant violations", trials, ops, kills)
+	t.Logf("%d trials, %d operations, %d SIGKILLs, %d publishes, 0 invariant violations", trials, ops, kills, len(published))
 }
 
 func checkCrashInvariants(t *testing.T, trial int, root string, held map[string]map[string]bool) {

@@ -20,7 +20,7 @@ func newDoctor(g *globals) *cobra.Command {
 		Short: "Check the root and say what is wrong; rebuild an unreadable state; break a stale lock",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := manager.New(manager.Config{Root: g.root, Log: g.log, GroupShared: g.group})
+			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err
 			}
@@ -83,7 +83,7 @@ func newVerify(g *globals) *cobra.Command {
 		Use:   "verify [SOURCE...]",
 		Short: "Re-hash READY bundles against the digest recorded at publish; mismatches become FAILED",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := manager.New(manager.Config{Root: g.root, Log: g.log, GroupShared: g.group})
+			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err
 			}

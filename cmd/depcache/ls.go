@@ -83,7 +83,7 @@ func newLs(g *globals) *cobra.Command {
 		Short: "List the cache's entries",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := manager.New(manager.Config{Root: g.root, Log: g.log, GroupShared: g.group})
+			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err
 			}

@@ -22,7 +22,7 @@ func newRelease(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			m, err := manager.New(manager.Config{Root: g.root, Log: g.log, GroupShared: g.group})
+			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err
 			}

@@ -27,6 +27,7 @@ type globals struct {
 	logLevel  string
 	logFormat string
 	group     bool
+	lockLease time.Duration
 	stdout    io.Writer
 	stderr    io.Writer
 	log       *logrus.Logger
@@ -38,7 +39,6 @@ type loopFlags struct {
 	failureCooldown  time.Duration
 	retries          int
 	progressInterval time.Duration
-	lockLease        time.Duration
 }
 
 func (l *loopFlags) register(fs *pflag.FlagSet) {
@@ -46,14 +46,13 @@ func (l *loopFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&l.failureCooldown, "failure-cooldown", time.Minute, "keep a FAILED entry this long before retrying (doubles per failure)")
 	fs.IntVar(&l.retries, "retries", 3, "attempts after the first within one download")
 	fs.DurationVar(&l.progressInterval, "progress-interval", 2*time.Second, "how often a downloader reports progress and its heartbeat")
-	fs.DurationVar(&l.lockLease, "lock-lease", 30*time.Second, "how long a lock held from another host must stay unchanged before it is broken")
 }
 
 func (l *loopFlags) validate() error {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"download-timeout", l.downloadTimeout}, {"failure-cooldown", l.failureCooldown}, {"progress-interval", l.progressInterval}, {"lock-lease", l.lockLease}} {
+	}{{"download-timeout", l.downloadTimeout}, {"failure-cooldown", l.failureCooldown}, {"progress-interval", l.progressInterval}} {
 		if d.v <= 0 {
 			return fmt.Errorf("--%s %s: %w: must be positive", d.name, d.v, errBadFlag)
 		}
@@ -103,7 +102,7 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 		CleanupInterval:  p.interval,
 		Retries:          retries,
 		ProgressInterval: l.progressInterval,
-		LockLease:        l.lockLease,
+		LockLease:        g.lockLease,
 		Log:              g.log,
 	}
 	return cfg, nil
@@ -150,6 +149,9 @@ func newRoot(g *globals) *cobra.Command {
 			if g.root == "" {
 				return fmt.Errorf("--root: %w: empty", errBadFlag)
 			}
+			if g.lockLease <= 0 {
+				return fmt.Errorf("--lock-lease %s: %w: must be positive", g.lockLease, errBadFlag)
+			}
 			return nil
 		},
 	}
@@ -161,6 +163,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.BoolVar(&g.json, "json", false, "machine-readable output")
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
+	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
 	return root
@@ -203,4 +206,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// plainConfig is the configuration of the commands that do not run the
+// loops (release, ls, doctor, verify).
+func (g *globals) plainConfig() manager.Config {
+	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/depcache/depcache/state"
@@ -292,8 +293,13 @@ func (m *Manager) Start(ctx context.Context) (stop func() error, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- m.run(ctx) }()
-	return func() error {
-		cancel()
-		return <-done
+	var once sync.Once
+	var runErr error
+	return func() error { // may be called more than once
+		once.Do(func() {
+			cancel()
+			runErr = <-done
+		})
+		return runErr
 	}, nil
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/state/rigtest"
+	"golang.org/x/sys/unix"
 )
 
 // TestCrashTrials runs random workloads (get, release, gc) from several
@@ -63,6 +64,12 @@ func TestCrashTrialsTwoHosts(t *testing.T) {
 // host) through start.
 func runTrials(t *testing.T, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd) {
 	t.Helper()
+	runTrialsWith(t, trials, roots, start, nil)
+}
+
+// runTrialsWith is runTrials with a hook run before each trial.
+func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd, before func()) {
+	t.Helper()
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 2))
@@ -92,6 +99,9 @@ func runTrials(t *testing.T, trials int, roots []string, start func(host int, ar
 	published := map[string]int{}        // "key gen" -> publishes seen in the logs
 	kills, ops := 0, 0
 	for trial := range trials {
+		if before != nil {
+			before()
+		}
 		type job struct {
 			cmd           *exec.Cmd
 			op, src, name string
@@ -158,6 +168,8 @@ func runTrials(t *testing.T, trials int, roots []string, start func(host int, ar
 			killed := j.cmd.ProcessState.String() == "signal: killed"
 			if killed {
 				kills++
+			} else if results[i] != nil && !strings.Contains(j.logs.String(), "depcache: ") {
+				t.Fatalf("trial %d: %s failed (%v) without saying why:\n%s", trial, j.op, results[i], j.logs.String())
 			}
 			if held[j.src] == nil {
 				held[j.src] = map[string]bool{}
@@ -239,4 +251,40 @@ func writeBundle(t *testing.T, path string, i, size int) {
 	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestCrashTrialsDiskFull: the same trials with the root on the disk-full
+// rig, filled before each trial so that only 0–256 KiB are left: the disk
+// fills at random points (download, unpack, state write, metadata).
+// Besides the crash invariants, every failure must say why.
+func TestCrashTrialsDiskFull(t *testing.T) {
+	dir := rigtest.DiskFull(t)
+	root, err := os.MkdirTemp(dir, "trials-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
+	t.Cleanup(func() { os.RemoveAll(root); os.Remove(filler) })
+	trials := 12
+	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
+		trials = max(1, n/10)
+	}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 3))
+	runTrialsWith(t, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) },
+		func() {
+			os.Remove(filler)
+			var st unix.Statfs_t
+			if unix.Statfs(dir, &st) != nil {
+				return
+			}
+			free := int64(st.Bavail) * int64(st.Bsize)
+			keep := int64(rng.IntN(256 << 10))
+			if free > keep {
+				f, err := os.Create(filler)
+				if err == nil {
+					f.Write(make([]byte, free-keep))
+					f.Close()
+				}
+			}
+		})
 }

@@ -163,6 +163,9 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		moves = moves[:0]
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
+		if !dryRun {
+			m.settleTrashLocked(st)
+		}
 		now := m.cfg.Clock.Now()
 		pol := policyOf(st)
 		if dryRun && (st.Policy == nil || m.cfg.SetPolicy) {
@@ -284,41 +287,79 @@ func (m *Manager) ownTrash() (string, error) {
 	return dir, m.perms.WriteFile(filepath.Join(dir, ownerName), b)
 }
 
-// emptyTrash deletes, outside the lock, what this manager moved aside, and
-// the trash of managers on this machine whose process is gone.
+// emptyTrash deletes, outside the lock, what this manager moved aside.
 func (m *Manager) emptyTrash() {
-	dir := filepath.Join(m.Root(), trashDir)
-	ents, err := os.ReadDir(dir)
+	dir := filepath.Join(m.Root(), trashDir, m.self.ManagerID)
+	items, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
-	for _, e := range ents {
-		p := filepath.Join(dir, e.Name())
-		if e.Name() == m.self.ManagerID {
-			items, _ := os.ReadDir(p)
-			for _, it := range items {
-				if it.Name() == ownerName {
-					continue
-				}
-				if err := os.RemoveAll(filepath.Join(p, it.Name())); err != nil {
-					m.log.WithError(err).WithField("path", it.Name()).Warn("deleting evicted content")
+	for _, it := range items {
+		if it.Name() == ownerName {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(dir, it.Name())); err != nil {
+			m.log.WithError(err).WithField("path", it.Name()).Warn("deleting evicted content")
+		}
+	}
+}
+
+// settleTrashLocked runs under the lock, where every sweep decides and
+// commits. Content in any manager's trash that an entry of st still names
+// belongs to a sweep that never committed (its process was killed between
+// the move and the commit): it goes back into place. The rest of a dead
+// manager's trash (this machine only: elsewhere death is not provable) is
+// adopted into ours, to be deleted outside the lock.
+func (m *Manager) settleTrashLocked(st *state.State) {
+	root := filepath.Join(m.Root(), trashDir)
+	dirs, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	named := map[string]bool{}
+	for _, e := range st.Entries {
+		if e.Path != "" {
+			named[filepath.Base(filepath.Dir(e.Path))] = true
+		}
+	}
+	for _, d := range dirs {
+		if d.Name() == m.self.ManagerID {
+			continue
+		}
+		dir := filepath.Join(root, d.Name())
+		items, _ := os.ReadDir(dir)
+		for _, it := range items {
+			if named[it.Name()] {
+				m.perms.MkdirAll(filepath.Join(m.Root(), entriesDir))
+				if err := os.Rename(filepath.Join(dir, it.Name()), filepath.Join(m.Root(), entriesDir, it.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+					m.log.WithError(err).WithField("dir", it.Name()).Error("putting back content of an interrupted sweep")
+				} else {
+					m.log.WithField("dir", it.Name()).Warn("put back content an interrupted sweep had moved aside")
 				}
 			}
-			continue
 		}
 		var rec struct {
 			Owner state.Owner `json:"owner"`
 		}
-		b, err := os.ReadFile(filepath.Join(p, ownerName))
+		b, err := os.ReadFile(filepath.Join(dir, ownerName))
 		if err != nil || json.Unmarshal(b, &rec) != nil || !m.self.SameMachine(rec.Owner.Process) {
 			continue // another host's, or unknown: doctor reports it
 		}
 		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
 			continue
 		}
-		if err := os.RemoveAll(p); err != nil {
-			m.log.WithError(err).WithField("path", p).Warn("deleting a dead manager's trash")
+		own, err := m.ownTrash()
+		if err != nil {
+			return
 		}
+		items, _ = os.ReadDir(dir)
+		for _, it := range items {
+			if it.Name() != ownerName {
+				os.Rename(filepath.Join(dir, it.Name()), filepath.Join(own, d.Name()+"-"+it.Name()))
+			}
+		}
+		os.Remove(filepath.Join(dir, ownerName))
+		os.Remove(dir)
 	}
 }
 

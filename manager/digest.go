@@ -15,11 +15,20 @@ import (
 // type and permissions, and the digest of each file (or the target of each
 // symlink), in lexical order. It does not follow symlinks.
 func ContentDigest(path string) (string, error) {
+	return contentDigest(path, nil)
+}
+
+// contentDigest is ContentDigest with the digests of some files already
+// known (hashed while they were written), by slash path relative to path.
+func contentDigest(path string, known map[string]string) (string, error) {
 	fi, err := os.Lstat(path)
 	if err != nil {
 		return "", err
 	}
 	if fi.Mode().IsRegular() {
+		if sum, ok := known["."]; ok {
+			return sum, nil
+		}
 		return fileDigest(path)
 	}
 	h := sha256.New()
@@ -34,9 +43,11 @@ func ContentDigest(path string) (string, error) {
 		}
 		switch {
 		case d.Type().IsRegular():
-			sum, err := fileDigest(p)
-			if err != nil {
-				return err
+			sum, ok := known[filepath.ToSlash(rel)]
+			if !ok {
+				if sum, err = fileDigest(p); err != nil {
+					return err
+				}
 			}
 			fmt.Fprintf(h, "f %s %o %s\n", rel, info.Mode().Perm(), sum)
 		case d.IsDir():

@@ -110,7 +110,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		if err != nil {
 			return false, err
 		}
-		to = filepath.Join(own, filepath.Base(abs)+".corrupt")
+		to = filepath.Join(own, filepath.Base(abs)) // the name an interrupted run is put back by
 		if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return false, err
 		}

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -197,35 +198,52 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	if err := m.perms.WriteFile(filepath.Join(staging, ownerName), ob); err != nil {
 		return meta, err
 	}
-	raw := filepath.Join(staging, "download")
-	f, err := os.OpenFile(raw, os.O_RDWR|os.O_CREATE|os.O_TRUNC, m.perms.File)
-	if err != nil {
-		return meta, err
-	}
-	if err := f.Chmod(m.perms.File); err != nil {
-		f.Close()
-		return meta, err
-	}
-	defer f.Close()
-
+	content := filepath.Join(staging, contentName)
 	var written, total atomic.Int64
 	stopReports := m.reportProgress(ctx, key, gen, &written, &total)
 	defer stopReports()
 
+	// The bytes stream from the source through the hash straight into the
+	// unpacker (or the content file): one pass, no copy of the download.
 	h := sha256.New()
+	var (
+		format unpack.Format
+		hashes map[string]string
+		err    error
+	)
 	for attempt := 0; ; attempt++ {
-		if err := resetFile(f); err != nil {
+		if err := os.RemoveAll(content); err != nil {
 			return meta, err
 		}
 		h.Reset()
 		written.Store(0)
-		w := io.MultiWriter(f, h, counter{&written})
-		err = src.Fetch(ctx, key.Source, w, func(n int64) {
-			total.Store(n)
-			if ferr := m.checkFits(ctx, key, n); ferr != nil {
-				m.cancelDownload(key, gen, ferr)
-			}
-		})
+		pr, pw := io.Pipe()
+		fetched := make(chan error, 1)
+		go func() {
+			ferr := src.Fetch(ctx, key.Source, io.MultiWriter(pw, h, counter{&written}), func(n int64) {
+				total.Store(n)
+				if ferr := m.checkFits(ctx, key, n); ferr != nil {
+					m.cancelDownload(key, gen, ferr)
+				}
+			})
+			pw.CloseWithError(ferr) // nil: the reader sees EOF
+			fetched <- ferr
+		}()
+		in := &trackedReader{r: pr}
+		var cerr error
+		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content)
+		if cerr == nil {
+			_, cerr = io.Copy(io.Discard, in) // the rest (tar padding), so that the hash covers every byte
+		}
+		if cerr != nil {
+			pr.CloseWithError(cerr) // stops the fetch if it is still writing
+		}
+		err = <-fetched
+		if cerr != nil && in.err == nil {
+			// The content itself failed (hostile archive, full disk), not
+			// the transfer: retrying would fail the same way.
+			return meta, cerr
+		}
 		if err == nil {
 			break
 		}
@@ -244,6 +262,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			return meta, context.Cause(ctx)
 		}
 	}
+	meta.Format = format.String()
 	meta.SHA256 = hex.EncodeToString(h.Sum(nil))
 	meta.Fetched = written.Load()
 	if key.SHA256 != "" && meta.SHA256 != key.SHA256 {
@@ -252,45 +271,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	if t := total.Load(); t > 0 && written.Load() != t {
 		return meta, fmt.Errorf("size mismatch: got %d bytes, expected %d", written.Load(), t)
 	}
-	if m.cfg.MaxBundleBytes > 0 && written.Load() > m.cfg.MaxBundleBytes {
-		return meta, fmt.Errorf("%d bytes exceed the bundle budget of %d", written.Load(), m.cfg.MaxBundleBytes)
-	}
-	format, err := unpack.Sniff(f)
-	if err != nil {
-		return meta, err
-	}
-	meta.Format = format.String()
-	content := filepath.Join(staging, contentName)
-	if format == unpack.Plain {
-		if err := f.Sync(); err != nil {
-			return meta, err
-		}
-		if err := os.Rename(raw, content); err != nil {
-			return meta, err
-		}
-		meta.SizeBytes = written.Load()
-	} else {
-		if _, err := f.Seek(0, io.SeekStart); err != nil {
-			return meta, err
-		}
-		r, err := unpack.Open(f, format)
-		if err != nil {
-			return meta, err
-		}
-		if err := m.perms.MkdirAll(content); err != nil {
-			return meta, err
-		}
-		n, err := unpack.Extract(ctx, r, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes, Group: m.cfg.GroupShared})
-		if err != nil {
-			return meta, fmt.Errorf("unpacking: %w", err)
-		}
-		meta.SizeBytes = n
-		f.Close()
-		if err := os.Remove(raw); err != nil {
-			return meta, err
-		}
-	}
-	if meta.ContentSHA256, err = ContentDigest(content); err != nil {
+	if meta.ContentSHA256, err = contentDigest(content, hashes); err != nil {
 		return meta, err
 	}
 	meta.Published = m.cfg.Clock.Now()
@@ -384,14 +365,6 @@ func (c counter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func resetFile(f *os.File) error {
-	if err := f.Truncate(0); err != nil {
-		return err
-	}
-	_, err := f.Seek(0, io.SeekStart)
-	return err
-}
-
 func sleepCtx(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -441,4 +414,64 @@ func (m *Manager) cancelDownload(key state.Key, gen uint64, cause error) {
 	if d := m.downloads[key.ID()]; d != nil && d.gen == gen {
 		d.cancel(cause)
 	}
+}
+
+// consume writes the fetched stream r as the entry's content: a tar
+// archive (plain or gzip, told by its first bytes) is unpacked into a
+// directory, anything else is written as a file. It returns the content's
+// size and the digests of the files written.
+func (m *Manager) consume(ctx context.Context, r io.Reader, content string) (unpack.Format, int64, map[string]string, error) {
+	br := bufio.NewReaderSize(r, unpack.SniffHead)
+	head, _ := br.Peek(unpack.SniffHead) // short at EOF; a read error shows below
+	format := unpack.SniffBytes(head)
+	if format == unpack.Plain {
+		f, err := os.OpenFile(content, os.O_WRONLY|os.O_CREATE|os.O_EXCL, m.perms.File)
+		if err != nil {
+			return format, 0, nil, err
+		}
+		defer f.Close()
+		if err := f.Chmod(m.perms.File); err != nil {
+			return format, 0, nil, err
+		}
+		fh := sha256.New()
+		n, err := io.Copy(io.MultiWriter(f, fh), ctxReader{ctx, br})
+		if err == nil && m.cfg.MaxBundleBytes > 0 && n > m.cfg.MaxBundleBytes {
+			err = fmt.Errorf("%d bytes exceed the bundle budget of %d", n, m.cfg.MaxBundleBytes)
+		}
+		if err == nil {
+			err = f.Close()
+		}
+		return format, n, map[string]string{".": hex.EncodeToString(fh.Sum(nil))}, err
+	}
+	var tr io.Reader = br
+	if format == unpack.TarGzip {
+		zr, err := unpack.Open(br, format)
+		if err != nil {
+			return format, 0, nil, fmt.Errorf("unpacking: %w", err)
+		}
+		tr = zr
+	}
+	if err := m.perms.MkdirAll(content); err != nil {
+		return format, 0, nil, err
+	}
+	n, hashes, err := unpack.ExtractHashed(ctx, tr, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes, Group: m.cfg.GroupShared})
+	if err != nil {
+		return format, n, nil, fmt.Errorf("unpacking: %w", err)
+	}
+	return format, n, hashes, nil
+}
+
+// trackedReader remembers the first read error of the stream that is not
+// EOF: the transfer's own failure, as opposed to the consumer's.
+type trackedReader struct {
+	r   io.Reader
+	err error
+}
+
+func (t *trackedReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err != nil && err != io.EOF && t.err == nil {
+		t.err = err
+	}
+	return n, err
 }

@@ -610,3 +610,47 @@ func TestGroupShared(t *testing.T) {
 		}
 	}
 }
+
+// TestInterruptedSweepRolledBack: a sweep killed after moving an entry's
+// content into its trash but before committing leaves the entry READY in
+// the state; the next start puts the content back instead of dropping the
+// entry as one whose content is missing.
+func TestInterruptedSweepRolledBack(t *testing.T) {
+	root := t.TempDir()
+	procs, err := state.System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := procs.Self()
+	dead.StartTime++
+	key := state.Key{Kind: state.Bundle, Source: "https://example.com/interrupted"}
+	name := key.ID() + "-g1"
+	trash := filepath.Join(root, "trash", "deadmanager")
+	os.MkdirAll(filepath.Join(trash, name), 0o755)
+	os.WriteFile(filepath.Join(trash, name, "content"), []byte("still needed"), 0o644)
+	b, _ := json.Marshal(map[string]any{"owner": state.Owner{Process: dead, ManagerID: "deadmanager"}})
+	os.WriteFile(filepath.Join(trash, "owner.json"), b, 0o644)
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: key, Stage: state.Ready, Path: filepath.Join("entries", name, "content"), SizeBytes: 12})
+		return true, nil
+	})
+	m := newManager(t, root)
+	st, err := m.Entries(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := st.Get(key); e == nil || e.Stage != state.Ready {
+		t.Fatalf("entry after start: %+v, want it READY", e)
+	}
+	got, err := os.ReadFile(filepath.Join(root, "entries", name, "content"))
+	if err != nil || string(got) != "still needed" {
+		t.Fatalf("content not put back: %q %v", got, err)
+	}
+	if _, err := os.Stat(trash); !os.IsNotExist(err) {
+		t.Errorf("the dead manager's trash is still there: %v", err)
+	}
+}

@@ -45,6 +45,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		if err != nil {
 			return false, err
 		}
+		// First put back what interrupted sweeps moved aside, so that their
+		// entries are not taken for entries whose content is missing.
+		m.settleTrashLocked(st)
 		named := map[string]bool{}
 		for id, e := range st.Entries {
 			if e.Path == "" {

@@ -18,6 +18,8 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -62,30 +64,39 @@ type Limits struct {
 	Group bool
 }
 
+// SniffHead is the number of leading bytes SniffBytes wants: enough
+// compressed bytes to see the first tar header inside a gzip stream.
+const SniffHead = 64 << 10
+
 // Sniff tells a tar archive (plain or gzip) from any other file by its
 // first bytes.
 func Sniff(f io.ReaderAt) (Format, error) {
-	head := make([]byte, 512)
+	head := make([]byte, SniffHead)
 	n, err := f.ReadAt(head, 0)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return Plain, err
 	}
-	head = head[:n]
+	return SniffBytes(head[:n]), nil
+}
+
+// SniffBytes tells a tar archive (plain or gzip) from any other content by
+// its first bytes (up to SniffHead of them), without consuming a stream.
+func SniffBytes(head []byte) Format {
 	if isTar(head) {
-		return Tar, nil
+		return Tar
 	}
 	if len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b {
-		zr, err := gzip.NewReader(io.NewSectionReader(f, 0, 1<<62))
+		zr, err := gzip.NewReader(bytes.NewReader(head))
 		if err != nil {
-			return Plain, nil
+			return Plain
 		}
 		inner := make([]byte, 512)
 		m, _ := io.ReadFull(zr, inner)
 		if isTar(inner[:m]) {
-			return TarGzip, nil
+			return TarGzip
 		}
 	}
-	return Plain, nil
+	return Plain
 }
 
 // isTar looks for the ustar magic (POSIX and GNU) at offset 257.
@@ -108,26 +119,33 @@ func Open(r io.Reader, f Format) (io.Reader, error) {
 // Extract unpacks the tar stream r into dir, which must exist and be empty.
 // It returns the number of content bytes written.
 func Extract(ctx context.Context, r io.Reader, dir string, lim Limits) (int64, error) {
+	n, _, err := ExtractHashed(ctx, r, dir, lim)
+	return n, err
+}
+
+// ExtractHashed is Extract that also returns the sha256 (hex) of every
+// regular file it wrote, by slash path, hashed on the way in.
+func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (int64, map[string]string, error) {
 	root, err := os.OpenRoot(dir)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	defer root.Close()
-	x := extractor{root: root, lim: lim, symlinks: map[string]bool{}, files: map[string]bool{}}
+	x := extractor{root: root, lim: lim, symlinks: map[string]bool{}, files: map[string]bool{}, hashes: map[string]string{}}
 	tr := tar.NewReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
-			return x.bytes, err
+			return x.bytes, nil, err
 		}
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
-			return x.bytes, nil
+			return x.bytes, x.hashes, nil
 		}
 		if err != nil {
-			return x.bytes, fmt.Errorf("%w: %w", ErrCorrupt, err)
+			return x.bytes, nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 		}
 		if err := x.member(hdr, tr); err != nil {
-			return x.bytes, err
+			return x.bytes, nil, err
 		}
 	}
 }
@@ -137,8 +155,9 @@ type extractor struct {
 	lim      Limits
 	bytes    int64
 	count    int
-	symlinks map[string]bool // names the archive made symlinks
-	files    map[string]bool // regular files, the only hard-link targets
+	symlinks map[string]bool   // names the archive made symlinks
+	files    map[string]bool   // regular files, the only hard-link targets
+	hashes   map[string]string // sha256 of each regular file written
 }
 
 func hostile(name, why string) error {
@@ -267,7 +286,8 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 			return fmt.Errorf("member %q: %w", hdr.Name, err)
 		}
 	}
-	n, err := io.Copy(f, r)
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(f, h), r)
 	x.bytes += n
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -279,5 +299,6 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 		return fmt.Errorf("member %q: %w", hdr.Name, err)
 	}
 	x.files[p] = true
+	x.hashes[p] = hex.EncodeToString(h.Sum(nil))
 	return nil
 }

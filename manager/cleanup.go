@@ -215,21 +215,13 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			if v.Path == "" {
 				continue
 			}
-			abs, err := m.store.Abs(filepath.Dir(v.Path))
-			if err != nil {
-				return false, err
-			}
-			own, err := m.ownTrash()
-			if err != nil {
-				return false, err
-			}
-			to := filepath.Join(own, filepath.Base(abs))
 			// Re-checked and moved under one lock hold: nobody can start
 			// using it between the decision and the move.
-			if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
+			from, to, err := m.trashLocked(filepath.Dir(v.Path))
+			if err != nil {
 				return false, err
 			}
-			moves = append(moves, move{abs, to})
+			moves = append(moves, move{from, to})
 		}
 		return changed, nil
 	})
@@ -267,6 +259,26 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			"reasons": reasons, "usage": humanize.IBytes(uint64(rep.Usage.Bytes - rep.Freed))}).Info("sweep")
 	}
 	return rep, nil
+}
+
+// trashLocked moves the entry directory rel (relative to the root) into
+// this manager's trash, keeping its name: the name by which an interrupted
+// run's move is put back (settleTrashLocked). The caller holds the lock and
+// undoes the move (to → from) if its commit fails. A directory already gone
+// is not an error.
+func (m *Manager) trashLocked(rel string) (from, to string, err error) {
+	if from, err = m.store.Abs(rel); err != nil {
+		return "", "", err
+	}
+	own, err := m.ownTrash()
+	if err != nil {
+		return "", "", err
+	}
+	to = filepath.Join(own, filepath.Base(from))
+	if err := os.Rename(from, to); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", "", err
+	}
+	return from, to, nil
 }
 
 // ownTrash returns this manager's trash directory, creating it with a note

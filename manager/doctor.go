@@ -102,19 +102,11 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 			return true, nil
 		}
 		n.Path, n.SizeBytes = "", 0
-		abs, err := m.store.Abs(filepath.Dir(checked.Path))
+		from, dest, err := m.trashLocked(filepath.Dir(checked.Path))
 		if err != nil {
 			return false, err
 		}
-		own, err := m.ownTrash()
-		if err != nil {
-			return false, err
-		}
-		to = filepath.Join(own, filepath.Base(abs)) // the name an interrupted run is put back by
-		if err := os.Rename(abs, to); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return false, err
-		}
-		moved = abs
+		moved, to = from, dest
 		st.Put(&n)
 		return true, nil
 	})

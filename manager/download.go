@@ -316,7 +316,7 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 		}
 	}
 	if err == nil {
-		if serr := syncDir(filepath.Dir(abs)); serr != nil {
+		if serr := state.SyncDir(filepath.Dir(abs)); serr != nil {
 			m.log.WithError(serr).Warn("fsync of the entries directory")
 		}
 	}
@@ -386,15 +386,6 @@ func syncFS(dir string) error {
 		return &fs.PathError{Op: "syncfs", Path: dir, Err: err}
 	}
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // checkFits fails a download at once when its announced size cannot fit in

@@ -228,6 +228,10 @@ func TestFailures(t *testing.T) {
 			<-r.Context().Done() // the idle timeout must end it
 			return true
 		}, wmsg: "no data for", wreq: 3},
+		{name: "server never answers", handle: func(w http.ResponseWriter, r *http.Request) bool {
+			<-r.Context().Done() // no headers, ever: the idle timeout must end it
+			return true
+		}, wmsg: "no data for", wreq: 3},
 		{name: "body shorter than Content-Length", handle: func(w http.ResponseWriter, r *http.Request) bool {
 			w.Header().Set("Content-Length", strconv.Itoa(len(body)+500))
 			w.WriteHeader(200)
@@ -572,8 +576,20 @@ func TestWaitReportsUnreadableState(t *testing.T) {
 	if _, err := m.Get(context.Background(), "run1", k); err != nil {
 		t.Fatal(err)
 	}
+	// Corrupt it under the lock, so that no pass in flight writes over it.
+	l, err := state.NewLock(filepath.Join(root, state.LockFile), state.LockOptions{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := l.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
 	os.WriteFile(filepath.Join(root, state.StateFile), []byte("garbage"), 0o644)
-	_, err := m.Wait(context.Background(), k)
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = m.Wait(context.Background(), k)
 	if !errors.Is(err, state.ErrCorrupt) {
 		t.Fatalf("Wait = %v, want ErrCorrupt", err)
 	}

@@ -75,11 +75,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			if named[d.Name()] {
 				continue
 			}
-			own, err := m.ownTrash()
-			if err != nil {
-				return false, err
-			}
-			if err := os.Rename(filepath.Join(root, entriesDir, d.Name()), filepath.Join(own, d.Name())); err != nil {
+			if _, _, err := m.trashLocked(filepath.Join(entriesDir, d.Name())); err != nil {
 				return false, err
 			}
 			m.log.WithField("dir", d.Name()).Warn("moved aside published content that no entry names")

@@ -33,8 +33,15 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrPermanent, err)
 	}
+	// The idle timer runs from the start: a server that accepts the
+	// connection and never answers must not hold the owner forever.
+	timer := time.AfterFunc(h.idle, func() { cancel(fmt.Errorf("GET %s: no data for %s", src, h.idle)) })
+	defer timer.Stop()
 	resp, err := h.client.Do(req)
 	if err != nil {
+		if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
+			return cause
+		}
 		return err
 	}
 	defer resp.Body.Close()
@@ -49,8 +56,7 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 	if resp.ContentLength >= 0 {
 		total(resp.ContentLength)
 	}
-	timer := time.AfterFunc(h.idle, func() { cancel(fmt.Errorf("GET %s: no data for %s", src, h.idle)) })
-	defer timer.Stop()
+	timer.Reset(h.idle)
 	n, err := io.Copy(w, idleReader{r: resp.Body, timer: timer, idle: h.idle})
 	if err != nil {
 		if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {

@@ -307,7 +307,7 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 	}
 	// The commit point has passed: a failed directory fsync is logged, not
 	// returned, or the caller would undo work the new state records.
-	if err := syncDir(s.root); err != nil {
+	if err := SyncDir(s.root); err != nil {
 		s.lock.opts.Log.WithError(err).WithField("state", s.path).Warn("fsync of the root after a commit")
 	}
 	return nil
@@ -325,8 +325,8 @@ func (s *Store) keepPrev() error {
 	return nil
 }
 
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
+// SyncDir makes a rename in dir durable (fsync of the directory).
+func SyncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err

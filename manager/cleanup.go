@@ -149,9 +149,6 @@ type SweepReport struct {
 func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	rep := SweepReport{DryRun: dryRun, Reaped: map[string][]string{}}
 	root := m.Root()
-	if !dryRun {
-		m.emptyTrash()
-	}
 	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
 	var guards map[string]string
 	if snap, err := m.store.View(ctx); err == nil {
@@ -290,7 +287,7 @@ func (m *Manager) ownTrash() (string, error) {
 	if _, err := os.Stat(filepath.Join(dir, ownerName)); err == nil {
 		return dir, nil
 	}
-	if err := m.perms.MkdirAll(dir); err != nil {
+	if err := m.perms.MkdirAll(dir); err != nil { // trash/ itself too, with the group's mode
 		return "", err
 	}
 	b, _ := json.Marshal(struct {
@@ -335,12 +332,10 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 		}
 	}
 	for _, d := range dirs {
-		if d.Name() == m.self.ManagerID {
-			continue
-		}
 		dir := filepath.Join(root, d.Name())
 		items, _ := os.ReadDir(dir)
 		for _, it := range items {
+			// Our own trash too: a move whose commit and undo both failed.
 			if named[it.Name()] {
 				m.perms.MkdirAll(filepath.Join(m.Root(), entriesDir))
 				if err := os.Rename(filepath.Join(dir, it.Name()), filepath.Join(m.Root(), entriesDir, it.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -349,6 +344,9 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 					m.log.WithField("dir", it.Name()).Warn("put back content an interrupted sweep had moved aside")
 				}
 			}
+		}
+		if d.Name() == m.self.ManagerID {
+			continue
 		}
 		var rec struct {
 			Owner state.Owner `json:"owner"`
@@ -365,13 +363,20 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 			return
 		}
 		items, _ = os.ReadDir(dir)
+		left := false
 		for _, it := range items {
-			if it.Name() != ownerName {
+			switch {
+			case it.Name() == ownerName:
+			case named[it.Name()]:
+				left = true // could not be put back above: never delete it
+			default:
 				os.Rename(filepath.Join(dir, it.Name()), filepath.Join(own, d.Name()+"-"+it.Name()))
 			}
 		}
-		os.Remove(filepath.Join(dir, ownerName))
-		os.Remove(dir)
+		if !left {
+			os.Remove(filepath.Join(dir, ownerName))
+			os.Remove(dir)
+		}
 	}
 }
 

@@ -239,6 +239,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			pr.CloseWithError(cerr) // stops the fetch if it is still writing
 		}
 		err = <-fetched
+		if ctx.Err() != nil {
+			return meta, context.Cause(ctx) // the reason we were stopped, not "context canceled"
+		}
 		if cerr != nil && in.err == nil {
 			// The content itself failed (hostile archive, full disk), not
 			// the transfer: retrying would fail the same way.

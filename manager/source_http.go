@@ -57,7 +57,9 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 		total(resp.ContentLength)
 	}
 	timer.Reset(h.idle)
-	n, err := io.Copy(w, idleReader{r: resp.Body, timer: timer, idle: h.idle})
+	// The timer measures the server only: it is stopped while our side
+	// writes (an unpacker on a slow filesystem is not a stalled server).
+	n, err := io.Copy(pausingWriter{w: w, timer: timer, idle: h.idle}, idleReader{r: resp.Body, timer: timer, idle: h.idle})
 	if err != nil {
 		if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
 			return cause
@@ -83,4 +85,17 @@ func (i idleReader) Read(p []byte) (int, error) {
 		i.timer.Reset(i.idle)
 	}
 	return n, err
+}
+
+// pausingWriter stops the idle timer for the duration of each write.
+type pausingWriter struct {
+	w     io.Writer
+	timer *time.Timer
+	idle  time.Duration
+}
+
+func (p pausingWriter) Write(b []byte) (int, error) {
+	p.timer.Stop()
+	defer p.timer.Reset(p.idle)
+	return p.w.Write(b)
 }

@@ -1,8 +1,10 @@
 package state
 
 import (
+	"errors"
 	"io/fs"
 	"os"
+	"path/filepath"
 )
 
 // Perms are the modes of what depcache creates in a root. They are set
@@ -21,9 +23,22 @@ func DefaultPerms() Perms { return Perms{Dir: 0o755, File: 0o644} }
 // files 0660. Others get nothing.
 func GroupPerms() Perms { return Perms{Dir: 0o770 | fs.ModeSetgid, File: 0o660} }
 
-// MkdirAll creates dir (and missing parents) and gives dir its mode.
+// MkdirAll creates dir and its missing parents, giving each directory it
+// creates its mode. Existing directories are left alone: another member of
+// the group may own them, and only the owner may change a mode.
 func (p Perms) MkdirAll(dir string) error {
-	if err := os.MkdirAll(dir, p.Dir.Perm()); err != nil {
+	if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
+		return nil
+	}
+	if parent := filepath.Dir(dir); parent != dir {
+		if err := p.MkdirAll(parent); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, p.Dir.Perm()); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil // made meanwhile by someone else
+		}
 		return err
 	}
 	return os.Chmod(dir, p.Dir)

@@ -252,7 +252,16 @@ func (x *extractor) mkdir(p string) error {
 	if !x.lim.Group {
 		return x.root.MkdirAll(p, 0o755)
 	}
-	if err := x.root.MkdirAll(p, 0o770); err != nil {
+	// Each directory made gets the group's mode, parents included.
+	if fi, err := x.root.Lstat(p); err == nil && fi.IsDir() {
+		return nil
+	}
+	if d := path.Dir(p); d != "." {
+		if err := x.mkdir(d); err != nil {
+			return err
+		}
+	}
+	if err := x.root.Mkdir(p, 0o770); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
 	return x.root.Chmod(p, 0o770|fs.ModeSetgid)

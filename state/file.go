@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -50,11 +51,11 @@ type Store struct {
 	lock *Lock
 	opts Options
 
-	// The last state read or written, with its bytes: a read that finds
-	// the same bytes clones it instead of decoding them again.
-	cacheMu  sync.Mutex
-	cacheRaw []byte
-	cacheSt  *State
+	// The entry lines of the last state file read or written (see
+	// layout.go): a read decodes only the lines not in it, a write encodes
+	// only the entries that changed.
+	cacheMu sync.Mutex
+	lines   *lineCache
 }
 
 // Open returns the store of the cache root dir, creating the directory if
@@ -109,7 +110,8 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	st, _, err := s.read()
+	st, b, err := s.read()
+	putBuf(b)
 	return st, err
 }
 
@@ -148,19 +150,18 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 	if err != nil {
 		return err
 	}
+	defer putBuf(old)
 	changed, err := fn(st)
 	if err != nil || !changed {
 		return err
 	}
 	st.Version = FormatVersion
 	st.NoteGenerations()
-	if err := st.Validate(); err != nil {
+	data, lines, err := encodeLines(getBuf(), st, s.cachedLines())
+	if err != nil {
 		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
 	}
-	data, err := json.Marshal(st)
-	if err != nil {
-		return fmt.Errorf("state %s: %w", s.path, err)
-	}
+	defer putBuf(data)
 	if bytes.Equal(data, old) {
 		return nil
 	}
@@ -168,25 +169,19 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 		return err
 	}
 	committed = true
-	s.remember(data, st)
+	s.remember(lines)
 	return nil
 }
 
-// cached returns a copy of the remembered state if b is its bytes.
-func (s *Store) cached(b []byte) *State {
+func (s *Store) cachedLines() *lineCache {
 	s.cacheMu.Lock()
 	defer s.cacheMu.Unlock()
-	if s.cacheSt == nil || !bytes.Equal(b, s.cacheRaw) {
-		return nil
-	}
-	return s.cacheSt.Clone()
+	return s.lines
 }
 
-// remember keeps a copy of st as the state whose bytes are b.
-func (s *Store) remember(b []byte, st *State) {
-	c := st.Clone()
+func (s *Store) remember(c *lineCache) {
 	s.cacheMu.Lock()
-	s.cacheRaw, s.cacheSt = b, c
+	s.lines = c
 	s.cacheMu.Unlock()
 }
 
@@ -203,30 +198,77 @@ func (s *Store) read() (*State, []byte, error) {
 		st  *State
 		err error
 	)
+	b = getBuf()
 	for _, d := range rereadDelays {
 		time.Sleep(d)
-		b, err = os.ReadFile(s.path)
+		b, err = readInto(b[:0], s.path)
 		if errors.Is(err, fs.ErrNotExist) {
+			putBuf(b)
 			return New(), nil, nil
 		}
 		if err != nil {
+			putBuf(b)
 			return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
 		}
-		if cached := s.cached(b); cached != nil {
-			return cached, b, nil
+		if fast, lines, ok := decodeLines(b, s.cachedLines()); ok {
+			s.remember(lines)
+			return fast, b, nil
 		}
 		if st, err = Decode(b); err == nil || !looksCut(err) {
 			break
 		}
 	}
-	if err == nil {
-		s.remember(b, st)
-	}
 	if err != nil {
 		aside := s.keepAside(b)
+		putBuf(b)
 		return nil, nil, fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", s.path, aside, err)
 	}
 	return st, b, nil
+}
+
+// Buffers for reading and encoding the state file: a state of a thousand
+// entries is a third of a megabyte, read and written on every operation, and
+// allocating them anew made the garbage collector a fifth of an operation's
+// cost under contention.
+var bufPool sync.Pool
+
+func getBuf() []byte {
+	if p, ok := bufPool.Get().(*[]byte); ok {
+		return (*p)[:0]
+	}
+	return nil
+}
+
+// putBuf returns b to the pool; b must not be used afterwards.
+func putBuf(b []byte) {
+	if cap(b) > 0 {
+		bufPool.Put(&b)
+	}
+}
+
+// readInto appends the content of the file name to buf.
+func readInto(buf []byte, name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return buf, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && int64(cap(buf)-len(buf)) < fi.Size()+512 {
+		buf = slices.Grow(buf, int(fi.Size())+512)
+	}
+	for {
+		n, err := f.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, 4096)
+		}
+	}
 }
 
 // Decode parses a state file's bytes. Errors wrap [ErrCorrupt] or
@@ -238,13 +280,8 @@ func Decode(b []byte) (*State, error) {
 	// One strict pass in the common case; the version is looked at alone
 	// only to explain a failure, so that a newer format is reported as
 	// such rather than as an unknown field.
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
 	var st State
-	err := dec.Decode(&st)
-	if err == nil && dec.More() {
-		err = errors.New("trailing data after the JSON document")
-	}
+	err := strictUnmarshal(b, &st)
 	var probe struct {
 		Version *int `json:"version"`
 	}
@@ -362,14 +399,15 @@ func (s *Store) Reset(ctx context.Context, fn func(*State) error) (err error) {
 	if err := fn(st); err != nil {
 		return err
 	}
-	if err := st.Validate(); err != nil {
+	data, lines, err := encodeLines(nil, st, nil)
+	if err != nil {
 		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
 	}
-	data, err := json.Marshal(st)
-	if err != nil {
+	if err := s.commit(data, rerr == nil); err != nil {
 		return err
 	}
-	return s.commit(data, rerr == nil)
+	s.remember(lines)
+	return nil
 }
 
 // looksCut reports whether a decode error is what a read cut short gives.

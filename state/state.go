@@ -2,6 +2,7 @@ package state
 
 import (
 	"fmt"
+	"maps"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -184,26 +185,34 @@ func (s *State) Validate() error {
 		}
 	}
 	for id, e := range s.Entries {
-		if e == nil {
-			return fmt.Errorf("entry %s: null", id)
+		if err := e.validate(id); err != nil {
+			return err
 		}
-		if err := e.Key.Validate(); err != nil {
+	}
+	return nil
+}
+
+// validate checks one entry filed under id.
+func (e *Entry) validate(id string) error {
+	if e == nil {
+		return fmt.Errorf("entry %s: null", id)
+	}
+	if err := e.Key.Validate(); err != nil {
+		return fmt.Errorf("entry %s: %w", id, err)
+	}
+	if e.Key.ID() != id {
+		return fmt.Errorf("entry %s: filed under the wrong ID (its key's ID is %s)", id, e.Key.ID())
+	}
+	if !e.Stage.Valid() {
+		return fmt.Errorf("entry %s: unknown stage %q", id, e.Stage)
+	}
+	if e.Path != "" {
+		if err := CheckRelPath(e.Path); err != nil {
 			return fmt.Errorf("entry %s: %w", id, err)
 		}
-		if e.Key.ID() != id {
-			return fmt.Errorf("entry %s: filed under the wrong ID (its key's ID is %s)", id, e.Key.ID())
-		}
-		if !e.Stage.Valid() {
-			return fmt.Errorf("entry %s: unknown stage %q", id, e.Stage)
-		}
-		if e.Path != "" {
-			if err := CheckRelPath(e.Path); err != nil {
-				return fmt.Errorf("entry %s: %w", id, err)
-			}
-		}
-		if e.SizeBytes < 0 || e.Progress.Bytes < 0 || e.Progress.Total < 0 {
-			return fmt.Errorf("entry %s: negative size", id)
-		}
+	}
+	if e.SizeBytes < 0 || e.Progress.Bytes < 0 || e.Progress.Total < 0 {
+		return fmt.Errorf("entry %s: negative size", id)
 	}
 	return nil
 }
@@ -234,16 +243,18 @@ func (s *State) Clone() *State {
 
 // Clone returns a deep copy of e.
 func (e *Entry) Clone() *Entry {
-	c := *e
+	c := new(Entry)
+	e.cloneInto(c)
+	return c
+}
+
+func (e *Entry) cloneInto(c *Entry) {
+	*c = *e
 	if e.Owner != nil {
 		o := *e.Owner
 		c.Owner = &o
 	}
 	if e.Dependents != nil {
-		c.Dependents = make(map[string]Dependent, len(e.Dependents))
-		for k, v := range e.Dependents {
-			c.Dependents[k] = v
-		}
+		c.Dependents = maps.Clone(e.Dependents)
 	}
-	return &c
 }

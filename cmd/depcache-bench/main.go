@@ -52,6 +52,7 @@ type options struct {
 	faninMB    int
 	fetchMB    int
 	jsonOut    bool
+	run        map[string]bool
 }
 
 func main() {
@@ -68,6 +69,7 @@ func main() {
 	flag.IntVar(&o.faninMB, "fanin-mb", 200, "bundle size of the cold fan-in, MB")
 	flag.IntVar(&o.fetchMB, "fetch-mb", 500, "bundle size of the fetch-throughput run, MB")
 	flag.BoolVar(&o.jsonOut, "json", false, "also print one JSON line per result")
+	run := flag.String("run", "getrelease,rss,fanin,fetch", "measurements to run, separated by commas")
 	flag.BoolVar(&short, "short", false, "a few seconds in all, for CI: small sizes, short runs")
 	flag.Parse()
 	if *worker != "" {
@@ -94,13 +96,30 @@ func main() {
 		defer os.RemoveAll(d)
 		o.root = d
 	}
-	r := &report{json: o.jsonOut}
-	for _, n := range o.entries {
-		benchGetRelease(r, o, n)
+	o.run = map[string]bool{}
+	for _, s := range strings.Split(*run, ",") {
+		switch s = strings.TrimSpace(s); s {
+		case "getrelease", "rss", "fanin", "fetch":
+			o.run[s] = true
+		default:
+			fatalf("--run %q: unknown measurement %q (want getrelease, rss, fanin, fetch)", *run, s)
+		}
 	}
-	benchServeRSS(r, o, o.entries[len(o.entries)-1])
-	benchFanIn(r, o)
-	benchFetch(r, o)
+	r := &report{json: o.jsonOut}
+	if o.run["getrelease"] {
+		for _, n := range o.entries {
+			benchGetRelease(r, o, n)
+		}
+	}
+	if o.run["rss"] {
+		benchServeRSS(r, o, o.entries[len(o.entries)-1])
+	}
+	if o.run["fanin"] {
+		benchFanIn(r, o)
+	}
+	if o.run["fetch"] {
+		benchFetch(r, o)
+	}
 	r.flush()
 }
 

@@ -1,0 +1,319 @@
+package state
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// The state file is one JSON document of the schema of State, written with
+// one entry per line and the entries last:
+//
+//	{"version":1,"policy":{...},"max_generation":7,"entries":{
+//	"0c1f...":{"key":{...},"stage":"READY",...},
+//	"a7d2...":{"key":{...},"stage":"DOWNLOADING",...}
+//	}}
+//
+// json.Marshal escapes every newline inside a string, so a line break
+// separates entries and nothing else. A reader splits the file at line
+// breaks and decodes only the lines it has not seen in the file it last read
+// or wrote; a writer re-encodes only the entries that changed. Decoding and
+// encoding the whole document on every operation cost several times the
+// durable commit itself (issue 7: 11.5 ms against 1.35 ms at 1,000 entries).
+//
+// The layout is an optimisation, never a second format: any file that does
+// not follow it exactly (a hand edit, a file written by an older depcache) is
+// decoded whole by [Decode], which stays the one definition of a valid state
+// file, and the line path accepts only what Decode accepts, with the same
+// result (FuzzDecodeLines checks both).
+
+const (
+	entriesOpen = `"entries":{`
+	layoutEnd   = "}}"
+)
+
+// lineCache holds the entry lines of the last state file a store read or
+// wrote, decoded and validated, in the file's order (by ID). The cached
+// entries are never modified: a reader gets clones. A slice walked in step
+// with the file, rather than a map, because hashing every line and building
+// a map per read cost more than the rest of a read.
+type lineCache struct {
+	lines []cachedLine
+}
+
+type cachedLine struct {
+	id   string
+	line string // the exact bytes of the line, without the separating comma
+	e    *Entry
+}
+
+// cursor walks a lineCache in step with a file's lines, both in ID order.
+type cursor struct {
+	c *lineCache
+	i int
+}
+
+// find returns the cached line for id if it holds exactly line. ids must
+// be asked in increasing order to be found; any other order only misses.
+func (k *cursor) find(id string) (cachedLine, bool) {
+	if k.c == nil {
+		return cachedLine{}, false
+	}
+	for k.i < len(k.c.lines) && k.c.lines[k.i].id < id {
+		k.i++
+	}
+	if k.i < len(k.c.lines) && k.c.lines[k.i].id == id {
+		return k.c.lines[k.i], true
+	}
+	return cachedLine{}, false
+}
+
+// has reports whether id is cached.
+func (c *lineCache) has(id string) bool {
+	if c == nil {
+		return false
+	}
+	_, found := slices.BinarySearchFunc(c.lines, id, func(l cachedLine, id string) int { return strings.Compare(l.id, id) })
+	return found
+}
+
+// header is the state without its entries, for the first line.
+type header struct {
+	Version       int     `json:"version"`
+	Policy        *Policy `json:"policy,omitempty"`
+	MaxGeneration uint64  `json:"max_generation,omitempty"`
+}
+
+// Encode returns the bytes of the state file for st, after validating it.
+func Encode(st *State) ([]byte, error) {
+	b, _, err := encodeLines(nil, st, nil)
+	return b, err
+}
+
+// encodeLines appends st to dst in the line layout, reusing the line of every entry
+// equal to the one prev decoded from it. It validates what it encodes anew
+// (prev's entries were validated when decoded) and returns the cache of the
+// lines it wrote.
+func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, error) {
+	if st.Entries == nil {
+		return nil, nil, errors.New(`no "entries" object`)
+	}
+	if st.Policy != nil {
+		if err := st.Policy.Validate(); err != nil {
+			return nil, nil, fmt.Errorf("policy: %w", err)
+		}
+	}
+	h, err := json.Marshal(header{Version: st.Version, Policy: st.Policy, MaxGeneration: st.MaxGeneration})
+	if err != nil {
+		return nil, nil, err
+	}
+	ids := sortedIDs(st, prev)
+	next := &lineCache{lines: make([]cachedLine, len(ids))}
+	size := len(h) + len(entriesOpen) + len(layoutEnd) + 2
+	k := cursor{c: prev}
+	for i, id := range ids {
+		e := st.Entries[id]
+		cl, ok := k.find(id)
+		if !ok || !cl.e.Equal(e) {
+			if err := e.validate(id); err != nil {
+				return nil, nil, err
+			}
+			line, err := encodeLine(id, e)
+			if err != nil {
+				return nil, nil, err
+			}
+			cl = cachedLine{id: id, line: line, e: e.Clone()}
+		}
+		next.lines[i] = cl
+		size += len(cl.line) + 2
+	}
+	buf := slices.Grow(dst, size)
+	buf = append(buf, h[:len(h)-1]...)
+	if len(h) > 2 {
+		buf = append(buf, ',')
+	}
+	buf = append(buf, entriesOpen...)
+	buf = append(buf, '\n')
+	for i, cl := range next.lines {
+		buf = append(buf, cl.line...)
+		if i < len(next.lines)-1 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '\n')
+	}
+	buf = append(buf, layoutEnd...)
+	buf = append(buf, '\n')
+	return buf, next, nil
+}
+
+// sortedIDs returns the IDs of st in order. Most are usually in prev,
+// already in order: only the others are sorted.
+func sortedIDs(st *State, prev *lineCache) []string {
+	ids := make([]string, 0, len(st.Entries))
+	if prev != nil {
+		for _, cl := range prev.lines {
+			if _, ok := st.Entries[cl.id]; ok {
+				ids = append(ids, cl.id)
+			}
+		}
+	}
+	if len(ids) == len(st.Entries) {
+		return ids
+	}
+	var added []string
+	for id := range st.Entries {
+		if !prev.has(id) {
+			added = append(added, id)
+		}
+	}
+	slices.Sort(added)
+	out := make([]string, 0, len(st.Entries))
+	i, j := 0, 0
+	for i < len(ids) || j < len(added) {
+		if j == len(added) || (i < len(ids) && ids[i] < added[j]) {
+			out = append(out, ids[i])
+			i++
+		} else {
+			out = append(out, added[j])
+			j++
+		}
+	}
+	return out
+}
+
+func encodeLine(id string, e *Entry) (string, error) {
+	k, err := json.Marshal(id)
+	if err != nil {
+		return "", err
+	}
+	v, err := json.Marshal(e)
+	if err != nil {
+		return "", fmt.Errorf("entry %s: %w", id, err)
+	}
+	return string(k) + ":" + string(v), nil
+}
+
+// decodeLines decodes b if it follows the line layout, decoding only the
+// lines prev does not hold. ok is false when b does not follow the layout
+// or does not decode; the caller then decodes it whole with Decode, which
+// gives the error.
+func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool) {
+	b, hasNL := bytes.CutSuffix(b, []byte("\n"))
+	if !hasNL {
+		return nil, nil, false
+	}
+	first, rest, found := bytes.Cut(b, []byte("\n"))
+	if !found {
+		return nil, nil, false
+	}
+	hdr, ok := decodeHeader(first)
+	if !ok {
+		return nil, nil, false
+	}
+	body, isEnd := bytes.CutSuffix(rest, []byte(layoutEnd))
+	if !isEnd || (len(body) > 0 && body[len(body)-1] != '\n') {
+		return nil, nil, false
+	}
+	n := bytes.Count(body, []byte("\n"))
+	st = &State{Version: hdr.Version, Policy: hdr.Policy, MaxGeneration: hdr.MaxGeneration, Entries: make(map[string]*Entry, n)}
+	lines := make([]cachedLine, 0, n)
+	slab := make([]Entry, n) // one allocation for the copies handed out
+	k := cursor{c: prev}
+	for len(body) > 0 {
+		line, after, _ := bytes.Cut(body, []byte("\n"))
+		body = after
+		line, comma := bytes.CutSuffix(line, []byte(","))
+		if comma == (len(body) == 0) {
+			return nil, nil, false // a comma after every entry but the last
+		}
+		cl, ok := decodeLine(line, &k)
+		if !ok {
+			return nil, nil, false
+		}
+		if _, dup := st.Entries[cl.id]; dup {
+			return nil, nil, false
+		}
+		c := &slab[len(lines)]
+		cl.e.cloneInto(c)
+		st.Entries[cl.id] = c
+		lines = append(lines, cl)
+	}
+	if prev != nil && len(lines) == len(prev.lines) && sameLines(lines, prev.lines) {
+		return st, prev, true
+	}
+	return st, &lineCache{lines: lines}, true
+}
+
+// sameLines reports whether a and b hold the same cached lines.
+func sameLines(a, b []cachedLine) bool {
+	for i := range a {
+		if a[i].e != b[i].e {
+			return false
+		}
+	}
+	return true
+}
+
+func decodeHeader(line []byte) (header, bool) {
+	var hdr header
+	fields, ok := bytes.CutSuffix(line, []byte(entriesOpen))
+	if !ok || len(fields) == 0 || fields[0] != '{' {
+		return hdr, false
+	}
+	obj := []byte("{}")
+	if len(fields) > 1 {
+		if fields[len(fields)-1] != ',' {
+			return hdr, false
+		}
+		obj = append(bytes.Clone(fields[:len(fields)-1]), '}')
+	}
+	if strictUnmarshal(obj, &hdr) != nil || hdr.Version < 1 || hdr.Version > FormatVersion {
+		return hdr, false
+	}
+	if hdr.Policy != nil && hdr.Policy.Validate() != nil {
+		return hdr, false
+	}
+	return hdr, true
+}
+
+// decodeLine returns the entry of one line, from the cache when it holds
+// the same bytes.
+func decodeLine(line []byte, k *cursor) (cachedLine, bool) {
+	if len(line) > 2 && line[0] == '"' {
+		if end := bytes.IndexByte(line[1:], '"'); end >= 0 {
+			if cl, ok := k.find(string(line[1 : 1+end])); ok && cl.line == string(line) {
+				return cl, true
+			}
+		}
+	}
+	obj := make([]byte, 0, len(line)+2)
+	obj = append(append(append(obj, '{'), line...), '}')
+	var m map[string]*Entry
+	if strictUnmarshal(obj, &m) != nil || len(m) != 1 {
+		return cachedLine{}, false
+	}
+	for id, e := range m {
+		if e == nil || e.validate(id) != nil {
+			return cachedLine{}, false
+		}
+		return cachedLine{id: id, line: string(line), e: e}, true
+	}
+	panic("unreachable")
+}
+
+// strictUnmarshal decodes one JSON value, refusing unknown fields and
+// trailing data, as Decode does.
+func strictUnmarshal(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if len(bytes.TrimSpace(b[dec.InputOffset():])) > 0 {
+		return errors.New("trailing data after the JSON document")
+	}
+	return nil
+}

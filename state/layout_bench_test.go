@@ -1,0 +1,46 @@
+package state
+
+import (
+	"fmt"
+	"testing"
+)
+
+func benchState(n int) *State {
+	st := New()
+	for i := range n {
+		k := Key{Kind: Bundle, Source: fmt.Sprintf("https://bench.invalid/bundle/%d.tar.gz", i)}
+		st.Put(&Entry{Key: k, Stage: Ready, Path: "entries/" + k.ID() + "-g1/content", SizeBytes: 1 << 20, Generation: 1, Created: t0, LastUsed: t0})
+	}
+	return st
+}
+
+// BenchmarkLayout: the CPU cost of a read and a write of a state of 1,000
+// entries of which one changed since the cache was filled, without I/O.
+func BenchmarkLayout(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		st := benchState(n)
+		data, cache, err := encodeLines(nil, st, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		one := st.Sorted()[n/2]
+		one.Generation++
+		changed, _, _ := encodeLines(nil, st, cache)
+		b.Run(fmt.Sprintf("decode/entries=%d", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, _, ok := decodeLines(changed, cache); !ok {
+					b.Fatal("refused")
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("encode/entries=%d", n), func(b *testing.B) {
+			got, c2, _ := decodeLines(data, cache)
+			got.Entries[one.Key.ID()].Generation++
+			for b.Loop() {
+				if _, _, err := encodeLines(nil, got, c2); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -160,7 +160,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 
 // update applies an owner's event to key's entry under the lock.
 func (m *Manager) update(ctx context.Context, key state.Key, rule func(*state.Entry) (transitions.Result, error)) error {
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 		r, err := rule(st.Get(key))
 		if err != nil {
 			return false, err

@@ -286,7 +286,8 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	}
 	var snap state.Entry
 	var result string
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	// Batched: the pure transition fails before st is touched.
+	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, now)
 		if err != nil {
 			return false, err
@@ -364,7 +365,7 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 // Release removes dependent from key's entry. A download left without
 // dependents is cancelled wherever it runs, and its entry removed.
 func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) error {
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Release(st.Get(key), dependent)
 		if err != nil {
 			return false, err

@@ -56,6 +56,8 @@ type Store struct {
 	// only the entries that changed.
 	cacheMu sync.Mutex
 	lines   *lineCache
+
+	batch batcher
 }
 
 // Open returns the store of the cache root dir, creating the directory if
@@ -81,7 +83,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Store{root: dir, path: filepath.Join(dir, StateFile), lock: l, opts: opts}, nil
+	return &Store{root: dir, path: filepath.Join(dir, StateFile), lock: l, opts: opts, batch: batcher{leader: make(chan struct{}, 1)}}, nil
 }
 
 // Root returns the absolute cache root.

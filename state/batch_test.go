@@ -1,0 +1,180 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+func batchStore(t *testing.T, dir string, holds *atomic.Int32) *Store {
+	t.Helper()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	s, err := Open(dir, Options{Lock: LockOptions{Log: log}, OnHold: func(time.Duration) { holds.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func queued(s *Store) int {
+	s.batch.mu.Lock()
+	defer s.batch.mu.Unlock()
+	return len(s.batch.queue)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func putKey(i int) func(*State) (bool, error) {
+	return func(st *State) (bool, error) {
+		st.Put(&Entry{Key: Key{Kind: Bundle, Source: fmt.Sprintf("https://example.com/%d", i)}, Stage: Downloading})
+		return true, nil
+	}
+}
+
+// blockLock holds the root's lock through a second store until release is
+// closed, so that operations queue up behind it.
+func blockLock(t *testing.T, dir string) (release func(), done <-chan error) {
+	var none atomic.Int32
+	other := batchStore(t, dir, &none)
+	held, rel := make(chan struct{}), make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		errc <- other.Update(context.Background(), func(*State) (bool, error) {
+			close(held)
+			<-rel
+			return false, nil
+		})
+	}()
+	<-held
+	return func() { close(rel) }, errc
+}
+
+// Operations that wait together are committed in one lock hold, each
+// result is its own, and a failing operation leaves the others committed.
+func TestUpdateBatchedGroupCommit(t *testing.T) {
+	dir := t.TempDir()
+	var holds atomic.Int32
+	s := batchStore(t, dir, &holds)
+	release, blocked := blockLock(t, dir)
+
+	const n = 40
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if i == 7 {
+				errs[i] = s.UpdateBatched(context.Background(), func(*State) (bool, error) { return false, errors.New("refused") })
+				return
+			}
+			errs[i] = s.UpdateBatched(context.Background(), putKey(i))
+		}()
+	}
+	waitFor(t, "all operations queued", func() bool { return queued(s) == n })
+	release()
+	wg.Wait()
+	if err := <-blocked; err != nil {
+		t.Fatal(err)
+	}
+	if got := holds.Load(); got != 1 {
+		t.Errorf("%d lock holds for %d queued operations, want 1", got, n)
+	}
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs {
+		if i == 7 {
+			if err == nil || err.Error() != "refused" {
+				t.Errorf("operation 7: %v, want its own error", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("operation %d: %v", i, err)
+		}
+	}
+	if len(st.Entries) != n-1 {
+		t.Errorf("%d entries committed, want %d", len(st.Entries), n-1)
+	}
+}
+
+// A commit that fails fails every operation of the batch, and commits none.
+func TestUpdateBatchedCommitFailure(t *testing.T) {
+	dir := t.TempDir()
+	var holds atomic.Int32
+	s := batchStore(t, dir, &holds)
+	release, blocked := blockLock(t, dir)
+	bad := func(st *State) (bool, error) {
+		st.Put(&Entry{Key: Key{Kind: Bundle, Source: "https://example.com/bad"}, Stage: Ready, Path: "../outside"})
+		return true, nil
+	}
+	errs := make(chan error, 2)
+	go func() { errs <- s.UpdateBatched(context.Background(), putKey(1)) }()
+	go func() { errs <- s.UpdateBatched(context.Background(), bad) }()
+	waitFor(t, "both operations queued", func() bool { return queued(s) == 2 })
+	release()
+	<-blocked
+	for range 2 {
+		if err := <-errs; !errors.Is(err, ErrOutsideRoot) {
+			t.Errorf("got %v, want the batch's validation error for both", err)
+		}
+	}
+	st, _ := s.View(context.Background())
+	if len(st.Entries) != 0 {
+		t.Errorf("%d entries committed by a failed batch", len(st.Entries))
+	}
+}
+
+// An operation whose context ends while it waits is withdrawn and never
+// runs; the one leading keeps waiting for the lock.
+func TestUpdateBatchedCancelWhileQueued(t *testing.T) {
+	dir := t.TempDir()
+	var holds atomic.Int32
+	s := batchStore(t, dir, &holds)
+	release, blocked := blockLock(t, dir)
+	first := make(chan error, 1)
+	go func() { first <- s.UpdateBatched(context.Background(), putKey(1)) }()
+	waitFor(t, "the first operation queued", func() bool { return queued(s) == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := atomic.Bool{}
+	second := make(chan error, 1)
+	go func() {
+		second <- s.UpdateBatched(ctx, func(st *State) (bool, error) { ran.Store(true); return putKey(2)(st) })
+	}()
+	waitFor(t, "the second operation queued", func() bool { return queued(s) == 2 })
+	cancel()
+	if err := <-second; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled operation: %v", err)
+	}
+	release()
+	<-blocked
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if ran.Load() {
+		t.Error("a withdrawn operation ran")
+	}
+	st, _ := s.View(context.Background())
+	if len(st.Entries) != 1 {
+		t.Errorf("%d entries, want 1", len(st.Entries))
+	}
+}

@@ -118,7 +118,9 @@ func TestSlowFilesystemStallPastLeaseIsFenced(t *testing.T) {
 	a, _ := hostStore(t, slowA.Mnt, "a", lease, nil)
 	b, hookB := hostStore(t, slowB.Mnt, "b", lease, nil)
 	ctx := context.Background()
-	key := func(name string) state.Key { return state.Key{Kind: state.Bundle, Source: "https://example.com/" + name} }
+	key := func(name string) state.Key {
+		return state.Key{Kind: state.Bundle, Source: "https://example.com/" + name}
+	}
 	putKey := func(name string) func(*state.State) (bool, error) {
 		return func(st *state.State) (bool, error) {
 			st.Put(&state.Entry{Key: key(name), Stage: state.Downloading})

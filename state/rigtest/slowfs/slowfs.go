@@ -292,4 +292,3 @@ func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	n.fs.pass(ctx, Readdir, filepath.Base(n.name()))
 	return n.LoopbackNode.Readdir(ctx)
 }
-

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"errors"
 	"sync"
 )
 
@@ -12,9 +13,10 @@ import (
 // the lock file.
 
 type batchOp struct {
-	fn   func(*State) (bool, error)
-	err  error
-	done chan struct{}
+	fn       func(*State) (bool, error)
+	err      error
+	panicked any // what fn panicked with, re-raised in its caller
+	done     chan struct{}
 }
 
 type batcher struct {
@@ -27,8 +29,11 @@ type batcher struct {
 // commit with other UpdateBatched calls of this store that are waiting at
 // the same time. fn runs under the lock on a state that earlier operations
 // of the batch may have changed, and must leave st unchanged when it returns
-// an error (as the pure transitions do). If the batch's commit fails, every
-// operation in it gets that error and none is committed.
+// an error (as the pure transitions do). An operation whose fn fails gets
+// its own error; if the batch's commit fails, every other operation in it
+// gets that error, and none is committed. If fn panics, nothing of the batch
+// is committed, the others get an error and the panic is raised again in
+// fn's caller.
 //
 // Once a batch has taken the operation, it is carried out even if ctx ends:
 // returning early would leave the caller unsure whether it was committed.
@@ -41,21 +46,29 @@ func (s *Store) UpdateBatched(ctx context.Context, fn func(*State) (changed bool
 	for {
 		select {
 		case <-op.done:
+			if op.panicked != nil {
+				panic(op.panicked)
+			}
 			return op.err
 		case b.leader <- struct{}{}:
 			// With the token, op is either done or still queued: no
 			// batch is in flight. Lead only if it is queued.
-			select {
-			case <-op.done:
-			default:
-				s.lead(ctx, op)
-			}
-			<-b.leader
+			func() {
+				defer func() { <-b.leader }()
+				select {
+				case <-op.done:
+				default:
+					s.lead(ctx, op)
+				}
+			}()
 		case <-ctx.Done():
 			if b.withdraw(op) {
 				return ctx.Err()
 			}
 			<-op.done
+			if op.panicked != nil {
+				panic(op.panicked)
+			}
 			return op.err
 		}
 	}
@@ -66,11 +79,22 @@ func (s *Store) UpdateBatched(ctx context.Context, fn func(*State) (changed bool
 // another leader.
 func (s *Store) lead(ctx context.Context, own *batchOp) {
 	var taken []*batchOp
+	defer func() {
+		// Whatever happened, every taken operation ends: a caller must
+		// never wait on a batch that is gone.
+		for _, op := range taken {
+			close(op.done)
+		}
+	}()
 	err := s.Update(ctx, func(st *State) (bool, error) {
 		taken = s.batch.take()
 		changed := false
 		for _, op := range taken {
-			c, err := op.fn(st)
+			c, p, err := runOp(op.fn, st)
+			if p != nil {
+				op.panicked = p
+				return false, errBatchPanic
+			}
 			op.err = err
 			changed = changed || (c && err == nil)
 		}
@@ -84,11 +108,22 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 		return
 	}
 	for _, op := range taken {
-		if err != nil && op.err == nil {
+		if err != nil && op.err == nil && op.panicked == nil {
 			op.err = err
 		}
-		close(op.done)
 	}
+}
+
+var errBatchPanic = errors.New("state: an operation batched with this one panicked; nothing was committed")
+
+func runOp(fn func(*State) (bool, error), st *State) (changed bool, panicked any, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			panicked = p
+		}
+	}()
+	changed, err = fn(st)
+	return changed, nil, err
 }
 
 func (b *batcher) take() []*batchOp {

@@ -178,3 +178,42 @@ func TestUpdateBatchedCancelWhileQueued(t *testing.T) {
 		t.Errorf("%d entries, want 1", len(st.Entries))
 	}
 }
+
+// An operation that panics takes nothing of its batch into the file, the
+// panic reaches its own caller, the others get an error, and the store
+// keeps working.
+func TestUpdateBatchedPanic(t *testing.T) {
+	dir := t.TempDir()
+	var holds atomic.Int32
+	s := batchStore(t, dir, &holds)
+	release, blocked := blockLock(t, dir)
+	other := make(chan error, 1)
+	panicked := make(chan any, 1)
+	go func() { other <- s.UpdateBatched(context.Background(), putKey(1)) }()
+	waitFor(t, "the first operation queued", func() bool { return queued(s) == 1 })
+	go func() {
+		defer func() { panicked <- recover() }()
+		s.UpdateBatched(context.Background(), func(st *State) (bool, error) {
+			putKey(2)(st)
+			panic("boom")
+		})
+	}()
+	waitFor(t, "both operations queued", func() bool { return queued(s) == 2 })
+	release()
+	<-blocked
+	if p := <-panicked; p != "boom" {
+		t.Errorf("the panicking caller got %v, want its panic", p)
+	}
+	if err := <-other; !errors.Is(err, errBatchPanic) {
+		t.Errorf("the other operation: %v, want errBatchPanic", err)
+	}
+	st, _ := s.View(context.Background())
+	if len(st.Entries) != 0 {
+		t.Errorf("%d entries committed by a batch with a panic", len(st.Entries))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.UpdateBatched(ctx, putKey(3)); err != nil {
+		t.Fatalf("the store after a panic: %v", err)
+	}
+}

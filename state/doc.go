@@ -6,8 +6,8 @@
 //
 //   - Every change is a read-modify-write under a lock (see [Lock]) that is
 //     safe between goroutines, processes, pid namespaces and hosts sharing the
-//     root over an NFS-like filesystem. [Store.Update] is the only mutating
-//     call.
+//     root over an NFS-like filesystem. [Store.Update], [Store.UpdateBatched]
+//     and [Store.Reset] are the only mutating calls.
 //   - No reader ever sees a half-written file: the file is written to a
 //     temporary name in the same directory, fsynced, renamed over the old one,
 //     and the directory is fsynced. The previous version is kept as

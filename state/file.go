@@ -51,9 +51,10 @@ type Store struct {
 	lock *Lock
 	opts Options
 
-	// The entry lines of the last state file read or written (see
+	// The entry lines of a recent state file read or written (see
 	// layout.go): a read decodes only the lines not in it, a write encodes
-	// only the entries that changed.
+	// only the entries that changed. Any cache is correct, however old: a
+	// hit needs the same bytes (read) or an Equal entry (write).
 	cacheMu sync.Mutex
 	lines   *lineCache
 

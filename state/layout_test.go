@@ -2,12 +2,14 @@ package state
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -148,6 +150,7 @@ func TestLayoutAcceptsOnlyWhatDecodeAccepts(t *testing.T) {
 		"null entry":          lines[0] + "\n" + e0[:strings.Index(e0, ":")] + ":null\n}}\n",
 		"crlf":                strings.ReplaceAll(string(good), "\n", "\r\n"),
 		"no entries":          lines[0] + "\n}}\n",
+		"out of order":        lines[0] + "\n" + e1 + ",\n" + e0 + "\n}}\n",
 		"header only version": `{"version":1,"entries":{` + "\n}}\n",
 		"header no version":   `{"entries":{` + "\n}}\n",
 	}
@@ -161,6 +164,8 @@ func TestLayoutAcceptsOnlyWhatDecodeAccepts(t *testing.T) {
 			t.Errorf("%s: the line path and Decode disagree", name)
 		case name == "good" && !ok:
 			t.Errorf("good: the line path refuses it")
+		case name == "out of order" && ok:
+			t.Errorf("out of order: the line path accepts it (its cache must stay sorted)")
 		}
 	}
 }
@@ -274,6 +279,81 @@ func changeLeaf(path string, v any) any {
 	panic(fmt.Sprintf("%s: leaf of type %T", path, v))
 }
 
+// liveState is richState with times as a running process has them: with a
+// monotonic reading, in the local zone, and a message that is not UTF-8.
+func liveState(n int) *State {
+	st := richState(n)
+	now := time.Now().In(time.FixedZone("X", 3600))
+	for _, e := range st.Entries {
+		e.LastUsed, e.Created, e.Message = now, now, "bad \xff byte"
+	}
+	return st
+}
+
+// A reader whose cache was filled by its own write gets what Decode gives,
+// not the writer's in-memory values.
+func TestLayoutCacheFromWrite(t *testing.T) {
+	b, c, err := encodeLines(nil, liveState(3), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast, _, ok := decodeLines(b, c)
+	slow, err := Decode(b)
+	if !ok || err != nil {
+		t.Fatalf("line path ok=%v, Decode: %v", ok, err)
+	}
+	if !reflect.DeepEqual(fast, slow) {
+		t.Fatalf("a cache filled by a write gives other values than Decode:\n%+v\n%+v", fast.Sorted()[0], slow.Sorted()[0])
+	}
+}
+
+// A hand edit that puts lines out of order is read whole, and writers that
+// follow add entries without losing any.
+func TestLayoutOutOfOrderFile(t *testing.T) {
+	dir := t.TempDir()
+	var holds atomic.Int32
+	s := batchStore(t, dir, &holds)
+	ctx := context.Background()
+	for i := range 4 {
+		if err := s.Update(ctx, putKey(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := os.ReadFile(s.Path())
+	ls := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	ls[1], ls[2] = ls[2], ls[1] // both end with a comma
+	if err := os.WriteFile(s.Path(), []byte(strings.Join(ls, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Decode([]byte(strings.Join(ls, "\n") + "\n")); err != nil {
+		t.Fatalf("the hand edit is not a valid state: %v", err)
+	}
+	other := batchStore(t, dir, &holds) // a fresh cache, as another process has
+	for i := 4; i < 7; i++ {
+		if err := other.Update(ctx, putKey(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := other.Update(ctx, func(st *State) (bool, error) {
+		putKey(7)(st)
+		return putKey(8)(st)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*Store{s, other} {
+		st, err := r.View(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Entries) != 9 {
+			t.Errorf("%d entries after adding 9, want 9", len(st.Entries))
+		}
+	}
+	if b, _ := os.ReadFile(s.Path()); bytes.Count(b, []byte("\n")) != 9+2 {
+		t.Errorf("the file has %d lines for 9 entries:\n%s", bytes.Count(b, []byte("\n")), b)
+	}
+}
+
 // FuzzDecodeLines: whatever the line path accepts, with or without a cache
 // of another file, Decode accepts with the same result.
 func FuzzDecodeLines(f *testing.F) {
@@ -287,9 +367,10 @@ func FuzzDecodeLines(f *testing.F) {
 		f.Add(b)
 	}
 	seed, _ := Encode(richState(3))
-	_, cache, _ := decodeLines(seed, nil)
+	_, readCache, _ := decodeLines(seed, nil)
+	_, writeCache, _ := encodeLines(nil, liveState(3), nil)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, c := range []*lineCache{nil, cache} {
+		for _, c := range []*lineCache{nil, readCache, writeCache} {
 			fast, _, ok := decodeLines(data, c)
 			if !ok {
 				continue

@@ -226,8 +226,7 @@ func CheckRelPath(p string) error {
 	return nil
 }
 
-// Clone returns a deep copy of s, sharing only values never modified in
-// place (processes, expiry times, build specs).
+// Clone returns a deep copy of s.
 func (s *State) Clone() *State {
 	c := &State{Version: s.Version, Entries: make(map[string]*Entry, len(s.Entries)), MaxGeneration: s.MaxGeneration}
 	if s.Policy != nil {
@@ -254,7 +253,23 @@ func (e *Entry) cloneInto(c *Entry) {
 		o := *e.Owner
 		c.Owner = &o
 	}
+	if b := e.Key.Build; b != nil {
+		cb := *b
+		cb.Args = maps.Clone(b.Args)
+		c.Key.Build = &cb
+	}
 	if e.Dependents != nil {
-		c.Dependents = maps.Clone(e.Dependents)
+		c.Dependents = make(map[string]Dependent, len(e.Dependents))
+		for name, d := range e.Dependents {
+			if d.Process != nil {
+				p := *d.Process
+				d.Process = &p
+			}
+			if d.Expires != nil {
+				t := *d.Expires
+				d.Expires = &t
+			}
+			c.Dependents[name] = d
+		}
 	}
 }

@@ -3,9 +3,11 @@ package state
 import "errors"
 
 var (
-	// ErrCorrupt means the state file could not be read or parsed. The error
-	// names the file and the reason; the file is left in place and a copy of
-	// its bytes is kept aside. Nothing is deleted because of it.
+	// ErrCorrupt means the state file could not be parsed. The error names
+	// the file and the reason; the file is left in place and a copy of its
+	// bytes is kept aside. Nothing is deleted because of it. A file that
+	// cannot be read at all (permissions, I/O) gives the operating system's
+	// error instead.
 	ErrCorrupt = errors.New("state file is corrupt")
 	// ErrUnsupportedVersion means the state file was written by a newer
 	// depcache with a format this one does not know.

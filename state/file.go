@@ -211,7 +211,9 @@ func (s *Store) read() (*State, []byte, error) {
 		}
 		if err != nil {
 			putBuf(b)
-			return nil, nil, fmt.Errorf("state file %s: %w: %w", s.path, ErrCorrupt, err)
+			// Not corrupt: unreadable (a user outside a shared root's
+			// group, an I/O error). errors.Is finds fs.ErrPermission.
+			return nil, nil, fmt.Errorf("state file %s: cannot read it: %w", s.path, err)
 		}
 		if fast, lines, ok := decodeLines(b, s.cachedLines()); ok {
 			s.remember(lines)

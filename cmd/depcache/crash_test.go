@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/state/rigtest"
+	"github.com/depcache/depcache/state/rigtest/slowfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -58,6 +59,31 @@ func TestCrashTrialsTwoHosts(t *testing.T) {
 	runTrials(t, trials, []string{filepath.Join(mnt1, sub), filepath.Join(mnt2, sub)}, func(host int, argv ...string) *exec.Cmd {
 		return rigtest.FakeHost(t, fmt.Sprintf("host-%c", 'a'+host), 0, argv...)
 	})
+}
+
+// TestCrashTrialsSlowFS: the same workload from 2 fake hosts, each on its
+// own mount of the slow filesystem rig (a FUSE loopback over one directory),
+// with new delays before each trial: up to 4 ms per operation and 40 ms per
+// fsync. SIGKILLs land inside slow commits, publishes and deletes, and an
+// operation a killed process had sent still completes in the server after
+// its death, as it does on NFS.
+func TestCrashTrialsSlowFS(t *testing.T) {
+	shared := t.TempDir()
+	mounts := []*slowfs.FS{slowfs.Mount(t, shared), slowfs.Mount(t, shared)}
+	trials := 8
+	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
+		trials = max(1, n/10)
+	}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 4))
+	runTrialsWith(t, trials, []string{mounts[0].Mnt, mounts[1].Mnt}, func(host int, argv ...string) *exec.Cmd {
+		return rigtest.FakeHost(t, fmt.Sprintf("host-%c", 'a'+host), 0, argv...)
+	}, func() {
+		for _, m := range mounts {
+			m.SetDelay(time.Duration(rng.IntN(4000))*time.Microsecond, time.Duration(rng.IntN(40))*time.Millisecond)
+		}
+	})
+	t.Logf("operations through the slow mounts: %d renames, %d fsyncs",
+		mounts[0].Count(slowfs.Rename)+mounts[1].Count(slowfs.Rename), mounts[0].Count(slowfs.Fsync)+mounts[1].Count(slowfs.Fsync))
 }
 
 // runTrials runs the trials: each process runs on one of roots (one per

@@ -388,6 +388,8 @@ func TestParseKey(t *testing.T) {
 		{"ftp://example.com/x", "", true},
 		{"/just/a/path", "", true},
 		{"http:///nohost", "", true},
+		{"https://:443", "", true}, // found by FuzzParseKey: normalised to "https:///"
+		{"http://:8080/x", "", true},
 		{"http://example.com/\x7f", "", true},
 		{"docker://alpine", "docker://index.docker.io/library/alpine:latest", false},
 		{"docker://127.0.0.1:5000/team/app", "docker://127.0.0.1:5000/team/app:latest", false},

@@ -39,7 +39,7 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 	k := state.Key{Kind: state.Bundle, SHA256: strings.ToLower(sha256)}
 	switch strings.ToLower(u.Scheme) {
 	case "http", "https":
-		if u.Host == "" {
+		if u.Hostname() == "" { // "https://:443" has a port and no host
 			return state.Key{}, fmt.Errorf("source %q: no host: %w", source, ErrBadSource)
 		}
 		u.Scheme = strings.ToLower(u.Scheme)

@@ -66,13 +66,36 @@ func blockLock(t *testing.T, dir string) (release func(), done <-chan error) {
 	return func() { close(rel) }, errc
 }
 
+// behindLock opens a store on a fresh root whose lock a second store holds,
+// so that operations queue up; release lets the holder go and waits until
+// it has.
+func behindLock(t *testing.T) (s *Store, holds *atomic.Int32, release func()) {
+	t.Helper()
+	dir := t.TempDir()
+	holds = new(atomic.Int32)
+	s = batchStore(t, dir, holds)
+	rel, blocked := blockLock(t, dir)
+	return s, holds, func() {
+		rel()
+		if err := <-blocked; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func entryCount(t *testing.T, s *Store) int {
+	t.Helper()
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(st.Entries)
+}
+
 // Operations that wait together are committed in one lock hold, each
 // result is its own, and a failing operation leaves the others committed.
 func TestUpdateBatchedGroupCommit(t *testing.T) {
-	dir := t.TempDir()
-	var holds atomic.Int32
-	s := batchStore(t, dir, &holds)
-	release, blocked := blockLock(t, dir)
+	s, holds, release := behindLock(t)
 
 	const n = 40
 	errs := make([]error, n)
@@ -91,15 +114,8 @@ func TestUpdateBatchedGroupCommit(t *testing.T) {
 	waitFor(t, "all operations queued", func() bool { return queued(s) == n })
 	release()
 	wg.Wait()
-	if err := <-blocked; err != nil {
-		t.Fatal(err)
-	}
 	if got := holds.Load(); got != 1 {
 		t.Errorf("%d lock holds for %d queued operations, want 1", got, n)
-	}
-	st, err := s.View(context.Background())
-	if err != nil {
-		t.Fatal(err)
 	}
 	for i, err := range errs {
 		if i == 7 {
@@ -112,17 +128,14 @@ func TestUpdateBatchedGroupCommit(t *testing.T) {
 			t.Errorf("operation %d: %v", i, err)
 		}
 	}
-	if len(st.Entries) != n-1 {
-		t.Errorf("%d entries committed, want %d", len(st.Entries), n-1)
+	if got := entryCount(t, s); got != n-1 {
+		t.Errorf("%d entries committed, want %d", got, n-1)
 	}
 }
 
 // A commit that fails fails every operation of the batch, and commits none.
 func TestUpdateBatchedCommitFailure(t *testing.T) {
-	dir := t.TempDir()
-	var holds atomic.Int32
-	s := batchStore(t, dir, &holds)
-	release, blocked := blockLock(t, dir)
+	s, _, release := behindLock(t)
 	bad := func(st *State) (bool, error) {
 		st.Put(&Entry{Key: Key{Kind: Bundle, Source: "https://example.com/bad"}, Stage: Ready, Path: "../outside"})
 		return true, nil
@@ -132,25 +145,20 @@ func TestUpdateBatchedCommitFailure(t *testing.T) {
 	go func() { errs <- s.UpdateBatched(context.Background(), bad) }()
 	waitFor(t, "both operations queued", func() bool { return queued(s) == 2 })
 	release()
-	<-blocked
 	for range 2 {
 		if err := <-errs; !errors.Is(err, ErrOutsideRoot) {
 			t.Errorf("got %v, want the batch's validation error for both", err)
 		}
 	}
-	st, _ := s.View(context.Background())
-	if len(st.Entries) != 0 {
-		t.Errorf("%d entries committed by a failed batch", len(st.Entries))
+	if got := entryCount(t, s); got != 0 {
+		t.Errorf("%d entries committed by a failed batch", got)
 	}
 }
 
 // An operation whose context ends while it waits is withdrawn and never
 // runs; the one leading keeps waiting for the lock.
 func TestUpdateBatchedCancelWhileQueued(t *testing.T) {
-	dir := t.TempDir()
-	var holds atomic.Int32
-	s := batchStore(t, dir, &holds)
-	release, blocked := blockLock(t, dir)
+	s, _, release := behindLock(t)
 	first := make(chan error, 1)
 	go func() { first <- s.UpdateBatched(context.Background(), putKey(1)) }()
 	waitFor(t, "the first operation queued", func() bool { return queued(s) == 1 })
@@ -166,16 +174,14 @@ func TestUpdateBatchedCancelWhileQueued(t *testing.T) {
 		t.Fatalf("cancelled operation: %v", err)
 	}
 	release()
-	<-blocked
 	if err := <-first; err != nil {
 		t.Fatal(err)
 	}
 	if ran.Load() {
 		t.Error("a withdrawn operation ran")
 	}
-	st, _ := s.View(context.Background())
-	if len(st.Entries) != 1 {
-		t.Errorf("%d entries, want 1", len(st.Entries))
+	if got := entryCount(t, s); got != 1 {
+		t.Errorf("%d entries, want 1", got)
 	}
 }
 
@@ -183,10 +189,7 @@ func TestUpdateBatchedCancelWhileQueued(t *testing.T) {
 // panic reaches its own caller, the others get an error, and the store
 // keeps working.
 func TestUpdateBatchedPanic(t *testing.T) {
-	dir := t.TempDir()
-	var holds atomic.Int32
-	s := batchStore(t, dir, &holds)
-	release, blocked := blockLock(t, dir)
+	s, _, release := behindLock(t)
 	other := make(chan error, 1)
 	panicked := make(chan any, 1)
 	go func() { other <- s.UpdateBatched(context.Background(), putKey(1)) }()
@@ -200,16 +203,14 @@ func TestUpdateBatchedPanic(t *testing.T) {
 	}()
 	waitFor(t, "both operations queued", func() bool { return queued(s) == 2 })
 	release()
-	<-blocked
 	if p := <-panicked; p != "boom" {
 		t.Errorf("the panicking caller got %v, want its panic", p)
 	}
 	if err := <-other; !errors.Is(err, errBatchPanic) {
 		t.Errorf("the other operation: %v, want errBatchPanic", err)
 	}
-	st, _ := s.View(context.Background())
-	if len(st.Entries) != 0 {
-		t.Errorf("%d entries committed by a batch with a panic", len(st.Entries))
+	if got := entryCount(t, s); got != 0 {
+		t.Errorf("%d entries committed by a batch with a panic", got)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

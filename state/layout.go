@@ -114,12 +114,12 @@ func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, er
 	if err != nil {
 		return nil, nil, err
 	}
-	ids := sortedIDs(st, prev)
-	next := &lineCache{lines: make([]cachedLine, len(ids))}
+	sorted := sortedEntries(st, prev)
+	next := &lineCache{lines: make([]cachedLine, len(sorted))}
 	size := len(h) + len(entriesOpen) + len(layoutEnd) + 2
 	k := cursor{c: prev}
-	for i, id := range ids {
-		e := st.Entries[id]
+	for i, ie := range sorted {
+		id, e := ie.id, ie.e
 		cl, ok := k.find(id)
 		if !ok || !cl.e.Equal(e) {
 			if err := e.validate(id); err != nil {
@@ -160,39 +160,44 @@ func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, er
 	return buf, next, nil
 }
 
-// sortedIDs returns the IDs of st in order. Most are usually in prev,
-// already in order: only the others are sorted.
-func sortedIDs(st *State, prev *lineCache) []string {
-	ids := make([]string, 0, len(st.Entries))
+type idEntry struct {
+	id string
+	e  *Entry
+}
+
+// sortedEntries returns the entries of st in ID order. Most are usually in
+// prev, already in order: only the others are sorted.
+func sortedEntries(st *State, prev *lineCache) []idEntry {
+	out := make([]idEntry, 0, len(st.Entries))
 	if prev != nil {
 		for _, cl := range prev.lines {
-			if _, ok := st.Entries[cl.id]; ok {
-				ids = append(ids, cl.id)
+			if e, ok := st.Entries[cl.id]; ok {
+				out = append(out, idEntry{cl.id, e})
 			}
 		}
 	}
-	if len(ids) == len(st.Entries) {
-		return ids
+	if len(out) == len(st.Entries) {
+		return out
 	}
-	var added []string
-	for id := range st.Entries {
+	var added []idEntry
+	for id, e := range st.Entries {
 		if !prev.has(id) {
-			added = append(added, id)
+			added = append(added, idEntry{id, e})
 		}
 	}
-	slices.Sort(added)
-	out := make([]string, 0, len(st.Entries))
+	slices.SortFunc(added, func(a, b idEntry) int { return strings.Compare(a.id, b.id) })
+	merged := make([]idEntry, 0, len(st.Entries))
 	i, j := 0, 0
-	for i < len(ids) || j < len(added) {
-		if j == len(added) || (i < len(ids) && ids[i] < added[j]) {
-			out = append(out, ids[i])
+	for i < len(out) || j < len(added) {
+		if j == len(added) || (i < len(out) && out[i].id < added[j].id) {
+			merged = append(merged, out[i])
 			i++
 		} else {
-			out = append(out, added[j])
+			merged = append(merged, added[j])
 			j++
 		}
 	}
-	return out
+	return merged
 }
 
 func encodeLine(id string, e *Entry) (string, error) {

@@ -124,7 +124,18 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 // READY entries (the newest generation of a key wins); dependents, owners
 // and downloads in flight are lost, and the policy goes back to the
 // defaults plus this manager's settings. The unreadable file stays aside.
-func (m *Manager) Rebuild(ctx context.Context) (int, error) {
+//
+// A state file that parses is refused with [ErrStateReadable] unless force
+// is set: rebuilding it would drop the dependents of running jobs, after
+// which a sweep may evict what they use.
+func (m *Manager) Rebuild(ctx context.Context, force bool) (int, error) {
+	if !force {
+		if _, err := m.store.View(ctx); err == nil {
+			return 0, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
+		} else if !errors.Is(err, state.ErrCorrupt) && !errors.Is(err, state.ErrUnsupportedVersion) {
+			return 0, fmt.Errorf("rebuild: %w", err)
+		}
+	}
 	dir := filepath.Join(m.Root(), entriesDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

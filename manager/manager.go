@@ -34,6 +34,10 @@ var (
 	// ErrNotRegistered means a release named a dependent the entry does
 	// not have.
 	ErrNotRegistered = transitions.ErrNotRegistered
+	// ErrStateReadable means Rebuild was asked to replace a state file that
+	// parses: rebuilding drops every dependent, owner and download in
+	// flight, so it is only for a state that cannot be read.
+	ErrStateReadable = errors.New("the state file is readable")
 )
 
 // maxFailedPasses is how many passes in a row may fail (an unreadable

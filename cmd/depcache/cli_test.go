@@ -242,6 +242,18 @@ func TestCLIDoctorRebuildVerify(t *testing.T) {
 		t.Fatalf("verify: exit %d\n%s", code, out)
 	}
 
+	// --rebuild refuses a state that parses: it would drop job's dependents.
+	before, _ := os.ReadFile(filepath.Join(root, "state.json"))
+	if code, _, errs := cli(t, root, "doctor", "--rebuild"); code != 1 || !strings.Contains(errs, "readable") || !strings.Contains(errs, "force") {
+		t.Fatalf("doctor --rebuild on a healthy state: exit %d, %q; want 1 and a refusal", code, errs)
+	}
+	if after, _ := os.ReadFile(filepath.Join(root, "state.json")); !bytes.Equal(before, after) {
+		t.Fatal("doctor --rebuild changed a healthy state it refused")
+	}
+	if code, out, errs := cli(t, root, "doctor", "--rebuild", "--force"); code != 0 || !strings.Contains(out, "from 2 published entries") {
+		t.Fatalf("doctor --rebuild --force: exit %d\n%s%s", code, out, errs)
+	}
+
 	// A corrupt state: every command refuses it, naming it; doctor says so;
 	// --rebuild brings the entries back from their metadata.
 	os.WriteFile(filepath.Join(root, "state.json"), []byte(`{"version":1,"entries":{`), 0o644)

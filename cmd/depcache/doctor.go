@@ -14,9 +14,9 @@ import (
 var errUnhealthy = errors.New("doctor found problems")
 
 func newDoctor(g *globals) *cobra.Command {
-	var rebuild, breakLock, yes bool
+	var rebuild, force, breakLock, yes bool
 	cmd := &cobra.Command{
-		Use:   "doctor [--rebuild] [--break-lock [--yes]]",
+		Use:   "doctor [--rebuild [--force]] [--break-lock [--yes]]",
 		Short: "Check the root and say what is wrong; rebuild an unreadable state; break a stale lock",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -27,7 +27,7 @@ func newDoctor(g *globals) *cobra.Command {
 			ctx := cmd.Context()
 			switch {
 			case rebuild:
-				n, err := m.Rebuild(ctx)
+				n, err := m.Rebuild(ctx, force)
 				if err != nil {
 					return err
 				}
@@ -73,6 +73,7 @@ func newDoctor(g *globals) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.BoolVar(&rebuild, "rebuild", false, "rebuild the state from the metadata published next to each entry (after a corrupt state file)")
+	f.BoolVar(&force, "force", false, "with --rebuild: rebuild even a state file that parses, dropping its dependents and downloads in flight")
 	f.BoolVar(&breakLock, "break-lock", false, "show the state lock's holder and remove the lock if you confirm")
 	f.BoolVar(&yes, "yes", false, "with --break-lock: do not ask")
 	return cmd

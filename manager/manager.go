@@ -340,6 +340,11 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 		st, pass, done, running, passErr, failures := m.last, m.pass, m.passDone, m.running, m.passErr, m.failures
 		m.mu.Unlock()
 		if !running {
+			// A loop run under the caller's context stops when that context
+			// ends; say why it stopped, not that it did.
+			if err := ctx.Err(); err != nil {
+				return state.Entry{}, err
+			}
 			return state.Entry{}, ErrNotRunning
 		}
 		if failures >= maxFailedPasses {

@@ -672,3 +672,28 @@ func TestInterruptedSweepRolledBack(t *testing.T) {
 		t.Errorf("the dead manager's trash is still there: %v", err)
 	}
 }
+
+// A loop run under the caller's context stops when it ends; Wait then
+// reports the context's error, not ErrNotRunning (the CLI's --timeout maps
+// the former to exit 3).
+func TestWaitAfterTheLoopsContextEnds(t *testing.T) {
+	m, err := manager.New(manager.Config{Root: t.TempDir(), Log: quietLog(), PollInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	k := mustKey(t, "file:///nonexistent/wait-after-end", "")
+	if _, err := m.Get(ctx, "job", k); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-done // the loop has ended: running is false from here on
+	if _, err := m.Wait(ctx, k); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Wait after the loop's context ended: %v, want context.Canceled", err)
+	}
+	if _, err := m.Wait(context.Background(), k); !errors.Is(err, manager.ErrNotRunning) {
+		t.Fatalf("Wait on a stopped manager: %v, want ErrNotRunning", err)
+	}
+}

@@ -316,3 +316,19 @@ func mustID(t *testing.T, src string) string {
 	}
 	return k.ID()
 }
+
+// get --no-wait on a FAILED entry exits 1 with or without --json, as a
+// waiting get does; --json still prints the entry.
+func TestCLINoWaitFailed(t *testing.T) {
+	root := t.TempDir()
+	src := "file:///nonexistent/depcache-no-wait"
+	if code, _, errs := cli(t, root, "get", "--failure-cooldown", "1h", src); code != 1 {
+		t.Fatalf("get of a missing file: exit %d, %q; want 1", code, errs)
+	}
+	for _, args := range [][]string{{"get", "--no-wait", src}, {"--json", "get", "--no-wait", src}} {
+		code, out, errs := cli(t, root, args...)
+		if code != 1 || !strings.Contains(out, "FAILED") {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want 1 and FAILED", args, code, out, errs)
+		}
+	}
+}

@@ -99,12 +99,17 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 					return err
 				}
 			}
+			if e.Stage == state.Failed {
+				// --no-wait on a FAILED entry: exit as a wait would.
+				if g.json {
+					printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+				} else {
+					fmt.Fprintln(g.stdout, e.Stage)
+				}
+				return &manager.FailedError{Key: e.Key, Reason: e.Message}
+			}
 			if g.json {
 				return printJSON(g.stdout, []entryJSON{toJSON(m, e)})
-			}
-			if e.Stage == state.Failed {
-				fmt.Fprintln(g.stdout, e.Stage)
-				return &manager.FailedError{Key: e.Key, Reason: e.Message}
 			}
 			if e.Stage != state.Ready {
 				fmt.Fprintln(g.stdout, e.Stage)

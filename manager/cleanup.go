@@ -387,31 +387,41 @@ func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string
 	}
 	views := make(map[string]transitions.DependentView, len(e.Dependents))
 	for name, d := range e.Dependents {
+		var v transitions.DependentView
+		if d.Expires != nil {
+			v.Registered = m.watch(m.registrations, e.Key.ID(), name, fmt.Sprint(d.Since.UnixNano(), "/", d.Expires.UnixNano()), now)
+		}
 		if d.Process == nil {
+			views[name] = v
 			continue
 		}
-		var v transitions.DependentView
 		if m.self.SameMachine(*d.Process) {
 			v.Local = true
 			alive, err := m.cfg.Processes.Alive(*d.Process)
 			v.Dead = err == nil && !alive
 		} else {
-			seen := m.leases[e.Key.ID()]
-			if seen == nil {
-				seen = map[string]observation{}
-				m.leases[e.Key.ID()] = seen
-			}
-			sig := fmt.Sprint(d.Process.PID, "/", d.Process.StartTime, "/", d.Lease)
-			o, ok := seen[name]
-			if !ok || o.sig != sig {
-				o = observation{sig: sig, since: now}
-				seen[name] = o
-			}
-			v.LeaseUnchanged = now.Sub(o.since)
+			v.LeaseUnchanged = m.watch(m.leases, e.Key.ID(), name, fmt.Sprint(d.Process.PID, "/", d.Process.StartTime, "/", d.Lease), now)
 		}
 		views[name] = v
 	}
 	return views
+}
+
+// watch returns how long the dependent name of entry id has shown sig to
+// this manager, on its own clock, and records sig if it is new. m.mu is
+// held.
+func (m *Manager) watch(seen map[string]map[string]observation, id, name, sig string, now time.Time) time.Duration {
+	byName := seen[id]
+	if byName == nil {
+		byName = map[string]observation{}
+		seen[id] = byName
+	}
+	o, ok := byName[name]
+	if !ok || o.sig != sig {
+		o = observation{sig: sig, since: now}
+		byName[name] = o
+	}
+	return now.Sub(o.since)
 }
 
 // diskSpace returns the free and total bytes of dir's filesystem, or zeros.

@@ -105,3 +105,43 @@ func trashContent(root string) []string {
 	})
 	return out
 }
+
+// A TTL is timed by each host on its own clock: a host whose clock runs
+// two hours ahead of the registering host's does not reap a 1 h TTL
+// dependent at first sight, only after watching it for the hour.
+func TestTTLOnASkewedClock(t *testing.T) {
+	root := t.TempDir()
+	src := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(src, []byte("ttl"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+src, "")
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	registering := newManager(t, root, func(c *manager.Config) { c.Clock = &fakeClock{now: t0} })
+	ctx := context.Background()
+	if _, err := registering.Get(ctx, "job", k, manager.WithTTL(time.Hour), manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := registering.Wait(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+
+	ahead := &fakeClock{now: t0.Add(2 * time.Hour)}
+	other, err := manager.New(manager.Config{Root: root, Log: quietLog(), Clock: ahead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		advance time.Duration
+		reaped  bool
+	}{{0, false}, {59 * time.Minute, false}, {2 * time.Minute, true}} {
+		ahead.advance(step.advance)
+		rep, err := other.Sweep(ctx, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := len(rep.Reaped[k.Source]) == 1; got != step.reaped {
+			t.Fatalf("after watching for %s more: reaped %v, want %v", step.advance, rep.Reaped, step.reaped)
+		}
+	}
+}

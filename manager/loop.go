@@ -64,6 +64,12 @@ func (m *Manager) begin() error {
 
 func (m *Manager) run(ctx context.Context) error {
 	defer m.end()
+	renewing := make(chan struct{})
+	go func() {
+		defer close(renewing)
+		m.renewLeases(ctx)
+	}()
+	defer func() { <-renewing }()
 	var lastErr error
 	for {
 		if err := m.step(ctx); err != nil && ctx.Err() == nil {
@@ -97,6 +103,46 @@ func (m *Manager) run(ctx context.Context) error {
 		case <-t.C:
 		}
 		t.Stop()
+	}
+}
+
+// MaxRenewInterval bounds how long a manager goes without renewing the
+// leases of its process's dependents, whatever its own lease: another host
+// may run with a shorter one, down to [MinDependentLease].
+const MaxRenewInterval = 10 * time.Second
+
+// MinDependentLease is the shortest dependent lease the CLI accepts: three
+// renewals fit in it, so a host never reaps a live dependent of a host
+// that renews at MaxRenewInterval.
+const MinDependentLease = 3 * MaxRenewInterval
+
+// renewLeases bumps the leases of this process's dependents until ctx ends,
+// on its own ticker: a pass or a sweep that takes long (a tree of a million
+// files to delete from trash, a slow Docker engine) must not let another
+// host see a live dependent's lease unchanged for its whole lease and evict
+// what a run is using.
+func (m *Manager) renewLeases(ctx context.Context) {
+	t := time.NewTicker(min(m.cfg.Policy.LeaseDuration/3, MaxRenewInterval))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
+			changed := false
+			for id, e := range st.Entries {
+				if r := transitions.Renew(e, m.self.Process); r.Changed {
+					st.Entries[id] = r.Entry
+					changed = true
+				}
+			}
+			return changed, nil
+		})
+		if err != nil && ctx.Err() == nil {
+			m.log.WithError(err).Error("renewing the leases of this process's dependents")
+		}
 	}
 }
 
@@ -150,19 +196,10 @@ func (m *Manager) step(ctx context.Context) (err error) {
 				delete(m.seen, id)
 			}
 		}
-		for id := range m.leases {
-			if st.Entries[id] == nil {
-				delete(m.leases, id)
-			}
-		}
-		// Renew the leases of our process's dependents, often enough that
-		// other hosts never see one unchanged for a whole lease.
-		if now.Sub(m.lastRenew) >= m.cfg.Policy.LeaseDuration/3 {
-			m.lastRenew = now
-			for id, e := range st.Entries {
-				if r := transitions.Renew(e, m.self.Process); r.Changed {
-					st.Entries[id] = r.Entry
-					changed = true
+		for _, seen := range []map[string]map[string]observation{m.leases, m.registrations} {
+			for id := range seen {
+				if st.Entries[id] == nil {
+					delete(seen, id)
 				}
 			}
 		}

@@ -128,7 +128,7 @@ type Manager struct {
 	downloads      map[string]*download              // key ID -> our running download
 	seen           map[string]observation            // key ID -> what we watched stay unchanged
 	leases         map[string]map[string]observation // key ID -> dependent -> its lease as watched
-	lastRenew      time.Time                         // our clock, last lease renewal
+	registrations  map[string]map[string]observation // key ID -> dependent -> its TTL registration as watched
 	lastSweep      time.Time                         // our clock, last sweep
 	sweepSoon      bool                              // a publish asked for a sweep
 	policyMismatch []string
@@ -210,18 +210,19 @@ func New(cfg Config) (*Manager, error) {
 	}
 	self := state.Owner{Process: cfg.Processes.Self(), ManagerID: hex.EncodeToString(id)}
 	return &Manager{
-		cfg:       cfg,
-		perms:     perms,
-		store:     store,
-		metrics:   met,
-		self:      self,
-		log:       cfg.Log.WithField("manager", self.ManagerID),
-		local:     map[string]map[string]bool{},
-		downloads: map[string]*download{},
-		seen:      map[string]observation{},
-		leases:    map[string]map[string]observation{},
-		passDone:  make(chan struct{}),
-		wake:      make(chan struct{}, 1),
+		cfg:           cfg,
+		perms:         perms,
+		store:         store,
+		metrics:       met,
+		self:          self,
+		log:           cfg.Log.WithField("manager", self.ManagerID),
+		local:         map[string]map[string]bool{},
+		downloads:     map[string]*download{},
+		seen:          map[string]observation{},
+		leases:        map[string]map[string]observation{},
+		registrations: map[string]map[string]observation{},
+		passDone:      make(chan struct{}),
+		wake:          make(chan struct{}, 1),
 	}, nil
 }
 

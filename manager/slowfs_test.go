@@ -1,7 +1,9 @@
 package manager_test
 
 import (
+	"context"
 	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -64,4 +66,70 @@ func TestSlowFilesystemGet(t *testing.T) {
 		}
 	}
 	t.Logf("fsyncs delayed: %d + %d", mounts[0].Count(slowfs.Fsync), mounts[1].Count(slowfs.Fsync))
+}
+
+// Leases are renewed on their own ticker: a sweep stuck deleting evicted
+// content (here an unlink held by the filesystem) must not stop them, or
+// another host would reap this process's live dependents and evict what its
+// runs use.
+func TestLeasesRenewedDuringASlowSweep(t *testing.T) {
+	shared := t.TempDir()
+	mnt := slowfs.Mount(t, shared)
+	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := mustKey(t, "file://"+abs, "")
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(blob, []byte("in use"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	used := mustKey(t, "file://"+blob, "")
+	m := newManager(t, mnt.Mnt, func(c *manager.Config) {
+		c.Policy.LeaseDuration = 600 * time.Millisecond // renewed every 200 ms
+		c.CleanupInterval = 20 * time.Millisecond
+		c.SetPolicy = true
+		c.Cleanup = manager.PolicyChange{MinAge: ptr(time.Duration(0)), MaxAge: ptr(time.Millisecond)}
+	})
+	ctx := context.Background()
+	for _, k := range []state.Key{victim, used} {
+		if _, err := getWait(t, m, "run", k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hold := mnt.HoldNext(slowfs.Unlink, "README.txt")
+	defer hold.Release()
+	if err := m.Release(ctx, "run", victim); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-hold.Hit():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the victim was not evicted and deleted")
+	}
+
+	// The loop is stuck in the sweep's delete. The lease must still move.
+	store, err := state.Open(shared, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease := func() uint64 {
+		st, err := store.View(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := st.Get(used)
+		if e == nil {
+			t.Fatal("the entry in use is gone")
+		}
+		return e.Dependents["run"].Lease
+	}
+	first := lease()
+	deadline := time.Now().Add(20 * time.Second)
+	for lease() < first+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("lease stayed at %d for 20 s while the sweep was stuck (renewed every 200 ms)", lease())
+		}
+		time.Sleep(50 * time.Millisecond) // polling a condition, not synchronising
+	}
 }

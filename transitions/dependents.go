@@ -18,12 +18,21 @@ type DependentView struct {
 	// LeaseUnchanged: how long this manager has watched the dependent's
 	// lease stay unchanged, on its own clock (processes on other machines).
 	LeaseUnchanged time.Duration
+	// Registered: how long this manager has watched this registration (the
+	// same Since and Expires), on its own clock. A TTL is a duration on the
+	// registering host's clock; timing it here keeps a host whose clock runs
+	// ahead from reaping early.
+	Registered time.Duration
 }
 
 // Liveness says whether a dependent still holds its entry, and why.
 func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (live bool, why string) {
 	p = p.WithDefaults()
-	if d.Expires != nil && !now.Before(*d.Expires) {
+	// Both clocks must agree that the TTL is over: the absolute expiry by
+	// ours (a host whose clock runs behind waits longer, which is safe), and
+	// the TTL's length (Expires - Since, both on the registering host's
+	// clock) by how long we have watched the registration.
+	if d.Expires != nil && !now.Before(*d.Expires) && dv.Registered >= d.Expires.Sub(d.Since) {
 		return false, "ttl expired"
 	}
 	switch {

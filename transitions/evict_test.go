@@ -118,7 +118,9 @@ func TestLivenessAndReap(t *testing.T) {
 	}{
 		{"named, no ttl: until released", state.Dependent{}, DependentView{}, true},
 		{"ttl in the future", state.Dependent{Expires: &future}, DependentView{}, true},
-		{"ttl passed", state.Dependent{Expires: &past}, DependentView{}, false},
+		{"ttl passed", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: time.Hour}, false},
+		{"ttl passed by our clock, watched for less than the ttl: a clock ahead", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: 59 * time.Minute}, true},
+		{"ttl watched long enough, not passed by our clock: a clock behind", state.Dependent{Since: future.Add(-time.Hour), Expires: &future}, DependentView{Registered: 2 * time.Hour}, true},
 		{"local process alive", state.Dependent{Process: proc}, DependentView{Local: true}, true},
 		{"local process gone", state.Dependent{Process: proc}, DependentView{Local: true, Dead: true}, false},
 		{"remote, lease renewed recently", state.Dependent{Process: proc}, DependentView{LeaseUnchanged: 59 * time.Second}, true},

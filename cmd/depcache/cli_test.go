@@ -217,6 +217,8 @@ func TestCLIPolicyFlags(t *testing.T) {
 		{[]string{"gc", "--low-watermark", "96"}, "must not exceed --high-watermark"},
 		{[]string{"gc", "--min-free-disk", "150%"}, "percent"},
 		{[]string{"gc", "--min-age", "-1s"}, "--min-age"},
+		{[]string{"gc", "--dependent-lease", "10s"}, "at least 30s"},
+		{[]string{"gc", "--cleanup-interval", "0s"}, "--cleanup-interval 0s"},
 		{[]string{"gc", "--max-age", "1m", "--set-policy"}, "max-age"},
 	} {
 		code, _, errs := cli(t, t.TempDir(), tc.args...)

@@ -92,8 +92,14 @@ func (p *policyFlags) change() (manager.PolicyChange, error) {
 			return c, fmt.Errorf("--%s %s: %w: must not be negative", d.name, d.v, errBadFlag)
 		}
 	}
-	if p.interval <= 0 || p.lease <= 0 {
-		return c, fmt.Errorf("--cleanup-interval and --dependent-lease: %w: must be positive", errBadFlag)
+	if p.interval <= 0 {
+		return c, fmt.Errorf("--cleanup-interval %s: %w: must be positive", p.interval, errBadFlag)
+	}
+	if p.lease < manager.MinDependentLease {
+		// Every manager renews at least every MaxRenewInterval, whatever
+		// its own lease; a shorter lease here would reap their live
+		// dependents.
+		return c, fmt.Errorf("--dependent-lease %s: %w: must be at least %s (leases are renewed every %s)", p.lease, errBadFlag, manager.MinDependentLease, manager.MaxRenewInterval)
 	}
 	return c, nil
 }

@@ -22,7 +22,13 @@ func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log 
 		return transitions.Published{}, fmt.Errorf("no Docker engine configured: %w", ErrPermanent)
 	}
 	if key.Build != nil {
+		// A build reports no bytes, but its heartbeat must move like a
+		// pull's, or a build longer than the download timeout is taken
+		// over again and again.
+		var done, total atomic.Int64
+		stop := m.reportProgress(ctx, key, gen, &done, &total)
 		info, existed, err := m.buildImage(ctx, key)
+		stop()
 		if err != nil {
 			return transitions.Published{}, err
 		}

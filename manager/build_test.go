@@ -1,0 +1,80 @@
+package manager_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/rigtest"
+	"github.com/depcache/depcache/state/rigtest/slowfs"
+)
+
+// A build heartbeats like a pull: while it runs (here stuck reading its
+// context from a filesystem that holds the open), the entry's heartbeat
+// moves, so that other processes never take a long build over.
+func TestBuildHeartbeats(t *testing.T) {
+	rigtest.Env(t, "DOCKER_HOST")
+	eng, err := manager.DockerEngine()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := eng.DaemonID(ctx); err != nil {
+		rigtest.Missing(t, "the Docker engine at $DOCKER_HOST: "+err.Error())
+	}
+	mnt := slowfs.Mount(t, t.TempDir())
+	dir := filepath.Join(mnt.Mnt, "ctx")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM scratch\nCOPY f /f\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "f"), []byte(fmt.Sprint("heartbeat ", time.Now().UnixNano())), 0o644)
+	k := mustKey(t, "docker-build://"+dir+"?tag=depcache-test/heartbeat:1", "")
+
+	root := t.TempDir()
+	m := newManager(t, root, func(c *manager.Config) { c.Docker = eng; c.ProgressInterval = 50 * time.Millisecond })
+	hold := mnt.HoldNext(slowfs.Open, "f")
+	defer hold.Release()
+	e, err := m.Get(ctx, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-hold.Hit():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the build never read its context")
+	}
+	store, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	heartbeat := func() uint64 {
+		st, err := store.View(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Get(e.Key).Progress.Heartbeat
+	}
+	first := heartbeat()
+	deadline := time.Now().Add(10 * time.Second)
+	for heartbeat() < first+3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("heartbeat stayed at %d for 10 s of a stuck build (reported every 50 ms)", heartbeat())
+		}
+		time.Sleep(20 * time.Millisecond) // polling a condition, not synchronising
+	}
+	hold.Release()
+	ready, err := m.Wait(ctx, e.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { eng.Remove(context.Background(), ready.ImageID) })
+	if ready.Stage != state.Ready || ready.ImageID == "" {
+		t.Errorf("after the build: %+v", ready)
+	}
+}

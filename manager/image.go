@@ -137,11 +137,23 @@ func (m *Manager) daemonIDNow() string {
 // removeImages removes evicted images from the engine, outside the lock.
 // An image the engine refuses to remove (a container appeared) gets its
 // entry back, to be retried at a later sweep; nothing is forced.
+//
+// The image stays when another entry of the daemon names it: a tag and a
+// digest of one image, or a Get of the same reference since the eviction's
+// commit that found the image still there. A Get that does so between that
+// look and the removal gets its entry fetched again.
 func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
 	for _, e := range victims {
-		err := m.cfg.Docker.Remove(ctx, e.ImageID)
-		if err == nil {
+		st, err := m.store.View(ctx)
+		if err == nil && namesImage(st, e) {
+			m.log.WithField("image_id", e.ImageID).Info("evicted an image entry whose image another entry names: the image stays")
 			continue
+		}
+		if err == nil {
+			if err = m.cfg.Docker.Remove(ctx, e.ImageID); err == nil {
+				m.refetchRemoved(ctx, e)
+				continue
+			}
 		}
 		m.log.WithError(err).WithField("image_id", e.ImageID).Warn("image not removed; its entry is kept for a later sweep")
 		restore := *e
@@ -152,5 +164,38 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
 			st.Put(&restore)
 			return true, nil
 		})
+	}
+}
+
+// namesImage reports whether an entry of st names gone's image in gone's
+// daemon.
+func namesImage(st *state.State, gone *state.Entry) bool {
+	for _, e := range st.Entries {
+		if e.Key.Kind == state.Image && e.Key.Daemon == gone.Key.Daemon && e.ImageID == gone.ImageID {
+			return true
+		}
+	}
+	return false
+}
+
+// refetchRemoved makes every READY entry that names the image just removed
+// fetch it again: one made READY by a Get between namesImage and Remove.
+func (m *Manager) refetchRemoved(ctx context.Context, gone *state.Entry) {
+	var lost []string
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		lost = lost[:0]
+		for id, e := range st.Entries {
+			if e.Stage == state.Ready && e.Key.Kind == state.Image && e.Key.Daemon == gone.Key.Daemon && e.ImageID == gone.ImageID {
+				st.Entries[id] = transitions.Refetch(e, "its image was removed by an eviction racing this get: fetching it again").Entry
+				lost = append(lost, e.Key.Source)
+			}
+		}
+		return len(lost) > 0, nil
+	})
+	if err != nil {
+		m.log.WithError(err).WithField("image_id", gone.ImageID).Error("cannot check for entries that name an image just removed")
+	}
+	for _, src := range lost {
+		m.log.WithFields(logrus.Fields{"source": src, "image_id": gone.ImageID}).Warn("an entry named an image just removed: fetching it again")
 	}
 }

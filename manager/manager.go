@@ -316,8 +316,42 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	}
 	m.local[id][dependent] = true
 	m.mu.Unlock()
+	if snap.Key.Kind == state.Image && snap.Stage == state.Ready && m.cfg.Docker != nil {
+		// The daemon is not ours alone: an image removed by hand (docker
+		// rmi) or by an eviction that raced this Get is fetched again
+		// rather than handed out.
+		if _, ok, ierr := m.cfg.Docker.Inspect(ctx, snap.ImageID); ierr == nil && !ok {
+			if snap, err = m.refetchImage(ctx, snap); err != nil {
+				return state.Entry{}, err
+			}
+		}
+	}
 	m.kick()
 	return snap, nil
+}
+
+// refetchImage makes the READY entry seen turn into a download again, its
+// image being gone from the daemon, and returns the entry as it is now.
+func (m *Manager) refetchImage(ctx context.Context, seen state.Entry) (state.Entry, error) {
+	var now state.Entry
+	refetched := false
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		e := st.Get(seen.Key)
+		if e == nil {
+			return false, fmt.Errorf("%s: %w (evicted meanwhile)", seen.Key.Source, ErrNotFound)
+		}
+		refetched = e.Stage == state.Ready && e.ImageID == seen.ImageID
+		if refetched {
+			e = transitions.Refetch(e, "its image is no longer in the daemon: fetching it again").Entry
+			st.Put(e)
+		}
+		now = *e
+		return refetched, nil
+	})
+	if refetched && err == nil {
+		m.log.WithFields(logrus.Fields{"source": seen.Key.Source, "image_id": seen.ImageID}).Warn("a READY image is no longer in the daemon: fetching it again")
+	}
+	return now, err
 }
 
 // Wait blocks until the entry for key is READY (returned with a nil error)

@@ -101,3 +101,16 @@ func Abandon(e *state.Entry, self state.Owner, gen uint64) (Result, error) {
 	n.Owner = nil
 	return Result{Entry: n, Changed: true}, nil
 }
+
+// Refetch turns a READY entry whose content is gone (its image removed from
+// the daemon under it) into an unowned download that keeps its dependents,
+// so that the loop fetches it again under the next generation.
+func Refetch(e *state.Entry, reason string) Result {
+	n := clone(e)
+	n.Stage = state.Downloading
+	n.Owner = nil
+	n.Path, n.ImageID, n.RepoDigest, n.External, n.SizeBytes = "", "", "", false, 0
+	n.Progress = state.Progress{}
+	n.Message = reason
+	return Result{Entry: n, Changed: true}
+}

@@ -211,6 +211,18 @@ func TestOwnerEvents(t *testing.T) {
 			ev: func() (Result, error) { return Report(mine(), owner("h1", 10, "m-twin"), 3, 1, 1) }, werr: ErrFenced},
 		{name: "fail on a failed entry: fenced",
 			ev: func() (Result, error) { return Fail(entry(state.Failed), self, 3, "x", t0) }, werr: ErrFenced},
+		{name: "refetch: an unowned download keeping its dependents and generation, content cleared",
+			ev: func() (Result, error) {
+				return Refetch(entry(state.Ready, func(e *state.Entry) {
+					e.ImageID, e.RepoDigest, e.SizeBytes, e.Progress = "sha256:aa", "r@sha256:bb", 42, state.Progress{Bytes: 42, Total: 42}
+				}), "image removed"), nil
+			},
+			wstg: state.Downloading, check: func(t *testing.T, e *state.Entry) {
+				if e.Owner != nil || e.ImageID != "" || e.RepoDigest != "" || e.SizeBytes != 0 || e.Progress != (state.Progress{}) ||
+					e.Generation != 3 || len(e.Dependents) != 1 || e.Message != "image removed" {
+					t.Errorf("entry = %+v", e)
+				}
+			}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

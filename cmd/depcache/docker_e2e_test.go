@@ -393,3 +393,75 @@ func TestE2EImageBuild(t *testing.T) {
 		t.Errorf("%d entries, want 2 (one per fingerprint)", len(st.Entries))
 	}
 }
+
+// TestE2EImageEvictionKeepsASharedImage: a tag pulled by depcache and a
+// digest of the same image cached as a second entry. Evicting the tag's
+// entry leaves the image: the digest's entry is READY with a dependent.
+func TestE2EImageEvictionKeepsASharedImage(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/shared:1"
+	pushImage(t, c, ref, 64<<10)
+	get := func(dep, src string) {
+		t.Helper()
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", dep, src).CombinedOutput(); err != nil {
+			t.Fatalf("get %s: %v: %s", src, err, out)
+		}
+	}
+	get("job-tag", "docker://"+ref)
+	insp, err := c.ImageInspect(context.Background(), ref)
+	if err != nil || len(insp.RepoDigests) == 0 {
+		t.Fatalf("inspect %s: %v, digests %v", ref, err, insp.RepoDigests)
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), insp.ID, image.RemoveOptions{Force: true}) })
+	get("job-digest", "docker://"+insp.RepoDigests[0])
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("release: %v: %s", err, out)
+	}
+	out, err := exec.Command(bin, "--root", root, "gc", "--max-size", "1", "--min-age", "0s", "--set-policy").CombinedOutput()
+	if err != nil {
+		t.Fatalf("gc: %v: %s", err, out)
+	}
+	if _, ok := imageID(t, c, insp.ID); !ok {
+		t.Fatalf("the shared image was removed although the digest's entry holds it\n%s", out)
+	}
+	st := readState(t, root)
+	e := onlyEntry(t, st)
+	if e.Key.Source != "docker://"+insp.RepoDigests[0] || e.Stage != "READY" || e.ImageID != insp.ID {
+		t.Errorf("left: %s %s %s; want the digest's entry READY with %s\n%s", e.Key.Source, e.Stage, e.ImageID, insp.ID, out)
+	}
+}
+
+// TestE2EImageRemovedByHand: an image removed from the daemon behind
+// depcache's back (docker rmi) is pulled again by the next get, not handed
+// out as READY with an ID the daemon no longer has.
+func TestE2EImageRemovedByHand(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/rmi:1"
+	pushImage(t, c, ref, 64<<10)
+	get := func() string {
+		t.Helper()
+		out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job", "docker://"+ref).Output()
+		if err != nil {
+			t.Fatalf("get: %v", err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	first := get()
+	t.Cleanup(func() { c.ImageRemove(context.Background(), first, image.RemoveOptions{Force: true}) })
+	if _, err := c.ImageRemove(context.Background(), first, image.RemoveOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	if second := get(); second != first {
+		t.Errorf("second get printed %s, want %s", second, first)
+	}
+	if _, ok := imageID(t, c, ref); !ok {
+		t.Fatal("the image was not pulled again")
+	}
+	if e := onlyEntry(t, readState(t, root)); e.Stage != "READY" || e.Generation < 2 {
+		t.Errorf("entry %s gen %d; want READY, fetched again under a new generation", e.Stage, e.Generation)
+	}
+}

@@ -157,6 +157,7 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	type move struct{ from, to string }
 	var moves []move
 	var images []*state.Entry
+	m.trashMu.RLock()
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		moves = moves[:0]
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
@@ -228,6 +229,9 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 				m.log.WithError(rerr).WithField("path", mv.from).Error("could not put back content of an eviction whose commit failed")
 			}
 		}
+	}
+	m.trashMu.RUnlock()
+	if err != nil {
 		return rep, err
 	}
 	for _, v := range rep.Victims {
@@ -296,15 +300,25 @@ func (m *Manager) ownTrash() (string, error) {
 	return dir, m.perms.WriteFile(filepath.Join(dir, ownerName), b)
 }
 
-// emptyTrash deletes, outside the lock, what this manager moved aside.
+// emptyTrash deletes, outside the lock, what this manager moved aside and
+// committed. Content an entry still names (a move whose commit and undo
+// both failed) stays for settleTrashLocked to put back.
 func (m *Manager) emptyTrash() {
+	m.trashMu.Lock()
+	defer m.trashMu.Unlock()
 	dir := filepath.Join(m.Root(), trashDir, m.self.ManagerID)
 	items, err := os.ReadDir(dir)
-	if err != nil {
+	if err != nil || len(items) <= 1 {
 		return
 	}
+	st, err := m.store.View(context.Background())
+	if err != nil {
+		m.log.WithError(err).Warn("trash not emptied: cannot read the state to check nothing in it is still named")
+		return
+	}
+	named := namedDirs(st)
 	for _, it := range items {
-		if it.Name() == ownerName {
+		if it.Name() == ownerName || named[it.Name()] {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(dir, it.Name())); err != nil {
@@ -325,12 +339,7 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 	if err != nil {
 		return
 	}
-	named := map[string]bool{}
-	for _, e := range st.Entries {
-		if e.Path != "" {
-			named[filepath.Base(filepath.Dir(e.Path))] = true
-		}
-	}
+	named := namedDirs(st)
 	for _, d := range dirs {
 		dir := filepath.Join(root, d.Name())
 		items, _ := os.ReadDir(dir)
@@ -378,6 +387,18 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 			os.Remove(dir)
 		}
 	}
+}
+
+// namedDirs returns the names of the entry directories that entries of st
+// name (entries/NAME/content).
+func namedDirs(st *state.State) map[string]bool {
+	named := map[string]bool{}
+	for _, e := range st.Entries {
+		if e.Path != "" {
+			named[filepath.Base(filepath.Dir(e.Path))] = true
+		}
+	}
+	return named
 }
 
 // dependentViewsLocked observes the dependents of e. m.mu is held.

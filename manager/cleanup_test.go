@@ -2,6 +2,7 @@ package manager_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -143,5 +144,60 @@ func TestTTLOnASkewedClock(t *testing.T) {
 		if got := len(rep.Reaped[k.Source]) == 1; got != step.reaped {
 			t.Fatalf("after watching for %s more: reaped %v, want %v", step.advance, rep.Reaped, step.reaped)
 		}
+	}
+}
+
+// Content that verify failed stays while the runs that held it do: the
+// entry is not retried after its cool-down (a new generation would leave
+// the old directory named by nothing, deleted at the next start-up), and
+// once they are gone it is pruned and the content deleted then.
+func TestVerifyFailedContentStaysForItsRuns(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	m := newManager(t, root, func(c *manager.Config) { c.Clock = clock })
+	ready, err := getWait(t, m, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	content, err := m.Abs(ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(content, "hello", "README.txt"), []byte("tampered\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if res, err := m.Verify(ctx, nil); err != nil || len(res) != 1 || res[0].OK {
+		t.Fatalf("verify: %+v, %v; want one failure", res, err)
+	}
+	clock.advance(2 * time.Hour) // past the 1 h cool-down
+
+	var failed *manager.FailedError
+	e, err := m.Wait(ctx, k)
+	if !errors.As(err, &failed) || e.Generation != ready.Generation {
+		t.Fatalf("after the cool-down: %s gen %d, %v; want still FAILED at gen %d", e.Stage, e.Generation, err, ready.Generation)
+	}
+	newManager(t, root) // a start-up reconciles the root
+	if _, err := os.Stat(content); err != nil {
+		t.Fatalf("the content a run holds was deleted: %v", err)
+	}
+
+	if err := m.Release(ctx, "run", k); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Dir(content)); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pruned entry's content is still there 10 s after its last run left")
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, not synchronising
+	}
+	if _, err := m.Wait(ctx, k); !errors.Is(err, manager.ErrNotFound) {
+		t.Errorf("after the prune: %v, want ErrNotFound", err)
 	}
 }

@@ -85,6 +85,7 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 // its content to trash, if it is still the entry that was checked.
 func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) error {
 	var moved, to string
+	m.trashMu.RLock()
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		e := st.Get(checked.Key)
 		if e == nil || e.Stage != state.Ready || e.Path != checked.Path || e.Generation != checked.Generation {
@@ -113,6 +114,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 	if err != nil && moved != "" {
 		os.Rename(to, moved)
 	}
+	m.trashMu.RUnlock()
 	if err == nil {
 		m.emptyTrash()
 	}

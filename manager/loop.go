@@ -167,8 +167,11 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		m.passDone = make(chan struct{})
 		m.mu.Unlock()
 	}()
+	var moved [][2]string // from, to: content of removed entries, moved to trash
+	m.trashMu.RLock()
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		acts = acts[:0]
+		moved = moved[:0]
 		now := m.cfg.Clock.Now()
 		changed := false
 		m.mu.Lock()
@@ -182,6 +185,15 @@ func (m *Manager) step(ctx context.Context) (err error) {
 			if r.Changed {
 				changed = true
 				if r.Entry == nil {
+					if e.Path != "" {
+						// A pruned FAILED entry still naming content kept
+						// for the runs that held it: nobody holds it now.
+						from, to, err := m.trashLocked(filepath.Dir(e.Path))
+						if err != nil {
+							return false, err
+						}
+						moved = append(moved, [2]string{from, to})
+					}
 					delete(st.Entries, id)
 				} else {
 					st.Entries[id] = r.Entry
@@ -207,7 +219,18 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		return changed, nil
 	})
 	if err != nil {
+		for _, mv := range moved {
+			if rerr := os.Rename(mv[1], mv[0]); rerr != nil {
+				m.log.WithError(rerr).WithField("path", mv[0]).Error("could not put back content of a prune whose commit failed")
+			}
+		}
+	}
+	m.trashMu.RUnlock()
+	if err != nil {
 		return err
+	}
+	if len(moved) > 0 {
+		m.emptyTrash()
 	}
 	m.metrics.observeState(seenState)
 	m.mu.Lock()

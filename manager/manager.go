@@ -123,6 +123,12 @@ type Manager struct {
 	self    state.Owner
 	log     logrus.FieldLogger
 
+	// trashMu keeps emptyTrash (write) from deleting what a mover (read:
+	// a sweep, a verify, a prune, reconcile) moved into this manager's
+	// trash but has not committed yet, and would put back if its commit
+	// failed.
+	trashMu sync.RWMutex
+
 	mu             sync.Mutex
 	local          map[string]map[string]bool        // key ID -> dependents registered here
 	downloads      map[string]*download              // key ID -> our running download

@@ -40,6 +40,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				m.store.Path(), len(ents), state.ErrCorrupt)
 		}
 	}
+	m.trashMu.RLock()
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		changed, err := m.settlePolicy(st)
 		if err != nil {
@@ -82,6 +83,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		}
 		return changed, nil
 	})
+	m.trashMu.RUnlock()
 	if err != nil {
 		return err
 	}

@@ -86,7 +86,11 @@ func stepFailed(e *state.Entry, v View, p Policy, now time.Time) (Result, error)
 	if !cooledDown(e, p, now) {
 		return keep(e), nil
 	}
-	if len(e.Dependents) > 0 && v.Drive {
+	// Content kept for the runs that held it when verify failed it stays
+	// named by this entry until they are all gone: a retry would publish
+	// under a new path, and the old one, named by nothing, would be deleted
+	// under them at the next start-up.
+	if len(e.Dependents) > 0 && v.Drive && e.Path == "" {
 		r, err := stepDownloading(retry(e), v, p)
 		r.Changed = true
 		return r, err

@@ -17,16 +17,23 @@ import (
 
 // VerifyResult is the outcome of re-hashing one READY bundle.
 type VerifyResult struct {
-	Key    state.Key `json:"key"`
-	OK     bool      `json:"ok"`
-	Detail string    `json:"detail"`
+	Key state.Key `json:"key"`
+	// OK: the content matches its recorded digest, or none was recorded.
+	OK bool `json:"ok"`
+	// Failed: the digest differed and the entry is now FAILED. Not OK and
+	// not Failed means it could not be checked (metadata or content
+	// unreadable), which condemns nothing.
+	Failed bool   `json:"failed"`
+	Detail string `json:"detail"`
 }
 
 // Verify re-hashes READY bundles (all, or those whose source is in
 // sources) against the digest recorded when they were published. A
-// mismatch or missing content marks the entry FAILED, with the reason, in
-// the same commit that moves its content to trash; nothing is skipped
-// silently: an entry without a recorded digest is reported as such.
+// mismatch marks the entry FAILED, with the reason, in the same commit that
+// moves its content to trash (or leaves it to the runs that hold it).
+// Content or metadata that cannot be read is reported and left alone: only
+// a digest that differs condemns content. Nothing is skipped silently: an
+// entry without a recorded digest is reported as such.
 func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult, error) {
 	st, err := m.store.View(ctx)
 	if err != nil {
@@ -75,6 +82,7 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			if err := m.markCorrupt(ctx, *e, r.Detail); err != nil {
 				return out, err
 			}
+			r.Failed = true
 		}
 		out = append(out, r)
 	}

@@ -285,6 +285,23 @@ func TestCLIDoctorRebuildVerify(t *testing.T) {
 	if !strings.Contains(out, `"stage": "FAILED"`) || !strings.Contains(out, "verify: content digest") {
 		t.Errorf("the tampered entry is not FAILED with the reason:\n%s", out)
 	}
+
+	// Unreadable metadata: reported as not checked, never as FAILED, and
+	// the entry stays READY.
+	metas, _ := filepath.Glob(filepath.Join(root, "entries", mustID(t, b)+"-g*", "meta.json"))
+	if len(metas) != 1 {
+		t.Fatalf("metadata of %s: %v", b, metas)
+	}
+	if err := os.Remove(metas[0]); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := cli(t, root, "verify", b)
+	if code != 1 || !strings.Contains(out, "ERROR  "+b) || strings.Contains(out, "FAILED") || !strings.Contains(errs, "1 entries could not be checked") {
+		t.Errorf("verify with unreadable metadata: exit %d\n%s%s", code, out, errs)
+	}
+	if _, out, _ = cli(t, root, "ls", "--json"); strings.Count(out, `"stage": "READY"`) != 1 {
+		t.Errorf("the unchecked entry is no longer READY:\n%s", out)
+	}
 }
 
 func TestCLIBreakLock(t *testing.T) {

@@ -103,16 +103,24 @@ func newVerify(g *globals) *cobra.Command {
 			if g.json {
 				return printJSON(g.stdout, res)
 			}
-			bad := 0
+			failed, unchecked := 0, 0
 			for _, r := range res {
 				verdict := "ok"
-				if !r.OK {
-					verdict, bad = "FAILED", bad+1
+				switch {
+				case r.Failed:
+					verdict, failed = "FAILED", failed+1
+				case !r.OK:
+					verdict, unchecked = "ERROR", unchecked+1
 				}
 				fmt.Fprintf(g.stdout, "%-6s %s: %s\n", verdict, r.Key.Source, r.Detail)
 			}
-			if bad > 0 {
-				return fmt.Errorf("%d entries did not verify and are now FAILED: %w", bad, manager.ErrFailed)
+			switch {
+			case failed > 0 && unchecked > 0:
+				return fmt.Errorf("%d entries did not verify and are now FAILED; %d could not be checked and were left alone: %w", failed, unchecked, manager.ErrFailed)
+			case failed > 0:
+				return fmt.Errorf("%d entries did not verify and are now FAILED: %w", failed, manager.ErrFailed)
+			case unchecked > 0:
+				return fmt.Errorf("%d entries could not be checked (see the ERROR lines) and were left alone", unchecked)
 			}
 			return nil
 		},

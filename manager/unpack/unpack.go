@@ -132,13 +132,20 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 	}
 	defer root.Close()
 	x := extractor{root: root, lim: lim, symlinks: map[string]bool{}, files: map[string]bool{}, hashes: map[string]string{}}
-	tr := tar.NewReader(r)
+	tail := &tailReader{r: r}
+	tr := tar.NewReader(tail)
 	for {
 		if err := ctx.Err(); err != nil {
 			return x.bytes, nil, err
 		}
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
+			if !tail.endsWithZeroBlock() {
+				// archive/tar takes a stream that stops at a member
+				// boundary for the end; over a connection that just closes
+				// (no length, not chunked) that is a cut-off download.
+				return x.bytes, nil, fmt.Errorf("%w: the archive ends without its end-of-archive marker (truncated?)", ErrCorrupt)
+			}
 			return x.bytes, x.hashes, nil
 		}
 		if err != nil {
@@ -148,6 +155,31 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 			return x.bytes, nil, err
 		}
 	}
+}
+
+// tailReader remembers the last block read through it.
+type tailReader struct {
+	r    io.Reader
+	n    int64
+	last [512]byte
+}
+
+func (t *tailReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	t.n += int64(n)
+	if n >= len(t.last) {
+		copy(t.last[:], p[n-len(t.last):n])
+	} else {
+		copy(t.last[:], t.last[n:])
+		copy(t.last[len(t.last)-n:], p[:n])
+	}
+	return n, err
+}
+
+// endsWithZeroBlock reports whether the stream ended with a zero block, the
+// start of a tar's end-of-archive marker.
+func (t *tailReader) endsWithZeroBlock() bool {
+	return t.n >= int64(len(t.last)) && t.last == [512]byte{}
 }
 
 type extractor struct {

@@ -119,6 +119,43 @@ func TestExtractContent(t *testing.T) {
 	}
 }
 
+// A plain tar cut at a member boundary (a connection that just closed)
+// is refused; the same archive whole is accepted, and so is an empty one.
+func TestTruncatedAtAMemberBoundary(t *testing.T) {
+	var whole bytes.Buffer
+	tw := tar.NewWriter(&whole)
+	var cut int
+	for _, name := range []string{"a.txt", "b.txt"} {
+		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: 600})
+		tw.Write(bytes.Repeat([]byte("x"), 600))
+		tw.Flush()
+		if cut == 0 {
+			cut = whole.Len() // after a.txt and its padding
+		}
+	}
+	tw.Close()
+	var empty bytes.Buffer
+	tar.NewWriter(&empty).Close()
+	for _, tc := range []struct {
+		name string
+		data []byte
+		werr bool
+	}{
+		{"whole", whole.Bytes(), false},
+		{"cut after the first member", whole.Bytes()[:cut], true},
+		{"cut after the last member, before the end marker", whole.Bytes()[:whole.Len()-1024], true},
+		{"empty archive", empty.Bytes(), false},
+		{"nothing at all", nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Extract(context.Background(), bytes.NewReader(tc.data), t.TempDir(), Limits{})
+			if (err != nil) != tc.werr || (tc.werr && !errors.Is(err, ErrCorrupt)) {
+				t.Fatalf("err = %v, want error %v (ErrCorrupt)", err, tc.werr)
+			}
+		})
+	}
+}
+
 func TestSniff(t *testing.T) {
 	for _, tc := range []struct {
 		file string

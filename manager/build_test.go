@@ -3,7 +3,10 @@ package manager_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"strings"
 	"path/filepath"
 	"testing"
 	"time"
@@ -76,5 +79,49 @@ func TestBuildHeartbeats(t *testing.T) {
 	t.Cleanup(func() { eng.Remove(context.Background(), ready.ImageID) })
 	if ready.Stage != state.Ready || ready.ImageID == "" {
 		t.Errorf("after the build: %+v", ready)
+	}
+}
+
+// An engine asked before its daemon is up finds it once it is: the first
+// error is not kept (serve started before dockerd refused images for life).
+func TestDockerEngineFindsALateDaemon(t *testing.T) {
+	real := rigtest.Env(t, "DOCKER_HOST")
+	sock := filepath.Join(t.TempDir(), "late.sock")
+	t.Setenv("DOCKER_HOST", "unix://"+sock)
+	eng, err := manager.DockerEngine()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := eng.DaemonID(ctx); err == nil {
+		t.Fatal("DaemonID succeeded with no daemon behind the socket")
+	}
+	// The daemon "starts": a proxy on the socket to the rig's engine.
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				d, err := net.Dial("unix", strings.TrimPrefix(real, "unix://"))
+				if err != nil {
+					return
+				}
+				defer d.Close()
+				go io.Copy(d, c)
+				io.Copy(c, d)
+			}()
+		}
+	}()
+	id, err := eng.DaemonID(ctx)
+	if err != nil || id == "" {
+		t.Fatalf("after the daemon came up: %q, %v", id, err)
 	}
 }

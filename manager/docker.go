@@ -79,22 +79,23 @@ func DockerEngine() (Engine, error) {
 }
 
 type dockerEngine struct {
-	c    *client.Client
-	once sync.Once
-	id   string
-	err  error
+	c  *client.Client
+	mu sync.Mutex
+	id string // once known; an error is not kept, so a daemon started late is found
 }
 
 func (d *dockerEngine) DaemonID(ctx context.Context) (string, error) {
-	d.once.Do(func() {
-		info, err := d.c.Info(ctx)
-		if err != nil {
-			d.err = fmt.Errorf("docker: %w", err)
-			return
-		}
-		d.id = info.ID
-	})
-	return d.id, d.err
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.id != "" {
+		return d.id, nil
+	}
+	info, err := d.c.Info(ctx)
+	if err != nil {
+		return "", fmt.Errorf("docker: %w", err)
+	}
+	d.id = info.ID
+	return d.id, nil
 }
 
 func (d *dockerEngine) Inspect(ctx context.Context, ref string) (ImageInfo, bool, error) {

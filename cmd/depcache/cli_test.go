@@ -11,8 +11,10 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
@@ -348,6 +350,50 @@ func TestCLINoWaitFailed(t *testing.T) {
 		code, out, errs := cli(t, root, args...)
 		if code != 1 || !strings.Contains(out, "FAILED") {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want 1 and FAILED", args, code, out, errs)
+		}
+	}
+}
+
+// A named dependent that holds one image in two daemons is released only
+// in this host's daemon; with no daemon to ask, the release is refused as
+// ambiguous and changes nothing.
+func TestCLIReleaseImageInTwoDaemons(t *testing.T) {
+	root := t.TempDir()
+	s, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := "docker://registry.invalid/team/x:1"
+	put := func(daemon string) state.Key {
+		k, err := manager.ParseKey(src, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		k.Daemon = daemon
+		err = s.Update(context.Background(), func(st *state.State) (bool, error) {
+			st.Put(&state.Entry{Key: k, Stage: state.Ready, ImageID: "sha256:" + strings.Repeat("a", 64), Generation: 1,
+				Dependents: map[string]state.Dependent{"job": {Since: time.Now()}}})
+			return true, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	put("daemon-one")
+	put("daemon-two")
+	t.Setenv("DOCKER_HOST", "unix://"+filepath.Join(t.TempDir(), "no.sock"))
+	code, _, errs := cli(t, root, "release", "--dependent", "job", src)
+	if code != 2 || !strings.Contains(errs, "2 daemons") {
+		t.Fatalf("release of an image held in two daemons with none here: exit %d, %q; want 2 and the daemons named", code, errs)
+	}
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range st.Entries {
+		if len(e.Dependents) != 1 {
+			t.Errorf("entry of %s lost its dependent in a refused release", e.Key.Daemon)
 		}
 	}
 }

@@ -26,6 +26,8 @@ import (
 	"github.com/docker/docker/pkg/jsonmessage"
 	"github.com/google/go-containerregistry/pkg/registry"
 
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
 )
 
@@ -463,5 +465,47 @@ func TestE2EImageRemovedByHand(t *testing.T) {
 	}
 	if e := onlyEntry(t, readState(t, root)); e.Stage != "READY" || e.Generation < 2 {
 		t.Errorf("entry %s gen %d; want READY, fetched again under a new generation", e.Stage, e.Generation)
+	}
+}
+
+// TestE2EReleaseImageInThisDaemon: a named dependent holding one image in
+// this host's daemon and another's is released in this host's only.
+func TestE2EReleaseImageInThisDaemon(t *testing.T) {
+	c := dockerClient(t)
+	info, err := c.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	s, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := "docker://registry.invalid/team/x:1"
+	for _, daemon := range []string{info.ID, "another-hosts-daemon"} {
+		k, err := manager.ParseKey(src, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		k.Daemon = daemon
+		if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+			st.Put(&state.Entry{Key: k, Stage: state.Ready, ImageID: "sha256:" + strings.Repeat("b", 64), Generation: 1,
+				Dependents: map[string]state.Dependent{"job": {Since: time.Now()}}})
+			return true, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job", src).CombinedOutput(); err != nil {
+		t.Fatalf("release: %v: %s", err, out)
+	}
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range st.Entries {
+		if want := map[bool]int{true: 0, false: 1}[e.Key.Daemon == info.ID]; len(e.Dependents) != want {
+			t.Errorf("entry of daemon %s: %d dependents, want %d", e.Key.Daemon, len(e.Dependents), want)
+		}
 	}
 }

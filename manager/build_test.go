@@ -6,8 +6,8 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 

@@ -107,9 +107,11 @@ func trashContent(root string) []string {
 	return out
 }
 
-// A TTL is timed by each host on its own clock: a host whose clock runs
-// two hours ahead of the registering host's does not reap a 1 h TTL
-// dependent at first sight, only after watching it for the hour.
+// A TTL is judged on the sweeper's clock with a tolerance for skew: a host
+// whose clock runs 4 minutes ahead of the registering host's does not reap
+// a 1 h TTL dependent when its clock first passes the expiry, and a fresh
+// sweeper (as a one-shot gc is) reaps it once its clock is past the expiry
+// by the tolerance.
 func TestTTLOnASkewedClock(t *testing.T) {
 	root := t.TempDir()
 	src := filepath.Join(t.TempDir(), "blob")
@@ -127,22 +129,23 @@ func TestTTLOnASkewedClock(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ahead := &fakeClock{now: t0.Add(2 * time.Hour)}
-	other, err := manager.New(manager.Config{Root: root, Log: quietLog(), Clock: ahead})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ahead := &fakeClock{now: t0.Add(58*time.Minute + 4*time.Minute)} // 58 min later, read 4 min ahead
 	for _, step := range []struct {
 		advance time.Duration
 		reaped  bool
-	}{{0, false}, {59 * time.Minute, false}, {2 * time.Minute, true}} {
+	}{{0, false}, {2*time.Minute + 59*time.Second, false}, {time.Second, true}} {
 		ahead.advance(step.advance)
+		// A new manager each time, as each gc is: it has watched nothing.
+		other, err := manager.New(manager.Config{Root: root, Log: quietLog(), Clock: ahead})
+		if err != nil {
+			t.Fatal(err)
+		}
 		rep, err := other.Sweep(ctx, false)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got := len(rep.Reaped[k.Source]) == 1; got != step.reaped {
-			t.Fatalf("after watching for %s more: reaped %v, want %v", step.advance, rep.Reaped, step.reaped)
+			t.Fatalf("at %s on the sweeper's clock (expiry %s): reaped %v, want %v", ahead.Now().Format("15:04:05"), t0.Add(time.Hour).Format("15:04:05"), rep.Reaped, step.reaped)
 		}
 	}
 }
@@ -178,6 +181,16 @@ func TestVerifyFailedContentStaysForItsRuns(t *testing.T) {
 	e, err := m.Wait(ctx, k)
 	if !errors.As(err, &failed) || e.Generation != ready.Generation {
 		t.Fatalf("after the cool-down: %s gen %d, %v; want still FAILED at gen %d", e.Stage, e.Generation, err, ready.Generation)
+	}
+	// Nor does a new get retry it.
+	if _, err := m.Get(ctx, "another-run", k); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := m.Wait(ctx, k); !errors.As(err, &failed) || e.Generation != ready.Generation {
+		t.Fatalf("a get after the cool-down: %s gen %d, %v; want still FAILED at gen %d", e.Stage, e.Generation, err, ready.Generation)
+	}
+	if err := m.Release(ctx, "another-run", k); err != nil {
+		t.Fatal(err)
 	}
 	newManager(t, root) // a start-up reconciles the root
 	if _, err := os.Stat(content); err != nil {

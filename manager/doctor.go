@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -135,14 +136,25 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 // and downloads in flight are lost, and the policy goes back to the
 // defaults plus this manager's settings. The unreadable file stays aside.
 //
-// A state file that parses is refused with [ErrStateReadable] unless force
-// is set: rebuilding it would drop the dependents of running jobs, after
-// which a sweep may evict what they use.
+// A state file that parses is refused with [ErrStateReadable], and one of a
+// newer format version with [state.ErrUnsupportedVersion], unless force is
+// set: rebuilding it would drop the dependents of running jobs, after which
+// a sweep may evict what they use.
 func (m *Manager) Rebuild(ctx context.Context, force bool) (int, error) {
 	if !force {
-		if _, err := m.store.View(ctx); err == nil {
-			return 0, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
-		} else if !errors.Is(err, state.ErrCorrupt) && !errors.Is(err, state.ErrUnsupportedVersion) {
+		// A missing state file (with content left, which start-up refuses)
+		// or one that does not parse is what this is for.
+		if _, err := os.Stat(m.store.Path()); err == nil {
+			_, verr := m.store.View(ctx)
+			switch {
+			case verr == nil:
+				return 0, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
+			case errors.Is(verr, state.ErrUnsupportedVersion):
+				return 0, fmt.Errorf("rebuild: %w; a newer depcache wrote it: upgrade this one instead (forcing the rebuild drops that state)", verr)
+			case !errors.Is(verr, state.ErrCorrupt):
+				return 0, fmt.Errorf("rebuild: %w", verr)
+			}
+		} else if !errors.Is(err, fs.ErrNotExist) {
 			return 0, fmt.Errorf("rebuild: %w", err)
 		}
 	}

@@ -28,11 +28,7 @@ type DependentView struct {
 // Liveness says whether a dependent still holds its entry, and why.
 func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (live bool, why string) {
 	p = p.WithDefaults()
-	// Both clocks must agree that the TTL is over: the absolute expiry by
-	// ours (a host whose clock runs behind waits longer, which is safe), and
-	// the TTL's length (Expires - Since, both on the registering host's
-	// clock) by how long we have watched the registration.
-	if d.Expires != nil && !now.Before(*d.Expires) && dv.Registered >= d.Expires.Sub(d.Since) {
+	if d.Expires != nil && ttlOver(d, dv, now) {
 		return false, "ttl expired"
 	}
 	switch {
@@ -48,6 +44,26 @@ func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (liv
 		return false, fmt.Sprintf("lease of pid %d on %s not renewed for %s", d.Process.PID, d.Process.Host, dv.LeaseUnchanged.Round(time.Second))
 	}
 	return true, fmt.Sprintf("lease of pid %d on %s renewed", d.Process.PID, d.Process.Host)
+}
+
+// ClockSkewTolerance is how far ahead of the registering host's clock a
+// host's clock may run without reaping a TTL dependent early, when it has
+// not watched the registration for the whole TTL (a one-shot gc, a short
+// get). Kerberos allows the same; doctor warns past a minute.
+const ClockSkewTolerance = 5 * time.Minute
+
+// ttlOver reports whether the TTL of d is over. Expires is on the
+// registering host's clock, so passing it on ours is not enough alone: we
+// must also have watched the registration for the TTL's length (Expires -
+// Since, a duration free of skew) on our own clock, or be past the expiry
+// by a margin that covers any sane skew. A clock running behind only reaps
+// late, which is safe.
+func ttlOver(d state.Dependent, dv DependentView, now time.Time) bool {
+	if now.Before(*d.Expires) {
+		return false
+	}
+	ttl := d.Expires.Sub(d.Since)
+	return dv.Registered >= ttl || !now.Before(d.Expires.Add(min(max(ttl, 0), ClockSkewTolerance)))
 }
 
 // Reap removes the dependents that no longer hold the entry: TTL passed,

@@ -118,8 +118,11 @@ func TestLivenessAndReap(t *testing.T) {
 	}{
 		{"named, no ttl: until released", state.Dependent{}, DependentView{}, true},
 		{"ttl in the future", state.Dependent{Expires: &future}, DependentView{}, true},
-		{"ttl passed", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: time.Hour}, false},
-		{"ttl passed by our clock, watched for less than the ttl: a clock ahead", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: 59 * time.Minute}, true},
+		{"ttl passed, watched for the whole ttl", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: time.Hour}, false},
+		{"ttl passed by our clock, watched for less than the ttl: maybe a clock ahead", state.Dependent{Since: past.Add(-time.Hour), Expires: &past}, DependentView{Registered: 59 * time.Minute}, true},
+		{"ttl passed by more than the skew tolerance, never watched (a fresh gc)", state.Dependent{Since: t0.Add(-time.Hour - ClockSkewTolerance), Expires: ptrTime(t0.Add(-ClockSkewTolerance))}, DependentView{}, false},
+		{"ttl passed by less than the skew tolerance, never watched", state.Dependent{Since: t0.Add(-time.Hour - ClockSkewTolerance + time.Second), Expires: ptrTime(t0.Add(-ClockSkewTolerance + time.Second))}, DependentView{}, true},
+		{"short ttl: the tolerance is the ttl itself", state.Dependent{Since: t0.Add(-2 * time.Second), Expires: ptrTime(t0.Add(-time.Second))}, DependentView{}, false},
 		{"ttl watched long enough, not passed by our clock: a clock behind", state.Dependent{Since: future.Add(-time.Hour), Expires: &future}, DependentView{Registered: 2 * time.Hour}, true},
 		{"local process alive", state.Dependent{Process: proc}, DependentView{Local: true}, true},
 		{"local process gone", state.Dependent{Process: proc}, DependentView{Local: true, Dead: true}, false},
@@ -172,3 +175,5 @@ func TestRenew(t *testing.T) {
 		t.Error("Renew modified its input")
 	}
 }
+
+func ptrTime(t time.Time) *time.Time { return &t }

@@ -8,7 +8,8 @@ import (
 
 // Request registers dependent name on the entry for key (e is nil when the
 // state has none). A missing entry is created DOWNLOADING without an owner;
-// a FAILED entry past its cool-down becomes DOWNLOADING again; otherwise
+// a FAILED entry past its cool-down becomes DOWNLOADING again (unless it
+// still names content kept for runs, see retryable); otherwise
 // the stage is kept and the caller reports it.
 func Request(e *state.Entry, key state.Key, name string, dep state.Dependent, p Policy, now time.Time) (Result, error) {
 	p = p.WithDefaults()
@@ -20,7 +21,7 @@ func Request(e *state.Entry, key state.Key, name string, dep state.Dependent, p 
 			return Result{}, invalid(e, "request")
 		}
 		n = clone(e)
-		if n.Stage == state.Failed && cooledDown(n, p, now) {
+		if n.Stage == state.Failed && retryable(n, p, now) {
 			n = retry(n)
 		}
 	}

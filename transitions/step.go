@@ -86,11 +86,7 @@ func stepFailed(e *state.Entry, v View, p Policy, now time.Time) (Result, error)
 	if !cooledDown(e, p, now) {
 		return keep(e), nil
 	}
-	// Content kept for the runs that held it when verify failed it stays
-	// named by this entry until they are all gone: a retry would publish
-	// under a new path, and the old one, named by nothing, would be deleted
-	// under them at the next start-up.
-	if len(e.Dependents) > 0 && v.Drive && e.Path == "" {
+	if len(e.Dependents) > 0 && v.Drive && retryable(e, p, now) {
 		r, err := stepDownloading(retry(e), v, p)
 		r.Changed = true
 		return r, err
@@ -99,6 +95,16 @@ func stepFailed(e *state.Entry, v View, p Policy, now time.Time) (Result, error)
 		return Result{Changed: true, Actions: []Action{Removed{Reason: "failed entry pruned after its cool-down"}}}, nil
 	}
 	return keep(e), nil
+}
+
+// retryable reports whether a FAILED entry may be downloaded again: its
+// cool-down is over, and it no longer names content. Content kept for the
+// runs that held it when verify failed it stays named by the entry until
+// they are all gone (then the entry is pruned): a retry would publish under
+// a new path, and the old one, named by nothing, would be deleted under
+// them at the next start-up.
+func retryable(e *state.Entry, p Policy, now time.Time) bool {
+	return cooledDown(e, p, now) && e.Path == ""
 }
 
 func cooledDown(e *state.Entry, p Policy, now time.Time) bool {

@@ -272,6 +272,13 @@ func TestRequestRelease(t *testing.T) {
 			t.Fatalf("%+v %v", r.Entry, err)
 		}
 	})
+	t.Run("failed by verify, content kept for the runs holding it, past cool-down: stays failed", func(t *testing.T) {
+		e := entry(state.Failed, failedAt(t0, 1), func(e *state.Entry) { e.Path = "entries/x-g3/content" })
+		r, err := Request(e, key, "run2", dep, pol, t0.Add(time.Hour))
+		if err != nil || r.Entry.Stage != state.Failed || r.Entry.Path != e.Path || len(r.Entry.Dependents) != 2 {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+	})
 	t.Run("release the last dependent of a download: removed and cancelled", func(t *testing.T) {
 		r, err := Release(entry(state.Downloading, ownedBy(other)), "run1")
 		if err != nil || r.Entry != nil || !reflect.DeepEqual(actionTypes(r.Actions), []string{"CancelDownload", "Removed"}) {

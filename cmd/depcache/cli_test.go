@@ -274,6 +274,16 @@ func TestCLIDoctorRebuildVerify(t *testing.T) {
 		t.Errorf("the unreadable state was not kept aside: %v", bad)
 	}
 
+	// A lost state file with content left: start-up refuses and points to
+	// doctor --rebuild, which rebuilds it without --force.
+	os.Remove(filepath.Join(root, "state.json"))
+	if code, _, errs := cli(t, root, "get", "--no-wait", a); code != 1 || !strings.Contains(errs, "doctor --rebuild") {
+		t.Errorf("get on a root that lost its state: exit %d, %q", code, errs)
+	}
+	if code, out, errs := cli(t, root, "doctor", "--rebuild"); code != 0 || !strings.Contains(out, "from 2 published entries") {
+		t.Fatalf("doctor --rebuild of a lost state: exit %d\n%s%s", code, out, errs)
+	}
+
 	// Tampered content: verify marks it FAILED and says so.
 	readme := filepath.Join(root, "entries", mustID(t, a)+"-g1", "content", "hello", "README.txt")
 	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {

@@ -86,16 +86,21 @@ type dockerEngine struct {
 
 func (d *dockerEngine) DaemonID(ctx context.Context) (string, error) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.id != "" {
-		return d.id, nil
+	id := d.id
+	d.mu.Unlock()
+	if id != "" {
+		return id, nil
 	}
+	// Asked outside the mutex: a hung daemon holds each caller only as long
+	// as its own context allows.
 	info, err := d.c.Info(ctx)
 	if err != nil {
 		return "", fmt.Errorf("docker: %w", err)
 	}
+	d.mu.Lock()
 	d.id = info.ID
-	return d.id, nil
+	d.mu.Unlock()
+	return info.ID, nil
 }
 
 func (d *dockerEngine) Inspect(ctx context.Context, ref string) (ImageInfo, bool, error) {

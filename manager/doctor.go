@@ -80,10 +80,14 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			}
 		}
 		if mismatch {
-			if err := m.markCorrupt(ctx, *e, r.Detail); err != nil {
+			marked, err := m.markCorrupt(ctx, *e, r.Detail)
+			if err != nil {
 				return out, err
 			}
-			r.Failed = true
+			r.Failed = marked
+			if !marked {
+				r.Detail += " (the entry changed meanwhile: not marked)"
+			}
 		}
 		out = append(out, r)
 	}
@@ -92,10 +96,10 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 
 // markCorrupt makes a READY entry that failed verification FAILED and moves
 // its content to trash, if it is still the entry that was checked.
-func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) error {
+func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) (marked bool, err error) {
 	var moved, to string
 	m.trashMu.RLock()
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		e := st.Get(checked.Key)
 		if e == nil || e.Stage != state.Ready || e.Path != checked.Path || e.Generation != checked.Generation {
 			return false, nil // changed meanwhile: not what was checked
@@ -109,6 +113,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 			// Runs still hold it: mark it, leave the files to them; the
 			// sweep removes a FAILED entry once nobody holds it.
 			st.Put(&n)
+			marked = true
 			return true, nil
 		}
 		n.Path, n.SizeBytes = "", 0
@@ -118,16 +123,18 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		}
 		moved, to = from, dest
 		st.Put(&n)
+		marked = true
 		return true, nil
 	})
 	if err != nil && moved != "" {
 		os.Rename(to, moved)
 	}
 	m.trashMu.RUnlock()
-	if err == nil {
-		m.emptyTrash()
+	if err != nil {
+		return false, err
 	}
-	return err
+	m.emptyTrash()
+	return marked, nil
 }
 
 // Rebuild replaces an unreadable state with one built from the metadata

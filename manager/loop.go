@@ -122,7 +122,7 @@ const MinDependentLease = 3 * MaxRenewInterval
 // host see a live dependent's lease unchanged for its whole lease and evict
 // what a run is using.
 func (m *Manager) renewLeases(ctx context.Context) {
-	t := time.NewTicker(min(m.cfg.Policy.LeaseDuration/3, MaxRenewInterval))
+	t := time.NewTicker(max(min(m.cfg.Policy.LeaseDuration/3, MaxRenewInterval), time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
@@ -183,17 +183,20 @@ func (m *Manager) step(ctx context.Context) (err error) {
 				continue
 			}
 			if r.Changed {
+				if r.Entry == nil && e.Path != "" {
+					// A pruned FAILED entry still naming content kept for
+					// the runs that held it: nobody holds it now.
+					from, to, err := m.trashLocked(filepath.Dir(e.Path))
+					if err != nil {
+						// Only this entry waits for a later pass, not the
+						// whole pass.
+						m.log.WithError(err).WithField("key", e.Key.String()).Warn("cannot move a pruned entry's content to trash; the entry is kept for now")
+						continue
+					}
+					moved = append(moved, [2]string{from, to})
+				}
 				changed = true
 				if r.Entry == nil {
-					if e.Path != "" {
-						// A pruned FAILED entry still naming content kept
-						// for the runs that held it: nobody holds it now.
-						from, to, err := m.trashLocked(filepath.Dir(e.Path))
-						if err != nil {
-							return false, err
-						}
-						moved = append(moved, [2]string{from, to})
-					}
 					delete(st.Entries, id)
 				} else {
 					st.Entries[id] = r.Entry

@@ -346,7 +346,7 @@ func (m *Manager) refetchImage(ctx context.Context, seen state.Entry) (state.Ent
 		if e == nil {
 			return false, fmt.Errorf("%s: %w (evicted meanwhile)", seen.Key.Source, ErrNotFound)
 		}
-		refetched = e.Stage == state.Ready && e.ImageID == seen.ImageID
+		refetched = e.Stage == state.Ready && e.ImageID == seen.ImageID && e.Generation == seen.Generation
 		if refetched {
 			e = transitions.Refetch(e, "its image is no longer in the daemon: fetching it again").Entry
 			st.Put(e)

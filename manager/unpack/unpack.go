@@ -138,9 +138,12 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 		if err := ctx.Err(); err != nil {
 			return x.bytes, nil, err
 		}
+		before := tail.n
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
-			if !tail.endsWithZeroBlock() {
+			// The end marker is read by this last Next: a zero block read
+			// earlier is the last member's data.
+			if tail.n-before < int64(len(tail.last)) || !tail.endsWithZeroBlock() {
 				// archive/tar takes a stream that stops at a member
 				// boundary for the end; over a connection that just closes
 				// (no length, not chunked) that is a cut-off download.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 const budget = 8 << 20
@@ -134,6 +135,14 @@ func TestTruncatedAtAMemberBoundary(t *testing.T) {
 		}
 	}
 	tw.Close()
+	// A member whose data ends in a whole block of zeros, cut after it.
+	var zeros bytes.Buffer
+	zw := tar.NewWriter(&zeros)
+	zw.WriteHeader(&tar.Header{Name: "zeros", Typeflag: tar.TypeReg, Mode: 0o644, Size: 1024})
+	zw.Write(make([]byte, 1024))
+	zw.Flush()
+	zerosCut := zeros.Len()
+	zw.Close()
 	var empty bytes.Buffer
 	tar.NewWriter(&empty).Close()
 	for _, tc := range []struct {
@@ -144,11 +153,13 @@ func TestTruncatedAtAMemberBoundary(t *testing.T) {
 		{"whole", whole.Bytes(), false},
 		{"cut after the first member", whole.Bytes()[:cut], true},
 		{"cut after the last member, before the end marker", whole.Bytes()[:whole.Len()-1024], true},
+		{"cut after a member ending in a block of zeros", zeros.Bytes()[:zerosCut], true},
+		{"that member whole", zeros.Bytes(), false},
 		{"empty archive", empty.Bytes(), false},
 		{"nothing at all", nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Extract(context.Background(), bytes.NewReader(tc.data), t.TempDir(), Limits{})
+			_, err := Extract(context.Background(), iotest.HalfReader(bytes.NewReader(tc.data)), t.TempDir(), Limits{})
 			if (err != nil) != tc.werr || (tc.werr && !errors.Is(err, ErrCorrupt)) {
 				t.Fatalf("err = %v, want error %v (ErrCorrupt)", err, tc.werr)
 			}

@@ -36,7 +36,10 @@ type Policy struct {
 	// MaxCooldown caps the back-off. Default 1h.
 	MaxCooldown time.Duration
 	// LeaseDuration is how long the lease of a dependent on another machine
-	// may stay unrenewed before the dependent is reaped. Default 1m.
+	// may stay unrenewed before the dependent is reaped. Default 1m. The
+	// manager renews at least every 10 s whatever this is, so any value of
+	// 30 s or more (the CLI's floor) is safe between hosts that disagree;
+	// shorter ones are for tests on one host.
 	LeaseDuration time.Duration
 }
 

@@ -130,6 +130,12 @@ func (m *Manager) renewLeases(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		m.mu.Lock()
+		registered := len(m.local)
+		m.mu.Unlock()
+		if registered == 0 {
+			continue // no dependent of ours: no need to read the state
+		}
 		err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 			changed := false
 			for id, e := range st.Entries {

@@ -129,7 +129,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 	}
 	f := cmd.Flags()
 	f.StringVar(&dependent, "dependent", "", "name of the dependent to register (default: one unique to this invocation, bound to this process)")
-	f.DurationVar(&ttl, "ttl", 0, "the dependent lapses after this long unless released")
+	f.DurationVar(&ttl, "ttl", 0, "the dependent lapses after this long unless released (reaped by a sweep up to 5 minutes, or the TTL if shorter, later on a host that did not watch it all along)")
 	f.StringVar(&sha, "sha256", "", "expected sha256 of the fetched bytes")
 	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage")
 	f.DurationVar(&timeout, "timeout", 0, "give up waiting after this long (exit 3)")

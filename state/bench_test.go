@@ -54,7 +54,9 @@ func BenchmarkUpdate(b *testing.B) {
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					if err := s.Update(ctx, func(st *state.State) (bool, error) {
-						st.Get(bundleKey(0)).Generation++
+						e := st.Get(bundleKey(0)).Clone()
+						e.Generation++
+						st.Put(e)
 						return true, nil
 					}); err != nil {
 						b.Fatal(err)
@@ -172,7 +174,9 @@ func BenchmarkUpdateTakingTurns(b *testing.B) {
 			for i := 0; i < b.N; i++ {
 				k := bundleKey(i * 37 % 1000)
 				if err := stores[i%len(stores)].Update(ctx, func(st *state.State) (bool, error) {
-					st.Get(k).Generation++
+					e := st.Get(k).Clone()
+					e.Generation++
+					st.Put(e)
 					return true, nil
 				}); err != nil {
 					b.Fatal(err)

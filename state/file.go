@@ -149,12 +149,14 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 			s.opts.OnHold(time.Since(start))
 		}
 	}()
+	s.cachedLines().verifyShared("before this Update")
 	st, old, err := s.read()
 	if err != nil {
 		return err
 	}
 	defer putBuf(old)
 	changed, err := fn(st)
+	s.cachedLines().verifyShared("by this Update's function")
 	if err != nil || !changed {
 		return err
 	}

@@ -57,7 +57,9 @@ func TestUpdateWritesOnlyOnChange(t *testing.T) {
 	}
 	// fn says unchanged: no write, even though it modified the state.
 	if err := s.Update(ctx, func(st *state.State) (bool, error) {
-		st.Get(bundleKey(1)).Generation = 99
+		e := st.Get(bundleKey(1)).Clone()
+		e.Generation = 99
+		st.Put(e)
 		return false, nil
 	}); err != nil {
 		t.Fatal(err)
@@ -144,8 +146,10 @@ func TestUpdateConcurrent(t *testing.T) {
 					e := st.Get(bundleKey(0))
 					if e == nil {
 						e = &state.Entry{Key: bundleKey(0), Stage: state.Downloading}
-						st.Put(e)
+					} else {
+						e = e.Clone() // shared with the store's cache: never modified in place
 					}
+					st.Put(e)
 					e.Generation++
 					return true, nil
 				})
@@ -320,8 +324,10 @@ func updateLoop() int {
 			e := st.Get(bundleKey(0))
 			if e == nil {
 				e = &state.Entry{Key: bundleKey(0), Stage: state.Downloading}
-				st.Put(e)
+			} else {
+				e = e.Clone() // shared with the store's cache: never modified in place
 			}
+			st.Put(e)
 			e.Generation++
 			g = e.Generation
 			return true, nil

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
+	"sync"
 )
 
 // The state file is one JSON document of the schema of State, written with
@@ -41,9 +43,11 @@ const (
 // lineCache holds the entry lines of a state file the store read through
 // the line path or wrote, decoded and validated, strictly in ID order (a
 // file with lines out of order is not read through the line path). The
-// cached entries are never modified: a reader gets deep copies. A slice walked in step
-// with the file, rather than a map, because hashing every line and building
-// a map per read cost more than the rest of a read.
+// cached entries are handed out as they are, shared, and never modified
+// (see State); a writer knows an entry it was handed unchanged by its
+// pointer. A slice walked in step with the file, rather than a map,
+// because hashing every line and building a map per read cost more than
+// the rest of a read.
 type lineCache struct {
 	lines []cachedLine
 }
@@ -52,6 +56,9 @@ type cachedLine struct {
 	id   string
 	line string // the exact bytes of the line, without the separating comma
 	e    *Entry
+	// pristine is a deep copy of e, kept only under DEPCACHE_CHECK_SHARED
+	// to catch a caller that modified a shared entry.
+	pristine *Entry
 }
 
 // cursor walks a lineCache in step with a file's lines, both in ID order.
@@ -121,7 +128,7 @@ func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, er
 	for i, ie := range sorted {
 		id, e := ie.id, ie.e
 		cl, ok := k.find(id)
-		if !ok || !cl.e.Equal(e) {
+		if !ok || (cl.e != e && !cl.e.Equal(e)) { // the same pointer: handed out and kept
 			if err := e.validate(id); err != nil {
 				return nil, nil, err
 			}
@@ -236,7 +243,6 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	n := bytes.Count(body, []byte("\n"))
 	st = &State{Version: hdr.Version, Policy: hdr.Policy, MaxGeneration: hdr.MaxGeneration, Entries: make(map[string]*Entry, n)}
 	lines := make([]cachedLine, 0, n)
-	slab := make([]Entry, n) // one allocation for the copies handed out
 	k := cursor{c: prev}
 	for len(body) > 0 {
 		line, after, _ := bytes.Cut(body, []byte("\n"))
@@ -252,9 +258,7 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 		if len(lines) > 0 && cl.id <= lines[len(lines)-1].id {
 			return nil, nil, false // out of order or repeated: Decode reads it
 		}
-		c := &slab[len(lines)]
-		cl.e.cloneInto(c)
-		st.Entries[cl.id] = c
+		st.Entries[cl.id] = cl.e
 		lines = append(lines, cl)
 	}
 	if prev != nil && len(lines) == len(prev.lines) && sameLines(lines, prev.lines) {
@@ -315,7 +319,11 @@ func decodeLine(line []byte, k *cursor) (cachedLine, bool) {
 		if e == nil || e.validate(id) != nil {
 			return cachedLine{}, false
 		}
-		return cachedLine{id: id, line: string(line), e: e}, true
+		cl := cachedLine{id: id, line: string(line), e: e}
+		if checkShared() {
+			cl.pristine = e.Clone()
+		}
+		return cl, true
 	}
 	panic("unreachable")
 }
@@ -332,4 +340,25 @@ func strictUnmarshal(b []byte, v any) error {
 		return errors.New("trailing data after the JSON document")
 	}
 	return nil
+}
+
+// checkShared reports whether DEPCACHE_CHECK_SHARED=1 turns on the check
+// that no caller modified a shared entry (see State). The tests of state,
+// manager and cmd/depcache set it (not their benchmarks): it costs a deep
+// copy per cached line and two comparisons of every line per Update. Read
+// at first use, so that a TestMain can set it.
+var checkShared = sync.OnceValue(func() bool { return os.Getenv("DEPCACHE_CHECK_SHARED") == "1" })
+
+// verifyShared panics if an entry of c was modified since it was cached: a
+// caller broke the sharing rule of State, and the next write would silently
+// keep the old line.
+func (c *lineCache) verifyShared(when string) {
+	if c == nil || !checkShared() {
+		return
+	}
+	for _, cl := range c.lines {
+		if cl.pristine != nil && !cl.pristine.Equal(cl.e) {
+			panic(fmt.Sprintf("state: shared entry %s (%s) was modified in place %s; Put a modified Clone instead", cl.id, cl.e.Key.Source, when))
+		}
+	}
 }

@@ -79,9 +79,11 @@ func TestLayoutIncremental(t *testing.T) {
 		t.Fatal("reading the file just written built a new cache")
 	}
 	changed := richEntry(7)
-	d := st.Get(changed.Key).Dependents["run"]
+	e := st.Get(changed.Key).Clone() // shared with the cache: never modified in place
+	d := e.Dependents["run"]
 	d.Lease++
-	st.Get(changed.Key).Dependents["run"] = d
+	e.Dependents["run"] = d
+	st.Put(e)
 	b2, c3, err := encodeLines(nil, st, c2)
 	if err != nil {
 		t.Fatal(err)
@@ -104,11 +106,24 @@ func TestLayoutIncremental(t *testing.T) {
 	if !ok || err != nil || !reflect.DeepEqual(fast, slow) {
 		t.Fatalf("stale cache: line path ok=%v, Decode err=%v, equal=%v", ok, err, reflect.DeepEqual(fast, slow))
 	}
-	// The cache must not alias what readers get.
-	fast.Get(changed.Key).Message = "mutated"
-	if cachedEntry(c1, changed.Key.ID()).Message == "mutated" {
-		t.Fatal("a reader's entry aliases the cache")
+	// Readers share the cached entries of unchanged lines (see State), and
+	// a shared entry modified in place is caught.
+	var shared *Entry
+	for id, e := range fast.Entries {
+		if id != changed.Key.ID() && e == cachedEntry(c1, id) {
+			shared = e
+		}
 	}
+	if shared == nil {
+		t.Fatal("no unchanged entry is shared with the cache")
+	}
+	shared.Message = "mutated"
+	defer func() {
+		if r := recover(); r == nil || !strings.Contains(fmt.Sprint(r), "modified in place") {
+			t.Errorf("modifying a shared entry: recovered %v, want the sharing check's panic", r)
+		}
+	}()
+	c1.verifyShared("in this test")
 }
 
 func cachedEntry(c *lineCache, id string) *Entry {

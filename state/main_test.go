@@ -3,6 +3,7 @@ package state_test
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -23,6 +24,7 @@ import (
 func TestMain(m *testing.M) {
 	role := os.Getenv("DEPCACHE_TEST_ROLE")
 	if role == "" {
+		checkSharedUnlessBenchmarking()
 		os.Exit(m.Run())
 	}
 	roles := map[string]func() int{
@@ -158,4 +160,14 @@ func lockWaiter() int {
 	}
 	fmt.Println("acquired")
 	return 0
+}
+
+// checkSharedUnlessBenchmarking makes every store of this test binary, and
+// the processes it starts, check that no shared entry is modified in place
+// (see state.State); benchmarks run without the check's cost.
+func checkSharedUnlessBenchmarking() {
+	flag.Parse()
+	if f := flag.Lookup("test.bench"); f == nil || f.Value.String() == "" {
+		os.Setenv("DEPCACHE_CHECK_SHARED", "1")
+	}
 }

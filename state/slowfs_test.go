@@ -70,8 +70,10 @@ func TestSlowFilesystemNoLostUpdates(t *testing.T) {
 					e := st.Get(counter)
 					if e == nil {
 						e = &state.Entry{Key: counter, Stage: state.Downloading}
-						st.Put(e)
+					} else {
+						e = e.Clone() // shared with the store's cache: never modified in place
 					}
+					st.Put(e)
 					e.Progress.Heartbeat++
 					return true, nil
 				})

@@ -27,6 +27,9 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	// Every store of these tests, and of the depcache processes they start,
+	// checks that no shared entry is modified in place (see state.State).
+	os.Setenv("DEPCACHE_CHECK_SHARED", "1")
 	if os.Getenv("DEPCACHE_TEST_ROLE") == "hold" {
 		os.Exit(hold())
 	}

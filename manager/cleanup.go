@@ -471,7 +471,8 @@ type Description struct {
 // Describe returns the state and, by key ID, why each entry is kept. The
 // liveness of a dependent on another host is judged from this manager's
 // own observations of its lease; a one-shot caller has none, so such a
-// dependent shows as live.
+// dependent shows as live. The state's entries are shared with the store's
+// cache: read them, or Clone one to change it.
 func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Description, error) {
 	st, err := m.store.View(ctx)
 	if err != nil {

@@ -104,7 +104,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		if e == nil || e.Stage != state.Ready || e.Path != checked.Path || e.Generation != checked.Generation {
 			return false, nil // changed meanwhile: not what was checked
 		}
-		n := *e
+		n := e.Clone() // e is shared with the store's cache
 		n.Stage = state.Failed
 		n.Failures++
 		n.FailedAt = m.cfg.Clock.Now()
@@ -112,7 +112,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		if len(e.Dependents) > 0 {
 			// Runs still hold it: mark it, leave the files to them; the
 			// sweep removes a FAILED entry once nobody holds it.
-			st.Put(&n)
+			st.Put(n)
 			marked = true
 			return true, nil
 		}
@@ -122,7 +122,7 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 			return false, err
 		}
 		moved, to = from, dest
-		st.Put(&n)
+		st.Put(n)
 		marked = true
 		return true, nil
 	})

@@ -351,7 +351,7 @@ func (m *Manager) refetchImage(ctx context.Context, seen state.Entry) (state.Ent
 			e = transitions.Refetch(e, "its image is no longer in the daemon: fetching it again").Entry
 			st.Put(e)
 		}
-		now = *e
+		now = *e.Clone() // e may be shared with the store's cache
 		return refetched, nil
 	})
 	if refetched && err == nil {
@@ -399,9 +399,9 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 			case e == nil:
 				return state.Entry{}, fmt.Errorf("%s: %w (released, cancelled or evicted)", key.Source, ErrNotFound)
 			case e.Stage == state.Ready:
-				return *e, nil
+				return *e.Clone(), nil // m.last shares its entries with the store's cache
 			case e.Stage == state.Failed:
-				return *e, &FailedError{Key: key, Reason: e.Message}
+				return *e.Clone(), &FailedError{Key: key, Reason: e.Message}
 			}
 		}
 		select {
@@ -436,7 +436,8 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 	return err
 }
 
-// Entries returns the current state, without the lock.
+// Entries returns the current state, without the lock. Its entries are
+// shared with the store's cache: read them, or Clone one to change it.
 func (m *Manager) Entries(ctx context.Context) (*state.State, error) {
 	return m.store.View(ctx)
 }
@@ -467,7 +468,7 @@ func (m *Manager) Snapshot(key state.Key) (state.Entry, bool) {
 	if e == nil {
 		return state.Entry{}, false
 	}
-	return *e, true
+	return *e.Clone(), true
 }
 
 // IsSelf reports whether o is this manager.

@@ -113,6 +113,7 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	s.cachedLines().verifyShared("before this View")
 	st, b, err := s.read()
 	putBuf(b)
 	return st, err

@@ -50,7 +50,8 @@ func (s *Stage) UnmarshalText(b []byte) error {
 // The entries of a State that a [Store] hands out (to an Update's function,
 // or from View) are shared with the store's cache of the file's lines, and
 // must not be modified in place: to change one, Put a modified Clone (the
-// transitions package always returns new entries). Copying them for every
+// transitions package returns a new entry whenever its Result says Changed,
+// and its input otherwise). Copying them for every
 // read cost a tenth of an operation under contention (issue 7). Tests run
 // with DEPCACHE_CHECK_SHARED=1, which makes every Update check that no
 // shared entry was changed.

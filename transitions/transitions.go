@@ -104,21 +104,9 @@ type Result struct {
 
 func keep(e *state.Entry) Result { return Result{Entry: e} }
 
-// clone copies e deeply enough that rules never modify their input.
-func clone(e *state.Entry) *state.Entry {
-	c := *e
-	if e.Owner != nil {
-		o := *e.Owner
-		c.Owner = &o
-	}
-	if e.Dependents != nil {
-		c.Dependents = make(map[string]state.Dependent, len(e.Dependents))
-		for k, v := range e.Dependents {
-			c.Dependents[k] = v
-		}
-	}
-	return &c
-}
+// clone copies e wholly: rules never modify their input, which may be
+// shared with the store's cache (see state.State).
+func clone(e *state.Entry) *state.Entry { return e.Clone() }
 
 func invalid(e *state.Entry, rule string) error {
 	return fmt.Errorf("%s on %s entry %s: %w", rule, e.Stage, e.Key, ErrInvalidTransition)

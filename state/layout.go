@@ -73,11 +73,17 @@ func (k *cursor) find(id string) (cachedLine, bool) {
 	if k.c == nil {
 		return cachedLine{}, false
 	}
-	for k.i < len(k.c.lines) && k.c.lines[k.i].id < id {
-		k.i++
-	}
-	if k.i < len(k.c.lines) && k.c.lines[k.i].id == id {
-		return k.c.lines[k.i], true
+	// Equality first: most lines are found where the cursor stands, and ==
+	// is much cheaper than an ordering comparison (a tenth of a hold at
+	// 1,000 entries went to comparing IDs).
+	for ; k.i < len(k.c.lines); k.i++ {
+		cur := k.c.lines[k.i].id
+		if cur == id {
+			return k.c.lines[k.i], true
+		}
+		if cur > id {
+			break
+		}
 	}
 	return cachedLine{}, false
 }

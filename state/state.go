@@ -252,11 +252,6 @@ func (s *State) Clone() *State {
 // Clone returns a deep copy of e.
 func (e *Entry) Clone() *Entry {
 	c := new(Entry)
-	e.cloneInto(c)
-	return c
-}
-
-func (e *Entry) cloneInto(c *Entry) {
 	*c = *e
 	if e.Owner != nil {
 		o := *e.Owner
@@ -281,4 +276,5 @@ func (e *Entry) cloneInto(c *Entry) {
 			c.Dependents[name] = d
 		}
 	}
+	return c
 }

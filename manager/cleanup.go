@@ -154,8 +154,7 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	if snap, err := m.store.View(ctx); err == nil {
 		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
 	}
-	type move struct{ from, to string }
-	var moves []move
+	var moves []trashMove
 	var images []*state.Entry
 	m.trashMu.RLock()
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
@@ -219,16 +218,12 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			if err != nil {
 				return false, err
 			}
-			moves = append(moves, move{from, to})
+			moves = append(moves, trashMove{from, to})
 		}
 		return changed, nil
 	})
 	if err != nil {
-		for _, mv := range moves {
-			if rerr := os.Rename(mv.to, mv.from); rerr != nil {
-				m.log.WithError(rerr).WithField("path", mv.from).Error("could not put back content of an eviction whose commit failed")
-			}
-		}
+		m.putBack(moves, "an eviction")
 	}
 	m.trashMu.RUnlock()
 	if err != nil {
@@ -280,6 +275,19 @@ func (m *Manager) trashLocked(rel string) (from, to string, err error) {
 		return "", "", err
 	}
 	return from, to, nil
+}
+
+// trashMove is a directory moved into trash under the lock, to be put back
+// if the commit that records its removal fails.
+type trashMove struct{ from, to string }
+
+// putBack undoes moves whose commit failed; what names the operation.
+func (m *Manager) putBack(moves []trashMove, what string) {
+	for _, mv := range moves {
+		if err := os.Rename(mv.to, mv.from); err != nil {
+			m.log.WithError(err).WithField("path", mv.from).Errorf("could not put back content of %s whose commit failed", what)
+		}
+	}
 }
 
 // ownTrash returns this manager's trash directory, creating it with a note

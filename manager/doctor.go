@@ -97,7 +97,7 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 // markCorrupt makes a READY entry that failed verification FAILED and moves
 // its content to trash, if it is still the entry that was checked.
 func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) (marked bool, err error) {
-	var moved, to string
+	var moves []trashMove
 	m.trashMu.RLock()
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		e := st.Get(checked.Key)
@@ -121,13 +121,13 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		if err != nil {
 			return false, err
 		}
-		moved, to = from, dest
+		moves = []trashMove{{from, dest}}
 		st.Put(n)
 		marked = true
 		return true, nil
 	})
-	if err != nil && moved != "" {
-		os.Rename(to, moved)
+	if err != nil {
+		m.putBack(moves, "a verify")
 	}
 	m.trashMu.RUnlock()
 	if err != nil {

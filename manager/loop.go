@@ -173,7 +173,7 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		m.passDone = make(chan struct{})
 		m.mu.Unlock()
 	}()
-	var moved [][2]string // from, to: content of removed entries, moved to trash
+	var moved []trashMove // content of removed entries
 	m.trashMu.RLock()
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		acts = acts[:0]
@@ -199,7 +199,7 @@ func (m *Manager) step(ctx context.Context) (err error) {
 						m.log.WithError(err).WithField("key", e.Key.String()).Warn("cannot move a pruned entry's content to trash; the entry is kept for now")
 						continue
 					}
-					moved = append(moved, [2]string{from, to})
+					moved = append(moved, trashMove{from, to})
 				}
 				changed = true
 				if r.Entry == nil {
@@ -228,11 +228,7 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		return changed, nil
 	})
 	if err != nil {
-		for _, mv := range moved {
-			if rerr := os.Rename(mv[1], mv[0]); rerr != nil {
-				m.log.WithError(rerr).WithField("path", mv[0]).Error("could not put back content of a prune whose commit failed")
-			}
-		}
+		m.putBack(moved, "a prune")
 	}
 	m.trashMu.RUnlock()
 	if err != nil {

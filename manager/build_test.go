@@ -52,25 +52,12 @@ func TestBuildHeartbeats(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the build never read its context")
 	}
-	store, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	heartbeat := func() uint64 {
-		st, err := store.View(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st.Get(e.Key).Progress.Heartbeat
-	}
+	heartbeat := func() uint64 { return viewEntry(t, root, e.Key).Progress.Heartbeat }
 	first := heartbeat()
-	deadline := time.Now().Add(10 * time.Second)
-	for heartbeat() < first+3 {
-		if time.Now().After(deadline) {
-			t.Fatalf("heartbeat stayed at %d for 10 s of a stuck build (reported every 50 ms)", heartbeat())
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition, not synchronising
-	}
+	waitFor(t, 10*time.Second, func() bool { return heartbeat() >= first+3 },
+		func() string {
+			return fmt.Sprintf("heartbeat still %d during a stuck build (reported every 50 ms)", heartbeat())
+		})
 	hold.Release()
 	ready, err := m.Wait(ctx, e.Key)
 	if err != nil {

@@ -200,16 +200,10 @@ func TestVerifyFailedContentStaysForItsRuns(t *testing.T) {
 	if err := m.Release(ctx, "run", k); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(filepath.Dir(content)); errors.Is(err, os.ErrNotExist) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the pruned entry's content is still there 10 s after its last run left")
-		}
-		time.Sleep(10 * time.Millisecond) // polling a condition, not synchronising
-	}
+	waitFor(t, 10*time.Second, func() bool {
+		_, err := os.Stat(filepath.Dir(content))
+		return errors.Is(err, os.ErrNotExist)
+	}, func() string { return "the pruned entry's content is still there after its last run left" })
 	if _, err := m.Wait(ctx, k); !errors.Is(err, manager.ErrNotFound) {
 		t.Errorf("after the prune: %v, want ErrNotFound", err)
 	}

@@ -362,17 +362,9 @@ func TestCancelOnRelease(t *testing.T) {
 
 func waitNoStaging(t testing.TB, root string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ents, _ := os.ReadDir(filepath.Join(root, "staging"))
-		if len(ents) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("staging litter: %v", ents)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	staging := func() []os.DirEntry { ents, _ := os.ReadDir(filepath.Join(root, "staging")); return ents }
+	waitFor(t, 10*time.Second, func() bool { return len(staging()) == 0 },
+		func() string { return fmt.Sprintf("staging litter: %v", staging()) })
 }
 
 func TestParseKey(t *testing.T) {

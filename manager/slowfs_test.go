@@ -2,6 +2,7 @@ package manager_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -109,27 +110,16 @@ func TestLeasesRenewedDuringASlowSweep(t *testing.T) {
 	}
 
 	// The loop is stuck in the sweep's delete. The lease must still move.
-	store, err := state.Open(shared, state.Options{Lock: state.LockOptions{Log: quietLog()}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	lease := func() uint64 {
-		st, err := store.View(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		e := st.Get(used)
+		e := viewEntry(t, shared, used)
 		if e == nil {
 			t.Fatal("the entry in use is gone")
 		}
 		return e.Dependents["run"].Lease
 	}
 	first := lease()
-	deadline := time.Now().Add(20 * time.Second)
-	for lease() < first+2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("lease stayed at %d for 20 s while the sweep was stuck (renewed every 200 ms)", lease())
-		}
-		time.Sleep(50 * time.Millisecond) // polling a condition, not synchronising
-	}
+	waitFor(t, 20*time.Second, func() bool { return lease() >= first+2 },
+		func() string {
+			return fmt.Sprintf("lease still %d while the sweep was stuck (renewed every 200 ms)", lease())
+		})
 }

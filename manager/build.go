@@ -35,11 +35,6 @@ func parseBuildKey(u *url.URL) (state.Key, error) {
 	if !filepath.IsLocal(spec.Dockerfile) {
 		return state.Key{}, fmt.Errorf("dockerfile %q must be a path inside the context: %w", spec.Dockerfile, ErrBadSource)
 	}
-	if spec.Tag != "" {
-		if _, err := ParseImageRef(spec.Tag); err != nil {
-			return state.Key{}, err
-		}
-	}
 	for _, a := range q["arg"] {
 		k, v, ok := strings.Cut(a, "=")
 		if !ok || k == "" {
@@ -49,6 +44,14 @@ func parseBuildKey(u *url.URL) (state.Key, error) {
 			spec.Args = map[string]string{}
 		}
 		spec.Args[k] = v
+	}
+	if err := spec.Validate(); err != nil {
+		return state.Key{}, fmt.Errorf("%w: %w", ErrBadSource, err)
+	}
+	if spec.Tag != "" {
+		if _, err := ParseImageRef(spec.Tag); err != nil {
+			return state.Key{}, err
+		}
 	}
 	fp, err := fingerprint(spec)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	cerrdefs "github.com/containerd/errdefs"
+	"github.com/distribution/reference"
 	"github.com/docker/docker/api/types/build"
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
@@ -60,7 +61,16 @@ type ImageInfo struct {
 
 // ParseImageRef normalises a docker:// reference: the registry, the
 // repository and a tag (latest when none is given) or a digest.
+//
+// A reference must follow the grammar docker pull applies
+// (distribution's reference package, which the engine itself uses), so
+// that what is accepted here is what the daemon can pull;
+// go-containerregistry's name package, whose checks are looser, gives the
+// canonical text that keys have always been written in.
 func ParseImageRef(ref string) (string, error) {
+	if _, err := reference.ParseNormalizedNamed(ref); err != nil {
+		return "", fmt.Errorf("image reference %q: %w: %w", ref, ErrBadSource, err)
+	}
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return "", fmt.Errorf("image reference %q: %w: %w", ref, ErrBadSource, err)

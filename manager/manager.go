@@ -25,8 +25,8 @@ var (
 	// ErrNotFound means the entry is not in the cache (it was released and
 	// its download cancelled, or evicted).
 	ErrNotFound = errors.New("no such entry")
-	// ErrBadDependent means a dependent name is empty, too long or has
-	// control characters.
+	// ErrBadDependent means a dependent name is empty, too long, has
+	// control characters or is not valid UTF-8.
 	ErrBadDependent = errors.New("bad dependent name")
 	// ErrNotRunning means Wait was called on a manager whose loop is not
 	// running.
@@ -415,6 +415,9 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 // Release removes dependent from key's entry. A download left without
 // dependents is cancelled wherever it runs, and its entry removed.
 func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) error {
+	if err := checkDependent(dependent); err != nil {
+		return err
+	}
 	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Release(st.Get(key), dependent)
 		if err != nil {
@@ -451,6 +454,9 @@ func (m *Manager) kick() {
 }
 
 func checkDependent(name string) error {
+	if err := state.CheckText("dependent name", name); err != nil {
+		return fmt.Errorf("%w: %w", err, ErrBadDependent)
+	}
 	if name == "" || len(name) > 256 || strings.ContainsFunc(name, unicode.IsControl) {
 		return fmt.Errorf("%q: %w (want 1 to 256 printable characters)", name, ErrBadDependent)
 	}

@@ -32,6 +32,25 @@ var ErrBadSource = errors.New("bad source")
 // ParseKey normalises a source string and an optional expected sha256 into
 // a key. Normalising makes two spellings of one URL share one entry.
 func ParseKey(source, sha256 string) (state.Key, error) {
+	if err := state.CheckText("source", source); err != nil {
+		return state.Key{}, fmt.Errorf("%w: %w", ErrBadSource, err)
+	}
+	// An image reference is not a URL: "docker://ubuntu:22.04" would be
+	// read as host "ubuntu" with port "22.04". Only the scheme is shared.
+	if sch, rest, ok := strings.Cut(source, "://"); ok && strings.EqualFold(sch, "docker") {
+		if sha256 != "" {
+			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles; pin an image by digest (docker://repo@sha256:...): %w", source, ErrBadSource)
+		}
+		ref, err := ParseImageRef(rest)
+		if err != nil {
+			return state.Key{}, err
+		}
+		k := state.Key{Kind: state.Image, Source: "docker://" + ref}
+		if err := k.Validate(); err != nil {
+			return state.Key{}, fmt.Errorf("%w: %w", ErrBadSource, err)
+		}
+		return k, nil
+	}
 	u, err := url.Parse(source)
 	if err != nil {
 		return state.Key{}, fmt.Errorf("source %q: %w: %w", source, ErrBadSource, err)
@@ -60,20 +79,13 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 			return state.Key{}, fmt.Errorf("source %q: file path must be absolute: %w", source, ErrBadSource)
 		}
 		k.Source = "file://" + filepath.Clean(u.Path)
-	case "docker":
-		if sha256 != "" {
-			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles; pin an image by digest (docker://repo@sha256:...): %w", source, ErrBadSource)
-		}
-		ref, err := ParseImageRef(strings.TrimPrefix(source[len(u.Scheme):], "://"))
-		if err != nil {
-			return state.Key{}, err
-		}
-		k = state.Key{Kind: state.Image, Source: "docker://" + ref}
 	case "docker-build":
 		if sha256 != "" {
 			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles: %w", source, ErrBadSource)
 		}
-		return parseBuildKey(u)
+		if k, err = parseBuildKey(u); err != nil {
+			return state.Key{}, err
+		}
 	case "":
 		return state.Key{}, fmt.Errorf("source %q: no scheme (want http://, https://, file://, docker:// or docker-build://): %w", source, ErrBadSource)
 	default:

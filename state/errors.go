@@ -16,6 +16,9 @@ var (
 	ErrOutsideRoot = errors.New("path leaves the cache root")
 	// ErrBadKey means a key is malformed.
 	ErrBadKey = errors.New("bad key")
+	// ErrInvalidText means a string is not valid UTF-8, so the state could
+	// not store it byte for byte.
+	ErrInvalidText = errors.New("not valid UTF-8")
 	// ErrLockLost means the lock was no longer ours when we went to use or
 	// release it: another process judged us stale and broke it.
 	ErrLockLost = errors.New("lock lost")

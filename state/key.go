@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"unicode"
+	"unicode/utf8"
 )
 
 // Kind is the kind of an entry.
@@ -86,6 +87,9 @@ func (k Key) Validate() error {
 	if len(k.Source) > maxSourceLen {
 		return fmt.Errorf("source longer than %d bytes: %w", maxSourceLen, ErrBadKey)
 	}
+	if err := CheckText("source", k.Source); err != nil {
+		return fmt.Errorf("%w: %w", err, ErrBadKey)
+	}
 	for _, r := range k.Source {
 		if unicode.IsControl(r) || r == unicode.ReplacementChar {
 			return fmt.Errorf("source %q: control or invalid character: %w", k.Source, ErrBadKey)
@@ -99,7 +103,45 @@ func (k Key) Validate() error {
 	if strings.ContainsFunc(k.Daemon, unicode.IsControl) || len(k.Daemon) > 256 {
 		return fmt.Errorf("key %q: bad daemon ID: %w", k.Source, ErrBadKey)
 	}
+	if err := CheckText("daemon ID", k.Daemon); err != nil {
+		return fmt.Errorf("key %q: %w: %w", k.Source, err, ErrBadKey)
+	}
+	if k.Build != nil {
+		if err := k.Build.Validate(); err != nil {
+			return fmt.Errorf("key %q: %w: %w", k.Source, err, ErrBadKey)
+		}
+	}
 	return nil
+}
+
+// Validate refuses a build spec with a string the state cannot store.
+func (b *BuildSpec) Validate() error {
+	for _, f := range [...]struct{ what, s string }{{"build context", b.Context}, {"dockerfile", b.Dockerfile}, {"build tag", b.Tag}} {
+		if err := CheckText(f.what, f.s); err != nil {
+			return err
+		}
+	}
+	for name, v := range b.Args {
+		if err := CheckText("build argument name", name); err != nil {
+			return err
+		}
+		if err := CheckText("build argument "+name, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// CheckText refuses a string that is not valid UTF-8. The state is JSON,
+// and encoding/json replaces each invalid byte with U+FFFD: two different
+// names ("\xff" and "\xfe") would be stored as one, and neither could be
+// found again by its own bytes. Every string that reaches the state passes
+// here first, so that what is stored comes back byte for byte.
+func CheckText(what, s string) error {
+	if utf8.ValidString(s) {
+		return nil
+	}
+	return fmt.Errorf("%s %q: %w", what, s, ErrInvalidText)
 }
 
 // CheckSHA256 accepts exactly 64 lower-case hex digits.

@@ -53,6 +53,9 @@ func (p Policy) Validate() error {
 		return fmt.Errorf("max-age %s: must be 0 (off) or at least min-age %s", p.MaxAge, p.MinAge)
 	}
 	for _, pin := range p.Pins {
+		if err := CheckText("pin", pin); err != nil {
+			return err
+		}
 		if _, err := path.Match(pin, ""); err != nil || pin == "" {
 			return fmt.Errorf("pin %q: not a key ID or a valid pattern", pin)
 		}

@@ -231,7 +231,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		}()
 		in := &trackedReader{r: pr}
 		var cerr error
-		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content)
+		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content, m.bound(ctx, key))
 		if cerr == nil {
 			_, cerr = io.Copy(io.Discard, in) // the rest (tar padding), so that the hash covers every byte
 		}
@@ -391,6 +391,57 @@ func syncFS(dir string) error {
 	return nil
 }
 
+// bound is the most content one download may write.
+type bound struct {
+	limit int64  // 0: none
+	why   string // what sets the limit, for the error
+}
+
+// check fails once n bytes written pass the bound.
+func (b bound) check(n int64) error {
+	if b.limit > 0 && n > b.limit {
+		return fmt.Errorf("the content passed %d bytes: %s: %w", b.limit, b.why, ErrTooLarge)
+	}
+	return nil
+}
+
+// bound returns what this download of key may write: what the stored
+// policy can make room for (the budget less what no sweep may evict), and
+// Config.MaxBundleBytes. A compressed archive, or a plain download without
+// a Content-Length, says nothing of its size up front: only the bytes
+// written can be held to the budget.
+func (m *Manager) bound(ctx context.Context, key state.Key) bound {
+	b := bound{limit: m.cfg.MaxBundleBytes, why: fmt.Sprintf("the bundle limit is %d bytes", m.cfg.MaxBundleBytes)}
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return b // the publish will hit the same problem and say so
+	}
+	pol := policyOf(st)
+	room, fixed, ok := transitions.Room(pol, st.Entries, key, m.cfg.Clock.Now())
+	if ok && (b.limit <= 0 || room < b.limit) {
+		b = bound{limit: max(room, 1), why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted)",
+			pol.MaxSizeBytes, room, fixed)}
+	}
+	return b
+}
+
+// limitWriter fails a write that would take the content past its bound,
+// before writing any of it.
+type limitWriter struct {
+	w io.Writer
+	n int64
+	b bound
+}
+
+func (l *limitWriter) Write(p []byte) (int, error) {
+	if err := l.b.check(l.n + int64(len(p))); err != nil {
+		return 0, err
+	}
+	n, err := l.w.Write(p)
+	l.n += int64(n)
+	return n, err
+}
+
 // checkFits fails a download at once when its announced size cannot fit in
 // the budget even after evicting everything evictable.
 func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) error {
@@ -414,7 +465,7 @@ func (m *Manager) cancelDownload(key state.Key, gen uint64, cause error) {
 // archive (plain or gzip, told by its first bytes) is unpacked into a
 // directory, anything else is written as a file. It returns the content's
 // size and the digests of the files written.
-func (m *Manager) consume(ctx context.Context, r io.Reader, content string) (unpack.Format, int64, map[string]string, error) {
+func (m *Manager) consume(ctx context.Context, r io.Reader, content string, b bound) (unpack.Format, int64, map[string]string, error) {
 	br := bufio.NewReaderSize(r, unpack.SniffHead)
 	head, _ := br.Peek(unpack.SniffHead) // short at EOF; a read error shows below
 	format := unpack.SniffBytes(head)
@@ -428,10 +479,7 @@ func (m *Manager) consume(ctx context.Context, r io.Reader, content string) (unp
 			return format, 0, nil, err
 		}
 		fh := sha256.New()
-		n, err := io.Copy(io.MultiWriter(f, fh), ctxReader{ctx, br})
-		if err == nil && m.cfg.MaxBundleBytes > 0 && n > m.cfg.MaxBundleBytes {
-			err = fmt.Errorf("%d bytes exceed the bundle budget of %d", n, m.cfg.MaxBundleBytes)
-		}
+		n, err := io.Copy(&limitWriter{w: io.MultiWriter(f, fh), b: b}, ctxReader{ctx, br})
 		if err == nil {
 			err = f.Close()
 		}
@@ -448,7 +496,10 @@ func (m *Manager) consume(ctx context.Context, r io.Reader, content string) (unp
 	if err := m.perms.MkdirAll(content); err != nil {
 		return format, 0, nil, err
 	}
-	n, hashes, err := unpack.ExtractHashed(ctx, tr, content, unpack.Limits{MaxBytes: m.cfg.MaxBundleBytes, Group: m.cfg.GroupShared})
+	n, hashes, err := unpack.ExtractHashed(ctx, tr, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
+	if errors.Is(err, unpack.ErrTooLarge) {
+		return format, n, nil, fmt.Errorf("unpacking: %w: %s: %w", err, b.why, ErrTooLarge)
+	}
 	if err != nil {
 		return format, n, nil, fmt.Errorf("unpacking: %w", err)
 	}

@@ -25,6 +25,10 @@ var (
 	// ErrNotFound means the entry is not in the cache (it was released and
 	// its download cancelled, or evicted).
 	ErrNotFound = errors.New("no such entry")
+	// ErrTooLarge means a download cannot fit in the cache budget: its
+	// announced size, or the bytes it wrote (an archive unpacks to more
+	// than it weighs), pass what the policy can make room for.
+	ErrTooLarge = transitions.ErrTooLarge
 	// ErrBadDependent means a dependent name is empty, too long, has
 	// control characters or is not valid UTF-8.
 	ErrBadDependent = errors.New("bad dependent name")
@@ -72,8 +76,9 @@ type Config struct {
 	// PollInterval is how often the loop reads the state to notice other
 	// processes' changes. Default 250ms.
 	PollInterval time.Duration
-	// MaxBundleBytes bounds the unpacked size of one bundle. Default 0: no
-	// bound.
+	// MaxBundleBytes bounds the unpacked size of one bundle, below what
+	// the stored policy's budget can make room for, which bounds every
+	// download anyway. Default 0: the budget alone.
 	MaxBundleBytes int64
 	// LockLease is the state lock's lease across hosts. Default 30s.
 	LockLease time.Duration

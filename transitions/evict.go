@@ -134,22 +134,29 @@ func minFree(pol state.Policy, u Usage) int64 {
 	return floor
 }
 
-// Fits says whether a download of total bytes can fit in the budget after
-// evicting everything evictable; if not, the error says why.
-func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, total int64, now time.Time) error {
-	if pol.MaxSizeBytes <= 0 || total <= 0 {
-		return nil
+// Room returns how many bytes a download of self can take: the budget
+// less what the entries that no sweep may evict hold (fixed). ok is false
+// when the policy sets no budget.
+func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now time.Time) (room, fixed int64, ok bool) {
+	if pol.MaxSizeBytes <= 0 {
+		return 0, 0, false
 	}
-	var fixed int64
 	for id, e := range entries {
 		if id == self.ID() || Kept(pol, e, now) == "" {
 			continue
 		}
 		fixed += max(e.SizeBytes, e.Progress.Total)
 	}
-	if total+fixed > pol.MaxSizeBytes {
-		return fmt.Errorf("%d bytes cannot fit in the budget of %d bytes (%d bytes are held by entries that cannot be evicted): %w",
-			total, pol.MaxSizeBytes, fixed, ErrTooLarge)
+	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
+}
+
+// Fits says whether a download of total bytes can fit in the budget after
+// evicting everything evictable; if not, the error says why.
+func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, total int64, now time.Time) error {
+	room, fixed, ok := Room(pol, entries, self, now)
+	if !ok || total <= 0 || total <= room {
+		return nil
 	}
-	return nil
+	return fmt.Errorf("%d bytes cannot fit in the budget of %d bytes (%d bytes are held by entries that cannot be evicted): %w",
+		total, pol.MaxSizeBytes, fixed, ErrTooLarge)
 }

@@ -1,0 +1,123 @@
+package manager_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+// zerosTarGz is a gzipped tar of members files of size bytes of zeros each:
+// megabytes unpacked, kilobytes on the wire.
+func zerosTarGz(t testing.TB, members int, size int64) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	zeros := make([]byte, 1<<20)
+	for i := range members {
+		if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("z/%05d", i), Mode: 0o644, Size: size, Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		for left := size; left > 0; {
+			n := min(left, int64(len(zeros)))
+			if _, err := tw.Write(zeros[:n]); err != nil {
+				t.Fatal(err)
+			}
+			left -= n
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// TestDecompressionBombs: under a stored budget, no download writes more
+// than the budget can make room for, whatever its Content-Length said:
+// gzip bombs of one big member and of many small ones, and plain bodies
+// sent without a length. Each fails with ErrTooLarge named in the reason,
+// leaves nothing published or staged, and a bundle that fits still works.
+func TestDecompressionBombs(t *testing.T) {
+	const budget = 8 << 20
+	oneBig := zerosTarGz(t, 1, 200<<20)
+	manySmall := zerosTarGz(t, 2000, 100<<10)
+	if len(oneBig) > 1<<20 || len(manySmall) > 1<<20 {
+		t.Fatalf("the bombs are not small on the wire: %d and %d bytes", len(oneBig), len(manySmall))
+	}
+	fits := zerosTarGz(t, 4, 1<<20)
+	plain := bytes.Repeat([]byte("x"), 9<<20)
+	for _, tc := range []struct {
+		name       string
+		body       []byte
+		noLength   bool
+		wantFailed bool
+	}{
+		{"gzip bomb, one member", oneBig, false, true},
+		{"gzip bomb, 2000 members", manySmall, false, true},
+		{"gzip bomb, no Content-Length", oneBig, true, true},
+		{"plain body past the budget, no Content-Length", plain, true, true},
+		{"archive that fits", fits, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			srv := newServer(t, tc.body)
+			if tc.noLength {
+				srv.set(func(w http.ResponseWriter, r *http.Request) bool {
+					w.Header().Set("Content-Type", "application/octet-stream")
+					for b := tc.body; len(b) > 0; b = b[min(len(b), 64<<10):] {
+						if _, err := w.Write(b[:min(len(b), 64<<10)]); err != nil {
+							return true
+						}
+						w.(http.Flusher).Flush() // chunked: no length up front
+					}
+					return true
+				})
+			}
+			m := newManager(t, root, func(c *manager.Config) {
+				c.SetPolicy = true
+				c.Cleanup = manager.PolicyChange{MaxSizeBytes: ptr[int64](budget), MinAge: ptr(time.Duration(0))}
+			})
+			k := mustKey(t, srv.URL+"/b", "")
+			e, err := getWait(t, m, "job", k)
+			if !tc.wantFailed {
+				if err != nil || e.Stage != state.Ready {
+					t.Fatalf("an archive within the budget: %+v %v", e, err)
+				}
+				return
+			}
+			var failed *manager.FailedError
+			if !errors.As(err, &failed) || e.Stage != state.Failed {
+				t.Fatalf("got %+v, %v; want FAILED", e, err)
+			}
+			if !strings.Contains(failed.Reason, manager.ErrTooLarge.Error()) || !strings.Contains(failed.Reason, "8388608") {
+				t.Errorf("reason %q does not say it passed the budget of 8388608 bytes", failed.Reason)
+			}
+			for _, dir := range []string{"entries", "staging"} {
+				ents, err := os.ReadDir(filepath.Join(root, dir))
+				if err != nil && !errors.Is(err, os.ErrNotExist) {
+					t.Fatal(err)
+				}
+				if len(ents) != 0 {
+					t.Errorf("%s/ holds %d items after a refused bomb", dir, len(ents))
+				}
+			}
+			if srv.requests.Load() != 1 {
+				t.Errorf("%d requests: a budget failure is not retried", srv.requests.Load())
+			}
+		})
+	}
+}

@@ -82,36 +82,33 @@ func (c PolicyChange) Differences(p state.Policy) []string {
 	return out
 }
 
-// settlePolicy stores the policy on a root that has none, or reports a
-// configured policy that differs from the stored one. The stored policy
-// wins unless Config.SetPolicy says to change it: one root, one budget.
-// It runs inside the start-up Update.
+// settlePolicy stores the configured policy when Config.SetPolicy says
+// so, and otherwise reports how it differs from the stored one (or the
+// defaults), which the loops use: one root, one budget. It runs inside the
+// start-up Update.
 func (m *Manager) settlePolicy(st *state.State) (bool, error) {
-	if st.Policy == nil {
-		p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
-		if err := p.Validate(); err != nil {
-			return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
-		}
-		st.Policy = &p
-		return true, nil
+	stored := policyOf(st)
+	p := m.cfg.Cleanup.Apply(stored)
+	if err := p.Validate(); err != nil {
+		return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
 	}
-	diffs := m.cfg.Cleanup.Differences(*st.Policy)
-	if len(diffs) == 0 {
-		return false, nil
-	}
+	diffs := m.cfg.Cleanup.Differences(stored)
 	if m.cfg.SetPolicy {
-		p := m.cfg.Cleanup.Apply(*st.Policy)
-		if err := p.Validate(); err != nil {
-			return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
+		if st.Policy != nil && len(diffs) == 0 {
+			return false, nil
 		}
 		st.Policy = &p
 		m.log.WithField("changes", diffs).Info("cleanup policy of the root changed")
 		return true, nil
 	}
+	// A root without a stored policy keeps none until one is set: the
+	// first worker's flags are not everyone's budget.
 	m.mu.Lock()
 	m.policyMismatch = diffs
 	m.mu.Unlock()
-	m.log.WithField("differences", diffs).Warn("the configured cleanup policy differs from the one stored in the root; using the stored one (set-policy changes it)")
+	if len(diffs) > 0 {
+		m.log.WithField("differences", diffs).Info("the configured cleanup policy differs from the one stored in the root; the loops use the stored one (Config.SetPolicy changes it)")
+	}
 	return false, nil
 }
 
@@ -142,11 +139,24 @@ type SweepReport struct {
 }
 
 // Sweep runs one cleanup now: it reaps dependents that no longer hold
-// their entries, picks victims (transitions.PlanEviction), removes them from
-// the state and moves their content to trash in one commit, then deletes
-// the trash outside the lock. Leftovers of an interrupted sweep are
+// their entries, picks victims (transitions.PlanEviction) and removes them
+// from the state in one commit; then, outside the lock, it moves their
+// content to trash and deletes it. Leftovers of an interrupted sweep are
 // deleted first. A dry run changes nothing.
 func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
+	return m.sweep(ctx, dryRun, nil)
+}
+
+// SweepWith is Sweep under the stored policy with the given settings
+// applied over it, for this sweep only: what a one-shot cleanup asked for
+// by hand (nix-collect-garbage --delete-older-than, docker image prune
+// --filter until=) does, while the loops of every worker keep the stored
+// budget. Settings out of range wrap [ErrBadPolicy].
+func (m *Manager) SweepWith(ctx context.Context, dryRun bool, given PolicyChange) (SweepReport, error) {
+	return m.sweep(ctx, dryRun, &given)
+}
+
+func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (SweepReport, error) {
 	rep := SweepReport{DryRun: dryRun, Reaped: map[string][]string{}}
 	root := m.Root()
 	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
@@ -154,20 +164,25 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	if snap, err := m.store.View(ctx); err == nil {
 		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
 	}
-	var moves []trashMove
+	var evicted []string // entry directories, relative to the root
 	var images []*state.Entry
-	m.trashMu.RLock()
+	m.trashMu.RLock() // settleTrashLocked moves content out of trash
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
-		moves = moves[:0]
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
 		if !dryRun {
 			m.settleTrashLocked(st)
 		}
 		now := m.cfg.Clock.Now()
 		pol := policyOf(st)
-		if dryRun && (st.Policy == nil || m.cfg.SetPolicy) {
+		switch {
+		case given != nil:
+			pol = given.Apply(pol)
+		case dryRun && m.cfg.SetPolicy:
 			// What settlePolicy would store, without storing it.
 			pol = m.cfg.Cleanup.Apply(pol)
+		}
+		if err := pol.Validate(); err != nil {
+			return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
 		}
 		rep.Policy = pol
 		changed := false
@@ -202,6 +217,7 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			return false, nil
 		}
 		images = images[:0]
+		evicted = evicted[:0]
 		for _, v := range rep.Victims {
 			if e := st.Entries[v.Key.ID()]; e != nil && e.Key.Kind == state.Image {
 				c := *e
@@ -209,26 +225,24 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 			}
 			delete(st.Entries, v.Key.ID())
 			changed = true
-			if v.Path == "" {
-				continue
+			if v.Path != "" {
+				evicted = append(evicted, filepath.Dir(v.Path))
 			}
-			// Re-checked and moved under one lock hold: nobody can start
-			// using it between the decision and the move.
-			from, to, err := m.trashLocked(filepath.Dir(v.Path))
-			if err != nil {
-				return false, err
-			}
-			moves = append(moves, trashMove{from, to})
+		}
+		if len(evicted) > 0 {
+			failpoint("sweep-before-commit")
 		}
 		return changed, nil
 	})
-	if err != nil {
-		m.putBack(moves, "an eviction")
-	}
 	m.trashMu.RUnlock()
 	if err != nil {
 		return rep, err
 	}
+	// Committed first, moved after: a crash in between leaves content that
+	// no entry names (reconcile moves it aside), never a READY entry whose
+	// content is in trash. Generations are never reused, so nobody else
+	// can come to use these directories.
+	m.moveToTrash(evicted, "evicted")
 	for _, v := range rep.Victims {
 		rep.Freed += v.Bytes
 	}
@@ -238,6 +252,9 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	for _, v := range rep.Victims {
 		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
 		m.metrics.freedBytes.Add(float64(v.Bytes))
+	}
+	if len(evicted) > 0 {
+		failpoint("sweep-before-delete")
 	}
 	m.emptyTrash()
 	if len(images) > 0 {
@@ -257,36 +274,35 @@ func (m *Manager) Sweep(ctx context.Context, dryRun bool) (SweepReport, error) {
 	return rep, nil
 }
 
-// trashLocked moves the entry directory rel (relative to the root) into
-// this manager's trash, keeping its name: the name by which an interrupted
-// run's move is put back (settleTrashLocked). The caller holds the lock and
-// undoes the move (to → from) if its commit fails. A directory already gone
-// is not an error.
-func (m *Manager) trashLocked(rel string) (from, to string, err error) {
-	if from, err = m.store.Abs(rel); err != nil {
-		return "", "", err
+// intoTrash moves the entry directory rel (relative to the root) into this
+// manager's trash, keeping its name: the name by which a move of an older
+// version, made before its commit, is put back (settleTrashLocked). A
+// directory already gone is not an error.
+func (m *Manager) intoTrash(rel string) error {
+	from, err := m.store.Abs(rel)
+	if err != nil {
+		return err
 	}
 	own, err := m.ownTrash()
 	if err != nil {
-		return "", "", err
+		return err
 	}
-	to = filepath.Join(own, filepath.Base(from))
-	if err := os.Rename(from, to); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return "", "", err
+	if err := os.Rename(from, filepath.Join(own, filepath.Base(from))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
-	return from, to, nil
+	return nil
 }
 
-// trashMove is a directory moved into trash under the lock, to be put back
-// if the commit that records its removal fails.
-type trashMove struct{ from, to string }
-
-// putBack undoes moves whose commit failed; what names the operation.
-func (m *Manager) putBack(moves []trashMove, what string) {
-	for _, mv := range moves {
-		if err := os.Rename(mv.to, mv.from); err != nil {
-			m.log.WithError(err).WithField("path", mv.from).Errorf("could not put back content of %s whose commit failed", what)
+// moveToTrash moves entry directories whose entries a commit removed into
+// trash, after that commit and outside the lock. One that cannot be moved
+// stays an orphan, which reconcile moves aside; one already gone was moved
+// by another process's reconcile. what names the operation.
+func (m *Manager) moveToTrash(dirs []string, what string) {
+	for _, rel := range dirs {
+		if err := m.intoTrash(rel); err != nil {
+			m.log.WithError(err).WithField("dir", rel).Warnf("could not move the content of %s entry to trash; it stays as an orphan until reconcile moves it", what)
 		}
+		failpoint("trash-moved")
 	}
 }
 
@@ -308,9 +324,8 @@ func (m *Manager) ownTrash() (string, error) {
 	return dir, m.perms.WriteFile(filepath.Join(dir, ownerName), b)
 }
 
-// emptyTrash deletes, outside the lock, what this manager moved aside and
-// committed. Content an entry still names (a move whose commit and undo
-// both failed) stays for settleTrashLocked to put back.
+// emptyTrash deletes, outside the lock, what this manager moved aside.
+// Content an entry still names stays for settleTrashLocked to put back.
 func (m *Manager) emptyTrash() {
 	m.trashMu.Lock()
 	defer m.trashMu.Unlock()
@@ -337,10 +352,11 @@ func (m *Manager) emptyTrash() {
 
 // settleTrashLocked runs under the lock, where every sweep decides and
 // commits. Content in any manager's trash that an entry of st still names
-// belongs to a sweep that never committed (its process was killed between
-// the move and the commit): it goes back into place. The rest of a dead
-// manager's trash (this machine only: elsewhere death is not provable) is
-// adopted into ours, to be deleted outside the lock.
+// was moved before a commit that never happened: by a process of an older
+// depcache (which moved, then committed) killed in between, or by a hand.
+// It goes back into place. The rest of a dead manager's trash (this
+// machine only: elsewhere death is not provable) is adopted into ours, to
+// be deleted outside the lock.
 func (m *Manager) settleTrashLocked(st *state.State) {
 	root := filepath.Join(m.Root(), trashDir)
 	dirs, err := os.ReadDir(root)

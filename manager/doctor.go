@@ -97,9 +97,9 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 // markCorrupt makes a READY entry that failed verification FAILED and moves
 // its content to trash, if it is still the entry that was checked.
 func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why string) (marked bool, err error) {
-	var moves []trashMove
-	m.trashMu.RLock()
+	var moved string // the content's directory, once the commit removes it
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
+		moved, marked = "", false
 		e := st.Get(checked.Key)
 		if e == nil || e.Stage != state.Ready || e.Path != checked.Path || e.Generation != checked.Generation {
 			return false, nil // changed meanwhile: not what was checked
@@ -109,31 +109,24 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 		n.Failures++
 		n.FailedAt = m.cfg.Clock.Now()
 		n.Message = "verify: " + why
-		if len(e.Dependents) > 0 {
-			// Runs still hold it: mark it, leave the files to them; the
-			// sweep removes a FAILED entry once nobody holds it.
-			st.Put(n)
-			marked = true
-			return true, nil
+		if len(e.Dependents) == 0 {
+			// Nobody holds it: the content goes once this commits. Runs
+			// that still hold it keep the files; the sweep removes a
+			// FAILED entry once nobody holds it.
+			n.Path, n.SizeBytes = "", 0
+			moved = filepath.Dir(checked.Path)
 		}
-		n.Path, n.SizeBytes = "", 0
-		from, dest, err := m.trashLocked(filepath.Dir(checked.Path))
-		if err != nil {
-			return false, err
-		}
-		moves = []trashMove{{from, dest}}
 		st.Put(n)
 		marked = true
 		return true, nil
 	})
 	if err != nil {
-		m.putBack(moves, "a verify")
-	}
-	m.trashMu.RUnlock()
-	if err != nil {
 		return false, err
 	}
-	m.emptyTrash()
+	if moved != "" {
+		m.moveToTrash([]string{moved}, "a corrupt")
+		m.emptyTrash()
+	}
 	return marked, nil
 }
 

@@ -173,11 +173,10 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		m.passDone = make(chan struct{})
 		m.mu.Unlock()
 	}()
-	var moved []trashMove // content of removed entries
-	m.trashMu.RLock()
+	var pruned []string // entry directories of removed entries
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
 		acts = acts[:0]
-		moved = moved[:0]
+		pruned = pruned[:0]
 		now := m.cfg.Clock.Now()
 		changed := false
 		m.mu.Lock()
@@ -191,15 +190,9 @@ func (m *Manager) step(ctx context.Context) (err error) {
 			if r.Changed {
 				if r.Entry == nil && e.Path != "" {
 					// A pruned FAILED entry still naming content kept for
-					// the runs that held it: nobody holds it now.
-					from, to, err := m.trashLocked(filepath.Dir(e.Path))
-					if err != nil {
-						// Only this entry waits for a later pass, not the
-						// whole pass.
-						m.log.WithError(err).WithField("key", e.Key.String()).Warn("cannot move a pruned entry's content to trash; the entry is kept for now")
-						continue
-					}
-					moved = append(moved, trashMove{from, to})
+					// the runs that held it: nobody holds it now. It
+					// moves to trash once the removal is committed.
+					pruned = append(pruned, filepath.Dir(e.Path))
 				}
 				changed = true
 				if r.Entry == nil {
@@ -228,13 +221,10 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		return changed, nil
 	})
 	if err != nil {
-		m.putBack(moved, "a prune")
-	}
-	m.trashMu.RUnlock()
-	if err != nil {
 		return err
 	}
-	if len(moved) > 0 {
+	if len(pruned) > 0 {
+		m.moveToTrash(pruned, "a pruned")
 		m.emptyTrash()
 	}
 	m.metrics.observeState(seenState)

@@ -86,10 +86,11 @@ type Config struct {
 	// those it has dependents for (serve does this).
 	DriveAll bool
 	// Cleanup holds the cleanup settings this caller gives. A root stores
-	// one policy for all its users: on a root that has none, the defaults
-	// with these settings are stored; on one that has a different policy,
-	// the stored one is used (and the difference reported, see
-	// PolicyMismatch) unless SetPolicy is true.
+	// one policy for all its users, and its loops use that one (the
+	// defaults while none is stored): settings that differ are reported
+	// (see PolicyMismatch) and stored only when SetPolicy is true. A root
+	// gets a stored policy only that way. A one-shot sweep with its own
+	// settings is SweepWith.
 	Cleanup   PolicyChange
 	SetPolicy bool
 	// CleanupInterval is how often the loop sweeps. Default 1m. A sweep
@@ -128,10 +129,10 @@ type Manager struct {
 	self    state.Owner
 	log     logrus.FieldLogger
 
-	// trashMu keeps emptyTrash (write) from deleting what a mover (read:
-	// a sweep, a verify, a prune, reconcile) moved into this manager's
-	// trash but has not committed yet, and would put back if its commit
-	// failed.
+	// trashMu keeps emptyTrash (write) out while a holder of the state
+	// lock (read: a sweep's or reconcile's settleTrashLocked, reconcile's
+	// orphan moves) moves content into or out of trash by what the state
+	// it holds names.
 	trashMu sync.RWMutex
 
 	mu             sync.Mutex

@@ -76,7 +76,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			if named[d.Name()] {
 				continue
 			}
-			if _, _, err := m.trashLocked(filepath.Join(entriesDir, d.Name())); err != nil {
+			if err := m.intoTrash(filepath.Join(entriesDir, d.Name())); err != nil {
 				return false, err
 			}
 			m.log.WithField("dir", d.Name()).Warn("moved aside published content that no entry names")

@@ -16,13 +16,24 @@ func newGC(g *globals) *cobra.Command {
 		pf     policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "gc [--dry-run]",
+		Use:   "gc [--dry-run] [policy flags]",
 		Short: "Run one cleanup sweep now and print what it removed (or would remove) and why",
-		Args:  exactArgs(0),
+		Long: `gc runs one cleanup sweep now. Policy flags given to it (--max-size, --min-age,
+--max-age, ...) apply to this sweep only, over the root's stored policy, which
+they do not change: 'gc --max-size 1 --min-age 0s' frees everything unused.
+'depcache policy set' (or --set-policy) changes the stored policy that every
+worker's loop applies.`,
+		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
 				return err
+			}
+			given := cfg.Cleanup
+			if !cfg.SetPolicy {
+				// A one-shot sweep's flags are its own, not the root's
+				// policy: nothing to store, nothing to report.
+				cfg.Cleanup = manager.PolicyChange{}
 			}
 			m, err := manager.New(cfg)
 			if err != nil {
@@ -33,16 +44,21 @@ func newGC(g *globals) *cobra.Command {
 					return err
 				}
 			}
-			rep, err := m.Sweep(cmd.Context(), dryRun)
+			var rep manager.SweepReport
+			if cfg.SetPolicy {
+				rep, err = m.Sweep(cmd.Context(), dryRun) // under the policy just stored
+			} else {
+				rep, err = m.SweepWith(cmd.Context(), dryRun, given)
+			}
 			if err != nil {
 				return err
 			}
 			if g.json {
 				return printJSON(g.stdout, rep)
 			}
-			verb := "evicted"
+			verb, reaped := "evicted", "reaped"
 			if dryRun {
-				verb = "would evict"
+				verb, reaped = "would evict", "would reap"
 			}
 			srcs := make([]string, 0, len(rep.Reaped))
 			for s := range rep.Reaped {
@@ -50,7 +66,7 @@ func newGC(g *globals) *cobra.Command {
 			}
 			sort.Strings(srcs)
 			for _, s := range srcs {
-				fmt.Fprintf(g.stdout, "reaped %v from %s\n", rep.Reaped[s], s)
+				fmt.Fprintf(g.stdout, "%s %v from %s\n", reaped, rep.Reaped[s], s)
 			}
 			for _, v := range rep.Victims {
 				fmt.Fprintf(g.stdout, "%s %s (%s, %s)\n", verb, v.Key.Source, humanize.IBytes(uint64(v.Bytes)), v.Reason)

@@ -69,6 +69,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			} else if err := m.Settle(ctx); err != nil {
 				return err
 			}
+			g.notePolicyMismatch(m)
 			var opts []manager.GetOption
 			if dependent != "" {
 				opts = append(opts, manager.Detached())

@@ -138,3 +138,11 @@ func (s *sizeValue) Set(v string) error {
 	s.bytes, s.percent = int64(n), 0
 	return nil
 }
+
+// notePolicyMismatch tells, in one line on stderr, which of the settings
+// given the root's stored policy overrides in the loops.
+func (g *globals) notePolicyMismatch(m *manager.Manager) {
+	if d := m.PolicyMismatch(); len(d) > 0 {
+		fmt.Fprintf(g.stderr, "depcache: the root's stored cleanup policy applies to the loops, not the flags given (%s); 'depcache policy set' changes it\n", strings.Join(d, "; "))
+	}
+}

@@ -4,7 +4,9 @@ import (
 	"fmt"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 func newPolicy(g *globals) *cobra.Command {
@@ -13,37 +15,97 @@ func newPolicy(g *globals) *cobra.Command {
 		pf policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "policy [flags]",
-		Short: "Print the root's cleanup policy; with policy flags, store them (every worker of the root applies it)",
-		Args:  exactArgs(0),
+		Use:   "policy [set] [policy flags]",
+		Short: "Print the root's cleanup policy; 'policy set' stores the flags given (every worker of the root applies it)",
+		Long: `policy prints the cleanup policy stored in the root, which the loops of every
+worker apply (the defaults while none is stored). It only looks: it writes
+nothing, whatever DEPCACHE_* variables are set.
+
+'policy set --max-size 10GiB ...' stores the flags given. 'policy' with
+policy flags on its command line stores them too, as it always has.`,
+		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := g.config(&lf, &pf)
-			if err != nil {
-				return err
+			// Only policy flags typed on this command line make it write:
+			// their DEPCACHE_* twins, and global flags, do not.
+			own := pflag.NewFlagSet("policy", pflag.ContinueOnError)
+			(&loopFlags{}).register(own)
+			(&policyFlags{}).register(own)
+			onCommandLine := false
+			cmd.Flags().Visit(func(f *pflag.Flag) {
+				onCommandLine = onCommandLine || own.Lookup(f.Name) != nil && !g.fromEnv[f.Name]
+			})
+			if !onCommandLine {
+				return showPolicy(cmd, g)
 			}
-			cfg.SetPolicy = true
-			m, err := manager.New(cfg)
-			if err != nil {
-				return err
-			}
-			if err := m.Settle(cmd.Context()); err != nil {
-				return err
-			}
-			st, err := m.Entries(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return printJSON(g.stdout, st.Policy)
-			}
-			p := st.Policy
-			fmt.Fprintf(g.stdout, "max-size %s, watermarks %d%%/%d%%, min-free-disk %d bytes or %d%%, min-age %s, max-age %s, pins %v\n",
-				budget(p.MaxSizeBytes), p.HighWatermark, p.LowWatermark, p.MinFreeDiskBytes, p.MinFreeDiskPercent, p.MinAge, p.MaxAge, p.Pins)
-			return nil
+			return setPolicy(cmd, g, &lf, &pf)
 		},
 	}
 	lf.register(cmd.Flags())
 	pf.register(cmd.Flags())
 	cmd.Flags().MarkHidden("set-policy")
+	var (
+		slf loopFlags
+		spf policyFlags
+	)
+	set := &cobra.Command{
+		Use:   "set [policy flags]",
+		Short: "Store the given cleanup settings in the root's policy; the others keep their stored values",
+		Example: `  depcache policy set --max-size 20GiB --min-age 10m
+  depcache policy set --pin 'https://models.example.com/*'`,
+		Args: exactArgs(0),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return setPolicy(cmd, g, &slf, &spf)
+		},
+	}
+	slf.register(set.Flags())
+	spf.register(set.Flags())
+	set.Flags().MarkHidden("set-policy")
+	cmd.AddCommand(set)
 	return cmd
+}
+
+// showPolicy prints the stored policy without writing anything.
+func showPolicy(cmd *cobra.Command, g *globals) error {
+	m, err := manager.New(g.plainConfig())
+	if err != nil {
+		return err
+	}
+	st, err := m.Entries(cmd.Context())
+	if err != nil {
+		return err
+	}
+	p := state.DefaultPolicy()
+	if st.Policy != nil {
+		p = *st.Policy
+	}
+	return printPolicy(g, p)
+}
+
+func setPolicy(cmd *cobra.Command, g *globals, lf *loopFlags, pf *policyFlags) error {
+	cfg, err := g.config(lf, pf)
+	if err != nil {
+		return err
+	}
+	cfg.SetPolicy = true
+	m, err := manager.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := m.Settle(cmd.Context()); err != nil {
+		return err
+	}
+	st, err := m.Entries(cmd.Context())
+	if err != nil {
+		return err
+	}
+	return printPolicy(g, *st.Policy)
+}
+
+func printPolicy(g *globals, p state.Policy) error {
+	if g.json {
+		return printJSON(g.stdout, p)
+	}
+	fmt.Fprintf(g.stdout, "max-size %s, watermarks %d%%/%d%%, min-free-disk %d bytes or %d%%, min-age %s, max-age %s, pins %v\n",
+		budget(p.MaxSizeBytes), p.HighWatermark, p.LowWatermark, p.MinFreeDiskBytes, p.MinFreeDiskPercent, p.MinAge, p.MaxAge, p.Pins)
+	return nil
 }

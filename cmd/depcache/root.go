@@ -31,6 +31,9 @@ type globals struct {
 	stdout    io.Writer
 	stderr    io.Writer
 	log       *logrus.Logger
+	// fromEnv names the flags given by their DEPCACHE_* twin rather than
+	// on the command line.
+	fromEnv map[string]bool
 }
 
 // loopFlags are the policy flags of the commands that run the loops.
@@ -130,7 +133,7 @@ func newRoot(g *globals) *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
-			if err := applyEnv(cmd); err != nil {
+			if err := applyEnv(cmd, g); err != nil {
 				return err
 			}
 			lvl, err := logrus.ParseLevel(g.logLevel)
@@ -171,8 +174,10 @@ func newRoot(g *globals) *cobra.Command {
 
 // applyEnv gives every flag not set on the command line the value of its
 // environment twin: --max-size <-> DEPCACHE_MAX_SIZE.
-func applyEnv(cmd *cobra.Command) error {
+// The names of the flags set this way go into g.fromEnv.
+func applyEnv(cmd *cobra.Command, g *globals) error {
 	var err error
+	g.fromEnv = map[string]bool{}
 	set := func(f *pflag.Flag) {
 		if err != nil || f.Changed {
 			return
@@ -183,6 +188,7 @@ func applyEnv(cmd *cobra.Command) error {
 			if serr := cmd.Flags().Set(f.Name, v); serr != nil {
 				err = fmt.Errorf("%s=%q: %w: %w", name, v, errBadFlag, serr)
 			}
+			g.fromEnv[f.Name] = true
 		}
 	}
 	cmd.Flags().VisitAll(set)

@@ -74,6 +74,7 @@ func newServe(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			g.notePolicyMismatch(m)
 			ln, err := net.Listen("tcp", listen)
 			if err != nil {
 				stop()

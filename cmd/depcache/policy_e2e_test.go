@@ -1,0 +1,170 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/depcache/depcache/state"
+)
+
+// cliEnv is cli with DEPCACHE_* variables set to env (and no others).
+func cliEnv(t *testing.T, root string, env map[string]string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "DEPCACHE_") && k != "DEPCACHE_CHECK_SHARED" {
+			t.Setenv(k, "")
+			os.Unsetenv(k)
+		}
+	}
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	var out, errb bytes.Buffer
+	code = run(context.Background(), append([]string{"--root", root}, args...), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// tree records every name under root with its size, mode and mtime.
+func tree(t *testing.T, root string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		out[p] = fmt.Sprint(fi.Mode(), " ", fi.ModTime(), " ", fi.Size())
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func storedPolicy(t *testing.T, root string) *state.Policy {
+	t.Helper()
+	return readState(t, root).Policy
+}
+
+// TestOneShotGCUsesItsFlags: a one-shot gc sweeps with the flags given to
+// it, for that sweep only; the stored policy changes only through policy
+// set (or --set-policy); the first get on a new root stores nothing; and a
+// flag the stored policy overrides in a loop gets one line on stderr, not
+// a log record.
+func TestOneShotGCUsesItsFlags(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	src := "file://" + abs
+
+	code, _, errs := cli(t, root, "get", "--dependent", "job", "--max-size", "10GiB", src)
+	if code != 0 {
+		t.Fatalf("get: %d %s", code, errs)
+	}
+	if p := storedPolicy(t, root); p != nil {
+		t.Errorf("the first get stored its flags as the root's policy: %+v", p)
+	}
+	if lines := strings.Split(strings.TrimSpace(errs), "\n"); len(lines) != 1 || !strings.Contains(lines[0], "max-size") || !strings.Contains(lines[0], "policy set") {
+		t.Errorf("get --max-size on a root without that policy: stderr %q, want one line naming max-size and 'policy set'", errs)
+	}
+	if strings.Contains(errs, "level=") {
+		t.Errorf("the override is a log record: %q", errs)
+	}
+	if code, _, errs := cli(t, root, "release", "--dependent", "job", src); code != 0 {
+		t.Fatalf("release: %d %s", code, errs)
+	}
+
+	// A dry run with the flags says what it would do and writes nothing.
+	before := tree(t, root)
+	code, out, errs := cli(t, root, "gc", "--dry-run", "--max-size", "1", "--min-age", "0s")
+	if code != 0 || !strings.Contains(out, "would evict 1,") {
+		t.Fatalf("gc --dry-run --max-size 1: %d %q %q", code, out, errs)
+	}
+	if after := tree(t, root); len(after) != len(before) {
+		t.Errorf("a dry run changed the root: %d names before, %d after", len(before), len(after))
+	}
+
+	code, out, errs = cli(t, root, "gc", "--max-size", "1", "--min-age", "0s")
+	if code != 0 || !strings.Contains(out, "evicted 1,") {
+		t.Fatalf("gc --max-size 1 --min-age 0s after a release: %d %q %q, want evicted 1", code, out, errs)
+	}
+	if strings.TrimSpace(errs) != "" {
+		t.Errorf("a one-shot gc's own flags are not an override to warn about: %q", errs)
+	}
+	if p := storedPolicy(t, root); p != nil {
+		t.Errorf("a one-shot gc stored its flags: %+v", p)
+	}
+
+	// policy set stores; policy shows; gc --set-policy still stores.
+	if code, _, errs := cli(t, root, "policy", "set", "--max-size", "5MiB", "--min-age", "1m"); code != 0 {
+		t.Fatalf("policy set: %d %s", code, errs)
+	}
+	if p := storedPolicy(t, root); p == nil || p.MaxSizeBytes != 5<<20 || p.MinAge != state.Duration(60e9) {
+		t.Fatalf("after policy set: %+v", p)
+	}
+	code, out, _ = cli(t, root, "--json", "policy")
+	var shown state.Policy
+	if err := json.Unmarshal([]byte(out), &shown); code != 0 || err != nil || shown.MaxSizeBytes != 5<<20 {
+		t.Errorf("policy --json: %d %q %v", code, out, err)
+	}
+	if code, _, errs := cli(t, root, "gc", "--max-size", "7MiB", "--set-policy"); code != 0 {
+		t.Fatalf("gc --set-policy: %d %s", code, errs)
+	}
+	if p := storedPolicy(t, root); p == nil || p.MaxSizeBytes != 7<<20 || p.MinAge != state.Duration(60e9) {
+		t.Errorf("gc --set-policy: %+v, want max-size 7 MiB and min-age kept", p)
+	}
+	// Out of range for this sweep: bad input, nothing swept.
+	if code, _, errs := cli(t, root, "gc", "--high-watermark", "0"); code != 2 {
+		t.Errorf("gc --high-watermark 0: exit %d (%s), want 2", code, errs)
+	}
+}
+
+// TestLookingNeverWrites: ls, policy without flags and doctor without a
+// repair flag leave the root exactly as it was, even with DEPCACHE_*
+// variables that would change the policy.
+func TestLookingNeverWrites(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	if code, _, errs := cli(t, root, "get", "--dependent", "job", "file://"+abs); code != 0 {
+		t.Fatalf("get: %d %s", code, errs)
+	}
+	env := map[string]string{"DEPCACHE_MAX_SIZE": "1", "DEPCACHE_MIN_AGE": "0s", "DEPCACHE_PIN": "x", "DEPCACHE_HIGH_WATERMARK": "50"}
+	for _, args := range [][]string{{"ls"}, {"--json", "ls"}, {"policy"}, {"--json", "policy"}, {"doctor"}, {"--json", "doctor"}} {
+		before := tree(t, root)
+		code, _, errs := cliEnv(t, root, env, args...)
+		if code != 0 {
+			t.Errorf("%v: exit %d: %s", args, code, errs)
+		}
+		after := tree(t, root)
+		if args[len(args)-1] == "doctor" {
+			// Its clock check creates and removes one probe file to read
+			// the file server's clock: the root directory's mtime moves,
+			// and nothing else may.
+			delete(after, root)
+			delete(before, root)
+		}
+		for p, v := range after {
+			if before[p] != v {
+				t.Errorf("%v with %v wrote %s", args, env, p)
+			}
+		}
+		for p := range before {
+			if _, ok := after[p]; !ok {
+				t.Errorf("%v with %v removed %s", args, env, p)
+			}
+		}
+	}
+	if p := storedPolicy(t, root); p != nil {
+		t.Errorf("a look stored a policy: %+v", p)
+	}
+}

@@ -86,8 +86,11 @@ func TestCrashTrialsTwoHosts(t *testing.T) {
 		trials = max(1, n/10)
 	}
 	sub := fmt.Sprintf("e2e-history-%d", time.Now().UnixNano())
+	// Removed through the export itself: a mount's directory cache may list
+	// names another mount removed, and RemoveAll then finds them gone.
+	export := rigtest.Env(t, "SHAREDFS_EXPORT")
 	t.Cleanup(func() {
-		if err := os.RemoveAll(filepath.Join(mnt1, sub)); err != nil {
+		if err := os.RemoveAll(filepath.Join(export, sub)); err != nil {
 			t.Errorf("removing the test's root: %v", err)
 		}
 	})
@@ -376,8 +379,10 @@ func checkCrashInvariants(t *testing.T, trial int, root string, held map[string]
 		t.Errorf("trial %d: policy: %v: %s", trial, err, out)
 		return false
 	}
+	// doctor exits 1 when a check failed (not with --json today); only the
+	// checks below matter here, so only another end is an error.
 	out, err = exec.Command(bin, "--root", root, "doctor", "--json").Output()
-	if err != nil {
+	if ee := (*exec.ExitError)(nil); err != nil && (!errors.As(err, &ee) || ee.ExitCode() != 1) {
 		t.Errorf("trial %d: doctor --json: %v: %s", trial, err, out)
 		return false
 	}

@@ -2,8 +2,14 @@ package transitions
 
 import (
 	"errors"
+	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os/exec"
+	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -301,9 +307,68 @@ func TestRequestRelease(t *testing.T) {
 	})
 }
 
+// pureImports are the packages transitions may import directly: none of
+// them does I/O, and time only for its types and arithmetic (the calls
+// that read the clock or wait are refused by impure below).
+var pureImports = map[string]bool{
+	"cmp": true, "errors": true, "fmt": true, "maps": true, "math": true, "slices": true,
+	"sort": true, "strconv": true, "strings": true, "time": true,
+	"github.com/depcache/depcache/state": true,
+}
+
+// impure names, per import path, the selectors that read a clock, wait,
+// draw random numbers or reach the operating system; "*" is every selector
+// of that package.
+var impure = map[string]map[string]bool{
+	"time": {"Now": true, "Since": true, "Until": true, "Sleep": true, "After": true, "AfterFunc": true,
+		"NewTimer": true, "NewTicker": true, "Tick": true, "LoadLocation": true, "Local": true},
+	"fmt":                                {"Print": true, "Printf": true, "Println": true, "Scan": true, "Scanf": true, "Scanln": true},
+	"github.com/depcache/depcache/state": {"Open": true, "NewLock": true, "SyncDir": true, "RealClock": true, "System": true},
+	"os":                                 {"*": true},
+	"math/rand":                          {"*": true},
+	"math/rand/v2":                       {"*": true},
+	"crypto/rand":                        {"*": true},
+	"os/exec":                            {"*": true},
+	"os/signal":                          {"*": true},
+	"syscall":                            {"*": true},
+	"net":                                {"*": true},
+	"net/http":                           {"*": true},
+	"io/ioutil":                          {"*": true},
+	"path/filepath":                      {"*": true},
+	"runtime":                            {"*": true},
+	"golang.org/x/sys/unix":              {"*": true},
+}
+
 // TestPure: transitions imports neither os nor the network, and reads no
-// clock, so that its rules stay pure.
+// clock, so that its rules stay pure. Every non-test file's direct imports
+// must be in pureImports, and no file may use an impure selector (nor
+// `os.` or `rand.` whatever they name).
 func TestPure(t *testing.T) {
+	files, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	parsed := 0
+	for _, name := range files {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		// Every file, whatever its build constraints.
+		f, err := parser.ParseFile(fset, name, nil, parser.SkipObjectResolution)
+		if err != nil {
+			t.Fatal(err)
+		}
+		parsed++
+		for _, p := range impureUses(f, fset) {
+			t.Error(p)
+		}
+	}
+	if parsed < 5 {
+		t.Fatalf("parsed %d non-test files of %v: the check would prove nothing", parsed, files)
+	}
+
+	// Nothing reaches the network or the manager through state either.
 	out, err := exec.Command("go", "list", "-deps", ".").Output()
 	if err != nil {
 		t.Fatal(err)
@@ -313,4 +378,50 @@ func TestPure(t *testing.T) {
 			t.Errorf("transitions depends on %s", dep)
 		}
 	}
+}
+
+// impureUses lists what in f breaks TestPure's rules.
+func impureUses(f *ast.File, fset *token.FileSet) []string {
+	var bad []string
+	named := map[string]string{} // the name a file uses for an import -> its path
+	for _, imp := range f.Imports {
+		path, err := strconv.Unquote(imp.Path.Value)
+		if err != nil {
+			bad = append(bad, fmt.Sprintf("%s: import %s: %v", fset.Position(imp.Pos()), imp.Path.Value, err))
+			continue
+		}
+		if !pureImports[path] {
+			bad = append(bad, fmt.Sprintf("%s: imports %q, which is not on the allow-list of pure packages", fset.Position(imp.Pos()), path))
+		}
+		name := path[strings.LastIndex(path, "/")+1:]
+		if path == "math/rand/v2" {
+			name = "rand"
+		}
+		if imp.Name != nil {
+			name = imp.Name.Name
+		}
+		if name == "." {
+			bad = append(bad, fmt.Sprintf("%s: dot-imports %q: its selectors could not be checked", fset.Position(imp.Pos()), path))
+		}
+		named[name] = path
+	}
+	ast.Inspect(f, func(n ast.Node) bool {
+		sel, ok := n.(*ast.SelectorExpr)
+		if !ok {
+			return true
+		}
+		x, ok := sel.X.(*ast.Ident)
+		if !ok {
+			return true
+		}
+		path := named[x.Name]
+		switch {
+		case x.Name == "os" || x.Name == "rand":
+			bad = append(bad, fmt.Sprintf("%s: uses %s.%s", fset.Position(sel.Pos()), x.Name, sel.Sel.Name))
+		case impure[path]["*"] || impure[path][sel.Sel.Name]:
+			bad = append(bad, fmt.Sprintf("%s: uses %s.%s (%s)", fset.Position(sel.Pos()), x.Name, sel.Sel.Name, path))
+		}
+		return true
+	})
+	return bad
 }

@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"compress/gzip"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -15,9 +17,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/depcache/depcache/state/rigtest/slowfs"
 	"golang.org/x/sys/unix"
@@ -32,14 +36,41 @@ import (
 //   - after start-up reconciliation, no content exists without an entry and
 //     every READY entry's content is in place.
 //
-// 25 trials by default; DEPCACHE_CRASH_TRIALS=1000 for the full run.
+// 25 trials by default; DEPCACHE_CRASH_TRIALS=1000 for the full run. The
+// random choices of every crash test come from one seed, printed when the
+// test fails; DEPCACHE_SEED=N replays them (the moment a SIGKILL lands in
+// the victim's work still depends on the scheduler).
 func TestCrashTrials(t *testing.T) {
+	seed := trialSeed(t)
 	trials := 25
 	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
 		trials = n
 	}
 	root := t.TempDir()
-	runTrials(t, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) })
+	runTrials(t, seed, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) })
+}
+
+// trialSeed returns the seed of t's random choices: $DEPCACHE_SEED when
+// set, else a new one. When t fails, it says how to replay them.
+func trialSeed(t *testing.T) uint64 {
+	t.Helper()
+	var seed uint64
+	if v := os.Getenv("DEPCACHE_SEED"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			t.Fatalf("DEPCACHE_SEED=%q: %v; want an unsigned integer, as a failed test prints it", v, err)
+		}
+		seed = n
+	} else {
+		seed = rand.Uint64()
+	}
+	t.Logf("seed %d", seed)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("%s failed with seed %d: DEPCACHE_SEED=%d go test -run '^%s$' replays its random choices", t.Name(), seed, seed, t.Name())
+		}
+	})
+	return seed
 }
 
 // TestCrashTrialsTwoHosts: the same workload from 2 fake hosts, each on its
@@ -49,14 +80,24 @@ func TestCrashTrials(t *testing.T) {
 // per entry and generation, across both hosts.
 func TestCrashTrialsTwoHosts(t *testing.T) {
 	mnt1, mnt2 := rigtest.SharedFS(t)
+	seed := trialSeed(t)
 	trials := 6 // each can wait out a lock lease or download timeout
 	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
 		trials = max(1, n/10)
 	}
 	sub := fmt.Sprintf("e2e-history-%d", time.Now().UnixNano())
-	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
-	os.MkdirAll(filepath.Join(mnt1, sub), 0o755)
-	runTrials(t, trials, []string{filepath.Join(mnt1, sub), filepath.Join(mnt2, sub)}, func(host int, argv ...string) *exec.Cmd {
+	// Removed through the export itself: a mount's directory cache may list
+	// names another mount removed, and RemoveAll then finds them gone.
+	export := rigtest.Env(t, "SHAREDFS_EXPORT")
+	t.Cleanup(func() {
+		if err := os.RemoveAll(filepath.Join(export, sub)); err != nil {
+			t.Errorf("removing the test's root: %v", err)
+		}
+	})
+	if err := os.MkdirAll(filepath.Join(mnt1, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	runTrials(t, seed, trials, []string{filepath.Join(mnt1, sub), filepath.Join(mnt2, sub)}, func(host int, argv ...string) *exec.Cmd {
 		return rigtest.FakeHost(t, fmt.Sprintf("host-%c", 'a'+host), 0, argv...)
 	})
 }
@@ -70,12 +111,13 @@ func TestCrashTrialsTwoHosts(t *testing.T) {
 func TestCrashTrialsSlowFS(t *testing.T) {
 	shared := t.TempDir()
 	mounts := []*slowfs.FS{slowfs.Mount(t, shared), slowfs.Mount(t, shared)}
+	seed := trialSeed(t)
 	trials := 8
 	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
 		trials = max(1, n/10)
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 4))
-	runTrialsWith(t, trials, []string{mounts[0].Mnt, mounts[1].Mnt}, func(host int, argv ...string) *exec.Cmd {
+	rng := rand.New(rand.NewPCG(seed, 4))
+	runTrialsWith(t, seed, trials, []string{mounts[0].Mnt, mounts[1].Mnt}, func(host int, argv ...string) *exec.Cmd {
 		return rigtest.FakeHost(t, fmt.Sprintf("host-%c", 'a'+host), 0, argv...)
 	}, func() {
 		for _, m := range mounts {
@@ -86,18 +128,45 @@ func TestCrashTrialsSlowFS(t *testing.T) {
 		mounts[0].Count(slowfs.Rename)+mounts[1].Count(slowfs.Rename), mounts[0].Count(slowfs.Fsync)+mounts[1].Count(slowfs.Fsync))
 }
 
-// runTrials runs the trials: each process runs on one of roots (one per
-// host) through start.
-func runTrials(t *testing.T, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd) {
+// runTrials runs the trials, with the random choices of seed: each process
+// runs on one of roots (one per host) through start.
+func runTrials(t *testing.T, seed uint64, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd) {
 	t.Helper()
-	runTrialsWith(t, trials, roots, start, nil)
+	runTrialsWith(t, seed, trials, roots, start, nil)
+}
+
+// The phases of a process that a SIGKILL can land in, told apart by what
+// the victim had logged; the trials log how many kills landed in each (a
+// get killed before it claimed may still have been inside its
+// registration's commit, or not yet running depcache at all).
+const (
+	phaseGetUnclaimed = "get before claiming a download"
+	phaseGetOwning    = "get owning a download"
+	phaseGetPublished = "get after publishing"
+	phaseRelease      = "release"
+	phaseGC           = "gc"
+)
+
+// killPhase says in which phase a process running op, which logged logs,
+// was killed.
+func killPhase(op, logs string) string {
+	switch {
+	case op == "release":
+		return phaseRelease
+	case op == "gc":
+		return phaseGC
+	case strings.Contains(logs, `"msg":"published"`):
+		return phaseGetPublished
+	case strings.Contains(logs, `"msg":"claimed download"`):
+		return phaseGetOwning
+	default:
+		return phaseGetUnclaimed
+	}
 }
 
 // runTrialsWith is runTrials with a hook run before each trial.
-func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd, before func()) {
+func runTrialsWith(t *testing.T, seed uint64, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd, before func()) {
 	t.Helper()
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 2))
 	srcDir := t.TempDir()
 	var sources []string
@@ -124,7 +193,8 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 	held := map[string]map[string]bool{} // source -> named dependents surely registered, not released
 	published := map[string]int{}        // "key gen" -> publishes seen in the logs
 	var history []string                 // every operation, its result and its log
-	kills, ops := 0, 0
+	kills, ops, gotten := 0, 0, 0
+	phases := map[string]int{} // phase -> SIGKILLs that landed in it
 	for trial := range trials {
 		if before != nil {
 			before()
@@ -164,7 +234,8 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 				victim = i
 			}
 		}
-		timer := time.AfterFunc(time.Duration(2+rng.IntN(40))*time.Millisecond, func() { jobs[victim].cmd.Process.Kill() })
+		killErr := make(chan error, 1)
+		timer := time.AfterFunc(time.Duration(2+rng.IntN(40))*time.Millisecond, func() { killErr <- jobs[victim].cmd.Process.Kill() })
 		var wg sync.WaitGroup
 		results := make([]error, len(jobs))
 		for i, j := range jobs {
@@ -172,7 +243,12 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 			go func() { defer wg.Done(); results[i] = j.cmd.Wait() }()
 		}
 		wg.Wait()
-		timer.Stop()
+		if !timer.Stop() {
+			// It fired: the victim was killed, or had already exited.
+			if err := <-killErr; err != nil && !errors.Is(err, os.ErrProcessDone) {
+				t.Fatalf("trial %d: SIGKILL of the %s: %v", trial, jobs[victim].op, err)
+			}
+		}
 		for _, j := range jobs {
 			for _, line := range strings.Split(j.logs.String(), "\n") {
 				var rec struct {
@@ -202,9 +278,14 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 			if os.Getenv("DT_VERBOSE") != "" {
 				t.Logf("trial %d: %s %s %s: %v\n%s", trial, j.op, j.name, j.src, results[i], j.logs.String())
 			}
-			killed := j.cmd.ProcessState.String() == "signal: killed"
+			ws, _ := j.cmd.ProcessState.Sys().(syscall.WaitStatus)
+			killed := ws.Signaled() && ws.Signal() == syscall.SIGKILL
 			if killed {
+				if i != victim {
+					t.Fatalf("trial %d: the %s %s %s, not the victim, died of SIGKILL:\n%s", trial, j.op, j.name, j.src, j.logs.String())
+				}
 				kills++
+				phases[killPhase(j.op, j.logs.String())]++
 			} else if results[i] != nil && !strings.Contains(j.logs.String(), "depcache: ") {
 				t.Fatalf("trial %d: %s failed (%v) without saying why:\n%s", trial, j.op, results[i], j.logs.String())
 			}
@@ -216,6 +297,7 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 				delete(held[j.src], j.name)
 			case j.op == "get" && results[i] == nil:
 				held[j.src][j.name] = true
+				gotten++
 			case j.op == "release" && (results[i] == nil || killed):
 				delete(held[j.src], j.name) // released, or maybe released
 			case j.op == "get" && killed:
@@ -230,9 +312,19 @@ func runTrialsWith(t *testing.T, trials int, roots []string, start func(host int
 			t.FailNow()
 		}
 	}
-	t.Logf("%d trials, %d operations, %d SIGKILLs, %d publishes, 0 invariant violations", trials, ops, kills, len(published))
+	t.Logf("%d trials, %d operations, %d SIGKILLs (%v), %d publishes, 0 invariant violations", trials, ops, kills, phases, len(published))
+	// Trials whose kills all missed checked only runs that ended normally,
+	// and a history with no publish checked no "at most one publish".
+	if kills == 0 {
+		t.Errorf("no SIGKILL landed in %d trials: every victim had exited before it", trials)
+	}
+	if gotten > 0 && len(published) == 0 {
+		t.Errorf("%d gets succeeded but no process logged a publish: the history check read nothing", gotten)
+	}
 }
 
+// checkCrashInvariants checks the invariants after a trial; when one does
+// not hold it reports it and returns false.
 func checkCrashInvariants(t *testing.T, trial int, root string, held map[string]map[string]bool) bool {
 	t.Helper()
 	st := readState(t, root) // fails the test if it does not parse
@@ -252,33 +344,65 @@ func checkCrashInvariants(t *testing.T, trial int, root string, held map[string]
 			}
 		}
 	}
+	ready := 0
+	for _, e := range st.Entries {
+		if e.Stage == state.Ready && e.Key.Kind == state.Bundle {
+			ready++
+		}
+	}
 	out, err := exec.Command(bin, "--root", root, "verify", "--json").Output()
 	if err != nil {
-		t.Fatalf("trial %d: verify: %v: %s", trial, err, out)
+		t.Errorf("trial %d: verify: %v: %s", trial, err, out)
+		return false
 	}
 	var res []struct {
 		OK     bool   `json:"ok"`
 		Detail string `json:"detail"`
 	}
-	json.Unmarshal(out, &res)
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Errorf("trial %d: verify --json does not parse: %v: %s", trial, err, out)
+		return false
+	}
+	if len(res) != ready {
+		t.Errorf("trial %d: verify checked %d entries, the state has %d READY bundles: %s", trial, len(res), ready, out)
+		return false
+	}
 	for _, r := range res {
 		if !r.OK {
-			t.Fatalf("trial %d: READY content does not verify: %s", trial, r.Detail)
+			t.Errorf("trial %d: READY content does not verify: %s", trial, r.Detail)
+			return false
 		}
 	}
 	// Start-up reconciliation (policy runs it), then doctor must find no
 	// orphans and no missing content.
 	if out, err := exec.Command(bin, "--root", root, "policy").CombinedOutput(); err != nil {
-		t.Fatalf("trial %d: policy: %v: %s", trial, err, out)
+		t.Errorf("trial %d: policy: %v: %s", trial, err, out)
+		return false
 	}
-	out, _ = exec.Command(bin, "--root", root, "doctor", "--json").Output()
+	// doctor exits 1 when a check failed (not with --json today); only the
+	// checks below matter here, so only another end is an error.
+	out, err = exec.Command(bin, "--root", root, "doctor", "--json").Output()
+	if ee := (*exec.ExitError)(nil); err != nil && (!errors.As(err, &ee) || ee.ExitCode() != 1) {
+		t.Errorf("trial %d: doctor --json: %v: %s", trial, err, out)
+		return false
+	}
 	var checks []struct{ Name, Status, Detail string }
 	if err := json.Unmarshal(out, &checks); err != nil {
-		t.Fatalf("trial %d: doctor --json: %v: %s", trial, err, out)
+		t.Errorf("trial %d: doctor --json does not parse: %v: %s", trial, err, out)
+		return false
 	}
+	seen := map[string]bool{}
 	for _, c := range checks {
+		seen[c.Name] = true
 		if (c.Name == "orphans" || c.Name == "content" || c.Name == "state") && c.Status != "ok" {
-			t.Fatalf("trial %d: doctor %s: %s: %s", trial, c.Name, c.Status, c.Detail)
+			t.Errorf("trial %d: doctor %s: %s: %s", trial, c.Name, c.Status, c.Detail)
+			return false
+		}
+	}
+	for _, name := range []string{"orphans", "content", "state"} {
+		if !seen[name] {
+			t.Errorf("trial %d: doctor --json has no %q check: %s", trial, name, out)
+			return false
 		}
 	}
 	return true
@@ -291,10 +415,18 @@ func writeBundle(t *testing.T, path string, i, size int) {
 	tw := tar.NewWriter(zw)
 	data := randomBody(size)
 	data[0] = byte(i)
-	tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("b%d/data", i), Mode: 0o644, Size: int64(len(data))})
-	tw.Write(data)
-	tw.Close()
-	zw.Close()
+	if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("b%d/data", i), Mode: 0o644, Size: int64(len(data))}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tw.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -302,36 +434,75 @@ func writeBundle(t *testing.T, path string, i, size int) {
 
 // TestCrashTrialsDiskFull: the same trials with the root on the disk-full
 // rig, filled before each trial so that only 0–256 KiB are left: the disk
-// fills at random points (download, unpack, state write, metadata).
+// fills at random points (download, unpack, state write, metadata). A
+// trial starts only once statfs shows that little free: less than the slow
+// download's 2 MiB, and at most a few pages above the chosen amount.
 // Besides the crash invariants, every failure must say why.
 func TestCrashTrialsDiskFull(t *testing.T) {
 	dir := rigtest.DiskFull(t)
+	seed := trialSeed(t)
 	root, err := os.MkdirTemp(dir, "trials-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
-	t.Cleanup(func() { os.RemoveAll(root); os.Remove(filler) })
+	t.Cleanup(func() {
+		if err := os.RemoveAll(root); err != nil {
+			t.Errorf("removing the test's root: %v", err)
+		}
+		if err := os.Remove(filler); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("removing the filler: %v", err)
+		}
+	})
 	trials := 12
 	if n, err := strconv.Atoi(os.Getenv("DEPCACHE_CRASH_TRIALS")); err == nil && n > 0 {
 		trials = max(1, n/10)
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 3))
-	runTrialsWith(t, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) },
+	const maxKeep = 256 << 10 // the most a trial leaves free
+	// slack: statfs counts whole blocks (a tmpfs page), and the filler's
+	// last block may be partly empty.
+	const slack = 64 << 10
+	rng := rand.New(rand.NewPCG(seed, 3))
+	runTrialsWith(t, seed, trials, []string{root}, func(_ int, argv ...string) *exec.Cmd { return exec.Command(argv[0], argv[1:]...) },
 		func() {
-			os.Remove(filler)
-			var st unix.Statfs_t
-			if unix.Statfs(dir, &st) != nil {
-				return
+			if err := os.Remove(filler); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("removing the filler: %v", err)
 			}
-			free := int64(st.Bavail) * int64(st.Bsize)
-			keep := int64(rng.IntN(256 << 10))
-			if free > keep {
-				f, err := os.Create(filler)
-				if err == nil {
-					f.Write(make([]byte, free-keep))
-					f.Close()
-				}
+			keep := int64(rng.IntN(maxKeep))
+			if free := freeBytes(t, dir); free > keep {
+				fill(t, filler, free-keep)
+			}
+			if free := freeBytes(t, dir); free > keep+slack || free >= 2<<20 {
+				t.Fatalf("the disk is not full before the trial: %d bytes free after the filler, want at most %d (+%d slack) and below the 2 MiB of the slow download", free, keep, slack)
 			}
 		})
+}
+
+// freeBytes returns the bytes an unprivileged writer may still use on the
+// filesystem of dir.
+func freeBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatalf("statfs %s: %v", dir, err)
+	}
+	return int64(st.Bavail) * st.Bsize
+}
+
+// fill writes n bytes into a new file at path. A write that finds the
+// disk already full (another user of the rig took space meanwhile) is what
+// the filler is for: it stops there.
+func fill(t *testing.T, path string, n int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatalf("creating the filler: %v", err)
+	}
+	_, err = f.Write(make([]byte, n))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil && !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("writing %d bytes of filler: %v", n, err)
+	}
 }

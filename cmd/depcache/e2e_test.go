@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -227,23 +228,49 @@ exit $rc`
 
 // TestE2ETakeoverAfterKill: the downloading process is SIGKILLed in the
 // middle of the transfer; a waiting process on the same host takes over at
-// once (dead owner) and finishes, and no staging data is left.
+// once (dead owner) and finishes, and no staging data is left. Both run
+// with a download timeout of an hour, far past the test's deadline, so that
+// only the dead-owner rule can let the waiter take over in time: the stall
+// rule cannot.
 func TestE2ETakeoverAfterKill(t *testing.T) {
+	const downloadTimeout = "1h" // with the default --progress-interval (2s)
+	const within = time.Minute   // from the SIGKILL to the waiter's result
 	body := randomBody(4 << 20)
 	srv := newBlobServer(t, body, func(n int32) bool { return n == 1 })
 	root := t.TempDir()
 	url := srv.URL + "/b.bin"
-	owner := exec.Command(bin, "--root", root, "get", "--sha256", hexSum(body), url)
+	args := []string{"--root", root, "get", "--download-timeout", downloadTimeout, "--sha256", hexSum(body), url}
+	owner := exec.Command(bin, args...)
 	owner.Stderr = os.Stderr
 	if err := owner.Start(); err != nil {
 		t.Fatal(err)
 	}
-	<-srv.started // the owner is mid-transfer
-	waiter := exec.Command(bin, "--root", root, "get", "--sha256", hexSum(body), url)
-	wout, _ := waiter.StdoutPipe()
+	t.Cleanup(func() { killIfRunning(t, owner) })
+	// await waits for a request number from ch until deadline.
+	await := func(what string, ch <-chan int32, deadline time.Time) int32 {
+		t.Helper()
+		select {
+		case n := <-ch:
+			return n
+		case <-time.After(time.Until(deadline)):
+			t.Fatalf("%s did not happen by its deadline (download timeout %s: only the dead-owner rule takes over in time)", what, downloadTimeout)
+			return 0
+		}
+	}
+	if n := await("the owner's request", srv.started, time.Now().Add(within)); n != 1 { // the owner is mid-transfer
+		t.Fatalf("the owner's request is number %d, want 1", n)
+	}
+	waiter := exec.Command(bin, args...)
+	wout, err := waiter.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var werr strings.Builder
+	waiter.Stderr = &werr
 	if err := waiter.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { killIfRunning(t, waiter) })
 	waitFor(t, "the waiter to register", func() bool {
 		e := readState(t, root).Entries
 		for _, e := range e {
@@ -252,16 +279,44 @@ func TestE2ETakeoverAfterKill(t *testing.T) {
 		return false
 	})
 	killed := time.Now()
-	owner.Process.Kill()
-	owner.Wait()
-	<-srv.abandoned
-	<-srv.started // the second request: the takeover
-	t.Logf("takeover %v after SIGKILL", time.Since(killed))
-	line, _ := bufio.NewReader(wout).ReadString('\n')
-	if err := waiter.Wait(); err != nil {
-		t.Fatalf("waiter: %v", err)
+	deadline := killed.Add(within)
+	if err := owner.Process.Kill(); err != nil {
+		t.Fatalf("SIGKILL of the owner: %v", err)
 	}
-	p := strings.TrimSpace(line)
+	err = owner.Wait()
+	if ws, ok := owner.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("the owner ended with %v, not by the SIGKILL", err)
+	}
+	await("the end of the owner's request", srv.abandoned, deadline)
+	if n := await("the takeover's request", srv.started, deadline); n != 2 {
+		t.Fatalf("the takeover's request is number %d, want 2", n)
+	}
+	t.Logf("takeover %v after SIGKILL (download timeout %s)", time.Since(killed), downloadTimeout)
+	type result struct {
+		line string
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		line, rerr := bufio.NewReader(wout).ReadString('\n')
+		if rerr != nil {
+			rerr = fmt.Errorf("reading its output: %w", rerr)
+		}
+		if err := waiter.Wait(); err != nil {
+			rerr = err
+		}
+		done <- result{line, rerr}
+	}()
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(time.Until(deadline)):
+		t.Fatalf("the waiter had no result %s after the SIGKILL (download timeout %s)", within, downloadTimeout)
+	}
+	if res.err != nil {
+		t.Fatalf("waiter: %v\n%s", res.err, werr.String())
+	}
+	p := strings.TrimSpace(res.line)
 	if got := fileSum(t, p); got != hexSum(body) {
 		t.Errorf("content does not verify")
 	}
@@ -273,6 +328,15 @@ func TestE2ETakeoverAfterKill(t *testing.T) {
 		t.Errorf("%d requests, want 2", n)
 	}
 	noStaging(t, root)
+}
+
+// killIfRunning SIGKILLs cmd unless it has ended (a test that failed
+// before its end leaves no process behind).
+func killIfRunning(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		t.Errorf("killing %s: %v", cmd.Path, err)
+	}
 }
 
 // findPID finds, from the real host, the pid of a process whose command

@@ -6,14 +6,17 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/depcache/depcache/state"
 	"github.com/dustin/go-humanize"
+	"github.com/google/renameio/v2"
 )
 
 // VerifyResult is the outcome of re-hashing one READY bundle.
@@ -80,7 +83,14 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			}
 		}
 		if mismatch {
-			marked, err := m.markCorrupt(ctx, *e, r.Detail)
+			why := r.Detail
+			// The mark next to the content comes first, outside the lock;
+			// see recordFailed for why in this order.
+			if merr := m.recordFailed(filepath.Dir(abs), b, why); merr != nil {
+				m.log.WithError(merr).WithField("key", e.Key.String()).Warn("verify: could not record the failure next to the content")
+				r.Detail += " (not recorded next to the content, so a rebuild would not know: " + merr.Error() + ")"
+			}
+			marked, err := m.markCorrupt(ctx, *e, why)
 			if err != nil {
 				return out, err
 			}
@@ -92,6 +102,43 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 		out = append(out, r)
 	}
 	return out, nil
+}
+
+// recordFailed records in the metadata file of the entry directory dir
+// (whose bytes are raw) that its content failed verification, and why, so
+// that a rebuild of the state keeps it FAILED. The file is replaced
+// atomically; fields this depcache does not know are kept.
+//
+// It runs before the commit that makes the entry FAILED. A crash between
+// the two leaves a mark that is true (the content did not match) on an
+// entry still READY, which the next verify marks again; the other order
+// could leave a FAILED entry whose metadata a rebuild would publish READY.
+func (m *Manager) recordFailed(dir string, raw []byte, why string) error {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
+		return fmt.Errorf("metadata in %s: not a JSON object: %w", dir, err)
+	}
+	reason, err := json.Marshal(why)
+	if err != nil {
+		return err
+	}
+	at, err := json.Marshal(m.cfg.Clock.Now())
+	if err != nil {
+		return err
+	}
+	fields["failed"], fields["failed_reason"], fields["failed_at"] = json.RawMessage("true"), reason, at
+	b, err := json.MarshalIndent(fields, "", "  ")
+	if err != nil {
+		return err
+	}
+	p := filepath.Join(dir, metaName)
+	if err := renameio.WriteFile(p, b, m.perms.File, renameio.WithTempDir(dir), renameio.WithStaticPermissions(m.perms.File)); err != nil {
+		return fmt.Errorf("recording the failure in %s: %w", p, err)
+	}
+	if err := state.SyncDir(dir); err != nil {
+		return fmt.Errorf("recording the failure in %s: %w", p, err)
+	}
+	return nil
 }
 
 // markCorrupt makes a READY entry that failed verification FAILED and moves
@@ -130,17 +177,108 @@ func (m *Manager) markCorrupt(ctx context.Context, checked state.Entry, why stri
 	return marked, nil
 }
 
+// RebuildReport says what a Rebuild built and what it dropped of the last
+// state that parses. Its lists are never nil.
+type RebuildReport struct {
+	// Entries is how many entries the rebuilt state has, Failed among
+	// them those rebuilt FAILED.
+	Entries int             `json:"entries"`
+	Failed  []RebuiltFailed `json:"failed"`
+	// Unreadable is where the state file that did not parse is kept
+	// aside, and UnreadableReason why it was not used; both empty when
+	// it parsed (a forced rebuild) or was missing.
+	Unreadable       string `json:"unreadable_copy"`
+	UnreadableReason string `json:"unreadable_reason"`
+	// LastState is the last state that parses, which the lists below are
+	// taken from: the state file itself (a forced rebuild), else
+	// state.json.prev; empty when neither parses, and then nothing can be
+	// said about what was dropped. LastStateCopy is a copy of it that no
+	// later commit replaces.
+	LastState     string `json:"last_state"`
+	LastStateCopy string `json:"last_state_copy"`
+	// DroppedDependents are the dependents of LastState's entries, which a
+	// rebuild never keeps: re-register those that still run.
+	DroppedDependents []DroppedDependents `json:"dropped_dependents"`
+	// DroppedDownloads are LastState's downloads in flight.
+	DroppedDownloads []DroppedDownload `json:"dropped_downloads"`
+	// DroppedEntries are LastState's other entries that have no content to
+	// rebuild them from (a FAILED download, content gone).
+	DroppedEntries []DroppedEntry `json:"dropped_entries"`
+	Policy         RebuiltPolicy  `json:"policy"`
+}
+
+// RebuiltFailed is an entry rebuilt FAILED: verify had failed its content.
+type RebuiltFailed struct {
+	Key        state.Key `json:"key"`
+	Generation uint64    `json:"generation"`
+	Reason     string    `json:"reason"`
+}
+
+// DroppedDependents are the dependents one entry had in the last state.
+type DroppedDependents struct {
+	Key        state.Key          `json:"key"`
+	Dependents []DroppedDependent `json:"dependents"`
+}
+
+// DroppedDependent is one dependent a rebuild dropped.
+type DroppedDependent struct {
+	Name string `json:"name"`
+	// Process is the process it was bound to, if any.
+	Process string `json:"process,omitempty"`
+	// Expires is when a dependent with a TTL lapses.
+	Expires *time.Time `json:"expires,omitempty"`
+}
+
+// DroppedDownload is a download in flight that a rebuild dropped.
+type DroppedDownload struct {
+	Key        state.Key `json:"key"`
+	Generation uint64    `json:"generation"`
+	// Owner is the process that was downloading it; empty when nobody was.
+	Owner string `json:"owner"`
+	Bytes int64  `json:"bytes"`
+	Total int64  `json:"total_bytes"`
+}
+
+// DroppedEntry is an entry of the last state that a rebuild has nothing
+// to rebuild from.
+type DroppedEntry struct {
+	Key        state.Key   `json:"key"`
+	Stage      state.Stage `json:"stage"`
+	Generation uint64      `json:"generation"`
+	Message    string      `json:"message,omitempty"`
+}
+
+// RebuiltPolicy says where the rebuilt state's policy comes from.
+type RebuiltPolicy struct {
+	// Carried: it is the last state's policy, carried over unchanged.
+	// Otherwise the last state had none (or there is no last state) and
+	// it is the defaults with this manager's settings.
+	Carried bool `json:"carried"`
+	// Previous is the last state's policy, null when it had none.
+	Previous *state.Policy `json:"previous"`
+	Rebuilt  state.Policy  `json:"rebuilt"`
+}
+
 // Rebuild replaces an unreadable state with one built from the metadata
 // files published next to each entry's content. Published content becomes
-// READY entries (the newest generation of a key wins); dependents, owners
-// and downloads in flight are lost, and the policy goes back to the
-// defaults plus this manager's settings. The unreadable file stays aside.
+// READY entries (the newest generation of a key wins), or FAILED ones,
+// with the reason, when verify failed it (the mark verify left in its
+// metadata, or the last state that parses having that generation FAILED):
+// a rebuild never republishes content verify condemned. The content is not
+// re-hashed; run verify for that. Dependents, owners and downloads in flight
+// are lost; the report lists them as the last state that parses (the
+// previous version, state.json.prev, when the state file does not) had
+// them, and a copy of that state is kept. The policy of that state is
+// carried over; without one it is the defaults plus this manager's
+// settings. The unreadable file stays aside; no content is deleted.
 //
 // A state file that parses is refused with [ErrStateReadable], and one of a
 // newer format version with [state.ErrUnsupportedVersion], unless force is
 // set: rebuilding it would drop the dependents of running jobs, after which
 // a sweep may evict what they use.
-func (m *Manager) Rebuild(ctx context.Context, force bool) (int, error) {
+func (m *Manager) Rebuild(ctx context.Context, force bool) (RebuildReport, error) {
+	rep := RebuildReport{Failed: []RebuiltFailed{}, DroppedDependents: []DroppedDependents{},
+		DroppedDownloads: []DroppedDownload{}, DroppedEntries: []DroppedEntry{}}
 	if !force {
 		// A missing state file (with content left, which start-up refuses)
 		// or one that does not parse is what this is for.
@@ -148,22 +286,76 @@ func (m *Manager) Rebuild(ctx context.Context, force bool) (int, error) {
 			_, verr := m.store.View(ctx)
 			switch {
 			case verr == nil:
-				return 0, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
+				return rep, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
 			case errors.Is(verr, state.ErrUnsupportedVersion):
-				return 0, fmt.Errorf("rebuild: %w; a newer depcache wrote it: upgrade this one instead (forcing the rebuild drops that state)", verr)
+				return rep, fmt.Errorf("rebuild: %w; a newer depcache wrote it: upgrade this one instead (forcing the rebuild drops that state)", verr)
 			case !errors.Is(verr, state.ErrCorrupt):
-				return 0, fmt.Errorf("rebuild: %w", verr)
+				return rep, fmt.Errorf("rebuild: %w", verr)
 			}
 		} else if !errors.Is(err, fs.ErrNotExist) {
-			return 0, fmt.Errorf("rebuild: %w", err)
+			return rep, fmt.Errorf("rebuild: %w", err)
 		}
 	}
+	found, err := m.publishedMeta()
+	if err != nil {
+		return rep, err
+	}
+	// Past any generation a staging directory (a download the lost state
+	// no longer names) may still be written under.
+	var stagingGen uint64
+	if ents, err := os.ReadDir(filepath.Join(m.Root(), stagingDir)); err == nil {
+		for _, d := range ents {
+			if i := strings.LastIndex(d.Name(), "-g"); i >= 0 {
+				if g, err := strconv.ParseUint(d.Name()[i+2:], 10, 64); err == nil {
+					stagingGen = max(stagingGen, g)
+				}
+			}
+		}
+	}
+	now := m.cfg.Clock.Now()
+	var built *state.State
+	replaced, err := m.store.Reset(ctx, func(st, last *state.State) error {
+		for _, f := range found {
+			st.Put(f.entry(last, now))
+		}
+		st.NoteGenerations()
+		st.MaxGeneration = max(st.MaxGeneration, stagingGen)
+		if last != nil {
+			st.MaxGeneration = max(st.MaxGeneration, last.MaxGeneration)
+		}
+		if last != nil && last.Policy != nil {
+			p := *last.Policy
+			p.Pins = slices.Clone(last.Policy.Pins)
+			st.Policy = &p
+		} else {
+			p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
+			st.Policy = &p
+		}
+		built = st
+		return nil
+	})
+	if err != nil {
+		return rep, err
+	}
+	rep.fill(replaced, built)
+	return rep, nil
+}
+
+// metaFile is what the metadata of one entry directory says.
+type metaFile struct {
+	dir  string
+	meta Meta
+}
+
+// publishedMeta reads the metadata of every published entry directory:
+// for each key, that of its newest generation with content.
+func (m *Manager) publishedMeta() (map[string]metaFile, error) {
 	dir := filepath.Join(m.Root(), entriesDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return 0, err
+		return nil, fmt.Errorf("rebuild: %w", err)
 	}
-	found := map[string]*state.Entry{}
+	found := map[string]metaFile{}
 	for _, d := range ents {
 		b, err := os.ReadFile(filepath.Join(dir, d.Name(), metaName))
 		if err != nil {
@@ -176,35 +368,91 @@ func (m *Manager) Rebuild(ctx context.Context, force bool) (int, error) {
 		if _, err := os.Lstat(filepath.Join(dir, d.Name(), contentName)); err != nil {
 			continue
 		}
-		if old := found[meta.Key.ID()]; old != nil && old.Generation > meta.Generation {
+		if old, ok := found[meta.Key.ID()]; ok && old.meta.Generation > meta.Generation {
 			continue
 		}
-		found[meta.Key.ID()] = &state.Entry{Key: meta.Key, Stage: state.Ready, Generation: meta.Generation,
-			Path: filepath.Join(entriesDir, d.Name(), contentName), SizeBytes: meta.SizeBytes,
-			Created: meta.Published, LastUsed: meta.Published,
-			Progress: state.Progress{Bytes: meta.Fetched, Total: meta.Fetched}}
+		found[meta.Key.ID()] = metaFile{dir: d.Name(), meta: meta}
 	}
-	err = m.store.Reset(ctx, func(st *state.State) error {
-		for _, e := range found {
-			st.Put(e)
+	return found, nil
+}
+
+// entry is the rebuilt entry of p: READY, or FAILED when verify failed
+// this generation's content (its mark in the metadata, or last, the last
+// state that parses, having this generation FAILED with its content).
+func (p metaFile) entry(last *state.State, now time.Time) *state.Entry {
+	meta := p.meta
+	e := &state.Entry{Key: meta.Key, Stage: state.Ready, Generation: meta.Generation,
+		Path: filepath.Join(entriesDir, p.dir, contentName), SizeBytes: meta.SizeBytes,
+		Created: meta.Published, LastUsed: meta.Published,
+		Progress: state.Progress{Bytes: meta.Fetched, Total: meta.Fetched}}
+	var prev *state.Entry
+	if last != nil {
+		prev = last.Get(meta.Key)
+	}
+	switch {
+	case meta.Failed:
+		e.Stage, e.Message, e.FailedAt = state.Failed, meta.FailedReason, meta.FailedAt
+		if !strings.HasPrefix(e.Message, "verify: ") {
+			e.Message = "verify: " + e.Message
 		}
-		st.NoteGenerations()
-		// Past any generation a staging directory (a download the lost
-		// state no longer names) may still be written under.
-		if ents, err := os.ReadDir(filepath.Join(m.Root(), stagingDir)); err == nil {
-			for _, d := range ents {
-				if i := strings.LastIndex(d.Name(), "-g"); i >= 0 {
-					if g, err := strconv.ParseUint(d.Name()[i+2:], 10, 64); err == nil {
-						st.MaxGeneration = max(st.MaxGeneration, g)
-					}
+	case prev != nil && prev.Stage == state.Failed && prev.Generation == meta.Generation && prev.Path == e.Path:
+		e.Stage, e.Message, e.FailedAt = state.Failed, prev.Message, prev.FailedAt
+	default:
+		return e
+	}
+	e.Failures = 1
+	if prev != nil && prev.Stage == state.Failed {
+		e.Failures = max(1, prev.Failures)
+	}
+	if e.FailedAt.IsZero() {
+		e.FailedAt = now
+	}
+	return e
+}
+
+// fill says what the rebuild built and what it dropped of the last state.
+func (rep *RebuildReport) fill(r state.Replaced, built *state.State) {
+	rep.Unreadable, rep.LastState, rep.LastStateCopy = r.Unreadable, r.LastFile, r.LastCopy
+	if r.UnreadableErr != nil {
+		rep.UnreadableReason = r.UnreadableErr.Error()
+	}
+	rep.Entries = len(built.Entries)
+	for _, e := range built.Sorted() {
+		if e.Stage == state.Failed {
+			rep.Failed = append(rep.Failed, RebuiltFailed{Key: e.Key, Generation: e.Generation, Reason: e.Message})
+		}
+	}
+	rep.Policy.Rebuilt = *built.Policy
+	if r.Last == nil {
+		return
+	}
+	if p := r.Last.Policy; p != nil {
+		rep.Policy.Previous, rep.Policy.Carried = p, true
+	}
+	for _, e := range r.Last.Sorted() {
+		if len(e.Dependents) > 0 {
+			d := DroppedDependents{Key: e.Key, Dependents: []DroppedDependent{}}
+			for _, name := range slices.Sorted(maps.Keys(e.Dependents)) {
+				dep := e.Dependents[name]
+				dd := DroppedDependent{Name: name, Expires: dep.Expires}
+				if dep.Process != nil {
+					dd.Process = dep.Process.String()
 				}
+				d.Dependents = append(d.Dependents, dd)
 			}
+			rep.DroppedDependents = append(rep.DroppedDependents, d)
 		}
-		p := m.cfg.Cleanup.Apply(state.DefaultPolicy())
-		st.Policy = &p
-		return nil
-	})
-	return len(found), err
+		switch {
+		case e.Stage == state.Downloading:
+			dl := DroppedDownload{Key: e.Key, Generation: e.Generation, Bytes: e.Progress.Bytes, Total: e.Progress.Total}
+			if e.Owner != nil {
+				dl.Owner = e.Owner.Process.String()
+			}
+			rep.DroppedDownloads = append(rep.DroppedDownloads, dl)
+		case built.Get(e.Key) == nil:
+			rep.DroppedEntries = append(rep.DroppedEntries, DroppedEntry{Key: e.Key, Stage: e.Stage, Generation: e.Generation, Message: e.Message})
+		}
+	}
 }
 
 // Check is one verdict of Doctor.

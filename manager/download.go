@@ -64,6 +64,12 @@ type Meta struct {
 	ContentSHA256 string    `json:"content_sha256"`
 	Format        string    `json:"format"`
 	Published     time.Time `json:"published"`
+	// Failed is set by verify when the content no longer matched
+	// ContentSHA256, with the reason and when (the verifying host's
+	// clock): a rebuild keeps the entry FAILED. Absent in older files.
+	Failed       bool      `json:"failed,omitempty"`
+	FailedReason string    `json:"failed_reason,omitempty"`
+	FailedAt     time.Time `json:"failed_at,omitzero"`
 }
 
 func (m *Manager) startDownload(ctx context.Context, key state.Key, gen uint64) {

@@ -29,6 +29,10 @@ const (
 	// BadSuffix names copies of unreadable state files, followed by a hash
 	// of their content.
 	BadSuffix = ".bad-"
+	// KeptSuffix names copies, followed by a hash of their content, of the
+	// last state that parsed when a [Store.Reset] replaced it: unlike
+	// state.json.prev, no later commit replaces them.
+	KeptSuffix = ".kept-"
 )
 
 // Options configures a [Store].
@@ -315,15 +319,25 @@ func Decode(b []byte) (*State, error) {
 // hash so that repeated failures keep one copy. The state file itself stays
 // where it is: every process keeps refusing it until an operator acts.
 func (s *Store) keepAside(b []byte) string {
-	sum := sha256.Sum256(b)
-	aside := s.path + BadSuffix + hex.EncodeToString(sum[:6])
-	if _, err := os.Stat(aside); err == nil {
-		return aside
-	}
-	if err := renameio.WriteFile(aside, b, s.opts.Perms.File, renameio.WithTempDir(s.root), renameio.WithStaticPermissions(s.opts.Perms.File)); err != nil {
+	aside, err := s.keepCopy(b, BadSuffix)
+	if err != nil {
 		return "(none: " + err.Error() + ")"
 	}
 	return aside
+}
+
+// keepCopy writes b next to the state file, named by suffix and a hash of
+// b, unless that copy exists already, and returns its name.
+func (s *Store) keepCopy(b []byte, suffix string) (string, error) {
+	sum := sha256.Sum256(b)
+	name := s.path + suffix + hex.EncodeToString(sum[:6])
+	if _, err := os.Stat(name); err == nil {
+		return name, nil
+	}
+	if err := renameio.WriteFile(name, b, s.opts.Perms.File, renameio.WithTempDir(s.root), renameio.WithStaticPermissions(s.opts.Perms.File)); err != nil {
+		return "", err
+	}
+	return name, nil
 }
 
 // commit replaces the state file with data. The previous version is linked
@@ -383,39 +397,91 @@ func SyncDir(dir string) error {
 	return nil
 }
 
+// Replaced is what a [Store.Reset] replaced, so that its caller can say
+// what the new state dropped.
+type Replaced struct {
+	// Last is the last state that parses: the state file itself when it
+	// parses, else its previous version (state.json.prev) when that one
+	// does; nil when neither does.
+	Last *State
+	// LastFile is the file Last was read from.
+	LastFile string
+	// LastCopy is a copy of LastFile (state.json.kept-HASH) that no later
+	// commit replaces: state.json.prev is replaced at the next one.
+	LastCopy string
+	// Unreadable is where the state file that did not parse is kept aside
+	// (state.json.bad-HASH), and UnreadableErr why it was not used (it did
+	// not parse, or could not be read). Both are zero when it parsed or
+	// was missing.
+	Unreadable    string
+	UnreadableErr error
+}
+
 // Reset replaces the state with the one fn builds from scratch, with the
-// lock held, without reading the current file: it is how an operator
-// recovers from an unreadable state file (depcache doctor --rebuild). The
-// unreadable file is copied aside first, as every read does.
-func (s *Store) Reset(ctx context.Context, fn func(*State) error) (err error) {
+// lock held, without using the current file: it is how an operator
+// recovers from an unreadable state file (depcache doctor --rebuild). fn
+// is given the last state that parses (see [Replaced]), or nil, to carry
+// over what it decides to; like an Update's function it does no I/O.
+//
+// Nothing that held a state is lost: an unreadable state file is copied
+// aside first, as every read does, and never becomes state.json.prev (a
+// good previous version stays); the last state that parses is copied to a
+// name no later commit replaces. If either copy cannot be written, Reset
+// writes nothing.
+func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep Replaced, err error) {
 	unlock, err := s.lock.Lock(ctx)
 	if err != nil {
-		return err
+		return rep, err
 	}
 	defer func() {
 		if uerr := unlock(); uerr != nil && err == nil {
 			err = uerr
 		}
 	}()
-	old, rerr := os.ReadFile(s.path)
-	if rerr == nil {
-		if _, derr := Decode(old); derr != nil {
-			s.keepAside(old)
+	var lastBytes []byte
+	cur, rerr := os.ReadFile(s.path)
+	switch {
+	case rerr == nil:
+		st, derr := Decode(cur)
+		if derr == nil {
+			rep.Last, rep.LastFile, lastBytes = st, s.path, cur
+			break
+		}
+		rep.UnreadableErr = derr
+		if rep.Unreadable, err = s.keepCopy(cur, BadSuffix); err != nil {
+			return rep, fmt.Errorf("state %s does not parse and a copy cannot be kept aside, so it is not replaced: %w", s.path, err)
+		}
+	case !errors.Is(rerr, fs.ErrNotExist):
+		rep.UnreadableErr = rerr
+	}
+	if rep.Last == nil {
+		prev := s.path + PrevSuffix
+		if b, err := os.ReadFile(prev); err == nil {
+			if st, err := Decode(b); err == nil {
+				rep.Last, rep.LastFile, lastBytes = st, prev, b
+			}
+		}
+	}
+	if rep.Last != nil {
+		if rep.LastCopy, err = s.keepCopy(lastBytes, KeptSuffix); err != nil {
+			return rep, fmt.Errorf("state %s: keeping a copy of %s before replacing it: %w", s.path, rep.LastFile, err)
 		}
 	}
 	st := New()
-	if err := fn(st); err != nil {
-		return err
+	if err := fn(st, rep.Last); err != nil {
+		return rep, err
 	}
 	data, lines, err := encodeLines(nil, st, nil)
 	if err != nil {
-		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+		return rep, fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
 	}
-	if err := s.commit(data, rerr == nil); err != nil {
-		return err
+	// Only a state file that parses becomes state.json.prev: one that does
+	// not never replaces a good previous version.
+	if err := s.commit(data, rep.LastFile == s.path); err != nil {
+		return rep, err
 	}
 	s.remember(lines)
-	return nil
+	return rep, nil
 }
 
 // looksCut reports whether a decode error is what a read cut short gives.

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
+	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/spf13/cobra"
@@ -27,11 +29,14 @@ func newDoctor(g *globals) *cobra.Command {
 			ctx := cmd.Context()
 			switch {
 			case rebuild:
-				n, err := m.Rebuild(ctx, force)
+				rep, err := m.Rebuild(ctx, force)
 				if err != nil {
 					return err
 				}
-				fmt.Fprintf(g.stdout, "rebuilt the state from %d published entries; the unreadable file is kept aside\n", n)
+				if g.json {
+					return printJSON(g.stdout, rep)
+				}
+				printRebuild(g.stdout, rep)
 				return nil
 			case breakLock:
 				holder := m.LockHolder()
@@ -77,6 +82,67 @@ func newDoctor(g *globals) *cobra.Command {
 	f.BoolVar(&breakLock, "break-lock", false, "show the state lock's holder and remove the lock if you confirm")
 	f.BoolVar(&yes, "yes", false, "with --break-lock: do not ask")
 	return cmd
+}
+
+// printRebuild says what a rebuild built and, from the last state that
+// parses, what it dropped.
+func printRebuild(w io.Writer, rep manager.RebuildReport) {
+	fmt.Fprintf(w, "rebuilt the state from %d published entries", rep.Entries)
+	if len(rep.Failed) > 0 {
+		fmt.Fprintf(w, ", %d of them FAILED (verify had failed their content)", len(rep.Failed))
+	}
+	fmt.Fprintln(w)
+	for _, f := range rep.Failed {
+		fmt.Fprintf(w, "  FAILED %s (generation %d): %s\n", f.Key.Source, f.Generation, f.Reason)
+	}
+	if rep.Unreadable != "" {
+		fmt.Fprintf(w, "the state file did not parse (%s); it is kept aside at %s\n", rep.UnreadableReason, rep.Unreadable)
+	} else if rep.UnreadableReason != "" {
+		fmt.Fprintf(w, "the state file could not be read: %s\n", rep.UnreadableReason)
+	}
+	if rep.LastState == "" {
+		fmt.Fprintln(w, "no earlier state parses: what the rebuild dropped (dependents, downloads in flight, the policy) is unknown")
+	} else {
+		fmt.Fprintf(w, "dropped, as %s had it (a copy is kept at %s):\n", rep.LastState, rep.LastStateCopy)
+		if len(rep.DroppedDependents)+len(rep.DroppedDownloads)+len(rep.DroppedEntries) == 0 {
+			fmt.Fprintln(w, "  nothing: no dependents, no downloads in flight")
+		}
+		for _, d := range rep.DroppedDependents {
+			var names []string
+			for _, dep := range d.Dependents {
+				n := dep.Name
+				switch {
+				case dep.Process != "":
+					n += " (process " + dep.Process + ")"
+				case dep.Expires != nil:
+					n += " (until " + dep.Expires.Format(time.RFC3339) + ")"
+				}
+				names = append(names, n)
+			}
+			fmt.Fprintf(w, "  dependents of %s: %s\n", d.Key.Source, strings.Join(names, ", "))
+		}
+		for _, d := range rep.DroppedDownloads {
+			by := "not claimed yet"
+			if d.Owner != "" {
+				by = fmt.Sprintf("by %s, %d bytes fetched", d.Owner, d.Bytes)
+				if d.Total > 0 {
+					by += fmt.Sprintf(" of %d", d.Total)
+				}
+			}
+			fmt.Fprintf(w, "  download in flight: %s (generation %d, %s)\n", d.Key.Source, d.Generation, by)
+		}
+		for _, d := range rep.DroppedEntries {
+			fmt.Fprintf(w, "  %s entry without content: %s (generation %d) %s\n", d.Stage, d.Key.Source, d.Generation, d.Message)
+		}
+		if len(rep.DroppedDependents) > 0 {
+			fmt.Fprintln(w, "  re-register the dependents that still run (depcache get --dependent NAME SOURCE): until then a sweep may evict what they use")
+		}
+	}
+	if rep.Policy.Carried {
+		fmt.Fprintf(w, "policy: carried over from %s\n", rep.LastState)
+	} else {
+		fmt.Fprintln(w, "policy: none found to carry over; the defaults are stored (depcache policy --max-size ... sets it)")
+	}
 }
 
 func newVerify(g *globals) *cobra.Command {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -229,6 +230,7 @@ func (m *Manager) step(ctx context.Context) (err error) {
 	}
 	m.metrics.observeState(seenState)
 	m.mu.Lock()
+	lost := m.findLostLocked(seenState, seq)
 	m.last = seenState
 	m.pass = seq
 	m.passErr, m.failures = nil, 0
@@ -242,10 +244,74 @@ func (m *Manager) step(ctx context.Context) (err error) {
 		}
 	}
 	m.mu.Unlock()
+	m.reportLost(lost)
 	for _, ka := range acts {
 		m.carryOut(ctx, ka)
 	}
 	return nil
+}
+
+// findLostLocked returns the dependents registered here before pass seq
+// started that st no longer holds, and moves them from m.local to m.lost.
+// m.mu is held.
+func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
+	var lost []LostDependent
+	for id, names := range m.local {
+		e := st.Entries[id]
+		for name, d := range names {
+			if !d.bound || d.since >= seq {
+				continue // anyone's to release, or registered after this pass read the state
+			}
+			if e != nil {
+				if _, ok := e.Dependents[name]; ok {
+					continue
+				}
+			}
+			lost = append(lost, LostDependent{Key: m.localKeys[id], Dependent: name, Evicted: e == nil})
+			delete(names, name)
+			if m.lost[id] == nil {
+				m.lost[id] = map[string]bool{}
+			}
+			m.lost[id][name] = true
+		}
+		if len(names) == 0 {
+			delete(m.local, id)
+			delete(m.localKeys, id)
+		}
+	}
+	return lost
+}
+
+// reportLost says, loudly, that runs of this process lost what they hold.
+func (m *Manager) reportLost(lost []LostDependent) {
+	for _, l := range lost {
+		m.metrics.lostDependents.Inc()
+		what := "its entry is still there, but nothing holds it for this dependent now"
+		if l.Evicted {
+			what = "its entry was evicted: a run using its path may be reading deleted files"
+		}
+		m.log.WithFields(logrus.Fields{"key": l.Key.String(), "dependent": l.Dependent}).
+			Errorf("a dependent bound to this process is gone from its entry without its release (reaped after this process was stopped past its dependent lease, or released by another process); %s", what)
+		if m.cfg.OnLost != nil {
+			m.cfg.OnLost(l)
+		}
+	}
+}
+
+// lostDependents returns the dependents of entry id found lost, while
+// no dependent of this manager holds the entry.
+func (m *Manager) lostDependents(id string) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.local[id]) > 0 {
+		return nil
+	}
+	var out []string
+	for name := range m.lost[id] {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // viewLocked builds what this manager knows about entry e. m.mu is held.

@@ -29,6 +29,13 @@ var (
 	// announced size, or the bytes it wrote (an archive unpacks to more
 	// than it weighs), pass what the policy can make room for.
 	ErrTooLarge = transitions.ErrTooLarge
+	// ErrDependentLost means the dependents bound to this process that
+	// held an entry are gone from it without a release by this manager:
+	// reaped (the process was stopped past its dependent lease) or
+	// released by another process, and the entry may have been evicted.
+	// A run that used the entry's path may be reading deleted files. Wait
+	// returns it until Get registers a dependent on the entry again.
+	ErrDependentLost = errors.New("dependent lost")
 	// ErrBadDependent means a dependent name is empty, too long, has
 	// control characters or is not valid UTF-8.
 	ErrBadDependent = errors.New("bad dependent name")
@@ -113,9 +120,31 @@ type Config struct {
 	Sources map[string]Source
 	// Log receives the manager's logs. Default: logrus's standard logger.
 	Log logrus.FieldLogger
+	// OnLost, when set, is told of each dependent bound to this process
+	// that a pass found gone from its entry without this manager's
+	// release (see ErrDependentLost). It runs on the loop's goroutine: it
+	// must not block.
+	OnLost func(LostDependent)
 	// Clock and Processes are for tests; production uses the real ones.
 	Clock     state.Clock
 	Processes state.Processes
+}
+
+// localDep is a dependent registered by this manager.
+type localDep struct {
+	since uint64 // m.started when it was registered
+	// bound: bound to this process, so only this process releases it;
+	// others reap it when the process is gone or its lease lapsed. A
+	// detached (named) dependent may be released by anyone.
+	bound bool
+}
+
+// LostDependent names a dependent that was found gone from its entry.
+type LostDependent struct {
+	Key       state.Key
+	Dependent string
+	// Evicted says the entry itself is gone too, not only the dependent.
+	Evicted bool
 }
 
 // Manager drives the entries of one cache root: it registers dependents,
@@ -136,7 +165,9 @@ type Manager struct {
 	trashMu sync.RWMutex
 
 	mu             sync.Mutex
-	local          map[string]map[string]bool        // key ID -> dependents registered here
+	local          map[string]map[string]localDep    // key ID -> dependents registered here
+	localKeys      map[string]state.Key              // key ID -> key, for the entries of m.local
+	lost           map[string]map[string]bool        // key ID -> dependents found gone without a release
 	downloads      map[string]*download              // key ID -> our running download
 	seen           map[string]observation            // key ID -> what we watched stay unchanged
 	leases         map[string]map[string]observation // key ID -> dependent -> its lease as watched
@@ -228,7 +259,9 @@ func New(cfg Config) (*Manager, error) {
 		metrics:       met,
 		self:          self,
 		log:           cfg.Log.WithField("manager", self.ManagerID),
-		local:         map[string]map[string]bool{},
+		local:         map[string]map[string]localDep{},
+		localKeys:     map[string]state.Key{},
+		lost:          map[string]map[string]bool{},
 		downloads:     map[string]*download{},
 		seen:          map[string]observation{},
 		leases:        map[string]map[string]observation{},
@@ -324,9 +357,16 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	m.mu.Lock()
 	id := key.ID()
 	if m.local[id] == nil {
-		m.local[id] = map[string]bool{}
+		m.local[id] = map[string]localDep{}
 	}
-	m.local[id][dependent] = true
+	// A pass that started before this commit may not see it: only later
+	// passes judge whether the dependent is still there.
+	m.local[id][dependent] = localDep{since: m.started, bound: !o.detached}
+	m.localKeys[id] = snap.Key
+	delete(m.lost[id], dependent)
+	if len(m.lost[id]) == 0 {
+		delete(m.lost, id)
+	}
 	m.mu.Unlock()
 	if snap.Key.Kind == state.Image && snap.Stage == state.Ready && m.cfg.Docker != nil {
 		// The daemon is not ours alone: an image removed by hand (docker
@@ -401,6 +441,10 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 		// gone; an older one may predate the Get.
 		if st != nil && pass > start {
 			e := st.Entries[id]
+			if lost := m.lostDependents(id); len(lost) > 0 {
+				// Only while nothing of this process holds the entry.
+				return state.Entry{}, fmt.Errorf("%s: dependent(s) %q: %w", key.Source, lost, ErrDependentLost)
+			}
 			switch {
 			case e == nil:
 				return state.Entry{}, fmt.Errorf("%s: %w (released, cancelled or evicted)", key.Source, ErrNotFound)
@@ -424,20 +468,28 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 	if err := checkDependent(dependent); err != nil {
 		return err
 	}
+	// Forgotten before the commit, so that no pass takes the released
+	// dependent for a lost one.
+	id := key.ID()
+	m.mu.Lock()
+	delete(m.local[id], dependent)
+	if len(m.local[id]) == 0 {
+		delete(m.local, id)
+		delete(m.localKeys, id)
+	}
+	delete(m.lost[id], dependent)
+	if len(m.lost[id]) == 0 {
+		delete(m.lost, id)
+	}
+	m.mu.Unlock()
 	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
 		r, err := transitions.Release(st.Get(key), dependent)
 		if err != nil {
 			return false, err
 		}
-		m.apply(st, key.ID(), r)
+		m.apply(st, id, r)
 		return r.Changed, nil
 	})
-	m.mu.Lock()
-	delete(m.local[key.ID()], dependent)
-	if len(m.local[key.ID()]) == 0 {
-		delete(m.local, key.ID())
-	}
-	m.mu.Unlock()
 	m.kick()
 	if errors.Is(err, transitions.ErrNotRegistered) {
 		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)

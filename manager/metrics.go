@@ -22,6 +22,7 @@ type metrics struct {
 	lockHold        prometheus.Histogram
 	entries         *prometheus.GaugeVec
 	entryBytes      *prometheus.GaugeVec
+	lostDependents  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -51,6 +52,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Entries in the cache by stage, as last seen."}, []string{"stage"}),
 		entryBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "depcache_entry_bytes",
 			Help: "Bytes of entries by stage, as last seen (expected size for downloads)."}, []string{"stage"}),
+		lostDependents: prometheus.NewCounter(prometheus.CounterOpts{Name: "depcache_lost_dependents_total",
+			Help: "Dependents this process registered that were found gone from their entry without a release (reaped while the process was stopped past its lease, or removed by hand)."}),
 	}
 	for _, stage := range []state.Stage{state.Downloading, state.Ready, state.Failed} {
 		m.entries.WithLabelValues(string(stage))
@@ -64,7 +67,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.requests, m.downloads, m.takeovers, m.bytes, m.downloadSeconds, m.waitSeconds,
-			m.evictions, m.freedBytes, m.lockWait, m.lockHold, m.entries, m.entryBytes)
+			m.evictions, m.freedBytes, m.lockWait, m.lockHold, m.entries, m.entryBytes, m.lostDependents)
 	}
 	return m
 }

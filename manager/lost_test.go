@@ -1,0 +1,116 @@
+package manager_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+// TestLostDependentIsTold: a dependent this manager registered that
+// another process removes from its entry (a sweep that reaped it while this
+// process was stopped past its lease), with or without evicting the entry,
+// is reported once through OnLost, and Wait fails with ErrDependentLost
+// while nothing of this process holds the entry, until Get registers a
+// dependent again. Released dependents are never reported.
+func TestLostDependentIsTold(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		evict bool
+		reap  []string // without evict
+	}{
+		{"one of two reaped", false, []string{"stopped"}},
+		{"both reaped", false, []string{"stopped", "kept"}},
+		{"entry evicted", true, nil},
+	} {
+		evict := tc.evict
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			var mu sync.Mutex
+			var lost []manager.LostDependent
+			m := newManager(t, root, func(c *manager.Config) {
+				c.OnLost = func(l manager.LostDependent) {
+					mu.Lock()
+					lost = append(lost, l)
+					mu.Unlock()
+				}
+			})
+			abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+			k := mustKey(t, "file://"+abs, "")
+			for _, dep := range []string{"kept", "stopped"} {
+				if _, err := getWait(t, m, dep, k); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Released ones are not lost, however the passes interleave.
+			for range 20 {
+				if _, err := getWait(t, m, "churn", k); err != nil {
+					t.Fatal(err)
+				}
+				if err := m.Release(context.Background(), "churn", k); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Another process reaps "stopped" (and, evicting, the entry).
+			s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = s.Update(context.Background(), func(st *state.State) (bool, error) {
+				if evict {
+					delete(st.Entries, k.ID())
+					return true, nil
+				}
+				n := st.Get(k).Clone()
+				for _, d := range tc.reap {
+					delete(n.Dependents, d)
+				}
+				st.Put(n)
+				return true, nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := func() []manager.LostDependent {
+				mu.Lock()
+				defer mu.Unlock()
+				return append([]manager.LostDependent(nil), lost...)
+			}
+			want := len(tc.reap)
+			if evict {
+				want = 2 // both lost their entry
+			}
+			waitFor(t, 30*time.Second, func() bool { return len(got()) >= want }, func() string { return "no loss reported" })
+			for _, l := range got() {
+				if l.Key.ID() != k.ID() || l.Evicted != evict || l.Dependent == "churn" || (!evict && !slices.Contains(tc.reap, l.Dependent)) {
+					t.Errorf("reported %+v", l)
+				}
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			// Wait fails while nothing of this process holds the entry.
+			_, err = m.Wait(ctx, k)
+			if stillHeld := want == 1; stillHeld != (err == nil) || (!stillHeld && !errors.Is(err, manager.ErrDependentLost)) {
+				t.Fatalf("Wait after the loss (still held: %v): %v", stillHeld, err)
+			}
+			// Registering again heals it; the loss is not reported twice.
+			for _, l := range got() {
+				if _, err := m.Get(ctx, l.Dependent, k); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if e, err := m.Wait(ctx, k); err != nil || e.Stage != state.Ready {
+				t.Fatalf("Wait after Get again: %+v %v", e, err)
+			}
+			if n := len(got()); n != want {
+				t.Errorf("%d losses reported, want %d", n, want)
+			}
+		})
+	}
+}

@@ -159,6 +159,9 @@ func (m *Manager) SweepWith(ctx context.Context, dryRun bool, given PolicyChange
 func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (SweepReport, error) {
 	rep := SweepReport{DryRun: dryRun, Reaped: map[string][]string{}}
 	root := m.Root()
+	if err := checkLayout(root); err != nil {
+		return rep, err
+	}
 	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
 	var guards map[string]string
 	if snap, err := m.store.View(ctx); err == nil {
@@ -329,6 +332,10 @@ func (m *Manager) ownTrash() (string, error) {
 func (m *Manager) emptyTrash() {
 	m.trashMu.Lock()
 	defer m.trashMu.Unlock()
+	if err := checkLayout(m.Root()); err != nil {
+		m.log.WithError(err).Error("trash not emptied")
+		return
+	}
 	dir := filepath.Join(m.Root(), trashDir, m.self.ManagerID)
 	items, err := os.ReadDir(dir)
 	if err != nil || len(items) <= 1 {
@@ -365,6 +372,9 @@ func (m *Manager) settleTrashLocked(st *state.State) {
 	}
 	named := namedDirs(st)
 	for _, d := range dirs {
+		if !d.IsDir() {
+			continue // a symlink or a file planted in trash/ leads outside the root: never followed
+		}
 		dir := filepath.Join(root, d.Name())
 		items, _ := os.ReadDir(dir)
 		for _, it := range items {

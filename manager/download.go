@@ -33,6 +33,14 @@ const (
 	ownerName   = "owner.json"
 )
 
+// checkLayout refuses a root whose entries/, staging/ or trash/ is a
+// symlink or a file: moving an entry's content there, or deleting trash
+// through it, would reach outside the root. Each use re-checks, since an
+// administrator may move a directory while depcache runs.
+func checkLayout(root string) error {
+	return state.CheckLayout(root, []string{entriesDir, stagingDir, trashDir}, nil)
+}
+
 // Why a download's context was cancelled.
 var (
 	errReleased   = errors.New("last dependent released")
@@ -190,6 +198,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	if !ok {
 		return meta, fmt.Errorf("no source for %q: %w", scheme(key.Source), ErrBadSource)
 	}
+	if err := checkLayout(m.Root()); err != nil {
+		return meta, err
+	}
 	_ = os.RemoveAll(staging) // a leftover of our own earlier try of this generation
 	if err := m.perms.MkdirAll(filepath.Dir(staging)); err != nil {
 		return meta, err
@@ -300,6 +311,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, staging string, meta Meta) error {
 	final := filepath.Join(entriesDir, stagingName(key, gen))
 	abs := filepath.Join(m.Root(), final)
+	if err := checkLayout(m.Root()); err != nil {
+		return err
+	}
 	if err := m.perms.MkdirAll(filepath.Dir(abs)); err != nil {
 		return err
 	}

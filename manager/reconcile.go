@@ -25,6 +25,9 @@ import (
 //   - trash is emptied, outside the lock.
 func (m *Manager) reconcile(ctx context.Context) error {
 	root := m.Root()
+	if err := checkLayout(root); err != nil {
+		return err
+	}
 	if m.cfg.Docker != nil {
 		if _, err := m.daemon(ctx); err != nil {
 			m.log.WithError(err).Warn("Docker engine unavailable: image entries are not driven")

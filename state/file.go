@@ -81,6 +81,9 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := opts.Perms.MkdirAll(dir); err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
+	if err := checkFiles(dir); err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
 	if opts.Lock.Perm == 0 {
 		opts.Lock.Perm = opts.Perms.File
 	}

@@ -120,4 +120,3 @@ func listDir(t *testing.T, dir string) []string {
 	}
 	return out
 }
-

@@ -189,6 +189,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		}
 		rep.Policy = pol
 		changed := false
+		watched := make(map[string]transitions.Watched, len(st.Entries))
 		m.mu.Lock()
 		for id, e := range st.Entries {
 			r, dead := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
@@ -197,6 +198,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 				st.Entries[id] = r.Entry
 				changed = true
 			}
+			watched[id] = m.watchedLocked(id, e, now)
 		}
 		m.mu.Unlock()
 		rep.Usage.Bytes = transitions.Measure(st.Entries)
@@ -215,7 +217,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 				}
 			}
 		}
-		rep.Victims = transitions.PlanEviction(pol, candidates, rep.Usage, now)
+		rep.Victims = transitions.PlanEviction(pol, candidates, watched, rep.Usage, now)
 		if dryRun {
 			return false, nil
 		}
@@ -462,6 +464,16 @@ func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string
 	return views
 }
 
+// watchedLocked records what this manager sees of e's creation and last
+// use, and returns how long it has seen each unchanged on its own clock
+// (transitions.Watched). m.mu is held.
+func (m *Manager) watchedLocked(id string, e *state.Entry, now time.Time) transitions.Watched {
+	return transitions.Watched{
+		Created:  m.watch(m.ages, id, "created", fmt.Sprint(e.Created.UnixNano()), now),
+		LastUsed: m.watch(m.ages, id, "last_used", fmt.Sprint(e.LastUsed.UnixNano()), now),
+	}
+}
+
 // watch returns how long the dependent name of entry id has shown sig to
 // this manager, on its own clock, and records sig if it is new. m.mu is
 // held.
@@ -534,7 +546,7 @@ func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Descri
 			}
 		}
 		reaped, _ := transitions.Reap(e, views, m.cfg.Policy, now)
-		d.Kept = transitions.Kept(pol, reaped.Entry, now)
+		d.Kept = transitions.Kept(pol, reaped.Entry, m.watchedLocked(id, e, now), now)
 		if live > 0 {
 			var who []string
 			for _, di := range d.Dependents {

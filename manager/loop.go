@@ -205,13 +205,16 @@ func (m *Manager) step(ctx context.Context) (err error) {
 			for _, a := range r.Actions {
 				acts = append(acts, keyedAction{key: e.Key, act: a})
 			}
+			if r.Entry != nil {
+				m.watchedLocked(id, r.Entry, now) // ages count from when this manager first saw them
+			}
 		}
 		for id := range m.seen {
 			if st.Entries[id] == nil {
 				delete(m.seen, id)
 			}
 		}
-		for _, seen := range []map[string]map[string]observation{m.leases, m.registrations} {
+		for _, seen := range []map[string]map[string]observation{m.leases, m.registrations, m.ages} {
 			for id := range seen {
 				if st.Entries[id] == nil {
 					delete(seen, id)

@@ -172,6 +172,7 @@ type Manager struct {
 	seen           map[string]observation            // key ID -> what we watched stay unchanged
 	leases         map[string]map[string]observation // key ID -> dependent -> its lease as watched
 	registrations  map[string]map[string]observation // key ID -> dependent -> its TTL registration as watched
+	ages           map[string]map[string]observation // key ID -> "created" / "last_used" -> as watched
 	lastSweep      time.Time                         // our clock, last sweep
 	sweepSoon      bool                              // a publish asked for a sweep
 	policyMismatch []string
@@ -269,6 +270,7 @@ func New(cfg Config) (*Manager, error) {
 		seen:          map[string]observation{},
 		leases:        map[string]map[string]observation{},
 		registrations: map[string]map[string]observation{},
+		ages:          map[string]map[string]observation{},
 		passDone:      make(chan struct{}),
 		wake:          make(chan struct{}, 1),
 	}, nil

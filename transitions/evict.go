@@ -2,6 +2,7 @@ package transitions
 
 import (
 	"fmt"
+	"math"
 	"sort"
 	"time"
 
@@ -40,9 +41,34 @@ func Measure(entries map[string]*state.Entry) int64 {
 	return n
 }
 
+// Watched is how long this sweeper has seen an entry's Created and
+// LastUsed stay unchanged, on its own clock. Those times were written by
+// whichever host's clock made or used the entry.
+type Watched struct {
+	Created, LastUsed time.Duration
+}
+
+// watchedAll judges ages by the recorded times alone.
+var watchedAll = Watched{Created: math.MaxInt64, LastUsed: math.MaxInt64}
+
+// aged reports whether t, written by some host's clock, is at least d in
+// the past as this sweeper may judge it: past by d on our clock, and either
+// watched unchanged for d on our own clock, or past by d plus
+// ClockSkewTolerance. A host whose clock runs behind the writer's only
+// evicts late; one running ahead by up to the tolerance never evicts early,
+// even in a one-shot sweep that has watched nothing.
+func aged(t time.Time, d, watched time.Duration, now time.Time) bool {
+	if d <= 0 {
+		return true
+	}
+	age := now.Sub(t)
+	return age >= d && (watched >= d || age >= d+ClockSkewTolerance)
+}
+
 // Kept says why the sweep may not evict e, or "" if it may. Dependents
-// must already be reaped: any dependent left is live.
-func Kept(pol state.Policy, e *state.Entry, now time.Time) string {
+// must already be reaped: any dependent left is live. w is what this
+// sweeper watched of e (see aged).
+func Kept(pol state.Policy, e *state.Entry, w Watched, now time.Time) string {
 	switch {
 	case e.Stage == state.Downloading:
 		return "downloading"
@@ -52,7 +78,7 @@ func Kept(pol state.Policy, e *state.Entry, now time.Time) string {
 		return "pinned"
 	case e.External:
 		return "not fetched by depcache"
-	case now.Sub(e.Created) < time.Duration(pol.MinAge):
+	case !aged(e.Created, time.Duration(pol.MinAge), w.Created, now):
 		return fmt.Sprintf("younger than min-age %s", pol.MinAge)
 	}
 	return ""
@@ -62,11 +88,13 @@ func Kept(pol state.Policy, e *state.Entry, now time.Time) string {
 // then, when usage is above the high watermark (or free disk below its
 // floor), FAILED entries first and READY entries least recently used first
 // (ties by key) until usage is at the low watermark. It never picks an
-// entry that Kept protects. The result is in eviction order.
-func PlanEviction(pol state.Policy, entries map[string]*state.Entry, u Usage, now time.Time) []Victim {
+// entry that Kept protects. Ages are judged with what the sweeper watched
+// of each entry, by key ID (none: a one-shot sweep). The result is in
+// eviction order.
+func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map[string]Watched, u Usage, now time.Time) []Victim {
 	var cands []*state.Entry
-	for _, e := range entries {
-		if Kept(pol, e, now) == "" {
+	for id, e := range entries {
+		if Kept(pol, e, watched[id], now) == "" {
 			cands = append(cands, e)
 		}
 	}
@@ -91,7 +119,7 @@ func PlanEviction(pol state.Policy, entries map[string]*state.Entry, u Usage, no
 	}
 	if pol.MaxAge > 0 {
 		for _, e := range cands {
-			if now.Sub(e.LastUsed) >= time.Duration(pol.MaxAge) {
+			if aged(e.LastUsed, time.Duration(pol.MaxAge), watched[e.Key.ID()].LastUsed, now) {
 				pick(e, "age")
 			}
 		}
@@ -142,7 +170,8 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now
 		return 0, 0, false
 	}
 	for id, e := range entries {
-		if id == self.ID() || Kept(pol, e, now) == "" {
+		// Could it ever make room: ages as recorded.
+		if id == self.ID() || Kept(pol, e, watchedAll, now) == "" {
 			continue
 		}
 		fixed += max(e.SizeBytes, e.Progress.Total)

@@ -82,7 +82,7 @@ func TestPlanEviction(t *testing.T) {
 			}
 			u := tc.u
 			u.Bytes = Measure(tc.es)
-			got := victims(PlanEviction(p, tc.es, u, t0))
+			got := victims(PlanEviction(p, tc.es, watchedAllOf(tc.es), u, t0))
 			if !reflect.DeepEqual(got, tc.want) {
 				t.Errorf("victims = %v, want %v", got, tc.want)
 			}
@@ -177,3 +177,72 @@ func TestRenew(t *testing.T) {
 }
 
 func ptrTime(t time.Time) *time.Time { return &t }
+
+func watchedAllOf(es map[string]*state.Entry) map[string]Watched {
+	w := map[string]Watched{}
+	for id := range es {
+		w[id] = watchedAll
+	}
+	return w
+}
+
+// TestAgesOnTheSweepersClock: min-age and max-age are judged on the
+// sweeper's own clock, as TTLs are. An entry's Created and LastUsed come
+// from whichever host made or used it; a sweeper whose clock runs ahead of
+// that host's (or, the same, a host that runs behind) never evicts early:
+// it must have watched the value unchanged for the age, or see it past the
+// age by ClockSkewTolerance. A sweeper that runs behind evicts late.
+func TestAgesOnTheSweepersClock(t *testing.T) {
+	pol := state.Policy{MaxSizeBytes: 10 << 20, HighWatermark: 90, LowWatermark: 50, MinAge: state.Duration(2 * time.Minute)}
+	over := Usage{Bytes: 20 << 20} // every candidate is wanted
+	for _, tc := range []struct {
+		name    string
+		minAge  time.Duration
+		created time.Duration // before t0, on the writer's clock
+		watched time.Duration
+		evicted bool
+	}{
+		{"written by a host 3m behind, just now, one-shot", 2 * time.Minute, 3 * time.Minute, 0, false},
+		{"written by a host 3m behind, watched 1m", 2 * time.Minute, 4 * time.Minute, time.Minute, false},
+		{"written by a host 3m behind, watched for min-age", 2 * time.Minute, 5 * time.Minute, 2 * time.Minute, true},
+		{"one-shot, past min-age by less than the tolerance", 2 * time.Minute, 7*time.Minute - time.Second, 0, false},
+		{"one-shot, past min-age by the tolerance", 2 * time.Minute, 7 * time.Minute, 0, true},
+		{"written by a host 3m ahead, watched far longer", 2 * time.Minute, -3 * time.Minute, time.Hour, false},
+		{"written by a host 1m ahead, watched 3m: age 2m on our clock", 2 * time.Minute, 2 * time.Minute, 3 * time.Minute, true},
+		{"min-age 0: at once", 0, -time.Hour, 0, true},
+	} {
+		p := pol
+		p.MinAge = state.Duration(tc.minAge)
+		e := cacheEntry(1, 20, -600, func(e *state.Entry) { e.Created = t0.Add(-tc.created) })
+		es := entries(e)
+		got := PlanEviction(p, es, map[string]Watched{e.Key.ID(): {Created: tc.watched, LastUsed: tc.watched}}, over, t0)
+		if (len(got) == 1) != tc.evicted {
+			t.Errorf("%s: victims %v, want evicted %v", tc.name, victims(got), tc.evicted)
+		}
+		if why := Kept(p, e, Watched{Created: tc.watched}, t0); (why == "") != tc.evicted {
+			t.Errorf("%s: Kept = %q", tc.name, why)
+		}
+	}
+
+	// max-age, under budget: only the age rule evicts.
+	under := Usage{Bytes: 1}
+	for _, tc := range []struct {
+		name    string
+		unused  time.Duration // before t0, on the user's clock
+		watched time.Duration
+		evicted bool
+	}{
+		{"unused past max-age by 1m, one-shot", time.Hour + time.Minute, 0, false},
+		{"unused past max-age by 1m, watched unused for max-age", time.Hour + time.Minute, time.Hour, true},
+		{"unused past max-age by the tolerance, one-shot", time.Hour + ClockSkewTolerance, 0, true},
+		{"used just now by a host an hour behind", time.Hour, 0, false},
+	} {
+		p := pol
+		p.MinAge, p.MaxAge = 0, state.Duration(time.Hour)
+		e := cacheEntry(1, 1, 0, func(e *state.Entry) { e.LastUsed = t0.Add(-tc.unused) })
+		got := PlanEviction(p, entries(e), map[string]Watched{e.Key.ID(): {LastUsed: tc.watched}}, under, t0)
+		if (len(got) == 1 && got[0].Reason == "age") != tc.evicted {
+			t.Errorf("max-age, %s: victims %v, want evicted %v", tc.name, victims(got), tc.evicted)
+		}
+	}
+}

@@ -7,7 +7,9 @@
 // directory (.., absolute names, symlinks or hard links pointing out,
 // writing through a symlink the archive made), device files and fifos, and
 // duplicate files. An archive whose contents exceed the byte or file budget
-// (which also stops gzip bombs) wraps [ErrTooLarge]. All writes go through an [os.Root], so even a bug in these checks cannot
+// (which also stops gzip bombs) wraps [ErrTooLarge]; the byte budget counts
+// what is actually written, so a sparse member counts at its full size.
+// All writes go through an [os.Root], so even a bug in these checks cannot
 // write outside the directory. A truncated or malformed archive wraps
 // [ErrCorrupt].
 //
@@ -323,12 +325,17 @@ func (x *extractor) mkdir(p string) error {
 	return x.root.Chmod(p, 0o770|fs.ModeSetgid)
 }
 
+// tooLarge is the error for a member that does not fit the byte budget.
+func (x *extractor) tooLarge(name, what string) error {
+	return fmt.Errorf("%w: member %q %s: %d bytes written so far, the bound is %d", ErrTooLarge, name, what, x.bytes, x.lim.MaxBytes)
+}
+
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size < 0 {
 		return fmt.Errorf("%w: member %q: negative size", ErrCorrupt, hdr.Name)
 	}
-	if x.lim.MaxBytes > 0 && x.bytes+hdr.Size > x.lim.MaxBytes {
-		return fmt.Errorf("%w: member %q of %d bytes would pass the budget of %d", ErrTooLarge, hdr.Name, hdr.Size, x.lim.MaxBytes)
+	if x.lim.MaxBytes > 0 && hdr.Size > x.lim.MaxBytes-x.bytes {
+		return x.tooLarge(hdr.Name, fmt.Sprintf("of %d bytes", hdr.Size))
 	}
 	if err := x.parent(p); err != nil {
 		return err
@@ -352,10 +359,19 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 		}
 	}
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), r)
+	// The size was checked above, but the budget is on what is written:
+	// copy at most one byte past it, whatever the reader hands over.
+	src := r
+	if x.lim.MaxBytes > 0 {
+		src = io.LimitReader(r, x.lim.MaxBytes-x.bytes+1)
+	}
+	n, err := io.Copy(io.MultiWriter(f, h), src)
 	x.bytes += n
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil && x.lim.MaxBytes > 0 && x.bytes > x.lim.MaxBytes {
+		return x.tooLarge(hdr.Name, fmt.Sprintf("whose header said %d bytes but which held more", hdr.Size))
 	}
 	if err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {

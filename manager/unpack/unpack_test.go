@@ -60,6 +60,30 @@ func extractFile(t *testing.T, archive string) error {
 	return xerr
 }
 
+// hostileWants is the one error each archive in testdata/hostile must be
+// refused with; an archive there that is not listed fails the test, so a
+// new fixture must say what it expects.
+var hostileWants = map[string]error{
+	"absolute.tar":              ErrHostile,
+	"blockdev.tar":              ErrHostile,
+	"chardev.tar":               ErrHostile,
+	"dotdot.tar":                ErrHostile,
+	"duplicate.tar":             ErrHostile,
+	"fifo.tar":                  ErrHostile,
+	"gzip-bomb.tar.gz":          ErrTooLarge, // 64 MiB of zeros
+	"hardlink-absolute.tar":     ErrHostile,
+	"hardlink-escape.tar":       ErrHostile,
+	"hardlink-to-missing.tar":   ErrHostile,
+	"huge-member.tar":           ErrTooLarge, // a 16 GiB header, refused before its data
+	"nested-dotdot.tar":         ErrHostile,
+	"overwrite-symlink.tar":     ErrHostile,
+	"symlink-absolute.tar":      ErrHostile,
+	"symlink-escape.tar":        ErrHostile,
+	"truncated.tar":             ErrCorrupt,
+	"truncated.tar.gz":          ErrCorrupt,
+	"write-through-symlink.tar": ErrHostile,
+}
+
 func TestHostileCorpus(t *testing.T) {
 	files, err := filepath.Glob("../../testdata/hostile/*.tar*")
 	if err != nil {
@@ -68,14 +92,31 @@ func TestHostileCorpus(t *testing.T) {
 	if len(files) < 12 {
 		t.Fatalf("hostile corpus has %d archives, want at least 12", len(files))
 	}
+	found := map[string]bool{}
 	for _, fx := range files {
-		t.Run(filepath.Base(fx), func(t *testing.T) {
+		name := filepath.Base(fx)
+		found[name] = true
+		t.Run(name, func(t *testing.T) {
+			want, ok := hostileWants[name]
+			if !ok {
+				t.Fatal("no expected error listed in hostileWants")
+			}
 			err := extractFile(t, fx)
-			if !errors.Is(err, ErrHostile) && !errors.Is(err, ErrTooLarge) && !errors.Is(err, ErrCorrupt) {
-				t.Fatalf("err = %v, want a refusal", err)
+			if !errors.Is(err, want) {
+				t.Fatalf("err = %v, want %v", err, want)
+			}
+			for _, other := range []error{ErrHostile, ErrTooLarge, ErrCorrupt} {
+				if other != want && errors.Is(err, other) {
+					t.Errorf("err = %v, wraps %v as well as %v", err, other, want)
+				}
 			}
 			t.Logf("refused: %v", err)
 		})
+	}
+	for name := range hostileWants {
+		if !found[name] {
+			t.Errorf("%s is listed but not in testdata/hostile", name)
+		}
 	}
 }
 

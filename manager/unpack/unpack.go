@@ -452,10 +452,7 @@ func (x *extractor) follow(name, t string, w *walk, depth int) (string, error) {
 		case "", ".":
 		case "..":
 			if dir == "." {
-				if via != nil {
-					return "", fmt.Errorf("%w (through %s)", errOutside, strings.Join(via, ", "))
-				}
-				return "", errOutside
+				return "", x.outside(via)
 			}
 			dir = path.Dir(dir)
 		default:
@@ -468,7 +465,7 @@ func (x *extractor) follow(name, t string, w *walk, depth int) (string, error) {
 					}
 					return "", fmt.Errorf("through %s -> %q: %w", next, l.target, err)
 				}
-				via = append(via, fmt.Sprintf("%s -> %q", next, l.target))
+				via = append(via, next)
 				next = d
 			}
 			dir = next
@@ -476,6 +473,26 @@ func (x *extractor) follow(name, t string, w *walk, depth int) (string, error) {
 	}
 	w.memo[name] = dir
 	return dir, nil
+}
+
+// outside is errOutside, naming the first few links the target passed
+// through (a target may pass through thousands).
+func (x *extractor) outside(via []string) error {
+	if len(via) == 0 {
+		return errOutside
+	}
+	var b strings.Builder
+	for i, l := range via {
+		if i == 3 {
+			fmt.Fprintf(&b, " and %d more", len(via)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s -> %q", l, x.links[l].target)
+	}
+	return fmt.Errorf("%w (through %s)", errOutside, b.String())
 }
 
 // checkLinks resolves every symlink against the final set of links: a link

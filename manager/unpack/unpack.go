@@ -5,11 +5,23 @@
 // Archives are untrusted. Extract refuses, with an error wrapping
 // [ErrHostile] that names the member, any member that would leave the target
 // directory (.., absolute names, symlinks or hard links pointing out,
-// writing through a symlink the archive made), device files and fifos,
-// duplicate files, and an archive whose contents exceed the byte or file
-// budget (which also stops gzip bombs). All writes go through an [os.Root],
-// so even a bug in these checks cannot write outside the directory. A
-// truncated or malformed archive wraps [ErrCorrupt].
+// writing through a symlink the archive made), device files and fifos, and
+// duplicate files. An archive whose contents exceed the byte or file budget
+// (which also stops gzip bombs) wraps [ErrTooLarge]; the byte budget counts
+// what is actually written, so a sparse member counts at its full size.
+// All writes go through an [os.Root], so even a bug in these checks cannot
+// write outside the directory. A truncated or malformed archive wraps
+// [ErrCorrupt].
+//
+// A symlink is judged by where it leads, not by its text: its target is
+// resolved component by component through the symlinks the archive itself
+// made, as the kernel would, and the archive is refused if the link leads
+// to an absolute path or above the directory, or through a chain of links
+// more than 40 deep (a loop). Because a link made early may pass through a
+// name that a later member turns into a link, every symlink is resolved
+// again against the final set of links once the last member is in. So when
+// Extract succeeds, every symlink it published resolves inside the
+// directory (or to a name that does not exist there).
 package unpack
 
 import (
@@ -131,7 +143,7 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 		return 0, nil, err
 	}
 	defer root.Close()
-	x := extractor{root: root, lim: lim, symlinks: map[string]bool{}, files: map[string]bool{}, hashes: map[string]string{}}
+	x := extractor{root: root, lim: lim, links: map[string]link{}, files: map[string]bool{}, hashes: map[string]string{}}
 	tail := &tailReader{r: r}
 	tr := tar.NewReader(tail)
 	for {
@@ -148,6 +160,9 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 				// boundary for the end; over a connection that just closes
 				// (no length, not chunked) that is a cut-off download.
 				return x.bytes, nil, fmt.Errorf("%w: the archive ends without its end-of-archive marker (truncated?)", ErrCorrupt)
+			}
+			if err := x.checkLinks(); err != nil {
+				return x.bytes, nil, err
 			}
 			return x.bytes, x.hashes, nil
 		}
@@ -186,13 +201,14 @@ func (t *tailReader) endsWithZeroBlock() bool {
 }
 
 type extractor struct {
-	root     *os.Root
-	lim      Limits
-	bytes    int64
-	count    int
-	symlinks map[string]bool   // names the archive made symlinks
-	files    map[string]bool   // regular files, the only hard-link targets
-	hashes   map[string]string // sha256 of each regular file written
+	root   *os.Root
+	lim    Limits
+	bytes  int64
+	count  int
+	links  map[string]link   // the symlinks the archive made, by clean name
+	order  []string          // their names, in archive order
+	files  map[string]bool   // regular files, the only hard-link targets
+	hashes map[string]string // sha256 of each regular file written
 }
 
 func hostile(name, why string) error {
@@ -214,7 +230,7 @@ func (x *extractor) clean(name string) (string, error) {
 	// Writing at or below a symlink the archive made would write wherever
 	// it points.
 	for q := p; q != "." && q != "/"; q = path.Dir(q) {
-		if x.symlinks[q] {
+		if _, ok := x.links[q]; ok {
 			return "", hostile(name, "writes through the symlink "+q)
 		}
 	}
@@ -240,8 +256,15 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 		return x.regular(p, hdr, r)
 	case tar.TypeSymlink:
 		t := hdr.Linkname
-		if t == "" || path.IsAbs(t) || !filepath.IsLocal(path.Join(path.Dir(p), t)) {
-			return hostile(hdr.Name, fmt.Sprintf("symlink to %q points outside", t))
+		// Judged by where it leads, not by its text: it may pass through
+		// links made earlier (or through itself). This check sees only the
+		// links made so far, taking other names as directories, so
+		// checkLinks does the binding one at the end; this one refuses
+		// sooner. Any error ends the extraction, so the link may join the
+		// set before it exists.
+		x.links[p] = link{member: hdr.Name, target: t}
+		if _, err := x.dest(p, t, &walk{memo: map[string]string{}, budget: earlyBudget}); err != nil && !errors.Is(err, errBudget) {
+			return hostile(hdr.Name, fmt.Sprintf("symlink to %q: %v", t, err))
 		}
 		if err := x.parent(p); err != nil {
 			return err
@@ -249,7 +272,7 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 		if err := x.root.Symlink(t, p); err != nil {
 			return fmt.Errorf("%w: member %q: %w", ErrHostile, hdr.Name, err)
 		}
-		x.symlinks[p] = true
+		x.order = append(x.order, p)
 		return nil
 	case tar.TypeLink:
 		t, err := x.clean(hdr.Linkname)
@@ -302,12 +325,17 @@ func (x *extractor) mkdir(p string) error {
 	return x.root.Chmod(p, 0o770|fs.ModeSetgid)
 }
 
+// tooLarge is the error for a member that does not fit the byte budget.
+func (x *extractor) tooLarge(name, what string) error {
+	return fmt.Errorf("%w: member %q %s: %d bytes written so far, the bound is %d", ErrTooLarge, name, what, x.bytes, x.lim.MaxBytes)
+}
+
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size < 0 {
 		return fmt.Errorf("%w: member %q: negative size", ErrCorrupt, hdr.Name)
 	}
-	if x.lim.MaxBytes > 0 && x.bytes+hdr.Size > x.lim.MaxBytes {
-		return fmt.Errorf("%w: member %q of %d bytes would pass the budget of %d", ErrTooLarge, hdr.Name, hdr.Size, x.lim.MaxBytes)
+	if x.lim.MaxBytes > 0 && hdr.Size > x.lim.MaxBytes-x.bytes {
+		return x.tooLarge(hdr.Name, fmt.Sprintf("of %d bytes", hdr.Size))
 	}
 	if err := x.parent(p); err != nil {
 		return err
@@ -331,10 +359,19 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 		}
 	}
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), r)
+	// The size was checked above, but the budget is on what is written:
+	// copy at most one byte past it, whatever the reader hands over.
+	src := r
+	if x.lim.MaxBytes > 0 {
+		src = io.LimitReader(r, x.lim.MaxBytes-x.bytes+1)
+	}
+	n, err := io.Copy(io.MultiWriter(f, h), src)
 	x.bytes += n
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil && x.lim.MaxBytes > 0 && x.bytes > x.lim.MaxBytes {
+		return x.tooLarge(hdr.Name, fmt.Sprintf("whose header said %d bytes but which held more", hdr.Size))
 	}
 	if err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
@@ -344,5 +381,130 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	}
 	x.files[p] = true
 	x.hashes[p] = hex.EncodeToString(h.Sum(nil))
+	return nil
+}
+
+// link is a symlink the archive made.
+type link struct {
+	member string // the name the archive gave it, for errors
+	target string
+}
+
+// maxDepth bounds how deeply a link may lead through links, like the
+// kernel's limit of 40 (ELOOP): deeper is a loop or an attack, and it also
+// bounds the recursion.
+const maxDepth = 40
+
+// earlyBudget bounds the components the early check of one symlink may
+// walk, so that an archive of many links that lead through each other
+// costs linear time; past it the check is left to checkLinks.
+const earlyBudget = 1 << 14
+
+var (
+	errOutside = errors.New("leads outside the directory")
+	errLoop    = fmt.Errorf("leads through more than %d links (a loop?)", maxDepth)
+	errBudget  = errors.New("too many components to check early")
+)
+
+// walk is the state of one resolution.
+type walk struct {
+	// memo holds where each link fully resolved so far leads; valid only
+	// while the set of links does not change.
+	memo   map[string]string
+	budget int // the most components to walk; <= 0 means no bound
+	steps  int
+}
+
+// dest returns where the symlink named name (a clean local path whose
+// parents are not links) with target t leads, as a clean local path ("."
+// for the directory itself), following the archive's links the way the
+// kernel does. Names that are not links are taken as directories: a name
+// that does not exist yet may still become one, and through a regular
+// file the kernel resolves nothing at all, so taking it as a directory can
+// only refuse more, never less.
+func (x *extractor) dest(name, t string, w *walk) (string, error) {
+	return x.follow(name, t, w, 0)
+}
+
+func (x *extractor) follow(name, t string, w *walk, depth int) (string, error) {
+	if d, ok := w.memo[name]; ok {
+		return d, nil
+	}
+	if depth >= maxDepth {
+		return "", errLoop
+	}
+	if t == "" {
+		// The kernel refuses to resolve an empty target; tar cannot make
+		// one anyway, so it is a malformed or hostile member.
+		return "", errors.New("empty target")
+	}
+	if path.IsAbs(t) || filepath.IsAbs(t) {
+		return "", fmt.Errorf("%w (%q is absolute)", errOutside, t)
+	}
+	dir := path.Dir(name)
+	var via []string // the links this target passed through, for the error
+	for c := range strings.SplitSeq(t, "/") {
+		w.steps++
+		if w.budget > 0 && w.steps > w.budget {
+			return "", errBudget
+		}
+		switch c {
+		case "", ".":
+		case "..":
+			if dir == "." {
+				return "", x.outside(via)
+			}
+			dir = path.Dir(dir)
+		default:
+			next := path.Join(dir, c)
+			if l, ok := x.links[next]; ok {
+				d, err := x.follow(next, l.target, w, depth+1)
+				if err != nil {
+					if errors.Is(err, errBudget) || errors.Is(err, errLoop) {
+						return "", err // a chain 40 deep would drown the reason
+					}
+					return "", fmt.Errorf("through %s -> %q: %w", next, l.target, err)
+				}
+				via = append(via, next)
+				next = d
+			}
+			dir = next
+		}
+	}
+	w.memo[name] = dir
+	return dir, nil
+}
+
+// outside is errOutside, naming the first few links the target passed
+// through (a target may pass through thousands).
+func (x *extractor) outside(via []string) error {
+	if len(via) == 0 {
+		return errOutside
+	}
+	var b strings.Builder
+	for i, l := range via {
+		if i == 3 {
+			fmt.Fprintf(&b, " and %d more", len(via)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s -> %q", l, x.links[l].target)
+	}
+	return fmt.Errorf("%w (through %s)", errOutside, b.String())
+}
+
+// checkLinks resolves every symlink against the final set of links: a link
+// checked when it was made may have passed through a name that a later
+// member made a link.
+func (x *extractor) checkLinks() error {
+	w := &walk{memo: map[string]string{}}
+	for _, p := range x.order {
+		l := x.links[p]
+		if _, err := x.dest(p, l.target, w); err != nil {
+			return hostile(l.member, fmt.Sprintf("symlink to %q, with the archive's other links: %v", l.target, err))
+		}
+	}
 	return nil
 }

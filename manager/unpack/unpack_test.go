@@ -60,6 +60,30 @@ func extractFile(t *testing.T, archive string) error {
 	return xerr
 }
 
+// hostileWants is the one error each archive in testdata/hostile must be
+// refused with; an archive there that is not listed fails the test, so a
+// new fixture must say what it expects.
+var hostileWants = map[string]error{
+	"absolute.tar":              ErrHostile,
+	"blockdev.tar":              ErrHostile,
+	"chardev.tar":               ErrHostile,
+	"dotdot.tar":                ErrHostile,
+	"duplicate.tar":             ErrHostile,
+	"fifo.tar":                  ErrHostile,
+	"gzip-bomb.tar.gz":          ErrTooLarge, // 64 MiB of zeros
+	"hardlink-absolute.tar":     ErrHostile,
+	"hardlink-escape.tar":       ErrHostile,
+	"hardlink-to-missing.tar":   ErrHostile,
+	"huge-member.tar":           ErrTooLarge, // a 16 GiB header, refused before its data
+	"nested-dotdot.tar":         ErrHostile,
+	"overwrite-symlink.tar":     ErrHostile,
+	"symlink-absolute.tar":      ErrHostile,
+	"symlink-escape.tar":        ErrHostile,
+	"truncated.tar":             ErrCorrupt,
+	"truncated.tar.gz":          ErrCorrupt,
+	"write-through-symlink.tar": ErrHostile,
+}
+
 func TestHostileCorpus(t *testing.T) {
 	files, err := filepath.Glob("../../testdata/hostile/*.tar*")
 	if err != nil {
@@ -68,14 +92,31 @@ func TestHostileCorpus(t *testing.T) {
 	if len(files) < 12 {
 		t.Fatalf("hostile corpus has %d archives, want at least 12", len(files))
 	}
+	found := map[string]bool{}
 	for _, fx := range files {
-		t.Run(filepath.Base(fx), func(t *testing.T) {
+		name := filepath.Base(fx)
+		found[name] = true
+		t.Run(name, func(t *testing.T) {
+			want, ok := hostileWants[name]
+			if !ok {
+				t.Fatal("no expected error listed in hostileWants")
+			}
 			err := extractFile(t, fx)
-			if !errors.Is(err, ErrHostile) && !errors.Is(err, ErrTooLarge) && !errors.Is(err, ErrCorrupt) {
-				t.Fatalf("err = %v, want a refusal", err)
+			if !errors.Is(err, want) {
+				t.Fatalf("err = %v, want %v", err, want)
+			}
+			for _, other := range []error{ErrHostile, ErrTooLarge, ErrCorrupt} {
+				if other != want && errors.Is(err, other) {
+					t.Errorf("err = %v, wraps %v as well as %v", err, other, want)
+				}
 			}
 			t.Logf("refused: %v", err)
 		})
+	}
+	for name := range hostileWants {
+		if !found[name] {
+			t.Errorf("%s is listed but not in testdata/hostile", name)
+		}
 	}
 }
 
@@ -188,18 +229,50 @@ func TestSniff(t *testing.T) {
 	}
 }
 
-// FuzzExtract: whatever the bytes, nothing is written outside the target.
+// fuzzLimits are small, so that the oracle's budget check means something.
+var fuzzLimits = Limits{MaxBytes: 1 << 20, MaxFiles: 100}
+
+// fuzzChains are symlink-chain archives for the fuzzer to start from: the
+// benign ones are extracted, so the oracle walks their links; the others
+// are one mutation away from the chains the extractor must refuse.
+func fuzzChains(t testing.TB) [][]byte {
+	seeds := [][]mem{
+		{file("lib64/libc.so", "c"), sym("lib", "lib64"), sym("current", "lib/libc.so")},
+		{file("c/f", "cf"), sym("a/b", "../c"), sym("a/d", "b/f")},
+		{sym("d/up", ".."), sym("L", "d/up/f"), file("f", "top")},
+		{sym("L", "d/up/.."), sym("d/up", "..")},
+		{sym("d/up", ".."), sym("L", "d/up/..")},
+		{sym("m/n", ".."), sym("o/p", ".."), sym("z", "m/n/o/p/../..")},
+		{sym("p/q/r", "../.."), sym("p/q/s", "r"), sym("p/q/t", "s"), sym("x", "p/q/t/..")},
+		{sym("M", "L"), sym("L", "d/up/.."), sym("d/up", "..")},
+		{sym("a", "b"), sym("b", "a")},
+		{file("big", strings.Repeat("x", 600<<10)), hard("h1", "big"), hard("h2", "big")},
+	}
+	var out [][]byte
+	for _, ms := range seeds {
+		out = append(out, archive(t, ms...))
+	}
+	return out
+}
+
+// FuzzExtract: whatever the bytes, nothing is written outside the target;
+// and when extraction succeeds, every symlink on disk resolves inside it
+// (judged by the filesystem, not by the extractor's model) and the files
+// written fit the limits.
 func FuzzExtract(f *testing.F) {
 	files, _ := filepath.Glob("../../testdata/hostile/*.tar")
 	for _, fx := range files {
 		b, _ := os.ReadFile(fx)
 		f.Add(b)
 	}
+	for _, b := range fuzzChains(f) {
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		parent := t.TempDir()
 		target := filepath.Join(parent, "t")
 		os.Mkdir(target, 0o755)
-		Extract(context.Background(), bytes.NewReader(data), target, Limits{MaxBytes: 1 << 20, MaxFiles: 100})
+		n, err := Extract(context.Background(), bytes.NewReader(data), target, fuzzLimits)
 		ents, _ := os.ReadDir(parent)
 		if len(ents) != 1 {
 			var names []string
@@ -207,6 +280,17 @@ func FuzzExtract(f *testing.F) {
 				names = append(names, e.Name())
 			}
 			t.Fatalf("written outside the target: %s", strings.Join(names, ", "))
+		}
+		if err != nil {
+			return
+		}
+		assertLinksInside(t, target)
+		size, count := written(t, target)
+		if size > fuzzLimits.MaxBytes || size != n {
+			t.Errorf("%d bytes in distinct files, %d reported, bound %d", size, n, fuzzLimits.MaxBytes)
+		}
+		if count > fuzzLimits.MaxFiles {
+			t.Errorf("%d distinct files, bound %d", count, fuzzLimits.MaxFiles)
 		}
 	})
 }

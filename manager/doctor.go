@@ -531,6 +531,12 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 		named[filepath.Base(filepath.Dir(e.Path))] = true
 		if abs, err := m.store.Abs(e.Path); err != nil || !exists(abs) {
 			missing++
+			dir := filepath.Base(filepath.Dir(e.Path))
+			if held, _ := filepath.Glob(filepath.Join(root, trashDir, "*", dir)); len(held) > 0 {
+				rel, _ := filepath.Rel(root, held[0])
+				add("content", "fail", "READY entry %s: content %s is missing: it is waiting in %s (moved by a sweep that did not commit; the next sweep or start puts it back)", e.Key.Source, e.Path, rel)
+				continue
+			}
 			add("content", "fail", "READY entry %s: content %s is missing", e.Key.Source, e.Path)
 		}
 	}

@@ -165,28 +165,36 @@ func TestE2ECrashedRunOtherHost(t *testing.T) {
 }
 
 // TestE2EPolicyMismatchTwoHosts: two workers on two fake hosts share one
-// root with different --max-size: the first one's budget is stored and
-// applied by both, and the second says so.
+// root. The budget host-a stores with policy set is the one host-b's loop
+// applies, and host-b says so in one line when its flags differ; a one-shot
+// gc on host-b sweeps with its own flags and stores nothing.
 func TestE2EPolicyMismatchTwoHosts(t *testing.T) {
 	mnt1, mnt2 := rigtest.SharedFS(t)
 	sub := fmt.Sprintf("e2e-policy-%d", time.Now().UnixNano())
 	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
-	run := func(host, mnt, size string) (string, string) {
-		cmd := rigtest.FakeHost(t, host, 0, bin, "--root", filepath.Join(mnt, sub), "gc", "--max-size", size)
+	run := func(host, mnt string, args ...string) (string, string) {
+		cmd := rigtest.FakeHost(t, host, 0, append([]string{bin, "--root", filepath.Join(mnt, sub)}, args...)...)
 		var out, errb strings.Builder
 		cmd.Stdout, cmd.Stderr = &out, &errb
 		if err := cmd.Run(); err != nil {
-			t.Fatalf("%s: %v: %s", host, err, errb.String())
+			t.Fatalf("%s %v: %v: %s", host, args, err, errb.String())
 		}
 		return out.String(), errb.String()
 	}
-	run("host-a", mnt1, "100MB")
-	out, errs := run("host-b", mnt2, "50MB")
-	if !strings.Contains(errs, "max-size: stored 100000000, given 50000000") {
-		t.Errorf("host-b did not report the mismatch: %q", errs)
+	src := t.TempDir() + "/dep.bin"
+	if err := os.WriteFile(src, []byte("dependency"), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	if !strings.Contains(out, "budget 95 MiB") {
-		t.Errorf("host-b did not apply the stored budget: %q", out)
+	run("host-a", mnt1, "policy", "set", "--max-size", "100MB")
+	_, errs := run("host-b", mnt2, "get", "--dependent", "job", "--max-size", "50MB", "file://"+src)
+	if !strings.Contains(errs, "max-size: stored 100000000, given 50000000") || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+		t.Errorf("host-b's get did not report the mismatch in one line: %q", errs)
+	}
+	if out, _ := run("host-b", mnt2, "gc"); !strings.Contains(out, "budget 95 MiB") {
+		t.Errorf("host-b's gc did not apply the stored budget: %q", out)
+	}
+	if out, _ := run("host-b", mnt2, "gc", "--max-size", "50MB"); !strings.Contains(out, "budget 48 MiB") {
+		t.Errorf("host-b's one-shot gc did not apply its own --max-size: %q", out)
 	}
 	st := readState(t, filepath.Join(mnt1, sub))
 	if st.Policy == nil || st.Policy.MaxSizeBytes != 100_000_000 {

@@ -52,7 +52,7 @@ func (s *system) Alive(p Process) (bool, error) {
 		return true, nil
 	}
 	st, zombie, err := procStat(p.PID)
-	if errors.Is(err, fs.ErrNotExist) {
+	if vanished(err) {
 		// With /proc mounted hidepid, another user's live process is
 		// invisible there: only kill(2)'s ESRCH proves it gone.
 		if kerr := unix.Kill(p.PID, 0); kerr == nil || errors.Is(kerr, unix.EPERM) {
@@ -73,7 +73,7 @@ func (s *system) Alive(p Process) (bool, error) {
 	// gone only when its leader is the last task left.
 	if zombie {
 		tasks, err := os.ReadDir("/proc/" + strconv.Itoa(p.PID) + "/task")
-		if errors.Is(err, fs.ErrNotExist) {
+		if vanished(err) {
 			return false, nil
 		}
 		if err != nil {
@@ -83,6 +83,18 @@ func (s *system) Alive(p Process) (bool, error) {
 	}
 	return true, nil
 }
+
+// vanished reports whether a read of /proc/PID failed because the process
+// is gone: its directory no longer exists, or it was reaped between the
+// open and the read (ESRCH), which leaves nothing to read either. Every
+// /proc read races with the process's exit; neither is "cannot tell".
+func vanished(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) || errors.Is(err, errEmptyStat)
+}
+
+// errEmptyStat: /proc/PID/stat read as empty, as it does for a process
+// reaped after the open.
+var errEmptyStat = errors.New("empty /proc stat file")
 
 func startTime(pid int) (uint64, error) {
 	st, _, err := procStat(pid)
@@ -96,6 +108,9 @@ func procStat(pid int) (start uint64, zombie bool, err error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return 0, false, err
+	}
+	if len(b) == 0 {
+		return 0, false, fmt.Errorf("/proc/%d/stat: %w", pid, errEmptyStat)
 	}
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {

@@ -29,9 +29,10 @@ func FuzzParseKey(f *testing.F) {
 	f.Add("https://x/y", strings.Repeat("a", 64))
 	f.Add("https://x/y", strings.Repeat("A", 64))
 	f.Fuzz(func(t *testing.T, src, sha string) {
+		const p = "docker-build:"
 		build := false
-		if q, ok := strings.CutPrefix(strings.ToLower(src), "docker-build:"); ok {
-			_, query, _ := strings.Cut(src[len(src)-len(q):], "?")
+		if len(src) >= len(p) && strings.EqualFold(src[:len(p)], p) {
+			_, query, _ := strings.Cut(src[len(p):], "?")
 			src, build = "docker-build://"+ctxDir+"?"+query, true
 		}
 		k, err := manager.ParseKey(src, sha)

@@ -169,12 +169,13 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	}
 	var evicted []string // entry directories, relative to the root
 	var images []*state.Entry
-	m.trashMu.RLock() // settleTrashLocked moves content out of trash
+	if !dryRun {
+		if err := m.settleTrash(ctx); err != nil {
+			return rep, err
+		}
+	}
 	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
-		if !dryRun {
-			m.settleTrashLocked(st)
-		}
 		now := m.cfg.Clock.Now()
 		pol := policyOf(st)
 		switch {
@@ -239,7 +240,6 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		}
 		return changed, nil
 	})
-	m.trashMu.RUnlock()
 	if err != nil {
 		return rep, err
 	}
@@ -281,10 +281,10 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 
 // intoTrash moves the entry directory rel (relative to the root) into this
 // manager's trash, keeping its name: the name by which a move of an older
-// version, made before its commit, is put back (settleTrashLocked). A
+// version, made before its commit, is put back (settleTrash). A
 // directory already gone is not an error.
 func (m *Manager) intoTrash(rel string) error {
-	from, err := m.store.Abs(rel)
+	from, err := state.AbsIn(m.root, rel)
 	if err != nil {
 		return err
 	}
@@ -330,7 +330,7 @@ func (m *Manager) ownTrash() (string, error) {
 }
 
 // emptyTrash deletes, outside the lock, what this manager moved aside.
-// Content an entry still names stays for settleTrashLocked to put back.
+// Content an entry still names stays for settleTrash to put back.
 func (m *Manager) emptyTrash() {
 	m.trashMu.Lock()
 	defer m.trashMu.Unlock()
@@ -359,14 +359,26 @@ func (m *Manager) emptyTrash() {
 	}
 }
 
-// settleTrashLocked runs under the lock, where every sweep decides and
-// commits. Content in any manager's trash that an entry of st still names
-// was moved before a commit that never happened: by a process of an older
-// depcache (which moved, then committed) killed in between, or by a hand.
-// It goes back into place. The rest of a dead manager's trash (this
+// settleTrash, outside the lock, puts back content in any manager's trash
+// that a READY entry of the state still names: it was moved before a
+// commit that never happened, by a process of an older depcache (which
+// moved, then committed) killed in between, or by a hand. A sweep that
+// evicts such an entry meanwhile only finds it gone, and the next
+// reconcile moves it aside again. The rest of a dead manager's trash (this
 // machine only: elsewhere death is not provable) is adopted into ours, to
-// be deleted outside the lock.
-func (m *Manager) settleTrashLocked(st *state.State) {
+// be deleted. A planted symlink in trash/ is never followed.
+func (m *Manager) settleTrash(ctx context.Context) error {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return err
+	}
+	m.trashMu.RLock()
+	defer m.trashMu.RUnlock()
+	m.settleTrashAgainst(st)
+	return nil
+}
+
+func (m *Manager) settleTrashAgainst(st *state.State) {
 	root := filepath.Join(m.Root(), trashDir)
 	dirs, err := os.ReadDir(root)
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -53,7 +52,7 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			continue
 		}
 		r := VerifyResult{Key: e.Key}
-		abs, err := m.store.Abs(e.Path)
+		abs, err := state.AbsIn(m.root, e.Path)
 		if err != nil {
 			return out, err
 		}
@@ -282,17 +281,17 @@ func (m *Manager) Rebuild(ctx context.Context, force bool) (RebuildReport, error
 	if !force {
 		// A missing state file (with content left, which start-up refuses)
 		// or one that does not parse is what this is for.
-		if _, err := os.Stat(m.store.Path()); err == nil {
+		if exists, err := m.store.Exists(ctx); err == nil && exists {
 			_, verr := m.store.View(ctx)
 			switch {
 			case verr == nil:
-				return rep, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store.Path(), ErrStateReadable)
+				return rep, fmt.Errorf("rebuild %s: %w; rebuilding would drop every dependent and download in flight (force it only if you mean that)", m.store, ErrStateReadable)
 			case errors.Is(verr, state.ErrUnsupportedVersion):
 				return rep, fmt.Errorf("rebuild: %w; a newer depcache wrote it: upgrade this one instead (forcing the rebuild drops that state)", verr)
 			case !errors.Is(verr, state.ErrCorrupt):
 				return rep, fmt.Errorf("rebuild: %w", verr)
 			}
-		} else if !errors.Is(err, fs.ErrNotExist) {
+		} else if err != nil {
 			return rep, fmt.Errorf("rebuild: %w", err)
 		}
 	}
@@ -471,24 +470,11 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 	}
 	root := m.Root()
 
-	// The lock works on this filesystem: two locks on one name exclude.
-	probe := filepath.Join(root, ".doctor-lock-"+m.self.ManagerID)
-	a, _ := state.NewLock(probe, state.LockOptions{Log: m.cfg.Log})
-	b, _ := state.NewLock(probe, state.LockOptions{Log: m.cfg.Log})
-	if unlock, err := a.Lock(ctx); err != nil {
-		add("lock", "fail", "cannot take a lock in %s: %v", root, err)
-	} else {
-		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-		_, berr := b.Lock(tctx)
-		cancel()
-		uerr := unlock()
-		switch {
-		case berr == nil:
-			add("lock", "fail", "two holders got the same lock: link(2) does not exclude on this filesystem")
-		case uerr != nil:
-			add("lock", "fail", "release: %v", uerr)
-		default:
-			add("lock", "ok", "link(2) lock excludes a second holder")
+	inspector, _ := m.store.(state.Inspector)
+	if inspector != nil {
+		// The store's own checks first: its lock, where it has one.
+		for _, c := range inspector.Checks(ctx) {
+			out = append(out, Check(c))
 		}
 	}
 
@@ -520,7 +506,7 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 		add("state", "fail", "%v (depcache doctor --rebuild rebuilds it from the published metadata)", err)
 		return out
 	}
-	add("state", "ok", "%s parses: %d entries", m.store.Path(), len(st.Entries))
+	add("state", "ok", "%s parses: %d entries", m.store, len(st.Entries))
 
 	named := map[string]bool{}
 	missing := 0
@@ -529,7 +515,7 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 			continue
 		}
 		named[filepath.Base(filepath.Dir(e.Path))] = true
-		if abs, err := m.store.Abs(e.Path); err != nil || !exists(abs) {
+		if abs, err := state.AbsIn(m.root, e.Path); err != nil || !exists(abs) {
 			missing++
 			dir := filepath.Base(filepath.Dir(e.Path))
 			if held, _ := filepath.Glob(filepath.Join(root, trashDir, "*", dir)); len(held) > 0 {
@@ -569,15 +555,6 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 		add("staging", "ok", "no staging data")
 	}
 
-	lockPath := filepath.Join(root, state.LockFile)
-	if b, err := os.ReadFile(lockPath); err == nil {
-		add("state lock", "warn", "held now or left behind: %s (doctor --break-lock removes it after showing it)", strings.TrimSpace(string(b)))
-	} else {
-		add("state lock", "ok", "not held")
-	}
-	if leftovers, _ := filepath.Glob(lockPath + ".*"); len(leftovers) > 0 {
-		add("lock litter", "warn", "%d files of interrupted lock attempts: %s", len(leftovers), strings.Join(leftovers, ", "))
-	}
 	return out
 }
 
@@ -606,45 +583,23 @@ func (m *Manager) stagingWriter(dir string, st *state.State) string {
 	return "written by " + who + ", superseded"
 }
 
-// LockHolder returns the content of the state lock, or "" if it is free.
+// LockHolder returns who holds the state store's lock, or "" if it is free
+// (or the store has no lock of its own).
 func (m *Manager) LockHolder() string {
-	b, err := os.ReadFile(filepath.Join(m.Root(), state.LockFile))
-	if err != nil {
-		return ""
+	if in, ok := m.store.(state.Inspector); ok {
+		return in.Holder()
 	}
-	return strings.TrimSpace(string(b))
+	return ""
 }
 
-// BreakLock removes the state lock if its content is still holder (what
-// the operator was shown) and its holder is not a live process of this
-// machine.
+// BreakLock breaks the state store's lock if its holder is still holder
+// (what the operator was shown) and is not a live process of this machine.
 func (m *Manager) BreakLock(holder string) error {
-	p := filepath.Join(m.Root(), state.LockFile)
-	var h struct {
-		state.Process
-		Nonce string `json:"nonce"`
+	in, ok := m.store.(state.Inspector)
+	if !ok {
+		return fmt.Errorf("%s has no lock to break", m.store)
 	}
-	if json.Unmarshal([]byte(holder), &h) == nil && m.self.SameMachine(h.Process) {
-		if alive, err := m.cfg.Processes.Alive(h.Process); err != nil || alive {
-			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it", h.Process)
-		}
-	}
-	if cur, err := os.ReadFile(p); err != nil || strings.TrimSpace(string(cur)) != holder {
-		return errors.New("the lock changed hands since it was shown; left it alone")
-	}
-	aside := p + ".broken-by-doctor"
-	if err := os.Rename(p, aside); err != nil {
-		return err
-	}
-	b, err := os.ReadFile(aside)
-	if err == nil && strings.TrimSpace(string(b)) != holder {
-		if lerr := os.Link(aside, p); lerr != nil {
-			return fmt.Errorf("the lock changed hands while breaking it and could not be restored: %w", lerr)
-		}
-		os.Remove(aside)
-		return errors.New("the lock changed hands meanwhile; left it alone")
-	}
-	return os.Remove(aside)
+	return in.BreakHolder(holder)
 }
 
 func exists(p string) bool {

@@ -174,12 +174,12 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 
 // update applies an owner's event to key's entry under the lock.
 func (m *Manager) update(ctx context.Context, key state.Key, rule func(*state.Entry) (transitions.Result, error)) error {
-	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
-		r, err := rule(st.Get(key))
+	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
+		r, err := rule(tx.Get(key))
 		if err != nil {
 			return false, err
 		}
-		m.apply(st, key.ID(), r)
+		m.apply(tx, key, r)
 		return r.Changed, nil
 	})
 	if err != nil && !errors.Is(err, transitions.ErrFenced) {
@@ -306,8 +306,15 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	return meta, nil
 }
 
-// publish moves staging into place and marks the entry READY in one
-// commit, only if we still own this generation.
+// publish moves staging into place, then marks the entry READY in a
+// commit that applies only if we still own this generation. The rename
+// comes first, outside the commit: a store callback may run more than
+// once and does no I/O. Until the commit, the published directory is
+// named by nobody but our DOWNLOADING generation, which reconcile leaves
+// alone (see reconcile); if the commit does not happen (fenced, or it
+// failed), the directory goes back to staging, and a crash in between
+// leaves an orphan that reconcile moves aside once our generation is
+// superseded.
 func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, staging string, meta Meta) error {
 	final := filepath.Join(entriesDir, stagingName(key, gen))
 	abs := filepath.Join(m.Root(), final)
@@ -317,31 +324,25 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 	if err := m.perms.MkdirAll(filepath.Dir(abs)); err != nil {
 		return err
 	}
-	renamed := false
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
-		r, err := transitions.Publish(st.Get(key), m.self, gen, transitions.Published{
+	if err := os.Rename(staging, abs); err != nil {
+		return err
+	}
+	failpoint("publish-renamed")
+	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
+		r, err := transitions.Publish(tx.Get(key), m.self, gen, transitions.Published{
 			Path: filepath.Join(final, contentName), SizeBytes: meta.SizeBytes, Fetched: meta.Fetched}, m.cfg.Clock.Now())
 		if err != nil {
 			return false, err
 		}
-		// The one filesystem change made under the lock: a rename, so that
-		// no one sees READY without content, or content without its entry.
-		if err := os.Rename(staging, abs); err != nil {
-			return false, err
-		}
-		renamed = true
-		m.apply(st, key.ID(), r)
+		m.apply(tx, key, r)
 		return true, nil
 	})
-	if err != nil && renamed {
+	if err != nil {
 		if rerr := os.Rename(abs, staging); rerr != nil {
-			m.log.WithError(rerr).WithField("path", abs).Error("could not undo a publish whose commit failed; start-up reconciliation will move it aside")
+			m.log.WithError(rerr).WithField("path", abs).Error("could not move back a publish whose commit did not happen; reconcile moves it aside once this generation is superseded")
 		}
-	}
-	if err == nil {
-		if serr := state.SyncDir(filepath.Dir(abs)); serr != nil {
-			m.log.WithError(serr).Warn("fsync of the entries directory")
-		}
+	} else if serr := state.SyncDir(filepath.Dir(abs)); serr != nil {
+		m.log.WithError(serr).Warn("fsync of the entries directory")
 	}
 	m.kick()
 	return err

@@ -351,15 +351,15 @@ func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitio
 
 // apply writes a rule's result for id into st. Actions other than those
 // Release returns are carried out by the caller.
-func (m *Manager) apply(st *state.State, id string, r transitions.Result) {
+func (m *Manager) apply(tx *state.Txn, key state.Key, r transitions.Result) {
 	if !r.Changed {
 		return
 	}
 	if r.Entry == nil {
-		delete(st.Entries, id)
+		tx.Delete(key)
 		return
 	}
-	st.Entries[id] = r.Entry
+	tx.Put(r.Entry)
 }
 
 func (m *Manager) carryOut(ctx context.Context, ka keyedAction) {

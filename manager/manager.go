@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -114,6 +115,10 @@ type Config struct {
 	// MaxImageBytes fails an image whose registry size exceeds it before
 	// pulling; 0: no bound.
 	MaxImageBytes int64
+	// State is the state store. Default (nil): the file store in Root
+	// (state.Open), safe across hosts that share Root. Content always
+	// lives under Root.
+	State state.Backend
 	// Metrics, when set, receives the manager's Prometheus metrics.
 	Metrics prometheus.Registerer
 	// Sources by URL scheme. Default: http, https and file.
@@ -153,15 +158,14 @@ type LostDependent struct {
 type Manager struct {
 	cfg     Config
 	perms   state.Perms
-	store   *state.Store
+	store   state.Backend
+	root    string // absolute
 	metrics *metrics
 	self    state.Owner
 	log     logrus.FieldLogger
 
-	// trashMu keeps emptyTrash (write) out while a holder of the state
-	// lock (read: a sweep's or reconcile's settleTrashLocked, reconcile's
-	// orphan moves) moves content into or out of trash by what the state
-	// it holds names.
+	// trashMu keeps emptyTrash (write) out while settleTrash (read) moves
+	// content out of trash by what a snapshot of the state names.
 	trashMu sync.RWMutex
 
 	mu             sync.Mutex
@@ -242,13 +246,23 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.GroupShared {
 		perms = state.GroupPerms()
 	}
-	store, err := state.Open(cfg.Root, state.Options{OnHold: onHold, Perms: perms,
-		OnWait: func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
-		Lock:   state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
+	root, err := filepath.Abs(cfg.Root)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("manager: root %q: %w", cfg.Root, err)
 	}
-	if err := checkLayout(store.Root()); err != nil {
+	store := cfg.State
+	if store == nil {
+		fs, err := state.Open(root, state.Options{OnHold: onHold, Perms: perms,
+			OnWait: func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
+			Lock:   state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
+		if err != nil {
+			return nil, err
+		}
+		store = fs
+	} else if err := perms.MkdirAll(root); err != nil {
+		return nil, fmt.Errorf("manager: %w", err)
+	}
+	if err := checkLayout(root); err != nil {
 		return nil, err
 	}
 	id := make([]byte, 8)
@@ -260,6 +274,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg:           cfg,
 		perms:         perms,
 		store:         store,
+		root:          root,
 		metrics:       met,
 		self:          self,
 		log:           cfg.Log.WithField("manager", self.ManagerID),
@@ -277,14 +292,14 @@ func New(cfg Config) (*Manager, error) {
 }
 
 // Root returns the absolute cache root.
-func (m *Manager) Root() string { return m.store.Root() }
+func (m *Manager) Root() string { return m.root }
 
 // Abs returns the absolute path of an entry's content.
 func (m *Manager) Abs(e state.Entry) (string, error) {
 	if e.Path == "" {
 		return "", fmt.Errorf("%s has no content path", e.Key.Source)
 	}
-	return m.store.Abs(e.Path)
+	return state.AbsIn(m.root, e.Path)
 }
 
 // GetOption adjusts a Get.
@@ -342,16 +357,16 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	var snap state.Entry
 	var result string
 	// Batched: the pure transition fails before st is touched.
-	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
-		r, err := transitions.Request(st.Get(key), key, dependent, dep, m.cfg.Policy, now)
+	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
+		r, err := transitions.Request(tx.Get(key), key, dependent, dep, m.cfg.Policy, now)
 		if err != nil {
 			return false, err
 		}
-		result = requestResult(st.Get(key))
-		if st.Get(key) == nil {
-			r.Entry.Generation = st.MaxGeneration // never reuse a generation of an earlier incarnation
+		result = requestResult(tx.Get(key))
+		if tx.Get(key) == nil {
+			r.Entry.Generation = tx.MaxGeneration() // never reuse a generation of an earlier incarnation
 		}
-		st.Put(r.Entry)
+		tx.Put(r.Entry)
 		snap = *r.Entry
 		return r.Changed, nil
 	})
@@ -487,12 +502,12 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 		delete(m.lost, id)
 	}
 	m.mu.Unlock()
-	err := m.store.UpdateBatched(ctx, func(st *state.State) (bool, error) {
-		r, err := transitions.Release(st.Get(key), dependent)
+	err := m.store.UpdateEntries(ctx, []string{id}, func(tx *state.Txn) (bool, error) {
+		r, err := transitions.Release(tx.Get(key), dependent)
 		if err != nil {
 			return false, err
 		}
-		m.apply(st, id, r)
+		m.apply(tx, key, r)
 		return r.Changed, nil
 	})
 	m.kick()

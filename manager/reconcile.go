@@ -8,21 +8,24 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/depcache/depcache/state"
 	"github.com/sirupsen/logrus"
 )
 
 // reconcile makes the root agree with its state, at start-up. It runs only
-// on a state that was read successfully (Update refuses a corrupt one), and
-// decides under the lock, where every publish also happens, so it cannot
-// race a live publisher:
+// on a state that was read successfully (the store refuses a corrupt one):
+//   - content that an older depcache's interrupted sweep left in trash
+//     while its entry still names it goes back (settleTrash);
 //   - a READY entry whose content is missing is dropped;
-//   - a published directory that no entry names (a publish whose commit was
-//     interrupted) is moved to trash;
+//   - a published directory that no entry names is moved to trash after
+//     the commit. A directory of a generation still DOWNLOADING is named:
+//     its publisher renamed it into place and is about to commit;
 //   - staging data is removed only when its writer is provably gone;
 //   - trash is emptied, outside the lock.
+//
+// The disk is looked at before the commit, and the commit decides from
+// what it saw and the state as it is then: the callback does no I/O.
 func (m *Manager) reconcile(ctx context.Context) error {
 	root := m.Root()
 	if err := checkLayout(root); err != nil {
@@ -33,66 +36,80 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			m.log.WithError(err).Warn("Docker engine unavailable: image entries are not driven")
 		}
 	}
-	var dropped []string
-	// A root with published content but no state file lost its state
-	// (deleted, or restored without it): reconciling would move every
-	// entry aside as an orphan. Refuse; doctor --rebuild recovers it.
-	if _, err := os.Stat(m.store.Path()); errors.Is(err, fs.ErrNotExist) {
+	// A root with published content but no state lost its state (deleted,
+	// or restored without it): reconciling would move every entry aside as
+	// an orphan. Refuse; doctor --rebuild recovers it.
+	if exists, err := m.store.Exists(ctx); err != nil {
+		return err
+	} else if !exists {
 		if ents, _ := os.ReadDir(filepath.Join(root, entriesDir)); len(ents) > 0 {
-			return fmt.Errorf("state file %s is missing but %d published entries exist (run 'depcache doctor --rebuild'): %w",
-				m.store.Path(), len(ents), state.ErrCorrupt)
+			return fmt.Errorf("%s is missing but %d published entries exist (run 'depcache doctor --rebuild'): %w",
+				m.store, len(ents), state.ErrCorrupt)
 		}
 	}
-	m.trashMu.RLock()
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	if err := m.settleTrash(ctx); err != nil {
+		return err
+	}
+	// What is on disk, looked at before the commit.
+	snap, err := m.store.View(ctx)
+	if err != nil {
+		return err
+	}
+	missing := map[string]string{} // key ID -> the path found missing
+	for id, e := range snap.Entries {
+		if e.Stage != state.Ready || e.Path == "" {
+			continue
+		}
+		abs, err := state.AbsIn(m.root, e.Path)
+		if err != nil {
+			return err
+		}
+		if _, err := os.Lstat(abs); errors.Is(err, fs.ErrNotExist) {
+			missing[id] = e.Path
+		}
+	}
+	ents, err := os.ReadDir(filepath.Join(root, entriesDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	var dropped, orphans []string
+	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
+		dropped, orphans = dropped[:0], orphans[:0]
 		changed, err := m.settlePolicy(st)
 		if err != nil {
 			return false, err
 		}
-		// First put back what interrupted sweeps moved aside, so that their
-		// entries are not taken for entries whose content is missing.
-		m.settleTrashLocked(st)
-		named := map[string]bool{}
 		for id, e := range st.Entries {
-			if e.Path == "" {
-				continue
-			}
-			abs, err := m.store.Abs(e.Path)
-			if err != nil {
-				return false, err
-			}
-			if _, err := os.Lstat(abs); errors.Is(err, fs.ErrNotExist) && e.Stage == state.Ready {
+			// Only if it is still the entry whose content was found missing.
+			if p, ok := missing[id]; ok && e.Stage == state.Ready && e.Path == p {
 				delete(st.Entries, id)
 				dropped = append(dropped, e.Key.String())
 				changed = true
-				continue
-			}
-			if parts := strings.Split(e.Path, string(filepath.Separator)); len(parts) >= 2 {
-				named[parts[1]] = true
 			}
 		}
-		ents, err := os.ReadDir(filepath.Join(root, entriesDir))
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return false, err
+		named := namedDirs(st)
+		for _, e := range st.Entries {
+			if e.Stage == state.Downloading && e.Owner != nil {
+				named[stagingName(e.Key, e.Generation)] = true
+			}
 		}
 		for _, d := range ents {
-			if named[d.Name()] {
-				continue
+			if !named[d.Name()] {
+				orphans = append(orphans, filepath.Join(entriesDir, d.Name()))
 			}
-			if err := m.intoTrash(filepath.Join(entriesDir, d.Name())); err != nil {
-				return false, err
-			}
-			m.log.WithField("dir", d.Name()).Warn("moved aside published content that no entry names")
 		}
 		return changed, nil
 	})
-	m.trashMu.RUnlock()
 	if err != nil {
 		return err
 	}
 	for _, k := range dropped {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
 	}
+	for _, o := range orphans {
+		m.log.WithField("dir", filepath.Base(o)).Warn("moving aside published content that no entry names")
+	}
+	m.moveToTrash(orphans, "an orphaned")
 	m.removeDeadStaging()
 	m.emptyTrash()
 	return nil

@@ -106,11 +106,15 @@ func (s *Store) Lock() *Lock { return s.lock }
 
 // Abs returns the absolute path of rel, a path recorded in the state, or an
 // error if it would leave the root.
-func (s *Store) Abs(rel string) (string, error) {
+func (s *Store) Abs(rel string) (string, error) { return AbsIn(s.root, rel) }
+
+// AbsIn returns the absolute path of rel, a path recorded in the state,
+// under root, or an error if it would leave the root.
+func AbsIn(root, rel string) (string, error) {
 	if err := CheckRelPath(rel); err != nil {
 		return "", err
 	}
-	return filepath.Join(s.root, rel), nil
+	return filepath.Join(root, rel), nil
 }
 
 // View returns the current state without taking the lock. The file is only

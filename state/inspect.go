@@ -1,0 +1,100 @@
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Checks reports on the file store's lock: that link(2) excludes on this
+// filesystem (two locks on a probe name), who holds the state lock, and
+// files left by interrupted lock attempts. It changes nothing in the state;
+// the probe lock is made and removed beside it.
+func (s *Store) Checks(ctx context.Context) []Check {
+	var out []Check
+	add := func(name, status, format string, args ...any) {
+		out = append(out, Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
+	}
+	probe := filepath.Join(s.root, fmt.Sprintf(".doctor-lock-%d-%d", os.Getpid(), time.Now().UnixNano()))
+	opts := LockOptions{Log: s.lock.opts.Log, Processes: s.lock.opts.Processes, Clock: s.lock.opts.Clock}
+	a, aerr := NewLock(probe, opts)
+	b, berr := NewLock(probe, opts)
+	if err := errors.Join(aerr, berr); err != nil {
+		add("lock", "fail", "cannot make a lock in %s: %v", s.root, err)
+	} else if unlock, err := a.Lock(ctx); err != nil {
+		add("lock", "fail", "cannot take a lock in %s: %v", s.root, err)
+	} else {
+		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		_, berr := b.Lock(tctx)
+		cancel()
+		uerr := unlock()
+		switch {
+		case berr == nil:
+			add("lock", "fail", "two holders got the same lock: link(2) does not exclude on this filesystem")
+		case uerr != nil:
+			add("lock", "fail", "release: %v", uerr)
+		default:
+			add("lock", "ok", "link(2) lock excludes a second holder")
+		}
+	}
+	if h := s.Holder(); h != "" {
+		add("state lock", "warn", "held now or left behind: %s (doctor --break-lock removes it after showing it)", h)
+	} else {
+		add("state lock", "ok", "not held")
+	}
+	if leftovers, _ := filepath.Glob(s.lock.path + ".*"); len(leftovers) > 0 {
+		add("lock litter", "warn", "%d files of interrupted lock attempts: %s", len(leftovers), strings.Join(leftovers, ", "))
+	}
+	return out
+}
+
+// Holder returns the content of the state lock (its holder's record), or
+// "" if it is free.
+func (s *Store) Holder() string {
+	b, err := os.ReadFile(s.lock.path)
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// BreakHolder removes the state lock if its content is still holder (what
+// the operator was shown) and its holder is not a live process of this
+// machine. It moves the lock aside and reads it back, so that a lock taken
+// in between is put back, not removed.
+func (s *Store) BreakHolder(holder string) error {
+	p := s.lock.path
+	procs := s.lock.opts.Processes
+	var h struct {
+		Process
+		Nonce string `json:"nonce"`
+	}
+	if json.Unmarshal([]byte(holder), &h) == nil && procs.Self().SameMachine(h.Process) {
+		if alive, err := procs.Alive(h.Process); err != nil || alive {
+			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it", h.Process)
+		}
+	}
+	if cur, err := os.ReadFile(p); err != nil || strings.TrimSpace(string(cur)) != holder {
+		return errors.New("the lock changed hands since it was shown; left it alone")
+	}
+	aside := p + ".broken-by-doctor"
+	if err := os.Rename(p, aside); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(aside)
+	if err == nil && strings.TrimSpace(string(b)) != holder {
+		if lerr := os.Link(aside, p); lerr != nil {
+			return fmt.Errorf("the lock changed hands while breaking it and could not be restored: %w", lerr)
+		}
+		os.Remove(aside)
+		return errors.New("the lock changed hands meanwhile; left it alone")
+	}
+	return os.Remove(aside)
+}
+
+var _ Inspector = (*Store)(nil)

@@ -75,7 +75,10 @@ func TestUpdateWritesOnlyOnChange(t *testing.T) {
 		t.Fatal("the state file was rewritten although nothing changed")
 	}
 	// A real change replaces the file and keeps the previous version.
-	before, _ := os.ReadFile(s.Path())
+	before, err := os.ReadFile(s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := s.Update(ctx, put(1, 2)); err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +103,9 @@ func TestUpdateErrorWritesNothing(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	boom := errors.New("boom")
 	err := s.Update(ctx, func(st *state.State) (bool, error) {
-		put(1, 1)(st)
+		if _, err := put(1, 1)(st); err != nil {
+			return false, err
+		}
 		return true, boom
 	})
 	if !errors.Is(err, boom) {
@@ -198,10 +203,16 @@ func TestCorruptStateFiles(t *testing.T) {
 			}
 			dir := t.TempDir()
 			content := filepath.Join(dir, "entries", "e1", "content")
-			os.MkdirAll(filepath.Dir(content), 0o755)
-			os.WriteFile(content, []byte("precious"), 0o644)
+			if err := os.MkdirAll(filepath.Dir(content), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(content, []byte("precious"), 0o644); err != nil {
+				t.Fatal(err)
+			}
 			s := openStore(t, dir)
-			os.WriteFile(s.Path(), bad, 0o644)
+			if err := os.WriteFile(s.Path(), bad, 0o644); err != nil {
+				t.Fatal(err)
+			}
 
 			_, verr := s.View(ctx)
 			called := false
@@ -221,11 +232,14 @@ func TestCorruptStateFiles(t *testing.T) {
 			if err != nil || !bytes.Equal(now, bad) {
 				t.Errorf("the bad state file was changed or removed: %v", err)
 			}
-			asides, _ := filepath.Glob(s.Path() + state.BadSuffix + "*")
+			asides, err := filepath.Glob(s.Path() + state.BadSuffix + "*")
+			if err != nil {
+				t.Fatal(err)
+			}
 			if len(asides) != 1 {
 				t.Fatalf("copies kept aside: %v, want one", asides)
 			}
-			if b, _ := os.ReadFile(asides[0]); !bytes.Equal(b, bad) {
+			if b := readBytes(t, asides[0]); !bytes.Equal(b, bad) {
 				t.Error("the copy kept aside differs from the bad file")
 			}
 			if b, err := os.ReadFile(content); err != nil || string(b) != "precious" {
@@ -243,8 +257,7 @@ func TestDecodeGood(t *testing.T) {
 	if err := s.Update(ctx, func(cur *state.State) (bool, error) { *cur = *st; return true, nil }); err != nil {
 		t.Fatal(err)
 	}
-	b, _ := os.ReadFile(s.Path())
-	got, err := state.Decode(b)
+	got, err := state.Decode(readBytes(t, s.Path()))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -86,8 +86,11 @@ func machine(host string, pid int) state.Process {
 // writeHolder plants a lock file as if p had taken it.
 func writeHolder(t *testing.T, path string, p state.Process, nonce string) {
 	t.Helper()
-	b, _ := json.Marshal(map[string]any{"host": p.Host, "boot_id": p.BootID, "pid_ns": p.PIDNS,
+	b, err := json.Marshal(map[string]any{"host": p.Host, "boot_id": p.BootID, "pid_ns": p.PIDNS,
 		"pid": p.PID, "start_time": p.StartTime, "nonce": nonce})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -326,8 +329,14 @@ func TestLockDeadOwnerSameHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	expectLine(t, lines(t, out), "locked")
-	cmd.Process.Kill() // not reaped yet: a zombie must count as dead
-	defer cmd.Wait()
+	if err := cmd.Process.Kill(); err != nil { // not reaped yet: a zombie must count as dead
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := cmd.Wait(); !killed(err) {
+			t.Errorf("lock holder ended with %v, not by the SIGKILL", err)
+		}
+	}()
 	l, err := state.NewLock(filepath.Join(dir, "lock"), state.LockOptions{Lease: time.Hour, Log: quietLog()})
 	if err != nil {
 		t.Fatal(err)
@@ -359,17 +368,32 @@ func TestLockLiveOwnerOtherPIDNamespace(t *testing.T) {
 			holder := rigtest.FakeHost(t, "host-a", tc.holderPID, os.Args[0])
 			holder.Env = append(holder.Env, "DEPCACHE_TEST_ROLE=lock-holder", "DT_DIR="+dir, "DT_LEASE=1h")
 			holder.Stderr = os.Stderr
-			hout, _ := holder.StdoutPipe()
+			hout, err := holder.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
 			if err := holder.Start(); err != nil {
 				t.Fatal(err)
 			}
-			defer holder.Wait()
+			defer func() {
+				if t.Failed() { // it may never be told to release
+					if err := holder.Process.Kill(); err != nil {
+						t.Error(err)
+					}
+				}
+				if err := holder.Wait(); err != nil && !t.Failed() {
+					t.Errorf("lock holder: %v", err)
+				}
+			}()
 			expectLine(t, lines(t, hout), "locked")
 
 			waiter := rigtest.FakeHost(t, "host-b", tc.waiterPID, os.Args[0])
 			waiter.Env = append(waiter.Env, "DEPCACHE_TEST_ROLE=lock-waiter", "DT_DIR="+dir, "DT_LEASE=1h")
 			waiter.Stderr = os.Stderr
-			wout, _ := waiter.StdoutPipe()
+			wout, err := waiter.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
 			if err := waiter.Start(); err != nil {
 				t.Fatal(err)
 			}

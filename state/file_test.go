@@ -520,3 +520,45 @@ func updateLoop() int {
 		fmt.Println("ack", g)
 	}
 }
+
+// Reset (doctor --rebuild) replaces an unreadable state without reading
+// it, and still keeps it: a copy aside, and the previous version. A
+// callback that fails writes nothing.
+func TestResetKeepsUnreadableState(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir())
+	bad := []byte(`{"version":1,"entries":{`)
+	if err := os.WriteFile(s.Path(), bad, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	if err := s.Reset(ctx, func(*state.State) error { return boom }); !errors.Is(err, boom) {
+		t.Fatalf("Reset = %v, want boom", err)
+	}
+	if got := readBytes(t, s.Path()); !bytes.Equal(got, bad) {
+		t.Fatalf("a failed Reset changed the state file to %s", got)
+	}
+	if err := s.Reset(ctx, func(st *state.State) error {
+		_, err := put(5, 3)(st)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.View(ctx)
+	if err != nil {
+		t.Fatalf("state after Reset: %v", err)
+	}
+	if e := st.Get(bundleKey(5)); e == nil || e.Generation != 3 {
+		t.Fatalf("entry after Reset: %+v", e)
+	}
+	if got := readBytes(t, s.Path()+state.PrevSuffix); !bytes.Equal(got, bad) {
+		t.Errorf("previous version %s, want the unreadable state", got)
+	}
+	asides, err := filepath.Glob(s.Path() + state.BadSuffix + "*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(asides) != 1 || !bytes.Equal(readBytes(t, asides[0]), bad) {
+		t.Errorf("copies kept aside: %v, want one of the unreadable state", asides)
+	}
+}

@@ -663,3 +663,49 @@ func TestLockBreaksDeadBreakers(t *testing.T) {
 		})
 	}
 }
+
+// The stale holder released the lock between the breaker's re-read and its
+// rename: the rename finds nothing, and the waiter takes the lock.
+func TestBreakerFindsLockReleasedBeforeRename(t *testing.T) {
+	r := newBreakRig(t)
+	var renamed int
+	state.SetBreakHooks(t, nil, func(name string) {
+		if name == r.path {
+			renamed++
+			if err := os.Remove(r.path); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	unlock, err := r.lock.Lock(r.ctx)
+	if err != nil {
+		t.Fatalf("lock released during the break not taken: %v", err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if renamed != 1 {
+		t.Fatalf("the breaker reached the rename %d times, want once", renamed)
+	}
+	noLitter(t, r.path)
+}
+
+// A lock whose content names no holder (a hand edit, a filesystem that
+// lost it) cannot be judged by pid: it is broken after the lease, like one
+// from another host.
+func TestLockBreaksUnreadableHolder(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	if err := os.WriteFile(path, []byte("not a lock\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	clock, ctx := limitedClock(t, time.Second, 1000)
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, clock, time.Minute)
+	unlock, err := l.Lock(ctx)
+	if err != nil {
+		t.Fatalf("unreadable lock not broken within 1000 readings of the clock: %v", err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	noLitter(t, path)
+}

@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -72,7 +75,10 @@ func TestUpdateWritesOnlyOnChange(t *testing.T) {
 		t.Fatal("the state file was rewritten although nothing changed")
 	}
 	// A real change replaces the file and keeps the previous version.
-	before, _ := os.ReadFile(s.Path())
+	before, err := os.ReadFile(s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := s.Update(ctx, put(1, 2)); err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +103,9 @@ func TestUpdateErrorWritesNothing(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	boom := errors.New("boom")
 	err := s.Update(ctx, func(st *state.State) (bool, error) {
-		put(1, 1)(st)
+		if _, err := put(1, 1)(st); err != nil {
+			return false, err
+		}
 		return true, boom
 	})
 	if !errors.Is(err, boom) {
@@ -195,10 +203,16 @@ func TestCorruptStateFiles(t *testing.T) {
 			}
 			dir := t.TempDir()
 			content := filepath.Join(dir, "entries", "e1", "content")
-			os.MkdirAll(filepath.Dir(content), 0o755)
-			os.WriteFile(content, []byte("precious"), 0o644)
+			if err := os.MkdirAll(filepath.Dir(content), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(content, []byte("precious"), 0o644); err != nil {
+				t.Fatal(err)
+			}
 			s := openStore(t, dir)
-			os.WriteFile(s.Path(), bad, 0o644)
+			if err := os.WriteFile(s.Path(), bad, 0o644); err != nil {
+				t.Fatal(err)
+			}
 
 			_, verr := s.View(ctx)
 			called := false
@@ -218,11 +232,14 @@ func TestCorruptStateFiles(t *testing.T) {
 			if err != nil || !bytes.Equal(now, bad) {
 				t.Errorf("the bad state file was changed or removed: %v", err)
 			}
-			asides, _ := filepath.Glob(s.Path() + state.BadSuffix + "*")
+			asides, err := filepath.Glob(s.Path() + state.BadSuffix + "*")
+			if err != nil {
+				t.Fatal(err)
+			}
 			if len(asides) != 1 {
 				t.Fatalf("copies kept aside: %v, want one", asides)
 			}
-			if b, _ := os.ReadFile(asides[0]); !bytes.Equal(b, bad) {
+			if b := readBytes(t, asides[0]); !bytes.Equal(b, bad) {
 				t.Error("the copy kept aside differs from the bad file")
 			}
 			if b, err := os.ReadFile(content); err != nil || string(b) != "precious" {
@@ -240,8 +257,7 @@ func TestDecodeGood(t *testing.T) {
 	if err := s.Update(ctx, func(cur *state.State) (bool, error) { *cur = *st; return true, nil }); err != nil {
 		t.Fatal(err)
 	}
-	b, _ := os.ReadFile(s.Path())
-	got, err := state.Decode(b)
+	got, err := state.Decode(readBytes(t, s.Path()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,28 +266,94 @@ func TestDecodeGood(t *testing.T) {
 	}
 }
 
-// TestUpdateCrashSafety SIGKILLs a child at random points of a loop of
-// Updates 300 times (30 in -short). After each kill the state file must
-// parse and hold either the last acknowledged state or the one after it.
-func TestUpdateCrashSafety(t *testing.T) {
-	trials := 300
-	if testing.Short() {
-		trials = 30
+// Where a SIGKILL landed in the child's loop of commits, told afterwards
+// from what it left on disk rather than from the child's last words: the
+// kill arrives some time after anything the child printed.
+type killPhase int
+
+const (
+	killBefore  killPhase = iota // no temporary file, the state is the last acknowledged one
+	killWriting                  // a temporary file, not yet the whole next state
+	killInside                   // the whole next state in a temporary file, not yet renamed
+	killAfter                    // the next state committed, not yet acknowledged
+	killPhases
+)
+
+var killPhaseNames = [killPhases]string{"before a commit", "writing the temporary file",
+	"after the temporary write, before the rename", "after the commit point, before the ack"}
+
+// crashSeed returns the seed of the test's random choices: DEPCACHE_SEED
+// to replay a failure, else a new one, which a failure prints.
+func crashSeed(t *testing.T) uint64 {
+	t.Helper()
+	seed := rand.Uint64()
+	if v := os.Getenv("DEPCACHE_SEED"); v != "" {
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatalf("DEPCACHE_SEED=%q: %v", v, err)
+		}
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("random choices from DEPCACHE_SEED=%d (the kill points depend on timing too)", seed)
+		}
+	})
+	return seed
+}
+
+// TestUpdateCrashSafety SIGKILLs a child in the middle of a loop of
+// Updates, at a random delay after a random acknowledgement, spread over a
+// whole commit cycle as measured between the child's acknowledgements.
+// After every kill the state file must parse and hold either the last
+// acknowledged state or the one after it, and the previous version must
+// parse too. The trials as a whole must have seen acknowledged updates and
+// kills before, inside (after the temporary write, before the rename) and
+// after a commit; they go on, up to a bound, until each phase was hit.
+func TestUpdateCrashSafety(t *testing.T) {
+	trials, maxTrials, perPhase := 150, 600, 3
+	if testing.Short() {
+		trials, maxTrials, perPhase = 30, 300, 1
+	}
+	rng := rand.New(rand.NewPCG(crashSeed(t), 0))
 	dir := t.TempDir()
 	s := openStore(t, dir)
 	ctx := context.Background()
-	// Some bulk, so that a write takes long enough to be interrupted.
+	// Some bulk, so that writing the temporary file takes long enough to be
+	// interrupted; more makes every child's first read slower (2000 entries:
+	// half a second a trial under -race) and adds no phase.
 	if err := s.Update(ctx, func(st *state.State) (bool, error) {
-		for i := 1; i <= 2000; i++ {
-			put(i, 0)(st)
+		for i := 1; i <= 200; i++ {
+			if _, err := put(i, 0)(st); err != nil {
+				return false, err
+			}
 		}
 		return true, nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	var acked uint64
-	for trial := range trials {
+	var (
+		acked, ackedTotal uint64
+		hits              [killPhases]int
+		cycles            []time.Duration // between acknowledgements, as the parent sees them
+	)
+	cycle := func() time.Duration {
+		if len(cycles) == 0 {
+			return 20 * time.Millisecond // until measured
+		}
+		c := slices.Clone(cycles)
+		slices.Sort(c)
+		return c[len(c)/2]
+	}
+	enough := func() bool {
+		for _, n := range hits {
+			if n < perPhase {
+				return false
+			}
+		}
+		return true
+	}
+	trial := 0
+	for ; trial < trials || (!enough() && trial < maxTrials); trial++ {
 		cmd := child("update-loop", "DT_DIR="+dir)
 		out, err := cmd.StdoutPipe()
 		if err != nil {
@@ -282,31 +364,130 @@ func TestUpdateCrashSafety(t *testing.T) {
 		}
 		ch := lines(t, out)
 		expectLine(t, ch, "ready")
-		time.Sleep(time.Duration(rand.IntN(3000)) * time.Microsecond) // a random kill point, not synchronisation
-		cmd.Process.Kill()
+		// Kill after the k-th acknowledgement of this child (k >= 1, so
+		// that the kill does not land in its start-up), at a random point
+		// of the next cycle or a little past it.
+		k := 1 + rng.IntN(3)
+		var last time.Time
+		for range k {
+			l := expectLine(t, ch, "ack ")
+			now := time.Now()
+			if !last.IsZero() {
+				cycles = append(cycles, now.Sub(last))
+			}
+			last = now
+			if acked, err = strconv.ParseUint(strings.TrimPrefix(l, "ack "), 10, 64); err != nil {
+				t.Fatalf("trial %d: child said %q: %v", trial, l, err)
+			}
+			ackedTotal++
+		}
+		// A random kill point, not synchronisation.
+		time.Sleep(time.Duration(rng.Int64N(int64(cycle() * 3 / 2))))
+		if err := cmd.Process.Kill(); err != nil {
+			t.Fatal(err)
+		}
 		for l := range ch {
 			if v, ok := strings.CutPrefix(l, "ack "); ok {
-				acked, _ = strconv.ParseUint(v, 10, 64)
+				if acked, err = strconv.ParseUint(v, 10, 64); err != nil {
+					t.Fatalf("trial %d: child said %q: %v", trial, l, err)
+				}
+				ackedTotal++
 			}
 		}
-		cmd.Wait()
-		b, err := os.ReadFile(s.Path())
-		if err != nil {
-			t.Fatalf("trial %d: %v", trial, err)
+		if err := cmd.Wait(); !killed(err) {
+			t.Fatalf("trial %d: child ended with %v, not by the SIGKILL", trial, err)
 		}
-		st, err := state.Decode(b)
-		if err != nil {
-			t.Fatalf("trial %d: state does not parse after SIGKILL: %v", trial, err)
-		}
-		var g uint64
-		if e := st.Get(bundleKey(0)); e != nil {
-			g = e.Generation
-		}
+		g := generationOf(t, s.Path(), fmt.Sprintf("trial %d: state", trial))
 		if g != acked && g != acked+1 {
 			t.Fatalf("trial %d: generation %d, last acknowledged %d", trial, g, acked)
 		}
+		if _, err := os.Stat(s.Path() + state.PrevSuffix); err == nil {
+			if p := generationOf(t, s.Path()+state.PrevSuffix, fmt.Sprintf("trial %d: previous version", trial)); p > g {
+				t.Fatalf("trial %d: previous version has generation %d, the state %d", trial, p, g)
+			}
+		} else if !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		hits[crashPhase(t, dir, g, acked)]++
 		acked = g
 	}
+	t.Logf("%d trials, %d acknowledged updates, kills: %v, commit cycle %s", trial, ackedTotal, hits, cycle())
+	if ackedTotal == 0 || acked == 0 {
+		t.Errorf("no update was acknowledged in %d trials: the invariant was never tested", trial)
+	}
+	for p, n := range hits {
+		if n < perPhase {
+			t.Errorf("%d kills %s in %d trials, want at least %d", n, killPhaseNames[p], trial, perPhase)
+		}
+	}
+}
+
+// killed reports whether err from Wait says that the process died of
+// SIGKILL.
+func killed(err error) bool {
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		return false
+	}
+	ws, ok := ee.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}
+
+// generationOf returns entry 0's generation in the state file at path,
+// failing t if that does not parse.
+func generationOf(t *testing.T, path, what string) uint64 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	st, err := state.Decode(b)
+	if err != nil {
+		t.Fatalf("%s does not parse after SIGKILL: %v", what, err)
+	}
+	if e := st.Get(bundleKey(0)); e != nil {
+		return e.Generation
+	}
+	return 0
+}
+
+// crashPhase tells where the kill landed from what the child left: the
+// state's generation g against the last acknowledged one, and the commit's
+// temporary file, which it removes (a crashed commit leaves it behind) so
+// that the next trial starts clean.
+func crashPhase(t *testing.T, dir string, g, acked uint64) killPhase {
+	t.Helper()
+	temps, err := filepath.Glob(filepath.Join(dir, "."+state.StateFile+"*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(temps) > 1 {
+		t.Fatalf("temporary files %v: more than one commit in flight", temps)
+	}
+	if len(temps) == 0 {
+		if g == acked+1 {
+			return killAfter
+		}
+		return killBefore
+	}
+	if g != acked {
+		t.Fatalf("generation %d committed (last acknowledged %d), yet its temporary file %s is still there", g, acked, temps[0])
+	}
+	b, err := os.ReadFile(temps[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(temps[0]); err != nil {
+		t.Fatal(err)
+	}
+	st, err := state.Decode(b)
+	if err != nil {
+		return killWriting
+	}
+	if e := st.Get(bundleKey(0)); e == nil || e.Generation != acked+1 {
+		t.Fatalf("temporary file %s holds %+v, want generation %d", temps[0], e, acked+1)
+	}
+	return killInside
 }
 
 // updateLoop bumps the generation of entry 0 forever, acknowledging each.
@@ -337,5 +518,47 @@ func updateLoop() int {
 			return 2
 		}
 		fmt.Println("ack", g)
+	}
+}
+
+// Reset (doctor --rebuild) replaces an unreadable state without reading
+// it, and still keeps it: a copy aside, and the previous version. A
+// callback that fails writes nothing.
+func TestResetKeepsUnreadableState(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir())
+	bad := []byte(`{"version":1,"entries":{`)
+	if err := os.WriteFile(s.Path(), bad, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	if err := s.Reset(ctx, func(*state.State) error { return boom }); !errors.Is(err, boom) {
+		t.Fatalf("Reset = %v, want boom", err)
+	}
+	if got := readBytes(t, s.Path()); !bytes.Equal(got, bad) {
+		t.Fatalf("a failed Reset changed the state file to %s", got)
+	}
+	if err := s.Reset(ctx, func(st *state.State) error {
+		_, err := put(5, 3)(st)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.View(ctx)
+	if err != nil {
+		t.Fatalf("state after Reset: %v", err)
+	}
+	if e := st.Get(bundleKey(5)); e == nil || e.Generation != 3 {
+		t.Fatalf("entry after Reset: %+v", e)
+	}
+	if got := readBytes(t, s.Path()+state.PrevSuffix); !bytes.Equal(got, bad) {
+		t.Errorf("previous version %s, want the unreadable state", got)
+	}
+	asides, err := filepath.Glob(s.Path() + state.BadSuffix + "*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(asides) != 1 || !bytes.Equal(readBytes(t, asides[0]), bad) {
+		t.Errorf("copies kept aside: %v, want one of the unreadable state", asides)
 	}
 }

@@ -336,6 +336,13 @@ func (w *waiter) judge(name string, h holder, content []byte) (bool, string) {
 	return false, ""
 }
 
+// Test seams, nil outside tests (set through export_test.go). What another
+// process does in the gaps of breakStale decides which re-check runs, and a
+// test cannot hit a gap of microseconds by timing: breakWonHook runs after
+// the break link is won and before the lock is re-read, breakRenameHook
+// after the re-read matched and before the rename.
+var breakWonHook, breakRenameHook func(name string)
+
 // breakStale removes the lock at name whose content we judged stale. Only
 // the winner of the link on name+".break-"+ID(content) may do it, so two
 // waiters that judged the same holder never both break; and the winner
@@ -369,6 +376,9 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 		}
 	}()
 
+	if breakWonHook != nil {
+		breakWonHook(name)
+	}
 	cur, err := os.ReadFile(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -378,6 +388,9 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 	}
 	if !bytes.Equal(cur, content) {
 		return nil // it changed: someone else broke or released it
+	}
+	if breakRenameHook != nil {
+		breakRenameHook(name)
 	}
 	aside := name + ".stale-" + id
 	if err := os.Rename(name, aside); err != nil {

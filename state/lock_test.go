@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 )
 
 // fakeProcs is a machine whose processes the test decides.
@@ -28,18 +31,52 @@ func (f *fakeProcs) Alive(p state.Process) (bool, error) {
 }
 
 // tickClock advances by step on every reading, so that a waiter's lease
-// runs out after a known number of polls without any sleeping.
+// runs out after a known number of polls without any sleeping. When limit
+// is set, the clock stops at the limit-th reading and calls atLimit (a
+// context's cancel): a wait then ends after a known number of polls, never
+// after an amount of wall time that a loaded machine can fill with fewer
+// polls than the test needs.
 type tickClock struct {
-	mu   sync.Mutex
-	now  time.Time
-	step time.Duration
+	mu       sync.Mutex
+	now      time.Time
+	step     time.Duration
+	readings int
+	limit    int
+	atLimit  func()
 }
 
 func (c *tickClock) Now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.limit > 0 && c.readings >= c.limit {
+		return c.now
+	}
+	c.readings++
 	c.now = c.now.Add(c.step)
+	if c.readings == c.limit && c.atLimit != nil {
+		c.atLimit()
+	}
 	return c.now
+}
+
+// freeze stops the clock where it is, so that no lease can run out
+// however long the waiter goes on. With more > 0 the limit (and atLimit)
+// comes after more further readings; with 0 there is none.
+func (c *tickClock) freeze(more int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.step = 0
+	c.limit = 0
+	if more > 0 {
+		c.limit = c.readings + more
+	}
+}
+
+// limitedClock is a tickClock whose limit cancels the returned context.
+func limitedClock(t *testing.T, step time.Duration, limit int) (*tickClock, context.Context) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	return &tickClock{now: time.Unix(0, 0), step: step, limit: limit, atLimit: cancel}, ctx
 }
 
 func machine(host string, pid int) state.Process {
@@ -49,8 +86,11 @@ func machine(host string, pid int) state.Process {
 // writeHolder plants a lock file as if p had taken it.
 func writeHolder(t *testing.T, path string, p state.Process, nonce string) {
 	t.Helper()
-	b, _ := json.Marshal(map[string]any{"host": p.Host, "boot_id": p.BootID, "pid_ns": p.PIDNS,
+	b, err := json.Marshal(map[string]any{"host": p.Host, "boot_id": p.BootID, "pid_ns": p.PIDNS,
 		"pid": p.PID, "start_time": p.StartTime, "nonce": nonce})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -65,6 +105,10 @@ func newLock(t *testing.T, path string, procs state.Processes, clock state.Clock
 	return l
 }
 
+// The waits here are bounded by readings of the waiter's clock, not by a
+// deadline: a case that must break does so after a known number of
+// readings, far below its limit, and a case that must not is watched for
+// its full number of readings, however slowly a loaded machine runs them.
 func TestLockBreaksStaleHolders(t *testing.T) {
 	tests := []struct {
 		name   string
@@ -72,17 +116,21 @@ func TestLockBreaksStaleHolders(t *testing.T) {
 		dead   bool
 		lease  time.Duration
 		step   time.Duration
+		limit  int // readings of the clock after which the wait is cancelled
 		wbreak bool
 	}{
-		{name: "same machine, holder dead: broken at once", holder: machine("h1", 7), dead: true, lease: time.Hour, step: time.Millisecond, wbreak: true},
-		{name: "same machine, holder alive: never broken", holder: machine("h1", 7), lease: time.Second, step: time.Minute},
-		{name: "other host, unchanged past the lease: broken", holder: machine("h2", 7), lease: time.Minute, step: time.Second, wbreak: true},
-		{name: "other host, within the lease: kept", holder: machine("h2", 7), lease: time.Hour, step: time.Millisecond},
+		{name: "same machine, holder dead: broken at once", holder: machine("h1", 7), dead: true, lease: time.Hour, step: time.Millisecond, limit: 1000, wbreak: true},
+		// 30 minutes on the waiter's clock, 1800 leases: judged by the pid only.
+		{name: "same machine, holder alive: never broken", holder: machine("h1", 7), lease: time.Second, step: time.Minute, limit: 30},
+		// Two readings a poll: broken at about the 62nd.
+		{name: "other host, unchanged past the lease: broken", holder: machine("h2", 7), lease: time.Minute, step: time.Second, limit: 1000, wbreak: true},
+		// The same lease and clock, stopped at 50 s: kept.
+		{name: "other host, within the lease: kept", holder: machine("h2", 7), lease: time.Minute, step: time.Second, limit: 50},
 		{name: "other pid namespace, same pid number, dead there: not judged by pid", holder: func() state.Process {
 			p := machine("h1", 7)
 			p.PIDNS = "pid:[2]"
 			return p
-		}(), dead: true, lease: time.Hour, step: time.Millisecond},
+		}(), dead: true, lease: time.Hour, step: time.Millisecond, limit: 40},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -92,34 +140,51 @@ func TestLockBreaksStaleHolders(t *testing.T) {
 			if tc.dead {
 				procs.dead[tc.holder.PID] = true
 			}
-			l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: tc.step}, tc.lease)
-			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-			defer cancel()
+			clock, ctx := limitedClock(t, tc.step, tc.limit)
+			l := newLock(t, path, procs, clock, tc.lease)
 			unlock, err := l.Lock(ctx)
 			if tc.wbreak {
 				if err != nil {
-					t.Fatalf("stale lock not broken: %v", err)
+					t.Fatalf("stale lock not broken within %d readings of the clock: %v", tc.limit, err)
 				}
 				if err := unlock(); err != nil {
 					t.Fatal(err)
 				}
 			} else {
-				if !errors.Is(err, context.DeadlineExceeded) {
-					t.Fatalf("err = %v, want the wait to time out", err)
+				if !errors.Is(err, context.Canceled) {
+					t.Fatalf("err = %v, want the wait to be cancelled at the clock's limit", err)
 				}
 				if !strings.Contains(err.Error(), tc.holder.Host) {
-					t.Errorf("timeout error %q does not name the holder", err)
+					t.Errorf("error %q does not name the holder", err)
 				}
-				b, _ := os.ReadFile(path)
-				if !strings.Contains(string(b), "0123456789abcdef0123456789abcdef") {
+				if !strings.Contains(readFile(t, path), "0123456789abcdef0123456789abcdef") {
 					t.Fatal("a live lock was removed")
 				}
 			}
-			litter, _ := filepath.Glob(path + ".*")
-			if len(litter) != 0 {
-				t.Errorf("litter left: %v", litter)
-			}
+			noLitter(t, path)
 		})
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// noLitter fails t if a temporary, breaker or stale file of the lock at
+// path is left.
+func noLitter(t *testing.T, path string) {
+	t.Helper()
+	litter, err := filepath.Glob(path + ".*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(litter) != 0 {
+		t.Errorf("litter left: %v", litter)
 	}
 }
 
@@ -130,10 +195,17 @@ func TestLockBreaksDeadBreaker(t *testing.T) {
 	stale := "0123456789abcdef0123456789abcdef"
 	writeHolder(t, path, machine("h1", 7), stale)
 	writeHolder(t, path+".break-"+stale, machine("h1", 8), "fedcba9876543210fedcba9876543210")
-	procs := &fakeProcs{self: machine("h1", 1), dead: map[int]bool{7: true, 8: true}}
-	l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: time.Millisecond}, time.Hour)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	// Judged on our machine, by pid, where the waiter reads no clock: its
+	// judgments are what bound the wait.
+	judged := 0
+	procs := &watchProcs{fakeProcs: fakeProcs{self: machine("h1", 1), dead: map[int]bool{7: true, 8: true}}}
+	procs.onAlive = func(state.Process) {
+		if judged++; judged > 1000 {
+			t.Fatalf("lock not taken after %d judgments of its dead holder and breaker", judged)
+		}
+	}
+	clock, ctx := limitedClock(t, time.Millisecond, 1000)
+	l := newLock(t, path, procs, clock, time.Hour)
 	unlock, err := l.Lock(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -141,21 +213,60 @@ func TestLockBreaksDeadBreaker(t *testing.T) {
 	if err := unlock(); err != nil {
 		t.Fatal(err)
 	}
+	noLitter(t, path)
 }
 
-// Many waiters on other hosts judge the same stale holder at once: each gets
-// the lock in turn, never two at a time.
+// freezeOnBreak is a log hook that freezes clocks at the first "broke a
+// stale lock", which a breaker logs before anyone can take the lock anew.
+type freezeOnBreak struct {
+	once   sync.Once
+	clocks []*tickClock
+	breaks atomic.Int32
+}
+
+func (*freezeOnBreak) Levels() []logrus.Level { return logrus.AllLevels }
+
+func (f *freezeOnBreak) Fire(e *logrus.Entry) error {
+	if e.Message == "broke a stale lock" {
+		f.breaks.Add(1)
+		f.once.Do(func() {
+			for _, c := range f.clocks {
+				c.freeze(0)
+			}
+		})
+	}
+	return nil
+}
+
+// Many waiters on other hosts judge the same stale holder at once: one
+// breaks it, and each gets the lock in turn, never two at a time. The
+// waiters' clocks run only until the stale holder is broken: a live holder
+// that a loaded machine keeps from releasing for many polls must not be
+// judged stale by a lease measured in polls.
 func TestLockConcurrentBreakers(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "lock")
 	writeHolder(t, path, machine("dead-host", 7), "0123456789abcdef0123456789abcdef")
+	const waiters = 8
+	freeze := &freezeOnBreak{}
+	locks := make([]*state.Lock, waiters)
+	for i := range locks {
+		clock := &tickClock{now: time.Unix(0, 0), step: time.Second}
+		freeze.clocks = append(freeze.clocks, clock)
+		log, _ := logtest.NewNullLogger()
+		log.AddHook(freeze)
+		procs := &fakeProcs{self: machine("host"+string(rune('a'+i)), 1)}
+		l, err := state.NewLock(path, state.LockOptions{Lease: time.Minute, Processes: procs, Clock: clock, Log: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		locks[i] = l
+	}
 	var inside, overlaps, done atomic.Int32
 	var wg sync.WaitGroup
-	for i := range 8 {
+	for _, l := range locks {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			procs := &fakeProcs{self: machine("host"+string(rune('a'+i)), 1)}
-			l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: time.Second}, time.Minute)
 			unlock, err := l.Lock(context.Background())
 			if err != nil {
 				t.Error(err)
@@ -176,9 +287,13 @@ func TestLockConcurrentBreakers(t *testing.T) {
 	if overlaps.Load() != 0 {
 		t.Fatalf("%d overlapping holds", overlaps.Load())
 	}
-	if done.Load() != 8 {
-		t.Fatalf("%d of 8 waiters got the lock", done.Load())
+	if done.Load() != waiters {
+		t.Fatalf("%d of %d waiters got the lock", done.Load(), waiters)
 	}
+	if n := freeze.breaks.Load(); n != 1 {
+		t.Errorf("the stale lock was broken %d times, want once", n)
+	}
+	noLitter(t, path)
 }
 
 func TestUnlockAfterBreakReportsLoss(t *testing.T) {
@@ -214,8 +329,14 @@ func TestLockDeadOwnerSameHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	expectLine(t, lines(t, out), "locked")
-	cmd.Process.Kill() // not reaped yet: a zombie must count as dead
-	defer cmd.Wait()
+	if err := cmd.Process.Kill(); err != nil { // not reaped yet: a zombie must count as dead
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := cmd.Wait(); !killed(err) {
+			t.Errorf("lock holder ended with %v, not by the SIGKILL", err)
+		}
+	}()
 	l, err := state.NewLock(filepath.Join(dir, "lock"), state.LockOptions{Lease: time.Hour, Log: quietLog()})
 	if err != nil {
 		t.Fatal(err)
@@ -247,17 +368,32 @@ func TestLockLiveOwnerOtherPIDNamespace(t *testing.T) {
 			holder := rigtest.FakeHost(t, "host-a", tc.holderPID, os.Args[0])
 			holder.Env = append(holder.Env, "DEPCACHE_TEST_ROLE=lock-holder", "DT_DIR="+dir, "DT_LEASE=1h")
 			holder.Stderr = os.Stderr
-			hout, _ := holder.StdoutPipe()
+			hout, err := holder.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
 			if err := holder.Start(); err != nil {
 				t.Fatal(err)
 			}
-			defer holder.Wait()
+			defer func() {
+				if t.Failed() { // it may never be told to release
+					if err := holder.Process.Kill(); err != nil {
+						t.Error(err)
+					}
+				}
+				if err := holder.Wait(); err != nil && !t.Failed() {
+					t.Errorf("lock holder: %v", err)
+				}
+			}()
 			expectLine(t, lines(t, hout), "locked")
 
 			waiter := rigtest.FakeHost(t, "host-b", tc.waiterPID, os.Args[0])
 			waiter.Env = append(waiter.Env, "DEPCACHE_TEST_ROLE=lock-waiter", "DT_DIR="+dir, "DT_LEASE=1h")
 			waiter.Stderr = os.Stderr
-			wout, _ := waiter.StdoutPipe()
+			wout, err := waiter.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
 			if err := waiter.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -280,4 +416,296 @@ func TestLockLiveOwnerOtherPIDNamespace(t *testing.T) {
 			}
 		})
 	}
+}
+
+// breakRig is a waiter on host h1 in front of a lock held by a holder on
+// host h2 that stays unchanged: the waiter judges it stale after the lease,
+// and the test acts in the gaps of the break through the hooks of
+// state.SetBreakHooks.
+type breakRig struct {
+	path  string
+	lock  *state.Lock
+	clock *tickClock
+	ctx   context.Context
+	log   *logtest.Hook
+}
+
+const (
+	staleNonce = "0123456789abcdef0123456789abcdef"
+	freshNonce = "00112233445566778899aabbccddeeff"
+)
+
+func newBreakRig(t *testing.T) *breakRig {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "lock")
+	writeHolder(t, path, machine("h2", 7), staleNonce)
+	clock, ctx := limitedClock(t, time.Second, 1000)
+	log, hook := logtest.NewNullLogger()
+	l, err := state.NewLock(path, state.LockOptions{Lease: time.Minute, Processes: &fakeProcs{self: machine("h1", 1)}, Clock: clock, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &breakRig{path: path, lock: l, clock: clock, ctx: ctx, log: hook}
+}
+
+// takeFresh makes the lock look released by the stale holder and taken by
+// a new one on host h3, and stops the waiter's clock so that the new
+// holder stays within its lease: the waiter must wait for it, and gives up
+// 20 readings later.
+func (r *breakRig) takeFresh(t *testing.T) {
+	t.Helper()
+	if err := os.Remove(r.path); err != nil {
+		t.Fatal(err)
+	}
+	writeHolder(t, r.path, machine("h3", 9), freshNonce)
+	r.clock.freeze(20)
+}
+
+// waitsForFresh checks that the waiter's Lock, which returned err, did not
+// take the lock and that the new holder's lock is in place.
+func (r *breakRig) waitsForFresh(t *testing.T, unlock func() error, err error) {
+	t.Helper()
+	if err == nil {
+		if uerr := unlock(); uerr != nil {
+			t.Error(uerr)
+		}
+		t.Fatal("the waiter took the lock of a holder within its lease")
+	}
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want the wait for the new holder to be cancelled", err)
+	}
+	if got := readFile(t, r.path); !strings.Contains(got, freshNonce) {
+		t.Fatalf("lock now %s, want the new holder's", got)
+	}
+	noLitter(t, r.path)
+}
+
+// The lock changed between the judgment and the break (its holder released
+// it and another took it): the winner of the break link re-reads it and
+// leaves the new holder's lock alone, without even moving it aside.
+func TestBreakerSparesLockTakenBeforeReread(t *testing.T) {
+	r := newBreakRig(t)
+	var won, renamed int
+	state.SetBreakHooks(t, func(name string) {
+		if name == r.path {
+			won++
+			r.takeFresh(t)
+		}
+	}, func(string) { renamed++ })
+	unlock, err := r.lock.Lock(r.ctx)
+	r.waitsForFresh(t, unlock, err)
+	if won != 1 {
+		t.Fatalf("the break link was won %d times, want once", won)
+	}
+	if renamed != 0 {
+		t.Errorf("the breaker went on to move the lock aside %d times after re-reading a changed lock", renamed)
+	}
+	if n := broke(r.log); n != 0 {
+		t.Errorf("%d breaks logged, want none", n)
+	}
+}
+
+// The lock changed between the breaker's re-read and its rename (the stale
+// holder resumed and released, another took it): the rename moved the new
+// holder's lock aside, and the breaker, reading back what it moved, puts
+// it back.
+func TestBreakerRestoresLockTakenBeforeRename(t *testing.T) {
+	r := newBreakRig(t)
+	var renamed int
+	state.SetBreakHooks(t, nil, func(name string) {
+		if name == r.path {
+			renamed++
+			r.takeFresh(t)
+		}
+	})
+	unlock, err := r.lock.Lock(r.ctx)
+	r.waitsForFresh(t, unlock, err)
+	if renamed != 1 {
+		t.Fatalf("the breaker reached the rename %d times, want once", renamed)
+	}
+}
+
+// The stale holder released the lock between the judgment and the break:
+// the breaker finds nothing to break, and the waiter takes the lock.
+func TestBreakerFindsLockReleased(t *testing.T) {
+	r := newBreakRig(t)
+	var won int
+	state.SetBreakHooks(t, func(name string) {
+		if name == r.path {
+			won++
+			if err := os.Remove(r.path); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}, nil)
+	unlock, err := r.lock.Lock(r.ctx)
+	if err != nil {
+		t.Fatalf("lock released during the break not taken: %v", err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if won != 1 {
+		t.Fatalf("the break link was won %d times, want once", won)
+	}
+	if n := broke(r.log); n != 0 {
+		t.Errorf("%d breaks logged, want none", n)
+	}
+	noLitter(t, r.path)
+}
+
+// watchProcs calls onAlive, in the waiter's goroutine, each time the
+// waiter asks whether a holder on its machine is alive: the test's view of
+// the waiter's progress where no clock is read.
+type watchProcs struct {
+	fakeProcs
+	onAlive func(state.Process)
+}
+
+func (w *watchProcs) Alive(p state.Process) (bool, error) {
+	w.onAlive(p)
+	return w.fakeProcs.Alive(p)
+}
+
+// Of two waiters that judge the same holder stale only the one that wins
+// the break link breaks it: the other, finding the link held by a live
+// breaker, leaves the lock alone until that breaker is done.
+func TestBreakerDefersToLiveBreaker(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	writeHolder(t, path, machine("h1", 7), staleNonce)
+	breaker := path + ".break-" + staleNonce
+	writeHolder(t, breaker, machine("h1", 8), freshNonce)
+	const judgments = 50
+	judged := 0
+	procs := &watchProcs{fakeProcs: fakeProcs{self: machine("h1", 1), dead: map[int]bool{7: true}}}
+	procs.onAlive = func(p state.Process) {
+		if p.PID != 8 {
+			return
+		}
+		judged++
+		if got := readFile(t, path); !strings.Contains(got, staleNonce) {
+			t.Fatalf("lock now %s: broken behind the live breaker's back", got)
+		}
+		if judged == judgments {
+			// The live breaker is done: it broke the lock and let go of
+			// its link.
+			for _, name := range []string{path, breaker} {
+				if err := os.Remove(name); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	clock, ctx := limitedClock(t, time.Millisecond, 1000)
+	l := newLock(t, path, procs, clock, time.Hour)
+	unlock, err := l.Lock(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if judged < judgments {
+		t.Fatalf("lock taken after the live breaker was judged %d times, before it was done", judged)
+	}
+	noLitter(t, path)
+}
+
+// A breaker that died while breaking is broken like any holder: at once on
+// our machine (TestLockBreaksDeadBreaker), after the lease from another
+// host. Breakers of breakers are broken too, up to a depth beyond which an
+// operator must act.
+func TestLockBreaksDeadBreakers(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		breakers int
+		operator bool // the waiter must wait for the operator
+	}{
+		{"one dead breaker", 1, false},
+		{"three dead breakers in a chain", 3, false},
+		{"four dead breakers in a chain: left to the operator", 4, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "lock")
+			writeHolder(t, path, machine("h2", 7), staleNonce)
+			var chain []string
+			name, nonce := path, staleNonce
+			for i := range tc.breakers {
+				name += ".break-" + nonce
+				nonce = fmt.Sprintf("%032x", i+1)
+				writeHolder(t, name, machine(fmt.Sprintf("b%d", i), 8), nonce)
+				chain = append(chain, name)
+			}
+			// At the clock's limit, 500 s, far past every lease of the
+			// chain, the operator removes the breakers (the lock itself is
+			// still for the waiter to break).
+			acted := false
+			clock := &tickClock{now: time.Unix(0, 0), step: time.Second, limit: 500, atLimit: func() {
+				acted = true
+				for _, name := range chain {
+					if err := os.Remove(name); err != nil {
+						t.Error(err)
+					}
+				}
+			}}
+			l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, clock, time.Minute)
+			unlock, err := l.Lock(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := unlock(); err != nil {
+				t.Fatal(err)
+			}
+			if acted != tc.operator {
+				t.Errorf("lock taken only once the operator removed the breakers: %v, want %v", acted, tc.operator)
+			}
+			noLitter(t, path)
+		})
+	}
+}
+
+// The stale holder released the lock between the breaker's re-read and its
+// rename: the rename finds nothing, and the waiter takes the lock.
+func TestBreakerFindsLockReleasedBeforeRename(t *testing.T) {
+	r := newBreakRig(t)
+	var renamed int
+	state.SetBreakHooks(t, nil, func(name string) {
+		if name == r.path {
+			renamed++
+			if err := os.Remove(r.path); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	unlock, err := r.lock.Lock(r.ctx)
+	if err != nil {
+		t.Fatalf("lock released during the break not taken: %v", err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if renamed != 1 {
+		t.Fatalf("the breaker reached the rename %d times, want once", renamed)
+	}
+	noLitter(t, r.path)
+}
+
+// A lock whose content names no holder (a hand edit, a filesystem that
+// lost it) cannot be judged by pid: it is broken after the lease, like one
+// from another host.
+func TestLockBreaksUnreadableHolder(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	if err := os.WriteFile(path, []byte("not a lock\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	clock, ctx := limitedClock(t, time.Second, 1000)
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, clock, time.Minute)
+	unlock, err := l.Lock(ctx)
+	if err != nil {
+		t.Fatalf("unreadable lock not broken within 1000 readings of the clock: %v", err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	noLitter(t, path)
 }

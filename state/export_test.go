@@ -1,0 +1,14 @@
+package state
+
+import "testing"
+
+// SetBreakHooks makes breakStale call won after it won the break link of
+// the lock name (before re-reading the lock) and rename after the re-read
+// matched (before moving the lock aside), until t ends. Either may be nil.
+// The hooks are package variables: tests that set them must not run in
+// parallel.
+func SetBreakHooks(t testing.TB, won, rename func(name string)) {
+	t.Helper()
+	breakWonHook, breakRenameHook = won, rename
+	t.Cleanup(func() { breakWonHook, breakRenameHook = nil, nil })
+}

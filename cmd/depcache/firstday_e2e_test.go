@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -11,6 +12,10 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
 )
 
 // The tests of issue 13, "A user's first day": they drive the built binary.
@@ -375,5 +380,32 @@ func TestDirAndVersion(t *testing.T) {
 	var v versionJSON
 	if err := json.Unmarshal([]byte(out), &v); err != nil || v.Version != want[0] || v.Go != runtime.Version() {
 		t.Errorf("version --json: %v %+v", err, v)
+	}
+}
+
+// rm never removes a DOWNLOADING entry, even one without dependents.
+func TestRmRefusesDownloading(t *testing.T) {
+	root := t.TempDir()
+	s, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := manager.ParseKey("https://example.invalid/big.tar.gz", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Generation: 1, Created: time.Now(), LastUsed: time.Now()})
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, _, errs := depcache(t, root, "rm", "-y", k.ID())
+	if code != 1 || !strings.Contains(errs, "downloading") {
+		t.Errorf("rm of a download: exit %d %q", code, errs)
+	}
+	if len(readState(t, root).Entries) != 1 {
+		t.Error("rm removed a download")
 	}
 }

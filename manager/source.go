@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/depcache/depcache/state"
@@ -60,6 +61,11 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 	case "http", "https":
 		if u.Hostname() == "" { // "https://:443" has a port and no host
 			return state.Key{}, fmt.Errorf("source %q: no host: %w", source, ErrBadSource)
+		}
+		if p := u.Port(); p != "" {
+			if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+				return state.Key{}, fmt.Errorf("source %q: port %s: %w: want 1 to 65535", source, p, ErrBadSource)
+			}
 		}
 		u.Scheme = strings.ToLower(u.Scheme)
 		u.Host = strings.ToLower(u.Host)

@@ -9,19 +9,50 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
 	"github.com/spf13/cobra"
 )
 
-// errUnhealthy: doctor found a failing check.
-var errUnhealthy = errors.New("doctor found problems")
+var (
+	// errUnhealthy: doctor found a failing check.
+	errUnhealthy = errors.New("doctor found problems")
+	// errUnchecked: verify could not read some entries' content or
+	// metadata, and left them alone.
+	errUnchecked = errors.New("not checked")
+)
 
 func newDoctor(g *globals) *cobra.Command {
 	var rebuild, force, breakLock, yes bool
 	cmd := &cobra.Command{
 		Use:   "doctor [--rebuild [--force]] [--break-lock [--yes]]",
 		Short: "Check the root and say what is wrong; rebuild an unreadable state; break a stale lock",
-		Args:  exactArgs(0),
+		Long: `doctor checks the root: the lock, the clock against the file server's, free
+space, the state, the content, orphans, staging data and stale locks. It
+changes nothing, and exits 1 when a check fails (with --json too).
+
+--rebuild rebuilds an unreadable or lost state from the metadata published
+next to each entry. A state that parses is refused unless --force is given
+too: rebuilding drops every dependent and every download in flight.
+--break-lock shows the state lock's holder and removes the lock if you
+confirm (or --yes).`,
+		Example: `  depcache doctor
+  depcache doctor --json | jq '.[] | select(.status != "ok")'
+  depcache doctor --rebuild              # after "state file ... does not parse"
+  depcache doctor --rebuild --force      # replace a state that parses (drops dependents)
+  depcache doctor --break-lock --yes`,
+		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			switch {
+			case force && !rebuild:
+				return usageErrorf("--force goes with --rebuild (doctor --rebuild --force)")
+			case yes && !breakLock:
+				return usageErrorf("--yes goes with --break-lock (doctor --break-lock --yes)")
+			case rebuild && breakLock:
+				return usageErrorf("--rebuild and --break-lock are separate repairs: run one, then the other")
+			}
+			if err := existingRoot(g); err != nil {
+				return err
+			}
 			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err
@@ -30,6 +61,9 @@ func newDoctor(g *globals) *cobra.Command {
 			switch {
 			case rebuild:
 				rep, err := m.Rebuild(ctx, force)
+				if errors.Is(err, manager.ErrStateReadable) {
+					return fmt.Errorf("%w; to rebuild it anyway: depcache doctor --rebuild --force", err)
+				}
 				if err != nil {
 					return err
 				}
@@ -60,14 +94,21 @@ func newDoctor(g *globals) *cobra.Command {
 				return nil
 			}
 			checks := m.Doctor(ctx)
-			if g.json {
-				return printJSON(g.stdout, checks)
+			if checks == nil {
+				checks = []manager.Check{}
 			}
 			failed := 0
 			for _, c := range checks {
-				fmt.Fprintf(g.stdout, "%-4s %-12s %s\n", c.Status, c.Name, c.Detail)
+				if !g.json {
+					fmt.Fprintf(g.stdout, "%-4s %-12s %s\n", c.Status, c.Name, c.Detail)
+				}
 				if c.Status == "fail" {
 					failed++
+				}
+			}
+			if g.json {
+				if err := printJSON(g.stdout, checks); err != nil {
+					return err
 				}
 			}
 			if failed > 0 {
@@ -145,50 +186,126 @@ func printRebuild(w io.Writer, rep manager.RebuildReport) {
 	}
 }
 
+// verifyJSON is one element of `verify --json`. Key is the key as the
+// state holds it (an object; ls's "key" is key_id here).
+type verifyJSON struct {
+	Key     state.Key `json:"key"`
+	KeyID   string    `json:"key_id"`
+	Source  string    `json:"source"`
+	Stage   string    `json:"stage"`
+	OK      bool      `json:"ok"`
+	Failed  bool      `json:"failed"`
+	Verdict string    `json:"verdict"` // ok, FAILED, ERROR or SKIPPED
+	Detail  string    `json:"detail"`
+}
+
 func newVerify(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "verify [SOURCE...]",
 		Short: "Re-hash READY bundles against the digest recorded at publish; mismatches become FAILED",
+		Long: `verify re-hashes READY bundles (all, or the SOURCEs named) against the digest
+recorded when they were published. A mismatch makes the entry FAILED, with the
+reason, also recorded next to the content so that doctor --rebuild keeps it
+FAILED. Content or metadata that cannot be read is reported as ERROR and left
+alone. A SOURCE named that is FAILED already is reported FAILED; one not in
+the cache is an error. Exit 1 when anything is FAILED, ERROR or missing, with
+--json too.`,
+		Example: `  depcache verify
+  depcache verify https://example.com/data.tar.gz
+  depcache verify --json | jq '.[] | select(.ok | not)'`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := manager.New(g.plainConfig())
-			if err != nil {
-				return err
-			}
-			var sources []string
+			var keys []state.Key
 			for _, a := range args {
 				k, err := manager.ParseKey(a, "")
 				if err != nil {
 					return err
 				}
+				keys = append(keys, k)
+			}
+			if err := existingRoot(g); err != nil {
+				return err
+			}
+			m, err := manager.New(g.plainConfig())
+			if err != nil {
+				return err
+			}
+			var sources []string
+			for _, k := range keys {
 				sources = append(sources, k.Source)
 			}
 			res, err := m.Verify(cmd.Context(), sources)
 			if err != nil {
 				return err
 			}
-			if g.json {
-				return printJSON(g.stdout, res)
-			}
+			out := []verifyJSON{}
 			failed, unchecked := 0, 0
+			checked := map[string]bool{}
 			for _, r := range res {
-				verdict := "ok"
+				v := verifyJSON{Key: r.Key, KeyID: r.Key.ID(), Source: r.Key.Source, Stage: string(state.Ready), OK: r.OK, Failed: r.Failed, Verdict: "ok", Detail: r.Detail}
 				switch {
 				case r.Failed:
-					verdict, failed = "FAILED", failed+1
+					v.Verdict, v.Stage, failed = "FAILED", string(state.Failed), failed+1
 				case !r.OK:
-					verdict, unchecked = "ERROR", unchecked+1
+					v.Verdict, unchecked = "ERROR", unchecked+1
 				}
-				fmt.Fprintf(g.stdout, "%-6s %s: %s\n", verdict, r.Key.Source, r.Detail)
+				checked[r.Key.ID()] = true
+				out = append(out, v)
 			}
+			// The sources named that verify did not check: not READY
+			// bundles, or not in the cache.
+			var missing []error
+			if len(keys) > 0 {
+				st, err := m.Entries(cmd.Context())
+				if err != nil {
+					return err
+				}
+				for _, k := range keys {
+					n := 0
+					for _, e := range st.Sorted() {
+						if e.Key.Kind != k.Kind || e.Key.Source != k.Source {
+							continue
+						}
+						n++
+						if checked[e.Key.ID()] {
+							continue
+						}
+						v := verifyJSON{Key: e.Key, KeyID: e.Key.ID(), Source: e.Key.Source, Stage: string(e.Stage)}
+						switch {
+						case e.Stage == state.Failed:
+							v.Failed, v.Verdict, v.Detail = true, "FAILED", "not checked: FAILED already: "+e.Message
+							failed++
+						case e.Key.Kind == state.Image:
+							v.OK, v.Verdict, v.Detail = true, "SKIPPED", "an image: its daemon checks its content"
+						default:
+							v.Verdict, v.Detail = "ERROR", "not checked: "+string(e.Stage)
+							unchecked++
+						}
+						out = append(out, v)
+					}
+					if n == 0 {
+						missing = append(missing, fmt.Errorf("no entry for %s: %w", k.Source, manager.ErrNotFound))
+					}
+				}
+			}
+			if g.json {
+				if err := printJSON(g.stdout, out); err != nil {
+					return err
+				}
+			} else {
+				for _, v := range out {
+					fmt.Fprintf(g.stdout, "%-6s %s: %s\n", v.Verdict, v.Source, v.Detail)
+				}
+			}
+			var errs []error
 			switch {
 			case failed > 0 && unchecked > 0:
-				return fmt.Errorf("%d entries did not verify and are now FAILED; %d could not be checked and were left alone: %w", failed, unchecked, manager.ErrFailed)
+				errs = append(errs, fmt.Errorf("%d entries did not verify and are FAILED; %d could not be checked and were left alone: %w", failed, unchecked, manager.ErrFailed))
 			case failed > 0:
-				return fmt.Errorf("%d entries did not verify and are now FAILED: %w", failed, manager.ErrFailed)
+				errs = append(errs, fmt.Errorf("%d entries did not verify and are FAILED: %w", failed, manager.ErrFailed))
 			case unchecked > 0:
-				return fmt.Errorf("%d entries could not be checked (see the ERROR lines) and were left alone", unchecked)
+				errs = append(errs, fmt.Errorf("%d entries could not be checked (see the ERROR lines) and were left alone: %w", unchecked, errUnchecked))
 			}
-			return nil
+			return errors.Join(append(errs, missing...)...)
 		},
 	}
 }

@@ -4,22 +4,52 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 )
 
-// Exit codes: the contract in ../shared/design.md.
+// Exit codes: the contract in ../shared/design.md and README.md.
 const (
-	exitOK      = 0
-	exitFailed  = 1 // the entry is FAILED, or any other error
-	exitUsage   = 2 // bad usage or bad input
-	exitTimeout = 3 // --timeout passed while waiting
+	exitOK          = 0
+	exitFailed      = 1   // the entry is FAILED, or any other error
+	exitUsage       = 2   // bad usage or bad input
+	exitTimeout     = 3   // --timeout passed while waiting
+	exitInterrupted = 130 // SIGINT (SIGTERM: 143), as shells report 128 + signal
 )
 
-// errUsage marks errors in how depcache was called.
-var errUsage = errors.New("usage")
+var (
+	// errUsage marks errors in how depcache was called.
+	errUsage = errors.New("usage")
+	// errNoCache: --root names a directory that does not exist, for a
+	// command that only looks at (or cleans) a cache.
+	errNoCache = errors.New("no cache")
+)
+
+// interruptedError is the cause of the context main cancels on a signal.
+type interruptedError struct{ sig os.Signal }
+
+func (e *interruptedError) Error() string {
+	name := "SIGINT"
+	if e.sig == syscall.SIGTERM {
+		name = "SIGTERM"
+	}
+	return "interrupted (" + name + ")"
+}
+
+func (e *interruptedError) code() int {
+	if s, ok := e.sig.(syscall.Signal); ok {
+		return 128 + int(s)
+	}
+	return exitInterrupted
+}
 
 func usageErrorf(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{errUsage}, args...)...)
@@ -27,16 +57,60 @@ func usageErrorf(format string, args ...any) error {
 
 // exitCode is the only place that knows exit statuses.
 func exitCode(err error) int {
+	var intr *interruptedError
 	switch {
 	case err == nil:
 		return exitOK
-	case errors.Is(err, errUsage), errors.Is(err, manager.ErrBadSource), errors.Is(err, manager.ErrBadDependent),
-		errors.Is(err, state.ErrBadKey), errors.Is(err, errBadFlag), errors.Is(err, manager.ErrBadPolicy):
+	case errors.As(err, &intr):
+		return intr.code()
+	case isUsage(err):
 		return exitUsage
 	case errors.Is(err, context.DeadlineExceeded):
 		return exitTimeout
 	}
 	return exitFailed
+}
+
+func isUsage(err error) bool {
+	return errors.Is(err, errUsage) || errors.Is(err, manager.ErrBadSource) || errors.Is(err, manager.ErrBadDependent) ||
+		errors.Is(err, state.ErrBadKey) || errors.Is(err, errBadFlag) || errors.Is(err, manager.ErrBadPolicy) ||
+		errors.Is(err, state.ErrInvalidText) || isBadAddress(err)
+}
+
+// errKind is the "kind" of the JSON error object: what a script branches
+// on, finer than the exit code.
+func errKind(err error) string {
+	var intr *interruptedError
+	switch {
+	case errors.As(err, &intr):
+		return "interrupted"
+	case isUsage(err):
+		return "usage"
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	case errors.Is(err, errNoCache), errors.Is(err, manager.ErrNotFound):
+		return "not_found"
+	case errors.Is(err, manager.ErrInUse):
+		return "in_use"
+	case errors.Is(err, manager.ErrNotRegistered):
+		return "not_registered"
+	case errors.Is(err, manager.ErrFailed):
+		return "failed"
+	case errors.Is(err, errUnhealthy):
+		return "unhealthy"
+	case errors.Is(err, errUnchecked):
+		return "unchecked"
+	case errors.Is(err, manager.ErrStateReadable):
+		return "refused"
+	}
+	return "error"
+}
+
+// errorJSON is what --json prints on stderr for an error.
+type errorJSON struct {
+	Error    string `json:"error"`
+	ExitCode int    `json:"exit_code"`
+	Kind     string `json:"kind"`
 }
 
 // exactArgs is cobra.ExactArgs with the error marked as bad usage.
@@ -47,4 +121,86 @@ func exactArgs(n int) func(*cobra.Command, []string) error {
 		}
 		return nil
 	}
+}
+
+// minArgs is cobra.MinimumNArgs with the error marked as bad usage.
+func minArgs(n int) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < n {
+			return usageErrorf("%s takes at least %d argument(s), got %d", cmd.Name(), n, len(args))
+		}
+		return nil
+	}
+}
+
+// existingRoot refuses a root that does not exist, for the commands that
+// look at or clean a cache: they must not create one (state.Open would).
+func existingRoot(g *globals) error {
+	fi, err := os.Stat(g.root)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("no cache at %s (nothing was created; depcache get creates it): %w", g.root, errNoCache)
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		return fmt.Errorf("--root %s: not a directory: %w", g.root, errBadFlag)
+	}
+	return nil
+}
+
+// isBadAddress: a listen address that does not parse (no port, a port
+// out of range) is bad input, not a failure.
+func isBadAddress(err error) bool {
+	var ae *net.AddrError
+	return errors.As(err, &ae)
+}
+
+// classify marks what the command's error means beyond its chain: an error
+// after a signal is an interruption (exit 130), whatever the command
+// made of the cancelled context; cobra's own usage errors are usage.
+func classify(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	var intr *interruptedError
+	if ctx.Err() != nil && errors.As(context.Cause(ctx), &intr) {
+		if errors.Is(err, context.Canceled) {
+			return intr
+		}
+		return fmt.Errorf("%w: %w", intr, err)
+	}
+	if strings.HasPrefix(err.Error(), "unknown command ") {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	return err
+}
+
+// jsonAsked reports whether --json is among args (before "--"), for errors
+// raised before the flags were parsed.
+func jsonAsked(args []string) bool {
+	for _, a := range args {
+		switch {
+		case a == "--":
+			return false
+		case a == "--json", a == "--json=true", a == "--json=1":
+			return true
+		}
+	}
+	return false
+}
+
+// logLevels names the values --log-level takes.
+func logLevels() string {
+	names := make([]string, 0, len(logrus.AllLevels))
+	for _, l := range logrus.AllLevels {
+		names = append(names, l.String())
+	}
+	return strings.Join(names, ", ")
+}
+
+// envTrue reports whether the environment variable name holds a true
+// boolean ("1", "true").
+func envTrue(name string) bool {
+	b, err := strconv.ParseBool(os.Getenv(name))
+	return err == nil && b
 }

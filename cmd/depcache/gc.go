@@ -23,10 +23,17 @@ func newGC(g *globals) *cobra.Command {
 they do not change: 'gc --max-size 1 --min-age 0s' frees everything unused.
 'depcache policy set' (or --set-policy) changes the stored policy that every
 worker's loop applies.`,
+		Example: `  depcache gc --dry-run
+  depcache gc --max-size 1 --min-age 0s        # free everything nobody uses
+  depcache gc --max-age 168h                   # and what was not used for a week
+  depcache gc --json | jq '.victims[].source'`,
 		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
+				return err
+			}
+			if err := existingRoot(g); err != nil {
 				return err
 			}
 			given := cfg.Cleanup
@@ -54,7 +61,7 @@ worker's loop applies.`,
 				return err
 			}
 			if g.json {
-				return printJSON(g.stdout, rep)
+				return printJSON(g.stdout, toGCJSON(rep))
 			}
 			verb, reaped := "evicted", "reaped"
 			if dryRun {
@@ -88,4 +95,46 @@ func budget(n int64) string {
 		return "none"
 	}
 	return humanize.IBytes(uint64(n))
+}
+
+// gcJSON is `gc --json`: the CLI's own snake_case view of
+// manager.SweepReport (whose Go field names are not a contract).
+type gcJSON struct {
+	DryRun  bool         `json:"dry_run"`
+	Victims []victimJSON `json:"victims"`
+	// FreedBytes is what the victims took.
+	FreedBytes int64 `json:"freed_bytes"`
+	// Reaped: dependents removed (or that would be) by entry source.
+	Reaped map[string][]string `json:"reaped"`
+	// UsageBytes is the cache's usage before the sweep; UsageAfterBytes
+	// after it.
+	UsageBytes      int64 `json:"usage_bytes"`
+	UsageAfterBytes int64 `json:"usage_after_bytes"`
+	// BudgetBytes is the sweep's --max-size (0: none).
+	BudgetBytes   int64 `json:"budget_bytes"`
+	DiskFreeBytes int64 `json:"disk_free_bytes"`
+	DiskSizeBytes int64 `json:"disk_size_bytes"`
+}
+
+type victimJSON struct {
+	Key       string `json:"key"`
+	Kind      string `json:"kind"`
+	Source    string `json:"source"`
+	SizeBytes int64  `json:"size_bytes"`
+	Reason    string `json:"reason"`
+}
+
+func toGCJSON(rep manager.SweepReport) gcJSON {
+	out := gcJSON{DryRun: rep.DryRun, Victims: []victimJSON{}, FreedBytes: rep.Freed, Reaped: map[string][]string{},
+		UsageBytes: rep.Usage.Bytes, UsageAfterBytes: rep.Usage.Bytes - rep.Freed, BudgetBytes: rep.Policy.MaxSizeBytes,
+		DiskFreeBytes: rep.Usage.DiskFree, DiskSizeBytes: rep.Usage.DiskSize}
+	for _, v := range rep.Victims {
+		out.Victims = append(out.Victims, victimJSON{Key: v.Key.ID(), Kind: string(v.Key.Kind), Source: v.Key.Source, SizeBytes: v.Bytes, Reason: v.Reason})
+	}
+	for src, names := range rep.Reaped {
+		sorted := append([]string{}, names...)
+		sort.Strings(sorted)
+		out.Reaped[src] = sorted
+	}
+	return out
 }

@@ -138,7 +138,7 @@ func newRoot(g *globals) *cobra.Command {
 			}
 			lvl, err := logrus.ParseLevel(g.logLevel)
 			if err != nil {
-				return fmt.Errorf("--log-level %q: %w", g.logLevel, errBadFlag)
+				return fmt.Errorf("--log-level %q: %w: want one of %s", g.logLevel, errBadFlag, logLevels())
 			}
 			g.log.SetLevel(lvl)
 			switch g.logFormat {
@@ -169,6 +169,8 @@ func newRoot(g *globals) *cobra.Command {
 	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
+	root.AddCommand(newRm(g), newDir(g), newVersion(g))
+	root.Version, root.Example = versionString(), rootExamples
 	return root
 }
 
@@ -201,12 +203,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	g := &globals{stdout: stdout, stderr: stderr, log: logrus.New()}
 	g.log.SetOutput(stderr)
 	root := newRoot(g)
-	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
-	if err != nil {
-		fmt.Fprintln(stderr, "depcache:", err)
+	if jsonAsked(args) || envTrue("DEPCACHE_JSON") {
+		// With --json, stderr carries one JSON error object: log records
+		// below error (a warning that repeats the error) stay out of it
+		// unless --log-level (or DEPCACHE_LOG_LEVEL) asks for them.
+		g.logLevel = "error"
 	}
-	return exitCode(err)
+	root.SetArgs(args)
+	err := classify(ctx, root.ExecuteContext(ctx))
+	code := exitCode(err)
+	if err != nil {
+		if g.json || jsonAsked(args) || envTrue("DEPCACHE_JSON") {
+			printJSON(stderr, errorJSON{Error: err.Error(), ExitCode: code, Kind: errKind(err)})
+		} else {
+			fmt.Fprintln(stderr, "depcache:", err)
+		}
+	}
+	return code
 }
 
 func fileExists(p string) bool {

@@ -1,0 +1,176 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+	"github.com/sirupsen/logrus"
+)
+
+// ErrInUse means Remove was asked to remove an entry that a dependent
+// holds, that is downloading, or whose image a container uses. Errors
+// wrapping it are *InUseError.
+var ErrInUse = errors.New("entry in use")
+
+// InUseError says why one entry cannot be removed.
+type InUseError struct {
+	Key   state.Key
+	Stage state.Stage
+	// Dependents are the live dependents that hold the entry, sorted.
+	Dependents []string
+	// Reason says what holds it: "in use by [a b]", "downloading", "used
+	// by a container", ...
+	Reason string
+}
+
+func (e *InUseError) Error() string {
+	return fmt.Sprintf("%s: %s", e.Key.Source, e.Reason)
+}
+
+// Unwrap makes errors.Is(err, ErrInUse) hold.
+func (e *InUseError) Unwrap() error { return ErrInUse }
+
+// Removed is one entry Remove removed (or, dry, would remove).
+type Removed struct {
+	Key   state.Key
+	Stage state.Stage
+	// Path is the content's path relative to the root ("" for images and
+	// for FAILED entries without content).
+	Path  string
+	Bytes int64
+}
+
+// RemoveReport is what Remove did (or, dry, would do).
+type RemoveReport struct {
+	DryRun  bool
+	Removed []Removed
+	Freed   int64
+}
+
+// Remove removes the entries of keys from the cache, all of them or none:
+// if any of them is missing ([ErrNotFound]), downloading or held by a live
+// dependent ([ErrInUse], an *InUseError naming the dependents), nothing is
+// removed and the error (an errors.Join of one error per refused key) says
+// why for each. Dependents that no longer hold the entry (their process is
+// gone, their TTL passed; the judgement of a sweep) do not keep it. A pin
+// does not keep it either: pins protect entries from cleanup, and Remove
+// is asked for by name.
+//
+// Like a sweep, the removal commits first and moves the content into
+// trash after the commit, then deletes it outside the lock: a crash in
+// between leaves content that no entry names, which reconcile moves aside.
+// An image is removed from this host's daemon (never one the daemon had
+// before depcache pulled it, nor one a container uses or another entry
+// names). A dry run changes nothing.
+func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (RemoveReport, error) {
+	rep := RemoveReport{DryRun: dryRun}
+	if err := checkLayout(m.Root()); err != nil {
+		return rep, err
+	}
+	var guards map[string]string
+	var snapshot map[string]bool
+	if snap, err := m.store.View(ctx); err == nil {
+		snapshot = map[string]bool{}
+		for id := range snap.Entries {
+			snapshot[id] = true
+		}
+		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+	} else {
+		return rep, err
+	}
+	seen := map[string]bool{}
+	var unique []state.Key
+	for _, k := range keys {
+		if !seen[k.ID()] {
+			seen[k.ID()] = true
+			unique = append(unique, k)
+		}
+	}
+	var dirs []string
+	var images []*state.Entry
+	m.trashMu.RLock()
+	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+		rep.Removed, dirs, images = nil, nil, nil
+		now := m.cfg.Clock.Now()
+		var errs []error
+		m.mu.Lock()
+		for _, k := range unique {
+			e := st.Get(k)
+			if e == nil {
+				errs = append(errs, fmt.Errorf("no entry for %s: %w", k.Source, ErrNotFound))
+				continue
+			}
+			if e.Stage == state.Downloading {
+				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Reason: "downloading (release its dependents to cancel the download)"})
+				continue
+			}
+			r, _ := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
+			if r.Entry != nil && len(r.Entry.Dependents) > 0 {
+				names := make([]string, 0, len(r.Entry.Dependents))
+				for name := range r.Entry.Dependents {
+					names = append(names, name)
+				}
+				slices.Sort(names)
+				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Dependents: names,
+					Reason: fmt.Sprintf("in use by %s (release them first)", strings.Join(names, ", "))})
+				continue
+			}
+			if e.Key.Kind == state.Image && !e.External {
+				id := e.Key.ID()
+				if why, guarded := guards[id]; guarded || !snapshot[id] {
+					if !guarded {
+						why = "appeared while removing; try again"
+					}
+					errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Reason: why})
+					continue
+				}
+			}
+			rep.Removed = append(rep.Removed, Removed{Key: e.Key, Stage: e.Stage, Path: e.Path, Bytes: e.SizeBytes})
+		}
+		m.mu.Unlock()
+		if len(errs) > 0 {
+			return false, errors.Join(errs...)
+		}
+		if dryRun {
+			return false, nil
+		}
+		for _, r := range rep.Removed {
+			e := st.Get(r.Key)
+			if e.Key.Kind == state.Image && !e.External {
+				images = append(images, e.Clone())
+			}
+			delete(st.Entries, r.Key.ID())
+			if r.Path != "" {
+				dirs = append(dirs, filepath.Dir(r.Path))
+			}
+		}
+		return len(rep.Removed) > 0, nil
+	})
+	m.trashMu.RUnlock()
+	if err != nil {
+		rep.Removed = nil
+		return rep, err
+	}
+	for _, r := range rep.Removed {
+		rep.Freed += r.Bytes
+	}
+	if dryRun {
+		return rep, nil
+	}
+	// Committed first, moved after (see sweep).
+	m.moveToTrash(dirs, "removed")
+	m.emptyTrash()
+	if len(images) > 0 {
+		m.removeImages(ctx, images)
+	}
+	for _, r := range rep.Removed {
+		m.log.WithFields(logrus.Fields{"source": r.Key.Source, "bytes": r.Bytes}).Info("removed an entry on request")
+	}
+	return rep, nil
+}

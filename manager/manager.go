@@ -251,6 +251,8 @@ func New(cfg Config) (*Manager, error) {
 	if err := checkLayout(store.Root()); err != nil {
 		return nil, err
 	}
+	root := store.Root()
+	met.root.Store(&root) // the disk gauges measure its filesystem
 	id := make([]byte, 8)
 	if _, err := rand.Read(id); err != nil {
 		return nil, err

@@ -265,6 +265,7 @@ func New(cfg Config) (*Manager, error) {
 	if err := checkLayout(root); err != nil {
 		return nil, err
 	}
+	met.root.Store(&root) // the disk gauges measure its filesystem
 	id := make([]byte, 8)
 	if _, err := rand.Read(id); err != nil {
 		return nil, err

@@ -1,9 +1,11 @@
 package manager
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -23,6 +25,11 @@ type metrics struct {
 	entries         *prometheus.GaugeVec
 	entryBytes      *prometheus.GaugeVec
 	lostDependents  prometheus.Counter
+	usage           prometheus.Gauge
+	budget          prometheus.Gauge
+	// root is the cache root whose filesystem the disk gauges measure, on
+	// scrape (statfs); unset, they read 0.
+	root atomic.Pointer[string]
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -54,6 +61,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Bytes of entries by stage, as last seen (expected size for downloads)."}, []string{"stage"}),
 		lostDependents: prometheus.NewCounter(prometheus.CounterOpts{Name: "depcache_lost_dependents_total",
 			Help: "Dependents this process registered that were found gone from their entry without a release (reaped while the process was stopped past its lease, or removed by hand)."}),
+		usage: prometheus.NewGauge(prometheus.GaugeOpts{Name: "depcache_usage_bytes",
+			Help: "Bytes the cache takes as a sweep counts them (READY and FAILED entries on disk, downloads at their expected size), as last seen."}),
+		budget: prometheus.NewGauge(prometheus.GaugeOpts{Name: "depcache_budget_bytes",
+			Help: "The root's byte budget (max-size of the stored policy, else the default), as last seen; 0 means no budget."}),
 	}
 	for _, stage := range []state.Stage{state.Downloading, state.Ready, state.Failed} {
 		m.entries.WithLabelValues(string(stage))
@@ -67,13 +78,32 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.requests, m.downloads, m.takeovers, m.bytes, m.downloadSeconds, m.waitSeconds,
-			m.evictions, m.freedBytes, m.lockWait, m.lockHold, m.entries, m.entryBytes, m.lostDependents)
+			m.evictions, m.freedBytes, m.lockWait, m.lockHold, m.entries, m.entryBytes, m.lostDependents,
+			m.usage, m.budget,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_free_bytes",
+				Help: "Bytes free for unprivileged users on the root's filesystem (statfs at scrape time)."},
+				func() float64 { free, _ := m.disk(); return float64(free) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_size_bytes",
+				Help: "Size of the root's filesystem (statfs at scrape time)."},
+				func() float64 { _, size := m.disk(); return float64(size) }))
 	}
 	return m
 }
 
-// observeState sets the per-stage gauges.
+// disk returns the free and total bytes of the root's filesystem, or zeros
+// before the root is known or when statfs fails.
+func (m *metrics) disk() (free, size int64) {
+	root := m.root.Load()
+	if root == nil {
+		return 0, 0
+	}
+	return diskSpace(*root)
+}
+
+// observeState sets the per-stage gauges, the usage and the budget.
 func (m *metrics) observeState(st *state.State) {
+	m.usage.Set(float64(transitions.Measure(st.Entries)))
+	m.budget.Set(float64(policyOf(st).MaxSizeBytes))
 	counts := map[state.Stage]float64{}
 	sizes := map[state.Stage]float64{}
 	for _, e := range st.Entries {
@@ -88,6 +118,41 @@ func (m *metrics) observeState(st *state.State) {
 		m.entries.WithLabelValues(string(stage)).Set(counts[stage])
 		m.entryBytes.WithLabelValues(string(stage)).Set(sizes[stage])
 	}
+}
+
+// Totals is what a status page shows above the entries: what the cache
+// takes against its budget, the policy the loops apply and the room left
+// on the root's filesystem.
+type Totals struct {
+	// UsageBytes counts as a sweep does: READY and FAILED entries on disk,
+	// downloads in flight at their expected size.
+	UsageBytes int64
+	// Policy is the stored policy, or the default when Stored is false.
+	Policy state.Policy
+	Stored bool
+	// DiskFree and DiskSize are the root filesystem's free and total bytes
+	// (statfs now); 0 when unknown.
+	DiskFree, DiskSize int64
+	// Downloading, Ready and Failed count the entries by stage.
+	Downloading, Ready, Failed int
+}
+
+// TotalsOf returns the totals of st, a state this manager's store handed
+// out (Entries, Describe), with the disk measured now.
+func (m *Manager) TotalsOf(st *state.State) Totals {
+	t := Totals{UsageBytes: transitions.Measure(st.Entries), Policy: policyOf(st), Stored: st.Policy != nil}
+	t.DiskFree, t.DiskSize = diskSpace(m.Root())
+	for _, e := range st.Entries {
+		switch e.Stage {
+		case state.Downloading:
+			t.Downloading++
+		case state.Ready:
+			t.Ready++
+		case state.Failed:
+			t.Failed++
+		}
+	}
+	return t
 }
 
 func seconds(d time.Duration) float64 { return d.Seconds() }

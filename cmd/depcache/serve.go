@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"html/template"
 	"net"
 	"net/http"
 	"os"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
-	"github.com/dustin/go-humanize"
 	"github.com/nightlyone/lockfile"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -127,36 +125,6 @@ func serveMux(m *manager.Manager, reg *prometheus.Registry) *http.ServeMux {
 		w.Header().Set("Content-Type", "application/json")
 		printJSON(w, out)
 	})
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		out, err := describeEntries(r.Context(), m)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		if err := statusPage.Execute(w, struct {
-			Root    string
-			Entries []entryJSON
-		}{m.Root(), out}); err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-		}
-	})
+	mux.HandleFunc("GET /{$}", serveStatus(m))
 	return mux
 }
-
-var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
-	"bytes": func(n int64) string { return humanize.IBytes(uint64(max(n, 0))) },
-}).Parse(`<!doctype html>
-<html><head><meta charset="utf-8"><title>depcache: {{.Root}}</title>
-<meta http-equiv="refresh" content="5">
-<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
-.READY{color:#070}.FAILED{color:#a00}.DOWNLOADING{color:#a60}</style></head>
-<body><h1>depcache</h1><p>Root: <code>{{.Root}}</code> · {{len .Entries}} entries · <a href="/metrics">metrics</a> · <a href="/v1/entries">JSON</a></p>
-<table><tr><th>stage</th><th>source</th><th>size</th><th>owner</th><th>progress</th><th>dependents</th><th>kept</th><th>message</th></tr>
-{{range .Entries}}<tr><td class="{{.Stage}}">{{.Stage}}</td><td>{{.Source}}</td><td>{{bytes .SizeBytes}}</td>
-<td>{{with .Owner}}pid {{.PID}} on {{.Host}}{{end}}</td>
-<td>{{if eq .Stage "DOWNLOADING"}}{{bytes .Progress.Bytes}}{{if .Progress.Total}} / {{bytes .Progress.Total}}{{end}}{{end}}</td>
-<td>{{range .Description.Dependents}}{{.Name}} ({{.Liveness}})<br>{{end}}</td><td>{{.Kept}}</td><td>{{.Message}}</td></tr>
-{{else}}<tr><td colspan="8">no entries</td></tr>{{end}}
-</table></body></html>
-`))

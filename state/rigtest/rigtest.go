@@ -86,3 +86,27 @@ func FakeHost(t testing.TB, name string, pid int, argv ...string) *exec.Cmd {
 	}
 	return cmd
 }
+
+// Chromium returns the Chromium binary that browser tests drive headless:
+// $DEPCACHE_CHROMIUM when set, else Debian's /usr/bin/chromium, else
+// chromium or chromium-browser on PATH. None found is Missing: .ci/run
+// installs Debian's chromium package.
+func Chromium(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("DEPCACHE_CHROMIUM"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			Missing(t, "DEPCACHE_CHROMIUM="+p+" is not usable: "+err.Error())
+		}
+		return p
+	}
+	if _, err := os.Stat("/usr/bin/chromium"); err == nil {
+		return "/usr/bin/chromium"
+	}
+	for _, name := range []string{"chromium", "chromium-browser"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	Missing(t, "no Chromium found (/usr/bin/chromium, or chromium on PATH; apt-get install chromium)")
+	return ""
+}

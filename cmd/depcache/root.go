@@ -169,7 +169,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
-	root.AddCommand(newRm(g), newDir(g), newVersion(g))
+	root.AddCommand(newRm(g), newDir(g), newVersion(g), newRun(g), newLockCmd(g), newLocks(g))
 	root.Version, root.Example = versionString(), rootExamples
 	return root
 }

@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unicode"
+
+	"github.com/depcache/depcache/state"
+	"github.com/spf13/cobra"
+)
+
+// minLockLease is the shortest --lease of lock: a renewal, every third of
+// the lease, must fit in it with room to spare on a slow shared
+// filesystem.
+const minLockLease = time.Second
+
+const lockUsage = "depcache lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]"
+
+// checkLockName refuses a NAME that is empty, too long, not valid UTF-8 or
+// has control characters. NAME is hashed into the file name, so any other
+// string is safe.
+func checkLockName(name string) error {
+	if err := state.CheckText("lock NAME", name); err != nil {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if name == "" {
+		return usageErrorf("empty lock NAME: %s", lockUsage)
+	}
+	if len(name) > 1024 || strings.ContainsFunc(name, unicode.IsControl) {
+		return usageErrorf("lock NAME %.40q: want 1 to 1024 printable characters", name)
+	}
+	return nil
+}
+
+// openNamedLock makes ROOT/locks and returns the lock of NAME and its token
+// file. It records NAME next to the lock, for `depcache locks`.
+func openNamedLock(g *globals, name string, lease time.Duration) (*state.Lock, string, error) {
+	perms := state.DefaultPerms()
+	if g.group {
+		perms = state.GroupPerms()
+	}
+	if err := state.CheckLayout(g.root, []string{state.LocksDir}, nil); err != nil {
+		return nil, "", err
+	}
+	if err := perms.MkdirAll(filepath.Join(g.root, state.LocksDir)); err != nil {
+		return nil, "", fmt.Errorf("lock %q: %w", name, err)
+	}
+	lockPath, tokenPath, nameFile := state.NamedLockPaths(g.root, name)
+	if b, err := os.ReadFile(nameFile); err != nil || string(b) != name {
+		rnd := make([]byte, 8)
+		rand.Read(rnd)
+		tmp := nameFile + ".tmp-" + hex.EncodeToString(rnd) // pids repeat across hosts
+		if err := perms.WriteFile(tmp, []byte(name)); err != nil {
+			return nil, "", fmt.Errorf("lock %q: %w", name, err)
+		}
+		if err := os.Rename(tmp, nameFile); err != nil {
+			os.Remove(tmp)
+			return nil, "", fmt.Errorf("lock %q: %w", name, err)
+		}
+	}
+	l, err := state.NewLock(lockPath, state.LockOptions{Lease: lease, Perm: perms.File, Log: g.log})
+	if err != nil {
+		return nil, "", err
+	}
+	return l, tokenPath, nil
+}
+
+func newLockCmd(g *globals) *cobra.Command {
+	var timeout, lease time.Duration
+	cmd := &cobra.Command{
+		Use:   "lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]",
+		Short: "Run CMD holding the cross-host lease lock NAME, with a fencing token",
+		Long: `lock takes the lock NAME (ROOT/locks/<sha256(NAME)[:32]>.lock), the same kind
+of lock as the state lock, safe across hosts on a shared root, and runs CMD
+while it holds it. While CMD runs, lock renews the lease every third of
+--lease, so a long CMD is never broken. CMD gets DEPCACHE_LOCK_TOKEN, a
+fencing token that increases with every acquisition of NAME, and
+DEPCACHE_LOCK_NAME. SIGINT, SIGTERM and SIGHUP are forwarded to CMD; if lock
+dies, CMD gets SIGKILL.
+
+A waiter breaks a holder on its own machine at once when the holder's process
+is gone, and a holder on another host once the lock stayed unchanged for
+--lease on the waiter's own clock: every user of NAME should give the same
+--lease.
+
+Exit status: CMD's (128+N for a signal N); 2 bad usage; 3 --timeout passed
+before the lock was taken; 75 the lease was lost while CMD ran (lock was
+stopped or could not renew past the lease, and another process broke the
+lock): lock says why, ends CMD (SIGTERM, then SIGKILL after 10s) and exits 75.`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			code, err := runLock(cmd, g, args, timeout, lease)
+			if err != nil {
+				return err
+			}
+			if code != exitOK {
+				exitWith(code)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&timeout, "timeout", 0, "give up waiting for the lock after this long (exit 3)")
+	f.DurationVar(&lease, "lease", 30*time.Second, "how long a holder on another host must leave the lock unchanged before it is broken; the holder renews every third of it")
+	return cmd
+}
+
+func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.Duration) (int, error) {
+	if timeout < 0 {
+		return 0, fmt.Errorf("--timeout %s: %w: must not be negative", timeout, errBadFlag)
+	}
+	if lease < minLockLease {
+		return 0, fmt.Errorf("--lease %s: %w: must be at least %s", lease, errBadFlag, minLockLease)
+	}
+	dash := cmd.ArgsLenAtDash()
+	if len(args) == 0 || dash == 0 {
+		return 0, usageErrorf("missing NAME: %s", lockUsage)
+	}
+	if dash > 1 {
+		return 0, usageErrorf("%q before --: %s", args[:dash], lockUsage)
+	}
+	name, argv := args[0], args[1:]
+	if err := checkLockName(name); err != nil {
+		return 0, err
+	}
+	if len(argv) == 0 {
+		return 0, usageErrorf("missing CMD: %s", lockUsage)
+	}
+	l, tokenPath, err := openNamedLock(g, name, lease)
+	if err != nil {
+		return 0, err
+	}
+	sigs, stopSigs := notifySignals()
+	defer stopSigs()
+
+	ctx, cancel := context.WithCancel(context.WithoutCancel(cmd.Context()))
+	defer cancel()
+	if timeout > 0 {
+		var c context.CancelFunc
+		ctx, c = context.WithTimeout(ctx, timeout)
+		defer c()
+	}
+	var interrupted os.Signal
+	watching := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case interrupted = <-sigs:
+			cancel()
+		case <-watching:
+		}
+	}()
+	s, err := l.Acquire(ctx)
+	close(watching)
+	<-watched
+	if interrupted != nil {
+		if s != nil {
+			s.Release()
+		}
+		fmt.Fprintf(g.stderr, "depcache lock: %v while waiting for %q\n", interrupted, name)
+		return 128 + int(interrupted.(syscall.Signal)), nil
+	}
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return 0, fmt.Errorf("lock %q not acquired within --timeout %s: %w", name, timeout, err)
+		}
+		return 0, fmt.Errorf("lock %q: %w", name, err)
+	}
+	tok, err := s.NextToken(tokenPath)
+	if err != nil {
+		s.Release()
+		return 0, fmt.Errorf("lock %q: drawing the fencing token: %w", name, err)
+	}
+	c, err := startChild(argv, []string{"DEPCACHE_LOCK_TOKEN=" + strconv.FormatUint(tok, 10), "DEPCACHE_LOCK_NAME=" + name},
+		cmd.InOrStdin(), g.stdout, g.stderr)
+	if err != nil {
+		s.Release()
+		return 0, err
+	}
+	every := lease / 3
+	renew := time.NewTicker(every)
+	defer renew.Stop()
+	lastRenewal := time.Now() // monotonic: a stop of this process counts
+	lost := func(why string) int {
+		fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
+		c.end(endGrace)
+		s.Release()
+		return exitLost
+	}
+	for {
+		select {
+		case <-c.done:
+			if err := s.Release(); errors.Is(err, state.ErrLockLost) {
+				fmt.Fprintf(g.stderr, "depcache lock: the lease of %q (token %d) was lost while CMD ran, found at release: %v; exit %d\n", name, tok, err, exitLost)
+				return exitLost, nil
+			} else if err != nil {
+				fmt.Fprintf(g.stderr, "depcache lock: releasing %q: %v\n", name, err)
+			}
+			return c.status(), nil
+		case sig := <-sigs:
+			c.signal(sig)
+		case <-renew.C:
+			err := s.Renew()
+			switch {
+			case err == nil:
+				lastRenewal = time.Now()
+			case errors.Is(err, state.ErrLockLost):
+				return lost(fmt.Sprintf("%v (this process went %s without renewing, lease %s)", err, time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
+			case time.Since(lastRenewal) >= lease*2/3:
+				// Others may break it at the lease: do not let CMD run on
+				// past what we can vouch for.
+				return lost(fmt.Sprintf("could not renew for %s (lease %s): %v", time.Since(lastRenewal).Round(time.Millisecond), lease, err)), nil
+			default:
+				g.log.WithError(err).WithField("lock", name).Warn("renewing the lease failed; trying again")
+			}
+		}
+	}
+}

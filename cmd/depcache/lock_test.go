@@ -1,0 +1,326 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state/rigtest"
+)
+
+// TestLockBadInput: bad usage exits 2 naming what is wrong.
+func TestLockBadInput(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"lock", "", "--", "true"}, "empty lock NAME"},
+		{[]string{"lock", "--", "true"}, "missing NAME"},
+		{[]string{"lock"}, "missing NAME"},
+		{[]string{"lock", "L", "--"}, "missing CMD"},
+		{[]string{"lock", "L"}, "missing CMD"},
+		{[]string{"lock", "a\nb", "--", "true"}, "printable"},
+		{[]string{"lock", "L", "--lease", "10ms", "--", "true"}, "--lease"},
+		{[]string{"lock", "L", "--timeout", "-1s", "--", "true"}, "--timeout"},
+		{[]string{"locks", "--break", ""}, ""},
+	} {
+		root := t.TempDir()
+		code, _, stderr := cli(t, root, c.args...)
+		if c.want == "" { // --break "" is no --break: a listing
+			if code != 0 {
+				t.Errorf("%q: exit %d: %s", c.args, code, stderr)
+			}
+			continue
+		}
+		if code != exitUsage || !strings.Contains(stderr, c.want) {
+			t.Errorf("%q: exit %d, stderr %q; want exit 2 naming %q", c.args, code, stderr, c.want)
+		}
+	}
+}
+
+// TestLockStatusTokensTimeout: CMD's status passes through, tokens go 1, 2,
+// 3 over three holds, a --timeout while another holds the lock exits 3
+// without running CMD, a SIGTERM sent to lock reaches CMD, and `locks`
+// lists the holder while it holds.
+func TestLockStatusTokensTimeout(t *testing.T) {
+	root := t.TempDir()
+	dir := t.TempDir()
+	code, out, stderr := depcache(t, root, "lock", "L", "--", "sh", "-c", `echo $DEPCACHE_LOCK_TOKEN $DEPCACHE_LOCK_NAME; exit 7`)
+	if code != 7 || out != "1 L\n" {
+		t.Fatalf("exit %d, output %q; want 7 and token 1; stderr %s", code, out, stderr)
+	}
+	ready := filepath.Join(dir, "ready")
+	script := fmt.Sprintf(`trap 'exit 42' TERM; echo $DEPCACHE_LOCK_TOKEN >%q.tmp; mv %q.tmp %q; while :; do sleep 0.01; done`, ready, ready, ready)
+	holder, _, herr := startBin(t, root, nil, "lock", "L", "--lease", "1s", "--", "sh", "-c", script)
+	waitFor(t, "the holder's CMD", func() bool { return exists(ready) })
+	if b, _ := os.ReadFile(ready); string(b) != "2\n" {
+		t.Errorf("second token %q, want 2", b)
+	}
+	marker := filepath.Join(dir, "ran")
+	code, _, stderr = depcache(t, root, "lock", "L", "--timeout", "300ms", "--", "touch", marker)
+	if code != exitTimeout || !strings.Contains(stderr, "--timeout") || exists(marker) {
+		t.Errorf("--timeout while held: exit %d, stderr %q, CMD ran %v; want 3 and no CMD", code, stderr, exists(marker))
+	}
+	code, out, _ = depcache(t, root, "locks")
+	if code != 0 || !strings.Contains(out, "L ") || !strings.Contains(out, strconv.Itoa(holder.Process.Pid)) {
+		t.Errorf("locks: exit %d:\n%s\nwant L held by pid %d", code, out, holder.Process.Pid)
+	}
+	holder.Process.Signal(syscall.SIGTERM)
+	if code := exitStatus(t, holder); code != 42 {
+		t.Errorf("SIGTERM to lock: exit %d, want CMD's 42; stderr %s", code, herr)
+	}
+	code, out, _ = depcache(t, root, "lock", "L", "--", "sh", "-c", `echo $DEPCACHE_LOCK_TOKEN`)
+	if code != 0 || out != "3\n" {
+		t.Errorf("third hold: exit %d, token %q; want 3", code, out)
+	}
+	if code, out, _ := depcache(t, root, "locks"); code != 0 || !strings.Contains(out, "no lock is held") {
+		t.Errorf("locks after the releases: exit %d: %s", code, out)
+	}
+}
+
+// TestLockBreakCommand: `locks --break` refuses a live holder of this
+// machine and breaks a dead one.
+func TestLockBreakCommand(t *testing.T) {
+	root := t.TempDir()
+	ready := filepath.Join(t.TempDir(), "ready")
+	holder, _, _ := startBin(t, root, nil, "lock", "L", "--", "sh", "-c", fmt.Sprintf(`touch %q; exec sleep 600`, ready))
+	waitFor(t, "the holder's CMD", func() bool { return exists(ready) })
+	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes"); code != exitFailed || !strings.Contains(stderr, "alive") {
+		t.Errorf("--break of a live holder: exit %d: %s %s; want 1, alive", code, out, stderr)
+	}
+	holder.Process.Kill()
+	holder.Wait()
+	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, "broke") {
+		t.Errorf("--break of a dead holder: exit %d: %s %s", code, out, stderr)
+	}
+	lock := filepath.Join(root, "locks")
+	if left, _ := filepath.Glob(filepath.Join(lock, "*.lock")); len(left) != 0 {
+		t.Errorf("lock files left: %v", left)
+	}
+}
+
+// procStatFields returns the fields of /proc/PID/stat after the command.
+func procStatFields(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil
+	}
+	return strings.Fields(string(b[i+1:])) // [0] state, [1] ppid
+}
+
+func ppid(pid int) int {
+	f := procStatFields(pid)
+	if len(f) < 2 {
+		return 0
+	}
+	n, _ := strconv.Atoi(f[1])
+	return n
+}
+
+func cmdline(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return string(b)
+}
+
+// holderInSleep finds a `depcache lock` holder of name whose CMD is in its
+// `sleep 0.05`: it returns the sleep's pid and the lock process's.
+func holderInSleep(name string) (sleepPID, lockPID int, ok bool) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || cmdline(pid) != "sleep\x000.05\x00" {
+			continue
+		}
+		gp := ppid(ppid(pid))
+		if gp != 0 && strings.HasPrefix(cmdline(gp), bin+"\x00") && strings.Contains(cmdline(gp), "\x00lock\x00"+name+"\x00") {
+			return pid, gp, true
+		}
+	}
+	return 0, 0, false
+}
+
+// TestLockCounterTwoHosts: 16 `depcache lock L -- sh -c 'read n <counter;
+// sleep 0.05; echo $((n+1)) >counter'` (8 on each of 2 fake hosts, each
+// host on its own sshfs mount of the root; each CMD also appends its value
+// and token to a history) while random holders are SIGKILLed: 2 to 4 of
+// them, chosen by the seed, each while its CMD sleeps (its sleep is
+// stopped first, so that the kill lands before the write). The counter
+// equals the number of locks that exited 0, every other one was killed,
+// and the history holds the values 1..counter in order with strictly
+// increasing tokens.
+func TestLockCounterTwoHosts(t *testing.T) {
+	mnt1, mnt2 := rigtest.SharedFS(t)
+	seed := trialSeed(t)
+	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	kills := 2 + rng.IntN(3)
+	sub := fmt.Sprintf("e2e-lock-%d", time.Now().UnixNano())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	name := "counter-" + sub
+	work := t.TempDir() // the counter: a resource outside the root, local
+	counter, history := filepath.Join(work, "counter"), filepath.Join(work, "history")
+	os.WriteFile(counter, []byte("0\n"), 0o644)
+	os.WriteFile(history, nil, 0o644)
+	script := `for i in 1 2 3 4 5 6 7 8; do
+  ( "$BIN" --root "$ROOT" lock "$LOCKNAME" --lease 3s -- sh -c '
+      read n <"$CTR"; sleep 0.05; echo $((n+1)) >"$CTR"; echo "$((n+1)) $DEPCACHE_LOCK_TOKEN $0" >>"$HIST"' "$HOST-$i" \
+      2>"$OUT/$HOST-$i.err"
+    echo $? >"$OUT/$HOST-$i.rc" ) &
+done
+wait`
+	var hosts []*exec.Cmd
+	for _, h := range []struct{ name, mnt string }{{"host-a", mnt1}, {"host-b", mnt2}} {
+		cmd := rigtest.FakeHost(t, h.name, 0, "sh", "-c", script)
+		cmd.Env = append(cmd.Env, "BIN="+bin, "ROOT="+filepath.Join(h.mnt, sub), "LOCKNAME="+name, // not NAME: fakehost.sh sets its own NAME, and it is exported
+
+			"CTR="+counter, "HIST="+history, "OUT="+work, "HOST="+h.name)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		hosts = append(hosts, cmd)
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	killed := 0
+	go func() {
+		defer wg.Done()
+		for killed < kills {
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Duration(20+rng.IntN(200)) * time.Millisecond): // when to strike: random, not a synchronisation
+			}
+			sleepPID, lockPID, ok := holderInSleep(name)
+			if !ok {
+				continue
+			}
+			syscall.Kill(sleepPID, syscall.SIGSTOP)
+			// Only if the sleep is still there, and stopped: its CMD has
+			// not written, and cannot until the sleep ends.
+			waitFor(t, "the sleep to stop", func() bool {
+				f := procStatFields(sleepPID)
+				return f == nil || f[0] == "T" || f[0] == "Z"
+			})
+			if f := procStatFields(sleepPID); f == nil || f[0] != "T" {
+				continue
+			}
+			syscall.Kill(lockPID, syscall.SIGKILL)
+			syscall.Kill(sleepPID, syscall.SIGKILL)
+			killed++
+		}
+	}()
+	for _, h := range hosts {
+		if err := h.Wait(); err != nil {
+			t.Errorf("a fake host: %v", err)
+		}
+	}
+	close(done)
+	wg.Wait()
+	exited0, died := 0, 0
+	for _, h := range []string{"host-a", "host-b"} {
+		for i := 1; i <= 8; i++ {
+			b, _ := os.ReadFile(filepath.Join(work, fmt.Sprintf("%s-%d.rc", h, i)))
+			switch rc := strings.TrimSpace(string(b)); rc {
+			case "0":
+				exited0++
+			case "137":
+				died++
+			default:
+				errs, _ := os.ReadFile(filepath.Join(work, fmt.Sprintf("%s-%d.err", h, i)))
+				t.Errorf("%s-%d: exit %q: %s", h, i, rc, errs)
+			}
+		}
+	}
+	b, _ := os.ReadFile(counter)
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	t.Logf("kills %d (planned %d), exited 0: %d, counter %d", killed, kills, exited0, n)
+	if n != exited0 || died != killed || exited0+died != 16 {
+		t.Errorf("counter %d, %d exited 0, %d killed (%d kills made); want counter = exited 0, and the rest killed", n, exited0, died, killed)
+	}
+	h, _ := os.ReadFile(history)
+	lines := strings.Split(strings.TrimSpace(string(h)), "\n")
+	if len(lines) != exited0 {
+		t.Errorf("history has %d lines, want %d:\n%s", len(lines), exited0, h)
+	}
+	var lastTok uint64
+	for i, l := range lines {
+		f := strings.Fields(l)
+		if len(f) != 3 {
+			t.Fatalf("history line %q", l)
+		}
+		v, _ := strconv.Atoi(f[0])
+		tok, _ := strconv.ParseUint(f[1], 10, 64)
+		if v != i+1 {
+			t.Errorf("history line %d has value %d: increments out of order or lost\n%s", i+1, v, h)
+		}
+		if tok <= lastTok {
+			t.Errorf("token %d after %d at value %d: tokens must increase strictly in the order of the increments\n%s", tok, lastTok, v, h)
+		}
+		lastTok = tok
+	}
+}
+
+// TestLockStoppedHolderLosesLease: a holder on fake host A is SIGSTOPped
+// past --lease 3s; a locker on fake host B (another sshfs mount) gets the
+// lock, with a greater token. When A resumes, it ends its CMD (SIGTERM)
+// and exits 75, saying it lost the lease.
+func TestLockStoppedHolderLosesLease(t *testing.T) {
+	mnt1, mnt2 := rigtest.SharedFS(t)
+	sub := fmt.Sprintf("e2e-lockstop-%d", time.Now().UnixNano())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	name := "stop-" + sub
+	dir := t.TempDir()
+	tokA, tokB, ended := filepath.Join(dir, "a"), filepath.Join(dir, "b"), filepath.Join(dir, "ended")
+	a := rigtest.FakeHost(t, "host-a", 0, bin, "--root", filepath.Join(mnt1, sub), "lock", name, "--lease", "3s", "--",
+		"sh", "-c", fmt.Sprintf(`trap 'touch %q; exit 0' TERM; echo $DEPCACHE_LOCK_TOKEN >%q.tmp; mv %q.tmp %q; while :; do sleep 0.01; done`, ended, tokA, tokA, tokA))
+	var aErr bytes.Buffer
+	a.Stderr = &aErr
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { killIfRunning(t, a) })
+	waitFor(t, "A's CMD", func() bool { return exists(tokA) })
+	pidA := findPID(t, "\x00lock\x00"+name+"\x00")
+	syscall.Kill(pidA, syscall.SIGSTOP)
+	stopped := time.Now()
+	b := rigtest.FakeHost(t, "host-b", 0, bin, "--root", filepath.Join(mnt2, sub), "lock", name, "--lease", "3s", "--",
+		"sh", "-c", fmt.Sprintf(`echo $DEPCACHE_LOCK_TOKEN >%q`, tokB))
+	out, err := b.CombinedOutput()
+	if err != nil {
+		syscall.Kill(pidA, syscall.SIGCONT)
+		t.Fatalf("B: %v: %s", err, out)
+	}
+	if d := time.Since(stopped); d < 3*time.Second {
+		t.Errorf("B got the lock %s after A stopped, within A's lease", d)
+	}
+	ta, _ := os.ReadFile(tokA)
+	tb, _ := os.ReadFile(tokB)
+	na, _ := strconv.Atoi(strings.TrimSpace(string(ta)))
+	nb, _ := strconv.Atoi(strings.TrimSpace(string(tb)))
+	if na != 1 || nb != 2 {
+		t.Errorf("tokens A %d, B %d; want 1 then 2", na, nb)
+	}
+	syscall.Kill(pidA, syscall.SIGCONT)
+	err = a.Wait()
+	ee, _ := err.(*exec.ExitError)
+	if ee == nil || ee.ExitCode() != exitLost {
+		t.Fatalf("A after resuming: %v, want exit %d; stderr %s", err, exitLost, aErr.String())
+	}
+	if !strings.Contains(aErr.String(), "lost the lease") || !exists(ended) {
+		t.Errorf("A's stderr %q, CMD ended by SIGTERM: %v", aErr.String(), exists(ended))
+	}
+}

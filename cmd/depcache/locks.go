@@ -1,0 +1,144 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/spf13/cobra"
+)
+
+// lockJSON is one named lock in `locks --json`.
+type lockJSON struct {
+	Name string `json:"name"`
+	ID   string `json:"id"`
+	Host string `json:"host"`
+	PID  int    `json:"pid"`
+	// Acquired is by the holder's clock; AgeSeconds compares it with ours,
+	// for humans only.
+	Acquired   time.Time `json:"acquired"`
+	AgeSeconds float64   `json:"age_seconds"`
+	Renewals   uint64    `json:"renewals"`
+	// Token is the last fencing token drawn: the holder's.
+	Token uint64 `json:"token"`
+}
+
+func newLocks(g *globals) *cobra.Command {
+	var breakName string
+	var yes bool
+	var lease time.Duration
+	cmd := &cobra.Command{
+		Use:   "locks [--break NAME [--yes] [--lease DUR]]",
+		Short: "List the holders of the locks of `depcache lock`; break a stale one",
+		Long: `locks lists the named locks held in the root: NAME, the holder's host and pid,
+its age (by the holder's clock against ours: a hint, not a judgement), how
+often it renewed its lease, and the last fencing token drawn.
+
+--break NAME breaks that lock if its holder is stale, judged as any waiter
+judges it: a holder on this machine whose process is gone at once; a holder
+on another host only after watching the lock unchanged for --lease (so this
+may take that long). A live holder, or one that renews, is left alone
+(exit 1).`,
+		Args: exactArgs(0),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if breakName != "" {
+				return breakNamedLock(cmd, g, breakName, lease, yes)
+			}
+			return listLocks(g)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&breakName, "break", "", "break the lock NAME if its holder is stale")
+	f.BoolVar(&yes, "yes", false, "with --break: do not ask")
+	f.DurationVar(&lease, "lease", 30*time.Second, "with --break: how long a holder on another host must leave the lock unchanged")
+	return cmd
+}
+
+func listLocks(g *globals) error {
+	dir := filepath.Join(g.root, state.LocksDir)
+	paths, err := filepath.Glob(filepath.Join(dir, "*.lock"))
+	if err != nil {
+		return err
+	}
+	sort.Strings(paths)
+	now := time.Now()
+	out := []lockJSON{}
+	for _, p := range paths {
+		info, ok, err := state.ReadLockInfo(p)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			continue
+		}
+		base := strings.TrimSuffix(p, ".lock")
+		name, _ := os.ReadFile(base + ".name")
+		tok, _ := state.ReadToken(base + ".token")
+		out = append(out, lockJSON{Name: string(name), ID: filepath.Base(base), Host: info.Host, PID: info.PID,
+			Acquired: info.Acquired, AgeSeconds: now.Sub(info.Acquired).Seconds(), Renewals: info.Renewals, Token: tok})
+	}
+	if g.json {
+		return printJSON(g.stdout, out)
+	}
+	if len(out) == 0 {
+		fmt.Fprintln(g.stdout, "no lock is held")
+		return nil
+	}
+	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tHOST\tPID\tAGE\tRENEWALS\tTOKEN")
+	for _, l := range out {
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%d\n", l.Name, l.Host, l.PID,
+			time.Duration(l.AgeSeconds*float64(time.Second)).Round(time.Second), l.Renewals, l.Token)
+	}
+	return w.Flush()
+}
+
+func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Duration, yes bool) error {
+	if err := checkLockName(name); err != nil {
+		return err
+	}
+	if lease < minLockLease {
+		return fmt.Errorf("--lease %s: %w: must be at least %s", lease, errBadFlag, minLockLease)
+	}
+	lockPath, _, _ := state.NamedLockPaths(g.root, name)
+	info, ok, err := state.ReadLockInfo(lockPath)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
+		return nil
+	}
+	fmt.Fprintf(g.stdout, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
+		name, info.Process, info.Acquired.Format(time.RFC3339), info.Renewals)
+	if !yes {
+		fmt.Fprint(g.stdout, "break it if it is stale? [y/N] ")
+		answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
+		if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
+			fmt.Fprintln(g.stdout, "left alone")
+			return nil
+		}
+	}
+	l, _, err := openNamedLock(g, name, lease)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), lease+lease/2)
+	defer cancel()
+	broken, why, err := l.BreakStale(ctx)
+	if err != nil {
+		return err
+	}
+	if !broken {
+		return fmt.Errorf("the lock %q was not broken: %s", name, why)
+	}
+	fmt.Fprintf(g.stdout, "broke the lock %q: %s\n", name, why)
+	return nil
+}

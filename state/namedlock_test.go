@@ -1,0 +1,154 @@
+package state_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// manualClock moves only when the test says, and counts its readings.
+type manualClock struct {
+	mu    sync.Mutex
+	now   time.Time
+	reads int
+}
+
+func (c *manualClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reads++
+	return c.now
+}
+
+func (c *manualClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func (c *manualClock) readings() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reads
+}
+
+// TestLeaseRenewalKeepsAWaiterOut: a holder on another host that renews
+// its 1 s lease is never broken by a waiter whose clock passes 18 s of
+// leases while it waits, 0.9 s between renewals; once the holder stops
+// renewing, the waiter breaks it, and the holder's Renew, Check, NextToken
+// and Release report the loss. Tokens go 1, 2 across the two holds.
+func TestLeaseRenewalKeepsAWaiterOut(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "x.lock")
+	tokens := filepath.Join(dir, "x.token")
+	holder := newLock(t, path, &fakeProcs{self: machine("h1", 7)}, &tickClock{now: time.Unix(0, 0), step: time.Millisecond}, time.Second)
+	s, err := holder.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := s.NextToken(tokens)
+	if err != nil || tok != 1 {
+		t.Fatalf("first token %d, %v; want 1", tok, err)
+	}
+	clock := &manualClock{now: time.Unix(0, 0)}
+	waiter := newLock(t, path, &fakeProcs{self: machine("h2", 7)}, clock, time.Second)
+	type result struct {
+		s   *state.Lease
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		w, err := waiter.Acquire(context.Background())
+		got <- result{w, err}
+	}()
+	// A waiter's poll reads the lock, then the clock twice: once four
+	// readings passed after a renewal, it has seen the renewed content.
+	seen := func() {
+		from := clock.readings()
+		for clock.readings() < from+4 {
+			select {
+			case r := <-got:
+				t.Fatalf("the waiter took a lock whose holder renews: %v", r.err)
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	seen()
+	for i := range 20 {
+		clock.advance(900 * time.Millisecond)
+		if err := s.Renew(); err != nil {
+			t.Fatalf("renewal %d: %v", i, err)
+		}
+		info, ok, err := state.ReadLockInfo(path)
+		if err != nil || !ok || info.Renewals != uint64(i+1) || info.Nonce != s.Nonce() {
+			t.Fatalf("after renewal %d: %+v %v %v", i+1, info, ok, err)
+		}
+		seen()
+	}
+	// The holder stops renewing: the waiter breaks it.
+	clock.advance(2 * time.Second)
+	r := <-got
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	w := r.s
+	if tok, err := w.NextToken(tokens); err != nil || tok != 2 {
+		t.Fatalf("the next holder's token %d, %v; want 2", tok, err)
+	}
+	for what, err := range map[string]error{"Renew": s.Renew(), "Check": s.Check()} {
+		if !errors.Is(err, state.ErrLockLost) {
+			t.Errorf("%s after the break: %v; want ErrLockLost", what, err)
+		}
+	}
+	if _, err := s.NextToken(tokens); !errors.Is(err, state.ErrLockLost) {
+		t.Errorf("NextToken after the break: %v; want ErrLockLost", err)
+	}
+	if err := s.Release(); !errors.Is(err, state.ErrLockLost) {
+		t.Errorf("Release after the break: %v; want ErrLockLost", err)
+	}
+	if tok, _ := state.ReadToken(tokens); tok != 2 {
+		t.Errorf("token file %d after the old holder's tries; want 2", tok)
+	}
+	if err := w.Release(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Errorf("lock file after release: %v", err)
+	}
+	left, _ := filepath.Glob(filepath.Join(dir, "*"))
+	if len(left) != 1 || left[0] != tokens {
+		t.Errorf("files left: %v; want only the token file", left)
+	}
+}
+
+// TestLeaseBreakStale: BreakStale breaks a dead holder of this machine at
+// once, refuses a live one, and breaks another host's holder only after
+// watching it unchanged for the lease.
+func TestLeaseBreakStale(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "x.lock")
+	procs := &fakeProcs{self: machine("h1", 1), dead: map[int]bool{}}
+	l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: 10 * time.Second}, time.Minute)
+	writeHolder(t, path, machine("h1", 7), "aa")
+	if broken, why, err := l.BreakStale(context.Background()); err != nil || broken {
+		t.Fatalf("live local holder: broken %v (%s), %v", broken, why, err)
+	}
+	procs.dead[7] = true
+	if broken, why, err := l.BreakStale(context.Background()); err != nil || !broken {
+		t.Fatalf("dead local holder: broken %v (%s), %v", broken, why, err)
+	}
+	writeHolder(t, path, machine("h2", 7), "bb")
+	broken, why, err := l.BreakStale(context.Background())
+	if err != nil || !broken {
+		t.Fatalf("remote holder unchanged for the lease: broken %v (%s), %v", broken, why, err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Errorf("lock file after the break: %v", err)
+	}
+}

@@ -165,7 +165,16 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		log.Info("download interrupted: manager stopping")
 	default:
 		m.metrics.downloads.WithLabelValues("failed").Inc()
-		log.WithError(err).Warn("download failed")
+		// A caller of this process that waits on the entry is told by
+		// Wait (the CLI prints it once); a warning is for nobody else.
+		m.mu.Lock()
+		waited := len(m.local[key.ID()]) > 0
+		m.mu.Unlock()
+		if waited {
+			log.WithError(err).Info("download failed")
+		} else {
+			log.WithError(err).Warn("download failed")
+		}
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 			return transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())
 		})

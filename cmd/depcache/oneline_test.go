@@ -1,0 +1,26 @@
+package main
+
+import (
+	"errors"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestFailedGetPrintsOneLine: at the default log level a failed get says
+// why in one human line on stderr, not that line and a log record of the
+// same failure.
+func TestFailedGetPrintsOneLine(t *testing.T) {
+	cmd := exec.Command(bin, "--root", t.TempDir(), "get", "file:///nonexistent/depcache-one-line.tar.gz")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("get of a missing file: %v, want exit 1", err)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], "no such file") || strings.Contains(lines[0], "level=") {
+		t.Errorf("stderr: %q, want one human line naming the cause", stderr.String())
+	}
+}

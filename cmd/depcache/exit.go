@@ -33,6 +33,13 @@ var (
 	errNoCache = errors.New("no cache")
 )
 
+// cmdStatus is the exit status of the command that run or lock ran,
+// passed through as depcache's own. It is not a failure of depcache's:
+// nothing is printed for it.
+type cmdStatus int
+
+func (c cmdStatus) Error() string { return fmt.Sprintf("the command exited with status %d", int(c)) }
+
 // interruptedError is the cause of the context main cancels on a signal.
 type interruptedError struct{ sig os.Signal }
 
@@ -58,9 +65,12 @@ func usageErrorf(format string, args ...any) error {
 // exitCode is the only place that knows exit statuses.
 func exitCode(err error) int {
 	var intr *interruptedError
+	var status cmdStatus
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.As(err, &status):
+		return int(status)
 	case errors.As(err, &intr):
 		return intr.code()
 	case isUsage(err):

@@ -102,7 +102,7 @@ lock): lock says why, ends CMD (SIGTERM, then SIGKILL after 10s) and exits 75.`,
 				return err
 			}
 			if code != exitOK {
-				exitWith(code)
+				return cmdStatus(code)
 			}
 			return nil
 		},

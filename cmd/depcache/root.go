@@ -212,7 +212,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	err := classify(ctx, root.ExecuteContext(ctx))
 	code := exitCode(err)
-	if err != nil {
+	var status cmdStatus
+	if err != nil && !errors.As(err, &status) {
 		if g.json || jsonAsked(args) || envTrue("DEPCACHE_JSON") {
 			printJSON(stderr, errorJSON{Error: err.Error(), ExitCode: code, Kind: errKind(err)})
 		} else {

@@ -143,7 +143,7 @@ and exits 75.`,
 				return err
 			}
 			if code != exitOK {
-				exitWith(code)
+				return cmdStatus(code)
 			}
 			return nil
 		},
@@ -561,8 +561,3 @@ func notifySignals() (ch chan os.Signal, stop func()) {
 	signal.Notify(ch, forwarded...)
 	return ch, func() { signal.Stop(ch) }
 }
-
-// exitWith ends the process with code, after the command's own cleanup has
-// run: run and lock pass CMD's status through, which the error-to-status
-// mapping of the other commands cannot express.
-var exitWith = os.Exit

@@ -322,7 +322,10 @@ func (w *waiter) judge(name string, h holder, content []byte) (bool, string) {
 		if !alive {
 			return true, "holder process is gone"
 		}
-		return false, ""
+		// Alive here, it is judged as another host would judge it: one
+		// stopped (SIGSTOP) or stuck past the lease would otherwise block
+		// every process of this host while other hosts break it. The
+		// fence at its commit stops it from writing if it resumes.
 	}
 	now := w.l.opts.Clock.Now()
 	o, ok := w.seen[name]

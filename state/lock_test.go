@@ -120,8 +120,11 @@ func TestLockBreaksStaleHolders(t *testing.T) {
 		wbreak bool
 	}{
 		{name: "same machine, holder dead: broken at once", holder: machine("h1", 7), dead: true, lease: time.Hour, step: time.Millisecond, limit: 1000, wbreak: true},
-		// 30 minutes on the waiter's clock, 1800 leases: judged by the pid only.
-		{name: "same machine, holder alive: never broken", holder: machine("h1", 7), lease: time.Second, step: time.Minute, limit: 30},
+		// Alive, but unchanged past the lease (stopped, or stuck): broken
+		// as another host's would be, at about the 62nd reading.
+		{name: "same machine, holder alive, unchanged past the lease: broken", holder: machine("h1", 7), lease: time.Minute, step: time.Second, limit: 1000, wbreak: true},
+		// Alive and within the lease, stopped at 50 s: kept.
+		{name: "same machine, holder alive, within the lease: kept", holder: machine("h1", 7), lease: time.Minute, step: time.Second, limit: 50},
 		// Two readings a poll: broken at about the 62nd.
 		{name: "other host, unchanged past the lease: broken", holder: machine("h2", 7), lease: time.Minute, step: time.Second, limit: 1000, wbreak: true},
 		// The same lease and clock, stopped at 50 s: kept.

@@ -33,8 +33,28 @@ type PolicyChange struct {
 	Pins               []string // nil: not given
 }
 
-// Apply returns p with the given settings.
+// Apply returns p with the given settings. A setting not given whose value
+// in p conflicts with its partner given scales to fit, as a default does:
+// a high watermark given below p's low one brings the low one down with
+// it (keeping p's gap), a low one given above p's high one brings the high
+// one up, and a max-age given below p's min-age brings min-age down to it.
+// Two settings both given that conflict stay for Validate to refuse.
 func (c PolicyChange) Apply(p state.Policy) state.Policy {
+	gap := max(p.HighWatermark-p.LowWatermark, 0)
+	p = c.apply(p)
+	switch {
+	case c.HighWatermark != nil && c.LowWatermark == nil && p.LowWatermark > p.HighWatermark:
+		p.LowWatermark = max(p.HighWatermark-gap, 0)
+	case c.LowWatermark != nil && c.HighWatermark == nil && p.LowWatermark > p.HighWatermark:
+		p.HighWatermark = min(p.LowWatermark+gap, 100)
+	}
+	if c.MaxAge != nil && c.MinAge == nil && p.MaxAge > 0 && p.MaxAge < p.MinAge {
+		p.MinAge = p.MaxAge
+	}
+	return p
+}
+
+func (c PolicyChange) apply(p state.Policy) state.Policy {
 	set := func(dst *int64, v *int64) {
 		if v != nil {
 			*dst = *v

@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -176,7 +177,11 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 			log.WithError(err).Warn("download failed")
 		}
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
-			return transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())
+			r, ferr := transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())
+			if ferr == nil && r.Entry != nil {
+				r.Entry.Permanent = errors.Is(err, ErrPermanent) // r.Entry is Fail's fresh copy
+			}
+			return r, ferr
 		})
 	}
 }
@@ -226,7 +231,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	}
 	content := filepath.Join(staging, contentName)
 	var written, total atomic.Int64
-	stopReports := m.reportProgress(ctx, key, gen, &written, &total)
+	stopReports, reportNow := m.reportProgressNow(ctx, key, gen, &written, &total)
 	defer stopReports()
 
 	// The bytes stream from the source through the hash straight into the
@@ -246,8 +251,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		pr, pw := io.Pipe()
 		fetched := make(chan error, 1)
 		go func() {
-			ferr := src.Fetch(ctx, key.Source, io.MultiWriter(pw, h, counter{&written}), func(n int64) {
+			ferr := src.Fetch(ctx, fetchSource(key), io.MultiWriter(pw, h, counter{&written}), func(n int64) {
 				total.Store(n)
+				reportNow()
 				if ferr := m.checkFits(ctx, key, n); ferr != nil {
 					m.cancelDownload(key, gen, ferr)
 				}
@@ -257,7 +263,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		}()
 		in := &trackedReader{r: pr}
 		var cerr error
-		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content, m.bound(ctx, key))
+		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content, m.bound(ctx, key), key)
 		if cerr == nil {
 			_, cerr = io.Copy(io.Discard, in) // the rest (tar padding), so that the hash covers every byte
 		}
@@ -290,6 +296,11 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		if err := sleepCtx(ctx, wait); err != nil {
 			return meta, context.Cause(ctx)
 		}
+	}
+	if format == unpack.Plain && !IsKeptPacked(key) && archiveName(key) != "" {
+		// Once per download, not per attempt: its name says archive, its
+		// bytes do not.
+		log.WithField("source", key.Source).Warnf("%s is named like a %s archive but its content is not one: it is kept as a file", key.Source, strings.TrimPrefix(archiveName(key), "."))
 	}
 	meta.Format = format.String()
 	meta.SHA256 = hex.EncodeToString(h.Sum(nil))
@@ -361,19 +372,34 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 // returned function is called. A report that finds us superseded or the
 // entry gone cancels the download.
 func (m *Manager) reportProgress(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64) func() {
+	stop, _ := m.reportProgressNow(ctx, key, gen, written, total)
+	return stop
+}
+
+// reportProgressNow is reportProgress that also returns a function asking
+// for a report at once (without waiting for the tick): waiters learn the
+// expected size as soon as the source announces it.
+func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64) (stop, now func()) {
 	done := make(chan struct{})
 	stopped := make(chan struct{})
+	asked := make(chan chan struct{}) // a report now; closed when it is made
 	go func() {
 		defer close(stopped)
 		t := time.NewTicker(m.cfg.ProgressInterval)
 		defer t.Stop()
+		var ack chan struct{}
 		for {
+			if ack != nil {
+				close(ack)
+				ack = nil
+			}
 			select {
 			case <-done:
 				return
 			case <-ctx.Done():
 				return
 			case <-t.C:
+			case ack = <-asked:
 			}
 			err := m.update(context.WithoutCancel(ctx), key, func(e *state.Entry) (transitions.Result, error) {
 				return transitions.Report(e, m.self, gen, written.Load(), total.Load())
@@ -388,7 +414,17 @@ func (m *Manager) reportProgress(ctx context.Context, key state.Key, gen uint64,
 			}
 		}
 	}()
-	return func() { close(done); <-stopped }
+	return func() { close(done); <-stopped }, func() {
+		ack := make(chan struct{})
+		select {
+		case asked <- ack:
+			select {
+			case <-ack:
+			case <-stopped:
+			}
+		case <-stopped:
+		}
+	}
 }
 
 type counter struct{ n *atomic.Int64 }
@@ -493,27 +529,25 @@ func (m *Manager) cancelDownload(key state.Key, gen uint64, cause error) {
 
 // consume writes the fetched stream r as the entry's content: a tar
 // archive (plain or gzip, told by its first bytes) is unpacked into a
-// directory, anything else is written as a file. It returns the content's
-// size and the digests of the files written.
-func (m *Manager) consume(ctx context.Context, r io.Reader, content string, b bound) (unpack.Format, int64, map[string]string, error) {
+// directory, and so is a zip archive whose source's name ends in .zip
+// (many formats, jar, whl, docx, are zips that users want as files);
+// anything else, and any archive of a key kept packed (KeepPacked), is
+// written as a file. It returns the content's size and the digests of the
+// files written.
+func (m *Manager) consume(ctx context.Context, r io.Reader, content string, b bound, key state.Key) (unpack.Format, int64, map[string]string, error) {
 	br := bufio.NewReaderSize(r, unpack.SniffHead)
 	head, _ := br.Peek(unpack.SniffHead) // short at EOF; a read error shows below
 	format := unpack.SniffBytes(head)
-	if format == unpack.Plain {
-		f, err := os.OpenFile(content, os.O_WRONLY|os.O_CREATE|os.O_EXCL, m.perms.File)
-		if err != nil {
-			return format, 0, nil, err
-		}
-		defer f.Close()
-		if err := f.Chmod(m.perms.File); err != nil {
-			return format, 0, nil, err
-		}
-		fh := sha256.New()
-		n, err := io.Copy(&limitWriter{w: io.MultiWriter(f, fh), b: b}, ctxReader{ctx, br})
-		if err == nil {
-			err = f.Close()
-		}
-		return format, n, map[string]string{".": hex.EncodeToString(fh.Sum(nil))}, err
+	if IsKeptPacked(key) || (format == unpack.Zip && archiveName(key) != ".zip") {
+		format = unpack.Plain
+	}
+	switch format {
+	case unpack.Plain:
+		n, sum, err := m.writeFile(ctx, br, content, b)
+		return format, n, map[string]string{".": sum}, err
+	case unpack.Zip:
+		n, hashes, err := m.consumeZip(ctx, br, content, b)
+		return format, n, hashes, err
 	}
 	var tr io.Reader = br
 	if format == unpack.TarGzip {
@@ -527,13 +561,65 @@ func (m *Manager) consume(ctx context.Context, r io.Reader, content string, b bo
 		return format, 0, nil, err
 	}
 	n, hashes, err := unpack.ExtractHashed(ctx, tr, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
+	return format, n, hashes, unpackError(err, b)
+}
+
+// unpackError says what an unpack's failure was, and names the budget
+// behind an ErrTooLarge.
+func unpackError(err error, b bound) error {
 	if errors.Is(err, unpack.ErrTooLarge) {
-		return format, n, nil, fmt.Errorf("unpacking: %w: %s: %w", err, b.why, ErrTooLarge)
+		return fmt.Errorf("unpacking: %w: %s: %w", err, b.why, ErrTooLarge)
 	}
 	if err != nil {
-		return format, n, nil, fmt.Errorf("unpacking: %w", err)
+		return fmt.Errorf("unpacking: %w", err)
 	}
-	return format, n, hashes, nil
+	return nil
+}
+
+// writeFile writes r to the new file p, held to the bound, and returns its
+// size and sha256.
+func (m *Manager) writeFile(ctx context.Context, r io.Reader, p string, b bound) (int64, string, error) {
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, m.perms.File)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	if err := f.Chmod(m.perms.File); err != nil {
+		return 0, "", err
+	}
+	fh := sha256.New()
+	n, err := io.Copy(&limitWriter{w: io.MultiWriter(f, fh), b: b}, ctxReader{ctx, r})
+	if err == nil {
+		err = f.Close()
+	}
+	return n, hex.EncodeToString(fh.Sum(nil)), err
+}
+
+// spoolName is where a zip is spooled inside the staging directory: a zip
+// keeps its index at its end, so it is unpacked from a file, not a stream.
+const spoolName = "spool.zip"
+
+// consumeZip spools the zip stream r into staging, held to the bound as a
+// plain download is, then unpacks it into content through
+// unpack.ExtractZip, held to the bound again by the bytes it writes, and
+// removes the spool. While it unpacks, the staging directory holds both.
+func (m *Manager) consumeZip(ctx context.Context, r io.Reader, content string, b bound) (int64, map[string]string, error) {
+	spool := filepath.Join(filepath.Dir(content), spoolName)
+	defer os.Remove(spool)
+	size, _, err := m.writeFile(ctx, r, spool, b)
+	if err != nil {
+		return 0, nil, err
+	}
+	f, err := os.Open(spool)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer f.Close()
+	if err := m.perms.MkdirAll(content); err != nil {
+		return 0, nil, err
+	}
+	n, hashes, err := unpack.ExtractZip(ctx, f, size, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
+	return n, hashes, unpackError(err, b)
 }
 
 // trackedReader remembers the first read error of the stream that is not

@@ -60,12 +60,34 @@ const maxFailedPasses = 3
 type FailedError struct {
 	Key    state.Key
 	Reason string
+	// Permanent: the failure is one a retry would only repeat (the Source
+	// said ErrPermanent: a 404, a missing file). errors.Is(err,
+	// ErrPermanent) tells it.
+	Permanent bool
+	// RetryAt is when the entry's cool-down ends and a Get retries it:
+	// FailedAt plus the failure cool-down, doubled per failure in a row
+	// (transitions.Policy.Cooldown). It is on the clock of the host that
+	// failed, as FailedAt is. Zero when unknown. Retry() skips the wait.
+	RetryAt time.Time
 }
 
 func (e *FailedError) Error() string { return fmt.Sprintf("%s: %s", e.Key.Source, e.Reason) }
 
 // Unwrap makes errors.Is(err, ErrFailed) true.
 func (e *FailedError) Unwrap() error { return ErrFailed }
+
+// Is makes errors.Is(err, ErrPermanent) true for a permanent failure.
+func (e *FailedError) Is(target error) bool { return target == ErrPermanent && e.Permanent }
+
+// Failed returns the error of the FAILED entry e under this manager's
+// failure cool-down.
+func (m *Manager) Failed(e state.Entry) *FailedError {
+	f := &FailedError{Key: e.Key, Reason: e.Message, Permanent: e.Permanent}
+	if !e.FailedAt.IsZero() {
+		f.RetryAt = e.FailedAt.Add(m.cfg.Policy.Cooldown(e.Failures))
+	}
+	return f
+}
 
 // Config configures a Manager. Zero fields take the defaults.
 type Config struct {
@@ -309,6 +331,15 @@ type GetOption func(*getOptions)
 type getOptions struct {
 	ttl      time.Duration
 	detached bool
+	retry    bool
+}
+
+// Retry makes a Get that finds the entry FAILED retry it now, without
+// waiting for its cool-down to end (transient and permanent failures
+// alike). An entry that still names content kept for its runs (verify
+// failed it) is not retried until they are gone.
+func Retry() GetOption {
+	return func(o *getOptions) { o.retry = true }
 }
 
 // WithTTL makes the dependent lapse after d unless released earlier.
@@ -357,9 +388,13 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	}
 	var snap state.Entry
 	var result string
-	// Batched: the pure transition fails before st is touched.
+	// UpdateEntries: the hot path touches only this entry and the header.
 	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
-		r, err := transitions.Request(tx.Get(key), key, dependent, dep, m.cfg.Policy, now)
+		cur := tx.Get(key)
+		if o.retry && cur != nil {
+			cur = transitions.RetryNow(cur).Entry
+		}
+		r, err := transitions.Request(cur, key, dependent, dep, m.cfg.Policy, now)
 		if err != nil {
 			return false, err
 		}
@@ -472,7 +507,7 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 			case e.Stage == state.Ready:
 				return *e.Clone(), nil // m.last shares its entries with the store's cache
 			case e.Stage == state.Failed:
-				return *e.Clone(), &FailedError{Key: key, Reason: e.Message}
+				return *e.Clone(), m.Failed(*e)
 			}
 		}
 		select {

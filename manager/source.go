@@ -85,6 +85,10 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 			return state.Key{}, fmt.Errorf("source %q: file path must be absolute: %w", source, ErrBadSource)
 		}
 		k.Source = "file://" + filepath.Clean(u.Path)
+		if strings.HasSuffix(k.Source, keepPackedMark) {
+			// It would read as the kept-packed copy of another file.
+			return state.Key{}, fmt.Errorf("source %q: a file path may not end in %q (rename it): %w", source, keepPackedMark, ErrBadSource)
+		}
 	case "docker-build":
 		if sha256 != "" {
 			return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles: %w", source, ErrBadSource)

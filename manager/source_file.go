@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 )
 
@@ -29,6 +30,9 @@ func (fileSource) Fetch(ctx context.Context, src string, w io.Writer, total func
 	if err != nil {
 		return err
 	}
+	if fi.IsDir() {
+		return fmt.Errorf("%s: %w", DirectoryHint(p), ErrPermanent)
+	}
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s is not a regular file: %w", p, ErrPermanent)
 	}
@@ -48,4 +52,14 @@ func (c ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// DirectoryHint says that dir is a directory and how to make it a bundle:
+// depcache fetches files and archives, and unpacks archives into
+// directories.
+func DirectoryHint(dir string) string {
+	dir = filepath.Clean(dir)
+	parent, base := filepath.Dir(dir), filepath.Base(dir)
+	return fmt.Sprintf("%s is a directory; depcache fetches files and unpacks archives: make it a bundle with 'tar -czf %s.tar.gz -C %s %s' and get file://%s.tar.gz",
+		dir, dir, parent, base, dir)
 }

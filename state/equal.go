@@ -28,6 +28,7 @@ func (e *Entry) Equal(f *Entry) bool {
 		e.Created == f.Created &&
 		e.Failures == f.Failures &&
 		e.FailedAt == f.FailedAt &&
+		e.Permanent == f.Permanent &&
 		e.Message == f.Message &&
 		e.ImageID == f.ImageID &&
 		e.RepoDigest == f.RepoDigest &&

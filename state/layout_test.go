@@ -26,7 +26,7 @@ func richEntry(i int) *Entry {
 		Dependents: map[string]Dependent{"run": {Since: t0, Process: &Process{Host: "h", BootID: "b", PIDNS: "p", PID: 7, StartTime: 9}, Expires: &exp, Lease: 3}},
 		Owner:      &Owner{Process: Process{Host: "h", BootID: "b", PIDNS: "p", PID: 8, StartTime: 1}, ManagerID: "m"},
 		Generation: 4, Progress: Progress{Bytes: 5, Total: 10, Heartbeat: 2},
-		LastUsed: t0, Created: t0, Failures: 1, FailedAt: t0, Message: "m", ImageID: "sha256:1", RepoDigest: "r@sha256:2", External: true,
+		LastUsed: t0, Created: t0, Failures: 1, FailedAt: t0, Permanent: true, Message: "m", ImageID: "sha256:1", RepoDigest: "r@sha256:2", External: true,
 	}
 }
 

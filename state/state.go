@@ -132,6 +132,11 @@ type Entry struct {
 	// FailedAt is when the entry became FAILED (the failing host's clock);
 	// it only times the cool-down.
 	FailedAt time.Time `json:"failed_at,omitzero"`
+	// Permanent says the last failure was one a retry would only repeat
+	// (a 404, a missing file), as the source told it. Added in format 1
+	// as an omitempty field: older versions read and rewrite the file,
+	// dropping only this mark.
+	Permanent bool `json:"permanent,omitempty"`
 	// Message is the reason of the last failure, or a note.
 	Message string `json:"message,omitempty"`
 	// ImageID is the full image ID of a READY image entry.

@@ -71,6 +71,7 @@ func Publish(e *state.Entry, self state.Owner, gen uint64, pub Published, now ti
 	n.Progress.Total = pub.Fetched
 	n.Failures = 0
 	n.FailedAt = time.Time{}
+	n.Permanent = false
 	n.Message = ""
 	n.LastUsed = now
 	return Result{Entry: n, Changed: true}, nil

@@ -216,12 +216,12 @@ func TestCLIPolicyFlags(t *testing.T) {
 		{[]string{"gc", "--max-size", "-5"}, "must not be negative"},
 		{[]string{"gc", "--max-size", "lots"}, "want a size"},
 		{[]string{"gc", "--high-watermark", "120"}, "--high-watermark 120"},
-		{[]string{"gc", "--low-watermark", "96"}, "must not exceed --high-watermark"},
+		{[]string{"gc", "--high-watermark", "95", "--low-watermark", "96"}, "must not exceed --high-watermark"},
 		{[]string{"gc", "--min-free-disk", "150%"}, "percent"},
 		{[]string{"gc", "--min-age", "-1s"}, "--min-age"},
 		{[]string{"gc", "--dependent-lease", "10s"}, "at least 30s"},
 		{[]string{"gc", "--cleanup-interval", "0s"}, "--cleanup-interval 0s"},
-		{[]string{"gc", "--max-age", "1m", "--set-policy"}, "max-age"},
+		{[]string{"gc", "--min-age", "2m", "--max-age", "1m", "--set-policy"}, "max-age"},
 	} {
 		code, _, errs := cli(t, t.TempDir(), tc.args...)
 		if code != 2 || !strings.Contains(errs, tc.wmsg) {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/depcache/depcache/manager"
@@ -18,7 +19,8 @@ func newGet(g *globals) *cobra.Command {
 	var (
 		dependent, sha string
 		ttl, timeout   time.Duration
-		noWait         bool
+		noWait, retry  bool
+		noUnpack       bool
 		lf             loopFlags
 		pf             policyFlags
 	)
@@ -34,7 +36,11 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if ttl < 0 || timeout < 0 {
 				return fmt.Errorf("--ttl and --timeout: %w: must not be negative", errBadFlag)
 			}
+			if cmd.Flags().Changed("dependent") && dependent == "" {
+				return usageErrorf("--dependent '': a dependent needs a name (leave the flag out for one unique to this invocation)")
+			}
 			if sha != "" {
+				sha = normaliseSHA256(sha)
 				if err := state.CheckSHA256(sha); err != nil {
 					return fmt.Errorf("--sha256: %w", err)
 				}
@@ -42,6 +48,16 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			key, err := manager.ParseKey(args[0], sha)
 			if err != nil {
 				return err
+			}
+			if dir, ok := strings.CutPrefix(key.Source, "file://"); ok {
+				if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
+					return usageErrorf("%s", manager.DirectoryHint(dir))
+				}
+			}
+			if noUnpack {
+				if key, err = manager.KeepPacked(key); err != nil {
+					return err
+				}
 			}
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
@@ -79,6 +95,9 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if ttl > 0 {
 				opts = append(opts, manager.WithTTL(ttl))
 			}
+			if retry {
+				opts = append(opts, manager.Retry())
+			}
 			e, err := m.Get(ctx, dependent, key, opts...)
 			if err != nil {
 				return err
@@ -89,9 +108,9 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				var failed *manager.FailedError
 				if errors.As(err, &failed) {
 					if g.json {
-						printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+						printJSON(g.stdout, []getJSON{toGetJSON(m, e, failed)})
 					}
-					return err
+					return explainFailed(failed)
 				}
 				if err != nil {
 					if errors.Is(err, context.DeadlineExceeded) {
@@ -102,18 +121,26 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			}
 			if e.Stage == state.Failed {
 				// --no-wait on a FAILED entry: exit as a wait would.
+				failed := m.Failed(e)
 				if g.json {
-					printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+					printJSON(g.stdout, []getJSON{toGetJSON(m, e, failed)})
 				} else {
 					fmt.Fprintln(g.stdout, e.Stage)
 				}
-				return &manager.FailedError{Key: e.Key, Reason: e.Message}
+				return explainFailed(failed)
 			}
 			if g.json {
-				return printJSON(g.stdout, []entryJSON{toJSON(m, e)})
+				return printJSON(g.stdout, []getJSON{toGetJSON(m, e, nil)})
 			}
 			if e.Stage != state.Ready {
+				// --no-wait: nothing in this process downloads. Say who
+				// does, or that nobody does yet.
 				fmt.Fprintln(g.stdout, e.Stage)
+				if e.Owner == nil {
+					fmt.Fprintf(g.stderr, "depcache: %s is queued: it downloads once a 'depcache serve' runs on this root (%s) or a 'depcache get' of it waits for it\n", key.Source, m.Root())
+				} else {
+					fmt.Fprintf(g.stderr, "depcache: %s is downloading in pid %d on %s\n", key.Source, e.Owner.PID, e.Owner.Host)
+				}
 				return nil
 			}
 			if e.Key.Kind == state.Image {
@@ -132,7 +159,9 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 	f.StringVar(&dependent, "dependent", "", "name of the dependent to register (default: one unique to this invocation, bound to this process)")
 	f.DurationVar(&ttl, "ttl", 0, "the dependent lapses after this long unless released (reaped by a sweep up to 5 minutes, or the TTL if shorter, later on a host that did not watch it all along)")
 	f.StringVar(&sha, "sha256", "", "expected sha256 of the fetched bytes")
-	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage")
+	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage; nothing in this process downloads: a queued entry waits for 'depcache serve' or a 'get' that waits")
+	f.BoolVar(&noUnpack, "no-unpack", false, "keep an archive as the file it is, not unpacked (another entry than the unpacked one)")
+	f.BoolVar(&retry, "retry", false, "retry a FAILED entry now instead of after its cool-down (--failure-cooldown, doubling per failure)")
 	f.DurationVar(&timeout, "timeout", 0, "give up waiting after this long (exit 3)")
 	lf.register(f)
 	pf.register(f)
@@ -144,4 +173,58 @@ func anonymousDependent() string {
 	rand.Read(b)
 	host, _ := os.Hostname()
 	return fmt.Sprintf("cli-%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+}
+
+// normaliseSHA256 accepts what sha256sum, docker and most registries print:
+// upper or lower case, with or without a "sha256:" prefix.
+func normaliseSHA256(s string) string {
+	s = strings.TrimSpace(s)
+	if len(s) > len("sha256:") && strings.EqualFold(s[:len("sha256:")], "sha256:") {
+		s = s[len("sha256:"):]
+	}
+	return strings.ToLower(s)
+}
+
+// getJSON is an element of get --json: ls --json's fields and, for a FAILED
+// entry, when it may be retried; for a download nobody runs, that it waits.
+type getJSON struct {
+	entryJSON
+	// Permanent: the failure is one a retry would only repeat (a 404, a
+	// missing file).
+	Permanent bool `json:"permanent,omitempty"`
+	// RetryAt (RFC 3339) is when a get retries the FAILED entry by itself:
+	// its failure time plus --failure-cooldown, doubled per failure in a
+	// row. get --retry retries at once.
+	RetryAt string `json:"retry_at,omitempty"`
+	// Queued: DOWNLOADING with no owner (get --no-wait with nobody else
+	// driving it): it waits for a serve, or a get that waits, on the root.
+	Queued bool `json:"queued,omitempty"`
+}
+
+func toGetJSON(m *manager.Manager, e state.Entry, failed *manager.FailedError) getJSON {
+	j := getJSON{entryJSON: toJSON(m, e)}
+	if failed != nil {
+		j.Permanent = failed.Permanent
+		j.RetryAt = rfc3339(failed.RetryAt)
+	}
+	j.Queued = e.Stage == state.Downloading && e.Owner == nil
+	return j
+}
+
+// explainFailed adds to a FAILED entry's error when it will be retried,
+// what sets that, and how to retry now.
+func explainFailed(f *manager.FailedError) error {
+	kind := "transient"
+	if f.Permanent {
+		kind = "permanent: a retry is likely to fail the same way"
+	}
+	if f.RetryAt.IsZero() {
+		return fmt.Errorf("%w (%s; get --retry retries now)", f, kind)
+	}
+	in := time.Until(f.RetryAt).Round(time.Second)
+	when := fmt.Sprintf("a get retries it after %s (in %s)", f.RetryAt.UTC().Format(time.RFC3339), in)
+	if in <= 0 {
+		when = "its cool-down is over: the next get retries it"
+	}
+	return fmt.Errorf("%w (%s; %s, set by --failure-cooldown, doubling per failure; get --retry retries now)", f, kind, when)
 }

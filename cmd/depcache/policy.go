@@ -81,8 +81,13 @@ func (p *policyFlags) change() (manager.PolicyChange, error) {
 			return c, fmt.Errorf("--%s %d: %w: must be in [0, 100]", b.name, b.v, errBadFlag)
 		}
 	}
-	if p.low > p.high {
+	// Only two values both given conflict: the stored policy (or the
+	// default) of the one not given scales to fit (PolicyChange.Apply).
+	if given("low-watermark") && given("high-watermark") && p.low > p.high {
 		return c, fmt.Errorf("--low-watermark %d: %w: must not exceed --high-watermark %d", p.low, errBadFlag, p.high)
+	}
+	if given("max-age") && given("min-age") && p.maxAge > 0 && p.maxAge < p.minAge {
+		return c, fmt.Errorf("--max-age %s: %w: must be 0 (off) or at least --min-age %s", p.maxAge, errBadFlag, p.minAge)
 	}
 	for _, d := range []struct {
 		name string

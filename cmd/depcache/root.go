@@ -38,6 +38,7 @@ type globals struct {
 
 // loopFlags are the policy flags of the commands that run the loops.
 type loopFlags struct {
+	fs               *pflag.FlagSet
 	downloadTimeout  time.Duration
 	failureCooldown  time.Duration
 	retries          int
@@ -45,12 +46,24 @@ type loopFlags struct {
 }
 
 func (l *loopFlags) register(fs *pflag.FlagSet) {
+	l.fs = fs
 	fs.DurationVar(&l.downloadTimeout, "download-timeout", 5*time.Minute, "take over a download whose progress stayed unchanged this long")
 	fs.DurationVar(&l.failureCooldown, "failure-cooldown", time.Minute, "keep a FAILED entry this long before retrying (doubles per failure)")
 	fs.IntVar(&l.retries, "retries", 3, "attempts after the first within one download")
-	fs.DurationVar(&l.progressInterval, "progress-interval", 2*time.Second, "how often a downloader reports progress and its heartbeat")
+	fs.DurationVar(&l.progressInterval, "progress-interval", defaultProgressInterval, "how often a downloader reports progress and its heartbeat; with only --download-timeout given, a quarter of it when that is shorter")
 }
 
+// defaultProgressInterval is --progress-interval's default when
+// --download-timeout leaves room for it.
+const defaultProgressInterval = 2 * time.Second
+
+// given reports whether the flag was set on the command line or through its
+// DEPCACHE_* twin (applyEnv sets it through the flag set).
+func (l *loopFlags) given(name string) bool { return l.fs != nil && l.fs.Changed(name) }
+
+// validate checks the flags and derives the defaults of those that depend
+// on another: a default scales to fit the value given for its partner, and
+// only two values both given that conflict are an error.
 func (l *loopFlags) validate() error {
 	for _, d := range []struct {
 		name string
@@ -59,6 +72,14 @@ func (l *loopFlags) validate() error {
 		if d.v <= 0 {
 			return fmt.Errorf("--%s %s: %w: must be positive", d.name, d.v, errBadFlag)
 		}
+	}
+	switch pi, dt := l.given("progress-interval"), l.given("download-timeout"); {
+	case dt && !pi:
+		// A live download reports at least twice per timeout; a quarter
+		// leaves room for a slow lock.
+		l.progressInterval = min(defaultProgressInterval, max(l.downloadTimeout/4, time.Nanosecond))
+	case pi && !dt:
+		l.downloadTimeout = max(l.downloadTimeout, 4*l.progressInterval)
 	}
 	if l.retries < 0 || l.retries > 100 {
 		return fmt.Errorf("--retries %d: %w: must be between 0 and 100", l.retries, errBadFlag)

@@ -1,6 +1,7 @@
 // Package unpack turns a fetched file into an entry's content: a tar archive
-// (plain or gzip, recognised by its bytes, not its name) becomes a
-// directory, anything else stays a file.
+// (plain or gzip, recognised by its bytes, not its name) or a zip archive
+// ([ExtractZip], under the same rules) becomes a directory, anything else
+// stays a file.
 //
 // Archives are untrusted. Extract refuses, with an error wrapping
 // [ErrHostile] that names the member, any member that would leave the target
@@ -61,10 +62,14 @@ const (
 	Tar
 	// TarGzip is a gzip-compressed tar archive.
 	TarGzip
+	// Zip is a zip archive (ExtractZip). Many formats are zip files
+	// underneath (jar, whl, docx, apk): a caller that should keep those
+	// as files decides by the source's name as well.
+	Zip
 )
 
 func (f Format) String() string {
-	return [...]string{"file", "tar", "tar+gzip"}[f]
+	return [...]string{"file", "tar", "tar+gzip", "zip"}[f]
 }
 
 // Limits bound what an archive may create. Zero means no bound.
@@ -96,6 +101,10 @@ func Sniff(f io.ReaderAt) (Format, error) {
 func SniffBytes(head []byte) Format {
 	if isTar(head) {
 		return Tar
+	}
+	// A local file header, or the end record of an empty archive.
+	if bytes.HasPrefix(head, []byte("PK\x03\x04")) || bytes.HasPrefix(head, []byte("PK\x05\x06")) {
+		return Zip
 	}
 	if len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b {
 		zr, err := gzip.NewReader(bytes.NewReader(head))

@@ -37,6 +37,12 @@ func extractFile(t *testing.T, archive string) error {
 	var xerr error
 	if format == Plain {
 		xerr = errors.New("not recognised as an archive")
+	} else if format == Zip {
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _, xerr = ExtractZip(context.Background(), f, fi.Size(), target, Limits{MaxBytes: budget, MaxFiles: 1000})
 	} else {
 		r, err := Open(f, format)
 		if err != nil {
@@ -82,6 +88,23 @@ var hostileWants = map[string]error{
 	"truncated.tar":             ErrCorrupt,
 	"truncated.tar.gz":          ErrCorrupt,
 	"write-through-symlink.tar": ErrHostile,
+	// zip (gen_zip.py): the same rules through ExtractZip.
+	"zip-absolute.zip":              ErrHostile,
+	"zip-blockdev.zip":              ErrHostile,
+	"zip-bomb.zip":                  ErrTooLarge, // 64 MiB of zeros in one member
+	"zip-bomb-many.zip":             ErrTooLarge, // 16 members of 1 MiB
+	"zip-chardev.zip":               ErrHostile,
+	"zip-dotdot.zip":                ErrHostile,
+	"zip-duplicate.zip":             ErrHostile,
+	"zip-fifo.zip":                  ErrHostile,
+	"zip-lying-size.zip":            ErrCorrupt, // its headers claim 10 bytes of 100,000
+	"zip-nested-dotdot.zip":         ErrHostile,
+	"zip-socket.zip":                ErrHostile,
+	"zip-symlink-absolute.zip":      ErrHostile,
+	"zip-symlink-chain.zip":         ErrHostile, // each link inside as text, the chain leads out
+	"zip-symlink-escape.zip":        ErrHostile,
+	"zip-truncated.zip":             ErrCorrupt,
+	"zip-write-through-symlink.zip": ErrHostile,
 }
 
 func TestHostileCorpus(t *testing.T) {
@@ -89,6 +112,11 @@ func TestHostileCorpus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	zips, _ := filepath.Glob("../../testdata/hostile/*.zip")
+	if len(zips) < 12 {
+		t.Fatalf("hostile corpus has %d zip archives, want at least 12", len(zips))
+	}
+	files = append(files, zips...)
 	if len(files) < 12 {
 		t.Fatalf("hostile corpus has %d archives, want at least 12", len(files))
 	}

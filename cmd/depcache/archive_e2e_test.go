@@ -1,0 +1,73 @@
+package main
+
+import (
+	"archive/zip"
+	"bytes"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+// A directory is refused with how to make it a bundle; an archive-named
+// file that is no archive is kept with one warning; --no-unpack keeps an
+// archive as a file, in another entry than the unpacked one; a .zip is
+// unpacked.
+func TestArchivesFirstDay(t *testing.T) {
+	root := t.TempDir()
+	dir := t.TempDir()
+	code, _, errs := cli(t, root, "get", "file://"+dir)
+	if code != 2 || !strings.Contains(errs, "tar -czf "+dir+".tar.gz -C "+filepath.Dir(dir)+" "+filepath.Base(dir)) {
+		t.Errorf("get of a directory: exit %d, %q; want 2 and the tar command", code, errs)
+	}
+
+	fake := filepath.Join(dir, "notes.tar.gz")
+	os.WriteFile(fake, []byte("just text\n"), 0o644)
+	code, out, errs := cli(t, root, "get", "file://"+fake)
+	if code != 0 || strings.Count(errs, "is named like a tar archive but its content is not one") != 1 {
+		t.Errorf("a .tar.gz that is text: exit %d, stderr %q; want 0 and one warning", code, errs)
+	}
+	if b, err := os.ReadFile(strings.TrimSpace(out)); err != nil || string(b) != "just text\n" {
+		t.Errorf("the text was not kept as a file: %q %v", b, err)
+	}
+
+	src := helloSource(t)
+	_, unpacked, _ := cli(t, root, "get", "--dependent", "a", src)
+	code, kept, errs := cli(t, root, "get", "--dependent", "b", "--no-unpack", src)
+	if code != 0 {
+		t.Fatalf("--no-unpack: exit %d, %s", code, errs)
+	}
+	if fi, err := os.Stat(strings.TrimSpace(unpacked)); err != nil || !fi.IsDir() {
+		t.Errorf("default get: %v %v, want a directory", fi, err)
+	}
+	if fileSum(t, strings.TrimSpace(kept)) != fileSum(t, strings.TrimPrefix(src, "file://")) {
+		t.Error("--no-unpack did not keep the archive's bytes")
+	}
+	st := readState(t, root)
+	def, _ := manager.ParseKey(src, "")
+	if st.Entries[def.ID()] == nil || st.Entries[(state.Key{Kind: state.Bundle, Source: src}).ID()] == nil {
+		t.Error("the default entry is not under its old key ID")
+	}
+	if k, _ := manager.KeepPacked(def); st.Entries[k.ID()] == nil || len(st.Entries) != 3 {
+		t.Errorf("want the kept copy as its own entry: %d entries", len(st.Entries))
+	}
+
+	var zb bytes.Buffer
+	zw := zip.NewWriter(&zb)
+	w, _ := zw.Create("docs/readme.txt")
+	io.WriteString(w, "zipped\n")
+	zw.Close()
+	zp := filepath.Join(dir, "docs.zip")
+	os.WriteFile(zp, zb.Bytes(), 0o644)
+	code, out, errs = cli(t, root, "get", "file://"+zp)
+	if code != 0 {
+		t.Fatalf("get of a .zip: exit %d, %s", code, errs)
+	}
+	if b, err := os.ReadFile(filepath.Join(strings.TrimSpace(out), "docs", "readme.txt")); err != nil || string(b) != "zipped\n" {
+		t.Errorf("the zip was not unpacked: %q %v", b, err)
+	}
+}

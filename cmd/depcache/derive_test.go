@@ -1,0 +1,87 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state"
+)
+
+// helloSource is the source of the test bundle.
+func helloSource(t *testing.T) string {
+	t.Helper()
+	abs, err := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return "file://" + abs
+}
+
+// Flags that depend on each other derive the default of the one not given;
+// only two values both given that conflict are refused. An environment twin
+// counts as given.
+func TestFlagsDeriveDefaults(t *testing.T) {
+	src := helloSource(t)
+	for _, tc := range []struct {
+		args  []string
+		wcode int
+		wmsg  string
+	}{
+		{[]string{"get", "--download-timeout", "3s", src}, 0, ""},
+		{[]string{"get", "--download-timeout", "10ms", src}, 0, ""},
+		{[]string{"get", "--progress-interval", "3m", src}, 0, ""},
+		{[]string{"get", "--download-timeout", "3s", "--progress-interval", "2s", src}, 2, "--progress-interval 2s"},
+		{[]string{"gc", "--high-watermark", "80"}, 0, ""},
+		{[]string{"gc", "--low-watermark", "97"}, 0, ""},
+		{[]string{"gc", "--max-age", "1m"}, 0, ""},
+		{[]string{"gc", "--high-watermark", "80", "--low-watermark", "85"}, 2, "must not exceed --high-watermark 80"},
+		{[]string{"gc", "--min-age", "2m", "--max-age", "1m"}, 2, "--max-age 1m0s"},
+	} {
+		code, _, errs := cli(t, t.TempDir(), tc.args...)
+		if code != tc.wcode || !strings.Contains(errs, tc.wmsg) {
+			t.Errorf("%v: exit %d, %q; want %d and %q", tc.args, code, errs, tc.wcode, tc.wmsg)
+		}
+	}
+
+	// The derived partner is what gets stored.
+	root := t.TempDir()
+	if code, _, errs := cli(t, root, "policy", "set", "--high-watermark", "80", "--max-age", "1m"); code != 0 {
+		t.Fatalf("policy set --high-watermark 80 --max-age 1m: exit %d, %s", code, errs)
+	}
+	_, out, _ := cli(t, root, "--json", "policy")
+	var p state.Policy
+	if err := json.Unmarshal([]byte(out), &p); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if p.HighWatermark != 80 || p.LowWatermark != 70 || p.MaxAge != state.Duration(time.Minute) || p.MinAge != state.Duration(time.Minute) {
+		t.Errorf("stored policy %+v: want watermarks 80/70 and min-age = max-age = 1m", p)
+	}
+
+	// Environment twins count as given: alone, DEPCACHE_DOWNLOAD_TIMEOUT
+	// derives the interval; with DEPCACHE_PROGRESS_INTERVAL, they conflict.
+	envRun := func(env map[string]string) (int, string) {
+		for k, v := range env {
+			t.Setenv(k, v)
+		}
+		defer func() {
+			for k := range env {
+				os.Unsetenv(k)
+			}
+		}()
+		var out, errb bytes.Buffer
+		code := run(context.Background(), []string{"--root", t.TempDir(), "get", src}, &out, &errb)
+		return code, errb.String()
+	}
+	if code, errs := envRun(map[string]string{"DEPCACHE_DOWNLOAD_TIMEOUT": "3s"}); code != 0 {
+		t.Errorf("DEPCACHE_DOWNLOAD_TIMEOUT=3s: exit %d, %s", code, errs)
+	}
+	if code, errs := envRun(map[string]string{"DEPCACHE_DOWNLOAD_TIMEOUT": "3s", "DEPCACHE_PROGRESS_INTERVAL": "2s"}); code != 2 || !strings.Contains(errs, "--progress-interval") {
+		t.Errorf("both twins in conflict: exit %d, %q; want 2", code, errs)
+	}
+}

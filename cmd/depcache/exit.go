@@ -40,6 +40,15 @@ type cmdStatus int
 
 func (c cmdStatus) Error() string { return fmt.Sprintf("the command exited with status %d", int(c)) }
 
+// passStatus is the result of a command that ran CMD: its own error, or
+// CMD's status passed through.
+func passStatus(code int, err error) error {
+	if err != nil || code == exitOK {
+		return err
+	}
+	return cmdStatus(code)
+}
+
 // interruptedError is the cause of the context main cancels on a signal.
 type interruptedError struct{ sig os.Signal }
 

@@ -97,14 +97,7 @@ before the lock was taken; 75 the lease was lost while CMD ran (lock was
 stopped or could not renew past the lease, and another process broke the
 lock): lock says why, ends CMD (SIGTERM, then SIGKILL after 10s) and exits 75.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			code, err := runLock(cmd, g, args, timeout, lease)
-			if err != nil {
-				return err
-			}
-			if code != exitOK {
-				return cmdStatus(code)
-			}
-			return nil
+			return passStatus(runLock(cmd, g, args, timeout, lease))
 		},
 	}
 	f := cmd.Flags()

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -30,27 +29,7 @@ type progress interface {
 func waitShowingProgress(ctx context.Context, g *globals, m *manager.Manager, key state.Key) (state.Entry, error) {
 	p, every := newProgress(g, key)
 	defer p.close()
-	for {
-		tick, cancel := context.WithTimeout(ctx, every)
-		e, err := m.Wait(tick, key)
-		cancel()
-		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
-			if err == nil {
-				p.finish(e)
-			}
-			return e, err
-		}
-		if s, ok := m.Snapshot(key); ok {
-			who := "no owner yet"
-			if s.Owner != nil {
-				who = fmt.Sprintf("pid %d on %s", s.Owner.PID, s.Owner.Host)
-				if m.IsSelf(s.Owner) {
-					who = selfOwner
-				}
-			}
-			p.show(s, who)
-		}
-	}
+	return waitWith(ctx, m, key, p, every)
 }
 
 func newProgress(g *globals, key state.Key) (progress, time.Duration) {

@@ -138,14 +138,7 @@ Before CMD starts: exit 1 when a source is FAILED, 2 for bad usage or input,
 another process): run names it, ends CMD (SIGTERM, then SIGKILL after 10s)
 and exits 75.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			code, err := runRun(cmd, g, args, deps, shas, timeout, &lf, &pf)
-			if err != nil {
-				return err
-			}
-			if code != exitOK {
-				return cmdStatus(code)
-			}
-			return nil
+			return passStatus(runRun(cmd, g, args, deps, shas, timeout, &lf, &pf))
 		},
 	}
 	f := cmd.Flags()
@@ -358,7 +351,7 @@ func waitWith(ctx context.Context, m *manager.Manager, key state.Key, p progress
 			if s.Owner != nil {
 				who = fmt.Sprintf("pid %d on %s", s.Owner.PID, s.Owner.Host)
 				if m.IsSelf(s.Owner) {
-					who = "this process"
+					who = selfOwner
 				}
 			}
 			p.show(s, who)

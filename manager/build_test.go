@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/manager/docker"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/depcache/depcache/state/rigtest/slowfs"
@@ -22,7 +23,7 @@ import (
 // moves, so that other processes never take a long build over.
 func TestBuildHeartbeats(t *testing.T) {
 	rigtest.Env(t, "DOCKER_HOST")
-	eng, err := manager.DockerEngine()
+	eng, err := docker.New()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +76,7 @@ func TestDockerEngineFindsALateDaemon(t *testing.T) {
 	real := rigtest.Env(t, "DOCKER_HOST")
 	sock := filepath.Join(t.TempDir(), "late.sock")
 	t.Setenv("DOCKER_HOST", "unix://"+sock)
-	eng, err := manager.DockerEngine()
+	eng, err := docker.New()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/manager/docker"
 	"github.com/depcache/depcache/state"
 	"github.com/spf13/cobra"
 )
@@ -146,7 +147,7 @@ func localDaemon(ctx context.Context) (string, error) {
 	if os.Getenv("DOCKER_HOST") == "" && !fileExists("/var/run/docker.sock") {
 		return "", errors.New("no Docker engine here (DOCKER_HOST is not set)")
 	}
-	eng, err := manager.DockerEngine()
+	eng, err := docker.New()
 	if err != nil {
 		return "", err
 	}

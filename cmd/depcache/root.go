@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/manager/docker"
 	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
@@ -101,7 +102,7 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 	}
 	var engine manager.Engine
 	if os.Getenv("DOCKER_HOST") != "" || fileExists("/var/run/docker.sock") {
-		e, err := manager.DockerEngine()
+		e, err := docker.New()
 		if err != nil {
 			return manager.Config{}, err
 		}

@@ -332,3 +332,78 @@ func TestShutdownHandsTheDownloadBack(t *testing.T) {
 		t.Errorf("READY at generation %d, want 2", e2.Generation)
 	}
 }
+
+// TestReleasedDownloadCancelled: a download whose entry lost its last
+// dependent (released here, released by another process, or reaped when
+// its TTL lapsed) is stopped within a pass as released, not as superseded
+// nor as failed: its staging data is removed, the entry is gone, and a
+// later Get downloads again.
+func TestReleasedDownloadCancelled(t *testing.T) {
+	for _, how := range []string{"released here", "released by another process", "ttl lapsed"} {
+		t.Run(how, func(t *testing.T) {
+			root := t.TempDir()
+			g := newGate(false)
+			k := mustKey(t, "http://gate.test/released", "")
+			clock := &fakeClock{now: time.Now()}
+			reg := prometheus.NewRegistry()
+			var log logRecorder
+			m := newManager(t, root, func(c *manager.Config) {
+				c.Sources = g.sources()
+				c.Clock = clock
+				c.Metrics, c.Log = reg, log.logger()
+			})
+			t.Cleanup(g.close)
+			ctx := context.Background()
+			opts := []manager.GetOption{manager.Detached()}
+			if how == "ttl lapsed" {
+				opts = append(opts, manager.WithTTL(time.Minute))
+			}
+			if _, err := m.Get(ctx, "job", k, opts...); err != nil {
+				t.Fatal(err)
+			}
+			call := g.next(t)
+			switch how {
+			case "released here":
+				if err := m.Release(ctx, "job", k); err != nil {
+					t.Fatal(err)
+				}
+			case "released by another process":
+				other, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := other.Release(ctx, "job", k); err != nil {
+					t.Fatal(err)
+				}
+			case "ttl lapsed":
+				// Once the loop has watched the registration, the TTL
+				// passes on its clock.
+				waitFor(t, within, func() bool { e, ok := m.Snapshot(k); _, has := e.Dependents["job"]; return ok && has },
+					func() string { return "the loop never saw the dependent" })
+				clock.advance(2 * time.Minute)
+			}
+			call.stopped(t, how)
+			waitFor(t, within, func() bool { return len(log.find("download cancelled: no dependent left")) > 0 },
+				func() string { return fmt.Sprintf("the download did not end as released: %q", log.messages()) })
+			if got := log.find("discarding download: superseded"); len(got) != 0 {
+				t.Errorf("a released download was discarded as superseded: %q", log.messages())
+			}
+			if n := counter(t, reg, "depcache_downloads_total", "event", "failed"); n != 0 {
+				t.Errorf("%v downloads counted failed, want 0", n)
+			}
+			if e := viewEntry(t, root, k); e != nil {
+				t.Errorf("the entry is still there: %+v", e)
+			}
+			waitNoStaging(t, root)
+			if _, err := m.Get(ctx, "again", k); err != nil {
+				t.Fatal(err)
+			}
+			g.next(t).serve(t, "content")
+			wctx, cancel := context.WithTimeout(ctx, within)
+			defer cancel()
+			if e, err := m.Wait(wctx, k); err != nil || e.Generation != 2 {
+				t.Fatalf("a Get after the cancel: gen %d, %v; want READY at 2", e.Generation, err)
+			}
+		})
+	}
+}

@@ -197,8 +197,11 @@ func TestLiveDownloadReplaced(t *testing.T) {
 		t.Fatalf("after the change: gen %d owner %+v, want this manager at 6", e.Generation, e.Owner)
 	}
 	old.serve(t, "old")
-	waitFor(t, within, func() bool { return !exists(t, root, filepath.Join("staging", gen(k, 1))) },
-		func() string { return "the replaced download left its staging data" })
+	waitFor(t, within, func() bool { return len(log.find("discarding download: superseded")) > 0 },
+		func() string { return fmt.Sprintf("the replaced download was not discarded: %q", log.messages()) })
+	if exists(t, root, filepath.Join("staging", gen(k, 1))) {
+		t.Error("the replaced download left its staging data")
+	}
 	repl.serve(t, "new")
 	ctx, cancel := context.WithTimeout(context.Background(), within)
 	defer cancel()

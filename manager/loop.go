@@ -239,10 +239,15 @@ func (m *Manager) step(ctx context.Context) (err error) {
 	m.passErr, m.failures = nil, 0
 	close(m.passDone)
 	m.passDone = make(chan struct{})
-	// A download whose entry another process removed or took: stop it.
+	// A download whose entry was removed (its last dependent released or
+	// reaped, here or by another process) or taken by another owner: stop
+	// it, with the reason runDownload acts on. A CancelDownload action of
+	// this pass finds it stopped already.
 	for id, d := range m.downloads {
-		e := seenState.Entries[id]
-		if e == nil || e.Generation != d.gen || !e.Owner.Same(&m.self) {
+		switch e := seenState.Entries[id]; {
+		case e == nil:
+			d.cancel(errReleased)
+		case e.Generation != d.gen || !e.Owner.Same(&m.self):
 			d.cancel(errSuperseded)
 		}
 	}

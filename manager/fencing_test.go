@@ -1,0 +1,412 @@
+package manager_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Ownership, takeover and fencing: each test puts a download in flight at
+// a chosen moment (a gate source), changes who owns it (another manager, or
+// the state changed behind the owner's back) and checks what the state and
+// the disk say afterwards.
+
+// TestDeadOwnerTakenOverAndItsStagingRemoved: a DOWNLOADING entry whose
+// owner on this machine is provably dead is taken over at once by a manager
+// with a dependent on it (generation + 1, counted as dead_owner), and the
+// dead writer's staging data is removed then, not left for the next
+// start-up.
+func TestDeadOwnerTakenOverAndItsStagingRemoved(t *testing.T) {
+	root := t.TempDir()
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(blob, []byte("fetched by the successor"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+blob, "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	reg := prometheus.NewRegistry()
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.Metrics = reg
+		c.Policy.DownloadTimeout = time.Hour // a takeover now is for the death, not a stall
+	})
+	// Left by a process of this machine killed mid-download, after m's
+	// start-up (whose reconcile would remove the staging data): its staging
+	// directory and its entry, held by a named dependent.
+	dead := state.Owner{Process: fakeProcess("h", 10), ManagerID: "dead"}
+	machine.kill(dead.PID)
+	staging := filepath.Join("staging", gen(k, 1))
+	if err := os.MkdirAll(filepath.Join(root, staging), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := json.Marshal(map[string]any{"owner": dead, "generation": 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"owner.json": rec, "content": []byte("half")} {
+		if err := os.WriteFile(filepath.Join(root, staging, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := time.Now()
+	behind(t, root, func(st *state.State) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &dead, Generation: 1, Created: now, LastUsed: now,
+			Dependents: map[string]state.Dependent{"job": {Since: now}}})
+	})
+
+	e, err := getWait(t, m, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Stage != state.Ready || e.Generation != 2 || e.Path != filepath.Join("entries", gen(k, 2), "content") {
+		t.Fatalf("after the takeover: %s gen %d at %q, want READY gen 2", e.Stage, e.Generation, e.Path)
+	}
+	if _, ok := e.Dependents["job"]; !ok {
+		t.Errorf("the takeover lost the dependent of the dead owner's time: %v", e.Dependents)
+	}
+	waitFor(t, within, func() bool { return !exists(t, root, staging) },
+		func() string {
+			return "the dead writer's staging data is still there: " + fmt.Sprint(dirNames(t, root, "staging"))
+		})
+	if n := counter(t, reg, "depcache_takeovers_total", "reason", "dead_owner"); n != 1 {
+		t.Errorf("%v takeovers from a dead owner counted, want 1", n)
+	}
+	if n := counter(t, reg, "depcache_takeovers_total", "reason", "stalled"); n != 0 {
+		t.Errorf("%v takeovers of a stalled owner counted, want 0", n)
+	}
+}
+
+// TestStalledOwnerFencedAtPublish: an owner that stops making progress (a
+// stopped or partitioned process: alive, but its loop does not run) is
+// taken over once its progress stayed unchanged for the download timeout
+// on the successor's clock. Its staging data stays, since its writer is
+// alive. When it wakes up and finishes, its publish is fenced inside the
+// commit: it publishes nothing, counts no failure, and removes its own
+// staging data; the successor's content stays READY.
+func TestStalledOwnerFencedAtPublish(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(false)
+	k := mustKey(t, "http://gate.test/stalled", "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	regA, regB := prometheus.NewRegistry(), prometheus.NewRegistry()
+	var logA logRecorder
+	// A's loop never runs on its own (an hour between passes, no
+	// heartbeat): nothing tells it that it was taken over until it tries
+	// to publish.
+	a := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 10)}
+		c.Sources = g.sources()
+		c.PollInterval, c.ProgressInterval = time.Hour, time.Hour
+		c.Metrics, c.Log = regA, logA.logger()
+	})
+	ctx := context.Background()
+	if _, err := a.Get(ctx, "run-a", k); err != nil {
+		t.Fatal(err)
+	}
+	first := g.next(t)
+	clock := &fakeClock{now: time.Now()}
+	b := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.Sources = g.sources()
+		c.Clock = clock
+		c.Policy.DownloadTimeout = time.Minute
+		c.Metrics = regB
+	})
+	t.Cleanup(g.close)
+	if _, err := b.Get(ctx, "run-b", k); err != nil {
+		t.Fatal(err)
+	}
+	// B has watched A's progress; it stays unchanged for the timeout.
+	waitFor(t, within, func() bool {
+		e, ok := b.Snapshot(k)
+		_, mine := e.Dependents["run-b"]
+		return ok && mine && e.Owner != nil && e.Owner.PID == 10
+	}, func() string { return "B never saw A's download" })
+	clock.advance(2 * time.Minute)
+	second := g.next(t)
+	if e := viewEntry(t, root, k); e.Generation != 2 || e.Owner == nil || e.Owner.PID != 11 {
+		t.Fatalf("after the stall: %+v, want B the owner of generation 2", e)
+	}
+	second.serve(t, "fresh")
+	waitFor(t, within, func() bool { e := viewEntry(t, root, k); return e != nil && e.Stage == state.Ready },
+		func() string { return fmt.Sprintf("B did not publish: %+v", viewEntry(t, root, k)) })
+	if !exists(t, root, filepath.Join("staging", gen(k, 1))) {
+		t.Error("the stalled owner's staging data was removed while its writer is alive")
+	}
+	if n := counter(t, regB, "depcache_takeovers_total", "reason", "stalled"); n != 1 {
+		t.Errorf("%v takeovers of a stalled owner counted, want 1", n)
+	}
+
+	// A wakes up and finishes.
+	first.serve(t, "stale")
+	waitFor(t, within, func() bool { return len(logA.find("discarding download: superseded")) > 0 },
+		func() string { return fmt.Sprintf("A did not discard its superseded download: %q", logA.messages()) })
+	waitFor(t, within, func() bool { return !exists(t, root, filepath.Join("staging", gen(k, 1))) },
+		func() string { return "A left its staging data after it was fenced" })
+	e := viewEntry(t, root, k)
+	if e.Stage != state.Ready || e.Generation != 2 || e.Path != filepath.Join("entries", gen(k, 2), "content") {
+		t.Fatalf("after the fenced publish: %s gen %d at %q, want B's READY gen 2", e.Stage, e.Generation, e.Path)
+	}
+	if got := dirNames(t, root, "entries"); !slices.Equal(got, []string{gen(k, 2)}) {
+		t.Errorf("published: %v, want only B's %s", got, gen(k, 2))
+	}
+	if b, err := os.ReadFile(filepath.Join(root, e.Path)); err != nil || string(b) != "fresh" {
+		t.Errorf("content %q (%v), want B's", b, err)
+	}
+	for _, ev := range []string{"failed", "finished"} {
+		if n := counter(t, regA, "depcache_downloads_total", "event", ev); n != 0 {
+			t.Errorf("A counted %v downloads %s, want 0", n, ev)
+		}
+	}
+}
+
+// TestLiveDownloadReplaced: when the entry says this manager owns it at a
+// generation that is not the one its download runs (the state was changed
+// behind its back), the manager claims a new generation, and the download
+// it replaces, told to stop, discards what it fetched when it returns: it
+// neither fails the entry nor publishes. The replacement publishes.
+func TestLiveDownloadReplaced(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(true) // the old download does not return until the test says so
+	k := mustKey(t, "http://gate.test/replaced", "")
+	reg := prometheus.NewRegistry()
+	var log logRecorder
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Sources = g.sources()
+		c.Metrics, c.Log = reg, log.logger()
+	})
+	t.Cleanup(g.close)
+	if _, err := m.Get(context.Background(), "run", k); err != nil {
+		t.Fatal(err)
+	}
+	old := g.next(t)
+	changeEntry(t, root, k, func(e *state.Entry) { e.Generation = 5 }) // still ours
+	repl := g.next(t)
+	old.stopped(t, "replaced")
+	if e := viewEntry(t, root, k); e.Generation != 6 || !m.IsSelf(e.Owner) {
+		t.Fatalf("after the change: gen %d owner %+v, want this manager at 6", e.Generation, e.Owner)
+	}
+	old.serve(t, "old")
+	waitFor(t, within, func() bool { return len(log.find("discarding download: superseded")) > 0 },
+		func() string { return fmt.Sprintf("the replaced download was not discarded: %q", log.messages()) })
+	if exists(t, root, filepath.Join("staging", gen(k, 1))) {
+		t.Error("the replaced download left its staging data")
+	}
+	repl.serve(t, "new")
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	e, err := m.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Generation != 6 {
+		t.Errorf("READY at generation %d, want 6", e.Generation)
+	}
+	if got := dirNames(t, root, "entries"); !slices.Equal(got, []string{gen(k, 6)}) {
+		t.Errorf("published: %v, want only %s", got, gen(k, 6))
+	}
+	if b, err := os.ReadFile(filepath.Join(root, e.Path)); err != nil || string(b) != "new" {
+		t.Errorf("content %q (%v), want the replacement's", b, err)
+	}
+	if n := counter(t, reg, "depcache_downloads_total", "event", "failed"); n != 0 {
+		t.Errorf("%v downloads counted failed, want 0 (the replaced one is discarded)", n)
+	}
+	if n := len(log.find("discarding download: superseded")); n != 1 {
+		t.Errorf("%d superseded downloads discarded, want 1: %q", n, log.messages())
+	}
+}
+
+// TestFencedHeartbeatStopsTheDownload: a heartbeat that finds its entry
+// taken by another owner stops the download at once, on its own, even
+// while the manager's loop is stuck (here in an OnLost hook that blocks);
+// the download discards its staging data and leaves the new owner's entry
+// as it is.
+func TestFencedHeartbeatStopsTheDownload(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(false)
+	k := mustKey(t, "http://gate.test/heartbeat", "")
+	lost := make(chan manager.LostDependent, 4)
+	unblock := make(chan struct{})
+	var once sync.Once
+	reg := prometheus.NewRegistry()
+	var log logRecorder
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Sources = g.sources()
+		c.ProgressInterval = 20 * time.Millisecond
+		c.OnLost = func(l manager.LostDependent) {
+			lost <- l
+			<-unblock
+		}
+		c.Metrics, c.Log = reg, log.logger()
+	})
+	t.Cleanup(func() { once.Do(func() { close(unblock) }) })
+	t.Cleanup(g.close)
+	ctx := context.Background()
+	for _, dep := range []string{"run", "spare"} {
+		if _, err := m.Get(ctx, dep, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	call := g.next(t)
+	// Its loop gets stuck: a dependent of it is removed behind its back,
+	// and the OnLost hook blocks.
+	changeEntry(t, root, k, func(e *state.Entry) { delete(e.Dependents, "spare") })
+	select {
+	case <-lost:
+	case <-time.After(within):
+		t.Fatal("the removed dependent was never reported lost")
+	}
+	// Another host takes the entry over.
+	other := state.Owner{Process: fakeProcess("elsewhere", 99), ManagerID: "other"}
+	changeEntry(t, root, k, func(e *state.Entry) { e.Owner, e.Generation = &other, e.Generation+1 })
+	call.stopped(t, "a heartbeat fenced")
+	waitFor(t, within, func() bool { return !exists(t, root, filepath.Join("staging", gen(k, 1))) },
+		func() string { return "the fenced download left its staging data" })
+	waitFor(t, within, func() bool { return len(log.find("discarding download: superseded")) > 0 },
+		func() string { return fmt.Sprintf("the download did not end as superseded: %q", log.messages()) })
+	e := viewEntry(t, root, k)
+	if e.Stage != state.Downloading || e.Generation != 2 || !e.Owner.Same(&other) {
+		t.Errorf("the new owner's entry was changed: %s gen %d owner %+v", e.Stage, e.Generation, e.Owner)
+	}
+	if n := counter(t, reg, "depcache_downloads_total", "event", "failed"); n != 0 {
+		t.Errorf("%v downloads counted failed, want 0", n)
+	}
+	once.Do(func() { close(unblock) })
+}
+
+// TestShutdownHandsTheDownloadBack: a manager stopped mid-download hands
+// its entry back unowned (same generation, dependents kept, staging data
+// removed), so that another host's manager claims it at once instead of
+// waiting out the download timeout.
+func TestShutdownHandsTheDownloadBack(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(false)
+	k := mustKey(t, "http://gate.test/shutdown", "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	a, stopA := startManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("a", 10)}
+		c.Sources = g.sources()
+	})
+	t.Cleanup(g.close)
+	if _, err := a.Get(context.Background(), "run-a", k); err != nil {
+		t.Fatal(err)
+	}
+	call := g.next(t)
+	if err := stopA(); err != nil {
+		t.Fatal(err)
+	}
+	call.stopped(t, "shutdown")
+	e := viewEntry(t, root, k)
+	if e.Stage != state.Downloading || e.Owner != nil || e.Generation != 1 {
+		t.Fatalf("after the shutdown: %s gen %d owner %+v, want DOWNLOADING gen 1 unowned", e.Stage, e.Generation, e.Owner)
+	}
+	if _, ok := e.Dependents["run-a"]; !ok {
+		t.Errorf("the shutdown dropped the dependent: %v", e.Dependents)
+	}
+	if exists(t, root, filepath.Join("staging", gen(k, 1))) {
+		t.Error("the interrupted download left its staging data")
+	}
+	b := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("b", 20)}
+		c.Sources = g.sources()
+		c.Policy.DownloadTimeout = time.Hour // another host's owner could only be judged stalled
+	})
+	if _, err := b.Get(context.Background(), "run-b", k); err != nil {
+		t.Fatal(err)
+	}
+	g.next(t).serve(t, "content")
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	e2, err := b.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e2.Generation != 2 {
+		t.Errorf("READY at generation %d, want 2", e2.Generation)
+	}
+}
+
+// TestReleasedDownloadCancelled: a download whose entry lost its last
+// dependent (released here, released by another process, or reaped when
+// its TTL lapsed) is stopped within a pass as released, not as superseded
+// nor as failed: its staging data is removed, the entry is gone, and a
+// later Get downloads again.
+func TestReleasedDownloadCancelled(t *testing.T) {
+	for _, how := range []string{"released here", "released by another process", "ttl lapsed"} {
+		t.Run(how, func(t *testing.T) {
+			root := t.TempDir()
+			g := newGate(false)
+			k := mustKey(t, "http://gate.test/released", "")
+			clock := &fakeClock{now: time.Now()}
+			reg := prometheus.NewRegistry()
+			var log logRecorder
+			m := newManager(t, root, func(c *manager.Config) {
+				c.Sources = g.sources()
+				c.Clock = clock
+				c.Metrics, c.Log = reg, log.logger()
+			})
+			t.Cleanup(g.close)
+			ctx := context.Background()
+			opts := []manager.GetOption{manager.Detached()}
+			if how == "ttl lapsed" {
+				opts = append(opts, manager.WithTTL(time.Minute))
+			}
+			if _, err := m.Get(ctx, "job", k, opts...); err != nil {
+				t.Fatal(err)
+			}
+			call := g.next(t)
+			switch how {
+			case "released here":
+				if err := m.Release(ctx, "job", k); err != nil {
+					t.Fatal(err)
+				}
+			case "released by another process":
+				other, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := other.Release(ctx, "job", k); err != nil {
+					t.Fatal(err)
+				}
+			case "ttl lapsed":
+				// Once the loop has watched the registration, the TTL
+				// passes on its clock.
+				waitFor(t, within, func() bool { e, ok := m.Snapshot(k); _, has := e.Dependents["job"]; return ok && has },
+					func() string { return "the loop never saw the dependent" })
+				clock.advance(2 * time.Minute)
+			}
+			call.stopped(t, how)
+			waitFor(t, within, func() bool { return len(log.find("download cancelled: no dependent left")) > 0 },
+				func() string { return fmt.Sprintf("the download did not end as released: %q", log.messages()) })
+			if got := log.find("discarding download: superseded"); len(got) != 0 {
+				t.Errorf("a released download was discarded as superseded: %q", log.messages())
+			}
+			if n := counter(t, reg, "depcache_downloads_total", "event", "failed"); n != 0 {
+				t.Errorf("%v downloads counted failed, want 0", n)
+			}
+			if e := viewEntry(t, root, k); e != nil {
+				t.Errorf("the entry is still there: %+v", e)
+			}
+			waitNoStaging(t, root)
+			if _, err := m.Get(ctx, "again", k); err != nil {
+				t.Fatal(err)
+			}
+			g.next(t).serve(t, "content")
+			wctx, cancel := context.WithTimeout(ctx, within)
+			defer cancel()
+			if e, err := m.Wait(wctx, k); err != nil || e.Generation != 2 {
+				t.Fatalf("a Get after the cancel: gen %d, %v; want READY at 2", e.Generation, err)
+			}
+		})
+	}
+}

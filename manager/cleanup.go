@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/depcache/depcache/state"
@@ -108,11 +109,19 @@ func (c PolicyChange) Differences(p state.Policy) []string {
 // start-up Update.
 func (m *Manager) settlePolicy(st *state.State) (bool, error) {
 	stored := policyOf(st)
-	p := m.cfg.Cleanup.Apply(stored)
+	given := m.cfg.Cleanup
+	if given.Pins != nil {
+		pins, err := resolvePins(given.Pins, st)
+		if err != nil {
+			return false, err
+		}
+		given.Pins = pins
+	}
+	p := given.Apply(stored)
 	if err := p.Validate(); err != nil {
 		return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
 	}
-	diffs := m.cfg.Cleanup.Differences(stored)
+	diffs := given.Differences(stored)
 	if m.cfg.SetPolicy {
 		if st.Policy != nil && len(diffs) == 0 {
 			return false, nil
@@ -130,6 +139,35 @@ func (m *Manager) settlePolicy(st *state.State) (bool, error) {
 		m.log.WithField("differences", diffs).Info("the configured cleanup policy differs from the one stored in the root; the loops use the stored one (Config.SetPolicy changes it)")
 	}
 	return false, nil
+}
+
+// resolvePins turns each pin that is a short key ID (8 to 31 hex
+// characters, as ls shows them) into the full ID of the one entry whose ID
+// starts with it. As a pattern it would match no source, silently.
+func resolvePins(pins []string, st *state.State) ([]string, error) {
+	out := make([]string, len(pins))
+	for i, pin := range pins {
+		out[i] = pin
+		if len(pin) < 8 || len(pin) >= 32 || strings.Trim(pin, "0123456789abcdef") != "" {
+			continue
+		}
+		var match []string
+		for id := range st.Entries {
+			if strings.HasPrefix(id, pin) {
+				match = append(match, id)
+			}
+		}
+		switch len(match) {
+		case 1:
+			out[i] = match[0]
+		case 0:
+			return nil, fmt.Errorf("pin %q: no entry's key ID starts with it (a pin is a full key ID, a source or a pattern): %w", pin, ErrBadPolicy)
+		default:
+			slices.Sort(match)
+			return nil, fmt.Errorf("pin %q: ambiguous, %d key IDs start with it (%s): %w", pin, len(match), strings.Join(match, ", "), ErrBadPolicy)
+		}
+	}
+	return out, nil
 }
 
 // PolicyMismatch returns the differences between the configured and the
@@ -200,7 +238,15 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		pol := policyOf(st)
 		switch {
 		case given != nil:
-			pol = given.Apply(pol)
+			g := *given
+			if g.Pins != nil {
+				pins, err := resolvePins(g.Pins, st)
+				if err != nil {
+					return false, err
+				}
+				g.Pins = pins
+			}
+			pol = g.Apply(pol)
 		case dryRun && m.cfg.SetPolicy:
 			// What settlePolicy would store, without storing it.
 			pol = m.cfg.Cleanup.Apply(pol)

@@ -168,3 +168,38 @@ func TestLookingNeverWrites(t *testing.T) {
 		t.Errorf("a look stored a policy: %+v", p)
 	}
 }
+
+// TestPinTakesTheShortKey: the 12-character KEY that ls shows pins its
+// entry (stored as the full ID), in policy set and in a one-shot gc; a
+// prefix of no entry, or of several, is refused.
+func TestPinTakesTheShortKey(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	src := "file://" + abs
+	if code, _, errs := cli(t, root, "get", "--dependent", "job", src); code != 0 {
+		t.Fatalf("get: %d %s", code, errs)
+	}
+	if code, _, errs := cli(t, root, "release", "--dependent", "job", src); code != 0 {
+		t.Fatalf("release: %d %s", code, errs)
+	}
+	id := readState(t, root).Sorted()[0].Key.ID()
+	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s", "--pin", id[:12]); code != 0 || !strings.Contains(out, "evicted 0,") {
+		t.Errorf("gc --pin KEY: %d %q, want the pinned entry kept", code, out)
+	}
+	if code, _, errs := cli(t, root, "policy", "set", "--pin", id[:12]); code != 0 {
+		t.Fatalf("policy set --pin KEY: %d %s", code, errs)
+	}
+	if p := storedPolicy(t, root); p == nil || len(p.Pins) != 1 || p.Pins[0] != id {
+		t.Errorf("stored pins %+v, want the full ID %s", p, id)
+	}
+	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s"); code != 0 || !strings.Contains(out, "evicted 0,") {
+		t.Errorf("gc under the stored pin: %d %q", code, out)
+	}
+	other := "00000000"
+	if strings.HasPrefix(id, other) {
+		other = "ffffffff"
+	}
+	if code, _, errs := cli(t, root, "policy", "set", "--pin", other); code != 2 || !strings.Contains(errs, "no entry's key ID starts with it") {
+		t.Errorf("policy set --pin %s: %d %q, want exit 2 naming the prefix", other, code, errs)
+	}
+}

@@ -33,8 +33,13 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 2 bad usage or bad input, 3 timed out.`,
 		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if ttl < 0 || timeout < 0 {
-				return fmt.Errorf("--ttl and --timeout: %w: must not be negative", errBadFlag)
+			for _, d := range []struct {
+				name string
+				v    time.Duration
+			}{{"ttl", ttl}, {"timeout", timeout}} {
+				if d.v < 0 {
+					return fmt.Errorf("--%s %s: %w: must not be negative", d.name, d.v, errBadFlag)
+				}
 			}
 			if cmd.Flags().Changed("dependent") && dependent == "" {
 				return usageErrorf("--dependent '': a dependent needs a name (leave the flag out for one unique to this invocation)")

@@ -24,3 +24,15 @@ func TestFailedGetPrintsOneLine(t *testing.T) {
 		t.Errorf("stderr: %q, want one human line naming the cause", stderr.String())
 	}
 }
+
+// TestNegativeDurationsNameTheirFlag: a duration out of range names the
+// one flag that is wrong, with exit 2.
+func TestNegativeDurationsNameTheirFlag(t *testing.T) {
+	root := t.TempDir()
+	for _, tc := range []struct{ flag, other string }{{"--timeout", "--ttl"}, {"--ttl", "--timeout"}} {
+		code, _, errs := cli(t, root, "get", tc.flag, "-1s", "file:///nonexistent/x")
+		if code != 2 || !strings.Contains(errs, tc.flag+" -1s") || strings.Contains(errs, tc.other) {
+			t.Errorf("get %s -1s: exit %d, %q; want 2 naming %s alone", tc.flag, code, errs, tc.flag)
+		}
+	}
+}

@@ -24,7 +24,7 @@ var (
 func newDoctor(g *globals) *cobra.Command {
 	var rebuild, force, breakLock, yes bool
 	cmd := &cobra.Command{
-		Use:   "doctor [--rebuild [--force]] [--break-lock [--yes]]",
+		Use:   "doctor [--rebuild [--force]] [--break-lock [--yes] [NAME]]",
 		Short: "Check the root and say what is wrong; rebuild an unreadable state; break a stale lock",
 		Long: `doctor checks the root: the lock, the clock against the file server's, free
 space, the state, the content, orphans, staging data and stale locks. It
@@ -34,13 +34,20 @@ changes nothing, and exits 1 when a check fails (with --json too).
 next to each entry. A state that parses is refused unless --force is given
 too: rebuilding drops every dependent and every download in flight.
 --break-lock shows the state lock's holder and removes the lock if you
-confirm (or --yes).`,
+confirm (or --yes). --break-lock NAME does the same for the named lock of
+'depcache lock NAME' (as 'depcache locks --break NAME' does).`,
 		Example: `  depcache doctor
   depcache doctor --json | jq '.[] | select(.status != "ok")'
   depcache doctor --rebuild              # after "state file ... does not parse"
   depcache doctor --rebuild --force      # replace a state that parses (drops dependents)
-  depcache doctor --break-lock --yes`,
-		Args: exactArgs(0),
+  depcache doctor --break-lock --yes
+  depcache doctor --break-lock docker-cleanup`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 && breakLock {
+				return nil // the named lock to break
+			}
+			return exactArgs(0)(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			switch {
 			case force && !rebuild:
@@ -52,6 +59,9 @@ confirm (or --yes).`,
 			}
 			if err := existingRoot(g); err != nil {
 				return err
+			}
+			if len(args) == 1 {
+				return breakNamedLock(cmd, g, args[0], namedLockLease, yes)
 			}
 			m, err := manager.New(g.plainConfig())
 			if err != nil {

@@ -30,6 +30,9 @@ type lockJSON struct {
 	Token uint64 `json:"token"`
 }
 
+// namedLockLease is the default lease of a named lock, as lock takes it.
+const namedLockLease = 30 * time.Second
+
 func newLocks(g *globals) *cobra.Command {
 	var breakName string
 	var yes bool
@@ -57,7 +60,7 @@ may take that long). A live holder, or one that renews, is left alone
 	f := cmd.Flags()
 	f.StringVar(&breakName, "break", "", "break the lock NAME if its holder is stale")
 	f.BoolVar(&yes, "yes", false, "with --break: do not ask")
-	f.DurationVar(&lease, "lease", 30*time.Second, "with --break: how long a holder on another host must leave the lock unchanged")
+	f.DurationVar(&lease, "lease", namedLockLease, "with --break: how long a holder on another host must leave the lock unchanged")
 	return cmd
 }
 

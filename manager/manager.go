@@ -567,6 +567,12 @@ func (m *Manager) kick() {
 	}
 }
 
+// CheckDependent reports what makes name unusable as a dependent's name:
+// empty, longer than 256 bytes, a control character, or not valid UTF-8
+// (errors wrap [ErrBadDependent]). Get and Release check it too; a caller
+// checks it first to refuse bad input before anything else.
+func CheckDependent(name string) error { return checkDependent(name) }
+
 func checkDependent(name string) error {
 	if err := state.CheckText("dependent name", name); err != nil {
 		return fmt.Errorf("%w: %w", err, ErrBadDependent)

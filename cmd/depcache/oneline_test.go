@@ -36,3 +36,23 @@ func TestNegativeDurationsNameTheirFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidUTF8IsBadInput: a name or source that is not valid UTF-8 is
+// bad input (exit 2, naming it) in every command that takes one, before
+// anything is looked up.
+func TestInvalidUTF8IsBadInput(t *testing.T) {
+	root := t.TempDir()
+	for _, args := range [][]string{
+		{"get", "--dependent", "\xff", "file:///nonexistent/x"},
+		{"release", "--dependent", "\xfe", "file:///nonexistent/x"},
+		{"get", "file:///nonexistent/\xff"},
+		{"policy", "set", "--pin", "\xfe"},
+		{"lock", "\xff", "--", "true"},
+		{"run", "--dep", "A=file:///nonexistent/\xff", "--", "true"},
+	} {
+		code, _, errs := cli(t, root, args...)
+		if code != 2 || !strings.Contains(errs, "not valid UTF-8") {
+			t.Errorf("%q: exit %d, %q; want 2 and \"not valid UTF-8\"", args, code, errs)
+		}
+	}
+}

@@ -48,6 +48,9 @@ succeed, for cleanup scripts that release what may be gone.`,
 			if dependent == "" {
 				return usageErrorf("--dependent is required (an anonymous get's dependent ends with its process)")
 			}
+			if err := manager.CheckDependent(dependent); err != nil {
+				return err
+			}
 			key, err := manager.ParseKey(args[0], "")
 			if err != nil {
 				return err

@@ -6,7 +6,8 @@
 // JSON without its dependents), one key per dependent
 // (PREFIX/d/<keyID>/<hex of its name>), a header (PREFIX/h: the policy and
 // the highest generation), a format key (PREFIX/format), a removal counter
-// (PREFIX/x), commit records (PREFIX/n/<nonce>) and the root's ID
+// (PREFIX/x), commit records (PREFIX/n/<nonce>, which expire with a
+// lease after 10 minutes) and the root's ID
 // (PREFIX/root-id). Content stays in the cache root; one prefix is one
 // content domain, and Open refuses a root whose ID file does not match the
 // prefix's.

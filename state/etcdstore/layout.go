@@ -23,7 +23,7 @@ const FormatVersion = 1
 //	p/e/<keyID>         one entry, without its dependents
 //	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name
 //	p/x                 bumped (blindly) by every commit that removes an entry
-//	p/n/<nonce>         one per commit, to settle an ambiguous outcome
+//	p/n/<nonce>         one per commit, to settle a lost answer; on a 10-minute lease
 //	p/root-id           the ID of the root whose content this prefix describes
 //
 // Every commit that changes an entry or any of its dependents also puts

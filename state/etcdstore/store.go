@@ -64,8 +64,10 @@ const (
 	maxAttempts   = 1000
 	committedMark = "committed"
 	abortedMark   = "aborted"
-	maxNonceGC    = 8
-	readChunkIDs  = 60 // named entries read per transaction (2 ops each)
+	// Commit records live on a lease of recordTTL, used for commits only
+	// while at least half of it is left: far longer than any settling.
+	recordTTL    = 10 * time.Minute
+	readChunkIDs = 60 // named entries read per transaction (2 ops each)
 )
 
 // Options configure Open.
@@ -122,8 +124,9 @@ type Store struct {
 	bound  atomic.Bool // the prefix is known to carry rootID
 	idMu   sync.Mutex
 
-	mu      sync.Mutex
-	pending []string // nonce keys of applied commits, to delete
+	leaseMu sync.Mutex
+	lease   clientv3.LeaseID // of the commit records; 0: none yet
+	leaseAt time.Time        // when it was granted, on our clock
 
 	commits, conflicts, settled atomic.Int64
 }
@@ -274,22 +277,10 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	return nil
 }
 
-// Close releases the client (unless it was given in Options) after
-// deleting the commit records this instance no longer needs.
+// Close releases the client, unless it was given in Options. A store
+// that is never closed leaves nothing behind: its commit records expire
+// with their lease.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	gc := s.pending
-	s.pending = nil
-	s.mu.Unlock()
-	if len(gc) > 0 {
-		ops := make([]clientv3.Op, 0, len(gc))
-		for _, k := range gc[:min(len(gc), MaxTxnOps)] {
-			ops = append(ops, clientv3.OpDelete(k))
-		}
-		ctx, cancel := s.rctx(context.Background())
-		_, _ = s.cli.Txn(ctx).Then(ops...).Commit() // litter at worst
-		cancel()
-	}
 	if s.owned {
 		return s.cli.Close()
 	}
@@ -631,7 +622,6 @@ type txn struct {
 	ops   []clientv3.Op
 	bytes int
 	nonce string // key of its commit record
-	gc    []string
 }
 
 func (t *txn) put(k string, v []byte) {
@@ -652,7 +642,7 @@ func (t *txn) cmp(c clientv3.Cmp) {
 // plan builds the transaction that turns what sn read into st. orig holds
 // the entries as decoded (an entry fn left as it was is not re-encoded);
 // nil compares every entry's bytes. It returns nil when nothing changes.
-func (s *Store) plan(sn *snapshot, st *state.State, orig map[string]*state.Entry) (*txn, error) {
+func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig map[string]*state.Entry) (*txn, error) {
 	t := &txn{}
 	var scope []string
 	if sn.whole {
@@ -745,7 +735,12 @@ func (s *Store) plan(sn *snapshot, st *state.State, orig map[string]*state.Entry
 			return nil, err
 		}
 	}
-	t.put(t.nonce, []byte(committedMark))
+	lease, err := s.recordLease(ctx)
+	if err != nil {
+		return nil, err
+	}
+	t.ops = append(t.ops, clientv3.OpPut(t.nonce, committedMark, clientv3.WithLease(lease)))
+	t.bytes += len(t.nonce) + 32
 	t.cmp(clientv3.Compare(clientv3.CreateRevision(t.nonce), "=", 0))
 	if sn.whole {
 		start, end := s.l.stateRange()
@@ -762,32 +757,17 @@ func (s *Store) plan(sn *snapshot, st *state.State, orig map[string]*state.Entry
 		return nil, fmt.Errorf("%s: %w: %d operations, %d compares, about %d bytes (limits %d operations, %d bytes); nothing was written",
 			s, ErrTooBig, len(t.ops), len(t.cmps), t.bytes, MaxTxnOps, MaxRequestBytes)
 	}
-	s.mu.Lock()
-	n := min(len(s.pending), maxNonceGC, MaxTxnOps-len(t.ops))
-	t.gc = slices.Clone(s.pending[:n])
-	s.pending = s.pending[n:]
-	s.mu.Unlock()
-	for _, k := range t.gc {
-		t.del(k)
-	}
 	return t, nil
 }
 
 // commit plans and sends one transaction. It returns false, nil when a
 // compare failed (fn must run again).
 func (s *Store) commit(ctx context.Context, sn *snapshot, st *state.State, orig map[string]*state.Entry) (bool, error) {
-	t, err := s.plan(sn, st, orig)
+	t, err := s.plan(ctx, sn, st, orig)
 	if err != nil || t == nil {
 		return t == nil && err == nil, err
 	}
 	ok, err := s.send(ctx, t)
-	s.mu.Lock()
-	if ok {
-		s.pending = append(s.pending, t.nonce)
-	} else {
-		s.pending = append(s.pending, t.gc...)
-	}
-	s.mu.Unlock()
 	if ok {
 		s.commits.Add(1)
 		if s.root != "" {
@@ -806,6 +786,14 @@ func (s *Store) send(ctx context.Context, t *txn) (bool, error) {
 	cancel()
 	if err == nil {
 		return resp.Succeeded, nil
+	}
+	if errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) || errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		// The records' lease expired under us (a long pause): take a
+		// new one and run fn again.
+		s.leaseMu.Lock()
+		s.lease = 0
+		s.leaseMu.Unlock()
+		return false, nil
 	}
 	if definite(err) {
 		if errors.Is(err, rpctypes.ErrGRPCTooManyOps) || errors.Is(err, rpctypes.ErrGRPCRequestTooLarge) ||
@@ -833,7 +821,7 @@ func (s *Store) send(ctx context.Context, t *txn) (bool, error) {
 func definite(err error) bool {
 	switch status.Code(err) {
 	case codes.InvalidArgument, codes.ResourceExhausted, codes.PermissionDenied, codes.Unauthenticated,
-		codes.FailedPrecondition, codes.OutOfRange, codes.Unimplemented:
+		codes.FailedPrecondition, codes.OutOfRange, codes.Unimplemented, codes.NotFound:
 		return true
 	}
 	return false
@@ -849,10 +837,16 @@ func (s *Store) settleNonce(ctx context.Context, nonce string) (bool, error) {
 	deadline := time.Now().Add(s.settle)
 	var last error
 	for attempt := 0; time.Now().Before(deadline); attempt++ {
+		lease, err := s.recordLease(sctx)
+		if err != nil {
+			last = err
+			_ = backoff(sctx, attempt+4)
+			continue
+		}
 		rctx, cancel := s.rctx(sctx)
 		resp, err := s.cli.Txn(rctx).
 			If(clientv3.Compare(clientv3.CreateRevision(nonce), "=", 0)).
-			Then(clientv3.OpPut(nonce, abortedMark)).
+			Then(clientv3.OpPut(nonce, abortedMark, clientv3.WithLease(lease))).
 			Else(clientv3.OpGet(nonce)).Commit()
 		cancel()
 		if err == nil {
@@ -866,6 +860,27 @@ func (s *Store) settleNonce(ctx context.Context, nonce string) (bool, error) {
 		_ = backoff(sctx, attempt+4)
 	}
 	return false, fmt.Errorf("%w: reading back %s for %s: %v", ErrOutcomeUnknown, nonce, s.settle, last)
+}
+
+// recordLease returns the lease of this store's commit records, granting a
+// new one when less than half of the current one's TTL is left on our
+// clock. Records, and the aborted marks that fence lost commits, thus
+// outlive any settling by minutes and then vanish by themselves.
+func (s *Store) recordLease(ctx context.Context) (clientv3.LeaseID, error) {
+	s.leaseMu.Lock()
+	defer s.leaseMu.Unlock()
+	if s.lease != 0 && time.Since(s.leaseAt) < recordTTL/2 {
+		return s.lease, nil
+	}
+	at := time.Now()
+	rctx, cancel := s.rctx(ctx)
+	defer cancel()
+	g, err := s.cli.Grant(rctx, int64(recordTTL/time.Second))
+	if err != nil {
+		return 0, s.fail(ctx, "granting the commit records' lease", err)
+	}
+	s.lease, s.leaseAt = g.ID, at
+	return g.ID, nil
 }
 
 func newNonce() string {

@@ -338,7 +338,7 @@ func TestSettle(t *testing.T) {
 	}
 	st, orig, _ := s.decode(sn)
 	st.Put(testEntry(1))
-	tx, err := s.plan(sn, st, orig)
+	tx, err := s.plan(ctx, sn, st, orig)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +353,7 @@ func TestSettle(t *testing.T) {
 		t.Errorf("the fenced commit wrote %d entries", len(st.Entries))
 	}
 	// A commit that applied settles as applied.
-	tx, err = s.plan(sn, st, orig)
+	tx, err = s.plan(ctx, sn, st, orig)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,6 +362,19 @@ func TestSettle(t *testing.T) {
 	}
 	if ok, err := s.settleNonce(ctx, tx.nonce); !ok || err != nil {
 		t.Errorf("settling a commit that applied: %v, %v", ok, err)
+	}
+	// Commit records vanish by themselves: they are on a lease.
+	resp, err := s.Client().Get(ctx, s.l.noncePrefix(), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range resp.Kvs {
+		if kv.Lease == 0 {
+			t.Errorf("commit record %s is on no lease", kv.Key)
+		}
+	}
+	if len(resp.Kvs) != 2 {
+		t.Errorf("%d commit records, want 2 (one aborted, one committed)", len(resp.Kvs))
 	}
 }
 

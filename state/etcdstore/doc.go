@@ -4,8 +4,8 @@
 //
 // Layout, under PREFIX: one key per entry (PREFIX/e/<keyID>, the entry's
 // JSON without its dependents), one key per dependent
-// (PREFIX/d/<keyID>/<hex of its name>), a header (PREFIX/h: the policy and
-// the highest generation), a format key (PREFIX/format), a removal counter
+// (PREFIX/d/<keyID>/<hex of its name>), a header (PREFIX/h: the policy), the
+// highest generation (PREFIX/g), a format key (PREFIX/format), a removal counter
 // (PREFIX/x), commit records (PREFIX/n/<nonce>, which expire with a
 // lease after 10 minutes) and the root's ID
 // (PREFIX/root-id). Content stays in the cache root; one prefix is one
@@ -19,7 +19,9 @@
 //   - Every commit is one transaction, applied only if nothing it read
 //     changed since that revision: a compare on the mod revision of each
 //     entry key read (UpdateEntries), or on every entry and dependent key
-//     plus the removal counter (Update), and on the header and format keys.
+//     plus the removal counter (Update), and on the header and format keys;
+//     on the generation key when the commit raises it, or reads the whole
+//     state.
 //     Every commit that touches an entry or its dependents puts the entry
 //     key, so its mod revision versions the entry with its dependents. On a
 //     failed compare the callback runs again on a fresh read, as the

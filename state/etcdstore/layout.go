@@ -19,7 +19,11 @@ const FormatVersion = 1
 // layout names the keys of one prefix. p has no trailing slash.
 //
 //	p/format            {"version":1}: written by the first commit; Exists looks at it
-//	p/h                 header: policy and max generation
+//	p/h                 header: the policy
+//	p/g                 the highest generation: apart from the policy, so
+//	                    that a commit that does not raise it need not
+//	                    compare it, and new entries do not conflict with
+//	                    every Get
 //	p/e/<keyID>         one entry, without its dependents
 //	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name
 //	p/x                 bumped (blindly) by every commit that removes an entry
@@ -34,6 +38,7 @@ type layout struct{ p string }
 
 func (l layout) format() string         { return l.p + "/format" }
 func (l layout) header() string         { return l.p + "/h" }
+func (l layout) generation() string     { return l.p + "/g" }
 func (l layout) removals() string       { return l.p + "/x" }
 func (l layout) rootID() string         { return l.p + "/root-id" }
 func (l layout) entry(id string) string { return l.p + "/e/" + id }
@@ -80,7 +85,7 @@ func checkID(id string) error {
 	return nil
 }
 
-// header is the value of p/h.
+// header is the value of p/h (the policy) and of p/g (the generation).
 type header struct {
 	Policy        *state.Policy `json:"policy,omitempty"`
 	MaxGeneration uint64        `json:"max_generation,omitempty"`
@@ -136,15 +141,26 @@ func decodeFormat(b []byte) (int, error) {
 	return f.Version, nil
 }
 
-func encodeHeader(st *state.State) ([]byte, error) {
-	return json.Marshal(header{Policy: st.Policy, MaxGeneration: st.MaxGeneration})
+func encodeHeader(st *state.State) (policy, gen []byte, err error) {
+	if policy, err = json.Marshal(header{Policy: st.Policy}); err != nil {
+		return nil, nil, err
+	}
+	gen, err = json.Marshal(header{MaxGeneration: st.MaxGeneration})
+	return policy, gen, err
 }
 
-func decodeHeader(b []byte, st *state.State) error {
-	var h header
-	if err := strict(b, &h); err != nil {
-		return fmt.Errorf("%w: header: %w", state.ErrCorrupt, err)
+func decodeHeader(policy, gen []byte, st *state.State) error {
+	var h, g header
+	if policy != nil {
+		if err := strict(policy, &h); err != nil || h.MaxGeneration != 0 {
+			return fmt.Errorf("%w: header: %v", state.ErrCorrupt, err)
+		}
 	}
-	st.Policy, st.MaxGeneration = h.Policy, h.MaxGeneration
+	if gen != nil {
+		if err := strict(gen, &g); err != nil || g.Policy != nil {
+			return fmt.Errorf("%w: generation key: %v", state.ErrCorrupt, err)
+		}
+	}
+	st.Policy, st.MaxGeneration = h.Policy, g.MaxGeneration
 	return nil
 }

@@ -332,6 +332,7 @@ type snapshot struct {
 	deps    map[string]map[string][]byte
 	stray   []string // keys in the state's range that are not entry or dependent keys
 	head    kvRev
+	gen     kvRev
 	format  kvRev
 	x       int64
 	rootID  string // PREFIX/root-id, "" if absent
@@ -370,7 +371,7 @@ func rangeResp(op *clientv3.TxnResponse, i int) *clientv3.GetResponse {
 // metaOps are the gets of the keys besides entries that every read takes.
 func (s *Store) metaOps() []clientv3.Op {
 	return []clientv3.Op{clientv3.OpGet(s.l.header()), clientv3.OpGet(s.l.format()),
-		clientv3.OpGet(s.l.removals()), clientv3.OpGet(s.l.rootID())}
+		clientv3.OpGet(s.l.removals()), clientv3.OpGet(s.l.rootID()), clientv3.OpGet(s.l.generation())}
 }
 
 func (sn *snapshot) meta(resp *clientv3.TxnResponse, at int) {
@@ -381,6 +382,7 @@ func (sn *snapshot) meta(resp *clientv3.TxnResponse, at int) {
 	if r, ok := one(rangeResp(resp, at+3)); ok {
 		sn.rootID = string(r.val)
 	}
+	sn.gen, _ = one(rangeResp(resp, at+4))
 }
 
 // readWhole reads every state key at one revision.
@@ -441,7 +443,7 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 		if i == 0 {
 			sn.rev = resp.Header.Revision
 			sn.meta(resp, 0)
-			at = 4
+			at = len(s.metaOps())
 		}
 		for j := range chunk {
 			for _, kv := range rangeResp(resp, at+2*j).Kvs {
@@ -466,13 +468,11 @@ func (s *Store) decode(sn *snapshot) (*state.State, map[string]*state.Entry, err
 		if _, err := decodeFormat(sn.format.val); err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", s, err)
 		}
-	} else if len(sn.entries) > 0 || sn.head.mod != 0 {
+	} else if len(sn.entries) > 0 || sn.head.mod != 0 || sn.gen.mod != 0 {
 		return nil, nil, corrupt("state keys without the format key %s", s.l.format())
 	}
-	if sn.head.mod != 0 {
-		if err := decodeHeader(sn.head.val, st); err != nil {
-			return nil, nil, fmt.Errorf("%s: %w", s, err)
-		}
+	if err := decodeHeader(sn.head.val, sn.gen.val, st); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", s, err)
 	}
 	if len(sn.stray) > 0 {
 		return nil, nil, corrupt("keys that are neither entries nor dependents: %s", strings.Join(sn.stray[:min(len(sn.stray), 5)], ", "))
@@ -712,12 +712,19 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 	for _, k := range sn.stray {
 		t.del(k)
 	}
-	hb, err := encodeHeader(st)
+	hb, gb, err := encodeHeader(st)
 	if err != nil {
 		return nil, fmt.Errorf("%s: encoding the header: %w", s, err)
 	}
-	if old := sn.head.val; sn.head.mod == 0 && string(hb) != "{}" || sn.head.mod != 0 && !bytes.Equal(hb, old) {
+	differs := func(kv kvRev, b []byte) bool {
+		return kv.mod == 0 && string(b) != "{}" || kv.mod != 0 && !bytes.Equal(b, kv.val)
+	}
+	if differs(sn.head, hb) {
 		t.put(s.l.header(), hb)
+	}
+	genWritten := differs(sn.gen, gb)
+	if genWritten {
+		t.put(s.l.generation(), gb)
 	}
 	if len(t.ops) == 0 {
 		return nil, nil
@@ -752,6 +759,12 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 		}
 	}
 	t.cmp(clientv3.Compare(clientv3.ModRevision(s.l.header()), "=", sn.head.mod))
+	if sn.whole || genWritten {
+		// Raising the generation must not lose another raise; a commit
+		// that does not raise it depends on no more than that no
+		// generation it wrote exceeds the one it saw.
+		t.cmp(clientv3.Compare(clientv3.ModRevision(s.l.generation()), "=", sn.gen.mod))
+	}
 	t.cmp(clientv3.Compare(clientv3.ModRevision(s.l.format()), "=", sn.format.mod))
 	if len(t.ops) > MaxTxnOps || len(t.cmps) > MaxTxnOps || t.bytes > MaxRequestBytes-16*1024 {
 		return nil, fmt.Errorf("%s: %w: %d operations, %d compares, about %d bytes (limits %d operations, %d bytes); nothing was written",
@@ -910,11 +923,11 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *state.State) error)
 			rep.Last = last
 			rep.LastFile = fmt.Sprintf("%s at revision %d", s, sn.rev)
 			oldMax = last.MaxGeneration
-		} else if sn.format.mod != 0 || len(sn.entries) > 0 || sn.head.mod != 0 || len(sn.stray) > 0 {
+		} else if sn.format.mod != 0 || len(sn.entries) > 0 || sn.head.mod != 0 || sn.gen.mod != 0 || len(sn.stray) > 0 {
 			rep.UnreadableErr = derr
 			rep.Unreadable = fmt.Sprintf("%s at revision %d", s, sn.rev)
 			var h header
-			if strict(sn.head.val, &h) == nil {
+			if strict(sn.gen.val, &h) == nil {
 				oldMax = h.MaxGeneration
 			}
 		}

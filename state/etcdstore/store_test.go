@@ -159,7 +159,7 @@ func TestLayout(t *testing.T) {
 	put(t, s, e)
 	got := keys(t, s.Client(), "/layout")
 	id := testKey(1).ID()
-	want := []string{"/format", "/h", "/e/" + id, "/root-id"}
+	want := []string{"/format", "/g", "/e/" + id, "/root-id"}
 	for _, n := range names {
 		want = append(want, "/d/"+id+"/"+hex.EncodeToString([]byte(n)))
 	}

@@ -29,6 +29,7 @@ type globals struct {
 	logFormat string
 	group     bool
 	lockLease time.Duration
+	state     stateFlags // --state and the etcd flags (statestore.go)
 	stdout    io.Writer
 	stderr    io.Writer
 	log       *logrus.Logger
@@ -130,6 +131,9 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 		LockLease:        g.lockLease,
 		Log:              g.log,
 	}
+	if cfg.State, err = g.stateStore(); err != nil {
+		return manager.Config{}, err
+	}
 	return cfg, nil
 }
 
@@ -189,6 +193,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
 	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
+	g.state.register(pf)
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
 	root.AddCommand(newRm(g), newDir(g), newVersion(g), newRun(g), newLockCmd(g), newLocks(g))
@@ -253,5 +258,5 @@ func fileExists(p string) bool {
 // plainConfig is the configuration of the commands that do not run the
 // loops (release, ls, doctor, verify).
 func (g *globals) plainConfig() manager.Config {
-	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease}
+	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, State: g.plainState()}
 }

@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore"
+	"github.com/spf13/pflag"
+)
+
+// stateFlags choose the state store: the file store in the root (the
+// default) or etcd (--state etcd://HOST:PORT,.../PREFIX), with etcd's TLS
+// and auth flags named as etcdctl names them. The password comes only
+// from the environment (DEPCACHE_ETCD_PASSWORD), never from a flag that
+// ps would show.
+type stateFlags struct {
+	url    string
+	cacert string
+	cert   string
+	key    string
+	user   string
+
+	once  sync.Once
+	store state.Backend
+	err   error
+}
+
+func (f *stateFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&f.url, "state", "", "state store: empty for the file store in the root, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX (env DEPCACHE_STATE)")
+	fs.StringVar(&f.cacert, "etcd-cacert", "", "verify the etcd servers with this CA bundle (PEM)")
+	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd (PEM; with --etcd-key)")
+	fs.StringVar(&f.key, "etcd-key", "", "client key for etcd (PEM; with --etcd-cert)")
+	fs.StringVar(&f.user, "etcd-user", "", "etcd user; the password is read from DEPCACHE_ETCD_PASSWORD")
+}
+
+// stateStore returns the store the flags choose, opened once per command:
+// nil for the file store in the root (manager.Config's default).
+func (g *globals) stateStore() (state.Backend, error) {
+	f := &g.state
+	f.once.Do(func() { f.store, f.err = f.open(context.Background(), g) })
+	return f.store, f.err
+}
+
+func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error) {
+	if f.url == "" || f.url == "file" {
+		if f.cacert != "" || f.cert != "" || f.key != "" || f.user != "" {
+			return nil, fmt.Errorf("--etcd-* flags: %w: they need --state etcd://HOST:PORT/PREFIX", errBadFlag)
+		}
+		return nil, nil
+	}
+	endpoints, prefix, err := etcdstore.ParseURL(f.url)
+	if err != nil {
+		return nil, fmt.Errorf("--state: %w: %w", errBadFlag, err)
+	}
+	tc, err := f.tls()
+	if err != nil {
+		return nil, err
+	}
+	root, err := filepath.Abs(g.root)
+	if err != nil {
+		return nil, fmt.Errorf("--root %q: %w", g.root, err)
+	}
+	perms := state.DefaultPerms()
+	if g.group {
+		perms = state.GroupPerms()
+	}
+	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms,
+		Username: f.user, Password: os.Getenv("DEPCACHE_ETCD_PASSWORD")}
+	if f.user == "" && opts.Password != "" {
+		return nil, fmt.Errorf("DEPCACHE_ETCD_PASSWORD: %w: it needs --etcd-user", errBadFlag)
+	}
+	s, err := etcdstore.Open(ctx, opts)
+	if err != nil {
+		if errors.Is(err, etcdstore.ErrBadURL) {
+			return nil, fmt.Errorf("--state: %w: %w", errBadFlag, err)
+		}
+		return nil, err
+	}
+	return s, nil
+}
+
+// tls builds the TLS configuration of the etcd flags, nil when none is set.
+func (f *stateFlags) tls() (*tls.Config, error) {
+	if f.cacert == "" && f.cert == "" && f.key == "" {
+		return nil, nil
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if f.cacert != "" {
+		pem, err := os.ReadFile(f.cacert)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cacert: %w: %w", errBadFlag, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--etcd-cacert %s: %w: no PEM certificate in it", f.cacert, errBadFlag)
+		}
+		tc.RootCAs = pool
+	}
+	switch {
+	case f.cert != "" && f.key != "":
+		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert %s, --etcd-key %s: %w: %w", f.cert, f.key, errBadFlag, err)
+		}
+		tc.Certificates = []tls.Certificate{pair}
+	case f.cert != "" || f.key != "":
+		return nil, fmt.Errorf("--etcd-cert and --etcd-key: %w: give both or neither (%s)", errBadFlag, strings.TrimSpace(f.cert+" "+f.key))
+	}
+	return tc, nil
+}
+
+// plainState is stateStore for plainConfig, which returns no error: a
+// store that could not be opened answers every call with why.
+func (g *globals) plainState() state.Backend {
+	s, err := g.stateStore()
+	if err != nil {
+		return unopened{err}
+	}
+	return s
+}
+
+// unopened is a state store that failed to open.
+type unopened struct{ err error }
+
+func (u unopened) View(context.Context) (*state.State, error) { return nil, u.err }
+func (u unopened) Update(context.Context, func(*state.State) (bool, error)) error {
+	return u.err
+}
+func (u unopened) UpdateBatched(context.Context, func(*state.State) (bool, error)) error {
+	return u.err
+}
+func (u unopened) UpdateEntries(context.Context, []string, func(*state.Txn) (bool, error)) error {
+	return u.err
+}
+func (u unopened) Reset(context.Context, func(st, last *state.State) error) (state.Replaced, error) {
+	return state.Replaced{}, u.err
+}
+func (u unopened) Exists(context.Context) (bool, error) { return false, u.err }
+func (u unopened) String() string                       { return "state store (not opened: " + u.err.Error() + ")" }

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state/etcdstore"
+	"github.com/depcache/depcache/state/etcdstore/etcdtest"
+	"github.com/depcache/depcache/state/rigtest"
+)
+
+// TestStateFlagErrors: bad --state input exits 2 naming what is wrong; an
+// endpoint that does not answer exits 1 naming it.
+func TestStateFlagErrors(t *testing.T) {
+	root := t.TempDir()
+	pem := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(pem, []byte("not a certificate"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--state", "etcd://127.0.0.1/x", "ls"}, 2, "missing port"},
+		{[]string{"--state", "etcd://127.0.0.1:2379", "ls"}, 2, "no prefix"},
+		{[]string{"--state", "consul://a:1/x", "ls"}, 2, "not an etcd:// URL"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-cacert", pem, "ls"}, 2, "no PEM certificate"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-cert", pem, "ls"}, 2, "--etcd-key"},
+		{[]string{"--etcd-user", "u", "ls"}, 2, "need --state"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "ls"}, 1, "etcd://127.0.0.1:1/x: etcd cluster unavailable"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "get", "--no-wait", "file:///nonexistent"}, 1, "127.0.0.1:1"},
+	} {
+		code, _, stderr := cli(t, root, c.args...)
+		if code != c.code || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", c.args, code, stderr, c.code, c.want)
+		}
+	}
+}
+
+// TestStateEtcdCLI: get, ls and release on an embedded etcd member; the
+// root's ID binds the prefix, and another root is refused naming both.
+func TestStateEtcdCLI(t *testing.T) {
+	m := etcdtest.Start(t)
+	url := "etcd://" + m.Endpoint + "/cli"
+	src := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(src, []byte("content"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	code, stdout, stderr := cli(t, root, "--state", url, "get", "--dependent", "job", "file://"+src)
+	if code != 0 {
+		t.Fatalf("get: exit %d: %s", code, stderr)
+	}
+	if b, err := os.ReadFile(strings.TrimSpace(stdout)); err != nil || string(b) != "content" {
+		t.Errorf("get printed %q: %v %q", stdout, err, b)
+	}
+	if _, err := os.Stat(filepath.Join(root, "state.json")); err == nil {
+		t.Error("get with --state etcd wrote a state file in the root")
+	}
+	// The environment twin, in a process of its own (cli clears DEPCACHE_*).
+	ls := exec.Command(bin, "--root", root, "ls", "--json")
+	ls.Env = append(os.Environ(), "DEPCACHE_STATE="+url)
+	if out, err := ls.CombinedOutput(); err != nil || !strings.Contains(string(out), `"job"`) {
+		t.Errorf("DEPCACHE_STATE=%s ls: %v: %s", url, err, out)
+	}
+	if code, _, stderr := cli(t, root, "--state", url, "release", "--dependent", "job", "file://"+src); code != 0 {
+		t.Errorf("release: exit %d: %s", code, stderr)
+	}
+	id, err := os.ReadFile(filepath.Join(root, etcdstore.RootIDFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	code, _, stderr = cli(t, other, "--state", url, "ls")
+	if code != 1 || !strings.Contains(stderr, strings.TrimSpace(string(id))) || !strings.Contains(stderr, other) {
+		t.Errorf("ls from another root: exit %d: %s", code, stderr)
+	}
+}
+
+// TestEtcdGetOnce: 8 depcache processes on one root, with the state on
+// the etcd rig's 3-member cluster, fetch one source: one download.
+func TestEtcdGetOnce(t *testing.T) {
+	eps := rigtest.Etcd(t)
+	url := fmt.Sprintf("etcd://%s/depcache-test/getonce-%d", strings.Join(eps, ","), time.Now().UnixNano())
+	body := randomBody(256 << 10)
+	var downloads atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		downloads.Add(1)
+		w.Write(body)
+	}))
+	t.Cleanup(srv.Close)
+	root := t.TempDir()
+	const n = 8
+	var wg sync.WaitGroup
+	outs := make([]string, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cmd := exec.Command(bin, "--root", root, "--state", url, "get", "--dependent", fmt.Sprintf("job-%d", i),
+				"--timeout", "60s", srv.URL+"/blob")
+			var out, errb bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errb
+			if err := cmd.Run(); err != nil {
+				errs[i] = fmt.Errorf("%w: %s", err, errb.String())
+			}
+			outs[i] = strings.TrimSpace(out.String())
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("get %d: %v", i, errs[i])
+		}
+		if outs[i] != outs[0] {
+			t.Errorf("get %d printed %q, get 0 %q", i, outs[i], outs[0])
+		}
+	}
+	if got := downloads.Load(); got != 1 {
+		t.Errorf("%d downloads by %d processes, want 1", got, n)
+	}
+	if fileSum(t, outs[0]) != hexSum(body) {
+		t.Error("the content differs from the source's")
+	}
+	code, stdout, stderr := depcache(t, root, "--state", url, "ls", "--json")
+	if got := strings.Count(stdout, `"name": "job-`); code != 0 || got != n {
+		t.Errorf("ls: exit %d, %d dependents: %s %s", code, got, stdout, stderr)
+	}
+}

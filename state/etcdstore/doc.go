@@ -1,0 +1,52 @@
+// Package etcdstore is a state.Backend on an etcd cluster, for caches
+// whose hosts do not share a filesystem that a lock can rest on, or that
+// outgrow one state file: depcache --state etcd://HOST:PORT,.../PREFIX.
+//
+// Layout, under PREFIX: one key per entry (PREFIX/e/<keyID>, the entry's
+// JSON without its dependents), one key per dependent
+// (PREFIX/d/<keyID>/<hex of its name>), a header (PREFIX/h: the policy), the
+// highest generation (PREFIX/g), a format key (PREFIX/format), a removal counter
+// (PREFIX/x), commit records (PREFIX/n/<nonce>, which expire with a
+// lease after 10 minutes) and the root's ID
+// (PREFIX/root-id). Content stays in the cache root; one prefix is one
+// content domain, and Open refuses a root whose ID file does not match the
+// prefix's.
+//
+// Guarantees:
+//
+//   - Every read is one etcd revision: View and the reads of Update and
+//     UpdateEntries see a consistent snapshot.
+//   - Every commit is one transaction, applied only if nothing it read
+//     changed since that revision: a compare on the mod revision of each
+//     entry key read (UpdateEntries), or on every entry and dependent key
+//     plus the removal counter (Update), and on the header and format keys;
+//     on the generation key when the commit raises it, or reads the whole
+//     state.
+//     Every commit that touches an entry or its dependents puts the entry
+//     key, so its mod revision versions the entry with its dependents. On a
+//     failed compare the callback runs again on a fresh read, as the
+//     state.Backend contract allows.
+//   - A commit is atomic and never split: one that exceeds etcd's limits
+//     of one transaction (128 operations, 1.5 MiB) is refused with
+//     ErrTooBig and writes nothing.
+//   - A state that fails state.State.Validate is never committed
+//     (ErrInvalidState); a stored one that does not parse is an error
+//     wrapping state.ErrCorrupt, the callback is not called, and nothing is
+//     deleted (only Reset replaces it).
+//   - A commit whose answer was lost (a timeout after the request was
+//     sent, a lost connection, a leader change) is settled by reading back
+//     its commit record; a commit that did not apply is fenced (its record
+//     is created as aborted, which fails its compare) before the callback
+//     runs again, so it can never apply later. If that cannot be settled
+//     within the settle timeout, the error wraps ErrOutcomeUnknown.
+//   - Every request has its own timeout and requires a leader; a timeout
+//     of the store is ErrUnavailable, never context.DeadlineExceeded,
+//     which stays the caller's own deadline.
+//
+// Not yet: dependents and owners bound to etcd leases, an elected sweeper,
+// and watches for waiters. Dependents bound to processes keep the
+// manager's lease counter (Dependent.Lease, bumped through Update), which
+// this store only stores.
+//
+// The package starts no goroutines of its own beyond the etcd client's.
+package etcdstore

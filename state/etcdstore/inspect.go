@@ -1,0 +1,124 @@
+package etcdstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/depcache/depcache/state"
+	"github.com/dustin/go-humanize"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ErrNoLock is what BreakHolder returns: the etcd store takes no lock.
+var ErrNoLock = errors.New("the etcd state store holds no lock")
+
+// Checks reports on the cluster: each endpoint's status, the leader, the
+// alarms (NOSPACE), the database size against its quota, and commit
+// records left behind. It changes nothing.
+func (s *Store) Checks(ctx context.Context) []state.Check {
+	var out []state.Check
+	add := func(name, status, format string, args ...any) {
+		out = append(out, state.Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
+	}
+	leaders := map[uint64]bool{}
+	var reachable int
+	for _, ep := range s.cli.Endpoints() {
+		rctx, cancel := s.rctx(ctx)
+		st, err := s.cli.Status(rctx, ep)
+		cancel()
+		name := "etcd " + ep
+		if err != nil {
+			add(name, "fail", "no status: %v", s.fail(ctx, "status of "+ep, err))
+			continue
+		}
+		reachable++
+		if st.Leader != 0 {
+			leaders[st.Leader] = true
+		}
+		detail := fmt.Sprintf("version %s, member %x, raft term %d, applied index %d", st.Version, st.Header.MemberId, st.RaftTerm, st.RaftAppliedIndex)
+		status := "ok"
+		if len(st.Errors) > 0 {
+			status, detail = "fail", detail+"; errors: "+strings.Join(st.Errors, "; ")
+		}
+		if st.Leader == 0 {
+			status, detail = "fail", detail+"; no leader"
+		}
+		add(name, status, "%s", detail)
+		if st.DbSizeQuota > 0 {
+			pct := 100 * float64(st.DbSize) / float64(st.DbSizeQuota)
+			status := "ok"
+			if pct >= 80 {
+				status = "warn"
+			}
+			add(name+" database", status, "%s of a %s quota (%.0f%%; %s in use: compaction and defragmentation give back the rest)",
+				humanize.IBytes(uint64(st.DbSize)), humanize.IBytes(uint64(st.DbSizeQuota)), pct, humanize.IBytes(uint64(st.DbSizeInUse)))
+		}
+	}
+	switch {
+	case reachable == 0:
+		add("etcd leader", "fail", "no endpoint answered")
+	case len(leaders) == 1:
+		for id := range leaders {
+			add("etcd leader", "ok", "member %x%s", id, s.memberName(ctx, id))
+		}
+	case len(leaders) == 0:
+		add("etcd leader", "fail", "no member knows a leader: the cluster has no quorum")
+	default:
+		add("etcd leader", "warn", "members disagree on the leader (an election is under way?)")
+	}
+	rctx, cancel := s.rctx(ctx)
+	alarms, err := s.cli.AlarmList(rctx)
+	cancel()
+	switch {
+	case err != nil:
+		add("etcd alarms", "fail", "%v", s.fail(ctx, "alarm list", err))
+	case len(alarms.Alarms) == 0:
+		add("etcd alarms", "ok", "none")
+	default:
+		var list []string
+		for _, a := range alarms.Alarms {
+			what := a.Alarm.String()
+			if a.Alarm == etcdserverpb.AlarmType_NOSPACE {
+				what += " (the database reached its quota: writes fail until it is compacted, defragmented and the alarm disarmed)"
+			}
+			list = append(list, fmt.Sprintf("member %x: %s", a.MemberID, what))
+		}
+		add("etcd alarms", "fail", "%s", strings.Join(list, "; "))
+	}
+	rctx, cancel = s.rctx(ctx)
+	n, err := s.cli.Get(rctx, s.l.noncePrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	cancel()
+	if err == nil {
+		add("etcd commit records", "ok", "%d under %s (each expires 10 minutes after its commit)", n.Count, s.l.noncePrefix())
+	}
+	return out
+}
+
+func (s *Store) memberName(ctx context.Context, id uint64) string {
+	rctx, cancel := s.rctx(ctx)
+	defer cancel()
+	ml, err := s.cli.MemberList(rctx)
+	if err != nil {
+		return ""
+	}
+	for _, m := range ml.Members {
+		if m.ID == id {
+			return fmt.Sprintf(" (%s, %s)", m.Name, strings.Join(m.ClientURLs, ","))
+		}
+	}
+	return ""
+}
+
+// Holder returns "": commits are compare-and-swap transactions, and no
+// lock is held between them.
+func (s *Store) Holder() string { return "" }
+
+// BreakHolder returns ErrNoLock: there is no lock to break.
+func (s *Store) BreakHolder(string) error {
+	return fmt.Errorf("%s: %w: commits are compare-and-swap transactions, so there is nothing to break", s, ErrNoLock)
+}
+
+var _ state.Inspector = (*Store)(nil)

@@ -1,0 +1,500 @@
+package etcdstore
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore/etcdtest"
+	"github.com/depcache/depcache/state/rigtest"
+	"github.com/depcache/depcache/state/storetest"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// open opens a store on endpoints under prefix, closed by t's cleanup.
+func open(t testing.TB, endpoints []string, prefix string, mod ...func(*Options)) *Store {
+	t.Helper()
+	opts := Options{Endpoints: endpoints, Prefix: prefix}
+	for _, m := range mod {
+		m(&opts)
+	}
+	s, err := Open(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func runID() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// conformance runs storetest on endpoints, each name under a prefix of
+// its own below base.
+func conformance(t *testing.T, endpoints []string, base string) {
+	var mu sync.Mutex
+	prefixes := map[string]string{}
+	storetest.Run(t, func(t *testing.T, name string) state.Backend {
+		mu.Lock()
+		p, ok := prefixes[t.Name()+"/"+name]
+		if !ok {
+			p = fmt.Sprintf("%s/%d", base, len(prefixes))
+			prefixes[t.Name()+"/"+name] = p
+		}
+		mu.Unlock()
+		return open(t, endpoints, p)
+	})
+}
+
+// TestConformanceEmbedded runs the Backend conformance suite on a real
+// etcd member embedded in the test process.
+func TestConformanceEmbedded(t *testing.T) {
+	m := etcdtest.Start(t)
+	conformance(t, []string{m.Endpoint}, "/conformance")
+}
+
+// TestConformanceRig runs it on the 3-member cluster of the etcd rig.
+func TestConformanceRig(t *testing.T) {
+	eps := rigtest.Etcd(t)
+	base := "/depcache-test/" + runID()
+	t.Cleanup(func() { deletePrefix(t, eps, base) })
+	conformance(t, eps, base)
+}
+
+func deletePrefix(t testing.TB, eps []string, p string) {
+	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second})
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := cli.Delete(ctx, p+"/", clientv3.WithPrefix()); err != nil {
+		t.Log(err)
+	}
+}
+
+func testKey(i int) state.Key {
+	return state.Key{Kind: state.Bundle, Source: fmt.Sprintf("https://example.com/etcdstore/%d", i)}
+}
+
+func testEntry(i int) *state.Entry {
+	return &state.Entry{Key: testKey(i), Stage: state.Downloading, Generation: uint64(i + 1),
+		Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+}
+
+func put(t testing.TB, s state.Backend, es ...*state.Entry) {
+	t.Helper()
+	err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		for _, e := range es {
+			st.Put(e)
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func keys(t testing.TB, cli *clientv3.Client, prefix string) map[string]string {
+	t.Helper()
+	resp, err := cli.Get(context.Background(), prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, kv := range resp.Kvs {
+		out[strings.TrimPrefix(string(kv.Key), prefix)] = string(kv.Value)
+	}
+	return out
+}
+
+func TestParseURL(t *testing.T) {
+	good := []struct {
+		in     string
+		eps    []string
+		prefix string
+	}{
+		{"etcd://127.0.0.1:2379/depcache", []string{"127.0.0.1:2379"}, "/depcache"},
+		{"etcd://a:1,b:2,[::1]:3/team/ci/", []string{"a:1", "b:2", "[::1]:3"}, "/team/ci"},
+	}
+	for _, g := range good {
+		eps, p, err := ParseURL(g.in)
+		if err != nil || strings.Join(eps, " ") != strings.Join(g.eps, " ") || p != g.prefix {
+			t.Errorf("ParseURL(%q) = %v %q %v", g.in, eps, p, err)
+		}
+	}
+	for _, in := range []string{"http://a:1/p", "etcd://a:1", "etcd://a:1/", "etcd:///p", "etcd://a/p", "etcd://a:0/p",
+		"etcd://a:1,/p", "etcd://a:1/p//q", "etcd://a:1/p/../q", "etcd://a:1/p\x00", "etcd://a:x/p"} {
+		if _, _, err := ParseURL(in); !errors.Is(err, ErrBadURL) {
+			t.Errorf("ParseURL(%q): %v, want ErrBadURL", in, err)
+		}
+	}
+}
+
+// TestLayout checks the keys a commit writes: dependents named by the hex
+// of their names, whatever the names hold.
+func TestLayout(t *testing.T) {
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/layout")
+	e := testEntry(1)
+	names := []string{"job/1", "../../x", "名前", "a\x00b"}
+	e.Dependents = map[string]state.Dependent{}
+	for _, n := range names {
+		e.Dependents[n] = state.Dependent{Since: e.Created}
+	}
+	put(t, s, e)
+	got := keys(t, s.Client(), "/layout")
+	id := testKey(1).ID()
+	want := []string{"/format", "/g", "/e/" + id, "/root-id"}
+	for _, n := range names {
+		want = append(want, "/d/"+id+"/"+hex.EncodeToString([]byte(n)))
+	}
+	for _, k := range want[:3] {
+		if _, ok := got[k]; !ok {
+			t.Errorf("no key %s in %v", k, got)
+		}
+	}
+	for _, k := range want[4:] {
+		if _, ok := got[k]; !ok {
+			t.Errorf("no dependent key %s", k)
+		}
+	}
+	if _, ok := got[want[3]]; ok {
+		t.Error("a store without a root wrote a root ID")
+	}
+	if strings.Contains(got["/e/"+id], "dependents") {
+		t.Errorf("the entry's value holds its dependents: %s", got["/e/"+id])
+	}
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Get(testKey(1)).Equal(e) {
+		t.Errorf("read back %+v, want %+v", st.Get(testKey(1)), e)
+	}
+	// Releasing every dependent and then the entry leaves no keys of it.
+	err = s.UpdateEntries(context.Background(), []string{id}, func(tx *state.Txn) (bool, error) {
+		tx.Delete(testKey(1))
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range keys(t, s.Client(), "/layout") {
+		if strings.Contains(k, id) {
+			t.Errorf("key %s left after the entry was deleted", k)
+		}
+	}
+}
+
+// TestCommitsConflictOnlyOnWhatTheyRead: an UpdateEntries commit is not
+// refused by a commit on another entry, but is by one on its own; a
+// whole-state commit is refused by any change, a removal included.
+func TestCommitsConflictOnlyOnWhatTheyRead(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	a := open(t, []string{m.Endpoint}, "/conflicts")
+	b := open(t, []string{m.Endpoint}, "/conflicts")
+	put(t, a, testEntry(1), testEntry(2), testEntry(3))
+	bump := func(s *Store, i int) {
+		t.Helper()
+		err := s.UpdateEntries(ctx, []string{testKey(i).ID()}, func(tx *state.Txn) (bool, error) {
+			c := tx.Get(testKey(i)).Clone()
+			c.Progress.Heartbeat++
+			tx.Put(c)
+			return true, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// commitAfter reads as read does, lets other run, then tries to commit
+	// a heartbeat bump of entry i on what it read.
+	commitAfter := func(read func(context.Context) (*snapshot, error), i int, other func()) bool {
+		t.Helper()
+		sn, err := read(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, orig, err := a.decode(sn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := st.Get(testKey(i)).Clone()
+		c.Progress.Heartbeat += 100
+		st.Put(c)
+		other()
+		ok, err := a.commit(ctx, sn, st, orig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	entries := func(i int) func(context.Context) (*snapshot, error) {
+		return func(ctx context.Context) (*snapshot, error) { return a.readEntries(ctx, []string{testKey(i).ID()}) }
+	}
+	if !commitAfter(entries(1), 1, func() { bump(b, 2) }) {
+		t.Error("an UpdateEntries commit on entry 1 was refused after a commit on entry 2")
+	}
+	if commitAfter(entries(1), 1, func() { bump(b, 1) }) {
+		t.Error("an UpdateEntries commit on entry 1 applied over another commit on entry 1")
+	}
+	if commitAfter(a.readWhole, 1, func() { bump(b, 3) }) {
+		t.Error("a whole-state commit applied over a commit on another entry")
+	}
+	if commitAfter(a.readWhole, 1, func() {
+		if err := b.UpdateEntries(ctx, []string{testKey(3).ID()}, func(tx *state.Txn) (bool, error) {
+			tx.Delete(testKey(3))
+			return true, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}) {
+		t.Error("a whole-state commit applied over the removal of an entry it read")
+	}
+	// Dependents: a release on one dependent conflicts with a release
+	// of another dependent of the same entry (both may decide the entry
+	// has no dependent left).
+	withDeps := testEntry(4)
+	withDeps.Dependents = map[string]state.Dependent{"x": {}, "y": {}}
+	put(t, a, withDeps)
+	sn, err := a.readEntries(ctx, []string{testKey(4).ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, orig, _ := a.decode(sn)
+	c := st.Get(testKey(4)).Clone()
+	delete(c.Dependents, "x")
+	st.Put(c)
+	if err := b.UpdateEntries(ctx, []string{testKey(4).ID()}, func(tx *state.Txn) (bool, error) {
+		c := tx.Get(testKey(4)).Clone()
+		delete(c.Dependents, "y")
+		tx.Put(c)
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := a.commit(ctx, sn, st, orig); ok || err != nil {
+		t.Errorf("a release of x applied over a release of y it did not see: %v, %v", ok, err)
+	}
+}
+
+// TestTooBig: a commit beyond one transaction's limits is refused whole.
+func TestTooBig(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/toobig")
+	put(t, s, testEntry(0))
+	err := s.Update(ctx, func(st *state.State) (bool, error) {
+		for i := range 200 {
+			st.Put(testEntry(i + 1))
+		}
+		return true, nil
+	})
+	if !errors.Is(err, ErrTooBig) {
+		t.Errorf("200 new entries in one commit: %v, want ErrTooBig", err)
+	}
+	err = s.UpdateEntries(ctx, []string{testKey(0).ID()}, func(tx *state.Txn) (bool, error) {
+		c := tx.Get(testKey(0)).Clone()
+		c.Message = strings.Repeat("x", 2<<20)
+		tx.Put(c)
+		return true, nil
+	})
+	if !errors.Is(err, ErrTooBig) {
+		t.Errorf("a 2 MiB entry: %v, want ErrTooBig", err)
+	}
+	st, err := s.View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Entries) != 1 || st.Get(testKey(0)).Message != "" {
+		t.Errorf("a refused commit wrote: %d entries", len(st.Entries))
+	}
+}
+
+// TestSettle: a commit record read back says whether its commit applied,
+// and one that did not can never apply afterwards.
+func TestSettle(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/settle")
+	sn, err := s.readEntries(ctx, []string{testKey(1).ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, orig, _ := s.decode(sn)
+	st.Put(testEntry(1))
+	tx, err := s.plan(ctx, sn, st, orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The answer to tx is "lost": settle before sending it.
+	if ok, err := s.settleNonce(ctx, tx.nonce); ok || err != nil {
+		t.Fatalf("settling a commit never sent: %v, %v", ok, err)
+	}
+	if ok, err := s.send(ctx, tx); ok || err != nil {
+		t.Errorf("a commit settled as not applied applied later: %v, %v", ok, err)
+	}
+	if st, _ := s.View(ctx); len(st.Entries) != 0 {
+		t.Errorf("the fenced commit wrote %d entries", len(st.Entries))
+	}
+	// A commit that applied settles as applied.
+	tx, err = s.plan(ctx, sn, st, orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.send(ctx, tx); !ok || err != nil {
+		t.Fatalf("commit: %v, %v", ok, err)
+	}
+	if ok, err := s.settleNonce(ctx, tx.nonce); !ok || err != nil {
+		t.Errorf("settling a commit that applied: %v, %v", ok, err)
+	}
+	// Commit records vanish by themselves: they are on a lease.
+	resp, err := s.Client().Get(ctx, s.l.noncePrefix(), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range resp.Kvs {
+		if kv.Lease == 0 {
+			t.Errorf("commit record %s is on no lease", kv.Key)
+		}
+	}
+	if len(resp.Kvs) != 2 {
+		t.Errorf("%d commit records, want 2 (one aborted, one committed)", len(resp.Kvs))
+	}
+}
+
+// TestCorrupt: a value that does not parse is an error naming its key,
+// the callback is not called and nothing is deleted; Reset replaces it.
+func TestCorrupt(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/corrupt")
+	put(t, s, testEntry(1), testEntry(2))
+	bad := s.l.entry(testKey(2).ID())
+	if _, err := s.Client().Put(ctx, bad, `{"key":`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx); !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), bad) {
+		t.Errorf("View of a corrupt entry: %v", err)
+	}
+	called := false
+	if err := s.Update(ctx, func(*state.State) (bool, error) { called = true; return true, nil }); !errors.Is(err, state.ErrCorrupt) || called {
+		t.Errorf("Update on a corrupt state: %v, called %v", err, called)
+	}
+	if got := keys(t, s.Client(), "/corrupt"); got["/e/"+testKey(2).ID()] != `{"key":` || len(got) < 4 {
+		t.Errorf("keys after refusing a corrupt state: %v", got)
+	}
+	rep, err := s.Reset(ctx, func(st, last *state.State) error {
+		if last != nil {
+			t.Error("Reset handed over a state that does not parse")
+		}
+		st.Put(testEntry(3))
+		return nil
+	})
+	if err != nil || !errors.Is(rep.UnreadableErr, state.ErrCorrupt) {
+		t.Fatalf("Reset: %v, unreadable %v", err, rep.UnreadableErr)
+	}
+	st, err := s.View(ctx)
+	if err != nil || len(st.Entries) != 1 || st.Get(testKey(3)) == nil || st.MaxGeneration < 3 {
+		t.Errorf("after Reset: %v, %+v", err, st)
+	}
+	// A newer layout is refused by name, at Open already.
+	if _, err := s.Client().Put(ctx, s.l.format(), `{"version":99}`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx); !errors.Is(err, state.ErrUnsupportedVersion) {
+		t.Errorf("View of a newer layout: %v", err)
+	}
+	if _, err := Open(ctx, Options{Endpoints: []string{m.Endpoint}, Prefix: "/corrupt"}); !errors.Is(err, state.ErrUnsupportedVersion) {
+		t.Errorf("Open of a newer layout: %v", err)
+	}
+}
+
+// TestRootID: the first commit binds the prefix to its root; another root
+// is refused, naming both IDs.
+func TestRootID(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	eps := []string{m.Endpoint}
+	rootA, rootB := filepath.Join(t.TempDir(), "a"), t.TempDir()
+	a := open(t, eps, "/bound", func(o *Options) { o.Root = rootA })
+	put(t, a, testEntry(1))
+	b, err := os.ReadFile(filepath.Join(rootA, RootIDFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	idA := strings.TrimSpace(string(b))
+	if got := keys(t, a.Client(), "/bound")["/root-id"]; got != idA {
+		t.Fatalf("prefix root ID %q, root's %q", got, idA)
+	}
+	// The same root opens again; another one does not.
+	open(t, eps, "/bound", func(o *Options) { o.Root = rootA })
+	_, err = Open(ctx, Options{Endpoints: eps, Prefix: "/bound", Root: rootB})
+	if !errors.Is(err, ErrRootMismatch) || !strings.Contains(err.Error(), idA) || !strings.Contains(err.Error(), rootB) {
+		t.Errorf("a root without an ID on a bound prefix: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(rootB, RootIDFile), []byte(strings.Repeat("b", 32)+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(ctx, Options{Endpoints: eps, Prefix: "/bound", Root: rootB})
+	if !errors.Is(err, ErrRootMismatch) || !strings.Contains(err.Error(), idA) || !strings.Contains(err.Error(), strings.Repeat("b", 32)) {
+		t.Errorf("a root with another ID: %v", err)
+	}
+	// Two roots racing to bind one new prefix: one wins, the other's
+	// commit is refused.
+	c := open(t, eps, "/race", func(o *Options) { o.Root = rootA })
+	d := open(t, eps, "/race", func(o *Options) { o.Root = rootB })
+	put(t, c, testEntry(1))
+	if err := d.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrRootMismatch) {
+		t.Errorf("a commit from another root on a prefix bound meanwhile: %v", err)
+	}
+}
+
+// TestUnreachable: no cluster answers: Open fails within its dial
+// timeout, naming the endpoint, and the error is not the caller's deadline.
+func TestUnreachable(t *testing.T) {
+	start := time.Now()
+	_, err := Open(context.Background(), Options{Endpoints: []string{"127.0.0.1:1"}, Prefix: "/x", DialTimeout: 300 * time.Millisecond})
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Errorf("Open of an unreachable endpoint: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Open took %s with a 300ms dial timeout", d)
+	}
+}
+
+// TestChecks: doctor's checks on a live member, and no lock to break.
+func TestChecks(t *testing.T) {
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/checks")
+	var names []string
+	for _, c := range s.Checks(context.Background()) {
+		names = append(names, c.Name)
+		if c.Status != "ok" {
+			t.Errorf("check %s: %s: %s", c.Name, c.Status, c.Detail)
+		}
+	}
+	for _, want := range []string{"etcd " + m.Endpoint, "etcd " + m.Endpoint + " database", "etcd leader", "etcd alarms"} {
+		if !strings.Contains(strings.Join(names, "|"), want) {
+			t.Errorf("no check %q in %v", want, names)
+		}
+	}
+	if s.Holder() != "" || !errors.Is(s.BreakHolder("x"), ErrNoLock) {
+		t.Error("the etcd store claims a lock")
+	}
+}

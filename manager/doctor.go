@@ -531,8 +531,9 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 	}
 	var orphans []string
 	if ents, err := os.ReadDir(filepath.Join(root, entriesDir)); err == nil {
+		publishing := namedOrPublishing(st)
 		for _, d := range ents {
-			if !named[d.Name()] {
+			if !named[d.Name()] && !publishing[d.Name()] {
 				orphans = append(orphans, d.Name())
 			}
 		}

@@ -87,12 +87,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				changed = true
 			}
 		}
-		named := namedDirs(st)
-		for _, e := range st.Entries {
-			if e.Stage == state.Downloading && e.Owner != nil {
-				named[stagingName(e.Key, e.Generation)] = true
-			}
-		}
+		named := namedOrPublishing(st)
 		for _, d := range ents {
 			if !named[d.Name()] {
 				orphans = append(orphans, filepath.Join(entriesDir, d.Name()))
@@ -151,4 +146,19 @@ func (m *Manager) removeDeadStaging() {
 // starting the loop, for one-shot commands such as gc.
 func (m *Manager) Settle(ctx context.Context) error {
 	return m.reconcile(ctx)
+}
+
+// namedOrPublishing returns the names of the entry directories that st
+// names, and those of the generations still DOWNLOADING under an owner: a
+// publisher renames its directory into entries/ before the commit that
+// names it, so until its generation is superseded the directory is not an
+// orphan.
+func namedOrPublishing(st *state.State) map[string]bool {
+	named := namedDirs(st)
+	for _, e := range st.Entries {
+		if e.Stage == state.Downloading && e.Owner != nil {
+			named[stagingName(e.Key, e.Generation)] = true
+		}
+	}
+	return named
 }

@@ -434,30 +434,40 @@ func (m *Manager) emptyTrash() {
 // machine only: elsewhere death is not provable) is adopted into ours, to
 // be deleted. A planted symlink in trash/ is never followed.
 func (m *Manager) settleTrash(ctx context.Context) error {
-	st, err := m.store.View(ctx)
-	if err != nil {
-		return err
-	}
 	m.trashMu.RLock()
 	defer m.trashMu.RUnlock()
-	m.settleTrashAgainst(st)
-	return nil
-}
-
-func (m *Manager) settleTrashAgainst(st *state.State) {
 	root := filepath.Join(m.Root(), trashDir)
 	dirs, err := os.ReadDir(root)
 	if err != nil {
-		return
+		return nil
 	}
-	named := namedDirs(st)
+	// Listed first, judged against a state read after: content a sweep
+	// moved into trash after its commit is named by no state read after
+	// the move, so it is never taken for content to put back.
+	listed := map[string][]os.DirEntry{}
 	for _, d := range dirs {
 		if !d.IsDir() {
 			continue // a symlink or a file planted in trash/ leads outside the root: never followed
 		}
+		listed[d.Name()], _ = os.ReadDir(filepath.Join(root, d.Name()))
+	}
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return err
+	}
+	m.settleTrashAgainst(st, dirs, listed)
+	return nil
+}
+
+func (m *Manager) settleTrashAgainst(st *state.State, dirs []os.DirEntry, listed map[string][]os.DirEntry) {
+	root := filepath.Join(m.Root(), trashDir)
+	named := namedDirs(st)
+	for _, d := range dirs {
+		if !d.IsDir() {
+			continue
+		}
 		dir := filepath.Join(root, d.Name())
-		items, _ := os.ReadDir(dir)
-		for _, it := range items {
+		for _, it := range listed[d.Name()] {
 			// Our own trash too: a move whose commit and undo both failed.
 			if named[it.Name()] {
 				m.perms.MkdirAll(filepath.Join(m.Root(), entriesDir))
@@ -485,7 +495,7 @@ func (m *Manager) settleTrashAgainst(st *state.State) {
 		if err != nil {
 			return
 		}
-		items, _ = os.ReadDir(dir)
+		items, _ := os.ReadDir(dir)
 		left := false
 		for _, it := range items {
 			switch {

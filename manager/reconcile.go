@@ -102,7 +102,10 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
 	}
 	for _, o := range orphans {
-		m.log.WithField("dir", filepath.Base(o)).Warn("moving aside published content that no entry names")
+		// Not a problem, and common: an eviction commits before it moves
+		// its content (another process's may be between the two), and a
+		// crash between them leaves exactly this.
+		m.log.WithField("dir", filepath.Base(o)).Info("moving aside published content that no entry names")
 	}
 	m.moveToTrash(orphans, "an orphaned")
 	m.removeDeadStaging()

@@ -239,7 +239,7 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	fmt.Fprintf(os.Stderr, "  commands: %v; source requests %d, faults injected %v\n", res.Ops, reqs, injected)
 	fmt.Fprintf(os.Stderr, "  serve at start/middle/end: RSS %.1f / %.1f / %.1f MB, open files %d / %d / %d, goroutines %d / %d / %d, threads %d / %d / %d\n",
 		mb(first.RSSKB), mb(mid.RSSKB), mb(last.RSSKB), first.FDs, mid.FDs, last.FDs, first.Goroutines, mid.Goroutines, last.Goroutines, first.Threads, mid.Threads, last.Threads)
-	fmt.Fprintf(os.Stderr, "  growth from %s to the end (window medians): RSS %.1f → %.1f MB (%+.1f %%), open files %d → %d, goroutines %d → %d\n",
+	fmt.Fprintf(os.Stderr, "  growth from %s to the end (first window's highest RSS and median counts, last window's medians): RSS %.1f → %.1f MB (%+.1f %%), open files %d → %d, goroutines %d → %d\n",
 		g.From.Round(time.Second), mb(g.EarlyRSSKB), mb(g.LateRSSKB), g.RSSPercent, g.EarlyFDs, g.LateFDs, g.EarlyGor, g.LateGor)
 	printTally("failed gets caused by faults", faultMsgs)
 	printTally("expected warnings (injected fetch failures)", expected)

@@ -208,8 +208,9 @@ var defaultGrowthLimits = growthLimits{RSSPercent: 5, FDSlack: 5, GoroutineSlack
 	SteadyAfter: 5 * time.Minute, SteadyFraction: 0.25, WindowFraction: 0.2, MinWindowPoints: 1}
 
 // growth is the comparison of the first window of the steady part with
-// the last one (medians, so that one sample taken during a burst of
-// downloads does not decide).
+// the last one: the last window's medians, so that one sample taken during
+// a burst of downloads does not decide, against the first window's median
+// (open files, goroutines) or highest reading (RSS).
 type growth struct {
 	From, To              time.Duration // start of the steady part, end of the run
 	EarlyRSSKB, LateRSSKB int64
@@ -244,7 +245,11 @@ func checkGrowth(samples []sample, dur time.Duration, lim growthLimits) (growth,
 	if len(early) == 0 || len(late) == 0 {
 		return g, []string{"growth: no samples of serve"}
 	}
-	g.EarlyRSSKB, g.LateRSSKB = median(early, func(s sample) int64 { return s.RSSKB }), median(late, func(s sample) int64 { return s.RSSKB })
+	// RSS: the end against the highest reading of the first window. A
+	// Go heap's RSS steps up and down with its collections for a while
+	// after the warm-up; a leak still shows as the end rising above all of
+	// them.
+	g.EarlyRSSKB, g.LateRSSKB = maxOf(early, func(s sample) int64 { return s.RSSKB }), median(late, func(s sample) int64 { return s.RSSKB })
 	g.EarlyFDs, g.LateFDs = int(median(early, func(s sample) int64 { return int64(s.FDs) })), int(median(late, func(s sample) int64 { return int64(s.FDs) }))
 	g.EarlyGor, g.LateGor = int(median(early, func(s sample) int64 { return int64(s.Goroutines) })), int(median(late, func(s sample) int64 { return int64(s.Goroutines) }))
 	if g.EarlyRSSKB > 0 {
@@ -275,6 +280,14 @@ func nearest(samples []sample, at time.Duration) []sample {
 		}
 	}
 	return []sample{best}
+}
+
+func maxOf(ss []sample, f func(sample) int64) int64 {
+	m := f(ss[0])
+	for _, s := range ss[1:] {
+		m = max(m, f(s))
+	}
+	return m
 }
 
 func median(ss []sample, f func(sample) int64) int64 {

@@ -191,11 +191,11 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	for _, g := range res.FailedGets {
 		if causedByFault(g, so.faults, log) {
 			byFault++
-			faultMsgs[g.Op+": "+firstLine(g.Msg)]++
+			faultMsgs[g.Op+": "+lastLine(g.Msg)]++
 			continue
 		}
 		other++
-		otherMsgs[fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, firstLine(g.Msg))]++
+		otherMsgs[fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, lastLine(g.Msg))]++
 	}
 	for _, m := range otherMsgs.top() {
 		problems = append(problems, "failed get not caused by a fault: "+m)
@@ -277,9 +277,11 @@ func sum(t tally) int {
 
 func mb(kb int64) float64 { return float64(kb) / 1024 }
 
-func firstLine(s string) string {
-	s, _, _ = strings.Cut(strings.TrimSpace(s), "\n")
-	return shorten(s)
+// lastLine is the last line of a failed command's stderr: the error it
+// exited with, after any progress lines.
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	return shorten(s[strings.LastIndexByte(s, '\n')+1:])
 }
 
 // makeSoakSources writes n sources of 25-220 KB of random bytes into

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -131,7 +132,7 @@ func (w *soakWorker) depcache(op string, args ...string) (stdout string, code in
 	}
 	if code == 0 {
 		for _, l := range rest {
-			w.res.Other[op+": "+shorten(l)]++
+			w.res.Other[op+": "+digits.ReplaceAllString(shorten(l), "N")]++
 		}
 	}
 	return strings.TrimSpace(out.String()), code, rest
@@ -247,6 +248,9 @@ func sameFile(got, want string) error {
 	}
 	return nil
 }
+
+// digits: progress lines differ only in their figures.
+var digits = regexp.MustCompile(`[0-9]+(\.[0-9]+)?`)
 
 func shorten(s string) string {
 	s = strings.TrimSpace(s)

@@ -80,7 +80,12 @@ func main() {
 	flag.BoolVar(&o.soak.faults, "faults", false, "soak: the source server sometimes stalls, resets the connection or answers 500")
 	flag.StringVar(&o.soak.bin, "depcache", "", "soak: the depcache binary to run (default: built from this module)")
 	flag.IntVar(&o.soak.sources, "sources", 40, "soak: number of sources (25-220 KB, a third tar.gz)")
+	hostRoots := flag.String("host-roots", "", "soak: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on the first")
+	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
 	flag.Parse()
+	if *hostRoots != "" {
+		o.soak.hostRoots = strings.Split(*hostRoots, ",")
+	}
 	durationGiven := false
 	flag.Visit(func(f *flag.Flag) { durationGiven = durationGiven || f.Name == "duration" })
 	if *worker != "" {

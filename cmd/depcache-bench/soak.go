@@ -39,6 +39,11 @@ type soakOptions struct {
 	faults   bool
 	bin      string // the depcache binary; built when empty
 	sources  int
+	// hostRoots are the cache root as each host reaches it (one sshfs
+	// mount each); serve runs on the first. fakehost, when set, is
+	// ../shared/rigs/fakehost.sh: worker i runs in fake host i%len.
+	hostRoots []string
+	fakehost  string
 }
 
 // soakFlags are the loop flags of every get, run and serve of the soak: a
@@ -59,6 +64,9 @@ const (
 func runSoak(r *report, o options, so soakOptions) (problems []string) {
 	dir := filepath.Join(o.root, "soak")
 	root := filepath.Join(dir, "root")
+	if len(so.hostRoots) > 0 {
+		root = so.hostRoots[0]
+	}
 	for _, d := range []string{dir, filepath.Join(dir, "src"), filepath.Join(dir, "want")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			fatalf("%v", err)
@@ -105,9 +113,16 @@ func runSoak(r *report, o options, so soakOptions) (problems []string) {
 	}
 	ws := make([]*worker, so.workers)
 	for i := range ws {
-		cfg := soakWorkerConfig{ID: i, Bin: bin, Root: root, Deadline: deadline, Sources: sources, LoopFlags: loopFlags, Seed: uint64(start.UnixNano())}
+		wroot, argv := root, []string{os.Args[0], "--worker", "soak"}
+		if n := len(so.hostRoots); n > 0 {
+			wroot = so.hostRoots[i%n]
+			if so.fakehost != "" {
+				argv = append([]string{so.fakehost, fmt.Sprintf("soak-host%d", i%n)}, argv...)
+			}
+		}
+		cfg := soakWorkerConfig{ID: i, Bin: bin, Root: wroot, Deadline: deadline, Sources: sources, LoopFlags: loopFlags, Seed: uint64(start.UnixNano())}
 		b, _ := json.Marshal(cfg)
-		w := &worker{cmd: exec.Command(os.Args[0], "--worker", "soak", string(b)), stderr: newStderrLog(fmt.Sprintf("worker %d", i))}
+		w := &worker{cmd: exec.Command(argv[0], append(argv[1:], string(b))...), stderr: newStderrLog(fmt.Sprintf("worker %d", i))}
 		w.cmd.Stdout, w.cmd.Stderr = &w.out, w.stderr
 		if err := w.cmd.Start(); err != nil {
 			fatalf("starting worker: %v", err)

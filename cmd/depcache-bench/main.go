@@ -8,7 +8,11 @@
 //   - cold fan-in: P processes get one cold bundle of S MB served on
 //     loopback, wall time until all are READY and downloads counted at the
 //     server, against one `curl -s URL | tar -xz`;
-//   - fetch throughput of one large bundle against `curl | tar`.
+//   - fetch throughput of one large bundle against `curl | tar`;
+//   - the soak (--run soak, not run by default; see soak.go): a serve and
+//     --workers worker processes under churn for --duration, which fails
+//     on a content mismatch, a failed get not caused by --faults, a false
+//     warning or growth of serve's RSS, open files or goroutines.
 //
 // It prints a table and, with --json, one JSON object per line. Workers are
 // this binary re-run with --worker.
@@ -53,6 +57,7 @@ type options struct {
 	fetchMB    int
 	jsonOut    bool
 	run        map[string]bool
+	soak       soakOptions
 }
 
 func main() {
@@ -71,9 +76,29 @@ func main() {
 	flag.BoolVar(&o.jsonOut, "json", false, "also print one JSON line per result")
 	run := flag.String("run", "getrelease,rss,fanin,fetch", "measurements to run, separated by commas")
 	flag.BoolVar(&short, "short", false, "a few seconds in all, for CI: small sizes, short runs")
+	flag.IntVar(&o.soak.workers, "workers", 4, "soak: worker processes")
+	flag.BoolVar(&o.soak.faults, "faults", false, "soak: the source server sometimes stalls, resets the connection or answers 500")
+	flag.StringVar(&o.soak.bin, "depcache", "", "soak: the depcache binary to run (default: built from this module)")
+	flag.IntVar(&o.soak.sources, "sources", 40, "soak: number of sources (25-220 KB, a third tar.gz)")
+	hostRoots := flag.String("host-roots", "", "soak: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on the first")
+	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
 	flag.Parse()
+	if *hostRoots != "" {
+		o.soak.hostRoots = strings.Split(*hostRoots, ",")
+	}
+	durationGiven := false
+	flag.Visit(func(f *flag.Flag) { durationGiven = durationGiven || f.Name == "duration" })
 	if *worker != "" {
 		os.Exit(runWorker(*worker, flag.Args()))
+	}
+	// The soak's duration: --duration when given, else 30 s with --short
+	// and 10 minutes without.
+	o.soak.duration = o.duration
+	if !durationGiven {
+		o.soak.duration = 10 * time.Minute
+		if short {
+			o.soak.duration = 30 * time.Second
+		}
 	}
 	if short {
 		entries, o.duration, o.procs, o.faninProcs, o.faninMB, o.fetchMB = "100,1000", 500*time.Millisecond, 4, 4, 8, 16
@@ -85,6 +110,9 @@ func main() {
 		}
 		o.entries = append(o.entries, n)
 	}
+	if o.soak.workers < 1 || o.soak.sources < 1 {
+		fatalf("--workers and --sources must be positive")
+	}
 	if o.procs < 1 || o.goroutines < 1 || o.faninProcs < 1 || o.faninMB < 1 || o.fetchMB < 1 || o.duration <= 0 {
 		fatalf("--procs, --goroutines, --fanin-procs, --fanin-mb, --fetch-mb and --duration must be positive")
 	}
@@ -94,15 +122,15 @@ func main() {
 			fatalf("%v", err)
 		}
 		defer os.RemoveAll(d)
-		o.root = d
+		o.root, tmpRoot = d, d
 	}
 	o.run = map[string]bool{}
 	for _, s := range strings.Split(*run, ",") {
 		switch s = strings.TrimSpace(s); s {
-		case "getrelease", "rss", "fanin", "fetch":
+		case "getrelease", "rss", "fanin", "fetch", "soak":
 			o.run[s] = true
 		default:
-			fatalf("--run %q: unknown measurement %q (want getrelease, rss, fanin, fetch)", *run, s)
+			fatalf("--run %q: unknown measurement %q (want getrelease, rss, fanin, fetch, soak)", *run, s)
 		}
 	}
 	r := &report{json: o.jsonOut}
@@ -120,8 +148,23 @@ func main() {
 	if o.run["fetch"] {
 		benchFetch(r, o)
 	}
+	var problems []string
+	if o.run["soak"] {
+		problems = runSoak(r, o, o.soak)
+	}
 	r.flush()
+	if len(problems) > 0 {
+		fmt.Fprintln(os.Stderr)
+		for _, p := range problems {
+			fmt.Fprintln(os.Stderr, "depcache-bench: soak:", p)
+		}
+		os.RemoveAll(tmpRoot)
+		os.Exit(1)
+	}
 }
+
+// tmpRoot is the temporary --root this run made, removed at the end.
+var tmpRoot string
 
 func fatalf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "depcache-bench: "+format+"\n", args...)
@@ -280,6 +323,8 @@ func runWorker(mode string, args []string) int {
 		return workerGet(args)
 	case "serve":
 		return workerServe(args)
+	case "soak":
+		return workerSoak(args)
 	}
 	fmt.Fprintln(os.Stderr, "unknown worker mode", mode)
 	return 2

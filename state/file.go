@@ -204,8 +204,9 @@ func (s *Store) remember(c *lineCache) {
 
 // rereadDelays space the reads of a state file that does not parse before
 // it is declared corrupt: on sshfs, a read of a file just replaced by a
-// larger one may be cut to the old size until the kernel's attribute cache
-// (1 s there) expires. A healthy file parses at the first read.
+// larger one may be cut to the old size, or one replaced by a smaller one
+// may run on into the old one's cached pages, until the kernel's caches
+// (1 s there) expire. A healthy file parses at the first read.
 var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, time.Second, 1500 * time.Millisecond}
 
 // read returns the parsed state and the raw bytes (nil if no file).
@@ -491,7 +492,9 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	return rep, nil
 }
 
-// looksCut reports whether a decode error is what a read cut short gives.
+// looksCut reports whether a decode error is what a read cut short, or
+// torn between a new file and the old one's cached pages, gives: worth
+// reading again before the file is declared corrupt.
 func looksCut(err error) bool {
-	return errors.Is(err, io.ErrUnexpectedEOF) || strings.Contains(err.Error(), "unexpected end of JSON input")
+	return errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, errTrailing) || strings.Contains(err.Error(), "unexpected end of JSON input")
 }

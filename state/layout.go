@@ -343,10 +343,15 @@ func strictUnmarshal(b []byte, v any) error {
 		return err
 	}
 	if len(bytes.TrimSpace(b[dec.InputOffset():])) > 0 {
-		return errors.New("trailing data after the JSON document")
+		return errTrailing
 	}
 	return nil
 }
+
+// errTrailing is also what a torn read gives: on sshfs, a file replaced by
+// a rename from another mount can read as the new file's start followed by
+// the old one's cached pages, until the kernel's cache (1 s) expires.
+var errTrailing = errors.New("trailing data after the JSON document")
 
 // checkShared reports whether DEPCACHE_CHECK_SHARED=1 turns on the check
 // that no caller modified a shared entry (see State). The tests of state,

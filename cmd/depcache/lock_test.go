@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
 )
 
@@ -322,5 +323,48 @@ func TestLockStoppedHolderLosesLease(t *testing.T) {
 	}
 	if !strings.Contains(aErr.String(), "lost the lease") || !exists(ended) {
 		t.Errorf("A's stderr %q, CMD ended by SIGTERM: %v", aErr.String(), exists(ended))
+	}
+}
+
+// TestLockNameFileTwoMounts: lockers of one NAME on two sshfs mounts,
+// with the name file held open on both (as `locks` or a locker reading it
+// has it), record NAME at once without an error, and the file says NAME.
+// (A rename over the name file failed here with ENOENT: libfuse first
+// renames an open target to a hidden name on the server.)
+func TestLockNameFileTwoMounts(t *testing.T) {
+	mnt1, mnt2 := rigtest.SharedFS(t)
+	sub := fmt.Sprintf("e2e-lockname-%d", time.Now().UnixNano())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	if err := os.Mkdir(filepath.Join(mnt1, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 20 {
+		name := fmt.Sprintf("name-%d", round)
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for i := range 16 {
+			nameFile := filepath.Join([]string{mnt1, mnt2}[i%2], sub, fmt.Sprintf("%d.name", round))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if f, err := os.Open(nameFile); err == nil {
+					defer f.Close()
+				}
+				errs <- recordLockName(nameFile, name, state.DefaultPerms())
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Errorf("round %d: %v", round, err)
+			}
+		}
+		if b, err := os.ReadFile(filepath.Join(mnt2, sub, fmt.Sprintf("%d.name", round))); err != nil || string(b) != name {
+			t.Errorf("round %d: name file %q, %v; want %q", round, b, err, name)
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Join(mnt1, sub, "*.tmp-*")); len(left) != 0 {
+		t.Errorf("temporary files left: %v", left)
 	}
 }

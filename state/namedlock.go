@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -151,28 +152,70 @@ func (s *Lease) guard(f func() error) error {
 	return f()
 }
 
-// Renew changes the lock's content (a renewal counter), atomically by a
-// rename, if the lock is still ours. It returns an error wrapping
-// [ErrLockLost] when the lock was broken; any other error means this
-// renewal did not happen and may be retried.
+// Renew changes the lock's content (a renewal counter), if the lock is
+// still ours. It returns an error wrapping [ErrLockLost] when the lock was
+// broken; any other error means this renewal did not happen and may be
+// retried.
+//
+// The lock is rewritten in place, through a descriptor whose content we
+// checked, never replaced by a rename: on a FUSE filesystem such as sshfs a
+// rename over a file that another process of the same mount has open (a
+// waiter of this host reading the lock) is done as two renames on the
+// server, the old file to a hidden name and then ours to the lock's name,
+// and in between the lock's name does not exist, so a waiter on another
+// mount could link its own file there and hold the lock beside us. In
+// place, the name always exists, and a renewal that comes late, after the
+// lock was broken, lands in the file that was renamed aside, never in the
+// next holder's.
 func (s *Lease) Renew() error {
 	return s.guard(func() error {
-		b, err := os.ReadFile(s.l.path)
+		f, err := os.OpenFile(s.l.path, os.O_RDWR, 0)
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("lock %s vanished: %w", s.l.path, ErrLockLost)
+		}
 		if err != nil {
 			return fmt.Errorf("lock %s: %w", s.l.path, err)
 		}
-		var r renewedHolder
-		if err := json.Unmarshal(b, &r); err != nil || r.Nonce != s.nonce {
-			return fmt.Errorf("lock %s: unreadable while held: %w", s.l.path, ErrLockLost)
+		werr := s.renewIn(f)
+		if err := f.Close(); err != nil && werr == nil { // sshfs reports a failed write at close
+			werr = fmt.Errorf("lock %s: %w", s.l.path, err)
 		}
-		s.renewal++
-		r.Renewal = fmt.Sprintf("%020d", s.renewal)
-		out, err := json.Marshal(r)
-		if err != nil {
-			return err
-		}
-		return s.replace(s.l.path, out)
+		return werr
 	})
+}
+
+// renewIn rewrites the open lock f with the next renewal count, if it
+// holds our nonce.
+func (s *Lease) renewIn(f *os.File) error {
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", s.l.path, err)
+	}
+	var r renewedHolder
+	if err := json.Unmarshal(b, &r); err != nil || r.Nonce != s.nonce {
+		return fmt.Errorf("lock %s: unreadable while held: %w", s.l.path, ErrLockLost)
+	}
+	s.renewal++
+	r.Renewal = fmt.Sprintf("%020d", s.renewal)
+	out, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	// The same size as before from the second renewal on (the counter has
+	// a fixed width), so readers on other mounts see no cut read; the first
+	// renewal adds the field.
+	if _, err := f.WriteAt(out, 0); err != nil {
+		return fmt.Errorf("lock %s: %w", s.l.path, err)
+	}
+	if len(out) < len(b) {
+		if err := f.Truncate(int64(len(out))); err != nil {
+			return fmt.Errorf("lock %s: %w", s.l.path, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("lock %s: %w", s.l.path, err)
+	}
+	return nil
 }
 
 // replace writes data to name atomically: a private temporary file,

@@ -2,14 +2,19 @@ package state_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/rigtest"
 )
 
 // manualClock moves only when the test says, and counts its readings.
@@ -150,5 +155,103 @@ func TestLeaseBreakStale(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Errorf("lock file after the break: %v", err)
+	}
+}
+
+// TestLeaseRenewInPlace: Renew rewrites the lock file itself, never
+// replaces it: a descriptor opened before the renewals reads them, and the
+// file is the same. (A rename over the lock, on sshfs with the lock open on
+// the same mount, leaves the name missing on the server for a moment: see
+// TestLeaseRenewKeepsTheNameOnSharedFS.)
+func TestLeaseRenewInPlace(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.lock")
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 7)}, &tickClock{now: time.Unix(0, 0), step: time.Millisecond}, time.Second)
+	s, err := l.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for range 3 {
+		if err := s.Renew(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Nonce   string `json:"nonce"`
+		Renewal string `json:"renewal"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil || r.Nonce != s.Nonce() || r.Renewal != "00000000000000000003" {
+		t.Errorf("the lock read through a descriptor opened before 3 renewals: %s (%v); want our nonce, renewal 3", b, err)
+	}
+	if after, err := os.Stat(path); err != nil || !os.SameFile(before, after) {
+		t.Errorf("the lock file was replaced by a renewal (%v)", err)
+	}
+	if err := s.Release(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLeaseRenewKeepsTheNameOnSharedFS: on the sshfs rig, with the lock
+// held open on the holder's mount (as by a waiter of the same host), the
+// lock's name never disappears from the server while the holder renews:
+// the export directory, read directly, always has it. A renewal by rename
+// fails this (libfuse hides the open target by a first rename on the
+// server).
+func TestLeaseRenewKeepsTheNameOnSharedFS(t *testing.T) {
+	mnt1, _ := rigtest.SharedFS(t)
+	export := rigtest.Env(t, "SHAREDFS_EXPORT")
+	sub := fmt.Sprintf("renew-%d", time.Now().UnixNano())
+	if err := os.Mkdir(filepath.Join(mnt1, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	path := filepath.Join(mnt1, sub, "x.lock")
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 7)}, &tickClock{now: time.Unix(0, 0), step: time.Millisecond}, time.Second)
+	s, err := l.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var stop atomic.Bool
+	missing := make(chan int)
+	go func() {
+		n := 0
+		for !stop.Load() {
+			if _, err := os.Lstat(filepath.Join(export, sub, "x.lock")); err != nil {
+				n++
+			}
+		}
+		missing <- n
+	}()
+	for i := range 200 {
+		if err := s.Renew(); err != nil {
+			t.Fatalf("renewal %d: %v", i+1, err)
+		}
+	}
+	stop.Store(true)
+	if n := <-missing; n != 0 {
+		t.Errorf("the server had no lock in %d polls during 200 renewals", n)
+	}
+	if info, ok, err := state.ReadLockInfo(path); err != nil || !ok || info.Renewals != 200 {
+		t.Errorf("after 200 renewals: %+v %v %v", info, ok, err)
+	}
+	if err := s.Release(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -55,23 +56,46 @@ func openNamedLock(g *globals, name string, lease time.Duration) (*state.Lock, s
 		return nil, "", fmt.Errorf("lock %q: %w", name, err)
 	}
 	lockPath, tokenPath, nameFile := state.NamedLockPaths(g.root, name)
-	if b, err := os.ReadFile(nameFile); err != nil || string(b) != name {
-		rnd := make([]byte, 8)
-		rand.Read(rnd)
-		tmp := nameFile + ".tmp-" + hex.EncodeToString(rnd) // pids repeat across hosts
-		if err := perms.WriteFile(tmp, []byte(name)); err != nil {
-			return nil, "", fmt.Errorf("lock %q: %w", name, err)
-		}
-		if err := os.Rename(tmp, nameFile); err != nil {
-			os.Remove(tmp)
-			return nil, "", fmt.Errorf("lock %q: %w", name, err)
-		}
+	if err := recordLockName(nameFile, name, perms); err != nil {
+		return nil, "", fmt.Errorf("lock %q: %w", name, err)
 	}
 	l, err := state.NewLock(lockPath, state.LockOptions{Lease: lease, Perm: perms.File, Log: g.log})
 	if err != nil {
 		return nil, "", err
 	}
 	return l, tokenPath, nil
+}
+
+// recordLockName writes NAME to nameFile unless it is there. It links a
+// complete private file to the name, never renames over it: on sshfs a
+// rename over a file that a process of the same mount has open is two
+// renames on the server (the target to a hidden name first), and two
+// lockers on two mounts doing that at once make one of them fail with
+// ENOENT. The content is NAME, the same for every writer, so a name that
+// exists is done; one that does not read back as NAME is left alone (only
+// `locks` reads it).
+func recordLockName(nameFile, name string, perms state.Perms) error {
+	_, err := os.Stat(nameFile)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	rnd := make([]byte, 8)
+	if _, err := rand.Read(rnd); err != nil {
+		return err
+	}
+	tmp := nameFile + ".tmp-" + hex.EncodeToString(rnd) // pids repeat across hosts
+	if err := perms.WriteFile(tmp, []byte(name)); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	defer os.Remove(tmp)
+	if err := os.Link(tmp, nameFile); err != nil && !state.LinkExists(err) {
+		return err
+	}
+	return nil
 }
 
 func newLockCmd(g *globals) *cobra.Command {

@@ -14,7 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
+	"golang.org/x/sys/unix"
 )
 
 // TestLockBadInput: bad usage exits 2 naming what is wrong.
@@ -135,38 +137,114 @@ func cmdline(pid int) string {
 	return string(b)
 }
 
-// holderInSleep finds a `depcache lock` holder of name whose CMD is in its
-// `sleep 0.05`: it returns the sleep's pid and the lock process's.
-func holderInSleep(name string) (sleepPID, lockPID int, ok bool) {
+// holder is a `depcache lock` of the counter test caught in its CMD's
+// sleep: the three processes, by pidfd, so that no pid can be
+// reused under the test, and the CMD's name ($0, HOST-I) and --root.
+type holder struct {
+	sleep, sh, lock int // pidfds
+	sleepPID        int
+	cmdName, root   string
+}
+
+func (h holder) close() {
+	for _, fd := range []int{h.sleep, h.sh, h.lock} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
+}
+
+func (h holder) kill(fd int, sig unix.Signal) error { return unix.PidfdSendSignal(fd, sig, nil, 0) }
+
+// lockArgs returns the arguments of a `depcache lock` process of name: its
+// --root and its CMD's $0; ok false if pid is not one.
+func lockArgs(pid int, name string) (root, cmdName string, ok bool) {
+	args := strings.Split(strings.TrimSuffix(cmdline(pid), "\x00"), "\x00")
+	// BIN --root ROOT lock NAME --lease 3s -- sh -c SCRIPT HOST-I
+	if len(args) != 12 || args[0] != bin || args[1] != "--root" || args[3] != "lock" || args[4] != name {
+		return "", "", false
+	}
+	return args[2], args[11], true
+}
+
+// findHolderInSleep finds a holder of name whose CMD is in its `sleep
+// 600` and opens pidfds of its processes, checked after the open.
+func findHolderInSleep(name string) (holder, bool) {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || cmdline(pid) != "sleep\x000.05\x00" {
+		if err != nil || cmdline(pid) != "sleep\x00600\x00" {
 			continue
 		}
-		gp := ppid(ppid(pid))
-		if gp != 0 && strings.HasPrefix(cmdline(gp), bin+"\x00") && strings.Contains(cmdline(gp), "\x00lock\x00"+name+"\x00") {
-			return pid, gp, true
+		sh := ppid(pid)
+		lock := ppid(sh)
+		if sh == 0 || lock == 0 {
+			continue
 		}
+		h := holder{sleep: -1, sh: -1, lock: -1, sleepPID: pid}
+		h.sleep, _ = unix.PidfdOpen(pid, 0)
+		h.sh, _ = unix.PidfdOpen(sh, 0)
+		h.lock, _ = unix.PidfdOpen(lock, 0)
+		var ok bool
+		h.root, h.cmdName, ok = lockArgs(lock, name)
+		// With the pidfds open and the processes alive, the pids are theirs.
+		if ok && h.sleep >= 0 && h.sh >= 0 && h.lock >= 0 && ppid(pid) == sh && ppid(sh) == lock &&
+			h.kill(h.sleep, 0) == nil && h.kill(h.sh, 0) == nil && h.kill(h.lock, 0) == nil {
+			return h, true
+		}
+		h.close()
 	}
-	return 0, 0, false
+	return holder{}, false
 }
 
-// TestLockCounterTwoHosts: 16 `depcache lock L -- sh -c 'read n <counter;
-// sleep 0.05; echo $((n+1)) >counter'` (8 on each of 2 fake hosts, each
-// host on its own sshfs mount of the root; each CMD also appends its value
-// and token to a history) while random holders are SIGKILLed: 2 to 4 of
-// them, chosen by the seed, each while its CMD sleeps (its sleep is
-// stopped first, so that the kill lands before the write). The counter
-// equals the number of locks that exited 0, every other one was killed,
-// and the history holds the values 1..counter in order with strictly
-// increasing tokens.
+// pollUntil polls cond until it holds or a deadline that no load reaches
+// passes (false).
+func pollUntil(cond func() bool) bool {
+	for start := time.Now(); !cond(); time.Sleep(time.Millisecond) {
+		if time.Since(start) > time.Minute {
+			return false
+		}
+	}
+	return true
+}
+
+// TestLockCounterTwoHosts: 16 `depcache lock L -- CMD` (8 on each of 2
+// fake hosts, each host on its own sshfs mount of the root) while random
+// holders are SIGKILLed. CMD holds a marker on the shared filesystem,
+// created with O_EXCL (noclobber) through its host's mount and removed at
+// its end, so that two CMDs holding the lock at once, from any hosts, fail
+// the test; inside it, it reads a counter (on local disk, which both fake
+// hosts share coherently), sleeps 0.05 s, writes the counter plus one and
+// appends the value, its token and its name to a history.
+//
+// 2 to 4 of the 16, chosen by the seed (DEPCACHE_SEED replays the
+// choice), sleep 600 s instead, so that the test always finds them holding
+// the lock, and are killed in that sleep: the sleep is stopped, and then, while it is stopped (so its CMD
+// waits for it and can neither write nor end), the marker is removed
+// through the holder's mount, and the lock, the CMD and the sleep get
+// SIGKILL in that order: the CMD dies before the sleep can end, so a
+// killed holder never writes. (Killing only the lock and the sleep let
+// the CMD run on between the sleep's death and the parent-death signal of
+// the dying lock: it wrote its increment, or died between the truncation
+// of the counter and its write.) The killed lock's lock is then broken by
+// the others, at once on its host and after the 3 s lease on the other.
+//
+// Then: exactly the killed ones exit 137 and the others 0, the counter is
+// the number that exited 0, and the history holds the values 1..counter,
+// in order, from exactly those, with strictly increasing tokens.
 func TestLockCounterTwoHosts(t *testing.T) {
 	mnt1, mnt2 := rigtest.SharedFS(t)
 	seed := trialSeed(t)
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	kills := 2 + rng.IntN(3)
+	var victims []string
+	for _, i := range rng.Perm(16)[:2+rng.IntN(3)] {
+		victims = append(victims, fmt.Sprintf("host-%c-%d", 'a'+i/8, 1+i%8))
+	}
+	t.Logf("victims %v", victims)
 	sub := fmt.Sprintf("e2e-lock-%d", time.Now().UnixNano())
+	if err := os.Mkdir(filepath.Join(mnt1, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
 	name := "counter-" + sub
 	work := t.TempDir() // the counter: a resource outside the root, local
@@ -175,7 +253,12 @@ func TestLockCounterTwoHosts(t *testing.T) {
 	os.WriteFile(history, nil, 0o644)
 	script := `for i in 1 2 3 4 5 6 7 8; do
   ( "$BIN" --root "$ROOT" lock "$LOCKNAME" --lease 3s -- sh -c '
-      read n <"$CTR"; sleep 0.05; echo $((n+1)) >"$CTR"; echo "$((n+1)) $DEPCACHE_LOCK_TOKEN $0" >>"$HIST"' "$HOST-$i" \
+      if ! (set -C; echo "$0 $DEPCACHE_LOCK_TOKEN" >"$HELD") 2>/dev/null; then
+        echo "$0 (token $DEPCACHE_LOCK_TOKEN) holds the lock while $(cat "$HELD") does" >&2; exit 99
+      fi
+      case " $VICTIMS " in *" $0 "*) s=600;; *) s=0.05;; esac
+      read n <"$CTR"; sleep $s; echo $((n+1)) >"$CTR"; echo "$((n+1)) $DEPCACHE_LOCK_TOKEN $0" >>"$HIST"
+      rm "$HELD"' "$HOST-$i" \
       2>"$OUT/$HOST-$i.err"
     echo $? >"$OUT/$HOST-$i.rc" ) &
 done
@@ -183,9 +266,8 @@ wait`
 	var hosts []*exec.Cmd
 	for _, h := range []struct{ name, mnt string }{{"host-a", mnt1}, {"host-b", mnt2}} {
 		cmd := rigtest.FakeHost(t, h.name, 0, "sh", "-c", script)
-		cmd.Env = append(cmd.Env, "BIN="+bin, "ROOT="+filepath.Join(h.mnt, sub), "LOCKNAME="+name, // not NAME: fakehost.sh sets its own NAME, and it is exported
-
-			"CTR="+counter, "HIST="+history, "OUT="+work, "HOST="+h.name)
+		cmd.Env = append(cmd.Env, "BIN="+bin, "ROOT="+filepath.Join(h.mnt, sub, "root"), "LOCKNAME="+name, // not NAME: fakehost.sh sets its own NAME, and it is exported
+			"HELD="+filepath.Join(h.mnt, sub, "held"), "CTR="+counter, "HIST="+history, "OUT="+work, "HOST="+h.name, "VICTIMS="+strings.Join(victims, " "))
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -193,34 +275,47 @@ wait`
 		hosts = append(hosts, cmd)
 	}
 	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	killed := 0
+	killerDone := make(chan struct{})
+	killed := map[string]bool{}
+	var killerErrs []string
 	go func() {
-		defer wg.Done()
-		for killed < kills {
+		defer close(killerDone)
+		for len(killed) < len(victims) {
 			select {
 			case <-done:
 				return
-			case <-time.After(time.Duration(20+rng.IntN(200)) * time.Millisecond): // when to strike: random, not a synchronisation
+			case <-time.After(5 * time.Millisecond): // polling for a victim in its sleep
 			}
-			sleepPID, lockPID, ok := holderInSleep(name)
+			h, ok := findHolderInSleep(name)
 			if !ok {
 				continue
 			}
-			syscall.Kill(sleepPID, syscall.SIGSTOP)
-			// Only if the sleep is still there, and stopped: its CMD has
-			// not written, and cannot until the sleep ends.
-			waitFor(t, "the sleep to stop", func() bool {
-				f := procStatFields(sleepPID)
-				return f == nil || f[0] == "T" || f[0] == "Z"
-			})
-			if f := procStatFields(sleepPID); f == nil || f[0] != "T" {
+			h.kill(h.sleep, unix.SIGSTOP)
+			if !pollUntil(func() bool {
+				f := procStatFields(h.sleepPID)
+				return f == nil || f[0] == "T" || f[0] == "Z" || f[0] == "X"
+			}) {
+				killerErrs = append(killerErrs, "the sleep of "+h.cmdName+" did not stop")
+			}
+			// Stopped and alive: its CMD waits for it and has not written.
+			f := procStatFields(h.sleepPID)
+			if f == nil || f[0] != "T" || h.kill(h.sleep, 0) != nil || h.kill(h.sh, 0) != nil {
+				h.kill(h.sleep, unix.SIGCONT)
+				h.close()
 				continue
 			}
-			syscall.Kill(lockPID, syscall.SIGKILL)
-			syscall.Kill(sleepPID, syscall.SIGKILL)
-			killed++
+			held := filepath.Join(filepath.Dir(h.root), "held") // through the holder's mount
+			if b, err := os.ReadFile(held); err != nil || !strings.HasPrefix(string(b), h.cmdName+" ") {
+				killerErrs = append(killerErrs, fmt.Sprintf("%s is in its sleep but the marker says %q (%v)", h.cmdName, b, err))
+			}
+			if err := os.Remove(held); err != nil {
+				killerErrs = append(killerErrs, fmt.Sprintf("removing the marker of %s: %v", h.cmdName, err))
+			}
+			h.kill(h.lock, unix.SIGKILL)
+			h.kill(h.sh, unix.SIGKILL)
+			h.kill(h.sleep, unix.SIGKILL)
+			killed[h.cmdName] = true
+			h.close()
 		}
 	}()
 	for _, h := range hosts {
@@ -229,32 +324,35 @@ wait`
 		}
 	}
 	close(done)
-	wg.Wait()
-	exited0, died := 0, 0
+	<-killerDone
+	for _, e := range killerErrs {
+		t.Error(e)
+	}
+	exited0 := map[string]bool{}
 	for _, h := range []string{"host-a", "host-b"} {
 		for i := 1; i <= 8; i++ {
-			b, _ := os.ReadFile(filepath.Join(work, fmt.Sprintf("%s-%d.rc", h, i)))
-			switch rc := strings.TrimSpace(string(b)); rc {
-			case "0":
-				exited0++
-			case "137":
-				died++
+			cmdName := fmt.Sprintf("%s-%d", h, i)
+			b, _ := os.ReadFile(filepath.Join(work, cmdName+".rc"))
+			errs, _ := os.ReadFile(filepath.Join(work, cmdName+".err"))
+			switch rc := strings.TrimSpace(string(b)); {
+			case rc == "0" && !killed[cmdName]:
+				exited0[cmdName] = true
+			case rc == "137" && killed[cmdName]:
 			default:
-				errs, _ := os.ReadFile(filepath.Join(work, fmt.Sprintf("%s-%d.err", h, i)))
-				t.Errorf("%s-%d: exit %q: %s", h, i, rc, errs)
+				t.Errorf("%s: exit %q, killed %v: %s", cmdName, rc, killed[cmdName], errs)
 			}
 		}
 	}
 	b, _ := os.ReadFile(counter)
 	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	t.Logf("kills %d (planned %d), exited 0: %d, counter %d", killed, kills, exited0, n)
-	if n != exited0 || died != killed || exited0+died != 16 {
-		t.Errorf("counter %d, %d exited 0, %d killed (%d kills made); want counter = exited 0, and the rest killed", n, exited0, died, killed)
+	t.Logf("killed %d, exited 0: %d, counter %d", len(killed), len(exited0), n)
+	if n != len(exited0) {
+		t.Errorf("counter %d, %d exited 0; want them equal", n, len(exited0))
 	}
 	h, _ := os.ReadFile(history)
 	lines := strings.Split(strings.TrimSpace(string(h)), "\n")
-	if len(lines) != exited0 {
-		t.Errorf("history has %d lines, want %d:\n%s", len(lines), exited0, h)
+	if len(lines) != len(exited0) {
+		t.Errorf("history has %d lines, want %d:\n%s", len(lines), len(exited0), h)
 	}
 	var lastTok uint64
 	for i, l := range lines {
@@ -269,6 +367,9 @@ wait`
 		}
 		if tok <= lastTok {
 			t.Errorf("token %d after %d at value %d: tokens must increase strictly in the order of the increments\n%s", tok, lastTok, v, h)
+		}
+		if !exited0[f[2]] {
+			t.Errorf("history line %d is from %s, which did not exit 0 (killed %v)\n%s", i+1, f[2], killed[f[2]], h)
 		}
 		lastTok = tok
 	}
@@ -322,5 +423,48 @@ func TestLockStoppedHolderLosesLease(t *testing.T) {
 	}
 	if !strings.Contains(aErr.String(), "lost the lease") || !exists(ended) {
 		t.Errorf("A's stderr %q, CMD ended by SIGTERM: %v", aErr.String(), exists(ended))
+	}
+}
+
+// TestLockNameFileTwoMounts: lockers of one NAME on two sshfs mounts,
+// with the name file held open on both (as `locks` or a locker reading it
+// has it), record NAME at once without an error, and the file says NAME.
+// (A rename over the name file failed here with ENOENT: libfuse first
+// renames an open target to a hidden name on the server.)
+func TestLockNameFileTwoMounts(t *testing.T) {
+	mnt1, mnt2 := rigtest.SharedFS(t)
+	sub := fmt.Sprintf("e2e-lockname-%d", time.Now().UnixNano())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(mnt1, sub)) })
+	if err := os.Mkdir(filepath.Join(mnt1, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 20 {
+		name := fmt.Sprintf("name-%d", round)
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for i := range 16 {
+			nameFile := filepath.Join([]string{mnt1, mnt2}[i%2], sub, fmt.Sprintf("%d.name", round))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if f, err := os.Open(nameFile); err == nil {
+					defer f.Close()
+				}
+				errs <- recordLockName(nameFile, name, state.DefaultPerms())
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Errorf("round %d: %v", round, err)
+			}
+		}
+		if b, err := os.ReadFile(filepath.Join(mnt2, sub, fmt.Sprintf("%d.name", round))); err != nil || string(b) != name {
+			t.Errorf("round %d: name file %q, %v; want %q", round, b, err, name)
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Join(mnt1, sub, "*.tmp-*")); len(left) != 0 {
+		t.Errorf("temporary files left: %v", left)
 	}
 }

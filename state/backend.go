@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"time"
 )
 
 // Backend is everything a manager needs from a state store. The file store
@@ -173,16 +174,27 @@ func EntriesFunc(ids []string, fn func(*Txn) (bool, error)) func(*State) (bool, 
 	}
 }
 
-// Exists reports whether the state file exists.
+// Exists reports whether the state file exists. Missing beside its
+// previous version, it is looked at again for a moment first: a commit's
+// rename on a shared filesystem can hide it briefly (see read).
 func (s *Store) Exists(ctx context.Context) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
-	_, err := os.Lstat(s.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
+	for _, d := range rereadDelays {
+		time.Sleep(d)
+		_, err := os.Lstat(s.path)
+		if err == nil || !errors.Is(err, fs.ErrNotExist) {
+			return err == nil, err
+		}
+		// Missing beside a previous version: maybe only for the moment
+		// of a commit's rename on a shared filesystem (see read). Look
+		// again before saying no state was ever committed.
+		if !s.hasPrev() {
+			return false, nil
+		}
 	}
-	return err == nil, err
+	return false, nil
 }
 
 // String names the store for messages.

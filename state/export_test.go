@@ -12,3 +12,12 @@ func SetBreakHooks(t testing.TB, won, rename func(name string)) {
 	breakWonHook, breakRenameHook = won, rename
 	t.Cleanup(func() { breakWonHook, breakRenameHook = nil, nil })
 }
+
+// SetMissingHook makes an unlocked read that found the state file missing
+// beside its previous version call hook before it looks again, until t
+// ends.
+func SetMissingHook(t testing.TB, hook func(path string)) {
+	t.Helper()
+	missingHook = hook
+	t.Cleanup(func() { missingHook = nil })
+}

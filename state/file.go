@@ -125,7 +125,7 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 		return nil, err
 	}
 	s.cachedLines().verifyShared("before this View")
-	st, b, err := s.read()
+	st, b, err := s.read(true)
 	putBuf(b)
 	return st, err
 }
@@ -162,7 +162,7 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 		}
 	}()
 	s.cachedLines().verifyShared("before this Update")
-	st, old, err := s.read()
+	st, old, err := s.read(false)
 	if err != nil {
 		return err
 	}
@@ -210,17 +210,28 @@ func (s *Store) remember(c *lineCache) {
 var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, time.Second, 1500 * time.Millisecond}
 
 // read returns the parsed state and the raw bytes (nil if no file).
-func (s *Store) read() (*State, []byte, error) {
+// unlocked says the caller does not hold the lock, so a commit may be
+// replacing the file meanwhile: on sshfs, a rename over a file that is open
+// on the renamer's mount is two renames on the server, between which the
+// name is missing. A missing file beside a previous version is then read
+// again before it is taken for an empty state.
+func (s *Store) read(unlocked bool) (*State, []byte, error) {
 	var (
 		b   []byte
 		st  *State
 		err error
 	)
 	b = getBuf()
-	for _, d := range rereadDelays {
+	for i, d := range rereadDelays {
 		time.Sleep(d)
 		b, err = readInto(b[:0], s.path)
 		if errors.Is(err, fs.ErrNotExist) {
+			if unlocked && i < len(rereadDelays)-1 && s.hasPrev() {
+				if missingHook != nil {
+					missingHook(s.path)
+				}
+				continue
+			}
 			putBuf(b)
 			return New(), nil, nil
 		}
@@ -490,6 +501,19 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	}
 	s.remember(lines)
 	return rep, nil
+}
+
+// missingHook, nil outside tests, runs when an unlocked read found the
+// state file missing beside its previous version and is about to look
+// again: a test puts the file back there, as the second server rename of a
+// commit would.
+var missingHook func(path string)
+
+// hasPrev reports whether a previous version of the state file exists: a
+// state was committed here.
+func (s *Store) hasPrev() bool {
+	_, err := os.Lstat(s.path + PrevSuffix)
+	return err == nil
 }
 
 // looksCut reports whether a decode error is what a read cut short, or

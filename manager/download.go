@@ -1,14 +1,13 @@
 package manager
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"hash"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -140,12 +139,18 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		m.mu.Unlock()
 		return
 	}
+	cause := context.Cause(ctx)
 	// Clean up before the terminal state is published, so that whoever
-	// sees it never sees our leftovers.
-	if rerr := os.RemoveAll(staging); rerr != nil {
+	// sees it never sees our leftovers. A download interrupted by our
+	// shutdown keeps what it checkpointed: the next owner (another process,
+	// or the next get) resumes from it, and removes it once it has copied
+	// it. Every other end makes the bytes useless to anyone: superseded (a
+	// successor copied them when it started), released, failed.
+	if errors.Is(cause, errShutdown) && err != nil && hasCheckpoint(staging, key) {
+		log.Info("keeping the checkpointed staging data for the next owner to resume from")
+	} else if rerr := os.RemoveAll(staging); rerr != nil {
 		log.WithError(rerr).Warn("removing staging data")
 	}
-	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):
 		log.WithError(err).Warn("discarding download: superseded")
@@ -235,46 +240,58 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	defer stopReports()
 
 	// The bytes stream from the source through the hash straight into the
-	// unpacker (or the content file): one pass, no copy of the download.
-	h := sha256.New()
+	// content file or the unpacker: one pass. The raw bytes are kept on
+	// disk (the content itself for a plain file, a spool for an archive)
+	// and checkpointed, so that a later attempt or a later owner resumes.
+	rs, ranged := src.(RangeSource)
 	var (
 		format unpack.Format
 		hashes map[string]string
+		h      hash.Hash
 		err    error
+		first  = true
+		fresh  int // restarts from 0 after an answer that did not resume
 	)
 	for attempt := 0; ; attempt++ {
-		if err := os.RemoveAll(content); err != nil {
+		var r *resumed
+		if ranged {
+			if r, err = m.prepareAttempt(ctx, key, gen, staging, first, log); err != nil {
+				return meta, err
+			}
+		} else if err := clearRaw(staging); err != nil {
 			return meta, err
 		}
-		h.Reset()
+		first = false
 		written.Store(0)
-		pr, pw := io.Pipe()
-		fetched := make(chan error, 1)
-		go func() {
-			ferr := src.Fetch(ctx, fetchSource(key), io.MultiWriter(pw, h, counter{&written}), func(n int64) {
+		total.Store(0)
+		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: m.bound(ctx, key), written: &written, log: log,
+			h: sha256.New(), resume: r, onTotal: func(n int64) {
 				total.Store(n)
 				reportNow()
 				if ferr := m.checkFits(ctx, key, n); ferr != nil {
 					m.cancelDownload(key, gen, ferr)
 				}
+			}}
+		var from ResumeFrom
+		if r != nil {
+			from = ResumeFrom{Offset: r.c.Offset, Validator: r.c.Validator}
+		}
+		if ranged {
+			err = rs.FetchRange(ctx, fetchSource(key), from, s, s.start)
+		} else {
+			err = src.Fetch(ctx, fetchSource(key), s, func(n int64) {
+				if !s.started {
+					s.start(RangeStart{Total: n})
+				}
 			})
-			pw.CloseWithError(ferr) // nil: the reader sees EOF
-			fetched <- ferr
-		}()
-		in := &trackedReader{r: pr}
+		}
 		var cerr error
-		format, meta.SizeBytes, hashes, cerr = m.consume(ctx, in, content, m.bound(ctx, key), key)
-		if cerr == nil {
-			_, cerr = io.Copy(io.Discard, in) // the rest (tar padding), so that the hash covers every byte
-		}
-		if cerr != nil {
-			pr.CloseWithError(cerr) // stops the fetch if it is still writing
-		}
-		err = <-fetched
+		meta.SizeBytes, hashes, cerr = s.finish(err)
+		format, h = s.format, s.h
 		if ctx.Err() != nil {
 			return meta, context.Cause(ctx) // the reason we were stopped, not "context canceled"
 		}
-		if cerr != nil && in.err == nil {
+		if s.werr != nil || (err == nil && cerr != nil) {
 			// The content itself failed (hostile archive, full disk), not
 			// the transfer: retrying would fail the same way.
 			return meta, cerr
@@ -282,8 +299,15 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		if err == nil {
 			break
 		}
-		if ctx.Err() != nil {
-			return meta, context.Cause(ctx)
+		if errors.Is(err, errNoResume) && fresh < 2 {
+			fresh++
+			// Not a failure of the transfer: ask again for the whole content.
+			log.WithError(err).Info("not resuming; starting from 0")
+			if err := clearRaw(staging); err != nil {
+				return meta, err
+			}
+			attempt--
+			continue
 		}
 		if errors.Is(err, ErrPermanent) || errors.Is(err, syscall.ENOSPC) || attempt >= m.cfg.Retries {
 			if attempt > 0 {
@@ -427,13 +451,6 @@ func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint
 	}
 }
 
-type counter struct{ n *atomic.Int64 }
-
-func (c counter) Write(p []byte) (int, error) {
-	c.n.Add(int64(len(p)))
-	return len(p), nil
-}
-
 func sleepCtx(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -491,23 +508,6 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 	return b
 }
 
-// limitWriter fails a write that would take the content past its bound,
-// before writing any of it.
-type limitWriter struct {
-	w io.Writer
-	n int64
-	b bound
-}
-
-func (l *limitWriter) Write(p []byte) (int, error) {
-	if err := l.b.check(l.n + int64(len(p))); err != nil {
-		return 0, err
-	}
-	n, err := l.w.Write(p)
-	l.n += int64(n)
-	return n, err
-}
-
 // checkFits fails a download at once when its announced size cannot fit in
 // the budget even after evicting everything evictable.
 func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) error {
@@ -527,43 +527,6 @@ func (m *Manager) cancelDownload(key state.Key, gen uint64, cause error) {
 	}
 }
 
-// consume writes the fetched stream r as the entry's content: a tar
-// archive (plain or gzip, told by its first bytes) is unpacked into a
-// directory, and so is a zip archive whose source's name ends in .zip
-// (many formats, jar, whl, docx, are zips that users want as files);
-// anything else, and any archive of a key kept packed (KeepPacked), is
-// written as a file. It returns the content's size and the digests of the
-// files written.
-func (m *Manager) consume(ctx context.Context, r io.Reader, content string, b bound, key state.Key) (unpack.Format, int64, map[string]string, error) {
-	br := bufio.NewReaderSize(r, unpack.SniffHead)
-	head, _ := br.Peek(unpack.SniffHead) // short at EOF; a read error shows below
-	format := unpack.SniffBytes(head)
-	if IsKeptPacked(key) || (format == unpack.Zip && archiveName(key) != ".zip") {
-		format = unpack.Plain
-	}
-	switch format {
-	case unpack.Plain:
-		n, sum, err := m.writeFile(ctx, br, content, b)
-		return format, n, map[string]string{".": sum}, err
-	case unpack.Zip:
-		n, hashes, err := m.consumeZip(ctx, br, content, b)
-		return format, n, hashes, err
-	}
-	var tr io.Reader = br
-	if format == unpack.TarGzip {
-		zr, err := unpack.Open(br, format)
-		if err != nil {
-			return format, 0, nil, fmt.Errorf("unpacking: %w", err)
-		}
-		tr = zr
-	}
-	if err := m.perms.MkdirAll(content); err != nil {
-		return format, 0, nil, err
-	}
-	n, hashes, err := unpack.ExtractHashed(ctx, tr, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
-	return format, n, hashes, unpackError(err, b)
-}
-
 // unpackError says what an unpack's failure was, and names the budget
 // behind an ErrTooLarge.
 func unpackError(err error, b bound) error {
@@ -576,40 +539,17 @@ func unpackError(err error, b bound) error {
 	return nil
 }
 
-// writeFile writes r to the new file p, held to the bound, and returns its
-// size and sha256.
-func (m *Manager) writeFile(ctx context.Context, r io.Reader, p string, b bound) (int64, string, error) {
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, m.perms.File)
-	if err != nil {
-		return 0, "", err
-	}
-	defer f.Close()
-	if err := f.Chmod(m.perms.File); err != nil {
-		return 0, "", err
-	}
-	fh := sha256.New()
-	n, err := io.Copy(&limitWriter{w: io.MultiWriter(f, fh), b: b}, ctxReader{ctx, r})
-	if err == nil {
-		err = f.Close()
-	}
-	return n, hex.EncodeToString(fh.Sum(nil)), err
-}
-
 // spoolName is where a zip is spooled inside the staging directory: a zip
 // keeps its index at its end, so it is unpacked from a file, not a stream.
+// The spool is its raw file, which checkpoints cover.
 const spoolName = "spool.zip"
 
-// consumeZip spools the zip stream r into staging, held to the bound as a
-// plain download is, then unpacks it into content through
-// unpack.ExtractZip, held to the bound again by the bytes it writes, and
-// removes the spool. While it unpacks, the staging directory holds both.
-func (m *Manager) consumeZip(ctx context.Context, r io.Reader, content string, b bound) (int64, map[string]string, error) {
-	spool := filepath.Join(filepath.Dir(content), spoolName)
+// extractZipSpool unpacks the complete zip spool of size bytes into
+// content through unpack.ExtractZip, held to the bound by the bytes it
+// writes (the spool was held to it as a plain download is), and removes
+// the spool. While it unpacks, the staging directory holds both.
+func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64, content string, b bound) (int64, map[string]string, error) {
 	defer os.Remove(spool)
-	size, _, err := m.writeFile(ctx, r, spool, b)
-	if err != nil {
-		return 0, nil, err
-	}
 	f, err := os.Open(spool)
 	if err != nil {
 		return 0, nil, err
@@ -620,19 +560,4 @@ func (m *Manager) consumeZip(ctx context.Context, r io.Reader, content string, b
 	}
 	n, hashes, err := unpack.ExtractZip(ctx, f, size, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
 	return n, hashes, unpackError(err, b)
-}
-
-// trackedReader remembers the first read error of the stream that is not
-// EOF: the transfer's own failure, as opposed to the consumer's.
-type trackedReader struct {
-	r   io.Reader
-	err error
-}
-
-func (t *trackedReader) Read(p []byte) (int, error) {
-	n, err := t.r.Read(p)
-	if err != nil && err != io.EOF && t.err == nil {
-		t.err = err
-	}
-	return n, err
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -387,10 +386,7 @@ func (m *Manager) carryOut(ctx context.Context, ka keyedAction) {
 		m.metrics.takeovers.WithLabelValues(reason).Inc()
 		log.WithFields(logrus.Fields{"from_host": a.From.Host, "from_pid": a.From.PID, "reason": a.Reason}).Info("took over download")
 	case transitions.RemoveStaging:
-		dir := filepath.Join(m.Root(), stagingDir, stagingName(ka.key, a.Generation))
-		if err := os.RemoveAll(dir); err != nil {
-			log.WithError(err).Warn("removing a dead owner's staging data")
-		}
+		m.removeDeadOwnerStaging(ka.key, a.Generation, log)
 	case transitions.Reaped:
 		log.WithField("dependents", a.Dependents).Info("reaped dependents that no longer hold the entry")
 	case transitions.Removed:

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/depcache/depcache/state"
 	"github.com/sirupsen/logrus"
@@ -108,19 +109,43 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		m.log.WithField("dir", filepath.Base(o)).Info("moving aside published content that no entry names")
 	}
 	m.moveToTrash(orphans, "an orphaned")
-	m.removeDeadStaging()
+	m.removeDeadStaging(ctx)
 	m.emptyTrash()
 	return nil
 }
 
 // removeDeadStaging removes staging directories whose writer, on this
 // machine, is gone. A writer on another host may still be alive: its data
-// stays (doctor reports it).
-func (m *Manager) removeDeadStaging() {
+// stays (doctor reports it). A dead writer's checkpointed data stays while
+// a later generation may resume from it: its entry is still DOWNLOADING
+// and no later generation of it holds a checkpoint (the owner that copies
+// it removes it then). Superseded and copied, or abandoned (the entry is
+// READY, FAILED or gone), it is removed.
+func (m *Manager) removeDeadStaging(ctx context.Context) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
+	}
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return
+	}
+	// The newest checkpointed generation of each DOWNLOADING entry.
+	resumable := map[string]uint64{}
+	for _, d := range ents {
+		id, _, ok := strings.Cut(d.Name(), "-g")
+		e := st.Entries[id]
+		if !ok || e == nil || e.Stage != state.Downloading {
+			continue
+		}
+		g, ok := stagingGen(e.Key, d.Name())
+		if !ok || g < resumable[id] {
+			continue
+		}
+		if _, ok := readCheckpoint(filepath.Join(dir, d.Name()), e.Key); ok {
+			resumable[id] = g
+		}
 	}
 	for _, d := range ents {
 		p := filepath.Join(dir, d.Name())
@@ -136,6 +161,12 @@ func (m *Manager) removeDeadStaging() {
 		}
 		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
 			continue
+		}
+		if id, _, _ := strings.Cut(d.Name(), "-g"); st.Entries[id] != nil {
+			if g, ok := stagingGen(st.Entries[id].Key, d.Name()); ok && g > 0 && resumable[id] == g {
+				m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("keeping the checkpointed staging data of a dead writer for the next owner to resume from")
+				continue
+			}
 		}
 		if err := os.RemoveAll(p); err != nil {
 			m.log.WithError(err).WithField("dir", p).Warn("removing dead staging data")

@@ -23,6 +23,71 @@ type Source interface {
 	Fetch(ctx context.Context, src string, w io.Writer, total func(int64)) error
 }
 
+// RangeSource is a Source that can resume a fetch from an offset, as long
+// as the content is still the version a validator names. The manager uses
+// it when a Source implements it, and checkpoints only what it fetched
+// under a strong validator (see [Validator.Strong]).
+//
+// FetchRange writes the content at src to w from the offset it hands to
+// start, which it calls once before it writes any byte: from.Offset when
+// the source sends the rest of the version from.Validator names, 0 when it
+// sends the whole content instead (the content changed, the source cannot
+// send a range, from is zero or its validator is not strong). start also
+// gets the full size (-1 when unknown) and the validator of the bytes sent;
+// an error from start ends the fetch with it. Errors are as for Fetch; a
+// retry gets a fresh from.
+type RangeSource interface {
+	Source
+	FetchRange(ctx context.Context, src string, from ResumeFrom, w io.Writer, start func(RangeStart) error) error
+}
+
+// Validator names one version of a source's content: a strong ETag, or
+// the Last-Modified time with the length.
+type Validator struct {
+	ETag         string `json:"etag,omitempty"`
+	LastModified string `json:"last_modified,omitempty"`
+	Length       int64  `json:"length,omitempty"`
+}
+
+// Strong reports whether v may resume a fetch: a strong ETag, or, with no
+// ETag at all, a Last-Modified time and a length. A weak ETag (W/"...")
+// names a version only up to equivalence, not its bytes, so it never does.
+func (v Validator) Strong() bool {
+	if v.ETag != "" {
+		return !strings.HasPrefix(v.ETag, "W/") && strings.HasPrefix(v.ETag, `"`)
+	}
+	return v.LastModified != "" && v.Length > 0
+}
+
+// names reports whether v names the version w does, by w's own terms: its
+// ETag when it has one, else its Last-Modified time; and the length when
+// both know it.
+func (v Validator) names(w Validator) bool {
+	if v.Length > 0 && w.Length > 0 && v.Length != w.Length {
+		return false
+	}
+	if w.ETag != "" {
+		return v.ETag == w.ETag
+	}
+	return v.ETag == "" && v.LastModified == w.LastModified
+}
+
+// ResumeFrom asks a RangeSource for the bytes from Offset on of the version
+// Validator names. The zero value asks for the whole content.
+type ResumeFrom struct {
+	Offset    int64
+	Validator Validator
+}
+
+// RangeStart is what a RangeSource sends: its bytes start at Offset of a
+// content of Total bytes (-1: unknown), whose version is Validator (zero
+// when the source gave none).
+type RangeStart struct {
+	Offset    int64
+	Total     int64
+	Validator Validator
+}
+
 // ErrPermanent marks a fetch error that a retry would only repeat.
 var ErrPermanent = errors.New("permanent failure")
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // FileSource reads file:// sources from the local filesystem.
@@ -16,7 +17,16 @@ func FileSource() Source { return fileSource{} }
 
 type fileSource struct{}
 
-func (fileSource) Fetch(ctx context.Context, src string, w io.Writer, total func(int64)) error {
+func (f fileSource) Fetch(ctx context.Context, src string, w io.Writer, total func(int64)) error {
+	return f.FetchRange(ctx, src, ResumeFrom{}, w, func(s RangeStart) error {
+		total(s.Total)
+		return nil
+	})
+}
+
+// FetchRange resumes at from.Offset when the file still has the size and
+// the modification time (to the nanosecond) of from.Validator.
+func (fileSource) FetchRange(ctx context.Context, src string, from ResumeFrom, w io.Writer, start func(RangeStart) error) error {
 	p := strings.TrimPrefix(src, "file://")
 	f, err := os.Open(p)
 	if err != nil {
@@ -36,7 +46,16 @@ func (fileSource) Fetch(ctx context.Context, src string, w io.Writer, total func
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s is not a regular file: %w", p, ErrPermanent)
 	}
-	total(fi.Size())
+	got := RangeStart{Total: fi.Size(), Validator: Validator{LastModified: fi.ModTime().UTC().Format(time.RFC3339Nano), Length: fi.Size()}}
+	if from.Offset > 0 && from.Offset < fi.Size() && from.Validator.Strong() && got.Validator.names(from.Validator) {
+		if _, err := f.Seek(from.Offset, io.SeekStart); err != nil {
+			return err
+		}
+		got.Offset = from.Offset
+	}
+	if err := start(got); err != nil {
+		return err
+	}
 	_, err = io.Copy(w, ctxReader{ctx, f})
 	return err
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -27,11 +29,35 @@ type httpSource struct {
 }
 
 func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total func(int64)) error {
+	return h.FetchRange(ctx, src, ResumeFrom{}, w, func(s RangeStart) error {
+		if s.Total >= 0 {
+			total(s.Total)
+		}
+		return nil
+	})
+}
+
+// FetchRange asks for the bytes from from.Offset with Range and If-Range
+// (the validator's ETag, or its Last-Modified time): a server that has
+// another version, or cannot send a range, answers 200 with the whole
+// content, which start is told (offset 0). A 206 whose Content-Range does
+// not start at the offset, or whose validator differs, fails with
+// errNoResume, so that the manager asks again for the whole content.
+func (h *httpSource) FetchRange(ctx context.Context, src string, from ResumeFrom, w io.Writer, start func(RangeStart) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, src, nil)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrPermanent, err)
+	}
+	ranged := from.Offset > 0 && from.Validator.Strong()
+	if ranged {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", from.Offset))
+		ifRange := from.Validator.ETag
+		if ifRange == "" {
+			ifRange = from.Validator.LastModified
+		}
+		req.Header.Set("If-Range", ifRange)
 	}
 	// The idle timer runs from the start: a server that accepts the
 	// connection and never answers must not hold the owner forever.
@@ -45,7 +71,27 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	got := RangeStart{Total: resp.ContentLength}
+	switch {
+	case resp.StatusCode == http.StatusPartialContent && ranged:
+		first, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
+		if !ok || first != from.Offset {
+			return fmt.Errorf("GET %s: asked for bytes from %d, got Content-Range %q: %w", src, from.Offset, resp.Header.Get("Content-Range"), errNoResume)
+		}
+		got.Offset, got.Total = first, size
+		got.Validator = validatorOf(resp, size)
+		if !got.Validator.names(from.Validator) {
+			return fmt.Errorf("GET %s: the range sent is of another version (%+v, want %+v): %w", src, got.Validator, from.Validator, errNoResume)
+		}
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && ranged:
+		// Nothing past the offset: the content is shorter than what we
+		// have (it changed), or we have all of it. Either way, ask for the
+		// whole content.
+		resp.Body.Close()
+		return h.FetchRange(ctx, src, ResumeFrom{}, w, start)
+	case resp.StatusCode == http.StatusOK:
+		got.Validator = validatorOf(resp, resp.ContentLength)
+	default:
 		err := fmt.Errorf("GET %s: HTTP %s", src, resp.Status)
 		// Client errors will not change on retry; server errors may.
 		if resp.StatusCode >= 400 && resp.StatusCode < 500 && resp.StatusCode != http.StatusTooManyRequests && resp.StatusCode != http.StatusRequestTimeout {
@@ -53,8 +99,8 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 		}
 		return err
 	}
-	if resp.ContentLength >= 0 {
-		total(resp.ContentLength)
+	if err := start(got); err != nil {
+		return err
 	}
 	timer.Reset(h.idle)
 	// The timer measures the server only: it is stopped while our side
@@ -70,6 +116,49 @@ func (h *httpSource) Fetch(ctx context.Context, src string, w io.Writer, total f
 		return fmt.Errorf("GET %s: got %d bytes, Content-Length said %d", src, n, resp.ContentLength)
 	}
 	return nil
+}
+
+// validatorOf is the version a response names: its ETag, or its
+// Last-Modified time with the full length. A body the transport
+// decompressed has no validator: its offsets are not the server's.
+func validatorOf(resp *http.Response, length int64) Validator {
+	if resp.Uncompressed {
+		return Validator{}
+	}
+	v := Validator{ETag: resp.Header.Get("ETag"), LastModified: resp.Header.Get("Last-Modified")}
+	if length > 0 {
+		v.Length = length
+	}
+	return v
+}
+
+// parseContentRange reads "bytes FIRST-LAST/SIZE" (SIZE may be "*": -1).
+func parseContentRange(s string) (first, size int64, ok bool) {
+	rest, found := strings.CutPrefix(s, "bytes ")
+	if !found {
+		return 0, 0, false
+	}
+	span, total, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, false
+	}
+	a, b, found := strings.Cut(span, "-")
+	if !found {
+		return 0, 0, false
+	}
+	first, err1 := strconv.ParseInt(a, 10, 64)
+	last, err2 := strconv.ParseInt(b, 10, 64)
+	if err1 != nil || err2 != nil || first < 0 || last < first {
+		return 0, 0, false
+	}
+	if total == "*" {
+		return first, -1, true
+	}
+	size, err := strconv.ParseInt(total, 10, 64)
+	if err != nil || size <= last {
+		return 0, 0, false
+	}
+	return first, size, true
 }
 
 // idleReader re-arms the idle timer on every read that brings data.

@@ -502,6 +502,10 @@ func benchFanIn(r *report, o options) {
 	}, fmt.Sprintf("%6.2f s until all READY, %d download(s) | curl|tar %.2f s | ratio %.2f", wall.Seconds(), downloads.Load(), base.Seconds(), wall.Seconds()/base.Seconds()))
 }
 
+// benchFetch measures one cold get of a large tar.gz with checkpoints on:
+// the server gives a strong ETag, so the owner spools the raw bytes and
+// checkpoints them (fsync, then the checkpoint) as it goes; the largest
+// checkpoint seen in staging during the run is reported.
 func benchFetch(r *report, o options) {
 	dir := filepath.Join(o.root, "fetch")
 	os.MkdirAll(dir, 0o755)
@@ -509,22 +513,68 @@ func benchFetch(r *report, o options) {
 	if err := bundle(src, o.fetchMB); err != nil {
 		fatalf("%v", err)
 	}
-	url, _, stop := serve(src)
+	url, stop := serveETag(src, `"bench-fetch"`)
 	defer stop()
 	base, err := curlTar(url, filepath.Join(dir, "curl"))
 	if err != nil {
 		fatalf("curl | tar: %v", err)
 	}
+	root := filepath.Join(dir, "root")
+	done := make(chan struct{})
+	seen := make(chan int64, 1)
+	go func() { seen <- watchCheckpoints(root, done) }()
 	start := time.Now()
-	if out, err := exec.Command(os.Args[0], "--worker", "get", filepath.Join(dir, "root"), url).Output(); err != nil {
+	if out, err := exec.Command(os.Args[0], "--worker", "get", root, url).Output(); err != nil {
 		fatalf("worker: %v: %s", err, out)
 	}
 	wall := time.Since(start)
+	close(done)
+	ckpt := <-seen
 	mbps := float64(o.fetchMB) / wall.Seconds()
 	basembps := float64(o.fetchMB) / base.Seconds()
-	r.add(fmt.Sprintf("fetch throughput, %d MB", o.fetchMB), map[string]any{
+	r.add(fmt.Sprintf("fetch throughput, %d MB, checkpoints on", o.fetchMB), map[string]any{
 		"mb": o.fetchMB, "mb_per_s": mbps, "curl_tar_mb_per_s": basembps, "ratio_to_curl_tar": mbps / basembps,
-	}, fmt.Sprintf("%6.1f MB/s | curl|tar %.1f MB/s | ratio %.2f", mbps, basembps, mbps/basembps))
+		"largest_checkpoint_bytes": ckpt,
+	}, fmt.Sprintf("%6.1f MB/s | curl|tar %.1f MB/s | ratio %.2f | checkpoint seen at %d MB", mbps, basembps, mbps/basembps, ckpt>>20))
+}
+
+// serveETag serves path on loopback with a strong ETag, so that a download
+// of it may resume (and checkpoints).
+func serveETag(path, etag string) (url string, stop func()) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fatalf("%v", err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("ETag", etag)
+		http.ServeFile(w, r, path)
+	})}
+	go srv.Serve(ln)
+	return "http://" + ln.Addr().String() + "/bundle.tar.gz", func() { srv.Close() }
+}
+
+// watchCheckpoints returns the largest checkpoint offset it saw under
+// root's staging until done is closed.
+func watchCheckpoints(root string, done <-chan struct{}) int64 {
+	var largest int64
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		ps, _ := filepath.Glob(filepath.Join(root, "staging", "*", "checkpoint.json"))
+		for _, p := range ps {
+			var c struct {
+				Offset int64 `json:"offset"`
+			}
+			if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &c) == nil {
+				largest = max(largest, c.Offset)
+			}
+		}
+		select {
+		case <-done:
+			return largest
+		case <-t.C:
+		}
+	}
 }
 
 // benchServeRSS measures the peak RSS of a manager driving every entry (as

@@ -1,0 +1,244 @@
+package manager_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+var resumeModTime = time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+
+// TestHTTPSourceFetchRange: Range and If-Range against http.ServeContent.
+func TestHTTPSourceFetchRange(t *testing.T) {
+	body := bytes.Repeat([]byte("0123456789"), 10000)
+	var mu sync.Mutex
+	etag := `"a"`
+	var ranges []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ranges = append(ranges, r.Header.Get("Range"))
+		if etag != "" {
+			w.Header().Set("ETag", etag)
+		}
+		mu.Unlock()
+		http.ServeContent(w, r, "b", resumeModTime, bytes.NewReader(body))
+	}))
+	defer srv.Close()
+	src := manager.HTTPSource(nil, time.Minute).(manager.RangeSource)
+	n := int64(len(body))
+	lm := resumeModTime.Format(http.TimeFormat)
+	for _, c := range []struct {
+		name       string
+		etag       string
+		from       manager.ResumeFrom
+		wantOffset int64
+		wantRange  bool
+	}{
+		{"same etag", `"a"`, manager.ResumeFrom{Offset: 100, Validator: manager.Validator{ETag: `"a"`, LastModified: lm, Length: n}}, 100, true},
+		{"changed etag", `"b"`, manager.ResumeFrom{Offset: 100, Validator: manager.Validator{ETag: `"a"`, LastModified: lm, Length: n}}, 0, true},
+		{"weak etag", `W/"a"`, manager.ResumeFrom{Offset: 100, Validator: manager.Validator{ETag: `W/"a"`, LastModified: lm, Length: n}}, 0, false},
+		{"last-modified", "", manager.ResumeFrom{Offset: 100, Validator: manager.Validator{LastModified: lm, Length: n}}, 100, true},
+		{"at the end", `"a"`, manager.ResumeFrom{Offset: n, Validator: manager.Validator{ETag: `"a"`, Length: n}}, 0, true},
+		{"from 0", `"a"`, manager.ResumeFrom{}, 0, false},
+	} {
+		mu.Lock()
+		etag, ranges = c.etag, nil
+		mu.Unlock()
+		var got manager.RangeStart
+		var buf bytes.Buffer
+		err := src.FetchRange(context.Background(), srv.URL+"/b", c.from, &buf, func(s manager.RangeStart) error {
+			got = s
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got.Offset != c.wantOffset || got.Total != n || !bytes.Equal(buf.Bytes(), body[got.Offset:]) {
+			t.Errorf("%s: start %+v, %d bytes; want offset %d of %d", c.name, got, buf.Len(), c.wantOffset, n)
+		}
+		mu.Lock()
+		if (ranges[0] != "") != c.wantRange {
+			t.Errorf("%s: Range %q sent, want one: %v", c.name, ranges[0], c.wantRange)
+		}
+		mu.Unlock()
+		if c.etag != "" && got.Validator.ETag != c.etag {
+			t.Errorf("%s: validator %+v", c.name, got.Validator)
+		}
+	}
+}
+
+// fakeProcs is a process table in which some pids are dead: managers of
+// one test process that stand for processes of one machine.
+type fakeProcs struct {
+	self state.Process
+	dead *sync.Map
+}
+
+func (f fakeProcs) Self() state.Process { return f.self }
+func (f fakeProcs) Alive(p state.Process) (bool, error) {
+	_, dead := f.dead.Load(p.PID)
+	return !dead, nil
+}
+
+// holdServer sends its first request up to hold bytes and then waits for
+// the client to go; it records the Range of every request.
+type holdServer struct {
+	*httptest.Server
+	mu     sync.Mutex
+	ranges []string
+}
+
+func newHoldServer(t *testing.T, body []byte, hold int) *holdServer {
+	s := &holdServer{}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		s.ranges = append(s.ranges, r.Header.Get("Range"))
+		first := len(s.ranges) == 1
+		s.mu.Unlock()
+		w.Header().Set("ETag", `"v1"`)
+		if first {
+			w.Header().Set("Content-Length", itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			w.Write(body[:hold])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+			return
+		}
+		http.ServeContent(w, r, "b", resumeModTime, bytes.NewReader(body))
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func itoa(n int) string {
+	b, _ := json.Marshal(n)
+	return string(b)
+}
+
+func checkpointAt(t testing.TB, root string) int64 {
+	ps, _ := filepath.Glob(filepath.Join(root, "staging", "*", "checkpoint.json"))
+	var off int64
+	for _, p := range ps {
+		var c struct {
+			Offset int64 `json:"offset"`
+		}
+		if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &c) == nil {
+			off = max(off, c.Offset)
+		}
+	}
+	return off
+}
+
+func stagingDirs(root string) []string {
+	ents, _ := os.ReadDir(filepath.Join(root, "staging"))
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestResumeAfterShutdown: a manager stopped mid-download hands the entry
+// back and keeps its checkpointed staging; the manager of another (later)
+// process resumes from it with Range, publishes the right bytes and
+// removes the old staging. And a checkpointed staging whose entry went
+// away is removed by the next start-up.
+func TestResumeAfterShutdown(t *testing.T) {
+	body := make([]byte, 16<<20)
+	for i := range body {
+		body[i] = byte(i * 7 / 5)
+	}
+	sum := sha256.Sum256(body)
+	dead := &sync.Map{}
+	procs := func(pid int) fakeProcs {
+		return fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: dead}
+	}
+	start := func(root string, pid int) (*manager.Manager, func() error) {
+		m, err := manager.New(manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond,
+			RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond, Processes: procs(pid)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stop, err := m.Start(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m, stop
+	}
+	for _, release := range []bool{false, true} {
+		root := t.TempDir()
+		srv := newHoldServer(t, body, len(body)*6/10)
+		key := mustKey(t, srv.URL+"/b.bin", hex.EncodeToString(sum[:]))
+		a, stopA := start(root, 1001)
+		if _, err := a.Get(context.Background(), "run1", key, manager.Detached()); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, time.Minute, func() bool { return checkpointAt(t, root) >= 8<<20 },
+			func() string { return "no checkpoint" })
+		if err := stopA(); err != nil {
+			t.Fatal(err)
+		}
+		dead.Store(1001, true)
+		if got := stagingDirs(root); len(got) != 1 || checkpointAt(t, root) < 8<<20 {
+			t.Fatalf("after the shutdown, staging %v, checkpoint at %d: want it kept", got, checkpointAt(t, root))
+		}
+		if release {
+			b, stopB := start(root, 1002)
+			if err := b.Release(context.Background(), "run1", key); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, time.Minute, func() bool { return viewEntry(t, root, key) == nil }, func() string { return "entry still there" })
+			stopB()
+			if got := stagingDirs(root); len(got) != 1 {
+				t.Fatalf("staging %v before the next start-up", got)
+			}
+			_, stopC := start(root, 1003)
+			stopC()
+			if got := stagingDirs(root); len(got) != 0 {
+				t.Errorf("staging %v: a start-up keeps the checkpoint of an entry that is gone", got)
+			}
+			continue
+		}
+		b, stopB := start(root, 1002)
+		if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		e, err := b.Wait(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _ := b.Abs(e)
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.New()
+		io.Copy(h, f)
+		f.Close()
+		if !bytes.Equal(h.Sum(nil), sum[:]) || e.Generation != 2 {
+			t.Errorf("published gen %d, content verifies: %v", e.Generation, bytes.Equal(h.Sum(nil), sum[:]))
+		}
+		srv.mu.Lock()
+		if len(srv.ranges) != 2 || srv.ranges[1] == "" {
+			t.Errorf("requests with Range %q: want the second to resume", srv.ranges)
+		}
+		srv.mu.Unlock()
+		waitNoStaging(t, root)
+		stopB()
+	}
+}

@@ -177,9 +177,13 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 				if err := w.breakStale(l.path, h, content, why, 0); err != nil {
 					return nil, fmt.Errorf("lock %s: breaking stale lock: %w", l.path, err)
 				}
-				continue
+				// Broken, or left to a live breaker, or changed meanwhile:
+				// try again soon, but through the sleep, which also
+				// honours ctx. A plain continue spun at full speed, deaf to
+				// ctx, while another breaker held the break link.
+				delay = minPoll
 			}
-			if now := l.opts.Clock.Now(); now.After(nextWarn) {
+			if now := l.opts.Clock.Now(); !stale && now.After(nextWarn) {
 				nextWarn = now.Add(l.opts.WarnAfter)
 				l.logHolder(h, w.seen[l.path], now).WithField("waited", now.Sub(start).Round(time.Millisecond)).
 					Warn("waiting for the state lock")

@@ -226,14 +226,23 @@ func (s *Store) read(unlocked bool) (*State, []byte, error) {
 		time.Sleep(d)
 		b, err = readInto(b[:0], s.path)
 		if errors.Is(err, fs.ErrNotExist) {
-			if unlocked && i < len(rereadDelays)-1 && s.hasPrev() {
+			if !s.hasPrev() {
+				putBuf(b) // a root where nothing was committed yet
+				return New(), nil, nil
+			}
+			if unlocked && i < len(rereadDelays)-1 {
 				if missingHook != nil {
 					missingHook(s.path)
 				}
 				continue
 			}
+			// Missing beside its previous version, under the lock (no
+			// commit can be renaming it) or after looking again: lost.
+			// An empty state would let the next commit and reconcile
+			// treat every published entry as an orphan.
 			putBuf(b)
-			return New(), nil, nil
+			return nil, nil, fmt.Errorf("state file %s is missing beside its previous version %s (deleted, or restored without it); nothing was deleted; run 'depcache doctor --rebuild': %w",
+				s.path, s.path+PrevSuffix, ErrCorrupt)
 		}
 		if err != nil {
 			putBuf(b)

@@ -382,7 +382,12 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 		return true, nil
 	})
 	if err != nil {
-		if rerr := os.Rename(abs, staging); rerr != nil {
+		// Moved back only if nothing names it: a rebuild (doctor
+		// --rebuild) that ran meanwhile may have published it from its
+		// metadata, or a commit reported as failed may have happened.
+		if st, verr := m.store.View(ctx); verr == nil && namesPath(st, filepath.Join(final, contentName)) {
+			m.log.WithError(err).WithField("path", abs).Warn("a publish whose commit failed is named by the state all the same; leaving it in place")
+		} else if rerr := os.Rename(abs, staging); rerr != nil {
 			m.log.WithError(rerr).WithField("path", abs).Error("could not move back a publish whose commit did not happen; reconcile moves it aside once this generation is superseded")
 		}
 	} else if serr := state.SyncDir(filepath.Dir(abs)); serr != nil {
@@ -560,4 +565,14 @@ func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64,
 	}
 	n, hashes, err := unpack.ExtractZip(ctx, f, size, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
 	return n, hashes, unpackError(err, b)
+}
+
+// namesPath reports whether an entry of st names rel as its content.
+func namesPath(st *state.State, rel string) bool {
+	for _, e := range st.Entries {
+		if e.Path == rel {
+			return true
+		}
+	}
+	return false
 }

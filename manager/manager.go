@@ -430,6 +430,14 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 		// rather than handed out.
 		if _, ok, ierr := m.cfg.Docker.Inspect(ctx, snap.ImageID); ierr == nil && !ok {
 			if snap, err = m.refetchImage(ctx, snap); err != nil {
+				// The caller is told; a pass must not report it lost too.
+				m.mu.Lock()
+				delete(m.local[id], dependent)
+				if len(m.local[id]) == 0 {
+					delete(m.local, id)
+					delete(m.localKeys, id)
+				}
+				m.mu.Unlock()
 				return state.Entry{}, err
 			}
 		}

@@ -2,7 +2,6 @@ package transitions
 
 import (
 	"fmt"
-	"math"
 	"sort"
 	"time"
 
@@ -48,21 +47,25 @@ type Watched struct {
 	Created, LastUsed time.Duration
 }
 
-// watchedAll judges ages by the recorded times alone.
-var watchedAll = Watched{Created: math.MaxInt64, LastUsed: math.MaxInt64}
+// asRecorded judges e's ages by its recorded times alone, as if this
+// sweeper had watched it from then on.
+func asRecorded(e *state.Entry, now time.Time) Watched {
+	return Watched{Created: max(now.Sub(e.Created), 0), LastUsed: max(now.Sub(e.LastUsed), 0)}
+}
 
 // aged reports whether t, written by some host's clock, is at least d in
-// the past as this sweeper may judge it: past by d on our clock, and either
-// watched unchanged for d on our own clock, or past by d plus
-// ClockSkewTolerance. A host whose clock runs behind the writer's only
-// evicts late; one running ahead by up to the tolerance never evicts early,
-// even in a one-shot sweep that has watched nothing.
+// the past as this sweeper may judge it: watched unchanged for d on our own
+// clock, or past by d plus ClockSkewTolerance on it. A sweeper whose clock
+// runs ahead of the writer's by up to the tolerance never evicts early,
+// even in a one-shot sweep that has watched nothing; one that runs behind
+// still evicts once it has watched the entry for d.
 func aged(t time.Time, d, watched time.Duration, now time.Time) bool {
 	if d <= 0 {
 		return true
 	}
-	age := now.Sub(t)
-	return age >= d && (watched >= d || age >= d+ClockSkewTolerance)
+	// Watched for d: it has existed for at least d, whatever its stamp
+	// says (a writer whose clock runs ahead must not keep it for ever).
+	return watched >= d || now.Sub(t) >= d+ClockSkewTolerance
 }
 
 // Kept says why the sweep may not evict e, or "" if it may. Dependents
@@ -171,10 +174,10 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now
 	}
 	for id, e := range entries {
 		// Could it ever make room: ages as recorded.
-		if id == self.ID() || Kept(pol, e, watchedAll, now) == "" {
+		if id == self.ID() || Kept(pol, e, asRecorded(e, now), now) == "" {
 			continue
 		}
-		fixed += max(e.SizeBytes, e.Progress.Total)
+		fixed += max(e.SizeBytes, e.Progress.Total, e.Progress.Bytes) // a download of unknown size holds what it wrote
 	}
 	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
 }

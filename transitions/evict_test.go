@@ -104,6 +104,12 @@ func TestFits(t *testing.T) {
 	if err := Fits(state.Policy{}, entries(held), self, 1<<40, t0); err != nil {
 		t.Errorf("no budget: %v", err)
 	}
+	// Another download of unknown size holds what it has written: two
+	// such downloads must not each get the whole budget.
+	other := cacheEntry(3, 0, 1, func(e *state.Entry) { e.Stage, e.Progress.Bytes = state.Downloading, 70<<20 })
+	if room, fixed, _ := Room(pol, entries(other), self, t0); fixed != 70<<20 || room != 30<<20 {
+		t.Errorf("beside a download of unknown size that wrote 70 MB: room %d, fixed %d", room, fixed)
+	}
 }
 
 func TestLivenessAndReap(t *testing.T) {
@@ -178,10 +184,12 @@ func TestRenew(t *testing.T) {
 
 func ptrTime(t time.Time) *time.Time { return &t }
 
+// watchedAllOf: a sweeper that saw every entry from its creation and its
+// last use on, so that ages are the recorded ones.
 func watchedAllOf(es map[string]*state.Entry) map[string]Watched {
 	w := map[string]Watched{}
-	for id := range es {
-		w[id] = watchedAll
+	for id, e := range es {
+		w[id] = asRecorded(e, t0)
 	}
 	return w
 }
@@ -207,7 +215,8 @@ func TestAgesOnTheSweepersClock(t *testing.T) {
 		{"written by a host 3m behind, watched for min-age", 2 * time.Minute, 5 * time.Minute, 2 * time.Minute, true},
 		{"one-shot, past min-age by less than the tolerance", 2 * time.Minute, 7*time.Minute - time.Second, 0, false},
 		{"one-shot, past min-age by the tolerance", 2 * time.Minute, 7 * time.Minute, 0, true},
-		{"written by a host 3m ahead, watched far longer", 2 * time.Minute, -3 * time.Minute, time.Hour, false},
+		{"written by a host 3m ahead, watched far longer: it has existed that long", 2 * time.Minute, -3 * time.Minute, time.Hour, true},
+		{"written by a host 3m ahead, watched 1m", 2 * time.Minute, -3 * time.Minute, time.Minute, false},
 		{"written by a host 1m ahead, watched 3m: age 2m on our clock", 2 * time.Minute, 2 * time.Minute, 3 * time.Minute, true},
 		{"min-age 0: at once", 0, -time.Hour, 0, true},
 	} {

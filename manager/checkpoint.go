@@ -471,7 +471,7 @@ func (s *sink) decide(head []byte, r *resumed) error {
 	}
 	// The spool counts against the bound while it exists.
 	b := s.b
-	if s.rawName != "" && b.limit > 0 {
+	if s.rawName != "" && b.limit > 0 && s.total > 0 { // an unknown total (-1) must not raise the bound
 		b = bound{limit: max(b.limit-s.total, 1), why: fmt.Sprintf("%s, less the %d bytes of the archive kept to resume from", b.why, s.total)}
 	}
 	if err := s.m.perms.MkdirAll(s.content()); err != nil {

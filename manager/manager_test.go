@@ -24,7 +24,6 @@ import (
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
-	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
@@ -41,25 +40,7 @@ func quietLog() logrus.FieldLogger {
 
 func newManager(t testing.TB, root string, adjust ...func(*manager.Config)) *manager.Manager {
 	t.Helper()
-	cfg := manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond,
-		RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond,
-		Policy: transitions.Policy{FailureCooldown: time.Hour}}
-	for _, a := range adjust {
-		a(&cfg)
-	}
-	m, err := manager.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop, err := m.Start(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	m, _ := startManager(t, root, adjust...)
 	return m
 }
 

@@ -76,8 +76,14 @@ func TestPublishUndoneWhenCommitFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.serve(t, "v1")
-	waitFor(t, within, func() bool { return len(log.find("download failed")) > 0 },
-		func() string { return fmt.Sprintf("the publish did not fail: %q", log.messages()) })
+	// Until the FAILED mark that follows the failed publish has failed to
+	// commit too: the blocker must stay until then, or that mark lands
+	// and no second fetch is tried.
+	waitFor(t, within, func() bool {
+		msgs := log.messages()
+		at := slices.IndexFunc(msgs, func(m string) bool { return strings.HasSuffix(m, "download failed") })
+		return at >= 0 && slices.ContainsFunc(msgs[at+1:], func(m string) bool { return strings.Contains(m, "state update failed") })
+	}, func() string { return fmt.Sprintf("the publish and its FAILED mark did not both fail: %q", log.messages()) })
 	for _, rel := range []string{filepath.Join("entries", gen(k, 1)), filepath.Join("staging", gen(k, 1))} {
 		if exists(t, root, rel) {
 			t.Errorf("%s is there after the failed commit", rel)

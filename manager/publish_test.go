@@ -83,7 +83,9 @@ func TestPublishUndoneWhenCommitFails(t *testing.T) {
 		msgs := log.messages()
 		at := slices.IndexFunc(msgs, func(m string) bool { return strings.HasSuffix(m, "download failed") })
 		return at >= 0 && slices.ContainsFunc(msgs[at+1:], func(m string) bool { return strings.Contains(m, "state update failed") })
-	}, func() string { return fmt.Sprintf("the publish and its FAILED mark did not both fail: %q", log.messages()) })
+	}, func() string {
+		return fmt.Sprintf("the publish and its FAILED mark did not both fail: %q", log.messages())
+	})
 	for _, rel := range []string{filepath.Join("entries", gen(k, 1)), filepath.Join("staging", gen(k, 1))} {
 		if exists(t, root, rel) {
 			t.Errorf("%s is there after the failed commit", rel)

@@ -3,10 +3,13 @@ package state_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -117,33 +120,76 @@ func (c *committed) checkFailed(t *testing.T, err error, what string, cause erro
 
 // A write of the temporary file that fails (here past the file size limit,
 // EFBIG, as a full disk fails with ENOSPC) fails the commit before the
-// commit point.
+// commit point. The limit is a whole process's, and the test binary's own
+// log (testlog.txt) is written meanwhile, so the commit runs in a child
+// process (role "write-past-limit") and only that child has the limit.
 func TestCommitWriteError(t *testing.T) {
 	c := newCommitted(t)
-	limit := uint64(len(c.cur)) + 512
+	limit := len(c.cur) + 512
+	cmd := child("write-past-limit", "DT_DIR="+c.dir, "DT_LIMIT="+strconv.Itoa(limit))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("child: %v (output %q)", err, out)
+	}
+	var res struct {
+		Err   string
+		EFBIG bool
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("child output %q: %v", out, err)
+	}
+	var got error
+	switch {
+	case res.Err == "":
+	case res.EFBIG:
+		got = &childError{res.Err, syscall.EFBIG}
+	default:
+		got = errors.New(res.Err)
+	}
+	c.checkFailed(t, got, "writing", syscall.EFBIG, func() {})
+}
+
+// childError is an error reported by a child process, with the cause the
+// child found it to wrap.
+type childError struct {
+	msg   string
+	cause error
+}
+
+func (e *childError) Error() string { return e.msg }
+func (e *childError) Unwrap() error { return e.cause }
+
+// writePastLimit opens the store in DT_DIR, limits the size of the files
+// it may write to DT_LIMIT bytes, makes an update far larger than that, and
+// prints its error as JSON. Go ignores the SIGXFSZ that comes with EFBIG.
+func writePastLimit() int {
+	s, err := state.Open(os.Getenv("DT_DIR"), state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
 	var old syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, err)
+		return 2
 	}
-	// The limit is the whole process's: no other test runs meanwhile (none
-	// in this package is parallel), and Go ignores the SIGXFSZ that comes
-	// with the EFBIG.
-	restore := func() {
-		if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
-			t.Fatal(err)
-		}
+	lim := syscall.Rlimit{Cur: uint64(envInt("DT_LIMIT", 0)), Max: old.Max}
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
 	}
-	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &syscall.Rlimit{Cur: limit, Max: old.Max}); err != nil {
-		t.Fatal(err)
+	res := struct {
+		Err   string
+		EFBIG bool
+	}{}
+	if err := s.Update(context.Background(), bulk(200)); err != nil {
+		res.Err, res.EFBIG = err.Error(), errors.Is(err, syscall.EFBIG)
 	}
-	restored := false
-	defer func() {
-		if !restored {
-			restore()
-		}
-	}()
-	err := c.s.Update(context.Background(), bulk(200))
-	c.checkFailed(t, err, "writing", syscall.EFBIG, func() { restore(); restored = true })
+	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	return 0
 }
 
 // Keeping the previous version fails at its link (a directory squats its

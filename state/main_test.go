@@ -28,11 +28,12 @@ func TestMain(m *testing.M) {
 		os.Exit(m.Run())
 	}
 	roles := map[string]func() int{
-		"torture-worker": tortureWorker,
-		"torture-host":   tortureHostMain,
-		"lock-holder":    lockHolder,
-		"lock-waiter":    lockWaiter,
-		"update-loop":    updateLoop,
+		"torture-worker":   tortureWorker,
+		"torture-host":     tortureHostMain,
+		"lock-holder":      lockHolder,
+		"lock-waiter":      lockWaiter,
+		"update-loop":      updateLoop,
+		"write-past-limit": writePastLimit,
 	}
 	f, ok := roles[role]
 	if !ok {

@@ -151,13 +151,6 @@ func (t *Txn) apply() {
 	}
 }
 
-// UpdateEntries is UpdateBatched with fn restricted to the entries ids.
-// The file store keeps one document, so it reads and writes the whole of it;
-// the restriction is what lets other stores do less.
-func (s *Store) UpdateEntries(ctx context.Context, ids []string, fn func(*Txn) (bool, error)) error {
-	return s.UpdateBatched(ctx, EntriesFunc(ids, fn))
-}
-
 // EntriesFunc turns an UpdateEntries callback into a whole-state one, for
 // stores that keep the whole state at hand: fn sees a Txn over st
 // restricted to ids, whose writes reach st only if fn returns changed and

@@ -13,7 +13,10 @@ import (
 // the lock file.
 
 type batchOp struct {
-	fn       func(*State) (bool, error)
+	fn func(*State) (bool, error)
+	// ids are the entries fn sees (UpdateEntries); whole: all of them.
+	ids      []string
+	whole    bool
 	err      error
 	panicked any // what fn panicked with, re-raised in its caller
 	done     chan struct{}
@@ -38,8 +41,19 @@ type batcher struct {
 // Once a batch has taken the operation, it is carried out even if ctx ends:
 // returning early would leave the caller unsure whether it was committed.
 func (s *Store) UpdateBatched(ctx context.Context, fn func(*State) (changed bool, err error)) error {
+	return s.batched(ctx, &batchOp{fn: fn, whole: true})
+}
+
+// UpdateEntries is UpdateBatched with fn restricted to the entries ids: it
+// reads and writes only the shards that hold them (and the manifest), so
+// that its cost does not grow with the number of entries.
+func (s *Store) UpdateEntries(ctx context.Context, ids []string, fn func(*Txn) (bool, error)) error {
+	return s.batched(ctx, &batchOp{fn: EntriesFunc(ids, fn), ids: ids})
+}
+
+func (s *Store) batched(ctx context.Context, op *batchOp) error {
 	b := &s.batch
-	op := &batchOp{fn: fn, done: make(chan struct{})}
+	op.done = make(chan struct{})
 	b.mu.Lock()
 	b.queue = append(b.queue, op)
 	b.mu.Unlock()
@@ -86,8 +100,20 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 			close(op.done)
 		}
 	}()
-	err := s.Update(ctx, func(st *State) (bool, error) {
+	need := func() ([]string, bool) {
+		// Taken with the lock held, so that every operation queued while
+		// the lock was awaited joins this batch.
 		taken = s.batch.take()
+		var ids []string
+		for _, op := range taken {
+			if op.whole {
+				return nil, true
+			}
+			ids = append(ids, op.ids...)
+		}
+		return ids, false
+	}
+	err := s.transact(ctx, need, func(st *State) (bool, error) {
 		changed := false
 		for _, op := range taken {
 			c, p, err := runOp(op.fn, st)

@@ -21,3 +21,21 @@ func SetMissingHook(t testing.TB, hook func(path string)) {
 	missingHook = hook
 	t.Cleanup(func() { missingHook = nil })
 }
+
+// UnnamedShards returns the shard files of root's state.d that neither
+// state.json nor state.json.prev names.
+func UnnamedShards(root string) ([]string, error) {
+	s, err := Open(root, Options{})
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.unnamedShards()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(m))
+	for n := range m {
+		out = append(out, n)
+	}
+	return out, nil
+}

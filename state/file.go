@@ -5,14 +5,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -46,6 +44,10 @@ type Options struct {
 	OnHold func(time.Duration)
 	// OnWait, when set, is told how long each Update waited for the lock.
 	OnWait func(time.Duration)
+	// ShardGrace is how long a shard file that no manifest names must stay
+	// so before a holder deletes it, on the holder's own clock: the litter
+	// of a commit killed before its rename. Default: 10 minutes.
+	ShardGrace time.Duration
 }
 
 // Store is the state file of one cache root.
@@ -55,12 +57,15 @@ type Store struct {
 	lock *Lock
 	opts Options
 
-	// The entry lines of a recent state file read or written (see
-	// layout.go): a read decodes only the lines not in it, a write encodes
-	// only the entries that changed. Any cache is correct, however old: a
-	// hit needs the same bytes (read) or an Equal entry (write).
+	// The shards last read or written, by index (see v2.go): a shard
+	// whose file the manifest still names is not read again, and a new
+	// file of a shard decodes only the lines not in the old one. Any cache
+	// is correct, however old: shard files never change, a line hit needs
+	// the same bytes (read) or an Equal entry (write).
 	cacheMu sync.Mutex
-	lines   *lineCache
+	shards  [numShards]shardCache
+
+	litter litter // unnamed shard files seen by this store
 
 	batch batcher
 }
@@ -117,26 +122,36 @@ func AbsIn(root, rel string) (string, error) {
 	return filepath.Join(root, rel), nil
 }
 
-// View returns the current state without taking the lock. The file is only
-// ever replaced by rename, so the result is a consistent snapshot, possibly
-// already outdated. A missing file is an empty state.
+// View returns the current state without taking the lock. The manifest is
+// only ever replaced by rename and shard files never change, so the result
+// is a consistent snapshot, possibly already outdated. A missing file is an
+// empty state.
 func (s *Store) View(ctx context.Context) (*State, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s.cachedLines().verifyShared("before this View")
-	st, b, err := s.read(true)
-	putBuf(b)
-	return st, err
+	s.verifyShared("before this View")
+	sn, err := s.read(true, nil)
+	if err != nil {
+		return nil, err
+	}
+	return sn.st, nil
 }
 
 // Update calls fn on the current state with the lock held. If fn reports a
-// change and returns no error, the result is validated and written
-// atomically; a result identical to the file is not written. fn must not
-// block or do I/O: the lock is held while it runs. If the state file cannot
-// be parsed, fn is not called and the error wraps [ErrCorrupt] or
-// [ErrUnsupportedVersion].
+// change and returns no error, the result is validated and the shards it
+// changed are written, then the manifest, atomically; a result identical to
+// the state is not written. fn must not block or do I/O: the lock is held
+// while it runs. If the state cannot be parsed, fn is not called and the
+// error wraps [ErrCorrupt] or [ErrUnsupportedVersion].
 func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err error)) (err error) {
+	return s.transact(ctx, func() ([]string, bool) { return nil, true }, fn)
+}
+
+// transact is every read-modify-write: with the lock held, need says which
+// entries fn will see (whole: all of them), the shards holding them are
+// read, fn runs, and what it changed is committed.
+func (s *Store) transact(ctx context.Context, need func() (ids []string, whole bool), fn func(*State) (bool, error)) (err error) {
 	waitStart := time.Now()
 	unlock, err := s.lock.Lock(ctx)
 	if err != nil {
@@ -161,45 +176,80 @@ func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err e
 			s.opts.OnHold(time.Since(start))
 		}
 	}()
-	s.cachedLines().verifyShared("before this Update")
-	st, old, err := s.read(false)
+	s.verifyShared("before this Update")
+	ids, whole := need()
+	var want *[numShards]bool
+	if !whole {
+		want = new([numShards]bool)
+		for _, id := range ids {
+			if i, ok := shardOf(id); ok {
+				want[i] = true
+			}
+		}
+	}
+	sn, err := s.read(false, want)
 	if err != nil {
 		return err
 	}
-	defer putBuf(old)
-	changed, err := fn(st)
-	s.cachedLines().verifyShared("by this Update's function")
-	if err != nil || !changed {
-		return err
+	changed, err := fn(sn.st)
+	s.verifyShared("by this Update's function")
+	if err == nil && changed {
+		committed, err = s.commitChanges(sn)
 	}
-	st.Version = FormatVersion
-	st.NoteGenerations()
-	data, lines, err := encodeLines(getBuf(), st, s.cachedLines())
-	if err != nil {
-		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+	if whole && err == nil {
+		s.collectLitter()
 	}
-	defer putBuf(data)
-	if bytes.Equal(data, old) {
-		return nil
-	}
-	if err := s.commit(data, old != nil); err != nil {
-		return err
-	}
-	committed = true
-	s.remember(lines)
-	return nil
+	return err
 }
 
-func (s *Store) cachedLines() *lineCache {
+// shardCache is one shard as a store last read or wrote it.
+type shardCache struct {
+	file  string // "" for a shard without entries
+	lines *lineCache
+}
+
+func (s *Store) cachedShards() [numShards]shardCache {
 	s.cacheMu.Lock()
 	defer s.cacheMu.Unlock()
-	return s.lines
+	return s.shards
 }
 
-func (s *Store) remember(c *lineCache) {
+func (s *Store) rememberShard(i int, file string, lines *lineCache) {
 	s.cacheMu.Lock()
-	s.lines = c
+	s.shards[i] = shardCache{file: file, lines: lines}
 	s.cacheMu.Unlock()
+}
+
+// verifyShared panics if a cached entry was modified in place (see State).
+func (s *Store) verifyShared(when string) {
+	if !checkShared() {
+		return
+	}
+	for _, c := range s.cachedShards() {
+		c.lines.verifyShared(when)
+	}
+}
+
+// snapshot is what a read found.
+type snapshot struct {
+	st     *State
+	exists bool      // a state file is there (and parsed)
+	man    *manifest // its manifest, nil for format 1 or no state
+	// rewrite says every shard is written at the next commit: format 1
+	// (its first write converts it) or a Reset.
+	rewrite bool
+	loaded  [numShards]bool       // the shards st holds
+	lines   [numShards]*lineCache // their lines as read
+}
+
+// newSnapshot returns the snapshot of a state that holds every shard
+// (format 1, none yet, or a Reset's): its first commit writes them all.
+func newSnapshot(st *State, exists bool) *snapshot {
+	sn := &snapshot{st: st, exists: exists, rewrite: true}
+	for i := range sn.loaded {
+		sn.loaded[i] = true
+	}
+	return sn
 }
 
 // rereadDelays space the reads of a state file that does not parse before
@@ -209,28 +259,24 @@ func (s *Store) remember(c *lineCache) {
 // (1 s there) expire. A healthy file parses at the first read.
 var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, time.Second, 1500 * time.Millisecond}
 
-// read returns the parsed state and the raw bytes (nil if no file).
+// read returns the state with the shards want names (nil: all).
 // unlocked says the caller does not hold the lock, so a commit may be
-// replacing the file meanwhile: on sshfs, a rename over a file that is open
-// on the renamer's mount is two renames on the server, between which the
-// name is missing. A missing file beside a previous version is then read
-// again before it is taken for an empty state.
-func (s *Store) read(unlocked bool) (*State, []byte, error) {
-	var (
-		b   []byte
-		st  *State
-		err error
-	)
-	b = getBuf()
+// replacing the manifest meanwhile: on sshfs, a rename over a file that is
+// open on the renamer's mount is two renames on the server, between which
+// the name is missing. A missing manifest beside a previous version is then
+// read again before it is taken for an empty state, and a shard file gone
+// (the manifest moved on, and a later commit deleted what it retired) makes
+// it read the manifest again.
+func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 	for i, d := range rereadDelays {
 		time.Sleep(d)
-		b, err = readInto(b[:0], s.path)
+		final := i == len(rereadDelays)-1
+		b, err := os.ReadFile(s.path)
 		if errors.Is(err, fs.ErrNotExist) {
 			if !s.hasPrev() {
-				putBuf(b) // a root where nothing was committed yet
-				return New(), nil, nil
+				return newSnapshot(New(), false), nil // a root where nothing was committed yet
 			}
-			if unlocked && i < len(rereadDelays)-1 {
+			if unlocked && !final {
 				if missingHook != nil {
 					missingHook(s.path)
 				}
@@ -240,79 +286,140 @@ func (s *Store) read(unlocked bool) (*State, []byte, error) {
 			// commit can be renaming it) or after looking again: lost.
 			// An empty state would let the next commit and reconcile
 			// treat every published entry as an orphan.
-			putBuf(b)
-			return nil, nil, fmt.Errorf("state file %s is missing beside its previous version %s (deleted, or restored without it); nothing was deleted; run 'depcache doctor --rebuild': %w",
+			return nil, fmt.Errorf("state file %s is missing beside its previous version %s (deleted, or restored without it); nothing was deleted; run 'depcache doctor --rebuild': %w",
 				s.path, s.path+PrevSuffix, ErrCorrupt)
 		}
 		if err != nil {
-			putBuf(b)
 			// Not corrupt: unreadable (a user outside a shared root's
 			// group, an I/O error). errors.Is finds fs.ErrPermission.
-			return nil, nil, fmt.Errorf("state file %s: cannot read it: %w", s.path, err)
+			return nil, fmt.Errorf("state file %s: cannot read it: %w", s.path, err)
 		}
-		if fast, lines, ok := decodeLines(b, s.cachedLines()); ok {
-			s.remember(lines)
-			return fast, b, nil
+		if v := versionOf(b); v != FormatVersion {
+			st, err := decodeV1(b)
+			if err == nil {
+				return newSnapshot(st, true), nil
+			}
+			if looksCut(err) && !final {
+				continue
+			}
+			return nil, s.corrupt(s.path, b, err)
 		}
-		if st, err = Decode(b); err == nil || !looksCut(err) {
-			break
+		man, err := decodeManifest(b)
+		if err != nil {
+			if looksCut(err) && !final {
+				continue
+			}
+			return nil, s.corrupt(s.path, b, err)
 		}
-	}
-	if err != nil {
-		aside := s.keepAside(b)
-		putBuf(b)
-		return nil, nil, fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", s.path, aside, err)
-	}
-	return st, b, nil
-}
-
-// Buffers for reading and encoding the state file: a state of a thousand
-// entries is a third of a megabyte, read and written on every operation, and
-// allocating them anew made the garbage collector a fifth of an operation's
-// cost under contention.
-var bufPool sync.Pool
-
-func getBuf() []byte {
-	if p, ok := bufPool.Get().(*[]byte); ok {
-		return (*p)[:0]
-	}
-	return nil
-}
-
-// putBuf returns b to the pool; b must not be used afterwards.
-func putBuf(b []byte) {
-	if cap(b) > 0 {
-		bufPool.Put(&b)
-	}
-}
-
-// readInto appends the content of the file name to buf.
-func readInto(buf []byte, name string) ([]byte, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return buf, err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && int64(cap(buf)-len(buf)) < fi.Size()+512 {
-		buf = slices.Grow(buf, int(fi.Size())+512)
-	}
-	for {
-		n, err := f.Read(buf[len(buf):cap(buf)])
-		buf = buf[:len(buf)+n]
-		if err == io.EOF {
-			return buf, nil
+		sn, err := s.loadShards(man, want)
+		var again *shardAgain
+		if errors.As(err, &again) {
+			if !final {
+				continue
+			}
+			err = again.err
 		}
 		if err != nil {
-			return buf, err
+			return nil, err
 		}
-		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, 4096)
-		}
+		return sn, nil
 	}
+	panic("unreachable")
 }
 
-// Decode parses a state file's bytes. Errors wrap [ErrCorrupt] or
-// [ErrUnsupportedVersion] and say what is wrong.
+// decodeV1 decodes a state file of format 1 (or one of no known format,
+// which Decode explains).
+func decodeV1(b []byte) (*State, error) {
+	if st, _, ok := decodeLines(b, nil); ok {
+		return st, nil
+	}
+	return Decode(b)
+}
+
+// corrupt is the error for the state file (or shard) name whose bytes b do
+// not parse: a copy is kept aside, the file stays where it is, and every
+// process keeps refusing it until an operator acts.
+func (s *Store) corrupt(name string, b []byte, err error) error {
+	aside := s.keepAside(b)
+	return fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", name, aside, err)
+}
+
+// shardAgain is a shard that could not be read as its manifest says (gone,
+// or cut short): worth reading the manifest again before giving up.
+type shardAgain struct{ err error }
+
+func (e *shardAgain) Error() string { return e.err.Error() }
+
+// loadShards returns the state of man with the shards want names (nil:
+// all), reading only those whose file changed since this store last saw
+// them.
+func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, error) {
+	cache := s.cachedShards()
+	sn := &snapshot{exists: true, man: man}
+	n := 0
+	for i := range numShards {
+		if want != nil && !want[i] {
+			continue
+		}
+		sn.loaded[i] = true
+		ref, ok := man.Shards[shardPrefix(i)]
+		if !ok {
+			continue
+		}
+		if c := cache[i]; c.file == ref.File {
+			sn.lines[i] = c.lines
+		} else {
+			lines, err := s.readShard(i, ref, c.lines)
+			if err != nil {
+				return nil, err
+			}
+			sn.lines[i] = lines
+			s.rememberShard(i, ref.File, lines)
+		}
+		n += len(sn.lines[i].lines)
+	}
+	sn.st = &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: make(map[string]*Entry, n)}
+	for i := range numShards {
+		if c := sn.lines[i]; c != nil {
+			for _, cl := range c.lines {
+				sn.st.Entries[cl.id] = cl.e
+			}
+		}
+	}
+	return sn, nil
+}
+
+// readShard reads and decodes the file of shard i, checking it against
+// its manifest's record. prev is an older version of the shard, whose
+// lines need not be decoded again.
+func (s *Store) readShard(i int, ref shardRef, prev *lineCache) (*lineCache, error) {
+	name := filepath.Join(s.root, ShardDir, ref.File)
+	b, err := os.ReadFile(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, &shardAgain{fmt.Errorf("state file %s names shard %s, which is missing; nothing was deleted; run 'depcache doctor --rebuild': %w", s.path, name, ErrCorrupt)}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state shard %s: cannot read it: %w", name, err)
+	}
+	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
+		err := fmt.Errorf("%w: %d bytes with sha256 %s, where state file %s says %d bytes with sha256 %s", ErrCorrupt, len(b), shortHash(b), s.path, ref.Bytes, ref.SHA256)
+		return nil, &shardAgain{s.corrupt(name, b, err)}
+	}
+	lines, err := decodeShard(shardPrefix(i), b, prev)
+	if err == nil && len(lines.lines) != ref.Entries {
+		err = fmt.Errorf("%w: %d entries, where state file %s says %d", ErrCorrupt, len(lines.lines), s.path, ref.Entries)
+	}
+	if err != nil {
+		return nil, s.corrupt(name, b, err)
+	}
+	return lines, nil
+}
+
+// Decode parses a self-contained state document: a state file of format
+// 1, or a copy doctor kept aside ([Encode]). The State it returns has
+// the Version it will be written with, FormatVersion. A format 2 state.json is a
+// manifest of shard files: read it with [DecodeFile]. Errors wrap
+// [ErrCorrupt] or [ErrUnsupportedVersion] and say what is wrong.
 func Decode(b []byte) (*State, error) {
 	if len(bytes.TrimSpace(b)) == 0 {
 		return nil, fmt.Errorf("%w: file is empty", ErrCorrupt)
@@ -322,25 +429,70 @@ func Decode(b []byte) (*State, error) {
 	// such rather than as an unknown field.
 	var st State
 	err := strictUnmarshal(b, &st)
-	var probe struct {
-		Version *int `json:"version"`
-	}
 	if err != nil {
-		if json.Unmarshal(b, &probe) == nil && probe.Version != nil && *probe.Version > FormatVersion {
-			return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, *probe.Version, FormatVersion)
+		switch v := versionOf(b); {
+		case v > FormatVersion:
+			return nil, errNewer(v)
+		case v == FormatVersion:
+			return nil, fmt.Errorf("%w: a version %d manifest, not a self-contained state (read it with its shards)", ErrCorrupt, v)
 		}
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	switch {
 	case st.Version > FormatVersion:
-		return nil, fmt.Errorf("%w: version %d, this depcache reads up to %d", ErrUnsupportedVersion, st.Version, FormatVersion)
-	case st.Version < 1:
+		return nil, errNewer(st.Version)
+	case st.Version != 1:
 		return nil, fmt.Errorf("%w: no or bad \"version\" (%d)", ErrCorrupt, st.Version)
 	}
 	if err := st.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
+	st.Version = FormatVersion // what it becomes at its next write
 	return &st, nil
+}
+
+// DecodeFile reads the state file name of the cache root (state.json,
+// state.json.prev, a copy kept aside), in either format: a format 2
+// manifest is read with the shards it names. It takes no lock and caches
+// nothing, for doctor and tests.
+func DecodeFile(root, name string) (*State, error) {
+	b, err := os.ReadFile(filepath.Join(root, name))
+	if err != nil {
+		return nil, err
+	}
+	return decodeFileBytes(root, b)
+}
+
+func decodeFileBytes(root string, b []byte) (*State, error) {
+	if versionOf(b) != FormatVersion {
+		return decodeV1(b)
+	}
+	man, err := decodeManifest(b)
+	if err != nil {
+		return nil, err
+	}
+	st := &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
+	for p, ref := range man.Shards {
+		name := filepath.Join(root, ShardDir, ref.File)
+		data, err := os.ReadFile(name)
+		if err != nil {
+			return nil, fmt.Errorf("%w: shard %s: %w", ErrCorrupt, name, err)
+		}
+		if len(data) != ref.Bytes || shortHash(data) != ref.SHA256 {
+			return nil, fmt.Errorf("%w: shard %s: %d bytes with sha256 %s, where the manifest says %d with %s", ErrCorrupt, name, len(data), shortHash(data), ref.Bytes, ref.SHA256)
+		}
+		lines, err := decodeShard(p, data, nil)
+		if err != nil {
+			return nil, fmt.Errorf("shard %s: %w", name, err)
+		}
+		if len(lines.lines) != ref.Entries {
+			return nil, fmt.Errorf("%w: shard %s: %d entries, where the manifest says %d", ErrCorrupt, name, len(lines.lines), ref.Entries)
+		}
+		for _, cl := range lines.lines {
+			st.Entries[cl.id] = cl.e
+		}
+	}
+	return st, nil
 }
 
 // keepAside copies unreadable bytes next to the state file, named by their
@@ -466,13 +618,14 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 			err = uerr
 		}
 	}()
-	var lastBytes []byte
+	var lastMan *manifest // the manifest of the state replaced, if it parsed
 	cur, rerr := os.ReadFile(s.path)
 	switch {
 	case rerr == nil:
-		st, derr := Decode(cur)
+		st, derr := decodeFileBytes(s.root, cur)
 		if derr == nil {
-			rep.Last, rep.LastFile, lastBytes = st, s.path, cur
+			rep.Last, rep.LastFile = st, s.path
+			lastMan, _ = decodeManifest(cur) // nil for format 1
 			break
 		}
 		rep.UnreadableErr = derr
@@ -484,14 +637,18 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	}
 	if rep.Last == nil {
 		prev := s.path + PrevSuffix
-		if b, err := os.ReadFile(prev); err == nil {
-			if st, err := Decode(b); err == nil {
-				rep.Last, rep.LastFile, lastBytes = st, prev, b
-			}
+		if st, err := DecodeFile(s.root, StateFile+PrevSuffix); err == nil {
+			rep.Last, rep.LastFile = st, prev
 		}
 	}
 	if rep.Last != nil {
-		if rep.LastCopy, err = s.keepCopy(lastBytes, KeptSuffix); err != nil {
+		// A self-contained copy: the shards of a format 2 state are
+		// deleted once no manifest names them.
+		doc, err := Encode(rep.Last)
+		if err == nil {
+			rep.LastCopy, err = s.keepCopy(doc, KeptSuffix)
+		}
+		if err != nil {
 			return rep, fmt.Errorf("state %s: keeping a copy of %s before replacing it: %w", s.path, rep.LastFile, err)
 		}
 	}
@@ -499,17 +656,12 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	if err := fn(st, rep.Last); err != nil {
 		return rep, err
 	}
-	data, lines, err := encodeLines(nil, st, nil)
-	if err != nil {
-		return rep, fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
-	}
 	// Only a state file that parses becomes state.json.prev: one that does
 	// not never replaces a good previous version.
-	if err := s.commit(data, rep.LastFile == s.path); err != nil {
-		return rep, err
-	}
-	s.remember(lines)
-	return rep, nil
+	sn := newSnapshot(st, rep.LastFile == s.path)
+	sn.man = lastMan
+	_, err = s.commitChanges(sn)
+	return rep, err
 }
 
 // missingHook, nil outside tests, runs when an unlocked read found the

@@ -257,7 +257,7 @@ func TestDecodeGood(t *testing.T) {
 	if err := s.Update(ctx, func(cur *state.State) (bool, error) { *cur = *st; return true, nil }); err != nil {
 		t.Fatal(err)
 	}
-	got, err := state.Decode(readBytes(t, s.Path()))
+	got, err := state.DecodeFile(s.Root(), state.StateFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -279,7 +279,7 @@ const (
 	killPhases
 )
 
-var killPhaseNames = [killPhases]string{"before a commit", "writing the temporary file",
+var killPhaseNames = [killPhases]string{"before a commit", "writing the shards or the temporary manifest",
 	"after the temporary write, before the rename", "after the commit point, before the ack"}
 
 // crashSeed returns the seed of the test's random choices: DEPCACHE_SEED
@@ -437,11 +437,7 @@ func killed(err error) bool {
 // failing t if that does not parse.
 func generationOf(t *testing.T, path, what string) uint64 {
 	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%s: %v", what, err)
-	}
-	st, err := state.Decode(b)
+	st, err := state.DecodeFile(filepath.Dir(path), filepath.Base(path))
 	if err != nil {
 		t.Fatalf("%s does not parse after SIGKILL: %v", what, err)
 	}
@@ -464,27 +460,38 @@ func crashPhase(t *testing.T, dir string, g, acked uint64) killPhase {
 	if len(temps) > 1 {
 		t.Fatalf("temporary files %v: more than one commit in flight", temps)
 	}
-	if len(temps) == 0 {
-		if g == acked+1 {
-			return killAfter
+	var tempSt *state.State
+	var tempErr error
+	if len(temps) == 1 {
+		if g != acked {
+			t.Fatalf("generation %d committed (last acknowledged %d), yet its temporary file %s is still there", g, acked, temps[0])
 		}
+		// The temporary manifest, with the shards it names.
+		tempSt, tempErr = state.DecodeFile(dir, filepath.Base(temps[0]))
+		if err := os.Remove(temps[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Shard files that no manifest names: those of a commit killed before
+	// its rename.
+	litter, err := state.UnnamedShards(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range litter {
+		if err := os.Remove(filepath.Join(dir, state.ShardDir, n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	switch {
+	case len(temps) == 0 && g == acked+1:
+		return killAfter
+	case len(temps) == 0 && len(litter) == 0:
 		return killBefore
-	}
-	if g != acked {
-		t.Fatalf("generation %d committed (last acknowledged %d), yet its temporary file %s is still there", g, acked, temps[0])
-	}
-	b, err := os.ReadFile(temps[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(temps[0]); err != nil {
-		t.Fatal(err)
-	}
-	st, err := state.Decode(b)
-	if err != nil {
+	case len(temps) == 0 || tempErr != nil:
 		return killWriting
 	}
-	if e := st.Get(bundleKey(0)); e == nil || e.Generation != acked+1 {
+	if e := tempSt.Get(bundleKey(0)); e == nil || e.Generation != acked+1 {
 		t.Fatalf("temporary file %s holds %+v, want generation %d", temps[0], e, acked+1)
 	}
 	return killInside

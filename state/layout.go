@@ -104,13 +104,15 @@ type header struct {
 	MaxGeneration uint64  `json:"max_generation,omitempty"`
 }
 
-// Encode returns the bytes of the state file for st, after validating it.
+// Encode returns st as one self-contained document of format 1 (the
+// layout above, "version":1), after validating it: the form of the copies
+// that doctor keeps aside, which Decode and DecodeFile read back.
 func Encode(st *State) ([]byte, error) {
 	b, _, err := encodeLines(nil, st, nil)
 	return b, err
 }
 
-// encodeLines appends st to dst in the line layout, reusing the line of every entry
+// encodeLines appends st to dst in the line layout of format 1, reusing the line of every entry
 // equal to the one prev decoded from it. It validates what it encodes anew
 // (prev's entries were validated when decoded) and returns the cache of the
 // lines it wrote.
@@ -123,54 +125,54 @@ func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, er
 			return nil, nil, fmt.Errorf("policy: %w", err)
 		}
 	}
-	h, err := json.Marshal(header{Version: st.Version, Policy: st.Policy, MaxGeneration: st.MaxGeneration})
+	h, err := json.Marshal(header{Version: 1, Policy: st.Policy, MaxGeneration: st.MaxGeneration})
 	if err != nil {
 		return nil, nil, err
 	}
-	sorted := sortedEntries(st, prev)
+	next, size, err := encodeEntryLines(sortedEntries(st, prev), prev)
+	if err != nil {
+		return nil, nil, err
+	}
+	buf := slices.Grow(dst, size+len(h)+len(entriesOpen)+len(layoutEnd)+2)
+	buf = append(buf, h[:len(h)-1]...)
+	if len(h) > 2 {
+		buf = append(buf, ',')
+	}
+	buf = append(buf, entriesOpen...)
+	return appendLines(buf, next), next, nil
+}
+
+// encodeEntryLines returns the lines of sorted (in ID order), reusing the
+// line of every entry equal to the one prev decoded from it, and their
+// size with separators. It validates what it encodes anew.
+func encodeEntryLines(sorted []idEntry, prev *lineCache) (*lineCache, int, error) {
 	next := &lineCache{lines: make([]cachedLine, len(sorted))}
-	size := len(h) + len(entriesOpen) + len(layoutEnd) + 2
+	size := 0
 	k := cursor{c: prev}
 	for i, ie := range sorted {
 		id, e := ie.id, ie.e
 		cl, ok := k.find(id)
 		if !ok || (cl.e != e && !cl.e.Equal(e)) { // the same pointer: handed out and kept
 			if err := e.validate(id); err != nil {
-				return nil, nil, err
+				return nil, 0, err
 			}
 			line, err := encodeLine(id, e)
 			if err != nil {
-				return nil, nil, err
+				return nil, 0, err
 			}
 			// Cache what a reader decodes from the line, not e: its times
 			// carry a monotonic reading and a location, its strings may
 			// hold invalid UTF-8, none of which survive the file.
 			decoded, ok := decodeLine([]byte(line), &cursor{})
 			if !ok || decoded.id != id {
-				return nil, nil, fmt.Errorf("entry %s: its encoding does not decode back", id)
+				return nil, 0, fmt.Errorf("entry %s: its encoding does not decode back", id)
 			}
 			cl = decoded
 		}
 		next.lines[i] = cl
 		size += len(cl.line) + 2
 	}
-	buf := slices.Grow(dst, size)
-	buf = append(buf, h[:len(h)-1]...)
-	if len(h) > 2 {
-		buf = append(buf, ',')
-	}
-	buf = append(buf, entriesOpen...)
-	buf = append(buf, '\n')
-	for i, cl := range next.lines {
-		buf = append(buf, cl.line...)
-		if i < len(next.lines)-1 {
-			buf = append(buf, ',')
-		}
-		buf = append(buf, '\n')
-	}
-	buf = append(buf, layoutEnd...)
-	buf = append(buf, '\n')
-	return buf, next, nil
+	return next, size, nil
 }
 
 type idEntry struct {
@@ -246,31 +248,48 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	if !isEnd || (len(body) > 0 && body[len(body)-1] != '\n') {
 		return nil, nil, false
 	}
+	lines, ok := decodeBody(body, prev)
+	if !ok {
+		return nil, nil, false
+	}
+	st = &State{Version: FormatVersion, Policy: hdr.Policy, MaxGeneration: hdr.MaxGeneration, Entries: make(map[string]*Entry, len(lines.lines))}
+	for _, cl := range lines.lines {
+		st.Entries[cl.id] = cl.e
+	}
+	return st, lines, true
+}
+
+// decodeBody decodes the entry lines of a document (each line ends with a
+// newline, and all but the last with a comma before it), in increasing ID
+// order, decoding only the lines prev does not hold. It returns prev itself
+// when every line was prev's.
+func decodeBody(body []byte, prev *lineCache) (*lineCache, bool) {
 	n := bytes.Count(body, []byte("\n"))
-	st = &State{Version: hdr.Version, Policy: hdr.Policy, MaxGeneration: hdr.MaxGeneration, Entries: make(map[string]*Entry, n)}
 	lines := make([]cachedLine, 0, n)
 	k := cursor{c: prev}
 	for len(body) > 0 {
-		line, after, _ := bytes.Cut(body, []byte("\n"))
+		line, after, found := bytes.Cut(body, []byte("\n"))
+		if !found {
+			return nil, false
+		}
 		body = after
 		line, comma := bytes.CutSuffix(line, []byte(","))
 		if comma == (len(body) == 0) {
-			return nil, nil, false // a comma after every entry but the last
+			return nil, false // a comma after every entry but the last
 		}
 		cl, ok := decodeLine(line, &k)
 		if !ok {
-			return nil, nil, false
+			return nil, false
 		}
 		if len(lines) > 0 && cl.id <= lines[len(lines)-1].id {
-			return nil, nil, false // out of order or repeated: Decode reads it
+			return nil, false // out of order or repeated: the whole decode reads it
 		}
-		st.Entries[cl.id] = cl.e
 		lines = append(lines, cl)
 	}
 	if prev != nil && len(lines) == len(prev.lines) && sameLines(lines, prev.lines) {
-		return st, prev, true
+		return prev, true
 	}
-	return st, &lineCache{lines: lines}, true
+	return &lineCache{lines: lines}, true
 }
 
 // sameLines reports whether a and b hold the same cached lines.
@@ -296,7 +315,7 @@ func decodeHeader(line []byte) (header, bool) {
 		}
 		obj = append(bytes.Clone(fields[:len(fields)-1]), '}')
 	}
-	if strictUnmarshal(obj, &hdr) != nil || hdr.Version < 1 || hdr.Version > FormatVersion {
+	if strictUnmarshal(obj, &hdr) != nil || hdr.Version != 1 {
 		return hdr, false
 	}
 	if hdr.Policy != nil && hdr.Policy.Validate() != nil {

@@ -9,10 +9,12 @@ import (
 	"time"
 )
 
-// FormatVersion is the version of the state file format this package writes.
-// A file with a higher version is refused with [ErrUnsupportedVersion] rather
-// than misread, so an older depcache never rewrites a newer one's state.
-const FormatVersion = 1
+// FormatVersion is the version of the state format this package writes: 2,
+// a manifest and immutable shard files (see v2.go). It reads format 1, one
+// document, and converts it at its first write. A state with a higher
+// version is refused with [ErrUnsupportedVersion] rather than misread, so
+// an older depcache never rewrites a newer one's state.
+const FormatVersion = 2
 
 // Stage is where an entry is in its life.
 type Stage string

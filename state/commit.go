@@ -1,0 +1,295 @@
+package state
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// commitChanges writes what fn changed in sn.st: the shards whose entries
+// differ from those read, then the manifest. It reports whether the commit
+// point (the manifest's rename) was passed; an error before it leaves the
+// state as it was and removes the shard files it wrote. Nothing that
+// changed is a commit of nothing.
+func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
+	st := sn.st
+	st.Version = FormatVersion
+	st.NoteGenerations()
+	invalid := func(err error) error {
+		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+	}
+	if st.Entries == nil {
+		return false, invalid(errors.New(`no "entries" object`))
+	}
+	var buckets [numShards][]idEntry
+	for id, e := range st.Entries {
+		i, ok := shardOf(id)
+		if !ok {
+			return false, invalid(fmt.Errorf("entry %q: not a key ID", id))
+		}
+		if !sn.loaded[i] {
+			// The Txn refuses a key it was not given; only a bug gets here.
+			return false, fmt.Errorf("state %s: an update wrote entry %s, whose shard it did not read", s.path, id)
+		}
+		buckets[i] = append(buckets[i], idEntry{id, e})
+	}
+	old := sn.man
+	nm := &manifest{Version: FormatVersion, Policy: st.Policy, MaxGeneration: st.MaxGeneration, Serial: 1, Shards: map[string]shardRef{}}
+	if old != nil {
+		nm.Serial = old.Serial + 1
+		maps.Copy(nm.Shards, old.Shards)
+	}
+	var (
+		written []string
+		touched [numShards]bool
+		lines   [numShards]*lineCache
+	)
+	defer func() {
+		if !committed {
+			s.deleteShards(written)
+		}
+	}()
+	for i := range numShards {
+		if !sn.loaded[i] {
+			continue
+		}
+		b := buckets[i]
+		if !sn.rewrite && !shardChanged(sn.lines[i], len(b), st.Entries) {
+			continue
+		}
+		slices.SortFunc(b, func(x, y idEntry) int { return strings.Compare(x.id, y.id) })
+		p := shardPrefix(i)
+		oldRef, had := nm.Shards[p]
+		touched[i] = true
+		if had {
+			nm.Retired = append(nm.Retired, oldRef.File)
+			delete(nm.Shards, p)
+		}
+		if len(b) == 0 {
+			continue
+		}
+		var prev *lineCache
+		if !sn.rewrite {
+			prev = sn.lines[i]
+		}
+		data, c, err := encodeShard(p, b, prev)
+		if err != nil {
+			return false, invalid(err)
+		}
+		name, err := s.writeShard(p, nm.Serial, data)
+		if err != nil {
+			return false, err
+		}
+		written = append(written, name)
+		nm.Shards[p] = shardRef{File: name, Bytes: len(data), Entries: len(b), SHA256: shortHash(data)}
+		lines[i] = c
+	}
+	if old != nil && !sn.rewrite && written == nil && len(nm.Retired) == 0 && sameHeader(old, nm) {
+		return false, nil // nothing changed
+	}
+	slices.Sort(nm.Retired)
+	if len(written) > 0 {
+		if err := SyncDir(filepath.Join(s.root, ShardDir)); err != nil {
+			return false, fmt.Errorf("state %s: %w", s.path, err)
+		}
+	}
+	data, err := encodeManifest(nm)
+	if err != nil {
+		return false, invalid(err)
+	}
+	if err := s.commit(data, sn.exists); err != nil {
+		return false, err
+	}
+	committed = true
+	for i := range numShards {
+		if touched[i] {
+			file := ""
+			if r, ok := nm.Shards[shardPrefix(i)]; ok {
+				file = r.File
+			}
+			s.rememberShard(i, file, lines[i])
+		}
+	}
+	if old != nil && sn.exists {
+		// state.json.prev is now old: what old retired is named by
+		// neither it nor the new manifest.
+		s.deleteShards(old.Retired)
+	}
+	return true, nil
+}
+
+// sameHeader reports whether a and b have the same policy and highest
+// generation.
+func sameHeader(a, b *manifest) bool {
+	if a.MaxGeneration != b.MaxGeneration {
+		return false
+	}
+	if (a.Policy == nil) != (b.Policy == nil) {
+		return false
+	}
+	if a.Policy == nil {
+		return true
+	}
+	x, err1 := json.Marshal(a.Policy)
+	y, err2 := json.Marshal(b.Policy)
+	return err1 == nil && err2 == nil && string(x) == string(y)
+}
+
+// writeShard writes data, durably, as a new file of shard p under a name no
+// file had before, and returns that name.
+func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error) {
+	dir := filepath.Join(s.root, ShardDir)
+	if err := s.opts.Perms.MkdirAll(dir); err != nil {
+		return "", fmt.Errorf("state %s: %w", s.path, err)
+	}
+	for range 4 {
+		name := fmt.Sprintf("%s-%016x-%08x.json", p, serial, s.nonce32())
+		path := filepath.Join(dir, name)
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, s.opts.Perms.File)
+		if errors.Is(err, fs.ErrExist) {
+			continue // a name taken (or, on sshfs, one a mount still remembers): draw another
+		}
+		if err != nil {
+			return "", fmt.Errorf("state %s: creating shard %s: %w", s.path, path, err)
+		}
+		err = f.Chmod(s.opts.Perms.File)
+		if err == nil {
+			_, err = f.Write(data)
+		}
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(path)
+			return "", fmt.Errorf("state %s: writing shard %s: %w", s.path, path, err)
+		}
+		return name, nil
+	}
+	return "", fmt.Errorf("state %s: no free shard name in %s after 4 tries", s.path, dir)
+}
+
+func (s *Store) nonce32() uint32 {
+	r := s.opts.Lock.Rand
+	if r == nil {
+		r = rand.Reader
+	}
+	var b [4]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return uint32(time.Now().UnixNano())
+	}
+	return binary.BigEndian.Uint32(b[:])
+}
+
+// deleteShards removes shard files that no manifest names any more. A file
+// already gone is fine; any other failure leaves litter, which a later
+// holder collects.
+func (s *Store) deleteShards(names []string) {
+	for _, n := range names {
+		if !shardFileRE.MatchString(n) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(s.root, ShardDir, n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.lock.opts.Log.WithError(err).WithField("state", s.path).Debug("deleting a retired shard")
+		}
+	}
+}
+
+// litter is what a store saw of the shard files that no manifest names:
+// the files of a commit killed before its rename, or retired shards a
+// killed commit did not delete. One that stays unnamed for the grace
+// period, on this process's clock, is deleted. A file being written by a
+// holder whose lock was broken is younger than that.
+type litter struct {
+	mu      sync.Mutex
+	listed  time.Time       // when state.d was last listed
+	unnamed map[string]bool // what that listing found unnamed
+}
+
+// collectLitter lists state.d at most once per grace period, with the lock
+// held, and deletes the files unnamed at the last listing that still are.
+func (s *Store) collectLitter() {
+	grace := s.opts.ShardGrace
+	if grace <= 0 {
+		grace = 10 * time.Minute
+	}
+	l := &s.litter
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	if !l.listed.IsZero() && now.Sub(l.listed) < grace {
+		return
+	}
+	unnamed, err := s.unnamedShards()
+	if err != nil {
+		return // an unreadable manifest: delete nothing
+	}
+	var gone []string
+	for n := range unnamed {
+		if l.unnamed[n] {
+			gone = append(gone, n)
+			delete(unnamed, n)
+		}
+	}
+	s.deleteShards(gone)
+	if len(gone) > 0 {
+		s.lock.opts.Log.WithField("state", s.path).WithField("files", len(gone)).Info("deleted shard files that no manifest names")
+	}
+	l.listed, l.unnamed = now, unnamed
+}
+
+// unnamedShards returns the shard files of state.d that neither the
+// manifest nor the previous one names. It fails when either cannot be
+// read: nothing is then judged unnamed.
+func (s *Store) unnamedShards() (map[string]bool, error) {
+	named := map[string]bool{}
+	for _, f := range []string{s.path, s.path + PrevSuffix} {
+		b, err := os.ReadFile(f)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if versionOf(b) != FormatVersion {
+			if _, err := decodeV1(b); err != nil {
+				return nil, err
+			}
+			continue // format 1 names no shard
+		}
+		m, err := decodeManifest(b)
+		if err != nil {
+			return nil, err
+		}
+		for _, n := range m.files() {
+			named[n] = true
+		}
+	}
+	ents, err := os.ReadDir(filepath.Join(s.root, ShardDir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return map[string]bool{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, e := range ents {
+		if n := e.Name(); shardFileRE.MatchString(n) && !named[n] && e.Type().IsRegular() {
+			out[n] = true
+		}
+	}
+	return out, nil
+}

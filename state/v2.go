@@ -1,0 +1,347 @@
+package state
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+)
+
+// Format 2 splits the state into a small manifest and immutable shards, so
+// that an operation reads and writes what it changes, not the whole cache
+// (issue 14: at 10,000 entries, one durable commit of the whole 3.5 MB file
+// took 6.7 ms).
+//
+//   - state.json is the manifest: the header (policy, highest generation),
+//     a commit serial, and for each of the 256 shards that holds entries
+//     (entries are sharded by the first byte of their key ID) the name of
+//     its file under state.d/, with its size, entry count and a hash of its
+//     content.
+//   - A shard file is written once, under a name no other file ever had
+//     (the prefix, the manifest's serial, and a random nonce), fsynced, and
+//     never changed. A reader that has a shard's name cached has its
+//     content: on sshfs, a stale attribute cache cannot cut a file it never
+//     saw before.
+//   - A commit writes the changed shards, fsyncs them and state.d/, then
+//     replaces the manifest as format 1 replaced the whole file (the
+//     previous manifest kept as state.json.prev). The manifest's rename is
+//     the one commit point, so a commit touching many shards is atomic
+//     with no log.
+//   - Each manifest lists as retired the shard files of the manifest before
+//     it that it no longer names. The commit after it deletes them: at
+//     that point neither state.json nor state.json.prev names them. A
+//     holder also deletes, after a grace period, files of state.d/ that
+//     neither names (the litter of a commit killed before its rename, or of
+//     one killed before it deleted the retired shards).
+//
+// A manifest is JSON with one shard per line:
+//
+//	{"version":2,"policy":{...},"max_generation":7,"serial":41,"retired":["3f-...json"],"shards":{
+//	"00":{"file":"00-0000000000000029-9c1e5b7d.json","bytes":1432,"entries":4,"sha256":"0123456789abcdef"},
+//	...
+//	}}
+//
+// and a shard file is format 1's entry lines under a shard header:
+//
+//	{"shard":"3f","entries":{
+//	"3f0c...":{"key":{...},"stage":"READY",...},
+//	"3fa7...":{...}
+//	}}
+
+// ShardDir is the directory of the root that holds format 2's shard files.
+const ShardDir = "state.d"
+
+// numShards is the number of shards: entries are sharded by the first byte
+// of their key ID (two hex digits). At 100,000 entries a shard holds about
+// 400 of them (140 KB).
+const numShards = 256
+
+// manifest is the content of a format 2 state.json.
+type manifest struct {
+	Version       int     `json:"version"`
+	Policy        *Policy `json:"policy,omitempty"`
+	MaxGeneration uint64  `json:"max_generation,omitempty"`
+	// Serial counts commits; it is part of every shard name it writes.
+	Serial uint64 `json:"serial"`
+	// Retired are the shard files the manifest before this one named and
+	// this one does not: the next commit deletes them.
+	Retired []string `json:"retired,omitempty"`
+	// Shards maps a shard's prefix to its file; a shard without entries
+	// has none.
+	Shards map[string]shardRef `json:"shards"`
+}
+
+// shardRef names a shard's file and what it must hold.
+type shardRef struct {
+	File    string `json:"file"`
+	Bytes   int    `json:"bytes"`
+	Entries int    `json:"entries"`
+	SHA256  string `json:"sha256"` // the first 8 bytes, in hex
+}
+
+var (
+	shardFileRE   = regexp.MustCompile(`^([0-9a-f]{2})-[0-9a-f]{16}-[0-9a-f]{8}\.json$`)
+	shardPrefixRE = regexp.MustCompile(`^[0-9a-f]{2}$`)
+	shortHashRE   = regexp.MustCompile(`^[0-9a-f]{16}$`)
+)
+
+// shardOf returns the shard index of a key ID, false if it is not one.
+func shardOf(id string) (int, bool) {
+	if len(id) < 2 {
+		return 0, false
+	}
+	b, err := hex.DecodeString(id[:2])
+	if err != nil || strings.ToLower(id[:2]) != id[:2] {
+		return 0, false
+	}
+	return int(b[0]), true
+}
+
+func shardPrefix(i int) string { return hex.EncodeToString([]byte{byte(i)}) }
+
+func shortHash(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// versionOf returns the "version" of a state file's bytes, 0 if it has
+// none that parses.
+func versionOf(b []byte) int {
+	var probe struct {
+		Version int `json:"version"`
+	}
+	if json.Unmarshal(b, &probe) != nil {
+		return 0
+	}
+	return probe.Version
+}
+
+// errNewer is the refusal of a state file of a later format.
+func errNewer(v int) error {
+	return fmt.Errorf("%w: version %d, and this depcache reads versions 1 to %d: upgrade depcache to one that reads version %d", ErrUnsupportedVersion, v, FormatVersion, v)
+}
+
+// decodeManifest parses a format 2 manifest. Errors wrap ErrCorrupt or
+// ErrUnsupportedVersion and say what is wrong.
+func decodeManifest(b []byte) (*manifest, error) {
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil, fmt.Errorf("%w: file is empty", ErrCorrupt)
+	}
+	var m manifest
+	if err := strictUnmarshal(b, &m); err != nil {
+		if v := versionOf(b); v > FormatVersion {
+			return nil, errNewer(v)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if m.Version > FormatVersion {
+		return nil, errNewer(m.Version)
+	}
+	if m.Version != 2 {
+		return nil, fmt.Errorf("%w: not a version 2 manifest (version %d)", ErrCorrupt, m.Version)
+	}
+	if err := m.validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return &m, nil
+}
+
+func (m *manifest) validate() error {
+	if m.Shards == nil {
+		return errors.New(`no "shards" object`)
+	}
+	if m.Policy != nil {
+		if err := m.Policy.Validate(); err != nil {
+			return fmt.Errorf("policy: %w", err)
+		}
+	}
+	seen := map[string]bool{}
+	for p, r := range m.Shards {
+		if !shardPrefixRE.MatchString(p) {
+			return fmt.Errorf("shard %q: not two lowercase hex digits", p)
+		}
+		sm := shardFileRE.FindStringSubmatch(r.File)
+		switch {
+		case sm == nil:
+			return fmt.Errorf("shard %s: bad file name %q", p, r.File)
+		case sm[1] != p:
+			return fmt.Errorf("shard %s: file %q is another shard's", p, r.File)
+		case r.Bytes <= 0 || r.Entries <= 0:
+			return fmt.Errorf("shard %s: %d bytes, %d entries: a shard without entries has no file", p, r.Bytes, r.Entries)
+		case !shortHashRE.MatchString(r.SHA256):
+			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
+		}
+		seen[r.File] = true
+	}
+	for _, f := range m.Retired {
+		if !shardFileRE.MatchString(f) {
+			return fmt.Errorf("retired shard: bad file name %q", f)
+		}
+		if seen[f] {
+			return fmt.Errorf("shard file %s is both named and retired", f)
+		}
+	}
+	return nil
+}
+
+// files returns the shard files m names.
+func (m *manifest) files() []string {
+	if m == nil {
+		return nil
+	}
+	out := make([]string, 0, len(m.Shards))
+	for _, r := range m.Shards {
+		out = append(out, r.File)
+	}
+	return out
+}
+
+// encodeManifest returns the bytes of m, one shard per line.
+func encodeManifest(m *manifest) ([]byte, error) {
+	if err := m.validate(); err != nil {
+		return nil, err
+	}
+	h, err := json.Marshal(struct {
+		Version       int      `json:"version"`
+		Policy        *Policy  `json:"policy,omitempty"`
+		MaxGeneration uint64   `json:"max_generation,omitempty"`
+		Serial        uint64   `json:"serial"`
+		Retired       []string `json:"retired,omitempty"`
+	}{m.Version, m.Policy, m.MaxGeneration, m.Serial, m.Retired})
+	if err != nil {
+		return nil, err
+	}
+	prefixes := make([]string, 0, len(m.Shards))
+	for p := range m.Shards {
+		prefixes = append(prefixes, p)
+	}
+	slices.Sort(prefixes)
+	buf := make([]byte, 0, len(h)+16+len(prefixes)*96)
+	buf = append(buf, h[:len(h)-1]...)
+	buf = append(buf, `,"shards":{`...)
+	buf = append(buf, '\n')
+	for i, p := range prefixes {
+		r, err := json.Marshal(m.Shards[p])
+		if err != nil {
+			return nil, err
+		}
+		buf = append(buf, '"')
+		buf = append(buf, p...)
+		buf = append(buf, `":`...)
+		buf = append(buf, r...)
+		if i < len(prefixes)-1 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '\n')
+	}
+	buf = append(buf, "}}\n"...)
+	return buf, nil
+}
+
+// shardHeader is the first line of shard p's file.
+func shardHeader(p string) string { return `{"shard":"` + p + `",` + entriesOpen }
+
+// encodeShard returns the file of shard p holding entries (in ID order),
+// reusing the line of every entry equal to the one prev decoded, and the
+// cache of its lines.
+func encodeShard(p string, entries []idEntry, prev *lineCache) ([]byte, *lineCache, error) {
+	lines, size, err := encodeEntryLines(entries, prev)
+	if err != nil {
+		return nil, nil, err
+	}
+	hdr := shardHeader(p)
+	buf := make([]byte, 0, len(hdr)+size+len(layoutEnd)+2)
+	buf = append(buf, hdr...)
+	buf = appendLines(buf, lines)
+	return buf, lines, nil
+}
+
+// appendLines appends the entry lines of c and the end of the document.
+func appendLines(buf []byte, c *lineCache) []byte {
+	buf = append(buf, '\n')
+	for i, cl := range c.lines {
+		buf = append(buf, cl.line...)
+		if i < len(c.lines)-1 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '\n')
+	}
+	buf = append(buf, layoutEnd...)
+	return append(buf, '\n')
+}
+
+// decodeShard parses the file of shard p, decoding only the lines prev does
+// not hold. Errors wrap ErrCorrupt.
+func decodeShard(p string, b []byte, prev *lineCache) (*lineCache, error) {
+	if rest, ok := bytes.CutPrefix(b, []byte(shardHeader(p)+"\n")); ok {
+		if body, ok := bytes.CutSuffix(rest, []byte(layoutEnd+"\n")); ok {
+			if lines, ok := decodeBody(body, prev); ok && inShard(p, lines) {
+				return lines, nil
+			}
+		}
+	}
+	// Not in the layout, or a line does not decode: decode it whole, which
+	// says what is wrong.
+	var doc struct {
+		Shard   string            `json:"shard"`
+		Entries map[string]*Entry `json:"entries"`
+	}
+	if err := strictUnmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if doc.Shard != p {
+		return nil, fmt.Errorf("%w: shard %q where shard %s belongs", ErrCorrupt, doc.Shard, p)
+	}
+	if doc.Entries == nil {
+		return nil, fmt.Errorf("%w: no \"entries\" object", ErrCorrupt)
+	}
+	sorted := make([]idEntry, 0, len(doc.Entries))
+	for id, e := range doc.Entries {
+		if err := e.validate(id); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+		}
+		if !strings.HasPrefix(id, p) {
+			return nil, fmt.Errorf("%w: entry %s is not of shard %s", ErrCorrupt, id, p)
+		}
+		sorted = append(sorted, idEntry{id, e})
+	}
+	slices.SortFunc(sorted, func(a, b idEntry) int { return strings.Compare(a.id, b.id) })
+	lines, _, err := encodeEntryLines(sorted, nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return lines, nil
+}
+
+func inShard(p string, c *lineCache) bool {
+	for _, cl := range c.lines {
+		if !strings.HasPrefix(cl.id, p) {
+			return false
+		}
+	}
+	return true
+}
+
+// shardChanged reports whether the n entries of a shard in entries differ
+// from what prev holds: the same count, and each of prev's entries still
+// there, the same or Equal, is the same set.
+func shardChanged(prev *lineCache, n int, entries map[string]*Entry) bool {
+	if prev == nil {
+		return n != 0
+	}
+	if n != len(prev.lines) {
+		return true
+	}
+	for _, cl := range prev.lines {
+		e, ok := entries[cl.id]
+		if !ok || (e != cl.e && !e.Equal(cl.e)) {
+			return true
+		}
+	}
+	return false
+}

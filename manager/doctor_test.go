@@ -72,7 +72,7 @@ func TestRebuildReportsWhatItDrops(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if st, err := state.Decode(good); err != nil || st.Policy == nil || st.Policy.MaxSizeBytes != budget {
+			if st, err := state.DecodeFile(root, state.StateFile); err != nil || st.Policy == nil || st.Policy.MaxSizeBytes != budget {
 				t.Fatalf("setup: %v, %+v", err, st)
 			}
 			os.WriteFile(sf+state.PrevSuffix, good, 0o644)
@@ -120,8 +120,8 @@ func TestRebuildReportsWhatItDrops(t *testing.T) {
 			if prev, _ := os.ReadFile(sf + state.PrevSuffix); string(prev) != string(good) {
 				t.Error("state.json.prev was replaced")
 			}
-			if kept, _ := os.ReadFile(rep.LastStateCopy); string(kept) != string(good) {
-				t.Error("the copy of the last good state differs from it")
+			if kept, err := state.DecodeFile(root, filepath.Base(rep.LastStateCopy)); err != nil || len(kept.Entries) != 2 || kept.Policy == nil || kept.Policy.MaxSizeBytes != budget {
+				t.Errorf("the copy of the last good state: %+v, %v", kept, err)
 			}
 			b, _ := json.Marshal(rep)
 			for _, field := range []string{`"failed":[]`, `"dropped_entries":[]`, `"dropped_dependents":[{`, `"carried":true`} {
@@ -220,11 +220,17 @@ func TestRebuildHonoursEitherRecordOfAFailure(t *testing.T) {
 				os.WriteFile(metaPath, b, 0o644)
 				os.WriteFile(sf+state.PrevSuffix, good, 0o644)
 			case "state only": // FAILED in the last state, no mark
-				st, _ := state.Decode(good)
+				st, err := state.DecodeFile(root, state.StateFile)
+				if err != nil {
+					t.Fatal(err)
+				}
 				e := st.Get(k).Clone()
 				e.Stage, e.Message, e.FailedAt, e.Failures = state.Failed, "verify: by an older depcache", time.Now(), 1
 				st.Put(e)
-				b, _ := json.Marshal(st)
+				b, err := state.Encode(st) // a self-contained previous version
+				if err != nil {
+					t.Fatal(err)
+				}
 				os.WriteFile(sf+state.PrevSuffix, b, 0o644)
 			}
 			os.WriteFile(sf, []byte("{"), 0o644)

@@ -416,11 +416,7 @@ func TestDiskFull(t *testing.T) {
 	if e.Stage != state.Failed {
 		t.Errorf("stage %s", e.Stage)
 	}
-	b, err := os.ReadFile(filepath.Join(root, state.StateFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := state.Decode(b); err != nil {
+	if _, err := state.DecodeFile(root, state.StateFile); err != nil {
 		t.Fatalf("state does not parse after the full disk: %v", err)
 	}
 	if ents, _ := os.ReadDir(filepath.Join(root, "entries")); len(ents) != 0 {
@@ -443,7 +439,7 @@ func TestHostileArchiveFails(t *testing.T) {
 	ents, _ := os.ReadDir(root)
 	for _, e := range ents {
 		switch n := e.Name(); {
-		case n == "state.json", n == "state.json.prev", n == "staging", n == "entries", strings.HasPrefix(n, "state.lock"):
+		case n == "state.json", n == "state.json.prev", n == state.ShardDir, n == "staging", n == "entries", strings.HasPrefix(n, "state.lock"):
 		default:
 			t.Errorf("unexpected %s in the root", e.Name())
 		}

@@ -108,14 +108,11 @@ func fileSum(t *testing.T, p string) string {
 func readState(t *testing.T, root string) *state.State {
 	t.Helper()
 	for range 5 {
-		b, err := os.ReadFile(filepath.Join(root, state.StateFile))
-		if err != nil {
-			if os.IsNotExist(err) {
-				return state.New()
-			}
-			t.Fatal(err)
+		st, err := state.DecodeFile(root, state.StateFile)
+		if os.IsNotExist(err) {
+			return state.New()
 		}
-		if st, err := state.Decode(b); err == nil {
+		if err == nil {
 			return st
 		}
 	}

@@ -51,11 +51,7 @@ func holders(t *testing.T, root string) map[string]map[string][]string {
 	files, _ := filepath.Glob(filepath.Join(root, state.StateFile+"*"))
 	out := map[string]map[string][]string{}
 	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		st, err := state.Decode(b)
+		st, err := state.DecodeFile(root, filepath.Base(f))
 		if err != nil {
 			continue
 		}
@@ -124,7 +120,7 @@ func TestE2ERebuildKeepsTheLastGoodState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := state.Decode(good)
+	st, err := state.DecodeFile(template, state.StateFile)
 	if err != nil {
 		t.Fatal(err)
 	}

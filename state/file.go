@@ -394,25 +394,18 @@ func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, err
 // lines need not be decoded again.
 func (s *Store) readShard(i int, ref shardRef, prev *lineCache) (*lineCache, error) {
 	name := filepath.Join(s.root, ShardDir, ref.File)
-	b, err := os.ReadFile(name)
-	if errors.Is(err, fs.ErrNotExist) {
+	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, prev)
+	switch {
+	case err == nil:
+		return lines, nil
+	case errors.Is(err, fs.ErrNotExist):
 		return nil, &shardAgain{fmt.Errorf("state file %s names shard %s, which is missing; nothing was deleted; run 'depcache doctor --rebuild': %w", s.path, name, ErrCorrupt)}
-	}
-	if err != nil {
+	case !errors.Is(err, ErrCorrupt):
 		return nil, fmt.Errorf("state shard %s: cannot read it: %w", name, err)
+	case errors.Is(err, errShardMismatch):
+		return nil, &shardAgain{s.corrupt(name, b, fmt.Errorf("named by %s: %w", s.path, err))}
 	}
-	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
-		err := fmt.Errorf("%w: %d bytes with sha256 %s, where state file %s says %d bytes with sha256 %s", ErrCorrupt, len(b), shortHash(b), s.path, ref.Bytes, ref.SHA256)
-		return nil, &shardAgain{s.corrupt(name, b, err)}
-	}
-	lines, err := decodeShard(shardPrefix(i), b, prev)
-	if err == nil && len(lines.lines) != ref.Entries {
-		err = fmt.Errorf("%w: %d entries, where state file %s says %d", ErrCorrupt, len(lines.lines), s.path, ref.Entries)
-	}
-	if err != nil {
-		return nil, s.corrupt(name, b, err)
-	}
-	return lines, nil
+	return nil, s.corrupt(name, b, err)
 }
 
 // Decode parses a self-contained state document: a state file of format
@@ -473,20 +466,9 @@ func decodeFileBytes(root string, b []byte) (*State, error) {
 	}
 	st := &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
 	for p, ref := range man.Shards {
-		name := filepath.Join(root, ShardDir, ref.File)
-		data, err := os.ReadFile(name)
+		_, lines, err := readShardFile(root, p, ref, nil)
 		if err != nil {
-			return nil, fmt.Errorf("%w: shard %s: %w", ErrCorrupt, name, err)
-		}
-		if len(data) != ref.Bytes || shortHash(data) != ref.SHA256 {
-			return nil, fmt.Errorf("%w: shard %s: %d bytes with sha256 %s, where the manifest says %d with %s", ErrCorrupt, name, len(data), shortHash(data), ref.Bytes, ref.SHA256)
-		}
-		lines, err := decodeShard(p, data, nil)
-		if err != nil {
-			return nil, fmt.Errorf("shard %s: %w", name, err)
-		}
-		if len(lines.lines) != ref.Entries {
-			return nil, fmt.Errorf("%w: shard %s: %d entries, where the manifest says %d", ErrCorrupt, name, len(lines.lines), ref.Entries)
+			return nil, fmt.Errorf("shard %s: %w", filepath.Join(root, ShardDir, ref.File), err)
 		}
 		for _, cl := range lines.lines {
 			st.Entries[cl.id] = cl.e

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -49,6 +51,89 @@ func (s *Store) Checks(ctx context.Context) []Check {
 	}
 	if leftovers, _ := filepath.Glob(s.lock.path + ".*"); len(leftovers) > 0 {
 		add("lock litter", "warn", "%d files of interrupted lock attempts: %s", len(leftovers), strings.Join(leftovers, ", "))
+	}
+	return append(out, s.formatChecks()...)
+}
+
+// formatChecks reports the state's format and checks format 2's shards:
+// every file the manifest and the previous one name is there, of the size
+// and hash recorded, and parses; files no manifest names are litter that a
+// later holder deletes.
+func (s *Store) formatChecks() []Check {
+	var out []Check
+	add := func(name, status, format string, args ...any) {
+		out = append(out, Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
+	}
+	b, err := os.ReadFile(s.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		add("state format", "ok", "no state yet (format %d at the first write)", FormatVersion)
+		return out
+	case err != nil:
+		add("state format", "fail", "cannot read %s: %v", s.path, err)
+		return out
+	}
+	v := versionOf(b)
+	if v != FormatVersion {
+		if _, err := decodeV1(b); err != nil {
+			add("state format", "fail", "%s: %v", s.path, err)
+			return out
+		}
+		add("state format", "ok", "version 1 (one file, %d bytes): converted to version %d by the next write", len(b), FormatVersion)
+		return out
+	}
+	for _, f := range []string{StateFile, StateFile + PrevSuffix} {
+		b, err := os.ReadFile(filepath.Join(s.root, f))
+		if err != nil {
+			continue // state.json was read above; a missing .prev is reported by reads
+		}
+		if versionOf(b) != FormatVersion {
+			continue
+		}
+		man, err := decodeManifest(b)
+		if err != nil {
+			add("state format", "fail", "%s: %v", filepath.Join(s.root, f), err)
+			continue
+		}
+		entries, problems := 0, []string{}
+		for p, ref := range man.Shards {
+			entries += ref.Entries
+			name := filepath.Join(s.root, ShardDir, ref.File)
+			if _, _, err := readShardFile(s.root, p, ref, nil); errors.Is(err, fs.ErrNotExist) {
+				problems = append(problems, name+": missing")
+			} else if err != nil {
+				problems = append(problems, fmt.Sprintf("%s: %v", name, err))
+			}
+		}
+		slices.Sort(problems)
+		if f == StateFile {
+			add("state format", "ok", "version %d: manifest of %d bytes, %d shards, %d entries, commit %d", v, len(b), len(man.Shards), entries, man.Serial)
+		}
+		switch {
+		case len(problems) > 0 && f == StateFile:
+			add("state shards", "fail", "%d of %d shards named by %s are bad (run 'depcache doctor --rebuild'): %s", len(problems), len(man.Shards), s.path, strings.Join(problems, "; "))
+		case len(problems) > 0:
+			add("previous state shards", "warn", "%d of %d shards named by %s are bad: %s", len(problems), len(man.Shards), filepath.Join(s.root, f), strings.Join(problems, "; "))
+		case f == StateFile:
+			add("state shards", "ok", "all %d shards are there and parse", len(man.Shards))
+		}
+	}
+	unnamed, err := s.unnamedShards()
+	if err != nil {
+		add("unreferenced shards", "warn", "not checked: %v", err)
+	} else if len(unnamed) > 0 {
+		var size int64
+		for n := range unnamed {
+			if fi, err := os.Stat(filepath.Join(s.root, ShardDir, n)); err == nil {
+				size += fi.Size()
+			}
+		}
+		grace := s.opts.ShardGrace
+		if grace <= 0 {
+			grace = 10 * time.Minute
+		}
+		add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they stayed so for %s",
+			len(unnamed), size, filepath.Join(s.root, ShardDir), grace)
 	}
 	return out
 }

@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -344,4 +346,32 @@ func shardChanged(prev *lineCache, n int, entries map[string]*Entry) bool {
 		}
 	}
 	return false
+}
+
+// errShardMismatch is a shard file whose size or hash is not what its
+// manifest records.
+var errShardMismatch = errors.New("does not match its manifest")
+
+// readShardFile reads the file of shard p that ref names, in root's
+// state.d, and decodes it (only the lines prev does not hold), checking
+// it against ref. Its bytes come back for a copy kept aside. A missing file
+// wraps fs.ErrNotExist; a bad one wraps ErrCorrupt, and errShardMismatch
+// when its size or hash differ.
+func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *lineCache, error) {
+	name := filepath.Join(root, ShardDir, ref.File)
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
+		return b, nil, fmt.Errorf("%w: %w: %d bytes with sha256 %s, recorded %d bytes with sha256 %s", ErrCorrupt, errShardMismatch, len(b), shortHash(b), ref.Bytes, ref.SHA256)
+	}
+	lines, err := decodeShard(p, b, prev)
+	if err == nil && len(lines.lines) != ref.Entries {
+		err = fmt.Errorf("%w: %d entries, recorded %d", ErrCorrupt, len(lines.lines), ref.Entries)
+	}
+	if err != nil {
+		return b, nil, err
+	}
+	return b, lines, nil
 }

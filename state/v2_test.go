@@ -83,7 +83,7 @@ func TestUpgradeFromFormat1(t *testing.T) {
 		t.Fatal("a read rewrote the v1 file")
 	}
 	bump(t, s, 7)
-	if got := readBytes(t, sf + state.PrevSuffix); !bytes.Equal(got, b) {
+	if got := readBytes(t, sf+state.PrevSuffix); !bytes.Equal(got, b) {
 		t.Error("state.json.prev is not the v1 file")
 	}
 	if got := readBytes(t, sf); !bytes.HasPrefix(got, []byte(`{"version":2,`)) {

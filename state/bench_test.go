@@ -26,7 +26,7 @@ func benchDirs(b *testing.B) map[string]string {
 	return dirs
 }
 
-func seed(b *testing.B, s *state.Store, n int) {
+func seed(b testing.TB, s *state.Store, n int) {
 	b.Helper()
 	err := s.Update(context.Background(), func(st *state.State) (bool, error) {
 		for i := range n {
@@ -185,3 +185,33 @@ func BenchmarkUpdateTakingTurns(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkUpdateEntries: the hot path of get and release, one entry
+// changed through UpdateEntries, at growing numbers of entries. Format 2
+// reads and writes the shard of that entry and the manifest only, so the
+// cost should not grow with the entries.
+func BenchmarkUpdateEntries(b *testing.B) {
+	for fs, dir := range benchDirs(b) {
+		for _, n := range []int{100, 1000, 10000, 100000} {
+			b.Run(fmt.Sprintf("%s/entries=%d", fs, n), func(b *testing.B) {
+				root := filepath.Join(dir, fmt.Sprintf("e%d", n))
+				s := openStore(b, root)
+				seed(b, s, n)
+				ctx := context.Background()
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					k := bundleKey(i * 7919 % n)
+					if err := s.UpdateEntries(ctx, []string{k.ID()}, func(tx *state.Txn) (bool, error) {
+						e := tx.Get(k).Clone()
+						e.Generation++
+						tx.Put(e)
+						return true, nil
+					}); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+

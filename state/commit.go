@@ -99,12 +99,12 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		return false, nil // nothing changed
 	}
 	slices.Sort(nm.Retired)
-	if len(written) > 0 {
+	if len(written) > 0 && !s.shardEntriesDurable() {
 		if err := SyncDir(filepath.Join(s.root, ShardDir)); err != nil {
 			return false, fmt.Errorf("state %s: %w", s.path, err)
 		}
 	}
-	data, err := encodeManifest(nm)
+	data, mlines, err := encodeManifest(nm)
 	if err != nil {
 		return false, invalid(err)
 	}
@@ -112,6 +112,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		return false, err
 	}
 	committed = true
+	s.rememberManifest(data, nm, mlines)
 	for i := range numShards {
 		if touched[i] {
 			file := ""
@@ -182,6 +183,15 @@ func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error)
 	return "", fmt.Errorf("state %s: no free shard name in %s after 4 tries", s.path, dir)
 }
 
+// shardEntriesDurable reports whether the fsync of a new shard file makes
+// its name in state.d durable too (see fsyncCoversNewEntry), looked at once.
+func (s *Store) shardEntriesDurable() bool {
+	s.shardDirOnce.Do(func() {
+		s.shardDirCovered = fsyncCoversNewEntry(filepath.Join(s.root, ShardDir))
+	})
+	return s.shardDirCovered
+}
+
 func (s *Store) nonce32() uint32 {
 	r := s.opts.Lock.Rand
 	if r == nil {
@@ -199,7 +209,7 @@ func (s *Store) nonce32() uint32 {
 // holder collects.
 func (s *Store) deleteShards(names []string) {
 	for _, n := range names {
-		if !shardFileRE.MatchString(n) {
+		if _, ok := shardFilePrefix(n); !ok {
 			continue
 		}
 		if err := os.Remove(filepath.Join(s.root, ShardDir, n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -287,9 +297,14 @@ func (s *Store) unnamedShards() (map[string]bool, error) {
 	}
 	out := map[string]bool{}
 	for _, e := range ents {
-		if n := e.Name(); shardFileRE.MatchString(n) && !named[n] && e.Type().IsRegular() {
+		if n := e.Name(); isShardFile(n) && !named[n] && e.Type().IsRegular() {
 			out[n] = true
 		}
 	}
 	return out, nil
+}
+
+func isShardFile(name string) bool {
+	_, ok := shardFilePrefix(name)
+	return ok
 }

@@ -64,8 +64,12 @@ type Store struct {
 	// the same bytes (read) or an Equal entry (write).
 	cacheMu sync.Mutex
 	shards  [numShards]shardCache
+	man     manifestCache
 
 	litter litter // unnamed shard files seen by this store
+
+	shardDirOnce    sync.Once
+	shardDirCovered bool // see shardEntriesDurable
 
 	batch batcher
 }
@@ -304,7 +308,7 @@ func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 			}
 			return nil, s.corrupt(s.path, b, err)
 		}
-		man, err := decodeManifest(b)
+		man, err := s.decodeManifest(b)
 		if err != nil {
 			if looksCut(err) && !final {
 				continue
@@ -325,6 +329,40 @@ func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 		return sn, nil
 	}
 	panic("unreachable")
+}
+
+// decodeManifest decodes a manifest, reusing what the last one this store
+// read or wrote decoded: the same bytes are not parsed again, and of a
+// later manifest only the lines that differ are.
+func (s *Store) decodeManifest(b []byte) (*manifest, error) {
+	s.cacheMu.Lock()
+	last := s.man
+	s.cacheMu.Unlock()
+	if last.m != nil && bytes.Equal(b, last.raw) {
+		return last.m, nil
+	}
+	m, lines, ok := decodeManifestLines(b, last.lines)
+	if !ok {
+		var err error
+		if m, err = decodeManifest(b); err != nil {
+			return nil, err
+		}
+	}
+	s.rememberManifest(b, m, lines)
+	return m, nil
+}
+
+// manifestCache is the manifest a store last read or wrote.
+type manifestCache struct {
+	raw   []byte
+	m     *manifest // never changed once cached
+	lines manifestLines
+}
+
+func (s *Store) rememberManifest(b []byte, m *manifest, lines manifestLines) {
+	s.cacheMu.Lock()
+	s.man = manifestCache{raw: b, m: m, lines: lines}
+	s.cacheMu.Unlock()
 }
 
 // decodeV1 decodes a state file of format 1 (or one of no known format,

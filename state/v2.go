@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 )
@@ -86,12 +85,6 @@ type shardRef struct {
 	SHA256  string `json:"sha256"` // the first 8 bytes, in hex
 }
 
-var (
-	shardFileRE   = regexp.MustCompile(`^([0-9a-f]{2})-[0-9a-f]{16}-[0-9a-f]{8}\.json$`)
-	shardPrefixRE = regexp.MustCompile(`^[0-9a-f]{2}$`)
-	shortHashRE   = regexp.MustCompile(`^[0-9a-f]{16}$`)
-)
-
 // shardOf returns the shard index of a key ID, false if it is not one.
 func shardOf(id string) (int, bool) {
 	if len(id) < 2 {
@@ -162,26 +155,26 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("policy: %w", err)
 		}
 	}
-	seen := map[string]bool{}
+	seen := make(map[string]bool, len(m.Shards))
 	for p, r := range m.Shards {
-		if !shardPrefixRE.MatchString(p) {
+		if !isHexN(p, 2) {
 			return fmt.Errorf("shard %q: not two lowercase hex digits", p)
 		}
-		sm := shardFileRE.FindStringSubmatch(r.File)
+		fp, ok := shardFilePrefix(r.File)
 		switch {
-		case sm == nil:
+		case !ok:
 			return fmt.Errorf("shard %s: bad file name %q", p, r.File)
-		case sm[1] != p:
+		case fp != p:
 			return fmt.Errorf("shard %s: file %q is another shard's", p, r.File)
 		case r.Bytes <= 0 || r.Entries <= 0:
 			return fmt.Errorf("shard %s: %d bytes, %d entries: a shard without entries has no file", p, r.Bytes, r.Entries)
-		case !shortHashRE.MatchString(r.SHA256):
+		case !isHexN(r.SHA256, 16):
 			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
 		}
 		seen[r.File] = true
 	}
 	for _, f := range m.Retired {
-		if !shardFileRE.MatchString(f) {
+		if _, ok := shardFilePrefix(f); !ok {
 			return fmt.Errorf("retired shard: bad file name %q", f)
 		}
 		if seen[f] {
@@ -189,6 +182,87 @@ func (m *manifest) validate() error {
 		}
 	}
 	return nil
+}
+
+// isHexN reports whether s is n lowercase hex digits.
+func isHexN(s string, n int) bool {
+	if len(s) != n {
+		return false
+	}
+	for i := 0; i < n; i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// shardFilePrefix returns the shard of a shard file name, PP-SERIAL-NONCE.json
+// (2, 16 and 8 lowercase hex digits), false for any other name. (A regular
+// expression cost a tenth of a hot-path operation.)
+func shardFilePrefix(name string) (string, bool) {
+	if len(name) != 2+1+16+1+8+5 || name[2] != '-' || name[19] != '-' || name[28:] != ".json" ||
+		!isHexN(name[:2], 2) || !isHexN(name[3:19], 16) || !isHexN(name[20:28], 8) {
+		return "", false
+	}
+	return name[:2], true
+}
+
+// manifestLines maps each shard line of a manifest (without its comma) to
+// what it decoded to: the next manifest, which differs from it in the
+// lines of the shards a commit changed, decodes only those.
+type manifestLines map[string]shardRef
+
+// decodeManifestLines decodes b if it follows the manifest's layout,
+// decoding only the shard lines prev does not hold, and returns the lines
+// of b. ok is false when b does not follow the layout or does not decode:
+// decodeManifest then reads it whole and says what is wrong. It accepts
+// only what decodeManifest accepts, with the same result (FuzzDecodeManifest
+// checks both).
+func decodeManifestLines(b []byte, prev manifestLines) (*manifest, manifestLines, bool) {
+	b, ok := bytes.CutSuffix(b, []byte("\n}}\n"))
+	if !ok {
+		return nil, nil, false
+	}
+	first, rest, _ := bytes.Cut(b, []byte("\n"))
+	hdr, ok := bytes.CutSuffix(first, []byte(`,"shards":{`))
+	if !ok || len(hdr) < 2 || hdr[0] != '{' {
+		return nil, nil, false
+	}
+	var m manifest
+	if strictUnmarshal(append(bytes.Clone(hdr), '}'), &m) != nil || m.Shards != nil || m.Version != FormatVersion {
+		return nil, nil, false
+	}
+	n := bytes.Count(rest, []byte("\n")) + 1
+	m.Shards = make(map[string]shardRef, n)
+	lines := make(manifestLines, n)
+	for len(rest) > 0 {
+		line, after, found := bytes.Cut(rest, []byte("\n"))
+		rest = after
+		line, comma := bytes.CutSuffix(line, []byte(","))
+		if comma == !found {
+			return nil, nil, false // a comma after every shard but the last
+		}
+		if len(line) < 6 || line[0] != '"' || line[3] != '"' || line[4] != ':' {
+			return nil, nil, false
+		}
+		p := string(line[1:3])
+		ref, hit := prev[string(line)]
+		if !hit {
+			if strictUnmarshal(line[5:], &ref) != nil {
+				return nil, nil, false
+			}
+		}
+		if _, dup := m.Shards[p]; dup {
+			return nil, nil, false
+		}
+		m.Shards[p] = ref
+		lines[string(line)] = ref
+	}
+	if m.validate() != nil {
+		return nil, nil, false
+	}
+	return &m, lines, true
 }
 
 // files returns the shard files m names.
@@ -203,10 +277,11 @@ func (m *manifest) files() []string {
 	return out
 }
 
-// encodeManifest returns the bytes of m, one shard per line.
-func encodeManifest(m *manifest) ([]byte, error) {
+// encodeManifest returns the bytes of m, one shard per line, and its
+// lines.
+func encodeManifest(m *manifest) ([]byte, manifestLines, error) {
 	if err := m.validate(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	h, err := json.Marshal(struct {
 		Version       int      `json:"version"`
@@ -216,7 +291,7 @@ func encodeManifest(m *manifest) ([]byte, error) {
 		Retired       []string `json:"retired,omitempty"`
 	}{m.Version, m.Policy, m.MaxGeneration, m.Serial, m.Retired})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	prefixes := make([]string, 0, len(m.Shards))
 	for p := range m.Shards {
@@ -227,22 +302,25 @@ func encodeManifest(m *manifest) ([]byte, error) {
 	buf = append(buf, h[:len(h)-1]...)
 	buf = append(buf, `,"shards":{`...)
 	buf = append(buf, '\n')
+	lines := make(manifestLines, len(prefixes))
 	for i, p := range prefixes {
 		r, err := json.Marshal(m.Shards[p])
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
+		start := len(buf)
 		buf = append(buf, '"')
 		buf = append(buf, p...)
 		buf = append(buf, `":`...)
 		buf = append(buf, r...)
+		lines[string(buf[start:])] = m.Shards[p]
 		if i < len(prefixes)-1 {
 			buf = append(buf, ',')
 		}
 		buf = append(buf, '\n')
 	}
 	buf = append(buf, "}}\n"...)
-	return buf, nil
+	return buf, lines, nil
 }
 
 // shardHeader is the first line of shard p's file.

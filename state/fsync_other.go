@@ -1,0 +1,7 @@
+//go:build !linux
+
+package state
+
+// fsyncCoversNewEntry is false where the filesystem cannot be told: the
+// directory is fsynced.
+func fsyncCoversNewEntry(string) bool { return false }

@@ -214,4 +214,3 @@ func BenchmarkUpdateEntries(b *testing.B) {
 		}
 	}
 }
-

@@ -93,6 +93,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		}
 		written = append(written, name)
 		nm.Shards[p] = shardRef{File: name, Bytes: len(data), Entries: len(b), SHA256: shortHash(data)}
+		c.dropSource(data, filepath.Join(s.root, ShardDir, name))
 		lines[i] = c
 	}
 	if old != nil && !sn.rewrite && written == nil && len(nm.Retired) == 0 && sameHeader(old, nm) {

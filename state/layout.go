@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"hash/maphash"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -48,14 +49,24 @@ const (
 // pointer. A slice walked in step with the file, rather than a map,
 // because hashing every line and building a map per read cost more than
 // the rest of a read.
+//
+// The lines' text is not kept in memory, only a hash of each line: it was
+// 370 bytes of the 900 a cached entry cost. The text is where src holds it
+// (a format 1 document, read only until its first write converts it, and a
+// shard just encoded), or else in file, the shard file the lines were read
+// from, which a write that reuses them reads again: shard files never
+// change.
 type lineCache struct {
 	lines []cachedLine
+	src   []byte
+	file  string // an absolute path, when src is nil
 }
 
 type cachedLine struct {
-	id   string
-	line string // the exact bytes of the line, without the separating comma
-	e    *Entry
+	id     string
+	off, n int     // the line's place in the source, without the separating comma
+	sum    lineSum // of the line's bytes
+	e      *Entry
 	// pristine is a deep copy of e, kept only under DEPCACHE_CHECK_SHARED
 	// to catch a caller that modified a shared entry.
 	pristine *Entry
@@ -129,50 +140,99 @@ func encodeLines(dst []byte, st *State, prev *lineCache) ([]byte, *lineCache, er
 	if err != nil {
 		return nil, nil, err
 	}
-	next, size, err := encodeEntryLines(sortedEntries(st, prev), prev)
-	if err != nil {
-		return nil, nil, err
-	}
-	buf := slices.Grow(dst, size+len(h)+len(entriesOpen)+len(layoutEnd)+2)
-	buf = append(buf, h[:len(h)-1]...)
+	buf := append(dst, h[:len(h)-1]...)
 	if len(h) > 2 {
 		buf = append(buf, ',')
 	}
 	buf = append(buf, entriesOpen...)
-	return appendLines(buf, next), next, nil
+	return appendEntries(buf, sortedEntries(st, prev), prev)
 }
 
-// encodeEntryLines returns the lines of sorted (in ID order), reusing the
-// line of every entry equal to the one prev decoded from it, and their
-// size with separators. It validates what it encodes anew.
-func encodeEntryLines(sorted []idEntry, prev *lineCache) (*lineCache, int, error) {
+// appendEntries appends the entry lines of sorted (in ID order) to buf,
+// then the end of the document, reusing the line of every entry equal to
+// the one prev decoded from it, and returns the lines with buf as their
+// source. It validates what it encodes anew.
+func appendEntries(buf []byte, sorted []idEntry, prev *lineCache) ([]byte, *lineCache, error) {
 	next := &lineCache{lines: make([]cachedLine, len(sorted))}
-	size := 0
+	var old []byte // prev's source
+	if prev != nil {
+		old = prev.source()
+	}
+	buf = append(buf, '\n')
 	k := cursor{c: prev}
 	for i, ie := range sorted {
 		id, e := ie.id, ie.e
 		cl, ok := k.find(id)
-		if !ok || (cl.e != e && !cl.e.Equal(e)) { // the same pointer: handed out and kept
+		var line []byte
+		if ok && (cl.e == e || cl.e.Equal(e)) { // the same pointer: handed out and kept
+			line = cl.bytesIn(old)
+		}
+		if line == nil {
 			if err := e.validate(id); err != nil {
-				return nil, 0, err
+				return nil, nil, err
 			}
-			line, err := encodeLine(id, e)
+			enc, err := encodeLine(id, e)
 			if err != nil {
-				return nil, 0, err
+				return nil, nil, err
 			}
 			// Cache what a reader decodes from the line, not e: its times
 			// carry a monotonic reading and a location, its strings may
 			// hold invalid UTF-8, none of which survive the file.
-			decoded, ok := decodeLine([]byte(line), &cursor{})
+			decoded, ok := decodeLine([]byte(enc), 0, &cursor{})
 			if !ok || decoded.id != id {
-				return nil, 0, fmt.Errorf("entry %s: its encoding does not decode back", id)
+				return nil, nil, fmt.Errorf("entry %s: its encoding does not decode back", id)
 			}
-			cl = decoded
+			cl, line = decoded, []byte(enc)
 		}
+		cl.off, cl.n = len(buf), len(line)
+		buf = append(buf, line...)
+		if i < len(sorted)-1 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '\n')
 		next.lines[i] = cl
-		size += len(cl.line) + 2
 	}
-	return next, size, nil
+	buf = append(buf, layoutEnd...)
+	buf = append(buf, '\n')
+	next.src = buf
+	return buf, next, nil
+}
+
+// source returns the bytes the lines of c are in, nil if they cannot be
+// read (a write then encodes the entries again).
+func (c *lineCache) source() []byte {
+	if c.src != nil || c.file == "" {
+		return c.src
+	}
+	b, err := os.ReadFile(c.file)
+	if err != nil {
+		return nil
+	}
+	return b
+}
+
+// bytesIn returns the line of cl in src, nil if src does not hold it.
+func (cl cachedLine) bytesIn(src []byte) []byte {
+	if cl.off < 0 || cl.off+cl.n > len(src) {
+		return nil
+	}
+	line := src[cl.off : cl.off+cl.n]
+	if sumLine(line) != cl.sum {
+		return nil
+	}
+	return line
+}
+
+// lineSum is a hash of a line, by which a read knows a line it decoded
+// before. Two independent 64-bit hashes with seeds of this process: a
+// collision would take a chosen file, and whoever can write the state
+// file can write any state.
+type lineSum [2]uint64
+
+var lineSeeds = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
+
+func sumLine(b []byte) lineSum {
+	return lineSum{maphash.Bytes(lineSeeds[0], b), maphash.Bytes(lineSeeds[1], b)}
 }
 
 type idEntry struct {
@@ -248,7 +308,7 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	if !isEnd || (len(body) > 0 && body[len(body)-1] != '\n') {
 		return nil, nil, false
 	}
-	lines, ok := decodeBody(body, prev)
+	lines, ok := decodeBody(b, len(first)+1, len(first)+1+len(body), prev)
 	if !ok {
 		return nil, nil, false
 	}
@@ -259,25 +319,28 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	return st, lines, true
 }
 
-// decodeBody decodes the entry lines of a document (each line ends with a
-// newline, and all but the last with a comma before it), in increasing ID
-// order, decoding only the lines prev does not hold. It returns prev itself
-// when every line was prev's.
-func decodeBody(body []byte, prev *lineCache) (*lineCache, bool) {
+// decodeBody decodes the entry lines of a document, src[start:end] (each
+// line ends with a newline, and all but the last with a comma before it),
+// in increasing ID order, decoding only the lines prev does not hold. The
+// lines it returns have src as their source.
+func decodeBody(src []byte, start, end int, prev *lineCache) (*lineCache, bool) {
+	body := src[start:end]
 	n := bytes.Count(body, []byte("\n"))
 	lines := make([]cachedLine, 0, n)
 	k := cursor{c: prev}
+	at := start
 	for len(body) > 0 {
 		line, after, found := bytes.Cut(body, []byte("\n"))
 		if !found {
 			return nil, false
 		}
 		body = after
+		next := at + len(line) + 1
 		line, comma := bytes.CutSuffix(line, []byte(","))
 		if comma == (len(body) == 0) {
 			return nil, false // a comma after every entry but the last
 		}
-		cl, ok := decodeLine(line, &k)
+		cl, ok := decodeLine(line, at, &k)
 		if !ok {
 			return nil, false
 		}
@@ -285,11 +348,9 @@ func decodeBody(body []byte, prev *lineCache) (*lineCache, bool) {
 			return nil, false // out of order or repeated: the whole decode reads it
 		}
 		lines = append(lines, cl)
+		at = next
 	}
-	if prev != nil && len(lines) == len(prev.lines) && sameLines(lines, prev.lines) {
-		return prev, true
-	}
-	return &lineCache{lines: lines}, true
+	return &lineCache{lines: lines, src: src}, true
 }
 
 // sameLines reports whether a and b hold the same cached lines.
@@ -324,12 +385,14 @@ func decodeHeader(line []byte) (header, bool) {
 	return hdr, true
 }
 
-// decodeLine returns the entry of one line, from the cache when it holds
-// the same bytes.
-func decodeLine(line []byte, k *cursor) (cachedLine, bool) {
+// decodeLine returns the entry of one line, found at offset at of its
+// source, from the cache when it holds the same bytes.
+func decodeLine(line []byte, at int, k *cursor) (cachedLine, bool) {
+	sum := sumLine(line)
 	if len(line) > 2 && line[0] == '"' {
 		if end := bytes.IndexByte(line[1:], '"'); end >= 0 {
-			if cl, ok := k.find(string(line[1 : 1+end])); ok && cl.line == string(line) {
+			if cl, ok := k.find(string(line[1 : 1+end])); ok && cl.sum == sum {
+				cl.off, cl.n = at, len(line)
 				return cl, true
 			}
 		}
@@ -344,7 +407,7 @@ func decodeLine(line []byte, k *cursor) (cachedLine, bool) {
 		if e == nil || e.validate(id) != nil {
 			return cachedLine{}, false
 		}
-		cl := cachedLine{id: id, line: string(line), e: e}
+		cl := cachedLine{id: id, off: at, n: len(line), sum: sum, e: e}
 		if checkShared() {
 			cl.pristine = e.Clone()
 		}

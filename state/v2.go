@@ -328,41 +328,18 @@ func shardHeader(p string) string { return `{"shard":"` + p + `",` + entriesOpen
 
 // encodeShard returns the file of shard p holding entries (in ID order),
 // reusing the line of every entry equal to the one prev decoded, and the
-// cache of its lines.
+// cache of its lines, whose source it is.
 func encodeShard(p string, entries []idEntry, prev *lineCache) ([]byte, *lineCache, error) {
-	lines, size, err := encodeEntryLines(entries, prev)
-	if err != nil {
-		return nil, nil, err
-	}
-	hdr := shardHeader(p)
-	buf := make([]byte, 0, len(hdr)+size+len(layoutEnd)+2)
-	buf = append(buf, hdr...)
-	buf = appendLines(buf, lines)
-	return buf, lines, nil
-}
-
-// appendLines appends the entry lines of c and the end of the document.
-func appendLines(buf []byte, c *lineCache) []byte {
-	buf = append(buf, '\n')
-	for i, cl := range c.lines {
-		buf = append(buf, cl.line...)
-		if i < len(c.lines)-1 {
-			buf = append(buf, ',')
-		}
-		buf = append(buf, '\n')
-	}
-	buf = append(buf, layoutEnd...)
-	return append(buf, '\n')
+	return appendEntries([]byte(shardHeader(p)), entries, prev)
 }
 
 // decodeShard parses the file of shard p, decoding only the lines prev does
 // not hold. Errors wrap ErrCorrupt.
 func decodeShard(p string, b []byte, prev *lineCache) (*lineCache, error) {
-	if rest, ok := bytes.CutPrefix(b, []byte(shardHeader(p)+"\n")); ok {
-		if body, ok := bytes.CutSuffix(rest, []byte(layoutEnd+"\n")); ok {
-			if lines, ok := decodeBody(body, prev); ok && inShard(p, lines) {
-				return lines, nil
-			}
+	hdr := shardHeader(p) + "\n"
+	if bytes.HasPrefix(b, []byte(hdr)) && bytes.HasSuffix(b[len(hdr):], []byte(layoutEnd+"\n")) {
+		if lines, ok := decodeBody(b, len(hdr), len(b)-len(layoutEnd)-1, prev); ok && inShard(p, lines) {
+			return lines, nil
 		}
 	}
 	// Not in the layout, or a line does not decode: decode it whole, which
@@ -391,7 +368,8 @@ func decodeShard(p string, b []byte, prev *lineCache) (*lineCache, error) {
 		sorted = append(sorted, idEntry{id, e})
 	}
 	slices.SortFunc(sorted, func(a, b idEntry) int { return strings.Compare(a.id, b.id) })
-	lines, _, err := encodeEntryLines(sorted, nil)
+	// Its lines as this layout writes them: their source is not the file.
+	_, lines, err := encodeShard(p, sorted, nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
@@ -451,5 +429,14 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *line
 	if err != nil {
 		return b, nil, err
 	}
+	lines.dropSource(b, name)
 	return b, lines, nil
+}
+
+// dropSource lets go of c's source if it is src, the bytes of file (an
+// absolute path): a later write reads the lines it reuses from file.
+func (c *lineCache) dropSource(src []byte, file string) {
+	if len(c.src) > 0 && len(src) > 0 && &c.src[0] == &src[0] {
+		c.src, c.file = nil, file
+	}
 }

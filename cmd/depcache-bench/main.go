@@ -374,6 +374,9 @@ func workerGetRelease(args []string) int {
 	var wg sync.WaitGroup
 	var ops atomic.Int64
 	deadline := time.Now().Add(dur)
+	// Fake hosts number their processes alike: a pid alone does not tell
+	// two workers apart.
+	self := fmt.Sprintf("%d-%08x", os.Getpid(), rand.Uint32())
 	for w := range g {
 		wg.Add(1)
 		go func() {
@@ -382,7 +385,7 @@ func workerGetRelease(args []string) int {
 			var lat []time.Duration
 			for i := 0; time.Now().Before(deadline); i++ {
 				k := benchKey(rng.IntN(n))
-				dep := fmt.Sprintf("bench-%d-%d-%d", os.Getpid(), w, i)
+				dep := fmt.Sprintf("bench-%s-%d-%d", self, w, i)
 				start := time.Now()
 				if _, err := m.Get(ctx, dep, k, manager.Detached()); err != nil {
 					fmt.Fprintln(os.Stderr, err)

@@ -574,9 +574,14 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 
 func (s *Store) keepPrev() error {
 	tmp := s.path + PrevSuffix + ".tmp"
-	_ = os.Remove(tmp)
+	// The rename below moves tmp away: it is there only after a commit
+	// killed in between, so it is removed only then (on sshfs every
+	// operation is a round trip to the server).
 	if err := os.Link(s.path, tmp); err != nil {
-		return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
+		_ = os.Remove(tmp)
+		if err := os.Link(s.path, tmp); err != nil {
+			return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
+		}
 	}
 	if err := os.Rename(tmp, s.path+PrevSuffix); err != nil {
 		return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)

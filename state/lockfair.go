@@ -23,8 +23,9 @@ import (
 // same private file as its lock attempt) to the lock's name + ".turn". While
 // a marker of another live waiter exists, every Lock call — newcomers, other
 // waiters and the releaser alike — only looks at the lock instead of linking
-// it. The marker's owner polls at the pace its own attempts allow, takes the
-// lock at the next release, and removes its marker.
+// it (but see passWindow). The marker's owner polls at the pace its own
+// attempts allow, takes the lock at the next release, and removes its
+// marker.
 //
 // The marker grants nothing: the owner still has to win the link of the lock
 // file itself, which stays the only mutual exclusion, and a process that
@@ -121,7 +122,11 @@ func (w *waiter) attempt(name string, waited time.Duration) (won bool, content [
 		}
 		// The marker's owner is gone or stalled: the lock is free now,
 		// so try it at once rather than after another sleep.
-		return w.try(name, true)
+		won, content, err = w.try(name, true)
+		if won {
+			w.l.passed = false
+		}
+		return won, content, err
 	}
 	if !w.turn.mine && w.turn.absent && waited >= w.l.opts.TurnAfter {
 		w.claimTurn()
@@ -193,7 +198,11 @@ func (w *waiter) turnStale() bool {
 // claimTurn links our record to the marker's name. Losing is fine: someone
 // else has the turn, and we honour it at the next attempt.
 func (w *waiter) claimTurn() {
+	// An EPERM race on the marker must not count against the lock's own
+	// bound on EPERMs (see maxEPERM).
+	eperm := w.eperm
 	won, _, err := w.try(w.turn.name, true)
+	w.eperm = eperm
 	if err != nil {
 		w.l.opts.Log.WithError(err).WithField("lock", w.turn.name).Debug("cannot leave a turn marker")
 		return

@@ -16,7 +16,7 @@ import (
 // nor take the CPU from the holder), while the process that just released
 // comes straight back and links at once; left alone, a waiter can lose many
 // handoffs in a row (BENCHMARKS.md: p99 167 × p50). Polling faster for all
-// waiters, or waking them all with inotify, cost 15–80 % of throughput.
+// waiters, or waking them all with inotify, cost 15–50 % of throughput.
 //
 // So one waiter at a time gets to poll fast, and the others stand back for
 // it: a waiter that has waited TurnAfter links its own holder record (the
@@ -43,12 +43,12 @@ const turnSuffix = ".turn"
 
 // passWindow: a Lock call that comes within passWindow of this Lock's own
 // release, and whose last hold was not itself taken that way, does not
-// yield to a marker at its first attempt. A process's operations come in
-// back-to-back pairs (the manager's get and release, a read and a write):
-// letting the pair through halves the handoffs, each of which leaves the
-// lock idle until the marker's owner wakes, which on a loaded machine
-// costs more than the hold (paired runs: -10 to -15 % of throughput without
-// it, none with it). The owner waits at most one more hold per process.
+// yield to a marker at its first attempt. A process often takes the lock
+// twice back to back (a get and then its release): letting the pair
+// through halves the handoffs, each of which leaves the lock idle until
+// the marker's owner is scheduled, which on a loaded machine can take
+// longer than a hold (paired runs: 11–13 % less throughput without the
+// pass, none with it). The owner waits at most one more hold per process.
 const passWindow = time.Millisecond
 
 // Defaults of LockOptions.TurnAfter and TurnGrace. TurnAfter is a few holds

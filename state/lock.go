@@ -54,6 +54,13 @@ type LockOptions struct {
 	// Log receives the wait and break messages. Default: logrus's standard
 	// logger.
 	Log logrus.FieldLogger
+	// TurnAfter is how long a wait goes on before the waiter leaves the turn
+	// marker that others honour (see lockfair.go). Default 10ms.
+	TurnAfter time.Duration
+	// TurnGrace is how long the lock may be seen free while another's turn
+	// marker stays unchanged before the marker is judged stale and broken.
+	// Default 100ms.
+	TurnGrace time.Duration
 }
 
 // Lock is a mutual-exclusion lock on a file name, safe between goroutines,
@@ -77,6 +84,13 @@ type Lock struct {
 	opts  LockOptions
 	mu    chan struct{} // in-process mutex: link() cannot tell our goroutines apart
 	nonce string        // the nonce of the current hold; guarded by mu
+	// staleTurn is the content of a turn marker judged stale, ignored by
+	// later calls too; guarded by mu.
+	staleTurn string
+	// passed says the last hold was taken past another's marker, and
+	// released when it ended (wall time, for pacing only); guarded by mu.
+	passed   bool
+	released time.Time
 }
 
 // maxBreakDepth bounds the recursion when breakers themselves die while
@@ -118,6 +132,12 @@ func NewLock(path string, opts LockOptions) (*Lock, error) {
 	if opts.Log == nil {
 		opts.Log = logrus.StandardLogger()
 	}
+	if opts.TurnAfter <= 0 {
+		opts.TurnAfter = defaultTurnAfter
+	}
+	if opts.TurnGrace <= 0 {
+		opts.TurnGrace = defaultTurnGrace
+	}
 	return &Lock{path: path, opts: opts, mu: make(chan struct{}, 1)}, nil
 }
 
@@ -157,16 +177,19 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 	}
 	defer os.Remove(tmp)
 
-	w := waiter{l: l, tmp: tmp, nonce: nonce, seen: map[string]observation{}}
+	w := waiter{l: l, tmp: tmp, nonce: nonce, seen: map[string]observation{}, turn: turn{name: l.path + turnSuffix}}
+	defer w.dropTurn() // gave up (won: dropped already)
 	start := l.opts.Clock.Now()
 	nextWarn := start.Add(l.opts.WarnAfter)
 	delay := minPoll
+	waited := time.Duration(0)
 	for {
-		won, content, err := w.tryLink(l.path)
+		won, content, err := w.attempt(l.path, waited)
 		if err != nil {
 			return nil, fmt.Errorf("lock %s: %w", l.path, err)
 		}
 		if won {
+			w.dropTurn()
 			l.nonce = nonce
 			return l.unlockOnce(), nil
 		}
@@ -189,12 +212,13 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 					Warn("waiting for the state lock")
 			}
 		}
-		if err := sleep(ctx, l.jitter(delay)); err != nil {
+		if err := w.pause(ctx, delay); err != nil {
 			h := parseHolder(content)
 			return nil, fmt.Errorf("lock %s held by %s (acquired %s by its clock, unchanged for %s by ours): %w",
 				l.path, h.describe(), h.Acquired.Format(time.RFC3339), l.opts.Clock.Now().Sub(w.seen[l.path].since).Round(time.Millisecond), err)
 		}
 		delay = min(delay*2, maxPoll)
+		waited = l.opts.Clock.Now().Sub(start)
 	}
 }
 
@@ -216,6 +240,7 @@ func (l *Lock) unlockOnce() func() error {
 		defer func() { <-l.mu }()
 		err := l.release(l.path, l.nonce)
 		l.nonce = ""
+		l.released = time.Now()
 		return err
 	}
 }
@@ -255,13 +280,14 @@ func (l *Lock) release(name, nonce string) error {
 }
 
 // waiter is the state of one Lock call: our nonce and the lock contents we
-// have seen, with when we first saw each on our clock.
+// have seen, with when we first saw each on our clock, and the turn marker.
 type waiter struct {
 	l     *Lock
 	tmp   string
 	nonce string
 	seen  map[string]observation
 	eperm int
+	turn  turn
 }
 
 // maxEPERM bounds how often a link may fail with EPERM while the name does
@@ -285,7 +311,16 @@ type observation struct {
 // tryLink tries to take name. It returns won, or the current content of the
 // lock (nil when the name vanished between the link and the read: retry).
 func (w *waiter) tryLink(name string) (won bool, content []byte, err error) {
-	err = os.Link(w.tmp, name)
+	return w.try(name, true)
+}
+
+// try is tryLink, or with link false only its read: a waiter that leaves
+// the lock to the turn marker's owner still watches the holder, to judge it
+// and to see the lock free.
+func (w *waiter) try(name string, link bool) (won bool, content []byte, err error) {
+	if link {
+		err = os.Link(w.tmp, name)
+	}
 	if err != nil && !LinkExists(err) {
 		return false, nil, err
 	}
@@ -415,6 +450,11 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 		}
 	}
 	_ = os.Remove(aside)
+	if name == w.turn.name {
+		// A marker grants nothing: breaking one is routine, not a warning.
+		w.l.logHolder(h, w.seen[name], w.l.opts.Clock.Now()).WithField("reason", why).Info("broke a stale turn marker")
+		return nil
+	}
 	w.l.logHolder(h, w.seen[name], w.l.opts.Clock.Now()).WithField("reason", why).Warn("broke a stale lock")
 	return nil
 }

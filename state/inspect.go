@@ -49,8 +49,15 @@ func (s *Store) Checks(ctx context.Context) []Check {
 	} else {
 		add("state lock", "ok", "not held")
 	}
-	if leftovers, _ := filepath.Glob(s.lock.path + ".*"); len(leftovers) > 0 {
+	leftovers, _ := filepath.Glob(s.lock.path + ".*")
+	leftovers = slices.DeleteFunc(leftovers, func(f string) bool { return f == s.lock.path+turnSuffix })
+	if len(leftovers) > 0 {
 		add("lock litter", "warn", "%d files of interrupted lock attempts: %s", len(leftovers), strings.Join(leftovers, ", "))
+	}
+	if b, err := os.ReadFile(s.lock.path + turnSuffix); err == nil {
+		// A long waiter's claim on the next turn: normal while someone
+		// waits; a dead owner's is broken by the next waiter.
+		add("lock turn", "ok", "a waiter claims the next turn: %s", strings.TrimSpace(string(b)))
 	}
 	return append(out, s.formatChecks()...)
 }

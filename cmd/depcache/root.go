@@ -238,6 +238,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	root.SetArgs(args)
 	err := classify(ctx, root.ExecuteContext(ctx))
+	g.closeStore()
 	code := exitCode(err)
 	var status cmdStatus
 	if err != nil && !errors.As(err, &status) {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -47,6 +48,17 @@ func (g *globals) stateStore() (state.Backend, error) {
 	f := &g.state
 	f.once.Do(func() { f.store, f.err = f.open(context.Background(), g) })
 	return f.store, f.err
+}
+
+// closeStore closes the store the command opened, if it has a Close (the
+// etcd store's client and its session): a process-bound dependent then ends
+// with the command at once, not when etcd times its lease out.
+func (g *globals) closeStore() {
+	if c, ok := g.state.store.(io.Closer); ok && c != nil {
+		if err := c.Close(); err != nil {
+			g.log.WithError(err).Debug("closing the state store")
+		}
+	}
 }
 
 func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error) {

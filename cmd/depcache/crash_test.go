@@ -395,12 +395,23 @@ func checkCrashInvariants(t *testing.T, trial int, root string, held map[string]
 	seen := map[string]bool{}
 	for _, c := range checks {
 		seen[c.Name] = true
-		if (c.Name == "orphans" || c.Name == "content" || c.Name == "state") && c.Status != "ok" {
+		if (c.Name == "orphans" || c.Name == "content" || c.Name == "state" || c.Name == "state shards") && c.Status != "ok" {
 			t.Errorf("trial %d: doctor %s: %s: %s", trial, c.Name, c.Status, c.Detail)
 			return false
 		}
+		// A trial that committed anything left format 2, every shard its
+		// manifest names there and parsing.
+		_, serr := os.Stat(filepath.Join(root, state.StateFile))
+		if c.Name == "state format" && !strings.HasPrefix(c.Detail, fmt.Sprintf("version %d:", state.FormatVersion)) && !errors.Is(serr, os.ErrNotExist) {
+			t.Errorf("trial %d: doctor state format: %s", trial, c.Detail)
+			return false
+		}
 	}
-	for _, name := range []string{"orphans", "content", "state"} {
+	need := []string{"orphans", "content", "state", "state format"}
+	if _, err := os.Stat(filepath.Join(root, state.StateFile)); err == nil {
+		need = append(need, "state shards")
+	}
+	for _, name := range need {
 		if !seen[name] {
 			t.Errorf("trial %d: doctor --json has no %q check: %s", trial, name, out)
 			return false

@@ -275,7 +275,7 @@ func (s *Store) unnamedShards() (map[string]bool, error) {
 		if err != nil {
 			return nil, err
 		}
-		if versionOf(b) != FormatVersion {
+		if !isManifest(b) {
 			if _, err := decodeV1(b); err != nil {
 				return nil, err
 			}

@@ -298,7 +298,7 @@ func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 			// group, an I/O error). errors.Is finds fs.ErrPermission.
 			return nil, fmt.Errorf("state file %s: cannot read it: %w", s.path, err)
 		}
-		if v := versionOf(b); v != FormatVersion {
+		if !isManifest(b) {
 			st, err := decodeV1(b)
 			if err == nil {
 				return newSnapshot(st, true), nil
@@ -495,7 +495,7 @@ func DecodeFile(root, name string) (*State, error) {
 }
 
 func decodeFileBytes(root string, b []byte) (*State, error) {
-	if versionOf(b) != FormatVersion {
+	if !isManifest(b) {
 		return decodeV1(b)
 	}
 	man, err := decodeManifest(b)

@@ -94,7 +94,7 @@ func (s *Store) formatChecks() []Check {
 		if err != nil {
 			continue // state.json was read above; a missing .prev is reported by reads
 		}
-		if versionOf(b) != FormatVersion {
+		if !isManifest(b) {
 			continue
 		}
 		man, err := decodeManifest(b)

@@ -116,6 +116,13 @@ func versionOf(b []byte) int {
 	return probe.Version
 }
 
+// isManifest reports whether b is a format 2 state file. The manifest's
+// encoder writes the version first, so a prefix tells most files without
+// parsing them: every read asks.
+func isManifest(b []byte) bool {
+	return bytes.HasPrefix(b, []byte(`{"version":2,`)) || versionOf(b) == FormatVersion
+}
+
 // errNewer is the refusal of a state file of a later format.
 func errNewer(v int) error {
 	return fmt.Errorf("%w: version %d, and this depcache reads versions 1 to %d: upgrade depcache to one that reads version %d", ErrUnsupportedVersion, v, FormatVersion, v)

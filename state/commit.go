@@ -94,6 +94,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		written = append(written, name)
 		nm.Shards[p] = shardRef{File: name, Bytes: len(data), Entries: len(b), SHA256: shortHash(data)}
 		c.dropSource(data, filepath.Join(s.root, ShardDir, name))
+		putShardBuf(data) // written, hashed, and no cache refers to it
 		lines[i] = c
 	}
 	if old != nil && !sn.rewrite && written == nil && len(nm.Retired) == 0 && sameHeader(old, nm) {
@@ -105,7 +106,10 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			return false, fmt.Errorf("state %s: %w", s.path, err)
 		}
 	}
-	data, mlines, err := encodeManifest(nm)
+	s.cacheMu.Lock()
+	prevLines := s.man.lines
+	s.cacheMu.Unlock()
+	data, mlines, err := encodeManifest(nm, prevLines)
 	if err != nil {
 		return false, invalid(err)
 	}

@@ -356,10 +356,10 @@ func (s *Store) decodeManifest(b []byte) (*manifest, error) {
 type manifestCache struct {
 	raw   []byte
 	m     *manifest // never changed once cached
-	lines manifestLines
+	lines *manifestLines
 }
 
-func (s *Store) rememberManifest(b []byte, m *manifest, lines manifestLines) {
+func (s *Store) rememberManifest(b []byte, m *manifest, lines *manifestLines) {
 	s.cacheMu.Lock()
 	s.man = manifestCache{raw: b, m: m, lines: lines}
 	s.cacheMu.Unlock()

@@ -156,7 +156,9 @@ func appendEntries(buf []byte, sorted []idEntry, prev *lineCache) ([]byte, *line
 	next := &lineCache{lines: make([]cachedLine, len(sorted))}
 	var old []byte // prev's source
 	if prev != nil {
-		old = prev.source()
+		var done func()
+		old, done = prev.source()
+		defer done()
 	}
 	buf = append(buf, '\n')
 	k := cursor{c: prev}
@@ -199,16 +201,18 @@ func appendEntries(buf []byte, sorted []idEntry, prev *lineCache) ([]byte, *line
 }
 
 // source returns the bytes the lines of c are in, nil if they cannot be
-// read (a write then encodes the entries again).
-func (c *lineCache) source() []byte {
+// read (a write then encodes the entries again), and a function to call
+// once they are no longer used.
+func (c *lineCache) source() ([]byte, func()) {
 	if c.src != nil || c.file == "" {
-		return c.src
+		return c.src, func() {}
 	}
-	b, err := os.ReadFile(c.file)
+	b, err := readFileInto(getShardBuf(), c.file)
 	if err != nil {
-		return nil
+		putShardBuf(b)
+		return nil, func() {}
 	}
-	return b
+	return b, func() { putShardBuf(b) }
 }
 
 // bytesIn returns the line of cl in src, nil if src does not hold it.

@@ -7,10 +7,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 )
 
 // Format 2 splits the state into a small manifest and immutable shards, so
@@ -162,7 +164,6 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("policy: %w", err)
 		}
 	}
-	seen := make(map[string]bool, len(m.Shards))
 	for p, r := range m.Shards {
 		if !isHexN(p, 2) {
 			return fmt.Errorf("shard %q: not two lowercase hex digits", p)
@@ -178,13 +179,13 @@ func (m *manifest) validate() error {
 		case !isHexN(r.SHA256, 16):
 			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
 		}
-		seen[r.File] = true
 	}
 	for _, f := range m.Retired {
-		if _, ok := shardFilePrefix(f); !ok {
+		p, ok := shardFilePrefix(f)
+		if !ok {
 			return fmt.Errorf("retired shard: bad file name %q", f)
 		}
-		if seen[f] {
+		if m.Shards[p].File == f {
 			return fmt.Errorf("shard file %s is both named and retired", f)
 		}
 	}
@@ -215,18 +216,22 @@ func shardFilePrefix(name string) (string, bool) {
 	return name[:2], true
 }
 
-// manifestLines maps each shard line of a manifest (without its comma) to
-// what it decoded to: the next manifest, which differs from it in the
-// lines of the shards a commit changed, decodes only those.
-type manifestLines map[string]shardRef
+// manifestLines holds each shard line of a manifest (without its comma)
+// and what it decodes to, by shard: the next manifest, which differs from
+// it in the lines of the shards a commit changed, decodes only those, and
+// a commit encodes only those.
+type manifestLines [numShards]struct {
+	line string
+	ref  shardRef
+}
 
 // decodeManifestLines decodes b if it follows the manifest's layout,
-// decoding only the shard lines prev does not hold, and returns the lines
-// of b. ok is false when b does not follow the layout or does not decode:
-// decodeManifest then reads it whole and says what is wrong. It accepts
-// only what decodeManifest accepts, with the same result (FuzzDecodeManifest
-// checks both).
-func decodeManifestLines(b []byte, prev manifestLines) (*manifest, manifestLines, bool) {
+// decoding only the shard lines prev (which may be nil) does not hold, and
+// returns the lines of b. ok is false when b does not follow the layout or
+// does not decode: decodeManifest then reads it whole and says what is
+// wrong. It accepts only what decodeManifest accepts, with the same result
+// (FuzzDecodeManifest checks both).
+func decodeManifestLines(b []byte, prev *manifestLines) (*manifest, *manifestLines, bool) {
 	b, ok := bytes.CutSuffix(b, []byte("\n}}\n"))
 	if !ok {
 		return nil, nil, false
@@ -240,9 +245,8 @@ func decodeManifestLines(b []byte, prev manifestLines) (*manifest, manifestLines
 	if strictUnmarshal(append(bytes.Clone(hdr), '}'), &m) != nil || m.Shards != nil || m.Version != FormatVersion {
 		return nil, nil, false
 	}
-	n := bytes.Count(rest, []byte("\n")) + 1
-	m.Shards = make(map[string]shardRef, n)
-	lines := make(manifestLines, n)
+	m.Shards = make(map[string]shardRef, bytes.Count(rest, []byte("\n"))+1)
+	lines := new(manifestLines)
 	for len(rest) > 0 {
 		line, after, found := bytes.Cut(rest, []byte("\n"))
 		rest = after
@@ -253,18 +257,19 @@ func decodeManifestLines(b []byte, prev manifestLines) (*manifest, manifestLines
 		if len(line) < 6 || line[0] != '"' || line[3] != '"' || line[4] != ':' {
 			return nil, nil, false
 		}
-		p := string(line[1:3])
-		ref, hit := prev[string(line)]
-		if !hit {
-			if strictUnmarshal(line[5:], &ref) != nil {
+		i, ok := shardOf(string(line[1:3]))
+		if !ok || lines[i].line != "" {
+			return nil, nil, false // not a shard, or one named twice
+		}
+		if prev != nil && prev[i].line == string(line) {
+			lines[i] = prev[i]
+		} else {
+			lines[i].line = string(line)
+			if strictUnmarshal(line[5:], &lines[i].ref) != nil {
 				return nil, nil, false
 			}
 		}
-		if _, dup := m.Shards[p]; dup {
-			return nil, nil, false
-		}
-		m.Shards[p] = ref
-		lines[string(line)] = ref
+		m.Shards[string(line[1:3])] = lines[i].ref
 	}
 	if m.validate() != nil {
 		return nil, nil, false
@@ -285,8 +290,9 @@ func (m *manifest) files() []string {
 }
 
 // encodeManifest returns the bytes of m, one shard per line, and its
-// lines.
-func encodeManifest(m *manifest) ([]byte, manifestLines, error) {
+// lines, reusing those of prev (which may be nil) for the shards that did
+// not change.
+func encodeManifest(m *manifest, prev *manifestLines) ([]byte, *manifestLines, error) {
 	if err := m.validate(); err != nil {
 		return nil, nil, err
 	}
@@ -300,28 +306,28 @@ func encodeManifest(m *manifest) ([]byte, manifestLines, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	prefixes := make([]string, 0, len(m.Shards))
-	for p := range m.Shards {
-		prefixes = append(prefixes, p)
-	}
-	slices.Sort(prefixes)
-	buf := make([]byte, 0, len(h)+16+len(prefixes)*96)
+	buf := make([]byte, 0, len(h)+16+len(m.Shards)*96)
 	buf = append(buf, h[:len(h)-1]...)
 	buf = append(buf, `,"shards":{`...)
 	buf = append(buf, '\n')
-	lines := make(manifestLines, len(prefixes))
-	for i, p := range prefixes {
-		r, err := json.Marshal(m.Shards[p])
-		if err != nil {
-			return nil, nil, err
+	lines := new(manifestLines)
+	left := len(m.Shards)
+	for i := range numShards {
+		ref, ok := m.Shards[shardPrefix(i)]
+		if !ok {
+			continue
 		}
-		start := len(buf)
-		buf = append(buf, '"')
-		buf = append(buf, p...)
-		buf = append(buf, `":`...)
-		buf = append(buf, r...)
-		lines[string(buf[start:])] = m.Shards[p]
-		if i < len(prefixes)-1 {
+		if prev != nil && prev[i].line != "" && prev[i].ref == ref {
+			lines[i] = prev[i]
+		} else {
+			r, err := json.Marshal(ref)
+			if err != nil {
+				return nil, nil, err
+			}
+			lines[i].line, lines[i].ref = `"`+shardPrefix(i)+`":`+string(r), ref
+		}
+		buf = append(buf, lines[i].line...)
+		if left--; left > 0 {
 			buf = append(buf, ',')
 		}
 		buf = append(buf, '\n')
@@ -337,7 +343,52 @@ func shardHeader(p string) string { return `{"shard":"` + p + `",` + entriesOpen
 // reusing the line of every entry equal to the one prev decoded, and the
 // cache of its lines, whose source it is.
 func encodeShard(p string, entries []idEntry, prev *lineCache) ([]byte, *lineCache, error) {
-	return appendEntries([]byte(shardHeader(p)), entries, prev)
+	return appendEntries(append(getShardBuf(), shardHeader(p)...), entries, prev)
+}
+
+// Buffers of shard files: at 100,000 entries a shard is 140 KB, read and
+// written on every operation, and allocating them anew made the garbage
+// collector's work (which grows with the entries cached) a third of an
+// operation.
+var shardBufs sync.Pool
+
+func getShardBuf() []byte {
+	if p, ok := shardBufs.Get().(*[]byte); ok {
+		return (*p)[:0]
+	}
+	return nil
+}
+
+// putShardBuf returns b to the pool; nothing may use it afterwards.
+func putShardBuf(b []byte) {
+	if cap(b) > 0 {
+		shardBufs.Put(&b)
+	}
+}
+
+// readFileInto appends the content of the file name to buf.
+func readFileInto(buf []byte, name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return buf, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil {
+		buf = slices.Grow(buf, int(fi.Size())+512)
+	}
+	for {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, 4096)
+		}
+		n, err := f.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
 }
 
 // decodeShard parses the file of shard p, decoding only the lines prev does
@@ -422,7 +473,7 @@ var errShardMismatch = errors.New("does not match its manifest")
 // when its size or hash differ.
 func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *lineCache, error) {
 	name := filepath.Join(root, ShardDir, ref.File)
-	b, err := os.ReadFile(name)
+	b, err := readFileInto(getShardBuf(), name)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -437,6 +488,10 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *line
 		return b, nil, err
 	}
 	lines.dropSource(b, name)
+	if lines.src == nil {
+		putShardBuf(b) // nothing refers to it: the caller gets no bytes
+		return nil, lines, nil
+	}
 	return b, lines, nil
 }
 

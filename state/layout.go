@@ -2,10 +2,10 @@ package state
 
 import (
 	"bytes"
-	"hash/maphash"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"os"
 	"slices"
 	"strings"

@@ -357,15 +357,6 @@ func decodeBody(src []byte, start, end int, prev *lineCache) (*lineCache, bool) 
 	return &lineCache{lines: lines, src: src}, true
 }
 
-// sameLines reports whether a and b hold the same cached lines.
-func sameLines(a, b []cachedLine) bool {
-	for i := range a {
-		if a[i].e != b[i].e {
-			return false
-		}
-	}
-	return true
-}
 
 func decodeHeader(line []byte) (header, bool) {
 	var hdr header

@@ -93,7 +93,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		}
 		written = append(written, name)
 		nm.Shards[p] = shardRef{File: name, Bytes: len(data), Entries: len(b), SHA256: shortHash(data)}
-		c.dropSource(data, filepath.Join(s.root, ShardDir, name))
+		c.detach(data, filepath.Join(s.root, ShardDir, name))
 		putShardBuf(data) // written, hashed, and no cache refers to it
 		lines[i] = c
 	}
@@ -156,8 +156,11 @@ func sameHeader(a, b *manifest) bool {
 // file had before, and returns that name.
 func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error) {
 	dir := filepath.Join(s.root, ShardDir)
-	if err := s.opts.Perms.MkdirAll(dir); err != nil {
-		return "", fmt.Errorf("state %s: %w", s.path, err)
+	if !s.shardDirMade.Load() {
+		if err := s.opts.Perms.MkdirAll(dir); err != nil {
+			return "", fmt.Errorf("state %s: %w", s.path, err)
+		}
+		s.shardDirMade.Store(true) // removed later, the create below says so
 	}
 	for range 4 {
 		name := fmt.Sprintf("%s-%016x-%08x.json", p, serial, s.nonce32())
@@ -165,6 +168,15 @@ func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error)
 		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, s.opts.Perms.File)
 		if errors.Is(err, fs.ErrExist) {
 			continue // a name taken (or, on sshfs, one a mount still remembers): draw another
+		}
+		if errors.Is(err, fs.ErrNotExist) && s.shardDirMade.Load() {
+			// state.d was removed since: make it again.
+			s.shardDirMade.Store(false)
+			if err := s.opts.Perms.MkdirAll(dir); err != nil {
+				return "", fmt.Errorf("state %s: %w", s.path, err)
+			}
+			s.shardDirMade.Store(true)
+			continue
 		}
 		if err != nil {
 			return "", fmt.Errorf("state %s: creating shard %s: %w", s.path, path, err)

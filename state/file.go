@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/renameio/v2"
@@ -69,7 +70,8 @@ type Store struct {
 	litter litter // unnamed shard files seen by this store
 
 	shardDirOnce    sync.Once
-	shardDirCovered bool // see shardEntriesDurable
+	shardDirCovered bool        // see shardEntriesDurable
+	shardDirMade    atomic.Bool // state.d was made or seen by this store
 
 	batch batcher
 }

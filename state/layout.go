@@ -357,7 +357,6 @@ func decodeBody(src []byte, start, end int, prev *lineCache) (*lineCache, bool) 
 	return &lineCache{lines: lines, src: src}, true
 }
 
-
 func decodeHeader(line []byte) (header, bool) {
 	var hdr header
 	fields, ok := bytes.CutSuffix(line, []byte(entriesOpen))

@@ -473,7 +473,9 @@ func (m *Manager) refetchImage(ctx context.Context, seen state.Entry) (state.Ent
 // Wait blocks until the entry for key is READY (returned with a nil error)
 // or FAILED (returned with a *FailedError), or ctx is done. Waiters in this
 // process are woken by the pass that sees the change; changes made by other
-// processes are seen at the next poll. The manager must be running.
+// processes are seen at the next poll, or, with a store that watches
+// (state.Watcher: the etcd store), by a pass that the change itself
+// starts. The manager must be running.
 func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err error) {
 	began := time.Now()
 	defer func() {

@@ -42,11 +42,20 @@
 //   - Every request has its own timeout and requires a leader; a timeout
 //     of the store is ErrUnavailable, never context.DeadlineExceeded,
 //     which stays the caller's own deadline.
+//   - Waiters watch (state.Watcher): WaitEntries returns once a named
+//     entry's key, which every change of the entry or its dependents puts,
+//     changed after the caller's mark. The watch starts at the current
+//     revision (etcd delivers a watch that starts in the past only at its
+//     next resync, up to 100 ms late) and what came between the mark and
+//     its start is listed instead; a watch that cannot resume after a
+//     compaction lists again too. No history is ever required, so a
+//     compaction can delay no waiter and make none miss a change. A watch
+//     requires a leader: without one it fails (ErrUnavailable) and the
+//     manager polls.
 //
-// Not yet: dependents and owners bound to etcd leases, an elected sweeper,
-// and watches for waiters. Dependents bound to processes keep the
-// manager's lease counter (Dependent.Lease, bumped through Update), which
-// this store only stores.
+// Not yet: dependents and owners bound to etcd leases, and an elected
+// sweeper. Dependents bound to processes keep the manager's lease counter
+// (Dependent.Lease, bumped through Update), which this store only stores.
 //
 // The package starts no goroutines of its own beyond the etcd client's.
 package etcdstore

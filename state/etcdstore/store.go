@@ -106,6 +106,7 @@ type Stats struct {
 	Commits   int64 // transactions that applied
 	Conflicts int64 // transactions refused by a compare: the callback ran again
 	Settled   int64 // commits whose lost answer was read back
+	Lists     int64 // watches that listed their entries to cover the revisions before they began
 }
 
 // Store is a state.Backend on etcd. It is safe for concurrent use; every
@@ -128,7 +129,8 @@ type Store struct {
 	lease   clientv3.LeaseID // of the commit records; 0: none yet
 	leaseAt time.Time        // when it was granted, on our clock
 
-	commits, conflicts, settled atomic.Int64
+	commits, conflicts, settled, lists atomic.Int64
+	seen                               atomic.Int64 // highest revision seen in an answer: Mark
 }
 
 // ParseURL splits etcd://HOST:PORT[,HOST:PORT...]/PREFIX into its endpoints
@@ -295,7 +297,17 @@ func (s *Store) Client() *clientv3.Client { return s.cli }
 
 // Stats returns what this instance did so far.
 func (s *Store) Stats() Stats {
-	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load()}
+	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load(), Lists: s.lists.Load()}
+}
+
+// saw notes a revision an answer carried, for Mark.
+func (s *Store) saw(rev int64) {
+	for {
+		cur := s.seen.Load()
+		if rev <= cur || s.seen.CompareAndSwap(cur, rev) {
+			return
+		}
+	}
 }
 
 func (s *Store) rctx(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -396,6 +408,7 @@ func (s *Store) readWhole(ctx context.Context) (*snapshot, error) {
 	}
 	sn := newSnapshot()
 	sn.whole, sn.rev = true, resp.Header.Revision
+	s.saw(sn.rev)
 	sn.meta(resp, 1)
 	page := rangeResp(resp, 0)
 	for {
@@ -442,6 +455,7 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 		at := 0
 		if i == 0 {
 			sn.rev = resp.Header.Revision
+			s.saw(sn.rev)
 			sn.meta(resp, 0)
 			at = len(s.metaOps())
 		}
@@ -798,6 +812,7 @@ func (s *Store) send(ctx context.Context, t *txn) (bool, error) {
 	resp, err := s.cli.Txn(rctx).If(t.cmps...).Then(t.ops...).Commit()
 	cancel()
 	if err == nil {
+		s.saw(resp.Header.Revision)
 		return resp.Succeeded, nil
 	}
 	if errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) || errors.Is(err, rpctypes.ErrLeaseNotFound) {

@@ -547,6 +547,7 @@ func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string
 		} else {
 			v.LeaseUnchanged = m.watch(m.leases, e.Key.ID(), name, fmt.Sprint(d.Process.PID, "/", d.Process.StartTime, "/", d.Lease), now)
 		}
+		v.StoreLease = m.leased
 		views[name] = v
 	}
 	return views

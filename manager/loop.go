@@ -183,7 +183,14 @@ const MinDependentLease = 3 * MaxRenewInterval
 // files to delete from trash, a slow Docker engine) must not let another
 // host see a live dependent's lease unchanged for its whole lease and evict
 // what a run is using.
+//
+// With a store that holds them on its own leases (state.DependentLeaser)
+// there is nothing to renew here: the store's session keeps its lease
+// alive.
 func (m *Manager) renewLeases(ctx context.Context) {
+	if m.leased {
+		return
+	}
 	t := time.NewTicker(max(min(m.cfg.Policy.LeaseDuration/3, MaxRenewInterval), time.Millisecond))
 	defer t.Stop()
 	for {

@@ -185,6 +185,9 @@ type Manager struct {
 	metrics *metrics
 	self    state.Owner
 	log     logrus.FieldLogger
+	// leased: the store holds dependents bound to processes, and named
+	// ones with a TTL, on leases it times itself (state.DependentLeaser).
+	leased bool
 
 	// trashMu keeps emptyTrash (write) out while settleTrash (read) moves
 	// content out of trash by what a snapshot of the state names.
@@ -293,7 +296,12 @@ func New(cfg Config) (*Manager, error) {
 		return nil, err
 	}
 	self := state.Owner{Process: cfg.Processes.Self(), ManagerID: hex.EncodeToString(id)}
+	leaser, leased := store.(state.DependentLeaser)
+	if leased {
+		leaser.LeaseDependents(cfg.Policy.LeaseDuration)
+	}
 	return &Manager{
+		leased:        leased,
 		cfg:           cfg,
 		perms:         perms,
 		store:         store,

@@ -4,7 +4,8 @@
 //
 // Layout, under PREFIX: one key per entry (PREFIX/e/<keyID>, the entry's
 // JSON without its dependents), one key per dependent
-// (PREFIX/d/<keyID>/<hex of its name>), a header (PREFIX/h: the policy), the
+// (PREFIX/d/<keyID>/<hex of its name>, on a lease when it is bound to a
+// process or has a TTL), a header (PREFIX/h: the policy), the
 // highest generation (PREFIX/g), a format key (PREFIX/format), a removal counter
 // (PREFIX/x), commit records (PREFIX/n/<nonce>, which expire with a
 // lease after 10 minutes) and the root's ID
@@ -52,10 +53,31 @@
 //     compaction can delay no waiter and make none miss a change. A watch
 //     requires a leader: without one it fails (ErrUnavailable) and the
 //     manager polls.
+//   - After LeaseDependents (state.DependentLeaser; every manager calls
+//     it), dependents bound to a process and named ones with a TTL are on
+//     etcd leases, so that they end without anyone judging them, timed by
+//     the leader's clock: one bound to a process on the lease of the
+//     store's session (concurrency.Session, of the manager's dependent
+//     lease, kept alive by the client while the process runs and reaches
+//     the cluster), one with a TTL on a lease of its own granted at the
+//     commit that writes it (one bound to a process with a TTL stays on
+//     the session; the managers judge its TTL). When a lease ends, etcd deletes its dependent
+//     keys; Close revokes the session's lease (the process is done with
+//     its dependents). A lease never ends early: a leader change renews
+//     every lease to its full TTL, so reaping is late, never early.
+//     Nothing rests on believing a lease is held: a commit that puts a
+//     dependent on a lease that has ended fails as a whole (the callback
+//     runs again, with a new session), and the manager learns that its
+//     dependents are gone when a pass no longer finds them
+//     (ErrDependentLost: it never hands out the path of an entry it lost).
+//     The deletion of an ended lease's keys does not put the entry key: a
+//     commit that read such a dependent still applies (it can only have
+//     kept the entry for it), and waiters learn of it at their next pass,
+//     not through the watch.
 //
-// Not yet: dependents and owners bound to etcd leases, and an elected
-// sweeper. Dependents bound to processes keep the manager's lease counter
-// (Dependent.Lease, bumped through Update), which this store only stores.
+// Not yet: owners' liveness on etcd leases (takeover still times a stalled
+// owner's progress on the waiter's clock), and an elected sweeper.
 //
-// The package starts no goroutines of its own beyond the etcd client's.
+// The package starts no goroutines of its own beyond the etcd client's
+// (its watches, and the keep-alive of the session's lease).
 package etcdstore

@@ -25,7 +25,8 @@ const FormatVersion = 1
 //	                    compare it, and new entries do not conflict with
 //	                    every Get
 //	p/e/<keyID>         one entry, without its dependents
-//	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name
+//	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name;
+//	                    on a lease if it is bound to a process or has a TTL
 //	p/x                 bumped (blindly) by every commit that removes an entry
 //	p/n/<nonce>         one per commit, to settle a lost answer; on a 10-minute lease
 //	p/root-id           the ID of the root whose content this prefix describes
@@ -33,7 +34,9 @@ const FormatVersion = 1
 // Every commit that changes an entry or any of its dependents also puts
 // p/e/<keyID> (the same bytes if only dependents changed), so that the
 // entry key's mod revision versions the entry with its dependents: one
-// compare covers both.
+// compare covers both. The one exception is a dependent on a lease
+// (p/d/... of a process-bound or TTL dependent): etcd deletes it when the
+// lease ends, without a commit of ours.
 type layout struct{ p string }
 
 func (l layout) format() string         { return l.p + "/format" }

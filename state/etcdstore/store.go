@@ -21,6 +21,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -107,6 +108,7 @@ type Stats struct {
 	Conflicts int64 // transactions refused by a compare: the callback ran again
 	Settled   int64 // commits whose lost answer was read back
 	Lists     int64 // watches that listed their entries to cover the revisions before they began
+	Sessions  int64 // sessions started: more than one means a lease ended under this store
 }
 
 // Store is a state.Backend on etcd. It is safe for concurrent use; every
@@ -128,6 +130,16 @@ type Store struct {
 	leaseMu sync.Mutex
 	lease   clientv3.LeaseID // of the commit records; 0: none yet
 	leaseAt time.Time        // when it was granted, on our clock
+
+	// The session whose lease holds the dependents bound to this process
+	// (see lease.go), kept alive until Close ends life.
+	life     context.Context
+	endLife  context.CancelFunc
+	sessMu   sync.Mutex
+	sessTTL  time.Duration
+	leasing  bool // LeaseDependents was called
+	sess     *concurrency.Session
+	sessions atomic.Int64
 
 	commits, conflicts, settled, lists atomic.Int64
 	seen                               atomic.Int64 // highest revision seen in an answer: Mark
@@ -207,6 +219,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	s := &Store{cli: opts.Client, l: layout{opts.Prefix}, timeout: opts.RequestTimeout,
 		settle: opts.SettleTimeout, root: opts.Root, perms: opts.Perms}
+	s.life, s.endLife = context.WithCancel(context.WithoutCancel(ctx))
 	if s.cli == nil {
 		if len(opts.Endpoints) == 0 {
 			return nil, fmt.Errorf("%w: no endpoints", ErrBadURL)
@@ -279,10 +292,13 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	return nil
 }
 
-// Close releases the client, unless it was given in Options. A store
-// that is never closed leaves nothing behind: its commit records expire
-// with their lease.
+// Close revokes the session's lease, which removes the dependents bound
+// to this process at once, and releases the client, unless it was given
+// in Options. A store that is never closed leaves nothing behind: its
+// commit records and its session's dependents expire with their leases.
 func (s *Store) Close() error {
+	s.endSession()
+	s.endLife()
 	if s.owned {
 		return s.cli.Close()
 	}
@@ -297,7 +313,7 @@ func (s *Store) Client() *clientv3.Client { return s.cli }
 
 // Stats returns what this instance did so far.
 func (s *Store) Stats() Stats {
-	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load(), Lists: s.lists.Load()}
+	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load(), Lists: s.lists.Load(), Sessions: s.sessions.Load()}
 }
 
 // saw notes a revision an answer carried, for Mark.
@@ -638,8 +654,8 @@ type txn struct {
 	nonce string // key of its commit record
 }
 
-func (t *txn) put(k string, v []byte) {
-	t.ops = append(t.ops, clientv3.OpPut(k, string(v)))
+func (t *txn) put(k string, v []byte, opts ...clientv3.OpOption) {
+	t.ops = append(t.ops, clientv3.OpPut(k, string(v), opts...))
 	t.bytes += len(k) + len(v) + 16
 }
 
@@ -707,7 +723,13 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 				return nil, fmt.Errorf("%s: encoding dependent %q of %s: %w", s, name, id, err)
 			}
 			if ob, ok := oldDeps[name]; !ok || !bytes.Equal(b, ob) {
-				t.put(s.l.dep(id, name), b)
+				var opts []clientv3.OpOption
+				if lease, err := s.depLease(ctx, ne.Dependents[name]); err != nil {
+					return nil, err
+				} else if lease != 0 {
+					opts = append(opts, clientv3.WithLease(lease))
+				}
+				t.put(s.l.dep(id, name), b, opts...)
 				changed = true
 			}
 		}
@@ -816,11 +838,13 @@ func (s *Store) send(ctx context.Context, t *txn) (bool, error) {
 		return resp.Succeeded, nil
 	}
 	if errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) || errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		// The records' lease expired under us (a long pause): take a
-		// new one and run fn again.
+		// A lease expired under us (a long pause): the records' (take
+		// a new one), the session's (its dependents are gone: start a
+		// new session) or a dependent's own. Run fn again.
 		s.leaseMu.Lock()
 		s.lease = 0
 		s.leaseMu.Unlock()
+		s.checkSession(ctx)
 		return false, nil
 	}
 	if definite(err) {

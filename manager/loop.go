@@ -412,6 +412,13 @@ func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitio
 			v.OwnerDead = !alive
 		}
 	}
+	if m.owners != nil {
+		// The store times the owner's stall on its lease, renewed with
+		// each progress report: no clock of ours.
+		v.OwnerLeaseEnded = m.owners.OwnerLapsed(id, e.Generation)
+		delete(m.seen, id)
+		return v
+	}
 	sig := fmt.Sprintf("%s/%d/%d/%d/%d/%d", e.Owner.ManagerID, e.Owner.PID, e.Generation, e.Progress.Bytes, e.Progress.Total, e.Progress.Heartbeat)
 	o, ok := m.seen[id]
 	if !ok || o.sig != sig {

@@ -188,6 +188,10 @@ type Manager struct {
 	// leased: the store holds dependents bound to processes, and named
 	// ones with a TTL, on leases it times itself (state.DependentLeaser).
 	leased bool
+	// owners: the store holds owners on leases renewed with their
+	// progress and says when one ended (state.OwnerLeaser); nil: this
+	// manager times a stalled owner itself.
+	owners state.OwnerLeaser
 
 	// trashMu keeps emptyTrash (write) out while settleTrash (read) moves
 	// content out of trash by what a snapshot of the state names.
@@ -300,8 +304,13 @@ func New(cfg Config) (*Manager, error) {
 	if leased {
 		leaser.LeaseDependents(cfg.Policy.LeaseDuration)
 	}
+	owners, _ := store.(state.OwnerLeaser)
+	if owners != nil {
+		owners.LeaseOwners(cfg.Policy.DownloadTimeout)
+	}
 	return &Manager{
 		leased:        leased,
+		owners:        owners,
 		cfg:           cfg,
 		perms:         perms,
 		store:         store,

@@ -28,3 +28,21 @@ type DependentLeaser interface {
 	// store's default when 0).
 	LeaseDependents(ttl time.Duration)
 }
+
+// OwnerLeaser is the optional interface of a Backend that can hold the
+// owner of each DOWNLOADING entry on a lease it times itself: granted by
+// the commit that claims the entry, renewed by each commit of that owner
+// that reports progress, ended by the store's clock when the reports stop
+// for its TTL. A waiter then takes over when the store says the lease
+// ended, with no clock of its own timing the stall. The lease proves
+// nothing about exclusion: the takeover is a claim like any other, and the
+// old owner's publish is fenced by its generation at the commit.
+type OwnerLeaser interface {
+	// LeaseOwners turns owner leases on, of ttl (the download timeout).
+	LeaseOwners(ttl time.Duration)
+	// OwnerLapsed reports whether the owner lease of entry id at
+	// generation gen ended, as this store's reads have seen so far. It
+	// does no I/O: a callback may call it. Once true for (id, gen), it
+	// stays true.
+	OwnerLapsed(id string, gen uint64) bool
+}

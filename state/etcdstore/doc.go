@@ -5,7 +5,8 @@
 // Layout, under PREFIX: one key per entry (PREFIX/e/<keyID>, the entry's
 // JSON without its dependents), one key per dependent
 // (PREFIX/d/<keyID>/<hex of its name>, on a lease when it is bound to a
-// process or has a TTL), a header (PREFIX/h: the policy), the
+// process or has a TTL), one owner key per DOWNLOADING entry
+// (PREFIX/e/<keyID>/owner, on the owner's lease), a header (PREFIX/h: the policy), the
 // highest generation (PREFIX/g), a format key (PREFIX/format), a removal counter
 // (PREFIX/x), commit records (PREFIX/n/<nonce>, which expire with a
 // lease after 10 minutes) and the root's ID
@@ -74,9 +75,19 @@
 //     commit that read such a dependent still applies (it can only have
 //     kept the entry for it), and waiters learn of it at their next pass,
 //     not through the watch.
+//   - After LeaseOwners (state.OwnerLeaser; every manager calls it, with
+//     its download timeout), the owner of a DOWNLOADING entry is on a
+//     lease: the commit that claims the entry puts its owner key on a new
+//     lease, each progress report of that owner renews it first, and the
+//     commit that publishes, fails, hands back or removes the entry
+//     deletes the key. A reader that finds an owned entry without its
+//     owner key says so (OwnerLapsed), and the manager takes over then,
+//     instead of timing the owner's progress on its own clock. A lease that
+//     ended is never renewed nor the key put again by the old owner; the
+//     takeover is a claim like any other, and the old owner's publish is
+//     fenced by the entry's revision and generation, never by a lease.
 //
-// Not yet: owners' liveness on etcd leases (takeover still times a stalled
-// owner's progress on the waiter's clock), and an elected sweeper.
+// Not yet: an elected sweeper.
 //
 // The package starts no goroutines of its own beyond the etcd client's
 // (its watches, and the keep-alive of the session's lease).

@@ -25,6 +25,8 @@ const FormatVersion = 1
 //	                    compare it, and new entries do not conflict with
 //	                    every Get
 //	p/e/<keyID>         one entry, without its dependents
+//	p/e/<keyID>/owner   the generation of its owner, on the owner's lease
+//	                    (DOWNLOADING entries, after LeaseOwners)
 //	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name;
 //	                    on a lease if it is bound to a process or has a TTL
 //	p/x                 bumped (blindly) by every commit that removes an entry
@@ -49,8 +51,19 @@ func (l layout) deps(id string) string  { return l.p + "/d/" + id + "/" }
 func (l layout) dep(id, name string) string {
 	return l.deps(id) + hex.EncodeToString([]byte(name))
 }
-func (l layout) nonce(n string) string { return l.p + "/n/" + n }
-func (l layout) noncePrefix() string   { return l.p + "/n/" }
+func (l layout) nonce(n string) string  { return l.p + "/n/" + n }
+func (l layout) owner(id string) string { return l.entry(id) + "/owner" }
+
+// parseOwnerKey returns the entry ID of an owner key.
+func (l layout) parseOwnerKey(k string) (string, bool) {
+	rest, ok := strings.CutPrefix(k, l.p+"/e/")
+	if !ok {
+		return "", false
+	}
+	id, ok := strings.CutSuffix(rest, "/owner")
+	return id, ok && id != "" && !strings.Contains(id, "/")
+}
+func (l layout) noncePrefix() string { return l.p + "/n/" }
 
 // stateRange is [start, end) of the entry and dependent keys: p/d/ ... p/e/.
 func (l layout) stateRange() (string, string) { return l.p + "/d/", l.p + "/e0" }

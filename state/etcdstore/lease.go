@@ -2,6 +2,7 @@ package etcdstore
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"github.com/depcache/depcache/state"
@@ -141,3 +142,99 @@ func (s *Store) SessionLease() clientv3.LeaseID {
 }
 
 var _ state.DependentLeaser = (*Store)(nil)
+
+// ownerKV is an owner key as read: the generation it holds, on its lease.
+type ownerKV struct {
+	gen   uint64
+	lease clientv3.LeaseID
+}
+
+// LeaseOwners makes the store hold the owner of every DOWNLOADING entry
+// it writes on a lease of ttl: the commit that claims the entry puts its
+// owner key (PREFIX/e/<keyID>/owner, the generation) on a new lease, each
+// commit of the owner that changes its progress renews that lease first,
+// and a commit that publishes, fails, hands back or removes the entry
+// deletes the key. A lease that ended is never renewed: its owner's
+// next reports commit, but the waiters take over.
+func (s *Store) LeaseOwners(ttl time.Duration) {
+	s.ownMu.Lock()
+	s.ownerTTL = ttl
+	if s.lapsed == nil {
+		s.lapsed = map[string]uint64{}
+	}
+	s.ownMu.Unlock()
+}
+
+// OwnerLapsed reports whether a read of this store found entry id
+// DOWNLOADING at generation gen with an owner but without its owner key:
+// the owner's lease ended. It stays true until the entry moves on.
+func (s *Store) OwnerLapsed(id string, gen uint64) bool {
+	s.ownMu.Lock()
+	defer s.ownMu.Unlock()
+	g, ok := s.lapsed[id]
+	return ok && g == gen
+}
+
+// noteOwners records, after a read, the owners whose lease ended.
+func (s *Store) noteOwners(sn *snapshot, st *state.State) {
+	s.ownMu.Lock()
+	defer s.ownMu.Unlock()
+	if s.ownerTTL <= 0 {
+		return
+	}
+	if sn.whole {
+		for id, gen := range s.lapsed {
+			if e := st.Entries[id]; e == nil || e.Generation != gen || e.Stage != state.Downloading {
+				delete(s.lapsed, id)
+			}
+		}
+	}
+	for id, e := range st.Entries {
+		if e.Stage != state.Downloading || e.Owner == nil {
+			continue
+		}
+		if o, ok := sn.owners[id]; !ok || o.gen != e.Generation {
+			s.lapsed[id] = e.Generation
+		}
+	}
+}
+
+// planOwner adds to t what the commit of ne does to its owner key: put it
+// on a new lease at a claim, renew its lease at a progress report of its
+// owner, delete it when the entry is no longer owned. old is the entry as
+// read, nil if there was none.
+func (s *Store) planOwner(ctx context.Context, t *txn, sn *snapshot, id string, ne, old *state.Entry) error {
+	s.ownMu.Lock()
+	ttl := s.ownerTTL
+	s.ownMu.Unlock()
+	if ttl <= 0 {
+		return nil
+	}
+	o, hasKey := sn.owners[id]
+	if ne.Stage != state.Downloading || ne.Owner == nil {
+		if hasKey {
+			t.del(s.l.owner(id))
+		}
+		return nil
+	}
+	switch {
+	case old == nil || old.Owner == nil || old.Generation != ne.Generation || *old.Owner != *ne.Owner:
+		rctx, cancel := s.rctx(ctx)
+		defer cancel()
+		g, err := s.cli.Grant(rctx, leaseSeconds(ttl))
+		if err != nil {
+			return s.fail(ctx, "granting an owner's lease", err)
+		}
+		t.put(s.l.owner(id), []byte(strconv.FormatUint(ne.Generation, 10)), clientv3.WithLease(g.ID))
+	case old.Progress != ne.Progress && hasKey && o.gen == ne.Generation && o.lease != 0:
+		// A report of the owner: renew its lease first. One that ended
+		// stays ended (etcd refuses to renew it): the waiters take over,
+		// and this owner's publish will be fenced.
+		rctx, cancel := s.rctx(ctx)
+		_, _ = s.cli.KeepAliveOnce(rctx, o.lease)
+		cancel()
+	}
+	return nil
+}
+
+var _ state.OwnerLeaser = (*Store)(nil)

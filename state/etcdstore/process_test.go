@@ -53,8 +53,9 @@ func holder() int {
 		return 2
 	}
 	defer s.Close()
-	m, err := manager.New(manager.Config{Root: os.Getenv("DT_ROOT"), State: s, Log: quiet(),
-		Policy: transitions.Policy{LeaseDuration: lease, FailureCooldown: time.Hour}})
+	timeout, _ := time.ParseDuration(os.Getenv("DT_TIMEOUT")) // 0: the default
+	m, err := manager.New(manager.Config{Root: os.Getenv("DT_ROOT"), State: s, Log: quiet(), ProgressInterval: 200 * time.Millisecond,
+		Policy: transitions.Policy{LeaseDuration: lease, DownloadTimeout: timeout, FailureCooldown: time.Hour}})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -111,11 +112,12 @@ type holderProc struct {
 	out *bufio.Scanner
 }
 
-func startHolder(t *testing.T, eps []string, prefix, root, source string, lease time.Duration) *holderProc {
+func startHolder(t *testing.T, eps []string, prefix, root, source string, lease time.Duration, env ...string) *holderProc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "DEPCACHE_TEST_ROLE=holder", "DT_ENDPOINTS="+strings.Join(eps, ","),
 		"DT_PREFIX="+prefix, "DT_ROOT="+root, "DT_SOURCE="+source, "DT_LEASE="+lease.String())
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

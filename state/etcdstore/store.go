@@ -68,7 +68,7 @@ const (
 	// Commit records live on a lease of recordTTL, used for commits only
 	// while at least half of it is left: far longer than any settling.
 	recordTTL    = 10 * time.Minute
-	readChunkIDs = 60 // named entries read per transaction (2 ops each)
+	readChunkIDs = 40 // named entries read per transaction (3 ops each)
 )
 
 // Options configure Open.
@@ -140,6 +140,11 @@ type Store struct {
 	leasing  bool // LeaseDependents was called
 	sess     *concurrency.Session
 	sessions atomic.Int64
+
+	// Owner leases (lease.go).
+	ownMu    sync.Mutex
+	ownerTTL time.Duration     // 0: owners are not leased
+	lapsed   map[string]uint64 // entry ID -> generation whose owner lease ended
 
 	commits, conflicts, settled, lists atomic.Int64
 	seen                               atomic.Int64 // highest revision seen in an answer: Mark
@@ -358,7 +363,8 @@ type snapshot struct {
 	named   []string // UpdateEntries: the IDs read
 	entries map[string]kvRev
 	deps    map[string]map[string][]byte
-	stray   []string // keys in the state's range that are not entry or dependent keys
+	owners  map[string]ownerKV // owner keys (lease.go), by entry ID
+	stray   []string           // keys in the state's range that are not entry or dependent keys
 	head    kvRev
 	gen     kvRev
 	format  kvRev
@@ -367,10 +373,15 @@ type snapshot struct {
 }
 
 func newSnapshot() *snapshot {
-	return &snapshot{entries: map[string]kvRev{}, deps: map[string]map[string][]byte{}}
+	return &snapshot{entries: map[string]kvRev{}, deps: map[string]map[string][]byte{}, owners: map[string]ownerKV{}}
 }
 
 func (sn *snapshot) add(l layout, kv *mvccpb.KeyValue) {
+	if id, ok := l.parseOwnerKey(string(kv.Key)); ok {
+		gen, _ := strconv.ParseUint(string(kv.Value), 10, 64)
+		sn.owners[id] = ownerKV{gen: gen, lease: clientv3.LeaseID(kv.Lease)}
+		return
+	}
 	id, name, dep, err := l.parseStateKey(string(kv.Key))
 	switch {
 	case err != nil:
@@ -460,7 +471,8 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 		}
 		for _, id := range chunk {
 			ops = append(ops, clientv3.OpGet(s.l.entry(id), rev...),
-				clientv3.OpGet(s.l.deps(id), append([]clientv3.OpOption{clientv3.WithPrefix()}, rev...)...))
+				clientv3.OpGet(s.l.deps(id), append([]clientv3.OpOption{clientv3.WithPrefix()}, rev...)...),
+				clientv3.OpGet(s.l.owner(id), rev...))
 		}
 		rctx, cancel := s.rctx(ctx)
 		resp, err := s.cli.Txn(rctx).Then(ops...).Commit()
@@ -476,11 +488,10 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 			at = len(s.metaOps())
 		}
 		for j := range chunk {
-			for _, kv := range rangeResp(resp, at+2*j).Kvs {
-				sn.add(s.l, kv)
-			}
-			for _, kv := range rangeResp(resp, at+2*j+1).Kvs {
-				sn.add(s.l, kv)
+			for k := range 3 {
+				for _, kv := range rangeResp(resp, at+3*j+k).Kvs {
+					sn.add(s.l, kv)
+				}
 			}
 		}
 	}
@@ -525,6 +536,7 @@ func (s *Store) decode(sn *snapshot) (*state.State, map[string]*state.Entry, err
 		}
 		st.Entries[id], orig[id] = e, e
 	}
+	s.noteOwners(sn, st)
 	for id := range sn.deps {
 		if _, ok := sn.entries[id]; !ok {
 			return nil, nil, corrupt("dependents under %s of an entry that does not exist", s.l.deps(id))
@@ -702,10 +714,22 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 				t.del(s.l.deps(id), clientv3.WithPrefix())
 				removed = true
 			}
+			if _, ok := sn.owners[id]; ok {
+				t.del(s.l.owner(id))
+			}
 			continue
 		}
 		if had && orig != nil && orig[id] == ne {
 			continue
+		}
+		var oldEntry *state.Entry
+		if orig != nil {
+			oldEntry = orig[id]
+		} else if had {
+			oldEntry, _ = decodeEntry(old.val)
+		}
+		if err := s.planOwner(ctx, t, sn, id, ne, oldEntry); err != nil {
+			return nil, err
 		}
 		body, err := encodeEntry(ne)
 		if err != nil {

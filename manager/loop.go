@@ -91,8 +91,10 @@ func (m *Manager) run(ctx context.Context) error {
 		m.sweepSoon = false
 		m.mu.Unlock()
 		if sweep {
-			if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
-				m.log.WithError(err).Error("sweep failed")
+			if m.electedSweeper(ctx) { // else another manager of the store sweeps
+				if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
+					m.log.WithError(err).Error("sweep failed")
+				}
 			}
 			m.mu.Lock()
 			m.lastSweep = m.cfg.Clock.Now()
@@ -103,6 +105,21 @@ func (m *Manager) run(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// electedSweeper reports whether this manager's loop sweeps: always, but
+// with a store that elects one sweeper among its managers
+// (state.SweepElector), only while it is the elected one.
+func (m *Manager) electedSweeper(ctx context.Context) bool {
+	el, ok := m.store.(state.SweepElector)
+	if !ok {
+		return true
+	}
+	elected, err := el.MaySweep(ctx)
+	if err != nil && ctx.Err() == nil {
+		m.log.WithError(err).Warn("cannot tell whether this manager is the elected sweeper: not sweeping")
+	}
+	return elected
 }
 
 // watchFallback is how long the loop waits between passes while a store

@@ -86,8 +86,24 @@
 //     ended is never renewed nor the key put again by the old owner; the
 //     takeover is a claim like any other, and the old owner's publish is
 //     fenced by the entry's revision and generation, never by a lease.
+//   - Sweeps evict each victim by a transaction of its own (state.Evictor;
+//     batched 30 to a transaction, retried one by one when a batch
+//     conflicts): it applies only if the entry key exists, was not changed
+//     after the sweep's mark, and no key exists under the entry's
+//     dependents' prefix, so that a dependent registered since, even one
+//     whose lease later ended, keeps the entry; and it bumps the removal
+//     counter. A sweep of any number of victims stays within etcd's limits
+//     of one transaction. The loops of the managers sharing a prefix sweep
+//     only while elected (state.SweepElector: a concurrency.Election under
+//     PREFIX/sweeper/ on the session's lease); the election saves work,
+//     it fences nothing: two sweepers at once (a leader change) evict
+//     safely, each victim by its compares.
 //
-// Not yet: an elected sweeper.
+// Not yet: the policy as a watched key (it is read with every pass); a
+// waiter is not woken by the end of a dependent's lease, which puts no
+// entry key (its next pass, at most 2 s later, sees it); moving a file
+// store's state into a prefix; doctor's check that the cluster compacts
+// (auto-compaction is a server flag, invisible to a client).
 //
 // The package starts no goroutines of its own beyond the etcd client's
 // (its watches, and the keep-alive of the session's lease).

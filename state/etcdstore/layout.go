@@ -32,6 +32,7 @@ const FormatVersion = 1
 //	p/x                 bumped (blindly) by every commit that removes an entry
 //	p/n/<nonce>         one per commit, to settle a lost answer; on a 10-minute lease
 //	p/root-id           the ID of the root whose content this prefix describes
+//	p/sweeper/<lease>   the sweeper election's candidates, on their sessions' leases
 //
 // Every commit that changes an entry or any of its dependents also puts
 // p/e/<keyID> (the same bytes if only dependents changed), so that the
@@ -53,6 +54,7 @@ func (l layout) dep(id, name string) string {
 }
 func (l layout) nonce(n string) string  { return l.p + "/n/" + n }
 func (l layout) owner(id string) string { return l.entry(id) + "/owner" }
+func (l layout) sweeper() string        { return l.p + "/sweeper/" }
 
 // parseOwnerKey returns the entry ID of an owner key.
 func (l layout) parseOwnerKey(k string) (string, bool) {

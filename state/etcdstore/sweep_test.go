@@ -2,6 +2,7 @@ package etcdstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -87,8 +88,8 @@ func TestEvict(t *testing.T) {
 }
 
 // TestSweep500: a manager's sweep of 500 victims removes them all, in
-// transactions within etcd's limits (one commit for all would be refused
-// with ErrTooBig).
+// transactions within etcd's limits; one commit of all, as a sweep on a
+// store without Evictor makes, is refused with ErrTooBig.
 func TestSweep500(t *testing.T) {
 	m := etcdtest.Start(t)
 	root := t.TempDir()
@@ -100,12 +101,20 @@ func TestSweep500(t *testing.T) {
 	held := readyEntry(1000)
 	held.Dependents = map[string]state.Dependent{"job": {}}
 	putMany(t, s, append(es, held))
+	one, zero := int64(1), time.Duration(0)
+	// Without Evictor the sweep is one commit: refused, nothing removed.
+	whole, err := manager.New(manager.Config{Root: root, State: polling{s}, Log: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whole.SweepWith(context.Background(), false, manager.PolicyChange{MaxSizeBytes: &one, MinAge: &zero}); !errors.Is(err, ErrTooBig) {
+		t.Fatalf("a sweep of 500 in one commit: %v, want ErrTooBig", err)
+	}
 	mg, err := manager.New(manager.Config{Root: root, State: s, Log: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	commits := s.Stats().Commits
-	one, zero := int64(1), time.Duration(0)
 	rep, err := mg.SweepWith(context.Background(), false, manager.PolicyChange{MaxSizeBytes: &one, MinAge: &zero})
 	if err != nil {
 		t.Fatal(err)

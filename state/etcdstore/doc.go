@@ -94,8 +94,9 @@
 //     whose lease later ended, keeps the entry; and it bumps the removal
 //     counter. A sweep of any number of victims stays within etcd's limits
 //     of one transaction. The loops of the managers sharing a prefix sweep
-//     only while elected (state.SweepElector: a concurrency.Election under
-//     PREFIX/sweeper/ on the session's lease); the election saves work,
+//     only while elected (state.SweepElector: an election in
+//     concurrency.Election's layout under PREFIX/sweeper/ on the session's
+//     lease, campaigned without waiting); the election saves work,
 //     it fences nothing: two sweepers at once (a leader change) evict
 //     safely, each victim by its compares.
 //

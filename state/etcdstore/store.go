@@ -146,11 +146,6 @@ type Store struct {
 	ownerTTL time.Duration     // 0: owners are not leased
 	lapsed   map[string]uint64 // entry ID -> generation whose owner lease ended
 
-	// The sweeper election (sweep.go), on the session of elSess.
-	elMu     sync.Mutex
-	election *concurrency.Election
-	elSess   *concurrency.Session
-
 	commits, conflicts, settled, lists atomic.Int64
 	seen                               atomic.Int64 // highest revision seen in an answer: Mark
 }

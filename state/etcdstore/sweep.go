@@ -7,8 +7,8 @@ import (
 	"slices"
 
 	"github.com/depcache/depcache/state"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // evictBatch is how many victims one eviction transaction removes: 3
@@ -104,44 +104,38 @@ func (s *Store) evictTxn(ctx context.Context, ids []string, since state.Mark) (b
 }
 
 // MaySweep reports whether this store is the elected sweeper of its
-// prefix (PREFIX/sweeper/, a concurrency.Election on the session's lease),
-// campaigning when the election has no leader. A leader stays elected
-// while its session lives: Close, or a lease that ended, hands the
-// election over.
+// prefix. The election is etcd's (concurrency.Election's layout: each
+// candidate a key PREFIX/sweeper/<lease in hex> on its session's lease,
+// the leader the oldest), but a campaign does not wait: MaySweep puts this
+// store's key if it is missing and reads the oldest, in one transaction,
+// and a candidate that is not the leader stays queued behind it. Waiting
+// would block the manager's loop while another leads (and two that
+// campaign at once would each wait for the request timeout). A leader
+// stays elected while its session lives: Close, or a lease that ended,
+// hands the election to the next candidate.
 func (s *Store) MaySweep(ctx context.Context) (bool, error) {
-	if _, err := s.sessionLease(ctx); err != nil {
+	lease, err := s.sessionLease(ctx)
+	if err != nil {
 		return false, err
 	}
-	s.sessMu.Lock()
-	sess := s.sess
-	s.sessMu.Unlock()
-	if sess == nil {
-		return false, fmt.Errorf("%s: %w: no session", s, ErrUnavailable)
-	}
-	s.elMu.Lock()
-	defer s.elMu.Unlock()
-	if s.elSess != sess {
-		s.election, s.elSess = concurrency.NewElection(sess, s.l.sweeper()), sess
-	}
+	mine := s.l.sweeper() + fmt.Sprintf("%x", int64(lease))
+	oldest := clientv3.OpGet(s.l.sweeper(), clientv3.WithFirstCreate()...)
 	rctx, cancel := s.rctx(ctx)
 	defer cancel()
-	leader, err := s.election.Leader(rctx)
-	switch {
-	case err == nil && len(leader.Kvs) > 0:
-		return leader.Kvs[0].Lease == int64(sess.Lease()), nil
-	case err != nil && !errors.Is(err, concurrency.ErrElectionNoLeader):
-		return false, s.fail(ctx, "reading the sweeper election", err)
-	}
-	if err := s.election.Campaign(rctx, s.name); err != nil {
-		if ctx.Err() != nil {
-			return false, ctx.Err()
+	resp, err := s.cli.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(mine), "=", 0)).
+		Then(clientv3.OpPut(mine, s.name, clientv3.WithLease(lease)), oldest).
+		Else(oldest).Commit()
+	if err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) {
+			s.checkSession(ctx) // the session ended: the next call campaigns anew
+			return false, nil
 		}
-		// Another campaign came first: it leads (a timed-out campaign
-		// withdraws its own key).
-		s.election = concurrency.NewElection(sess, s.l.sweeper())
-		return false, nil
+		return false, s.fail(ctx, "campaigning for the sweeper election", err)
 	}
-	return true, nil
+	s.saw(resp.Header.Revision)
+	r := rangeResp(resp, len(resp.Responses)-1)
+	return len(r.Kvs) > 0 && string(r.Kvs[0].Key) == mine, nil
 }
 
 var (

@@ -11,6 +11,7 @@ import (
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/etcdstore/etcdtest"
+	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // readyEntry is entry i, READY, old and unused.
@@ -149,6 +150,16 @@ func TestSweeperElection(t *testing.T) {
 	}
 	if ok, err := a.MaySweep(ctx); err != nil || !ok {
 		t.Fatalf("leader again: %v %v, want still elected", ok, err)
+	}
+	// etcd's own election API agrees.
+	sess, err := concurrency.NewSession(b.Client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	leader, err := concurrency.NewElection(sess, "/elect/sweeper").Leader(ctx)
+	if err != nil || len(leader.Kvs) == 0 || leader.Kvs[0].Lease != int64(a.SessionLease()) {
+		t.Fatalf("concurrency.Election.Leader: %v %v, want the key of a's session %x", leader, err, a.SessionLease())
 	}
 	if err := a.Close(); err != nil {
 		t.Fatal(err)

@@ -137,6 +137,9 @@ func (h *takeoverHook) Fire(e *logrus.Entry) error {
 type storm struct {
 	cycles    atomic.Int64
 	failures  atomic.Int64
+	cli       *clientv3.Client
+	prefix    string
+	from      int64 // the revision before the storm began
 	src       *countingSource
 	takeovers *takeoverHook
 	stop      func()
@@ -146,7 +149,9 @@ type storm struct {
 func startStorm(t *testing.T, eps []string, prefix string, managers int) *storm {
 	t.Helper()
 	root := t.TempDir()
-	st := &storm{src: &countingSource{inflight: map[string]int{}}, takeovers: &takeoverHook{}}
+	st := &storm{src: &countingSource{inflight: map[string]int{}}, takeovers: &takeoverHook{}, prefix: prefix}
+	st.cli = open(t, eps, prefix).Client()
+	st.from = revisionNow(t, st.cli) + 1
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	log.AddHook(st.takeovers)
@@ -233,7 +238,11 @@ func (s *storm) check(t *testing.T) {
 	if d, k := s.src.doubles.Load(), s.takeovers.n.Load(); d > k {
 		t.Errorf("%d overlapping downloads of one key, but %d takeovers logged", d, k)
 	}
-	t.Logf("%d cycles, %d fetches, %d failed steps retried (last: %v), %d takeovers", s.cycles.Load(), s.src.fetches.Load(), s.failures.Load(), s.lastErr.Load(), s.takeovers.n.Load())
+	revs, broken := checkHistory(t, s.cli, s.prefix, s.from)
+	for _, b := range broken {
+		t.Error(b)
+	}
+	t.Logf("%d cycles, %d fetches, %d failed steps retried (last: %v), %d takeovers; %d revisions of history checked", s.cycles.Load(), s.src.fetches.Load(), s.failures.Load(), s.lastErr.Load(), s.takeovers.n.Load(), revs)
 }
 
 // TestRigLeaderKilledDuringStorm: the leader is killed while managers

@@ -116,6 +116,7 @@ func TestSweep500(t *testing.T) {
 		t.Fatal(err)
 	}
 	commits := s.Stats().Commits
+	from := revisionNow(t, s.Client()) + 1
 	rep, err := mg.SweepWith(context.Background(), false, manager.PolicyChange{MaxSizeBytes: &one, MinAge: &zero})
 	if err != nil {
 		t.Fatal(err)
@@ -132,6 +133,9 @@ func TestSweep500(t *testing.T) {
 	}
 	if n := s.Stats().Commits - commits; n < 500/evictBatch || n > 500/evictBatch+3 {
 		t.Fatalf("%d commits for 500 victims, want about %d", n, 500/evictBatch+1)
+	}
+	if _, broken := checkHistory(t, s.Client(), "/sweep", from); len(broken) > 0 {
+		t.Fatalf("the sweep's history: %q", broken)
 	}
 }
 

@@ -143,7 +143,10 @@ func (s *Store) watch(ctx context.Context, ids []string, rev int64) (bool, error
 }
 
 // relist reads the entry keys of ids at the current revision: changed
-// when one was changed after rev or is missing, else that revision.
+// when one was changed after rev, or is missing but existed at rev (or rev
+// was compacted: then it cannot tell), else that revision. A key missing
+// then and now is unchanged: a waiter on an entry that is gone (a named
+// dependent's entry evicted) must not be woken again and again.
 func (s *Store) relist(ctx context.Context, ids []string, rev int64) (bool, int64, error) {
 	var at int64
 	for i := 0; i < len(ids); i += MaxTxnOps {
@@ -166,14 +169,35 @@ func (s *Store) relist(ctx context.Context, ids []string, rev int64) (bool, int6
 			at = resp.Header.Revision
 			s.saw(at)
 		}
-		for j := range chunk {
+		for j, id := range chunk {
 			kv, ok := one(rangeResp(resp, j))
-			if !ok || kv.mod > rev {
+			if ok && kv.mod > rev {
 				return true, at, nil
+			}
+			if !ok {
+				existed, err := s.existedAt(ctx, id, rev)
+				if err != nil || existed {
+					return true, at, err
+				}
 			}
 		}
 	}
 	return false, at, nil
+}
+
+// existedAt reports whether the entry key of id existed at revision rev,
+// true also when rev was compacted (it cannot tell).
+func (s *Store) existedAt(ctx context.Context, id string, rev int64) (bool, error) {
+	rctx, cancel := s.rctx(ctx)
+	defer cancel()
+	r, err := s.cli.Get(rctx, s.l.entry(id), clientv3.WithRev(rev), clientv3.WithCountOnly())
+	if errors.Is(err, rpctypes.ErrCompacted) {
+		return true, nil
+	}
+	if err != nil {
+		return false, s.fail(ctx, "reading a watched entry's past", err)
+	}
+	return r.Count > 0, nil
 }
 
 var _ state.Watcher = (*Store)(nil)

@@ -95,6 +95,27 @@ func TestWaitEntries(t *testing.T) {
 	put(t, s, testEntry(1))
 	mustReturn(t, waitAsync(context.Background(), s, []string{id1}, mark), "a change before the wait began")
 
+	// An entry missing at the mark and still missing is unchanged, however
+	// far the cluster moved on: its waiter blocks (it is not woken again
+	// and again).
+	gone := testKey(99).ID()
+	mark = s.Mark()
+	touch(t, s, 2, "moves the revision on")
+	done = waitAsync(context.Background(), s, []string{gone}, mark)
+	mustBlock(t, done, "on an entry missing then and now")
+	put(t, s, testEntry(99))
+	mustReturn(t, done, "after the missing entry was created")
+	// One that existed at the mark and was removed before the wait began
+	// is a change.
+	mark = s.Mark()
+	if err := s.UpdateEntries(context.Background(), []string{gone}, func(tx *state.Txn) (bool, error) {
+		tx.Delete(testKey(99))
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mustReturn(t, waitAsync(context.Background(), s, []string{gone}, mark), "removed before the wait began")
+
 	ctx, cancel := context.WithCancel(context.Background())
 	done = waitAsync(ctx, s, []string{id1}, s.Mark())
 	mustBlock(t, done, "before the cancel")

@@ -50,8 +50,9 @@
 //     revision (etcd delivers a watch that starts in the past only at its
 //     next resync, up to 100 ms late) and what came between the mark and
 //     its start is listed instead; a watch that cannot resume after a
-//     compaction lists again too. No history is ever required, so a
-//     compaction can delay no waiter and make none miss a change. A watch
+//     compaction lists again too. No history is required (a compacted
+//     mark only counts as a change), so a compaction can delay no waiter
+//     and make none miss a change. A watch
 //     requires a leader: without one it fails (ErrUnavailable) and the
 //     manager polls.
 //   - After LeaseDependents (state.DependentLeaser; every manager calls

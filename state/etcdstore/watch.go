@@ -31,12 +31,14 @@ func (s *Store) Mark() state.Mark { return state.Mark(s.seen.Load()) }
 // every waiter on a busy cluster. What happened between since and the
 // watch's start is read instead: if the cluster moved past since, the
 // entry keys are listed at the current revision, and one changed after
-// since (or missing: it cannot tell when it went) returns nil at once. The
-// same listing covers a watch that the cluster cannot resume after a lost
-// connection because it compacted the revisions in between
-// (ErrCompacted); no part of the history is ever needed. A watch that the
-// cluster cancels (no leader: the watch requires one) is an error wrapping
-// ErrUnavailable.
+// since (or gone since) returns nil at once. The same listing covers a
+// watch that the cluster cannot resume after a lost connection because it
+// compacted the revisions in between (ErrCompacted). No part of the
+// history is required: only whether a key missing now existed at since is
+// read at since, and a compacted since counts as a change. A watch that
+// the cluster cancels (no leader: the watch requires one) is an error
+// wrapping ErrUnavailable. The end of a dependent's lease deletes its key
+// without putting the entry key: it wakes no waiter.
 func (s *Store) WaitEntries(ctx context.Context, ids []string, since state.Mark) error {
 	if err := ctx.Err(); err != nil {
 		return err

@@ -227,6 +227,14 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	}
 	var evicted []string // entry directories, relative to the root
 	var images []*state.Entry
+	// A store that evicts each victim by a commit of its own (etcd: one
+	// transaction of all would pass its limits) gets the victims after
+	// the sweep's commit, with a mark that precedes the sweep's read.
+	ev, _ := m.store.(state.Evictor)
+	var since state.Mark
+	if ev != nil {
+		since = ev.Mark()
+	}
 	if !dryRun {
 		if err := m.settleTrash(ctx); err != nil {
 			return rep, err
@@ -295,6 +303,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 				c := *e
 				images = append(images, &c)
 			}
+			if ev != nil {
+				continue // evicted after this commit
+			}
 			delete(st.Entries, v.Key.ID())
 			changed = true
 			if v.Path != "" {
@@ -308,6 +319,10 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	})
 	if err != nil {
 		return rep, err
+	}
+	var evictErr error
+	if ev != nil && !dryRun && len(rep.Victims) > 0 {
+		rep.Victims, images, evicted, evictErr = m.evict(ctx, ev, since, rep.Victims, images)
 	}
 	// Committed first, moved after: a crash in between leaves content that
 	// no entry names (reconcile moves it aside), never a READY entry whose
@@ -342,7 +357,39 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		m.log.WithFields(logrus.Fields{"evicted": len(rep.Victims), "freed": humanize.IBytes(uint64(rep.Freed)),
 			"reasons": reasons, "usage": humanize.IBytes(uint64(rep.Usage.Bytes - rep.Freed))}).Info("sweep")
 	}
-	return rep, nil
+	return rep, evictErr
+}
+
+// evict removes victims through ev and returns those it removed, with
+// their images and entry directories. An entry changed since the mark
+// (used, given a dependent) stays, and is no victim.
+func (m *Manager) evict(ctx context.Context, ev state.Evictor, since state.Mark, victims []transitions.Victim, images []*state.Entry) ([]transitions.Victim, []*state.Entry, []string, error) {
+	ids := make([]string, len(victims))
+	for i, v := range victims {
+		ids[i] = v.Key.ID()
+	}
+	removed, err := ev.Evict(ctx, ids, since)
+	gone := make(map[string]bool, len(removed))
+	for _, id := range removed {
+		gone[id] = true
+	}
+	var kept []transitions.Victim
+	var dirs []string
+	for _, v := range victims {
+		if gone[v.Key.ID()] {
+			kept = append(kept, v)
+			if v.Path != "" {
+				dirs = append(dirs, filepath.Dir(v.Path))
+			}
+		}
+	}
+	var imgs []*state.Entry
+	for _, e := range images {
+		if gone[e.Key.ID()] {
+			imgs = append(imgs, e)
+		}
+	}
+	return kept, imgs, dirs, err
 }
 
 // intoTrash moves the entry directory rel (relative to the root) into this
@@ -547,6 +594,7 @@ func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string
 		} else {
 			v.LeaseUnchanged = m.watch(m.leases, e.Key.ID(), name, fmt.Sprint(d.Process.PID, "/", d.Process.StartTime, "/", d.Lease), now)
 		}
+		v.StoreLease = m.leased
 		views[name] = v
 	}
 	return views

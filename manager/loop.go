@@ -71,7 +71,12 @@ func (m *Manager) run(ctx context.Context) error {
 	}()
 	defer func() { <-renewing }()
 	var lastErr error
+	w, _ := m.store.(state.Watcher)
 	for {
+		var mark state.Mark
+		if w != nil {
+			mark = w.Mark() // before the pass reads: no later change is missed
+		}
 		if err := m.step(ctx); err != nil && ctx.Err() == nil {
 			// A lock or state problem: say it once per kind, keep trying.
 			if lastErr == nil || err.Error() != lastErr.Error() {
@@ -86,24 +91,98 @@ func (m *Manager) run(ctx context.Context) error {
 		m.sweepSoon = false
 		m.mu.Unlock()
 		if sweep {
-			if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
-				m.log.WithError(err).Error("sweep failed")
+			if m.electedSweeper(ctx) { // else another manager of the store sweeps
+				if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
+					m.log.WithError(err).Error("sweep failed")
+				}
 			}
 			m.mu.Lock()
 			m.lastSweep = m.cfg.Clock.Now()
 			m.mu.Unlock()
 		}
-		t := time.NewTimer(m.cfg.PollInterval)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !m.sleep(ctx, w, mark) {
 			m.stopDownloads()
 			return nil
-		case <-m.wake:
-		case <-t.C:
 		}
-		t.Stop()
 	}
+}
+
+// electedSweeper reports whether this manager's loop sweeps: always, but
+// with a store that elects one sweeper among its managers
+// (state.SweepElector), only while it is the elected one.
+func (m *Manager) electedSweeper(ctx context.Context) bool {
+	el, ok := m.store.(state.SweepElector)
+	if !ok {
+		return true
+	}
+	elected, err := el.MaySweep(ctx)
+	if err != nil && ctx.Err() == nil {
+		m.log.WithError(err).Warn("cannot tell whether this manager is the elected sweeper: not sweeping")
+	}
+	return elected
+}
+
+// watchFallback is how long the loop waits between passes while a store
+// watches the entries it waits for (at least PollInterval): passes then
+// only time what no commit announces (a stalled owner, lapsed leases) and
+// run the sweeps.
+const watchFallback = 2 * time.Second
+
+// sleep waits until the next pass is due: a kick, the poll interval, or,
+// with a store that watches (w), a change of an entry this process holds
+// or downloads after mark, whichever comes first. It returns false when
+// ctx ended. The watch runs on a goroutine that sleep waits for.
+func (m *Manager) sleep(ctx context.Context, w state.Watcher, mark state.Mark) bool {
+	interval := m.cfg.PollInterval
+	var changed chan error
+	if ids := m.watchedIDs(); w != nil && len(ids) > 0 {
+		wctx, cancel := context.WithCancel(ctx)
+		changed = make(chan error, 1)
+		go func() { changed <- w.WaitEntries(wctx, ids, mark) }()
+		defer func() {
+			cancel()
+			if changed != nil {
+				<-changed
+			}
+		}()
+		interval = max(interval, watchFallback)
+	}
+	t := time.NewTimer(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-m.wake:
+			return true
+		case <-t.C:
+			return true
+		case err := <-changed:
+			changed = nil
+			if err == nil || ctx.Err() != nil {
+				return true
+			}
+			// The store cannot watch now: poll.
+			m.log.WithError(err).Debug("watch failed: polling")
+			t.Reset(m.cfg.PollInterval)
+		}
+	}
+}
+
+// watchedIDs returns the entries whose changes a pass must see at once:
+// those this process holds dependents on or downloads.
+func (m *Manager) watchedIDs() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ids := make([]string, 0, len(m.local)+len(m.downloads))
+	for id := range m.local {
+		ids = append(ids, id)
+	}
+	for id := range m.downloads {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return slices.Compact(ids)
 }
 
 // MaxRenewInterval bounds how long a manager goes without renewing the
@@ -121,7 +200,14 @@ const MinDependentLease = 3 * MaxRenewInterval
 // files to delete from trash, a slow Docker engine) must not let another
 // host see a live dependent's lease unchanged for its whole lease and evict
 // what a run is using.
+//
+// With a store that holds them on its own leases (state.DependentLeaser)
+// there is nothing to renew here: the store's session keeps its lease
+// alive.
 func (m *Manager) renewLeases(ctx context.Context) {
+	if m.leased {
+		return
+	}
 	t := time.NewTicker(max(min(m.cfg.Policy.LeaseDuration/3, MaxRenewInterval), time.Millisecond))
 	defer t.Stop()
 	for {
@@ -342,6 +428,13 @@ func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitio
 		} else {
 			v.OwnerDead = !alive
 		}
+	}
+	if m.owners != nil {
+		// The store times the owner's stall on its lease, renewed with
+		// each progress report: no clock of ours.
+		v.OwnerLeaseEnded = m.owners.OwnerLapsed(id, e.Generation)
+		delete(m.seen, id)
+		return v
 	}
 	sig := fmt.Sprintf("%s/%d/%d/%d/%d/%d", e.Owner.ManagerID, e.Owner.PID, e.Generation, e.Progress.Bytes, e.Progress.Total, e.Progress.Heartbeat)
 	o, ok := m.seen[id]

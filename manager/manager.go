@@ -185,6 +185,13 @@ type Manager struct {
 	metrics *metrics
 	self    state.Owner
 	log     logrus.FieldLogger
+	// leased: the store holds dependents bound to processes, and named
+	// ones with a TTL, on leases it times itself (state.DependentLeaser).
+	leased bool
+	// owners: the store holds owners on leases renewed with their
+	// progress and says when one ended (state.OwnerLeaser); nil: this
+	// manager times a stalled owner itself.
+	owners state.OwnerLeaser
 
 	// trashMu keeps emptyTrash (write) out while settleTrash (read) moves
 	// content out of trash by what a snapshot of the state names.
@@ -293,7 +300,17 @@ func New(cfg Config) (*Manager, error) {
 		return nil, err
 	}
 	self := state.Owner{Process: cfg.Processes.Self(), ManagerID: hex.EncodeToString(id)}
+	leaser, leased := store.(state.DependentLeaser)
+	if leased {
+		leaser.LeaseDependents(cfg.Policy.LeaseDuration)
+	}
+	owners, _ := store.(state.OwnerLeaser)
+	if owners != nil {
+		owners.LeaseOwners(cfg.Policy.DownloadTimeout)
+	}
 	return &Manager{
+		leased:        leased,
+		owners:        owners,
 		cfg:           cfg,
 		perms:         perms,
 		store:         store,
@@ -473,7 +490,9 @@ func (m *Manager) refetchImage(ctx context.Context, seen state.Entry) (state.Ent
 // Wait blocks until the entry for key is READY (returned with a nil error)
 // or FAILED (returned with a *FailedError), or ctx is done. Waiters in this
 // process are woken by the pass that sees the change; changes made by other
-// processes are seen at the next poll. The manager must be running.
+// processes are seen at the next poll, or, with a store that watches
+// (state.Watcher: the etcd store), by a pass that the change itself
+// starts. The manager must be running.
 func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err error) {
 	began := time.Now()
 	defer func() {

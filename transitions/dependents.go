@@ -23,6 +23,10 @@ type DependentView struct {
 	// registering host's clock; timing it here keeps a host whose clock runs
 	// ahead from reaping early.
 	Registered time.Duration
+	// StoreLease: the state store holds the dependent on a lease it times
+	// itself (state.DependentLeaser) and removes it when that lease ends:
+	// its lease counter is not renewed, and nobody reaps it by that.
+	StoreLease bool
 }
 
 // Liveness says whether a dependent still holds its entry, and why.
@@ -40,6 +44,8 @@ func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (liv
 		return false, fmt.Sprintf("process %d is gone", d.Process.PID)
 	case dv.Local:
 		return true, fmt.Sprintf("process %d is alive", d.Process.PID)
+	case dv.StoreLease:
+		return true, fmt.Sprintf("pid %d on %s holds it on the state store's lease", d.Process.PID, d.Process.Host)
 	case dv.LeaseUnchanged >= p.LeaseDuration:
 		return false, fmt.Sprintf("lease of pid %d on %s not renewed for %s", d.Process.PID, d.Process.Host, dv.LeaseUnchanged.Round(time.Second))
 	}

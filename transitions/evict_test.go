@@ -135,6 +135,9 @@ func TestLivenessAndReap(t *testing.T) {
 		{"remote, lease renewed recently", state.Dependent{Process: proc}, DependentView{LeaseUnchanged: 59 * time.Second}, true},
 		{"remote, lease not renewed", state.Dependent{Process: proc}, DependentView{LeaseUnchanged: time.Minute}, false},
 		{"remote, dead flag ignored without proof", state.Dependent{Process: proc}, DependentView{Dead: true}, true},
+		{"remote, on the store's lease, counter unchanged for long", state.Dependent{Process: proc}, DependentView{StoreLease: true, LeaseUnchanged: time.Hour}, true},
+		{"local, on the store's lease, process gone", state.Dependent{Process: proc}, DependentView{StoreLease: true, Local: true, Dead: true}, false},
+		{"on the store's lease, ttl passed", state.Dependent{Process: proc, Since: past.Add(-time.Hour), Expires: &past}, DependentView{StoreLease: true, Registered: time.Hour}, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

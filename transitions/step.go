@@ -60,6 +60,13 @@ func stepDownloading(e *state.Entry, v View, p Policy) (Result, error) {
 			TakeOver{From: *e.Owner, Dead: true, Reason: "owner process is gone"},
 			RemoveStaging{Generation: e.Generation})
 		return r, nil
+	case v.OwnerLeaseEnded:
+		// As for a stall: the old owner may still be alive (stopped,
+		// partitioned), so its staging stays and its publish is fenced.
+		r := claim(e, v.Self)
+		r.Actions = append(r.Actions, TakeOver{From: *e.Owner,
+			Reason: "the owner's lease ended: no progress reported for its TTL, timed by the state store"})
+		return r, nil
 	case v.Unchanged >= p.DownloadTimeout:
 		// The old owner may still be alive (stopped, partitioned): its
 		// staging data stays until it is proven gone, and its publish will be

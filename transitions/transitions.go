@@ -88,6 +88,10 @@ type View struct {
 	// Unchanged is how long this manager has watched the entry's owner,
 	// generation and progress stay exactly the same, on its own clock.
 	Unchanged time.Duration
+	// OwnerLeaseEnded: the state store held the owner on a lease that its
+	// progress reports renew (state.OwnerLeaser), and that lease ended:
+	// the store's clock timed the stall, not this manager's.
+	OwnerLeaseEnded bool
 	// Dependents: what this manager observed of each dependent, by name.
 	Dependents map[string]DependentView
 }

@@ -54,9 +54,10 @@ func view(opts ...func(*View)) View {
 	return v
 }
 
-func running(v *View)   { v.Running = true }
-func ownerDead(v *View) { v.OwnerDead = true }
-func passive(v *View)   { v.Drive = false }
+func running(v *View)    { v.Running = true }
+func ownerDead(v *View)  { v.OwnerDead = true }
+func leaseEnded(v *View) { v.OwnerLeaseEnded = true }
+func passive(v *View)    { v.Drive = false }
 func unchanged(d time.Duration) func(*View) {
 	return func(v *View) { v.Unchanged = d }
 }
@@ -104,6 +105,12 @@ func TestStep(t *testing.T) {
 			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload", "TakeOver", "RemoveStaging"}},
 		{name: "stalled owner, not driven here: wait", in: entry(state.Downloading, ownedBy(other)), view: view(passive, unchanged(time.Hour)),
 			wgen: 3, wown: &other, wstg: state.Downloading},
+		{name: "other owner's lease ended: take over, keep its staging", in: entry(state.Downloading, ownedBy(other)), view: view(leaseEnded),
+			wgen: 4, wown: &self, wstg: state.Downloading, wchg: true, wacts: []string{"StartDownload", "TakeOver"}},
+		{name: "other owner's lease ended, not driven here: wait", in: entry(state.Downloading, ownedBy(other)), view: view(passive, leaseEnded),
+			wgen: 3, wown: &other, wstg: state.Downloading},
+		{name: "own lease ended, download running: keep it", in: entry(state.Downloading, ownedBy(self)), view: view(running, leaseEnded),
+			wgen: 3, wown: &self, wstg: state.Downloading},
 		{name: "downloading, no dependent left: cancel and remove", in: entry(state.Downloading, ownedBy(self), noDeps), view: view(running),
 			wchg: true, wacts: []string{"CancelDownload", "Removed"}},
 		{name: "downloading, no dependent, not driven here: still removed", in: entry(state.Downloading, ownedBy(other), noDeps), view: view(passive),

@@ -25,15 +25,21 @@ const FormatVersion = 1
 //	                    compare it, and new entries do not conflict with
 //	                    every Get
 //	p/e/<keyID>         one entry, without its dependents
-//	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name
+//	p/e/<keyID>/owner   the generation of its owner, on the owner's lease
+//	                    (DOWNLOADING entries, after LeaseOwners)
+//	p/d/<keyID>/<hex>   one dependent of that entry, named by the hex of its name;
+//	                    on a lease if it is bound to a process or has a TTL
 //	p/x                 bumped (blindly) by every commit that removes an entry
 //	p/n/<nonce>         one per commit, to settle a lost answer; on a 10-minute lease
 //	p/root-id           the ID of the root whose content this prefix describes
+//	p/sweeper/<lease>   the sweeper election's candidates, on their sessions' leases
 //
 // Every commit that changes an entry or any of its dependents also puts
 // p/e/<keyID> (the same bytes if only dependents changed), so that the
 // entry key's mod revision versions the entry with its dependents: one
-// compare covers both.
+// compare covers both. The one exception is a dependent on a lease
+// (p/d/... of a process-bound or TTL dependent): etcd deletes it when the
+// lease ends, without a commit of ours.
 type layout struct{ p string }
 
 func (l layout) format() string         { return l.p + "/format" }
@@ -46,8 +52,20 @@ func (l layout) deps(id string) string  { return l.p + "/d/" + id + "/" }
 func (l layout) dep(id, name string) string {
 	return l.deps(id) + hex.EncodeToString([]byte(name))
 }
-func (l layout) nonce(n string) string { return l.p + "/n/" + n }
-func (l layout) noncePrefix() string   { return l.p + "/n/" }
+func (l layout) nonce(n string) string  { return l.p + "/n/" + n }
+func (l layout) owner(id string) string { return l.entry(id) + "/owner" }
+func (l layout) sweeper() string        { return l.p + "/sweeper/" }
+
+// parseOwnerKey returns the entry ID of an owner key.
+func (l layout) parseOwnerKey(k string) (string, bool) {
+	rest, ok := strings.CutPrefix(k, l.p+"/e/")
+	if !ok {
+		return "", false
+	}
+	id, ok := strings.CutSuffix(rest, "/owner")
+	return id, ok && id != "" && !strings.Contains(id, "/")
+}
+func (l layout) noncePrefix() string { return l.p + "/n/" }
 
 // stateRange is [start, end) of the entry and dependent keys: p/d/ ... p/e/.
 func (l layout) stateRange() (string, string) { return l.p + "/d/", l.p + "/e0" }

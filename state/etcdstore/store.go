@@ -21,6 +21,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -67,7 +68,7 @@ const (
 	// Commit records live on a lease of recordTTL, used for commits only
 	// while at least half of it is left: far longer than any settling.
 	recordTTL    = 10 * time.Minute
-	readChunkIDs = 60 // named entries read per transaction (2 ops each)
+	readChunkIDs = 40 // named entries read per transaction (3 ops each)
 )
 
 // Options configure Open.
@@ -106,6 +107,8 @@ type Stats struct {
 	Commits   int64 // transactions that applied
 	Conflicts int64 // transactions refused by a compare: the callback ran again
 	Settled   int64 // commits whose lost answer was read back
+	Lists     int64 // watches that listed their entries to cover the revisions before they began
+	Sessions  int64 // sessions started: more than one means a lease ended under this store
 }
 
 // Store is a state.Backend on etcd. It is safe for concurrent use; every
@@ -128,7 +131,23 @@ type Store struct {
 	lease   clientv3.LeaseID // of the commit records; 0: none yet
 	leaseAt time.Time        // when it was granted, on our clock
 
-	commits, conflicts, settled atomic.Int64
+	// The session whose lease holds the dependents bound to this process
+	// (see lease.go), kept alive until Close ends life.
+	life     context.Context
+	endLife  context.CancelFunc
+	sessMu   sync.Mutex
+	sessTTL  time.Duration
+	leasing  bool // LeaseDependents was called
+	sess     *concurrency.Session
+	sessions atomic.Int64
+
+	// Owner leases (lease.go).
+	ownMu    sync.Mutex
+	ownerTTL time.Duration     // 0: owners are not leased
+	lapsed   map[string]uint64 // entry ID -> generation whose owner lease ended
+
+	commits, conflicts, settled, lists atomic.Int64
+	seen                               atomic.Int64 // highest revision seen in an answer: Mark
 }
 
 // ParseURL splits etcd://HOST:PORT[,HOST:PORT...]/PREFIX into its endpoints
@@ -205,6 +224,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	s := &Store{cli: opts.Client, l: layout{opts.Prefix}, timeout: opts.RequestTimeout,
 		settle: opts.SettleTimeout, root: opts.Root, perms: opts.Perms}
+	s.life, s.endLife = context.WithCancel(context.WithoutCancel(ctx))
 	if s.cli == nil {
 		if len(opts.Endpoints) == 0 {
 			return nil, fmt.Errorf("%w: no endpoints", ErrBadURL)
@@ -277,10 +297,13 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	return nil
 }
 
-// Close releases the client, unless it was given in Options. A store
-// that is never closed leaves nothing behind: its commit records expire
-// with their lease.
+// Close revokes the session's lease, which removes the dependents bound
+// to this process at once, and releases the client, unless it was given
+// in Options. A store that is never closed leaves nothing behind: its
+// commit records and its session's dependents expire with their leases.
 func (s *Store) Close() error {
+	s.endSession()
+	s.endLife()
 	if s.owned {
 		return s.cli.Close()
 	}
@@ -295,7 +318,17 @@ func (s *Store) Client() *clientv3.Client { return s.cli }
 
 // Stats returns what this instance did so far.
 func (s *Store) Stats() Stats {
-	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load()}
+	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load(), Lists: s.lists.Load(), Sessions: s.sessions.Load()}
+}
+
+// saw notes a revision an answer carried, for Mark.
+func (s *Store) saw(rev int64) {
+	for {
+		cur := s.seen.Load()
+		if rev <= cur || s.seen.CompareAndSwap(cur, rev) {
+			return
+		}
+	}
 }
 
 func (s *Store) rctx(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -330,7 +363,8 @@ type snapshot struct {
 	named   []string // UpdateEntries: the IDs read
 	entries map[string]kvRev
 	deps    map[string]map[string][]byte
-	stray   []string // keys in the state's range that are not entry or dependent keys
+	owners  map[string]ownerKV // owner keys (lease.go), by entry ID
+	stray   []string           // keys in the state's range that are not entry or dependent keys
 	head    kvRev
 	gen     kvRev
 	format  kvRev
@@ -339,10 +373,15 @@ type snapshot struct {
 }
 
 func newSnapshot() *snapshot {
-	return &snapshot{entries: map[string]kvRev{}, deps: map[string]map[string][]byte{}}
+	return &snapshot{entries: map[string]kvRev{}, deps: map[string]map[string][]byte{}, owners: map[string]ownerKV{}}
 }
 
 func (sn *snapshot) add(l layout, kv *mvccpb.KeyValue) {
+	if id, ok := l.parseOwnerKey(string(kv.Key)); ok {
+		gen, _ := strconv.ParseUint(string(kv.Value), 10, 64)
+		sn.owners[id] = ownerKV{gen: gen, lease: clientv3.LeaseID(kv.Lease)}
+		return
+	}
 	id, name, dep, err := l.parseStateKey(string(kv.Key))
 	switch {
 	case err != nil:
@@ -396,6 +435,7 @@ func (s *Store) readWhole(ctx context.Context) (*snapshot, error) {
 	}
 	sn := newSnapshot()
 	sn.whole, sn.rev = true, resp.Header.Revision
+	s.saw(sn.rev)
 	sn.meta(resp, 1)
 	page := rangeResp(resp, 0)
 	for {
@@ -431,7 +471,8 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 		}
 		for _, id := range chunk {
 			ops = append(ops, clientv3.OpGet(s.l.entry(id), rev...),
-				clientv3.OpGet(s.l.deps(id), append([]clientv3.OpOption{clientv3.WithPrefix()}, rev...)...))
+				clientv3.OpGet(s.l.deps(id), append([]clientv3.OpOption{clientv3.WithPrefix()}, rev...)...),
+				clientv3.OpGet(s.l.owner(id), rev...))
 		}
 		rctx, cancel := s.rctx(ctx)
 		resp, err := s.cli.Txn(rctx).Then(ops...).Commit()
@@ -442,15 +483,15 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 		at := 0
 		if i == 0 {
 			sn.rev = resp.Header.Revision
+			s.saw(sn.rev)
 			sn.meta(resp, 0)
 			at = len(s.metaOps())
 		}
 		for j := range chunk {
-			for _, kv := range rangeResp(resp, at+2*j).Kvs {
-				sn.add(s.l, kv)
-			}
-			for _, kv := range rangeResp(resp, at+2*j+1).Kvs {
-				sn.add(s.l, kv)
+			for k := range 3 {
+				for _, kv := range rangeResp(resp, at+3*j+k).Kvs {
+					sn.add(s.l, kv)
+				}
 			}
 		}
 	}
@@ -495,6 +536,7 @@ func (s *Store) decode(sn *snapshot) (*state.State, map[string]*state.Entry, err
 		}
 		st.Entries[id], orig[id] = e, e
 	}
+	s.noteOwners(sn, st)
 	for id := range sn.deps {
 		if _, ok := sn.entries[id]; !ok {
 			return nil, nil, corrupt("dependents under %s of an entry that does not exist", s.l.deps(id))
@@ -624,8 +666,8 @@ type txn struct {
 	nonce string // key of its commit record
 }
 
-func (t *txn) put(k string, v []byte) {
-	t.ops = append(t.ops, clientv3.OpPut(k, string(v)))
+func (t *txn) put(k string, v []byte, opts ...clientv3.OpOption) {
+	t.ops = append(t.ops, clientv3.OpPut(k, string(v), opts...))
 	t.bytes += len(k) + len(v) + 16
 }
 
@@ -672,10 +714,22 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 				t.del(s.l.deps(id), clientv3.WithPrefix())
 				removed = true
 			}
+			if _, ok := sn.owners[id]; ok {
+				t.del(s.l.owner(id))
+			}
 			continue
 		}
 		if had && orig != nil && orig[id] == ne {
 			continue
+		}
+		var oldEntry *state.Entry
+		if orig != nil {
+			oldEntry = orig[id]
+		} else if had {
+			oldEntry, _ = decodeEntry(old.val)
+		}
+		if err := s.planOwner(ctx, t, sn, id, ne, oldEntry); err != nil {
+			return nil, err
 		}
 		body, err := encodeEntry(ne)
 		if err != nil {
@@ -693,7 +747,13 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 				return nil, fmt.Errorf("%s: encoding dependent %q of %s: %w", s, name, id, err)
 			}
 			if ob, ok := oldDeps[name]; !ok || !bytes.Equal(b, ob) {
-				t.put(s.l.dep(id, name), b)
+				var opts []clientv3.OpOption
+				if lease, err := s.depLease(ctx, ne.Dependents[name]); err != nil {
+					return nil, err
+				} else if lease != 0 {
+					opts = append(opts, clientv3.WithLease(lease))
+				}
+				t.put(s.l.dep(id, name), b, opts...)
 				changed = true
 			}
 		}
@@ -798,14 +858,17 @@ func (s *Store) send(ctx context.Context, t *txn) (bool, error) {
 	resp, err := s.cli.Txn(rctx).If(t.cmps...).Then(t.ops...).Commit()
 	cancel()
 	if err == nil {
+		s.saw(resp.Header.Revision)
 		return resp.Succeeded, nil
 	}
 	if errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) || errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		// The records' lease expired under us (a long pause): take a
-		// new one and run fn again.
+		// A lease expired under us (a long pause): the records' (take
+		// a new one), the session's (its dependents are gone: start a
+		// new session) or a dependent's own. Run fn again.
 		s.leaseMu.Lock()
 		s.lease = 0
 		s.leaseMu.Unlock()
+		s.checkSession(ctx)
 		return false, nil
 	}
 	if definite(err) {

@@ -38,7 +38,7 @@ func ctl(t *testing.T, args ...string) string {
 // faultRig returns the rig's endpoints and a prefix of this test's own,
 // and restores the cluster when the test ends.
 func faultRig(t *testing.T, name string) ([]string, string) {
-	eps := rigtest.Etcd(t)
+	eps := rigtest.EtcdFaults(t)
 	prefix := "/depcache-test/" + name + "-" + runID()
 	t.Cleanup(func() {
 		for i := range eps {

@@ -245,6 +245,7 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	}
 	byFault, other := 0, 0
 	otherMsgs, faultMsgs := tally{}, tally{}
+	otherSpans := map[string][2]time.Time{} // when the first of each began and the last ended
 	for _, g := range res.FailedGets {
 		if causedByFault(g, so.faults, log) {
 			byFault++
@@ -252,18 +253,32 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 			continue
 		}
 		other++
-		otherMsgs[fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, lastLine(g.Msg))]++
+		k := fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, lastLine(g.Msg))
+		otherMsgs[k]++
+		sp, ok := otherSpans[k]
+		if !ok || g.Start.Before(sp[0]) {
+			sp[0] = g.Start
+		}
+		if g.End.After(sp[1]) {
+			sp[1] = g.End
+		}
+		otherSpans[k] = sp
 	}
 	for _, m := range otherMsgs.top() {
 		problems = append(problems, "failed get not caused by a fault: "+m)
 	}
 	expected, false_ := tally{}, tally{}
+	examples := map[string]string{} // a false warning's first record as written
 	for _, rec := range res.Records {
 		k := fmt.Sprintf("%s level=%s msg=%q error=%q", rec.Proc, rec.Level, rec.Msg, shorten(rec.Err))
 		if ok, why := classifyWarning(rec, so.faults, log); ok {
 			expected[fmt.Sprintf("%s level=%s msg=%q", rec.Proc, rec.Level, rec.Msg)]++
 		} else {
-			false_[k+" ("+why+")"]++
+			k += " (" + why + ")"
+			false_[k]++
+			if _, ok := examples[k]; !ok {
+				examples[k] = rec.Line
+			}
 		}
 	}
 	for _, m := range false_.top() {
@@ -305,6 +320,8 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	printTally("failed gets caused by faults", faultMsgs)
 	printTally("expected warnings (injected fetch failures)", expected)
 	printTally("false warnings and errors", false_)
+	printExamples("the first record of each false warning or error, as written", false_, examples)
+	printSpans("failed gets not caused by a fault: when the first began and the last ended", otherMsgs, otherSpans)
 	printTally("other stderr lines of commands that succeeded (not judged)", res.Other)
 	if len(problems) > 0 {
 		fmt.Fprintf(os.Stderr, "soak: FAILED (%d problems)\n", len(problems))
@@ -325,6 +342,42 @@ func printTally(title string, t tally) {
 			break
 		}
 		fmt.Fprintf(os.Stderr, "    %s\n", l)
+	}
+}
+
+// printExamples prints, for the most frequent keys of t, the line that
+// examples holds for each.
+func printExamples(title string, t tally, examples map[string]string) {
+	keys := t.keys()
+	if len(keys) == 0 {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "  %s:\n", title)
+	for i, k := range keys {
+		if i == 15 {
+			break
+		}
+		if l := examples[k]; l != "" {
+			fmt.Fprintf(os.Stderr, "    %s\n", l)
+		}
+	}
+}
+
+// printSpans prints the keys of t, most frequent first, each with the
+// span of time it covers.
+func printSpans(title string, t tally, spans map[string][2]time.Time) {
+	keys := t.keys()
+	if len(keys) == 0 {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "  %s:\n", title)
+	for i, k := range keys {
+		if i == 15 {
+			fmt.Fprintf(os.Stderr, "    ... %d more distinct\n", len(keys)-i)
+			break
+		}
+		sp := spans[k]
+		fmt.Fprintf(os.Stderr, "    %6d × %s – %s: %s\n", t[k], sp[0].UTC().Format("15:04:05"), sp[1].UTC().Format("15:04:05"), k)
 	}
 }
 

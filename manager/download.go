@@ -48,6 +48,12 @@ var (
 	errShutdown   = errors.New("manager stopping")
 )
 
+// errNotCommitted marks a publish whose bytes were fetched and verified
+// but whose commit the state store did not take (an etcd cluster without
+// a leader, a file store that could not write): a fault of the store, not
+// of the download, so the entry is handed back, not made FAILED.
+var errNotCommitted = errors.New("publish not committed by the state store")
+
 type download struct {
 	gen    uint64
 	cancel context.CancelCauseFunc
@@ -125,6 +131,9 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 			err = m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 				return transitions.Publish(e, m.self, gen, pub, m.cfg.Clock.Now())
 			})
+			if err != nil && !errors.Is(err, transitions.ErrFenced) {
+				err = fmt.Errorf("%w: %w", errNotCommitted, err)
+			}
 		}
 	} else if meta, err = m.fetch(ctx, key, gen, staging, log); err == nil {
 		err = m.publish(bg, key, gen, staging, meta)
@@ -162,6 +171,16 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		})
 	case errors.Is(cause, errReleased):
 		log.Info("download cancelled: no dependent left")
+	case errors.Is(err, errNotCommitted):
+		// Not a failed download: a FAILED mark would fail every get of
+		// the entry for its cool-down, for a fault of the store. Handed
+		// back, it is claimed and fetched again by the next pass once the
+		// store answers; if the hand-back fails too, the loop claims its
+		// own unfinished generation again.
+		log.WithError(err).Warn("handing the entry back")
+		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Abandon(e, m.self, gen)
+		})
 	case errors.Is(cause, errShutdown):
 		// Hand the entry back so that another process claims it at once
 		// instead of waiting for our death to be noticed.
@@ -389,6 +408,9 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 			m.log.WithError(err).WithField("path", abs).Warn("a publish whose commit failed is named by the state all the same; leaving it in place")
 		} else if rerr := os.Rename(abs, staging); rerr != nil {
 			m.log.WithError(rerr).WithField("path", abs).Error("could not move back a publish whose commit did not happen; reconcile moves it aside once this generation is superseded")
+		}
+		if !errors.Is(err, transitions.ErrFenced) {
+			err = fmt.Errorf("%w: %w", errNotCommitted, err)
 		}
 	} else if serr := state.SyncDir(filepath.Dir(abs)); serr != nil {
 		m.log.WithError(serr).Warn("fsync of the entries directory")

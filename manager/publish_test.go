@@ -76,16 +76,20 @@ func TestPublishUndoneWhenCommitFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.serve(t, "v1")
-	// Until the FAILED mark that follows the failed publish has failed to
-	// commit too: the blocker must stay until then, or that mark lands
-	// and no second fetch is tried.
+	// Until the hand-back that follows the failed publish (not a FAILED
+	// mark: the download did not fail, the store did) has failed to commit
+	// too: the blocker must stay until then, so that the state checked
+	// below is the one before the publish.
 	waitFor(t, within, func() bool {
 		msgs := log.messages()
-		at := slices.IndexFunc(msgs, func(m string) bool { return strings.HasSuffix(m, "download failed") })
+		at := slices.IndexFunc(msgs, func(m string) bool { return strings.HasSuffix(m, "handing the entry back") })
 		return at >= 0 && slices.ContainsFunc(msgs[at+1:], func(m string) bool { return strings.Contains(m, "state update failed") })
 	}, func() string {
-		return fmt.Sprintf("the publish and its FAILED mark did not both fail: %q", log.messages())
+		return fmt.Sprintf("the publish and its hand-back did not both fail: %q", log.messages())
 	})
+	if got := log.find("download failed"); len(got) != 0 {
+		t.Errorf("a publish whose commit failed was logged as a failed download: %v", got)
+	}
 	for _, rel := range []string{filepath.Join("entries", gen(k, 1)), filepath.Join("staging", gen(k, 1))} {
 		if exists(t, root, rel) {
 			t.Errorf("%s is there after the failed commit", rel)

@@ -81,6 +81,7 @@ func main() {
 	flag.StringVar(&o.soak.bin, "depcache", "", "soak: the depcache binary to run (default: built from this module)")
 	flag.IntVar(&o.soak.sources, "sources", 40, "soak: number of sources (25-220 KB, a third tar.gz)")
 	hostRoots := flag.String("host-roots", "", "soak and getrelease: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on, and getrelease seeds through, the first")
+	flag.StringVar(&o.soak.state, "state", "", "soak: the state store of serve and every command, etcd://HOST:PORT[,HOST:PORT...]/PREFIX (each run adds a component of its own to PREFIX); empty: the file store in the root")
 	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak and getrelease: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
 	flag.Parse()
 	if *hostRoots != "" {

@@ -30,6 +30,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/depcache/depcache/state/etcdstore"
 )
 
 // soakOptions are the soak's flags.
@@ -44,6 +46,11 @@ type soakOptions struct {
 	// ../shared/rigs/fakehost.sh: worker i runs in fake host i%len.
 	hostRoots []string
 	fakehost  string
+	// state is --state: the etcd store's URL (etcd://HOST:PORT,.../PREFIX)
+	// for serve and every command, empty for the file store in the root.
+	// Each run adds a component of its own to the prefix (soakStateURL),
+	// so that it starts from an empty state bound to its fresh root.
+	state string
 }
 
 // soakFlags are the loop flags of every get, run and serve of the soak: a
@@ -81,6 +88,14 @@ func runSoak(r *report, o options, so soakOptions) (problems []string) {
 		}
 	}
 
+	if so.state != "" {
+		u, err := soakStateURL(so.state, time.Now(), os.Getpid())
+		if err != nil {
+			fatalf("%v", err)
+		}
+		so.state = u
+	}
+
 	srv := newSoakServer(so.faults, filepath.Join(dir, "src"))
 	defer srv.close()
 	sources, total := makeSoakSources(dir, srv.url, so.sources)
@@ -93,12 +108,15 @@ func runSoak(r *report, o options, so soakOptions) (problems []string) {
 	}
 	fmt.Fprintf(os.Stderr, "soak: %d sources (%d KB in all), budget %d KB, %d workers, %s, faults %v, root %s\n",
 		len(sources), total>>10, budget>>10, so.workers, so.duration, so.faults, root)
+	if so.state != "" {
+		fmt.Fprintf(os.Stderr, "soak: state %s\n", so.state)
+	}
 
-	if out, err := exec.Command(bin, "--root", root, "policy", "set", "--max-size", strconv.FormatInt(budget, 10), "--min-age", "0s").CombinedOutput(); err != nil {
+	if out, err := exec.Command(bin, depcacheArgs(root, so.state, "policy", "set", "--max-size", strconv.FormatInt(budget, 10), "--min-age", "0s")...).CombinedOutput(); err != nil {
 		fatalf("policy set: %v: %s", err, out)
 	}
 
-	serve, err := startSoakServe(bin, root, loopFlags)
+	serve, err := startSoakServe(bin, root, so.state, loopFlags)
 	if err != nil {
 		fatalf("%v", err)
 	}
@@ -120,7 +138,7 @@ func runSoak(r *report, o options, so soakOptions) (problems []string) {
 				argv = append([]string{so.fakehost, fmt.Sprintf("soak-host%d", i%n)}, argv...)
 			}
 		}
-		cfg := soakWorkerConfig{ID: i, Bin: bin, Root: wroot, Deadline: deadline, Sources: sources, LoopFlags: loopFlags, Seed: uint64(start.UnixNano())}
+		cfg := soakWorkerConfig{ID: i, Bin: bin, Root: wroot, State: so.state, Deadline: deadline, Sources: sources, LoopFlags: loopFlags, Seed: uint64(start.UnixNano())}
 		b, _ := json.Marshal(cfg)
 		w := &worker{cmd: exec.Command(argv[0], append(argv[1:], string(b))...), stderr: newStderrLog(fmt.Sprintf("worker %d", i))}
 		w.cmd.Stdout, w.cmd.Stderr = &w.out, w.stderr
@@ -186,12 +204,36 @@ func runSoak(r *report, o options, so soakOptions) (problems []string) {
 	}
 
 	// The whole cache, at rest: every READY entry still matches its digest.
-	if out, err := exec.Command(bin, "--root", root, "--json", "verify").Output(); err != nil {
+	if out, err := exec.Command(bin, depcacheArgs(root, so.state, "--json", "verify")...).Output(); err != nil {
 		problems = append(problems, fmt.Sprintf("verify of the whole root at the end: %v: %s", err, shorten(string(out))))
 	}
 	res.Records = append(res.Records, serve.stop(&problems)...)
 
 	return judgeSoak(r, so, res, srv, samples, wall, problems)
+}
+
+// depcacheArgs is the command line of one depcache command on root, with
+// --state stateURL when it is not empty.
+func depcacheArgs(root, stateURL string, args ...string) []string {
+	out := []string{"--root", root}
+	if stateURL != "" {
+		out = append(out, "--state", stateURL)
+	}
+	return append(out, args...)
+}
+
+// soakStateURL is the --state URL of one run: u's prefix with a component
+// unique to the run (its start and pid) added, so that every run starts on
+// an empty prefix, which binds to its root on the first commit.
+func soakStateURL(u string, now time.Time, pid int) (string, error) {
+	if _, _, err := etcdstore.ParseURL(u); err != nil {
+		return "", fmt.Errorf("--state: %w", err)
+	}
+	out := fmt.Sprintf("%s/soak-%s-%d", strings.TrimSuffix(u, "/"), now.UTC().Format("20060102T150405.000000000Z"), pid)
+	if _, _, err := etcdstore.ParseURL(out); err != nil {
+		return "", fmt.Errorf("--state: %w", err)
+	}
+	return out, nil
 }
 
 // judgeSoak reports the soak's figures and returns its failures.
@@ -203,6 +245,7 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	}
 	byFault, other := 0, 0
 	otherMsgs, faultMsgs := tally{}, tally{}
+	otherSpans := map[string][2]time.Time{} // when the first of each began and the last ended
 	for _, g := range res.FailedGets {
 		if causedByFault(g, so.faults, log) {
 			byFault++
@@ -210,18 +253,32 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 			continue
 		}
 		other++
-		otherMsgs[fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, lastLine(g.Msg))]++
+		k := fmt.Sprintf("%s exit %d: %s", g.Op, g.Code, lastLine(g.Msg))
+		otherMsgs[k]++
+		sp, ok := otherSpans[k]
+		if !ok || g.Start.Before(sp[0]) {
+			sp[0] = g.Start
+		}
+		if g.End.After(sp[1]) {
+			sp[1] = g.End
+		}
+		otherSpans[k] = sp
 	}
 	for _, m := range otherMsgs.top() {
 		problems = append(problems, "failed get not caused by a fault: "+m)
 	}
 	expected, false_ := tally{}, tally{}
+	examples := map[string]string{} // a false warning's first record as written
 	for _, rec := range res.Records {
 		k := fmt.Sprintf("%s level=%s msg=%q error=%q", rec.Proc, rec.Level, rec.Msg, shorten(rec.Err))
 		if ok, why := classifyWarning(rec, so.faults, log); ok {
 			expected[fmt.Sprintf("%s level=%s msg=%q", rec.Proc, rec.Level, rec.Msg)]++
 		} else {
-			false_[k+" ("+why+")"]++
+			k += " (" + why + ")"
+			false_[k]++
+			if _, ok := examples[k]; !ok {
+				examples[k] = rec.Line
+			}
 		}
 	}
 	for _, m := range false_.top() {
@@ -240,7 +297,7 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	}
 	first, mid, last := samples[0], samples[len(samples)/2], samples[len(samples)-1]
 	reqs, injected := srv.counts()
-	r.add(name, map[string]any{
+	fields := map[string]any{
 		"workers": so.workers, "duration_s": wall.Seconds(), "cycles": res.Cycles, "ops": ops, "ops_by_command": res.Ops,
 		"ops_per_sec": float64(ops) / wall.Seconds(), "cycles_per_sec": float64(res.Cycles) / wall.Seconds(),
 		"failed_gets_fault": byFault, "failed_gets_other": other, "mismatches": len(res.Mismatches),
@@ -249,7 +306,11 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 		"goroutines": []int{first.Goroutines, mid.Goroutines, last.Goroutines}, "threads": []int{first.Threads, mid.Threads, last.Threads},
 		"growth_from_s": g.From.Seconds(), "rss_growth_percent": g.RSSPercent, "fds_early_late": []int{g.EarlyFDs, g.LateFDs},
 		"goroutines_early_late": []int{g.EarlyGor, g.LateGor}, "problems": len(problems), "samples": samples,
-	}, fmt.Sprintf("%d cycles, %.1f cycles/s, %.1f ops/s | failed gets: %d by faults, %d other | %d mismatches | warnings: %d expected, %d false",
+	}
+	if so.state != "" {
+		fields["state"] = so.state
+	}
+	r.add(name, fields, fmt.Sprintf("%d cycles, %.1f cycles/s, %.1f ops/s | failed gets: %d by faults, %d other | %d mismatches | warnings: %d expected, %d false",
 		res.Cycles, float64(res.Cycles)/wall.Seconds(), float64(ops)/wall.Seconds(), byFault, other, len(res.Mismatches), sum(expected), sum(false_)))
 	fmt.Fprintf(os.Stderr, "  commands: %v; source requests %d, faults injected %v\n", res.Ops, reqs, injected)
 	fmt.Fprintf(os.Stderr, "  serve at start/middle/end: RSS %.1f / %.1f / %.1f MB, open files %d / %d / %d, goroutines %d / %d / %d, threads %d / %d / %d\n",
@@ -259,6 +320,8 @@ func judgeSoak(r *report, so soakOptions, res soakWorkerResult, srv *soakServer,
 	printTally("failed gets caused by faults", faultMsgs)
 	printTally("expected warnings (injected fetch failures)", expected)
 	printTally("false warnings and errors", false_)
+	printExamples("the first record of each false warning or error, as written", false_, examples)
+	printSpans("failed gets not caused by a fault: when the first began and the last ended", otherMsgs, otherSpans)
 	printTally("other stderr lines of commands that succeeded (not judged)", res.Other)
 	if len(problems) > 0 {
 		fmt.Fprintf(os.Stderr, "soak: FAILED (%d problems)\n", len(problems))
@@ -279,6 +342,42 @@ func printTally(title string, t tally) {
 			break
 		}
 		fmt.Fprintf(os.Stderr, "    %s\n", l)
+	}
+}
+
+// printExamples prints, for the most frequent keys of t, the line that
+// examples holds for each.
+func printExamples(title string, t tally, examples map[string]string) {
+	keys := t.keys()
+	if len(keys) == 0 {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "  %s:\n", title)
+	for i, k := range keys {
+		if i == 15 {
+			break
+		}
+		if l := examples[k]; l != "" {
+			fmt.Fprintf(os.Stderr, "    %s\n", l)
+		}
+	}
+}
+
+// printSpans prints the keys of t, most frequent first, each with the
+// span of time it covers.
+func printSpans(title string, t tally, spans map[string][2]time.Time) {
+	keys := t.keys()
+	if len(keys) == 0 {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "  %s:\n", title)
+	for i, k := range keys {
+		if i == 15 {
+			fmt.Fprintf(os.Stderr, "    ... %d more distinct\n", len(keys)-i)
+			break
+		}
+		sp := spans[k]
+		fmt.Fprintf(os.Stderr, "    %6d × %s – %s: %s\n", t[k], sp[0].UTC().Format("15:04:05"), sp[1].UTC().Format("15:04:05"), k)
 	}
 }
 
@@ -520,8 +619,8 @@ type soakServe struct {
 	client  *http.Client
 }
 
-func startSoakServe(bin, root string, loopFlags []string) (*soakServe, error) {
-	args := append([]string{"--root", root, "serve", "--listen", "127.0.0.1:0", "--cleanup-interval", "2s"}, loopFlags...)
+func startSoakServe(bin, root, stateURL string, loopFlags []string) (*soakServe, error) {
+	args := depcacheArgs(root, stateURL, append([]string{"serve", "--listen", "127.0.0.1:0", "--cleanup-interval", "2s"}, loopFlags...)...)
 	s := &soakServe{cmd: exec.Command(bin, args...), stderr: newStderrLog("serve"), exited: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
 	s.cmd.Stderr = s.stderr
 	addr := make(chan string, 1)

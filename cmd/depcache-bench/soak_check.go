@@ -22,6 +22,9 @@ type logRecord struct {
 	Msg   string `json:"msg"`
 	Err   string `json:"error,omitempty"`
 	Key   string `json:"key,omitempty"`
+	// Line is the record as written, with its time and every field, for
+	// the report's example of each false warning.
+	Line string `json:"line,omitempty"`
 }
 
 // parseLogfmt parses one line of logrus's text formatter without colours:
@@ -80,7 +83,7 @@ func parseRecord(proc, line string) (logRecord, bool) {
 	if !ok {
 		return logRecord{}, false
 	}
-	return logRecord{Proc: proc, Level: f["level"], Msg: f["msg"], Err: f["error"], Key: f["key"]}, true
+	return logRecord{Proc: proc, Level: f["level"], Msg: f["msg"], Err: f["error"], Key: f["key"], Line: strings.TrimSpace(line)}, true
 }
 
 // isWarning: the levels the soak judges (logrus's text names).
@@ -302,8 +305,8 @@ func median(ss []sample, f func(sample) int64) int64 {
 // tally counts distinct messages.
 type tally map[string]int
 
-// top returns the entries of t, most frequent first.
-func (t tally) top() []string {
+// keys returns the keys of t, most frequent first, then in order.
+func (t tally) keys() []string {
 	keys := make([]string, 0, len(t))
 	for k := range t {
 		keys = append(keys, k)
@@ -314,6 +317,12 @@ func (t tally) top() []string {
 		}
 		return keys[i] < keys[j]
 	})
+	return keys
+}
+
+// top returns the entries of t, most frequent first.
+func (t tally) top() []string {
+	keys := t.keys()
 	out := make([]string, len(keys))
 	for i, k := range keys {
 		out[i] = fmt.Sprintf("%6d × %s", t[k], k)

@@ -13,7 +13,7 @@ func TestParseLogfmt(t *testing.T) {
 		t.Fatal("not parsed")
 	}
 	want := logRecord{Proc: "get", Level: "warning", Msg: "fetch failed, retrying",
-		Err: "GET http://127.0.0.1:4000/src/s01.bin: HTTP 500 Internal Server Error", Key: "bundle:http://127.0.0.1:4000/src/s01.bin"}
+		Err: "GET http://127.0.0.1:4000/src/s01.bin: HTTP 500 Internal Server Error", Key: "bundle:http://127.0.0.1:4000/src/s01.bin", Line: line}
 	if r != want {
 		t.Fatalf("got %+v, want %+v", r, want)
 	}

@@ -31,6 +31,7 @@ type soakWorkerConfig struct {
 	ID        int          `json:"id"`
 	Bin       string       `json:"bin"` // the depcache binary
 	Root      string       `json:"root"`
+	State     string       `json:"state,omitempty"` // --state of every command; empty: the file store
 	Deadline  time.Time    `json:"deadline"`
 	Sources   []soakSource `json:"sources"`
 	LoopFlags []string     `json:"loop_flags"` // for get and run
@@ -100,7 +101,7 @@ func (w *soakWorker) depcache(op string, args ...string) (stdout string, code in
 	w.res.Ops[op]++
 	ctx, cancel := context.WithTimeout(context.Background(), soakCmdTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, w.cfg.Bin, append([]string{"--root", w.cfg.Root}, args...)...)
+	cmd := exec.CommandContext(ctx, w.cfg.Bin, depcacheArgs(w.cfg.Root, w.cfg.State, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -1,0 +1,99 @@
+package manager_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+)
+
+// errStoreDown is what the failing store answers: the etcd store's
+// ErrUnavailable, or a file store whose commit failed.
+var errStoreDown = errors.New("state store unavailable (test)")
+
+// failPublish is a store whose first commit of key going READY fails, as
+// a commit does when the etcd cluster loses its leader or a member at that
+// moment; every other commit works.
+type failPublish struct {
+	*state.Store
+	key    state.Key
+	failed atomic.Int64
+}
+
+func (s *failPublish) UpdateEntries(ctx context.Context, ids []string, fn func(*state.Txn) (bool, error)) error {
+	return s.Store.UpdateEntries(ctx, ids, func(tx *state.Txn) (bool, error) {
+		named := false
+		for _, id := range ids {
+			named = named || id == s.key.ID()
+		}
+		var before state.Stage
+		if named {
+			if e := tx.Get(s.key); e != nil {
+				before = e.Stage
+			}
+		}
+		changed, err := fn(tx)
+		if err == nil && named && before == state.Downloading {
+			if e := tx.Get(s.key); e != nil && e.Stage == state.Ready && s.failed.Add(1) == 1 {
+				return false, errStoreDown
+			}
+		}
+		return changed, err
+	})
+}
+
+// TestPublishCommitFailureIsNotAFailedDownload: a download whose bytes
+// arrived and verified, but whose publish commit failed because the state
+// store did, is not a failed download: the entry must not become FAILED
+// with the store's error (every get of it would then fail for the
+// cool-down, for a fault of the store, not of the source). It is fetched
+// again and published.
+func TestPublishCommitFailureIsNotAFailedDownload(t *testing.T) {
+	root := t.TempDir()
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(blob, []byte("the bundle"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+blob, "")
+	store := &failPublish{Store: fs, key: k}
+	var log logRecorder
+	m := newManager(t, root, func(c *manager.Config) {
+		c.State = store
+		c.Log = log.logger()
+	})
+	e, err := getWait(t, m, "job", k)
+	if store.failed.Load() == 0 {
+		t.Fatal("no publish commit failed: the test proved nothing")
+	}
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("after a publish commit that failed once: %s %q, %v; want READY", e.Stage, e.Message, err)
+	}
+	if e.Generation != 2 {
+		t.Errorf("READY at generation %d, want 2 (fetched again after the failed commit)", e.Generation)
+	}
+	p, err := m.Abs(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(p); err != nil || string(b) != "the bundle" {
+		t.Errorf("content %q (%v)", b, err)
+	}
+	if got := dirNames(t, root, "entries"); len(got) != 1 || got[0] != gen(k, 2) {
+		t.Errorf("entries/ holds %v, want only %s", got, gen(k, 2))
+	}
+	for _, msg := range log.messages() {
+		if strings.HasSuffix(msg, "download failed") {
+			t.Errorf("logged %q: the download did not fail, the store did", msg)
+		}
+	}
+}

@@ -1,6 +1,9 @@
-// Package state reads and writes depcache's state file: one JSON document in
-// the cache root that names every entry, its stage, its owner and its
-// dependents.
+// Package state reads and writes depcache's state: every entry, its stage,
+// its owner and its dependents. It defines the store interface a manager
+// uses ([Backend], with its contracts) and implements the file store in
+// the cache root ([Store]): in format 2, a manifest (state.json) naming
+// immutable shard files in state.d/ (see v2.go); format 1, one document,
+// is read and converted at the first write.
 //
 // Guarantees:
 //
@@ -8,14 +11,20 @@
 //     safe between goroutines, processes, pid namespaces and hosts sharing the
 //     root over an NFS-like filesystem. [Store.Update], [Store.UpdateBatched]
 //     and [Store.Reset] are the only mutating calls.
-//   - No reader ever sees a half-written file: the file is written to a
-//     temporary name in the same directory, fsynced, renamed over the old one,
-//     and the directory is fsynced. The previous version is kept as
-//     state.json.prev. The file is written only when its content changed.
-//   - A state file that cannot be read or parsed is an error that names the
-//     path and the reason ([ErrCorrupt], [ErrUnsupportedVersion]). The bad
-//     bytes are copied aside, the file itself is left in place, and nothing
-//     is ever deleted or rewritten because of it.
+//   - No reader ever sees a half-written state: changed shards are written
+//     under names no file had before and fsynced, then the manifest is
+//     written to a temporary name, fsynced, renamed over the old one (the
+//     one commit point), and the directory is fsynced. The previous
+//     manifest is kept as state.json.prev, and no shard either manifest
+//     names is ever deleted. Only what changed is written: an operation on
+//     named entries (UpdateEntries) reads and writes the shards holding
+//     them, and the manifest.
+//   - A state file or shard that cannot be read or parsed, or a shard that
+//     is missing or not of the size and hash its manifest records, is an
+//     error that names the path and the reason ([ErrCorrupt],
+//     [ErrUnsupportedVersion]). The bad bytes are copied aside, the file
+//     itself is left in place, and nothing is ever deleted or rewritten
+//     because of it.
 //   - Entry paths recorded in the state are relative to the root and are
 //     rejected when they would leave it.
 //

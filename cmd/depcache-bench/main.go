@@ -425,12 +425,15 @@ func workerGetRelease(args []string) int {
 	deadline := time.Now().Add(dur)
 	// Fake hosts number their processes alike: a pid alone does not tell
 	// two workers apart.
-	self := fmt.Sprintf("%d-%08x", os.Getpid(), rand.Uint32())
+	seed := rand.Uint64()
+	self := fmt.Sprintf("%d-%08x", os.Getpid(), uint32(seed))
 	for w := range g {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(os.Getpid()), uint64(w)))
+			// Seeded at random too: workers on fake hosts share their pids,
+			// and would all pick the same keys in the same order.
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
 			var lat []time.Duration
 			for i := 0; time.Now().Before(deadline) && !failed.Load(); i++ {
 				k := benchKey(rng.IntN(n))

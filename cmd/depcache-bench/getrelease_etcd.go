@@ -151,9 +151,7 @@ func benchGetReleaseEtcd(r *report, o options, roots []string, sub string, n int
 	defer s.Close()
 	cli := s.Client()
 	cleanup := func() {
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		if _, err := cli.Delete(dctx, prefix+"/", clientv3.WithPrefix()); err != nil {
+		if err := deletePrefix(ctx, cli, prefix+"/"); err != nil {
 			fmt.Fprintf(os.Stderr, "depcache-bench: deleting %s: %v\n", url, err)
 		}
 	}
@@ -197,6 +195,33 @@ func benchGetReleaseEtcd(r *report, o options, roots []string, sub string, n int
 	}
 	r.add(name, fields, fmt.Sprintf("%8.0f ops/s  p50 %6.2f ms  p99 %7.2f ms | limit %6.0f ops/s (%d workers, bare etcd txn %.2f ms)  ratio %.2f | seeded in %.1f s",
 		opsPerSec, ms(percentile(lat, 0.5)), ms(percentile(lat, 0.99)), limit, workers, ms(rtt), opsPerSec/limit, seeded.Seconds()))
+}
+
+// deleteChunk is how many keys one delete request of deletePrefix removes
+// at most: one request for 100,000 keys can outlast the server's request
+// timeout on a loaded cluster.
+const deleteChunk = 2000
+
+// deletePrefix deletes every key that starts with p, deleteChunk keys to
+// a request.
+func deletePrefix(ctx context.Context, cli *clientv3.Client, p string) error {
+	end := clientv3.GetPrefixRangeEnd(p)
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		resp, err := cli.Get(rctx, p, clientv3.WithRange(end), clientv3.WithKeysOnly(),
+			clientv3.WithLimit(deleteChunk), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+		if err == nil && len(resp.Kvs) > 0 {
+			last := string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+			_, err = cli.Delete(rctx, string(resp.Kvs[0].Key), clientv3.WithRange(last))
+		}
+		cancel()
+		if err != nil {
+			return fmt.Errorf("deleting keys under %s: %w", p, err)
+		}
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+	}
 }
 
 // workerStore returns the state store of a getrelease worker: nil (the

@@ -81,7 +81,7 @@ func main() {
 	flag.StringVar(&o.soak.bin, "depcache", "", "soak: the depcache binary to run (default: built from this module)")
 	flag.IntVar(&o.soak.sources, "sources", 40, "soak: number of sources (25-220 KB, a third tar.gz)")
 	hostRoots := flag.String("host-roots", "", "soak and getrelease: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on, and getrelease seeds through, the first")
-	flag.StringVar(&o.soak.state, "state", "", "soak: the state store of serve and every command, etcd://HOST:PORT[,HOST:PORT...]/PREFIX (each run adds a component of its own to PREFIX); empty: the file store in the root")
+	flag.StringVar(&o.soak.state, "state", "", "soak and getrelease: the state store of serve and every command (soak) or of the seeding and every worker (getrelease), etcd://HOST:PORT[,HOST:PORT...]/PREFIX (each run adds a component of its own to PREFIX, and getrelease deletes its own at the end); empty: the file store in the root")
 	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak and getrelease: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
 	flag.Parse()
 	if *hostRoots != "" {
@@ -140,7 +140,11 @@ func main() {
 			benchGetRelease(r, o, n)
 		}
 	}
-	if o.run["rss"] {
+	if o.run["rss"] && o.soak.state != "" {
+		// The serve worker drives the file store of a root that
+		// getrelease seeded; on etcd that root holds no state.
+		fmt.Fprintln(os.Stderr, "depcache-bench: rss: skipped with --state (it measures the file store)")
+	} else if o.run["rss"] {
 		benchServeRSS(r, o, o.entries[len(o.entries)-1])
 	}
 	if o.run["fanin"] {
@@ -242,6 +246,10 @@ func benchGetRelease(r *report, o options, n int) {
 		roots = o.soak.hostRoots
 	}
 	sub := fmt.Sprintf("getrelease-%d", n)
+	if o.soak.state != "" {
+		benchGetReleaseEtcd(r, o, roots, sub, n)
+		return
+	}
 	root := filepath.Join(roots[0], sub)
 	s, err := seedRoot(root, n)
 	if err != nil {
@@ -273,32 +281,9 @@ func benchGetRelease(r *report, o options, n int) {
 		unlock()
 	})
 
-	var cmds []*exec.Cmd
-	var outs []io.ReadCloser
-	for i := range o.procs {
-		argv := []string{os.Args[0], "--worker", "getrelease", filepath.Join(roots[i%len(roots)], sub), strconv.Itoa(n), strconv.Itoa(o.goroutines), o.duration.String()}
-		if o.soak.fakehost != "" {
-			argv = append([]string{o.soak.fakehost, fmt.Sprintf("bench-host%d", i%len(roots))}, argv...)
-		}
-		cmd := exec.Command(argv[0], argv[1:]...)
-		cmd.Stderr = os.Stderr
-		out, _ := cmd.StdoutPipe()
-		if err := cmd.Start(); err != nil {
-			fatalf("%v", err)
-		}
-		cmds, outs = append(cmds, cmd), append(outs, out)
-	}
-	var lat, holds []time.Duration
-	ops := 0
-	for i, cmd := range cmds {
-		var res workerResult
-		if err := json.NewDecoder(outs[i]).Decode(&res); err != nil {
-			fatalf("worker: %v", err)
-		}
-		cmd.Wait()
-		ops += res.Ops
-		lat = append(lat, res.Latencies...)
-		holds = append(holds, res.Holds...)
+	ops, lat, holds, err := runGetReleaseWorkers(o, roots, sub, n, "")
+	if err != nil {
+		fatalf("%v", err)
 	}
 	opsPerSec := float64(ops) / o.duration.Seconds()
 	commitsPerSec := 1 / commit.Seconds()
@@ -314,9 +299,61 @@ func benchGetRelease(r *report, o options, n int) {
 		"limit_ops_per_sec": limit, "ratio_to_limit": opsPerSec / limit,
 		"commit_ms": ms(commit), "commit_bytes": floorBytes, "lock_roundtrip_ms": ms(lock), "state_bytes": len(data),
 		"lock_hold_p50_ms": ms(percentile(holds, 0.5)), "lock_hold_p99_ms": ms(percentile(holds, 0.99)),
+		"state": "file",
 	}, fmt.Sprintf("%8.0f ops/s  p50 %6.2f ms  p99 %7.2f ms | limit %6.0f ops/s (commit %.2f ms of %d KB; lock %.3f ms)  ratio %.2f | hold p50 %.2f ms p99 %.2f ms",
 		opsPerSec, ms(percentile(lat, 0.5)), ms(percentile(lat, 0.99)), limit, ms(commit), floorBytes>>10, ms(lock), opsPerSec/limit,
 		ms(percentile(holds, 0.5)), ms(percentile(holds, 0.99))))
+}
+
+// runGetReleaseWorkers runs o.procs getrelease workers on sub of roots
+// (taking turns over the hosts), with the state at stateURL ("" for the
+// file store in the root), and sums their results. A worker that fails
+// fails the run, with its error.
+func runGetReleaseWorkers(o options, roots []string, sub string, n int, stateURL string) (ops int, lat, holds []time.Duration, err error) {
+	var cmds []*exec.Cmd
+	var outs []io.ReadCloser
+	defer func() {
+		for _, cmd := range cmds {
+			if cmd.ProcessState == nil {
+				cmd.Process.Kill()
+				cmd.Wait()
+			}
+		}
+	}()
+	for i := range o.procs {
+		argv := []string{os.Args[0], "--worker", "getrelease", filepath.Join(roots[i%len(roots)], sub), strconv.Itoa(n), strconv.Itoa(o.goroutines), o.duration.String()}
+		if stateURL != "" {
+			argv = append(argv, stateURL)
+		}
+		if o.soak.fakehost != "" {
+			argv = append([]string{o.soak.fakehost, fmt.Sprintf("bench-host%d", i%len(roots))}, argv...)
+		}
+		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd.Stderr = os.Stderr
+		out, perr := cmd.StdoutPipe()
+		if perr != nil {
+			return 0, nil, nil, fmt.Errorf("worker %d: %w", i, perr)
+		}
+		if serr := cmd.Start(); serr != nil {
+			return 0, nil, nil, fmt.Errorf("worker %d: %w", i, serr)
+		}
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	for i, cmd := range cmds {
+		var res workerResult
+		derr := json.NewDecoder(outs[i]).Decode(&res)
+		werr := cmd.Wait()
+		switch {
+		case werr != nil:
+			return 0, nil, nil, fmt.Errorf("worker %d: %w", i, werr)
+		case derr != nil:
+			return 0, nil, nil, fmt.Errorf("worker %d: %w", i, derr)
+		}
+		ops += res.Ops
+		lat = append(lat, res.Latencies...)
+		holds = append(holds, res.Holds...)
+	}
+	return ops, lat, holds, nil
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -360,9 +397,20 @@ func workerGetRelease(args []string) int {
 	n, _ := strconv.Atoi(args[1])
 	g, _ := strconv.Atoi(args[2])
 	dur, _ := time.ParseDuration(args[3])
+	stateURL := ""
+	if len(args) > 4 {
+		stateURL = args[4]
+	}
+	ctx := context.Background()
+	st, closeStore, err := workerStore(ctx, stateURL, root)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer closeStore()
 	var mu sync.Mutex
 	var res workerResult
-	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), OnLockHold: func(d time.Duration) {
+	m, err := manager.New(manager.Config{Root: root, State: st, Log: quietLog(), OnLockHold: func(d time.Duration) {
 		mu.Lock()
 		res.Holds = append(res.Holds, d)
 		mu.Unlock()
@@ -371,30 +419,35 @@ func workerGetRelease(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	ctx := context.Background()
 	var wg sync.WaitGroup
 	var ops atomic.Int64
+	var failed atomic.Bool // a get or release failed: the worker fails, after closing its store
 	deadline := time.Now().Add(dur)
 	// Fake hosts number their processes alike: a pid alone does not tell
 	// two workers apart.
-	self := fmt.Sprintf("%d-%08x", os.Getpid(), rand.Uint32())
+	seed := rand.Uint64()
+	self := fmt.Sprintf("%d-%08x", os.Getpid(), uint32(seed))
 	for w := range g {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(os.Getpid()), uint64(w)))
+			// Seeded at random too: workers on fake hosts share their pids,
+			// and would all pick the same keys in the same order.
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
 			var lat []time.Duration
-			for i := 0; time.Now().Before(deadline); i++ {
+			for i := 0; time.Now().Before(deadline) && !failed.Load(); i++ {
 				k := benchKey(rng.IntN(n))
 				dep := fmt.Sprintf("bench-%s-%d-%d", self, w, i)
 				start := time.Now()
 				if _, err := m.Get(ctx, dep, k, manager.Detached()); err != nil {
 					fmt.Fprintln(os.Stderr, err)
-					os.Exit(1)
+					failed.Store(true)
+					break
 				}
 				if err := m.Release(ctx, dep, k); err != nil {
 					fmt.Fprintln(os.Stderr, err)
-					os.Exit(1)
+					failed.Store(true)
+					break
 				}
 				lat = append(lat, time.Since(start))
 				ops.Add(1)
@@ -405,6 +458,9 @@ func workerGetRelease(args []string) int {
 		}()
 	}
 	wg.Wait()
+	if failed.Load() {
+		return 1
+	}
 	res.Ops = int(ops.Load())
 	json.NewEncoder(os.Stdout).Encode(res)
 	return 0

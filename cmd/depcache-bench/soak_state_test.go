@@ -105,11 +105,6 @@ func TestSoakEtcd(t *testing.T) {
 	if res.Cycles == 0 || res.Ops["get"] == 0 || res.Ops["run"] == 0 || res.Mismatches != 0 {
 		t.Errorf("%d cycles, commands %v, %d mismatches: want cycles of get and run, no mismatch", res.Cycles, res.Ops, res.Mismatches)
 	}
-	// 40 sources on a budget of 5 of the largest: the entries were evicted
-	// and fetched again, so the prefix saw churn, not just 40 downloads.
-	if res.Requests <= 40 {
-		t.Errorf("%d source requests for %d gets and runs: no churn", res.Requests, res.Ops["get"]+res.Ops["run"])
-	}
 
 	root := filepath.Join(dir, "soak", "root")
 	names, err := os.ReadDir(root)
@@ -140,6 +135,13 @@ func TestSoakEtcd(t *testing.T) {
 	}
 	if err != nil || json.Unmarshal(out, &entries) != nil || len(entries) == 0 || !strings.Contains(entries[0].Source, "/src/s") {
 		t.Errorf("ls on the run's prefix: %v: %s; want the soak's entries", err, out)
+	}
+	// 40 sources on a budget of 5 of the largest: entries were evicted,
+	// so the prefix saw churn: fewer entries are left than sources were
+	// fetched (each fetch made an entry). Not "more requests than
+	// sources": a loaded machine may fetch fewer than 40 in 10 s.
+	if res.Requests <= len(entries) {
+		t.Errorf("%d source requests for %d gets and runs, %d entries left: nothing was evicted", res.Requests, res.Ops["get"]+res.Ops["run"], len(entries))
 	}
 }
 

@@ -23,7 +23,9 @@ import (
 // open opens a store on endpoints under prefix, closed by t's cleanup.
 func open(t testing.TB, endpoints []string, prefix string, mod ...func(*Options)) *Store {
 	t.Helper()
-	opts := Options{Endpoints: endpoints, Prefix: prefix}
+	// Open's first request waits longer than its default 2 s: CI shares a
+	// 2-core machine whose load can hold a healthy cluster's answer back.
+	opts := Options{Endpoints: endpoints, Prefix: prefix, DialTimeout: 20 * time.Second}
 	for _, m := range mod {
 		m(&opts)
 	}

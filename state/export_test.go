@@ -21,3 +21,12 @@ func SetMissingHook(t testing.TB, hook func(path string)) {
 	missingHook = hook
 	t.Cleanup(func() { missingHook = nil })
 }
+
+// SetLockReadHook makes a lock's holder see hook(name, b) for every read
+// of its lock name that found b, when it checks or releases the lock,
+// until t ends.
+func SetLockReadHook(t testing.TB, hook func(name string, b []byte) []byte) {
+	t.Helper()
+	lockReadHook = hook
+	t.Cleanup(func() { lockReadHook = nil })
+}

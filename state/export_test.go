@@ -39,3 +39,12 @@ func UnnamedShards(root string) ([]string, error) {
 	}
 	return out, nil
 }
+
+// SetLockReadHook makes a lock's holder see hook(name, b) for every read
+// of its lock name that found b, when it checks or releases the lock,
+// until t ends.
+func SetLockReadHook(t testing.TB, hook func(name string, b []byte) []byte) {
+	t.Helper()
+	lockReadHook = hook
+	t.Cleanup(func() { lockReadHook = nil })
+}

@@ -248,7 +248,7 @@ func (l *Lock) unlockOnce() func() error {
 // Check reports whether the lock is still ours. The caller must hold it.
 // Store.Update calls it right before committing.
 func (l *Lock) Check() error {
-	b, err := os.ReadFile(l.path)
+	b, err := readHeld(l.path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("lock %s vanished: %w", l.path, ErrLockLost)
@@ -263,7 +263,7 @@ func (l *Lock) Check() error {
 
 // release removes name if it still holds nonce.
 func (l *Lock) release(name, nonce string) error {
-	b, err := os.ReadFile(name)
+	b, err := readHeld(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("lock %s vanished while held: %w", name, ErrLockLost)
 	}
@@ -278,6 +278,36 @@ func (l *Lock) release(name, nonce string) error {
 	}
 	return nil
 }
+
+// readHeld reads a lock that its holder checks or releases. A content
+// that does not parse as a holder is read again, spaced as the state
+// file's rereads are (rereadDelays), before it is returned: a lock name
+// always points to a whole record (it is linked to a file written in
+// full), but on sshfs the first read after the name was linked to a file
+// of another size may be cut to the old size, or run on into the old
+// file's cached pages. Taken at its word, such a read made the holder
+// report its lock lost and leave it in place: every process of the root
+// then waited for the lease to run out (30 s) before breaking it.
+func readHeld(name string) ([]byte, error) {
+	var b []byte
+	var err error
+	for _, d := range rereadDelays {
+		time.Sleep(d)
+		b, err = os.ReadFile(name)
+		if err == nil && lockReadHook != nil {
+			b = lockReadHook(name, b)
+		}
+		if err != nil || parseHolder(b).Nonce != "" {
+			break
+		}
+	}
+	return b, err
+}
+
+// lockReadHook, nil outside tests (set through export_test.go), stands
+// for the filesystem in readHeld: it returns what a read of name that
+// found b gives.
+var lockReadHook func(name string, b []byte) []byte
 
 // waiter is the state of one Lock call: our nonce and the lock contents we
 // have seen, with when we first saw each on our clock, and the turn marker.

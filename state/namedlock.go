@@ -79,21 +79,14 @@ func (s *Lease) Nonce() string { return s.nonce }
 // Check reports whether the lock still holds this lease's nonce; an error
 // wrapping [ErrLockLost] says who holds it now.
 func (s *Lease) Check() error {
-	var b []byte
-	var err error
-	for range 3 {
-		b, err = os.ReadFile(s.l.path)
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("lock %s vanished: %w", s.l.path, ErrLockLost)
-		}
-		if err != nil {
-			return fmt.Errorf("lock %s: %w", s.l.path, err)
-		}
-		if parseHolder(b).Nonce != "" {
-			break
-		}
-		// A torn or cut read (sshfs may cut the first read after a file
-		// grew): read again before judging.
+	// A torn or cut read (sshfs may cut the first read after a file
+	// grew) is read again before it is judged.
+	b, err := readHeld(s.l.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("lock %s vanished: %w", s.l.path, ErrLockLost)
+	}
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", s.l.path, err)
 	}
 	if h := parseHolder(b); h.Nonce != s.nonce {
 		return fmt.Errorf("lock %s now held by %s: %w", s.l.path, h.describe(), ErrLockLost)

@@ -165,7 +165,7 @@ func killPhase(op, logs string) string {
 }
 
 // runTrialsWith is runTrials with a hook run before each trial.
-func runTrialsWith(t *testing.T, seed uint64, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd, before func()) {
+func runTrialsWith(t *testing.T, seed uint64, trials int, roots []string, start func(host int, argv ...string) *exec.Cmd, before func(), beforeCheck ...func()) {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 2))
 	srcDir := t.TempDir()
@@ -303,6 +303,9 @@ func runTrialsWith(t *testing.T, seed uint64, trials int, roots []string, start 
 			case j.op == "get" && killed:
 				// maybe registered: no claim either way
 			}
+		}
+		for _, f := range beforeCheck {
+			f() // room for the checks' own commands (gc, doctor) to write
 		}
 		if !checkCrashInvariants(t, trial, root, held) {
 			// Say what happened to the source in the last trials.
@@ -486,6 +489,14 @@ func TestCrashTrialsDiskFull(t *testing.T) {
 			}
 			if free := freeBytes(t, dir); free > keep+slack || free >= 2<<20 {
 				t.Fatalf("the disk is not full before the trial: %d bytes free after the filler, want at most %d (+%d slack) and below the 2 MiB of the slow download", free, keep, slack)
+			}
+		},
+		// The invariants are checked with room on the disk: gc and doctor
+		// write (a lock, a commit), and on a full disk they fail, as they
+		// should, with a clear ENOSPC error.
+		func() {
+			if err := os.Remove(filler); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("removing the filler: %v", err)
 			}
 		})
 }

@@ -48,3 +48,13 @@ func SetLockReadHook(t testing.TB, hook func(name string, b []byte) []byte) {
 	lockReadHook = hook
 	t.Cleanup(func() { lockReadHook = nil })
 }
+
+// SetBreakAsideHook makes breakStale call aside after it moved the lock
+// name aside (before reading back what it moved), and a holder call
+// vanished each time it finds its lock name missing, until t ends. Either
+// may be nil.
+func SetBreakAsideHook(t testing.TB, aside, vanished func(name string)) {
+	t.Helper()
+	breakAsideHook, vanishedHook = aside, vanished
+	t.Cleanup(func() { breakAsideHook, vanishedHook = nil, nil })
+}

@@ -13,6 +13,8 @@ import (
 	"io/fs"
 	"math/big"
 	"os"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -248,7 +250,7 @@ func (l *Lock) unlockOnce() func() error {
 // Check reports whether the lock is still ours. The caller must hold it.
 // Store.Update calls it right before committing.
 func (l *Lock) Check() error {
-	b, err := readHeld(l.path)
+	b, err := readOwn(l.path, l.nonce)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("lock %s vanished: %w", l.path, ErrLockLost)
@@ -263,7 +265,7 @@ func (l *Lock) Check() error {
 
 // release removes name if it still holds nonce.
 func (l *Lock) release(name, nonce string) error {
-	b, err := readHeld(name)
+	b, err := readOwn(name, nonce)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("lock %s vanished while held: %w", name, ErrLockLost)
 	}
@@ -303,6 +305,78 @@ func readHeld(name string) ([]byte, error) {
 	}
 	return b, err
 }
+
+// readOwn is readHeld for a lock we hold with nonce. A name found missing
+// may be only in a breaker's hands: one that judged the holder before us
+// stale and moved the name aside just after we took it (the gap between
+// its re-read and its rename) links it back at once, when it sees the
+// content it moved is ours, and removes the aside name after. So while an
+// aside name holds our nonce the lock is still ours, and we wait for its
+// return instead of reporting it lost; if the breaker died before linking
+// it back, we link it back ourselves after restoreWait. Only when neither
+// name holds our nonce is the lock gone.
+func readOwn(name, nonce string) ([]byte, error) {
+	var since time.Time
+	for {
+		b, err := readHeld(name)
+		if !errors.Is(err, fs.ErrNotExist) {
+			return b, err
+		}
+		if vanishedHook != nil {
+			vanishedHook(name)
+		}
+		aside := asideHolding(name, nonce)
+		if aside == "" {
+			// The breaker links the name back before it removes the
+			// aside name: read once more after finding no aside.
+			return readHeld(name)
+		}
+		if since.IsZero() {
+			since = time.Now()
+		} else if time.Since(since) > restoreWait {
+			err := os.Link(aside, name)
+			if err != nil && !LinkExists(err) && !errors.Is(err, fs.ErrNotExist) {
+				return nil, err
+			}
+			if err == nil {
+				_ = os.Remove(aside) // as the breaker would have
+			}
+		}
+		time.Sleep(maxPoll)
+	}
+}
+
+// restoreWait is how long a lock moved aside by a breaker may stay there
+// before its holder links it back itself: far longer than the few system
+// calls between a breaker's rename and its link.
+const restoreWait = time.Second
+
+// asideHolding returns the name beside name under which a breaker moved a
+// lock holding nonce, or "" if there is none.
+func asideHolding(name, nonce string) string {
+	dir, base := filepath.Split(name)
+	if dir == "" {
+		dir = "."
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return ""
+	}
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), base+".stale-") {
+			continue
+		}
+		m := filepath.Join(dir, e.Name())
+		if b, err := os.ReadFile(m); err == nil && parseHolder(b).Nonce == nonce {
+			return m
+		}
+	}
+	return ""
+}
+
+// vanishedHook, nil outside tests (set through export_test.go), runs each
+// time a holder finds its lock's name missing.
+var vanishedHook func(name string)
 
 // lockReadHook, nil outside tests (set through export_test.go), stands
 // for the filesystem in readHeld: it returns what a read of name that
@@ -413,7 +487,9 @@ func (w *waiter) judge(name string, h holder, content []byte) (bool, string) {
 // test cannot hit a gap of microseconds by timing: breakWonHook runs after
 // the break link is won and before the lock is re-read, breakRenameHook
 // after the re-read matched and before the rename.
-var breakWonHook, breakRenameHook func(name string)
+// breakAsideHook runs after the rename, before the breaker reads back what
+// it moved.
+var breakWonHook, breakRenameHook, breakAsideHook func(name string)
 
 // breakStale removes the lock at name whose content we judged stale. Only
 // the winner of the link on name+".break-"+ID(content) may do it, so two
@@ -470,6 +546,9 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 			return nil
 		}
 		return err
+	}
+	if breakAsideHook != nil {
+		breakAsideHook(name)
 	}
 	got, err := os.ReadFile(aside)
 	if err == nil && !bytes.Equal(got, content) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -525,6 +526,109 @@ func TestBreakerRestoresLockTakenBeforeRename(t *testing.T) {
 	r.waitsForFresh(t, unlock, err)
 	if renamed != 1 {
 		t.Fatalf("the breaker reached the rename %d times, want once", renamed)
+	}
+}
+
+// The same gap, seen from the new holder: it checks its lock while the
+// breaker has it aside. The lock is still its own (the breaker links it
+// back), so its Check waits for the return instead of reporting the lock
+// lost, and its release then succeeds. Under load this gap once failed a
+// release in TestCleanupModel with "lock vanished".
+func TestHolderWaitsOutBreakerRestoring(t *testing.T) {
+	r := newBreakRig(t)
+	fresh, err := state.NewLock(r.path, state.LockOptions{Lease: time.Minute, Processes: &fakeProcs{self: machine("h3", 9)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var unlockFresh func() error
+	checked := make(chan error, 1)
+	vanished := make(chan struct{})
+	var once sync.Once
+	state.SetBreakHooks(t, nil, func(name string) {
+		if name != r.path {
+			return
+		}
+		if err := os.Remove(r.path); err != nil { // the stale holder released
+			t.Error(err)
+		}
+		u, err := fresh.Lock(context.Background())
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		unlockFresh = u
+		r.clock.freeze(20)
+	})
+	state.SetBreakAsideHook(t, func(name string) {
+		if name != r.path || unlockFresh == nil {
+			return
+		}
+		go func() { checked <- fresh.Check() }()
+		// Let the breaker restore the name once the holder saw it
+		// missing, or once its check is over.
+		select {
+		case <-vanished:
+		case err := <-checked:
+			checked <- err
+		}
+	}, func(name string) {
+		if name == r.path {
+			once.Do(func() { close(vanished) })
+		}
+	})
+	unlock, err := r.lock.Lock(r.ctx)
+	if err == nil {
+		_ = unlock()
+		t.Fatal("the waiter took the lock of a holder within its lease")
+	}
+	if unlockFresh == nil {
+		t.Fatal("the breaker never reached its rename")
+	}
+	if err := <-checked; err != nil {
+		t.Fatalf("the holder's check while its lock was aside: %v, want it still held", err)
+	}
+	if err := unlockFresh(); err != nil {
+		t.Fatalf("release after the breaker restored the lock: %v", err)
+	}
+	noLitter(t, r.path)
+}
+
+// A breaker that died between moving a live lock aside and linking it
+// back leaves the holder's lock under the aside name: the holder links it
+// back itself and keeps it.
+func TestHolderRestoresLockLeftAside(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, nil, time.Minute)
+	unlock, err := l.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path, path+".stale-0123456789abcdef"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Check(); err != nil {
+		t.Fatalf("check with the lock left aside: %v, want it linked back and held", err)
+	}
+	noLitter(t, path)
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("lock still there after unlock: %v", err)
+	}
+	// And a lock that is gone from both names is lost.
+	unlock, err = l.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Check(); !errors.Is(err, state.ErrLockLost) {
+		t.Fatalf("check with the lock gone: %v, want ErrLockLost", err)
+	}
+	if err := unlock(); !errors.Is(err, state.ErrLockLost) {
+		t.Fatalf("unlock with the lock gone: %v, want ErrLockLost", err)
 	}
 }
 

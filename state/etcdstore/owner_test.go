@@ -224,6 +224,16 @@ func TestStoppedOwnerTakenOver(t *testing.T) {
 	if got != "READY "+won {
 		t.Fatalf("the stopped owner got %q, want the winner's READY %s", got, won)
 	}
+	// Its Wait returns as soon as it sees the winner's READY, while its
+	// own download may still be between the rename into entries/ and the
+	// move back that follows a fenced commit. Its manager's stop waits for
+	// every download, so count the published directories once it exited.
+	if err := h.in.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.cmd.Wait(); err != nil {
+		t.Fatalf("the stopped owner did not exit cleanly: %v", err)
+	}
 	published, err := filepath.Glob(filepath.Join(root, "entries", "*"))
 	if err != nil || len(published) != 1 {
 		t.Fatalf("published: %v %v, want exactly one", published, err)

@@ -210,8 +210,12 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 			}
 			if now := l.opts.Clock.Now(); !stale && now.After(nextWarn) {
 				nextWarn = now.Add(l.opts.WarnAfter)
-				l.logHolder(h, w.seen[l.path], now).WithField("waited", now.Sub(start).Round(time.Millisecond)).
-					Warn("waiting for the state lock")
+				log := l.logHolder(h, w.seen[l.path], now).WithField("waited", now.Sub(start).Round(time.Millisecond))
+				if slowHold(now, start, w.seen[l.path], l.opts) {
+					log.Warn("waiting for the state lock")
+				} else {
+					log.Info("waiting for the state lock behind other holders")
+				}
 			}
 		}
 		if err := w.pause(ctx, delay); err != nil {
@@ -222,6 +226,16 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 		delay = min(delay*2, maxPoll)
 		waited = l.opts.Clock.Now().Sub(start)
 	}
+}
+
+// slowHold says whether a wait is worth a warning: one holder kept the
+// lock unchanged for WarnAfter (a hold that long is stuck or starved), or
+// the wait outlasted a lease. A wait as long behind a queue of short holds
+// that keep changing is load, not a fault: on a shared filesystem beside a
+// busy host it happens every few thousand operations, and a warning for it
+// would teach operators to ignore the one that matters.
+func slowHold(now, start time.Time, o observation, opts LockOptions) bool {
+	return now.Sub(o.since) >= opts.WarnAfter || now.Sub(start) >= opts.Lease
 }
 
 // Polling bounds: short enough that a released lock is noticed within a few

@@ -866,3 +866,64 @@ func TestHolderRereadsCutLock(t *testing.T) {
 		t.Fatal("unlock removed a lock that was not ours")
 	}
 }
+
+// A long wait is a warning only when it points at a problem: one holder
+// unchanged for WarnAfter, or a wait past the lease. Behind a queue of
+// holders that keep changing it is load, logged at info.
+func TestLockWaitWarnings(t *testing.T) {
+	tests := []struct {
+		name     string
+		changing bool          // a new holder on every poll
+		lease    time.Duration // the waiter's lease
+		warn     bool
+	}{
+		{"one holder unchanged past WarnAfter", false, time.Hour, true},
+		{"holders changing, within the lease", true, time.Hour, false},
+		{"holders changing, past the lease", true, 30 * time.Second, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "lock")
+			writeHolder(t, path, machine("h1", 7), staleNonce)
+			n := 0
+			procs := &watchProcs{fakeProcs: fakeProcs{self: machine("h1", 1)}}
+			procs.onAlive = func(state.Process) {
+				if tt.changing {
+					n++
+					writeHolder(t, path, machine("h1", 7), fmt.Sprintf("%032x", n))
+				}
+			}
+			// One second a reading, 200 readings: 200 s of waiting,
+			// past WarnAfter (5 s) many times and past a 30 s lease, not an
+			// hour's.
+			clock, ctx := limitedClock(t, time.Second, 200)
+			log, hook := logtest.NewNullLogger()
+			l, err := state.NewLock(path, state.LockOptions{Lease: tt.lease, WarnAfter: 5 * time.Second,
+				Processes: procs, Clock: clock, Log: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if unlock, err := l.Lock(ctx); err == nil {
+				_ = unlock()
+				t.Fatal("took a lock held by a live holder")
+			}
+			var warns, infos int
+			for _, e := range hook.AllEntries() {
+				switch {
+				case e.Level == logrus.WarnLevel && e.Message == "waiting for the state lock":
+					warns++
+				case e.Level == logrus.InfoLevel && strings.HasPrefix(e.Message, "waiting for the state lock"):
+					infos++
+				case e.Level <= logrus.WarnLevel:
+					t.Errorf("unexpected %s: %s %v", e.Level, e.Message, e.Data)
+				}
+			}
+			if tt.warn && warns == 0 {
+				t.Errorf("no warning in 200 s of waiting (%d info records)", infos)
+			}
+			if !tt.warn && (warns != 0 || infos == 0) {
+				t.Errorf("%d warnings and %d info records, want only info records", warns, infos)
+			}
+		})
+	}
+}

@@ -319,3 +319,65 @@ func TestRigQuorumLost(t *testing.T) {
 		t.Fatalf("wait after quorum returned: %+v %v", e, err)
 	}
 }
+
+// TestRigReadsOutliveLeaderKill: reads go on across the leader's death.
+// A read that meets the election ("no leader", "leader changed") or the
+// dead member's closed connection tries again within the request timeout,
+// so none fails while a new leader is elected in time. (Before, the first
+// such answer failed the read, and every manager logged a failed pass.)
+func TestRigReadsOutliveLeaderKill(t *testing.T) {
+	eps, prefix := faultRig(t, "reads")
+	// A request timeout that a loaded machine's election fits in: what
+	// is tested is that reads try again, not how fast etcd elects.
+	s := open(t, eps, prefix, func(o *Options) { o.RequestTimeout = 30 * time.Second })
+	ctx := context.Background()
+	if err := s.Update(ctx, func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: state.Key{Kind: state.Bundle, Source: "https://example.com/reads"}, Stage: state.Ready, Path: "entries/reads", SizeBytes: 1})
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var reads, fails atomic.Int64
+	var lastErr atomic.Value
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if _, err := s.View(ctx); err != nil {
+					fails.Add(1)
+					lastErr.Store(err.Error())
+				} else {
+					reads.Add(1)
+				}
+			}
+		}()
+	}
+	awaitReads := func(n int64, what string) {
+		t.Helper()
+		deadline := time.Now().Add(2 * time.Minute)
+		for reads.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d reads, want %d; last error: %v", what, reads.Load(), n, lastErr.Load())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	awaitReads(20, "before the fault")
+	killed := ctl(t, "kill", "leader")
+	awaitReads(reads.Load()+50, "after member "+killed+" (the leader) was killed")
+	ctl(t, "start", killed)
+	awaitHealthy(t, eps)
+	close(done)
+	wg.Wait()
+	if n := fails.Load(); n != 0 {
+		t.Errorf("%d of %d reads failed across the leader's death; last: %v", n, n+reads.Load(), lastErr.Load())
+	}
+}

@@ -335,6 +335,43 @@ func (s *Store) rctx(ctx context.Context) (context.Context, context.CancelFunc) 
 	return context.WithTimeout(clientv3.WithRequireLeader(ctx), s.timeout)
 }
 
+// read runs the read-only request do, each try under its own request
+// context, and tries again after a failure that a new try can outlive: a
+// leader change or election, or a member that went away (the client then
+// moves to another). A read changes nothing, so a retry is always safe;
+// a commit is never retried here (see send). The tries end within the
+// store's timeout, so that a cluster that stays unavailable is still
+// reported as one after that long.
+func (s *Store) read(ctx context.Context, do func(context.Context) error) error {
+	deadline := time.Now().Add(s.timeout)
+	delay := 10 * time.Millisecond
+	for {
+		rctx, cancel := s.rctx(ctx)
+		err := do(rctx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !transient(err) || time.Now().Add(delay).After(deadline) {
+			return err
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		delay = min(2*delay, 200*time.Millisecond)
+	}
+}
+
+// transient reports whether a request failed in a way that a new try may
+// not: no leader, a leader change, or a member that is unavailable. A
+// request's own timeout is not transient: it already spent the budget.
+func transient(err error) bool {
+	return errors.Is(err, rpctypes.ErrLeaderChanged) || errors.Is(err, rpctypes.ErrGRPCLeaderChanged) ||
+		errors.Is(err, rpctypes.ErrNoLeader) || errors.Is(err, rpctypes.ErrGRPCNoLeader) ||
+		(status.Code(err) == codes.Unavailable && !errors.Is(err, context.DeadlineExceeded))
+}
+
 // fail wraps a request's error: the caller's own end as such, the store's
 // request timeout as ErrUnavailable.
 func (s *Store) fail(ctx context.Context, what string, err error) error {
@@ -344,7 +381,7 @@ func (s *Store) fail(ctx context.Context, what string, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
 		return fmt.Errorf("%s: %s: %w: no answer within %s", s, what, ErrUnavailable, s.timeout)
 	}
-	if status.Code(err) == codes.Unavailable {
+	if transient(err) {
 		return fmt.Errorf("%s: %s: %w: %v", s, what, ErrUnavailable, err)
 	}
 	return fmt.Errorf("%s: %s: %w", s, what, err)
@@ -427,9 +464,11 @@ func (sn *snapshot) meta(resp *clientv3.TxnResponse, at int) {
 // readWhole reads every state key at one revision.
 func (s *Store) readWhole(ctx context.Context) (*snapshot, error) {
 	start, end := s.l.stateRange()
-	rctx, cancel := s.rctx(ctx)
-	resp, err := s.cli.Txn(rctx).Then(append([]clientv3.Op{clientv3.OpGet(start, clientv3.WithRange(end), clientv3.WithLimit(pageSize))}, s.metaOps()...)...).Commit()
-	cancel()
+	var resp *clientv3.TxnResponse
+	err := s.read(ctx, func(rctx context.Context) (err error) {
+		resp, err = s.cli.Txn(rctx).Then(append([]clientv3.Op{clientv3.OpGet(start, clientv3.WithRange(end), clientv3.WithLimit(pageSize))}, s.metaOps()...)...).Commit()
+		return err
+	})
 	if err != nil {
 		return nil, s.fail(ctx, "reading the state", err)
 	}
@@ -446,9 +485,10 @@ func (s *Store) readWhole(ctx context.Context) (*snapshot, error) {
 			return sn, nil
 		}
 		from := string(page.Kvs[len(page.Kvs)-1].Key) + "\x00"
-		rctx, cancel := s.rctx(ctx)
-		page, err = s.cli.Get(rctx, from, clientv3.WithRange(end), clientv3.WithRev(sn.rev), clientv3.WithLimit(pageSize))
-		cancel()
+		err = s.read(ctx, func(rctx context.Context) (err error) {
+			page, err = s.cli.Get(rctx, from, clientv3.WithRange(end), clientv3.WithRev(sn.rev), clientv3.WithLimit(pageSize))
+			return err
+		})
 		if err != nil {
 			return nil, s.fail(ctx, "reading the state", err)
 		}
@@ -474,9 +514,11 @@ func (s *Store) readEntries(ctx context.Context, ids []string) (*snapshot, error
 				clientv3.OpGet(s.l.deps(id), append([]clientv3.OpOption{clientv3.WithPrefix()}, rev...)...),
 				clientv3.OpGet(s.l.owner(id), rev...))
 		}
-		rctx, cancel := s.rctx(ctx)
-		resp, err := s.cli.Txn(rctx).Then(ops...).Commit()
-		cancel()
+		var resp *clientv3.TxnResponse
+		err := s.read(ctx, func(rctx context.Context) (err error) {
+			resp, err = s.cli.Txn(rctx).Then(ops...).Commit()
+			return err
+		})
 		if err != nil {
 			return nil, s.fail(ctx, "reading entries", err)
 		}

@@ -17,7 +17,10 @@ import (
 	"github.com/depcache/depcache/state/etcdstore/etcdtest"
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/depcache/depcache/state/storetest"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // open opens a store on endpoints under prefix, closed by t's cleanup.
@@ -498,5 +501,30 @@ func TestChecks(t *testing.T) {
 	}
 	if s.Holder() != "" || !errors.Is(s.BreakHolder("x"), ErrNoLock) {
 		t.Error("the etcd store claims a lock")
+	}
+}
+
+// Which failures a read tries again: only those a new try can outlive.
+func TestTransient(t *testing.T) {
+	tests := []struct {
+		err  error
+		want bool
+	}{
+		{rpctypes.ErrLeaderChanged, true},
+		{rpctypes.ErrGRPCLeaderChanged, true},
+		{rpctypes.ErrNoLeader, true},
+		{rpctypes.ErrGRPCNoLeader, true},
+		{status.Error(codes.Unavailable, "connection refused"), true},
+		{fmt.Errorf("wrapped: %w", rpctypes.ErrLeaderChanged), true},
+		{context.DeadlineExceeded, false},
+		{status.Error(codes.DeadlineExceeded, "timeout"), false},
+		{rpctypes.ErrGRPCTooManyOps, false},
+		{rpctypes.ErrPermissionDenied, false},
+		{errors.New("something else"), false},
+	}
+	for _, tt := range tests {
+		if got := transient(tt.err); got != tt.want {
+			t.Errorf("transient(%v) = %v, want %v", tt.err, got, tt.want)
+		}
 	}
 }

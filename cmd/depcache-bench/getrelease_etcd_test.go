@@ -139,3 +139,63 @@ func TestGetReleaseEtcd(t *testing.T) {
 		t.Errorf("%d keys left under %s after the run, e.g. %v", resp.Count, base, some)
 	}
 }
+
+// TestFanInEtcd runs the cold fan-in briefly (--short: 4 workers, 8 MB)
+// with --state on the etcd rig's cluster: one download, one path, each
+// worker's READY timed from the publish, and nothing left under the
+// prefix.
+func TestFanInEtcd(t *testing.T) {
+	eps := rigtest.Etcd(t)
+	dir := t.TempDir()
+	bench := filepath.Join(dir, "depcache-bench")
+	if b, err := exec.Command("go", "build", "-o", bench, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
+	}
+	id := make([]byte, 6)
+	rand.Read(id)
+	base := "/depcache-test/bench-fanin-" + hex.EncodeToString(id)
+	t.Cleanup(func() { deleteEtcdPrefix(t, eps, base) })
+	cmd := exec.Command(bench, "--run", "fanin", "--short", "--json", "--root", filepath.Join(dir, "root"),
+		"--state", "etcd://"+strings.Join(eps, ",")+base)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("fanin with --state: %v\n%s", err, stderr.String())
+	}
+	var p map[string]any
+	for _, l := range strings.Split(stdout.String(), "\n") {
+		if strings.HasPrefix(l, "{") {
+			if err := json.Unmarshal([]byte(l), &p); err != nil {
+				t.Fatalf("JSON line %q: %v", l, err)
+			}
+		}
+	}
+	if p == nil {
+		t.Fatalf("no JSON line:\n%s\n%s", stdout.String(), stderr.String())
+	}
+	if p["downloads"] != 1.0 || p["paths"] != 1.0 || p["procs"] != 4.0 {
+		t.Errorf("downloads %v, paths %v, procs %v: want 1 download and 1 path for 4 workers", p["downloads"], p["paths"], p["procs"])
+	}
+	for _, f := range []string{"ready_after_publish_p50_ms", "ready_after_publish_max_ms"} {
+		if _, ok := p[f].(float64); !ok {
+			t.Errorf("%s missing: %v", f, p)
+		}
+	}
+	if u, _ := p["state"].(string); !strings.Contains(u, base+"/fanin-") {
+		t.Errorf("state %q: want the run's own prefix under %s", u, base)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, base+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Count != 0 {
+		t.Errorf("%d keys left under %s after the run", resp.Count, base)
+	}
+}

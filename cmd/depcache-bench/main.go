@@ -80,9 +80,9 @@ func main() {
 	flag.BoolVar(&o.soak.faults, "faults", false, "soak: the source server sometimes stalls, resets the connection or answers 500")
 	flag.StringVar(&o.soak.bin, "depcache", "", "soak: the depcache binary to run (default: built from this module)")
 	flag.IntVar(&o.soak.sources, "sources", 40, "soak: number of sources (25-220 KB, a third tar.gz)")
-	hostRoots := flag.String("host-roots", "", "soak and getrelease: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on, and getrelease seeds through, the first")
-	flag.StringVar(&o.soak.state, "state", "", "soak and getrelease: the state store of serve and every command (soak) or of the seeding and every worker (getrelease), etcd://HOST:PORT[,HOST:PORT...]/PREFIX (each run adds a component of its own to PREFIX, and getrelease deletes its own at the end); empty: the file store in the root")
-	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak and getrelease: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
+	hostRoots := flag.String("host-roots", "", "soak, getrelease and fanin: the cache root as each host reaches it, separated by commas (e.g. one sshfs mount each); serve runs on, and getrelease seeds through, the first")
+	flag.StringVar(&o.soak.state, "state", "", "soak, getrelease and fanin: the state store of serve and every command (soak) or of the seeding and every worker (getrelease, fanin), etcd://HOST:PORT[,HOST:PORT...]/PREFIX (each run adds a component of its own to PREFIX, and getrelease and fanin delete their own at the end); empty: the file store in the root")
+	flag.StringVar(&o.soak.fakehost, "fakehost", "", "soak, getrelease and fanin: ../shared/rigs/fakehost.sh, to run worker i as fake host i modulo the number of --host-roots (as root)")
 	flag.Parse()
 	if *hostRoots != "" {
 		o.soak.hostRoots = strings.Split(*hostRoots, ",")
@@ -375,6 +375,10 @@ type workerResult struct {
 	Holds     []time.Duration `json:"holds"`
 	Wall      time.Duration   `json:"wall"`
 	Path      string          `json:"path"`
+	// ReadyUnixNano is when a get worker's Wait returned READY, on the
+	// wall clock that every process of this machine (fake hosts too)
+	// shares.
+	ReadyUnixNano int64 `json:"ready_unix_nano,omitempty"`
 }
 
 func runWorker(mode string, args []string) int {
@@ -468,13 +472,23 @@ func workerGetRelease(args []string) int {
 
 func workerGet(args []string) int {
 	root, url := args[0], args[1]
+	stateURL := ""
+	if len(args) > 2 {
+		stateURL = args[2]
+	}
 	start := time.Now()
-	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond})
+	ctx := context.Background()
+	st, closeStore, err := workerStore(ctx, stateURL, root)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	ctx := context.Background()
+	defer closeStore()
+	m, err := manager.New(manager.Config{Root: root, State: st, Log: quietLog(), PollInterval: 20 * time.Millisecond})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	stop, err := m.Start(ctx)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -495,8 +509,9 @@ func workerGet(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	ready := time.Now()
 	p, _ := m.Abs(e)
-	json.NewEncoder(os.Stdout).Encode(workerResult{Wall: time.Since(start), Path: p})
+	json.NewEncoder(os.Stdout).Encode(workerResult{Wall: ready.Sub(start), Path: p, ReadyUnixNano: ready.UnixNano()})
 	return 0
 }
 
@@ -544,46 +559,6 @@ func curlTar(url, dir string) (time.Duration, error) {
 	cmd.Stderr = os.Stderr
 	err := cmd.Run()
 	return time.Since(start), err
-}
-
-func benchFanIn(r *report, o options) {
-	dir := filepath.Join(o.root, "fanin")
-	os.MkdirAll(dir, 0o755)
-	src := filepath.Join(dir, "bundle.tar.gz")
-	if err := bundle(src, o.faninMB); err != nil {
-		fatalf("%v", err)
-	}
-	url, downloads, stop := serve(src)
-	defer stop()
-	base, err := curlTar(url, filepath.Join(dir, "curl"))
-	if err != nil {
-		fatalf("curl | tar: %v", err)
-	}
-	downloads.Store(0)
-	root := filepath.Join(dir, "root")
-	start := time.Now()
-	var wg sync.WaitGroup
-	errs := make(chan error, o.faninProcs)
-	for range o.faninProcs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			out, err := exec.Command(os.Args[0], "--worker", "get", root, url).Output()
-			if err != nil {
-				errs <- fmt.Errorf("worker: %v: %s", err, out)
-			}
-		}()
-	}
-	wg.Wait()
-	wall := time.Since(start)
-	close(errs)
-	for err := range errs {
-		fatalf("%v", err)
-	}
-	r.add(fmt.Sprintf("cold fan-in, %d procs, %d MB", o.faninProcs, o.faninMB), map[string]any{
-		"procs": o.faninProcs, "mb": o.faninMB, "wall_s": wall.Seconds(), "curl_tar_s": base.Seconds(),
-		"ratio_to_curl_tar": wall.Seconds() / base.Seconds(), "downloads": downloads.Load(),
-	}, fmt.Sprintf("%6.2f s until all READY, %d download(s) | curl|tar %.2f s | ratio %.2f", wall.Seconds(), downloads.Load(), base.Seconds(), wall.Seconds()/base.Seconds()))
 }
 
 // benchFetch measures one cold get of a large tar.gz with checkpoints on:

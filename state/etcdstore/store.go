@@ -316,6 +316,12 @@ func (s *Store) String() string { return s.name }
 // Client returns the store's etcd client.
 func (s *Store) Client() *clientv3.Client { return s.cli }
 
+// EntryKey returns the etcd key of the entry with the given ID (a
+// state.Key's ID), for tools that watch it: its value is the entry's
+// JSON, without its dependents, and every change of the entry or its
+// dependents puts it.
+func (s *Store) EntryKey(id string) string { return s.l.entry(id) }
+
 // Stats returns what this instance did so far.
 func (s *Store) Stats() Stats {
 	return Stats{Commits: s.commits.Load(), Conflicts: s.conflicts.Load(), Settled: s.settled.Load(), Lists: s.lists.Load(), Sessions: s.sessions.Load()}

@@ -9,6 +9,7 @@ import (
 	"github.com/depcache/depcache/state"
 	"github.com/dustin/go-humanize"
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -16,8 +17,8 @@ import (
 var ErrNoLock = errors.New("the etcd state store holds no lock")
 
 // Checks reports on the cluster: each endpoint's status, the leader, the
-// alarms (NOSPACE), the database size against its quota, and commit
-// records left behind. It changes nothing.
+// alarms (NOSPACE), the database size against its quota, the history
+// kept (compaction), and commit records left behind. It changes nothing.
 func (s *Store) Checks(ctx context.Context) []state.Check {
 	var out []state.Check
 	add := func(name, status, format string, args ...any) {
@@ -88,6 +89,7 @@ func (s *Store) Checks(ctx context.Context) []state.Check {
 		}
 		add("etcd alarms", "fail", "%s", strings.Join(list, "; "))
 	}
+	out = append(out, s.compactionCheck(ctx))
 	rctx, cancel = s.rctx(ctx)
 	n, err := s.cli.Get(rctx, s.l.noncePrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
 	cancel()
@@ -95,6 +97,80 @@ func (s *Store) Checks(ctx context.Context) []state.Check {
 		add("etcd commit records", "ok", "%d under %s (each expires 10 minutes after its commit)", n.Count, s.l.noncePrefix())
 	}
 	return out
+}
+
+// compactionWarnRevisions is how much history, in revisions, a cluster
+// may keep without ever having been compacted before doctor warns: every
+// commit of every manager adds a revision, and etcd keeps them all until
+// something compacts, so the database grows until it reaches its quota
+// and refuses writes (the NOSPACE alarm). A young cluster may simply not
+// have reached its first compaction; a million revisions is hours of a
+// busy cache.
+var compactionWarnRevisions int64 = 1_000_000
+
+// compactionCheck reports how much history the cluster keeps: the oldest
+// revision it still serves, found by bisection (a read at a compacted
+// revision fails with ErrCompacted), against the current one. etcd does
+// not say whether --auto-compaction-retention is set, but a cluster that
+// was never compacted in a long history has none.
+func (s *Store) compactionCheck(ctx context.Context) state.Check {
+	c := state.Check{Name: "etcd compaction"}
+	available := func(rev int64) (bool, error) {
+		var err error
+		rerr := s.read(ctx, func(rctx context.Context) error {
+			_, err = s.cli.Get(rctx, s.l.format(), clientv3.WithRev(rev), clientv3.WithCountOnly())
+			if errors.Is(err, rpctypes.ErrCompacted) {
+				return nil
+			}
+			return err
+		})
+		if rerr != nil {
+			return false, s.fail(ctx, "reading the history", rerr)
+		}
+		return !errors.Is(err, rpctypes.ErrCompacted), nil
+	}
+	var cur int64
+	err := s.read(ctx, func(rctx context.Context) error {
+		resp, err := s.cli.Get(rctx, s.l.format(), clientv3.WithCountOnly())
+		if err == nil {
+			cur = resp.Header.Revision
+		}
+		return err
+	})
+	if err != nil {
+		c.Status, c.Detail = "fail", s.fail(ctx, "reading the revision", err).Error()
+		return c
+	}
+	ok, err := available(1)
+	if err != nil {
+		c.Status, c.Detail = "fail", err.Error()
+		return c
+	}
+	if ok {
+		c.Status = "ok"
+		c.Detail = fmt.Sprintf("never compacted: all %d revisions of history kept; configure compaction (etcd --auto-compaction-retention, e.g. 1h) or the database grows until its quota", cur)
+		if cur >= compactionWarnRevisions {
+			c.Status = "warn"
+		}
+		return c
+	}
+	lo, hi := int64(1), cur // lo compacted, hi available
+	for hi-lo > 1 {
+		mid := lo + (hi-lo)/2
+		ok, err := available(mid)
+		if err != nil {
+			c.Status, c.Detail = "fail", err.Error()
+			return c
+		}
+		if ok {
+			hi = mid
+		} else {
+			lo = mid
+		}
+	}
+	c.Status = "ok"
+	c.Detail = fmt.Sprintf("compacted up to revision %d: %d revisions of history kept (current %d)", hi, cur-hi, cur)
+	return c
 }
 
 func (s *Store) memberName(ctx context.Context, id uint64) string {

@@ -494,7 +494,7 @@ func TestChecks(t *testing.T) {
 			t.Errorf("check %s: %s: %s", c.Name, c.Status, c.Detail)
 		}
 	}
-	for _, want := range []string{"etcd " + m.Endpoint, "etcd " + m.Endpoint + " database", "etcd leader", "etcd alarms"} {
+	for _, want := range []string{"etcd " + m.Endpoint, "etcd " + m.Endpoint + " database", "etcd leader", "etcd alarms", "etcd compaction"} {
 		if !strings.Contains(strings.Join(names, "|"), want) {
 			t.Errorf("no check %q in %v", want, names)
 		}
@@ -526,5 +526,42 @@ func TestTransient(t *testing.T) {
 		if got := transient(tt.err); got != tt.want {
 			t.Errorf("transient(%v) = %v, want %v", tt.err, got, tt.want)
 		}
+	}
+}
+
+// TestCompactionCheck: doctor tells a cluster that keeps all its history
+// (a warning once it is long) from one that compacts, and finds the
+// oldest revision it still serves.
+func TestCompactionCheck(t *testing.T) {
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/compaction")
+	ctx := context.Background()
+	for i := range 20 {
+		if _, err := s.Client().Put(ctx, fmt.Sprintf("/compaction-test/%d", i), "x"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := s.compactionCheck(ctx)
+	if c.Status != "ok" || !strings.Contains(c.Detail, "never compacted") {
+		t.Errorf("a young cluster never compacted: %+v, want ok saying so", c)
+	}
+	old := compactionWarnRevisions
+	compactionWarnRevisions = 10
+	t.Cleanup(func() { compactionWarnRevisions = old })
+	if c := s.compactionCheck(ctx); c.Status != "warn" || !strings.Contains(c.Detail, "auto-compaction-retention") {
+		t.Errorf("a long history never compacted: %+v, want a warning naming the setting", c)
+	}
+	resp, err := s.Client().Put(ctx, "/compaction-test/last", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := resp.Header.Revision - 7
+	if _, err := s.Client().Compact(ctx, at); err != nil {
+		t.Fatal(err)
+	}
+	c = s.compactionCheck(ctx)
+	want := fmt.Sprintf("compacted up to revision %d: 7 revisions", at)
+	if c.Status != "ok" || !strings.Contains(c.Detail, want) {
+		t.Errorf("after a compaction at %d: %+v, want ok with %q", at, c, want)
 	}
 }

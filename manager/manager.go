@@ -49,7 +49,7 @@ var (
 	// ErrStateReadable means Rebuild was asked to replace a state file that
 	// parses: rebuilding drops every dependent, owner and download in
 	// flight, so it is only for a state that cannot be read.
-	ErrStateReadable = errors.New("the state file is readable")
+	ErrStateReadable = errors.New("the state is readable")
 )
 
 // maxFailedPasses is how many passes in a row may fail (an unreadable

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/depcache/depcache/state"
 	"github.com/spf13/cobra"
 )
@@ -84,6 +85,10 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 				return nil
 			case breakLock:
 				holder := m.LockHolder()
+				if _, ok := g.state.store.(*etcdstore.Store); ok {
+					fmt.Fprintf(g.stdout, "no state lock to break: %s commits by compare-and-swap transactions\n", g.state.store)
+					return nil
+				}
 				if holder == "" {
 					fmt.Fprintln(g.stdout, "the state lock is free")
 					return nil
@@ -154,7 +159,11 @@ func printRebuild(w io.Writer, rep manager.RebuildReport) {
 	if rep.LastState == "" {
 		fmt.Fprintln(w, "no earlier state parses: what the rebuild dropped (dependents, downloads in flight, the policy) is unknown")
 	} else {
-		fmt.Fprintf(w, "dropped, as %s had it (a copy is kept at %s):\n", rep.LastState, rep.LastStateCopy)
+		if rep.LastStateCopy != "" {
+			fmt.Fprintf(w, "dropped, as %s had it (a copy is kept at %s):\n", rep.LastState, rep.LastStateCopy)
+		} else {
+			fmt.Fprintf(w, "dropped, as %s had it:\n", rep.LastState)
+		}
 		if len(rep.DroppedDependents)+len(rep.DroppedDownloads)+len(rep.DroppedEntries) == 0 {
 			fmt.Fprintln(w, "  nothing: no dependents, no downloads in flight")
 		}

@@ -77,6 +77,14 @@ func TestStateEtcdCLI(t *testing.T) {
 	if code, _, stderr := cli(t, root, "--state", url, "release", "--dependent", "job", "file://"+src); code != 0 {
 		t.Errorf("release: exit %d: %s", code, stderr)
 	}
+	// doctor's repairs on etcd say what they did there: no lock to break,
+	// and no file copy of the state a rebuild replaced.
+	if code, stdout, stderr := cli(t, root, "--state", url, "doctor", "--break-lock"); code != 0 || !strings.Contains(stdout, "no state lock to break") {
+		t.Errorf("doctor --break-lock on etcd: exit %d: %s %s", code, stdout, stderr)
+	}
+	if code, stdout, stderr := cli(t, root, "--state", url, "doctor", "--rebuild", "--force"); code != 0 || !strings.Contains(stdout, "dropped, as "+url) || strings.Contains(stdout, "kept at ") {
+		t.Errorf("doctor --rebuild --force on etcd: exit %d: %s %s", code, stdout, stderr)
+	}
 	id, err := os.ReadFile(filepath.Join(root, etcdstore.RootIDFile))
 	if err != nil {
 		t.Fatal(err)

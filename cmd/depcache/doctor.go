@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
-	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/spf13/cobra"
 )
 

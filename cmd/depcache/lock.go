@@ -16,6 +16,7 @@ import (
 	"unicode"
 
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/spf13/cobra"
 )
 
@@ -98,6 +99,68 @@ func recordLockName(nameFile, name string, perms state.Perms) error {
 	return nil
 }
 
+// lockHold is one hold of a named lock, on either store.
+type lockHold interface {
+	// token draws the hold's fencing token.
+	token() (uint64, error)
+	// renew keeps the hold alive: an error wrapping state.ErrLockLost
+	// says it is gone, any other that this renewal did not happen.
+	renew() error
+	// release gives the lock up; an error wrapping state.ErrLockLost says
+	// it had been lost.
+	release() error
+}
+
+// namedLockAcquirer returns the function that takes the lock name: on the
+// etcd store a lock under its prefix, which excludes across hosts with no
+// shared filesystem; else a lease lock in ROOT/locks.
+func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(context.Context) (lockHold, error), error) {
+	g.state.locksOnly = true
+	st, err := g.stateStore()
+	if err != nil {
+		return nil, err
+	}
+	if es, ok := st.(*etcdstore.Store); ok {
+		return func(ctx context.Context) (lockHold, error) {
+			l, err := es.LockNamed(ctx, name, lease)
+			if err != nil {
+				return nil, err
+			}
+			return etcdHold{l}, nil
+		}, nil
+	}
+	l, tokenPath, err := openNamedLock(g, name, lease)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) (lockHold, error) {
+		s, err := l.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return fileHold{s, tokenPath}, nil
+	}, nil
+}
+
+// fileHold is a hold of a lease lock in the root; its token is drawn from
+// the token file beside it.
+type fileHold struct {
+	s         *state.Lease
+	tokenPath string
+}
+
+func (h fileHold) token() (uint64, error) { return h.s.NextToken(h.tokenPath) }
+func (h fileHold) renew() error           { return h.s.Renew() }
+func (h fileHold) release() error         { return h.s.Release() }
+
+// etcdHold is a hold of a lock on etcd: the client renews its lease by
+// itself, so a renewal only checks that the hold is still ours.
+type etcdHold struct{ l *etcdstore.NamedLock }
+
+func (h etcdHold) token() (uint64, error) { return h.l.Token(), nil }
+func (h etcdHold) renew() error           { return h.l.Check(context.Background()) }
+func (h etcdHold) release() error         { return h.l.Release(context.Background()) }
+
 func newLockCmd(g *globals) *cobra.Command {
 	var timeout, lease time.Duration
 	cmd := &cobra.Command{
@@ -115,6 +178,13 @@ A waiter breaks a holder on its own machine at once when the holder's process
 is gone, and a holder on another host once the lock stayed unchanged for
 --lease on the waiter's own clock: every user of NAME should give the same
 --lease.
+
+With --state etcd://..., the lock is on etcd instead (PREFIX/locks/...): it
+excludes every host that uses the prefix, with no shared filesystem, on a
+lease of its own that etcd times (--lease, in whole seconds); a holder that
+dies or is cut off loses it when etcd ends that lease, and the token is the
+etcd revision at which the lock was granted. The prefix's root is not
+checked: hosts whose roots differ may share a prefix for their locks.
 
 Exit status: CMD's (128+N for a signal N); 2 bad usage; 3 --timeout passed
 before the lock was taken; 75 the lease was lost while CMD ran (lock was
@@ -151,7 +221,7 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	if len(argv) == 0 {
 		return 0, usageErrorf("missing CMD: %s", lockUsage)
 	}
-	l, tokenPath, err := openNamedLock(g, name, lease)
+	acquire, err := namedLockAcquirer(g, name, lease)
 	if err != nil {
 		return 0, err
 	}
@@ -176,12 +246,12 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		case <-watching:
 		}
 	}()
-	s, err := l.Acquire(ctx)
+	s, err := acquire(ctx)
 	close(watching)
 	<-watched
 	if interrupted != nil {
 		if s != nil {
-			s.Release()
+			s.release()
 		}
 		fmt.Fprintf(g.stderr, "depcache lock: %v while waiting for %q\n", interrupted, name)
 		return 128 + int(interrupted.(syscall.Signal)), nil
@@ -192,15 +262,15 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		}
 		return 0, fmt.Errorf("lock %q: %w", name, err)
 	}
-	tok, err := s.NextToken(tokenPath)
+	tok, err := s.token()
 	if err != nil {
-		s.Release()
+		s.release()
 		return 0, fmt.Errorf("lock %q: drawing the fencing token: %w", name, err)
 	}
 	c, err := startChild(argv, []string{"DEPCACHE_LOCK_TOKEN=" + strconv.FormatUint(tok, 10), "DEPCACHE_LOCK_NAME=" + name},
 		cmd.InOrStdin(), g.stdout, g.stderr)
 	if err != nil {
-		s.Release()
+		s.release()
 		return 0, err
 	}
 	every := lease / 3
@@ -210,13 +280,13 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	lost := func(why string) int {
 		fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
 		c.end(endGrace)
-		s.Release()
+		s.release()
 		return exitLost
 	}
 	for {
 		select {
 		case <-c.done:
-			if err := s.Release(); errors.Is(err, state.ErrLockLost) {
+			if err := s.release(); errors.Is(err, state.ErrLockLost) {
 				fmt.Fprintf(g.stderr, "depcache lock: the lease of %q (token %d) was lost while CMD ran, found at release: %v; exit %d\n", name, tok, err, exitLost)
 				return exitLost, nil
 			} else if err != nil {
@@ -226,7 +296,7 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		case sig := <-sigs:
 			c.signal(sig)
 		case <-renew.C:
-			err := s.Renew()
+			err := s.renew()
 			switch {
 			case err == nil:
 				lastRenewal = time.Now()

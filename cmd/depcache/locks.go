@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/spf13/cobra"
 )
 
@@ -65,6 +66,24 @@ may take that long). A live holder, or one that renews, is left alone
 }
 
 func listLocks(g *globals) error {
+	g.state.locksOnly = true
+	st, err := g.stateStore()
+	if err != nil {
+		return err
+	}
+	if es, ok := st.(*etcdstore.Store); ok {
+		infos, err := es.NamedLocks(context.Background())
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		out := []lockJSON{}
+		for _, info := range infos {
+			out = append(out, lockJSON{Name: info.Name, ID: state.NamedLockID(info.Name), Host: info.Host, PID: info.PID,
+				Acquired: info.Acquired, AgeSeconds: now.Sub(info.Acquired).Seconds(), Token: info.Token})
+		}
+		return printLocks(g, out)
+	}
 	dir := filepath.Join(g.root, state.LocksDir)
 	paths, err := filepath.Glob(filepath.Join(dir, "*.lock"))
 	if err != nil {
@@ -87,6 +106,10 @@ func listLocks(g *globals) error {
 		out = append(out, lockJSON{Name: string(name), ID: filepath.Base(base), Host: info.Host, PID: info.PID,
 			Acquired: info.Acquired, AgeSeconds: now.Sub(info.Acquired).Seconds(), Renewals: info.Renewals, Token: tok})
 	}
+	return printLocks(g, out)
+}
+
+func printLocks(g *globals, out []lockJSON) error {
 	if g.json {
 		return printJSON(g.stdout, out)
 	}
@@ -109,6 +132,23 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	}
 	if lease < minLockLease {
 		return fmt.Errorf("--lease %s: %w: must be at least %s", lease, errBadFlag, minLockLease)
+	}
+	g.state.locksOnly = true
+	st, err := g.stateStore()
+	if err != nil {
+		return err
+	}
+	if es, ok := st.(*etcdstore.Store); ok {
+		info, held, err := es.NamedLockHolder(cmd.Context(), name)
+		switch {
+		case err != nil:
+			return err
+		case !held:
+			fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
+			return nil
+		}
+		return fmt.Errorf("the lock %q, held by pid %d on %s since %s (its clock), was not broken: on %s a holder's lock ends with its lease, which etcd ends by itself when the holder stops renewing it; a live holder keeps it",
+			name, info.PID, info.Host, info.Acquired.Format(time.RFC3339), es)
 	}
 	lockPath, _, _ := state.NamedLockPaths(g.root, name)
 	info, ok, err := state.ReadLockInfo(lockPath)

@@ -28,6 +28,10 @@ type stateFlags struct {
 	cert   string
 	key    string
 	user   string
+	// locksOnly opens the etcd store unbound to the root: `lock` and
+	// `locks` coordinate hosts and touch no content, so hosts whose roots
+	// differ (no shared filesystem) may share a prefix for them.
+	locksOnly bool
 
 	once  sync.Once
 	store state.Backend
@@ -83,6 +87,9 @@ func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error
 	perms := state.DefaultPerms()
 	if g.group {
 		perms = state.GroupPerms()
+	}
+	if f.locksOnly {
+		root = ""
 	}
 	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms,
 		Username: f.user, Password: os.Getenv("DEPCACHE_ETCD_PASSWORD")}

@@ -172,4 +172,3 @@ func (s *Store) NamedLockHolder(ctx context.Context, name string) (NamedLockInfo
 	}
 	return NamedLockInfo{}, false, nil
 }
-

@@ -203,11 +203,21 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 			r, ferr := transitions.Fail(e, m.self, gen, err.Error(), m.cfg.Clock.Now())
 			if ferr == nil && r.Entry != nil {
-				r.Entry.Permanent = errors.Is(err, ErrPermanent) // r.Entry is Fail's fresh copy
+				r.Entry.Permanent = permanent(err) // r.Entry is Fail's fresh copy
 			}
 			return r, ferr
 		})
 	}
+}
+
+// permanent reports whether a failed download would only fail the same
+// way again: the source said so (a 404, a missing file), or the archive it
+// sent, complete, was refused as hostile or does not parse. The fetch
+// returns the unpacker's errors only for content that arrived in full (a
+// cut transfer is the transfer's error), so a retry would fetch the same
+// bytes unless the source changes.
+func permanent(err error) bool {
+	return errors.Is(err, ErrPermanent) || errors.Is(err, unpack.ErrHostile) || errors.Is(err, unpack.ErrCorrupt)
 }
 
 // update applies an owner's event to key's entry under the lock.

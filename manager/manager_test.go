@@ -425,16 +425,31 @@ func TestDiskFull(t *testing.T) {
 	waitNoStaging(t, root)
 }
 
-// A hostile archive fails the entry and writes nothing outside its staging
-// directory.
+// A hostile or corrupt archive fails the entry as permanent (a retry
+// would fetch the same bytes and refuse them again) and writes nothing
+// outside its staging directory.
 func TestHostileArchiveFails(t *testing.T) {
+	for _, c := range []struct{ file, reason string }{
+		{"symlink-escape.tar", "hostile archive"},
+		{"dotdot.tar", "hostile archive"},
+		{"zip-symlink-chain.zip", "hostile archive"},
+		{"truncated.tar.gz", "corrupt archive"},
+	} {
+		t.Run(c.file, func(t *testing.T) { testHostileArchiveFails(t, c.file, c.reason) })
+	}
+}
+
+func testHostileArchiveFails(t *testing.T, file, reason string) {
 	root := t.TempDir()
 	m := newManager(t, root)
-	abs, _ := filepath.Abs("../testdata/hostile/symlink-escape.tar")
+	abs, _ := filepath.Abs("../testdata/hostile/" + file)
 	_, err := getWait(t, m, "run1", mustKey(t, "file://"+abs, ""))
 	var fe *manager.FailedError
-	if !errors.As(err, &fe) || !strings.Contains(fe.Reason, "hostile archive") {
-		t.Fatalf("err = %v, want FAILED as a hostile archive", err)
+	if !errors.As(err, &fe) || !strings.Contains(fe.Reason, reason) {
+		t.Fatalf("err = %v, want FAILED as a %s", err, reason)
+	}
+	if !fe.Permanent || !errors.Is(err, manager.ErrPermanent) {
+		t.Errorf("%s: FAILED as transient, want permanent: %v", file, err)
 	}
 	ents, _ := os.ReadDir(root)
 	for _, e := range ents {

@@ -388,6 +388,18 @@ func (p metaFile) entry(last *state.State, now time.Time) *state.Entry {
 	if last != nil {
 		prev = last.Get(meta.Key)
 	}
+	if prev != nil && prev.Generation == meta.Generation && prev.Path == e.Path {
+		// The same content as the last state knew it: keep its place in
+		// the LRU order and its age, which the metadata cannot know (a
+		// rebuild that made every entry as young as its publish would
+		// send the eviction order back to the order of the publishes).
+		if !prev.LastUsed.IsZero() {
+			e.LastUsed = prev.LastUsed
+		}
+		if !prev.Created.IsZero() {
+			e.Created = prev.Created
+		}
+	}
 	switch {
 	case meta.Failed:
 		e.Stage, e.Message, e.FailedAt = state.Failed, meta.FailedReason, meta.FailedAt

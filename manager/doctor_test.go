@@ -251,3 +251,55 @@ func TestRebuildHonoursEitherRecordOfAFailure(t *testing.T) {
 		})
 	}
 }
+
+// TestRebuildKeepsLRUOrder: a rebuild keeps each entry's last use and age
+// from the last state that parses, so that the eviction order survives it
+// (from the metadata alone every entry would be as old as its publish).
+func TestRebuildKeepsLRUOrder(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	m := newManager(t, root)
+	a, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	b, _ := filepath.Abs("../testdata/hostile/README.md")
+	ka, kb := mustKey(t, "file://"+a, ""), mustKey(t, "file://"+b, "")
+	for _, k := range []state.Key{ka, kb} {
+		if _, err := getWait(t, m, "run", k); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Release(ctx, "run", k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// b was published last, but a was used last, and is the older.
+	usedA, createdA := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC), time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	usedB := time.Date(2026, 11, 2, 0, 0, 0, 0, time.UTC)
+	s, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Update(ctx, func(st *state.State) (bool, error) {
+		ea, eb := st.Get(ka).Clone(), st.Get(kb).Clone()
+		ea.LastUsed, ea.Created = usedA, createdA
+		eb.LastUsed = usedB
+		st.Put(ea)
+		st.Put(eb)
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newManager(t, root).Rebuild(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ea, eb := st.Get(ka), st.Get(kb)
+	if ea == nil || eb == nil {
+		t.Fatalf("rebuilt entries: %v %v", ea, eb)
+	}
+	if !ea.LastUsed.Equal(usedA) || !ea.Created.Equal(createdA) || !eb.LastUsed.Equal(usedB) {
+		t.Errorf("after the rebuild: a used %s created %s, b used %s; want %s, %s, %s",
+			ea.LastUsed, ea.Created, eb.LastUsed, usedA, createdA, usedB)
+	}
+}

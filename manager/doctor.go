@@ -276,6 +276,26 @@ type RebuiltPolicy struct {
 // set: rebuilding it would drop the dependents of running jobs, after which
 // a sweep may evict what they use.
 func (m *Manager) Rebuild(ctx context.Context, force bool) (RebuildReport, error) {
+	return m.rebuild(ctx, force, nil, "")
+}
+
+// RebuildFrom is Rebuild for a root that moves to this manager's store
+// from another, as from the file store to etcd: when the store has no
+// last state of its own (an empty prefix), what Rebuild carries over (the
+// policy, each entry's last use and age, the generation counter, the
+// failures verify recorded) is taken from from, read from fromName, and
+// the report lists what from had that the rebuild drops (its dependents
+// and downloads in flight).
+func (m *Manager) RebuildFrom(ctx context.Context, force bool, from *state.State, fromName string) (RebuildReport, error) {
+	return m.rebuild(ctx, force, from, fromName)
+}
+
+// emptyState reports whether st holds nothing a rebuild could carry over.
+func emptyState(st *state.State) bool {
+	return st == nil || (len(st.Entries) == 0 && st.Policy == nil)
+}
+
+func (m *Manager) rebuild(ctx context.Context, force bool, from *state.State, fromName string) (RebuildReport, error) {
 	rep := RebuildReport{Failed: []RebuiltFailed{}, DroppedDependents: []DroppedDependents{},
 		DroppedDownloads: []DroppedDownload{}, DroppedEntries: []DroppedEntry{}}
 	if !force {
@@ -313,7 +333,12 @@ func (m *Manager) Rebuild(ctx context.Context, force bool) (RebuildReport, error
 	}
 	now := m.cfg.Clock.Now()
 	var built *state.State
+	usedFrom := false
 	replaced, err := m.store.Reset(ctx, func(st, last *state.State) error {
+		usedFrom = from != nil && emptyState(last)
+		if usedFrom {
+			last = from
+		}
 		for _, f := range found {
 			st.Put(f.entry(last, now))
 		}
@@ -335,6 +360,9 @@ func (m *Manager) Rebuild(ctx context.Context, force bool) (RebuildReport, error
 	})
 	if err != nil {
 		return rep, err
+	}
+	if usedFrom {
+		replaced.Last, replaced.LastFile, replaced.LastCopy = from, fromName, ""
 	}
 	rep.fill(replaced, built)
 	return rep, nil

@@ -22,4 +22,14 @@ var (
 	// ErrLockLost means the lock was no longer ours when we went to use or
 	// release it: another process judged us stale and broke it.
 	ErrLockLost = errors.New("lock lost")
+	// ErrBoundElsewhere means the root's content is described by another
+	// state store (an etcd prefix, recorded by the root's ID file): the
+	// file store refuses it, since it would take that store's entries for
+	// orphans and move them aside.
+	ErrBoundElsewhere = errors.New("the root is bound to another state store")
 )
+
+// RootIDFile is the name of a root's ID file: a random ID written once by
+// a state store other than the file store (etcd), which records it too.
+// The file store refuses a root that has one.
+const RootIDFile = "root-id"

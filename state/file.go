@@ -95,6 +95,9 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := checkFiles(dir); err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
+	if err := checkUnbound(dir); err != nil {
+		return nil, err
+	}
 	if opts.Lock.Perm == 0 {
 		opts.Lock.Perm = opts.Perms.File
 	}
@@ -103,6 +106,21 @@ func Open(dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	return &Store{root: dir, path: filepath.Join(dir, StateFile), lock: l, opts: opts, batch: batcher{leader: make(chan struct{}, 1)}}, nil
+}
+
+// checkUnbound refuses a root that another store describes: a file store
+// on it would see that store's content named by no entry of its own, and
+// reconcile would move it aside under the processes that hold it.
+func checkUnbound(dir string) error {
+	id, err := os.ReadFile(filepath.Join(dir, RootIDFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("state: root %s: its ID file: %w", dir, err)
+	}
+	return fmt.Errorf("state: root %s: %w: its ID file %s (ID %s) says an etcd state store describes its content; give every command on this root that store (--state etcd://HOST:PORT/PREFIX, or DEPCACHE_STATE), as the hosts that use it do",
+		dir, ErrBoundElsewhere, filepath.Join(dir, RootIDFile), strings.TrimSpace(string(id)))
 }
 
 // Root returns the absolute cache root.

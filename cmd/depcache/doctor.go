@@ -2,9 +2,12 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -71,7 +74,7 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			ctx := cmd.Context()
 			switch {
 			case rebuild:
-				rep, err := m.Rebuild(ctx, force)
+				rep, err := rebuildRoot(ctx, g, m, force)
 				if errors.Is(err, manager.ErrStateReadable) {
 					return fmt.Errorf("%w; to rebuild it anyway: depcache doctor --rebuild --force", err)
 				}
@@ -327,4 +330,24 @@ the cache is an error. Exit 1 when anything is FAILED, ERROR or missing, with
 			return errors.Join(append(errs, missing...)...)
 		},
 	}
+}
+
+// rebuildRoot runs doctor --rebuild. On etcd, a root that still has the file
+// store's state (one moving to etcd) gives what the rebuild carries over
+// when the prefix has no state of its own: its policy, and each entry's
+// last use and age.
+func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool) (manager.RebuildReport, error) {
+	if _, ok := g.state.store.(*etcdstore.Store); !ok {
+		return m.Rebuild(ctx, force)
+	}
+	name := filepath.Join(m.Root(), state.StateFile)
+	from, err := state.DecodeFile(m.Root(), state.StateFile)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return m.Rebuild(ctx, force)
+	case err != nil:
+		fmt.Fprintf(g.stderr, "depcache: the file store's state %s does not parse (%v): nothing is carried over from it\n", name, err)
+		return m.Rebuild(ctx, force)
+	}
+	return m.RebuildFrom(ctx, force, from, name)
 }

@@ -119,7 +119,7 @@ func errKind(err error) string {
 		return "unhealthy"
 	case errors.Is(err, errUnchecked):
 		return "unchecked"
-	case errors.Is(err, manager.ErrStateReadable):
+	case errors.Is(err, manager.ErrStateReadable), errors.Is(err, state.ErrBoundElsewhere):
 		return "refused"
 	}
 	return "error"

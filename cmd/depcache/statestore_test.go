@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/depcache/depcache/state/etcdstore/etcdtest"
 	"github.com/depcache/depcache/state/rigtest"
@@ -89,6 +92,23 @@ func TestStateEtcdCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A command that forgets --state on this root is refused, naming the
+	// ID file and the flag: the file store would take the etcd store's
+	// content, which its state does not name, for orphans and move it
+	// aside under its holders.
+	if code, _, _ := cli(t, root, "--state", url, "get", "--dependent", "held", "file://"+src); code != 0 {
+		t.Fatal("get --dependent held failed")
+	}
+	published, _ := filepath.Glob(filepath.Join(root, "entries", "*"))
+	for _, args := range [][]string{{"get", "file://" + src}, {"ls"}, {"gc", "--max-size", "1", "--min-age", "0s"}, {"doctor"}} {
+		code, _, stderr := cli(t, root, args...)
+		if code != 1 || !strings.Contains(stderr, etcdstore.RootIDFile) || !strings.Contains(stderr, "--state") {
+			t.Errorf("%v without --state on a root bound to etcd: exit %d: %s", args, code, stderr)
+		}
+	}
+	if still, _ := filepath.Glob(filepath.Join(root, "entries", "*")); len(still) != len(published) || len(published) == 0 {
+		t.Errorf("published content %v, then %v after the refused commands", published, still)
+	}
 	other := t.TempDir()
 	code, _, stderr = cli(t, other, "--state", url, "ls")
 	if code != 1 || !strings.Contains(stderr, strings.TrimSpace(string(id))) || !strings.Contains(stderr, other) {
@@ -146,4 +166,74 @@ func TestEtcdGetOnce(t *testing.T) {
 	if got := strings.Count(stdout, `"name": "job-`); code != 0 || got != n {
 		t.Errorf("ls: exit %d, %d dependents: %s %s", code, got, stdout, stderr)
 	}
+}
+
+// TestMoveFileRootToEtcd: a root moves from the file store to etcd with
+// `doctor --rebuild --state etcd://...`: its entries, its policy and each
+// entry's last use come over, the dependents it drops are listed, and a
+// command without --state is then refused instead of taking the etcd
+// store's content for orphans.
+func TestMoveFileRootToEtcd(t *testing.T) {
+	m := etcdtest.Start(t)
+	url := "etcd://" + m.Endpoint + "/moved"
+	src := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(src, []byte("content"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	if code, _, stderr := cli(t, root, "get", "--dependent", "job", "file://"+src); code != 0 {
+		t.Fatalf("get on the file store: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := cli(t, root, "policy", "set", "--max-size", "7MiB"); code != 0 {
+		t.Fatalf("policy set: exit %d: %s", code, stderr)
+	}
+	// Used long before it was published, as no publish could say.
+	used := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	fs, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Update(context.Background(), func(st *state.State) (bool, error) {
+		for _, e := range st.Entries {
+			c := e.Clone()
+			c.LastUsed = used
+			st.Put(c)
+		}
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	before := lsEntries(t, root)
+	if len(before) != 1 || before[0]["last_used"] != used.Format(time.RFC3339) {
+		t.Fatalf("setup: %v", before)
+	}
+	code, stdout, stderr := cli(t, root, "--state", url, "doctor", "--rebuild")
+	if code != 0 || !strings.Contains(stdout, "policy: carried over from "+filepath.Join(root, "state.json")) || !strings.Contains(stdout, "job") {
+		t.Fatalf("doctor --rebuild --state %s: exit %d: %s %s", url, code, stdout, stderr)
+	}
+	code, stdout, stderr = cli(t, root, "--state", url, "policy")
+	if code != 0 || !strings.Contains(stdout, "max-size 7.0 MiB") {
+		t.Errorf("policy on etcd after the move: exit %d: %s %s", code, stdout, stderr)
+	}
+	after := lsEntries(t, root, "--state", url)
+	if len(after) != 1 || len(before) != 1 || after[0]["last_used"] != before[0]["last_used"] || after[0]["path"] != before[0]["path"] {
+		t.Errorf("entries before the move %v, after %v: want the same entry, path and last use", before, after)
+	}
+	if code, _, stderr := cli(t, root, "ls"); code != 1 || !strings.Contains(stderr, "--state") {
+		t.Errorf("ls without --state after the move: exit %d: %s", code, stderr)
+	}
+}
+
+// lsEntries is `ls --json`'s entries, as maps.
+func lsEntries(t *testing.T, root string, args ...string) []map[string]any {
+	t.Helper()
+	code, stdout, stderr := cli(t, root, append(args, "ls", "--json")...)
+	if code != 0 {
+		t.Fatalf("ls --json %v: exit %d: %s", args, code, stderr)
+	}
+	var out []map[string]any
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatalf("ls --json: %v: %s", err, stdout)
+	}
+	return out
 }

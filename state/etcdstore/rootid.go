@@ -9,12 +9,14 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/depcache/depcache/state"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // RootIDFile is the name of a root's ID file: a random ID written once,
-// which the etcd prefix describing that root's content records too.
-const RootIDFile = "root-id"
+// which the etcd prefix describing that root's content records too. The
+// file store refuses a root that has one (state.ErrBoundElsewhere).
+const RootIDFile = state.RootIDFile
 
 func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
 

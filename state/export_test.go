@@ -58,3 +58,12 @@ func SetBreakAsideHook(t testing.TB, aside, vanished func(name string)) {
 	breakAsideHook, vanishedHook = aside, vanished
 	t.Cleanup(func() { breakAsideHook, vanishedHook = nil, nil })
 }
+
+// SetLockedViewHook makes a View whose unlocked tries all found a shard
+// missing or cut call hook, under the lock, before it reads again, until t
+// ends.
+func SetLockedViewHook(t testing.TB, hook func()) {
+	t.Helper()
+	lockedViewHook = hook
+	t.Cleanup(func() { lockedViewHook = nil })
+}

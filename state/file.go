@@ -156,6 +156,24 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 	}
 	s.verifyShared("before this View")
 	sn, err := s.read(true, nil)
+	var again *shardAgain
+	if errors.As(err, &again) {
+		// Commits replaced the shards under every try of this unlocked
+		// read (a slow reader beside a busy root, as on sshfs): read once
+		// more under the lock, where no commit can, rather than report a
+		// state that is only moving as corrupt.
+		unlock, lerr := s.lock.Lock(ctx)
+		if lerr != nil {
+			return nil, err
+		}
+		if lockedViewHook != nil {
+			lockedViewHook()
+		}
+		sn, err = s.read(false, nil)
+		if uerr := unlock(); uerr != nil && err == nil {
+			err = uerr
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -341,7 +359,9 @@ func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 			if !final {
 				continue
 			}
-			err = again.err
+			if !unlocked {
+				err = again.err
+			}
 		}
 		if err != nil {
 			return nil, err
@@ -402,11 +422,16 @@ func (s *Store) corrupt(name string, b []byte, err error) error {
 	return fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", name, aside, err)
 }
 
+// lockedViewHook, nil outside tests (set through export_test.go), runs
+// when a View falls back to reading under the lock, before that read.
+var lockedViewHook func()
+
 // shardAgain is a shard that could not be read as its manifest says (gone,
 // or cut short): worth reading the manifest again before giving up.
 type shardAgain struct{ err error }
 
 func (e *shardAgain) Error() string { return e.err.Error() }
+func (e *shardAgain) Unwrap() error { return e.err }
 
 // loadShards returns the state of man with the shards want names (nil:
 // all), reading only those whose file changed since this store last saw

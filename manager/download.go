@@ -212,12 +212,11 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 
 // permanent reports whether a failed download would only fail the same
 // way again: the source said so (a 404, a missing file), or the archive it
-// sent, complete, was refused as hostile or does not parse. The fetch
-// returns the unpacker's errors only for content that arrived in full (a
-// cut transfer is the transfer's error), so a retry would fetch the same
-// bytes unless the source changes.
+// sent was refused as hostile, which no cut or flaky transfer can make an
+// archive. (An archive that does not parse may be one cut short by a
+// source that sent no length: that stays transient.)
 func permanent(err error) bool {
-	return errors.Is(err, ErrPermanent) || errors.Is(err, unpack.ErrHostile) || errors.Is(err, unpack.ErrCorrupt)
+	return errors.Is(err, ErrPermanent) || errors.Is(err, unpack.ErrHostile)
 }
 
 // update applies an owner's event to key's entry under the lock.

@@ -425,21 +425,25 @@ func TestDiskFull(t *testing.T) {
 	waitNoStaging(t, root)
 }
 
-// A hostile or corrupt archive fails the entry as permanent (a retry
-// would fetch the same bytes and refuse them again) and writes nothing
-// outside its staging directory.
+// A hostile archive fails the entry as permanent (a retry would fetch the
+// same bytes and refuse them again), a corrupt one as transient (it may
+// have been cut short), and neither writes anything outside its staging
+// directory.
 func TestHostileArchiveFails(t *testing.T) {
-	for _, c := range []struct{ file, reason string }{
-		{"symlink-escape.tar", "hostile archive"},
-		{"dotdot.tar", "hostile archive"},
-		{"zip-symlink-chain.zip", "hostile archive"},
-		{"truncated.tar.gz", "corrupt archive"},
+	for _, c := range []struct {
+		file, reason string
+		permanent    bool
+	}{
+		{"symlink-escape.tar", "hostile archive", true},
+		{"dotdot.tar", "hostile archive", true},
+		{"zip-symlink-chain.zip", "hostile archive", true},
+		{"truncated.tar.gz", "corrupt archive", false},
 	} {
-		t.Run(c.file, func(t *testing.T) { testHostileArchiveFails(t, c.file, c.reason) })
+		t.Run(c.file, func(t *testing.T) { testHostileArchiveFails(t, c.file, c.reason, c.permanent) })
 	}
 }
 
-func testHostileArchiveFails(t *testing.T, file, reason string) {
+func testHostileArchiveFails(t *testing.T, file, reason string, permanent bool) {
 	root := t.TempDir()
 	m := newManager(t, root)
 	abs, _ := filepath.Abs("../testdata/hostile/" + file)
@@ -448,8 +452,8 @@ func testHostileArchiveFails(t *testing.T, file, reason string) {
 	if !errors.As(err, &fe) || !strings.Contains(fe.Reason, reason) {
 		t.Fatalf("err = %v, want FAILED as a %s", err, reason)
 	}
-	if !fe.Permanent || !errors.Is(err, manager.ErrPermanent) {
-		t.Errorf("%s: FAILED as transient, want permanent: %v", file, err)
+	if fe.Permanent != permanent || errors.Is(err, manager.ErrPermanent) != permanent {
+		t.Errorf("%s: FAILED with permanent %v, want %v: %v", file, fe.Permanent, permanent, err)
 	}
 	ents, _ := os.ReadDir(root)
 	for _, e := range ents {

@@ -146,10 +146,12 @@ func AbsIn(root, rel string) (string, error) {
 	return filepath.Join(root, rel), nil
 }
 
-// View returns the current state without taking the lock. The manifest is
-// only ever replaced by rename and shard files never change, so the result
-// is a consistent snapshot, possibly already outdated. A missing file is an
-// empty state.
+// View returns the current state, read without taking the lock. The
+// manifest is only ever replaced by rename and shard files never change, so
+// the result is a consistent snapshot, possibly already outdated. A missing
+// file is an empty state. Only when every try found a shard the manifest
+// names gone or cut (commits retiring them faster than this reader reads)
+// does it read once more under the lock.
 func (s *Store) View(ctx context.Context) (*State, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -164,7 +166,9 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 		// state that is only moving as corrupt.
 		unlock, lerr := s.lock.Lock(ctx)
 		if lerr != nil {
-			return nil, err
+			// Not corrupt: moving too fast to read without the lock, which
+			// could not be had.
+			return nil, fmt.Errorf("state file %s: commits replaced its shards under every unlocked read, and reading it under the lock: %w", s.path, lerr)
 		}
 		if lockedViewHook != nil {
 			lockedViewHook()

@@ -322,15 +322,19 @@ func readHeld(name string) ([]byte, error) {
 
 // readOwn is readHeld for a lock we hold with nonce. A name found missing
 // may be only in a breaker's hands: one that judged the holder before us
-// stale and moved the name aside just after we took it (the gap between
-// its re-read and its rename) links it back at once, when it sees the
-// content it moved is ours, and removes the aside name after. So while an
-// aside name holds our nonce the lock is still ours, and we wait for its
-// return instead of reporting it lost; if the breaker died before linking
-// it back, we link it back ourselves after restoreWait. Only when neither
-// name holds our nonce is the lock gone.
+// stale and moved the name aside (NAME.stale-ID, ID the stale holder's)
+// just after we took it, in the gap between its re-read and its rename,
+// links it back at once when it reads that the content it moved is ours,
+// and only then removes the aside name and its break link. So while an
+// aside name of another ID holds our nonce and that breaker's break link
+// is still there, we wait for the return instead of reporting the lock
+// lost, for at most restoreWait. An aside named after our own nonce means
+// that we were the holder judged stale: lost. So is one whose breaker is
+// gone without linking it back: the name was free meanwhile, another may
+// have held it, and linking it back ourselves could undo that holder's
+// work.
 func readOwn(name, nonce string) ([]byte, error) {
-	var since time.Time
+	deadline := time.Now().Add(restoreWait)
 	for {
 		b, err := readHeld(name)
 		if !errors.Is(err, fs.ErrNotExist) {
@@ -339,34 +343,27 @@ func readOwn(name, nonce string) ([]byte, error) {
 		if vanishedHook != nil {
 			vanishedHook(name)
 		}
-		aside := asideHolding(name, nonce)
-		if aside == "" {
+		breaker := asideHolding(name, nonce)
+		if breaker == "" || time.Now().After(deadline) {
 			// The breaker links the name back before it removes the
-			// aside name: read once more after finding no aside.
+			// aside name: read once more after finding none.
 			return readHeld(name)
 		}
-		if since.IsZero() {
-			since = time.Now()
-		} else if time.Since(since) > restoreWait {
-			err := os.Link(aside, name)
-			if err != nil && !LinkExists(err) && !errors.Is(err, fs.ErrNotExist) {
-				return nil, err
-			}
-			if err == nil {
-				_ = os.Remove(aside) // as the breaker would have
-			}
+		if _, err := os.Lstat(breaker); err != nil {
+			return readHeld(name) // its breaker is gone without linking it back
 		}
 		time.Sleep(maxPoll)
 	}
 }
 
-// restoreWait is how long a lock moved aside by a breaker may stay there
-// before its holder links it back itself: far longer than the few system
-// calls between a breaker's rename and its link.
-const restoreWait = time.Second
+// restoreWait bounds how long a holder waits for a breaker to link back a
+// lock it moved aside by mistake: far longer than the few system calls
+// between the breaker's rename and its link, even on sshfs.
+const restoreWait = 5 * time.Second
 
-// asideHolding returns the name beside name under which a breaker moved a
-// lock holding nonce, or "" if there is none.
+// asideHolding returns the break link of a breaker that moved aside, by
+// mistake, a lock holding nonce (one judging another holder stale), or ""
+// if there is no such aside name.
 func asideHolding(name, nonce string) string {
 	dir, base := filepath.Split(name)
 	if dir == "" {
@@ -377,12 +374,12 @@ func asideHolding(name, nonce string) string {
 		return ""
 	}
 	for _, e := range ents {
-		if !strings.HasPrefix(e.Name(), base+".stale-") {
-			continue
+		id, ok := strings.CutPrefix(e.Name(), base+".stale-")
+		if !ok || id == nonce {
+			continue // ours: we were the one judged stale
 		}
-		m := filepath.Join(dir, e.Name())
-		if b, err := os.ReadFile(m); err == nil && parseHolder(b).Nonce == nonce {
-			return m
+		if b, err := os.ReadFile(filepath.Join(dir, e.Name())); err == nil && parseHolder(b).Nonce == nonce {
+			return name + ".break-" + id
 		}
 	}
 	return ""

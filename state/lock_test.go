@@ -593,42 +593,56 @@ func TestHolderWaitsOutBreakerRestoring(t *testing.T) {
 	noLitter(t, r.path)
 }
 
-// A breaker that died between moving a live lock aside and linking it
-// back leaves the holder's lock under the aside name: the holder links it
-// back itself and keeps it.
-func TestHolderRestoresLockLeftAside(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "lock")
-	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, nil, time.Minute)
-	unlock, err := l.Lock(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(path, path+".stale-0123456789abcdef"); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Check(); err != nil {
-		t.Fatalf("check with the lock left aside: %v, want it linked back and held", err)
-	}
-	noLitter(t, path)
-	if err := unlock(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("lock still there after unlock: %v", err)
-	}
-	// And a lock that is gone from both names is lost.
-	unlock, err = l.Lock(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(path); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Check(); !errors.Is(err, state.ErrLockLost) {
-		t.Fatalf("check with the lock gone: %v, want ErrLockLost", err)
-	}
-	if err := unlock(); !errors.Is(err, state.ErrLockLost) {
-		t.Fatalf("unlock with the lock gone: %v, want ErrLockLost", err)
+// A holder that finds its lock's name missing waits only for a live
+// breaker that moved it aside by mistake (TestHolderWaitsOutBreakerRestoring);
+// otherwise its lock is lost, and it never links the name back itself:
+// the name was free meanwhile, and another may have held it.
+func TestHolderLockGoneAside(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// aside renames the lock away as a breaker would, given the
+		// hold's nonce; it returns the break link to leave in place ("" for
+		// none).
+		aside func(nonce string) (id string, breakLink bool)
+	}{
+		{"moved aside by a breaker that died", func(string) (string, bool) { return "0123456789abcdef", false }},
+		{"broken as stale (the aside is named after us)", func(n string) (string, bool) { return n, true }},
+		{"gone", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "lock")
+			l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, nil, time.Minute)
+			h, err := l.Acquire(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.aside == nil {
+				if err := os.Remove(path); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				id, link := tc.aside(h.Nonce())
+				if err := os.Rename(path, path+".stale-"+id); err != nil {
+					t.Fatal(err)
+				}
+				if link {
+					writeHolder(t, path+".break-"+id, machine("h2", 5), freshNonce)
+				}
+			}
+			start := time.Now()
+			if err := h.Check(); !errors.Is(err, state.ErrLockLost) {
+				t.Fatalf("check: %v, want ErrLockLost", err)
+			}
+			if d := time.Since(start); d > 3*time.Second {
+				t.Errorf("check took %s: it waited for a breaker that will never link the lock back", d)
+			}
+			if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the lock's name is back (%v): a lost hold was linked back", err)
+			}
+			if err := h.Release(); !errors.Is(err, state.ErrLockLost) {
+				t.Fatalf("release: %v, want ErrLockLost", err)
+			}
+		})
 	}
 }
 

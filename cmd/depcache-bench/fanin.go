@@ -73,7 +73,11 @@ func benchFanIn(r *report, o options) {
 		defer cancel()
 		ready := make(chan struct{})
 		go watchReady(wctx, s.Client(), s.EntryKey(key.ID()), ready, published)
-		<-ready
+		select {
+		case <-ready:
+		case <-time.After(30 * time.Second):
+			fatalf("fan-in: the watch of %s was not in place after 30 s", stateURL)
+		}
 	}
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -94,7 +98,11 @@ func benchFanIn(r *report, o options) {
 			defer wg.Done()
 			out, err := exec.Command(argv[0], argv[1:]...).Output()
 			if err != nil {
-				errs <- fmt.Errorf("worker %d: %v: %s", i, err, out)
+				var stderr []byte
+				if ee, ok := err.(*exec.ExitError); ok {
+					stderr = ee.Stderr
+				}
+				errs <- fmt.Errorf("worker %d: %v: %s", i, err, stderr)
 				return
 			}
 			var res workerResult

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -341,12 +342,12 @@ func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool
 		return m.Rebuild(ctx, force)
 	}
 	name := filepath.Join(m.Root(), state.StateFile)
-	from, err := state.DecodeFile(m.Root(), state.StateFile)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
+	if _, err := os.Lstat(name); errors.Is(err, fs.ErrNotExist) {
 		return m.Rebuild(ctx, force)
-	case err != nil:
-		fmt.Fprintf(g.stderr, "depcache: the file store's state %s does not parse (%v): nothing is carried over from it\n", name, err)
+	}
+	from, err := state.DecodeFile(m.Root(), state.StateFile)
+	if err != nil {
+		fmt.Fprintf(g.stderr, "depcache: the file store's state %s could not be read (%v): nothing is carried over from it\n", name, err)
 		return m.Rebuild(ctx, force)
 	}
 	return m.RebuildFrom(ctx, force, from, name)

@@ -109,6 +109,9 @@ type lockHold interface {
 	// release gives the lock up; an error wrapping state.ErrLockLost says
 	// it had been lost.
 	release() error
+	// lost is closed when the hold is known to be gone without a renewal
+	// (nil: only renew tells).
+	lost() <-chan struct{}
 }
 
 // namedLockAcquirer returns the function that takes the lock name: on the
@@ -152,6 +155,7 @@ type fileHold struct {
 func (h fileHold) token() (uint64, error) { return h.s.NextToken(h.tokenPath) }
 func (h fileHold) renew() error           { return h.s.Renew() }
 func (h fileHold) release() error         { return h.s.Release() }
+func (h fileHold) lost() <-chan struct{}  { return nil }
 
 // etcdHold is a hold of a lock on etcd: the client renews its lease by
 // itself, so a renewal only checks that the hold is still ours.
@@ -160,6 +164,10 @@ type etcdHold struct{ l *etcdstore.NamedLock }
 func (h etcdHold) token() (uint64, error) { return h.l.Token(), nil }
 func (h etcdHold) renew() error           { return h.l.Check(context.Background()) }
 func (h etcdHold) release() error         { return h.l.Release(context.Background()) }
+
+// lost is closed as soon as the client learns that etcd ended the lease,
+// so that CMD is ended without waiting for the next check.
+func (h etcdHold) lost() <-chan struct{} { return h.l.Lost() }
 
 func newLockCmd(g *globals) *cobra.Command {
 	var timeout, lease time.Duration
@@ -295,6 +303,8 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 			return c.status(), nil
 		case sig := <-sigs:
 			c.signal(sig)
+		case <-s.lost():
+			return lost(fmt.Sprintf("its lease ended (this process went %s without a renewal of its own, lease %s)", time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
 		case <-renew.C:
 			err := s.renew()
 			switch {

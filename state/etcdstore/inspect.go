@@ -169,7 +169,7 @@ func (s *Store) compactionCheck(ctx context.Context) state.Check {
 		}
 	}
 	c.Status = "ok"
-	c.Detail = fmt.Sprintf("compacted up to revision %d: %d revisions of history kept (current %d)", hi, cur-hi, cur)
+	c.Detail = fmt.Sprintf("compacted up to revision %d: %d revisions of history kept (current %d)", hi, cur-hi+1, cur)
 	return c
 }
 

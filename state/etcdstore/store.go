@@ -352,7 +352,9 @@ func (s *Store) read(ctx context.Context, do func(context.Context) error) error 
 	deadline := time.Now().Add(s.timeout)
 	delay := 10 * time.Millisecond
 	for {
-		rctx, cancel := s.rctx(ctx)
+		// Every try ends by the one deadline, so that the reads end within
+		// the timeout that an ErrUnavailable names.
+		rctx, cancel := context.WithDeadline(clientv3.WithRequireLeader(ctx), deadline)
 		err := do(rctx)
 		cancel()
 		if err == nil || ctx.Err() != nil || !transient(err) || time.Now().Add(delay).After(deadline) {
@@ -373,9 +375,14 @@ func (s *Store) read(ctx context.Context, do func(context.Context) error) error 
 // not: no leader, a leader change, or a member that is unavailable. A
 // request's own timeout is not transient: it already spent the budget.
 func transient(err error) bool {
-	return errors.Is(err, rpctypes.ErrLeaderChanged) || errors.Is(err, rpctypes.ErrGRPCLeaderChanged) ||
-		errors.Is(err, rpctypes.ErrNoLeader) || errors.Is(err, rpctypes.ErrGRPCNoLeader) ||
-		(status.Code(err) == codes.Unavailable && !errors.Is(err, context.DeadlineExceeded))
+	for _, e := range []error{rpctypes.ErrLeaderChanged, rpctypes.ErrGRPCLeaderChanged, rpctypes.ErrNoLeader, rpctypes.ErrGRPCNoLeader,
+		rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrGRPCTimeoutDueToLeaderFail,
+		rpctypes.ErrTimeoutDueToConnectionLost, rpctypes.ErrGRPCTimeoutDueToConnectionLost} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return status.Code(err) == codes.Unavailable && !errors.Is(err, context.DeadlineExceeded)
 }
 
 // fail wraps a request's error: the caller's own end as such, the store's

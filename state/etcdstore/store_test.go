@@ -516,6 +516,8 @@ func TestTransient(t *testing.T) {
 		{rpctypes.ErrGRPCNoLeader, true},
 		{status.Error(codes.Unavailable, "connection refused"), true},
 		{fmt.Errorf("wrapped: %w", rpctypes.ErrLeaderChanged), true},
+		{rpctypes.ErrTimeoutDueToLeaderFail, true},
+		{rpctypes.ErrTimeoutDueToConnectionLost, true},
 		{context.DeadlineExceeded, false},
 		{status.Error(codes.DeadlineExceeded, "timeout"), false},
 		{rpctypes.ErrGRPCTooManyOps, false},
@@ -560,7 +562,7 @@ func TestCompactionCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	c = s.compactionCheck(ctx)
-	want := fmt.Sprintf("compacted up to revision %d: 7 revisions", at)
+	want := fmt.Sprintf("compacted up to revision %d: 8 revisions", at) // at itself, and the 7 after it
 	if c.Status != "ok" || !strings.Contains(c.Detail, want) {
 		t.Errorf("after a compaction at %d: %+v, want ok with %q", at, c, want)
 	}

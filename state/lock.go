@@ -337,6 +337,9 @@ func readOwn(name, nonce string) ([]byte, error) {
 	deadline := time.Now().Add(restoreWait)
 	for {
 		b, err := readHeld(name)
+		if err == nil && parseHolder(b).Nonce != nonce {
+			return readOwnAgain(name, nonce, b), nil
+		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			return b, err
 		}
@@ -354,6 +357,30 @@ func readOwn(name, nonce string) ([]byte, error) {
 		}
 		time.Sleep(maxPoll)
 	}
+}
+
+// readOwnAgain reads the lock at name again, spaced as the state file's
+// rereads are, when a holder found another holder's record b there: it
+// returns the first read that shows nonce, else the last. A hold is taken
+// over only by a breaker that waited out a whole lease, so a holder that
+// checks within its hold and finds another's record has most likely read
+// stale bytes: on sshfs, a read of the lock name just after it was linked
+// to our file once returned the previous holder's record, which has the
+// same size. Taken at its word, the holder reported its lock lost and left
+// it in place, and every process of the root waited the lease (30 s)
+// before breaking it. A real takeover is reported a few seconds late.
+func readOwnAgain(name, nonce string, b []byte) []byte {
+	for _, d := range rereadDelays[1:] {
+		time.Sleep(d)
+		again, err := readHeld(name)
+		if err != nil {
+			return b
+		}
+		if b = again; parseHolder(b).Nonce == nonce {
+			return b
+		}
+	}
+	return b
 }
 
 // restoreWait bounds how long a holder waits for a breaker to link back a

@@ -881,6 +881,44 @@ func TestHolderRereadsCutLock(t *testing.T) {
 	}
 }
 
+// A holder whose check reads another holder's record (a stale read: on
+// sshfs the previous holder's bytes, of the same size) reads again before
+// it believes it: the check and the release succeed. The sshfs soak once
+// lost 30 s to one such read.
+func TestHolderRereadsStaleRecord(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, state.RealClock(), time.Hour)
+	unlock, err := l.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	prev, err := json.Marshal(map[string]any{"host": "h2", "boot_id": "boot-h2", "pid_ns": "pid:[1]", "pid": 5, "start_time": 100, "nonce": staleNonce})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stale atomic.Int32 // reads still to answer with the previous record
+	state.SetLockReadHook(t, func(name string, b []byte) []byte {
+		if name == path && stale.Add(-1) >= 0 {
+			return prev
+		}
+		return b
+	})
+	stale.Store(2)
+	if err := l.Check(); err != nil {
+		t.Fatalf("Check after two stale reads: %v", err)
+	}
+	stale.Store(1)
+	if err := unlock(); err != nil {
+		t.Fatalf("unlock after a stale read: %v", err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the lock is still there after unlock: %v", err)
+	}
+	if stale.Load() >= 0 {
+		t.Fatal("no read was stale: the test proved nothing")
+	}
+}
+
 // A long wait is a warning only when it points at a problem: one holder
 // unchanged for WarnAfter, or a wait past the lease. Behind a queue of
 // holders that keep changing it is load, logged at info.

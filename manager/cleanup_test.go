@@ -236,3 +236,49 @@ func TestVerifyFailedContentStaysForItsRuns(t *testing.T) {
 		t.Errorf("after the prune: %v, want ErrNotFound", err)
 	}
 }
+
+// TestPolicyChangeSweepsAtOnce: a change of the stored policy (policy set,
+// from any process) makes a running loop sweep by it at its next pass,
+// not at its next cleanup interval (an hour here).
+func TestPolicyChangeSweepsAtOnce(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	budget, minAge := int64(1<<30), time.Duration(0)
+	m := newManager(t, root, func(c *manager.Config) {
+		c.CleanupInterval = time.Hour
+		c.SetPolicy = true
+		c.Cleanup = manager.PolicyChange{MaxSizeBytes: &budget, MinAge: &minAge}
+	})
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	if _, err := getWait(t, m, "run", k); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(ctx, "run", k); err != nil {
+		t.Fatal(err)
+	}
+	// Another process sets a budget the entry does not fit in.
+	one := int64(1)
+	other, err := manager.New(manager.Config{Root: root, Log: quietLog(), SetPolicy: true,
+		Cleanup: manager.PolicyChange{MaxSizeBytes: &one}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Settle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st, err := m.Entries(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Get(k) == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the entry is still there a minute after the budget went to 1 byte: the loop waits for its cleanup interval")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sync"
 	"time"
@@ -319,6 +320,12 @@ func (m *Manager) step(ctx context.Context) (err error) {
 	m.metrics.observeState(seenState)
 	m.mu.Lock()
 	lost := m.findLostLocked(seenState, seq)
+	if m.last != nil && !reflect.DeepEqual(m.last.Policy, seenState.Policy) {
+		// The stored policy changed (depcache policy set, on any host):
+		// sweep by it now, not at the next cleanup interval, so that a
+		// smaller budget frees its space within a pass.
+		m.sweepSoon = true
+	}
 	m.last = seenState
 	m.pass = seq
 	m.passErr, m.failures = nil, 0

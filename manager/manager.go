@@ -207,7 +207,7 @@ type Manager struct {
 	registrations  map[string]map[string]observation // key ID -> dependent -> its TTL registration as watched
 	ages           map[string]map[string]observation // key ID -> "created" / "last_used" -> as watched
 	lastSweep      time.Time                         // our clock, last sweep
-	sweepSoon      bool                              // a publish asked for a sweep
+	sweepSoon      bool                              // a publish, or a change of the stored policy, asked for a sweep
 	policyMismatch []string
 	daemonID       string        // the Docker daemon's ID, when Config.Docker is set
 	last           *state.State  // the state the last pass saw

@@ -264,7 +264,7 @@ func (l *Lock) unlockOnce() func() error {
 // Check reports whether the lock is still ours. The caller must hold it.
 // Store.Update calls it right before committing.
 func (l *Lock) Check() error {
-	b, err := readOwn(l.path, l.nonce)
+	b, err := readOwn(l.path, l.nonce, l.opts.Lease)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("lock %s vanished: %w", l.path, ErrLockLost)
@@ -279,7 +279,7 @@ func (l *Lock) Check() error {
 
 // release removes name if it still holds nonce.
 func (l *Lock) release(name, nonce string) error {
-	b, err := readOwn(name, nonce)
+	b, err := readOwn(name, nonce, l.opts.Lease)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("lock %s vanished while held: %w", name, ErrLockLost)
 	}
@@ -303,11 +303,15 @@ func (l *Lock) release(name, nonce string) error {
 // of another size may be cut to the old size, or run on into the old
 // file's cached pages. Taken at its word, such a read made the holder
 // report its lock lost and leave it in place: every process of the root
-// then waited for the lease to run out (30 s) before breaking it.
-func readHeld(name string) ([]byte, error) {
+// then waited for the lease to run out (30 s) before breaking it. The
+// rereads end by deadline (see readOwn).
+func readHeld(name string, deadline time.Time) ([]byte, error) {
 	var b []byte
 	var err error
-	for _, d := range rereadDelays {
+	for i, d := range rereadDelays {
+		if i > 0 && time.Now().Add(d).After(deadline) {
+			break
+		}
 		time.Sleep(d)
 		b, err = os.ReadFile(name)
 		if err == nil && lockReadHook != nil {
@@ -333,12 +337,21 @@ func readHeld(name string) ([]byte, error) {
 // gone without linking it back: the name was free meanwhile, another may
 // have held it, and linking it back ourselves could undo that holder's
 // work.
-func readOwn(name, nonce string) ([]byte, error) {
-	deadline := time.Now().Add(restoreWait)
+//
+// The wait for a breaker, the rereads of a cut record (readHeld) and those
+// of another holder's record (readOwnAgain) all end within a quarter of
+// the lease as well (and within restoreWait): a holder that
+// waits longer than its lease without changing its lock is judged stale
+// by the others, and a wait meant to spare it a false "lost" would then
+// make it a true one, with its work still running beside the next
+// holder's.
+func readOwn(name, nonce string, lease time.Duration) ([]byte, error) {
+	budget := min(restoreWait, lease/4)
+	deadline := time.Now().Add(budget)
 	for {
-		b, err := readHeld(name)
+		b, err := readHeld(name, deadline)
 		if err == nil && parseHolder(b).Nonce != nonce {
-			return readOwnAgain(name, nonce, b), nil
+			return readOwnAgain(name, nonce, b, deadline), nil
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			return b, err
@@ -350,18 +363,19 @@ func readOwn(name, nonce string) ([]byte, error) {
 		if breaker == "" || time.Now().After(deadline) {
 			// The breaker links the name back before it removes the
 			// aside name: read once more after finding none.
-			return readHeld(name)
+			return readHeld(name, deadline)
 		}
 		if _, err := os.Lstat(breaker); err != nil {
-			return readHeld(name) // its breaker is gone without linking it back
+			return readHeld(name, deadline) // its breaker is gone without linking it back
 		}
 		time.Sleep(maxPoll)
 	}
 }
 
 // readOwnAgain reads the lock at name again, spaced as the state file's
-// rereads are, when a holder found another holder's record b there: it
-// returns the first read that shows nonce, else the last. A hold is taken
+// rereads are and until deadline, when a holder found another holder's
+// record b there: it returns the first read that shows nonce, else the
+// last. A hold is taken
 // over only by a breaker that waited out a whole lease, so a holder that
 // checks within its hold and finds another's record has most likely read
 // stale bytes: on sshfs, a read of the lock name just after it was linked
@@ -369,10 +383,13 @@ func readOwn(name, nonce string) ([]byte, error) {
 // same size. Taken at its word, the holder reported its lock lost and left
 // it in place, and every process of the root waited the lease (30 s)
 // before breaking it. A real takeover is reported a few seconds late.
-func readOwnAgain(name, nonce string, b []byte) []byte {
+func readOwnAgain(name, nonce string, b []byte, deadline time.Time) []byte {
 	for _, d := range rereadDelays[1:] {
+		if time.Now().Add(d).After(deadline) {
+			return b
+		}
 		time.Sleep(d)
-		again, err := readHeld(name)
+		again, err := readHeld(name, deadline)
 		if err != nil {
 			return b
 		}

@@ -917,6 +917,34 @@ func TestHolderRereadsStaleRecord(t *testing.T) {
 	if stale.Load() >= 0 {
 		t.Fatal("no read was stale: the test proved nothing")
 	}
+
+	// With a short lease the rereads stop within a quarter of it: a holder
+	// that reread for longer than its lease would be judged stale, and
+	// broken, while it still works.
+	short := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, state.RealClock(), 2*time.Second)
+	unlock, err = short.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reads atomic.Int32
+	state.SetLockReadHook(t, func(name string, b []byte) []byte {
+		if name == path {
+			reads.Add(1)
+			return prev
+		}
+		return b
+	})
+	if err := short.Check(); !errors.Is(err, state.ErrLockLost) {
+		t.Fatalf("Check reading another's record every time: %v, want ErrLockLost", err)
+	}
+	// 0, 10 and 100 ms fit in 500 ms; the next reread, 500 ms later, does not.
+	if n := reads.Load(); n < 1 || n > 3 {
+		t.Errorf("%d reads within a 2 s lease's check, want at most 3 (the rereads must end within lease/4)", n)
+	}
+	state.SetLockReadHook(t, nil)
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // A long wait is a warning only when it points at a problem: one holder

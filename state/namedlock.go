@@ -81,7 +81,7 @@ func (s *Lease) Nonce() string { return s.nonce }
 func (s *Lease) Check() error {
 	// A torn or cut read (sshfs may cut the first read after a file
 	// grew) is read again before it is judged.
-	b, err := readOwn(s.l.path, s.nonce)
+	b, err := readOwn(s.l.path, s.nonce, s.l.opts.Lease)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("lock %s vanished: %w", s.l.path, ErrLockLost)
 	}

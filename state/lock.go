@@ -375,10 +375,9 @@ func readOwn(name, nonce string, lease time.Duration) ([]byte, error) {
 // readOwnAgain reads the lock at name again, spaced as the state file's
 // rereads are and until deadline, when a holder found another holder's
 // record b there: it returns the first read that shows nonce, else the
-// last. A hold is taken
-// over only by a breaker that waited out a whole lease, so a holder that
-// checks within its hold and finds another's record has most likely read
-// stale bytes: on sshfs, a read of the lock name just after it was linked
+// last. A hold is taken over only by a breaker that waited out a whole
+// lease, so a holder that checks within its hold and finds another's
+// record has most likely read stale bytes: on sshfs, a read of the lock name just after it was linked
 // to our file once returned the previous holder's record, which has the
 // same size. Taken at its word, the holder reported its lock lost and left
 // it in place, and every process of the root waited the lease (30 s)

@@ -129,6 +129,20 @@ func TestCheckGrowth(t *testing.T) {
 	if g, p := checkGrowth(short, 30*time.Second, defaultGrowthLimits); g.From != 7500*time.Millisecond || len(p) != 0 {
 		t.Errorf("30 s run: from %s, problems %v", g.From, p)
 	}
+	// A short run's RSS is reported, not judged: its heap is still
+	// warming up. Its open files and goroutines are judged.
+	warming := series(30*time.Second, 30, func(frac float64) sample {
+		return sample{RSSKB: 20000 + int64(frac*4000), FDs: 10, Goroutines: 12}
+	})
+	if g, p := checkGrowth(warming, 30*time.Second, defaultGrowthLimits); len(p) != 0 || g.RSSPercent <= 5 {
+		t.Errorf("30 s run warming up: +%.1f %%, problems %v; want the growth reported, not judged", g.RSSPercent, p)
+	}
+	leakShort := series(30*time.Second, 30, func(frac float64) sample {
+		return sample{RSSKB: 20000, FDs: 10 + int(frac*20), Goroutines: 12}
+	})
+	if _, p := checkGrowth(leakShort, 30*time.Second, defaultGrowthLimits); len(p) != 1 || !strings.Contains(p[0], "open files") {
+		t.Errorf("30 s run leaking files: %v", p)
+	}
 	if _, p := checkGrowth(nil, time.Minute, defaultGrowthLimits); len(p) != 1 {
 		t.Errorf("no samples: %v", p)
 	}

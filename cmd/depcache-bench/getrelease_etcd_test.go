@@ -118,6 +118,13 @@ func TestGetReleaseEtcd(t *testing.T) {
 		}
 	}
 
+	// Every point deleted its prefix after its workers ended.
+	checkPrefixEmpty(t, eps, base)
+}
+
+// checkPrefixEmpty fails t if any key is left under base.
+func checkPrefixEmpty(t *testing.T, eps []string, base string) {
+	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -129,7 +136,6 @@ func TestGetReleaseEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Every point deleted its prefix after its workers ended.
 	if resp.Count != 0 {
 		keys, _ := cli.Get(ctx, base+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(5))
 		var some []string
@@ -184,18 +190,5 @@ func TestFanInEtcd(t *testing.T) {
 	if u, _ := p["state"].(string); !strings.Contains(u, base+"/fanin-") {
 		t.Errorf("state %q: want the run's own prefix under %s", u, base)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	resp, err := cli.Get(ctx, base+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if resp.Count != 0 {
-		t.Errorf("%d keys left under %s after the run", resp.Count, base)
-	}
+	checkPrefixEmpty(t, eps, base)
 }

@@ -320,11 +320,13 @@ func TestRigQuorumLost(t *testing.T) {
 	}
 }
 
-// TestRigReadsOutliveLeaderKill: reads go on across the leader's death.
-// A read that meets the election ("no leader", "leader changed") or the
-// dead member's closed connection tries again within the request timeout,
-// so none fails while a new leader is elected in time. (Before, the first
-// such answer failed the read, and every manager logged a failed pass.)
+// TestRigReadsOutliveLeaderKill: reads, and the other requests that may
+// be repeated (a lease grant, a put-if-absent of the sweeper's key, the
+// listing behind a watch), go on across the leader's death. One that
+// meets the election ("no leader", "leader changed") or the dead member's
+// closed connection tries again within the request timeout, so none fails
+// while a new leader is elected in time. (Before, the first such answer
+// failed the read, and every manager logged a failed pass.)
 func TestRigReadsOutliveLeaderKill(t *testing.T) {
 	eps, prefix := faultRig(t, "reads")
 	// A request timeout that a loaded machine's election fits in: what
@@ -337,21 +339,32 @@ func TestRigReadsOutliveLeaderKill(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	id := state.Key{Kind: state.Bundle, Source: "https://example.com/reads"}.ID()
+	requests := []func() error{
+		func() error { _, err := s.View(ctx); return err },
+		func() error { _, err := s.Exists(ctx); return err },
+		func() error { _, err := s.grant(ctx, 5); return err },
+		func() error { _, err := s.MaySweep(ctx); return err },
+		func() error { _, _, err := s.relist(ctx, []string{id}, 1); return err },
+		func() error {
+			return s.UpdateEntries(ctx, []string{id}, func(*state.Txn) (bool, error) { return false, nil })
+		},
+	}
 	var reads, fails atomic.Int64
 	var lastErr atomic.Value
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	for range 2 {
+	for g := range 2 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
+			for i := g; ; i++ {
 				select {
 				case <-done:
 					return
 				default:
 				}
-				if _, err := s.View(ctx); err != nil {
+				if err := requests[i%len(requests)](); err != nil {
 					fails.Add(1)
 					lastErr.Store(err.Error())
 				} else {

@@ -2,10 +2,12 @@ package etcdstore
 
 import (
 	"context"
+	"errors"
 	"strconv"
 	"time"
 
 	"github.com/depcache/depcache/state"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
@@ -46,9 +48,7 @@ func (s *Store) depLease(ctx context.Context, d state.Dependent) (clientv3.Lease
 	case d.Process != nil:
 		return s.sessionLease(ctx)
 	case d.Expires != nil:
-		rctx, cancel := s.rctx(ctx)
-		defer cancel()
-		g, err := s.cli.Grant(rctx, leaseSeconds(d.Expires.Sub(d.Since)))
+		g, err := s.grant(ctx, leaseSeconds(d.Expires.Sub(d.Since)))
 		if err != nil {
 			return 0, s.fail(ctx, "granting a dependent's lease", err)
 		}
@@ -76,9 +76,7 @@ func (s *Store) sessionLease(ctx context.Context) (clientv3.LeaseID, error) {
 		ttl = defaultSessionTTL
 	}
 	secs := leaseSeconds(ttl)
-	rctx, cancel := s.rctx(ctx)
-	defer cancel()
-	g, err := s.cli.Grant(rctx, secs)
+	g, err := s.grant(ctx, secs)
 	if err != nil {
 		return 0, s.fail(ctx, "granting the session's lease", err)
 	}
@@ -101,9 +99,11 @@ func (s *Store) checkSession(ctx context.Context) {
 	if sess == nil {
 		return
 	}
-	rctx, cancel := s.rctx(ctx)
-	r, err := s.cli.TimeToLive(rctx, sess.Lease())
-	cancel()
+	var r *clientv3.LeaseTimeToLiveResponse
+	err := s.read(ctx, func(rctx context.Context) (err error) {
+		r, err = s.cli.TimeToLive(rctx, sess.Lease())
+		return err
+	})
 	if err != nil || r.TTL > 0 {
 		return
 	}
@@ -219,9 +219,7 @@ func (s *Store) planOwner(ctx context.Context, t *txn, sn *snapshot, id string, 
 	}
 	switch {
 	case old == nil || old.Owner == nil || old.Generation != ne.Generation || *old.Owner != *ne.Owner:
-		rctx, cancel := s.rctx(ctx)
-		defer cancel()
-		g, err := s.cli.Grant(rctx, leaseSeconds(ttl))
+		g, err := s.grant(ctx, leaseSeconds(ttl))
 		if err != nil {
 			return s.fail(ctx, "granting an owner's lease", err)
 		}
@@ -230,9 +228,13 @@ func (s *Store) planOwner(ctx context.Context, t *txn, sn *snapshot, id string, 
 		// A report of the owner: renew its lease first. One that ended
 		// stays ended (etcd refuses to renew it): the waiters take over,
 		// and this owner's publish will be fenced.
-		rctx, cancel := s.rctx(ctx)
-		_, _ = s.cli.KeepAliveOnce(rctx, o.lease)
-		cancel()
+		_ = s.read(ctx, func(rctx context.Context) error {
+			_, err := s.cli.KeepAliveOnce(rctx, o.lease)
+			if errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) {
+				return nil
+			}
+			return err
+		})
 	}
 	return nil
 }

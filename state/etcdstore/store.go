@@ -341,11 +341,13 @@ func (s *Store) rctx(ctx context.Context) (context.Context, context.CancelFunc) 
 	return context.WithTimeout(clientv3.WithRequireLeader(ctx), s.timeout)
 }
 
-// read runs the read-only request do, each try under its own request
-// context, and tries again after a failure that a new try can outlive: a
-// leader change or election, or a member that went away (the client then
-// moves to another). A read changes nothing, so a retry is always safe;
-// a commit is never retried here (see send). The tries end within the
+// read runs the request do, each try under its own request context, and
+// tries again after a failure that a new try can outlive: a leader change
+// or election, or a member that went away (the client then moves to
+// another). do must be idempotent: a read, which changes nothing, or a
+// request whose repeat is harmless (a lease grant, whose spare, never
+// used, expires by itself; a keep-alive; a put-if-absent of our own key).
+// A commit is never retried here (see send). The tries end within the
 // store's timeout, so that a cluster that stays unavailable is still
 // reported as one after that long.
 func (s *Store) read(ctx context.Context, do func(context.Context) error) error {
@@ -372,15 +374,14 @@ func (s *Store) read(ctx context.Context, do func(context.Context) error) error 
 }
 
 // transient reports whether a request failed in a way that a new try may
-// not: no leader, a leader change, or a member that is unavailable. A
+// not: every answer that etcd gives the code Unavailable (no leader, a
+// leader change, a proposal that timed out in an election, a member
+// stopping or unhealthy), or a member that cannot be reached. A
 // request's own timeout is not transient: it already spent the budget.
 func transient(err error) bool {
-	for _, e := range []error{rpctypes.ErrLeaderChanged, rpctypes.ErrGRPCLeaderChanged, rpctypes.ErrNoLeader, rpctypes.ErrGRPCNoLeader,
-		rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrGRPCTimeoutDueToLeaderFail,
-		rpctypes.ErrTimeoutDueToConnectionLost, rpctypes.ErrGRPCTimeoutDueToConnectionLost} {
-		if errors.Is(err, e) {
-			return true
-		}
+	var ee rpctypes.EtcdError
+	if errors.As(err, &ee) {
+		return ee.Code() == codes.Unavailable
 	}
 	return status.Code(err) == codes.Unavailable && !errors.Is(err, context.DeadlineExceeded)
 }
@@ -622,9 +623,11 @@ func (s *Store) Exists(ctx context.Context) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
-	rctx, cancel := s.rctx(ctx)
-	defer cancel()
-	resp, err := s.cli.Get(rctx, s.l.format(), clientv3.WithCountOnly())
+	var resp *clientv3.GetResponse
+	err := s.read(ctx, func(rctx context.Context) (err error) {
+		resp, err = s.cli.Get(rctx, s.l.format(), clientv3.WithCountOnly())
+		return err
+	})
 	if err != nil {
 		return false, s.fail(ctx, "reading the format key", err)
 	}
@@ -1004,14 +1007,21 @@ func (s *Store) recordLease(ctx context.Context) (clientv3.LeaseID, error) {
 		return s.lease, nil
 	}
 	at := time.Now()
-	rctx, cancel := s.rctx(ctx)
-	defer cancel()
-	g, err := s.cli.Grant(rctx, int64(recordTTL/time.Second))
+	g, err := s.grant(ctx, int64(recordTTL/time.Second))
 	if err != nil {
 		return 0, s.fail(ctx, "granting the commit records' lease", err)
 	}
 	s.lease, s.leaseAt = g.ID, at
 	return g.ID, nil
+}
+
+// grant grants a lease of secs, trying again as read does.
+func (s *Store) grant(ctx context.Context, secs int64) (g *clientv3.LeaseGrantResponse, err error) {
+	err = s.read(ctx, func(rctx context.Context) (err error) {
+		g, err = s.cli.Grant(rctx, secs)
+		return err
+	})
+	return g, err
 }
 
 func newNonce() string {

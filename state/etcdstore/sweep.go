@@ -92,9 +92,11 @@ func (s *Store) evictTxn(ctx context.Context, ids []string, since state.Mark) (b
 	}
 	// Lost answer: the transaction deleted all of the entry keys or none.
 	s.settled.Add(1)
-	rctx, cancel = s.rctx(context.WithoutCancel(ctx))
-	r, rerr := s.cli.Get(rctx, s.l.entry(ids[0]), clientv3.WithCountOnly())
-	cancel()
+	var r *clientv3.GetResponse
+	rerr := s.read(context.WithoutCancel(ctx), func(rctx context.Context) (err error) {
+		r, err = s.cli.Get(rctx, s.l.entry(ids[0]), clientv3.WithCountOnly())
+		return err
+	})
 	if rerr != nil {
 		return false, fmt.Errorf("%s: evicting: %v; %w: reading back: %v", s, err, ErrOutcomeUnknown, rerr)
 	}
@@ -120,12 +122,16 @@ func (s *Store) MaySweep(ctx context.Context) (bool, error) {
 	}
 	mine := s.l.sweeper() + fmt.Sprintf("%x", int64(lease))
 	oldest := clientv3.OpGet(s.l.sweeper(), clientv3.WithFirstCreate()...)
-	rctx, cancel := s.rctx(ctx)
-	defer cancel()
-	resp, err := s.cli.Txn(rctx).
-		If(clientv3.Compare(clientv3.CreateRevision(mine), "=", 0)).
-		Then(clientv3.OpPut(mine, s.name, clientv3.WithLease(lease)), oldest).
-		Else(oldest).Commit()
+	// A put-if-absent of our own key: a repeat after a lost answer finds
+	// it and only reads.
+	var resp *clientv3.TxnResponse
+	err = s.read(ctx, func(rctx context.Context) (err error) {
+		resp, err = s.cli.Txn(rctx).
+			If(clientv3.Compare(clientv3.CreateRevision(mine), "=", 0)).
+			Then(clientv3.OpPut(mine, s.name, clientv3.WithLease(lease)), oldest).
+			Else(oldest).Commit()
+		return err
+	})
 	if err != nil {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) || errors.Is(err, rpctypes.ErrGRPCLeaseNotFound) {
 			s.checkSession(ctx) // the session ended: the next call campaigns anew

@@ -161,9 +161,11 @@ func (s *Store) relist(ctx context.Context, ids []string, rev int64) (bool, int6
 			}
 			ops[j] = clientv3.OpGet(s.l.entry(id), append(opts, clientv3.WithKeysOnly())...)
 		}
-		rctx, cancel := s.rctx(ctx)
-		resp, err := s.cli.Txn(rctx).Then(ops...).Commit()
-		cancel()
+		var resp *clientv3.TxnResponse
+		err := s.read(ctx, func(rctx context.Context) (err error) {
+			resp, err = s.cli.Txn(rctx).Then(ops...).Commit()
+			return err
+		})
 		if err != nil {
 			return false, 0, s.fail(ctx, "listing watched entries", err)
 		}
@@ -190,9 +192,11 @@ func (s *Store) relist(ctx context.Context, ids []string, rev int64) (bool, int6
 // existedAt reports whether the entry key of id existed at revision rev,
 // true also when rev was compacted (it cannot tell).
 func (s *Store) existedAt(ctx context.Context, id string, rev int64) (bool, error) {
-	rctx, cancel := s.rctx(ctx)
-	defer cancel()
-	r, err := s.cli.Get(rctx, s.l.entry(id), clientv3.WithRev(rev), clientv3.WithCountOnly())
+	var r *clientv3.GetResponse
+	err := s.read(ctx, func(rctx context.Context) (err error) {
+		r, err = s.cli.Get(rctx, s.l.entry(id), clientv3.WithRev(rev), clientv3.WithCountOnly())
+		return err
+	})
 	if errors.Is(err, rpctypes.ErrCompacted) {
 		return true, nil
 	}

@@ -450,6 +450,13 @@ func (s *sink) decide(head []byte, r *resumed) error {
 			s.rawName = rawSpoolName
 		}
 	}
+	if r != nil && s.rawName == rawSpoolName && !spoolTar {
+		// The spool of an archive is bounded by the length the source
+		// declares: with none (a Content-Range of "*/"), or one that does
+		// not fit the bound with the unpacked tree, start again without
+		// a spool.
+		return fmt.Errorf("the rest of the %s comes with no length that bounds the copy kept to resume from (total %d, bound %d): %w", format, s.total, s.b.limit, errNoResume)
+	}
 	if r != nil {
 		if r.c.Raw != s.rawName {
 			return fmt.Errorf("the prefix is a %s in %s, not in %s: %w", format, r.c.Raw, s.rawName, errNoResume)
@@ -543,6 +550,14 @@ func (s *sink) write(p []byte) error {
 			s.werr = err
 			return err
 		}
+	}
+	if s.rawName == rawSpoolName && s.n+int64(len(p)) > s.total {
+		// The bound of the unpacked tree left room for the spool's
+		// declared length only (decide): a source that sends more (a
+		// 206 with no Content-Length whose body runs on) must not grow
+		// it past that.
+		s.werr = fmt.Errorf("the source sent more than the %d bytes it declared", s.total)
+		return s.werr
 	}
 	if s.raw != nil {
 		if _, err := s.raw.Write(p); err != nil {

@@ -551,11 +551,12 @@ func (s *sink) write(p []byte) error {
 			return err
 		}
 	}
-	if s.rawName == rawSpoolName && s.n+int64(len(p)) > s.total {
-		// The bound of the unpacked tree left room for the spool's
-		// declared length only (decide): a source that sends more (a
-		// 206 with no Content-Length whose body runs on) must not grow
-		// it past that.
+	if (s.total > 0 || s.rawName == rawSpoolName) && s.n+int64(len(p)) > s.total {
+		// The download would fail its size check at the end; failing
+		// now bounds what it writes. That matters most for an
+		// archive's spool: the bound of the unpacked tree left room for
+		// its declared length only (decide). The source may be a 206
+		// with no Content-Length whose body runs on.
 		s.werr = fmt.Errorf("the source sent more than the %d bytes it declared", s.total)
 		return s.werr
 	}

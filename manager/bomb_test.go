@@ -2,7 +2,9 @@ package manager_test
 
 import (
 	"archive/tar"
+	"archive/zip"
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"errors"
 	"fmt"
@@ -46,6 +48,24 @@ func zerosTarGz(t testing.TB, members int, size int64) []byte {
 	return buf.Bytes()
 }
 
+// zipOf is a zip of one member of size bytes of zeros, stored by method.
+func zipOf(t *testing.T, method uint16, size int) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := zip.NewWriter(&buf)
+	w, err := zw.CreateHeader(&zip.FileHeader{Name: "zeros", Method: method})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
 // TestDecompressionBombs: under a stored budget, no download writes more
 // than the budget can make room for, whatever its Content-Length said:
 // gzip bombs of one big member and of many small ones, and plain bodies
@@ -59,18 +79,27 @@ func TestDecompressionBombs(t *testing.T) {
 		t.Fatalf("the bombs are not small on the wire: %d and %d bytes", len(oneBig), len(manySmall))
 	}
 	fits := zerosTarGz(t, 4, 1<<20)
+	// A zip is unpacked from its spool, which the staging directory
+	// holds until the tree is written: stored (not compressed), 5 MiB of
+	// spool and 5 MiB of tree pass the budget together; deflated, the
+	// same tree fits beside its small spool.
+	storedZip := zipOf(t, zip.Store, 5<<20)
+	deflatedZip := zipOf(t, zip.Deflate, 5<<20)
 	plain := bytes.Repeat([]byte("x"), 9<<20)
 	for _, tc := range []struct {
 		name       string
 		body       []byte
 		noLength   bool
 		wantFailed bool
+		path       string
 	}{
-		{"gzip bomb, one member", oneBig, false, true},
-		{"gzip bomb, 2000 members", manySmall, false, true},
-		{"gzip bomb, no Content-Length", oneBig, true, true},
-		{"plain body past the budget, no Content-Length", plain, true, true},
-		{"archive that fits", fits, false, false},
+		{"gzip bomb, one member", oneBig, false, true, ""},
+		{"gzip bomb, 2000 members", manySmall, false, true, ""},
+		{"gzip bomb, no Content-Length", oneBig, true, true, ""},
+		{"plain body past the budget, no Content-Length", plain, true, true, ""},
+		{"archive that fits", fits, false, false, ""},
+		{"zip whose spool and tree pass the budget", storedZip, false, true, "/b.zip"},
+		{"zip that fits beside its spool", deflatedZip, false, false, "/b.zip"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			root := t.TempDir()
@@ -91,7 +120,7 @@ func TestDecompressionBombs(t *testing.T) {
 				c.SetPolicy = true
 				c.Cleanup = manager.PolicyChange{MaxSizeBytes: ptr[int64](budget), MinAge: ptr(time.Duration(0))}
 			})
-			k := mustKey(t, srv.URL+"/b", "")
+			k := mustKey(t, srv.URL+cmp.Or(tc.path, "/b"), "")
 			e, err := getWait(t, m, "job", k)
 			if !tc.wantFailed {
 				if err != nil || e.Stage != state.Ready {

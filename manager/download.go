@@ -581,10 +581,14 @@ func unpackError(err error, b bound) error {
 const spoolName = "spool.zip"
 
 // extractZipSpool unpacks the complete zip spool of size bytes into
-// content through unpack.ExtractZip, held to the bound by the bytes it
-// writes (the spool was held to it as a plain download is), and removes
-// the spool. While it unpacks, the staging directory holds both.
+// content through unpack.ExtractZip, and removes the spool. While it
+// unpacks, the staging directory holds both, so the spool counts against
+// the bound (as a tar archive's does): the tree may write the bound less
+// the spool's size.
 func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64, content string, b bound) (int64, map[string]string, error) {
+	if b.limit > 0 {
+		b = bound{limit: max(b.limit-size, 1), why: fmt.Sprintf("%s, less the %d bytes of the zip archive it is unpacked from", b.why, size)}
+	}
 	defer os.Remove(spool)
 	f, err := os.Open(spool)
 	if err != nil {

@@ -604,10 +604,24 @@ func (m *Manager) dependentViewsLocked(e *state.Entry, now time.Time) map[string
 // use, and returns how long it has seen each unchanged on its own clock
 // (transitions.Watched). m.mu is held.
 func (m *Manager) watchedLocked(id string, e *state.Entry, now time.Time) transitions.Watched {
-	return transitions.Watched{
-		Created:  m.watch(m.ages, id, "created", fmt.Sprint(e.Created.UnixNano()), now),
-		LastUsed: m.watch(m.ages, id, "last_used", fmt.Sprint(e.LastUsed.UnixNano()), now),
+	o, ok := m.ages[id]
+	c, u := e.Created.UnixNano(), e.LastUsed.UnixNano()
+	if !ok || o.created != c {
+		o.created, o.createdSince = c, now
 	}
+	if !ok || o.lastUsed != u {
+		o.lastUsed, o.lastUsedSince = u, now
+	}
+	m.ages[id] = o
+	return transitions.Watched{Created: now.Sub(o.createdSince), LastUsed: now.Sub(o.lastUsedSince)}
+}
+
+// ageObservation is what a manager saw of one entry's creation and last
+// use, and since when on its own clock. It is flat, with no map or string
+// of its own: a manager driving every entry keeps one per entry.
+type ageObservation struct {
+	created, lastUsed           int64 // UnixNano, as the state said
+	createdSince, lastUsedSince time.Time
 }
 
 // watch returns how long the dependent name of entry id has shown sig to

@@ -300,11 +300,16 @@ func (m *Manager) step(ctx context.Context) (err error) {
 				delete(m.seen, id)
 			}
 		}
-		for _, seen := range []map[string]map[string]observation{m.leases, m.registrations, m.ages} {
+		for _, seen := range []map[string]map[string]observation{m.leases, m.registrations} {
 			for id := range seen {
 				if st.Entries[id] == nil {
 					delete(seen, id)
 				}
+			}
+		}
+		for id := range m.ages {
+			if st.Entries[id] == nil {
+				delete(m.ages, id)
 			}
 		}
 		seenState = st

@@ -205,7 +205,7 @@ type Manager struct {
 	seen           map[string]observation            // key ID -> what we watched stay unchanged
 	leases         map[string]map[string]observation // key ID -> dependent -> its lease as watched
 	registrations  map[string]map[string]observation // key ID -> dependent -> its TTL registration as watched
-	ages           map[string]map[string]observation // key ID -> "created" / "last_used" -> as watched
+	ages           map[string]ageObservation         // key ID -> its creation and last use as watched
 	lastSweep      time.Time                         // our clock, last sweep
 	sweepSoon      bool                              // a publish, or a change of the stored policy, asked for a sweep
 	policyMismatch []string
@@ -325,7 +325,7 @@ func New(cfg Config) (*Manager, error) {
 		seen:          map[string]observation{},
 		leases:        map[string]map[string]observation{},
 		registrations: map[string]map[string]observation{},
-		ages:          map[string]map[string]observation{},
+		ages:          map[string]ageObservation{},
 		passDone:      make(chan struct{}),
 		wake:          make(chan struct{}, 1),
 	}, nil

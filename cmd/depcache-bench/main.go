@@ -637,9 +637,23 @@ func watchCheckpoints(root string, done <-chan struct{}) int64 {
 }
 
 // benchServeRSS measures the peak RSS of a manager driving every entry (as
-// serve does) over n entries for a few passes.
+// serve does) over n entries for a few passes. Its root is seeded as
+// getrelease's is, but with every entry's content on disk (and no stored
+// policy: no budget): the manager drives them, where getrelease's root
+// (no content) would measure one pass that drops every entry as lost.
+// It fails if the passes removed any.
 func benchServeRSS(r *report, o options, n int) {
-	root := filepath.Join(o.root, fmt.Sprintf("getrelease-%d", n)) // seeded by benchGetRelease
+	root := filepath.Join(o.root, fmt.Sprintf("rss-%d", n))
+	s, err := seedRoot(root, n)
+	if err != nil {
+		fatalf("seeding %d entries: %v", n, err)
+	}
+	for i := range n {
+		k := benchKey(i)
+		if err := os.MkdirAll(filepath.Join(root, "entries", k.ID()+"-g1", "content"), 0o755); err != nil {
+			fatalf("seeding %d entries: %v", n, err)
+		}
+	}
 	out, err := exec.Command(os.Args[0], "--worker", "serve", root, o.duration.String()).Output()
 	if err != nil {
 		fatalf("serve worker: %v", err)
@@ -650,6 +664,13 @@ func benchServeRSS(r *report, o options, n int) {
 	}
 	if err := json.Unmarshal(out, &res); err != nil {
 		fatalf("serve worker: %v: %s", err, out)
+	}
+	after, err := s.View(context.Background())
+	if err != nil {
+		fatalf("serve worker: %v", err)
+	}
+	if len(after.Entries) != n {
+		fatalf("serve worker: %d of the %d entries left after its passes: it measured their removal, not driving them", len(after.Entries), n)
 	}
 	r.add(fmt.Sprintf("serve peak RSS, %d entries", n), map[string]any{"entries": n, "peak_rss_mb": float64(res.PeakKB) / 1024, "passes": res.Passes},
 		fmt.Sprintf("%6.1f MB peak RSS over %d passes", float64(res.PeakKB)/1024, res.Passes))

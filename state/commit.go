@@ -33,14 +33,31 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		return false, invalid(errors.New(`no "entries" object`))
 	}
 	var buckets [numShards][]idEntry
+	sel := sn.sel
+	if sel != nil {
+		// A write of named entries: the other lines of their shards are
+		// carried over as they were read (undecoded ones as their bytes).
+		for i := range numShards {
+			if sn.loaded[i] && sn.lines[i] != nil {
+				for _, cl := range sn.lines[i].lines {
+					if !sel.set[cl.id] {
+						buckets[i] = append(buckets[i], idEntry{cl.id, cl.e})
+					}
+				}
+			}
+		}
+	}
 	for id, e := range st.Entries {
 		i, ok := shardOf(id)
 		if !ok {
 			return false, invalid(fmt.Errorf("entry %q: not a key ID", id))
 		}
-		if !sn.loaded[i] {
+		if !sn.loaded[i] || (sel != nil && !sel.set[id]) {
 			// The Txn refuses a key it was not given; only a bug gets here.
-			return false, fmt.Errorf("state %s: an update wrote entry %s, whose shard it did not read", s.path, id)
+			return false, fmt.Errorf("state %s: an update wrote entry %s, which it did not read", s.path, id)
+		}
+		if e == nil {
+			return false, invalid(fmt.Errorf("entry %s: nil", id))
 		}
 		buckets[i] = append(buckets[i], idEntry{id, e})
 	}
@@ -65,7 +82,11 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			continue
 		}
 		b := buckets[i]
-		if !sn.rewrite && !shardChanged(sn.lines[i], len(b), st.Entries) {
+		switch {
+		case sn.rewrite:
+		case sel != nil && !namedChanged(sn.lines[i], sel.ids[i], st.Entries):
+			continue
+		case sel == nil && !shardChanged(sn.lines[i], len(b), st.Entries):
 			continue
 		}
 		slices.SortFunc(b, func(x, y idEntry) int { return strings.Compare(x.id, y.id) })

@@ -67,3 +67,15 @@ func SetLockedViewHook(t testing.TB, hook func()) {
 	lockedViewHook = hook
 	t.Cleanup(func() { lockedViewHook = nil })
 }
+
+// UndecodedLines returns how many entry lines s holds in its cache without
+// having decoded them (a read of named entries decodes only theirs).
+func UndecodedLines(s *Store) int {
+	n := 0
+	for _, c := range s.cachedShards() {
+		if c.lines != nil {
+			n += c.lines.lazy
+		}
+	}
+	return n
+}

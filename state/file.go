@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -224,16 +225,11 @@ func (s *Store) transact(ctx context.Context, need func() (ids []string, whole b
 	}()
 	s.verifyShared("before this Update")
 	ids, whole := need()
-	var want *[numShards]bool
+	var sel *selection
 	if !whole {
-		want = new([numShards]bool)
-		for _, id := range ids {
-			if i, ok := shardOf(id); ok {
-				want[i] = true
-			}
-		}
+		sel = newSelection(ids)
 	}
-	sn, err := s.read(false, want)
+	sn, err := s.read(false, sel)
 	if err != nil {
 		return err
 	}
@@ -286,6 +282,42 @@ type snapshot struct {
 	rewrite bool
 	loaded  [numShards]bool       // the shards st holds
 	lines   [numShards]*lineCache // their lines as read
+	// sel, for a read of named entries, names them: st holds only those,
+	// and a commit carries the other lines of their shards over.
+	sel *selection
+}
+
+// selection is the entries a read of named entries is for (UpdateEntries).
+type selection struct {
+	shards [numShards]bool
+	ids    [numShards][]string // by shard, sorted
+	set    map[string]bool
+}
+
+func newSelection(ids []string) *selection {
+	sel := &selection{set: make(map[string]bool, len(ids))}
+	for _, id := range ids {
+		if sel.set[id] {
+			continue
+		}
+		sel.set[id] = true
+		if i, ok := shardOf(id); ok {
+			sel.shards[i] = true
+			sel.ids[i] = append(sel.ids[i], id)
+		}
+	}
+	for i := range sel.ids {
+		slices.Sort(sel.ids[i])
+	}
+	return sel
+}
+
+// need is the lines a read for sel decodes: nil (all) without one.
+func (sel *selection) need() needFn {
+	if sel == nil {
+		return nil
+	}
+	return func(id string) bool { return sel.set[id] }
 }
 
 // newSnapshot returns the snapshot of a state that holds every shard
@@ -305,7 +337,8 @@ func newSnapshot(st *State, exists bool) *snapshot {
 // (1 s there) expire. A healthy file parses at the first read.
 var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, 500 * time.Millisecond, time.Second, 1500 * time.Millisecond}
 
-// read returns the state with the shards want names (nil: all).
+// read returns the state with the shards of the entries sel names (nil:
+// all).
 // unlocked says the caller does not hold the lock, so a commit may be
 // replacing the manifest meanwhile: on sshfs, a rename over a file that is
 // open on the renamer's mount is two renames on the server, between which
@@ -313,7 +346,7 @@ var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisec
 // read again before it is taken for an empty state, and a shard file gone
 // (the manifest moved on, and a later commit deleted what it retired) makes
 // it read the manifest again.
-func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
+func (s *Store) read(unlocked bool, sel *selection) (*snapshot, error) {
 	for i, d := range rereadDelays {
 		time.Sleep(d)
 		final := i == len(rereadDelays)-1
@@ -357,7 +390,7 @@ func (s *Store) read(unlocked bool, want *[numShards]bool) (*snapshot, error) {
 			}
 			return nil, s.corrupt(s.path, b, err)
 		}
-		sn, err := s.loadShards(man, want)
+		sn, err := s.loadShards(man, sel)
 		var again *shardAgain
 		if errors.As(err, &again) {
 			if !final {
@@ -437,15 +470,17 @@ type shardAgain struct{ err error }
 func (e *shardAgain) Error() string { return e.err.Error() }
 func (e *shardAgain) Unwrap() error { return e.err }
 
-// loadShards returns the state of man with the shards want names (nil:
-// all), reading only those whose file changed since this store last saw
-// them.
-func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, error) {
+// loadShards returns the state of man with the shards of the entries sel
+// names (nil: all), reading only those whose file changed since this store
+// last saw them, or whose lines the read needs are not decoded. With sel,
+// the state holds only the entries it names.
+func (s *Store) loadShards(man *manifest, sel *selection) (*snapshot, error) {
 	cache := s.cachedShards()
-	sn := &snapshot{exists: true, man: man}
+	sn := &snapshot{exists: true, man: man, sel: sel}
+	need := sel.need()
 	n := 0
 	for i := range numShards {
-		if want != nil && !want[i] {
+		if sel != nil && !sel.shards[i] {
 			continue
 		}
 		sn.loaded[i] = true
@@ -453,10 +488,10 @@ func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, err
 		if !ok {
 			continue
 		}
-		if c := cache[i]; c.file == ref.File {
+		if c := cache[i]; c.file == ref.File && c.lines.decodedFor(need) {
 			sn.lines[i] = c.lines
 		} else {
-			lines, err := s.readShard(i, ref, c.lines)
+			lines, err := s.readShard(i, ref, c.lines, need)
 			if err != nil {
 				return nil, err
 			}
@@ -465,9 +500,21 @@ func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, err
 		}
 		n += len(sn.lines[i].lines)
 	}
+	if sel != nil {
+		n = len(sel.set)
+	}
 	sn.st = &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: make(map[string]*Entry, n)}
 	for i := range numShards {
-		if c := sn.lines[i]; c != nil {
+		c := sn.lines[i]
+		switch {
+		case c == nil:
+		case sel != nil:
+			for _, id := range sel.ids[i] {
+				if cl, ok := c.line(id); ok {
+					sn.st.Entries[id] = cl.e
+				}
+			}
+		default:
 			for _, cl := range c.lines {
 				sn.st.Entries[cl.id] = cl.e
 			}
@@ -479,9 +526,9 @@ func (s *Store) loadShards(man *manifest, want *[numShards]bool) (*snapshot, err
 // readShard reads and decodes the file of shard i, checking it against
 // its manifest's record. prev is an older version of the shard, whose
 // lines need not be decoded again.
-func (s *Store) readShard(i int, ref shardRef, prev *lineCache) (*lineCache, error) {
+func (s *Store) readShard(i int, ref shardRef, prev *lineCache, need needFn) (*lineCache, error) {
 	name := filepath.Join(s.root, ShardDir, ref.File)
-	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, prev)
+	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, prev, need)
 	switch {
 	case err == nil:
 		return lines, nil
@@ -553,7 +600,7 @@ func decodeFileBytes(root string, b []byte) (*State, error) {
 	}
 	st := &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
 	for p, ref := range man.Shards {
-		_, lines, err := readShardFile(root, p, ref, nil)
+		_, lines, err := readShardFile(root, p, ref, nil, nil)
 		if err != nil {
 			return nil, fmt.Errorf("shard %s: %w", filepath.Join(root, ShardDir, ref.File), err)
 		}

@@ -106,7 +106,7 @@ func (s *Store) formatChecks() []Check {
 		for p, ref := range man.Shards {
 			entries += ref.Entries
 			name := filepath.Join(s.root, ShardDir, ref.File)
-			if _, _, err := readShardFile(s.root, p, ref, nil); errors.Is(err, fs.ErrNotExist) {
+			if _, _, err := readShardFile(s.root, p, ref, nil, nil); errors.Is(err, fs.ErrNotExist) {
 				problems = append(problems, name+": missing")
 			} else if err != nil {
 				problems = append(problems, fmt.Sprintf("%s: %v", name, err))

@@ -56,17 +56,27 @@ const (
 // shard just encoded), or else in file, the shard file the lines were read
 // from, which a write that reuses them reads again: shard files never
 // change.
+//
+// A line may be held undecoded (e nil, lazy): a read of named entries
+// (UpdateEntries) decodes only their lines and the lines it finds decoded
+// in its cache, and a write carries the others over as their bytes. At
+// 100,000 entries a shard holds about 400 lines, and decoding all of them
+// to change one was half the CPU of an operation. The shard's hash in the
+// manifest vouches for the undecoded lines: what a writer wrote, each line
+// validated when it was encoded. A later read that needs them decodes
+// them then, with the same checks.
 type lineCache struct {
 	lines []cachedLine
 	src   []byte
 	file  string // an absolute path, when src is nil
+	lazy  int    // how many lines are held undecoded
 }
 
 type cachedLine struct {
 	id     string
 	off, n int     // the line's place in the source, without the separating comma
 	sum    lineSum // of the line's bytes
-	e      *Entry
+	e      *Entry  // nil: not decoded (see lineCache)
 	// pristine is a deep copy of e, kept only under DEPCACHE_CHECK_SHARED
 	// to catch a caller that modified a shared entry.
 	pristine *Entry
@@ -101,12 +111,41 @@ func (k *cursor) find(id string) (cachedLine, bool) {
 
 // has reports whether id is cached (c is sorted by ID, see lineCache).
 func (c *lineCache) has(id string) bool {
-	if c == nil {
-		return false
-	}
-	_, found := slices.BinarySearchFunc(c.lines, id, func(l cachedLine, id string) int { return strings.Compare(l.id, id) })
+	_, found := c.line(id)
 	return found
 }
+
+// line returns the cached line of id.
+func (c *lineCache) line(id string) (cachedLine, bool) {
+	if c == nil {
+		return cachedLine{}, false
+	}
+	i, found := slices.BinarySearchFunc(c.lines, id, func(l cachedLine, id string) int { return strings.Compare(l.id, id) })
+	if !found {
+		return cachedLine{}, false
+	}
+	return c.lines[i], true
+}
+
+// decodedFor reports whether every line that need asks for is decoded
+// (need nil: every line).
+func (c *lineCache) decodedFor(need needFn) bool {
+	if c == nil || c.lazy == 0 {
+		return true
+	}
+	if need == nil {
+		return false
+	}
+	for _, cl := range c.lines {
+		if cl.e == nil && need(cl.id) {
+			return false
+		}
+	}
+	return true
+}
+
+// needFn says which entry lines a read must decode; nil: all of them.
+type needFn func(id string) bool
 
 // header is the state without its entries, for the first line.
 type header struct {
@@ -166,8 +205,16 @@ func appendEntries(buf []byte, sorted []idEntry, prev *lineCache) ([]byte, *line
 		id, e := ie.id, ie.e
 		cl, ok := k.find(id)
 		var line []byte
-		if ok && (cl.e == e || cl.e.Equal(e)) { // the same pointer: handed out and kept
+		// The same pointer: handed out and kept, or both undecoded (a
+		// line carried over by a write of named entries).
+		if ok && (cl.e == e || (cl.e != nil && e != nil && cl.e.Equal(e))) {
 			line = cl.bytesIn(old)
+		}
+		if line == nil && e == nil {
+			return nil, nil, fmt.Errorf("entry %s: its line, not decoded, cannot be read again from its shard", id)
+		}
+		if e == nil {
+			next.lazy++
 		}
 		if line == nil {
 			if err := e.validate(id); err != nil {
@@ -312,7 +359,7 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	if !isEnd || (len(body) > 0 && body[len(body)-1] != '\n') {
 		return nil, nil, false
 	}
-	lines, ok := decodeBody(b, len(first)+1, len(first)+1+len(body), prev)
+	lines, ok := decodeBody(b, len(first)+1, len(first)+1+len(body), prev, nil)
 	if !ok {
 		return nil, nil, false
 	}
@@ -325,12 +372,14 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 
 // decodeBody decodes the entry lines of a document, src[start:end] (each
 // line ends with a newline, and all but the last with a comma before it),
-// in increasing ID order, decoding only the lines prev does not hold. The
-// lines it returns have src as their source.
-func decodeBody(src []byte, start, end int, prev *lineCache) (*lineCache, bool) {
+// in increasing ID order, decoding only the lines prev does not hold and
+// of those only the ones need asks for (nil: all). The lines it returns
+// have src as their source.
+func decodeBody(src []byte, start, end int, prev *lineCache, need needFn) (*lineCache, bool) {
 	body := src[start:end]
 	n := bytes.Count(body, []byte("\n"))
 	lines := make([]cachedLine, 0, n)
+	lazy := 0
 	k := cursor{c: prev}
 	at := start
 	for len(body) > 0 {
@@ -344,17 +393,20 @@ func decodeBody(src []byte, start, end int, prev *lineCache) (*lineCache, bool) 
 		if comma == (len(body) == 0) {
 			return nil, false // a comma after every entry but the last
 		}
-		cl, ok := decodeLine(line, at, &k)
+		cl, ok := decodeLineFor(line, at, &k, need)
 		if !ok {
 			return nil, false
 		}
 		if len(lines) > 0 && cl.id <= lines[len(lines)-1].id {
 			return nil, false // out of order or repeated: the whole decode reads it
 		}
+		if cl.e == nil {
+			lazy++
+		}
 		lines = append(lines, cl)
 		at = next
 	}
-	return &lineCache{lines: lines, src: src}, true
+	return &lineCache{lines: lines, src: src, lazy: lazy}, true
 }
 
 func decodeHeader(line []byte) (header, bool) {
@@ -382,12 +434,26 @@ func decodeHeader(line []byte) (header, bool) {
 // decodeLine returns the entry of one line, found at offset at of its
 // source, from the cache when it holds the same bytes.
 func decodeLine(line []byte, at int, k *cursor) (cachedLine, bool) {
+	return decodeLineFor(line, at, k, nil)
+}
+
+// idLen is the length of a key ID (Key.ID): 32 lowercase hex digits.
+const idLen = 32
+
+// decodeLineFor is decodeLine that leaves a line undecoded when need does
+// not ask for it and its key is a plain key ID (`"ID":` with no escape
+// that a decode would read differently).
+func decodeLineFor(line []byte, at int, k *cursor, need needFn) (cachedLine, bool) {
 	sum := sumLine(line)
 	if len(line) > 2 && line[0] == '"' {
 		if end := bytes.IndexByte(line[1:], '"'); end >= 0 {
-			if cl, ok := k.find(string(line[1 : 1+end])); ok && cl.sum == sum {
+			id := string(line[1 : 1+end])
+			if cl, ok := k.find(id); ok && cl.sum == sum && (cl.e != nil || (need != nil && !need(id))) {
 				cl.off, cl.n = at, len(line)
 				return cl, true
+			}
+			if need != nil && !need(id) && end == idLen && isHexN(id, idLen) && len(line) > idLen+3 && line[idLen+2] == ':' && line[idLen+3] == '{' {
+				return cachedLine{id: id, off: at, n: len(line), sum: sum}, true
 			}
 		}
 	}

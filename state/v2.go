@@ -392,11 +392,12 @@ func readFileInto(buf []byte, name string) ([]byte, error) {
 }
 
 // decodeShard parses the file of shard p, decoding only the lines prev does
-// not hold. Errors wrap ErrCorrupt.
-func decodeShard(p string, b []byte, prev *lineCache) (*lineCache, error) {
+// not hold, and of those only the ones need asks for (nil: all). Errors
+// wrap ErrCorrupt.
+func decodeShard(p string, b []byte, prev *lineCache, need needFn) (*lineCache, error) {
 	hdr := shardHeader(p) + "\n"
 	if bytes.HasPrefix(b, []byte(hdr)) && bytes.HasSuffix(b[len(hdr):], []byte(layoutEnd+"\n")) {
-		if lines, ok := decodeBody(b, len(hdr), len(b)-len(layoutEnd)-1, prev); ok && inShard(p, lines) {
+		if lines, ok := decodeBody(b, len(hdr), len(b)-len(layoutEnd)-1, prev, need); ok && inShard(p, lines) {
 			return lines, nil
 		}
 	}
@@ -455,7 +456,24 @@ func shardChanged(prev *lineCache, n int, entries map[string]*Entry) bool {
 	}
 	for _, cl := range prev.lines {
 		e, ok := entries[cl.id]
-		if !ok || (e != cl.e && !e.Equal(cl.e)) {
+		if !ok || (e != cl.e && (e == nil || cl.e == nil || !e.Equal(cl.e))) {
+			return true
+		}
+	}
+	return false
+}
+
+// namedChanged reports whether any of the entries named (all of them in
+// the shard prev was read from) differs in entries from what prev holds:
+// a write of named entries changes no other line.
+func namedChanged(prev *lineCache, named []string, entries map[string]*Entry) bool {
+	for _, id := range named {
+		e, now := entries[id]
+		cl, was := prev.line(id)
+		switch {
+		case now != was:
+			return true
+		case now && e != cl.e && (cl.e == nil || !e.Equal(cl.e)):
 			return true
 		}
 	}
@@ -467,11 +485,11 @@ func shardChanged(prev *lineCache, n int, entries map[string]*Entry) bool {
 var errShardMismatch = errors.New("does not match its manifest")
 
 // readShardFile reads the file of shard p that ref names, in root's
-// state.d, and decodes it (only the lines prev does not hold), checking
-// it against ref. Its bytes come back for a copy kept aside. A missing file
+// state.d, and decodes it (only the lines prev does not hold, of those
+// only the ones need asks for), checking it against ref. Its bytes come back for a copy kept aside. A missing file
 // wraps fs.ErrNotExist; a bad one wraps ErrCorrupt, and errShardMismatch
 // when its size or hash differ.
-func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *lineCache, error) {
+func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) ([]byte, *lineCache, error) {
 	name := filepath.Join(root, ShardDir, ref.File)
 	b, err := readFileInto(getShardBuf(), name)
 	if err != nil {
@@ -480,7 +498,7 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache) ([]byte, *line
 	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
 		return b, nil, fmt.Errorf("%w: %w: %d bytes with sha256 %s, recorded %d bytes with sha256 %s", ErrCorrupt, errShardMismatch, len(b), shortHash(b), ref.Bytes, ref.SHA256)
 	}
-	lines, err := decodeShard(p, b, prev)
+	lines, err := decodeShard(p, b, prev, need)
 	if err == nil && len(lines.lines) != ref.Entries {
 		err = fmt.Errorf("%w: %d entries, recorded %d", ErrCorrupt, len(lines.lines), ref.Entries)
 	}

@@ -47,7 +47,7 @@ func FuzzDecodeShard(f *testing.F) {
 	f.Add([]byte(`{"shard":"3f","entries":{}}`))
 	_, seed := shardOfState(f, richState(20))
 	p0 := string(seed[10:12])
-	seedCache, err := decodeShard(p0, seed, nil)
+	seedCache, err := decodeShard(p0, seed, nil, nil)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -59,9 +59,9 @@ func FuzzDecodeShard(f *testing.F) {
 		if _, ok := shardOf(p); !ok {
 			return
 		}
-		fresh, err := decodeShard(p, data, nil)
+		fresh, err := decodeShard(p, data, nil, nil)
 		for _, c := range []*lineCache{nil, seedCache} {
-			got, cerr := decodeShard(p, data, c)
+			got, cerr := decodeShard(p, data, c, nil)
 			if (cerr == nil) != (err == nil) {
 				t.Fatalf("with a cache: %v, without: %v", cerr, err)
 			}
@@ -94,7 +94,8 @@ func FuzzDecodeShard(f *testing.F) {
 		if err != nil {
 			t.Fatalf("accepted shard does not encode: %v", err)
 		}
-		back, err := decodeShard(p, again, nil)
+		checkLazyDecode(t, p, data, fresh)
+		back, err := decodeShard(p, again, nil, nil)
 		if err != nil {
 			t.Fatalf("encodeShard wrote what decodeShard refuses: %v\n%s", err, again)
 		}
@@ -106,6 +107,44 @@ func FuzzDecodeShard(f *testing.F) {
 			t.Fatalf("shard does not round-trip:\n%s\n%s", again, third)
 		}
 	})
+}
+
+// checkLazyDecode checks a decode that needs only every other line of
+// data, a shard that decodes whole as fresh: it accepts it, with the same
+// lines, the needed ones decoded as fresh has them; and a write that
+// carries the others over undecoded writes the bytes that a write of the
+// decoded lines would.
+func checkLazyDecode(t *testing.T, p string, data []byte, fresh *lineCache) {
+	t.Helper()
+	need := map[string]bool{}
+	for i, cl := range fresh.lines {
+		if i%2 == 0 {
+			need[cl.id] = true
+		}
+	}
+	lazy, err := decodeShard(p, data, nil, func(id string) bool { return need[id] })
+	if err != nil {
+		t.Fatalf("a decode of some lines refuses what a whole decode accepts: %v", err)
+	}
+	if len(lazy.lines) != len(fresh.lines) {
+		t.Fatalf("a decode of some lines has %d lines, a whole one %d", len(lazy.lines), len(fresh.lines))
+	}
+	var esLazy, esFresh []idEntry
+	for i, cl := range lazy.lines {
+		if cl.id != fresh.lines[i].id || (need[cl.id] && !reflect.DeepEqual(cl.e, fresh.lines[i].e)) {
+			t.Fatalf("line %d (%s) differs in a decode of some lines", i, cl.id)
+		}
+		if need[cl.id] && cl.e == nil {
+			t.Fatalf("line %s was needed and not decoded", cl.id)
+		}
+		esLazy = append(esLazy, idEntry{cl.id, cl.e})
+		esFresh = append(esFresh, idEntry{cl.id, fresh.lines[i].e})
+	}
+	a, _, errA := encodeShard(p, esLazy, lazy)
+	b, _, errB := encodeShard(p, esFresh, fresh)
+	if errA != nil || errB != nil || !bytes.Equal(a, b) {
+		t.Fatalf("carrying lines over undecoded wrote other bytes (%v, %v):\n%s\n%s", errA, errB, a, b)
+	}
 }
 
 // FuzzDecodeManifest: no input makes the manifest decoder panic or accept a

@@ -180,6 +180,60 @@ func TestWritesOnlyTheChangedShard(t *testing.T) {
 	}
 }
 
+// TestUpdateEntriesDecodesOnlyNamed: a write of named entries decodes
+// only their lines and carries the other lines of their shard over as
+// bytes, including lines another store changed since; a later whole read
+// decodes them, and every entry comes back as written.
+func TestUpdateEntriesDecodesOnlyNamed(t *testing.T) {
+	dir := t.TempDir()
+	const n = 20000 // about 80 entries a shard
+	a := openStore(t, dir)
+	if err := a.Update(context.Background(), putN(n)); err != nil {
+		t.Fatal(err)
+	}
+	b := openStore(t, dir)
+	bump(t, b, 0)
+	if got := state.UndecodedLines(b); got < 20 {
+		t.Fatalf("after one write of a named entry, %d lines undecoded: want the rest of its shard", got)
+	}
+	j := 1
+	for bundleKey(j).ID()[:2] != bundleKey(0).ID()[:2] {
+		j++
+	}
+	bump(t, a, j) // another store changes a line that b holds undecoded
+	bump(t, b, 0)
+	want := map[string]int64{bundleKey(0).ID(): 2, bundleKey(j).ID(): int64(j) + 1}
+	check := func(who string, st *state.State) {
+		t.Helper()
+		if len(st.Entries) != n {
+			t.Fatalf("%s: %d entries, want %d", who, len(st.Entries), n)
+		}
+		for i := range n {
+			id := bundleKey(i).ID()
+			size, changed := want[id]
+			if !changed {
+				size = int64(i)
+			}
+			if e := st.Entries[id]; e == nil || e.SizeBytes != size || e.Key != bundleKey(i) {
+				t.Fatalf("%s: entry %d is %+v, want size %d", who, i, e, size)
+			}
+		}
+	}
+	c := openStore(t, dir)
+	st, err := c.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("a fresh store's view", st)
+	if st, err = b.View(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	check("the view of the store that wrote undecoded lines", st)
+	if got := state.UndecodedLines(b); got != 0 {
+		t.Errorf("after a whole read, %d lines undecoded", got)
+	}
+}
+
 // Litter (a shard file no manifest names) is deleted by a holder once it
 // stayed unnamed past the grace period; a named shard never is.
 func TestShardLitterCollected(t *testing.T) {

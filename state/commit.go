@@ -56,9 +56,6 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			// The Txn refuses a key it was not given; only a bug gets here.
 			return false, fmt.Errorf("state %s: an update wrote entry %s, which it did not read", s.path, id)
 		}
-		if e == nil {
-			return false, invalid(fmt.Errorf("entry %s: nil", id))
-		}
 		buckets[i] = append(buckets[i], idEntry{id, e})
 	}
 	old := sn.man
@@ -105,7 +102,14 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			prev = sn.lines[i]
 		}
 		data, c, err := encodeShard(p, b, prev)
-		if err != nil {
+		if errors.Is(err, errUndecodedUnreadable) && had {
+			// The shard's file could not be read again for the lines
+			// carried over undecoded: decode it whole and encode them.
+			data, c, err = s.encodeDecoded(i, oldRef, b)
+			if err != nil {
+				return false, err
+			}
+		} else if err != nil {
 			return false, invalid(err)
 		}
 		name, err := s.writeShard(p, nm.Serial, data)
@@ -154,6 +158,30 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		s.deleteShards(old.Retired)
 	}
 	return true, nil
+}
+
+// encodeDecoded encodes the entries b of shard i after reading its file
+// ref whole, for the lines b carries over undecoded.
+func (s *Store) encodeDecoded(i int, ref shardRef, b []idEntry) ([]byte, *lineCache, error) {
+	full, err := s.readShard(i, ref, nil, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	b = slices.Clone(b)
+	for k, ie := range b {
+		if ie.e == nil {
+			cl, ok := full.line(ie.id)
+			if !ok || cl.e == nil {
+				return nil, nil, fmt.Errorf("state %s: entry %s is not in shard %s any more: %w", s.path, ie.id, ref.File, ErrCorrupt)
+			}
+			b[k].e = cl.e
+		}
+	}
+	data, c, err := encodeShard(shardPrefix(i), b, full)
+	if err != nil {
+		return nil, nil, fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
+	}
+	return data, c, nil
 }
 
 // sameHeader reports whether a and b have the same policy and highest

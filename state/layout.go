@@ -147,6 +147,10 @@ func (c *lineCache) decodedFor(need needFn) bool {
 // needFn says which entry lines a read must decode; nil: all of them.
 type needFn func(id string) bool
 
+// errUndecodedUnreadable: a write carries a line over undecoded, and the
+// shard file it is in could not be read again for its bytes.
+var errUndecodedUnreadable = errors.New("its line, not decoded, could not be read again from its shard")
+
 // header is the state without its entries, for the first line.
 type header struct {
 	Version       int     `json:"version"`
@@ -211,7 +215,7 @@ func appendEntries(buf []byte, sorted []idEntry, prev *lineCache) ([]byte, *line
 			line = cl.bytesIn(old)
 		}
 		if line == nil && e == nil {
-			return nil, nil, fmt.Errorf("entry %s: its line, not decoded, cannot be read again from its shard", id)
+			return nil, nil, fmt.Errorf("entry %s: %w", id, errUndecodedUnreadable)
 		}
 		if e == nil {
 			next.lazy++
@@ -452,7 +456,11 @@ func decodeLineFor(line []byte, at int, k *cursor, need needFn) (cachedLine, boo
 				cl.off, cl.n = at, len(line)
 				return cl, true
 			}
-			if need != nil && !need(id) && end == idLen && isHexN(id, idLen) && len(line) > idLen+3 && line[idLen+2] == ':' && line[idLen+3] == '{' {
+			// One JSON object after the key, and nothing else: a line
+			// holding two members (a hand edit) is decoded, so that the
+			// lines are the entries, as a whole decode counts them.
+			// (json.Valid scans without building anything.)
+			if need != nil && !need(id) && end == idLen && isHexN(id, idLen) && len(line) > idLen+3 && line[idLen+2] == ':' && line[idLen+3] == '{' && json.Valid(line[idLen+3:]) {
 				return cachedLine{id: id, off: at, n: len(line), sum: sum}, true
 			}
 		}

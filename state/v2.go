@@ -499,6 +499,11 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) (
 		return b, nil, fmt.Errorf("%w: %w: %d bytes with sha256 %s, recorded %d bytes with sha256 %s", ErrCorrupt, errShardMismatch, len(b), shortHash(b), ref.Bytes, ref.SHA256)
 	}
 	lines, err := decodeShard(p, b, prev, need)
+	if need != nil && (err != nil || len(lines.lines) != ref.Entries) {
+		// Whatever a decode of some lines finds wrong, the whole decode
+		// judges, with the errors it gives.
+		lines, err = decodeShard(p, b, prev, nil)
+	}
 	if err == nil && len(lines.lines) != ref.Entries {
 		err = fmt.Errorf("%w: %d entries, recorded %d", ErrCorrupt, len(lines.lines), ref.Entries)
 	}

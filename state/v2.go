@@ -249,6 +249,9 @@ func decodeManifestLines(b []byte, prev *manifestLines) (*manifest, *manifestLin
 	lines := new(manifestLines)
 	for len(rest) > 0 {
 		line, after, found := bytes.Cut(rest, []byte("\n"))
+		if found && len(after) == 0 {
+			return nil, nil, false // an empty line before the end
+		}
 		rest = after
 		line, comma := bytes.CutSuffix(line, []byte(","))
 		if comma == !found {

@@ -680,6 +680,39 @@ func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Descri
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for id, e := range st.Entries {
+		out[id] = m.describeLocked(id, e, pol, now)
+	}
+	return st, out, nil
+}
+
+// DescribeEntry returns key's entry as the store holds it now and why it
+// is kept, as Describe does for every entry, reading only that entry (and
+// the stored policy). It is ErrNotFound when there is none.
+func (m *Manager) DescribeEntry(ctx context.Context, key state.Key) (state.Entry, Description, error) {
+	var e *state.Entry
+	var pol state.Policy
+	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
+		e = tx.Get(key)
+		pol = state.DefaultPolicy()
+		if p := tx.Policy(); p != nil {
+			pol = *p
+		}
+		return false, nil
+	})
+	if err != nil {
+		return state.Entry{}, Description{}, err
+	}
+	if e == nil {
+		return state.Entry{}, Description{}, fmt.Errorf("%s: %w", key, ErrNotFound)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return *e, m.describeLocked(key.ID(), e, pol, m.cfg.Clock.Now()), nil
+}
+
+// describeLocked is the description of entry e (of ID id). m.mu is held.
+func (m *Manager) describeLocked(id string, e *state.Entry, pol state.Policy, now time.Time) Description {
+	{
 		views := m.dependentViewsLocked(e, now)
 		var d Description
 		live := 0
@@ -706,9 +739,11 @@ func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Descri
 			}
 			d.Kept = fmt.Sprintf("in use by %v", who)
 		}
-		out[id] = d
+		if d.Dependents == nil {
+			d.Dependents = []DependentInfo{}
+		}
+		return d
 	}
-	return st, out, nil
 }
 
 func hasImages(st *state.State) bool {

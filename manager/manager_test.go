@@ -357,6 +357,12 @@ func TestParseKey(t *testing.T) {
 		{"https://example.com:443", "https://example.com/", false},
 		{"https://example.com:8443/x?y=1", "https://example.com:8443/x?y=1", false},
 		{"file:///tmp/../tmp/x", "file:///tmp/x", false},
+		// The kept-packed key as ls shows it names that key again.
+		{"https://example.com/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},
+		{"HTTPS://Example.com:443/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},
+		{"file:///tmp/a.tar#no-unpack", "file:///tmp/a.tar#no-unpack", false},
+		{"https://example.com/a.zip#other", "https://example.com/a.zip", false},
+		{"file:///tmp/odd%23no-unpack", "", true}, // a path that would read as a kept-packed key
 		{"file://relative/x", "", true},
 		{"ftp://example.com/x", "", true},
 		{"/just/a/path", "", true},

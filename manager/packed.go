@@ -11,11 +11,17 @@ import (
 
 // keepPackedMark ends the source of a bundle key whose archive is kept as
 // a file (KeepPacked). It is a URL fragment, which no source sends and
-// ParseKey drops from what it is given, so the default key of a source, and
+// ParseKey drops from what it is given (but this one, which it keeps), so
+// the default key of a source, and
 // its ID, are what they always were; and a depcache that predates the mark
 // still reads a state that has such keys (it would fetch them unpacked, or
 // fail to find the file).
-const keepPackedMark = "#no-unpack"
+const keepPackedMark = "#" + keepPackedFragment
+
+// keepPackedFragment: a source given with this fragment (as ls shows a
+// kept-packed key) names the kept-packed key, so that every command finds
+// the entry by the source ls printed.
+const keepPackedFragment = "no-unpack"
 
 // KeepPacked returns the key of bundle k with its archive kept as a file,
 // not unpacked (get --no-unpack). It is another entry than k: an unpacked

@@ -137,11 +137,15 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		if p := u.Port(); (u.Scheme == "http" && p == "80") || (u.Scheme == "https" && p == "443") {
 			u.Host = u.Hostname()
 		}
-		u.Fragment = ""
+		packed := u.Fragment == keepPackedFragment
+		u.Fragment, u.RawFragment = "", ""
 		if u.Path == "" {
 			u.Path = "/"
 		}
 		k.Source = u.String()
+		if packed {
+			k.Source += keepPackedMark
+		}
 	case "file":
 		if u.Host != "" && u.Host != "localhost" {
 			return state.Key{}, fmt.Errorf("source %q: file URLs must name a local absolute path (file:///path): %w", source, ErrBadSource)
@@ -153,6 +157,9 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		if strings.HasSuffix(k.Source, keepPackedMark) {
 			// It would read as the kept-packed copy of another file.
 			return state.Key{}, fmt.Errorf("source %q: a file path may not end in %q (rename it): %w", source, keepPackedMark, ErrBadSource)
+		}
+		if u.Fragment == keepPackedFragment {
+			k.Source += keepPackedMark
 		}
 	case "docker-build":
 		if sha256 != "" {

@@ -55,6 +55,19 @@ func TestArchivesFirstDay(t *testing.T) {
 	if k, _ := manager.KeepPacked(def); st.Entries[k.ID()] == nil || len(st.Entries) != 3 {
 		t.Errorf("want the kept copy as its own entry: %d entries", len(st.Entries))
 	}
+	// The kept copy goes by the source ls shows for it, in every command.
+	shown := src + "#no-unpack"
+	if code, out, errs := cli(t, root, "ls", "-q", shown); code != 0 || strings.Count(strings.TrimSpace(out), "\n") != 0 || strings.TrimSpace(out) == "" {
+		t.Errorf("ls %s: exit %d, %q %s; want the kept copy alone", shown, code, out, errs)
+	}
+	if code, again, errs := cli(t, root, "get", "--dependent", "c", shown); code != 0 || again != kept {
+		t.Errorf("get %s: exit %d, %q %s; want the kept copy %q", shown, code, again, errs, kept)
+	}
+	for _, dep := range []string{"b", "c"} {
+		if code, _, errs := cli(t, root, "release", "--dependent", dep, shown); code != 0 {
+			t.Errorf("release --dependent %s %s: exit %d, %s", dep, shown, code, errs)
+		}
+	}
 
 	var zb bytes.Buffer
 	zw := zip.NewWriter(&zb)

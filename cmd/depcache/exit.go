@@ -167,6 +167,15 @@ func existingRoot(g *globals) error {
 	return nil
 }
 
+// rootNotFile refuses a root that exists and is not a directory, for the
+// commands that create a root: the same bad flag value as existingRoot.
+func rootNotFile(g *globals) error {
+	if fi, err := os.Stat(g.root); err == nil && !fi.IsDir() {
+		return fmt.Errorf("--root %s: not a directory: %w", g.root, errBadFlag)
+	}
+	return nil
+}
+
 // isBadAddress: a listen address that does not parse (no port, a port
 // out of range) is bad input, not a failure.
 func isBadAddress(err error) bool {

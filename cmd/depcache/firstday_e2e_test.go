@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/spf13/cobra"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,6 +98,11 @@ func TestBadInputAndRefusals(t *testing.T) {
 		{[]string{"get", "http://localhost:99999/x"}, 2, []string{"port 99999", "want 1 to 65535"}},
 		{[]string{"get", "http://[::1/x"}, 2, []string{"bad source"}},
 		{[]string{"serve", "--listen", "nonsense"}, 2, []string{"--listen nonsense", "missing port"}},
+		{[]string{"serve", "--listen", "127.0.0.1:noservice"}, 2, []string{"--listen 127.0.0.1:noservice", "names no known service"}},
+		{[]string{"serve", "--listen", "127.0.0.1:70000"}, 2, []string{"port 70000 out of range"}},
+		{[]string{"gc", "--dry-run", "--high-watermark", "0"}, 2, []string{"--high-watermark 0", "[1, 100]"}},
+		{[]string{"gc", "--dry-run", "--high-watermark", "150"}, 2, []string{"--high-watermark 150", "[1, 100]"}},
+		{[]string{"gc", "--dry-run", "--low-watermark", "-1"}, 2, []string{"--low-watermark -1", "[0, 100]"}},
 		{[]string{"--log-level", "loud", "ls"}, 2, []string{"panic, fatal, error, warning, info, debug, trace"}},
 		{[]string{"doctor", "--force"}, 2, []string{"--force goes with --rebuild"}},
 		{[]string{"doctor", "--yes"}, 2, []string{"--yes goes with --break-lock"}},
@@ -162,6 +168,24 @@ func TestNoCacheAtMissingRoot(t *testing.T) {
 	}
 	if _, err := os.Stat(root); !os.IsNotExist(err) {
 		t.Fatal("dir created the root")
+	}
+	// policy only looks: on a missing root, the defaults a new root
+	// would apply, and nothing created.
+	for _, args := range [][]string{{"policy"}, {"--json", "policy"}} {
+		if code, out, errs := depcache(t, root, args...); code != 0 || !strings.Contains(out, "95") {
+			t.Errorf("%v on a missing root: exit %d, %q %s; want the defaults", args, code, out, errs)
+		}
+		if _, err := os.Stat(root); !os.IsNotExist(err) {
+			t.Fatalf("%v created the root", args)
+		}
+	}
+	// A root that is a file is a bad flag value for every command.
+	file := filepath.Join(t.TempDir(), "afile")
+	os.WriteFile(file, nil, 0o644)
+	for _, args := range [][]string{{"get", hello(t)}, {"policy"}, {"policy", "set", "--max-size", "1GiB"}, {"ls"}, {"gc"}, {"run", "--dep", "A=" + hello(t), "--", "true"}} {
+		if code, _, errs := depcache(t, file, args...); code != 2 || !strings.Contains(errs, "not a directory") {
+			t.Errorf("%v on a root that is a file: exit %d, %q; want 2", args, code, errs)
+		}
 	}
 	if code, _, errs := depcache(t, root, "get", hello(t)); code != 0 {
 		t.Fatalf("get on a new root: exit %d %s", code, errs)
@@ -408,4 +432,54 @@ func TestRmRefusesDownloading(t *testing.T) {
 	if len(readState(t, root).Entries) != 1 {
 		t.Error("rm removed a download")
 	}
+}
+
+// get --json describes the dependents as ls --json does: every name in
+// dependents has its liveness in dependents_detail, and the entry is
+// kept because it is in use.
+func TestGetJSONDescribesDependents(t *testing.T) {
+	root := t.TempDir()
+	if code, _, errs := depcache(t, root, "get", "--dependent", "first", "--ttl", "1h", hello(t)); code != 0 {
+		t.Fatalf("get: exit %d %s", code, errs)
+	}
+	code, out, errs := depcache(t, root, "--json", "get", "--dependent", "second", "--ttl", "1h", hello(t))
+	if code != 0 {
+		t.Fatalf("get --json: exit %d %s", code, errs)
+	}
+	var got []struct {
+		Dependents []string `json:"dependents"`
+		Detail     []struct {
+			Name string `json:"name"`
+			Live bool   `json:"live"`
+		} `json:"dependents_detail"`
+		Kept string `json:"kept"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil || len(got) != 1 {
+		t.Fatalf("get --json: %v\n%s", err, out)
+	}
+	e := got[0]
+	if len(e.Dependents) != 2 || len(e.Detail) != 2 || e.Detail[0].Name != "first" || e.Detail[1].Name != "second" || !e.Detail[0].Live || !e.Detail[1].Live {
+		t.Errorf("get --json: dependents %v, detail %+v; want both, live", e.Dependents, e.Detail)
+	}
+	if !strings.Contains(e.Kept, "in use") {
+		t.Errorf("get --json: kept %q, want in use", e.Kept)
+	}
+}
+
+// Every command's --help shows examples (the README promises it).
+func TestEveryCommandHasExamples(t *testing.T) {
+	root := newRoot(&globals{})
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		for _, sub := range c.Commands() {
+			if sub.Hidden || sub.Name() == "help" || sub.Name() == "completion" {
+				continue
+			}
+			if strings.TrimSpace(sub.Example) == "" {
+				t.Errorf("%s has no examples in its --help", sub.CommandPath())
+			}
+			walk(sub)
+		}
+	}
+	walk(root)
 }

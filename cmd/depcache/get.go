@@ -25,7 +25,12 @@ func newGet(g *globals) *cobra.Command {
 		pf             policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "get [flags] SOURCE",
+		Use: "get [flags] SOURCE",
+		Example: `  depcache get https://example.com/data.tar.gz
+  depcache get --dependent job-42 --sha256 HEX https://example.com/model.bin
+  depcache get --no-unpack https://example.com/release.zip
+  depcache get --json --timeout 10m docker://alpine:3.20
+  DATA=$(depcache get --dependent "$JOB_ID" https://example.com/data.tar.gz)`,
 		Short: "Register a dependent, fetch SOURCE once (or wait for whoever fetches it) and print its path",
 		Long: `get registers a dependent of SOURCE (http://, https://, file:// or docker://REF),
 drives the download (or pull) in this process if nobody else does, waits until
@@ -54,7 +59,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if err != nil {
 				return err
 			}
-			if dir, ok := strings.CutPrefix(key.Source, "file://"); ok {
+			if dir, ok := strings.CutPrefix(strings.TrimSuffix(key.Source, "#no-unpack"), "file://"); ok {
 				if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
 					return usageErrorf("%s", manager.DirectoryHint(dir))
 				}
@@ -113,7 +118,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				var failed *manager.FailedError
 				if errors.As(err, &failed) {
 					if g.json {
-						printJSON(g.stdout, []getJSON{toGetJSON(m, e, failed)})
+						printJSON(g.stdout, []getJSON{toGetJSON(ctx, m, e, failed)})
 					}
 					return explainFailed(failed)
 				}
@@ -128,14 +133,14 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				// --no-wait on a FAILED entry: exit as a wait would.
 				failed := m.Failed(e)
 				if g.json {
-					printJSON(g.stdout, []getJSON{toGetJSON(m, e, failed)})
+					printJSON(g.stdout, []getJSON{toGetJSON(ctx, m, e, failed)})
 				} else {
 					fmt.Fprintln(g.stdout, e.Stage)
 				}
 				return explainFailed(failed)
 			}
 			if g.json {
-				return printJSON(g.stdout, []getJSON{toGetJSON(m, e, nil)})
+				return printJSON(g.stdout, []getJSON{toGetJSON(ctx, m, e, nil)})
 			}
 			if e.Stage != state.Ready {
 				// --no-wait: nothing in this process downloads. Say who
@@ -206,8 +211,15 @@ type getJSON struct {
 	Queued bool `json:"queued,omitempty"`
 }
 
-func toGetJSON(m *manager.Manager, e state.Entry, failed *manager.FailedError) getJSON {
+func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *manager.FailedError) getJSON {
 	j := getJSON{entryJSON: toJSON(m, e)}
+	// The dependents' liveness and why the entry is kept, as ls --json
+	// says them (left empty if the entry cannot be read again now).
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, d, err := m.DescribeEntry(dctx, e.Key); err == nil {
+		j.Description = d
+	}
 	if failed != nil {
 		j.Permanent = failed.Permanent
 		j.RetryAt = rfc3339(failed.RetryAt)

@@ -172,7 +172,10 @@ func (h etcdHold) lost() <-chan struct{} { return h.l.Lost() }
 func newLockCmd(g *globals) *cobra.Command {
 	var timeout, lease time.Duration
 	cmd := &cobra.Command{
-		Use:   "lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]",
+		Use: "lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]",
+		Example: `  depcache lock docker-cleanup -- docker system prune -f
+  depcache lock build-myimage --timeout 10m -- ./build-if-missing.sh
+  depcache lock nightly -- sh -c 'echo "token $DEPCACHE_LOCK_TOKEN"; ./job'`,
 		Short: "Run CMD holding the cross-host lease lock NAME, with a fencing token",
 		Long: `lock takes the lock NAME (ROOT/locks/<sha256(NAME)[:32]>.lock), the same kind
 of lock as the state lock, safe across hosts on a shared root, and runs CMD

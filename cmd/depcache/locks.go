@@ -39,7 +39,10 @@ func newLocks(g *globals) *cobra.Command {
 	var yes bool
 	var lease time.Duration
 	cmd := &cobra.Command{
-		Use:   "locks [--break NAME [--yes] [--lease DUR]]",
+		Use: "locks [--break NAME [--yes] [--lease DUR]]",
+		Example: `  depcache locks
+  depcache locks --json | jq -r '.[].name'
+  depcache locks --break docker-cleanup --yes`,
 		Short: "List the holders of the locks of `depcache lock`; break a stale one",
 		Long: `locks lists the named locks held in the root: NAME, the holder's host and pid,
 its age (by the holder's clock against ours: a hint, not a judgement), how

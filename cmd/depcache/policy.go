@@ -73,12 +73,15 @@ func (p *policyFlags) change() (manager.PolicyChange, error) {
 	if given("pin") {
 		c.Pins = p.pins
 	}
+	// The ranges state.Policy.Validate holds a stored policy to: a high
+	// watermark of 0 would make every sweep evict everything.
 	for _, b := range []struct {
 		name string
 		v    int
-	}{{"high-watermark", p.high}, {"low-watermark", p.low}} {
-		if b.v < 0 || b.v > 100 {
-			return c, fmt.Errorf("--%s %d: %w: must be in [0, 100]", b.name, b.v, errBadFlag)
+		min  int
+	}{{"high-watermark", p.high, 1}, {"low-watermark", p.low, 0}} {
+		if b.v < b.min || b.v > 100 {
+			return c, fmt.Errorf("--%s %d: %w: must be in [%d, 100]", b.name, b.v, errBadFlag, b.min)
 		}
 	}
 	// Only two values both given conflict: the stored policy (or the

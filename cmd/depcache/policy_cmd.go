@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/depcache/depcache/manager"
@@ -15,7 +16,10 @@ func newPolicy(g *globals) *cobra.Command {
 		pf policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "policy [set] [policy flags]",
+		Use: "policy [set] [policy flags]",
+		Example: `  depcache policy
+  depcache policy --json
+  depcache policy set --max-size 20GiB`,
 		Short: "Print the root's cleanup policy; 'policy set' stores the flags given (every worker of the root applies it)",
 		Long: `policy prints the cleanup policy stored in the root, which the loops of every
 worker apply (the defaults while none is stored). It only looks: it writes
@@ -64,8 +68,15 @@ policy flags on its command line stores them too, as it always has.`,
 	return cmd
 }
 
-// showPolicy prints the stored policy without writing anything.
+// showPolicy prints the stored policy without writing anything: on a root
+// that does not exist yet (file store), the defaults, which a root created
+// now would apply; creating it would be a write.
 func showPolicy(cmd *cobra.Command, g *globals) error {
+	if err := existingRoot(g); errors.Is(err, errNoCache) && (g.state.url == "" || g.state.url == "file") {
+		return printPolicy(g, state.DefaultPolicy())
+	} else if err != nil && !errors.Is(err, errNoCache) {
+		return err
+	}
 	m, err := manager.New(g.plainConfig())
 	if err != nil {
 		return err

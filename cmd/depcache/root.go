@@ -97,6 +97,9 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 	if err := l.validate(); err != nil {
 		return manager.Config{}, err
 	}
+	if err := rootNotFile(g); err != nil {
+		return manager.Config{}, err
+	}
 	change, err := p.change()
 	if err != nil {
 		return manager.Config{}, err

@@ -122,7 +122,10 @@ func newRun(g *globals) *cobra.Command {
 		pf         policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "run [--dep NAME=SOURCE]... [--timeout DUR] [--sha256 NAME=HEX]... -- CMD [ARGS...]",
+		Use: "run [--dep NAME=SOURCE]... [--timeout DUR] [--sha256 NAME=HEX]... -- CMD [ARGS...]",
+		Example: `  depcache run --dep DATA=https://example.com/data.tar.gz -- python train.py
+  depcache run --dep IMG=docker://python:3.12 --dep SRC=file:///srv/src.tar -- ./build.sh
+  depcache run --dep M=https://example.com/m.bin --sha256 M=HEX --timeout 30m -- sh -c 'ls "$M"'`,
 		Short: "Hold dependencies for the life of CMD and give CMD their paths in the environment",
 		Long: `run registers one dependent per --dep, bound to this process, fetches every
 source in parallel (each once across processes and hosts), exports each path

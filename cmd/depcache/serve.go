@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/depcache/depcache/manager"
@@ -30,12 +31,18 @@ func newServe(g *globals) *cobra.Command {
 		pf     policyFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "serve",
+		Use: "serve",
+		Example: `  depcache serve
+  depcache serve --listen 0.0.0.0:9736 --max-size 50GiB
+  curl -s 127.0.0.1:9736/healthz`,
 		Short: "Run the transition and cleanup loops for the root until SIGINT or SIGTERM, with /healthz, /metrics, /v1/entries and a status page",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
+				return err
+			}
+			if err := checkListen(listen); err != nil {
 				return err
 			}
 			root, err := filepath.Abs(cfg.Root)
@@ -127,4 +134,25 @@ func serveMux(m *manager.Manager, reg *prometheus.Registry) *http.ServeMux {
 	})
 	mux.HandleFunc("GET /{$}", serveStatus(m))
 	return mux
+}
+
+// checkListen refuses, before anything starts, a listen address whose
+// port is out of range or names no service: bad input (exit 2), where a
+// failure to listen (the port in use, a host with no such address) is
+// found only by listening.
+func checkListen(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("--listen %s: %w: %w", addr, errBadFlag, err)
+	}
+	if n, err := strconv.Atoi(port); err == nil {
+		if n < 0 || n > 65535 {
+			return fmt.Errorf("--listen %s: %w: port %d out of range (0 to 65535)", addr, errBadFlag, n)
+		}
+		return nil
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("--listen %s: %w: port %q is no number and names no known service", addr, errBadFlag, port)
+	}
+	return nil
 }

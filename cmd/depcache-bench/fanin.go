@@ -60,11 +60,11 @@ func benchFanIn(r *report, o options) {
 		}
 		defer s.Close()
 		_, prefix, _ := etcdstore.ParseURL(stateURL)
-		defer func() {
+		defer cleanupOnFatal(func() {
 			if err := deletePrefix(ctx, s.Client(), prefix+"/"); err != nil {
 				fmt.Fprintf(os.Stderr, "depcache-bench: deleting %s: %v\n", stateURL, err)
 			}
-		}()
+		})()
 		key, err := manager.ParseKey(url, "")
 		if err != nil {
 			fatalf("%v", err)

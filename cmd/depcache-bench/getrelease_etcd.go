@@ -150,27 +150,23 @@ func benchGetReleaseEtcd(r *report, o options, roots []string, sub string, n int
 	}
 	defer s.Close()
 	cli := s.Client()
-	cleanup := func() {
+	defer cleanupOnFatal(func() {
 		if err := deletePrefix(ctx, cli, prefix+"/"); err != nil {
 			fmt.Fprintf(os.Stderr, "depcache-bench: deleting %s: %v\n", url, err)
 		}
-	}
-	defer cleanup()
+	})()
 	seedStart := time.Now()
 	if err := seedEtcd(ctx, s, n); err != nil {
-		cleanup()
 		fatalf("seeding %d entries on %s: %v", n, url, err)
 	}
 	seeded := time.Since(seedStart)
 	rtt, err := etcdTxnRoundTrip(ctx, cli, prefix+"/bench-limit", o.duration/2)
 	if err != nil {
-		cleanup()
 		fatalf("%v", err)
 	}
 
 	ops, lat, holds, werr := runGetReleaseWorkers(o, roots, sub, n, url)
 	if werr != nil {
-		cleanup()
 		fatalf("%v", werr)
 	}
 	opsPerSec := float64(ops) / o.duration.Seconds()

@@ -173,7 +173,48 @@ var tmpRoot string
 
 func fatalf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "depcache-bench: "+format+"\n", args...)
+	fatalMu.Lock()
+	hooks := fatalHooks
+	fatalHooks = nil
+	fatalMu.Unlock()
+	for i := len(hooks) - 1; i >= 0; i-- {
+		hooks[i].run()
+	}
 	os.Exit(2)
+}
+
+// A cleanup that must run however a measurement ends: os.Exit in fatalf
+// skips deferred calls (an etcd run would leave its prefix behind).
+type fatalHook struct {
+	once sync.Once
+	f    func()
+}
+
+func (h *fatalHook) run() { h.once.Do(h.f) }
+
+var (
+	fatalMu    sync.Mutex
+	fatalHooks []*fatalHook
+)
+
+// cleanupOnFatal registers f to run if fatalf ends the program, and
+// returns the function that runs it otherwise (defer it): f runs once.
+func cleanupOnFatal(f func()) func() {
+	h := &fatalHook{f: f}
+	fatalMu.Lock()
+	fatalHooks = append(fatalHooks, h)
+	fatalMu.Unlock()
+	return func() {
+		fatalMu.Lock()
+		for i, x := range fatalHooks {
+			if x == h {
+				fatalHooks = append(fatalHooks[:i], fatalHooks[i+1:]...)
+				break
+			}
+		}
+		fatalMu.Unlock()
+		h.run()
+	}
 }
 
 // report collects results and prints them as a table (and JSON lines).

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -240,7 +241,24 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 			return rep, err
 		}
 	}
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	update := m.store.Update
+	if dryRun {
+		// A dry run plans on a snapshot and takes no lock, so it runs
+		// on a root it cannot write, as ls does.
+		update = func(ctx context.Context, fn func(*state.State) (bool, error)) error {
+			st, err := m.store.View(ctx)
+			if err != nil {
+				return err
+			}
+			// fn plans on its own map: the entries stay shared, and
+			// fn replaces any it changes (the sharing rule of State).
+			own := *st
+			own.Entries = maps.Clone(st.Entries)
+			_, err = fn(&own)
+			return err
+		}
+	}
+	err := update(ctx, func(st *state.State) (bool, error) {
 		rep.Victims, rep.Reaped = nil, map[string][]string{}
 		now := m.cfg.Clock.Now()
 		pol := policyOf(st)

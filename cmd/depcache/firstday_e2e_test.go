@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/depcache/depcache/state/rigtest"
 	"github.com/spf13/cobra"
 	"os"
 	"os/exec"
@@ -482,4 +483,51 @@ func TestEveryCommandHasExamples(t *testing.T) {
 		}
 	}
 	walk(root)
+}
+
+// gc --dry-run plans on a snapshot and takes no lock: it runs as a user
+// who may read the root but not write it (as ls does), and changes
+// nothing.
+func TestDryRunOnReadOnlyRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		rigtest.Missing(t, "root, to run the dry run as nobody")
+	}
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		rigtest.Missing(t, "setpriv")
+	}
+	root := filepath.Join(t.TempDir(), "root")
+	if code, _, errs := depcache(t, root, "get", "--dependent", "job", hello(t)); code != 0 {
+		t.Fatalf("get: exit %d %s", code, errs)
+	}
+	if code, _, errs := depcache(t, root, "release", "--dependent", "job", hello(t)); code != 0 {
+		t.Fatalf("release: exit %d %s", code, errs)
+	}
+	// Readable by all, writable by root only: the test's temp dirs are 0700.
+	for _, d := range []string{root, filepath.Dir(root), filepath.Dir(filepath.Dir(root))} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := os.ReadFile(filepath.Join(root, "state.json"))
+	cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "--root", root, "--json", "gc", "--dry-run", "--max-size", "1", "--min-age", "0s")
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("gc --dry-run as nobody: %v: %s", err, stderr)
+	}
+	var rep struct {
+		DryRun  bool `json:"dry_run"`
+		Victims []struct {
+			Source string `json:"source"`
+		} `json:"victims"`
+	}
+	if err := json.Unmarshal(out, &rep); err != nil || !rep.DryRun || len(rep.Victims) != 1 {
+		t.Errorf("gc --dry-run as nobody: %s (%v); want the released entry as the one victim", out, err)
+	}
+	if after, _ := os.ReadFile(filepath.Join(root, "state.json")); !bytes.Equal(before, after) {
+		t.Error("the dry run changed state.json")
+	}
 }

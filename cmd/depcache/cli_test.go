@@ -308,7 +308,7 @@ func TestCLIDoctorRebuildVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	code, out, errs := cli(t, root, "verify", b)
-	if code != 1 || !strings.Contains(out, "ERROR  "+b) || strings.Contains(out, "FAILED") || !strings.Contains(errs, "1 entries could not be checked") {
+	if code != 1 || !strings.Contains(out, "ERROR  "+b) || strings.Contains(out, "FAILED") || !strings.Contains(errs, "1 entry could not be checked") {
 		t.Errorf("verify with unreadable metadata: exit %d\n%s%s", code, out, errs)
 	}
 	if _, out, _ = cli(t, root, "ls", "--json"); strings.Count(out, `"stage": "READY"`) != 1 {

@@ -322,11 +322,11 @@ the cache is an error. Exit 1 when anything is FAILED, ERROR or missing, with
 			var errs []error
 			switch {
 			case failed > 0 && unchecked > 0:
-				errs = append(errs, fmt.Errorf("%d entries did not verify and are FAILED; %d could not be checked and were left alone: %w", failed, unchecked, manager.ErrFailed))
+				errs = append(errs, fmt.Errorf("%s did not verify and %s FAILED; %s could not be checked and %s left alone: %w", count(failed, "entry", "entries"), isAre(failed), count(unchecked, "entry", "entries"), wasWere(unchecked), manager.ErrFailed))
 			case failed > 0:
-				errs = append(errs, fmt.Errorf("%d entries did not verify and are FAILED: %w", failed, manager.ErrFailed))
+				errs = append(errs, fmt.Errorf("%s did not verify and %s FAILED: %w", count(failed, "entry", "entries"), isAre(failed), manager.ErrFailed))
 			case unchecked > 0:
-				errs = append(errs, fmt.Errorf("%d entries could not be checked (see the ERROR lines) and were left alone: %w", unchecked, errUnchecked))
+				errs = append(errs, fmt.Errorf("%s could not be checked (see the ERROR lines) and %s left alone: %w", count(unchecked, "entry", "entries"), wasWere(unchecked), errUnchecked))
 			}
 			return errors.Join(append(errs, missing...)...)
 		},
@@ -351,4 +351,26 @@ func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool
 		return m.Rebuild(ctx, force)
 	}
 	return m.RebuildFrom(ctx, force, from, name)
+}
+
+// count is n with the noun in its number: "1 entry", "2 entries".
+func count(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
+}
+
+func isAre(n int) string {
+	if n == 1 {
+		return "is"
+	}
+	return "are"
+}
+
+func wasWere(n int) string {
+	if n == 1 {
+		return "was"
+	}
+	return "were"
 }

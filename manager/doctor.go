@@ -542,8 +542,13 @@ func (m *Manager) Doctor(ctx context.Context) []Check {
 	}
 
 	st, err := m.store.View(ctx)
-	if err != nil {
+	switch {
+	case errors.Is(err, state.ErrCorrupt):
 		add("state", "fail", "%v (depcache doctor --rebuild rebuilds it from the published metadata)", err)
+		return out
+	case err != nil:
+		// Unreachable, unreadable or refused: not a state to rebuild.
+		add("state", "fail", "%v (the state could not be read; nothing was changed)", err)
 		return out
 	}
 	add("state", "ok", "%s parses: %d entries", m.store, len(st.Entries))

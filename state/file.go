@@ -96,7 +96,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := checkFiles(dir); err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
-	if err := checkUnbound(dir); err != nil {
+	if err := CheckUnbound(dir); err != nil {
 		return nil, err
 	}
 	if opts.Lock.Perm == 0 {
@@ -109,10 +109,12 @@ func Open(dir string, opts Options) (*Store, error) {
 	return &Store{root: dir, path: filepath.Join(dir, StateFile), lock: l, opts: opts, batch: batcher{leader: make(chan struct{}, 1)}}, nil
 }
 
-// checkUnbound refuses a root that another store describes: a file store
-// on it would see that store's content named by no entry of its own, and
-// reconcile would move it aside under the processes that hold it.
-func checkUnbound(dir string) error {
+// CheckUnbound refuses (ErrBoundElsewhere) a root that another store
+// describes: a file store on it would see that store's content named by no
+// entry of its own, and reconcile would move it aside under the processes
+// that hold it; and a file lock under it would exclude none of the hosts
+// that lock through that store.
+func CheckUnbound(dir string) error {
 	id, err := os.ReadFile(filepath.Join(dir, RootIDFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil

@@ -68,6 +68,9 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			if len(args) == 1 {
 				return breakNamedLock(cmd, g, args[0], namedLockLease, yes)
 			}
+			// A forced rebuild may bind a root of an etcd prefix that was
+			// lost (or that it moves from) to the prefix given.
+			g.state.adoptRoot = rebuild && force
 			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/depcache/depcache/state/etcdstore"
 	"net"
 	"os"
 	"strconv"
@@ -93,7 +94,7 @@ func exitCode(err error) int {
 func isUsage(err error) bool {
 	return errors.Is(err, errUsage) || errors.Is(err, manager.ErrBadSource) || errors.Is(err, manager.ErrBadDependent) ||
 		errors.Is(err, state.ErrBadKey) || errors.Is(err, errBadFlag) || errors.Is(err, manager.ErrBadPolicy) ||
-		errors.Is(err, state.ErrInvalidText) || isBadAddress(err)
+		errors.Is(err, state.ErrInvalidText) || isBadAddress(err) || errors.Is(err, etcdstore.ErrBadURL)
 }
 
 // errKind is the "kind" of the JSON error object: what a script branches
@@ -119,7 +120,7 @@ func errKind(err error) string {
 		return "unhealthy"
 	case errors.Is(err, errUnchecked):
 		return "unchecked"
-	case errors.Is(err, manager.ErrStateReadable), errors.Is(err, state.ErrBoundElsewhere):
+	case errors.Is(err, manager.ErrStateReadable), errors.Is(err, state.ErrBoundElsewhere), errors.Is(err, etcdstore.ErrRootMismatch):
 		return "refused"
 	}
 	return "error"
@@ -155,6 +156,9 @@ func minArgs(n int) func(*cobra.Command, []string) error {
 // existingRoot refuses a root that does not exist, for the commands that
 // look at or clean a cache: they must not create one (state.Open would).
 func existingRoot(g *globals) error {
+	if err := g.state.check(); err != nil {
+		return err // a bad flag is reported as one, first
+	}
 	fi, err := os.Stat(g.root)
 	switch {
 	case errors.Is(err, os.ErrNotExist):

@@ -69,8 +69,12 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 					return err
 				}
 			}
+			g.openTimeout = timeout // it covers reaching the state store too
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
+				if timeout > 0 && errors.Is(err, context.DeadlineExceeded) {
+					return fmt.Errorf("%s: not ready after %s: %w", key.Source, timeout, err)
+				}
 				return err
 			}
 			m, err := manager.New(cfg)

@@ -50,6 +50,9 @@ func openNamedLock(g *globals, name string, lease time.Duration) (*state.Lock, s
 	if g.group {
 		perms = state.GroupPerms()
 	}
+	if err := state.CheckUnbound(g.root); err != nil {
+		return nil, "", err // its hosts lock through the etcd store
+	}
 	if err := state.CheckLayout(g.root, []string{state.LocksDir}, nil); err != nil {
 		return nil, "", err
 	}

@@ -87,6 +87,9 @@ func listLocks(g *globals) error {
 		}
 		return printLocks(g, out)
 	}
+	if err := state.CheckUnbound(g.root); err != nil {
+		return err // its locks are on the etcd store
+	}
 	dir := filepath.Join(g.root, state.LocksDir)
 	paths, err := filepath.Glob(filepath.Join(dir, "*.lock"))
 	if err != nil {

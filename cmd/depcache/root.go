@@ -36,6 +36,11 @@ type globals struct {
 	// fromEnv names the flags given by their DEPCACHE_* twin rather than
 	// on the command line.
 	fromEnv map[string]bool
+	// ctx is the command's context (ended by SIGINT and SIGTERM), which
+	// opening the state store honours; openTimeout, when set (get
+	// --timeout), bounds that opening too.
+	ctx         context.Context
+	openTimeout time.Duration
 }
 
 // loopFlags are the policy flags of the commands that run the loops.
@@ -162,6 +167,7 @@ func newRoot(g *globals) *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			g.ctx = cmd.Context()
 			if err := applyEnv(cmd, g); err != nil {
 				return err
 			}

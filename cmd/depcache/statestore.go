@@ -32,6 +32,8 @@ type stateFlags struct {
 	// `locks` coordinate hosts and touch no content, so hosts whose roots
 	// differ (no shared filesystem) may share a prefix for them.
 	locksOnly bool
+	// adoptRoot: etcdstore.Options.AdoptRoot (doctor --rebuild --force).
+	adoptRoot bool
 
 	once  sync.Once
 	store state.Backend
@@ -50,7 +52,18 @@ func (f *stateFlags) register(fs *pflag.FlagSet) {
 // nil for the file store in the root (manager.Config's default).
 func (g *globals) stateStore() (state.Backend, error) {
 	f := &g.state
-	f.once.Do(func() { f.store, f.err = f.open(context.Background(), g) })
+	f.once.Do(func() {
+		ctx := g.ctx
+		if ctx == nil {
+			ctx = context.Background()
+		}
+		if g.openTimeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, g.openTimeout)
+			defer cancel()
+		}
+		f.store, f.err = f.open(ctx, g)
+	})
 	return f.store, f.err
 }
 
@@ -65,11 +78,34 @@ func (g *globals) closeStore() {
 	}
 }
 
-func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error) {
+// check refuses, before anything is read, flags that cannot name a store:
+// a bad URL, a TLS file that does not load, a password without a user, the
+// etcd flags without --state. Every command checks them first, so that a
+// bad flag is reported as one (exit 2) whatever else is wrong.
+func (f *stateFlags) check() error {
 	if f.url == "" || f.url == "file" {
 		if f.cacert != "" || f.cert != "" || f.key != "" || f.user != "" {
-			return nil, fmt.Errorf("--etcd-* flags: %w: they need --state etcd://HOST:PORT/PREFIX", errBadFlag)
+			return fmt.Errorf("--etcd-* flags: %w: they need --state etcd://HOST:PORT/PREFIX", errBadFlag)
 		}
+		return nil
+	}
+	if _, _, err := etcdstore.ParseURL(f.url); err != nil {
+		return fmt.Errorf("--state: %w: %w", errBadFlag, err)
+	}
+	if _, err := f.tls(); err != nil {
+		return err
+	}
+	if f.user == "" && os.Getenv("DEPCACHE_ETCD_PASSWORD") != "" {
+		return fmt.Errorf("DEPCACHE_ETCD_PASSWORD: %w: it needs --etcd-user", errBadFlag)
+	}
+	return nil
+}
+
+func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error) {
+	if err := f.check(); err != nil {
+		return nil, err
+	}
+	if f.url == "" || f.url == "file" {
 		return nil, nil
 	}
 	endpoints, prefix, err := etcdstore.ParseURL(f.url)
@@ -91,7 +127,7 @@ func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error
 	if f.locksOnly {
 		root = ""
 	}
-	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms,
+	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms, AdoptRoot: f.adoptRoot,
 		Username: f.user, Password: os.Getenv("DEPCACHE_ETCD_PASSWORD")}
 	if f.user == "" && opts.Password != "" {
 		return nil, fmt.Errorf("DEPCACHE_ETCD_PASSWORD: %w: it needs --etcd-user", errBadFlag)

@@ -43,6 +43,13 @@ func TestStateFlagErrors(t *testing.T) {
 		{[]string{"--etcd-user", "u", "ls"}, 2, "need --state"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "ls"}, 1, "etcd://127.0.0.1:1/x: etcd cluster unavailable"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "get", "--no-wait", "file:///nonexistent"}, 1, "127.0.0.1:1"},
+		// A bad flag is reported as one, before the root is looked at.
+		{[]string{"--root", filepath.Join(root, "missing"), "--state", "etcd://127.0.0.1:99999/x", "ls"}, 2, "port 99999 out of range"},
+		{[]string{"--root", filepath.Join(root, "missing"), "--state", "etcd://127.0.0.1:1/x", "--etcd-cacert", pem, "ls"}, 2, "no PEM certificate"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x?y=z", "ls"}, 2, "query or fragment"},
+		// get --timeout bounds reaching the cluster too (exit 3, not the
+		// dial timeout's exit 1).
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "get", "--timeout", "300ms", "file:///nonexistent"}, 3, "not ready after 300ms"},
 	} {
 		code, _, stderr := cli(t, root, c.args...)
 		if code != c.code || !strings.Contains(stderr, c.want) {
@@ -105,6 +112,21 @@ func TestStateEtcdCLI(t *testing.T) {
 		if code != 1 || !strings.Contains(stderr, etcdstore.RootIDFile) || !strings.Contains(stderr, "--state") {
 			t.Errorf("%v without --state on a root bound to etcd: exit %d: %s", args, code, stderr)
 		}
+	}
+	// lock and locks too: a file lock there excludes none of the hosts
+	// that lock through the etcd store.
+	for _, args := range [][]string{{"lock", "n1", "--", "true"}, {"locks"}} {
+		code, _, stderr := cli(t, root, args...)
+		if code != 1 || !strings.Contains(stderr, etcdstore.RootIDFile) {
+			t.Errorf("%v without --state on a root bound to etcd: exit %d: %s", args, code, stderr)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "locks")); err == nil {
+		t.Error("a refused lock made ROOT/locks")
+	}
+	// Another prefix for this root, which holds content: refused.
+	if code, _, stderr := cli(t, root, "--state", url+"-second", "ls"); code != 1 || !strings.Contains(stderr, "records no root") {
+		t.Errorf("ls with a second prefix for a bound root: exit %d: %s", code, stderr)
 	}
 	if still, _ := filepath.Glob(filepath.Join(root, "entries", "*")); len(still) != len(published) || len(published) == 0 {
 		t.Errorf("published content %v, then %v after the refused commands", published, still)

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -45,6 +47,11 @@ var (
 	// ErrRootMismatch means the prefix describes the content of another
 	// root than the one given (their IDs differ).
 	ErrRootMismatch = errors.New("etcd prefix belongs to another root")
+	// ErrNestedPrefix means the prefix lies inside another depcache
+	// prefix, or holds one: their keys would mix (each would read the
+	// other's as its own, and a rebuild of the outer would delete the
+	// inner). It wraps ErrBadURL.
+	ErrNestedPrefix = fmt.Errorf("%w: nested depcache prefixes", ErrBadURL)
 	// ErrInvalidState means a callback built a state that fails
 	// state.State.Validate; it is not committed.
 	ErrInvalidState = errors.New("refusing to commit an invalid state")
@@ -95,6 +102,13 @@ type Options struct {
 	// root's ID file ROOT/root-id, made then if missing, and the prefix's
 	// key PREFIX/root-id).
 	Root string
+	// AdoptRoot lets an unbound prefix bind a root that already has an
+	// ID and published content (bound to a prefix before: one that was
+	// lost, or that the root moves from). Without it Open refuses such a
+	// root (ErrRootMismatch): two prefixes describing one root's content
+	// would each evict what the other's runs use. doctor --rebuild
+	// --force sets it.
+	AdoptRoot bool
 	// Perms are the modes of the root's ID file. Zero: state.DefaultPerms.
 	Perms state.Perms
 	// Client, when set, is used instead of dialling Endpoints; Close
@@ -120,6 +134,8 @@ type Store struct {
 	name    string
 	timeout time.Duration
 	settle  time.Duration
+	// adoptRoot: Options.AdoptRoot.
+	adoptRoot bool
 
 	root   string
 	perms  state.Perms
@@ -166,14 +182,26 @@ func ParseURL(u string) (endpoints []string, prefix string, err error) {
 		return bad("no endpoint")
 	}
 	for _, h := range strings.Split(hosts, ",") {
+		if strings.Contains(h, "@") {
+			return bad("endpoint %q: credentials do not go in the URL (use --etcd-user, and DEPCACHE_ETCD_PASSWORD for the password)", h)
+		}
 		host, port, err := net.SplitHostPort(h)
 		if err != nil {
 			return bad("endpoint %q: %v", h, err)
 		}
-		if n, err := strconv.Atoi(port); host == "" || err != nil || n < 1 || n > 65535 {
+		n, err := strconv.Atoi(port)
+		switch {
+		case host == "" || err != nil:
 			return bad("endpoint %q: want HOST:PORT", h)
+		case n < 1 || n > 65535:
+			return bad("endpoint %q: port %d out of range (1 to 65535)", h, n)
 		}
 		endpoints = append(endpoints, h)
+	}
+	if i := strings.IndexAny(path, "?#"); i >= 0 {
+		// Taken literally, they would name another prefix than the one
+		// meant.
+		return bad("%q: a query or fragment is no part of a prefix", path[i:])
 	}
 	prefix = "/" + strings.TrimSuffix(path, "/")
 	if err := checkPrefix(prefix); err != nil {
@@ -223,7 +251,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		opts.Perms = state.DefaultPerms()
 	}
 	s := &Store{cli: opts.Client, l: layout{opts.Prefix}, timeout: opts.RequestTimeout,
-		settle: opts.SettleTimeout, root: opts.Root, perms: opts.Perms}
+		settle: opts.SettleTimeout, root: opts.Root, adoptRoot: opts.AdoptRoot, perms: opts.Perms}
 	s.life, s.endLife = context.WithCancel(context.WithoutCancel(ctx))
 	if s.cli == nil {
 		if len(opts.Endpoints) == 0 {
@@ -257,7 +285,12 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	pctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), d)
 	defer cancel()
-	resp, err := s.cli.Txn(pctx).Then(clientv3.OpGet(s.l.format()), clientv3.OpGet(s.l.rootID())).Commit()
+	ops := []clientv3.Op{clientv3.OpGet(s.l.format()), clientv3.OpGet(s.l.rootID())}
+	ancestors := ancestorPrefixes(s.l.p)
+	for _, a := range ancestors {
+		ops = append(ops, clientv3.OpGet(layout{p: a}.format(), clientv3.WithCountOnly()))
+	}
+	resp, err := s.cli.Txn(pctx).Then(ops...).Commit()
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s: %w", s, ctx.Err())
@@ -272,6 +305,12 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 			return fmt.Errorf("%s: %w", s, err)
 		}
 	}
+	for i, a := range ancestors {
+		if resp.Responses[2+i].GetResponseRange().Count > 0 {
+			return fmt.Errorf("%s: %w: prefix %s lies inside the depcache prefix %s (it has %s): give each cache a prefix that neither holds nor lies in another's",
+				s, ErrNestedPrefix, s.l.p, a, layout{p: a}.format())
+		}
+	}
 	if s.root == "" {
 		return nil
 	}
@@ -284,6 +323,10 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 		return err
 	}
 	switch {
+	case bound == "" && id != "" && !s.adoptRoot && hasContent(s.root):
+		return fmt.Errorf("%w: root %s has ID %s and published content, but %s records no root: the root is bound to another prefix (or this one was lost); "+
+			"refusing to let a second prefix describe its content. Use the root's own --state, or, if its prefix was lost, rebuild it here: depcache doctor --rebuild --force",
+			ErrRootMismatch, s.root, id, s)
 	case bound == "":
 	case id == "":
 		return fmt.Errorf("%w: %s belongs to the root with ID %s, but root %s has no ID file (%s): it is another root",
@@ -295,6 +338,92 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 		s.bound.Store(true)
 	}
 	return nil
+}
+
+// ancestorPrefixes returns the proper ancestors of prefix p ("/a/b/c":
+// "/a", "/a/b").
+func ancestorPrefixes(p string) []string {
+	var out []string
+	for i := 1; i < len(p); i++ {
+		if p[i] == '/' {
+			out = append(out, p[:i])
+		}
+	}
+	return out
+}
+
+// nestedPrefix returns a depcache prefix that lies inside this one (a
+// format key under it other than its own), "" if none. It reads every key
+// under the prefix (keys only): for a first commit, when the prefix holds
+// no state of its own, and for a rebuild.
+func (s *Store) nestedPrefix(ctx context.Context) (string, error) {
+	var found string
+	err := s.read(ctx, func(rctx context.Context) error {
+		r, err := s.cli.Get(rctx, s.l.p+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			return err
+		}
+		for _, kv := range r.Kvs {
+			if k := string(kv.Key); k != s.l.format() && strings.HasSuffix(k, "/format") && !s.ownKey(k) {
+				found = strings.TrimSuffix(k, "/format")
+				return nil
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return "", s.fail(ctx, "looking for prefixes inside this one", err)
+	}
+	return found, nil
+}
+
+// ownKey reports whether k is a key of this prefix's own layout whose
+// name may end in "/format": a dependent named "format", a named lock's
+// keys, a commit record, a sweeper candidate.
+func (s *Store) ownKey(k string) bool {
+	// Entries are named by key IDs (32 hex digits); "P/e/format" is the
+	// format key of a prefix P/e, not an entry. Dependent names are hex
+	// in their keys.
+	if id, _, _, err := s.l.parseStateKey(k); err == nil && isKeyID(id) {
+		return true
+	}
+	if id, ok := s.l.parseOwnerKey(k); ok && isKeyID(id) {
+		return true
+	}
+	for _, ns := range []string{s.l.noncePrefix(), s.l.sweeper(), s.l.p + "/locks/", s.l.lockInfos()} {
+		if strings.HasPrefix(k, ns) {
+			return true
+		}
+	}
+	return false
+}
+
+func isKeyID(id string) bool {
+	return len(id) == 32 && strings.Trim(id, "0123456789abcdef") == ""
+}
+
+// explainCorrupt returns err, or, when the keys that made the prefix's
+// state unreadable are another prefix's inside it, an error saying so.
+func (s *Store) explainCorrupt(ctx context.Context, err error) error {
+	if !errors.Is(err, state.ErrCorrupt) {
+		return err
+	}
+	if inner, nerr := s.nestedPrefix(ctx); nerr == nil && inner != "" {
+		return fmt.Errorf("%s: %w: the depcache prefix %s lies inside %s, and its keys read as this one's: give each cache a prefix that neither holds nor lies in another's (%v)", s, ErrNestedPrefix, inner, s.l.p, err)
+	}
+	return err
+}
+
+// hasContent reports whether root has published content (ROOT/entries
+// is not empty).
+func hasContent(root string) bool {
+	f, err := os.Open(filepath.Join(root, "entries"))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	names, _ := f.Readdirnames(1)
+	return len(names) > 0
 }
 
 // Close revokes the session's lease, which removes the dependents bound
@@ -614,7 +743,10 @@ func (s *Store) View(ctx context.Context) (*state.State, error) {
 		return nil, err
 	}
 	st, _, err := s.decode(sn)
-	return st, err
+	if err != nil {
+		return nil, s.explainCorrupt(ctx, err)
+	}
+	return st, nil
 }
 
 // Exists reports whether the prefix's format key exists: whether any
@@ -679,7 +811,7 @@ func (s *Store) update(ctx context.Context, read func(context.Context) (*snapsho
 		}
 		st, orig, err := s.decode(sn)
 		if err != nil {
-			return err
+			return s.explainCorrupt(ctx, err)
 		}
 		changed, err := fn(st)
 		if err != nil || !changed {
@@ -852,8 +984,16 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 		t.put(s.l.removals(), []byte(t.nonce))
 	}
 	if sn.format.mod == 0 {
+		// The first commit under the prefix: it must not hold another
+		// cache's prefix.
+		if inner, err := s.nestedPrefix(ctx); err != nil {
+			return nil, err
+		} else if inner != "" {
+			return nil, fmt.Errorf("%s: %w: the depcache prefix %s lies inside %s: give each cache a prefix that neither holds nor lies in another's", s, ErrNestedPrefix, inner, s.l.p)
+		}
 		fb, _ := jsonMarshal(format{Version: FormatVersion})
 		t.put(s.l.format(), fb)
+		t.cmp(clientv3.Compare(clientv3.CreateRevision(s.l.format()), "=", 0))
 	}
 	if s.root != "" && !s.bound.Load() {
 		if err := s.bindOps(t, sn); err != nil {
@@ -1044,6 +1184,13 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *state.State) error)
 		sn, err := s.readWhole(ctx)
 		if err != nil {
 			return rep, err
+		}
+		if inner, err := s.nestedPrefix(ctx); err != nil {
+			return rep, err
+		} else if inner != "" {
+			// Its keys look like strays of this prefix: a rebuild would
+			// delete them.
+			return rep, fmt.Errorf("%s: %w: the depcache prefix %s lies inside %s; nothing was changed: move one of them to a prefix of its own first", s, ErrNestedPrefix, inner, s.l.p)
 		}
 		rep = state.Replaced{}
 		oldMax := uint64(0)

@@ -143,9 +143,19 @@ func TestParseURL(t *testing.T) {
 		}
 	}
 	for _, in := range []string{"http://a:1/p", "etcd://a:1", "etcd://a:1/", "etcd:///p", "etcd://a/p", "etcd://a:0/p",
-		"etcd://a:1,/p", "etcd://a:1/p//q", "etcd://a:1/p/../q", "etcd://a:1/p\x00", "etcd://a:x/p"} {
+		"etcd://a:1,/p", "etcd://a:1/p//q", "etcd://a:1/p/../q", "etcd://a:1/p\x00", "etcd://a:x/p",
+		"etcd://a:1/p?x=y", "etcd://a:1/p#frag", "etcd://u:pw@a:1/p", "etcd://a:99999/p"} {
 		if _, _, err := ParseURL(in); !errors.Is(err, ErrBadURL) {
 			t.Errorf("ParseURL(%q): %v, want ErrBadURL", in, err)
+		}
+	}
+	for in, want := range map[string]string{
+		"etcd://a:99999/p":  "port 99999 out of range",
+		"etcd://u:pw@a:1/p": "credentials do not go in the URL",
+		"etcd://a:1/p?x=y":  "query or fragment",
+	} {
+		if _, _, err := ParseURL(in); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseURL(%q): %v, want it to say %q", in, err, want)
 		}
 	}
 }
@@ -467,6 +477,70 @@ func TestRootID(t *testing.T) {
 	put(t, c, testEntry(1))
 	if err := d.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrRootMismatch) {
 		t.Errorf("a commit from another root on a prefix bound meanwhile: %v", err)
+	}
+}
+
+// TestRootBoundElsewhere: a root that has an ID and published content is
+// bound to its prefix; another, unbound prefix is refused for it (both
+// would describe its content, and each would evict what the other's runs
+// hold), unless AdoptRoot (a forced rebuild onto a prefix that was lost).
+func TestRootBoundElsewhere(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	eps := []string{m.Endpoint}
+	root := filepath.Join(t.TempDir(), "r")
+	a := open(t, eps, "/home", func(o *Options) { o.Root = root })
+	put(t, a, testEntry(1))
+	// Before any content, a second prefix is harmless (a first commit
+	// that crashed before binding leaves such a root).
+	open(t, eps, "/early", func(o *Options) { o.Root = root })
+	if err := os.MkdirAll(filepath.Join(root, "entries", "x-g1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(ctx, Options{Endpoints: eps, Prefix: "/second", Root: root})
+	if !errors.Is(err, ErrRootMismatch) || !strings.Contains(err.Error(), root) || !strings.Contains(err.Error(), "doctor --rebuild --force") {
+		t.Errorf("a second prefix for a root bound to another: %v", err)
+	}
+	b := open(t, eps, "/second", func(o *Options) { o.Root = root; o.AdoptRoot = true })
+	put(t, b, testEntry(2))
+	open(t, eps, "/home", func(o *Options) { o.Root = root }) // its own prefix still opens
+}
+
+// TestNestedPrefix: a prefix inside another cache's prefix, or holding
+// one, is refused (their keys would mix), and a rebuild of the outer one
+// deletes nothing of the inner one.
+func TestNestedPrefix(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	eps := []string{m.Endpoint}
+	outer := open(t, eps, "/nest", func(o *Options) { o.Root = t.TempDir() })
+	put(t, outer, testEntry(1))
+	for _, p := range []string{"/nest/e", "/nest/inner", "/nest/a/b"} {
+		if _, err := Open(ctx, Options{Endpoints: eps, Prefix: p, Root: t.TempDir()}); !errors.Is(err, ErrNestedPrefix) || !errors.Is(err, ErrBadURL) {
+			t.Errorf("%s inside /nest: %v, want ErrNestedPrefix", p, err)
+		}
+	}
+	// The inner one first: the outer one's first commit is refused.
+	inner := open(t, eps, "/deep/e", func(o *Options) { o.Root = t.TempDir() })
+	put(t, inner, testEntry(1))
+	before := len(keys(t, inner.Client(), "/deep/e"))
+	late := open(t, eps, "/deep", func(o *Options) { o.Root = t.TempDir() })
+	if err := late.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrNestedPrefix) {
+		t.Errorf("a first commit on a prefix holding another: %v", err)
+	}
+	if _, err := late.Reset(ctx, func(st, last *state.State) error { return nil }); !errors.Is(err, ErrNestedPrefix) {
+		t.Errorf("a rebuild of a prefix holding another: %v", err)
+	}
+	if after := len(keys(t, inner.Client(), "/deep/e")); after != before {
+		t.Errorf("the inner prefix has %d keys, had %d", after, before)
+	}
+	// A dependent named "format" is not another prefix.
+	own := open(t, eps, "/depnamed", func(o *Options) { o.Root = t.TempDir() })
+	e := testEntry(3)
+	e.Dependents = map[string]state.Dependent{"format": {Since: time.Now()}}
+	put(t, own, e)
+	if _, err := own.Reset(ctx, func(st, last *state.State) error { st.Put(last.Get(e.Key).Clone()); return nil }); err != nil {
+		t.Errorf("a rebuild of a prefix with a dependent named format: %v", err)
 	}
 }
 

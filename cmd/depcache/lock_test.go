@@ -101,8 +101,11 @@ func TestLockBreakCommand(t *testing.T) {
 	}
 	holder.Process.Kill()
 	holder.Wait()
-	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, "broke") {
-		t.Errorf("--break of a dead holder: exit %d: %s %s", code, out, stderr)
+	if code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, `"broken": true`) || !strings.Contains(out, `"held": true`) {
+		t.Errorf("--json --break of a dead holder: exit %d: %s %s", code, out, stderr)
+	}
+	if code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, `"held": false`) {
+		t.Errorf("--json --break of a free lock: exit %d: %s %s", code, out, stderr)
 	}
 	lock := filepath.Join(root, "locks")
 	if left, _ := filepath.Glob(filepath.Join(lock, "*.lock")); len(left) != 0 {

@@ -150,11 +150,13 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		case err != nil:
 			return err
 		case !held:
-			fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
-			return nil
+			return printBreak(g, name, false, false, "")
 		}
 		return fmt.Errorf("the lock %q, held by pid %d on %s since %s (its clock), was not broken: on %s a holder's lock ends with its lease, which etcd ends by itself when the holder stops renewing it; a live holder keeps it",
 			name, info.PID, info.Host, info.Acquired.Format(time.RFC3339), es)
+	}
+	if err := state.CheckUnbound(g.root); err != nil {
+		return err // its locks are on the etcd store
 	}
 	lockPath, _, _ := state.NamedLockPaths(g.root, name)
 	info, ok, err := state.ReadLockInfo(lockPath)
@@ -162,8 +164,7 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		return err
 	}
 	if !ok {
-		fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
-		return nil
+		return printBreak(g, name, false, false, "")
 	}
 	fmt.Fprintf(g.stdout, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
 		name, info.Process, info.Acquired.Format(time.RFC3339), info.Renewals)
@@ -187,6 +188,24 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	}
 	if !broken {
 		return fmt.Errorf("the lock %q was not broken: %s", name, why)
+	}
+	return printBreak(g, name, true, true, why)
+}
+
+// printBreak reports the outcome of locks --break: with --json one object
+// {"name", "held", "broken", "reason"}.
+func printBreak(g *globals, name string, held, broken bool, why string) error {
+	if g.json {
+		return printJSON(g.stdout, struct {
+			Name   string `json:"name"`
+			Held   bool   `json:"held"`
+			Broken bool   `json:"broken"`
+			Reason string `json:"reason"`
+		}{name, held, broken, why})
+	}
+	if !held {
+		fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
+		return nil
 	}
 	fmt.Fprintf(g.stdout, "broke the lock %q: %s\n", name, why)
 	return nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/spf13/cobra"
 	"os"
@@ -529,5 +530,18 @@ func TestDryRunOnReadOnlyRoot(t *testing.T) {
 	}
 	if after, _ := os.ReadFile(filepath.Join(root, "state.json")); !bytes.Equal(before, after) {
 		t.Error("the dry run changed state.json")
+	}
+}
+
+// A bad value that came from a flag's DEPCACHE_* twin names the variable
+// as well as the flag.
+func TestBadEnvTwinNamed(t *testing.T) {
+	root := t.TempDir()
+	cmd := exec.Command(bin, "--root", root, "gc", "--dry-run")
+	cmd.Env = append(os.Environ(), "DEPCACHE_HIGH_WATERMARK=150")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "DEPCACHE_HIGH_WATERMARK") || !strings.Contains(string(out), "--high-watermark 150") {
+		t.Errorf("DEPCACHE_HIGH_WATERMARK=150 gc --dry-run: %v: %s", err, out)
 	}
 }

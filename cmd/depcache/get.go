@@ -236,7 +236,10 @@ func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *m
 // what sets that, and how to retry now.
 func explainFailed(f *manager.FailedError) error {
 	kind := "transient"
-	if f.Permanent {
+	switch {
+	case f.Permanent && strings.Contains(f.Error(), manager.ErrPermanent.Error()):
+		kind = "a retry is likely to fail the same way" // the reason says permanent already
+	case f.Permanent:
 		kind = "permanent: a retry is likely to fail the same way"
 	}
 	if f.RetryAt.IsZero() {

@@ -234,6 +234,22 @@ func applyEnv(cmd *cobra.Command, g *globals) error {
 	return err
 }
 
+// nameEnvTwin adds to a bad flag value that came from its DEPCACHE_*
+// twin, not the command line, the variable's name: the message names the
+// flag, which the user never typed.
+func nameEnvTwin(g *globals, err error) error {
+	if err == nil || !errors.Is(err, errBadFlag) {
+		return err
+	}
+	msg := err.Error()
+	for name := range g.fromEnv {
+		if strings.HasPrefix(msg, "--"+name+" ") || strings.Contains(msg, " --"+name+" ") {
+			return fmt.Errorf("%w (set by DEPCACHE_%s)", err, strings.ToUpper(strings.ReplaceAll(name, "-", "_")))
+		}
+	}
+	return err
+}
+
 // run is main without the exit, for tests.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	g := &globals{stdout: stdout, stderr: stderr, log: logrus.New()}
@@ -247,6 +263,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	root.SetArgs(args)
 	err := classify(ctx, root.ExecuteContext(ctx))
+	err = nameEnvTwin(g, err)
 	g.closeStore()
 	code := exitCode(err)
 	var status cmdStatus

@@ -29,11 +29,17 @@ func TestRootLayoutRefused(t *testing.T) {
 				k := mustKey(t, "file://"+abs, "")
 				// A root with one entry, released and old enough to evict.
 				func() {
-					m := newManager(t, root)
+					m, stop := startManager(t, root)
 					if _, err := getWait(t, m, "job", k); err != nil {
 						t.Fatal(err)
 					}
 					if err := m.Release(context.Background(), "job", k); err != nil {
+						t.Fatal(err)
+					}
+					// Stopped before the root is tampered with: a loop
+					// still running would take and release the state lock
+					// over the planted symlink (it did once under CI load).
+					if err := stop(); err != nil {
 						t.Fatal(err)
 					}
 				}()

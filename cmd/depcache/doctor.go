@@ -68,9 +68,11 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			if len(args) == 1 {
 				return breakNamedLock(cmd, g, args[0], namedLockLease, yes)
 			}
-			// A forced rebuild may bind a root of an etcd prefix that was
-			// lost (or that it moves from) to the prefix given.
-			g.state.adoptRoot = rebuild && force
+			// A rebuild may bind a root that has an ID and content to an
+			// unbound etcd prefix: the root moves there (its prefix was
+			// lost, or an earlier move was cut short after the root got
+			// its ID).
+			g.state.adoptRoot = rebuild
 			m, err := manager.New(g.plainConfig())
 			if err != nil {
 				return err

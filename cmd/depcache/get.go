@@ -69,7 +69,15 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 					return err
 				}
 			}
-			g.openTimeout = timeout // it covers reaching the state store too
+			ctx := cmd.Context()
+			if timeout > 0 {
+				// The timeout covers everything: reaching the state store,
+				// the lock, the loop, the wait.
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
+			g.ctx = ctx // the state store is opened with it
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
 				if timeout > 0 && errors.Is(err, context.DeadlineExceeded) {
@@ -80,13 +88,6 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			m, err := manager.New(cfg)
 			if err != nil {
 				return err
-			}
-			ctx := cmd.Context()
-			if timeout > 0 {
-				// The timeout covers everything: the lock, the loop, the wait.
-				var cancel context.CancelFunc
-				ctx, cancel = context.WithTimeout(ctx, timeout)
-				defer cancel()
 			}
 			if !noWait {
 				// Only a get that waits drives the download; --no-wait

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -101,11 +102,19 @@ func TestLockBreakCommand(t *testing.T) {
 	}
 	holder.Process.Kill()
 	holder.Wait()
-	if code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, `"broken": true`) || !strings.Contains(out, `"held": true`) {
-		t.Errorf("--json --break of a dead holder: exit %d: %s %s", code, out, stderr)
+	var res struct {
+		Name   string `json:"name"`
+		Held   bool   `json:"held"`
+		Broken bool   `json:"broken"`
 	}
-	if code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes"); code != 0 || !strings.Contains(out, `"held": false`) {
-		t.Errorf("--json --break of a free lock: exit %d: %s %s", code, out, stderr)
+	code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes")
+	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || !res.Held || !res.Broken || res.Name != "L" {
+		t.Errorf("--json --break of a dead holder: exit %d, %+v %v: %s %s", code, res, err, out, stderr)
+	}
+	res.Held = true
+	code, out, stderr = depcache(t, root, "--json", "locks", "--break", "L", "--yes")
+	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || res.Held || res.Broken {
+		t.Errorf("--json --break of a free lock: exit %d, %+v %v: %s %s", code, res, err, out, stderr)
 	}
 	lock := filepath.Join(root, "locks")
 	if left, _ := filepath.Glob(filepath.Join(lock, "*.lock")); len(left) != 0 {

@@ -166,14 +166,18 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	if !ok {
 		return printBreak(g, name, false, false, "")
 	}
-	fmt.Fprintf(g.stdout, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
+	// With --json, stdout carries only the outcome's object.
+	say := g.stdout
+	if g.json {
+		say = g.stderr
+	}
+	fmt.Fprintf(say, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
 		name, info.Process, info.Acquired.Format(time.RFC3339), info.Renewals)
 	if !yes {
-		fmt.Fprint(g.stdout, "break it if it is stale? [y/N] ")
+		fmt.Fprint(say, "break it if it is stale? [y/N] ")
 		answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
 		if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
-			fmt.Fprintln(g.stdout, "left alone")
-			return nil
+			return printBreak(g, name, true, false, "left alone")
 		}
 	}
 	l, _, err := openNamedLock(g, name, lease)
@@ -203,10 +207,13 @@ func printBreak(g *globals, name string, held, broken bool, why string) error {
 			Reason string `json:"reason"`
 		}{name, held, broken, why})
 	}
-	if !held {
+	switch {
+	case !held:
 		fmt.Fprintf(g.stdout, "the lock %q is free\n", name)
-		return nil
+	case broken:
+		fmt.Fprintf(g.stdout, "broke the lock %q: %s\n", name, why)
+	default:
+		fmt.Fprintln(g.stdout, why)
 	}
-	fmt.Fprintf(g.stdout, "broke the lock %q: %s\n", name, why)
 	return nil
 }

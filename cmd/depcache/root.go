@@ -36,11 +36,9 @@ type globals struct {
 	// fromEnv names the flags given by their DEPCACHE_* twin rather than
 	// on the command line.
 	fromEnv map[string]bool
-	// ctx is the command's context (ended by SIGINT and SIGTERM), which
-	// opening the state store honours; openTimeout, when set (get
-	// --timeout), bounds that opening too.
-	ctx         context.Context
-	openTimeout time.Duration
+	// ctx is the context the state store is opened with: the command's
+	// (ended by SIGINT and SIGTERM), or get's, which --timeout bounds.
+	ctx context.Context
 }
 
 // loopFlags are the policy flags of the commands that run the loops.

@@ -32,7 +32,7 @@ type stateFlags struct {
 	// `locks` coordinate hosts and touch no content, so hosts whose roots
 	// differ (no shared filesystem) may share a prefix for them.
 	locksOnly bool
-	// adoptRoot: etcdstore.Options.AdoptRoot (doctor --rebuild --force).
+	// adoptRoot: etcdstore.Options.AdoptRoot (doctor --rebuild).
 	adoptRoot bool
 
 	once  sync.Once
@@ -56,11 +56,6 @@ func (g *globals) stateStore() (state.Backend, error) {
 		ctx := g.ctx
 		if ctx == nil {
 			ctx = context.Background()
-		}
-		if g.openTimeout > 0 {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, g.openTimeout)
-			defer cancel()
 		}
 		f.store, f.err = f.open(ctx, g)
 	})

@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"github.com/depcache/depcache/state"
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // RootIDFile is the name of a root's ID file: a random ID written once,
@@ -71,21 +70,23 @@ func (s *Store) ensureRootID() (string, error) {
 	return id, err
 }
 
-// bindOps adds to t what binds an unbound prefix to the root, or checks
-// that the prefix, bound meanwhile, is bound to this root.
-func (s *Store) bindOps(t *txn, sn *snapshot) error {
-	id, err := s.ensureRootID()
+// checkBoundTo checks that the prefix, bound meanwhile to the root with
+// ID bound, is bound to this root. It makes no ID file: a root without
+// one is another root.
+func (s *Store) checkBoundTo(bound string) error {
+	id, err := readRootID(s.root)
 	if err != nil {
 		return fmt.Errorf("%s: %w", s, err)
 	}
-	switch sn.rootID {
-	case "":
-		t.put(s.l.rootID(), []byte(id))
-		t.cmp(clientv3.Compare(clientv3.CreateRevision(s.l.rootID()), "=", 0))
-	case id:
+	switch id {
+	case bound:
+		s.idMu.Lock()
+		s.rootID = id
+		s.idMu.Unlock()
 		s.bound.Store(true)
-	default:
-		return fmt.Errorf("%w: %s belongs to the root with ID %s, but root %s has ID %s", ErrRootMismatch, s, sn.rootID, s.root, id)
+		return nil
+	case "":
+		return fmt.Errorf("%w: %s belongs to the root with ID %s, but root %s has no ID file (%s): it is another root", ErrRootMismatch, s, bound, s.root, rootIDFile(s.root))
 	}
-	return nil
+	return fmt.Errorf("%w: %s belongs to the root with ID %s, but root %s has ID %s", ErrRootMismatch, s, bound, s.root, id)
 }

@@ -106,8 +106,8 @@ type Options struct {
 	// ID and published content (bound to a prefix before: one that was
 	// lost, or that the root moves from). Without it Open refuses such a
 	// root (ErrRootMismatch): two prefixes describing one root's content
-	// would each evict what the other's runs use. doctor --rebuild
-	// --force sets it.
+	// would each evict what the other's runs use. doctor --rebuild sets
+	// it: a rebuild onto an unbound prefix is how a root moves.
 	AdoptRoot bool
 	// Perms are the modes of the root's ID file. Zero: state.DefaultPerms.
 	Perms state.Perms
@@ -325,7 +325,7 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	switch {
 	case bound == "" && id != "" && !s.adoptRoot && hasContent(s.root):
 		return fmt.Errorf("%w: root %s has ID %s and published content, but %s records no root: the root is bound to another prefix (or this one was lost); "+
-			"refusing to let a second prefix describe its content. Use the root's own --state, or, if its prefix was lost, rebuild it here: depcache doctor --rebuild --force",
+			"refusing to let a second prefix describe its content. Use the root's own --state, or, to move the root here (its prefix was lost, or a move was cut short), rebuild it here: depcache doctor --rebuild",
 			ErrRootMismatch, s.root, id, s)
 	case bound == "":
 	case id == "":
@@ -357,29 +357,31 @@ func ancestorPrefixes(p string) []string {
 // under the prefix (keys only): for a first commit, when the prefix holds
 // no state of its own, and for a rebuild.
 func (s *Store) nestedPrefix(ctx context.Context) (string, error) {
-	var found string
-	err := s.read(ctx, func(rctx context.Context) error {
-		r, err := s.cli.Get(rctx, s.l.p+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
-		if err != nil {
+	from, end := s.l.p+"/", clientv3.GetPrefixRangeEnd(s.l.p+"/")
+	for {
+		var r *clientv3.GetResponse
+		err := s.read(ctx, func(rctx context.Context) (err error) {
+			r, err = s.cli.Get(rctx, from, clientv3.WithRange(end), clientv3.WithKeysOnly(), clientv3.WithLimit(pageSize))
 			return err
+		})
+		if err != nil {
+			return "", s.fail(ctx, "looking for prefixes inside this one", err)
 		}
 		for _, kv := range r.Kvs {
 			if k := string(kv.Key); k != s.l.format() && strings.HasSuffix(k, "/format") && !s.ownKey(k) {
-				found = strings.TrimSuffix(k, "/format")
-				return nil
+				return strings.TrimSuffix(k, "/format"), nil
 			}
 		}
-		return nil
-	})
-	if err != nil {
-		return "", s.fail(ctx, "looking for prefixes inside this one", err)
+		if !r.More || len(r.Kvs) == 0 {
+			return "", nil
+		}
+		from = string(r.Kvs[len(r.Kvs)-1].Key) + "\x00"
 	}
-	return found, nil
 }
 
-// ownKey reports whether k is a key of this prefix's own layout whose
-// name may end in "/format": a dependent named "format", a named lock's
-// keys, a commit record, a sweeper candidate.
+// ownKey reports whether k, which ends in "/format", is a key of this
+// prefix's own layout: an entry or owner key of an entry whose ID ends
+// so (none does: entries are named by key IDs).
 func (s *Store) ownKey(k string) bool {
 	// Entries are named by key IDs (32 hex digits); "P/e/format" is the
 	// format key of a prefix P/e, not an entry. Dependent names are hex
@@ -390,11 +392,8 @@ func (s *Store) ownKey(k string) bool {
 	if id, ok := s.l.parseOwnerKey(k); ok && isKeyID(id) {
 		return true
 	}
-	for _, ns := range []string{s.l.noncePrefix(), s.l.sweeper(), s.l.p + "/locks/", s.l.lockInfos()} {
-		if strings.HasPrefix(k, ns) {
-			return true
-		}
-	}
+	// Commit records, sweeper candidates and named locks are named in
+	// hex: none ends in "/format".
 	return false
 }
 
@@ -403,12 +402,22 @@ func isKeyID(id string) bool {
 }
 
 // explainCorrupt returns err, or, when the keys that made the prefix's
-// state unreadable are another prefix's inside it, an error saying so.
-func (s *Store) explainCorrupt(ctx context.Context, err error) error {
+// state unreadable (those sn read) are another prefix's inside it, an
+// error saying so. It reads nothing more.
+func (s *Store) explainCorrupt(sn *snapshot, err error) error {
 	if !errors.Is(err, state.ErrCorrupt) {
 		return err
 	}
-	if inner, nerr := s.nestedPrefix(ctx); nerr == nil && inner != "" {
+	inner := ""
+	if _, ok := sn.entries["format"]; ok {
+		inner = s.l.p + "/e" // its format key reads as an entry "format"
+	}
+	for _, k := range sn.stray {
+		if strings.HasSuffix(k, "/format") {
+			inner = strings.TrimSuffix(k, "/format")
+		}
+	}
+	if inner != "" {
 		return fmt.Errorf("%s: %w: the depcache prefix %s lies inside %s, and its keys read as this one's: give each cache a prefix that neither holds nor lies in another's (%v)", s, ErrNestedPrefix, inner, s.l.p, err)
 	}
 	return err
@@ -744,7 +753,7 @@ func (s *Store) View(ctx context.Context) (*state.State, error) {
 	}
 	st, _, err := s.decode(sn)
 	if err != nil {
-		return nil, s.explainCorrupt(ctx, err)
+		return nil, s.explainCorrupt(sn, err)
 	}
 	return st, nil
 }
@@ -811,7 +820,7 @@ func (s *Store) update(ctx context.Context, read func(context.Context) (*snapsho
 		}
 		st, orig, err := s.decode(sn)
 		if err != nil {
-			return s.explainCorrupt(ctx, err)
+			return s.explainCorrupt(sn, err)
 		}
 		changed, err := fn(st)
 		if err != nil || !changed {
@@ -993,11 +1002,19 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 		}
 		fb, _ := jsonMarshal(format{Version: FormatVersion})
 		t.put(s.l.format(), fb)
-		t.cmp(clientv3.Compare(clientv3.CreateRevision(s.l.format()), "=", 0))
 	}
+	// Binding an unbound prefix puts the root's ID; it is read, or made,
+	// only after the size check below, so that a commit too big to send
+	// leaves no ID file behind (which would bind the root for nothing).
+	bindAt := -1
+	checkBound := false
 	if s.root != "" && !s.bound.Load() {
-		if err := s.bindOps(t, sn); err != nil {
-			return nil, err
+		if sn.rootID == "" {
+			bindAt = len(t.ops)
+			t.put(s.l.rootID(), make([]byte, 32))
+			t.cmp(clientv3.Compare(clientv3.CreateRevision(s.l.rootID()), "=", 0))
+		} else {
+			checkBound = true
 		}
 	}
 	lease, err := s.recordLease(ctx)
@@ -1027,6 +1044,18 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 	if len(t.ops) > MaxTxnOps || len(t.cmps) > MaxTxnOps || t.bytes > MaxRequestBytes-16*1024 {
 		return nil, fmt.Errorf("%s: %w: %d operations, %d compares, about %d bytes (limits %d operations, %d bytes); nothing was written",
 			s, ErrTooBig, len(t.ops), len(t.cmps), t.bytes, MaxTxnOps, MaxRequestBytes)
+	}
+	switch {
+	case bindAt >= 0:
+		id, err := s.ensureRootID()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", s, err)
+		}
+		t.ops[bindAt] = clientv3.OpPut(s.l.rootID(), id)
+	case checkBound:
+		if err := s.checkBoundTo(sn.rootID); err != nil {
+			return nil, err
+		}
 	}
 	return t, nil
 }

@@ -339,6 +339,23 @@ func TestTooBig(t *testing.T) {
 	if len(st.Entries) != 1 || st.Get(testKey(0)).Message != "" {
 		t.Errorf("a refused commit wrote: %d entries", len(st.Entries))
 	}
+	// A first commit too big to send, from a root that has no ID yet (a
+	// move from the file store): the root is left without one, so that
+	// it is still the file store's.
+	root := t.TempDir()
+	fresh := open(t, []string{m.Endpoint}, "/toobig-root", func(o *Options) { o.Root = root })
+	err = fresh.Update(ctx, func(st *state.State) (bool, error) {
+		for i := range 200 {
+			st.Put(testEntry(i))
+		}
+		return true, nil
+	})
+	if !errors.Is(err, ErrTooBig) {
+		t.Errorf("a first commit of 200 entries: %v, want ErrTooBig", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, RootIDFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a refused first commit left the root an ID file: %v", err)
+	}
 }
 
 // TestSettle: a commit record read back says whether its commit applied,

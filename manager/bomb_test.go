@@ -85,6 +85,14 @@ func TestDecompressionBombs(t *testing.T) {
 	// same tree fits beside its small spool.
 	storedZip := zipOf(t, zip.Store, 5<<20)
 	deflatedZip := zipOf(t, zip.Deflate, 5<<20)
+	// A plain tar of 5 MiB: it fits the budget, but with a copy kept to
+	// resume from it would not, so none is kept.
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	tw.WriteHeader(&tar.Header{Name: "zeros", Mode: 0o644, Size: 5 << 20, Typeflag: tar.TypeReg})
+	tw.Write(make([]byte, 5<<20))
+	tw.Close()
+	plainTar := tb.Bytes()
 	plain := bytes.Repeat([]byte("x"), 9<<20)
 	for _, tc := range []struct {
 		name       string
@@ -100,10 +108,18 @@ func TestDecompressionBombs(t *testing.T) {
 		{"archive that fits", fits, false, false, ""},
 		{"zip whose spool and tree pass the budget", storedZip, false, true, "/b.zip"},
 		{"zip that fits beside its spool", deflatedZip, false, false, "/b.zip"},
+		{"resumable tar that fits only without a copy", plainTar, false, false, "/etag/b.tar"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			root := t.TempDir()
 			srv := newServer(t, tc.body)
+			if strings.HasPrefix(tc.path, "/etag/") {
+				srv.set(func(w http.ResponseWriter, r *http.Request) bool {
+					w.Header().Set("ETag", `"v1"`) // strong: resumable
+					http.ServeContent(w, r, "b.tar", time.Time{}, bytes.NewReader(tc.body))
+					return true
+				})
+			}
 			if tc.noLength {
 				srv.set(func(w http.ResponseWriter, r *http.Request) bool {
 					w.Header().Set("Content-Type", "application/octet-stream")

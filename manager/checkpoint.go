@@ -439,7 +439,10 @@ func (s *sink) decide(head []byte, r *resumed) error {
 		format = unpack.Plain
 	}
 	s.format = format
-	spoolTar := s.total >= 0 && s.val.Strong() && (s.b.limit <= 0 || s.total < s.b.limit)
+	// A tar archive is kept to resume from only when it and a tree of
+	// its size fit the budget together: a download that would fit
+	// without the copy is not failed for it (it just cannot resume).
+	spoolTar := s.total >= 0 && s.val.Strong() && (s.b.limit <= 0 || !s.b.disk || 2*s.total <= s.b.limit)
 	switch format {
 	case unpack.Plain:
 		s.rawName = contentName
@@ -478,8 +481,8 @@ func (s *sink) decide(head []byte, r *resumed) error {
 	}
 	// The spool counts against the bound while it exists.
 	b := s.b
-	if s.rawName != "" && b.limit > 0 && s.total > 0 { // an unknown total (-1) must not raise the bound
-		b = bound{limit: max(b.limit-s.total, 1), why: fmt.Sprintf("%s, less the %d bytes of the archive kept to resume from", b.why, s.total)}
+	if s.rawName != "" && b.limit > 0 && b.disk && s.total > 0 { // an unknown total (-1) must not raise the bound
+		b = bound{limit: max(b.limit-s.total, 1), disk: true, why: fmt.Sprintf("%s, less the %d bytes of the archive kept to resume from", b.why, s.total)}
 	}
 	if err := s.m.perms.MkdirAll(s.content()); err != nil {
 		return err
@@ -675,6 +678,12 @@ func (s *sink) finish(ferr error) (int64, map[string]string, error) {
 		if err := s.raw.Close(); err != nil && s.werr == nil {
 			s.werr = err
 		}
+	}
+	if r := s.resume; r != nil && r.raw != nil && r.raw != s.raw {
+		// A prefix this attempt did not take (not resumed, or the
+		// source failed before it started): its file is closed here, so
+		// that a deleted spool does not hold its disk.
+		r.raw.Close()
 	}
 	if s.werr != nil {
 		return 0, nil, s.werr

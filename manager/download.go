@@ -514,6 +514,10 @@ func syncFS(dir string) error {
 type bound struct {
 	limit int64  // 0: none
 	why   string // what sets the limit, for the error
+	// disk: the limit is room in the budget, which a spool on disk
+	// counts against while it exists (not Config.MaxBundleBytes, a bound
+	// of the content alone).
+	disk bool
 }
 
 // check fails once n bytes written pass the bound.
@@ -538,7 +542,7 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 	pol := policyOf(st)
 	room, fixed, ok := transitions.Room(pol, st.Entries, key, m.cfg.Clock.Now())
 	if ok && (b.limit <= 0 || room < b.limit) {
-		b = bound{limit: max(room, 1), why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted)",
+		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted)",
 			pol.MaxSizeBytes, room, fixed)}
 	}
 	return b
@@ -586,8 +590,8 @@ const spoolName = "spool.zip"
 // the bound (as a tar archive's does): the tree may write the bound less
 // the spool's size.
 func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64, content string, b bound) (int64, map[string]string, error) {
-	if b.limit > 0 {
-		b = bound{limit: max(b.limit-size, 1), why: fmt.Sprintf("%s, less the %d bytes of the zip archive it is unpacked from", b.why, size)}
+	if b.limit > 0 && b.disk {
+		b = bound{limit: max(b.limit-size, 1), disk: true, why: fmt.Sprintf("%s, less the %d bytes of the zip archive it is unpacked from", b.why, size)}
 	}
 	defer os.Remove(spool)
 	f, err := os.Open(spool)

@@ -23,7 +23,8 @@ func FuzzParseKey(f *testing.F) {
 	for _, s := range []string{"https://Example.com:443/a.tgz#x", "http://h/p?q=1", "file:///tmp/../x", "docker://alpine",
 		"docker://ubuntu:22.04", "docker://localhost:5000/a/b/c:1", "DOCKER://docker.io/library/alpine",
 		"docker://127.0.0.1:5000/a/b@sha256:" + strings.Repeat("0", 64), "ftp://x", "", "http://%zz", "file://host/x",
-		"docker-build:?tag=app:1&arg=K=V&arg=A=B", "docker-build:?dockerfile=Dockerfile", "docker-build:?arg=%FF=1"} {
+		"docker-build:?tag=app:1&arg=K=V&arg=A=B", "docker-build:?dockerfile=Dockerfile", "docker-build:?arg=%FF=1",
+		"file:///tmp/a%3Fb", "file:///tmp/a%23b#no-unpack", "file:///tmp/a%2541", "https://x/a.zip#no-unpack"} {
 		f.Add(s, "")
 	}
 	f.Add("https://x/y", strings.Repeat("a", 64))

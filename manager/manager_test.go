@@ -363,6 +363,9 @@ func TestParseKey(t *testing.T) {
 		{"file:///tmp/a.tar#no-unpack", "file:///tmp/a.tar#no-unpack", false},
 		{"https://example.com/a.zip#other", "https://example.com/a.zip", false},
 		{"file:///tmp/odd%23no-unpack", "", true}, // a path that would read as a kept-packed key
+		{"file:///tmp/a%3Fb", "", true},           // found by FuzzParseKey: not named back by its source
+		{"file:///tmp/a%23b#no-unpack", "", true},
+		{"file:///tmp/a%2541", "", true},
 		{"file://relative/x", "", true},
 		{"ftp://example.com/x", "", true},
 		{"/just/a/path", "", true},

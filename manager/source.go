@@ -158,6 +158,12 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 			// It would read as the kept-packed copy of another file.
 			return state.Key{}, fmt.Errorf("source %q: a file path may not end in %q (rename it): %w", source, keepPackedMark, ErrBadSource)
 		}
+		if strings.ContainsAny(u.Path, "%#?") {
+			// The source is kept unescaped, as ls prints it: given back,
+			// "#..." and "?..." would read as a fragment or a query and
+			// "%41" as an escape, naming another file.
+			return state.Key{}, fmt.Errorf("source %q: a file path with %%, # or ? in it cannot be named back by its source (rename it): %w", source, ErrBadSource)
+		}
 		if u.Fragment == keepPackedFragment {
 			k.Source += keepPackedMark
 		}

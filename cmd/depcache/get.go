@@ -220,7 +220,7 @@ func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *m
 	j := getJSON{entryJSON: toJSON(m, e)}
 	// The dependents' liveness and why the entry is kept, as ls --json
 	// says them (left empty if the entry cannot be read again now).
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second) // within --timeout too
 	defer cancel()
 	if _, d, err := m.DescribeEntry(dctx, e.Key); err == nil {
 		j.Description = d

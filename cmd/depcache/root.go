@@ -219,7 +219,14 @@ func applyEnv(cmd *cobra.Command, g *globals) error {
 			return
 		}
 		name := "DEPCACHE_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(name); ok && v != "" && f.Name != "root" {
+		if f.Name == "root" {
+			// Read by defaultRoot, not set through the flag.
+			if v, ok := os.LookupEnv(name); ok && v != "" {
+				g.fromEnv[f.Name] = true
+			}
+			return
+		}
+		if v, ok := os.LookupEnv(name); ok && v != "" {
 			// Set through the flag set, so that the flag counts as given.
 			if serr := cmd.Flags().Set(f.Name, v); serr != nil {
 				err = fmt.Errorf("%s=%q: %w: %w", name, v, errBadFlag, serr)
@@ -239,9 +246,11 @@ func nameEnvTwin(g *globals, err error) error {
 	if err == nil || !errors.Is(err, errBadFlag) {
 		return err
 	}
+	// Only the flag the message starts with is the one at fault; a flag
+	// named later is what it was compared with.
 	msg := err.Error()
 	for name := range g.fromEnv {
-		if strings.HasPrefix(msg, "--"+name+" ") || strings.Contains(msg, " --"+name+" ") {
+		if strings.HasPrefix(msg, "--"+name+" ") || strings.HasPrefix(msg, "--"+name+":") {
 			return fmt.Errorf("%w (set by DEPCACHE_%s)", err, strings.ToUpper(strings.ReplaceAll(name, "-", "_")))
 		}
 	}

@@ -38,11 +38,13 @@ func newServe(g *globals) *cobra.Command {
 		Short: "Run the transition and cleanup loops for the root until SIGINT or SIGTERM, with /healthz, /metrics, /v1/entries and a status page",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := g.config(&lf, &pf)
-			if err != nil {
+			// Before anything is opened: a bad port is bad input, whatever
+			// the state store or the Docker engine would say.
+			if err := checkListen(listen); err != nil {
 				return err
 			}
-			if err := checkListen(listen); err != nil {
+			cfg, err := g.config(&lf, &pf)
+			if err != nil {
 				return err
 			}
 			root, err := filepath.Abs(cfg.Root)

@@ -28,6 +28,15 @@ func parseBuildKey(u *url.URL) (state.Key, error) {
 		return state.Key{}, fmt.Errorf("docker-build:// needs an absolute context path (docker-build:///path/to/context): %w", ErrBadSource)
 	}
 	q := u.Query()
+	for k, vs := range q {
+		switch {
+		case k != "dockerfile" && k != "tag" && k != "arg":
+			// A typo would otherwise build with the default silently.
+			return state.Key{}, fmt.Errorf("docker-build parameter %q: unknown (want dockerfile, tag or arg): %w", k, ErrBadSource)
+		case k != "arg" && len(vs) > 1:
+			return state.Key{}, fmt.Errorf("docker-build parameter %q given %d times: %w", k, len(vs), ErrBadSource)
+		}
+	}
 	spec := &state.BuildSpec{Context: dir, Dockerfile: q.Get("dockerfile"), Tag: q.Get("tag")}
 	if spec.Dockerfile == "" {
 		spec.Dockerfile = "Dockerfile"

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 
 	"github.com/distribution/reference"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -65,6 +67,15 @@ func ParseImageRef(ref string) (string, error) {
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return "", fmt.Errorf("image reference %q: %w: %w", ref, ErrBadSource, err)
+	}
+	// The parsers take any digits after the registry's colon.
+	if reg := r.Context().RegistryStr(); strings.Contains(reg, ":") {
+		_, port, _ := strings.Cut(reg[strings.LastIndex(reg, "]")+1:], ":")
+		if port != "" {
+			if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+				return "", fmt.Errorf("image reference %q: registry port %s: %w: want 1 to 65535", ref, port, ErrBadSource)
+			}
+		}
 	}
 	return r.Name(), nil
 }

@@ -101,18 +101,33 @@ func published(info ImageInfo, fetched int64, external bool) transitions.Publish
 func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]string {
 	guards := map[string]string{}
 	var used map[string]bool
+	// The engine's ID, asked once: a manager that never started (rm) has
+	// not learnt it.
+	daemon, daemonErr := "", error(nil)
+	if m.cfg.Docker != nil && hasImages(st) {
+		daemon, daemonErr = m.daemon(ctx)
+	}
 	for id, e := range st.Entries {
 		if e.Key.Kind != state.Image {
 			continue
 		}
-		if m.cfg.Docker == nil || e.Key.Daemon != m.daemonIDNow() {
+		switch {
+		case m.cfg.Docker == nil:
+			guards[id] = "no Docker engine here (DOCKER_HOST, or /var/run/docker.sock)"
+			continue
+		case daemonErr != nil:
+			guards[id] = fmt.Sprintf("the Docker engine does not answer: %v", daemonErr)
+			continue
+		case e.Key.Daemon != daemon:
 			guards[id] = "image of another daemon"
 			continue
 		}
 		if used == nil {
 			var err error
 			if used, err = m.cfg.Docker.ImagesInUse(ctx); err != nil {
-				m.log.WithError(err).Warn("cannot list containers: no image is evicted in this sweep")
+				if ctx.Err() == nil { // a sweep cut short by its caller's end is no problem
+					m.log.WithError(err).Warn("cannot list containers: no image is evicted in this sweep")
+				}
 				for id, e := range st.Entries {
 					if e.Key.Kind == state.Image {
 						guards[id] = "containers unknown"
@@ -126,12 +141,6 @@ func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]s
 		}
 	}
 	return guards
-}
-
-func (m *Manager) daemonIDNow() string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.daemonID
 }
 
 // removeImages removes evicted images from the engine, outside the lock.

@@ -3,6 +3,7 @@ package manager_test
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,6 +54,9 @@ func TestParseImageReferences(t *testing.T) {
 		"docker://alpine:tag with space",
 		"docker://-leading/dash",
 		"docker://alpine:" + strings.Repeat("t", 129),
+		"docker://registry:99999/x", // found by a trial: the port went unchecked
+		"docker://registry:0/x",
+		"docker://[::1]:70000/x",
 	} {
 		if k, err := manager.ParseKey(in, ""); !errors.Is(err, manager.ErrBadSource) {
 			t.Errorf("%q: got %+v, %v; want ErrBadSource", in, k, err)
@@ -60,6 +64,19 @@ func TestParseImageReferences(t *testing.T) {
 	}
 	if _, err := manager.ParseKey("docker://alpine", strings.Repeat("a", 64)); !errors.Is(err, manager.ErrBadSource) {
 		t.Errorf("--sha256 on an image: %v", err)
+	}
+	// A build context that exists: only the parameters are wrong.
+	ctx := t.TempDir()
+	if err := os.WriteFile(filepath.Join(ctx, "Dockerfile"), []byte("FROM scratch\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := manager.ParseKey("docker-build://"+ctx+"?tag=a:1", ""); err != nil {
+		t.Fatalf("a good build source: %v", err)
+	}
+	for _, q := range []string{"?bogus=1", "?tag=a:1&tag=b:2", "?dockerfile=Dockerfile&dockerfile=Dockerfile"} {
+		if _, err := manager.ParseKey("docker-build://"+ctx+q, ""); !errors.Is(err, manager.ErrBadSource) || !strings.Contains(err.Error(), "docker-build parameter") {
+			t.Errorf("docker-build %s: %v, want ErrBadSource naming the parameter", q, err)
+		}
 	}
 }
 

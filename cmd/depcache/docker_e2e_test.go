@@ -509,3 +509,31 @@ func TestE2EReleaseImageInThisDaemon(t *testing.T) {
 		}
 	}
 }
+
+// TestE2ERmImage: rm removes an image entry nobody uses, with its image,
+// through this host's engine (it refused every image as another daemon's).
+func TestE2ERmImage(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/rm:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	if out, err := exec.Command(bin, "--root", root, "rm", "-y", "docker://"+ref).CombinedOutput(); err == nil || !strings.Contains(string(out), "job") {
+		t.Errorf("rm of an image in use: %v: %s; want it refused naming job", err, out)
+	}
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("release: %v: %s", err, out)
+	}
+	if out, err := exec.Command(bin, "--root", root, "rm", "-y", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("rm of an unused image entry: %v: %s", err, out)
+	}
+	if _, has := imageID(t, c, ref); has {
+		t.Error("rm left the image in the engine")
+	}
+	if st := readState(t, root); len(st.Entries) != 0 {
+		t.Errorf("%d entries left after rm", len(st.Entries))
+	}
+}

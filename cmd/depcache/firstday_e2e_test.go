@@ -101,6 +101,8 @@ func TestBadInputAndRefusals(t *testing.T) {
 		{[]string{"get", "http://[::1/x"}, 2, []string{"bad source"}},
 		{[]string{"serve", "--listen", "nonsense"}, 2, []string{"--listen nonsense", "missing port"}},
 		{[]string{"serve", "--listen", "127.0.0.1:noservice"}, 2, []string{"--listen 127.0.0.1:noservice", "names no known service"}},
+		{[]string{"run", "--dep", "P=file://" + filepath.Dir(strings.TrimPrefix(hello(t), "file://")), "--", "true"}, 2, []string{"tar -czf"}},
+		{[]string{"get", "--no-wait", "docker://registry:99999/x"}, 2, []string{"registry port 99999"}},
 		{[]string{"serve", "--listen", "127.0.0.1:70000"}, 2, []string{"port 70000 out of range"}},
 		{[]string{"gc", "--dry-run", "--high-watermark", "0"}, 2, []string{"--high-watermark 0", "[1, 100]"}},
 		{[]string{"gc", "--dry-run", "--high-watermark", "150"}, 2, []string{"--high-watermark 150", "[1, 100]"}},
@@ -145,6 +147,15 @@ func TestBadInputAndRefusals(t *testing.T) {
 	}
 	if code, out, _ := depcache(t, root, "--json", "release", "--dependent", "job", hello(t)); code != 0 || !strings.Contains(out, `"released": [`) || !strings.Contains(out, mustID(t, hello(t))) {
 		t.Errorf("release --json: exit %d\n%s", code, out)
+	}
+	// run's --sha256 takes what get's does: either case, with sha256:.
+	sum := fileSum(t, strings.TrimPrefix(hello(t), "file://"))
+	if code, _, errs := depcache(t, root, "run", "--dep", "P="+hello(t), "--sha256", "P=sha256:"+strings.ToUpper(sum), "--", "true"); code != 0 {
+		t.Errorf("run --sha256 P=sha256:UPPER: exit %d: %s", code, errs)
+	}
+	// A key ID prefix in upper case selects as in lower case.
+	if code, out, errs := depcache(t, root, "ls", "-q", strings.ToUpper(mustID(t, hello(t))[:10])); code != 0 || strings.TrimSpace(out) == "" {
+		t.Errorf("ls -q UPPER-ID-PREFIX: exit %d, %q %s", code, out, errs)
 	}
 }
 

@@ -59,10 +59,8 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if err != nil {
 				return err
 			}
-			if dir, ok := strings.CutPrefix(strings.TrimSuffix(key.Source, "#no-unpack"), "file://"); ok {
-				if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
-					return usageErrorf("%s", manager.DirectoryHint(dir))
-				}
+			if err := refuseDirectory(key); err != nil {
+				return err
 			}
 			if noUnpack {
 				if key, err = manager.KeepPacked(key); err != nil {
@@ -252,4 +250,15 @@ func explainFailed(f *manager.FailedError) error {
 		when = "its cool-down is over: the next get retries it"
 	}
 	return fmt.Errorf("%w (%s; %s, set by --failure-cooldown, doubling per failure; get --retry retries now)", f, kind, when)
+}
+
+// refuseDirectory refuses a file:// source that is a directory, with the
+// command that makes it a bundle (bad input: exit 2).
+func refuseDirectory(key state.Key) error {
+	if dir, ok := strings.CutPrefix(strings.TrimSuffix(key.Source, "#no-unpack"), "file://"); ok {
+		if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
+			return usageErrorf("%s", manager.DirectoryHint(dir))
+		}
+	}
+	return nil
 }

@@ -304,7 +304,8 @@ func newSelector(args, filters []string, now time.Time) (selector, error) {
 			if len(a) < minIDPrefix {
 				return s, usageErrorf("key ID prefix %q: want at least %d hex characters", a, minIDPrefix)
 			}
-			s.args = append(s.args, func(e *state.Entry) bool { return strings.HasPrefix(e.Key.ID(), a) })
+			id := strings.ToLower(a)
+			s.args = append(s.args, func(e *state.Entry) bool { return strings.HasPrefix(e.Key.ID(), id) })
 		default:
 			k, err := manager.ParseKey(a, "")
 			if err != nil {

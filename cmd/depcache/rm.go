@@ -60,7 +60,15 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 			if err := existingRoot(g); err != nil {
 				return err
 			}
-			m, err := manager.New(g.plainConfig())
+			cfg := g.plainConfig()
+			// Image entries are removed with their images: rm needs this
+			// host's engine to tell which daemon's they are.
+			engine, err := dockerEngine()
+			if err != nil {
+				return err
+			}
+			cfg.Docker = engine
+			m, err := manager.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -134,13 +142,14 @@ func confirm(r io.Reader, w io.Writer, question string) (bool, error) {
 // shortID is the KEY column: the first 12 hex characters of a key ID.
 func shortID(id string) string { return id[:min(len(id), 12)] }
 
-// isIDPrefix reports whether s looks like a key ID or a prefix of one.
+// isIDPrefix reports whether s looks like a key ID or a prefix of one, in
+// either case (IDs are lower case: compare strings.ToLower(s)).
 func isIDPrefix(s string) bool {
 	if s == "" || len(s) > 32 {
 		return false
 	}
 	for _, c := range s {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
 			return false
 		}
 	}
@@ -154,6 +163,7 @@ func resolveEntries(st *state.State, args []string, ignoreMissing bool) ([]state
 	var errs []error
 	for _, a := range args {
 		if isIDPrefix(a) {
+			a := strings.ToLower(a)
 			if len(a) < minIDPrefix {
 				return nil, usageErrorf("key ID prefix %q: want at least %d hex characters", a, minIDPrefix)
 			}

@@ -107,13 +107,9 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 	if err != nil {
 		return manager.Config{}, err
 	}
-	var engine manager.Engine
-	if os.Getenv("DOCKER_HOST") != "" || fileExists("/var/run/docker.sock") {
-		e, err := docker.New()
-		if err != nil {
-			return manager.Config{}, err
-		}
-		engine = e
+	engine, err := dockerEngine()
+	if err != nil {
+		return manager.Config{}, err
 	}
 	retries := l.retries
 	if retries == 0 {
@@ -287,6 +283,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// dockerEngine is the Docker engine of DOCKER_HOST or the default socket,
+// nil when there is neither.
+func dockerEngine() (manager.Engine, error) {
+	if os.Getenv("DOCKER_HOST") == "" && !fileExists("/var/run/docker.sock") {
+		return nil, nil
+	}
+	e, err := docker.New()
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
 }
 
 // plainConfig is the configuration of the commands that do not run the

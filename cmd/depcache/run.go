@@ -73,6 +73,7 @@ func parseRunDeps(deps, shas []string) ([]*runDep, error) {
 		if r == nil {
 			return nil, usageErrorf("--sha256 %q: no --dep %s=SOURCE", s, name)
 		}
+		hex = normaliseSHA256(hex) // as get's --sha256: either case, with or without sha256:
 		if err := state.CheckSHA256(hex); err != nil {
 			return nil, fmt.Errorf("--sha256 %q: %w", s, err)
 		}
@@ -81,6 +82,9 @@ func parseRunDeps(deps, shas []string) ([]*runDep, error) {
 	for _, r := range out {
 		key, err := manager.ParseKey(r.source, r.sha)
 		if err != nil {
+			return nil, fmt.Errorf("--dep %s: %w", r.name, err)
+		}
+		if err := refuseDirectory(key); err != nil {
 			return nil, fmt.Errorf("--dep %s: %w", r.name, err)
 		}
 		r.key = key

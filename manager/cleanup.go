@@ -730,38 +730,36 @@ func (m *Manager) DescribeEntry(ctx context.Context, key state.Key) (state.Entry
 
 // describeLocked is the description of entry e (of ID id). m.mu is held.
 func (m *Manager) describeLocked(id string, e *state.Entry, pol state.Policy, now time.Time) Description {
-	{
-		views := m.dependentViewsLocked(e, now)
-		var d Description
-		live := 0
-		names := make([]string, 0, len(e.Dependents))
-		for name := range e.Dependents {
-			names = append(names, name)
-		}
-		slices.Sort(names)
-		for _, name := range names {
-			ok, why := transitions.Liveness(e.Dependents[name], views[name], m.cfg.Policy, now)
-			d.Dependents = append(d.Dependents, DependentInfo{Name: name, Live: ok, Liveness: why})
-			if ok {
-				live++
-			}
-		}
-		reaped, _ := transitions.Reap(e, views, m.cfg.Policy, now)
-		d.Kept = transitions.Kept(pol, reaped.Entry, m.watchedLocked(id, e, now), now)
-		if live > 0 {
-			var who []string
-			for _, di := range d.Dependents {
-				if di.Live {
-					who = append(who, di.Name)
-				}
-			}
-			d.Kept = fmt.Sprintf("in use by %v", who)
-		}
-		if d.Dependents == nil {
-			d.Dependents = []DependentInfo{}
-		}
-		return d
+	views := m.dependentViewsLocked(e, now)
+	var d Description
+	live := 0
+	names := make([]string, 0, len(e.Dependents))
+	for name := range e.Dependents {
+		names = append(names, name)
 	}
+	slices.Sort(names)
+	for _, name := range names {
+		ok, why := transitions.Liveness(e.Dependents[name], views[name], m.cfg.Policy, now)
+		d.Dependents = append(d.Dependents, DependentInfo{Name: name, Live: ok, Liveness: why})
+		if ok {
+			live++
+		}
+	}
+	reaped, _ := transitions.Reap(e, views, m.cfg.Policy, now)
+	d.Kept = transitions.Kept(pol, reaped.Entry, m.watchedLocked(id, e, now), now)
+	if live > 0 {
+		var who []string
+		for _, di := range d.Dependents {
+			if di.Live {
+				who = append(who, di.Name)
+			}
+		}
+		d.Kept = fmt.Sprintf("in use by %v", who)
+	}
+	if d.Dependents == nil {
+		d.Dependents = []DependentInfo{}
+	}
+	return d
 }
 
 func hasImages(st *state.State) bool {

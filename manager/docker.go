@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strconv"
-	"strings"
 
 	"github.com/distribution/reference"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -69,12 +69,9 @@ func ParseImageRef(ref string) (string, error) {
 		return "", fmt.Errorf("image reference %q: %w: %w", ref, ErrBadSource, err)
 	}
 	// The parsers take any digits after the registry's colon.
-	if reg := r.Context().RegistryStr(); strings.Contains(reg, ":") {
-		_, port, _ := strings.Cut(reg[strings.LastIndex(reg, "]")+1:], ":")
-		if port != "" {
-			if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
-				return "", fmt.Errorf("image reference %q: registry port %s: %w: want 1 to 65535", ref, port, ErrBadSource)
-			}
+	if _, port, err := net.SplitHostPort(r.Context().RegistryStr()); err == nil {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return "", fmt.Errorf("image reference %q: registry port %s: %w: want 1 to 65535", ref, port, ErrBadSource)
 		}
 	}
 	return r.Name(), nil

@@ -3,6 +3,7 @@ package manager_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -163,6 +164,18 @@ func (r *logRecorder) find(msg string) []logrus.Entry {
 		}
 	}
 	return out
+}
+
+// said reports whether an entry's message or error contains s.
+func (r *logRecorder) said(s string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.entries {
+		if strings.Contains(e.Message, s) || strings.Contains(fmt.Sprint(e.Data[logrus.ErrorKey]), s) {
+			return true
+		}
+	}
+	return false
 }
 
 // messages lists every message, for failure reports.

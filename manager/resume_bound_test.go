@@ -16,35 +16,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/manager"
-	"github.com/depcache/depcache/state"
-	"github.com/sirupsen/logrus"
 )
-
-// logRecords keeps every record's message and error, for tests that
-// assert what a manager said.
-type logRecords struct {
-	mu   sync.Mutex
-	msgs []string
-}
-
-func (l *logRecords) Levels() []logrus.Level { return logrus.AllLevels }
-func (l *logRecords) Fire(e *logrus.Entry) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.msgs = append(l.msgs, fmt.Sprintf("%s %v", e.Message, e.Data[logrus.ErrorKey]))
-	return nil
-}
-
-func (l *logRecords) has(s string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, m := range l.msgs {
-		if strings.Contains(m, s) {
-			return true
-		}
-	}
-	return false
-}
 
 // TestResumedArchiveSpoolBounded: the copy of an archive kept to resume
 // from is bounded by the length the source declares. A resumed range
@@ -124,42 +96,12 @@ func TestResumedArchiveSpoolBounded(t *testing.T) {
 			}))
 			t.Cleanup(srv.Close)
 
-			root := t.TempDir()
-			dead := &sync.Map{}
-			recs := &logRecords{}
-			start := func(pid int) (*manager.Manager, func() error) {
-				log := logrus.New()
-				log.SetOutput(os.Stderr)
-				log.SetLevel(logrus.DebugLevel)
-				if os.Getenv("DT_VERBOSE") == "" {
-					log.SetOutput(nopWriter{})
-				}
-				log.AddHook(recs)
-				m, err := manager.New(manager.Config{Root: root, Log: log, PollInterval: 20 * time.Millisecond,
-					RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond,
-					Processes: fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: dead}})
-				if err != nil {
-					t.Fatal(err)
-				}
-				stop, err := m.Start(context.Background())
-				if err != nil {
-					t.Fatal(err)
-				}
-				return m, stop
-			}
+			var recs logRecorder
+			h := newResumeHosts(t.TempDir(), recs.logger())
 			key := mustKey(t, srv.URL+"/b.tar", "")
-			a, stopA := start(2001)
-			if _, err := a.Get(context.Background(), "run1", key, manager.Detached()); err != nil {
-				t.Fatal(err)
-			}
-			waitFor(t, time.Minute, func() bool { return checkpointAt(t, root) >= 8<<20 },
-				func() string { return "no checkpoint" })
-			if err := stopA(); err != nil {
-				t.Fatal(err)
-			}
-			dead.Store(2001, true)
+			h.interruptAtCheckpoint(t, key, 2001)
 
-			b, stopB := start(2002)
+			b, stopB := h.start(t, 2002)
 			defer stopB()
 			if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
 				t.Fatal(err)
@@ -185,7 +127,7 @@ func TestResumedArchiveSpoolBounded(t *testing.T) {
 				if err != nil || !bytes.Equal(got, data) {
 					t.Errorf("published data.bin: %d bytes, equal %v, %v", len(got), bytes.Equal(got, data), err)
 				}
-				if !recs.has(tc.said) {
+				if !recs.said(tc.said) {
 					t.Errorf("no log record says %q", tc.said)
 				}
 				if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
@@ -200,7 +142,3 @@ func TestResumedArchiveSpoolBounded(t *testing.T) {
 		})
 	}
 }
-
-type nopWriter struct{}
-
-func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"github.com/sirupsen/logrus"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -151,6 +152,51 @@ func stagingDirs(root string) []string {
 	return names
 }
 
+// resumeHosts start managers on one root as processes of one machine,
+// each of its own pid, which a test declares dead once stopped.
+type resumeHosts struct {
+	root string
+	log  logrus.FieldLogger
+	dead *sync.Map
+}
+
+func newResumeHosts(root string, log logrus.FieldLogger) *resumeHosts {
+	return &resumeHosts{root: root, log: log, dead: &sync.Map{}}
+}
+
+// start starts the manager of process pid.
+func (h *resumeHosts) start(t *testing.T, pid int) (*manager.Manager, func() error) {
+	t.Helper()
+	m, err := manager.New(manager.Config{Root: h.root, Log: h.log, PollInterval: 20 * time.Millisecond,
+		RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond,
+		Processes: fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: h.dead}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop, err := m.Start(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, stop
+}
+
+// interruptAtCheckpoint has process pid start downloading key, stops it
+// once its download checkpointed 8 MiB, and declares it dead: the next
+// owner may resume from its staging.
+func (h *resumeHosts) interruptAtCheckpoint(t *testing.T, key state.Key, pid int) {
+	t.Helper()
+	a, stop := h.start(t, pid)
+	if _, err := a.Get(context.Background(), "run1", key, manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, func() bool { return checkpointAt(t, h.root) >= 8<<20 },
+		func() string { return "no checkpoint" })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	h.dead.Store(pid, true)
+}
+
 // TestResumeAfterShutdown: a manager stopped mid-download hands the entry
 // back and keeps its checkpointed staging; the manager of another (later)
 // process resumes from it with Range, publishes the right bytes and
@@ -162,41 +208,17 @@ func TestResumeAfterShutdown(t *testing.T) {
 		body[i] = byte(i * 7 / 5)
 	}
 	sum := sha256.Sum256(body)
-	dead := &sync.Map{}
-	procs := func(pid int) fakeProcs {
-		return fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: dead}
-	}
-	start := func(root string, pid int) (*manager.Manager, func() error) {
-		m, err := manager.New(manager.Config{Root: root, Log: quietLog(), PollInterval: 20 * time.Millisecond,
-			RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond, Processes: procs(pid)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		stop, err := m.Start(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m, stop
-	}
 	for _, release := range []bool{false, true} {
 		root := t.TempDir()
+		hosts := newResumeHosts(root, quietLog())
 		srv := newHoldServer(t, body, len(body)*6/10)
 		key := mustKey(t, srv.URL+"/b.bin", hex.EncodeToString(sum[:]))
-		a, stopA := start(root, 1001)
-		if _, err := a.Get(context.Background(), "run1", key, manager.Detached()); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, time.Minute, func() bool { return checkpointAt(t, root) >= 8<<20 },
-			func() string { return "no checkpoint" })
-		if err := stopA(); err != nil {
-			t.Fatal(err)
-		}
-		dead.Store(1001, true)
+		hosts.interruptAtCheckpoint(t, key, 1001)
 		if got := stagingDirs(root); len(got) != 1 || checkpointAt(t, root) < 8<<20 {
 			t.Fatalf("after the shutdown, staging %v, checkpoint at %d: want it kept", got, checkpointAt(t, root))
 		}
 		if release {
-			b, stopB := start(root, 1002)
+			b, stopB := hosts.start(t, 1002)
 			if err := b.Release(context.Background(), "run1", key); err != nil {
 				t.Fatal(err)
 			}
@@ -205,14 +227,14 @@ func TestResumeAfterShutdown(t *testing.T) {
 			if got := stagingDirs(root); len(got) != 1 {
 				t.Fatalf("staging %v before the next start-up", got)
 			}
-			_, stopC := start(root, 1003)
+			_, stopC := hosts.start(t, 1003)
 			stopC()
 			if got := stagingDirs(root); len(got) != 0 {
 				t.Errorf("staging %v: a start-up keeps the checkpoint of an entry that is gone", got)
 			}
 			continue
 		}
-		b, stopB := start(root, 1002)
+		b, stopB := hosts.start(t, 1002)
 		if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
 			t.Fatal(err)
 		}

@@ -403,10 +403,7 @@ func describeRows(ctx context.Context, m *manager.Manager) (*state.State, []row,
 	out := []row{}
 	for _, e := range st.Sorted() {
 		j := toJSON(m, *e)
-		j.Description = desc[e.Key.ID()]
-		if j.Description.Dependents == nil {
-			j.Description.Dependents = []manager.DependentInfo{}
-		}
+		j.Description = desc[e.Key.ID()] // its Dependents are [] when none
 		out = append(out, row{j: j, e: e})
 	}
 	return st, out, nil

@@ -143,13 +143,21 @@ func (m *Manager) settlePolicy(st *state.State) (bool, error) {
 }
 
 // resolvePins turns each pin that is a short key ID (8 to 31 hex
-// characters, as ls shows them) into the full ID of the one entry whose ID
-// starts with it. As a pattern it would match no source, silently.
+// characters, as ls shows them, in either case) into the full ID of the one
+// entry whose ID starts with it, and a full ID into lower case. As a pattern
+// either would match no source, silently.
 func resolvePins(pins []string, st *state.State) ([]string, error) {
 	out := make([]string, len(pins))
 	for i, pin := range pins {
 		out[i] = pin
-		if len(pin) < 8 || len(pin) >= 32 || strings.Trim(pin, "0123456789abcdef") != "" {
+		if len(pin) < 8 || len(pin) > 32 || strings.Trim(pin, "0123456789abcdefABCDEF") != "" {
+			continue
+		}
+		// ls prints IDs in lower case, but people copy them from
+		// anywhere: an ID in upper case pins the same entry.
+		pin = strings.ToLower(pin)
+		out[i] = pin
+		if len(pin) == 32 {
 			continue
 		}
 		var match []string

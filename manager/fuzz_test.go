@@ -1,11 +1,13 @@
 package manager_test
 
 import (
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/depcache/depcache/manager"
 )
@@ -24,7 +26,8 @@ func FuzzParseKey(f *testing.F) {
 		"docker://ubuntu:22.04", "docker://localhost:5000/a/b/c:1", "DOCKER://docker.io/library/alpine",
 		"docker://127.0.0.1:5000/a/b@sha256:" + strings.Repeat("0", 64), "ftp://x", "", "http://%zz", "file://host/x",
 		"docker-build:?tag=app:1&arg=K=V&arg=A=B", "docker-build:?dockerfile=Dockerfile", "docker-build:?arg=%FF=1",
-		"file:///tmp/a%3Fb", "file:///tmp/a%23b#no-unpack", "file:///tmp/a%2541", "https://x/a.zip#no-unpack"} {
+		"file:///tmp/a%3Fb", "file:///tmp/a%23b#no-unpack", "file:///tmp/a%2541", "https://x/a.zip#no-unpack",
+		"https://h%FF/", "http://H%c3%A9:80/"} {
 		f.Add(s, "")
 	}
 	f.Add("https://x/y", strings.Repeat("a", 64))
@@ -42,6 +45,11 @@ func FuzzParseKey(f *testing.F) {
 		}
 		if err := k.Validate(); err != nil {
 			t.Fatalf("ParseKey(%q) gave an invalid key: %v", src, err)
+		}
+		if u, err := url.Parse(src); err == nil && !utf8.ValidString(u.Host) {
+			// Lower-casing would turn each bad byte into U+FFFD: two
+			// sources, one entry.
+			t.Fatalf("ParseKey(%q) accepted a host that unescapes to invalid UTF-8 (%q)", src, u.Host)
 		}
 		again := src
 		if !build {

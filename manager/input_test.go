@@ -135,6 +135,8 @@ func TestStringsRoundTrip(t *testing.T) {
 		"file:///tmp/\xff",
 		"file:///tmp/%FF",
 		"https://example.com/\xfe",
+		"https://h%FF/",      // escaped in the host: unescaped, then lower-cased
+		"http://H%FE:8080/x", // to U+FFFD, which would make these one entry
 		"docker://alpine:\xff",
 		"docker-build:///tmp?arg=K=%FF",
 		"docker-build:///tmp?arg=%FE=v",
@@ -145,6 +147,28 @@ func TestStringsRoundTrip(t *testing.T) {
 			t.Errorf("ParseKey(%q) = %v, want ErrBadSource", src, err)
 		} else if !errors.Is(err, state.ErrInvalidText) && !strings.HasPrefix(src, "docker://") {
 			t.Errorf("ParseKey(%q) = %v: not named as invalid UTF-8", src, err)
+		}
+	}
+	// Accepted sources come back as they were stored, and name their own
+	// entry when given back.
+	for _, src := range []string{
+		"https://例え.jp/ファイル.tar.gz",
+		"https://h%EF%BF%BD/x",
+		"https://example.com/%E6%97%A5%20x?q=%C3%A9",
+		"file:///tmp/日本 語",
+		"docker://ghcr.io/ünï/x:1",
+	} {
+		k1, err := manager.ParseKey(src, "")
+		if err != nil {
+			if strings.HasPrefix(src, "docker://") && errors.Is(err, manager.ErrBadSource) {
+				continue // image names are lower-case ASCII: refused, not changed
+			}
+			t.Errorf("ParseKey(%q): %v", src, err)
+			continue
+		}
+		k2, err := manager.ParseKey(k1.Source, "")
+		if err != nil || k2.ID() != k1.ID() || k2.Source != k1.Source {
+			t.Errorf("ParseKey(%q) = %q; given back: %q, %v", src, k1.Source, k2.Source, err)
 		}
 	}
 	for _, pin := range invalidUTF8 {

@@ -132,6 +132,11 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 				return state.Key{}, fmt.Errorf("source %q: port %s: %w: want 1 to 65535", source, p, ErrBadSource)
 			}
 		}
+		// The host is kept unescaped: "h%FF" and "h%FE" would both
+		// lower-case to U+FFFD and name one entry.
+		if err := state.CheckText("host", u.Host); err != nil {
+			return state.Key{}, fmt.Errorf("source %q: %w: %w", source, ErrBadSource, err)
+		}
 		u.Scheme = strings.ToLower(u.Scheme)
 		u.Host = strings.ToLower(u.Host)
 		if p := u.Port(); (u.Scheme == "http" && p == "80") || (u.Scheme == "https" && p == "443") {

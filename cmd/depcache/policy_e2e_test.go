@@ -186,14 +186,20 @@ func TestPinTakesTheShortKey(t *testing.T) {
 	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s", "--pin", id[:12]); code != 0 || !strings.Contains(out, "evicted 0,") {
 		t.Errorf("gc --pin KEY: %d %q, want the pinned entry kept", code, out)
 	}
-	if code, _, errs := cli(t, root, "policy", "set", "--pin", id[:12]); code != 0 {
-		t.Fatalf("policy set --pin KEY: %d %s", code, errs)
+	// IDs copied in upper case pin the same entry, short or full.
+	for _, pin := range []string{id[:12], strings.ToUpper(id[:12]), strings.ToUpper(id)} {
+		if code, _, errs := cli(t, root, "policy", "set", "--pin", pin); code != 0 {
+			t.Fatalf("policy set --pin %s: %d %s", pin, code, errs)
+		}
+		if p := storedPolicy(t, root); p == nil || len(p.Pins) != 1 || p.Pins[0] != id {
+			t.Errorf("--pin %s: stored pins %+v, want the full ID %s", pin, p, id)
+		}
+		if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s"); code != 0 || !strings.Contains(out, "evicted 0,") {
+			t.Errorf("gc under the stored pin %s: %d %q", pin, code, out)
+		}
 	}
-	if p := storedPolicy(t, root); p == nil || len(p.Pins) != 1 || p.Pins[0] != id {
-		t.Errorf("stored pins %+v, want the full ID %s", p, id)
-	}
-	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s"); code != 0 || !strings.Contains(out, "evicted 0,") {
-		t.Errorf("gc under the stored pin: %d %q", code, out)
+	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s", "--pin", strings.ToUpper(id[:10])); code != 0 || !strings.Contains(out, "evicted 0,") {
+		t.Errorf("gc --pin in upper case: %d %q, want the pinned entry kept", code, out)
 	}
 	other := "00000000"
 	if strings.HasPrefix(id, other) {

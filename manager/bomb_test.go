@@ -17,6 +17,7 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"golang.org/x/sys/unix"
 )
 
 // zerosTarGz is a gzipped tar of members files of size bytes of zeros each:
@@ -164,5 +165,47 @@ func TestDecompressionBombs(t *testing.T) {
 				t.Errorf("%d requests: a budget failure is not retried", srv.requests.Load())
 			}
 		})
+	}
+}
+
+// TestBombUnderTheFreeDiskFloor: with no budget, the free-disk floor bounds
+// an unpack. A floor of all but 64 MiB of the free disk stops a gzip bomb
+// of 1 GiB of zeros (1 MiB on the wire), sent with no Content-Length.
+func TestBombUnderTheFreeDiskFloor(t *testing.T) {
+	root := t.TempDir()
+	var s unix.Statfs_t
+	if err := unix.Statfs(root, &s); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(s.Bavail) * int64(s.Bsize)
+	if free < 256<<20 {
+		t.Fatalf("%d bytes free under %s: the test needs 256 MiB", free, root)
+	}
+	body := zerosTarGz(t, 1, 1<<30)
+	srv := newServer(t, body)
+	srv.set(func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		for b := body; len(b) > 0; b = b[min(len(b), 64<<10):] {
+			if _, err := w.Write(b[:min(len(b), 64<<10)]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+		}
+		return true
+	})
+	m := newManager(t, root, func(c *manager.Config) {
+		c.SetPolicy = true
+		c.Cleanup = manager.PolicyChange{MinFreeDiskBytes: ptr(free - 64<<20), MinAge: ptr(time.Duration(0))}
+	})
+	e, err := getWait(t, m, "job", mustKey(t, srv.URL+"/b", ""))
+	var failed *manager.FailedError
+	if !errors.As(err, &failed) || e.Stage != state.Failed {
+		t.Fatalf("got %+v, %v; want FAILED", e, err)
+	}
+	if !strings.Contains(failed.Reason, manager.ErrTooLarge.Error()) || !strings.Contains(failed.Reason, "min-free-disk") {
+		t.Errorf("reason %q does not say it passed the free-disk floor", failed.Reason)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(root, "staging")); len(ents) != 0 {
+		t.Errorf("staging/ holds %d items after a refused bomb", len(ents))
 	}
 }

@@ -540,10 +540,19 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 		return b // the publish will hit the same problem and say so
 	}
 	pol := policyOf(st)
-	room, fixed, ok := transitions.Room(pol, st.Entries, key, m.cfg.Clock.Now())
+	now := m.cfg.Clock.Now()
+	room, fixed, ok := transitions.Room(pol, st.Entries, key, now)
 	if ok && (b.limit <= 0 || room < b.limit) {
 		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted)",
 			pol.MaxSizeBytes, room, fixed)}
+	}
+	// The free-disk floor bounds it too: with no budget set, it is the
+	// only bound a decompression bomb meets.
+	free, size := diskSpace(m.cfg.Root)
+	room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now)
+	if ok && (b.limit <= 0 || room < b.limit) {
+		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the disk has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk)",
+			free, room, floor)}
 	}
 	return b
 }

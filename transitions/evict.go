@@ -182,6 +182,24 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now
 	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
 }
 
+// RoomOnDisk returns how many bytes a download of self can take under the
+// policy's free-disk floor: what is free now, plus what evicting everything
+// evictable would free, less the floor. ok is false when the policy keeps
+// no floor or the disk's size is unknown.
+func RoomOnDisk(pol state.Policy, entries map[string]*state.Entry, self state.Key, u Usage, now time.Time) (room, floor int64, ok bool) {
+	floor = minFree(pol, u)
+	if floor <= 0 || u.DiskSize <= 0 {
+		return 0, 0, false
+	}
+	var evictable int64
+	for id, e := range entries {
+		if id != self.ID() && Kept(pol, e, asRecorded(e, now), now) == "" {
+			evictable += e.SizeBytes
+		}
+	}
+	return max(u.DiskFree+evictable-floor, 0), floor, true
+}
+
 // Fits says whether a download of total bytes can fit in the budget after
 // evicting everything evictable; if not, the error says why.
 func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, total int64, now time.Time) error {

@@ -112,6 +112,31 @@ func TestFits(t *testing.T) {
 	}
 }
 
+func TestRoomOnDisk(t *testing.T) {
+	held := cacheEntry(1, 60, 1, func(e *state.Entry) { e.Dependents = map[string]state.Dependent{"r": {}} })
+	free := cacheEntry(2, 30, 1)
+	self := state.Key{Kind: state.Bundle, Source: "https://x/new"}
+	for _, tc := range []struct {
+		name        string
+		pol         state.Policy
+		u           Usage
+		room, floor int64
+		ok          bool
+	}{
+		{"no floor", state.Policy{}, Usage{DiskFree: 10 << 20, DiskSize: 1 << 30}, 0, 0, false},
+		{"disk size unknown", state.Policy{MinFreeDiskPercent: 10}, Usage{DiskFree: 10 << 20}, 0, 0, false},
+		{"bytes: free plus the evictable, less the floor", state.Policy{MinFreeDiskBytes: 50 << 20}, Usage{DiskFree: 100 << 20, DiskSize: 1 << 30}, 80 << 20, 50 << 20, true},
+		{"percent", state.Policy{MinFreeDiskPercent: 10}, Usage{DiskFree: 200 << 20, DiskSize: 1000 << 20}, 130 << 20, 100 << 20, true},
+		{"the larger of both", state.Policy{MinFreeDiskBytes: 150 << 20, MinFreeDiskPercent: 10}, Usage{DiskFree: 200 << 20, DiskSize: 1000 << 20}, 80 << 20, 150 << 20, true},
+		{"below the floor already: no room", state.Policy{MinFreeDiskBytes: 500 << 20}, Usage{DiskFree: 100 << 20, DiskSize: 1 << 30}, 0, 500 << 20, true},
+	} {
+		room, floor, ok := RoomOnDisk(tc.pol, entries(held, free), self, tc.u, t0)
+		if room != tc.room || floor != tc.floor || ok != tc.ok {
+			t.Errorf("%s: room %d, floor %d, ok %v; want %d, %d, %v", tc.name, room, floor, ok, tc.room, tc.floor, tc.ok)
+		}
+	}
+}
+
 func TestLivenessAndReap(t *testing.T) {
 	p := Policy{LeaseDuration: time.Minute}
 	proc := &state.Process{Host: "h2", PID: 9}

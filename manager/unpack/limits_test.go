@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -128,7 +129,7 @@ func bomb(t *testing.T, members int, size int64) {
 	if errors.Is(err, ErrHostile) || errors.Is(err, ErrCorrupt) {
 		t.Errorf("err = %v, also wraps another error", err)
 	}
-	for _, want := range []string{"bytes written so far", strconv.Itoa(budget), strconv.FormatInt(n, 10) + " bytes"} {
+	for _, want := range []string{"bytes of disk so far", strconv.Itoa(budget), strconv.FormatInt(n, 10) + " bytes of them file content"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not say %q", err, want)
 		}
@@ -269,17 +270,18 @@ func TestBudgetCountsWhatIsWritten(t *testing.T) {
 	}
 	defer root.Close()
 	const bound = 64 << 10
-	x := extractor{root: root, lim: Limits{MaxBytes: bound}, links: map[string]link{}, files: map[string]bool{}, hashes: map[string]string{}}
+	x := newExtractor(root, Limits{MaxBytes: bound})
 	if err := x.member(&tar.Header{Name: "small", Typeflag: tar.TypeReg, Size: 100}, strings.NewReader(strings.Repeat("a", 100))); err != nil {
 		t.Fatal(err)
 	}
 	lying := &countingReader{r: bytes.NewReader(make([]byte, 1<<20))}
+	room := bound - x.used - inodeCost // what the liar may write: the bound less the tree so far and its inode
 	err = x.member(&tar.Header{Name: "liar", Typeflag: tar.TypeReg, Size: 10}, lying)
 	if !errors.Is(err, ErrTooLarge) {
 		t.Fatalf("err = %v, want ErrTooLarge", err)
 	}
-	if x.bytes != bound+1 || lying.n > bound+32<<10 {
-		t.Errorf("counted %d bytes (read %d), want the bound and one byte, %d", x.bytes, lying.n, bound+1)
+	if x.bytes-100 != room+1 || lying.n > bound+32<<10 {
+		t.Errorf("the liar wrote %d bytes (read %d), want its room and one byte, %d", x.bytes-100, lying.n, room+1)
 	}
 	if fi, err := root.Stat("liar"); err != nil || fi.Size() != x.bytes-100 {
 		t.Errorf("liar on disk: %v %v, want %d bytes, as counted", fi, err, x.bytes-100)
@@ -297,5 +299,95 @@ func TestMaxFiles(t *testing.T) {
 		if tc.ok != (err == nil) || (!tc.ok && !errors.Is(err, ErrTooLarge)) {
 			t.Errorf("MaxFiles %d: err = %v, want ok %v or ErrTooLarge", tc.max, err, tc.ok)
 		}
+	}
+}
+
+// treeCost is what the tree under dir takes by the extractor's measure,
+// counted from the disk: an inode for every name, a block for every
+// directory, and each distinct file's bytes in whole blocks.
+func treeCost(t testing.TB, dir string) (cost int64, dirs int) {
+	t.Helper()
+	seen := map[uint64]bool{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		cost += inodeCost
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			cost += blockSize
+			dirs++
+		case fi.Mode().IsRegular():
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && !seen[st.Ino] {
+				seen[st.Ino] = true
+				cost += blocks(fi.Size())
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cost, dirs
+}
+
+// TestTreeBombs: archives of nothing but names (empty directories, empty
+// files, symlinks, one very deep path) are bounded by the disk their tree
+// takes, not by their files' bytes, which are none: 20,000 empty
+// directories took 79 MiB and were counted as 0 bytes.
+func TestTreeBombs(t *testing.T) {
+	const bound = 4 << 20
+	many := func(n int, f func(i int) mem) []mem {
+		ms := make([]mem, n)
+		for i := range ms {
+			ms[i] = f(i)
+		}
+		return ms
+	}
+	deep := strings.Repeat("a/", 1500) + "f"
+	for _, tc := range []struct {
+		name string
+		ms   []mem
+	}{
+		{"20,000 empty directories", many(20000, func(i int) mem { return dir(fmt.Sprintf("d%05d/", i)) })},
+		{"20,000 files under their own directories", many(20000, func(i int) mem { return file(fmt.Sprintf("d%05d/f", i), "") })},
+		{"20,000 empty files", many(20000, func(i int) mem { return file(fmt.Sprintf("f%05d", i), "") })},
+		{"20,000 symlinks", many(20000, func(i int) mem { return sym(fmt.Sprintf("l%05d", i), "x") })},
+		{"one name 1,500 directories deep", []mem{file(deep, "x")}},
+		{"20,000 one-byte files", many(20000, func(i int) mem { return file(fmt.Sprintf("f%05d", i), "x") })},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := archive(t, tc.ms...)
+			dir := t.TempDir()
+			n, err := Extract(context.Background(), bytes.NewReader(b), dir, Limits{MaxBytes: bound})
+			if !errors.Is(err, ErrTooLarge) {
+				t.Fatalf("n = %d, err = %v; want ErrTooLarge", n, err)
+			}
+			if cost, dirs := treeCost(t, dir); cost > bound+blockSize+inodeCost {
+				t.Errorf("the tree takes %d bytes (%d directories), bound %d", cost, dirs, bound)
+			}
+		})
+	}
+	t.Run("zip of 20,000 empty directories", func(t *testing.T) {
+		zs := make([]zmem, 20000)
+		for i := range zs {
+			zs[i] = zdir(fmt.Sprintf("d%05d/", i))
+		}
+		dir := t.TempDir()
+		if _, _, err := extractZipBytes(t, zipArchive(t, zs...), dir, Limits{MaxBytes: bound}); !errors.Is(err, ErrTooLarge) {
+			t.Fatalf("err = %v, want ErrTooLarge", err)
+		}
+		if cost, dirs := treeCost(t, dir); cost > bound+blockSize+inodeCost {
+			t.Errorf("the tree takes %d bytes (%d directories), bound %d", cost, dirs, bound)
+		}
+	})
+	// The same shapes, smaller, fit: the bound is on the tree, not on names.
+	ms := many(400, func(i int) mem { return file(fmt.Sprintf("d%03d/f", i), "x") })
+	if _, err := Extract(context.Background(), bytes.NewReader(archive(t, ms...)), t.TempDir(), Limits{MaxBytes: bound}); err != nil {
+		t.Errorf("400 small files in their directories (%d bytes of tree): %v", 400*(2*inodeCost+2*blockSize), err)
 	}
 }

@@ -152,7 +152,7 @@ func ExtractHashed(ctx context.Context, r io.Reader, dir string, lim Limits) (in
 		return 0, nil, err
 	}
 	defer root.Close()
-	x := extractor{root: root, lim: lim, links: map[string]link{}, files: map[string]bool{}, hashes: map[string]string{}}
+	x := newExtractor(root, lim)
 	tail := &tailReader{r: r}
 	tr := tar.NewReader(tail)
 	for {
@@ -209,15 +209,43 @@ func (t *tailReader) endsWithZeroBlock() bool {
 	return t.n >= int64(len(t.last)) && t.last == [512]byte{}
 }
 
+// What an archive's members cost on disk beyond their bytes, charged
+// against Limits.MaxBytes: an inode for every member, a block for every
+// directory, and a file's bytes rounded up to whole blocks. Counting bytes
+// alone let 20,000 empty directories (a 94 KB archive, 79 MiB on disk) pass
+// a budget of 8 MiB as "0 bytes". These are ext4's and xfs's usual sizes.
+const (
+	inodeCost = 256
+	blockSize = 4096
+)
+
+func blocks(n int64) int64 { return (n + blockSize - 1) / blockSize * blockSize }
+
 type extractor struct {
 	root   *os.Root
 	lim    Limits
-	bytes  int64
+	bytes  int64 // content bytes written (what Extract returns)
+	used   int64 // the disk they and the tree's inodes and directories take
 	count  int
+	dirs   map[string]bool   // directories made (or found) so far
 	links  map[string]link   // the symlinks the archive made, by clean name
 	order  []string          // their names, in archive order
 	files  map[string]bool   // regular files, the only hard-link targets
 	hashes map[string]string // sha256 of each regular file written
+}
+
+func newExtractor(root *os.Root, lim Limits) *extractor {
+	return &extractor{root: root, lim: lim, links: map[string]link{}, files: map[string]bool{}, hashes: map[string]string{}, dirs: map[string]bool{}}
+}
+
+// charge counts n more bytes of disk for member name, and fails once the
+// total passes the bound.
+func (x *extractor) charge(name string, n int64) error {
+	x.used += n
+	if x.lim.MaxBytes > 0 && x.used > x.lim.MaxBytes {
+		return x.tooLarge(name, "")
+	}
+	return nil
 }
 
 func hostile(name, why string) error {
@@ -254,6 +282,9 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
 	x.count++
 	if x.lim.MaxFiles > 0 && x.count > x.lim.MaxFiles {
 		return fmt.Errorf("%w: more than %d members", ErrTooLarge, x.lim.MaxFiles)
+	}
+	if err := x.charge(hdr.Name, inodeCost); err != nil {
+		return err
 	}
 	switch hdr.Typeflag {
 	case tar.TypeDir:
@@ -316,6 +347,14 @@ func (x *extractor) parent(p string) error {
 }
 
 func (x *extractor) mkdir(p string) error {
+	// Every directory the tree gains is charged, parents made on the way
+	// included: one deep name can make thousands.
+	for q := p; q != "." && !x.dirs[q]; q = path.Dir(q) {
+		x.dirs[q] = true
+		if err := x.charge(q+"/", inodeCost+blockSize); err != nil {
+			return err
+		}
+	}
 	if !x.lim.Group {
 		return x.root.MkdirAll(p, 0o755)
 	}
@@ -336,14 +375,18 @@ func (x *extractor) mkdir(p string) error {
 
 // tooLarge is the error for a member that does not fit the byte budget.
 func (x *extractor) tooLarge(name, what string) error {
-	return fmt.Errorf("%w: member %q %s: %d bytes written so far, the bound is %d", ErrTooLarge, name, what, x.bytes, x.lim.MaxBytes)
+	if what != "" {
+		what = " " + what
+	}
+	return fmt.Errorf("%w: member %q%s: the tree takes %d bytes of disk so far, %d bytes of them file content (a file takes whole %d-byte blocks, a directory one, a member an inode), the bound is %d",
+		ErrTooLarge, name, what, x.used, x.bytes, blockSize, x.lim.MaxBytes)
 }
 
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size < 0 {
 		return fmt.Errorf("%w: member %q: negative size", ErrCorrupt, hdr.Name)
 	}
-	if x.lim.MaxBytes > 0 && hdr.Size > x.lim.MaxBytes-x.bytes {
+	if x.lim.MaxBytes > 0 && blocks(hdr.Size) > x.lim.MaxBytes-x.used {
 		return x.tooLarge(hdr.Name, fmt.Sprintf("of %d bytes", hdr.Size))
 	}
 	if err := x.parent(p); err != nil {
@@ -372,14 +415,15 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	// copy at most one byte past it, whatever the reader hands over.
 	src := r
 	if x.lim.MaxBytes > 0 {
-		src = io.LimitReader(r, x.lim.MaxBytes-x.bytes+1)
+		src = io.LimitReader(r, x.lim.MaxBytes-x.used+1)
 	}
 	n, err := io.Copy(io.MultiWriter(f, h), src)
 	x.bytes += n
+	x.used += blocks(n)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil && x.lim.MaxBytes > 0 && x.bytes > x.lim.MaxBytes {
+	if err == nil && x.lim.MaxBytes > 0 && x.used > x.lim.MaxBytes {
 		return x.tooLarge(hdr.Name, fmt.Sprintf("whose header said %d bytes but which held more", hdr.Size))
 	}
 	if err != nil {

@@ -337,4 +337,7 @@ func checkExtraction(t *testing.T, extract func(target string) (int64, error)) {
 	if count > fuzzLimits.MaxFiles {
 		t.Errorf("%d distinct files, bound %d", count, fuzzLimits.MaxFiles)
 	}
+	if cost, dirs := treeCost(t, target); cost > fuzzLimits.MaxBytes {
+		t.Errorf("the tree takes %d bytes of disk (%d directories), bound %d", cost, dirs, fuzzLimits.MaxBytes)
+	}
 }

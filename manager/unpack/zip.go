@@ -38,7 +38,7 @@ func ExtractZip(ctx context.Context, r io.ReaderAt, size int64, dir string, lim 
 		return 0, nil, err
 	}
 	defer root.Close()
-	x := extractor{root: root, lim: lim, links: map[string]link{}, files: map[string]bool{}, hashes: map[string]string{}}
+	x := newExtractor(root, lim)
 	for _, f := range zr.File {
 		if err := ctx.Err(); err != nil {
 			return x.bytes, nil, err

@@ -189,7 +189,8 @@ func (r *logRecorder) messages() []string {
 	return out
 }
 
-// counter reads the counter name{label=value} from reg (0 when absent).
+// counter reads the counter name{label=value} from reg, or the unlabelled
+// counter name when label is "" (0 when absent).
 func counter(t testing.TB, reg *prometheus.Registry, name, label, value string) float64 {
 	t.Helper()
 	fams, err := reg.Gather()
@@ -201,6 +202,9 @@ func counter(t testing.TB, reg *prometheus.Registry, name, label, value string) 
 			continue
 		}
 		for _, m := range f.GetMetric() {
+			if label == "" && len(m.GetLabel()) == 0 {
+				return m.GetCounter().GetValue()
+			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
 					return m.GetCounter().GetValue()

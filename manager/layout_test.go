@@ -19,9 +19,9 @@ import (
 // path, and nothing outside the root is written, moved or deleted.
 func TestRootLayoutRefused(t *testing.T) {
 	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	for _, name := range []string{"entries", "staging", "trash", "state.json", "state.json.prev", "state.lock"} {
+	for _, name := range []string{"entries", "staging", "trash", state.ShardDir, "state.json", "state.json.prev", "state.lock", state.RootIDFile} {
 		for _, kind := range []string{"symlink", "file"} {
-			if kind == "file" && filepath.Ext(name) != "" || kind == "file" && name == "state.lock" {
+			if kind == "file" && filepath.Ext(name) != "" && name != state.ShardDir || kind == "file" && (name == "state.lock" || name == state.RootIDFile) {
 				continue // a file is what these should be
 			}
 			t.Run(name+" as a "+kind, func(t *testing.T) {

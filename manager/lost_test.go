@@ -11,6 +11,8 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
 )
 
 // TestLostDependentIsTold: a dependent this manager registered that
@@ -34,7 +36,11 @@ func TestLostDependentIsTold(t *testing.T) {
 			root := t.TempDir()
 			var mu sync.Mutex
 			var lost []manager.LostDependent
+			rec := &logRecorder{}
+			reg := prometheus.NewRegistry()
 			m := newManager(t, root, func(c *manager.Config) {
+				c.Log = rec.logger()
+				c.Metrics = reg
 				c.OnLost = func(l manager.LostDependent) {
 					mu.Lock()
 					lost = append(lost, l)
@@ -91,6 +97,19 @@ func TestLostDependentIsTold(t *testing.T) {
 				if l.Key.ID() != k.ID() || l.Evicted != evict || l.Dependent == "churn" || (!evict && !slices.Contains(tc.reap, l.Dependent)) {
 					t.Errorf("reported %+v", l)
 				}
+			}
+			// Said at error level, once per loss, and counted.
+			var logged []logrus.Entry
+			for _, e := range rec.find("is gone from its entry without its release") {
+				if e.Level == logrus.ErrorLevel {
+					logged = append(logged, e)
+				}
+			}
+			if len(logged) != want {
+				t.Errorf("%d error records of the loss, want %d: %q", len(logged), want, rec.messages())
+			}
+			if n := counter(t, reg, "depcache_lost_dependents_total", "", ""); n != float64(want) {
+				t.Errorf("depcache_lost_dependents_total = %v, want %d", n, want)
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()

@@ -115,6 +115,9 @@ func Open(dir string, opts Options) (*Store, error) {
 // that hold it; and a file lock under it would exclude none of the hosts
 // that lock through that store.
 func CheckUnbound(dir string) error {
+	if err := CheckLayout(dir, nil, []string{RootIDFile}); err != nil {
+		return err
+	}
 	id, err := os.ReadFile(filepath.Join(dir, RootIDFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil

@@ -23,6 +23,11 @@ func rootIDFile(root string) string { return filepath.Join(root, RootIDFile) }
 
 // readRootID returns the root's ID, "" if it has none yet.
 func readRootID(root string) (string, error) {
+	// Looked at first, not followed: a symlink would let another root's
+	// ID vouch for this one.
+	if err := state.CheckLayout(root, nil, []string{RootIDFile}); err != nil {
+		return "", fmt.Errorf("root ID: %w", err)
+	}
 	b, err := os.ReadFile(rootIDFile(root))
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", nil

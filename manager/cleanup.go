@@ -354,6 +354,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	// no entry names (reconcile moves it aside), never a READY entry whose
 	// content is in trash. Generations are never reused, so nobody else
 	// can come to use these directories.
+	if len(evicted) > 0 {
+		failpoint("sweep-committed")
+	}
 	m.moveToTrash(evicted, "evicted")
 	for _, v := range rep.Victims {
 		rep.Freed += v.Bytes
@@ -495,6 +498,7 @@ func (m *Manager) emptyTrash() {
 		if err := os.RemoveAll(filepath.Join(dir, it.Name())); err != nil {
 			m.log.WithError(err).WithField("path", it.Name()).Warn("deleting evicted content")
 		}
+		failpoint("trash-deleted")
 	}
 }
 

@@ -18,12 +18,13 @@ import (
 
 // TestSweepKilledAtEveryStep kills a gc at each step of a sweep that
 // evicts three entries (DEPCACHE_FAILPOINT stops it there): inside the
-// commit's lock hold, after the commit and after each move into trash, and
-// before the trash is deleted. Whatever the step, no READY entry is left
+// commit's lock hold, after the commit and before the first move, after
+// each move into trash, before the trash is deleted, and after each
+// deletion in it. Whatever the step, no READY entry is left
 // without its content, and the next sweep finishes the job: nothing left
 // in entries/ or trash/, no entry left.
 func TestSweepKilledAtEveryStep(t *testing.T) {
-	for _, point := range []string{"sweep-before-commit", "trash-moved:1", "trash-moved:2", "trash-moved:3", "sweep-before-delete"} {
+	for _, point := range []string{"sweep-before-commit", "sweep-committed", "trash-moved:1", "trash-moved:2", "trash-moved:3", "sweep-before-delete", "trash-deleted:1", "trash-deleted:2"} {
 		t.Run(point, func(t *testing.T) {
 			root := t.TempDir()
 			srcDir := t.TempDir()

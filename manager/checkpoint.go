@@ -21,6 +21,7 @@ import (
 	"github.com/depcache/depcache/manager/unpack"
 	"github.com/depcache/depcache/state"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // Checkpoints. An owner records in its own staging directory how far its
@@ -65,7 +66,7 @@ type checkpoint struct {
 // when they are copied.
 func readCheckpoint(dir string, key state.Key) (checkpoint, bool) {
 	var c checkpoint
-	b, err := os.ReadFile(filepath.Join(dir, checkpointName))
+	b, err := readNote(filepath.Join(dir, checkpointName))
 	if err != nil || json.Unmarshal(b, &c) != nil {
 		return c, false
 	}
@@ -167,7 +168,7 @@ func (m *Manager) writerGone(dir string, key state.Key) bool {
 		Owner      state.Owner `json:"owner"`
 		Generation uint64      `json:"generation"`
 	}
-	b, err := os.ReadFile(filepath.Join(dir, ownerName))
+	b, err := readNote(filepath.Join(dir, ownerName))
 	if err != nil || json.Unmarshal(b, &rec) != nil {
 		return false
 	}
@@ -704,4 +705,31 @@ func (s *sink) finish(ferr error) (int64, map[string]string, error) {
 		os.Remove(filepath.Join(s.staging, s.rawName))
 	}
 	return u.n, u.hashes, u.err
+}
+
+// maxNoteBytes bounds the small files depcache writes beside content and
+// reads back (checkpoints, owner notes, metadata): none is near it.
+const maxNoteBytes = 1 << 20
+
+// readNote reads one of those files without trusting what is at its name:
+// a symlink is not followed, a FIFO does not block (a planted one hung
+// every start-up on the root), and a file past maxNoteBytes (a link to
+// /dev/zero, before) is refused rather than read into memory.
+func readNote(p string) ([]byte, error) {
+	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is %s, not a regular file", p, fi.Mode().Type())
+	}
+	if fi.Size() > maxNoteBytes {
+		return nil, fmt.Errorf("%s: %d bytes, more than a note of depcache's can be", p, fi.Size())
+	}
+	return io.ReadAll(io.LimitReader(f, maxNoteBytes+1))
 }

@@ -561,7 +561,7 @@ func (m *Manager) settleTrashAgainst(st *state.State, dirs []os.DirEntry, listed
 		var rec struct {
 			Owner state.Owner `json:"owner"`
 		}
-		b, err := os.ReadFile(filepath.Join(dir, ownerName))
+		b, err := readNote(filepath.Join(dir, ownerName))
 		if err != nil || json.Unmarshal(b, &rec) != nil || !m.self.SameMachine(rec.Owner.Process) {
 			continue // another host's, or unknown: doctor reports it
 		}

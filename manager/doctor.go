@@ -57,7 +57,7 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			return out, err
 		}
 		var meta Meta
-		b, err := os.ReadFile(filepath.Join(filepath.Dir(abs), metaName))
+		b, err := readNote(filepath.Join(filepath.Dir(abs), metaName))
 		if err == nil {
 			err = json.Unmarshal(b, &meta)
 		}
@@ -384,7 +384,7 @@ func (m *Manager) publishedMeta() (map[string]metaFile, error) {
 	}
 	found := map[string]metaFile{}
 	for _, d := range ents {
-		b, err := os.ReadFile(filepath.Join(dir, d.Name(), metaName))
+		b, err := readNote(filepath.Join(dir, d.Name(), metaName))
 		if err != nil {
 			continue
 		}
@@ -611,7 +611,7 @@ func (m *Manager) stagingWriter(dir string, st *state.State) string {
 		Owner      state.Owner `json:"owner"`
 		Generation uint64      `json:"generation"`
 	}
-	b, err := os.ReadFile(filepath.Join(dir, ownerName))
+	b, err := readNote(filepath.Join(dir, ownerName))
 	if err != nil || json.Unmarshal(b, &rec) != nil {
 		return "writer unknown"
 	}

@@ -164,7 +164,7 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 		var rec struct {
 			Owner state.Owner `json:"owner"`
 		}
-		b, err := os.ReadFile(filepath.Join(p, ownerName))
+		b, err := readNote(filepath.Join(p, ownerName))
 		if err != nil || json.Unmarshal(b, &rec) != nil {
 			continue
 		}

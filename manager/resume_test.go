@@ -6,7 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"github.com/sirupsen/logrus"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +18,7 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/sirupsen/logrus"
 )
 
 var resumeModTime = time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
@@ -262,5 +263,44 @@ func TestResumeAfterShutdown(t *testing.T) {
 		srv.mu.Unlock()
 		waitNoStaging(t, root)
 		stopB()
+	}
+}
+
+// TestHTTPSourceRefetchAfter416: a 416 to a resumed range asks for the
+// whole content again, and the idle timeout of that new request is reset
+// by its own data. The first request's timer, left running, cut a refetch
+// that took longer than the timeout however steadily its data came.
+func TestHTTPSourceRefetchAfter416(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	body := bytes.Repeat([]byte("x"), 40<<10)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("ETag", `"v1"`)
+		if r.Header.Get("Range") != "" {
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", len(body)))
+			w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
+			return
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+		// Paced by the server, well inside the idle timeout, for about
+		// three times it in all.
+		for b := body; len(b) > 0; b = b[1<<10:] {
+			if _, err := w.Write(b[:1<<10]); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			time.Sleep(idle / 12)
+		}
+	}))
+	defer srv.Close()
+	src := manager.HTTPSource(nil, idle).(manager.RangeSource)
+	var got bytes.Buffer
+	var starts []manager.RangeStart
+	err := src.FetchRange(context.Background(), srv.URL+"/b", manager.ResumeFrom{Offset: 100 << 10, Validator: manager.Validator{ETag: `"v1"`}}, &got,
+		func(s manager.RangeStart) error { starts = append(starts, s); return nil })
+	if err != nil || !bytes.Equal(got.Bytes(), body) {
+		t.Fatalf("416, then the whole content: %d of %d bytes, %v", got.Len(), len(body), err)
+	}
+	if len(starts) != 1 || starts[0].Offset != 0 {
+		t.Errorf("started %+v, want once from 0", starts)
 	}
 }

@@ -88,6 +88,9 @@ func (h *httpSource) FetchRange(ctx context.Context, src string, from ResumeFrom
 		// have (it changed), or we have all of it. Either way, ask for the
 		// whole content.
 		resp.Body.Close()
+		// This request's idle timer stops here: the new request has
+		// its own, which its data resets.
+		timer.Stop()
 		return h.FetchRange(ctx, src, ResumeFrom{}, w, start)
 	case resp.StatusCode == http.StatusOK:
 		got.Validator = validatorOf(resp, resp.ContentLength)

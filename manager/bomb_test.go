@@ -8,6 +8,7 @@ import (
 	"compress/gzip"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -95,6 +96,22 @@ func TestDecompressionBombs(t *testing.T) {
 	tw.Close()
 	plainTar := tb.Bytes()
 	plain := bytes.Repeat([]byte("x"), 9<<20)
+	// A tar.gz of 3 MiB on the wire and 6 MiB unpacked: under 8 MiB it
+	// fits, but not beside the copy of itself that resuming would keep.
+	crowded := func() []byte {
+		var b bytes.Buffer
+		zw := gzip.NewWriter(&b)
+		tw := tar.NewWriter(zw)
+		noise := make([]byte, 3<<20)
+		rand.NewChaCha8([32]byte{1}).Read(noise)
+		for i, data := range [][]byte{noise, make([]byte, 3<<20)} {
+			tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%d", i), Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg})
+			tw.Write(data)
+		}
+		tw.Close()
+		zw.Close()
+		return b.Bytes()
+	}()
 	for _, tc := range []struct {
 		name       string
 		body       []byte
@@ -110,6 +127,7 @@ func TestDecompressionBombs(t *testing.T) {
 		{"zip whose spool and tree pass the budget", storedZip, false, true, "/b.zip"},
 		{"zip that fits beside its spool", deflatedZip, false, false, "/b.zip"},
 		{"resumable tar that fits only without a copy", plainTar, false, false, "/etag/b.tar"},
+		{"resumable tar.gz whose tree fits only without a copy", crowded, false, false, "/etag/b.tar.gz"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			root := t.TempDir()

@@ -279,6 +279,11 @@ func (m *Manager) loadPrefix(ctx context.Context, c checkpoint, src, dst string)
 
 // clearRaw removes what an attempt may have left in staging: the raw
 // files, the checkpoint and the content.
+// errSpoolCrowded means an archive's tree passed the bound only because
+// the copy kept to resume from counted against it too: without the copy
+// it may fit, so the download starts again without one.
+var errSpoolCrowded = errors.New("the tree and the copy of its archive kept to resume from do not fit together")
+
 func clearRaw(staging string) error {
 	for _, n := range []string{checkpointName, checkpointName + ".tmp", rawSpoolName, spoolName, contentName} {
 		if err := os.RemoveAll(filepath.Join(staging, n)); err != nil {
@@ -363,6 +368,9 @@ type sink struct {
 	written *atomic.Int64
 	onTotal func(int64)
 	log     logrus.FieldLogger
+	// noSpool keeps no copy of a tar to resume from: an earlier attempt
+	// found that its tree and the copy together pass the bound.
+	noSpool bool
 
 	h       hash.Hash
 	n       int64
@@ -443,7 +451,7 @@ func (s *sink) decide(head []byte, r *resumed) error {
 	// A tar archive is kept to resume from only when it and a tree of
 	// its size fit the budget together: a download that would fit
 	// without the copy is not failed for it (it just cannot resume).
-	spoolTar := s.total >= 0 && s.val.Strong() && (s.b.limit <= 0 || !s.b.disk || 2*s.total <= s.b.limit)
+	spoolTar := !s.noSpool && s.total >= 0 && s.val.Strong() && (s.b.limit <= 0 || !s.b.disk || 2*s.total <= s.b.limit)
 	switch format {
 	case unpack.Plain:
 		s.rawName = contentName
@@ -482,8 +490,10 @@ func (s *sink) decide(head []byte, r *resumed) error {
 	}
 	// The spool counts against the bound while it exists.
 	b := s.b
+	crowded := false                                             // the copy alone may make the tree too large
 	if s.rawName != "" && b.limit > 0 && b.disk && s.total > 0 { // an unknown total (-1) must not raise the bound
 		b = bound{limit: max(b.limit-s.total, 1), disk: true, why: fmt.Sprintf("%s, less the %d bytes of the archive kept to resume from", b.why, s.total)}
+		crowded = r == nil
 	}
 	if err := s.m.perms.MkdirAll(s.content()); err != nil {
 		return err
@@ -506,6 +516,9 @@ func (s *sink) decide(head []byte, r *resumed) error {
 		}
 		if u.err == nil {
 			u.n, u.hashes, u.err = unpack.ExtractHashed(s.ctx, tr, s.content(), unpack.Limits{MaxBytes: b.limit, Group: s.m.cfg.GroupShared})
+			if crowded && errors.Is(u.err, unpack.ErrTooLarge) {
+				u.err = fmt.Errorf("%w: %w", u.err, errSpoolCrowded)
+			}
 			u.err = unpackError(u.err, b)
 		}
 		if u.err == nil {

@@ -273,12 +273,13 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	// and checkpointed, so that a later attempt or a later owner resumes.
 	rs, ranged := src.(RangeSource)
 	var (
-		format unpack.Format
-		hashes map[string]string
-		h      hash.Hash
-		err    error
-		first  = true
-		fresh  int // restarts from 0 after an answer that did not resume
+		format  unpack.Format
+		hashes  map[string]string
+		h       hash.Hash
+		err     error
+		first   = true
+		fresh   int  // restarts from 0 after an answer that did not resume
+		noSpool bool // keep no copy of an archive to resume from (errSpoolCrowded)
 	)
 	for attempt := 0; ; attempt++ {
 		var r *resumed
@@ -292,7 +293,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		first = false
 		written.Store(0)
 		total.Store(0)
-		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: m.bound(ctx, key), written: &written, log: log,
+		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: m.bound(ctx, key), written: &written, log: log, noSpool: noSpool,
 			h: sha256.New(), resume: r, onTotal: func(n int64) {
 				total.Store(n)
 				reportNow()
@@ -318,6 +319,17 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		format, h = s.format, s.h
 		if ctx.Err() != nil {
 			return meta, context.Cause(ctx) // the reason we were stopped, not "context canceled"
+		}
+		if errors.Is(cerr, errSpoolCrowded) && !noSpool {
+			// It fits without the copy to resume from: fetch it again,
+			// keeping none.
+			noSpool = true
+			log.WithError(cerr).Info("fetching again without a copy to resume from")
+			if err := clearRaw(staging); err != nil {
+				return meta, err
+			}
+			attempt--
+			continue
 		}
 		if s.werr != nil || (err == nil && cerr != nil) {
 			// The content itself failed (hostile archive, full disk), not

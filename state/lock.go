@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -63,6 +64,9 @@ type LockOptions struct {
 	// marker stays unchanged before the marker is judged stale and broken.
 	// Default 100ms.
 	TurnGrace time.Duration
+	// What names the lock in messages ("waiting for the ..."). Default
+	// "state lock".
+	What string
 }
 
 // Lock is a mutual-exclusion lock on a file name, safe between goroutines,
@@ -212,9 +216,9 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 				nextWarn = now.Add(l.opts.WarnAfter)
 				log := l.logHolder(h, w.seen[l.path], now).WithField("waited", now.Sub(start).Round(time.Millisecond))
 				if slowHold(now, start, w.seen[l.path], l.opts) {
-					log.Warn("waiting for the state lock")
+					log.Warn("waiting for the " + l.what())
 				} else {
-					log.Info("waiting for the state lock behind other holders")
+					log.Info("waiting for the " + l.what() + " behind other holders")
 				}
 			}
 		}
@@ -621,6 +625,9 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 	w.l.logHolder(h, w.seen[name], w.l.opts.Clock.Now()).WithField("reason", why).Warn("broke a stale lock")
 	return nil
 }
+
+// what names the lock in messages.
+func (l *Lock) what() string { return cmp.Or(l.opts.What, "state lock") }
 
 func (l *Lock) logHolder(h holder, o observation, now time.Time) logrus.FieldLogger {
 	f := logrus.Fields{"lock": l.path, "holder_host": h.Host, "holder_pid": h.PID,

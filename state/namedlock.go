@@ -346,12 +346,15 @@ func ReadLockInfo(path string) (info LockInfo, ok bool, err error) {
 // BreakStale breaks the lock at l's path if its holder is stale, judged as
 // any waiter judges it: a holder on this machine at once when its process
 // is gone, any other holder once the lock's content stayed unchanged for
-// the lease on our clock (so this watches for up to the lease). It returns
-// broken false, with a reason, when the holder is alive (or renewed its
-// lease meanwhile) or the lock is free.
+// the lease on our clock (so this watches for up to the lease; up to twice
+// that when the break link of a breaker that died at it is in the way). It
+// returns broken false, with a reason, when the holder is alive (or
+// renewed its lease meanwhile), the lock is free, or another breaker's
+// link stayed until ctx ended.
 func (l *Lock) BreakStale(ctx context.Context) (broken bool, why string, err error) {
 	w := waiter{l: l, seen: map[string]observation{}}
 	var first []byte
+	breaking := false // another breaker's link was in the way
 	for {
 		b, err := os.ReadFile(l.path)
 		if errors.Is(err, fs.ErrNotExist) {
@@ -395,12 +398,19 @@ func (l *Lock) BreakStale(ctx context.Context) (broken bool, why string, err err
 				return false, "", err
 			}
 			cur, _ := os.ReadFile(l.path)
-			if string(cur) == string(b) {
-				return false, "another process is breaking it", nil
+			if string(cur) != string(b) {
+				return true, reason, nil
 			}
-			return true, reason, nil
+			// Another breaker's link is in the way. It may be at it
+			// now, or it may have died at it (a holder killed while
+			// breaking leaves its link): watch that link as a waiter
+			// would, and break it once it stayed for the lease.
+			breaking = true
 		}
 		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+			if breaking {
+				return false, "another process is breaking it (its break link stayed while this watched)", nil
+			}
 			return false, "", fmt.Errorf("lock %s held by %s, watched unchanged for less than the lease (%s): %w", l.path, h.describe(), l.opts.Lease, err)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -155,6 +156,48 @@ func TestLeaseBreakStale(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Errorf("lock file after the break: %v", err)
+	}
+}
+
+// TestLeaseBreakStaleThroughADeadBreaker: a breaker that died at its break
+// (a holder killed while breaking) leaves its break link. BreakStale used
+// to give up on it at once ("another process is breaking it"), every time;
+// it now watches the link as a waiter does and breaks it, then the lock,
+// within twice the lease.
+func TestLeaseBreakStaleThroughADeadBreaker(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "x.lock")
+	procs := &fakeProcs{self: machine("h1", 1), dead: map[int]bool{}}
+	l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: 10 * time.Second}, time.Minute)
+	writeHolder(t, path, machine("h2", 7), "bb")
+	writeHolder(t, path+".break-bb", machine("h3", 9), "cc")
+	broken, why, err := l.BreakStale(context.Background())
+	if err != nil || !broken {
+		t.Fatalf("remote holder behind a dead breaker's link: broken %v (%s), %v", broken, why, err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+		t.Errorf("left after the break: %v", left)
+	}
+	// A breaker link that keeps changing is a live breaker: left alone
+	// until ctx ends, and said so.
+	writeHolder(t, path, machine("h2", 7), "bb")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ctx.Err() == nil; i++ {
+			writeHolder(t, path+".break-bb", machine("h3", 9), fmt.Sprintf("%02x", i%256))
+			time.Sleep(20 * time.Millisecond) // a live breaker renewing, not synchronisation
+		}
+	}()
+	broken, why, err = l.BreakStale(ctx)
+	<-done
+	if err != nil || broken || !strings.Contains(why, "another process is breaking it") {
+		t.Errorf("beside a live breaker: broken %v (%s), %v", broken, why, err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Errorf("the lock beside a live breaker: %v", err)
 	}
 }
 

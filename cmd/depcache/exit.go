@@ -4,15 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/depcache/depcache/state/etcdstore"
+	"io/fs"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 )
@@ -23,6 +25,8 @@ const (
 	exitFailed      = 1   // the entry is FAILED, or any other error
 	exitUsage       = 2   // bad usage or bad input
 	exitTimeout     = 3   // --timeout passed while waiting
+	exitCannotRun   = 126 // run or lock: CMD was found but could not be started (as env, timeout and shells say)
+	exitNoCommand   = 127 // run or lock: CMD was not found
 	exitInterrupted = 130 // SIGINT (SIGTERM: 143), as shells report 128 + signal
 )
 
@@ -83,6 +87,10 @@ func exitCode(err error) int {
 		return int(status)
 	case errors.As(err, &intr):
 		return intr.code()
+	case errors.Is(err, errCmdStart) && (errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist)):
+		return exitNoCommand
+	case errors.Is(err, errCmdStart):
+		return exitCannotRun
 	case isUsage(err):
 		return exitUsage
 	case errors.Is(err, context.DeadlineExceeded):
@@ -104,6 +112,8 @@ func errKind(err error) string {
 	switch {
 	case errors.As(err, &intr):
 		return "interrupted"
+	case errors.Is(err, errCmdStart):
+		return "cannot_run"
 	case isUsage(err):
 		return "usage"
 	case errors.Is(err, context.DeadlineExceeded):

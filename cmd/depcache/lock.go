@@ -25,6 +25,18 @@ import (
 // filesystem.
 const minLockLease = time.Second
 
+// maxLockLease is the longest --lease: a holder on another host that dies
+// keeps the lock for the lease, and twice it must not overflow a deadline.
+const maxLockLease = 24 * time.Hour
+
+// checkLockLease refuses a --lease outside [minLockLease, maxLockLease].
+func checkLockLease(lease time.Duration) error {
+	if lease < minLockLease || lease > maxLockLease {
+		return fmt.Errorf("--lease %s: %w: must be from %s to %s", lease, errBadFlag, minLockLease, maxLockLease)
+	}
+	return nil
+}
+
 const lockUsage = "depcache lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]"
 
 // checkLockName refuses a NAME that is empty, too long, not valid UTF-8 or
@@ -63,7 +75,7 @@ func openNamedLock(g *globals, name string, lease time.Duration) (*state.Lock, s
 	if err := recordLockName(nameFile, name, perms); err != nil {
 		return nil, "", fmt.Errorf("lock %q: %w", name, err)
 	}
-	l, err := state.NewLock(lockPath, state.LockOptions{Lease: lease, Perm: perms.File, Log: g.log})
+	l, err := state.NewLock(lockPath, state.LockOptions{Lease: lease, Perm: perms.File, Log: g.log, What: fmt.Sprintf("lock %q", name)})
 	if err != nil {
 		return nil, "", err
 	}
@@ -218,8 +230,11 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	if timeout < 0 {
 		return 0, fmt.Errorf("--timeout %s: %w: must not be negative", timeout, errBadFlag)
 	}
-	if lease < minLockLease {
-		return 0, fmt.Errorf("--lease %s: %w: must be at least %s", lease, errBadFlag, minLockLease)
+	if err := checkLockLease(lease); err != nil {
+		return 0, err
+	}
+	if err := rootNotFile(g); err != nil {
+		return 0, err
 	}
 	dash := cmd.ArgsLenAtDash()
 	if len(args) == 0 || dash == 0 {

@@ -34,6 +34,8 @@ func TestLockBadInput(t *testing.T) {
 		{[]string{"lock", "a\nb", "--", "true"}, "printable"},
 		{[]string{"lock", "L", "--lease", "10ms", "--", "true"}, "--lease"},
 		{[]string{"lock", "L", "--timeout", "-1s", "--", "true"}, "--timeout"},
+		{[]string{"lock", "L", "--lease", "25h", "--", "true"}, "--lease"},
+		{[]string{"locks", "--break", "L", "--lease", "9223372036854775807ns"}, "--lease"},
 		{[]string{"locks", "--break", ""}, ""},
 	} {
 		root := t.TempDir()
@@ -478,5 +480,50 @@ func TestLockNameFileTwoMounts(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(mnt1, sub, "*.tmp-*")); len(left) != 0 {
 		t.Errorf("temporary files left: %v", left)
+	}
+}
+
+// TestCMDThatCannotStart: a CMD that is not found exits 127, one that is
+// found but cannot be executed 126, as env, timeout and shells say: status
+// 1 would read as CMD's own. A --root that is a file is bad usage for lock
+// and locks, as for every command.
+func TestCMDThatCannotStart(t *testing.T) {
+	root := t.TempDir()
+	src := testSource(t)
+	notExec := filepath.Join(t.TempDir(), "script")
+	if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"lock", "L", "--", "/nonexistent/cmd"}, 127},
+		{[]string{"lock", "L", "--", "no-such-command-anywhere"}, 127},
+		{[]string{"lock", "L", "--", notExec}, 126},
+		{[]string{"run", "--dep", "A=" + src, "--", "no-such-command-anywhere"}, 127},
+		{[]string{"run", "--dep", "A=" + src, "--", notExec}, 126},
+	} {
+		code, _, stderr := cli(t, root, c.args...)
+		if code != c.want || !strings.Contains(stderr, "cannot start the command") {
+			t.Errorf("%q: exit %d, stderr %q; want %d", c.args, code, stderr, c.want)
+		}
+		code, _, stderr = cli(t, root, append([]string{"--json"}, c.args...)...)
+		var e struct {
+			Kind     string `json:"kind"`
+			ExitCode int    `json:"exit_code"`
+		}
+		if err := json.Unmarshal([]byte(stderr), &e); err != nil || e.Kind != "cannot_run" || e.ExitCode != c.want || code != c.want {
+			t.Errorf("--json %q: exit %d, %q (%v); want kind cannot_run, %d", c.args, code, stderr, err, c.want)
+		}
+	}
+	file := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"lock", "L", "--", "true"}, {"locks"}, {"locks", "--break", "L"}} {
+		if code, _, stderr := cli(t, file, args...); code != exitUsage || !strings.Contains(stderr, "not a directory") {
+			t.Errorf("--root FILE %q: exit %d, %q; want 2, not a directory", args, code, stderr)
+		}
 	}
 }

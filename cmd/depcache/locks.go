@@ -69,6 +69,9 @@ may take that long). A live holder, or one that renews, is left alone
 }
 
 func listLocks(g *globals) error {
+	if err := rootNotFile(g); err != nil {
+		return err
+	}
 	g.state.locksOnly = true
 	st, err := g.stateStore()
 	if err != nil {
@@ -136,8 +139,11 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	if err := checkLockName(name); err != nil {
 		return err
 	}
-	if lease < minLockLease {
-		return fmt.Errorf("--lease %s: %w: must be at least %s", lease, errBadFlag, minLockLease)
+	if err := checkLockLease(lease); err != nil {
+		return err
+	}
+	if err := rootNotFile(g); err != nil {
+		return err
 	}
 	g.state.locksOnly = true
 	st, err := g.stateStore()
@@ -184,7 +190,9 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), lease+lease/2)
+	// Twice the lease and some: a breaker that died at it left its link,
+	// which is judged stale only after a lease of its own.
+	ctx, cancel := context.WithTimeout(cmd.Context(), 2*lease+lease/2)
 	defer cancel()
 	broken, why, err := l.BreakStale(ctx)
 	if err != nil {

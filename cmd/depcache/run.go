@@ -100,9 +100,23 @@ func checkEnvName(name string) error {
 		return usageErrorf("NAME %.20q...: longer than %d characters", name, maxEnvName)
 	case !envName.MatchString(name):
 		return usageErrorf("NAME %q is not a valid environment variable name (letters, digits and _, not starting with a digit)", name)
+	case strings.HasPrefix(name, "DEPCACHE_"), strings.HasPrefix(name, "LD_"), reservedEnv[name]:
+		return usageErrorf("NAME %q would replace a variable that CMD, its shell or depcache itself reads (DEPCACHE_*, LD_*, %s): choose another name", name, strings.Join(reservedEnvNames, ", "))
 	}
 	return nil
 }
+
+// reservedEnvNames are the variables a --dep must not replace: a path in
+// $PATH or $HOME breaks CMD in ways that are hard to trace back.
+var reservedEnvNames = []string{"PATH", "HOME", "IFS", "PWD", "OLDPWD", "SHELL", "USER", "LOGNAME", "TERM", "TMPDIR", "ENV", "BASH_ENV"}
+
+var reservedEnv = func() map[string]bool {
+	m := map[string]bool{}
+	for _, n := range reservedEnvNames {
+		m[n] = true
+	}
+	return m
+}()
 
 // cmdArgs returns CMD: the arguments after "--" (or all of them when no
 // "--" was given, flags ending at the first argument).

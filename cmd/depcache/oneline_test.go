@@ -2,8 +2,11 @@ package main
 
 import (
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 )
 
@@ -22,6 +25,47 @@ func TestFailedGetPrintsOneLine(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
 	if len(lines) != 1 || !strings.Contains(lines[0], "no such file") || strings.Contains(lines[0], "level=") {
 		t.Errorf("stderr: %q, want one human line naming the cause", stderr.String())
+	}
+}
+
+// TestTransientFailurePrintsOneLine: a source that fails every attempt
+// (HTTP 500) is retried, and get still prints one human line, the final
+// failure; the attempts show with --log-level info.
+func TestTransientFailurePrintsOneLine(t *testing.T) {
+	var hits atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		http.Error(w, "no", http.StatusInternalServerError)
+	}))
+	defer srv.Close()
+	for _, tc := range []struct {
+		args  []string
+		retries int
+	}{{nil, 0}, {[]string{"--log-level", "info"}, 1}} {
+		hits.Store(0)
+		args := append([]string{"--root", t.TempDir()}, tc.args...)
+		cmd := exec.Command(bin, append(args, "get", "--retries", "1", srv.URL+"/x.tar.gz")...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || hits.Load() != 2 {
+			t.Fatalf("get of a failing source: %v after %d requests, want exit 1 after 2", err, hits.Load())
+		}
+		var retries, other []string
+		for _, l := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+			if strings.Contains(l, "fetch failed, retrying") {
+				retries = append(retries, l)
+			} else if !strings.Contains(l, "level=info") && !strings.HasPrefix(l, "waiting for ") {
+				other = append(other, l)
+			}
+		}
+		if len(other) != 1 || !strings.Contains(other[0], "500") || strings.Contains(other[0], "level=") {
+			t.Errorf("%q: stderr %q, want one human line naming the cause", tc.args, stderr.String())
+		}
+		if len(retries) != tc.retries {
+			t.Errorf("%q: %d retry records, want %d: %q", tc.args, len(retries), tc.retries, stderr.String())
+		}
 	}
 }
 

@@ -178,6 +178,11 @@ func newRoot(g *globals) *cobra.Command {
 			default:
 				return fmt.Errorf("--log-format %q: %w: want text or json", g.logFormat, errBadFlag)
 			}
+			if !cmd.Flags().Changed("log-level") && (cmd.Name() == "get" || cmd.Name() == "run") {
+				// A get or run says how its fetch ended in one line of
+				// its own; the attempts before it are progress, not news.
+				g.log.SetFormatter(quietRetries{g.log.Formatter})
+			}
 			if g.root == "" {
 				return fmt.Errorf("--root: %w: empty", errBadFlag)
 			}
@@ -302,4 +307,16 @@ func dockerEngine() (manager.Engine, error) {
 // loops (release, ls, doctor, verify).
 func (g *globals) plainConfig() manager.Config {
 	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, State: g.plainState()}
+}
+
+// quietRetries leaves out the records of fetch attempts that are retried:
+// at the default log level, a get or run that fails prints one line, the
+// failure, which says how many attempts it made.
+type quietRetries struct{ logrus.Formatter }
+
+func (q quietRetries) Format(e *logrus.Entry) ([]byte, error) {
+	if e.Message == "fetch failed, retrying" && e.Level >= logrus.WarnLevel {
+		return nil, nil
+	}
+	return q.Formatter.Format(e)
 }

@@ -39,7 +39,7 @@ func TestTransientFailurePrintsOneLine(t *testing.T) {
 	}))
 	defer srv.Close()
 	for _, tc := range []struct {
-		args  []string
+		args    []string
 		retries int
 	}{{nil, 0}, {[]string{"--log-level", "info"}, 1}} {
 		hits.Store(0)

@@ -68,13 +68,19 @@ type Backend interface {
 // of its own, which doctor runs: the file store's lock, its holder, and the
 // litter of interrupted lock attempts.
 type Inspector interface {
-	// Checks reports on the store; it changes nothing in the state.
+	// Checks reports on the store; it writes nothing.
 	Checks(ctx context.Context) []Check
 	// Holder describes who holds the store's lock now, "" if nobody.
 	Holder() string
 	// BreakHolder breaks the lock if its holder is still holder (what an
 	// operator was shown) and is not a live process of this machine.
 	BreakHolder(holder string) error
+}
+
+// Prober is the optional interface of a Backend with checks that must
+// write to look (a probe file): doctor runs them only when asked.
+type Prober interface {
+	Probe(ctx context.Context) []Check
 }
 
 // Check is one finding of an Inspector.

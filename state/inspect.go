@@ -13,11 +13,10 @@ import (
 	"time"
 )
 
-// Checks reports on the file store's lock: that link(2) excludes on this
-// filesystem (two locks on a probe name), who holds the state lock, and
-// files left by interrupted lock attempts. It changes nothing in the state;
-// the probe lock is made and removed beside it.
-func (s *Store) Checks(ctx context.Context) []Check {
+// Probe tests that link(2) excludes on the root's filesystem: two locks
+// on a probe name, made and removed beside the state lock. It writes (the
+// probe), so doctor runs it only when asked (doctor --probe).
+func (s *Store) Probe(ctx context.Context) []Check {
 	var out []Check
 	add := func(name, status, format string, args ...any) {
 		out = append(out, Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
@@ -43,6 +42,16 @@ func (s *Store) Checks(ctx context.Context) []Check {
 		default:
 			add("lock", "ok", "link(2) lock excludes a second holder")
 		}
+	}
+	return out
+}
+
+// Checks reports on the file store's lock (who holds the state lock, and
+// files left by interrupted lock attempts) and its format. It only looks.
+func (s *Store) Checks(ctx context.Context) []Check {
+	var out []Check
+	add := func(name, status, format string, args ...any) {
+		out = append(out, Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
 	}
 	if h := s.Holder(); h != "" {
 		add("state lock", "warn", "held now or left behind: %s (doctor --break-lock removes it after showing it)", h)

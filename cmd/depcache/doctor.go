@@ -27,13 +27,16 @@ var (
 )
 
 func newDoctor(g *globals) *cobra.Command {
-	var rebuild, force, breakLock, yes bool
+	var rebuild, force, breakLock, yes, probe bool
 	cmd := &cobra.Command{
-		Use:   "doctor [--rebuild [--force]] [--break-lock [--yes] [NAME]]",
+		Use:   "doctor [--probe] [--rebuild [--force]] [--break-lock [--yes] [NAME]]",
 		Short: "Check the root and say what is wrong; rebuild an unreadable state; break a stale lock",
-		Long: `doctor checks the root: the lock, the clock against the file server's, free
-space, the state, the content, orphans, staging data and stale locks. It
-changes nothing, and exits 1 when a check fails (with --json too).
+		Long: `doctor checks the root: the lock, free space, the state, the content,
+orphans, staging data and stale locks. It writes nothing, and exits 1 when
+a check fails (with --json too). --probe adds the two checks that must
+write to look, each with a probe file made and removed in the root: that
+link(2) excludes on its filesystem (the lock), and this host's clock
+against the file server's; without it they say "skip".
 
 --rebuild rebuilds an unreadable or lost state from the metadata published
 next to each entry. A state that parses is refused unless --force is given
@@ -42,6 +45,7 @@ too: rebuilding drops every dependent and every download in flight.
 confirm (or --yes). --break-lock NAME does the same for the named lock of
 'depcache lock NAME' (as 'depcache locks --break NAME' does).`,
 		Example: `  depcache doctor
+  depcache doctor --probe                # also test the lock and the clock (writes a probe)
   depcache doctor --json | jq '.[] | select(.status != "ok")'
   depcache doctor --rebuild              # after "state file ... does not parse"
   depcache doctor --rebuild --force      # replace a state that parses (drops dependents)
@@ -61,6 +65,8 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 				return usageErrorf("--yes goes with --break-lock (doctor --break-lock --yes)")
 			case rebuild && breakLock:
 				return usageErrorf("--rebuild and --break-lock are separate repairs: run one, then the other")
+			case probe && (rebuild || breakLock):
+				return usageErrorf("--probe goes with the checks, not with a repair: run doctor --probe on its own")
 			}
 			if err := existingRoot(g); err != nil {
 				return err
@@ -117,7 +123,11 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 				fmt.Fprintln(g.stdout, "broke the state lock")
 				return nil
 			}
-			checks := m.Doctor(ctx)
+			var opts []manager.DoctorOption
+			if probe {
+				opts = append(opts, manager.WithProbes())
+			}
+			checks := m.Doctor(ctx, opts...)
 			if checks == nil {
 				checks = []manager.Check{}
 			}
@@ -146,6 +156,7 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 	f.BoolVar(&force, "force", false, "with --rebuild: rebuild even a state file that parses, dropping its dependents and downloads in flight")
 	f.BoolVar(&breakLock, "break-lock", false, "show the state lock's holder and remove the lock if you confirm")
 	f.BoolVar(&yes, "yes", false, "with --break-lock: do not ask")
+	f.BoolVar(&probe, "probe", false, "also test that link(2) excludes on the root's filesystem and compare the clocks, each with a probe file made and removed in the root")
 	return cmd
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -146,13 +147,6 @@ func TestLookingNeverWrites(t *testing.T) {
 			t.Errorf("%v: exit %d: %s", args, code, errs)
 		}
 		after := tree(t, root)
-		if args[len(args)-1] == "doctor" {
-			// Its clock check creates and removes one probe file to read
-			// the file server's clock: the root directory's mtime moves,
-			// and nothing else may.
-			delete(after, root)
-			delete(before, root)
-		}
 		for p, v := range after {
 			if before[p] != v {
 				t.Errorf("%v with %v wrote %s", args, env, p)
@@ -166,6 +160,22 @@ func TestLookingNeverWrites(t *testing.T) {
 	}
 	if p := storedPolicy(t, root); p != nil {
 		t.Errorf("a look stored a policy: %+v", p)
+	}
+	// The probes are asked for: they run, and leave nothing behind but
+	// the root directory's mtime.
+	before := tree(t, root)
+	code, out, errs := cli(t, root, "doctor", "--probe")
+	if code != 0 || !strings.Contains(out, "link(2) lock excludes") || !strings.Contains(out, "of the file server's") {
+		t.Errorf("doctor --probe: exit %d, %q %s; want the lock and clock probed", code, out, errs)
+	}
+	after := tree(t, root)
+	delete(before, root)
+	delete(after, root)
+	if !maps.Equal(before, after) {
+		t.Errorf("doctor --probe left the root changed: %v -> %v", before, after)
+	}
+	if code, out, _ := cli(t, root, "doctor"); code != 0 || !strings.Contains(out, "skip lock") || !strings.Contains(out, "doctor --probe") {
+		t.Errorf("doctor without --probe: %d %q; want the probes skipped, naming --probe", code, out)
 	}
 }
 

@@ -273,13 +273,14 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	// and checkpointed, so that a later attempt or a later owner resumes.
 	rs, ranged := src.(RangeSource)
 	var (
-		format  unpack.Format
-		hashes  map[string]string
-		h       hash.Hash
-		err     error
-		first   = true
-		fresh   int  // restarts from 0 after an answer that did not resume
-		noSpool bool // keep no copy of an archive to resume from (errSpoolCrowded)
+		format     unpack.Format
+		hashes     map[string]string
+		h          hash.Hash
+		err        error
+		first      = true
+		fresh      int  // restarts from 0 after an answer that did not resume
+		noSpool    bool // keep no copy of an archive to resume from (errSpoolCrowded)
+		wholeAgain bool // fetched from 0 after a resumed download failed its digest
 	)
 	for attempt := 0; ; attempt++ {
 		var r *resumed
@@ -335,6 +336,19 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			// The content itself failed (hostile archive, full disk), not
 			// the transfer: retrying would fail the same way.
 			return meta, cerr
+		}
+		if err == nil && s.resume != nil && key.SHA256 != "" && hex.EncodeToString(h.Sum(nil)) != key.SHA256 && !wholeAgain {
+			// A resumed download that does not match its digest may be
+			// a mix of two versions (a server that answered If-Range
+			// with the rest of another under the same validator): one
+			// fetch from 0 tells that from content that is wrong.
+			wholeAgain = true
+			log.WithField("resumed_at", s.resume.c.Offset).Warn("the resumed download does not match --sha256; fetching it whole once")
+			if err := clearRaw(staging); err != nil {
+				return meta, err
+			}
+			attempt--
+			continue
 		}
 		if err == nil {
 			break

@@ -304,3 +304,66 @@ func TestHTTPSourceRefetchAfter416(t *testing.T) {
 		t.Errorf("started %+v, want once from 0", starts)
 	}
 }
+
+// TestResumedMixFetchedWhole: a server that answers If-Range with the rest
+// of another version under the same ETag makes a resumed download a mix of
+// two. With --sha256, the mix fails its digest; the owner then fetches the
+// whole content once from 0, and publishes the right bytes.
+func TestResumedMixFetchedWhole(t *testing.T) {
+	good := make([]byte, 16<<20)
+	other := make([]byte, len(good))
+	for i := range good {
+		good[i], other[i] = byte(i*7/5), byte(i*3/2)
+	}
+	sum := sha256.Sum256(good)
+	var mu sync.Mutex
+	var ranges []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ranges = append(ranges, r.Header.Get("Range"))
+		n := len(ranges)
+		mu.Unlock()
+		w.Header().Set("ETag", `"v1"`)
+		switch {
+		case n == 1: // the first owner's, held until it is stopped
+			w.Header().Set("Content-Length", itoa(len(good)))
+			w.Write(good[:len(good)*6/10])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		case r.Header.Get("Range") != "": // the rest, of another version
+			http.ServeContent(w, r, "b", resumeModTime, bytes.NewReader(other))
+		default:
+			http.ServeContent(w, r, "b", resumeModTime, bytes.NewReader(good))
+		}
+	}))
+	defer srv.Close()
+	root := t.TempDir()
+	rec := &logRecorder{}
+	hosts := newResumeHosts(root, rec.logger())
+	key := mustKey(t, srv.URL+"/b.bin", hex.EncodeToString(sum[:]))
+	hosts.interruptAtCheckpoint(t, key, 1001)
+	b, stopB := hosts.start(t, 1002)
+	defer stopB()
+	if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	e, err := b.Wait(ctx, key)
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("after a resumed mix: %+v %v; want READY", e, err)
+	}
+	p, _ := b.Abs(e)
+	got, err := os.ReadFile(p)
+	if err != nil || !bytes.Equal(got, good) {
+		t.Fatalf("published %d bytes (%v), equal to the right version: %v", len(got), err, bytes.Equal(got, good))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
+		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
+	}
+	if !rec.said("does not match --sha256; fetching it whole once") {
+		t.Errorf("the refetch was not said: %q", rec.messages())
+	}
+}

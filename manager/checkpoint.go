@@ -506,13 +506,9 @@ func (s *sink) decide(head []byte, r *resumed) error {
 	}
 	go func() {
 		var u unpacked
-		var tr io.Reader = in
-		if format == unpack.TarGzip {
-			zr, err := unpack.Open(in, format)
-			if err != nil {
-				u.err = fmt.Errorf("unpacking: %w", err)
-			}
-			tr = zr
+		tr, err := unpack.Open(in, format)
+		if err != nil {
+			u.err = fmt.Errorf("unpacking: %w", err)
 		}
 		if u.err == nil {
 			u.n, u.hashes, u.err = unpack.ExtractHashed(s.ctx, tr, s.content(), unpack.Limits{MaxBytes: b.limit, Group: s.m.cfg.GroupShared})
@@ -520,6 +516,11 @@ func (s *sink) decide(head []byte, r *resumed) error {
 				u.err = fmt.Errorf("%w: %w", u.err, errSpoolCrowded)
 			}
 			u.err = unpackError(u.err, b)
+		}
+		if u.err == nil {
+			if err := unpack.Finish(tr); err != nil {
+				u.err = fmt.Errorf("unpacking: %w", err)
+			}
 		}
 		if u.err == nil {
 			_, u.err = io.Copy(io.Discard, in) // the rest (tar padding), so that the hash covers every byte

@@ -27,7 +27,6 @@ package unpack
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -128,11 +127,7 @@ func isTar(b []byte) bool {
 // Open returns the tar stream of an archive of format f.
 func Open(r io.Reader, f Format) (io.Reader, error) {
 	if f == TarGzip {
-		zr, err := gzip.NewReader(bufio.NewReader(r))
-		if err != nil {
-			return nil, fmt.Errorf("%w: gzip: %w", ErrCorrupt, err)
-		}
-		return zr, nil
+		return newGzipStream(r)
 	}
 	return r, nil
 }

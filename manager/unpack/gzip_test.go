@@ -1,0 +1,59 @@
+package unpack
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"errors"
+	"testing"
+)
+
+// TestGzipEndChecked: once the tar's end marker is read, the rest of the
+// gzip stream is read and checked too: the CRC-32 and length of each
+// member, and nothing after the last one but zero bytes. A tar that ends
+// well inside a corrupt gzip was published before.
+func TestGzipEndChecked(t *testing.T) {
+	tarball := archive(t, file("a", "hello"), file("b", "world"))
+	gz := func(parts ...[]byte) []byte {
+		var out bytes.Buffer
+		for _, p := range parts {
+			zw := gzip.NewWriter(&out)
+			zw.Write(p)
+			zw.Close()
+		}
+		return out.Bytes()
+	}
+	whole := gz(tarball)
+	badCRC := bytes.Clone(whole)
+	badCRC[len(badCRC)-8] ^= 0xff // the trailer: CRC-32, then ISIZE
+	badSize := bytes.Clone(whole)
+	badSize[len(badSize)-1] ^= 0x01
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		ok   bool
+	}{
+		{"one member", whole, true},
+		{"two members, the tar split across them", gz(tarball[:700], tarball[700:]), true},
+		{"zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 4096)...), true},
+		{"a cut trailer", whole[:len(whole)-4], false},
+		{"no trailer", whole[:len(whole)-8], false},
+		{"a wrong CRC-32", badCRC, false},
+		{"a wrong length", badSize, false},
+		{"garbage after the stream", append(bytes.Clone(whole), []byte("not gzip")...), false},
+		{"more than the padding after the end marker", gz(append(bytes.Clone(tarball), make([]byte, maxTail+1)...)), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := Open(bytes.NewReader(tc.b), TarGzip)
+			if err == nil {
+				_, err = Extract(context.Background(), r, t.TempDir(), Limits{})
+			}
+			if err == nil {
+				err = Finish(r)
+			}
+			if tc.ok != (err == nil) || (!tc.ok && !errors.Is(err, ErrCorrupt)) {
+				t.Errorf("err = %v, want ok %v or ErrCorrupt", err, tc.ok)
+			}
+		})
+	}
+}

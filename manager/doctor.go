@@ -565,6 +565,7 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 		}
 		add("free space", status, "%s free of %s", humanize.IBytes(uint64(free)), humanize.IBytes(uint64(size)))
 	}
+	m.namedLockChecks(add)
 
 	st, err := m.store.View(ctx)
 	switch {
@@ -679,4 +680,38 @@ func (m *Manager) BreakLock(holder string) error {
 func exists(p string) bool {
 	_, err := os.Lstat(p)
 	return err == nil
+}
+
+// namedLockChecks reports the named locks of depcache lock (ROOT/locks)
+// that a dead process of this machine still holds, which the next waiter
+// or locks --break removes, and the files of interrupted attempts.
+func (m *Manager) namedLockChecks(add func(name, status, format string, args ...any)) {
+	dir := filepath.Join(m.Root(), state.LocksDir)
+	if fi, err := os.Lstat(dir); err != nil || !fi.IsDir() {
+		return // none, or not ours to look into (the layout checks say so)
+	}
+	locks, _ := filepath.Glob(filepath.Join(dir, "*.lock"))
+	tmps, _ := filepath.Glob(filepath.Join(dir, "*.lock.tmp-*"))
+	breaks, _ := filepath.Glob(filepath.Join(dir, "*.lock.break-*"))
+	litter := append(tmps, breaks...)
+	var dead []string
+	for _, p := range locks {
+		info, ok, err := state.ReadLockInfo(p)
+		if err != nil || !ok || !m.self.SameMachine(info.Process) {
+			continue
+		}
+		if alive, err := m.cfg.Processes.Alive(info.Process); err == nil && !alive {
+			name, _ := readNote(strings.TrimSuffix(p, ".lock") + ".name")
+			dead = append(dead, fmt.Sprintf("%q (pid %d)", string(name), info.PID))
+		}
+	}
+	switch {
+	case len(dead) > 0:
+		add("named locks", "warn", "%d of %d held by a process of this machine that is gone: %s (the next waiter breaks it, or depcache locks --break NAME)", len(dead), len(locks), strings.Join(dead, ", "))
+	default:
+		add("named locks", "ok", "%d held, none by a dead process of this machine", len(locks))
+	}
+	if n := len(litter); n > 0 {
+		add("named lock litter", "warn", "%d files of interrupted lock attempts in %s (the break links of dead breakers are broken by the next waiter; the temporary files are safe to remove while no lock command runs)", n, dir)
+	}
 }

@@ -24,11 +24,18 @@ func TestDoctorBreaksANamedLock(t *testing.T) {
 	if err := holder.Wait(); err == nil {
 		t.Fatal("the killed holder exited 0")
 	}
+	// Before it is broken, doctor says who left it.
+	if code, out, _ := depcache(t, root, "doctor"); code != 0 || !strings.Contains(out, "named locks") || !strings.Contains(out, `"cleanup" (pid`) {
+		t.Errorf("doctor beside a dead holder's named lock: exit %d: %s; want a warning naming it", code, out)
+	}
 	if code, out, stderr := depcache(t, root, "doctor", "--break-lock", "--yes", "cleanup"); code != 0 || !strings.Contains(out, "broke") {
 		t.Errorf("doctor --break-lock of a dead holder: exit %d: %s %s", code, out, stderr)
 	}
 	if left, err := filepath.Glob(filepath.Join(root, "locks", "*.lock")); err != nil || len(left) != 0 {
 		t.Errorf("lock files left: %v %v", left, err)
+	}
+	if code, out, _ := depcache(t, root, "doctor"); code != 0 || !strings.Contains(out, "ok   named locks") {
+		t.Errorf("doctor after the break: exit %d: %s; want the named locks ok", code, out)
 	}
 	if code, out, _ := depcache(t, root, "doctor", "--break-lock", "--yes"); code != 0 || !strings.Contains(out, "state lock is free") {
 		t.Errorf("doctor --break-lock without NAME: exit %d: %s", code, out)

@@ -527,3 +527,24 @@ func TestCMDThatCannotStart(t *testing.T) {
 		}
 	}
 }
+
+// TestLockForwardsSignals: SIGINT, SIGTERM and SIGHUP sent to lock reach
+// CMD, which traps each and exits 40+N: lock exits with CMD's status, and
+// the lock is released.
+func TestLockForwardsSignals(t *testing.T) {
+	root := t.TempDir()
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP} {
+		ready := filepath.Join(t.TempDir(), "ready")
+		n := int(sig)
+		script := fmt.Sprintf(`trap 'exit %d' %d; touch %q; while :; do sleep 0.01; done`, 40+n, n, ready)
+		cmd, _, stderr := startBin(t, root, nil, "lock", "L", "--", "sh", "-c", script)
+		waitFor(t, "CMD to set its trap", func() bool { return exists(ready) })
+		cmd.Process.Signal(sig)
+		if code := exitStatus(t, cmd); code != 40+n {
+			t.Errorf("%v sent to lock: exit %d, want CMD's %d; stderr %s", sig, code, 40+n, stderr)
+		}
+		if left, _ := filepath.Glob(filepath.Join(root, "locks", "*.lock")); len(left) != 0 {
+			t.Errorf("after %v: the lock is still held: %v", sig, left)
+		}
+	}
+}

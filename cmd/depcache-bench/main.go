@@ -40,6 +40,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/depcache/depcache/cmd/internal/gctune"
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/google/renameio/v2"
@@ -718,6 +719,7 @@ func benchServeRSS(r *report, o options, n int) {
 }
 
 func workerServe(args []string) int {
+	gctune.Serve() // as depcache serve runs
 	root := args[0]
 	dur, _ := time.ParseDuration(args[1])
 	var passes atomic.Int64

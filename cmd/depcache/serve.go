@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/depcache/depcache/cmd/internal/gctune"
 	"github.com/depcache/depcache/manager"
 	"github.com/nightlyone/lockfile"
 	"github.com/prometheus/client_golang/prometheus"
@@ -43,6 +44,7 @@ func newServe(g *globals) *cobra.Command {
 			if err := checkListen(listen); err != nil {
 				return err
 			}
+			g.log.WithField("gogc", gctune.Serve()).Debug("garbage collector target")
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
 				return err

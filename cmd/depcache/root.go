@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -62,6 +63,11 @@ func (l *loopFlags) register(fs *pflag.FlagSet) {
 // --download-timeout leaves room for it.
 const defaultProgressInterval = 2 * time.Second
 
+// maxProgressInterval is the longest --progress-interval given alone: the
+// --download-timeout derived from it, four times as long, still fits in a
+// time.Duration (whole hours, for the message).
+const maxProgressInterval = time.Duration(math.MaxInt64/4) / time.Hour * time.Hour
+
 // given reports whether the flag was set on the command line or through its
 // DEPCACHE_* twin (applyEnv sets it through the flag set).
 func (l *loopFlags) given(name string) bool { return l.fs != nil && l.fs.Changed(name) }
@@ -81,15 +87,26 @@ func (l *loopFlags) validate() error {
 	switch pi, dt := l.given("progress-interval"), l.given("download-timeout"); {
 	case dt && !pi:
 		// A live download reports at least twice per timeout; a quarter
-		// leaves room for a slow lock.
+		// leaves room for a slow lock. No interval fits a timeout under
+		// 2ns: that is the given value's fault, said about it.
+		if l.downloadTimeout < 2*time.Nanosecond {
+			return fmt.Errorf("--download-timeout %s: %w: must be at least 2ns (a live download reports progress at least twice per timeout)", l.downloadTimeout, errBadFlag)
+		}
 		l.progressInterval = min(defaultProgressInterval, max(l.downloadTimeout/4, time.Nanosecond))
 	case pi && !dt:
+		// The derived timeout is four intervals: an interval whose four
+		// do not fit in a duration is out of range itself.
+		if l.progressInterval > maxProgressInterval {
+			return fmt.Errorf("--progress-interval %s: %w: must be at most %s (the download timeout derived from it is 4 times as long)", l.progressInterval, errBadFlag, maxProgressInterval)
+		}
 		l.downloadTimeout = max(l.downloadTimeout, 4*l.progressInterval)
 	}
 	if l.retries < 0 || l.retries > 100 {
 		return fmt.Errorf("--retries %d: %w: must be between 0 and 100", l.retries, errBadFlag)
 	}
-	if l.progressInterval*2 > l.downloadTimeout {
+	// Only two values both given get here out of step (or two defaults,
+	// which fit). Halving never overflows, as doubling may.
+	if l.progressInterval > l.downloadTimeout/2 {
 		return fmt.Errorf("--progress-interval %s: %w: must be at most half of --download-timeout (%s), or live downloads look stalled",
 			l.progressInterval, errBadFlag, l.downloadTimeout)
 	}

@@ -200,6 +200,7 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 		}
 		return out
 	}
+	run("policy", 0, "policy") // the defaults: no budget, no max age, no pins
 	run("get", 0, "get", "--dependent", "job", ok)
 	run("get", 0, "get", "--dependent", "job2", other)
 	run("get", 1, "get", "--retries", "0", "--failure-cooldown", "1h", missing)
@@ -220,5 +221,7 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 	run("", 2, "ls", "--filter", "colour=red")
 	run("", 1, "rm", "-y", ok)
 	run("", 1, "release", "--dependent", "job", missing+"-never")
+	run("policy", 0, "policy", "set", "--pin", "file:///nonexistent/*", "--max-size", "1GiB")
+	run("policy", 0, "policy")
 	run("doctor-rebuild", 0, "doctor", "--rebuild", "--force")
 }

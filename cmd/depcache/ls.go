@@ -117,7 +117,10 @@ pattern on sources in which * and ? match any characters, / included
 
 Filters, repeatable (all must hold): stage=READY|FAILED|DOWNLOADING,
 kind=bundle|image, unused=DURATION (no live dependent and not used for that
-long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
+long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.
+
+-q prints only the KEY column, one per line; with --json, a JSON array of
+the full key IDs (--json output is always JSON, its keys always full).`,
 		Example: `  depcache ls
   depcache ls --sort size
   depcache ls --filter stage=FAILED
@@ -165,6 +168,14 @@ long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
 				key = func(id string) string { return id }
 			}
 			switch {
+			case o.quiet && g.json:
+				// --json promises JSON on stdout, and keys in it are full
+				// IDs: an array of them (not -q's short KEY column).
+				ids := make([]string, 0, len(shown))
+				for _, r := range shown {
+					ids = append(ids, r.j.Key)
+				}
+				return printJSON(g.stdout, ids)
 			case o.quiet:
 				for _, r := range shown {
 					fmt.Fprintln(g.stdout, key(r.j.Key))
@@ -217,7 +228,7 @@ long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
 	f.StringVar(&o.sort, "sort", "", "order by size (largest first), last-used (most recent first) or source; default: key")
 	f.BoolVar(&o.reverse, "reverse", false, "reverse the order")
 	f.StringArrayVar(&o.filters, "filter", nil, "stage=S, kind=K, unused=DURATION, in-use=BOOL or dependent=NAME; repeatable")
-	f.BoolVarP(&o.quiet, "quiet", "q", false, "print only the keys (for depcache rm)")
+	f.BoolVarP(&o.quiet, "quiet", "q", false, "print only the keys (for depcache rm); with --json, a JSON array of the full key IDs")
 	f.BoolVar(&o.noTrunc, "no-trunc", false, "print full 32-character key IDs (what --pin takes)")
 	return cmd
 }

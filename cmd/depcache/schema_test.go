@@ -206,6 +206,15 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 	run("get", 1, "get", "--retries", "0", "--failure-cooldown", "1h", missing)
 	run("ls", 0, "ls")
 	run("ls", 0, "ls", "--filter", "stage=FAILED")
+	var ids []string
+	if err := json.Unmarshal([]byte(run("ls-quiet", 0, "ls", "-q")), &ids); err != nil || len(ids) != 3 {
+		t.Errorf("ls -q --json: %v, %d IDs; want the 3 entries' IDs", err, len(ids))
+	}
+	for _, id := range ids {
+		if !isIDPrefix(id) || len(id) != 32 {
+			t.Errorf("ls -q --json: %q is no full key ID", id)
+		}
+	}
 	run("verify", 0, "verify", ok)
 	run("verify", 1, "verify", missing) // FAILED already
 	run("doctor", 0, "doctor")

@@ -3,8 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strings"
@@ -232,5 +235,42 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 	run("", 1, "release", "--dependent", "job", missing+"-never")
 	run("policy", 0, "policy", "set", "--pin", "file:///nonexistent/*", "--max-size", "1GiB")
 	run("policy", 0, "policy")
+	// locks: none, one held, broken once its holder is gone, then free.
+	if out := run("locks", 0, "locks"); strings.TrimSpace(out) != "[]" {
+		t.Errorf("locks --json with none held: %q, want []", out)
+	}
+	ready := filepath.Join(t.TempDir(), "ready")
+	holder, _, _ := startBin(t, root, nil, "lock", "schema-lock", "--", "sh", "-c", fmt.Sprintf(`touch %q; exec sleep 600`, ready))
+	waitFor(t, "the holder's CMD", func() bool { return exists(ready) })
+	if out := run("locks", 0, "locks"); !strings.Contains(out, `"name": "schema-lock"`) {
+		t.Errorf("locks --json does not list the held lock:\n%s", out)
+	}
+	holder.Process.Kill()
+	holder.Wait()
+	for _, want := range []string{`"broken": true`, `"held": false`} {
+		// --break narrates on stderr; stdout has the outcome alone.
+		code, out, errs := depcache(t, root, "--json", "locks", "--break", "schema-lock", "--yes")
+		if code != 0 || !strings.Contains(out, want) {
+			t.Errorf("locks --break --json: exit %d, %s %s; want %s", code, out, errs, want)
+		}
+		checkSchema(t, "locks-break", out)
+	}
+	// serve's /v1/entries is ls --json's array, under a schema of its own
+	// whose entry is ls's.
+	addr, serve := startServe(t, root)
+	resp, err := http.Get(addr + "/v1/entries")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("/v1/entries: %d %v\n%s", resp.StatusCode, err, body)
+	}
+	checkSchema(t, "entries", string(body))
+	stopServe(t, serve)
+	if a, b := loadSchema(t, "entries").Defs["entry"], loadSchema(t, "ls").Defs["entry"]; !reflect.DeepEqual(a, b) {
+		t.Error("testdata/schema/entries.json's entry differs from ls.json's: /v1/entries is the array of ls --json")
+	}
 	run("doctor-rebuild", 0, "doctor", "--rebuild", "--force")
 }

@@ -42,6 +42,9 @@ type entryJSON struct {
 	Progress   state.Progress `json:"progress"`
 	Failures   int            `json:"failures"`
 	Message    string         `json:"message"`
+	// Queued: DOWNLOADING with no owner (get --no-wait with nobody else
+	// driving it): it waits for a serve, or a get that waits, on the root.
+	Queued bool `json:"queued"`
 	manager.Description
 }
 
@@ -56,6 +59,7 @@ func toJSON(m *manager.Manager, e state.Entry) entryJSON {
 		Stage: string(e.Stage), ImageID: e.ImageID, RepoDigest: e.RepoDigest, Daemon: e.Key.Daemon, SizeBytes: e.SizeBytes, Dependents: []string{},
 		LastUsed: rfc3339(e.LastUsed), Created: rfc3339(e.Created), Generation: e.Generation,
 		Progress: e.Progress, Failures: e.Failures, Message: e.Message,
+		Queued: e.Stage == state.Downloading && e.Owner == nil,
 	}
 	j.Description.Dependents = []manager.DependentInfo{}
 	if e.Path != "" {
@@ -196,6 +200,8 @@ the full key IDs (--json output is always JSON, its keys always full).`,
 				switch {
 				case e.Stage == string(state.Downloading) && e.Owner != nil:
 					detail = fmt.Sprintf("gen %d by pid %d on %s, %s", e.Generation, e.Owner.PID, e.Owner.Host, humanize.IBytes(uint64(e.Progress.Bytes)))
+				case e.Queued:
+					detail = "queued: no process downloads it yet (a serve on the root, or a get of it that waits, takes it up)"
 				case e.Stage == string(state.Failed):
 					detail = e.Message
 				case e.Kind == string(state.Image):

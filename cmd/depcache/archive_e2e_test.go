@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -82,5 +83,41 @@ func TestArchivesFirstDay(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(strings.TrimSpace(out), "docs", "readme.txt")); err != nil || string(b) != "zipped\n" {
 		t.Errorf("the zip was not unpacked: %q %v", b, err)
+	}
+}
+
+// The command a directory's refusal suggests is one shell line that works
+// as printed, for a path with a space and a quote too; the root directory
+// gets a template, not 'tar -czf /.tar.gz -C / /'.
+func TestDirectoryHintIsShellQuoted(t *testing.T) {
+	root := t.TempDir()
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "my data's")
+	os.MkdirAll(filepath.Join(dir, "sub"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub", "f.txt"), []byte("in a dir\n"), 0o644)
+	code, _, errs := depcache(t, root, "get", "file://"+dir)
+	_, line, ok := strings.Cut(strings.TrimSpace(errs), "and get that: ")
+	if code != 2 || !ok {
+		t.Fatalf("get of a directory: exit %d, %q; want 2 and a command line", code, errs)
+	}
+	// Run the line as a shell would, with depcache standing for a function
+	// that hands back the source it was given.
+	sh := exec.Command("sh", "-c", `depcache() { printf '%s' "$2"; }; `+line)
+	sh.Dir = t.TempDir()
+	src, err := sh.Output()
+	if err != nil {
+		t.Fatalf("%s: %v", line, err)
+	}
+	if want := "file://" + dir + ".tar.gz"; string(src) != want {
+		t.Errorf("%s: gets %q, want %q", line, src, want)
+	}
+	code, out, errs := depcache(t, root, "get", string(src))
+	if b, err := os.ReadFile(filepath.Join(strings.TrimSpace(out), "my data's", "sub", "f.txt")); code != 0 || err != nil || string(b) != "in a dir\n" {
+		t.Errorf("get %s: exit %d, %s %s; %q %v", src, code, out, errs, b, err)
+	}
+
+	code, _, errs = depcache(t, root, "get", "file:///")
+	if code != 2 || strings.Contains(errs, "/.tar.gz") || strings.Contains(errs, "-C / /") || !strings.Contains(errs, "tar -czf") {
+		t.Errorf("get file:///: exit %d, %q; want 2 and a tar template", code, errs)
 	}
 }

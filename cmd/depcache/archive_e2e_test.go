@@ -3,6 +3,7 @@ package main
 import (
 	"archive/zip"
 	"bytes"
+	"encoding/json"
 	"io"
 	"os"
 	"os/exec"
@@ -119,5 +120,44 @@ func TestDirectoryHintIsShellQuoted(t *testing.T) {
 	code, _, errs = depcache(t, root, "get", "file:///")
 	if code != 2 || strings.Contains(errs, "/.tar.gz") || strings.Contains(errs, "-C / /") || !strings.Contains(errs, "tar -czf") {
 		t.Errorf("get file:///: exit %d, %q; want 2 and a tar template", code, errs)
+	}
+}
+
+// A file named like an archive that is not one is kept with a warning: one
+// human line on stderr at the default log level, for the get that fetched
+// it and for a later one; in get --json, in "warnings" (stderr stays
+// empty). Other gets have "warnings": [].
+func TestNotAnArchiveWarnsInOneLine(t *testing.T) {
+	root := t.TempDir()
+	fake := smallFile(t, "notes.tar.gz", "just text\n")
+	want := "depcache: warning: " + fake + " is named like a tar archive but its content is not one: it is kept as a file\n"
+	for _, dep := range []string{"first", "second"} {
+		code, out, errs := depcache(t, root, "get", "--dependent", dep, fake)
+		if code != 0 || errs != want {
+			t.Errorf("get (%s): exit %d, %s, stderr %q; want %q", dep, code, out, errs, want)
+		}
+	}
+	code, out, errs := depcache(t, root, "--json", "get", "--dependent", "third", fake)
+	var got []struct {
+		Warnings []string `json:"warnings"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); code != 0 || err != nil || len(got) != 1 || len(got[0].Warnings) != 1 ||
+		got[0].Warnings[0] != strings.TrimSuffix(strings.TrimPrefix(want, "depcache: warning: "), "\n") || errs != "" {
+		t.Errorf("get --json: exit %d, %v, %s, stderr %q; want the warning in warnings", code, err, out, errs)
+	}
+	checkSchema(t, "get", out)
+	// --log-format json: one JSON record, for the get that fetched it and
+	// for a later one.
+	other := smallFile(t, "more.tgz", "more text\n")
+	for _, dep := range []string{"first", "second"} {
+		code, _, errs := depcache(t, root, "--log-format", "json", "get", "--dependent", dep, other)
+		var rec struct{ Level, Msg, Source string }
+		if err := json.Unmarshal([]byte(errs), &rec); code != 0 || err != nil || strings.Count(errs, "\n") != 1 || rec.Level != "warning" || rec.Source != other ||
+			!strings.HasPrefix(rec.Msg, other+" is named like a tar archive") {
+			t.Errorf("--log-format json get (%s): exit %d, %v, stderr %q; want one warning record", dep, code, err, errs)
+		}
+	}
+	if code, out, errs := depcache(t, root, "--json", "get", "--dependent", "d", hello(t)); code != 0 || !strings.Contains(out, `"warnings": []`) {
+		t.Errorf("get --json of an archive: exit %d, %s %s; want \"warnings\": []", code, out, errs)
 	}
 }

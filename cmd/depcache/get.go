@@ -165,6 +165,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				fmt.Fprintln(g.stdout, e.ImageID)
 				return nil
 			}
+			g.showWarnings(e, m.Warnings(e))
 			p, err := m.Abs(e)
 			if err != nil {
 				return err
@@ -215,6 +216,10 @@ type getJSON struct {
 	// its failure time plus --failure-cooldown, doubled per failure in a
 	// row. get --retry retries at once.
 	RetryAt string `json:"retry_at,omitempty"`
+	// Warnings are what the user should know about the content (a file
+	// named like an archive kept as a file): the lines get prints on
+	// stderr without --json. [] when none.
+	Warnings []string `json:"warnings"`
 }
 
 func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *manager.FailedError) getJSON {
@@ -226,6 +231,7 @@ func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *m
 	if _, d, err := m.DescribeEntry(dctx, e.Key); err == nil {
 		j.Description = d
 	}
+	j.Warnings = append([]string{}, m.Warnings(e)...)
 	if failed != nil {
 		j.Permanent = failed.Permanent
 		j.RetryAt = rfc3339(failed.RetryAt)

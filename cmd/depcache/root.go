@@ -9,10 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/manager/docker"
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
@@ -40,6 +42,61 @@ type globals struct {
 	// ctx is the context the state store is opened with: the command's
 	// (ended by SIGINT and SIGTERM), or get's, which --timeout bounds.
 	ctx context.Context
+	// warnings is the log's formatter.
+	warnings *warningLines
+}
+
+// warningLines formats the log. With human set (--log-format text), a
+// record that is a warning about an entry's content
+// (manager.WarningRecord) is one line for people, "depcache: warning:
+// ..."; every other record, and every record without human (json), is as
+// inner formats it. It remembers the warnings it wrote, so that get does
+// not repeat them.
+type warningLines struct {
+	inner logrus.Formatter
+	human bool
+	mu    sync.Mutex
+	shown map[string]bool
+}
+
+// Format implements logrus.Formatter.
+func (w *warningLines) Format(r *logrus.Entry) ([]byte, error) {
+	msg, ok := manager.WarningRecord(r)
+	if !ok {
+		return w.inner.Format(r)
+	}
+	w.mu.Lock()
+	if w.shown == nil {
+		w.shown = map[string]bool{}
+	}
+	w.shown[msg] = true
+	w.mu.Unlock()
+	if !w.human {
+		return w.inner.Format(r)
+	}
+	return []byte("depcache: warning: " + msg + "\n"), nil
+}
+
+func (w *warningLines) wrote(msg string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.shown[msg]
+}
+
+// showWarnings writes the warnings about entry e's content (Manager.Warnings)
+// that the log did not already write, as the log would: a line each on
+// stderr with --log-format text, a record each with json; none when the
+// log level hides warnings.
+func (g *globals) showWarnings(e state.Entry, ws []string) {
+	for _, msg := range ws {
+		switch {
+		case !g.log.IsLevelEnabled(logrus.WarnLevel) || g.warnings != nil && g.warnings.wrote(msg):
+		case g.warnings == nil || g.warnings.human:
+			fmt.Fprintln(g.stderr, "depcache: warning:", msg)
+		default:
+			g.log.WithField("source", e.Key.Source).Warn(msg)
+		}
+	}
 }
 
 // loopFlags are the policy flags of the commands that run the loops.
@@ -189,9 +246,11 @@ func newRoot(g *globals) *cobra.Command {
 			g.log.SetLevel(lvl)
 			switch g.logFormat {
 			case "text":
-				g.log.SetFormatter(&logrus.TextFormatter{})
+				g.warnings = &warningLines{inner: &logrus.TextFormatter{}, human: true}
+				g.log.SetFormatter(g.warnings)
 			case "json":
-				g.log.SetFormatter(&logrus.JSONFormatter{})
+				g.warnings = &warningLines{inner: &logrus.JSONFormatter{}}
+				g.log.SetFormatter(g.warnings)
 			default:
 				return fmt.Errorf("--log-format %q: %w: want text or json", g.logFormat, errBadFlag)
 			}

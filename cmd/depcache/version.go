@@ -78,6 +78,6 @@ const rootExamples = `  p=$(depcache get https://example.com/data.tar.gz)   # th
   depcache release --dependent job-42 docker://ubuntu:22.04
   depcache ls --sort size
   depcache gc --dry-run
-  depcache rm --dry-run $(depcache ls -q --filter stage=FAILED)
+  depcache ls -q --filter stage=FAILED --filter in-use=false | xargs -r depcache rm --dry-run
   depcache doctor
   depcache dir`

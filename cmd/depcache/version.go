@@ -18,8 +18,10 @@ type versionJSON struct {
 }
 
 // buildVersion reads the module version and the VCS stamp the Go toolchain
-// wrote into the binary: "(devel)" and the revision for a build from a
-// checkout, v1.2.3 for `go install ...@v1.2.3`.
+// wrote into the binary: a pseudo-version (v0.0.0-DATE-REVISION, +dirty
+// with uncommitted changes) and the revision for a build from a git
+// checkout, "(devel)" and no revision without VCS stamping
+// (-buildvcs=false, or no checkout), v1.2.3 for `go install ...@v1.2.3`.
 func buildVersion() versionJSON {
 	v := versionJSON{Version: "(unknown)", Go: runtime.Version()}
 	info, ok := debug.ReadBuildInfo()

@@ -75,10 +75,26 @@ func (c ctxReader) Read(p []byte) (int, error) {
 
 // DirectoryHint says that dir is a directory and how to make it a bundle:
 // depcache fetches files and archives, and unpacks archives into
-// directories.
+// directories. What follows "and get that: " is one shell command line,
+// quoted for sh, that makes the bundle beside dir and gets it; for the
+// root directory, a template to fill in.
 func DirectoryHint(dir string) string {
 	dir = filepath.Clean(dir)
 	parent, base := filepath.Dir(dir), filepath.Base(dir)
-	return fmt.Sprintf("%s is a directory; depcache fetches files and unpacks archives: make it a bundle with 'tar -czf %s.tar.gz -C %s %s' and get file://%s.tar.gz",
-		dir, dir, parent, base, dir)
+	if dir == parent {
+		// "/": no parent to put it beside, no name to give it.
+		return fmt.Sprintf("%s is the root directory; depcache fetches files and unpacks archives: make a bundle of the directory you need, and get that: tar -czf /PATH/NAME.tar.gz -C PARENT NAME && depcache get file:///PATH/NAME.tar.gz", dir)
+	}
+	return fmt.Sprintf("%s is a directory; depcache fetches files and unpacks archives: make it a bundle, and get that: tar -czf %s -C %s %s && depcache get %s",
+		dir, shellQuote(dir+".tar.gz"), shellQuote(parent), shellQuote(base), shellQuote("file://"+dir+".tar.gz"))
+}
+
+// shellQuote quotes s for a POSIX shell: as it is when it holds only
+// characters no shell treats specially, else in single quotes, each single
+// quote inside ending the quotes, escaped, and opening them again.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }

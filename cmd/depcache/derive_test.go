@@ -85,3 +85,30 @@ func TestFlagsDeriveDefaults(t *testing.T) {
 		t.Errorf("both twins in conflict: exit %d, %q; want 2", code, errs)
 	}
 }
+
+// A flag given alone is never refused in the name of a partner the user did
+// not give: the derived default scales to fit, and when no default can fit,
+// the error is about the value given (TestFlagsDeriveDefaults covers the
+// pairs that fit).
+func TestLoneFlagErrorsNameOnlyIt(t *testing.T) {
+	src := helloSource(t)
+	for _, tc := range []struct {
+		args        []string
+		want, never string
+	}{
+		{[]string{"get", "--download-timeout", "1ns", src}, "--download-timeout 1ns", "--progress-interval"},
+		{[]string{"get", "--progress-interval", "2000000h", src}, "--progress-interval 2000000h", "--download-timeout"},
+	} {
+		code, _, errs := cli(t, t.TempDir(), tc.args...)
+		if code != 2 || !strings.Contains(errs, tc.want) || strings.Contains(errs, tc.never) {
+			t.Errorf("%v: exit %d, %q; want 2, naming %s and not %s", tc.args, code, errs, tc.want, tc.never)
+		}
+	}
+	// Its DEPCACHE_* twin is named as the one at fault.
+	t.Setenv("DEPCACHE_DOWNLOAD_TIMEOUT", "1ns")
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"--root", t.TempDir(), "get", src}, &out, &errb)
+	if errs := errb.String(); code != 2 || !strings.Contains(errs, "DEPCACHE_DOWNLOAD_TIMEOUT") || strings.Contains(errs, "--progress-interval") {
+		t.Errorf("DEPCACHE_DOWNLOAD_TIMEOUT=1ns: exit %d, %q; want 2, naming the variable and not --progress-interval", code, errs)
+	}
+}

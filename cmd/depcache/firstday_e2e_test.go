@@ -272,14 +272,14 @@ func TestRm(t *testing.T) {
 		t.Errorf("rm without -y and no terminal: exit %d, %q", code, errs)
 	}
 	code, out, _ := depcache(t, root, "rm", "--dry-run", b)
-	if code != 0 || !strings.Contains(out, "would remove "+b) || len(readState(t, root).Entries) != 2 {
-		t.Errorf("rm --dry-run: exit %d %q", code, out)
+	if code != 0 || !strings.Contains(out, "would remove "+b) || !strings.Contains(out, "would remove 1, would free ") || strings.Contains(out, "freed") || len(readState(t, root).Entries) != 2 {
+		t.Errorf("rm --dry-run: exit %d %q; want what would go and what it would free", code, out)
 	}
 	if code, _, errs := depcache(t, root, "rm", "-y", "file:///not/cached"); code != 1 || !strings.Contains(errs, "no entry for file:///not/cached") {
 		t.Errorf("rm of an unknown source: exit %d %q", code, errs)
 	}
 	code, out, errs = depcache(t, root, "rm", "-y", idB[:12])
-	if code != 0 || !strings.Contains(out, "removed "+b) {
+	if code != 0 || !strings.Contains(out, "removed "+b) || !strings.Contains(out, "removed 1, freed ") {
 		t.Fatalf("rm -y KEY: exit %d %q %q", code, out, errs)
 	}
 	st := readState(t, root)
@@ -554,5 +554,77 @@ func TestBadEnvTwinNamed(t *testing.T) {
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "DEPCACHE_HIGH_WATERMARK") || !strings.Contains(string(out), "--high-watermark 150") {
 		t.Errorf("DEPCACHE_HIGH_WATERMARK=150 gc --dry-run: %v: %s", err, out)
+	}
+}
+
+// The cleanup pipelines the README and --help show (every example line
+// with "ls -q") run as printed: on a root where nothing matches they do
+// nothing and exit 0, and a FAILED entry that a dependent still holds is
+// left out, not a reason for rm to refuse them all.
+func TestCleanupExamplesRunAsPrinted(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	_, examples, _ := strings.Cut(string(readme), "### Examples\n")
+	examples, _, _ = strings.Cut(examples, "\n```\n")
+	for _, l := range strings.Split(examples, "\n") {
+		if strings.Contains(l, "ls -q") {
+			lines = append(lines, "README: "+l)
+		}
+	}
+	for _, cmd := range [][]string{{"--help"}, {"rm", "--help"}, {"ls", "--help"}} {
+		_, out, _ := depcache(t, t.TempDir(), cmd...)
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "ls -q") || strings.Contains(l, "-q |") {
+				lines = append(lines, strings.Join(cmd, " ")+": "+strings.TrimSpace(l))
+			}
+		}
+	}
+	if len(lines) < 4 {
+		t.Fatalf("found %d example lines with ls -q: %q", len(lines), lines)
+	}
+	root := t.TempDir()
+	held := smallFile(t, "held", "x")
+	os.Remove(strings.TrimPrefix(held, "file://"))
+	// A FAILED entry a live dependent holds, one nobody holds (its get's
+	// process is gone), and a READY one in use.
+	for _, args := range [][]string{
+		{"get", "--retries", "0", "--dependent", "job", held},
+		{"get", "--retries", "0", "file:///nonexistent/depcache-examples"},
+	} {
+		if code, _, errs := depcache(t, root, args...); code != 1 {
+			t.Fatalf("%v: exit %d, %s; want FAILED", args, code, errs)
+		}
+	}
+	if code, _, errs := depcache(t, root, "get", "--dependent", "job", hello(t)); code != 0 {
+		t.Fatal(errs)
+	}
+	env := []string{"PATH=" + filepath.Dir(bin) + ":" + os.Getenv("PATH"), "DEPCACHE_ROOT=" + root}
+	for _, l := range lines {
+		_, line, _ := strings.Cut(l, ": ")
+		sh := exec.Command("sh", "-c", line)
+		sh.Env = env
+		out, err := sh.CombinedOutput()
+		if err != nil {
+			t.Errorf("%s: %v\n%s", l, err, out)
+		}
+	}
+	st := readState(t, root)
+	if e := st.Entries[mustID(t, held)]; e == nil || e.Stage != state.Failed {
+		t.Errorf("the FAILED entry a dependent holds is gone: %v", e)
+	}
+	if _, ok := st.Entries[mustID(t, "file:///nonexistent/depcache-examples")]; ok {
+		t.Error("the FAILED entry nobody holds is still there")
+	}
+}
+
+// rm's question counts in words: "remove 1 entry", "remove 2 entries".
+func TestRmQuestionCounts(t *testing.T) {
+	for n, want := range map[int]string{1: "remove 1 entry (1.0 KiB)?", 2: "remove 2 entries (1.0 KiB)?"} {
+		if got := removeQuestion(manager.RemoveReport{Removed: make([]manager.Removed, n), Freed: 1024}); got != want {
+			t.Errorf("%d: %q, want %q", n, got, want)
+		}
 	}
 }

@@ -63,9 +63,9 @@ worker's loop applies.`,
 			if g.json {
 				return printJSON(g.stdout, toGCJSON(rep))
 			}
-			verb, reaped := "evicted", "reaped"
+			verb, reaped, freed, usage := "evicted", "reaped", "freed", "usage"
 			if dryRun {
-				verb, reaped = "would evict", "would reap"
+				verb, reaped, freed, usage = "would evict", "would reap", "would free", "usage would be"
 			}
 			srcs := make([]string, 0, len(rep.Reaped))
 			for s := range rep.Reaped {
@@ -78,8 +78,8 @@ worker's loop applies.`,
 			for _, v := range rep.Victims {
 				fmt.Fprintf(g.stdout, "%s %s (%s, %s)\n", verb, v.Key.Source, humanize.IBytes(uint64(v.Bytes)), v.Reason)
 			}
-			fmt.Fprintf(g.stdout, "%s %d, freed %s; usage %s of budget %s\n", verb, len(rep.Victims),
-				humanize.IBytes(uint64(rep.Freed)), humanize.IBytes(uint64(rep.Usage.Bytes-rep.Freed)), budget(rep.Policy.MaxSizeBytes))
+			fmt.Fprintf(g.stdout, "%s %d, %s %s; %s %s of budget %s\n", verb, len(rep.Victims), freed,
+				humanize.IBytes(uint64(rep.Freed)), usage, humanize.IBytes(uint64(rep.Usage.Bytes-rep.Freed)), budget(rep.Policy.MaxSizeBytes))
 			return nil
 		},
 	}

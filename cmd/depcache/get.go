@@ -149,9 +149,14 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				// --no-wait: nothing in this process downloads. Say who
 				// does, or that nobody does yet.
 				fmt.Fprintln(g.stdout, e.Stage)
-				if e.Owner == nil {
-					fmt.Fprintf(g.stderr, "depcache: %s is queued: it downloads once a 'depcache serve' runs on this root (%s) or a 'depcache get' of it waits for it\n", key.Source, m.Root())
-				} else {
+				switch pid, serving := localServe(m.Root()); {
+				case e.Owner == nil && serving:
+					fmt.Fprintf(g.stderr, "depcache: %s is queued: the 'depcache serve' (pid %d) of this root on this host takes it up at its next pass\n", key.Source, pid)
+				case e.Owner == nil:
+					// A serve may run on another host: say what takes it
+					// up, true whether one runs or not.
+					fmt.Fprintf(g.stderr, "depcache: %s is queued: no process downloads it yet; a 'depcache serve' on this root (%s), on any host, takes it up at its next pass, as does a 'depcache get' of it that waits\n", key.Source, m.Root())
+				default:
 					fmt.Fprintf(g.stderr, "depcache: %s is downloading in pid %d on %s\n", key.Source, e.Owner.PID, e.Owner.Host)
 				}
 				return nil
@@ -160,6 +165,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				fmt.Fprintln(g.stdout, e.ImageID)
 				return nil
 			}
+			g.showWarnings(e, m.Warnings(e))
 			p, err := m.Abs(e)
 			if err != nil {
 				return err
@@ -198,8 +204,9 @@ func normaliseSHA256(s string) string {
 	return strings.ToLower(s)
 }
 
-// getJSON is an element of get --json: ls --json's fields and, for a FAILED
-// entry, when it may be retried; for a download nobody runs, that it waits.
+// getJSON is an element of get --json: ls --json's fields (queued among
+// them: a download nobody runs waits) and, for a FAILED entry, when it may
+// be retried.
 type getJSON struct {
 	entryJSON
 	// Permanent: the failure is one a retry would only repeat (a 404, a
@@ -209,9 +216,10 @@ type getJSON struct {
 	// its failure time plus --failure-cooldown, doubled per failure in a
 	// row. get --retry retries at once.
 	RetryAt string `json:"retry_at,omitempty"`
-	// Queued: DOWNLOADING with no owner (get --no-wait with nobody else
-	// driving it): it waits for a serve, or a get that waits, on the root.
-	Queued bool `json:"queued,omitempty"`
+	// Warnings are what the user should know about the content (a file
+	// named like an archive kept as a file): the lines get prints on
+	// stderr without --json. [] when none.
+	Warnings []string `json:"warnings"`
 }
 
 func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *manager.FailedError) getJSON {
@@ -223,11 +231,11 @@ func toGetJSON(ctx context.Context, m *manager.Manager, e state.Entry, failed *m
 	if _, d, err := m.DescribeEntry(dctx, e.Key); err == nil {
 		j.Description = d
 	}
+	j.Warnings = append([]string{}, m.Warnings(e)...)
 	if failed != nil {
 		j.Permanent = failed.Permanent
 		j.RetryAt = rfc3339(failed.RetryAt)
 	}
-	j.Queued = e.Stage == state.Downloading && e.Owner == nil
 	return j
 }
 

@@ -2,13 +2,21 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
 )
 
 // A FAILED get says when a get retries it and which flag sets that, in the
@@ -101,7 +109,46 @@ func TestNoWaitSaysQueued(t *testing.T) {
 	if !strings.Contains(out, `"queued": true`) {
 		t.Errorf("get --no-wait --json does not say queued:\n%s", out)
 	}
+	// ls, in text and --json, and the status page say it too.
+	if _, out, _ := depcache(t, root, "ls"); !regexp.MustCompile(`DOWNLOADING .*queued`).MatchString(out) {
+		t.Errorf("ls does not say the entry is queued:\n%s", out)
+	}
+	if _, out, _ := depcache(t, root, "--json", "ls"); !strings.Contains(out, `"queued": true`) {
+		t.Errorf("ls --json does not say queued:\n%s", out)
+	}
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	m, err := manager.New(manager.Config{Root: root, Log: log}) // it never starts: nobody drives the entry
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(serveMux(m, prometheus.NewRegistry()))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !regexp.MustCompile(`<td class="DOWNLOADING">DOWNLOADING <span class="queued">\(queued\)</span></td>`).Match(page) {
+		t.Errorf("the status page does not say the entry is queued:\n%s", page)
+	}
 	if code, out, errs := cli(t, root, "get", "--dependent", "job", src); code != 0 || !strings.HasPrefix(out, root) {
 		t.Fatalf("a get that waits: exit %d, %q, %s", code, out, errs)
 	}
+	if _, out, _ := depcache(t, root, "--json", "ls"); !strings.Contains(out, `"queued": false`) {
+		t.Errorf("ls --json of a READY entry does not say queued false:\n%s", out)
+	}
+}
+
+// get --no-wait with a serve running on the root, on this host, names it
+// as what takes the entry up: it does not say that one must be started.
+func TestNoWaitWithServeRunning(t *testing.T) {
+	root := t.TempDir()
+	_, serve := startServe(t, root)
+	code, out, errs := depcache(t, root, "get", "--no-wait", "--dependent", "job", smallFile(t, "served.txt", "served\n"))
+	if code != 0 || !strings.Contains(errs, fmt.Sprintf("'depcache serve' (pid %d)", serve.Process.Pid)) || strings.Contains(errs, "once a") {
+		t.Errorf("get --no-wait beside a serve: exit %d, %q, stderr %q; want the serve's pid, not 'once a serve runs'", code, out, errs)
+	}
+	stopServe(t, serve)
 }

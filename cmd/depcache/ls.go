@@ -42,6 +42,9 @@ type entryJSON struct {
 	Progress   state.Progress `json:"progress"`
 	Failures   int            `json:"failures"`
 	Message    string         `json:"message"`
+	// Queued: DOWNLOADING with no owner (get --no-wait with nobody else
+	// driving it): it waits for a serve, or a get that waits, on the root.
+	Queued bool `json:"queued"`
 	manager.Description
 }
 
@@ -56,6 +59,7 @@ func toJSON(m *manager.Manager, e state.Entry) entryJSON {
 		Stage: string(e.Stage), ImageID: e.ImageID, RepoDigest: e.RepoDigest, Daemon: e.Key.Daemon, SizeBytes: e.SizeBytes, Dependents: []string{},
 		LastUsed: rfc3339(e.LastUsed), Created: rfc3339(e.Created), Generation: e.Generation,
 		Progress: e.Progress, Failures: e.Failures, Message: e.Message,
+		Queued: e.Stage == state.Downloading && e.Owner == nil,
 	}
 	j.Description.Dependents = []manager.DependentInfo{}
 	if e.Path != "" {
@@ -117,7 +121,10 @@ pattern on sources in which * and ? match any characters, / included
 
 Filters, repeatable (all must hold): stage=READY|FAILED|DOWNLOADING,
 kind=bundle|image, unused=DURATION (no live dependent and not used for that
-long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
+long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.
+
+-q prints only the KEY column, one per line; with --json, a JSON array of
+the full key IDs (--json output is always JSON, its keys always full).`,
 		Example: `  depcache ls
   depcache ls --sort size
   depcache ls --filter stage=FAILED
@@ -165,6 +172,14 @@ long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
 				key = func(id string) string { return id }
 			}
 			switch {
+			case o.quiet && g.json:
+				// --json promises JSON on stdout, and keys in it are full
+				// IDs: an array of them (not -q's short KEY column).
+				ids := make([]string, 0, len(shown))
+				for _, r := range shown {
+					ids = append(ids, r.j.Key)
+				}
+				return printJSON(g.stdout, ids)
 			case o.quiet:
 				for _, r := range shown {
 					fmt.Fprintln(g.stdout, key(r.j.Key))
@@ -185,6 +200,8 @@ long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
 				switch {
 				case e.Stage == string(state.Downloading) && e.Owner != nil:
 					detail = fmt.Sprintf("gen %d by pid %d on %s, %s", e.Generation, e.Owner.PID, e.Owner.Host, humanize.IBytes(uint64(e.Progress.Bytes)))
+				case e.Queued:
+					detail = "queued: no process downloads it yet (a serve on the root, or a get of it that waits, takes it up)"
 				case e.Stage == string(state.Failed):
 					detail = e.Message
 				case e.Kind == string(state.Image):
@@ -217,7 +234,7 @@ long; 7d, 36h, 1d12h), in-use=true|false, dependent=NAME.`,
 	f.StringVar(&o.sort, "sort", "", "order by size (largest first), last-used (most recent first) or source; default: key")
 	f.BoolVar(&o.reverse, "reverse", false, "reverse the order")
 	f.StringArrayVar(&o.filters, "filter", nil, "stage=S, kind=K, unused=DURATION, in-use=BOOL or dependent=NAME; repeatable")
-	f.BoolVarP(&o.quiet, "quiet", "q", false, "print only the keys (for depcache rm)")
+	f.BoolVarP(&o.quiet, "quiet", "q", false, "print only the keys (for depcache rm); with --json, a JSON array of the full key IDs")
 	f.BoolVar(&o.noTrunc, "no-trunc", false, "print full 32-character key IDs (what --pin takes)")
 	return cmd
 }

@@ -112,9 +112,29 @@ func setPolicy(cmd *cobra.Command, g *globals, lf *loopFlags, pf *policyFlags) e
 	return printPolicy(g, *st.Policy)
 }
 
+// policyJSON is `policy --json`: state.Policy's fields, each always
+// present (the stored form leaves zeros out), pins [] when none. Its
+// fields are a contract: add, never rename or drop.
+type policyJSON struct {
+	MaxSizeBytes       int64          `json:"max_size_bytes"`
+	HighWatermark      int            `json:"high_watermark_percent"`
+	LowWatermark       int            `json:"low_watermark_percent"`
+	MinFreeDiskBytes   int64          `json:"min_free_disk_bytes"`
+	MinFreeDiskPercent int            `json:"min_free_disk_percent"`
+	MinAge             state.Duration `json:"min_age"`
+	MaxAge             state.Duration `json:"max_age"`
+	Pins               []string       `json:"pins"`
+}
+
+func toPolicyJSON(p state.Policy) policyJSON {
+	return policyJSON{MaxSizeBytes: p.MaxSizeBytes, HighWatermark: p.HighWatermark, LowWatermark: p.LowWatermark,
+		MinFreeDiskBytes: p.MinFreeDiskBytes, MinFreeDiskPercent: p.MinFreeDiskPercent, MinAge: p.MinAge, MaxAge: p.MaxAge,
+		Pins: append([]string{}, p.Pins...)}
+}
+
 func printPolicy(g *globals, p state.Policy) error {
 	if g.json {
-		return printJSON(g.stdout, p)
+		return printJSON(g.stdout, toPolicyJSON(p))
 	}
 	fmt.Fprintf(g.stdout, "max-size %s, watermarks %d%%/%d%%, min-free-disk %d bytes or %d%%, min-age %s, max-age %s, pins %v\n",
 		budget(p.MaxSizeBytes), p.HighWatermark, p.LowWatermark, p.MinFreeDiskBytes, p.MinFreeDiskPercent, p.MinAge, p.MaxAge, p.Pins)

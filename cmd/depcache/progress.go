@@ -5,19 +5,18 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sync/atomic"
+	"strings"
 	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/dustin/go-humanize"
-	"github.com/vbauerster/mpb/v8"
-	"github.com/vbauerster/mpb/v8/decor"
+	"github.com/mattn/go-runewidth"
 	"golang.org/x/term"
 )
 
 // progress shows a wait: a bar on a terminal, a plain line every few
-// seconds otherwise.
+// seconds otherwise (run.go's runProgress draws its bars with mpb).
 type progress interface {
 	show(e state.Entry, who string)
 	finish(e state.Entry) // the entry is READY
@@ -36,10 +35,26 @@ func newProgress(g *globals, key state.Key) (progress, time.Duration) {
 	if g.json {
 		return quiet{}, 2 * time.Second
 	}
-	if f, ok := g.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		return newBar(f, key, time.Now()), 200 * time.Millisecond
+	f, ok := g.stderr.(*os.File)
+	terminal := ok && term.IsTerminal(int(f.Fd()))
+	cols := func() int {
+		w, _, err := term.GetSize(int(f.Fd()))
+		if err != nil {
+			return 0
+		}
+		return w
 	}
-	return &lines{w: g.stderr, key: key, rate: rateMeter{start: time.Now()}}, 2 * time.Second
+	return progressFor(g.stderr, key, terminal, cols, time.Now())
+}
+
+// progressFor is a bar on a terminal that tells its width, plain lines
+// elsewhere: on a pipe, and on a terminal whose size reads as 0x0 (a bar
+// there would be drawn in no columns at all).
+func progressFor(w io.Writer, key state.Key, terminal bool, cols func() int, start time.Time) (progress, time.Duration) {
+	if terminal && cols() > 0 {
+		return &bar{w: w, cols: cols, name: key.Source, rate: rateMeter{start: start}}, 200 * time.Millisecond
+	}
+	return &lines{w: w, key: key, rate: rateMeter{start: start}}, 2 * time.Second
 }
 
 type quiet struct{}
@@ -124,44 +139,156 @@ func speedETA(p state.Progress, rate float64) string {
 	return s
 }
 
+// bar redraws one line on a terminal, fitted to its width at each draw
+// (barLine).
 type bar struct {
-	p    *mpb.Progress
-	bar  *mpb.Bar
-	who  atomic.Pointer[string] // read by mpb's goroutine
-	eta  atomic.Pointer[string] // rate and time left, read by mpb's goroutine
-	rate rateMeter
-}
-
-func newBar(w io.Writer, key state.Key, start time.Time) *bar {
-	b := &bar{p: mpb.New(mpb.WithOutput(w), mpb.WithWidth(40)), rate: rateMeter{start: start}}
-	load := func(p *atomic.Pointer[string]) decor.Decorator {
-		return decor.Any(func(decor.Statistics) string {
-			if s := p.Load(); s != nil {
-				return *s
-			}
-			return ""
-		}, decor.WCSyncSpace)
-	}
-	b.bar = b.p.AddBar(0,
-		mpb.PrependDecorators(decor.Name(key.Source+" "), load(&b.who)),
-		mpb.AppendDecorators(decor.Counters(decor.SizeB1024(0), "% .1f / % .1f"), decor.Percentage(decor.WCSyncSpace), load(&b.eta)))
-	return b
+	w     io.Writer
+	cols  func() int // the terminal's width now; 0 when unknown
+	name  string
+	rate  rateMeter
+	drawn bool
 }
 
 func (b *bar) show(e state.Entry, who string) {
-	w := "(" + who + ")"
-	b.who.Store(&w)
 	eta := speedETA(e.Progress, b.rate.observe(e, who == selfOwner, time.Now()))
-	b.eta.Store(&eta)
-	if e.Progress.Total > 0 {
-		b.bar.SetTotal(e.Progress.Total, false)
+	line := barLine(b.cols(), b.name, who, e.Progress, eta)
+	if line == "" {
+		return // no width to draw in now: keep the last line
 	}
-	b.bar.SetCurrent(e.Progress.Bytes)
+	// Back to the line's start, the line, and erase what a longer one left.
+	fmt.Fprint(b.w, "\r"+line+"\x1b[K")
+	b.drawn = true
 }
 
 func (b *bar) finish(e state.Entry) { b.show(e, "done") }
 
 func (b *bar) close() {
-	b.bar.Abort(false)
-	b.p.Wait()
+	if b.drawn {
+		fmt.Fprintln(b.w)
+	}
+}
+
+// The bar's widths, brackets included: it shrinks to barMin before the
+// line gives up a part, and grows to barMax when there is room.
+const (
+	barMin = 12
+	barMax = 42
+	// nameMin is the narrowest the name shrinks to while another part can
+	// go instead.
+	nameMin = 16
+)
+
+// barLine is the line of a bar in a terminal width columns wide, in at
+// most width-1 columns (the last column of a line wraps on some
+// terminals): the name, who, the bar, the sizes and percentage, the rate
+// and time left. A name too long is shrunk in its middle ("https://ex…
+// model.tar.gz"), down to nameMin columns; then the bar shrinks to
+// barMin; then who, the rate and time left, and the bar go, in that order.
+// The sizes always stay. It is "" for a width of 0 or less.
+func barLine(width int, name, who string, p state.Progress, eta string) string {
+	avail := width - 1
+	if avail <= 0 {
+		return ""
+	}
+	counts := humanize.IBytes(uint64(max(p.Bytes, 0))) + " so far"
+	if p.Total > 0 {
+		counts = fmt.Sprintf("%s / %s %d%%", humanize.IBytes(uint64(max(p.Bytes, 0))), humanize.IBytes(uint64(p.Total)), min(max(p.Bytes, 0)*100/p.Total, 100))
+	}
+	who = "(" + who + ")"
+	full := runewidth.StringWidth(name)
+	type layout struct {
+		who, bar, eta bool
+	}
+	for _, l := range []layout{{true, true, true}, {false, true, true}, {false, true, false}, {false, false, false}} {
+		l.eta = l.eta && eta != ""
+		l.bar = l.bar && p.Total > 0 // no size to show a fraction of
+		var fixed []string
+		if l.who {
+			fixed = append(fixed, who)
+		}
+		fixed = append(fixed, counts)
+		if l.eta {
+			fixed = append(fixed, eta)
+		}
+		used := len(fixed) // a space before each
+		for _, f := range fixed {
+			used += runewidth.StringWidth(f)
+		}
+		room := avail - used
+		nameW, barW := min(full, room), 0
+		if l.bar {
+			room-- // the space after the bar's part
+			if room < min(full, nameMin)+barMin {
+				continue
+			}
+			nameW = min(full, room-barMin)
+			barW = min(barMax, room-nameW)
+		} else if nameW < min(full, nameMin) && !(l == layout{}) {
+			continue
+		}
+		if nameW <= 0 {
+			// Not even the name's first column: the sizes alone.
+			return runewidth.Truncate(counts, avail, "…")
+		}
+		parts := []string{shrinkMiddle(name, nameW)}
+		if l.who {
+			parts = append(parts, who)
+		}
+		if l.bar {
+			parts = append(parts, drawBar(barW, p))
+		}
+		parts = append(parts, counts)
+		if l.eta {
+			parts = append(parts, eta)
+		}
+		return strings.Join(parts, " ")
+	}
+	return runewidth.Truncate(counts, avail, "…")
+}
+
+// drawBar is "[=====>    ]", w columns wide, brackets included.
+func drawBar(w int, p state.Progress) string {
+	inner := w - 2
+	done := 0
+	if p.Total > 0 {
+		done = int(min(max(p.Bytes, 0), p.Total) * int64(inner) / p.Total)
+	}
+	switch {
+	case done >= inner:
+		return "[" + strings.Repeat("=", inner) + "]"
+	case done == 0:
+		return "[" + strings.Repeat(" ", inner) + "]"
+	}
+	return "[" + strings.Repeat("=", done-1) + ">" + strings.Repeat(" ", inner-done) + "]"
+}
+
+// shrinkMiddle fits s in w columns by putting "…" in place of its middle:
+// the start (a URL's scheme and host) and the end (its file name) stay.
+func shrinkMiddle(s string, w int) string {
+	if runewidth.StringWidth(s) <= w {
+		return s
+	}
+	switch {
+	case w <= 0:
+		return ""
+	case w == 1:
+		return "…"
+	}
+	rs := []rune(s)
+	headW := (w - 1) / 2
+	tailW := w - 1 - headW
+	var head, tail []rune
+	for i, n := 0, 0; i < len(rs); i++ {
+		if n += runewidth.RuneWidth(rs[i]); n > headW {
+			break
+		}
+		head = append(head, rs[i])
+	}
+	for i, n := len(rs)-1, 0; i >= 0; i-- {
+		if n += runewidth.RuneWidth(rs[i]); n > tailW {
+			break
+		}
+		tail = append([]rune{rs[i]}, tail...)
+	}
+	return string(head) + "…" + string(tail)
 }

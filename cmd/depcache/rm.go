@@ -53,8 +53,8 @@ unless -y is given (as 'apt-get remove' does), so that a script never
 removes by accident. --dry-run says what would go and asks nothing.`,
 		Example: `  depcache rm https://example.com/model.tar.gz
   depcache rm 3f2a9c1b7d0e
-  depcache rm --dry-run $(depcache ls -q --filter unused=30d)
-  depcache rm -y $(depcache ls -q --filter stage=FAILED)`,
+  depcache ls -q --filter unused=30d | xargs -r depcache rm --dry-run
+  depcache ls -q --filter stage=FAILED --filter in-use=false | xargs -r depcache rm -y`,
 		Args: minArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := existingRoot(g); err != nil {
@@ -87,7 +87,7 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 				return fmt.Errorf("nothing removed: %w", err)
 			}
 			if !dryRun && !yes && len(rep.Removed) > 0 {
-				ok, err := confirm(cmd.InOrStdin(), g.stderr, fmt.Sprintf("remove %d entries (%s)?", len(rep.Removed), humanize.IBytes(uint64(rep.Freed))))
+				ok, err := confirm(cmd.InOrStdin(), g.stderr, removeQuestion(rep))
 				if err != nil {
 					return err
 				}
@@ -109,14 +109,14 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 				}
 				return printJSON(g.stdout, out)
 			}
-			verb := "removed"
+			verb, freed := "removed", "freed"
 			if dryRun {
-				verb = "would remove"
+				verb, freed = "would remove", "would free"
 			}
 			for _, r := range rep.Removed {
 				fmt.Fprintf(g.stdout, "%s %s (%s, %s, %s)\n", verb, r.Key.Source, shortID(r.Key.ID()), r.Stage, humanize.IBytes(uint64(r.Bytes)))
 			}
-			fmt.Fprintf(g.stdout, "%s %d, freed %s\n", verb, len(rep.Removed), humanize.IBytes(uint64(rep.Freed)))
+			fmt.Fprintf(g.stdout, "%s %d, %s %s\n", verb, len(rep.Removed), freed, humanize.IBytes(uint64(rep.Freed)))
 			return nil
 		},
 	}
@@ -125,6 +125,11 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 	f.BoolVarP(&yes, "yes", "y", false, "do not ask (needed when stdin is not a terminal)")
 	f.BoolVar(&ignoreMissing, "ignore-missing", false, "skip arguments that name no entry instead of failing")
 	return cmd
+}
+
+// removeQuestion is what rm asks before it removes rep's entries.
+func removeQuestion(rep manager.RemoveReport) string {
+	return fmt.Sprintf("remove %s (%s)?", count(len(rep.Removed), "entry", "entries"), humanize.IBytes(uint64(rep.Freed)))
 }
 
 // confirm asks question on w and reads the answer from r. When r is not a

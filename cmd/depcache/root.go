@@ -5,13 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/manager/docker"
+	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
@@ -39,6 +42,61 @@ type globals struct {
 	// ctx is the context the state store is opened with: the command's
 	// (ended by SIGINT and SIGTERM), or get's, which --timeout bounds.
 	ctx context.Context
+	// warnings is the log's formatter.
+	warnings *warningLines
+}
+
+// warningLines formats the log. With human set (--log-format text), a
+// record that is a warning about an entry's content
+// (manager.WarningRecord) is one line for people, "depcache: warning:
+// ..."; every other record, and every record without human (json), is as
+// inner formats it. It remembers the warnings it wrote, so that get does
+// not repeat them.
+type warningLines struct {
+	inner logrus.Formatter
+	human bool
+	mu    sync.Mutex
+	shown map[string]bool
+}
+
+// Format implements logrus.Formatter.
+func (w *warningLines) Format(r *logrus.Entry) ([]byte, error) {
+	msg, ok := manager.WarningRecord(r)
+	if !ok {
+		return w.inner.Format(r)
+	}
+	w.mu.Lock()
+	if w.shown == nil {
+		w.shown = map[string]bool{}
+	}
+	w.shown[msg] = true
+	w.mu.Unlock()
+	if !w.human {
+		return w.inner.Format(r)
+	}
+	return []byte("depcache: warning: " + msg + "\n"), nil
+}
+
+func (w *warningLines) wrote(msg string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.shown[msg]
+}
+
+// showWarnings writes the warnings about entry e's content (Manager.Warnings)
+// that the log did not already write, as the log would: a line each on
+// stderr with --log-format text, a record each with json; none when the
+// log level hides warnings.
+func (g *globals) showWarnings(e state.Entry, ws []string) {
+	for _, msg := range ws {
+		switch {
+		case !g.log.IsLevelEnabled(logrus.WarnLevel) || g.warnings != nil && g.warnings.wrote(msg):
+		case g.warnings == nil || g.warnings.human:
+			fmt.Fprintln(g.stderr, "depcache: warning:", msg)
+		default:
+			g.log.WithField("source", e.Key.Source).Warn(msg)
+		}
+	}
 }
 
 // loopFlags are the policy flags of the commands that run the loops.
@@ -62,6 +120,11 @@ func (l *loopFlags) register(fs *pflag.FlagSet) {
 // --download-timeout leaves room for it.
 const defaultProgressInterval = 2 * time.Second
 
+// maxProgressInterval is the longest --progress-interval given alone: the
+// --download-timeout derived from it, four times as long, still fits in a
+// time.Duration (whole hours, for the message).
+const maxProgressInterval = time.Duration(math.MaxInt64/4) / time.Hour * time.Hour
+
 // given reports whether the flag was set on the command line or through its
 // DEPCACHE_* twin (applyEnv sets it through the flag set).
 func (l *loopFlags) given(name string) bool { return l.fs != nil && l.fs.Changed(name) }
@@ -81,15 +144,26 @@ func (l *loopFlags) validate() error {
 	switch pi, dt := l.given("progress-interval"), l.given("download-timeout"); {
 	case dt && !pi:
 		// A live download reports at least twice per timeout; a quarter
-		// leaves room for a slow lock.
+		// leaves room for a slow lock. No interval fits a timeout under
+		// 2ns: that is the given value's fault, said about it.
+		if l.downloadTimeout < 2*time.Nanosecond {
+			return fmt.Errorf("--download-timeout %s: %w: must be at least 2ns (a live download reports progress at least twice per timeout)", l.downloadTimeout, errBadFlag)
+		}
 		l.progressInterval = min(defaultProgressInterval, max(l.downloadTimeout/4, time.Nanosecond))
 	case pi && !dt:
+		// The derived timeout is four intervals: an interval whose four
+		// do not fit in a duration is out of range itself.
+		if l.progressInterval > maxProgressInterval {
+			return fmt.Errorf("--progress-interval %s: %w: must be at most %s (the download timeout derived from it is 4 times as long)", l.progressInterval, errBadFlag, maxProgressInterval)
+		}
 		l.downloadTimeout = max(l.downloadTimeout, 4*l.progressInterval)
 	}
 	if l.retries < 0 || l.retries > 100 {
 		return fmt.Errorf("--retries %d: %w: must be between 0 and 100", l.retries, errBadFlag)
 	}
-	if l.progressInterval*2 > l.downloadTimeout {
+	// Only two values both given get here out of step (or two defaults,
+	// which fit). Halving never overflows, as doubling may.
+	if l.progressInterval > l.downloadTimeout/2 {
 		return fmt.Errorf("--progress-interval %s: %w: must be at most half of --download-timeout (%s), or live downloads look stalled",
 			l.progressInterval, errBadFlag, l.downloadTimeout)
 	}
@@ -172,9 +246,11 @@ func newRoot(g *globals) *cobra.Command {
 			g.log.SetLevel(lvl)
 			switch g.logFormat {
 			case "text":
-				g.log.SetFormatter(&logrus.TextFormatter{})
+				g.warnings = &warningLines{inner: &logrus.TextFormatter{}, human: true}
+				g.log.SetFormatter(g.warnings)
 			case "json":
-				g.log.SetFormatter(&logrus.JSONFormatter{})
+				g.warnings = &warningLines{inner: &logrus.JSONFormatter{}}
+				g.log.SetFormatter(g.warnings)
 			default:
 				return fmt.Errorf("--log-format %q: %w: want text or json", g.logFormat, errBadFlag)
 			}

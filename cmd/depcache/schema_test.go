@@ -3,8 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strings"
@@ -200,11 +203,21 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 		}
 		return out
 	}
+	run("policy", 0, "policy") // the defaults: no budget, no max age, no pins
 	run("get", 0, "get", "--dependent", "job", ok)
 	run("get", 0, "get", "--dependent", "job2", other)
 	run("get", 1, "get", "--retries", "0", "--failure-cooldown", "1h", missing)
 	run("ls", 0, "ls")
 	run("ls", 0, "ls", "--filter", "stage=FAILED")
+	var ids []string
+	if err := json.Unmarshal([]byte(run("ls-quiet", 0, "ls", "-q")), &ids); err != nil || len(ids) != 3 {
+		t.Errorf("ls -q --json: %v, %d IDs; want the 3 entries' IDs", err, len(ids))
+	}
+	for _, id := range ids {
+		if !isIDPrefix(id) || len(id) != 32 {
+			t.Errorf("ls -q --json: %q is no full key ID", id)
+		}
+	}
 	run("verify", 0, "verify", ok)
 	run("verify", 1, "verify", missing) // FAILED already
 	run("doctor", 0, "doctor")
@@ -220,5 +233,44 @@ func TestJSONOutputsFollowTheirSchemas(t *testing.T) {
 	run("", 2, "ls", "--filter", "colour=red")
 	run("", 1, "rm", "-y", ok)
 	run("", 1, "release", "--dependent", "job", missing+"-never")
+	run("policy", 0, "policy", "set", "--pin", "file:///nonexistent/*", "--max-size", "1GiB")
+	run("policy", 0, "policy")
+	// locks: none, one held, broken once its holder is gone, then free.
+	if out := run("locks", 0, "locks"); strings.TrimSpace(out) != "[]" {
+		t.Errorf("locks --json with none held: %q, want []", out)
+	}
+	ready := filepath.Join(t.TempDir(), "ready")
+	holder, _, _ := startBin(t, root, nil, "lock", "schema-lock", "--", "sh", "-c", fmt.Sprintf(`touch %q; exec sleep 600`, ready))
+	waitFor(t, "the holder's CMD", func() bool { return exists(ready) })
+	if out := run("locks", 0, "locks"); !strings.Contains(out, `"name": "schema-lock"`) {
+		t.Errorf("locks --json does not list the held lock:\n%s", out)
+	}
+	holder.Process.Kill()
+	holder.Wait()
+	for _, want := range []string{`"broken": true`, `"held": false`} {
+		// --break narrates on stderr; stdout has the outcome alone.
+		code, out, errs := depcache(t, root, "--json", "locks", "--break", "schema-lock", "--yes")
+		if code != 0 || !strings.Contains(out, want) {
+			t.Errorf("locks --break --json: exit %d, %s %s; want %s", code, out, errs, want)
+		}
+		checkSchema(t, "locks-break", out)
+	}
+	// serve's /v1/entries is ls --json's array, under a schema of its own
+	// whose entry is ls's.
+	addr, serve := startServe(t, root)
+	resp, err := http.Get(addr + "/v1/entries")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("/v1/entries: %d %v\n%s", resp.StatusCode, err, body)
+	}
+	checkSchema(t, "entries", string(body))
+	stopServe(t, serve)
+	if a, b := loadSchema(t, "entries").Defs["entry"], loadSchema(t, "ls").Defs["entry"]; !reflect.DeepEqual(a, b) {
+		t.Error("testdata/schema/entries.json's entry differs from ls.json's: /v1/entries is the array of ls --json")
+	}
 	run("doctor-rebuild", 0, "doctor", "--rebuild", "--force")
 }

@@ -56,8 +56,7 @@ func newServe(g *globals) *cobra.Command {
 			// One serve per root and host: a pid file on local disk, where
 			// lockfile's pid check is right (it is wrong across hosts, and
 			// never returns on sshfs).
-			sum := sha256.Sum256([]byte(root))
-			pidPath := filepath.Join(os.TempDir(), "depcache-serve-"+hex.EncodeToString(sum[:8])+".pid")
+			pidPath := servePidPath(root)
 			pidFile, err := lockfile.New(pidPath)
 			if err != nil {
 				return err
@@ -115,6 +114,31 @@ func newServe(g *globals) *cobra.Command {
 	lf.register(f)
 	pf.register(f)
 	return cmd
+}
+
+// servePidPath is the pid file of the serve of root (an absolute path) on
+// this host.
+func servePidPath(root string) string {
+	sum := sha256.Sum256([]byte(root))
+	return filepath.Join(os.TempDir(), "depcache-serve-"+hex.EncodeToString(sum[:8])+".pid")
+}
+
+// localServe returns the pid of the serve that serves root on this host,
+// if one runs (as its pid file says; a serve on another host is not seen).
+func localServe(root string) (int, bool) {
+	abs, err := filepath.Abs(root)
+	if err != nil {
+		return 0, false
+	}
+	f, err := lockfile.New(servePidPath(abs))
+	if err != nil {
+		return 0, false
+	}
+	p, err := f.GetOwner()
+	if err != nil {
+		return 0, false
+	}
+	return p.Pid, true
 }
 
 func serveMux(m *manager.Manager, reg *prometheus.Registry) *http.ServeMux {

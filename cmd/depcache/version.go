@@ -18,8 +18,10 @@ type versionJSON struct {
 }
 
 // buildVersion reads the module version and the VCS stamp the Go toolchain
-// wrote into the binary: "(devel)" and the revision for a build from a
-// checkout, v1.2.3 for `go install ...@v1.2.3`.
+// wrote into the binary: a pseudo-version (v0.0.0-DATE-REVISION, +dirty
+// with uncommitted changes) and the revision for a build from a git
+// checkout, "(devel)" and no revision without VCS stamping
+// (-buildvcs=false, or no checkout), v1.2.3 for `go install ...@v1.2.3`.
 func buildVersion() versionJSON {
 	v := versionJSON{Version: "(unknown)", Go: runtime.Version()}
 	info, ok := debug.ReadBuildInfo()
@@ -78,6 +80,6 @@ const rootExamples = `  p=$(depcache get https://example.com/data.tar.gz)   # th
   depcache release --dependent job-42 docker://ubuntu:22.04
   depcache ls --sort size
   depcache gc --dry-run
-  depcache rm --dry-run $(depcache ls -q --filter stage=FAILED)
+  depcache ls -q --filter stage=FAILED --filter in-use=false | xargs -r depcache rm --dry-run
   depcache doctor
   depcache dir`

@@ -11,7 +11,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -378,7 +377,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	if format == unpack.Plain && !IsKeptPacked(key) && archiveName(key) != "" {
 		// Once per download, not per attempt: its name says archive, its
 		// bytes do not.
-		log.WithField("source", key.Source).Warnf("%s is named like a %s archive but its content is not one: it is kept as a file", key.Source, strings.TrimPrefix(archiveName(key), "."))
+		log.WithField("source", key.Source).Warn(notArchiveWarning(key))
 	}
 	meta.Format = format.String()
 	meta.SHA256 = hex.EncodeToString(h.Sum(nil))

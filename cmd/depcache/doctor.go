@@ -99,29 +99,7 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 				printRebuild(g.stdout, rep)
 				return nil
 			case breakLock:
-				holder := m.LockHolder()
-				if _, ok := g.state.store.(*etcdstore.Store); ok {
-					fmt.Fprintf(g.stdout, "no state lock to break: %s commits by compare-and-swap transactions\n", g.state.store)
-					return nil
-				}
-				if holder == "" {
-					fmt.Fprintln(g.stdout, "the state lock is free")
-					return nil
-				}
-				fmt.Fprintf(g.stdout, "the state lock is held by: %s\n", holder)
-				if !yes {
-					fmt.Fprint(g.stdout, "break it? only if that process is gone [y/N] ")
-					answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
-					if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
-						fmt.Fprintln(g.stdout, "left alone")
-						return nil
-					}
-				}
-				if err := m.BreakLock(holder); err != nil {
-					return err
-				}
-				fmt.Fprintln(g.stdout, "broke the state lock")
-				return nil
+				return breakStateLock(cmd, g, m, yes)
 			}
 			var opts []manager.DoctorOption
 			if probe {
@@ -389,4 +367,43 @@ func wasWere(n int) string {
 		return "was"
 	}
 	return "were"
+}
+
+// breakStateLock is doctor --break-lock without NAME. With --json it
+// prints the object locks --break prints, with the name "" (the state
+// lock; a named lock's name is never empty), and asks on stderr.
+func breakStateLock(cmd *cobra.Command, g *globals, m *manager.Manager, yes bool) error {
+	say := g.stdout
+	switch {
+	case g.json && yes:
+		say = io.Discard
+	case g.json:
+		say = g.stderr
+	}
+	done := func(held, broken bool, why string) error {
+		if g.json {
+			return printBreak(g, "", held, broken, why)
+		}
+		fmt.Fprintln(g.stdout, why)
+		return nil
+	}
+	if _, ok := g.state.store.(*etcdstore.Store); ok {
+		return done(false, false, fmt.Sprintf("no state lock to break: %s commits by compare-and-swap transactions", g.state.store))
+	}
+	holder := m.LockHolder()
+	if holder == "" {
+		return done(false, false, "the state lock is free")
+	}
+	fmt.Fprintf(say, "the state lock is held by: %s\n", holder)
+	if !yes {
+		fmt.Fprint(say, "break it? only if that process is gone [y/N] ")
+		answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
+		if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
+			return done(true, false, "left alone")
+		}
+	}
+	if err := m.BreakLock(holder); err != nil {
+		return err
+	}
+	return done(true, true, "broke the state lock")
 }

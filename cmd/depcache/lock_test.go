@@ -102,6 +102,15 @@ func TestLockBreakCommand(t *testing.T) {
 	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes"); code != exitFailed || !strings.Contains(stderr, "alive") {
 		t.Errorf("--break of a live holder: exit %d: %s %s; want 1, alive", code, out, stderr)
 	}
+	// With --json, stderr is the one error object, of kind in_use.
+	code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes")
+	var e struct {
+		Error string `json:"error"`
+		Kind  string `json:"kind"`
+	}
+	if err := json.Unmarshal([]byte(stderr), &e); code != exitFailed || err != nil || e.Kind != "in_use" || !strings.Contains(e.Error, "alive") || out != "" {
+		t.Errorf("--json --break of a live holder: exit %d, stdout %q, stderr %q (%v); want 1 and one error object of kind in_use", code, out, stderr, err)
+	}
 	holder.Process.Kill()
 	holder.Wait()
 	var res struct {
@@ -109,8 +118,8 @@ func TestLockBreakCommand(t *testing.T) {
 		Held   bool   `json:"held"`
 		Broken bool   `json:"broken"`
 	}
-	code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes")
-	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || !res.Held || !res.Broken || res.Name != "L" {
+	code, out, stderr = depcache(t, root, "--json", "locks", "--break", "L", "--yes")
+	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || !res.Held || !res.Broken || res.Name != "L" || stderr != "" {
 		t.Errorf("--json --break of a dead holder: exit %d, %+v %v: %s %s", code, res, err, out, stderr)
 	}
 	res.Held = true

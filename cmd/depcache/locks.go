@@ -3,7 +3,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -158,8 +160,8 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		case !held:
 			return printBreak(g, name, false, false, "")
 		}
-		return fmt.Errorf("the lock %q, held by pid %d on %s since %s (its clock), was not broken: on %s a holder's lock ends with its lease, which etcd ends by itself when the holder stops renewing it; a live holder keeps it",
-			name, info.PID, info.Host, info.Acquired.Format(time.RFC3339), es)
+		return fmt.Errorf("the lock %q, held by pid %d on %s since %s (its clock), was not broken: on %s a holder's lock ends with its lease, which etcd ends by itself when the holder stops renewing it; a live holder keeps it: %w",
+			name, info.PID, info.Host, info.Acquired.Format(time.RFC3339), es, errLockHeld)
 	}
 	if err := state.CheckUnbound(g.root); err != nil {
 		return err // its locks are on the etcd store
@@ -172,9 +174,13 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	if !ok {
 		return printBreak(g, name, false, false, "")
 	}
-	// With --json, stdout carries only the outcome's object.
+	// With --json, stdout carries only the outcome's object, and stderr
+	// only an error's: the holder is shown only to ask about it.
 	say := g.stdout
-	if g.json {
+	switch {
+	case g.json && yes:
+		say = io.Discard
+	case g.json:
 		say = g.stderr
 	}
 	fmt.Fprintf(say, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
@@ -199,10 +205,14 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		return err
 	}
 	if !broken {
-		return fmt.Errorf("the lock %q was not broken: %s", name, why)
+		return fmt.Errorf("the lock %q was not broken: %s: %w", name, why, errLockHeld)
 	}
 	return printBreak(g, name, true, true, why)
 }
+
+// errLockHeld: locks --break left a lock alone, its holder being alive (or
+// renewing, or another breaker at it). Its JSON kind is "in_use".
+var errLockHeld = errors.New("its holder holds it")
 
 // printBreak reports the outcome of locks --break: with --json one object
 // {"name", "held", "broken", "reason"}.

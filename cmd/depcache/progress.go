@@ -16,7 +16,7 @@ import (
 )
 
 // progress shows a wait: a bar on a terminal, a plain line every few
-// seconds otherwise (run.go's runProgress draws its bars with mpb).
+// seconds otherwise (run.go's runProgress draws one bar per dependency).
 type progress interface {
 	show(e state.Entry, who string)
 	finish(e state.Entry) // the entry is READY

@@ -90,3 +90,31 @@ func TestProgressWithoutAWidth(t *testing.T) {
 		}
 	}
 }
+
+// TestRunBarsRedrawTogether: run's bars (one line per dependency) are
+// redrawn as one block in place: each draw after the first goes back up to
+// the block's first line, and every line fits the terminal's width.
+func TestRunBarsRedrawTogether(t *testing.T) {
+	var out bytes.Buffer
+	r := &runProgress{g: &globals{}, w: &out, cols: func() int { return 80 }}
+	long := "https://example.com/" + strings.Repeat("very-long-path/", 8) + "model.tar.gz"
+	a, _ := r.add(state.Key{Kind: state.Bundle, Source: long})
+	b, _ := r.add(state.Key{Kind: state.Bundle, Source: "file:///data/b.tar.gz"})
+	a.show(state.Entry{Progress: state.Progress{Bytes: 1 << 20, Total: 4 << 20}}, "pid 7 on h2")
+	b.show(state.Entry{Progress: state.Progress{Bytes: 2 << 20, Total: 4 << 20}}, selfOwner)
+	r.wait()
+	if n := strings.Count(out.String(), "\x1b[1A"); n != 1 {
+		t.Errorf("%d moves up a line in %q, want 1 (a block of two lines, drawn, then redrawn in place)", n, out.String())
+	}
+	last := out.String()[strings.LastIndex(out.String(), "\x1b[1A")+len("\x1b[1A"):]
+	lines := strings.Split(strings.TrimSpace(last), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "model.tar.gz") || !strings.Contains(lines[1], "b.tar.gz") {
+		t.Fatalf("last draw %q: want both bars, in order", last)
+	}
+	for _, l := range lines {
+		l = strings.TrimSuffix(strings.TrimPrefix(l, "\r"), "\x1b[K")
+		if w := runewidth.StringWidth(l); w > 80 || !strings.Contains(l, "MiB") {
+			t.Errorf("line %q: %d columns, want at most 80 with its sizes", l, w)
+		}
+	}
+}

@@ -21,8 +21,6 @@ import (
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/spf13/cobra"
-	"github.com/vbauerster/mpb/v8"
-	"github.com/vbauerster/mpb/v8/decor"
 	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 )
@@ -380,17 +378,31 @@ func waitWith(ctx context.Context, m *manager.Manager, key state.Key, p progress
 	}
 }
 
-// runProgress shows the waits of run: one bar per dependency on a
-// terminal, plain lines otherwise.
+// runProgress shows the waits of run: one line per dependency on a
+// terminal that tells its width (barLine, each fitted to the width at each
+// draw), redrawn together in place; plain lines otherwise.
 type runProgress struct {
-	g *globals
-	p *mpb.Progress // nil: no terminal
+	g     *globals
+	w     io.Writer
+	cols  func() int // nil: no terminal
+	mu    sync.Mutex
+	lines []string // the block's lines, one per bar, as last drawn
+	drawn int      // how many of them are on the screen
 }
 
 func newRunProgress(g *globals) *runProgress {
-	r := &runProgress{g: g}
+	r := &runProgress{g: g, w: g.stderr}
 	if f, ok := g.stderr.(*os.File); ok && !g.json && term.IsTerminal(int(f.Fd())) {
-		r.p = mpb.New(mpb.WithOutput(f), mpb.WithWidth(40))
+		cols := func() int {
+			w, _, err := term.GetSize(int(f.Fd()))
+			if err != nil {
+				return 0
+			}
+			return w
+		}
+		if cols() > 0 {
+			r.cols = cols
+		}
 	}
 	return r
 }
@@ -399,51 +411,62 @@ func (r *runProgress) add(key state.Key) (progress, time.Duration) {
 	switch {
 	case r.g.json:
 		return quiet{}, 2 * time.Second
-	case r.p == nil:
-		return &lines{w: r.g.stderr, key: key}, 2 * time.Second
+	case r.cols == nil:
+		return &lines{w: r.g.stderr, key: key, rate: rateMeter{start: time.Now()}}, 2 * time.Second
 	}
-	b := &runBar{}
-	b.bar = r.p.AddBar(0,
-		mpb.PrependDecorators(decor.Name(key.Source+" "), decor.Any(func(decor.Statistics) string {
-			if w := b.who.Load(); w != nil {
-				return *w
-			}
-			return ""
-		})),
-		mpb.AppendDecorators(decor.Counters(decor.SizeB1024(0), " % .1f / % .1f"), decor.Percentage(decor.WCSyncSpace)))
-	return b, 200 * time.Millisecond
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lines = append(r.lines, "")
+	return &runBar{r: r, i: len(r.lines) - 1, name: key.Source, rate: rateMeter{start: time.Now()}}, 200 * time.Millisecond
 }
 
+// draw sets line i and redraws the block: up to its first line, each line
+// erased to its end.
+func (r *runProgress) draw(i int, line string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lines[i] = line
+	var b strings.Builder
+	if r.drawn > 1 {
+		fmt.Fprintf(&b, "\x1b[%dA", r.drawn-1)
+	}
+	for k, l := range r.lines {
+		if k > 0 {
+			b.WriteString("\n")
+		}
+		b.WriteString("\r" + l + "\x1b[K")
+	}
+	fmt.Fprint(r.w, b.String())
+	r.drawn = len(r.lines)
+}
+
+// wait ends the block with a newline once it was drawn.
 func (r *runProgress) wait() {
-	if r.p != nil {
-		r.p.Wait()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.drawn > 0 {
+		fmt.Fprintln(r.w)
+		r.drawn = 0
 	}
 }
 
 type runBar struct {
-	bar *mpb.Bar
-	who atomic.Pointer[string] // read by mpb's goroutine
+	r    *runProgress
+	i    int
+	name string
+	rate rateMeter
 }
 
 func (b *runBar) show(e state.Entry, who string) {
-	w := "(" + who + ")"
-	b.who.Store(&w)
-	if e.Progress.Total > 0 {
-		b.bar.SetTotal(e.Progress.Total, false)
-	}
-	b.bar.SetCurrent(e.Progress.Bytes)
-}
-
-func (b *runBar) finish(e state.Entry) {
-	b.show(e, "done")
-	b.bar.SetTotal(-1, true)
-}
-
-func (b *runBar) close() {
-	if !b.bar.Completed() {
-		b.bar.Abort(false)
+	eta := speedETA(e.Progress, b.rate.observe(e, who == selfOwner, time.Now()))
+	if line := barLine(b.r.cols(), b.name, who, e.Progress, eta); line != "" {
+		b.r.draw(b.i, line)
 	}
 }
+
+func (b *runBar) finish(e state.Entry) { b.show(e, "done") }
+
+func (b *runBar) close() {}
 
 // The child: CMD of run and lock.
 

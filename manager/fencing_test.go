@@ -89,6 +89,86 @@ func TestDeadOwnerTakenOverAndItsStagingRemoved(t *testing.T) {
 	}
 }
 
+// TestDeadOwnerStagingRemovedByTheTakeover: the RemoveStaging action of a
+// takeover from a dead owner removes the dead writer's staging data itself,
+// while the successor's download is still running. With a source that
+// cannot resume (no RangeSource: the gate), no attempt looks at older
+// generations' staging for a prefix to copy, so nothing else removes it
+// before the next start-up (TestDeadOwnerTakenOverAndItsStagingRemoved,
+// with a file:// source, has the first attempt remove it too).
+func TestDeadOwnerStagingRemovedByTheTakeover(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(false)
+	k := mustKey(t, "http://gate.test/dead-owner", "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	reg := prometheus.NewRegistry()
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.Sources = g.sources()
+		c.Metrics = reg
+		c.Policy.DownloadTimeout = time.Hour // a takeover now is for the death, not a stall
+	})
+	t.Cleanup(g.close)
+	// Left, after m's start-up, by a process of this machine killed
+	// mid-download: its staging data (no checkpoint) and its entry.
+	dead := state.Owner{Process: fakeProcess("h", 10), ManagerID: "dead"}
+	machine.kill(dead.PID)
+	staging := filepath.Join("staging", gen(k, 1))
+	if err := os.MkdirAll(filepath.Join(root, staging), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := json.Marshal(map[string]any{"owner": dead, "generation": 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"owner.json": rec, "content": []byte("half")} {
+		if err := os.WriteFile(filepath.Join(root, staging, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := time.Now()
+	behind(t, root, func(st *state.State) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &dead, Generation: 1, Created: now, LastUsed: now,
+			Dependents: map[string]state.Dependent{"job": {Since: now}}})
+	})
+
+	if _, err := m.Get(context.Background(), "run", k); err != nil {
+		t.Fatal(err)
+	}
+	call := g.next(t) // the successor's fetch, held until served
+	if e := viewEntry(t, root, k); e.Generation != 2 || !m.IsSelf(e.Owner) {
+		t.Fatalf("after the takeover: gen %d owner %+v, want this manager at 2", e.Generation, e.Owner)
+	}
+	waitFor(t, within, func() bool { return !exists(t, root, staging) },
+		func() string {
+			return "the dead writer's staging data is still there: " + fmt.Sprint(dirNames(t, root, "staging"))
+		})
+	select {
+	case err := <-call.returned:
+		t.Fatalf("the successor's fetch returned (%v) before it was served: the staging data was removed by its end, not by the takeover", err)
+	default:
+	}
+	if !exists(t, root, filepath.Join("staging", gen(k, 2))) {
+		t.Error("the successor's own staging data is gone")
+	}
+	if n := counter(t, reg, "depcache_takeovers_total", "reason", "dead_owner"); n != 1 {
+		t.Errorf("%v takeovers from a dead owner counted, want 1", n)
+	}
+	call.serve(t, "fetched by the successor")
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	e, err := m.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Generation != 2 {
+		t.Errorf("READY at generation %d, want 2", e.Generation)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, e.Path)); err != nil || string(b) != "fetched by the successor" {
+		t.Errorf("content %q (%v), want the successor's", b, err)
+	}
+}
+
 // TestStalledOwnerFencedAtPublish: an owner that stops making progress (a
 // stopped or partitioned process: alive, but its loop does not run) is
 // taken over once its progress stayed unchanged for the download timeout

@@ -3,6 +3,7 @@ package manager_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,7 +14,9 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
 )
 
 // Ownership, takeover and fencing: each test puts a download in flight at
@@ -86,6 +89,86 @@ func TestDeadOwnerTakenOverAndItsStagingRemoved(t *testing.T) {
 	}
 }
 
+// TestDeadOwnerStagingRemovedByTheTakeover: the RemoveStaging action of a
+// takeover from a dead owner removes the dead writer's staging data itself,
+// while the successor's download is still running. With a source that
+// cannot resume (no RangeSource: the gate), no attempt looks at older
+// generations' staging for a prefix to copy, so nothing else removes it
+// before the next start-up (TestDeadOwnerTakenOverAndItsStagingRemoved,
+// with a file:// source, has the first attempt remove it too).
+func TestDeadOwnerStagingRemovedByTheTakeover(t *testing.T) {
+	root := t.TempDir()
+	g := newGate(false)
+	k := mustKey(t, "http://gate.test/dead-owner", "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	reg := prometheus.NewRegistry()
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.Sources = g.sources()
+		c.Metrics = reg
+		c.Policy.DownloadTimeout = time.Hour // a takeover now is for the death, not a stall
+	})
+	t.Cleanup(g.close)
+	// Left, after m's start-up, by a process of this machine killed
+	// mid-download: its staging data (no checkpoint) and its entry.
+	dead := state.Owner{Process: fakeProcess("h", 10), ManagerID: "dead"}
+	machine.kill(dead.PID)
+	staging := filepath.Join("staging", gen(k, 1))
+	if err := os.MkdirAll(filepath.Join(root, staging), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := json.Marshal(map[string]any{"owner": dead, "generation": 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"owner.json": rec, "content": []byte("half")} {
+		if err := os.WriteFile(filepath.Join(root, staging, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := time.Now()
+	behind(t, root, func(st *state.State) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &dead, Generation: 1, Created: now, LastUsed: now,
+			Dependents: map[string]state.Dependent{"job": {Since: now}}})
+	})
+
+	if _, err := m.Get(context.Background(), "run", k); err != nil {
+		t.Fatal(err)
+	}
+	call := g.next(t) // the successor's fetch, held until served
+	if e := viewEntry(t, root, k); e.Generation != 2 || !m.IsSelf(e.Owner) {
+		t.Fatalf("after the takeover: gen %d owner %+v, want this manager at 2", e.Generation, e.Owner)
+	}
+	waitFor(t, within, func() bool { return !exists(t, root, staging) },
+		func() string {
+			return "the dead writer's staging data is still there: " + fmt.Sprint(dirNames(t, root, "staging"))
+		})
+	select {
+	case err := <-call.returned:
+		t.Fatalf("the successor's fetch returned (%v) before it was served: the staging data was removed by its end, not by the takeover", err)
+	default:
+	}
+	if !exists(t, root, filepath.Join("staging", gen(k, 2))) {
+		t.Error("the successor's own staging data is gone")
+	}
+	if n := counter(t, reg, "depcache_takeovers_total", "reason", "dead_owner"); n != 1 {
+		t.Errorf("%v takeovers from a dead owner counted, want 1", n)
+	}
+	call.serve(t, "fetched by the successor")
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	e, err := m.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Generation != 2 {
+		t.Errorf("READY at generation %d, want 2", e.Generation)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, e.Path)); err != nil || string(b) != "fetched by the successor" {
+		t.Errorf("content %q (%v), want the successor's", b, err)
+	}
+}
+
 // TestStalledOwnerFencedAtPublish: an owner that stops making progress (a
 // stopped or partitioned process: alive, but its loop does not run) is
 // taken over once its progress stayed unchanged for the download timeout
@@ -93,9 +176,19 @@ func TestDeadOwnerTakenOverAndItsStagingRemoved(t *testing.T) {
 // alive. When it wakes up and finishes, its publish is fenced inside the
 // commit: it publishes nothing, counts no failure, and removes its own
 // staging data; the successor's content stays READY.
+//
+// Nothing may tell A of the takeover before its publish commits: its loop
+// does not run, and the gate is mute, since the size a source announces
+// asks for a progress report at once, which would find A fenced and stop
+// the download before it publishes (TestFencedHeartbeatStopsTheDownload).
+// So the fence here is the commit's own: the download ends with
+// transitions.ErrFenced, which neither the heartbeat nor a pass gives (they
+// stop it as superseded), and its directory, already renamed into
+// entries/ for the commit, is moved back and removed.
 func TestStalledOwnerFencedAtPublish(t *testing.T) {
 	root := t.TempDir()
 	g := newGate(false)
+	g.mute = true
 	k := mustKey(t, "http://gate.test/stalled", "")
 	machine := &fakeMachine{dead: map[int]bool{}}
 	regA, regB := prometheus.NewRegistry(), prometheus.NewRegistry()
@@ -149,8 +242,18 @@ func TestStalledOwnerFencedAtPublish(t *testing.T) {
 
 	// A wakes up and finishes.
 	first.serve(t, "stale")
-	waitFor(t, within, func() bool { return len(logA.find("discarding download: superseded")) > 0 },
-		func() string { return fmt.Sprintf("A did not discard its superseded download: %q", logA.messages()) })
+	// However it ends: discarded, published, failed or handed back.
+	waitFor(t, within, func() bool {
+		published := slices.ContainsFunc(logA.find("published"), func(e logrus.Entry) bool { return e.Message == "published" })
+		return published || len(logA.find("discarding download")) > 0 || len(logA.find("download failed")) > 0 || len(logA.find("handing the entry back")) > 0
+	}, func() string { return fmt.Sprintf("A's download did not end: %q", logA.messages()) })
+	discarded := logA.find("discarding download: superseded")
+	if len(discarded) != 1 {
+		t.Fatalf("A's download did not end as superseded: %q", logA.messages())
+	}
+	if err, _ := discarded[0].Data[logrus.ErrorKey].(error); !errors.Is(err, transitions.ErrFenced) {
+		t.Errorf("A's download ended with %v, want the publish's commit fenced (%v): it was stopped before it published", err, transitions.ErrFenced)
+	}
 	waitFor(t, within, func() bool { return !exists(t, root, filepath.Join("staging", gen(k, 1))) },
 		func() string { return "A left its staging data after it was fenced" })
 	e := viewEntry(t, root, k)

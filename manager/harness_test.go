@@ -35,9 +35,13 @@ var errGateClosed = errors.New("gate closed: the test is over")
 // gate is a Source whose fetches the test runs by hand: each Fetch
 // announces itself on calls and waits for its body. A deaf gate's fetches
 // ignore their context until given the body (a writer that does not
-// notice it was told to stop); others return when it is cancelled.
+// notice it was told to stop); others return when it is cancelled. A
+// mute gate's fetches never announce the body's size: the size a source
+// announces asks for a progress report at once, and a report is a
+// heartbeat that can find the download fenced before it publishes.
 type gate struct {
 	deaf  bool
+	mute  bool
 	calls chan *fetchCall
 	quit  chan struct{}
 	once  sync.Once
@@ -76,7 +80,9 @@ func (g *gate) Fetch(ctx context.Context, src string, w io.Writer, total func(in
 	case <-g.quit:
 		return errGateClosed
 	}
-	total(int64(len(b)))
+	if !g.mute {
+		total(int64(len(b)))
+	}
 	_, err = w.Write(b)
 	return err
 }

@@ -149,6 +149,64 @@ func TestCommitWriteError(t *testing.T) {
 	c.checkFailed(t, got, "writing", syscall.EFBIG, func() {})
 }
 
+// A write of the manifest that fails after every shard file of the commit
+// was written (the shard files fit under the file size limit, the manifest
+// that names them all does not) fails the commit before the commit point:
+// the state and its previous version stay as they were, readable, and the
+// shard files the failed commit wrote are removed. The entries added are
+// spread over many shards of a few entries each, so that the manifest,
+// one line per shard, is far larger than any shard file; the sizes are
+// measured on a copy that commits the same update without a limit.
+func TestCommitManifestWriteError(t *testing.T) {
+	const n = 400
+	scratch := newCommitted(t)
+	if err := scratch.s.Update(context.Background(), bulk(n)); err != nil {
+		t.Fatal(err)
+	}
+	manifest := len(readBytes(t, scratch.s.Path()))
+	shards, err := os.ReadDir(filepath.Join(scratch.dir, state.ShardDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	largest := 0
+	for _, d := range shards {
+		largest = max(largest, len(readBytes(t, filepath.Join(scratch.dir, state.ShardDir, d.Name()))))
+	}
+	if len(shards) < 100 || 2*largest >= manifest {
+		t.Fatalf("setup: %d shard files, the largest %d bytes, a manifest of %d: no limit lets the shards through and stops the manifest", len(shards), largest, manifest)
+	}
+	limit := (largest + manifest) / 2
+
+	c := newCommitted(t)
+	cmd := child("write-past-limit", "DT_DIR="+c.dir, "DT_LIMIT="+strconv.Itoa(limit), "DT_BULK="+strconv.Itoa(n))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("child: %v (output %q)", err, out)
+	}
+	var res struct {
+		Err   string
+		EFBIG bool
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("child output %q: %v", out, err)
+	}
+	var got error
+	switch {
+	case res.Err == "":
+	case res.EFBIG:
+		got = &childError{res.Err, syscall.EFBIG}
+	default:
+		got = errors.New(res.Err)
+	}
+	if got != nil && strings.Contains(got.Error(), "shard") {
+		t.Fatalf("the commit failed at a shard file, not at the manifest: %v", got)
+	}
+	if unnamed, err := state.UnnamedShards(c.dir); err != nil || len(unnamed) != 0 {
+		t.Errorf("shard files of the failed commit left behind: %v (%v)", unnamed, err)
+	}
+	c.checkFailed(t, got, ": writing: ", syscall.EFBIG, func() {})
+}
+
 // childError is an error reported by a child process, with the cause the
 // child found it to wrap.
 type childError struct {
@@ -182,7 +240,7 @@ func writePastLimit() int {
 		Err   string
 		EFBIG bool
 	}{}
-	if err := s.Update(context.Background(), bulk(200)); err != nil {
+	if err := s.Update(context.Background(), bulk(envInt("DT_BULK", 200))); err != nil {
 		res.Err, res.EFBIG = err.Error(), errors.Is(err, syscall.EFBIG)
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {

@@ -668,13 +668,15 @@ func (m *Manager) LockHolder() string {
 }
 
 // BreakLock breaks the state store's lock if its holder is still holder
-// (what the operator was shown) and is not a live process of this machine.
-func (m *Manager) BreakLock(holder string) error {
+// (what the operator was shown) and is stale as a waiter judges it (see
+// state.Inspector): another host's holder only after watching its lock
+// unchanged for the lease.
+func (m *Manager) BreakLock(ctx context.Context, holder string) error {
 	in, ok := m.store.(state.Inspector)
 	if !ok {
 		return fmt.Errorf("%s has no lock to break", m.store)
 	}
-	return in.BreakHolder(holder)
+	return in.BreakHolder(ctx, holder)
 }
 
 func exists(p string) bool {

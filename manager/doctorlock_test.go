@@ -50,7 +50,7 @@ func TestBreakLock(t *testing.T) {
 	if !strings.Contains(shown, `"pid":30`) {
 		t.Fatalf("holder %q does not name pid 30", shown)
 	}
-	if err := m.BreakLock(shown); err == nil || !strings.Contains(err.Error(), "alive") {
+	if err := m.BreakLock(context.Background(), shown); err == nil || !strings.Contains(err.Error(), "alive") {
 		t.Fatalf("breaking a live holder's lock: %v, want a refusal", err)
 	}
 	if m.LockHolder() != shown {
@@ -64,14 +64,14 @@ func TestBreakLock(t *testing.T) {
 	machine.kill(30)
 	unlock = holdLock(t, root, machine, fakeProcess("h", 31))
 	machine.kill(31)
-	if err := m.BreakLock(shown); err == nil || !strings.Contains(err.Error(), "changed hands") {
+	if err := m.BreakLock(context.Background(), shown); err == nil || !strings.Contains(err.Error(), "changed hands") {
 		t.Fatalf("breaking a lock that changed hands: %v, want a refusal", err)
 	}
 	now := m.LockHolder()
 	if now == shown || now == "" {
 		t.Fatalf("holder after the refusal: %q", now)
 	}
-	if err := m.BreakLock(now); err != nil {
+	if err := m.BreakLock(context.Background(), now); err != nil {
 		t.Fatalf("breaking a dead holder's lock: %v", err)
 	}
 	if h := m.LockHolder(); h != "" {

@@ -73,8 +73,11 @@ type Inspector interface {
 	// Holder describes who holds the store's lock now, "" if nobody.
 	Holder() string
 	// BreakHolder breaks the lock if its holder is still holder (what an
-	// operator was shown) and is not a live process of this machine.
-	BreakHolder(holder string) error
+	// operator was shown) and is stale as a waiter judges it: a dead
+	// process of this machine at once, another host's holder once its
+	// lock stayed unchanged for the lease (so this may watch for that
+	// long). A holder it will not break is an error wrapping ErrLockHeld.
+	BreakHolder(ctx context.Context, holder string) error
 }
 
 // Prober is the optional interface of a Backend with checks that must

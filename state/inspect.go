@@ -164,24 +164,44 @@ func (s *Store) Holder() string {
 	return strings.TrimSpace(string(b))
 }
 
+// ErrLockHeld means a lock was left alone: its holder is alive, renewed
+// it, or changed hands since it was shown.
+var ErrLockHeld = errors.New("the lock is held")
+
 // BreakHolder removes the state lock if its content is still holder (what
-// the operator was shown) and its holder is not a live process of this
-// machine. It moves the lock aside and reads it back, so that a lock taken
-// in between is put back, not removed.
-func (s *Store) BreakHolder(holder string) error {
+// the operator was shown) and its holder is stale: a dead process of this
+// machine at once; another host's holder only once BreakStale watched its
+// lock unchanged for the lease, as a waiter would (breaking it at once
+// would let two hosts write: the holder may be alive and at its commit).
+// A dead local holder's lock is moved aside and read back, so that a lock
+// taken in between is put back, not removed.
+func (s *Store) BreakHolder(ctx context.Context, holder string) error {
 	p := s.lock.path
 	procs := s.lock.opts.Processes
 	var h struct {
 		Process
 		Nonce string `json:"nonce"`
 	}
-	if json.Unmarshal([]byte(holder), &h) == nil && procs.Self().SameMachine(h.Process) {
+	local := json.Unmarshal([]byte(holder), &h) == nil && procs.Self().SameMachine(h.Process)
+	if local {
 		if alive, err := procs.Alive(h.Process); err != nil || alive {
-			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it", h.Process)
+			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it: %w", h.Process, ErrLockHeld)
 		}
 	}
 	if cur, err := os.ReadFile(p); err != nil || strings.TrimSpace(string(cur)) != holder {
-		return errors.New("the lock changed hands since it was shown; left it alone")
+		return fmt.Errorf("the lock changed hands since it was shown; left it alone: %w", ErrLockHeld)
+	}
+	if !local {
+		wctx, cancel := context.WithTimeout(ctx, 2*s.lock.opts.Lease+s.lock.opts.Lease/2)
+		defer cancel()
+		broken, why, err := s.lock.BreakStale(wctx)
+		switch {
+		case err != nil:
+			return err
+		case !broken:
+			return fmt.Errorf("not broken: %s: %w", why, ErrLockHeld)
+		}
+		return nil
 	}
 	aside := p + ".broken-by-doctor"
 	if err := os.Rename(p, aside); err != nil {
@@ -193,7 +213,7 @@ func (s *Store) BreakHolder(holder string) error {
 			return fmt.Errorf("the lock changed hands while breaking it and could not be restored: %w", lerr)
 		}
 		os.Remove(aside)
-		return errors.New("the lock changed hands meanwhile; left it alone")
+		return fmt.Errorf("the lock changed hands meanwhile; left it alone: %w", ErrLockHeld)
 	}
 	return os.Remove(aside)
 }

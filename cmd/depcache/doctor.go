@@ -402,7 +402,8 @@ func breakStateLock(cmd *cobra.Command, g *globals, m *manager.Manager, yes bool
 			return done(true, false, "left alone")
 		}
 	}
-	if err := m.BreakLock(holder); err != nil {
+	fmt.Fprintf(say, "breaking it if its holder is stale (a holder on another host: once its lock stayed unchanged for --lock-lease, %s)...\n", g.lockLease)
+	if err := m.BreakLock(cmd.Context(), holder); err != nil {
 		return err
 	}
 	return done(true, true, "broke the state lock")

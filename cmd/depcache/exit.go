@@ -120,7 +120,7 @@ func errKind(err error) string {
 		return "timeout"
 	case errors.Is(err, errNoCache), errors.Is(err, manager.ErrNotFound):
 		return "not_found"
-	case errors.Is(err, manager.ErrInUse), errors.Is(err, errLockHeld):
+	case errors.Is(err, manager.ErrInUse), errors.Is(err, errLockHeld), errors.Is(err, state.ErrLockHeld):
 		return "in_use"
 	case errors.Is(err, manager.ErrNotRegistered):
 		return "not_registered"

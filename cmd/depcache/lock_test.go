@@ -36,6 +36,9 @@ func TestLockBadInput(t *testing.T) {
 		{[]string{"lock", "L", "--timeout", "-1s", "--", "true"}, "--timeout"},
 		{[]string{"lock", "L", "--lease", "25h", "--", "true"}, "--lease"},
 		{[]string{"locks", "--break", "L", "--lease", "9223372036854775807ns"}, "--lease"},
+		{[]string{"locks", "--lease", "48h"}, "go with --break"},
+		{[]string{"locks", "--yes"}, "go with --break"},
+		{[]string{"--lock-lease", "1ns", "locks"}, "--lock-lease"},
 		{[]string{"locks", "--break", ""}, ""},
 	} {
 		root := t.TempDir()

@@ -60,6 +60,9 @@ may take that long). A live holder, or one that renews, is left alone
 			if breakName != "" {
 				return breakNamedLock(cmd, g, breakName, lease, yes)
 			}
+			if yes || cmd.Flags().Changed("lease") {
+				return usageErrorf("--yes and --lease go with --break NAME (depcache locks --break NAME --yes)")
+			}
 			return listLocks(g)
 		},
 	}

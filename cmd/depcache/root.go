@@ -262,8 +262,10 @@ func newRoot(g *globals) *cobra.Command {
 			if g.root == "" {
 				return fmt.Errorf("--root: %w: empty", errBadFlag)
 			}
-			if g.lockLease <= 0 {
-				return fmt.Errorf("--lock-lease %s: %w: must be positive", g.lockLease, errBadFlag)
+			if g.lockLease < minLockLease || g.lockLease > maxLockLease {
+				// A lease of nanoseconds let any waiter break another
+				// host's live holder at once.
+				return fmt.Errorf("--lock-lease %s: %w: must be from %s to %s", g.lockLease, errBadFlag, minLockLease, maxLockLease)
 			}
 			return nil
 		},

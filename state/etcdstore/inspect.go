@@ -193,7 +193,7 @@ func (s *Store) memberName(ctx context.Context, id uint64) string {
 func (s *Store) Holder() string { return "" }
 
 // BreakHolder returns ErrNoLock: there is no lock to break.
-func (s *Store) BreakHolder(string) error {
+func (s *Store) BreakHolder(context.Context, string) error {
 	return fmt.Errorf("%s: %w: commits are compare-and-swap transactions, so there is nothing to break", s, ErrNoLock)
 }
 

@@ -590,7 +590,7 @@ func TestChecks(t *testing.T) {
 			t.Errorf("no check %q in %v", want, names)
 		}
 	}
-	if s.Holder() != "" || !errors.Is(s.BreakHolder("x"), ErrNoLock) {
+	if s.Holder() != "" || !errors.Is(s.BreakHolder(context.Background(), "x"), ErrNoLock) {
 		t.Error("the etcd store claims a lock")
 	}
 }

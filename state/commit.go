@@ -163,7 +163,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 // encodeDecoded encodes the entries b of shard i after reading its file
 // ref whole, for the lines b carries over undecoded.
 func (s *Store) encodeDecoded(i int, ref shardRef, b []idEntry) ([]byte, *lineCache, error) {
-	full, err := s.readShard(i, ref, nil, nil)
+	full, err := s.readShard(i, ref, nil, nil, true)
 	if err != nil {
 		return nil, nil, err
 	}

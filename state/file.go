@@ -386,16 +386,16 @@ func (s *Store) read(unlocked bool, sel *selection) (*snapshot, error) {
 			if looksCut(err) && !final {
 				continue
 			}
-			return nil, s.corrupt(s.path, b, err)
+			return nil, s.corrupt(s.path, b, err, !unlocked)
 		}
 		man, err := s.decodeManifest(b)
 		if err != nil {
 			if looksCut(err) && !final {
 				continue
 			}
-			return nil, s.corrupt(s.path, b, err)
+			return nil, s.corrupt(s.path, b, err, !unlocked)
 		}
-		sn, err := s.loadShards(man, sel)
+		sn, err := s.loadShards(man, sel, !unlocked)
 		var again *shardAgain
 		if errors.As(err, &again) {
 			if !final {
@@ -457,11 +457,16 @@ func decodeV1(b []byte) (*State, error) {
 }
 
 // corrupt is the error for the state file (or shard) name whose bytes b do
-// not parse: a copy is kept aside, the file stays where it is, and every
-// process keeps refusing it until an operator acts.
-func (s *Store) corrupt(name string, b []byte, err error) error {
+// not parse: the file stays where it is, and every process keeps refusing
+// it until an operator acts. A writer (keep, under the lock) also keeps a
+// copy aside; a reader that only looks (View: ls, doctor, gc --dry-run)
+// writes nothing.
+func (s *Store) corrupt(name string, b []byte, err error, keep bool) error {
+	if !keep {
+		return fmt.Errorf("state file %s (nothing was deleted or written; 'depcache doctor' checks the root, 'depcache doctor --rebuild' rebuilds the state from the published metadata): %w", name, err)
+	}
 	aside := s.keepAside(b)
-	return fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; run 'depcache doctor'): %w", name, aside, err)
+	return fmt.Errorf("state file %s (copy kept at %s; nothing was deleted; 'depcache doctor' checks the root, 'depcache doctor --rebuild' rebuilds the state from the published metadata): %w", name, aside, err)
 }
 
 // lockedViewHook, nil outside tests (set through export_test.go), runs
@@ -479,7 +484,7 @@ func (e *shardAgain) Unwrap() error { return e.err }
 // names (nil: all), reading only those whose file changed since this store
 // last saw them, or whose lines the read needs are not decoded. With sel,
 // the state holds only the entries it names.
-func (s *Store) loadShards(man *manifest, sel *selection) (*snapshot, error) {
+func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot, error) {
 	cache := s.cachedShards()
 	sn := &snapshot{exists: true, man: man, sel: sel}
 	need := sel.need()
@@ -496,7 +501,7 @@ func (s *Store) loadShards(man *manifest, sel *selection) (*snapshot, error) {
 		if c := cache[i]; c.file == ref.File && c.lines.decodedFor(need) {
 			sn.lines[i] = c.lines
 		} else {
-			lines, err := s.readShard(i, ref, c.lines, need)
+			lines, err := s.readShard(i, ref, c.lines, need, keep)
 			if err != nil {
 				return nil, err
 			}
@@ -531,7 +536,7 @@ func (s *Store) loadShards(man *manifest, sel *selection) (*snapshot, error) {
 // readShard reads and decodes the file of shard i, checking it against
 // its manifest's record. prev is an older version of the shard, whose
 // lines need not be decoded again.
-func (s *Store) readShard(i int, ref shardRef, prev *lineCache, need needFn) (*lineCache, error) {
+func (s *Store) readShard(i int, ref shardRef, prev *lineCache, need needFn, keep bool) (*lineCache, error) {
 	name := filepath.Join(s.root, ShardDir, ref.File)
 	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, prev, need)
 	switch {
@@ -542,9 +547,9 @@ func (s *Store) readShard(i int, ref shardRef, prev *lineCache, need needFn) (*l
 	case !errors.Is(err, ErrCorrupt):
 		return nil, fmt.Errorf("state shard %s: cannot read it: %w", name, err)
 	case errors.Is(err, errShardMismatch):
-		return nil, &shardAgain{s.corrupt(name, b, fmt.Errorf("named by %s: %w", s.path, err))}
+		return nil, &shardAgain{s.corrupt(name, b, fmt.Errorf("named by %s: %w", s.path, err), keep)}
 	}
-	return nil, s.corrupt(name, b, err)
+	return nil, s.corrupt(name, b, err, keep)
 }
 
 // Decode parses a self-contained state document: a state file of format

@@ -161,6 +161,24 @@ func TestLookingNeverWrites(t *testing.T) {
 	if p := storedPolicy(t, root); p != nil {
 		t.Errorf("a look stored a policy: %+v", p)
 	}
+	// A state that does not parse: looking at it (and doctor saying so)
+	// writes no copy of it either; a writer keeps one.
+	bad := t.TempDir()
+	if code, _, errs := cli(t, bad, "get", "--dependent", "job", "file://"+abs); code != 0 {
+		t.Fatalf("get: %d %s", code, errs)
+	}
+	if err := os.WriteFile(filepath.Join(bad, "state.json"), []byte("garbage"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"ls"}, {"doctor"}, {"gc", "--dry-run"}, {"policy"}} {
+		before := tree(t, bad)
+		if code, _, _ := cli(t, bad, args...); code != 1 {
+			t.Errorf("%v on a corrupt state: exit %d, want 1", args, code)
+		}
+		if after := tree(t, bad); !maps.Equal(before, after) {
+			t.Errorf("%v on a corrupt state wrote into the root: %v -> %v", args, before, after)
+		}
+	}
 	// The probes are asked for: they run, and leave nothing behind but
 	// the root directory's mtime.
 	before := tree(t, root)

@@ -144,12 +144,21 @@ func (m *Manager) settlePolicy(st *state.State) (bool, error) {
 
 // resolvePins turns each pin that is a short key ID (8 to 31 hex
 // characters, as ls shows them, in either case) into the full ID of the one
-// entry whose ID starts with it, and a full ID into lower case. As a pattern
-// either would match no source, silently.
+// entry whose ID starts with it, a full ID into lower case, and a source
+// (no pattern characters) into the source as get normalises it. As given,
+// each would match no entry, silently.
 func resolvePins(pins []string, st *state.State) ([]string, error) {
 	out := make([]string, len(pins))
 	for i, pin := range pins {
 		out[i] = pin
+		if strings.Contains(pin, "://") && !strings.ContainsAny(pin, `*?[\`) {
+			// A source, not a pattern: pinned as get names it
+			// (HTTP://Host/x and http://host/x are one entry).
+			if k, err := ParseKey(pin, ""); err == nil {
+				out[i] = k.Source
+			}
+			continue
+		}
 		if len(pin) < 8 || len(pin) > 32 || strings.Trim(pin, "0123456789abcdefABCDEF") != "" {
 			continue
 		}

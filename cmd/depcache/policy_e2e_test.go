@@ -229,6 +229,18 @@ func TestPinTakesTheShortKey(t *testing.T) {
 	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s", "--pin", strings.ToUpper(id[:10])); code != 0 || !strings.Contains(out, "evicted 0,") {
 		t.Errorf("gc --pin in upper case: %d %q, want the pinned entry kept", code, out)
 	}
+	// A source pins as get names it: FILE:// and a doubled slash are the
+	// same entry's source.
+	alias := "FILE://" + strings.Replace(abs, "/", "//", 1)
+	if code, _, errs := cli(t, root, "policy", "set", "--pin", alias); code != 0 {
+		t.Fatalf("policy set --pin %s: %d %s", alias, code, errs)
+	}
+	if p := storedPolicy(t, root); p == nil || len(p.Pins) != 1 || p.Pins[0] != src {
+		t.Errorf("--pin %s: stored pins %+v, want the source %s", alias, p, src)
+	}
+	if code, out, _ := cli(t, root, "gc", "--max-size", "1", "--min-age", "0s"); code != 0 || !strings.Contains(out, "evicted 0,") {
+		t.Errorf("gc under the pinned source %s: %d %q", alias, code, out)
+	}
 	other := "00000000"
 	if strings.HasPrefix(id, other) {
 		other = "ffffffff"

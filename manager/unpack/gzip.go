@@ -11,8 +11,8 @@ import (
 
 // maxTail bounds what may follow a tar's end-of-archive marker inside the
 // gzip stream (the padding of the last record: 10 KiB for GNU tar's
-// default blocking) and the zero bytes after the gzip stream itself. More
-// is not padding; reading it would be decompressing a bomb's tail.
+// default blocking). More is not padding; reading it would be
+// decompressing a bomb's tail.
 const maxTail = 1 << 20
 
 // gzipStream reads a gzip file of one or more members (RFC 1952) and, at
@@ -31,7 +31,7 @@ func newGzipStream(r io.Reader) (*gzipStream, error) {
 	br := bufio.NewReader(r)
 	zr, err := gzip.NewReader(br)
 	if err != nil {
-		return nil, fmt.Errorf("%w: gzip: %w", ErrCorrupt, err)
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	zr.Multistream(false)
 	return &gzipStream{br: br, zr: zr}, nil
@@ -42,14 +42,14 @@ func (g *gzipStream) Read(p []byte) (int, error) {
 		n, err := g.zr.Read(p)
 		if !errors.Is(err, io.EOF) {
 			if err != nil {
-				err = fmt.Errorf("%w: gzip: %w", ErrCorrupt, err)
+				err = fmt.Errorf("%w: %w", ErrCorrupt, err)
 			}
 			return n, err
 		}
 		// A member ended, its checksum verified. Another may follow.
 		if next, _ := g.br.Peek(2); len(next) == 2 && next[0] == 0x1f && next[1] == 0x8b {
 			if err := g.zr.Reset(g.br); err != nil {
-				return n, fmt.Errorf("%w: gzip: %w", ErrCorrupt, err)
+				return n, fmt.Errorf("%w: %w", ErrCorrupt, err)
 			}
 			g.zr.Multistream(false)
 		} else {
@@ -63,7 +63,7 @@ func (g *gzipStream) Read(p []byte) (int, error) {
 }
 
 // finish reads what is left: at most maxTail bytes of tar padding, each
-// member's trailer, and after the last one only zero bytes.
+// member's trailer, and after the last one only zero bytes, any number.
 func (g *gzipStream) finish() error {
 	n, err := io.Copy(io.Discard, io.LimitReader(g, maxTail+1))
 	if err != nil {
@@ -72,14 +72,23 @@ func (g *gzipStream) finish() error {
 	if n > maxTail {
 		return fmt.Errorf("%w: more than %d bytes after the end of the archive", ErrCorrupt, maxTail)
 	}
-	rest, err := io.ReadAll(io.LimitReader(g.br, maxTail+1))
-	if err != nil {
-		return err
+	// Zero bytes after the stream (tape blocking) are padding, however
+	// many: they are part of the download, already bounded as such.
+	buf := make([]byte, 32<<10)
+	var at int64
+	for {
+		n, err := g.br.Read(buf)
+		if i := bytes.IndexFunc(buf[:n], func(r rune) bool { return r != 0 }); i >= 0 {
+			return fmt.Errorf("%w: data after the gzip stream that is neither another member nor zero padding (at byte %d after its end)", ErrCorrupt, at+int64(i))
+		}
+		at += int64(n)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
 	}
-	if len(rest) > maxTail || len(bytes.Trim(rest, "\x00")) > 0 {
-		return fmt.Errorf("%w: %d bytes after the gzip stream that are not another member", ErrCorrupt, len(rest))
-	}
-	return nil
 }
 
 // Finish ends the reading of r, a stream Open returned, once the archive

@@ -36,6 +36,8 @@ func TestGzipEndChecked(t *testing.T) {
 		{"one member", whole, true},
 		{"two members, the tar split across them", gz(tarball[:700], tarball[700:]), true},
 		{"zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 4096)...), true},
+		{"more than a MiB of zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 3<<20)...), true},
+		{"zero bytes, then garbage, after the stream", append(append(bytes.Clone(whole), make([]byte, 100<<10)...), 'x'), false},
 		{"a cut trailer", whole[:len(whole)-4], false},
 		{"no trailer", whole[:len(whole)-8], false},
 		{"a wrong CRC-32", badCRC, false},

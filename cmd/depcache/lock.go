@@ -247,7 +247,7 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	if err := checkLockName(name); err != nil {
 		return 0, err
 	}
-	if len(argv) == 0 {
+	if len(argv) == 0 || argv[0] == "" {
 		return 0, usageErrorf("missing CMD: %s", lockUsage)
 	}
 	acquire, err := namedLockAcquirer(g, name, lease)

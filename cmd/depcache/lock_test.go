@@ -502,10 +502,11 @@ func TestLockNameFileTwoMounts(t *testing.T) {
 func TestCMDThatCannotStart(t *testing.T) {
 	root := t.TempDir()
 	src := testSource(t)
-	notExec := filepath.Join(t.TempDir(), "script")
+	notExec := filepath.Join(t.TempDir(), "depcache-test-script")
 	if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	t.Setenv("PATH", filepath.Dir(notExec)+string(filepath.ListSeparator)+os.Getenv("PATH"))
 	for _, c := range []struct {
 		args []string
 		want int
@@ -515,6 +516,7 @@ func TestCMDThatCannotStart(t *testing.T) {
 		{[]string{"lock", "L", "--", notExec}, 126},
 		{[]string{"run", "--dep", "A=" + src, "--", "no-such-command-anywhere"}, 127},
 		{[]string{"run", "--dep", "A=" + src, "--", notExec}, 126},
+		{[]string{"lock", "L", "--", filepath.Base(notExec)}, 126}, // on PATH, not executable
 	} {
 		code, _, stderr := cli(t, root, c.args...)
 		if code != c.want || !strings.Contains(stderr, "cannot start the command") {
@@ -527,6 +529,11 @@ func TestCMDThatCannotStart(t *testing.T) {
 		}
 		if err := json.Unmarshal([]byte(stderr), &e); err != nil || e.Kind != "cannot_run" || e.ExitCode != c.want || code != c.want {
 			t.Errorf("--json %q: exit %d, %q (%v); want kind cannot_run, %d", c.args, code, stderr, err, c.want)
+		}
+	}
+	for _, args := range [][]string{{"lock", "L", "--", ""}, {"run", "--dep", "A=" + src, "--", ""}} {
+		if code, _, stderr := cli(t, root, args...); code != exitUsage || !strings.Contains(stderr, "missing CMD") {
+			t.Errorf("%q: exit %d, %q; want 2, missing CMD", args, code, stderr)
 		}
 	}
 	file := filepath.Join(t.TempDir(), "f")

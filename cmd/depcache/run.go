@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"strings"
@@ -122,7 +124,7 @@ func cmdArgs(cmd *cobra.Command, args []string, usage string) ([]string, error) 
 	if n := cmd.ArgsLenAtDash(); n > 0 {
 		return nil, usageErrorf("%q before --: %s", args[:n], usage)
 	}
-	if len(args) == 0 {
+	if len(args) == 0 || args[0] == "" {
 		return nil, usageErrorf("missing CMD: %s", usage)
 	}
 	return args, nil
@@ -531,9 +533,28 @@ func startChild(argv []string, env []string, stdin io.Reader, stdout, stderr io.
 		close(c.done)
 	}()
 	if err := <-started; err != nil {
+		if errors.Is(err, exec.ErrNotFound) && foundNotExecutable(argv[0]) {
+			// exec.LookPath passes over a file on PATH that cannot be
+			// executed; env and shells report it as found (126).
+			err = fmt.Errorf("%s is on PATH but cannot be executed: %w", argv[0], os.ErrPermission)
+		}
 		return nil, fmt.Errorf("%w %q: %w", errCmdStart, argv[0], err)
 	}
 	return c, nil
+}
+
+// foundNotExecutable reports whether name, looked up on PATH, names a
+// file that is there but not executable.
+func foundNotExecutable(name string) bool {
+	if strings.Contains(name, "/") {
+		return false
+	}
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		if fi, err := os.Stat(filepath.Join(cmp.Or(dir, "."), name)); err == nil && !fi.IsDir() {
+			return true
+		}
+	}
+	return false
 }
 
 // inForeground reports whether depcache runs in the foreground process

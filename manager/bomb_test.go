@@ -226,4 +226,11 @@ func TestBombUnderTheFreeDiskFloor(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Join(root, "staging")); len(ents) != 0 {
 		t.Errorf("staging/ holds %d items after a refused bomb", len(ents))
 	}
+	// A plain file whose announced length passes the floor fails at once,
+	// from its Content-Length, as one past the budget does.
+	big := newServer(t, make([]byte, 80<<20))
+	e, err = getWait(t, m, "job", mustKey(t, big.URL+"/big.bin", ""))
+	if !errors.As(err, &failed) || e.Stage != state.Failed || !strings.Contains(failed.Reason, "cannot fit on the disk") {
+		t.Fatalf("an 80 MiB file under a floor of all but 64 MiB: %+v, %v; want FAILED at once, naming the disk", e, err)
+	}
 }

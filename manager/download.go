@@ -164,7 +164,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		log.WithError(err).Warn("discarding download: superseded")
 	case errors.Is(cause, transitions.ErrTooLarge):
 		m.metrics.downloads.WithLabelValues("failed").Inc()
-		log.WithError(cause).Warn("download does not fit in the budget")
+		log.WithError(cause).Warn("download does not fit in the cache")
 		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
 			return transitions.Fail(e, m.self, gen, cause.Error(), m.cfg.Clock.Now())
 		})
@@ -583,13 +583,23 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 }
 
 // checkFits fails a download at once when its announced size cannot fit in
-// the budget even after evicting everything evictable.
+// the budget, or above the free-disk floor, even after evicting everything
+// evictable.
 func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) error {
 	st, err := m.store.View(ctx)
 	if err != nil {
 		return nil // the publish will hit the same problem and say so
 	}
-	return transitions.Fits(policyOf(st), st.Entries, key, total, m.cfg.Clock.Now())
+	pol, now := policyOf(st), m.cfg.Clock.Now()
+	if err := transitions.Fits(pol, st.Entries, key, total, now); err != nil {
+		return err
+	}
+	free, size := diskSpace(m.cfg.Root)
+	if room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now); ok && total > room {
+		return fmt.Errorf("%d bytes cannot fit on the disk: it has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk): %w",
+			total, free, room, floor, transitions.ErrTooLarge)
+	}
+	return nil
 }
 
 // cancelDownload stops our download of key at gen with cause.

@@ -21,7 +21,7 @@ var (
 	ErrNotRegistered = errors.New("dependent not registered")
 	// ErrTooLarge means a download cannot fit in the budget even after
 	// evicting everything that may be evicted.
-	ErrTooLarge = errors.New("does not fit in the cache budget")
+	ErrTooLarge = errors.New("does not fit in the cache (its budget, or the free disk the policy keeps)")
 )
 
 // Policy holds the timings the rules use.

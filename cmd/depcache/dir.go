@@ -22,6 +22,9 @@ whether or not it exists yet. It creates nothing.`,
 		Example: "  depcache dir\n  du -sh \"$(depcache dir)\"\n  DEPCACHE_ROOT=/mnt/cache depcache dir",
 		Args:    exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := rootNotFile(g); err != nil {
+				return err
+			}
 			abs, err := filepath.Abs(g.root)
 			if err != nil {
 				return err

@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
@@ -58,7 +60,15 @@ policy flags on its command line stores them too, as it always has.`,
   depcache policy set --pin 'https://models.example.com/*'`,
 		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return setPolicy(cmd, g, &slf, &spf)
+			_, statErr := os.Stat(g.root)
+			err := setPolicy(cmd, g, &slf, &spf)
+			if err != nil && errors.Is(statErr, fs.ErrNotExist) {
+				// Refused (a pin of no entry, a value out of range): the
+				// root it made to store the policy in goes again. Remove
+				// takes only an empty directory.
+				os.Remove(g.root)
+			}
+			return err
 		},
 	}
 	slf.register(set.Flags())

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io/fs"
 	"maps"
@@ -247,5 +248,29 @@ func TestPinTakesTheShortKey(t *testing.T) {
 	}
 	if code, _, errs := cli(t, root, "policy", "set", "--pin", other); code != 2 || !strings.Contains(errs, "no entry's key ID starts with it") {
 		t.Errorf("policy set --pin %s: %d %q, want exit 2 naming the prefix", other, code, errs)
+	}
+}
+
+// TestRefusedPolicySetLeavesNoRoot: a policy set that is refused leaves no
+// root behind where there was none; dir refuses a --root that is a file,
+// as every other command does.
+func TestRefusedPolicySetLeavesNoRoot(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "new")
+	for _, args := range [][]string{{"policy", "set", "--pin", "abcdef0123"}, {"policy", "set", "--high-watermark", "0"}} {
+		if code, _, errs := cli(t, root, args...); code != 2 {
+			t.Errorf("%v: exit %d (%s), want 2", args, code, errs)
+		}
+		if _, err := os.Stat(root); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%v refused, and left the root: %v", args, err)
+		}
+	}
+	file := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"dir"}, {"--json", "dir"}} {
+		if code, _, errs := cli(t, file, args...); code != 2 || !strings.Contains(errs, "not a directory") {
+			t.Errorf("%v with --root a file: exit %d, %q; want 2", args, code, errs)
+		}
 	}
 }

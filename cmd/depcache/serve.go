@@ -34,7 +34,7 @@ func newServe(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use: "serve",
 		Example: `  depcache serve
-  depcache serve --listen 0.0.0.0:9736 --max-size 50GiB
+  depcache policy set --max-size 50GiB && depcache serve --listen 0.0.0.0:9736   # the budget every worker shares
   curl -s 127.0.0.1:9736/healthz`,
 		Short: "Run the transition and cleanup loops for the root until SIGINT or SIGTERM, with /healthz, /metrics, /v1/entries and a status page",
 		Args:  exactArgs(0),

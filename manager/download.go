@@ -161,7 +161,7 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 	}
 	switch {
 	case errors.Is(err, transitions.ErrFenced) || errors.Is(cause, errSuperseded):
-		log.WithError(err).Warn("discarding download: superseded")
+		log.WithError(err).Info("discarding download: superseded")
 	case errors.Is(cause, transitions.ErrTooLarge):
 		m.metrics.downloads.WithLabelValues("failed").Inc()
 		log.WithError(cause).Warn("download does not fit in the cache")

@@ -387,13 +387,16 @@ func (g *globals) plainConfig() manager.Config {
 	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, State: g.plainState()}
 }
 
-// quietRetries leaves out the records of fetch attempts that are retried:
-// at the default log level, a get or run that fails prints one line, the
-// failure, which says how many attempts it made.
+// quietRetries leaves out the records that a get or run says in its own
+// failure line: at the default log level, a fetch that fails prints one
+// line, which counts the attempts and names the budget it did not fit.
 type quietRetries struct{ logrus.Formatter }
 
+// saidByTheFailure are those records' messages.
+var saidByTheFailure = map[string]bool{"fetch failed, retrying": true, "download does not fit in the cache": true}
+
 func (q quietRetries) Format(e *logrus.Entry) ([]byte, error) {
-	if e.Message == "fetch failed, retrying" && e.Level >= logrus.WarnLevel {
+	if saidByTheFailure[e.Message] && e.Level >= logrus.WarnLevel {
 		return nil, nil
 	}
 	return q.Formatter.Format(e)

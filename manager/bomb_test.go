@@ -234,3 +234,28 @@ func TestBombUnderTheFreeDiskFloor(t *testing.T) {
 		t.Fatalf("an 80 MiB file under a floor of all but 64 MiB: %+v, %v; want FAILED at once, naming the disk", e, err)
 	}
 }
+
+// TestTreeSizeIsItsDisk: an unpacked tree's size is the disk it takes, as
+// du counts it, not its files' bytes: 300 files of one byte take a block
+// each. The budget counts the size, so trees of many small files or
+// directories cannot pass it together.
+func TestTreeSizeIsItsDisk(t *testing.T) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	for i := range 300 {
+		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("d%03d/f", i), Mode: 0o644, Size: 1, Typeflag: tar.TypeReg})
+		tw.Write([]byte("x"))
+	}
+	tw.Close()
+	zw.Close()
+	srv := newServer(t, buf.Bytes())
+	m := newManager(t, t.TempDir())
+	e, err := getWait(t, m, "job", mustKey(t, srv.URL+"/t.tar.gz", ""))
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("%+v %v", e, err)
+	}
+	if e.SizeBytes < 300*4096 {
+		t.Errorf("size %d bytes for 300 one-byte files, each taking a block: want at least %d", e.SizeBytes, 300*4096)
+	}
+}

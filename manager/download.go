@@ -317,6 +317,13 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		var cerr error
 		meta.SizeBytes, hashes, cerr = s.finish(err)
 		format, h = s.format, s.h
+		if err == nil && cerr == nil && format != unpack.Plain {
+			// A tree takes more disk than its files' bytes: blocks, and a
+			// block a directory. The budget counts what it takes.
+			if du, derr := unpack.TreeCost(s.content()); derr == nil && du > meta.SizeBytes {
+				meta.SizeBytes = du
+			}
+		}
 		if ctx.Err() != nil {
 			return meta, context.Cause(ctx) // the reason we were stopped, not "context canceled"
 		}

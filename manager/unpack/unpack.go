@@ -40,6 +40,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 var (
@@ -215,6 +216,40 @@ const (
 )
 
 func blocks(n int64) int64 { return (n + blockSize - 1) / blockSize * blockSize }
+
+// TreeCost is what the tree under dir takes by the measure an unpack is
+// bounded by: each distinct file's bytes in whole blocks, a block for
+// every directory, an inode for every name. It is the same on every
+// filesystem (du is not: tmpfs gives directories no blocks), so an
+// entry's size, and the budget, do not depend on where the root is.
+func TreeCost(dir string) (int64, error) {
+	seen := map[uint64]bool{}
+	var n int64
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		n += inodeCost
+		switch {
+		case d.IsDir():
+			n += blockSize
+		case d.Type().IsRegular():
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				if seen[st.Ino] {
+					return nil // a hard link: its blocks are counted once
+				}
+				seen[st.Ino] = true
+			}
+			n += blocks(fi.Size())
+		}
+		return nil
+	})
+	return n, err
+}
 
 type extractor struct {
 	root   *os.Root

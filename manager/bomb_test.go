@@ -8,6 +8,7 @@ import (
 	"compress/gzip"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -227,12 +228,26 @@ func TestBombUnderTheFreeDiskFloor(t *testing.T) {
 		t.Errorf("staging/ holds %d items after a refused bomb", len(ents))
 	}
 	// A plain file whose announced length passes the floor fails at once,
-	// from its Content-Length, as one past the budget does.
-	big := newServer(t, make([]byte, 80<<20))
+	// from its Content-Length, as one past the budget does. It announces
+	// 1 TiB (of zeros, never all sent), far past what other tests on the
+	// same disk can free meanwhile.
+	big := newServer(t, nil)
+	big.set(func(w http.ResponseWriter, r *http.Request) bool {
+		http.ServeContent(w, r, "big.bin", time.Time{}, io.NewSectionReader(zeros{}, 0, 1<<40))
+		return true
+	})
 	e, err = getWait(t, m, "job", mustKey(t, big.URL+"/big.bin", ""))
 	if !errors.As(err, &failed) || e.Stage != state.Failed || !strings.Contains(failed.Reason, "cannot fit on the disk") {
-		t.Fatalf("an 80 MiB file under a floor of all but 64 MiB: %+v, %v; want FAILED at once, naming the disk", e, err)
+		t.Fatalf("a file of 1 TiB under a floor of all but 64 MiB: %+v, %v; want FAILED at once, naming the disk", e, err)
 	}
+}
+
+// zeros reads as zero bytes everywhere.
+type zeros struct{}
+
+func (zeros) ReadAt(p []byte, off int64) (int, error) {
+	clear(p)
+	return len(p), nil
 }
 
 // TestTreeSizeIsItsDisk: an unpacked tree's size is the disk it takes, as

@@ -88,9 +88,13 @@
 //	if _, err := m.Get(ctx, "run-42", key); err != nil { // bound to this process
 //		return err
 //	}
-//	defer m.Release(context.WithoutCancel(ctx), "run-42", key)
-//
 //	e, err := m.Wait(ctx, key) // one download across all processes; the others wait
+//	if ctx.Err() == nil {
+//		// Released once Wait has its answer. A shutdown (ctx ended) keeps
+//		// the dependent: Release would drop a download nobody else waits
+//		// for, with what it fetched, where stop hands it back resumable.
+//		defer m.Release(context.WithoutCancel(ctx), "run-42", key)
+//	}
 //	var failed *manager.FailedError
 //	if errors.As(err, &failed) {
 //		return fmt.Errorf("dependency failed: %s", failed.Reason)

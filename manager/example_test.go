@@ -37,9 +37,13 @@ func Example() {
 	if _, err := m.Get(ctx, "run-42", key); err != nil { // bound to this process: reaped if it dies
 		panic(err)
 	}
-	defer m.Release(context.Background(), "run-42", key) // lets the sweep evict it later
-
 	e, err := m.Wait(ctx, key) // one download across all processes; the others wait
+	if ctx.Err() == nil {
+		// Released once Wait has its answer (lets the sweep evict it
+		// later). A shutdown keeps it: stop hands the download back,
+		// resumable, where Release would drop what it fetched.
+		defer m.Release(context.Background(), "run-42", key)
+	}
 	var failed *manager.FailedError
 	switch {
 	case errors.As(err, &failed):

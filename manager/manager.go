@@ -76,8 +76,18 @@ func (e *FailedError) Error() string { return fmt.Sprintf("%s: %s", e.Key.Source
 // Unwrap makes errors.Is(err, ErrFailed) true.
 func (e *FailedError) Unwrap() error { return ErrFailed }
 
-// Is makes errors.Is(err, ErrPermanent) true for a permanent failure.
-func (e *FailedError) Is(target error) bool { return target == ErrPermanent && e.Permanent }
+// Is makes errors.Is(err, ErrPermanent) true for a permanent failure, and
+// errors.Is(err, ErrTooLarge) true for a download that did not fit (the
+// state keeps a failure's reason as text, which says so).
+func (e *FailedError) Is(target error) bool {
+	switch target {
+	case ErrPermanent:
+		return e.Permanent
+	case ErrTooLarge:
+		return strings.Contains(e.Reason, ErrTooLarge.Error())
+	}
+	return false
+}
 
 // Failed returns the error of the FAILED entry e under this manager's
 // failure cool-down.
@@ -101,7 +111,9 @@ type Config struct {
 	Retries      int
 	RetryBackoff time.Duration
 	// ProgressInterval is how often an owner reports progress and its
-	// heartbeat. Default 2s.
+	// heartbeat. Default 2s, or a quarter of Policy.DownloadTimeout when
+	// that is shorter. One over half the timeout makes other processes
+	// take live downloads over as stalled.
 	ProgressInterval time.Duration
 	// PollInterval is how often the loop reads the state to notice other
 	// processes' changes. Default 250ms.
@@ -222,12 +234,43 @@ type Manager struct {
 	wg   sync.WaitGroup // download goroutines
 }
 
+// check refuses what New would otherwise take for a default or crash on:
+// a negative duration or bound, and a nil source.
+func (cfg *Config) check() error {
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"LockLease", cfg.LockLease}, {"ProgressInterval", cfg.ProgressInterval}, {"PollInterval", cfg.PollInterval},
+		{"CleanupInterval", cfg.CleanupInterval}, {"RetryBackoff", cfg.RetryBackoff},
+		{"Policy.DownloadTimeout", cfg.Policy.DownloadTimeout}, {"Policy.FailureCooldown", cfg.Policy.FailureCooldown},
+		{"Policy.MaxCooldown", cfg.Policy.MaxCooldown}, {"Policy.LeaseDuration", cfg.Policy.LeaseDuration},
+	} {
+		if d.v < 0 {
+			return fmt.Errorf("manager: Config.%s %s: must not be negative (0 takes the default)", d.name, d.v)
+		}
+	}
+	if cfg.MaxBundleBytes < 0 {
+		return fmt.Errorf("manager: Config.MaxBundleBytes %d: must not be negative (0: no bound)", cfg.MaxBundleBytes)
+	}
+	for scheme, src := range cfg.Sources {
+		if src == nil {
+			return fmt.Errorf("manager: Config.Sources[%q] is nil", scheme)
+		}
+	}
+	return nil
+}
+
 // New opens the cache root and returns a manager. Call Run (or Start) for
 // downloads and Wait to work.
 func New(cfg Config) (*Manager, error) {
 	if cfg.Root == "" {
 		return nil, errors.New("manager: no cache root")
 	}
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	progressGiven := cfg.ProgressInterval > 0
 	cfg.Policy = cfg.Policy.WithDefaults()
 	switch {
 	case cfg.Retries < 0:
@@ -238,8 +281,11 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.RetryBackoff <= 0 {
 		cfg.RetryBackoff = time.Second
 	}
-	if cfg.ProgressInterval <= 0 {
-		cfg.ProgressInterval = 2 * time.Second
+	if !progressGiven {
+		// Reported at least four times per download timeout, as the CLI
+		// derives it: a 2 s default under a 1 s timeout made every other
+		// process take each live download over as stalled.
+		cfg.ProgressInterval = min(2*time.Second, max(cfg.Policy.DownloadTimeout/4, time.Millisecond))
 	}
 	if cfg.PollInterval <= 0 {
 		cfg.PollInterval = 250 * time.Millisecond
@@ -436,10 +482,9 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	// passes judge whether the dependent is still there.
 	m.local[id][dependent] = localDep{since: m.started, bound: !o.detached}
 	m.localKeys[id] = snap.Key
-	delete(m.lost[id], dependent)
-	if len(m.lost[id]) == 0 {
-		delete(m.lost, id)
-	}
+	// Held again by this process, under this name or another: Wait
+	// waits for it again.
+	delete(m.lost, id)
 	m.mu.Unlock()
 	if snap.Key.Kind == state.Image && snap.Stage == state.Ready && m.cfg.Docker != nil {
 		// The daemon is not ours alone: an image removed by hand (docker

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"errors"
 	"sync/atomic"
 	"time"
 
@@ -77,15 +78,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.downloads.WithLabelValues(e)
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.downloads, m.takeovers, m.bytes, m.downloadSeconds, m.waitSeconds,
-			m.evictions, m.freedBytes, m.lockWait, m.lockHold, m.entries, m.entryBytes, m.lostDependents,
-			m.usage, m.budget,
-			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_free_bytes",
-				Help: "Bytes free for unprivileged users on the root's filesystem (statfs at scrape time)."},
-				func() float64 { free, _ := m.disk(); return float64(free) }),
-			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_size_bytes",
-				Help: "Size of the root's filesystem (statfs at scrape time)."},
-				func() float64 { _, size := m.disk(); return float64(size) }))
+		// Managers given one registry (two in a process, or one started
+		// again after its stop) share its collectors: the second takes
+		// the first's rather than panic on the duplicate.
+		m.requests = register(reg, m.requests)
+		m.downloads = register(reg, m.downloads)
+		m.takeovers = register(reg, m.takeovers)
+		m.bytes = register(reg, m.bytes)
+		m.downloadSeconds = register(reg, m.downloadSeconds)
+		m.waitSeconds = register(reg, m.waitSeconds)
+		m.evictions = register(reg, m.evictions)
+		m.freedBytes = register(reg, m.freedBytes)
+		m.lockWait = register(reg, m.lockWait)
+		m.lockHold = register(reg, m.lockHold)
+		m.entries = register(reg, m.entries)
+		m.entryBytes = register(reg, m.entryBytes)
+		m.lostDependents = register(reg, m.lostDependents)
+		m.usage = register(reg, m.usage)
+		m.budget = register(reg, m.budget)
+		register(reg, prometheus.Collector(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_free_bytes",
+			Help: "Bytes free for unprivileged users on the root's filesystem (statfs at scrape time)."},
+			func() float64 { free, _ := m.disk(); return float64(free) })))
+		register(reg, prometheus.Collector(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "depcache_disk_size_bytes",
+			Help: "Size of the root's filesystem (statfs at scrape time)."},
+			func() float64 { _, size := m.disk(); return float64(size) })))
 	}
 	return m
 }
@@ -156,3 +172,20 @@ func (m *Manager) TotalsOf(st *state.State) Totals {
 }
 
 func seconds(d time.Duration) float64 { return d.Seconds() }
+
+// register registers c, or returns the collector of the same description
+// already registered; any other failure (a conflicting description) is a
+// bug in depcache's metrics, and panics as MustRegister would.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	err := reg.Register(c)
+	if err == nil {
+		return c
+	}
+	var are prometheus.AlreadyRegisteredError
+	if errors.As(err, &are) {
+		if existing, ok := are.ExistingCollector.(C); ok {
+			return existing
+		}
+	}
+	panic(err)
+}

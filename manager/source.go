@@ -95,8 +95,20 @@ var ErrPermanent = errors.New("permanent failure")
 // malformed URL, relative file path.
 var ErrBadSource = errors.New("bad source")
 
-// ParseKey normalises a source string and an optional expected sha256 into
-// a key. Normalising makes two spellings of one URL share one entry.
+// NormaliseDigest takes a SHA-256 as sha256sum, docker and most registries
+// print it: upper or lower case, with or without a "sha256:" prefix, and
+// returns its lower-case hex.
+func NormaliseDigest(s string) string {
+	s = strings.TrimSpace(s)
+	if len(s) > len("sha256:") && strings.EqualFold(s[:len("sha256:")], "sha256:") {
+		s = s[len("sha256:"):]
+	}
+	return strings.ToLower(s)
+}
+
+// ParseKey normalises a source string and an optional expected sha256
+// (NormaliseDigest's forms) into a key. Normalising makes two spellings of
+// one URL share one entry.
 func ParseKey(source, sha256 string) (state.Key, error) {
 	if err := state.CheckText("source", source); err != nil {
 		return state.Key{}, fmt.Errorf("%w: %w", ErrBadSource, err)
@@ -121,7 +133,7 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 	if err != nil {
 		return state.Key{}, fmt.Errorf("source %q: %w: %w", source, ErrBadSource, err)
 	}
-	k := state.Key{Kind: state.Bundle, SHA256: strings.ToLower(sha256)}
+	k := state.Key{Kind: state.Bundle, SHA256: NormaliseDigest(sha256)}
 	switch strings.ToLower(u.Scheme) {
 	case "http", "https":
 		if u.Hostname() == "" { // "https://:443" has a port and no host

@@ -67,6 +67,9 @@ func (p Policy) WithDefaults() Policy {
 func (p Policy) Cooldown(n int) time.Duration {
 	d := p.FailureCooldown
 	for i := 1; i < n && d < p.MaxCooldown; i++ {
+		if d > p.MaxCooldown/2 {
+			return p.MaxCooldown // doubling would pass it (or overflow)
+		}
 		d *= 2
 	}
 	return min(d, p.MaxCooldown)

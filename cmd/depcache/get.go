@@ -50,7 +50,7 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 				return usageErrorf("--dependent '': a dependent needs a name (leave the flag out for one unique to this invocation)")
 			}
 			if sha != "" {
-				sha = normaliseSHA256(sha)
+				sha = manager.NormaliseDigest(sha)
 				if err := state.CheckSHA256(sha); err != nil {
 					return fmt.Errorf("--sha256: %w", err)
 				}
@@ -192,16 +192,6 @@ func anonymousDependent() string {
 	rand.Read(b)
 	host, _ := os.Hostname()
 	return fmt.Sprintf("cli-%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
-}
-
-// normaliseSHA256 accepts what sha256sum, docker and most registries print:
-// upper or lower case, with or without a "sha256:" prefix.
-func normaliseSHA256(s string) string {
-	s = strings.TrimSpace(s)
-	if len(s) > len("sha256:") && strings.EqualFold(s[:len("sha256:")], "sha256:") {
-		s = s[len("sha256:"):]
-	}
-	return strings.ToLower(s)
 }
 
 // getJSON is an element of get --json: ls --json's fields (queued among

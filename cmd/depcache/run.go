@@ -73,7 +73,7 @@ func parseRunDeps(deps, shas []string) ([]*runDep, error) {
 		if r == nil {
 			return nil, usageErrorf("--sha256 %q: no --dep %s=SOURCE", s, name)
 		}
-		hex = normaliseSHA256(hex) // as get's --sha256: either case, with or without sha256:
+		hex = manager.NormaliseDigest(hex) // as get's --sha256: either case, with or without sha256:
 		if err := state.CheckSHA256(hex); err != nil {
 			return nil, fmt.Errorf("--sha256 %q: %w", s, err)
 		}

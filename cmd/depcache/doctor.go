@@ -335,17 +335,46 @@ func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool
 	if _, ok := g.state.store.(*etcdstore.Store); !ok {
 		return m.Rebuild(ctx, force)
 	}
-	name := filepath.Join(m.Root(), state.StateFile)
-	if _, err := os.Lstat(name); errors.Is(err, fs.ErrNotExist) {
+	// The file store's last state that parses: state.json, else its
+	// previous version, as the file store's own rebuild takes it.
+	var from *state.State
+	var name string
+	for _, f := range []string{state.StateFile, state.StateFile + state.PrevSuffix} {
+		p := filepath.Join(m.Root(), f)
+		if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		st, err := state.DecodeFile(m.Root(), f)
+		if err != nil {
+			fmt.Fprintf(g.stderr, "depcache: the file store's state %s could not be read (%v)\n", p, err)
+			continue
+		}
+		from, name = st, p
+		break
+	}
+	if from == nil {
 		return m.Rebuild(ctx, force)
 	}
-	from, err := state.DecodeFile(m.Root(), state.StateFile)
+	rep, err := m.RebuildFrom(ctx, force, from, name)
 	if err != nil {
-		fmt.Fprintf(g.stderr, "depcache: the file store's state %s could not be read (%v): nothing is carried over from it\n", name, err)
-		return m.Rebuild(ctx, force)
+		return rep, err
 	}
-	return m.RebuildFrom(ctx, force, from, name)
+	// The root is the prefix's now: the file store's state goes aside,
+	// kept, so that a way back rebuilds from the published metadata
+	// rather than from this state, which the etcd store's commits leave
+	// behind.
+	for _, f := range []string{state.StateFile, state.StateFile + state.PrevSuffix} {
+		p := filepath.Join(m.Root(), f)
+		if err := os.Rename(p, p+movedSuffix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			fmt.Fprintf(g.stderr, "depcache: could not move the file store's %s aside: %v (remove it before going back to the file store)\n", p, err)
+		}
+	}
+	return rep, nil
 }
+
+// movedSuffix names the file store's state files that a move to etcd set
+// aside.
+const movedSuffix = ".moved-to-etcd"
 
 // count is n with the noun in its number: "1 entry", "2 entries".
 func count(n int, one, many string) string {

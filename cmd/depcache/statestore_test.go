@@ -136,6 +136,30 @@ func TestStateEtcdCLI(t *testing.T) {
 	if code != 1 || !strings.Contains(stderr, strings.TrimSpace(string(id))) || !strings.Contains(stderr, other) {
 		t.Errorf("ls from another root: exit %d: %s", code, stderr)
 	}
+	// Emptied (rm of its entries), the root is still this prefix's: a
+	// second prefix is refused, naming the first, and the first's
+	// content stays. It took the second's content for orphans before.
+	if code, _, stderr := cli(t, root, "--state", url, "release", "--dependent", "held", "file://"+src); code != 0 {
+		t.Fatalf("release on etcd: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := cli(t, root, "--state", url, "rm", "-y", "file://"+src); code != 0 {
+		t.Fatalf("rm on etcd: exit %d: %s", code, stderr)
+	}
+	if n, _ := filepath.Glob(filepath.Join(root, "entries", "*")); len(n) != 0 {
+		t.Fatalf("the root still holds %v after rm", n)
+	}
+	if code, _, stderr := cli(t, root, "--state", url+"-third", "get", "--dependent", "x", "file://"+src); code != 1 || !strings.Contains(stderr, "is bound to the prefix") || !strings.Contains(stderr, prefixOf(url)) {
+		t.Errorf("get with a second prefix on an emptied root: exit %d: %s", code, stderr)
+	}
+}
+
+// prefixOf is the prefix of an etcd:// state URL.
+func prefixOf(url string) string {
+	rest := strings.TrimPrefix(url, "etcd://")
+	if i := strings.Index(rest, "/"); i >= 0 {
+		return rest[i:]
+	}
+	return ""
 }
 
 // TestEtcdGetOnce: 8 depcache processes on one root, with the state on
@@ -243,6 +267,44 @@ func TestMoveFileRootToEtcd(t *testing.T) {
 	}
 	if code, _, stderr := cli(t, root, "ls"); code != 1 || !strings.Contains(stderr, "--state") {
 		t.Errorf("ls without --state after the move: exit %d: %s", code, stderr)
+	}
+	// The file store's state went aside, kept: the way back rebuilds from
+	// the published metadata, not from the state of before the move.
+	for _, f := range []string{"state.json"} {
+		if _, err := os.Stat(filepath.Join(root, f)); !os.IsNotExist(err) {
+			t.Errorf("%s still in place after the move: %v", f, err)
+		}
+		if _, err := os.Stat(filepath.Join(root, f+".moved-to-etcd")); err != nil {
+			t.Errorf("%s not kept aside: %v", f, err)
+		}
+	}
+	if code, _, stderr := cli(t, root, "--state", url, "policy", "set", "--max-size", "100MB"); code != 0 {
+		t.Fatalf("policy set on etcd: exit %d: %s", code, stderr)
+	}
+	for _, f := range []string{etcdstore.RootIDFile, etcdstore.RootPrefixFile} {
+		if err := os.Remove(filepath.Join(root, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code, stdout, stderr = cli(t, root, "doctor", "--rebuild", "--force")
+	if code != 0 || strings.Contains(stdout, "7.0 MiB") {
+		t.Errorf("the way back: exit %d: %s %s; want no policy of before the move", code, stdout, stderr)
+	}
+
+	// A move from a root whose state.json does not parse carries over what
+	// its previous version holds, as the file store's own rebuild does.
+	root2 := t.TempDir()
+	for _, args := range [][]string{{"get", "--dependent", "job", "file://" + src}, {"policy", "set", "--max-size", "9MiB"}, {"policy", "set", "--min-age", "3m"}} {
+		if code, _, stderr := cli(t, root2, args...); code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, code, stderr)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(root2, "state.json"), []byte("garbage"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr = cli(t, root2, "--state", url+"-2", "doctor", "--rebuild")
+	if code != 0 || !strings.Contains(stdout, "policy: carried over from "+filepath.Join(root2, "state.json.prev")) {
+		t.Errorf("a move beside a corrupt state.json: exit %d: %s %s; want the policy from state.json.prev", code, stdout, stderr)
 	}
 }
 

@@ -42,6 +42,44 @@ func readRootID(root string) (string, error) {
 	return id, nil
 }
 
+// RootPrefixFile names the etcd prefix that bound the root: written when a
+// prefix records the root's ID, read before an unbound prefix may record
+// it too. A root whose ID another prefix recorded is refused even while it
+// holds no content (an rm of its last entry made it look new), since that
+// prefix's next start-up would take this one's content for orphans.
+const RootPrefixFile = "root-prefix"
+
+// readRootPrefix returns the prefix that bound the root, "" if none is
+// recorded (a root bound before the file existed, or never bound).
+func readRootPrefix(root string) (string, error) {
+	if err := state.CheckLayout(root, nil, []string{RootPrefixFile}); err != nil {
+		return "", fmt.Errorf("root prefix: %w", err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, RootPrefixFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("root prefix: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// recordRootPrefix records this store's prefix as the one that binds the
+// root (temp file, rename: a reader sees the old name or the new).
+func (s *Store) recordRootPrefix() error {
+	p := filepath.Join(s.root, RootPrefixFile)
+	tmp := p + ".tmp-" + newNonce()
+	if err := s.perms.WriteFile(tmp, []byte(s.l.p+"\n")); err != nil {
+		return fmt.Errorf("root prefix: %w", err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("root prefix: %w", err)
+	}
+	return nil
+}
+
 // ensureRootID returns the root's ID, making it if the root has none: a
 // temporary file linked to the ID file's name, so that of two makers one
 // wins and both read its ID.

@@ -322,8 +322,18 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	if err != nil {
 		return err
 	}
+	var boundBy string // the prefix that recorded the root's ID, as the root says
+	if bound == "" && id != "" && !s.adoptRoot {
+		if boundBy, err = readRootPrefix(s.root); err != nil {
+			return err
+		}
+	}
 	switch {
-	case bound == "" && id != "" && !s.adoptRoot && hasContent(s.root):
+	case bound == "" && id != "" && !s.adoptRoot && boundBy != "" && boundBy != s.l.p:
+		return fmt.Errorf("%w: root %s has ID %s and is bound to the prefix %s (%s), but %s records no root: "+
+			"refusing to let a second prefix describe its content, whose first would take this one's for orphans. Use --state with %s, or, to move the root here, rebuild it here: depcache doctor --rebuild",
+			ErrRootMismatch, s.root, id, boundBy, filepath.Join(s.root, RootPrefixFile), s, boundBy)
+	case bound == "" && id != "" && !s.adoptRoot && boundBy == "" && hasContent(s.root):
 		return fmt.Errorf("%w: root %s has ID %s and published content, but %s records no root: the root is bound to another prefix (or this one was lost); "+
 			"refusing to let a second prefix describe its content. Use the root's own --state, or, to move the root here (its prefix was lost, or a move was cut short), rebuild it here: depcache doctor --rebuild",
 			ErrRootMismatch, s.root, id, s)
@@ -1049,6 +1059,11 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 	case bindAt >= 0:
 		id, err := s.ensureRootID()
 		if err != nil {
+			return nil, fmt.Errorf("%s: %w", s, err)
+		}
+		// Recorded before the commit that binds: a prefix that fails to
+		// commit may try again, and a second one is refused meanwhile.
+		if err := s.recordRootPrefix(); err != nil {
 			return nil, fmt.Errorf("%s: %w", s, err)
 		}
 		t.ops[bindAt] = clientv3.OpPut(s.l.rootID(), id)

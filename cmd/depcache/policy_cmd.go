@@ -82,9 +82,28 @@ policy flags on its command line stores them too, as it always has.`,
 // that does not exist yet (file store), the defaults, which a root created
 // now would apply; creating it would be a write.
 func showPolicy(cmd *cobra.Command, g *globals) error {
-	if err := existingRoot(g); errors.Is(err, errNoCache) && (g.state.url == "" || g.state.url == "file") {
+	err := existingRoot(g)
+	switch {
+	case errors.Is(err, errNoCache) && (g.state.url == "" || g.state.url == "file"):
 		return printPolicy(g, state.DefaultPolicy())
-	} else if err != nil && !errors.Is(err, errNoCache) {
+	case errors.Is(err, errNoCache):
+		// The policy is the prefix's: read it there, unbound to a root
+		// that is not here (a manager would create the root).
+		g.state.locksOnly = true
+		st, err := g.stateStore()
+		if err != nil {
+			return err
+		}
+		v, err := st.View(cmd.Context())
+		if err != nil {
+			return err
+		}
+		p := state.DefaultPolicy()
+		if v.Policy != nil {
+			p = *v.Policy
+		}
+		return printPolicy(g, p)
+	case err != nil:
 		return err
 	}
 	m, err := manager.New(g.plainConfig())

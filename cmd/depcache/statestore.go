@@ -93,7 +93,21 @@ func (f *stateFlags) check() error {
 	if f.user == "" && os.Getenv("DEPCACHE_ETCD_PASSWORD") != "" {
 		return fmt.Errorf("DEPCACHE_ETCD_PASSWORD: %w: it needs --etcd-user", errBadFlag)
 	}
+	if _, pw := f.credentials(); f.user != "" && pw == "" {
+		// The etcd client authenticates only with both: a user alone
+		// would run unauthenticated, silently.
+		return fmt.Errorf("--etcd-user %s: %w: no password: set DEPCACHE_ETCD_PASSWORD (or give USER:PASSWORD, as etcdctl --user takes it)", strings.SplitN(f.user, ":", 2)[0], errBadFlag)
+	}
 	return nil
+}
+
+// credentials are the etcd user and password: --etcd-user USER with
+// DEPCACHE_ETCD_PASSWORD, or USER:PASSWORD as etcdctl --user takes it.
+func (f *stateFlags) credentials() (user, password string) {
+	if u, pw, ok := strings.Cut(f.user, ":"); ok {
+		return u, pw
+	}
+	return f.user, os.Getenv("DEPCACHE_ETCD_PASSWORD")
 }
 
 func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error) {
@@ -122,11 +136,9 @@ func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error
 	if f.locksOnly {
 		root = ""
 	}
+	user, password := f.credentials()
 	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms, AdoptRoot: f.adoptRoot,
-		Username: f.user, Password: os.Getenv("DEPCACHE_ETCD_PASSWORD")}
-	if f.user == "" && opts.Password != "" {
-		return nil, fmt.Errorf("DEPCACHE_ETCD_PASSWORD: %w: it needs --etcd-user", errBadFlag)
-	}
+		Username: user, Password: password}
 	s, err := etcdstore.Open(ctx, opts)
 	if err != nil {
 		if errors.Is(err, etcdstore.ErrBadURL) {

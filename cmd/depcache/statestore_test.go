@@ -41,6 +41,10 @@ func TestStateFlagErrors(t *testing.T) {
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-cacert", pem, "ls"}, 2, "no PEM certificate"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-cert", pem, "ls"}, 2, "--etcd-key"},
 		{[]string{"--etcd-user", "u", "ls"}, 2, "need --state"},
+		// A user without a password would run unauthenticated: the
+		// client authenticates only with both.
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-user", "u", "ls"}, 2, "no password"},
+		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-user", "u:pw", "ls"}, 1, "127.0.0.1:1"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "ls"}, 1, "etcd://127.0.0.1:1/x: etcd cluster unavailable"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "get", "--no-wait", "file:///nonexistent"}, 1, "127.0.0.1:1"},
 		// A bad flag is reported as one, before the root is looked at.

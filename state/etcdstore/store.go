@@ -269,6 +269,13 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 			Context:              context.WithoutCancel(ctx),
 		})
 		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) && opts.Username != "" {
+				// With credentials the client authenticates as it dials: a
+				// cluster that does not answer is unavailable, not the
+				// caller's own deadline passing.
+				return nil, fmt.Errorf("etcd %s: %w: no answer within %s (authenticating as %s): %v",
+					strings.Join(opts.Endpoints, ","), ErrUnavailable, opts.DialTimeout, opts.Username, err)
+			}
 			return nil, fmt.Errorf("etcd %s: %w", strings.Join(opts.Endpoints, ","), err)
 		}
 		s.cli, s.owned = cli, true
@@ -309,6 +316,19 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 		if resp.Responses[2+i].GetResponseRange().Count > 0 {
 			return fmt.Errorf("%s: %w: prefix %s lies inside the depcache prefix %s (it has %s): give each cache a prefix that neither holds nor lies in another's",
 				s, ErrNestedPrefix, s.l.p, a, layout{p: a}.format())
+		}
+	}
+	if len(resp.Responses[0].GetResponseRange().Kvs) == 0 {
+		// Not a cache (yet): one that holds another's keys would read
+		// them as its own, or show that one as empty. Refused at once,
+		// by every command, not only at a first commit.
+		inner, err := s.nestedPrefix(pctx)
+		if err != nil {
+			return err
+		}
+		if inner != "" {
+			return fmt.Errorf("%s: %w: prefix %s holds the depcache prefix %s: give each cache a prefix that neither holds nor lies in another's",
+				s, ErrNestedPrefix, s.l.p, inner)
 		}
 	}
 	if s.root == "" {

@@ -489,7 +489,8 @@ func TestRootID(t *testing.T) {
 	}
 	// Two roots racing to bind one new prefix: one wins, the other's
 	// commit is refused.
-	c := open(t, eps, "/race", func(o *Options) { o.Root = rootA })
+	rootC := filepath.Join(t.TempDir(), "c")
+	c := open(t, eps, "/race", func(o *Options) { o.Root = rootC })
 	d := open(t, eps, "/race", func(o *Options) { o.Root = rootB })
 	put(t, c, testEntry(1))
 	if err := d.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrRootMismatch) {
@@ -508,9 +509,25 @@ func TestRootBoundElsewhere(t *testing.T) {
 	root := filepath.Join(t.TempDir(), "r")
 	a := open(t, eps, "/home", func(o *Options) { o.Root = root })
 	put(t, a, testEntry(1))
-	// Before any content, a second prefix is harmless (a first commit
-	// that crashed before binding leaves such a root).
-	open(t, eps, "/early", func(o *Options) { o.Root = root })
+	// Even before any content, a second prefix is refused, naming the
+	// first: the root records which one binds it. An rm of the last entry
+	// left such a root, and the first prefix then moved the second's
+	// content to trash as orphans.
+	if _, err := Open(ctx, Options{Endpoints: eps, Prefix: "/early", Root: root}); !errors.Is(err, ErrRootMismatch) || !strings.Contains(err.Error(), "bound to the prefix /home") {
+		t.Errorf("a second prefix for an empty root bound to /home: %v", err)
+	}
+	// A first commit that crashed after the root's ID and its record
+	// were written, before the prefix recorded the ID: the same prefix
+	// opens and binds it.
+	crashed := filepath.Join(t.TempDir(), "c")
+	c := open(t, eps, "/crashed", func(o *Options) { o.Root = crashed })
+	if _, err := c.ensureRootID(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.recordRootPrefix(); err != nil {
+		t.Fatal(err)
+	}
+	put(t, open(t, eps, "/crashed", func(o *Options) { o.Root = crashed }), testEntry(1))
 	if err := os.MkdirAll(filepath.Join(root, "entries", "x-g1"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -537,11 +554,18 @@ func TestNestedPrefix(t *testing.T) {
 			t.Errorf("%s inside /nest: %v, want ErrNestedPrefix", p, err)
 		}
 	}
-	// The inner one first: the outer one's first commit is refused.
+	// The inner one first: the outer one is refused at its Open (every
+	// command: ls showed the inner one's cache as empty), and, opened
+	// before the inner one was made, at its first commit and its rebuild.
+	late := open(t, eps, "/deep", func(o *Options) { o.Root = t.TempDir() })
 	inner := open(t, eps, "/deep/e", func(o *Options) { o.Root = t.TempDir() })
 	put(t, inner, testEntry(1))
 	before := len(keys(t, inner.Client(), "/deep/e"))
-	late := open(t, eps, "/deep", func(o *Options) { o.Root = t.TempDir() })
+	for _, p := range []string{"/deep"} {
+		if _, err := Open(ctx, Options{Endpoints: eps, Prefix: p, Root: t.TempDir()}); !errors.Is(err, ErrNestedPrefix) || !strings.Contains(err.Error(), "holds the depcache prefix /deep/e") {
+			t.Errorf("Open of %s, which holds /deep/e: %v, want ErrNestedPrefix", p, err)
+		}
+	}
 	if err := late.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrNestedPrefix) {
 		t.Errorf("a first commit on a prefix holding another: %v", err)
 	}

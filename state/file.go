@@ -172,14 +172,15 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 		// state that is only moving as corrupt.
 		unlock, lerr := s.lock.Lock(ctx)
 		if lerr != nil {
-			// Not corrupt: moving too fast to read without the lock, which
-			// could not be had.
-			return nil, fmt.Errorf("state file %s: commits replaced its shards under every unlocked read, and reading it under the lock: %w", s.path, lerr)
+			// Moving too fast to read without the lock, or a shard that
+			// does not match its manifest: the lock that would tell them
+			// apart could not be had.
+			return nil, fmt.Errorf("state file %s: every unlocked read found a shard replaced or not as its manifest says (%v), and reading it under the lock: %w", s.path, again.err, lerr)
 		}
 		if lockedViewHook != nil {
 			lockedViewHook()
 		}
-		sn, err = s.read(false, nil)
+		sn, err = s.readKeeping(false, false, nil)
 		if uerr := unlock(); uerr != nil && err == nil {
 			err = uerr
 		}
@@ -352,6 +353,12 @@ var rereadDelays = []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisec
 // (the manifest moved on, and a later commit deleted what it retired) makes
 // it read the manifest again.
 func (s *Store) read(unlocked bool, sel *selection) (*snapshot, error) {
+	return s.readKeeping(unlocked, !unlocked, sel)
+}
+
+// readKeeping is read, keeping a copy of what does not parse when keep (a
+// writer's read): a View, even under the lock, only looks.
+func (s *Store) readKeeping(unlocked, keep bool, sel *selection) (*snapshot, error) {
 	for i, d := range rereadDelays {
 		time.Sleep(d)
 		final := i == len(rereadDelays)-1
@@ -386,16 +393,16 @@ func (s *Store) read(unlocked bool, sel *selection) (*snapshot, error) {
 			if looksCut(err) && !final {
 				continue
 			}
-			return nil, s.corrupt(s.path, b, err, !unlocked)
+			return nil, s.corrupt(s.path, b, err, keep)
 		}
 		man, err := s.decodeManifest(b)
 		if err != nil {
 			if looksCut(err) && !final {
 				continue
 			}
-			return nil, s.corrupt(s.path, b, err, !unlocked)
+			return nil, s.corrupt(s.path, b, err, keep)
 		}
-		sn, err := s.loadShards(man, sel, !unlocked)
+		sn, err := s.loadShards(man, sel, keep)
 		var again *shardAgain
 		if errors.As(err, &again) {
 			if !final {

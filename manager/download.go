@@ -170,6 +170,16 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 		})
 	case errors.Is(cause, errReleased):
 		log.Info("download cancelled: no dependent left")
+	case errors.Is(err, errNotCommitted) && errors.Is(err, syscall.ENOSPC):
+		// The disk is full: handed back, the entry was claimed and fetched
+		// again at once, thousands of times a minute. FAILED (transient)
+		// waits its cool-down instead; the mark is a small commit, which
+		// may fit where the publish's did not.
+		m.metrics.downloads.WithLabelValues("failed").Inc()
+		log.WithError(err).Warn("publishing: the disk is full")
+		m.update(bg, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Fail(e, m.self, gen, "publishing: the disk is full: "+err.Error(), m.cfg.Clock.Now())
+		})
 	case errors.Is(err, errNotCommitted):
 		// Not a failed download: a FAILED mark would fail every get of
 		// the entry for its cool-down, for a fault of the store. Handed

@@ -650,7 +650,7 @@ func checkDependent(name string) error {
 		return fmt.Errorf("%w: %w", err, ErrBadDependent)
 	}
 	if name == "" || len(name) > 256 || strings.ContainsFunc(name, unicode.IsControl) {
-		return fmt.Errorf("%q: %w (want 1 to 256 printable characters)", name, ErrBadDependent)
+		return fmt.Errorf("%q: %w (want 1 to 256 bytes of printable characters)", name, ErrBadDependent)
 	}
 	return nil
 }

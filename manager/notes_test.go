@@ -62,3 +62,47 @@ func TestPlantedNotesDoNotHang(t *testing.T) {
 		t.Fatalf("get beside the planted notes: %+v %v", e, err)
 	}
 }
+
+// TestOrphanWithUnreadableMetaKept: published content that no entry names
+// (what a rebuild leaves when the content's meta.json does not parse) is
+// not moved to trash and deleted at the next start-up, as an eviction's
+// leftover is: it is left in place, with a warning naming it.
+func TestOrphanWithUnreadableMetaKept(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	func() {
+		m, stop := startManager(t, root)
+		if _, err := getWait(t, m, "job", k); err != nil {
+			t.Fatal(err)
+		}
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	dirs, _ := filepath.Glob(filepath.Join(root, "entries", k.ID()+"-g*"))
+	if len(dirs) != 1 {
+		t.Fatalf("entry directories %v", dirs)
+	}
+	if err := os.WriteFile(filepath.Join(dirs[0], "meta.json"), []byte("xx"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		delete(st.Entries, k.ID())
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	rec := &logRecorder{}
+	startManager(t, root, func(c *manager.Config) { c.Log = rec.logger() })
+	if _, err := os.Stat(filepath.Join(dirs[0], "content")); err != nil {
+		t.Errorf("the content of an orphan with unreadable metadata is gone: %v", err)
+	}
+	if !rec.said("metadata that cannot be read") {
+		t.Errorf("no warning naming it: %q", rec.messages())
+	}
+}

@@ -104,13 +104,22 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	for _, k := range dropped {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
 	}
+	kept := orphans[:0]
 	for _, o := range orphans {
+		if err := metaUnreadable(filepath.Join(m.Root(), o)); err != nil {
+			// Not an eviction's leftover (that has its metadata): content
+			// whose metadata does not parse, so that no rebuild could name
+			// it. It is left in place, never deleted for that.
+			m.log.WithError(err).WithField("dir", o).Warn("published content that no entry names has metadata that cannot be read: left in place (repair or remove its meta.json, then depcache doctor --rebuild)")
+			continue
+		}
 		// Not a problem, and common: an eviction commits before it moves
 		// its content (another process's may be between the two), and a
 		// crash between them leaves exactly this.
 		m.log.WithField("dir", filepath.Base(o)).Info("moving aside published content that no entry names")
+		kept = append(kept, o)
 	}
-	m.moveToTrash(orphans, "an orphaned")
+	m.moveToTrash(kept, "an orphaned")
 	m.removeDeadStaging(ctx)
 	m.emptyTrash()
 	return nil
@@ -180,6 +189,16 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 				continue
 			}
 		}
+		if cp := filepath.Join(p, checkpointName); exists(cp) {
+			if id, _, _ := strings.Cut(d.Name(), "-g"); st.Entries[id] != nil {
+				if _, ok := readCheckpoint(p, st.Entries[id].Key); !ok {
+					// Said, not silent: a checkpoint that does not read
+					// back loses its prefix (it cannot be trusted to say
+					// how much of it is good).
+					m.log.WithField("checkpoint", cp).Warn("a dead writer's checkpoint cannot be read or does not match its entry: its staging data cannot be resumed from and is removed")
+				}
+			}
+		}
 		if err := os.RemoveAll(p); err != nil {
 			m.log.WithError(err).WithField("dir", p).Warn("removing dead staging data")
 			continue
@@ -207,4 +226,22 @@ func namedOrPublishing(st *state.State) map[string]bool {
 		}
 	}
 	return named
+}
+
+// metaUnreadable reports why the metadata published in the entry
+// directory dir cannot be read, or nil when it can (or when there is none,
+// as in the directory of a publish cut short).
+func metaUnreadable(dir string) error {
+	b, err := readNote(filepath.Join(dir, metaName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var meta Meta
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return fmt.Errorf("%s: %w", filepath.Join(dir, metaName), err)
+	}
+	return nil
 }

@@ -3,10 +3,12 @@ package manager_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"github.com/depcache/depcache/manager"
@@ -24,6 +26,10 @@ type failPublish struct {
 	*state.Store
 	key    state.Key
 	failed atomic.Int64
+	// every: every publish commit fails, with err (else the first, with
+	// errStoreDown).
+	every bool
+	err   error
 }
 
 func (s *failPublish) UpdateEntries(ctx context.Context, ids []string, fn func(*state.Txn) (bool, error)) error {
@@ -40,8 +46,12 @@ func (s *failPublish) UpdateEntries(ctx context.Context, ids []string, fn func(*
 		}
 		changed, err := fn(tx)
 		if err == nil && named && before == state.Downloading {
-			if e := tx.Get(s.key); e != nil && e.Stage == state.Ready && s.failed.Add(1) == 1 {
-				return false, errStoreDown
+			if e := tx.Get(s.key); e != nil && e.Stage == state.Ready {
+				if n := s.failed.Add(1); s.every {
+					return false, s.err
+				} else if n == 1 {
+					return false, errStoreDown
+				}
 			}
 		}
 		return changed, err
@@ -95,5 +105,32 @@ func TestPublishCommitFailureIsNotAFailedDownload(t *testing.T) {
 		if strings.HasSuffix(msg, "download failed") {
 			t.Errorf("logged %q: the download did not fail, the store did", msg)
 		}
+	}
+}
+
+// TestPublishOnAFullDiskFails: a publish commit that fails because the
+// disk is full (ENOSPC) makes the entry FAILED, transient, under its
+// cool-down: handed back, it was claimed and fetched again at once,
+// thousands of times a minute.
+func TestPublishOnAFullDiskFails(t *testing.T) {
+	root := t.TempDir()
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(blob, []byte("the bundle"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+blob, "")
+	store := &failPublish{Store: fs, key: k, every: true, err: fmt.Errorf("writing shard: %w", syscall.ENOSPC)}
+	m := newManager(t, root, func(c *manager.Config) { c.State = store })
+	e, err := getWait(t, m, "job", k)
+	var failed *manager.FailedError
+	if !errors.As(err, &failed) || e.Stage != state.Failed || e.Permanent || !strings.Contains(e.Message, "disk is full") {
+		t.Fatalf("a publish on a full disk: %+v, %v; want FAILED (transient), naming the full disk", e, err)
+	}
+	if n := store.failed.Load(); n != 1 {
+		t.Errorf("%d publish commits tried, want 1 (no refetch before the cool-down)", n)
 	}
 }

@@ -58,6 +58,23 @@ func (s *failPublish) UpdateEntries(ctx context.Context, ids []string, fn func(*
 	})
 }
 
+// failingPublish is a root, the key of a file bundle "the bundle", and a
+// failPublish store over the root's file store for that key.
+func failingPublish(t *testing.T, every bool, err error) (string, state.Key, *failPublish) {
+	t.Helper()
+	root := t.TempDir()
+	blob := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(blob, []byte("the bundle"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fs, oerr := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if oerr != nil {
+		t.Fatal(oerr)
+	}
+	k := mustKey(t, "file://"+blob, "")
+	return root, k, &failPublish{Store: fs, key: k, every: every, err: err}
+}
+
 // TestPublishCommitFailureIsNotAFailedDownload: a download whose bytes
 // arrived and verified, but whose publish commit failed because the state
 // store did, is not a failed download: the entry must not become FAILED
@@ -65,17 +82,7 @@ func (s *failPublish) UpdateEntries(ctx context.Context, ids []string, fn func(*
 // cool-down, for a fault of the store, not of the source). It is fetched
 // again and published.
 func TestPublishCommitFailureIsNotAFailedDownload(t *testing.T) {
-	root := t.TempDir()
-	blob := filepath.Join(t.TempDir(), "blob")
-	if err := os.WriteFile(blob, []byte("the bundle"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	fs, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := mustKey(t, "file://"+blob, "")
-	store := &failPublish{Store: fs, key: k}
+	root, k, store := failingPublish(t, false, nil)
 	var log logRecorder
 	m := newManager(t, root, func(c *manager.Config) {
 		c.State = store
@@ -113,17 +120,7 @@ func TestPublishCommitFailureIsNotAFailedDownload(t *testing.T) {
 // cool-down: handed back, it was claimed and fetched again at once,
 // thousands of times a minute.
 func TestPublishOnAFullDiskFails(t *testing.T) {
-	root := t.TempDir()
-	blob := filepath.Join(t.TempDir(), "blob")
-	if err := os.WriteFile(blob, []byte("the bundle"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	fs, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := mustKey(t, "file://"+blob, "")
-	store := &failPublish{Store: fs, key: k, every: true, err: fmt.Errorf("writing shard: %w", syscall.ENOSPC)}
+	root, k, store := failingPublish(t, true, fmt.Errorf("writing shard: %w", syscall.ENOSPC))
 	m := newManager(t, root, func(c *manager.Config) { c.State = store })
 	e, err := getWait(t, m, "job", k)
 	var failed *manager.FailedError

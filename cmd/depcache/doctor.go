@@ -402,13 +402,7 @@ func wasWere(n int) string {
 // prints the object locks --break prints, with the name "" (the state
 // lock; a named lock's name is never empty), and asks on stderr.
 func breakStateLock(cmd *cobra.Command, g *globals, m *manager.Manager, yes bool) error {
-	say := g.stdout
-	switch {
-	case g.json && yes:
-		say = io.Discard
-	case g.json:
-		say = g.stderr
-	}
+	say := narration(g, yes)
 	done := func(held, broken bool, why string) error {
 		if g.json {
 			return printBreak(g, "", held, broken, why)

@@ -177,15 +177,7 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 	if !ok {
 		return printBreak(g, name, false, false, "")
 	}
-	// With --json, stdout carries only the outcome's object, and stderr
-	// only an error's: the holder is shown only to ask about it.
-	say := g.stdout
-	switch {
-	case g.json && yes:
-		say = io.Discard
-	case g.json:
-		say = g.stderr
-	}
+	say := narration(g, yes)
 	fmt.Fprintf(say, "the lock %q is held by %s since %s (its clock), renewed %d times\n",
 		name, info.Process, info.Acquired.Format(time.RFC3339), info.Renewals)
 	if !yes {
@@ -211,6 +203,19 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		return fmt.Errorf("the lock %q was not broken: %s: %w", name, why, errLockHeld)
 	}
 	return printBreak(g, name, true, true, why)
+}
+
+// narration is where a break command shows the holder and asks: stdout;
+// with --json, whose stdout carries only the outcome's object and stderr
+// only an error's, stderr when it must ask, nowhere with --yes.
+func narration(g *globals, yes bool) io.Writer {
+	switch {
+	case g.json && yes:
+		return io.Discard
+	case g.json:
+		return g.stderr
+	}
+	return g.stdout
 }
 
 // errLockHeld: locks --break left a lock alone, its holder being alive (or

@@ -350,6 +350,7 @@ func New(cfg Config) (*Manager, error) {
 	if leased {
 		leaser.LeaseDependents(cfg.Policy.LeaseDuration)
 	}
+	serveProposals(store)
 	owners, _ := store.(state.OwnerLeaser)
 	if owners != nil {
 		owners.LeaseOwners(cfg.Policy.DownloadTimeout)
@@ -449,29 +450,17 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 		exp := now.Add(o.ttl)
 		dep.Expires = &exp
 	}
-	var snap state.Entry
-	var result string
-	// UpdateEntries: the hot path touches only this entry and the header.
-	err := m.store.UpdateEntries(ctx, []string{key.ID()}, func(tx *state.Txn) (bool, error) {
-		cur := tx.Get(key)
-		if o.retry && cur != nil {
-			cur = transitions.RetryNow(cur).Entry
-		}
-		r, err := transitions.Request(cur, key, dependent, dep, m.cfg.Policy, now)
-		if err != nil {
-			return false, err
-		}
-		result = requestResult(tx.Get(key))
-		if tx.Get(key) == nil {
-			r.Entry.Generation = tx.MaxGeneration() // never reuse a generation of an earlier incarnation
-		}
-		tx.Put(r.Entry)
-		snap = *r.Entry
-		return r.Changed, nil
-	})
+	// The hot path touches only this entry and the header, and may be
+	// applied by another process's commit (propose.go).
+	var out requestOutcome
+	err := m.propose(ctx, opRequest, []string{key.ID()}, requestArgs{Key: key, Dependent: dependent, Dep: dep, Policy: m.cfg.Policy, Now: now, Retry: o.retry}, &out)
+	if err == nil && out.Entry == nil {
+		err = fmt.Errorf("manager: the result of %s names no entry", opRequest)
+	}
 	if err != nil {
 		return state.Entry{}, err
 	}
+	snap, result := *out.Entry, out.Result
 	m.metrics.requests.WithLabelValues(result).Inc()
 	m.mu.Lock()
 	id := key.ID()
@@ -610,14 +599,8 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 		delete(m.lost, id)
 	}
 	m.mu.Unlock()
-	err := m.store.UpdateEntries(ctx, []string{id}, func(tx *state.Txn) (bool, error) {
-		r, err := transitions.Release(tx.Get(key), dependent)
-		if err != nil {
-			return false, err
-		}
-		m.apply(tx, key, r)
-		return r.Changed, nil
-	})
+	var out struct{}
+	err := m.propose(ctx, opRelease, []string{id}, releaseArgs{Key: key, Dependent: dependent}, &out)
 	m.kick()
 	if errors.Is(err, transitions.ErrNotRegistered) {
 		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)

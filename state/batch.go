@@ -20,6 +20,13 @@ type batchOp struct {
 	err      error
 	panicked any // what fn panicked with, re-raised in its caller
 	done     chan struct{}
+	// prop is fn as data (Propose): while the lock is taken, the leader
+	// leaves it for the holder to apply (combine.go). result is what its
+	// Applier returned, whoever applied it.
+	prop   *Proposal
+	result []byte
+	// declined: a holder declined prop; apply it here without proposing.
+	declined bool
 }
 
 type batcher struct {
@@ -90,9 +97,17 @@ func (s *Store) batched(ctx context.Context, op *batchOp) error {
 
 // lead takes the lock and applies every queued operation. If the lock or
 // the read fails before the queue is taken, only own fails: the others elect
-// another leader.
+// another leader. While it waits for the lock, own's proposal (if it has
+// one) waits in the spool for another process's hold to apply it; and the
+// hold that lead takes applies the proposals other processes left there.
 func (s *Store) lead(ctx context.Context, own *batchOp) {
 	var taken []*batchOp
+	var svs []*served
+	var pd *pending
+	if own.prop != nil && !own.declined && s.spool() != "" {
+		pd = &pending{s: s, p: own.prop}
+		defer pd.close()
+	}
 	defer func() {
 		// Whatever happened, every taken operation ends: a caller must
 		// never wait on a batch that is gone.
@@ -100,34 +115,88 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 			close(op.done)
 		}
 	}()
+	settled := false // own was answered by another holder
 	need := func() ([]string, bool) {
+		// With the lock held: any holder that claimed own's proposal is
+		// done with it, answered or gone.
+		if pd != nil && !pd.withdraw() {
+			if pd.read(0) {
+				if res, applied, err := pd.answer(); applied && s.batch.withdraw(own) {
+					own.result, own.err, settled = res, err, true
+					s.comb.answered.Add(1)
+				}
+			} else {
+				own.prop.Again = true
+			}
+		}
+		pd = nil // answered, withdrawn or to apply here: nothing to wait for
 		// Taken with the lock held, so that every operation queued while
 		// the lock was awaited joins this batch.
 		taken = s.batch.take()
+		svs = s.claim(nil)
 		var ids []string
+		whole := false
 		for _, op := range taken {
-			if op.whole {
-				return nil, true
-			}
+			whole = whole || op.whole
 			ids = append(ids, op.ids...)
+		}
+		for _, sv := range svs {
+			ids = append(ids, sv.p.IDs...)
+		}
+		if whole {
+			return nil, true
 		}
 		return ids, false
 	}
-	err := s.transact(ctx, need, func(st *State) (bool, error) {
-		changed := false
-		for _, op := range taken {
-			c, p, err := runOp(op.fn, st)
-			if p != nil {
-				op.panicked = p
-				return false, errBatchPanic
+	hooks := txHooks{after: func(committed bool) { s.answer(svs, committed) }}
+	if pd != nil {
+		hooks.wait = pd.wait
+	}
+	var err error
+	for tries := 0; ; tries++ {
+		err = s.transact(ctx, hooks, need, func(st *State) (bool, error) {
+			changed := false
+			for _, op := range taken {
+				c, p, err := runOp(op.fn, st)
+				if p != nil {
+					op.panicked = p
+					return false, errBatchPanic
+				}
+				op.err = err
+				changed = changed || (c && err == nil)
 			}
-			op.err = err
-			changed = changed || (c && err == nil)
+			for _, sv := range svs {
+				changed = sv.run(st) || changed
+			}
+			return changed, nil
+		})
+		if taken != nil || settled || err == errAnswered || pd == nil || pd.withdraw() || tries == 2 {
+			break
 		}
-		return changed, nil
-	})
-	if taken == nil {
+		// The lock was not had (ctx ended, or it failed), and a holder
+		// has claimed own's proposal meanwhile: its outcome is not known
+		// until that holder is done. Wait for it, whatever ctx says.
+		ctx = context.WithoutCancel(ctx)
+	}
+	if err == errAnswered {
+		res, applied, aerr := pd.answer()
+		if !applied {
+			// Declined: lead again and apply it here.
+			own.declined = true
+			return
+		}
 		if s.batch.withdraw(own) {
+			own.result, own.err = res, aerr
+			s.comb.answered.Add(1)
+			close(own.done)
+		}
+		return
+	}
+	if settled {
+		close(own.done)
+	}
+	if taken == nil {
+		if !settled && s.batch.withdraw(own) {
 			own.err = err
 			close(own.done)
 		}

@@ -68,6 +68,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		written []string
 		touched [numShards]bool
 		lines   [numShards]*lineCache
+		jobs    []shardJob
 	)
 	defer func() {
 		if !committed {
@@ -112,15 +113,22 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		} else if err != nil {
 			return false, invalid(err)
 		}
-		name, err := s.writeShard(p, nm.Serial, data)
-		if err != nil {
-			return false, err
+		jobs = append(jobs, shardJob{i: i, prefix: p, data: data, lines: c, entries: len(b)})
+	}
+	s.writeShards(nm.Serial, jobs)
+	for _, j := range jobs {
+		if j.err == nil {
+			written = append(written, j.name)
 		}
-		written = append(written, name)
-		nm.Shards[p] = shardRef{File: name, Bytes: len(data), Entries: len(b), SHA256: shortHash(data)}
-		c.detach(data, filepath.Join(s.root, ShardDir, name))
-		putShardBuf(data) // written, hashed, and no cache refers to it
-		lines[i] = c
+	}
+	for _, j := range jobs {
+		if j.err != nil {
+			return false, j.err
+		}
+		nm.Shards[j.prefix] = shardRef{File: j.name, Bytes: len(j.data), Entries: j.entries, SHA256: shortHash(j.data)}
+		j.lines.detach(j.data, filepath.Join(s.root, ShardDir, j.name))
+		putShardBuf(j.data) // written, hashed, and no cache refers to it
+		lines[j.i] = j.lines
 	}
 	if old != nil && !sn.rewrite && written == nil && len(nm.Retired) == 0 && sameHeader(old, nm) {
 		return false, nil // nothing changed
@@ -203,11 +211,67 @@ func sameHeader(a, b *manifest) bool {
 
 // writeShard writes data, durably, as a new file of shard p under a name no
 // file had before, and returns that name.
+// shardJob is one shard file for writeShards to write.
+type shardJob struct {
+	i       int
+	prefix  string
+	data    []byte
+	lines   *lineCache
+	entries int
+	name    string // written as
+	err     error
+}
+
+// writeShards writes the shard files of one commit. With several, all are
+// written before any is flushed: a commit that combines the operations of
+// several processes changes as many shards, and the first fsync then
+// commits the journal for all of them (ext4, xfs), so the others find
+// nothing left to flush. One fsync each, issued in turn or side by side,
+// cost a device flush each (BENCHMARKS.md).
+func (s *Store) writeShards(serial uint64, jobs []shardJob) {
+	files := make([]*os.File, len(jobs))
+	for k := range jobs {
+		j := &jobs[k]
+		files[k], j.name, j.err = s.createShard(j.prefix, serial, j.data)
+	}
+	for k, f := range files {
+		if f != nil {
+			jobs[k].err = s.finishShard(f, jobs[k].err)
+		}
+	}
+}
+
 func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error) {
+	f, name, err := s.createShard(p, serial, data)
+	if f != nil {
+		err = s.finishShard(f, err)
+	}
+	return name, err
+}
+
+// finishShard flushes and closes a shard file that createShard wrote (err:
+// what writing it said), and removes it if anything failed.
+func (s *Store) finishShard(f *os.File, err error) error {
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return fmt.Errorf("state %s: writing shard %s: %w", s.path, f.Name(), err)
+	}
+	return nil
+}
+
+// createShard creates a shard file under a new name and writes data to it,
+// unflushed. A file it returns is finishShard's to close, with the error.
+func (s *Store) createShard(p string, serial uint64, data []byte) (*os.File, string, error) {
 	dir := filepath.Join(s.root, ShardDir)
 	if !s.shardDirMade.Load() {
 		if err := s.opts.Perms.MkdirAll(dir); err != nil {
-			return "", fmt.Errorf("state %s: %w", s.path, err)
+			return nil, "", fmt.Errorf("state %s: %w", s.path, err)
 		}
 		s.shardDirMade.Store(true) // removed later, the create below says so
 	}
@@ -222,31 +286,21 @@ func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error)
 			// state.d was removed since: make it again.
 			s.shardDirMade.Store(false)
 			if err := s.opts.Perms.MkdirAll(dir); err != nil {
-				return "", fmt.Errorf("state %s: %w", s.path, err)
+				return nil, "", fmt.Errorf("state %s: %w", s.path, err)
 			}
 			s.shardDirMade.Store(true)
 			continue
 		}
 		if err != nil {
-			return "", fmt.Errorf("state %s: creating shard %s: %w", s.path, path, err)
+			return nil, "", fmt.Errorf("state %s: creating shard %s: %w", s.path, path, err)
 		}
 		err = f.Chmod(s.opts.Perms.File)
 		if err == nil {
 			_, err = f.Write(data)
 		}
-		if err == nil {
-			err = f.Sync()
-		}
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			os.Remove(path)
-			return "", fmt.Errorf("state %s: writing shard %s: %w", s.path, path, err)
-		}
-		return name, nil
+		return f, name, err
 	}
-	return "", fmt.Errorf("state %s: no free shard name in %s after 4 tries", s.path, dir)
+	return nil, "", fmt.Errorf("state %s: no free shard name in %s after 4 tries", s.path, dir)
 }
 
 // shardEntriesDurable reports whether the fsync of a new shard file makes
@@ -259,6 +313,8 @@ func (s *Store) shardEntriesDurable() bool {
 }
 
 func (s *Store) nonce32() uint32 {
+	s.nonceMu.Lock() // a Rand of the options need not be safe for concurrent use
+	defer s.nonceMu.Unlock()
 	r := s.opts.Lock.Rand
 	if r == nil {
 		r = rand.Reader

@@ -50,6 +50,9 @@ type Options struct {
 	// so before a holder deletes it, on the holder's own clock: the litter
 	// of a commit killed before its rename. Default: 10 minutes.
 	ShardGrace time.Duration
+	// NoCombine turns off combining with other processes (combine.go),
+	// as DEPCACHE_COMBINE=0 does.
+	NoCombine bool
 }
 
 // Store is the state file of one cache root.
@@ -75,6 +78,9 @@ type Store struct {
 	shardDirMade    atomic.Bool // state.d was made or seen by this store
 
 	batch batcher
+	comb  combiner
+
+	nonceMu sync.Mutex
 }
 
 // Open returns the store of the cache root dir, creating the directory if
@@ -198,15 +204,23 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 // while it runs. If the state cannot be parsed, fn is not called and the
 // error wraps [ErrCorrupt] or [ErrUnsupportedVersion].
 func (s *Store) Update(ctx context.Context, fn func(*State) (changed bool, err error)) (err error) {
-	return s.transact(ctx, func() ([]string, bool) { return nil, true }, fn)
+	return s.transact(ctx, txHooks{}, func() ([]string, bool) { return nil, true }, fn)
+}
+
+// txHooks are a transact's ties to combining (combine.go): wait replaces
+// the sleeps between lock attempts, after runs once the hold's outcome is
+// known and before the lock is released.
+type txHooks struct {
+	wait  waitFunc
+	after func(committed bool)
 }
 
 // transact is every read-modify-write: with the lock held, need says which
 // entries fn will see (whole: all of them), the shards holding them are
 // read, fn runs, and what it changed is committed.
-func (s *Store) transact(ctx context.Context, need func() (ids []string, whole bool), fn func(*State) (bool, error)) (err error) {
+func (s *Store) transact(ctx context.Context, hooks txHooks, need func() (ids []string, whole bool), fn func(*State) (bool, error)) (err error) {
 	waitStart := time.Now()
-	unlock, err := s.lock.Lock(ctx)
+	unlock, err := s.lock.lockOr(ctx, hooks.wait)
 	if err != nil {
 		return err
 	}
@@ -229,6 +243,10 @@ func (s *Store) transact(ctx context.Context, need func() (ids []string, whole b
 			s.opts.OnHold(time.Since(start))
 		}
 	}()
+	if hooks.after != nil {
+		// Before the unlock above: see combine.go.
+		defer func() { hooks.after(committed || err == nil) }()
+	}
 	s.verifyShared("before this Update")
 	ids, whole := need()
 	var sel *selection

@@ -155,12 +155,26 @@ func (l *Lock) Path() string { return l.path }
 // the lock was broken meanwhile. On ctx's end the error wraps ctx.Err() and
 // names the holder.
 func (l *Lock) Lock(ctx context.Context) (unlock func() error, err error) {
+	return l.lockOr(ctx, nil)
+}
+
+// waitFunc sleeps between lock attempts, for up to d, unless something
+// else makes the lock unneeded first (answered: a holder applied the
+// caller's proposal; see combine.go).
+type waitFunc func(ctx context.Context, d time.Duration) (answered bool, err error)
+
+// errAnswered ends a Lock whose waitFunc reported an answer.
+var errAnswered = errors.New("state: answered while waiting for the lock")
+
+// lockOr is Lock whose waits between attempts go through wait (nil: plain
+// sleeps). It returns errAnswered, unwrapped, when wait reports an answer.
+func (l *Lock) lockOr(ctx context.Context, wait waitFunc) (unlock func() error, err error) {
 	select {
 	case l.mu <- struct{}{}:
 	case <-ctx.Done():
 		return nil, fmt.Errorf("lock %s: waiting for another goroutine of this process: %w", l.path, ctx.Err())
 	}
-	unlock, err = l.lock(ctx)
+	unlock, err = l.lock(ctx, wait)
 	if err != nil {
 		<-l.mu
 		return nil, err
@@ -168,7 +182,7 @@ func (l *Lock) Lock(ctx context.Context) (unlock func() error, err error) {
 	return unlock, nil
 }
 
-func (l *Lock) lock(ctx context.Context) (func() error, error) {
+func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 	nonce, err := l.newNonce()
 	if err != nil {
 		return nil, err
@@ -222,7 +236,10 @@ func (l *Lock) lock(ctx context.Context) (func() error, error) {
 				}
 			}
 		}
-		if err := w.pause(ctx, delay); err != nil {
+		if err := w.pause(ctx, delay, wait); err != nil {
+			if err == errAnswered {
+				return nil, err
+			}
 			h := parseHolder(content)
 			return nil, fmt.Errorf("lock %s held by %s (acquired %s by its clock, unchanged for %s by ours): %w",
 				l.path, h.describe(), h.Acquired.Format(time.RFC3339), l.opts.Clock.Now().Sub(w.seen[l.path].since).Round(time.Millisecond), err)

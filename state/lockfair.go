@@ -232,10 +232,18 @@ func (w *waiter) dropTurn() {
 // held, down to the pace of any other waiter, so that a lock held for hours
 // (`depcache lock`) does not keep it busy. Everyone else backs off as
 // before.
-func (w *waiter) pause(ctx context.Context, backoff time.Duration) error {
-	if !w.turn.mine {
-		return sleep(ctx, w.l.jitter(backoff))
+func (w *waiter) pause(ctx context.Context, backoff time.Duration, wait waitFunc) error {
+	d := w.l.jitter(backoff)
+	if w.turn.mine {
+		held := time.Since(w.turn.heldSince) / 8
+		d = w.l.jitter(min(maxPoll, max(minPoll, w.turn.cost, held)))
 	}
-	held := time.Since(w.turn.heldSince) / 8
-	return sleep(ctx, w.l.jitter(min(maxPoll, max(minPoll, w.turn.cost, held))))
+	if wait == nil {
+		return sleep(ctx, d)
+	}
+	answered, err := wait(ctx, d)
+	if err == nil && answered {
+		return errAnswered
+	}
+	return err
 }

@@ -1,0 +1,137 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
+)
+
+// Get and Release are written as proposals (state.Proposal): data that any
+// process of this machine holding the file store's lock can apply in its own
+// commit, with the same pure code as here. The op names carry a version:
+// change it whenever what an applier does changes, so that a process of
+// another build declines the proposal instead of applying it differently.
+const (
+	opRequest = "depcache.request/1"
+	opRelease = "depcache.release/1"
+)
+
+// appliers are the proposals a manager serves, by op name.
+var appliers = map[string]state.Applier{
+	opRequest: applyRequest,
+	opRelease: applyRelease,
+}
+
+// requestArgs is a Get as data.
+type requestArgs struct {
+	Key       state.Key          `json:"key"`
+	Dependent string             `json:"dependent"`
+	Dep       state.Dependent    `json:"dep"`
+	Policy    transitions.Policy `json:"policy"`
+	Now       time.Time          `json:"now"`
+	Retry     bool               `json:"retry,omitempty"`
+}
+
+// requestOutcome is what a Get's commit tells its caller.
+type requestOutcome struct {
+	Entry  *state.Entry `json:"entry"`
+	Result string       `json:"result"` // requestResult of the entry found
+}
+
+// applyRequest registers the dependent (transitions.Request). Applied again
+// after an unanswered claim, it sets the same dependent again: the outcome
+// is the same.
+func applyRequest(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
+	var a requestArgs
+	if err := json.Unmarshal(p.Args, &a); err != nil {
+		return false, nil, fmt.Errorf("manager: proposal %s: %w", p.Op, err)
+	}
+	cur := tx.Get(a.Key)
+	result := requestResult(cur)
+	if a.Retry && cur != nil {
+		cur = transitions.RetryNow(cur).Entry
+	}
+	r, err := transitions.Request(cur, a.Key, a.Dependent, a.Dep, a.Policy, a.Now)
+	if err != nil {
+		return false, nil, err
+	}
+	if tx.Get(a.Key) == nil {
+		r.Entry.Generation = tx.MaxGeneration() // never reuse a generation of an earlier incarnation
+	}
+	tx.Put(r.Entry)
+	b, err := json.Marshal(requestOutcome{Entry: r.Entry, Result: result})
+	return r.Changed, b, err
+}
+
+// releaseArgs is a Release as data.
+type releaseArgs struct {
+	Key       state.Key `json:"key"`
+	Dependent string    `json:"dependent"`
+}
+
+// applyRelease removes the dependent (transitions.Release). Applied again
+// after an unanswered claim, a dependent already gone is the first
+// application's doing.
+func applyRelease(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
+	var a releaseArgs
+	if err := json.Unmarshal(p.Args, &a); err != nil {
+		return false, nil, fmt.Errorf("manager: proposal %s: %w", p.Op, err)
+	}
+	r, err := transitions.Release(tx.Get(a.Key), a.Dependent)
+	if errors.Is(err, transitions.ErrNotRegistered) && p.Again {
+		return false, []byte("{}"), nil
+	}
+	if err != nil {
+		return false, nil, err
+	}
+	if r.Changed {
+		if r.Entry == nil {
+			tx.Delete(a.Key)
+		} else {
+			tx.Put(r.Entry)
+		}
+	}
+	return r.Changed, []byte("{}"), nil
+}
+
+// serveProposals registers the appliers with a store that combines.
+func serveProposals(store state.Backend) {
+	if c, ok := store.(state.Combiner); ok {
+		for op, apply := range appliers {
+			c.Serve(op, apply)
+		}
+	}
+}
+
+// propose applies op on ids with args, through the store's combining where
+// it has it, and decodes the applier's result into out.
+func (m *Manager) propose(ctx context.Context, op string, ids []string, args, out any) error {
+	b, err := json.Marshal(args)
+	if err != nil {
+		return err
+	}
+	p := state.Proposal{Op: op, IDs: ids, Args: b}
+	var res []byte
+	if c, ok := m.store.(state.Combiner); ok {
+		res, err = c.Propose(ctx, p)
+	} else {
+		apply := appliers[op]
+		err = m.store.UpdateEntries(ctx, ids, func(tx *state.Txn) (bool, error) {
+			changed, r, err := apply(tx, p)
+			res = r
+			return changed, err
+		})
+	}
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(res, out); err != nil {
+		return fmt.Errorf("manager: the result of %s: %w", op, err)
+	}
+	return nil
+}

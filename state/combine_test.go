@@ -1,0 +1,357 @@
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testPut is a proposal's args: register dependent Name on the entry of
+// Source.
+type testPut struct {
+	Source string `json:"source"`
+	Name   string `json:"name"`
+}
+
+func testKey(source string) Key { return Key{Kind: Bundle, Source: source} }
+
+// putApplier registers a dependent, creating the entry READY; it records
+// whether it was told Again, and fails for the name "fail".
+func putApplier(sawAgain *bool) Applier {
+	return func(tx *Txn, p Proposal) (bool, []byte, error) {
+		var a testPut
+		if err := json.Unmarshal(p.Args, &a); err != nil {
+			return false, nil, err
+		}
+		if a.Name == "fail" {
+			return false, nil, errTestApplier
+		}
+		if sawAgain != nil && p.Again {
+			*sawAgain = true
+		}
+		k := testKey(a.Source)
+		e := tx.Get(k)
+		if e == nil {
+			e = &Entry{Key: k, Stage: Ready, Path: "entries/x", Dependents: map[string]Dependent{}}
+		} else {
+			e = e.Clone()
+		}
+		e.Dependents[a.Name] = Dependent{Since: time.Unix(1, 0).UTC()}
+		tx.Put(e)
+		return true, []byte(fmt.Sprintf("%q", a.Name+" registered")), nil
+	}
+}
+
+var errTestApplier = errors.New("test applier refuses")
+
+func putProposal(source, name string) Proposal {
+	b, _ := json.Marshal(testPut{Source: source, Name: name})
+	return Proposal{Op: "test.put/1", IDs: []string{testKey(source).ID()}, Args: b}
+}
+
+// combineStores opens two stores of one root, as two processes of this
+// machine would, both serving test.put/1 unless told otherwise.
+func combineStores(t *testing.T, serveA bool) (a, b *Store) {
+	t.Helper()
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", t.TempDir()) // a spool of the test's own
+	var err error
+	if a, err = Open(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err = Open(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if serveA {
+		a.Serve("test.put/1", putApplier(nil))
+	}
+	b.Serve("test.put/1", putApplier(nil))
+	if a.spool() == "" || a.spool() != b.spool() {
+		t.Fatalf("spools %q and %q: want one, shared", a.spool(), b.spool())
+	}
+	return a, b
+}
+
+// postFor posts p from s as a waiting proposer does.
+func postFor(t *testing.T, s *Store, p Proposal) *pending {
+	t.Helper()
+	pd := &pending{s: s, p: &p}
+	if err := pd.post(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pd.close)
+	return pd
+}
+
+func dependentsOf(t *testing.T, s *Store, source string) []string {
+	t.Helper()
+	st, err := s.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := st.Get(testKey(source))
+	if e == nil {
+		return nil
+	}
+	var names []string
+	for n := range e.Dependents {
+		names = append(names, n)
+	}
+	return names
+}
+
+func TestCombineHolderAppliesAndAnswers(t *testing.T) {
+	a, b := combineStores(t, true)
+	pd := postFor(t, b, putProposal("https://h/b", "from-b"))
+	// a's own operation, on another entry: its hold applies b's too.
+	if _, err := a.Propose(context.Background(), putProposal("https://h/a", "from-a")); err != nil {
+		t.Fatal(err)
+	}
+	if !pd.read(0) {
+		t.Fatal("the proposer got no answer from the hold that claimed its proposal")
+	}
+	res, applied, err := pd.answer()
+	if err != nil || !applied || string(res) != `"from-b registered"` {
+		t.Fatalf("answer: %q applied=%v err=%v; want the applier's result", res, applied, err)
+	}
+	if got := dependentsOf(t, a, "https://h/b"); len(got) != 1 || got[0] != "from-b" {
+		t.Fatalf("b's entry has dependents %v, want [from-b]", got)
+	}
+	if got := dependentsOf(t, a, "https://h/a"); len(got) != 1 {
+		t.Fatalf("a's entry has dependents %v, want [from-a]", got)
+	}
+	if st := a.CombineStats(); st.ServedOthers != 1 {
+		t.Fatalf("a served %d proposals, want 1", st.ServedOthers)
+	}
+	if _, err := os.Lstat(pd.base + proposalSuffix); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the proposal file is still there after the claim: %v", err)
+	}
+}
+
+func TestCombineDeclines(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		serveA bool
+		dep    string
+	}{
+		{"an applier error", true, "fail"},
+		{"an op the holder does not know", false, "x"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := combineStores(t, tc.serveA)
+			pd := postFor(t, b, putProposal("https://h/b", tc.dep))
+			if err := a.UpdateEntries(context.Background(), []string{testKey("https://h/a").ID()}, func(*Txn) (bool, error) { return false, nil }); err != nil {
+				t.Fatal(err)
+			}
+			if !pd.read(0) {
+				t.Fatal("no answer")
+			}
+			if _, applied, _ := pd.answer(); applied {
+				t.Fatal("answered applied; want declined, for the proposer to apply it itself")
+			}
+			if got := dependentsOf(t, a, "https://h/b"); got != nil {
+				t.Fatalf("a declined proposal changed the state: %v", got)
+			}
+		})
+	}
+}
+
+func TestCombineSkipsDeadProposers(t *testing.T) {
+	a, b := combineStores(t, true)
+	pd := postFor(t, b, putProposal("https://h/b", "ghost"))
+	// Rewrite the proposal as a process of this machine that is gone.
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	sys, err := System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := sys.Self()
+	dead.PID = cmd.Process.Pid
+	raw, _ := json.Marshal(onDisk{V: 1, Proposer: dead, Op: pd.p.Op, IDs: pd.p.IDs, Args: pd.p.Args})
+	if err = os.WriteFile(pd.base+proposalSuffix, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.UpdateEntries(context.Background(), []string{testKey("https://h/a").ID()}, func(*Txn) (bool, error) { return false, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got := dependentsOf(t, a, "https://h/b"); got != nil {
+		t.Fatalf("a dead process's proposal was applied: %v", got)
+	}
+	if _, err := os.Lstat(pd.base + proposalSuffix); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a dead process's proposal was left in the spool: %v", err)
+	}
+}
+
+// A proposal claimed by a holder that vanished before answering is applied
+// by its proposer once it has the lock, told Again.
+func TestProposeAgainAfterAnUnansweredClaim(t *testing.T) {
+	a, b := combineStores(t, true)
+	sawAgain := false
+	b.Serve("test.put/1", putApplier(&sawAgain))
+	hold, err := NewLock(a.lock.Path(), LockOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := hold.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var res []byte
+	var perr error
+	wg.Go(func() { res, perr = b.Propose(context.Background(), putProposal("https://h/b", "again")) })
+	req := awaitProposal(t, b.spool())
+	if err := os.Remove(req); err != nil { // the claim of a holder that then died
+		t.Fatal(err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if perr != nil || string(res) != `"again registered"` {
+		t.Fatalf("Propose: %q, %v", res, perr)
+	}
+	if !sawAgain {
+		t.Fatal("the applier was not told Again")
+	}
+	if got := dependentsOf(t, a, "https://h/b"); len(got) != 1 {
+		t.Fatalf("dependents %v, want [again]", got)
+	}
+}
+
+// A proposer waiting behind the lock gets its answer from the holder's
+// commit without taking the lock itself.
+func TestProposeAnsweredWhileWaiting(t *testing.T) {
+	a, b := combineStores(t, true)
+	hold, err := NewLock(a.lock.Path(), LockOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := hold.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var res []byte
+	var perr error
+	wg.Go(func() { res, perr = b.Propose(context.Background(), putProposal("https://h/b", "waiting")) })
+	awaitProposal(t, b.spool())
+	// Serve it as a holder would, while b's Lock still waits: claim,
+	// apply in a commit, answer, with the lock held by hold.
+	svs := a.claim(nil)
+	if len(svs) != 1 {
+		t.Fatalf("claimed %d proposals, want 1", len(svs))
+	}
+	st, err := a.View(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !svs[0].run(st) {
+		t.Fatal("the proposal changed nothing")
+	}
+	a.answer(svs, true)
+	wg.Wait()
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if perr != nil || string(res) != `"waiting registered"` {
+		t.Fatalf("Propose: %q, %v", res, perr)
+	}
+	if got := b.CombineStats(); got.AnsweredByOthers != 1 {
+		t.Fatalf("stats %+v, want 1 answered by others", got)
+	}
+}
+
+// Many proposers over three stores of one root: every operation lands once.
+func TestCombineManyProposers(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", t.TempDir())
+	var stores []*Store
+	for range 3 {
+		s, err := Open(dir, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Serve("test.put/1", putApplier(nil))
+		stores = append(stores, s)
+	}
+	const per = 40
+	var wg sync.WaitGroup
+	errs := make(chan error, 3*per)
+	for i, s := range stores {
+		wg.Go(func() {
+			for j := range per {
+				if _, err := s.Propose(context.Background(), putProposal(fmt.Sprintf("https://h/%d", j%5), fmt.Sprintf("s%d-%d", i, j))); err != nil {
+					errs <- err
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	total := 0
+	for j := range 5 {
+		total += len(dependentsOf(t, stores[0], fmt.Sprintf("https://h/%d", j)))
+	}
+	if total != 3*per {
+		t.Fatalf("%d dependents registered, want %d", total, 3*per)
+	}
+	var served, answered uint64
+	for _, s := range stores {
+		st := s.CombineStats()
+		served, answered = served+st.ServedOthers, answered+st.AnsweredByOthers
+	}
+	if served != answered {
+		t.Fatalf("%d proposals served, %d answered: every served one is answered once", served, answered)
+	}
+	t.Logf("%d of %d operations applied by another store", served, 3*per)
+}
+
+func awaitProposal(t *testing.T, dir string) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		names, _ := filepath.Glob(filepath.Join(dir, "*"+proposalSuffix))
+		if len(names) == 1 {
+			return names[0]
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatal("no proposal appeared in the spool")
+	return ""
+}
+
+func TestPrivateDirRefusesOthers(t *testing.T) {
+	base := t.TempDir()
+	open := filepath.Join(base, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(open, 0o777)
+	link := filepath.Join(base, "link")
+	if err := os.Symlink(base, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{open, link} {
+		if err := privateDir(d); err == nil || !strings.Contains(err.Error(), "not a directory private") {
+			t.Errorf("privateDir(%s) = %v, want a refusal", d, err)
+		}
+	}
+	if err := privateDir(filepath.Join(base, "new")); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -279,7 +279,8 @@ func (pd *pending) post() error {
 		return err
 	}
 	tmp := base + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err == nil {
+	err = os.WriteFile(tmp, b, 0o600)
+	if err == nil {
 		err = os.Rename(tmp, base+proposalSuffix)
 	}
 	if err != nil {

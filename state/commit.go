@@ -241,14 +241,6 @@ func (s *Store) writeShards(serial uint64, jobs []shardJob) {
 	}
 }
 
-func (s *Store) writeShard(p string, serial uint64, data []byte) (string, error) {
-	f, name, err := s.createShard(p, serial, data)
-	if f != nil {
-		err = s.finishShard(f, err)
-	}
-	return name, err
-}
-
 // finishShard flushes and closes a shard file that createShard wrote (err:
 // what writing it said), and removes it if anything failed.
 func (s *Store) finishShard(f *os.File, err error) error {

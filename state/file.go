@@ -271,6 +271,7 @@ func (s *Store) transact(ctx context.Context, hooks txHooks, need func() (ids []
 // shardCache is one shard as a store last read or wrote it.
 type shardCache struct {
 	file  string // "" for a shard without entries
+	off   int64  // where in file, a pack
 	lines *lineCache
 }
 
@@ -280,9 +281,9 @@ func (s *Store) cachedShards() [numShards]shardCache {
 	return s.shards
 }
 
-func (s *Store) rememberShard(i int, file string, lines *lineCache) {
+func (s *Store) rememberShard(i int, ref shardRef, lines *lineCache) {
 	s.cacheMu.Lock()
-	s.shards[i] = shardCache{file: file, lines: lines}
+	s.shards[i] = shardCache{file: ref.File, off: ref.Offset, lines: lines}
 	s.cacheMu.Unlock()
 }
 
@@ -523,7 +524,7 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 		if !ok {
 			continue
 		}
-		if c := cache[i]; c.file == ref.File && c.lines.decodedFor(need) {
+		if c := cache[i]; c.file == ref.File && c.off == ref.Offset && c.lines.decodedFor(need) {
 			sn.lines[i] = c.lines
 		} else {
 			lines, err := s.readShard(i, ref, c.lines, need, keep)
@@ -531,7 +532,7 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 				return nil, err
 			}
 			sn.lines[i] = lines
-			s.rememberShard(i, ref.File, lines)
+			s.rememberShard(i, ref, lines)
 		}
 		n += len(sn.lines[i].lines)
 	}
@@ -595,7 +596,7 @@ func Decode(b []byte) (*State, error) {
 		switch v := versionOf(b); {
 		case v > FormatVersion:
 			return nil, errNewer(v)
-		case v == FormatVersion:
+		case v >= 2:
 			return nil, fmt.Errorf("%w: a version %d manifest, not a self-contained state (read it with its shards)", ErrCorrupt, v)
 		}
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)

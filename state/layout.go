@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"io"
 	"os"
 	"slices"
 	"strings"
@@ -69,7 +70,11 @@ type lineCache struct {
 	lines []cachedLine
 	src   []byte
 	file  string // an absolute path, when src is nil
-	lazy  int    // how many lines are held undecoded
+	// off and size place the shard in file when it is a pack (packed).
+	off    int64
+	size   int
+	packed bool
+	lazy   int // how many lines are held undecoded
 }
 
 type cachedLine struct {
@@ -258,7 +263,10 @@ func (c *lineCache) source() ([]byte, func()) {
 	if c.src != nil || c.file == "" {
 		return c.src, func() {}
 	}
-	b, err := readFileInto(getShardBuf(), c.file)
+	b, err := readShardBytes(getShardBuf(), c.file, c.packed, c.off, c.size)
+	if err == nil && len(b) != c.size {
+		err = io.ErrUnexpectedEOF
+	}
 	if err != nil {
 		putShardBuf(b)
 		return nil, func() {}

@@ -64,7 +64,7 @@ func TestUndecodedLineUnreadable(t *testing.T) {
 	if err != nil || c.lazy != 2 {
 		t.Fatalf("decode of the first entry only: %d undecoded, %v", c.lazy, err)
 	}
-	c.detach(c.src, filepath.Join(t.TempDir(), "gone.json"))
+	c.detach(c.src, filepath.Join(t.TempDir(), "gone.json"), 0, false)
 	c.src = nil // as for a shard past keepShardBytes
 	es := []idEntry{{ids[0], c.lines[0].e}, {ids[1], nil}, {ids[2], nil}}
 	if _, _, err := encodeShard(p, es, c); !errors.Is(err, errUndecodedUnreadable) {

@@ -14,7 +14,7 @@ import (
 // document, and converts it at its first write. A state with a higher
 // version is refused with [ErrUnsupportedVersion] rather than misread, so
 // an older depcache never rewrites a newer one's state.
-const FormatVersion = 2
+const FormatVersion = 3
 
 // Stage is where an entry is in its life.
 type Stage string

@@ -81,7 +81,10 @@ type manifest struct {
 
 // shardRef names a shard's file and what it must hold.
 type shardRef struct {
-	File    string `json:"file"`
+	File string `json:"file"`
+	// Offset is where the shard starts in File when File is a pack
+	// (format 3), which holds the shards of one commit one after another.
+	Offset  int64  `json:"offset,omitempty"`
 	Bytes   int    `json:"bytes"`
 	Entries int    `json:"entries"`
 	SHA256  string `json:"sha256"` // the first 8 bytes, in hex
@@ -122,7 +125,7 @@ func versionOf(b []byte) int {
 // encoder writes the version first, so a prefix tells most files without
 // parsing them: every read asks.
 func isManifest(b []byte) bool {
-	return bytes.HasPrefix(b, []byte(`{"version":2,`)) || versionOf(b) == FormatVersion
+	return bytes.HasPrefix(b, []byte(`{"version":3,`)) || bytes.HasPrefix(b, []byte(`{"version":2,`)) || versionOf(b) >= 2
 }
 
 // errNewer is the refusal of a state file of a later format.
@@ -146,8 +149,8 @@ func decodeManifest(b []byte) (*manifest, error) {
 	if m.Version > FormatVersion {
 		return nil, errNewer(m.Version)
 	}
-	if m.Version != 2 {
-		return nil, fmt.Errorf("%w: not a version 2 manifest (version %d)", ErrCorrupt, m.Version)
+	if m.Version < 2 {
+		return nil, fmt.Errorf("%w: not a manifest of format 2 or later (version %d)", ErrCorrupt, m.Version)
 	}
 	if err := m.validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
@@ -169,7 +172,15 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("shard %q: not two lowercase hex digits", p)
 		}
 		fp, ok := shardFilePrefix(r.File)
+		if isPackName(r.File) {
+			fp, ok = p, true
+			if m.Version < 3 {
+				return fmt.Errorf("shard %s: pack %q in a version %d manifest (packs are format 3)", p, r.File, m.Version)
+			}
+		}
 		switch {
+		case r.Offset < 0 || (r.Offset > 0 && !isPackName(r.File)):
+			return fmt.Errorf("shard %s: offset %d in file %q (only a pack has offsets)", p, r.Offset, r.File)
 		case !ok:
 			return fmt.Errorf("shard %s: bad file name %q", p, r.File)
 		case fp != p:
@@ -180,12 +191,15 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
 		}
 	}
+	named := map[string]bool{}
+	for _, r := range m.Shards {
+		named[r.File] = true
+	}
 	for _, f := range m.Retired {
-		p, ok := shardFilePrefix(f)
-		if !ok {
+		if !isShardFile(f) {
 			return fmt.Errorf("retired shard: bad file name %q", f)
 		}
-		if m.Shards[p].File == f {
+		if named[f] {
 			return fmt.Errorf("shard file %s is both named and retired", f)
 		}
 	}
@@ -242,7 +256,7 @@ func decodeManifestLines(b []byte, prev *manifestLines) (*manifest, *manifestLin
 		return nil, nil, false
 	}
 	var m manifest
-	if strictUnmarshal(append(bytes.Clone(hdr), '}'), &m) != nil || m.Shards != nil || m.Version != FormatVersion {
+	if strictUnmarshal(append(bytes.Clone(hdr), '}'), &m) != nil || m.Shards != nil || m.Version < 2 || m.Version > FormatVersion {
 		return nil, nil, false
 	}
 	m.Shards = make(map[string]shardRef, bytes.Count(rest, []byte("\n"))+1)
@@ -289,7 +303,37 @@ func (m *manifest) files() []string {
 	for _, r := range m.Shards {
 		out = append(out, r.File)
 	}
+	slices.Sort(out)
+	return slices.Compact(out) // a pack is named once per shard in it
+}
+
+// retiredFrom returns the files old named that m does not: a pack stays
+// until none of its shards is named.
+func (m *manifest) retiredFrom(old *manifest) []string {
+	if old == nil {
+		return nil
+	}
+	named := map[string]bool{}
+	for _, r := range m.Shards {
+		named[r.File] = true
+	}
+	var out []string
+	for _, f := range old.files() {
+		if !named[f] {
+			out = append(out, f)
+		}
+	}
 	return out
+}
+
+// packPrefix begins the name of a pack, pk-SERIAL-NONCE.json: the shards
+// of one commit in one file (format 3).
+const packPrefix = "pk"
+
+// isPackName reports whether name is a pack's.
+func isPackName(name string) bool {
+	return len(name) == 2+1+16+1+8+5 && name[:3] == packPrefix+"-" && name[19] == '-' && name[28:] == ".json" &&
+		isHexN(name[3:19], 16) && isHexN(name[20:28], 8)
 }
 
 // encodeManifest returns the bytes of m, one shard per line, and its
@@ -370,6 +414,25 @@ func putShardBuf(b []byte) {
 }
 
 // readFileInto appends the content of the file name to buf.
+// readShardBytes reads a shard: a whole shard file, or n bytes at off of a
+// pack (fewer if the pack is shorter).
+func readShardBytes(buf []byte, name string, packed bool, off int64, n int) ([]byte, error) {
+	if !packed {
+		return readFileInto(buf, name)
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return buf, err
+	}
+	defer f.Close()
+	buf = slices.Grow(buf[:0], n)[:n]
+	got, err := f.ReadAt(buf, off)
+	if err == io.EOF {
+		err = nil
+	}
+	return buf[:got], err
+}
+
 func readFileInto(buf []byte, name string) ([]byte, error) {
 	f, err := os.Open(name)
 	if err != nil {
@@ -494,7 +557,7 @@ var errShardMismatch = errors.New("does not match its manifest")
 // when its size or hash differ.
 func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) ([]byte, *lineCache, error) {
 	name := filepath.Join(root, ShardDir, ref.File)
-	b, err := readFileInto(getShardBuf(), name)
+	b, err := readShardBytes(getShardBuf(), name, isPackName(ref.File), ref.Offset, ref.Bytes)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -513,7 +576,7 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) (
 	if err != nil {
 		return b, nil, err
 	}
-	lines.detach(b, name)
+	lines.detach(b, name, ref.Offset, isPackName(ref.File))
 	putShardBuf(b) // nothing refers to it: the caller gets no bytes
 	return nil, lines, nil
 }
@@ -528,11 +591,11 @@ const keepShardBytes = 16 << 10
 // that it was decoded from or encoded into, a pooled buffer: a small shard
 // keeps a copy, a large one reads file again when a write reuses its
 // lines.
-func (c *lineCache) detach(src []byte, file string) {
+func (c *lineCache) detach(src []byte, file string, off int64, packed bool) {
 	if len(c.src) == 0 || len(src) == 0 || &c.src[0] != &src[0] {
 		return
 	}
-	c.file = file
+	c.file, c.off, c.size, c.packed = file, off, len(src), packed
 	if len(src) <= keepShardBytes {
 		c.src = bytes.Clone(src)
 	} else {

@@ -166,6 +166,8 @@ func FuzzDecodeManifest(f *testing.F) {
 		Shards: map[string]shardRef{
 			"00": {File: "00-0000000000000029-9c1e5b7d.json", Bytes: 1432, Entries: 4, SHA256: "0123456789abcdef"},
 			"3f": {File: "3f-0000000000000029-0000002a.json", Bytes: 99, Entries: 1, SHA256: "fedcba9876543210"},
+			"a1": {File: "pk-0000000000000029-0000002b.json", Bytes: 120, Entries: 1, SHA256: "00112233445566ff"},
+			"a2": {File: "pk-0000000000000029-0000002b.json", Offset: 120, Bytes: 80, Entries: 1, SHA256: "00112233445566ee"},
 		}}
 	b, seedLines, err := encodeManifest(m, nil)
 	if err != nil {
@@ -173,7 +175,8 @@ func FuzzDecodeManifest(f *testing.F) {
 	}
 	f.Add(b)
 	f.Add([]byte(`{"version":2,"serial":1,"shards":{}}`))
-	f.Add([]byte(`{"version":3,"serial":1,"shards":{},"new":1}`))
+	f.Add([]byte(`{"version":4,"serial":1,"shards":{},"new":1}`))
+	f.Add([]byte(`{"version":2,"serial":1,"shards":{"00":{"file":"pk-0000000000000001-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef"}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := decodeManifest(data)
 		for _, c := range []*manifestLines{nil, seedLines} {
@@ -192,7 +195,7 @@ func FuzzDecodeManifest(f *testing.F) {
 			return
 		}
 		for p, r := range m.Shards {
-			if strings.ContainsAny(r.File, `/\`) || CheckRelPath(r.File) != nil || !strings.HasPrefix(r.File, p+"-") {
+			if strings.ContainsAny(r.File, `/\`) || CheckRelPath(r.File) != nil || !strings.HasPrefix(r.File, p+"-") && !strings.HasPrefix(r.File, packPrefix+"-") {
 				t.Fatalf("accepted shard file %q for shard %q", r.File, p)
 			}
 		}

@@ -141,7 +141,7 @@ func TestUpgradeFromFormat2(t *testing.T) {
 	}
 
 	for name, bad := range map[string][]byte{
-		"a pack in format 2": bytes.Replace(v2, []byte(`"file":"`), []byte(`"file":"pk-`), 1),
+		"a pack in format 2":        bytes.Replace(v2, []byte(`"file":"`), []byte(`"file":"pk-`), 1),
 		"an offset in a shard file": bytes.Replace(v3, []byte(`"bytes":`), []byte(`"offset":5,"bytes":`), 1),
 	} {
 		if name == "a pack in format 2" {

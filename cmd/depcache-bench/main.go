@@ -362,14 +362,24 @@ func runGetReleaseWorkers(o options, roots []string, sub string, n int, stateURL
 			}
 		}
 	}()
+	var results []int // workers whose results each command prints
 	for i := range o.procs {
+		if o.soak.fakehost != "" && i >= len(roots) {
+			break // a fake host runs all of its workers (below)
+		}
 		argv := []string{os.Args[0], "--worker", "getrelease", filepath.Join(roots[i%len(roots)], sub), strconv.Itoa(n), strconv.Itoa(o.goroutines), o.duration.String()}
 		if stateURL != "" {
 			argv = append(argv, stateURL)
 		}
+		count := 1
 		if o.soak.fakehost != "" {
-			argv = append([]string{o.soak.fakehost, fmt.Sprintf("bench-host%d", i%len(roots))}, argv...)
+			// One fake host (one pid namespace) per root, running its
+			// share of the workers: processes of one host see each other,
+			// as they do on a real one.
+			count = (o.procs - i + len(roots) - 1) / len(roots)
+			argv = append([]string{o.soak.fakehost, fmt.Sprintf("bench-host%d", i), os.Args[0], "--worker", "group", strconv.Itoa(count)}, argv[2:]...)
 		}
+		results = append(results, count)
 		cmd := exec.Command(argv[0], argv[1:]...)
 		cmd.Stderr = os.Stderr
 		out, perr := cmd.StdoutPipe()
@@ -382,8 +392,17 @@ func runGetReleaseWorkers(o options, roots []string, sub string, n int, stateURL
 		cmds, outs = append(cmds, cmd), append(outs, out)
 	}
 	for i, cmd := range cmds {
-		var res workerResult
-		derr := json.NewDecoder(outs[i]).Decode(&res)
+		dec := json.NewDecoder(outs[i])
+		var derr error
+		for range results[i] {
+			var res workerResult
+			if derr = dec.Decode(&res); derr != nil {
+				break
+			}
+			ops += res.Ops
+			lat = append(lat, res.Latencies...)
+			holds = append(holds, res.Holds...)
+		}
 		werr := cmd.Wait()
 		switch {
 		case werr != nil:
@@ -391,9 +410,6 @@ func runGetReleaseWorkers(o options, roots []string, sub string, n int, stateURL
 		case derr != nil:
 			return 0, nil, nil, fmt.Errorf("worker %d: %w", i, derr)
 		}
-		ops += res.Ops
-		lat = append(lat, res.Latencies...)
-		holds = append(holds, res.Holds...)
 	}
 	return ops, lat, holds, nil
 }
@@ -427,6 +443,8 @@ func runWorker(mode string, args []string) int {
 	switch mode {
 	case "getrelease":
 		return workerGetRelease(args)
+	case "group":
+		return workerGroup(args)
 	case "get":
 		return workerGet(args)
 	case "serve":
@@ -436,6 +454,46 @@ func runWorker(mode string, args []string) int {
 	}
 	fmt.Fprintln(os.Stderr, "unknown worker mode", mode)
 	return 2
+}
+
+// workerGroup runs COUNT workers of MODE ARGS side by side (a fake host's
+// share) and prints their results one after another.
+func workerGroup(args []string) int {
+	count, err := strconv.Atoi(args[0])
+	if err != nil || len(args) < 2 {
+		fmt.Fprintln(os.Stderr, "group: want COUNT MODE ARGS")
+		return 2
+	}
+	var cmds []*exec.Cmd
+	var outs []io.ReadCloser
+	for range count {
+		cmd := exec.Command(os.Args[0], append([]string{"--worker"}, args[1:]...)...)
+		cmd.Stderr = os.Stderr
+		out, err := cmd.StdoutPipe()
+		if err == nil {
+			err = cmd.Start()
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	rc := 0
+	for i, cmd := range cmds {
+		var res json.RawMessage
+		if err := json.NewDecoder(outs[i]).Decode(&res); err != nil {
+			fmt.Fprintln(os.Stderr, "group worker:", err)
+			rc = 1
+		} else {
+			os.Stdout.Write(append(res, '\n'))
+		}
+		if err := cmd.Wait(); err != nil {
+			fmt.Fprintln(os.Stderr, "group worker:", err)
+			rc = 1
+		}
+	}
+	return rc
 }
 
 func workerGetRelease(args []string) int {

@@ -1,9 +1,9 @@
 // Package state reads and writes depcache's state: every entry, its stage,
 // its owner and its dependents. It defines the store interface a manager
 // uses ([Backend], with its contracts) and implements the file store in
-// the cache root ([Store]): in format 2, a manifest (state.json) naming
-// immutable shard files in state.d/ (see v2.go); format 1, one document,
-// is read and converted at the first write.
+// the cache root ([Store]): in format 3, a manifest (state.json) naming
+// immutable shard files and packs in state.d/ (see v2.go); formats 1 (one
+// document) and 2 (no packs) are read and converted at the first write.
 //
 // Guarantees:
 //
@@ -27,6 +27,11 @@
 //     because of it.
 //   - Entry paths recorded in the state are relative to the root and are
 //     rejected when they would leave it.
+//   - An operation proposed as data ([Combiner], combine.go) is applied
+//     exactly once, under the lock and inside a fenced commit, by its
+//     proposer or by one other live process of its machine, with the
+//     Applier registered for its op name; a proposer told Again settles
+//     from the state whether an unanswered holder applied it.
 //
 // What the lock rests on: link(2) being atomic on the server (it is on NFS
 // and on sshfs), reading back our own random nonce from the lock's content

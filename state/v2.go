@@ -35,6 +35,13 @@ import (
 //     previous manifest kept as state.json.prev). The manifest's rename is
 //     the one commit point, so a commit touching many shards is atomic
 //     with no log.
+//   - Format 3 adds packs: a commit of a few shards (packs) writes them
+//     into one file, pk-SERIAL-NONCE.json, one after another, and the
+//     manifest names each one's offset; one fsync for all of them, where a
+//     file each cost a device flush each. A pack is retired, like a shard
+//     file, once no shard of the manifest names it. Format 2 manifests are
+//     read as they are (no packs, no offsets) and become format 3 at the
+//     next commit.
 //   - Each manifest lists as retired the shard files of the manifest before
 //     it that it no longer names. The commit after it deletes them: at
 //     that point neither state.json nor state.json.prev names them. A

@@ -28,10 +28,11 @@
 //   - Entry paths recorded in the state are relative to the root and are
 //     rejected when they would leave it.
 //   - An operation proposed as data ([Combiner], combine.go) is applied
-//     exactly once, under the lock and inside a fenced commit, by its
-//     proposer or by one other live process of its machine, with the
-//     Applier registered for its op name; a proposer told Again settles
-//     from the state whether an unanswered holder applied it.
+//     under the lock and inside a fenced commit, with the Applier
+//     registered for its op name: by its proposer, or by at most one other
+//     live process of its machine. It is applied a second time only by its
+//     proposer, told Again, when that holder vanished without answering;
+//     the Applier settles from the state whether the first one landed.
 //
 // What the lock rests on: link(2) being atomic on the server (it is on NFS
 // and on sshfs), reading back our own random nonce from the lock's content

@@ -309,8 +309,9 @@ func (pd *pending) read(d time.Duration) bool {
 		pd.fifo.SetReadDeadline(time.Now().Add(d))
 		n, _ = pd.fifo.Read(buf)
 	} else if rc, err := pd.fifo.SyscallConn(); err == nil {
-		// A deadline already past fails a Read before it reads: look
-		// without waiting instead.
+		// A deadline already past fails a Read, and a raw read too,
+		// before they read: clear it, and look without waiting.
+		pd.fifo.SetReadDeadline(time.Time{})
 		rc.Read(func(fd uintptr) bool {
 			n, _ = unix.Read(int(fd), buf)
 			return true

@@ -355,3 +355,21 @@ func TestPrivateDirRefusesOthers(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// An answer is seen by a look without waiting after a wait that timed out
+// (a past read deadline failed every later read, so a proposer that took
+// the lock missed its answer and applied its proposal again).
+func TestAnswerSeenAfterAWaitTimedOut(t *testing.T) {
+	a, b := combineStores(t, true)
+	pd := postFor(t, b, putProposal("https://h/b", "late"))
+	if pd.read(time.Millisecond) {
+		t.Fatal("an answer before anyone answered")
+	}
+	a.reply(&served{base: pd.base}, []byte{frameResult, 'x'})
+	if !pd.read(0) {
+		t.Fatal("the answer was not seen")
+	}
+	if res, applied, err := pd.answer(); !applied || err != nil || string(res) != "x" {
+		t.Fatalf("answer %q, %v, %v", res, applied, err)
+	}
+}

@@ -197,14 +197,14 @@ func (s *Store) spool() string {
 		}
 		base := filepath.Join(os.TempDir(), "depcache-"+strconv.Itoa(os.Geteuid()))
 		sum := sha256.Sum256([]byte(self.Host + "\x00" + self.BootID + "\x00" + self.PIDNS + "\x00" + s.path))
-		dir := filepath.Join(base, hex.EncodeToString(sum[:10]))
-		for _, d := range []string{base, dir} {
-			if err := privateDir(d); err != nil {
-				s.lock.opts.Log.WithError(err).Debug("not combining operations with other processes")
-				return
-			}
+		if err := privateDir(base); err != nil {
+			s.lock.opts.Log.WithError(err).Debug("not combining operations with other processes")
+			return
 		}
-		c.dir, c.self = dir, self
+		// The root's own directory is made by its first proposer (post):
+		// a store that never waits leaves nothing in the temporary
+		// directory. Inside base, which only we can write, it is ours.
+		c.dir, c.self = filepath.Join(base, hex.EncodeToString(sum[:10])), self
 	})
 	return c.dir
 }
@@ -268,7 +268,13 @@ func (pd *pending) post() error {
 	if err != nil {
 		return err
 	}
-	if err := unix.Mkfifo(base+fifoSuffix, 0o600); err != nil {
+	err = unix.Mkfifo(base+fifoSuffix, 0o600)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = os.Mkdir(dir, 0o700); err == nil || errors.Is(err, fs.ErrExist) {
+			err = unix.Mkfifo(base+fifoSuffix, 0o600)
+		}
+	}
+	if err != nil {
 		return err
 	}
 	// Read and write: with a writer of our own the FIFO never reads as

@@ -69,6 +69,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		touched [numShards]bool
 		lines   [numShards]*lineCache
 		jobs    []shardJob
+		dropped bool // a shard's record left the manifest
 	)
 	defer func() {
 		if !committed {
@@ -95,6 +96,9 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			delete(nm.Shards, p)
 		}
 		if len(b) == 0 {
+			// Emptied: its record goes (its file maybe not, if a pack
+			// holds others still named).
+			dropped = dropped || had
 			continue
 		}
 		var prev *lineCache
@@ -134,7 +138,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		lines[j.i] = j.lines
 	}
 	nm.Retired = nm.retiredFrom(old)
-	if old != nil && !sn.rewrite && written == nil && len(nm.Retired) == 0 && sameHeader(old, nm) {
+	if old != nil && !sn.rewrite && written == nil && !dropped && len(nm.Retired) == 0 && sameHeader(old, nm) {
 		return false, nil // nothing changed
 	}
 	if len(written) > 0 && !s.shardEntriesDurable() {

@@ -159,3 +159,29 @@ func TestUpgradeFromFormat2(t *testing.T) {
 		}
 	}
 }
+
+// Emptying a shard that shares a pack with others commits its removal,
+// though no file is retired (the pack was taken for unchanged).
+func TestPackShardEmptied(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	if err := s.Update(ctx, putN(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := openStore(t, dir).Update(ctx, func(st *state.State) (bool, error) {
+		st.Delete(bundleKey(1))
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*state.Store{s, openStore(t, dir)} {
+		st, err := r.View(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Get(bundleKey(1)) != nil || st.Get(bundleKey(0)) == nil {
+			t.Fatalf("after deleting entry 1: %d entries (0: %v, 1: %v)", len(st.Entries), st.Get(bundleKey(0)) != nil, st.Get(bundleKey(1)) != nil)
+		}
+	}
+}

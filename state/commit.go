@@ -216,9 +216,7 @@ func sameHeader(a, b *manifest) bool {
 	return err1 == nil && err2 == nil && string(x) == string(y)
 }
 
-// writeShard writes data, durably, as a new file of shard p under a name no
-// file had before, and returns that name.
-// shardJob is one shard file for writeShards to write.
+// shardJob is one shard for writeShards or writePack to write.
 type shardJob struct {
 	i       int
 	prefix  string
@@ -253,7 +251,7 @@ func packs(jobs []shardJob) bool {
 // writePack writes the shards of one commit into one file, a pack, each at
 // its offset: one flush for all of them. A commit that combines several
 // processes' operations changes as many shards, and each file of its own
-// cost a device flush (four files flushed in turn took 2.2 ms against
+// cost a device flush (five files flushed in turn took 2.2 ms against
 // 0.5 ms for one, on this project's machine; BENCHMARKS.md).
 func (s *Store) writePack(serial uint64, jobs []shardJob) {
 	size := 0

@@ -328,8 +328,9 @@ func New(cfg Config) (*Manager, error) {
 	store := cfg.State
 	if store == nil {
 		fs, err := state.Open(root, state.Options{OnHold: onHold, Perms: perms,
-			OnWait: func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
-			Lock:   state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
+			OnWait:    func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
+			OnCombine: func(event string) { met.combined.WithLabelValues(event).Inc() },
+			Lock:      state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
 		if err != nil {
 			return nil, err
 		}

@@ -23,6 +23,7 @@ type metrics struct {
 	freedBytes      prometheus.Counter
 	lockWait        prometheus.Histogram
 	lockHold        prometheus.Histogram
+	combined        *prometheus.CounterVec
 	entries         *prometheus.GaugeVec
 	entryBytes      *prometheus.GaugeVec
 	lostDependents  prometheus.Counter
@@ -54,6 +55,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Bytes freed by evictions of this process."}),
 		lockWait: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "depcache_lock_wait_seconds",
 			Help: "Time spent waiting for the state lock.", Buckets: lockBuckets}),
+		combined: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "depcache_combined_operations_total",
+			Help: "Gets and releases of this process left for another process's lock hold (proposed), applied by one (answered), and other processes' ones applied in this process's holds (served); README, The lock."}, []string{"event"}),
 		lockHold: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "depcache_lock_hold_seconds",
 			Help: "Time the state lock was held per update.", Buckets: lockBuckets}),
 		entries: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "depcache_entries",
@@ -91,6 +94,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.freedBytes = register(reg, m.freedBytes)
 		m.lockWait = register(reg, m.lockWait)
 		m.lockHold = register(reg, m.lockHold)
+		m.combined = register(reg, m.combined)
 		m.entries = register(reg, m.entries)
 		m.entryBytes = register(reg, m.entryBytes)
 		m.lostDependents = register(reg, m.lostDependents)

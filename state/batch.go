@@ -124,6 +124,7 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 				if res, applied, err := pd.answer(); applied && s.batch.withdraw(own) {
 					own.result, own.err, settled = res, err, true
 					s.comb.answered.Add(1)
+					s.told("answered")
 				}
 			} else {
 				own.prop.Again = true
@@ -188,6 +189,7 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 		if s.batch.withdraw(own) {
 			own.result, own.err = res, aerr
 			s.comb.answered.Add(1)
+			s.told("answered")
 			close(own.done)
 		}
 		return

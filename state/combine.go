@@ -159,6 +159,13 @@ func (s *Store) applier(op string) Applier {
 	return c.appliers[op]
 }
 
+// told passes a combining event to Options.OnCombine.
+func (s *Store) told(event string) {
+	if s.opts.OnCombine != nil {
+		s.opts.OnCombine(event)
+	}
+}
+
 // CombineStats reports this store's proposals so far.
 func (s *Store) CombineStats() CombineStats {
 	return CombineStats{Proposed: s.comb.proposed.Load(), AnsweredByOthers: s.comb.answered.Load(), ServedOthers: s.comb.served.Load()}
@@ -297,6 +304,7 @@ func (pd *pending) post() error {
 	}
 	pd.base, pd.fifo = base, f
 	pd.s.comb.proposed.Add(1)
+	pd.s.told("proposed")
 	return nil
 }
 
@@ -487,6 +495,7 @@ func (s *Store) answer(svs []*served, committed bool) {
 		}
 		if sv.ok && committed {
 			s.comb.served.Add(1)
+			s.told("served")
 		}
 	}
 }

@@ -373,3 +373,32 @@ func TestAnswerSeenAfterAWaitTimedOut(t *testing.T) {
 		t.Fatalf("answer %q, %v, %v", res, applied, err)
 	}
 }
+
+// Options.OnCombine hears of what a store proposed, and of what it served.
+func TestOnCombineEvents(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", t.TempDir())
+	var mu sync.Mutex
+	events := map[string]int{}
+	open := func() *Store {
+		s, err := Open(dir, Options{OnCombine: func(e string) { mu.Lock(); events[e]++; mu.Unlock() }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Serve("test.put/1", putApplier(nil))
+		return s
+	}
+	a, b := open(), open()
+	pd := postFor(t, b, putProposal("https://h/b", "x"))
+	if _, err := a.Propose(context.Background(), putProposal("https://h/a", "y")); err != nil {
+		t.Fatal(err)
+	}
+	if !pd.read(0) {
+		t.Fatal("no answer")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if events["proposed"] != 1 || events["served"] != 1 {
+		t.Fatalf("events %v, want one proposed and one served", events)
+	}
+}

@@ -53,6 +53,11 @@ type Options struct {
 	// NoCombine turns off combining with other processes (combine.go),
 	// as DEPCACHE_COMBINE=0 does.
 	NoCombine bool
+	// OnCombine, when set, is told of each proposal of this store that
+	// waits in the spool ("proposed"), of each that another process
+	// applied ("answered"), and of each other process's proposal that
+	// this store applied ("served").
+	OnCombine func(event string)
 }
 
 // Store is the state file of one cache root.

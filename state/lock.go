@@ -169,10 +169,8 @@ var errAnswered = errors.New("state: answered while waiting for the lock")
 // lockOr is Lock whose waits between attempts go through wait (nil: plain
 // sleeps). It returns errAnswered, unwrapped, when wait reports an answer.
 func (l *Lock) lockOr(ctx context.Context, wait waitFunc) (unlock func() error, err error) {
-	select {
-	case l.mu <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("lock %s: waiting for another goroutine of this process: %w", l.path, ctx.Err())
+	if err := l.lockHere(ctx, wait); err != nil {
+		return nil, err
 	}
 	unlock, err = l.lock(ctx, wait)
 	if err != nil {
@@ -181,6 +179,39 @@ func (l *Lock) lockOr(ctx context.Context, wait waitFunc) (unlock func() error, 
 	}
 	return unlock, nil
 }
+
+// lockHere takes the in-process mutex. With a wait, it polls the mutex
+// and waits through wait between polls, so that a caller queued behind
+// another goroutine of its process (a manager's pass, waiting for the
+// lock itself) can be answered meanwhile too.
+func (l *Lock) lockHere(ctx context.Context, wait waitFunc) error {
+	if wait == nil {
+		select {
+		case l.mu <- struct{}{}:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("lock %s: waiting for another goroutine of this process: %w", l.path, ctx.Err())
+		}
+	}
+	for delay := minPoll; ; delay = min(delay*2, maxHerePoll) {
+		select {
+		case l.mu <- struct{}{}:
+			return nil
+		default:
+		}
+		answered, err := wait(ctx, delay)
+		switch {
+		case err != nil:
+			return fmt.Errorf("lock %s: waiting for another goroutine of this process: %w", l.path, err)
+		case answered:
+			return errAnswered
+		}
+	}
+}
+
+// maxHerePoll bounds the polls of the in-process mutex: a goroutine of
+// this process releases it without a word, and it costs no I/O to look.
+const maxHerePoll = 2 * time.Millisecond
 
 func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 	nonce, err := l.newNonce()

@@ -357,6 +357,13 @@ func TestParseKey(t *testing.T) {
 		{"https://example.com:443", "https://example.com/", false},
 		{"https://example.com:8443/x?y=1", "https://example.com:8443/x?y=1", false},
 		{"file:///tmp/../tmp/x", "file:///tmp/x", false},
+		// RFC 3986 6.2.2: escaped unreserved characters are the characters,
+		// escapes are upper case; an escaped "/" stays one.
+		{"https://example.com/%7Euser/a%2db%2Ec", "https://example.com/~user/a-b.c", false},
+		{"https://example.com/~user/a-b.c", "https://example.com/~user/a-b.c", false},
+		{"https://example.com/a%2fb%3a?q=%7e%2f%41", "https://example.com/a%2Fb%3A?q=~%2FA", false},
+		{"https://example.com/a%2Fb", "https://example.com/a%2Fb", false},
+		{"https://example.com/%25", "https://example.com/%25", false},
 		// The kept-packed key as ls shows it names that key again.
 		{"https://example.com/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},
 		{"HTTPS://Example.com:443/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},

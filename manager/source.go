@@ -159,6 +159,11 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		if u.Path == "" {
 			u.Path = "/"
 		}
+		// RFC 3986, 6.2.2: "%7E" and "~" name one resource, "%2f" and
+		// "%2F" too; "%2F" and "/" do not. So unreserved characters are
+		// unescaped and the other escapes upper-cased, and nothing else.
+		u.RawPath = normaliseEscapes(u.EscapedPath())
+		u.RawQuery = normaliseEscapes(u.RawQuery)
 		k.Source = u.String()
 		if packed {
 			k.Source += keepPackedMark
@@ -206,4 +211,47 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 func scheme(src string) string {
 	s, _, _ := strings.Cut(src, "://")
 	return s
+}
+
+// normaliseEscapes unescapes the percent-escapes of unreserved characters
+// (letters, digits, "-", ".", "_", "~") in s, an escaped URL component, and
+// upper-cases the hex digits of the others (RFC 3986, 6.2.2.1 and 6.2.2.2).
+func normaliseEscapes(s string) string {
+	if !strings.Contains(s, "%") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] != '%' || i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
+			b.WriteByte(s[i])
+			continue
+		}
+		c := unhex(s[i+1])<<4 | unhex(s[i+2])
+		if unreserved(c) {
+			b.WriteByte(c)
+		} else {
+			b.WriteByte('%')
+			b.WriteString(strings.ToUpper(s[i+1 : i+3]))
+		}
+		i += 2
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
+}
+
+func unreserved(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~'
 }

@@ -94,7 +94,7 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 					return err
 				}
 				if g.json {
-					return printJSON(g.stdout, rep)
+					return printJSON(g.stdout, toRebuildJSON(rep))
 				}
 				printRebuild(g.stdout, rep)
 				return nil
@@ -140,6 +140,29 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 
 // printRebuild says what a rebuild built and, from the last state that
 // parses, what it dropped.
+// rebuildJSON is `doctor --rebuild --json`: the report, with its policies
+// in policy --json's form, every field present (the stored form leaves
+// zeros out). The outer Policy field stands in for the report's own.
+type rebuildJSON struct {
+	manager.RebuildReport
+	Policy rebuiltPolicyJSON `json:"policy"`
+}
+
+type rebuiltPolicyJSON struct {
+	Carried  bool        `json:"carried"`
+	Previous *policyJSON `json:"previous"`
+	Rebuilt  policyJSON  `json:"rebuilt"`
+}
+
+func toRebuildJSON(rep manager.RebuildReport) rebuildJSON {
+	out := rebuildJSON{RebuildReport: rep, Policy: rebuiltPolicyJSON{Carried: rep.Policy.Carried, Rebuilt: toPolicyJSON(rep.Policy.Rebuilt)}}
+	if rep.Policy.Previous != nil {
+		prev := toPolicyJSON(*rep.Policy.Previous)
+		out.Policy.Previous = &prev
+	}
+	return out
+}
+
 func printRebuild(w io.Writer, rep manager.RebuildReport) {
 	fmt.Fprintf(w, "rebuilt the state from %d published entries", rep.Entries)
 	if len(rep.Failed) > 0 {

@@ -199,14 +199,7 @@ func TestProposeAgainAfterAnUnansweredClaim(t *testing.T) {
 	a, b := combineStores(t, true)
 	sawAgain := false
 	b.Serve("test.put/1", putApplier(&sawAgain))
-	hold, err := NewLock(a.lock.Path(), LockOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	unlock, err := hold.Lock(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	unlock := holdLock(t, a)
 	var wg sync.WaitGroup
 	var res []byte
 	var perr error
@@ -234,14 +227,7 @@ func TestProposeAgainAfterAnUnansweredClaim(t *testing.T) {
 // commit without taking the lock itself.
 func TestProposeAnsweredWhileWaiting(t *testing.T) {
 	a, b := combineStores(t, true)
-	hold, err := NewLock(a.lock.Path(), LockOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	unlock, err := hold.Lock(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	unlock := holdLock(t, a)
 	var wg sync.WaitGroup
 	var res []byte
 	var perr error
@@ -319,6 +305,21 @@ func TestCombineManyProposers(t *testing.T) {
 		t.Fatalf("%d proposals served, %d answered: every served one is answered once", served, answered)
 	}
 	t.Logf("%d of %d operations applied by another store", served, 3*per)
+}
+
+// holdLock takes s's state lock as another process would, and returns
+// its unlock.
+func holdLock(t *testing.T, s *Store) func() error {
+	t.Helper()
+	hold, err := NewLock(s.lock.Path(), LockOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := hold.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return unlock
 }
 
 func awaitProposal(t *testing.T, dir string) string {

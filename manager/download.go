@@ -235,7 +235,7 @@ func (m *Manager) update(ctx context.Context, key state.Key, rule func(*state.En
 		if err != nil {
 			return false, err
 		}
-		m.apply(tx, key, r)
+		applyResult(tx, key, r)
 		return r.Changed, nil
 	})
 	if err != nil && !errors.Is(err, transitions.ErrFenced) {
@@ -448,7 +448,7 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 		if err != nil {
 			return false, err
 		}
-		m.apply(tx, key, r)
+		applyResult(tx, key, r)
 		return true, nil
 	})
 	if err != nil {

@@ -458,9 +458,9 @@ func (m *Manager) viewLocked(id string, e *state.Entry, now time.Time) transitio
 	return v
 }
 
-// apply writes a rule's result for id into st. Actions other than those
-// Release returns are carried out by the caller.
-func (m *Manager) apply(tx *state.Txn, key state.Key, r transitions.Result) {
+// applyResult writes a rule's result for key into tx; its actions are the
+// caller's to carry out.
+func applyResult(tx *state.Txn, key state.Key, r transitions.Result) {
 	if !r.Changed {
 		return
 	}

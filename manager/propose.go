@@ -89,13 +89,7 @@ func applyRelease(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
 	if err != nil {
 		return false, nil, err
 	}
-	if r.Changed {
-		if r.Entry == nil {
-			tx.Delete(a.Key)
-		} else {
-			tx.Put(r.Entry)
-		}
-	}
+	applyResult(tx, a.Key, r)
 	return r.Changed, []byte("{}"), nil
 }
 

@@ -134,7 +134,7 @@ func (s *Store) lead(ctx context.Context, own *batchOp) {
 		// Taken with the lock held, so that every operation queued while
 		// the lock was awaited joins this batch.
 		taken = s.batch.take()
-		svs = s.claim(nil)
+		svs = s.claim()
 		var ids []string
 		whole := false
 		for _, op := range taken {

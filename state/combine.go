@@ -385,8 +385,9 @@ type served struct {
 }
 
 // claim takes up to maxServed proposals of live processes of this machine
-// from the spool, except own's; the unlink of a proposal file is the claim.
-func (s *Store) claim(own *pending) []*served {
+// from the spool; the unlink of a proposal file is the claim. The caller's
+// own proposal, if any, was withdrawn or claimed before.
+func (s *Store) claim() []*served {
 	dir := s.spool()
 	if dir == "" {
 		return nil
@@ -406,11 +407,7 @@ func (s *Store) claim(own *pending) []*served {
 		if !ok {
 			continue
 		}
-		base = filepath.Join(dir, base)
-		if own != nil && base == own.base {
-			continue
-		}
-		if sv := s.claimOne(base); sv != nil {
+		if sv := s.claimOne(filepath.Join(dir, base)); sv != nil {
 			out = append(out, sv)
 		}
 	}

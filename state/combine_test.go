@@ -235,7 +235,7 @@ func TestProposeAnsweredWhileWaiting(t *testing.T) {
 	awaitProposal(t, b.spool())
 	// Serve it as a holder would, while b's Lock still waits: claim,
 	// apply in a commit, answer, with the lock held by hold.
-	svs := a.claim(nil)
+	svs := a.claim()
 	if len(svs) != 1 {
 		t.Fatalf("claimed %d proposals, want 1", len(svs))
 	}

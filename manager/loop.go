@@ -130,13 +130,18 @@ func (m *Manager) electedSweeper(ctx context.Context) bool {
 const watchFallback = 2 * time.Second
 
 // sleep waits until the next pass is due: a kick, the poll interval, or,
-// with a store that watches (w), a change of an entry this process holds
-// or downloads after mark, whichever comes first. It returns false when
-// ctx ended. The watch runs on a goroutine that sleep waits for.
+// with a store that watches (w), a change after mark of an entry this
+// process holds or downloads, or of the stored policy, whichever comes
+// first. It returns false when ctx ended. The watch runs on a goroutine
+// that sleep waits for.
+//
+// With nothing held, the poll interval stays: no watch announces an entry
+// that another process queued (get --no-wait) for this one to take up.
 func (m *Manager) sleep(ctx context.Context, w state.Watcher, mark state.Mark) bool {
 	interval := m.cfg.PollInterval
 	var changed chan error
-	if ids := m.watchedIDs(); w != nil && len(ids) > 0 {
+	if w != nil {
+		ids := m.watchedIDs()
 		wctx, cancel := context.WithCancel(ctx)
 		changed = make(chan error, 1)
 		go func() { changed <- w.WaitEntries(wctx, ids, mark) }()
@@ -146,7 +151,9 @@ func (m *Manager) sleep(ctx context.Context, w state.Watcher, mark state.Mark) b
 				<-changed
 			}
 		}()
-		interval = max(interval, watchFallback)
+		if len(ids) > 0 {
+			interval = max(interval, watchFallback)
+		}
 	}
 	t := time.NewTimer(interval)
 	defer t.Stop()

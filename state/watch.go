@@ -21,8 +21,10 @@ type Watcher interface {
 	// after the call precedes. It does no I/O.
 	Mark() Mark
 	// WaitEntries blocks until one of the entries named by ids (key IDs)
-	// was created, changed (the entry or any of its dependents) or removed
-	// after since, or ctx ends, whose error it returns then. It also
+	// was created, changed (the entry, its owner or any of its dependents,
+	// also when a lease ended them without a commit) or removed after
+	// since, or the stored policy changed (with no ids too), or ctx ends,
+	// whose error it returns then. It also
 	// returns nil, at once, when it cannot tell what happened after since
 	// (a zero mark, or history it could not recover): the caller reads the
 	// state again, as after a change. An error other than ctx's means the

@@ -46,7 +46,9 @@
 //     which stays the caller's own deadline.
 //   - Waiters watch (state.Watcher): WaitEntries returns once a named
 //     entry's key, which every change of the entry or its dependents puts,
-//     changed after the caller's mark. The watch starts at the current
+//     changed after the caller's mark, or its owner key or one of its
+//     dependent keys was deleted (the end of a lease puts no entry key), or
+//     the header, which holds the policy, changed. The watch starts at the current
 //     revision (etcd delivers a watch that starts in the past only at its
 //     next resync, up to 100 ms late) and what came between the mark and
 //     its start is listed instead; a watch that cannot resume after a
@@ -74,8 +76,8 @@
 //     (ErrDependentLost: it never hands out the path of an entry it lost).
 //     The deletion of an ended lease's keys does not put the entry key: a
 //     commit that read such a dependent still applies (it can only have
-//     kept the entry for it), and waiters learn of it at their next pass,
-//     not through the watch.
+//     kept the entry for it). Waiters watch those deletions apart, so they
+//     learn of it at once.
 //   - After LeaseOwners (state.OwnerLeaser; every manager calls it, with
 //     its download timeout), the owner of a DOWNLOADING entry is on a
 //     lease: the commit that claims the entry puts its owner key on a new
@@ -101,11 +103,9 @@
 //     it fences nothing: two sweepers at once (a leader change) evict
 //     safely, each victim by its compares.
 //
-// Not yet: the policy as a watched key (it is read with every pass); a
-// waiter is not woken by the end of a dependent's lease, which puts no
-// entry key (its next pass, at most 2 s later, sees it); moving a file
-// store's state into a prefix; doctor's check that the cluster compacts
-// (auto-compaction is a server flag, invisible to a client).
+// What a client cannot see: whether the members run with auto-compaction
+// (a server flag). Doctor infers it from the oldest revision the cluster
+// still serves, and warns about a long history never compacted.
 //
 // The package starts no goroutines of its own beyond the etcd client's
 // (its watches, and the keep-alive of the session's lease).

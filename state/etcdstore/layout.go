@@ -49,6 +49,7 @@ func (l layout) removals() string       { return l.p + "/x" }
 func (l layout) rootID() string         { return l.p + "/root-id" }
 func (l layout) entry(id string) string { return l.p + "/e/" + id }
 func (l layout) deps(id string) string  { return l.p + "/d/" + id + "/" }
+func (l layout) depsAll() string        { return l.p + "/d/" }
 func (l layout) dep(id, name string) string {
 	return l.deps(id) + hex.EncodeToString([]byte(name))
 }

@@ -3,6 +3,7 @@ package etcdstore
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -199,4 +200,105 @@ func TestWaitEntriesCompacted(t *testing.T) {
 	mustBlock(t, done, "after a compaction during the wait")
 	touch(t, s, 1, "job2")
 	mustReturn(t, done, "after the change")
+}
+
+// setBudget commits a policy with budget n and no minimum age.
+func setBudget(t *testing.T, s *Store, n int64) {
+	t.Helper()
+	if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		p := state.DefaultPolicy()
+		if st.Policy != nil {
+			p = *st.Policy
+		}
+		p.MaxSizeBytes, p.MinAge = n, 0
+		st.Policy = &p
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestWaitEntriesPolicy: the policy is a watched key: a waiter wakes when
+// it changes, with entries named and with none, also when it changed
+// between the mark and the wait; a change of an entry not named wakes
+// neither.
+func TestWaitEntriesPolicy(t *testing.T) {
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/watch")
+	put(t, s, testEntry(1), testEntry(2))
+	for _, ids := range [][]string{nil, {testKey(1).ID()}} {
+		done := waitAsync(context.Background(), s, ids, s.Mark())
+		touch(t, s, 2, "other")
+		mustBlock(t, done, fmt.Sprintf("%d named: after a change of an entry not named", len(ids)))
+		setBudget(t, s, 1<<20+int64(len(ids)))
+		mustReturn(t, done, fmt.Sprintf("%d named: after a policy change", len(ids)))
+
+		mark := s.Mark()
+		setBudget(t, s, 2<<20+int64(len(ids)))
+		mustReturn(t, waitAsync(context.Background(), s, ids, mark), "a policy change before the wait began")
+	}
+}
+
+// TestWaitEntriesLeaseEnds: the end of a lease deletes keys without
+// putting the entry key; a waiter on the entry still wakes: for its
+// owner's key (the waiters take the download over), and for a dependent's
+// (its manager learns that it lost it), while it waits and between the
+// mark and the wait. Another entry's lapsed dependent wakes nobody.
+func TestWaitEntriesLeaseEnds(t *testing.T) {
+	m := etcdtest.Start(t)
+	s := open(t, []string{m.Endpoint}, "/watch")
+	s.LeaseOwners(time.Minute)
+	s.LeaseDependents(time.Minute)
+	for _, many := range []bool{false, true} {
+		ids := []string{testKey(1).ID()}
+		if many {
+			for i := range watchKeysMax {
+				ids = append(ids, testKey(200+i).ID())
+			}
+		}
+		revoke := func(lease int64) {
+			t.Helper()
+			if lease == 0 {
+				t.Fatal("the key is on no lease")
+			}
+			if _, err := s.Client().Revoke(context.Background(), clientv3.LeaseID(lease)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The owner's lease.
+		e := testEntry(1)
+		e.Stage, e.Generation = state.Downloading, 3
+		e.Owner = &state.Owner{Process: state.Process{Host: "h", PID: 1}, ManagerID: "m"}
+		put(t, s, e, testEntry(2))
+		o, _ := ownerKey(t, s, ids[0])
+		done := waitAsync(context.Background(), s, ids, s.Mark())
+		mustBlock(t, done, "before the owner's lease ended")
+		revoke(int64(o.lease))
+		mustReturn(t, done, fmt.Sprintf("many=%v: after the owner's lease ended", many))
+
+		// A dependent's lease, while waiting and before the wait.
+		for _, before := range []bool{false, true} {
+			exp := time.Now().Add(time.Hour)
+			for _, i := range []int{1, 2} {
+				e := testEntry(i)
+				e.Dependents = map[string]state.Dependent{"ttl": {Since: time.Now(), Expires: &exp}}
+				put(t, s, e)
+			}
+			other, _ := depKV(t, s, 2, "ttl")
+			mine, _ := depKV(t, s, 1, "ttl")
+			mark := s.Mark()
+			if before {
+				revoke(mine)
+				mustReturn(t, waitAsync(context.Background(), s, ids, mark),
+					fmt.Sprintf("many=%v: a dependent's lease ended before the wait began", many))
+				revoke(other)
+				continue
+			}
+			done := waitAsync(context.Background(), s, ids, mark)
+			revoke(other)
+			mustBlock(t, done, "after another entry's dependent lapsed")
+			revoke(mine)
+			mustReturn(t, done, fmt.Sprintf("many=%v: after a dependent's lease ended", many))
+		}
+	}
 }

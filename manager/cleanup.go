@@ -381,6 +381,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		failpoint("sweep-before-delete")
 	}
 	m.emptyTrash()
+	m.tidy(ctx)
 	if len(images) > 0 {
 		m.removeImages(ctx, images)
 	}
@@ -790,4 +791,20 @@ func hasImages(st *state.State) bool {
 		}
 	}
 	return false
+}
+
+// tidy removes what the lock attempts of dead processes left behind, with
+// a store that leaves such files (state.Tidier: the file store).
+func (m *Manager) tidy(ctx context.Context) {
+	t, ok := m.store.(state.Tidier)
+	if !ok {
+		return
+	}
+	n, err := t.Tidy(ctx)
+	if err != nil && ctx.Err() == nil {
+		m.log.WithError(err).Warn("removing the files of dead processes' lock attempts")
+	}
+	if n > 0 {
+		m.log.WithField("files", n).Info("removed the files that dead processes' lock attempts left")
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -280,5 +281,53 @@ func TestPolicyChangeSweepsAtOnce(t *testing.T) {
 			t.Fatal("the entry is still there a minute after the budget went to 1 byte: the loop waits for its cleanup interval")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestSweepTidiesDeadLockAttempts: a sweep (what gc and serve's loop run)
+// removes the file a process of this machine left when it was killed
+// while it waited for the state lock, and keeps a live one's; a dry run
+// removes nothing.
+func TestSweepTidiesDeadLockAttempts(t *testing.T) {
+	root := t.TempDir()
+	m := newManager(t, root)
+	if _, err := m.Sweep(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	procs, err := state.System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := procs.Self()
+	dead := live
+	dead.PID, dead.StartTime = gone.ProcessState.Pid(), 1
+	write := func(name string, p state.Process) string {
+		t.Helper()
+		f := filepath.Join(root, state.LockFile+".tmp-"+name)
+		b := fmt.Sprintf(`{"host":%q,"boot_id":%q,"pid_ns":%q,"pid":%d,"start_time":%d,"nonce":%q}`, p.Host, p.BootID, p.PIDNS, p.PID, p.StartTime, name)
+		if err := os.WriteFile(f, []byte(b), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	deadFile, liveFile := write("0a", dead), write("0b", live)
+	if _, err := m.Sweep(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(deadFile); err != nil {
+		t.Fatalf("a dry run removed a dead attempt's file: %v", err)
+	}
+	if _, err := m.Sweep(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(deadFile); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the dead attempt's file after a sweep: %v, want it removed", err)
+	}
+	if _, err := os.Stat(liveFile); err != nil {
+		t.Errorf("the live attempt's file after a sweep: %v, want it kept", err)
 	}
 }

@@ -109,7 +109,11 @@ func expectLine(t testing.TB, ch <-chan string, prefix string) string {
 // once DT_DIR/release exists, then writes DT_DIR/released.
 func lockHolder() int {
 	dir := os.Getenv("DT_DIR")
-	l, err := state.NewLock(filepath.Join(dir, "lock"), state.LockOptions{Lease: envDur("DT_LEASE", time.Hour), Log: quietLog()})
+	name := os.Getenv("DT_LOCK")
+	if name == "" {
+		name = "lock"
+	}
+	l, err := state.NewLock(filepath.Join(dir, name), state.LockOptions{Lease: envDur("DT_LEASE", time.Hour), Log: quietLog()})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -141,7 +145,11 @@ func lockHolder() int {
 // had released it first (DT_DIR/released exists).
 func lockWaiter() int {
 	dir := os.Getenv("DT_DIR")
-	l, err := state.NewLock(filepath.Join(dir, "lock"), state.LockOptions{Lease: envDur("DT_LEASE", time.Hour), Log: quietLog()})
+	name := os.Getenv("DT_LOCK")
+	if name == "" {
+		name = "lock"
+	}
+	l, err := state.NewLock(filepath.Join(dir, name), state.LockOptions{Lease: envDur("DT_LEASE", time.Hour), Log: quietLog()})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2

@@ -1,0 +1,105 @@
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// A Tidier is the optional interface of a Backend whose processes leave
+// files behind when they die: the file store's attempts at its locks.
+// The manager's sweeps call it.
+type Tidier interface {
+	// Tidy removes what interrupted attempts of processes that are gone
+	// left behind, and returns how many files it removed. It never
+	// removes a file that a live process may still use.
+	Tidy(ctx context.Context) (removed int, err error)
+}
+
+// unreadableLitterAge is how old a lock attempt's file that does not parse
+// must be before Tidy removes it: an attempt writes its record in one
+// write before anything else, so only one interrupted while writing stays
+// unparseable for longer than a moment.
+const unreadableLitterAge = time.Hour
+
+// maxHolderRecord bounds the files Tidy reads: a holder record is a few
+// hundred bytes, and a larger file is not one.
+const maxHolderRecord = 64 << 10
+
+// Tidy removes the files of lock attempts (the state lock's and the named
+// locks' LOCK.tmp-NONCE) whose process was of this machine and is gone, and
+// those that have not parsed for an hour. An attempt's file is its holder
+// record, linked to the lock to take it; a process killed while it waited
+// leaves it behind. A live waiter's file, and one of another host, whose
+// liveness no process here can judge, are left alone: doctor reports
+// those.
+func (s *Store) Tidy(ctx context.Context) (int, error) {
+	removed := 0
+	var errs []error
+	for _, pattern := range []string{s.lock.path + ".tmp-*", filepath.Join(s.root, LocksDir, "*.lock.tmp-*")} {
+		files, err := filepath.Glob(pattern)
+		if err != nil {
+			return removed, err
+		}
+		for _, f := range files {
+			if err := ctx.Err(); err != nil {
+				return removed, err
+			}
+			gone, err := s.deadAttempt(f)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if !gone {
+				continue
+			}
+			if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("removing a dead lock attempt's file: %w", err))
+				continue
+			}
+			removed++
+		}
+	}
+	return removed, errors.Join(errs...)
+}
+
+// deadAttempt reports whether the lock attempt's file f belongs to a
+// process of this machine that is gone, or has not parsed for an hour.
+func (s *Store) deadAttempt(f string) (bool, error) {
+	fi, err := os.Lstat(f)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil // its attempt ended meanwhile
+	}
+	if err != nil {
+		return false, err
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > maxHolderRecord {
+		return false, nil // not one of ours: never removed
+	}
+	b, err := os.ReadFile(f)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	var h holder
+	_, nonce, _ := strings.Cut(filepath.Base(f), ".tmp-")
+	if json.Unmarshal(b, &h) != nil || h.Nonce != nonce {
+		return s.lock.opts.Clock.Now().Sub(fi.ModTime()) > unreadableLitterAge, nil
+	}
+	procs := s.lock.opts.Processes
+	if !procs.Self().SameMachine(h.Process) {
+		return false, nil
+	}
+	alive, err := procs.Alive(h.Process)
+	return err == nil && !alive, nil
+}
+
+var _ Tidier = (*Store)(nil)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -151,7 +152,16 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 	if err != nil {
 		return nil, err
 	}
+	lockPath, _, _ := state.NamedLockPaths(g.root, name)
 	return func(ctx context.Context) (lockHold, error) {
+		if pid, ok := enclosingHolder(lockPath); ok {
+			hint := "; give --timeout, or take the lock once"
+			if _, ok := ctx.Deadline(); ok {
+				hint = ""
+			}
+			fmt.Fprintf(g.stderr, "depcache lock: %q is held by pid %d, which this command runs under (a 'depcache lock %s' around it): this waits until that one releases it, which it does only after this command ends%s\n",
+				name, pid, name, hint)
+		}
 		s, err := l.Acquire(ctx)
 		if err != nil {
 			return nil, err
@@ -203,7 +213,8 @@ dies, CMD gets SIGKILL.
 A waiter breaks a holder on its own machine at once when the holder's process
 is gone, and a holder on another host once the lock stayed unchanged for
 --lease on the waiter's own clock: every user of NAME should give the same
---lease.
+--lease. A lock of NAME that the holder of NAME runs (nested in its CMD) says
+at once that it waits for its own enclosing holder.
 
 With --state etcd://..., the lock is on etcd instead (PREFIX/locks/...): it
 excludes every host that uses the prefix, with no shared filesystem, on a
@@ -342,4 +353,50 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 			}
 		}
 	}
+}
+
+// enclosingHolder returns the pid of the holder of the lock at path when
+// it is an ancestor of this process: a lock nested in a lock of the same
+// name waits for a holder that waits for it. It is only told, not
+// refused: a CMD that leaves the inner lock running after it exits (sh -c
+// '... &') waits legitimately.
+func enclosingHolder(path string) (int, bool) {
+	info, ok, err := state.ReadLockInfo(path)
+	if err != nil || !ok {
+		return 0, false
+	}
+	procs, err := state.System()
+	if err != nil || !procs.Self().SameMachine(info.Process) {
+		return 0, false
+	}
+	if alive, err := procs.Alive(info.Process); err != nil || !alive {
+		return 0, false
+	}
+	for pid, hops := os.Getppid(), 0; pid > 1 && hops < 64; hops++ {
+		if pid == info.PID {
+			return pid, true
+		}
+		pid = parentOf(pid)
+	}
+	return 0, false
+}
+
+// parentOf returns the parent pid of pid, 0 when it cannot be read.
+func parentOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name in parentheses may hold anything: read after its
+	// last ")". Then: state, ppid.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
 }

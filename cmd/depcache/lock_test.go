@@ -78,6 +78,9 @@ func TestLockStatusTokensTimeout(t *testing.T) {
 	if code != exitTimeout || !strings.Contains(stderr, "--timeout") || exists(marker) {
 		t.Errorf("--timeout while held: exit %d, stderr %q, CMD ran %v; want 3 and no CMD", code, stderr, exists(marker))
 	}
+	if strings.Contains(stderr, "runs under") {
+		t.Errorf("a waiter that the holder does not run was told it is nested: %s", stderr)
+	}
 	code, out, _ = depcache(t, root, "locks")
 	if code != 0 || !strings.Contains(out, "L ") || !strings.Contains(out, strconv.Itoa(holder.Process.Pid)) {
 		t.Errorf("locks: exit %d:\n%s\nwant L held by pid %d", code, out, holder.Process.Pid)
@@ -92,6 +95,24 @@ func TestLockStatusTokensTimeout(t *testing.T) {
 	}
 	if code, out, _ := depcache(t, root, "locks"); code != 0 || !strings.Contains(out, "no lock is held") {
 		t.Errorf("locks after the releases: exit %d: %s", code, out)
+	}
+}
+
+// TestLockNested: a lock nested in a lock of the same name (its holder
+// runs it, through a shell) is told at once that it waits for its own
+// enclosing holder, naming its pid; with --timeout it then exits 3, which
+// the outer lock passes on as CMD's status. A nested lock of another name
+// is not told anything.
+func TestLockNested(t *testing.T) {
+	root := t.TempDir()
+	inner := fmt.Sprintf("%s --root %s lock %%s --timeout 300ms -- true", bin, root)
+	code, _, stderr := depcache(t, root, "lock", "N", "--", "sh", "-c", fmt.Sprintf(inner, "N"))
+	if code != exitTimeout || !strings.Contains(stderr, `"N" is held by pid`) || !strings.Contains(stderr, "runs under") {
+		t.Errorf("nested lock N: exit %d, stderr %q; want 3, told it waits for its enclosing holder", code, stderr)
+	}
+	code, _, stderr = depcache(t, root, "lock", "N", "--", "sh", "-c", fmt.Sprintf(inner, "M"))
+	if code != 0 || strings.Contains(stderr, "runs under") {
+		t.Errorf("lock M inside lock N: exit %d, stderr %q; want 0 and nothing told", code, stderr)
 	}
 }
 

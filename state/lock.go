@@ -247,6 +247,13 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 		if content != nil {
 			h := parseHolder(content)
 			stale, why := w.judge(l.path, h, content)
+			if o := w.seen[l.path]; h.Nonce == "" && !stale && w.unreadable != o.content && l.opts.Clock.Now().Sub(o.since) >= unreadableAfter {
+				// Told long before the lease's end: nothing else would say
+				// why every writer waits.
+				w.unreadable = o.content
+				l.opts.Log.WithFields(logrus.Fields{"lock": l.path, "bytes": len(content), "begins": string(content[:min(len(content), 40)])}).
+					Warnf("the %s does not parse as a holder record (damaged, or not written by depcache): nobody can tell whether its writer lives, so it is broken only once it stays unchanged for the lease (%s)", l.what(), l.opts.Lease)
+			}
 			if stale {
 				if err := w.breakStale(l.path, h, content, why, 0); err != nil {
 					return nil, fmt.Errorf("lock %s: breaking stale lock: %w", l.path, err)
@@ -498,7 +505,13 @@ type waiter struct {
 	seen  map[string]observation
 	eperm int
 	turn  turn
+	// unreadable is the lock content that did not parse, once told.
+	unreadable string
 }
+
+// unreadableAfter is how long a lock's content must stay unparseable
+// before a waiter says so: on sshfs a read can come back cut for a moment.
+const unreadableAfter = time.Second
 
 // maxEPERM bounds how often a link may fail with EPERM while the name does
 // not exist before the EPERM is taken for a real permission error.

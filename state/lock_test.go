@@ -813,22 +813,39 @@ func TestBreakerFindsLockReleasedBeforeRename(t *testing.T) {
 
 // A lock whose content names no holder (a hand edit, a filesystem that
 // lost it) cannot be judged by pid: it is broken after the lease, like one
-// from another host.
+// from another host. The waiter says why it waits once the content stayed
+// unparseable for a second, long before the lease ends, and says it once.
 func TestLockBreaksUnreadableHolder(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "lock")
 	if err := os.WriteFile(path, []byte("not a lock\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	clock, ctx := limitedClock(t, time.Second, 1000)
-	l := newLock(t, path, &fakeProcs{self: machine("h1", 1)}, clock, time.Minute)
+	clock, ctx := limitedClock(t, 100*time.Millisecond, 10000)
+	log, hook := logtest.NewNullLogger()
+	l, err := state.NewLock(path, state.LockOptions{Lease: time.Minute, Processes: &fakeProcs{self: machine("h1", 1)}, Clock: clock, Log: log, WarnAfter: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
 	unlock, err := l.Lock(ctx)
 	if err != nil {
-		t.Fatalf("unreadable lock not broken within 1000 readings of the clock: %v", err)
+		t.Fatalf("unreadable lock not broken within 10000 readings of the clock: %v", err)
 	}
 	if err := unlock(); err != nil {
 		t.Fatal(err)
 	}
 	noLitter(t, path)
+	told := 0
+	for _, e := range hook.AllEntries() {
+		if strings.Contains(e.Message, "does not parse as a holder record") {
+			told++
+			if e.Level != logrus.WarnLevel || e.Data["begins"] != "not a lock\n" {
+				t.Errorf("told %s %q with %v, want a warning with the content's beginning", e.Level, e.Message, e.Data)
+			}
+		}
+	}
+	if told != 1 {
+		t.Errorf("told %d times that the lock does not parse, want once", told)
+	}
 }
 
 // TestHolderRereadsCutLock: on sshfs, the holder's read of its own lock

@@ -57,9 +57,12 @@ func (m *Manager) Verify(ctx context.Context, sources []string) ([]VerifyResult,
 			return out, err
 		}
 		var meta Meta
-		b, err := readNote(filepath.Join(filepath.Dir(abs), metaName))
+		metaPath := filepath.Join(filepath.Dir(abs), metaName)
+		b, err := readNote(metaPath)
 		if err == nil {
-			err = json.Unmarshal(b, &meta)
+			if err = json.Unmarshal(b, &meta); err != nil {
+				err = fmt.Errorf("%s does not parse: %w", metaPath, err)
+			}
 		}
 		// Only a digest that differs condemns content: a file that cannot
 		// be read is reported, never a reason to delete anything.

@@ -303,3 +303,39 @@ func TestRebuildKeepsLRUOrder(t *testing.T) {
 			ea.LastUsed, ea.Created, eb.LastUsed, usedA, createdA, usedB)
 	}
 }
+
+// TestVerifyNamesUnreadableMetadata: an entry whose meta.json does not
+// parse is reported unchecked, naming the file, and is neither marked
+// FAILED nor touched.
+func TestVerifyNamesUnreadableMetadata(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	m := newManager(t, root)
+	ready, err := getWait(t, m, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	content, err := m.Abs(ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	metaPath := filepath.Join(filepath.Dir(content), "meta.json")
+	if err := os.WriteFile(metaPath, []byte("{not json"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Verify(ctx, nil)
+	if err != nil || len(res) != 1 {
+		t.Fatalf("verify: %+v, %v; want one result", res, err)
+	}
+	if r := res[0]; r.OK || r.Failed || !strings.Contains(r.Detail, metaPath) || !strings.Contains(r.Detail, "does not parse") {
+		t.Errorf("verify of unreadable metadata: %+v, want not checked, naming %s", r, metaPath)
+	}
+	if e := viewEntry(t, root, k); e == nil || e.Stage != state.Ready {
+		t.Errorf("entry after verify: %+v, want it READY still", e)
+	}
+	if _, err := os.Stat(filepath.Join(content, "hello")); err != nil {
+		t.Errorf("content after verify: %v", err)
+	}
+}

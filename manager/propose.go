@@ -102,8 +102,17 @@ func serveProposals(store state.Backend) {
 	}
 }
 
+// lockLostTries is how many times propose applies an operation whose
+// hold of the state lock was broken before it could commit.
+const lockLostTries = 3
+
 // propose applies op on ids with args, through the store's combining where
 // it has it, and decodes the applier's result into out.
+//
+// A hold that lost the lock before its commit (this process was stopped
+// past the lock's lease, and another broke it) committed nothing, so the
+// operation is applied again, on the state as it is now: a get or release
+// of a process that was stopped must not fail for it.
 func (m *Manager) propose(ctx context.Context, op string, ids []string, args, out any) error {
 	b, err := json.Marshal(args)
 	if err != nil {
@@ -111,15 +120,21 @@ func (m *Manager) propose(ctx context.Context, op string, ids []string, args, ou
 	}
 	p := state.Proposal{Op: op, IDs: ids, Args: b}
 	var res []byte
-	if c, ok := m.store.(state.Combiner); ok {
-		res, err = c.Propose(ctx, p)
-	} else {
-		apply := appliers[op]
-		err = m.store.UpdateEntries(ctx, ids, func(tx *state.Txn) (bool, error) {
-			changed, r, err := apply(tx, p)
-			res = r
-			return changed, err
-		})
+	for try := 1; ; try++ {
+		if c, ok := m.store.(state.Combiner); ok {
+			res, err = c.Propose(ctx, p)
+		} else {
+			apply := appliers[op]
+			err = m.store.UpdateEntries(ctx, ids, func(tx *state.Txn) (bool, error) {
+				changed, r, err := apply(tx, p)
+				res = r
+				return changed, err
+			})
+		}
+		if !errors.Is(err, state.ErrLockLost) || try == lockLostTries || ctx.Err() != nil {
+			break
+		}
+		m.log.WithError(err).WithField("op", op).Warn("the state lock was broken while this process held it, before its commit (was it stopped past the lock's lease?): nothing was written; applying it again")
 	}
 	if err != nil {
 		return err

@@ -368,6 +368,7 @@ func (m *Manager) step(ctx context.Context) (err error) {
 // m.mu is held.
 func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
 	var lost []LostDependent
+	now := m.cfg.Clock.Now()
 	for id, names := range m.local {
 		e := st.Entries[id]
 		for name, d := range names {
@@ -378,6 +379,12 @@ func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
 				if _, ok := e.Dependents[name]; ok {
 					continue
 				}
+			}
+			if !d.expires.IsZero() && !now.Before(d.expires) {
+				// Its TTL ended, as the caller asked: reaped, not lost.
+				m.log.WithFields(logrus.Fields{"key": m.localKeys[id].String(), "dependent": name}).Debug("a dependent's TTL ended")
+				delete(names, name)
+				continue
 			}
 			lost = append(lost, LostDependent{Key: m.localKeys[id], Dependent: name, Evicted: e == nil})
 			delete(names, name)

@@ -133,3 +133,76 @@ func TestLostDependentIsTold(t *testing.T) {
 		})
 	}
 }
+
+// TestTTLEndIsNotALoss: a dependent bound to this process with a TTL that
+// a sweep reaps once the TTL ended ended as asked: it is not reported
+// lost, nor logged as an error, nor counted, and Wait treats the entry as
+// one this process no longer holds. One without a TTL reaped in the same
+// commit is still reported.
+func TestTTLEndIsNotALoss(t *testing.T) {
+	root := t.TempDir()
+	var mu sync.Mutex
+	var lost []manager.LostDependent
+	rec := &logRecorder{}
+	clock := &fakeClock{now: time.Now()}
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Log = rec.logger()
+		c.Clock = clock
+		c.OnLost = func(l manager.LostDependent) {
+			mu.Lock()
+			lost = append(lost, l)
+			mu.Unlock()
+		}
+	})
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := m.Get(ctx, "ttl", k, manager.WithTTL(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := getWait(t, m, "stopped", k); err != nil {
+		t.Fatal(err)
+	}
+	clock.advance(2 * time.Minute)
+	// Another process reaps both: "ttl" past its TTL, "stopped" as if its
+	// process was stopped past its lease.
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Update(ctx, func(st *state.State) (bool, error) {
+		n := st.Get(k).Clone()
+		delete(n.Dependents, "ttl")
+		delete(n.Dependents, "stopped")
+		st.Put(n)
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	got := func() []manager.LostDependent {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]manager.LostDependent(nil), lost...)
+	}
+	waitFor(t, 30*time.Second, func() bool { return len(got()) > 0 }, func() string { return "no loss reported" })
+	if l := got(); len(l) != 1 || l[0].Dependent != "stopped" {
+		t.Fatalf("reported lost: %+v, want only the dependent without a TTL", l)
+	}
+	for _, e := range rec.find("is gone from its entry without its release") {
+		if e.Data["dependent"] == "ttl" {
+			t.Errorf("the TTL's end was logged as a loss: %v", e.Message)
+		}
+	}
+	// "stopped" keeps Wait failing; once it is registered again, nothing
+	// of the TTL's end stands in the way.
+	if _, err := m.Get(ctx, "stopped", k); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := m.Wait(ctx, k); err != nil || e.Stage != state.Ready {
+		t.Fatalf("Wait after Get again: %+v %v", e, err)
+	}
+	if n := len(got()); n != 1 {
+		t.Errorf("%d losses reported, want 1", n)
+	}
+}

@@ -35,7 +35,9 @@ var (
 	// reaped (the process was stopped past its dependent lease) or
 	// released by another process, and the entry may have been evicted.
 	// A run that used the entry's path may be reading deleted files. Wait
-	// returns it until Get registers a dependent on the entry again.
+	// returns it until Get registers a dependent on the entry again. A
+	// dependent reaped after its TTL ([WithTTL]) on this manager's clock
+	// ended as asked, and is not lost.
 	ErrDependentLost = errors.New("dependent lost")
 	// ErrBadDependent means a dependent name is empty, too long, has
 	// control characters or is not valid UTF-8.
@@ -176,6 +178,9 @@ type localDep struct {
 	// others reap it when the process is gone or its lease lapsed. A
 	// detached (named) dependent may be released by anyone.
 	bound bool
+	// expires is when its TTL ends, on this manager's clock (zero: no
+	// TTL): gone after that, it ended as asked, and is not lost.
+	expires time.Time
 }
 
 // LostDependent names a dependent that was found gone from its entry.
@@ -470,7 +475,11 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	}
 	// A pass that started before this commit may not see it: only later
 	// passes judge whether the dependent is still there.
-	m.local[id][dependent] = localDep{since: m.started, bound: !o.detached}
+	ld := localDep{since: m.started, bound: !o.detached}
+	if dep.Expires != nil {
+		ld.expires = *dep.Expires
+	}
+	m.local[id][dependent] = ld
 	m.localKeys[id] = snap.Key
 	// Held again by this process, under this name or another: Wait
 	// waits for it again.

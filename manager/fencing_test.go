@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -511,5 +512,77 @@ func TestReleasedDownloadCancelled(t *testing.T) {
 				t.Fatalf("a Get after the cancel: gen %d, %v; want READY at 2", e.Generation, err)
 			}
 		})
+	}
+}
+
+// TestOtherHostsSupersededStagingRemoved: the staging data of a writer on
+// another host, whose liveness no process here can judge, is removed at
+// start-up once a later generation of its entry settled (READY); one of
+// the generation still DOWNLOADING, one of an entry this state does not
+// know, and one of this host's live writer stay.
+func TestOtherHostsSupersededStagingRemoved(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	ready := mustKey(t, "file://"+abs, "")
+	downloading := mustKey(t, "https://example.com/still-downloading.tar.gz", "")
+	unknown := mustKey(t, "https://example.com/unknown.tar.gz", "")
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := state.Owner{Process: fakeProcess("other-host", 10), ManagerID: "other"}
+	if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: downloading, Stage: state.Downloading, Generation: 40, Owner: &other})
+		st.MaxGeneration = 40
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m := newManager(t, root)
+	e, err := getWait(t, m, "run", ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plant := func(name string, owner state.Owner) string {
+		t.Helper()
+		p := filepath.Join(root, "staging", name)
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		rec, err := json.Marshal(map[string]any{"owner": owner})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, "owner.json"), rec, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, "part"), []byte("partial"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	procs, err := state.System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := state.Owner{Process: procs.Self(), ManagerID: "live"}
+	superseded := plant(gen(ready, e.Generation-1), other)
+	kept := []string{
+		plant(gen(downloading, 40), other),
+		plant(gen(downloading, 39), other), // the takeover of 40 may resume from it
+		plant(gen(unknown, 3), other),
+		plant(gen(ready, e.Generation-2), live),
+	}
+	if e.Generation < 3 {
+		t.Fatalf("READY at generation %d: the test needs two before it", e.Generation)
+	}
+	newManager(t, root) // its start-up reconciles
+	if _, err := os.Stat(superseded); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("superseded staging of another host after a start-up: %v, want it removed", err)
+	}
+	for _, p := range kept {
+		if _, err := os.Stat(filepath.Join(p, "part")); err != nil {
+			t.Errorf("staging %s after a start-up: %v, want it kept", filepath.Base(p), err)
+		}
 	}
 }

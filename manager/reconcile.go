@@ -137,7 +137,8 @@ func readDirNames(dir string) ([]string, error) {
 
 // removeDeadStaging removes staging directories whose writer, on this
 // machine, is gone. A writer on another host may still be alive: its data
-// stays (doctor reports it). A dead writer's checkpointed data stays while
+// stays (doctor reports it) until a later generation of its entry is
+// READY or FAILED, which fences it. A dead writer's checkpointed data stays while
 // a later generation may resume from it: its entry is still DOWNLOADING
 // and no later generation of it holds a checkpoint (the owner that copies
 // it removes it then). Superseded and copied, or abandoned (the entry is
@@ -178,6 +179,23 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 			continue
 		}
 		if !m.self.SameMachine(rec.Owner.Process) {
+			// Its writer's liveness cannot be told from here, but a
+			// generation that a later one settled (READY or FAILED) can
+			// never be published or resumed from: its writer, if it
+			// lives, is fenced, and fails when it finds its data gone.
+			id, _, _ := strings.Cut(d.Name(), "-g")
+			e := st.Entries[id]
+			if e == nil || e.Stage == state.Downloading {
+				continue
+			}
+			if g, ok := stagingGen(e.Key, d.Name()); !ok || g >= e.Generation {
+				continue
+			}
+			if err := os.RemoveAll(p); err != nil {
+				m.log.WithError(err).WithField("dir", p).Warn("removing superseded staging data")
+				continue
+			}
+			m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_host": rec.Owner.Host, "writer_pid": rec.Owner.PID}).Info("removed the staging data of a generation written on another host that a later one settled")
 			continue
 		}
 		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {

@@ -69,6 +69,27 @@ func parseBuildKey(u *url.URL) (state.Key, error) {
 	return state.Key{Kind: state.Image, Source: "docker-build://sha256:" + fp, Build: spec}, nil
 }
 
+// buildRef parses docker-build://sha256:FINGERPRINT, the source that ls
+// prints for a built image: it names an entry that exists (for rm,
+// release, and a get that holds it), but carries no context to build
+// from, so a get of it when the entry is gone fails (applyRequest).
+func buildRef(source, rest, sha256 string) (state.Key, error) {
+	if sha256 != "" {
+		return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles: %w", source, ErrBadSource)
+	}
+	fp := strings.ToLower(strings.TrimPrefix(strings.ToLower(rest), "sha256:"))
+	if len(fp) != 64 || strings.Trim(fp, "0123456789abcdef") != "" {
+		return state.Key{}, fmt.Errorf("source %q: a built image's fingerprint is 64 hex digits (docker-build://sha256:HEX, as ls prints it), or give its context: docker-build:///path/to/context: %w", source, ErrBadSource)
+	}
+	return state.Key{Kind: state.Image, Source: "docker-build://sha256:" + fp}, nil
+}
+
+// isBuildRef reports whether k names a built image by its fingerprint
+// alone, without the spec to build it from.
+func isBuildRef(k state.Key) bool {
+	return k.Kind == state.Image && k.Build == nil && strings.HasPrefix(k.Source, "docker-build://sha256:")
+}
+
 // fingerprint hashes every file of the context (path, mode, content), the
 // Dockerfile's name and the build arguments.
 func fingerprint(spec *state.BuildSpec) (string, error) {

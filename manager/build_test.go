@@ -2,6 +2,7 @@ package manager_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -111,5 +112,51 @@ func TestDockerEngineFindsALateDaemon(t *testing.T) {
 	id, err := eng.DaemonID(ctx)
 	if err != nil || id == "" {
 		t.Fatalf("after the daemon came up: %q, %v", id, err)
+	}
+}
+
+// TestGetByBuildFingerprint: docker-build://sha256:FP, the source ls
+// prints for a built image, holds the entry when it exists (which keeps
+// its build spec), and is refused, writing nothing, when it does not: it
+// carries no context to build from.
+func TestGetByBuildFingerprint(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	fp := strings.Repeat("ab", 32)
+	built := state.Key{Kind: state.Image, Source: "docker-build://sha256:" + fp, Daemon: "d1",
+		Build: &state.BuildSpec{Context: "/ctx", Dockerfile: "Dockerfile"}}
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Update(ctx, func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: built, Stage: state.Ready, ImageID: "sha256:" + strings.Repeat("cd", 32), Created: time.Now(), LastUsed: time.Now()})
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := mustKey(t, built.Source, "")
+	ref.Daemon = "d1"
+	if ref.ID() != built.ID() {
+		t.Fatalf("the fingerprint's key ID %s, want the built entry's %s", ref.ID(), built.ID())
+	}
+	e, err := m.Get(ctx, "job", ref)
+	if err != nil || e.Stage != state.Ready || e.Key.Build == nil || e.Key.Build.Context != "/ctx" {
+		t.Fatalf("get by fingerprint: %+v, %v; want the READY entry, its build spec kept", e, err)
+	}
+	if got := viewEntry(t, root, built); got == nil || got.Key.Build == nil || len(got.Dependents) != 1 {
+		t.Fatalf("stored entry after the get: %+v", got)
+	}
+	other := mustKey(t, "docker-build://sha256:"+strings.Repeat("0", 64), "")
+	other.Daemon = "d1"
+	if _, err := m.Get(ctx, "job", other); !errors.Is(err, manager.ErrBadSource) || !strings.Contains(err.Error(), "by its context") {
+		t.Fatalf("get of an unknown fingerprint: %v, want ErrBadSource saying to give the context", err)
+	}
+	if got := viewEntry(t, root, other); got != nil {
+		t.Fatalf("an entry was made for an unknown fingerprint: %+v", got)
 	}
 }

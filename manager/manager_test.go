@@ -386,6 +386,11 @@ func TestParseKey(t *testing.T) {
 		{"docker://UPPER/case", "", true},
 		{"docker-build://relative/ctx", "", true},
 		{"docker-build:///nonexistent/ctx", "", true},
+		// A built image as ls prints it names it again (rm, release).
+		{"docker-build://sha256:" + strings.Repeat("Ab", 32), "docker-build://sha256:" + strings.Repeat("ab", 32), false},
+		{"DOCKER-BUILD://SHA256:" + strings.Repeat("0", 64), "docker-build://sha256:" + strings.Repeat("0", 64), false},
+		{"docker-build://sha256:" + strings.Repeat("a", 63), "", true},
+		{"docker-build://sha256:" + strings.Repeat("g", 64), "", true},
 	} {
 		k, err := manager.ParseKey(tc.in, "")
 		if (err != nil) != tc.werr {

@@ -52,6 +52,9 @@ func applyRequest(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
 		return false, nil, fmt.Errorf("manager: proposal %s: %w", p.Op, err)
 	}
 	cur := tx.Get(a.Key)
+	if cur == nil && isBuildRef(a.Key) {
+		return false, nil, fmt.Errorf("%s: no such built image here to hold, and this source names it only by its fingerprint: get it by its context (docker-build:///path/to/context?...): %w", a.Key.Source, ErrBadSource)
+	}
 	result := requestResult(cur)
 	if a.Retry && cur != nil {
 		cur = transitions.RetryNow(cur).Entry

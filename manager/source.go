@@ -129,6 +129,9 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		}
 		return k, nil
 	}
+	if sch, rest, ok := strings.Cut(source, "://"); ok && strings.EqualFold(sch, "docker-build") && strings.HasPrefix(strings.ToLower(rest), "sha256:") {
+		return buildRef(source, rest, sha256)
+	}
 	u, err := url.Parse(source)
 	if err != nil {
 		return state.Key{}, fmt.Errorf("source %q: %w: %w", source, ErrBadSource, err)

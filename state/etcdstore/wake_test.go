@@ -71,6 +71,7 @@ func TestManagerWakesForUnannouncedChanges(t *testing.T) {
 	if !present() {
 		t.Fatal("the released entry is gone before the budget changed")
 	}
+	changed := time.Now()
 	setBudget(t, other, 1)
 	for present() {
 		time.Sleep(20 * time.Millisecond)
@@ -79,14 +80,18 @@ func TestManagerWakesForUnannouncedChanges(t *testing.T) {
 		}
 	}
 
+	t.Logf("the unused entry was evicted %s after the budget changed (poll and cleanup intervals: 1 h)", time.Since(changed).Round(time.Millisecond))
+
 	// The session's lease, ended under a held dependent.
 	setBudget(t, other, 1<<30)
 	held := get("job", "/b")
+	revoked := time.Now()
 	if _, err := s.Client().Revoke(ctx, s.SessionLease()); err != nil {
 		t.Fatal(err)
 	}
 	select {
 	case l := <-lost:
+		t.Logf("the lost dependent was reported %s after its lease ended", time.Since(revoked).Round(time.Millisecond))
 		if l.Key != held || l.Dependent != "job" {
 			t.Fatalf("lost %+v, want dependent job of %s", l, held)
 		}

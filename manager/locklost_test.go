@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,5 +75,42 @@ func TestGetAfterTheLockWasBroken(t *testing.T) {
 	}
 	if told != 1 {
 		t.Errorf("told %d times that the lock was broken, want once", told)
+	}
+}
+
+// zeroMark is the real file store presented as a Watcher that has seen
+// nothing yet (Mark 0), as an etcd store is before its first read.
+type zeroMark struct {
+	state.Backend
+	zero atomic.Int32 // WaitEntries calls without a mark
+}
+
+func (z *zeroMark) Mark() state.Mark { return 0 }
+func (z *zeroMark) WaitEntries(ctx context.Context, ids []string, since state.Mark) error {
+	if since == 0 {
+		z.zero.Add(1)
+		return nil // what a store answers: read again, at once
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestNoWatchWithoutAMark: the loop never waits on a watch without a mark
+// (a watch then returns at once, and a loop whose passes fail would spin);
+// it polls instead.
+func TestNoWatchWithoutAMark(t *testing.T) {
+	root := t.TempDir()
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z := &zeroMark{Backend: s}
+	m := newManager(t, root, func(c *manager.Config) { c.State = z })
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	if _, err := getWait(t, m, "run", mustKey(t, "file://"+abs, "")); err != nil {
+		t.Fatal(err)
+	}
+	if n := z.zero.Load(); n != 0 {
+		t.Fatalf("the loop waited on %d watches without a mark", n)
 	}
 }

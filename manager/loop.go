@@ -140,7 +140,9 @@ const watchFallback = 2 * time.Second
 func (m *Manager) sleep(ctx context.Context, w state.Watcher, mark state.Mark) bool {
 	interval := m.cfg.PollInterval
 	var changed chan error
-	if w != nil {
+	if w != nil && mark > 0 {
+		// Without a mark (nothing read yet) a watch returns at once:
+		// polled, or a loop whose passes fail would spin.
 		ids := m.watchedIDs()
 		wctx, cancel := context.WithCancel(ctx)
 		changed = make(chan error, 1)
@@ -377,11 +379,16 @@ func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
 			}
 			if e != nil {
 				if _, ok := e.Dependents[name]; ok {
+					if !d.expires.IsZero() {
+						d.seen = now
+						names[name] = d
+					}
 					continue
 				}
 			}
-			if !d.expires.IsZero() && !now.Before(d.expires) {
-				// Its TTL ended, as the caller asked: reaped, not lost.
+			if !d.expires.IsZero() && !now.Before(d.expires) && !d.seen.Before(d.expires.Add(-m.ttlGrace())) {
+				// Its TTL ended, as the caller asked, while this process
+				// watched it: reaped, not lost.
 				m.log.WithFields(logrus.Fields{"key": m.localKeys[id].String(), "dependent": name}).Debug("a dependent's TTL ended")
 				delete(names, name)
 				continue
@@ -399,6 +406,14 @@ func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
 		}
 	}
 	return lost
+}
+
+// ttlGrace is how long before its TTL's end a dependent may have been
+// last seen and still be taken for one reaped at that end: two of the
+// loop's longest sleeps (etcd ends a TTL's lease on the dot, and the pass
+// before may be that far back).
+func (m *Manager) ttlGrace() time.Duration {
+	return 2 * max(m.cfg.PollInterval, watchFallback)
 }
 
 // reportLost says, loudly, that runs of this process lost what they hold.

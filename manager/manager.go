@@ -179,8 +179,11 @@ type localDep struct {
 	// detached (named) dependent may be released by anyone.
 	bound bool
 	// expires is when its TTL ends, on this manager's clock (zero: no
-	// TTL): gone after that, it ended as asked, and is not lost.
-	expires time.Time
+	// TTL). seen is when a pass last found it in its entry: one found
+	// gone that was seen past its TTL (give or take ttlGrace) ended as
+	// asked, and is not lost; one last seen well before its TTL ended was
+	// reaped early (this process was stopped past its lease).
+	expires, seen time.Time
 }
 
 // LostDependent names a dependent that was found gone from its entry.
@@ -446,20 +449,24 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	for _, opt := range opts {
 		opt(&o)
 	}
-	now := m.cfg.Clock.Now()
-	dep := state.Dependent{Since: now}
-	if !o.detached {
-		p := m.self.Process
-		dep.Process = &p
-	}
-	if o.ttl > 0 {
-		exp := now.Add(o.ttl)
-		dep.Expires = &exp
+	var dep state.Dependent
+	args := func() any {
+		now := m.cfg.Clock.Now()
+		dep = state.Dependent{Since: now}
+		if !o.detached {
+			p := m.self.Process
+			dep.Process = &p
+		}
+		if o.ttl > 0 {
+			exp := now.Add(o.ttl)
+			dep.Expires = &exp
+		}
+		return requestArgs{Key: key, Dependent: dependent, Dep: dep, Policy: m.cfg.Policy, Now: now, Retry: o.retry}
 	}
 	// The hot path touches only this entry and the header, and may be
 	// applied by another process's commit (propose.go).
 	var out requestOutcome
-	err := m.propose(ctx, opRequest, []string{key.ID()}, requestArgs{Key: key, Dependent: dependent, Dep: dep, Policy: m.cfg.Policy, Now: now, Retry: o.retry}, &out)
+	err := m.propose(ctx, opRequest, []string{key.ID()}, args, &out)
 	if err == nil && out.Entry == nil {
 		err = fmt.Errorf("manager: the result of %s names no entry", opRequest)
 	}
@@ -475,7 +482,7 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	}
 	// A pass that started before this commit may not see it: only later
 	// passes judge whether the dependent is still there.
-	ld := localDep{since: m.started, bound: !o.detached}
+	ld := localDep{since: m.started, bound: !o.detached, seen: dep.Since}
 	if dep.Expires != nil {
 		ld.expires = *dep.Expires
 	}
@@ -610,7 +617,7 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 	}
 	m.mu.Unlock()
 	var out struct{}
-	err := m.propose(ctx, opRelease, []string{id}, releaseArgs{Key: key, Dependent: dependent}, &out)
+	err := m.propose(ctx, opRelease, []string{id}, func() any { return releaseArgs{Key: key, Dependent: dependent} }, &out)
 	m.kick()
 	if errors.Is(err, transitions.ErrNotRegistered) {
 		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)

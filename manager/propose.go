@@ -17,7 +17,7 @@ import (
 // change it whenever what an applier does changes, so that a process of
 // another build declines the proposal instead of applying it differently.
 const (
-	opRequest = "depcache.request/1"
+	opRequest = "depcache.request/2" // 2: refuses a fingerprint-only docker-build key with no entry
 	opRelease = "depcache.release/1"
 )
 
@@ -116,14 +116,19 @@ const lockLostTries = 3
 // past the lock's lease, and another broke it) committed nothing, so the
 // operation is applied again, on the state as it is now: a get or release
 // of a process that was stopped must not fail for it.
-func (m *Manager) propose(ctx context.Context, op string, ids []string, args, out any) error {
-	b, err := json.Marshal(args)
-	if err != nil {
-		return err
-	}
-	p := state.Proposal{Op: op, IDs: ids, Args: b}
+func (m *Manager) propose(ctx context.Context, op string, ids []string, args func() any, out any) error {
 	var res []byte
+	var err error
 	for try := 1; ; try++ {
+		// Built again for each try: a Get's times are those of the try
+		// that commits, not of one before a stop.
+		var b []byte
+		if b, err = json.Marshal(args()); err != nil {
+			return err
+		}
+		// A try after the first is told Again: an earlier one may have
+		// been applied by a holder that died before it answered.
+		p := state.Proposal{Op: op, IDs: ids, Args: b, Again: try > 1}
 		if c, ok := m.store.(state.Combiner); ok {
 			res, err = c.Propose(ctx, p)
 		} else {

@@ -247,10 +247,10 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 		if content != nil {
 			h := parseHolder(content)
 			stale, why := w.judge(l.path, h, content)
-			if o := w.seen[l.path]; h.Nonce == "" && !stale && w.unreadable != o.content && l.opts.Clock.Now().Sub(o.since) >= unreadableAfter {
+			if o := w.seen[l.path]; h.Nonce == "" && !stale && (!w.toldUnreadable || w.unreadable != o.content) && l.opts.Clock.Now().Sub(o.since) >= unreadableAfter {
 				// Told long before the lease's end: nothing else would say
 				// why every writer waits.
-				w.unreadable = o.content
+				w.unreadable, w.toldUnreadable = o.content, true
 				l.opts.Log.WithFields(logrus.Fields{"lock": l.path, "bytes": len(content), "begins": string(content[:min(len(content), 40)])}).
 					Warnf("the %s does not parse as a holder record (damaged, or not written by depcache): nobody can tell whether its writer lives, so it is broken only once it stays unchanged for the lease (%s)", l.what(), l.opts.Lease)
 			}
@@ -505,8 +505,10 @@ type waiter struct {
 	seen  map[string]observation
 	eperm int
 	turn  turn
-	// unreadable is the lock content that did not parse, once told.
-	unreadable string
+	// unreadable is the lock content that did not parse, once told
+	// (toldUnreadable: an empty file is content too).
+	unreadable     string
+	toldUnreadable bool
 }
 
 // unreadableAfter is how long a lock's content must stay unparseable

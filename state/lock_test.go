@@ -816,8 +816,14 @@ func TestBreakerFindsLockReleasedBeforeRename(t *testing.T) {
 // from another host. The waiter says why it waits once the content stayed
 // unparseable for a second, long before the lease ends, and says it once.
 func TestLockBreaksUnreadableHolder(t *testing.T) {
+	for _, content := range []string{"not a lock\n", ""} {
+		t.Run(fmt.Sprintf("%q", content), func(t *testing.T) { testLockBreaksUnreadableHolder(t, content) })
+	}
+}
+
+func testLockBreaksUnreadableHolder(t *testing.T, content string) {
 	path := filepath.Join(t.TempDir(), "lock")
-	if err := os.WriteFile(path, []byte("not a lock\n"), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	clock, ctx := limitedClock(t, 100*time.Millisecond, 10000)
@@ -838,7 +844,7 @@ func TestLockBreaksUnreadableHolder(t *testing.T) {
 	for _, e := range hook.AllEntries() {
 		if strings.Contains(e.Message, "does not parse as a holder record") {
 			told++
-			if e.Level != logrus.WarnLevel || e.Data["begins"] != "not a lock\n" {
+			if e.Level != logrus.WarnLevel || e.Data["begins"] != content {
 				t.Errorf("told %s %q with %v, want a warning with the content's beginning", e.Level, e.Message, e.Data)
 			}
 		}

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 )
 
 // A Tidier is the optional interface of a Backend whose processes leave
@@ -22,23 +21,17 @@ type Tidier interface {
 	Tidy(ctx context.Context) (removed int, err error)
 }
 
-// unreadableLitterAge is how old a lock attempt's file that does not parse
-// must be before Tidy removes it: an attempt writes its record in one
-// write before anything else, so only one interrupted while writing stays
-// unparseable for longer than a moment.
-const unreadableLitterAge = time.Hour
-
 // maxHolderRecord bounds the files Tidy reads: a holder record is a few
 // hundred bytes, and a larger file is not one.
 const maxHolderRecord = 64 << 10
 
 // Tidy removes the files of lock attempts (the state lock's and the named
-// locks' LOCK.tmp-NONCE) whose process was of this machine and is gone, and
-// those that have not parsed for an hour. An attempt's file is its holder
-// record, linked to the lock to take it; a process killed while it waited
-// leaves it behind. A live waiter's file, and one of another host, whose
-// liveness no process here can judge, are left alone: doctor reports
-// those.
+// locks' LOCK.tmp-NONCE) whose process was of this machine and is gone. An
+// attempt's file is its holder record, linked to the lock to take it; a
+// process killed while it waited leaves it behind. A live waiter's file,
+// one of another host, whose liveness no process here can judge, and one
+// that does not parse (a read on sshfs can come back cut, and the file may
+// be a live waiter's) are left alone: doctor reports those.
 func (s *Store) Tidy(ctx context.Context) (int, error) {
 	removed := 0
 	var errs []error
@@ -70,7 +63,7 @@ func (s *Store) Tidy(ctx context.Context) (int, error) {
 }
 
 // deadAttempt reports whether the lock attempt's file f belongs to a
-// process of this machine that is gone, or has not parsed for an hour.
+// process of this machine that is gone.
 func (s *Store) deadAttempt(f string) (bool, error) {
 	fi, err := os.Lstat(f)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -92,7 +85,7 @@ func (s *Store) deadAttempt(f string) (bool, error) {
 	var h holder
 	_, nonce, _ := strings.Cut(filepath.Base(f), ".tmp-")
 	if json.Unmarshal(b, &h) != nil || h.Nonce != nonce {
-		return s.lock.opts.Clock.Now().Sub(fi.ModTime()) > unreadableLitterAge, nil
+		return false, nil
 	}
 	procs := s.lock.opts.Processes
 	if !procs.Self().SameMachine(h.Process) {

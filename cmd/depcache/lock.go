@@ -214,7 +214,7 @@ A waiter breaks a holder on its own machine at once when the holder's process
 is gone, and a holder on another host once the lock stayed unchanged for
 --lease on the waiter's own clock: every user of NAME should give the same
 --lease. A lock of NAME that the holder of NAME runs (nested in its CMD) says
-at once that it waits for its own enclosing holder.
+at once that it waits for its own enclosing holder (not on etcd).
 
 With --state etcd://..., the lock is on etcd instead (PREFIX/locks/...): it
 excludes every host that uses the prefix, with no shared filesystem, on a

@@ -31,13 +31,19 @@ type Victim struct {
 func Measure(entries map[string]*state.Entry) int64 {
 	var n int64
 	for _, e := range entries {
-		if e.Stage == state.Downloading {
-			n += max(e.Progress.Total, e.Progress.Bytes)
-			continue
-		}
-		n += e.SizeBytes
+		n += held(e)
 	}
 	return n
+}
+
+// held is what e holds of the budget: a download what it announced or
+// wrote, anything else its content (a FAILED entry holds none, unless it
+// keeps content for the runs that used it).
+func held(e *state.Entry) int64 {
+	if e.Stage == state.Downloading {
+		return max(e.SizeBytes, e.Progress.Total, e.Progress.Bytes)
+	}
+	return e.SizeBytes
 }
 
 // Watched is how long this sweeper has seen an entry's Created and
@@ -177,7 +183,7 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now
 		if id == self.ID() || Kept(pol, e, asRecorded(e, now), now) == "" {
 			continue
 		}
-		fixed += max(e.SizeBytes, e.Progress.Total, e.Progress.Bytes) // a download of unknown size holds what it wrote
+		fixed += held(e) // a download of unknown size holds what it wrote
 	}
 	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
 }

@@ -110,6 +110,19 @@ func TestFits(t *testing.T) {
 	if room, fixed, _ := Room(pol, entries(other), self, t0); fixed != 70<<20 || room != 30<<20 {
 		t.Errorf("beside a download of unknown size that wrote 70 MB: room %d, fixed %d", room, fixed)
 	}
+	// A FAILED entry that a dependent holds keeps what it announced in its
+	// progress, but holds no content: it takes nothing from the budget,
+	// and Measure agrees.
+	failed := cacheEntry(4, 0, 1, func(e *state.Entry) {
+		e.Stage, e.Progress.Total, e.Progress.Bytes = state.Failed, 90<<20, 20<<20
+		e.Dependents = map[string]state.Dependent{"r": {}}
+	})
+	if room, fixed, _ := Room(pol, entries(failed), self, t0); fixed != 0 || room != 100<<20 {
+		t.Errorf("beside a held FAILED entry with no content: room %d, fixed %d, want the whole budget", room, fixed)
+	}
+	if n := Measure(entries(failed, held)); n != 60<<20 {
+		t.Errorf("Measure with a FAILED entry: %d, want 60 MB", n)
+	}
 }
 
 func TestRoomOnDisk(t *testing.T) {

@@ -210,6 +210,9 @@ type SweepReport struct {
 	Freed   int64
 	// Reaped lists dead dependents removed, by entry source.
 	Reaped map[string][]string
+	// Cancelled lists the downloads removed because no dependent was
+	// left to wait for them.
+	Cancelled []state.Key
 	Usage  transitions.Usage
 	Policy state.Policy
 }
@@ -276,7 +279,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		}
 	}
 	err := update(ctx, func(st *state.State) (bool, error) {
-		rep.Victims, rep.Reaped = nil, map[string][]string{}
+		rep.Victims, rep.Reaped, rep.Cancelled = nil, map[string][]string{}, nil
 		now := m.cfg.Clock.Now()
 		pol := policyOf(st)
 		switch {
@@ -307,6 +310,16 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 				rep.Reaped[e.Key.Source] = dead
 				st.Entries[id] = r.Entry
 				changed = true
+			}
+			if n := st.Entries[id]; n.Stage == state.Downloading && len(n.Dependents) == 0 {
+				// Nobody waits for it now (its last dependent was
+				// reaped): cancelled, as that dependent's release would
+				// have; an owner stops when it sees the entry gone, and
+				// a dead writer's staging goes at the next start-up.
+				delete(st.Entries, id)
+				rep.Cancelled = append(rep.Cancelled, n.Key)
+				changed = true
+				continue
 			}
 			watched[id] = m.watchedLocked(id, e, now)
 		}
@@ -387,6 +400,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	}
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")
+	}
+	for _, k := range rep.Cancelled {
+		m.log.WithField("source", k.Source).Info("cancelled a download that no dependent waits for")
 	}
 	if len(rep.Victims) > 0 {
 		reasons := map[string]int{}

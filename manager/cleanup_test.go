@@ -331,3 +331,54 @@ func TestSweepTidiesDeadLockAttempts(t *testing.T) {
 		t.Errorf("the live attempt's file after a sweep: %v, want it kept", err)
 	}
 }
+
+// TestAbandonedDownloadCancelled: a DOWNLOADING entry whose only
+// dependent belonged to a process that is gone (a get interrupted before
+// it released) is cancelled by a sweep, which reaps the dependent, and rm
+// removes one too; one with a live dependent stays, and rm refuses it.
+func TestAbandonedDownloadCancelled(t *testing.T) {
+	root := t.TempDir()
+	machine := &fakeMachine{dead: map[int]bool{20: true, 21: true}}
+	self := fakeProcess("h", 11)
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), Processes: fakeProc{m: machine, self: self}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := func(n string) state.Key { return mustKey(t, "https://example.com/"+n+".tar.gz", "") }
+	bound := func(pid int) map[string]state.Dependent {
+		p := fakeProcess("h", pid)
+		return map[string]state.Dependent{"get": {Since: time.Now(), Process: &p}}
+	}
+	if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: key("swept"), Stage: state.Downloading, Generation: 1, Created: time.Now(), Dependents: bound(20)})
+		st.Put(&state.Entry{Key: key("removed"), Stage: state.Downloading, Generation: 2, Created: time.Now(), Dependents: bound(21)})
+		st.Put(&state.Entry{Key: key("live"), Stage: state.Downloading, Generation: 3, Created: time.Now(), Dependents: bound(11)})
+		st.MaxGeneration = 3
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Remove(context.Background(), []state.Key{key("removed")}, false); err != nil {
+		t.Fatalf("rm of a download whose only dependent is dead: %v", err)
+	}
+	var inUse *manager.InUseError
+	if _, err := m.Remove(context.Background(), []state.Key{key("live")}, false); !errors.As(err, &inUse) {
+		t.Fatalf("rm of a download a live process waits for: %v, want InUseError", err)
+	}
+	rep, err := m.Sweep(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Cancelled) != 1 || rep.Cancelled[0] != key("swept") {
+		t.Errorf("sweep cancelled %v, want the swept download", rep.Cancelled)
+	}
+	for n, want := range map[string]bool{"swept": false, "removed": false, "live": true} {
+		if got := viewEntry(t, root, key(n)) != nil; got != want {
+			t.Errorf("entry %s present after the sweep: %v, want %v", n, got, want)
+		}
+	}
+}

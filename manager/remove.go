@@ -106,11 +106,11 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 				errs = append(errs, fmt.Errorf("no entry for %s: %w", k.Source, ErrNotFound))
 				continue
 			}
-			if e.Stage == state.Downloading {
+			r, _ := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
+			if e.Stage == state.Downloading && r.Entry != nil && len(r.Entry.Dependents) > 0 {
 				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Reason: "downloading (release its dependents to cancel the download)"})
 				continue
 			}
-			r, _ := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
 			if r.Entry != nil && len(r.Entry.Dependents) > 0 {
 				names := make([]string, 0, len(r.Entry.Dependents))
 				for name := range r.Entry.Dependents {
@@ -142,7 +142,7 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		}
 		for _, r := range rep.Removed {
 			e := st.Get(r.Key)
-			if e.Key.Kind == state.Image && !e.External {
+			if e.Key.Kind == state.Image && !e.External && e.Stage != state.Downloading {
 				images = append(images, e.Clone())
 			}
 			delete(st.Entries, r.Key.ID())

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -379,6 +382,38 @@ func TestAbandonedDownloadCancelled(t *testing.T) {
 	for n, want := range map[string]bool{"swept": false, "removed": false, "live": true} {
 		if got := viewEntry(t, root, key(n)) != nil; got != want {
 			t.Errorf("entry %s present after the sweep: %v, want %v", n, got, want)
+		}
+	}
+}
+
+// TestStopSweepsWhatAPublishOwes: a loop stopped right after its download
+// published (what a get does) still runs the sweep that the publish asked
+// for, so the cache is not left over its budget until the next command.
+func TestStopSweepsWhatAPublishOwes(t *testing.T) {
+	body := strings.Repeat("x", 6000)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte(body)) }))
+	defer srv.Close()
+	for i := range 3 {
+		root := t.TempDir()
+		m, stop := startManager(t, root, func(c *manager.Config) {
+			c.SetPolicy = true
+			c.Cleanup = manager.PolicyChange{MaxSizeBytes: ptr[int64](10000), MinAge: ptr(time.Duration(0))}
+		})
+		a, b := mustKey(t, srv.URL+"/a", ""), mustKey(t, srv.URL+"/b", "")
+		if _, err := getWait(t, m, "run", a); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Release(context.Background(), "run", a); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := getWait(t, m, "run", b); err != nil {
+			t.Fatal(err)
+		}
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+		if viewEntry(t, root, a) != nil || viewEntry(t, root, b) == nil {
+			t.Fatalf("round %d: after the stop, a present %v, b present %v; want a evicted to stay under the 10,000-byte budget", i, viewEntry(t, root, a) != nil, viewEntry(t, root, b) != nil)
 		}
 	}
 }

@@ -72,6 +72,7 @@ func (m *Manager) run(ctx context.Context) error {
 	}()
 	defer func() { <-renewing }()
 	var lastErr error
+	owed := false // a sweep that was due when ctx ended
 	w, _ := m.store.(state.Watcher)
 	for {
 		var mark state.Mark
@@ -97,14 +98,44 @@ func (m *Manager) run(ctx context.Context) error {
 					m.log.WithError(err).Error("sweep failed")
 				}
 			}
+			owed = ctx.Err() != nil
 			m.mu.Lock()
 			m.lastSweep = m.cfg.Clock.Now()
 			m.mu.Unlock()
 		}
 		if !m.sleep(ctx, w, mark) {
 			m.stopDownloads()
+			m.sweepOnExit(ctx, owed)
 			return nil
 		}
+	}
+}
+
+// exitSweepTimeout bounds the sweep a stopping loop owes.
+const exitSweepTimeout = 10 * time.Second
+
+// sweepOnExit runs the sweep that a publish asked for (or that ctx's end
+// cut short) before the loop stops: a get's loop stops as soon as its
+// entry is READY, and the cache would stay over its budget until the next
+// command. It leaves trash/ for a later sweep or start-up, so that the
+// exit is not held up deleting trees.
+func (m *Manager) sweepOnExit(ctx context.Context, owed bool) {
+	m.mu.Lock()
+	owed = owed || m.sweepSoon
+	m.sweepSoon = false
+	m.mu.Unlock()
+	if !owed {
+		return
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), exitSweepTimeout)
+	defer cancel()
+	if !m.electedSweeper(sctx) {
+		return
+	}
+	m.keepTrash.Store(true)
+	defer m.keepTrash.Store(false)
+	if _, err := m.Sweep(sctx, false); err != nil {
+		m.log.WithError(err).Warn("the sweep owed at the loop's stop failed")
 	}
 }
 

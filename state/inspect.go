@@ -170,9 +170,10 @@ var ErrLockHeld = errors.New("the lock is held")
 
 // BreakHolder removes the state lock if its content is still holder (what
 // the operator was shown) and its holder is stale: a dead process of this
-// machine at once; another host's holder only once BreakStale watched its
-// lock unchanged for the lease, as a waiter would (breaking it at once
-// would let two hosts write: the holder may be alive and at its commit).
+// machine at once; any other holder (another host's, or a live one of this
+// machine, stopped or stuck) only once BreakStale watched its lock
+// unchanged for the lease, as a waiter would (breaking it at once would
+// let two writers in: the holder may be alive and at its commit).
 // A dead local holder's lock is moved aside and read back, so that a lock
 // taken in between is put back, not removed.
 func (s *Store) BreakHolder(ctx context.Context, holder string) error {
@@ -184,9 +185,13 @@ func (s *Store) BreakHolder(ctx context.Context, holder string) error {
 	}
 	local := json.Unmarshal([]byte(holder), &h) == nil && procs.Self().SameMachine(h.Process)
 	if local {
-		if alive, err := procs.Alive(h.Process); err != nil || alive {
-			return fmt.Errorf("the lock's holder, %s, is alive on this machine: not breaking it: %w", h.Process, ErrLockHeld)
+		alive, err := procs.Alive(h.Process)
+		if err != nil {
+			return fmt.Errorf("cannot tell whether the lock's holder, %s, is alive: not breaking it: %w: %w", h.Process, ErrLockHeld, err)
 		}
+		// A live one is judged as a waiter judges it (a stopped holder
+		// is broken after the lease), below.
+		local = !alive
 	}
 	if cur, err := os.ReadFile(p); err != nil || strings.TrimSpace(string(cur)) != holder {
 		return fmt.Errorf("the lock changed hands since it was shown; left it alone: %w", ErrLockHeld)

@@ -1030,3 +1030,23 @@ func TestLockWaitWarnings(t *testing.T) {
 		})
 	}
 }
+
+// TestBreakHolderStoppedHere: doctor's break of the state lock held by a
+// live process of this machine that left it unchanged for the lease (a
+// stopped holder) breaks it, as a waiter would.
+func TestBreakHolderStoppedHere(t *testing.T) {
+	dir := t.TempDir()
+	self := machine("h1", 1)
+	s, err := state.Open(dir, state.Options{Lock: state.LockOptions{Log: quietLog(), Lease: 300 * time.Millisecond, Processes: &fakeProcs{self: self}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lock := filepath.Join(dir, state.LockFile)
+	writeHolder(t, lock, machine("h1", 2), staleNonce)
+	if err := s.BreakHolder(context.Background(), s.Holder()); err != nil {
+		t.Fatalf("break of a live holder of this machine unchanged for the lease: %v", err)
+	}
+	if _, err := os.Stat(lock); !os.IsNotExist(err) {
+		t.Fatalf("lock after the break: %v, want it gone", err)
+	}
+}

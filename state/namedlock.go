@@ -370,15 +370,10 @@ func (l *Lock) BreakStale(ctx context.Context) (broken bool, why string, err err
 		}
 		h := parseHolder(b)
 		self := l.opts.Processes.Self()
-		if h.Nonce != "" && self.SameMachine(h.Process) {
-			alive, err := l.opts.Processes.Alive(h.Process)
-			if err != nil {
-				return false, "", err
-			}
-			if alive {
-				return false, fmt.Sprintf("its holder, %s, is alive on this machine", h.describe()), nil
-			}
-		}
+		// judge breaks a dead holder of this machine at once, and any
+		// other, a live one of this machine included (stopped, stuck),
+		// once it left the lock unchanged for the lease: what a waiter
+		// does.
 		stale, reason := w.judge(l.path, h, b)
 		if stale {
 			// breakStale links a private file: make one.

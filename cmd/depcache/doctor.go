@@ -448,7 +448,7 @@ func breakStateLock(cmd *cobra.Command, g *globals, m *manager.Manager, yes bool
 			return done(true, false, "left alone")
 		}
 	}
-	fmt.Fprintf(say, "breaking it if its holder is stale (a holder on another host: once its lock stayed unchanged for --lock-lease, %s)...\n", g.lockLease)
+	fmt.Fprintf(say, "breaking it if its holder is stale (a dead process of this host at once; any other, a live one stopped or stuck here included: once its lock stayed unchanged for --lock-lease, %s)...\n", g.lockLease)
 	if err := m.BreakLock(cmd.Context(), holder); err != nil {
 		return err
 	}

@@ -117,24 +117,38 @@ func TestLockNested(t *testing.T) {
 }
 
 // TestLockBreakCommand: `locks --break` refuses a live holder of this
-// machine and breaks a dead one.
+// machine that renews, breaks one that was stopped past the lease (as a
+// waiter does), and breaks a dead one at once.
 func TestLockBreakCommand(t *testing.T) {
 	root := t.TempDir()
 	ready := filepath.Join(t.TempDir(), "ready")
-	holder, _, _ := startBin(t, root, nil, "lock", "L", "--", "sh", "-c", fmt.Sprintf(`touch %q; exec sleep 600`, ready))
+	holder, _, _ := startBin(t, root, nil, "lock", "L", "--lease", "3s", "--", "sh", "-c", fmt.Sprintf(`touch %q; exec sleep 600`, ready))
 	waitFor(t, "the holder's CMD", func() bool { return exists(ready) })
-	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes"); code != exitFailed || !strings.Contains(stderr, "alive") {
-		t.Errorf("--break of a live holder: exit %d: %s %s; want 1, alive", code, out, stderr)
+	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes", "--lease", "3s"); code != exitFailed || !strings.Contains(stderr, "renewed") {
+		t.Errorf("--break of a live holder: exit %d: %s %s; want 1, renewed", code, out, stderr)
 	}
 	// With --json, stderr is the one error object, of kind in_use.
-	code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes")
+	code, out, stderr := depcache(t, root, "--json", "locks", "--break", "L", "--yes", "--lease", "3s")
 	var e struct {
 		Error string `json:"error"`
 		Kind  string `json:"kind"`
 	}
-	if err := json.Unmarshal([]byte(stderr), &e); code != exitFailed || err != nil || e.Kind != "in_use" || !strings.Contains(e.Error, "alive") || out != "" {
+	if err := json.Unmarshal([]byte(stderr), &e); code != exitFailed || err != nil || e.Kind != "in_use" || !strings.Contains(e.Error, "renewed") || out != "" {
 		t.Errorf("--json --break of a live holder: exit %d, stdout %q, stderr %q (%v); want 1 and one error object of kind in_use", code, out, stderr, err)
 	}
+	// Stopped, it renews no more: broken once it stayed unchanged for the
+	// lease.
+	if err := holder.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, stderr := depcache(t, root, "locks", "--break", "L", "--yes", "--lease", "3s"); code != 0 || !strings.Contains(out, "unchanged for") {
+		t.Errorf("--break of a stopped holder: exit %d: %s %s; want it broken after the lease", code, out, stderr)
+	}
+	holder.Process.Kill()
+	holder.Wait()
+	// A second holder, killed: broken at once.
+	holder, _, _ = startBin(t, root, nil, "lock", "L", "--", "sh", "-c", fmt.Sprintf(`touch %q.2; exec sleep 600`, ready))
+	waitFor(t, "the second holder's CMD", func() bool { return exists(ready + ".2") })
 	holder.Process.Kill()
 	holder.Wait()
 	var res struct {

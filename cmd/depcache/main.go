@@ -5,12 +5,21 @@ package main
 
 import (
 	"context"
+	"io"
+	"log"
 	"os"
 	"os/signal"
 	"syscall"
 )
 
 func main() {
+	// net/http writes diagnostics of its own to the standard logger (an
+	// unsolicited response on an idle connection, with the bytes a
+	// misbehaving server sent past its declared length). stderr is
+	// depcache's: its log records, one failure line, or with --json one
+	// error object. What matters reaches depcache as an error; serve
+	// gives its server a logger of its own.
+	log.SetOutput(io.Discard)
 	ctx, cancel := context.WithCancelCause(context.Background())
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)

@@ -2,12 +2,14 @@ package main
 
 import (
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os/exec"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestFailedGetPrintsOneLine: at the default log level a failed get says
@@ -98,5 +100,40 @@ func TestInvalidUTF8IsBadInput(t *testing.T) {
 		if code != 2 || !strings.Contains(errs, "not valid UTF-8") {
 			t.Errorf("%q: exit %d, %q; want 2 and \"not valid UTF-8\"", args, code, errs)
 		}
+	}
+}
+
+// TestHTTPDiagnosticsStayOffStderr: a server that sends more than the
+// length it declared makes net/http complain on its standard logger about
+// an unsolicited response; that line is not depcache's, and with --json
+// stderr stays empty on success (the contract: one error object or
+// nothing).
+func TestHTTPDiagnosticsStayOffStderr(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				if _, err := c.Read(buf); err != nil {
+					return
+				}
+				_, _ = c.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nplain text and more"))
+				time.Sleep(2 * time.Second) // keep the connection open: the rest is "unsolicited"
+			}(c)
+		}
+	}()
+	root := t.TempDir()
+	code, out, stderr := depcache(t, root, "--json", "get", "http://"+ln.Addr().String()+"/lie.txt")
+	if code != 0 || stderr != "" {
+		t.Fatalf("get --json from a server that sends past its length: exit %d, stderr %q (stdout %s); want 0 and nothing on stderr", code, stderr, out)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log"
 	"net"
 	"net/http"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 )
 
@@ -88,7 +90,12 @@ func newServe(g *globals) *cobra.Command {
 				stop()
 				return fmt.Errorf("--listen %s: %w", listen, err)
 			}
-			srv := &http.Server{Handler: serveMux(m, reg), ReadHeaderTimeout: 10 * time.Second}
+			// The server's own complaints (a client's bad TLS, a
+			// handler's panic) are log records, at debug.
+			errLog := g.log.WriterLevel(logrus.DebugLevel)
+			defer errLog.Close()
+			srv := &http.Server{Handler: serveMux(m, reg), ReadHeaderTimeout: 10 * time.Second,
+				ErrorLog: log.New(errLog, "", 0)}
 			g.log.WithField("root", root).WithField("addr", ln.Addr().String()).Info("serving")
 			fmt.Fprintf(g.stderr, "depcache: serving %s on http://%s\n", root, ln.Addr())
 			errc := make(chan error, 1)

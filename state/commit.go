@@ -403,13 +403,13 @@ func (s *Store) collectLitter() {
 	if !l.listed.IsZero() && now.Sub(l.listed) < grace {
 		return
 	}
-	unnamed, err := s.unnamedShards()
+	unnamed, committed, err := s.unnamedShards()
 	if err != nil {
 		return // an unreadable manifest: delete nothing
 	}
 	var gone []string
 	for n := range unnamed {
-		if l.unnamed[n] {
+		if l.unnamed[n] || olderThan(filepath.Join(s.root, ShardDir, n), committed, grace) {
 			gone = append(gone, n)
 			delete(unnamed, n)
 		}
@@ -418,31 +418,60 @@ func (s *Store) collectLitter() {
 	if len(gone) > 0 {
 		s.lock.opts.Log.WithField("state", s.path).WithField("files", len(gone)).Info("deleted shard files that no manifest names")
 	}
+	// The temporaries of manifest writes killed before their rename.
+	temps, _ := filepath.Glob(filepath.Join(s.root, "."+StateFile+"*"))
+	for _, t := range temps {
+		if olderThan(t, committed, grace) {
+			if err := os.Remove(t); err == nil {
+				s.lock.opts.Log.WithField("file", t).Info("deleted the temporary file of an interrupted commit")
+			}
+		}
+	}
 	l.listed, l.unnamed = now, unnamed
 }
 
+// olderThan reports whether the regular file p was last written more than
+// grace before the manifest was (committed, both by the file server's
+// clock). Every file a commit names is written before its manifest, and a
+// commit newer than the manifest read (a stale read on a weak filesystem)
+// writes files newer than it: so a file unnamed and that old belongs to no
+// commit, past or to come. One listing suffices, where a short-lived
+// process could never watch a file for the grace period.
+func olderThan(p string, committed time.Time, grace time.Duration) bool {
+	if committed.IsZero() {
+		return false
+	}
+	fi, err := os.Lstat(p)
+	return err == nil && fi.Mode().IsRegular() && fi.ModTime().Before(committed.Add(-grace))
+}
+
 // unnamedShards returns the shard files of state.d that neither the
-// manifest nor the previous one names. It fails when either cannot be
-// read: nothing is then judged unnamed.
-func (s *Store) unnamedShards() (map[string]bool, error) {
+// manifest nor the previous one names, and when the manifest read was
+// written (from the file it was read from). It fails when either cannot
+// be read: nothing is then judged unnamed.
+func (s *Store) unnamedShards() (map[string]bool, time.Time, error) {
 	named := map[string]bool{}
-	for _, f := range []string{s.path, s.path + PrevSuffix} {
-		b, err := os.ReadFile(f)
+	var committed time.Time
+	for i, f := range []string{s.path, s.path + PrevSuffix} {
+		b, mtime, err := readWithTime(f)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return nil, time.Time{}, err
+		}
+		if i == 0 {
+			committed = mtime
 		}
 		if !isManifest(b) {
 			if _, err := decodeV1(b); err != nil {
-				return nil, err
+				return nil, time.Time{}, err
 			}
 			continue // format 1 names no shard
 		}
 		m, err := decodeManifest(b)
 		if err != nil {
-			return nil, err
+			return nil, time.Time{}, err
 		}
 		for _, n := range m.files() {
 			named[n] = true
@@ -450,10 +479,10 @@ func (s *Store) unnamedShards() (map[string]bool, error) {
 	}
 	ents, err := os.ReadDir(filepath.Join(s.root, ShardDir))
 	if errors.Is(err, fs.ErrNotExist) {
-		return map[string]bool{}, nil
+		return map[string]bool{}, committed, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	out := map[string]bool{}
 	for _, e := range ents {
@@ -461,7 +490,28 @@ func (s *Store) unnamedShards() (map[string]bool, error) {
 			out[n] = true
 		}
 	}
-	return out, nil
+	return out, committed, nil
+}
+
+// readWithTime reads the file p and its modification time, from one open
+// file: the time is that of the content read, even where a weak
+// filesystem's cache could give a name's attributes and content of two
+// versions.
+func readWithTime(p string) ([]byte, time.Time, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	return b, fi.ModTime(), nil
 }
 
 // isShardFile reports whether name is a shard file's or a pack's.

@@ -29,7 +29,7 @@ func UnnamedShards(root string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := s.unnamedShards()
+	m, _, err := s.unnamedShards()
 	if err != nil {
 		return nil, err
 	}

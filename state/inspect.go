@@ -134,7 +134,7 @@ func (s *Store) formatChecks() []Check {
 			add("state shards", "ok", "all %d shards are there and parse", len(man.Shards))
 		}
 	}
-	unnamed, err := s.unnamedShards()
+	unnamed, _, err := s.unnamedShards()
 	if err != nil {
 		add("unreferenced shards", "warn", "not checked: %v", err)
 	} else if len(unnamed) > 0 {
@@ -148,8 +148,8 @@ func (s *Store) formatChecks() []Check {
 		if grace <= 0 {
 			grace = 10 * time.Minute
 		}
-		add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they stayed so for %s",
-			len(unnamed), size, filepath.Join(s.root, ShardDir), grace)
+		add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they are %s older than the last commit, or stayed so for %s",
+			len(unnamed), size, filepath.Join(s.root, ShardDir), grace, grace)
 	}
 	return out
 }

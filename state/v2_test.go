@@ -411,3 +411,48 @@ func TestViewFallsBackToLockedRead(t *testing.T) {
 		t.Errorf("fell back to the locked read %d times, %d entries; want once and 20", fell, len(st.Entries))
 	}
 }
+
+// TestOldLitterCollectedAtOnce: a holder that has never seen them deletes,
+// at its first whole Update, the shard files and the manifest temporaries
+// that no manifest names and that were written more than the grace period
+// before the manifest (by the file server's clock): a short-lived process
+// never watches one for the grace period. Younger ones stay.
+func TestOldLitterCollectedAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	if err := openStore(t, dir).Update(context.Background(), putN(20)); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, state.StateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	committed := fi.ModTime()
+	plant := func(p string, age time.Duration) string {
+		t.Helper()
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		at := committed.Add(-age)
+		if err := os.Chtimes(p, at, at); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	oldShard := plant(filepath.Join(dir, state.ShardDir, "ab-00000000000000ff-12345678.json"), time.Hour)
+	oldTemp := plant(filepath.Join(dir, "."+state.StateFile+"3992757080353307965"), time.Hour)
+	youngShard := plant(filepath.Join(dir, state.ShardDir, "cd-00000000000000fe-12345678.json"), time.Minute)
+	youngTemp := plant(filepath.Join(dir, "."+state.StateFile+"123"), time.Minute)
+	nothing := func(*state.State) (bool, error) { return false, nil }
+	if err := openStore(t, dir).Update(context.Background(), nothing); err != nil {
+		t.Fatal(err)
+	}
+	for p, gone := range map[string]bool{oldShard: true, oldTemp: true, youngShard: false, youngTemp: false} {
+		_, err := os.Stat(p)
+		if gotGone := errors.Is(err, os.ErrNotExist); gotGone != gone {
+			t.Errorf("%s: gone %v, want %v", filepath.Base(p), gotGone, gone)
+		}
+	}
+	if st, err := openStore(t, dir).View(context.Background()); err != nil || len(st.Entries) != 20 {
+		t.Fatalf("after collecting litter: %v, %v", st, err)
+	}
+}

@@ -221,11 +221,13 @@ func (m *Manager) runDownload(ctx context.Context, key state.Key, gen uint64) {
 
 // permanent reports whether a failed download would only fail the same
 // way again: the source said so (a 404, a missing file), or the archive it
-// sent was refused as hostile, which no cut or flaky transfer can make an
-// archive. (An archive that does not parse may be one cut short by a
-// source that sent no length: that stays transient.)
+// sent was refused as hostile or is malformed in a way that no cut or
+// flaky transfer explains (a checksum of data that all arrived, data past
+// its end, colliding members). (An archive that merely does not parse may
+// be one cut short by a source that sent no length: that stays
+// transient.)
 func permanent(err error) bool {
-	return errors.Is(err, ErrPermanent) || errors.Is(err, unpack.ErrHostile)
+	return errors.Is(err, ErrPermanent) || errors.Is(err, unpack.ErrHostile) || errors.Is(err, unpack.ErrMalformed)
 }
 
 // update applies an owner's event to key's entry under the lock.
@@ -379,7 +381,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			attempt--
 			continue
 		}
-		if errors.Is(err, ErrPermanent) || errors.Is(err, syscall.ENOSPC) || attempt >= m.cfg.Retries {
+		if permanent(err) || errors.Is(err, syscall.ENOSPC) || attempt >= m.cfg.Retries {
 			if attempt > 0 {
 				err = fmt.Errorf("after %d attempts: %w", attempt+1, err)
 			}

@@ -1,13 +1,17 @@
 package manager_test
 
 import (
+	"archive/tar"
 	"archive/zip"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -195,4 +199,44 @@ func TestZipBundles(t *testing.T) {
 func isFile(p string) bool {
 	fi, err := os.Stat(p)
 	return err == nil && fi.Mode().IsRegular()
+}
+
+// TestMalformedArchiveNotRetried: an archive whose data all arrived and is
+// still wrong (a gzip CRC that does not match) fails at once and for good:
+// one request, not one per retry, and the entry is permanent.
+func TestMalformedArchiveNotRetried(t *testing.T) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	if err := tw.WriteHeader(&tar.Header{Name: "a", Mode: 0o644, Size: 5, Typeflag: tar.TypeReg}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tw.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	body := buf.Bytes()
+	body[len(body)-8] ^= 0xff // the CRC-32
+	var requests atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		_, _ = w.Write(body)
+	}))
+	defer srv.Close()
+	root := t.TempDir()
+	m := newManager(t, root, func(c *manager.Config) { c.Retries = 3 })
+	k := mustKey(t, srv.URL+"/bad-crc.tar.gz", "")
+	_, err := getWait(t, m, "job", k)
+	var failed *manager.FailedError
+	if !errors.As(err, &failed) || !failed.Permanent || !errors.Is(err, manager.ErrPermanent) {
+		t.Fatalf("err = %v, want a permanent FailedError", err)
+	}
+	if n := requests.Load(); n != 1 {
+		t.Errorf("%d requests for an archive that cannot change, want 1", n)
+	}
 }

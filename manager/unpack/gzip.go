@@ -41,7 +41,12 @@ func (g *gzipStream) Read(p []byte) (int, error) {
 	for !g.done {
 		n, err := g.zr.Read(p)
 		if !errors.Is(err, io.EOF) {
-			if err != nil {
+			switch {
+			case errors.Is(err, gzip.ErrChecksum):
+				// The member's data and trailer arrived: a cut stream
+				// ends in io.ErrUnexpectedEOF instead.
+				err = fmt.Errorf("%w: %w: %w", ErrCorrupt, ErrMalformed, err)
+			case err != nil:
 				err = fmt.Errorf("%w: %w", ErrCorrupt, err)
 			}
 			return n, err
@@ -70,7 +75,7 @@ func (g *gzipStream) finish() error {
 		return err
 	}
 	if n > maxTail {
-		return fmt.Errorf("%w: more than %d bytes after the end of the archive", ErrCorrupt, maxTail)
+		return fmt.Errorf("%w: %w: more than %d bytes after the end of the archive", ErrCorrupt, ErrMalformed, maxTail)
 	}
 	// Zero bytes after the stream (tape blocking) are padding, however
 	// many: they are part of the download, already bounded as such.
@@ -79,7 +84,7 @@ func (g *gzipStream) finish() error {
 	for {
 		n, err := g.br.Read(buf)
 		if i := bytes.IndexFunc(buf[:n], func(r rune) bool { return r != 0 }); i >= 0 {
-			return fmt.Errorf("%w: data after the gzip stream that is neither another member nor zero padding (at byte %d after its end)", ErrCorrupt, at+int64(i))
+			return fmt.Errorf("%w: %w: data after the gzip stream that is neither another member nor zero padding (at byte %d after its end)", ErrCorrupt, ErrMalformed, at+int64(i))
 		}
 		at += int64(n)
 		if errors.Is(err, io.EOF) {

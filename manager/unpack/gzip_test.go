@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -28,22 +29,25 @@ func TestGzipEndChecked(t *testing.T) {
 	badCRC[len(badCRC)-8] ^= 0xff // the trailer: CRC-32, then ISIZE
 	badSize := bytes.Clone(whole)
 	badSize[len(badSize)-1] ^= 0x01
+	// malformed: no cut transfer explains it, so no retry is worth it
+	// (ErrMalformed); a cut one stays only ErrCorrupt.
 	for _, tc := range []struct {
-		name string
-		b    []byte
-		ok   bool
+		name          string
+		b             []byte
+		ok, malformed bool
 	}{
-		{"one member", whole, true},
-		{"two members, the tar split across them", gz(tarball[:700], tarball[700:]), true},
-		{"zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 4096)...), true},
-		{"more than a MiB of zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 3<<20)...), true},
-		{"zero bytes, then garbage, after the stream", append(append(bytes.Clone(whole), make([]byte, 100<<10)...), 'x'), false},
-		{"a cut trailer", whole[:len(whole)-4], false},
-		{"no trailer", whole[:len(whole)-8], false},
-		{"a wrong CRC-32", badCRC, false},
-		{"a wrong length", badSize, false},
-		{"garbage after the stream", append(bytes.Clone(whole), []byte("not gzip")...), false},
-		{"more than the padding after the end marker", gz(append(bytes.Clone(tarball), make([]byte, maxTail+1)...)), false},
+		{"one member", whole, true, false},
+		{"two members, the tar split across them", gz(tarball[:700], tarball[700:]), true, false},
+		{"zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 4096)...), true, false},
+		{"more than a MiB of zero bytes after the stream", append(bytes.Clone(whole), make([]byte, 3<<20)...), true, false},
+		{"zero bytes, then garbage, after the stream", append(append(bytes.Clone(whole), make([]byte, 100<<10)...), 'x'), false, true},
+		{"a cut trailer", whole[:len(whole)-4], false, false},
+		{"no trailer", whole[:len(whole)-8], false, false},
+		{"cut in the middle", whole[:len(whole)/2], false, false},
+		{"a wrong CRC-32", badCRC, false, true},
+		{"a wrong length", badSize, false, true},
+		{"garbage after the stream", append(bytes.Clone(whole), []byte("not gzip")...), false, true},
+		{"more than the padding after the end marker", gz(append(bytes.Clone(tarball), make([]byte, maxTail+1)...)), false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, err := Open(bytes.NewReader(tc.b), TarGzip)
@@ -56,6 +60,28 @@ func TestGzipEndChecked(t *testing.T) {
 			if tc.ok != (err == nil) || (!tc.ok && !errors.Is(err, ErrCorrupt)) {
 				t.Errorf("err = %v, want ok %v or ErrCorrupt", err, tc.ok)
 			}
+			if got := errors.Is(err, ErrMalformed); got != tc.malformed {
+				t.Errorf("err = %v: malformed %v, want %v", err, got, tc.malformed)
+			}
 		})
+	}
+}
+
+// TestCollidingMembersMalformed: members that collide (a file, then a
+// directory under its name) and a name too long for the filesystem fail
+// as ErrMalformed, which the manager does not retry.
+func TestCollidingMembersMalformed(t *testing.T) {
+	long := strings.Repeat("n", 300)
+	for name, tb := range map[string][]byte{
+		"a file, then a directory under its name": archive(t, file("a", "x"), file("a/b", "y")),
+		"a name longer than NAME_MAX":             archive(t, file(long, "x")),
+	} {
+		r, err := Open(bytes.NewReader(tb), Tar)
+		if err == nil {
+			_, err = Extract(context.Background(), r, t.TempDir(), Limits{})
+		}
+		if !errors.Is(err, ErrMalformed) || !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: %v, want ErrMalformed and ErrCorrupt", name, err)
+		}
 	}
 }

@@ -48,6 +48,12 @@ var (
 	ErrHostile = errors.New("hostile archive refused")
 	// ErrCorrupt means the archive is truncated or malformed.
 	ErrCorrupt = errors.New("corrupt archive")
+	// ErrMalformed, beside ErrCorrupt, means the archive is wrong in a way
+	// that no cut transfer explains and no retry changes: a checksum that
+	// does not match data that all arrived, data after its end, members
+	// that collide (a file where a directory must go) or a name too long
+	// for any filesystem.
+	ErrMalformed = errors.New("malformed archive")
 	// ErrTooLarge means the content exceeds the budget.
 	ErrTooLarge = errors.New("archive exceeds the size budget")
 )
@@ -304,7 +310,8 @@ func (x *extractor) clean(name string) (string, error) {
 	return p, nil
 }
 
-func (x *extractor) member(hdr *tar.Header, r io.Reader) error {
+func (x *extractor) member(hdr *tar.Header, r io.Reader) (err error) {
+	defer func() { err = colliding(hdr.Name, err) }()
 	p, err := x.clean(hdr.Name)
 	if err != nil {
 		return err
@@ -414,7 +421,7 @@ func (x *extractor) tooLarge(name, what string) error {
 
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size < 0 {
-		return fmt.Errorf("%w: member %q: negative size", ErrCorrupt, hdr.Name)
+		return fmt.Errorf("%w: %w: member %q: negative size", ErrCorrupt, ErrMalformed, hdr.Name)
 	}
 	if x.lim.MaxBytes > 0 && blocks(hdr.Size) > x.lim.MaxBytes-x.used {
 		return x.tooLarge(hdr.Name, fmt.Sprintf("of %d bytes", hdr.Size))
@@ -590,4 +597,19 @@ func (x *extractor) checkLinks() error {
 		}
 	}
 	return nil
+}
+
+// colliding marks an error of writing member name that the archive itself
+// causes, whatever the transfer: a member where another of another type
+// is (a file, then a directory under its name), or a name too long.
+func colliding(name string, err error) error {
+	if err == nil || errors.Is(err, ErrHostile) || errors.Is(err, ErrMalformed) {
+		return err
+	}
+	for _, e := range []error{syscall.EEXIST, syscall.ENOTDIR, syscall.EISDIR, syscall.ENAMETOOLONG} {
+		if errors.Is(err, e) {
+			return fmt.Errorf("%w: %w: member %q: %w", ErrCorrupt, ErrMalformed, name, err)
+		}
+	}
+	return err
 }

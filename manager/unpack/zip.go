@@ -126,6 +126,10 @@ func (z zipData) Read(p []byte) (int, error) {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return n, err // the tar path says "truncated" for it
 		}
+		if errors.Is(err, zip.ErrChecksum) {
+			// A zip is read whole from its spool: its data all arrived.
+			return n, fmt.Errorf("%w: %w: %w", ErrCorrupt, ErrMalformed, err)
+		}
 		err = fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	return n, err

@@ -213,8 +213,8 @@ type SweepReport struct {
 	// Cancelled lists the downloads removed because no dependent was
 	// left to wait for them.
 	Cancelled []state.Key
-	Usage  transitions.Usage
-	Policy state.Policy
+	Usage     transitions.Usage
+	Policy    state.Policy
 }
 
 // Sweep runs one cleanup now: it reaps dependents that no longer hold

@@ -185,7 +185,13 @@ func resolvePins(pins []string, st *state.State) ([]string, error) {
 			return nil, fmt.Errorf("pin %q: ambiguous, %d key IDs start with it (%s): %w", pin, len(match), strings.Join(match, ", "), ErrBadPolicy)
 		}
 	}
-	return out, nil
+	// One pin given twice (or as two spellings of one source) is one.
+	seen := make(map[string]bool, len(out))
+	return slices.DeleteFunc(out, func(p string) bool {
+		dup := seen[p]
+		seen[p] = true
+		return dup
+	}), nil
 }
 
 // PolicyMismatch returns the differences between the configured and the

@@ -380,6 +380,8 @@ func TestParseKey(t *testing.T) {
 		{"https://:443", "", true}, // found by FuzzParseKey: normalised to "https:///"
 		{"http://:8080/x", "", true},
 		{"http://example.com/\x7f", "", true},
+		{"https://user:secret@example.com/a.tgz", "", true}, // credentials would be stored and shown
+		{"https://user@example.com/a.tgz", "", true},
 		{"docker://alpine", "docker://index.docker.io/library/alpine:latest", false},
 		{"docker://127.0.0.1:5000/team/app", "docker://127.0.0.1:5000/team/app:latest", false},
 		{"docker://127.0.0.1:5000/team/app@sha256:" + strings.Repeat("a", 64), "docker://127.0.0.1:5000/team/app@sha256:" + strings.Repeat("a", 64), false},

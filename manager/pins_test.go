@@ -79,7 +79,8 @@ func TestPinsResolved(t *testing.T) {
 		return m.Settle(ctx)
 	}
 	pattern := "https://example.com/pin/*"
-	if err := settle(strings.ToUpper(a.ID()[:n]), strings.ToUpper(c.ID()), pattern, "cafe"); err != nil {
+	// Given twice, or as a prefix and the full ID of one entry: stored once.
+	if err := settle(strings.ToUpper(a.ID()[:n]), strings.ToUpper(c.ID()), pattern, "cafe", a.ID(), pattern); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{a.ID(), c.ID(), pattern, "cafe"}

@@ -142,6 +142,13 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		if u.Hostname() == "" { // "https://:443" has a port and no host
 			return state.Key{}, fmt.Errorf("source %q: no host: %w", source, ErrBadSource)
 		}
+		if u.User != nil {
+			// The source is the entry's name: it would be written to the
+			// state, which every user of the root reads, and shown by ls,
+			// logs and the status page.
+			return state.Key{}, fmt.Errorf("source %s://%s%s: credentials in a source (user:password@) are refused: a source is stored in the state, which every user of the root can read, and shown by ls and the status page; serve the file without them, or through a proxy that adds them: %w",
+				u.Scheme, u.Host, u.EscapedPath(), ErrBadSource)
+		}
 		if p := u.Port(); p != "" {
 			if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
 				return state.Key{}, fmt.Errorf("source %q: port %s: %w: want 1 to 65535", source, p, ErrBadSource)

@@ -49,6 +49,9 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if cmd.Flags().Changed("dependent") && dependent == "" {
 				return usageErrorf("--dependent '': a dependent needs a name (leave the flag out for one unique to this invocation)")
 			}
+			if ttl > 0 && !cmd.Flags().Changed("dependent") {
+				g.log.Warn("--ttl has no effect without --dependent: this get's own dependent ends when it exits")
+			}
 			if sha != "" {
 				sha = manager.NormaliseDigest(sha)
 				if err := state.CheckSHA256(sha); err != nil {

@@ -80,6 +80,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, e := range []string{"started", "finished", "failed"} {
 		m.downloads.WithLabelValues(e)
 	}
+	for _, e := range []string{"proposed", "answered", "served"} {
+		m.combined.WithLabelValues(e) // there at 0 before the first
+	}
 	if reg != nil {
 		// Managers given one registry (two in a process, or one started
 		// again after its stop) share its collectors: the second takes

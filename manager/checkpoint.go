@@ -474,6 +474,14 @@ func (s *sink) decide(head []byte, r *resumed) error {
 			return fmt.Errorf("the prefix is a %s in %s, not in %s: %w", format, r.c.Raw, s.rawName, errNoResume)
 		}
 		s.raw = r.raw
+		if s.rawName == rawSpoolName {
+			// The archive is unpacked again from its first byte: the
+			// tree an earlier attempt of this generation left half made
+			// would read as duplicate members.
+			if err := os.RemoveAll(s.content()); err != nil {
+				return err
+			}
+		}
 	} else if s.rawName != "" {
 		f, err := os.OpenFile(filepath.Join(s.staging, s.rawName), os.O_RDWR|os.O_CREATE|os.O_EXCL, s.m.perms.File)
 		if err != nil {

@@ -506,9 +506,6 @@ func (m *Manager) ownTrash() (string, error) {
 // emptyTrash deletes, outside the lock, what this manager moved aside.
 // Content an entry still names stays for settleTrash to put back.
 func (m *Manager) emptyTrash() {
-	if m.keepTrash.Load() {
-		return
-	}
 	m.trashMu.Lock()
 	defer m.trashMu.Unlock()
 	if err := checkLayout(m.Root()); err != nil {

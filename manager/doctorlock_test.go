@@ -31,10 +31,11 @@ func holdLock(t testing.TB, root string, machine *fakeMachine, p state.Process) 
 	return unlock
 }
 
-// TestBreakLock: doctor --break-lock never breaks the lock of a live
-// process of this machine, nor a lock that changed hands since it was
-// shown; it breaks a dead holder's, and that holder's release then says
-// that it lost the lock.
+// TestBreakLock: doctor --break-lock breaks the lock of a live process of
+// this machine only once it stayed unchanged for the lease, as a waiter
+// would (a stopped holder); never a lock that changed hands since it was
+// shown; it breaks a dead holder's at once, and that holder's release then
+// says that it lost the lock.
 func TestBreakLock(t *testing.T) {
 	root := t.TempDir()
 	machine := &fakeMachine{dead: map[int]bool{}}
@@ -50,8 +51,10 @@ func TestBreakLock(t *testing.T) {
 	if !strings.Contains(shown, `"pid":30`) {
 		t.Fatalf("holder %q does not name pid 30", shown)
 	}
-	if err := m.BreakLock(context.Background(), shown); err == nil || !strings.Contains(err.Error(), "alive") {
-		t.Fatalf("breaking a live holder's lock: %v, want a refusal", err)
+	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond) // far less than the 30 s lease
+	defer cancel()
+	if err := m.BreakLock(short, shown); err == nil || !strings.Contains(err.Error(), "unchanged for less than the lease") {
+		t.Fatalf("breaking a live holder's lock within its lease: %v, want a refusal", err)
 	}
 	if m.LockHolder() != shown {
 		t.Fatal("the live holder's lock was touched")
@@ -79,6 +82,20 @@ func TestBreakLock(t *testing.T) {
 	}
 	if err := unlock(); !errors.Is(err, state.ErrLockLost) {
 		t.Errorf("the broken holder's release: %v, want ErrLockLost", err)
+	}
+
+	// A live holder that keeps the lock unchanged past the lease (stopped)
+	// is broken, as a waiter would break it.
+	quick, err := manager.New(manager.Config{Root: root, Log: quietLog(), LockLease: time.Second, Processes: fakeProc{m: machine, self: fakeProcess("h", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock = holdLock(t, root, machine, fakeProcess("h", 32))
+	if err := quick.BreakLock(context.Background(), quick.LockHolder()); err != nil {
+		t.Fatalf("breaking a live holder's lock unchanged past the lease: %v", err)
+	}
+	if err := unlock(); !errors.Is(err, state.ErrLockLost) {
+		t.Errorf("the stopped holder's release: %v, want ErrLockLost", err)
 	}
 }
 

@@ -351,6 +351,18 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 			continue
 		}
 		if s.werr != nil || (err == nil && cerr != nil) {
+			if s.resume != nil && !wholeAgain && (errors.Is(s.werr, unpack.ErrMalformed) || errors.Is(cerr, unpack.ErrMalformed)) {
+				// A resumed archive whose checksum fails may be a mix of
+				// two versions (as above, without --sha256 to tell): one
+				// fetch from 0 tells that from an archive that is wrong.
+				wholeAgain = true
+				log.WithError(cerr).WithField("resumed_at", s.resume.c.Offset).Warn("the resumed archive is malformed; fetching it whole once")
+				if err := clearRaw(staging); err != nil {
+					return meta, err
+				}
+				attempt--
+				continue
+			}
 			// The content itself failed (hostile archive, full disk), not
 			// the transfer: retrying would fail the same way.
 			return meta, cerr

@@ -117,8 +117,8 @@ const exitSweepTimeout = 10 * time.Second
 // sweepOnExit runs the sweep that a publish asked for (or that ctx's end
 // cut short) before the loop stops: a get's loop stops as soon as its
 // entry is READY, and the cache would stay over its budget until the next
-// command. It leaves trash/ for a later sweep or start-up, so that the
-// exit is not held up deleting trees.
+// command. It empties what it evicts, as any sweep does: trash left to a
+// later process of another host or container would never be adopted.
 func (m *Manager) sweepOnExit(ctx context.Context, owed bool) {
 	m.mu.Lock()
 	owed = owed || m.sweepSoon
@@ -132,8 +132,6 @@ func (m *Manager) sweepOnExit(ctx context.Context, owed bool) {
 	if !m.electedSweeper(sctx) {
 		return
 	}
-	m.keepTrash.Store(true)
-	defer m.keepTrash.Store(false)
 	if _, err := m.Sweep(sctx, false); err != nil {
 		m.log.WithError(err).Warn("the sweep owed at the loop's stop failed")
 	}
@@ -442,9 +440,12 @@ func (m *Manager) findLostLocked(st *state.State, seq uint64) []LostDependent {
 // ttlGrace is how long before its TTL's end a dependent may have been
 // last seen and still be taken for one reaped at that end: two of the
 // loop's longest sleeps (etcd ends a TTL's lease on the dot, and the pass
-// before may be that far back).
+// before may be that far back), and at least a minute, for a pass held up
+// by a long lock wait or by its own sweep's deletes. A process stopped
+// past its lease and its TTL is still told, unless its stop began in that
+// last minute.
 func (m *Manager) ttlGrace() time.Duration {
-	return 2 * max(m.cfg.PollInterval, watchFallback)
+	return max(2*max(m.cfg.PollInterval, watchFallback), time.Minute)
 }
 
 // reportLost says, loudly, that runs of this process lost what they hold.

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode"
 
@@ -217,9 +216,6 @@ type Manager struct {
 	// trashMu keeps emptyTrash (write) out while settleTrash (read) moves
 	// content out of trash by what a snapshot of the state names.
 	trashMu sync.RWMutex
-	// keepTrash makes a sweep leave trash/ for a later one: the sweep a
-	// stopping loop owes must not hold up the exit deleting big trees.
-	keepTrash atomic.Bool
 
 	mu             sync.Mutex
 	local          map[string]map[string]localDep    // key ID -> dependents registered here

@@ -1,7 +1,9 @@
 package manager_test
 
 import (
+	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -364,6 +366,139 @@ func TestResumedMixFetchedWhole(t *testing.T) {
 		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
 	}
 	if !rec.said("does not match --sha256; fetching it whole once") {
+		t.Errorf("the refetch was not said: %q", rec.messages())
+	}
+}
+
+// tarGzOf makes a tar.gz of n files of size bytes each, stored
+// (uncompressed deflate): two seeds give archives of one length.
+func tarGzOf(t *testing.T, seed byte, n, size int) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := tar.NewWriter(zw)
+	data := make([]byte, size)
+	x := uint32(seed) + 1
+	for i := range n {
+		for j := range data {
+			x = x*1664525 + 1013904223
+			data[j] = byte(x >> 24)
+		}
+		if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%d", i), Mode: 0o644, Size: int64(size), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// TestCutArchiveResumedInTheSameGeneration: a tar.gz whose first response
+// is cut off mid-way is resumed by the same owner's next attempt, which
+// unpacks the spool again from its first byte into a fresh tree. It
+// failed for good as "duplicate member" over the tree the first attempt
+// had half made.
+func TestCutArchiveResumedInTheSameGeneration(t *testing.T) {
+	body := tarGzOf(t, 1, 4, 1<<20)
+	var mu sync.Mutex
+	var ranges []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ranges = append(ranges, r.Header.Get("Range"))
+		n := len(ranges)
+		mu.Unlock()
+		w.Header().Set("ETag", `"v1"`)
+		if n == 1 {
+			w.Header().Set("Content-Length", itoa(len(body)))
+			w.Write(body[:len(body)*6/10])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler) // the connection drops mid-body
+		}
+		http.ServeContent(w, r, "a.tar.gz", resumeModTime, bytes.NewReader(body))
+	}))
+	defer srv.Close()
+	root := t.TempDir()
+	m := newManager(t, root, func(c *manager.Config) { c.Retries = 2 })
+	key := mustKey(t, srv.URL+"/a.tar.gz", "")
+	e, err := getWait(t, m, "run", key)
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("after a cut first response: %+v %v; want READY", e, err)
+	}
+	p, _ := m.Abs(e)
+	for i := range 4 {
+		if fi, err := os.Stat(filepath.Join(p, fmt.Sprintf("f%d", i))); err != nil || fi.Size() != 1<<20 {
+			t.Errorf("f%d: %v %v", i, fi, err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ranges) != 2 || ranges[1] == "" {
+		t.Errorf("requests with Range %q: want the cut one, then the rest", ranges)
+	}
+}
+
+// TestResumedArchiveMixFetchedWhole: without --sha256, a resumed tar.gz
+// whose rest came from another version under the same validator fails
+// its gzip checksum (ErrMalformed); that is not taken for a bad archive
+// at once: it is fetched whole once, and published right.
+func TestResumedArchiveMixFetchedWhole(t *testing.T) {
+	good, other := tarGzOf(t, 1, 16, 1<<20), tarGzOf(t, 2, 16, 1<<20)
+	if len(good) != len(other) {
+		t.Fatalf("setup: versions of %d and %d bytes", len(good), len(other))
+	}
+	var mu sync.Mutex
+	var ranges []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ranges = append(ranges, r.Header.Get("Range"))
+		n := len(ranges)
+		mu.Unlock()
+		w.Header().Set("ETag", `"v1"`)
+		switch {
+		case n == 1: // the first owner's, held until it is stopped
+			w.Header().Set("Content-Length", itoa(len(good)))
+			w.Write(good[:len(good)*6/10])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		case r.Header.Get("Range") != "": // the rest, of another version
+			http.ServeContent(w, r, "b.tar.gz", resumeModTime, bytes.NewReader(other))
+		default:
+			http.ServeContent(w, r, "b.tar.gz", resumeModTime, bytes.NewReader(good))
+		}
+	}))
+	defer srv.Close()
+	root := t.TempDir()
+	rec := &logRecorder{}
+	hosts := newResumeHosts(root, rec.logger())
+	key := mustKey(t, srv.URL+"/b.tar.gz", "")
+	hosts.interruptAtCheckpoint(t, key, 1001)
+	b, stopB := hosts.start(t, 1002)
+	defer stopB()
+	if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	e, err := b.Wait(ctx, key)
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("after a resumed mix: %+v %v; want READY", e, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
+		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
+	}
+	if !rec.said("the resumed archive is malformed; fetching it whole once") {
 		t.Errorf("the refetch was not said: %q", rec.messages())
 	}
 }

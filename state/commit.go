@@ -11,6 +11,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -418,10 +419,11 @@ func (s *Store) collectLitter() {
 	if len(gone) > 0 {
 		s.lock.opts.Log.WithField("state", s.path).WithField("files", len(gone)).Info("deleted shard files that no manifest names")
 	}
-	// The temporaries of manifest writes killed before their rename.
+	// The temporaries of manifest writes (and of copies kept aside) killed
+	// before their rename, named as renameio names them; no other file.
 	temps, _ := filepath.Glob(filepath.Join(s.root, "."+StateFile+"*"))
 	for _, t := range temps {
-		if olderThan(t, committed, grace) {
+		if stateTemp.MatchString(filepath.Base(t)) && olderThan(t, committed, grace) {
 			if err := os.Remove(t); err == nil {
 				s.lock.opts.Log.WithField("file", t).Info("deleted the temporary file of an interrupted commit")
 			}
@@ -429,6 +431,11 @@ func (s *Store) collectLitter() {
 	}
 	l.listed, l.unnamed = now, unnamed
 }
+
+// stateTemp matches the temporary files renameio makes for state.json and
+// the copies kept aside: ".state.json", the copy's suffix and hash, then
+// random digits.
+var stateTemp = regexp.MustCompile(`^\.` + regexp.QuoteMeta(StateFile) + `((` + regexp.QuoteMeta(BadSuffix) + `|` + regexp.QuoteMeta(KeptSuffix) + `)[0-9a-f]{12})?[0-9]+$`)
 
 // olderThan reports whether the regular file p was last written more than
 // grace before the manifest was (committed, both by the file server's

@@ -134,17 +134,23 @@ func TestLeaseRenewalKeepsAWaiterOut(t *testing.T) {
 }
 
 // TestLeaseBreakStale: BreakStale breaks a dead holder of this machine at
-// once, refuses a live one, and breaks another host's holder only after
-// watching it unchanged for the lease.
+// once, and any other holder (a live one of this machine, another host's)
+// only after watching it unchanged for the lease.
 func TestLeaseBreakStale(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "x.lock")
 	procs := &fakeProcs{self: machine("h1", 1), dead: map[int]bool{}}
 	l := newLock(t, path, procs, &tickClock{now: time.Unix(0, 0), step: 10 * time.Second}, time.Minute)
 	writeHolder(t, path, machine("h1", 7), "aa")
-	if broken, why, err := l.BreakStale(context.Background()); err != nil || broken {
-		t.Fatalf("live local holder: broken %v (%s), %v", broken, why, err)
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond) // a few polls, not the lease's readings
+	defer cancel()
+	if broken, why, err := l.BreakStale(short); err == nil || broken {
+		t.Fatalf("live local holder within the lease: broken %v (%s), %v; want the wait cut short", broken, why, err)
 	}
+	if broken, why, err := l.BreakStale(context.Background()); err != nil || !broken {
+		t.Fatalf("live local holder unchanged for the lease (stopped): broken %v (%s), %v", broken, why, err)
+	}
+	writeHolder(t, path, machine("h1", 7), "aa")
 	procs.dead[7] = true
 	if broken, why, err := l.BreakStale(context.Background()); err != nil || !broken {
 		t.Fatalf("dead local holder: broken %v (%s), %v", broken, why, err)

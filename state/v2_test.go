@@ -427,6 +427,17 @@ func TestOldLitterCollectedAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	committed := fi.ModTime()
+	// Every named shard as old as can be: still never deleted.
+	named, err := filepath.Glob(filepath.Join(dir, state.ShardDir, "*"))
+	if err != nil || len(named) == 0 {
+		t.Fatalf("shard files: %v %v", named, err)
+	}
+	for _, f := range named {
+		at := committed.Add(-24 * time.Hour)
+		if err := os.Chtimes(f, at, at); err != nil {
+			t.Fatal(err)
+		}
+	}
 	plant := func(p string, age time.Duration) string {
 		t.Helper()
 		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
@@ -442,11 +453,13 @@ func TestOldLitterCollectedAtOnce(t *testing.T) {
 	oldTemp := plant(filepath.Join(dir, "."+state.StateFile+"3992757080353307965"), time.Hour)
 	youngShard := plant(filepath.Join(dir, state.ShardDir, "cd-00000000000000fe-12345678.json"), time.Minute)
 	youngTemp := plant(filepath.Join(dir, "."+state.StateFile+"123"), time.Minute)
+	oldKeptTemp := plant(filepath.Join(dir, "."+state.StateFile+state.KeptSuffix+"0123456789ab"+"42"), time.Hour)
+	notOurs := plant(filepath.Join(dir, "."+state.StateFile+".swp"), time.Hour) // an editor's: never touched
 	nothing := func(*state.State) (bool, error) { return false, nil }
 	if err := openStore(t, dir).Update(context.Background(), nothing); err != nil {
 		t.Fatal(err)
 	}
-	for p, gone := range map[string]bool{oldShard: true, oldTemp: true, youngShard: false, youngTemp: false} {
+	for p, gone := range map[string]bool{oldShard: true, oldTemp: true, oldKeptTemp: true, youngShard: false, youngTemp: false, notOurs: false} {
 		_, err := os.Stat(p)
 		if gotGone := errors.Is(err, os.ErrNotExist); gotGone != gone {
 			t.Errorf("%s: gone %v, want %v", filepath.Base(p), gotGone, gone)

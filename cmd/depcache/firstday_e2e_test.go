@@ -420,7 +420,9 @@ func TestDirAndVersion(t *testing.T) {
 	}
 }
 
-// rm never removes a DOWNLOADING entry, even one without dependents.
+// rm refuses a DOWNLOADING entry that a live dependent waits for, naming
+// it; one that nobody waits for (no dependent, or only dead ones) is
+// removed.
 func TestRmRefusesDownloading(t *testing.T) {
 	root := t.TempDir()
 	s, err := state.Open(root, state.Options{})
@@ -431,8 +433,20 @@ func TestRmRefusesDownloading(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	abandoned, err := manager.ParseKey("https://example.invalid/abandoned.tar.gz", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	procs, err := state.System()
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := procs.Self() // this test's process: alive while rm runs
 	err = s.Update(context.Background(), func(st *state.State) (bool, error) {
-		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Generation: 1, Created: time.Now(), LastUsed: time.Now()})
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Generation: 1, Created: time.Now(), LastUsed: time.Now(),
+			Dependents: map[string]state.Dependent{"job": {Since: time.Now(), Process: &self}}})
+		st.Put(&state.Entry{Key: abandoned, Stage: state.Downloading, Generation: 2, Created: time.Now(), LastUsed: time.Now()})
+		st.MaxGeneration = 2
 		return true, nil
 	})
 	if err != nil {
@@ -440,10 +454,16 @@ func TestRmRefusesDownloading(t *testing.T) {
 	}
 	code, _, errs := depcache(t, root, "rm", "-y", k.ID())
 	if code != 1 || !strings.Contains(errs, "downloading") {
-		t.Errorf("rm of a download: exit %d %q", code, errs)
+		t.Errorf("rm of a download a live process waits for: exit %d %q", code, errs)
 	}
-	if len(readState(t, root).Entries) != 1 {
-		t.Error("rm removed a download")
+	if readState(t, root).Entries[k.ID()] == nil {
+		t.Error("rm removed a download a live process waits for")
+	}
+	if code, _, errs := depcache(t, root, "rm", "-y", abandoned.ID()); code != 0 {
+		t.Errorf("rm of a download nobody waits for: exit %d %q", code, errs)
+	}
+	if readState(t, root).Entries[abandoned.ID()] != nil {
+		t.Error("rm left a download nobody waits for")
 	}
 }
 

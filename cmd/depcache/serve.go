@@ -90,9 +90,9 @@ func newServe(g *globals) *cobra.Command {
 				stop()
 				return fmt.Errorf("--listen %s: %w", listen, err)
 			}
-			// The server's own complaints (a client's bad TLS, a
-			// handler's panic) are log records, at debug.
-			errLog := g.log.WriterLevel(logrus.DebugLevel)
+			// The server's own complaints (a handler's panic, accept
+			// errors such as too many open files) are log records.
+			errLog := g.log.WriterLevel(logrus.WarnLevel)
 			defer errLog.Close()
 			srv := &http.Server{Handler: serveMux(m, reg), ReadHeaderTimeout: 10 * time.Second,
 				ErrorLog: log.New(errLog, "", 0)}

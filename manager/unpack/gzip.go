@@ -84,6 +84,13 @@ func (g *gzipStream) finish() error {
 	for {
 		n, err := g.br.Read(buf)
 		if i := bytes.IndexFunc(buf[:n], func(r rune) bool { return r != 0 }); i >= 0 {
+			if i == n-1 && buf[i] == 0x1f {
+				// The first byte of another member, and the stream ends:
+				// a cut transfer, not a malformed archive.
+				if _, perr := g.br.Peek(1); errors.Is(perr, io.EOF) {
+					return fmt.Errorf("%w: the stream ends in the first byte of another gzip member (truncated?)", ErrCorrupt)
+				}
+			}
 			return fmt.Errorf("%w: %w: data after the gzip stream that is neither another member nor zero padding (at byte %d after its end)", ErrCorrupt, ErrMalformed, at+int64(i))
 		}
 		at += int64(n)

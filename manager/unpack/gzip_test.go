@@ -47,6 +47,8 @@ func TestGzipEndChecked(t *testing.T) {
 		{"a wrong CRC-32", badCRC, false, true},
 		{"a wrong length", badSize, false, true},
 		{"garbage after the stream", append(bytes.Clone(whole), []byte("not gzip")...), false, true},
+		{"another member cut after its first byte", append(bytes.Clone(whole), 0x1f), false, false},
+		{"a lone 0x1f, then more", append(bytes.Clone(whole), 0x1f, 'x'), false, true},
 		{"more than the padding after the end marker", gz(append(bytes.Clone(tarball), make([]byte, maxTail+1)...)), false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

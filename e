@@ -1,1 +1,0 @@
-/dev/fd/3: line 54: ./depcache: No such file or directory

@@ -93,12 +93,15 @@ func (m *Manager) run(ctx context.Context) error {
 		m.sweepSoon = false
 		m.mu.Unlock()
 		if sweep {
+			swept := false
 			if m.electedSweeper(ctx) { // else another manager of the store sweeps
-				if _, err := m.Sweep(ctx, false); err != nil && ctx.Err() == nil {
+				_, err := m.Sweep(ctx, false)
+				if err != nil && ctx.Err() == nil {
 					m.log.WithError(err).Error("sweep failed")
 				}
+				swept = err == nil
 			}
-			owed = ctx.Err() != nil
+			owed = !swept && ctx.Err() != nil // cut short by the stop
 			m.mu.Lock()
 			m.lastSweep = m.cfg.Clock.Now()
 			m.mu.Unlock()

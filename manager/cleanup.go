@@ -317,7 +317,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 				st.Entries[id] = r.Entry
 				changed = true
 			}
-			if n := st.Entries[id]; n.Stage == state.Downloading && len(n.Dependents) == 0 {
+			if n := st.Entries[id]; transitions.Abandoned(n) {
 				// Nobody waits for it now (its last dependent was
 				// reaped): cancelled, as that dependent's release would
 				// have; an owner stops when it sees the entry gone, and

@@ -107,7 +107,7 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 				continue
 			}
 			r, _ := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
-			if e.Stage == state.Downloading && r.Entry != nil && len(r.Entry.Dependents) > 0 {
+			if e.Stage == state.Downloading && !transitions.Abandoned(r.Entry) {
 				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Reason: "downloading (release its dependents to cancel the download)"})
 				continue
 			}

@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -318,6 +319,28 @@ func TestResumedMixFetchedWhole(t *testing.T) {
 		good[i], other[i] = byte(i*7/5), byte(i*3/2)
 	}
 	sum := sha256.Sum256(good)
+	b, e, rec, ranges := resumedMix(t, good, other, "/b.bin", hex.EncodeToString(sum[:]))
+	p, _ := b.Abs(e)
+	got, err := os.ReadFile(p)
+	if err != nil || !bytes.Equal(got, good) {
+		t.Fatalf("published %d bytes (%v), equal to the right version: %v", len(got), err, bytes.Equal(got, good))
+	}
+	if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
+		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
+	}
+	if !rec.said("does not match --sha256; fetching it whole once") {
+		t.Errorf("the refetch was not said: %q", rec.messages())
+	}
+}
+
+// resumedMix serves good to a first owner until 60 % of it and holds that
+// response until the owner is stopped at its checkpoint; a request with
+// Range then gets the rest of other under the same ETag, and one without
+// gets good whole. A second owner resumes the entry of path; resumedMix
+// returns it, its READY entry, its log and the Range headers of the
+// requests in order.
+func resumedMix(t *testing.T, good, other []byte, path, sha string) (*manager.Manager, state.Entry, *logRecorder, []string) {
+	t.Helper()
 	var mu sync.Mutex
 	var ranges []string
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -338,14 +361,14 @@ func TestResumedMixFetchedWhole(t *testing.T) {
 			http.ServeContent(w, r, "b", resumeModTime, bytes.NewReader(good))
 		}
 	}))
-	defer srv.Close()
+	t.Cleanup(srv.Close)
 	root := t.TempDir()
 	rec := &logRecorder{}
 	hosts := newResumeHosts(root, rec.logger())
-	key := mustKey(t, srv.URL+"/b.bin", hex.EncodeToString(sum[:]))
+	key := mustKey(t, srv.URL+path, sha)
 	hosts.interruptAtCheckpoint(t, key, 1001)
 	b, stopB := hosts.start(t, 1002)
-	defer stopB()
+	t.Cleanup(func() { stopB() })
 	if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
 		t.Fatal(err)
 	}
@@ -355,19 +378,9 @@ func TestResumedMixFetchedWhole(t *testing.T) {
 	if err != nil || e.Stage != state.Ready {
 		t.Fatalf("after a resumed mix: %+v %v; want READY", e, err)
 	}
-	p, _ := b.Abs(e)
-	got, err := os.ReadFile(p)
-	if err != nil || !bytes.Equal(got, good) {
-		t.Fatalf("published %d bytes (%v), equal to the right version: %v", len(got), err, bytes.Equal(got, good))
-	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
-		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
-	}
-	if !rec.said("does not match --sha256; fetching it whole once") {
-		t.Errorf("the refetch was not said: %q", rec.messages())
-	}
+	return b, e, rec, slices.Clone(ranges)
 }
 
 // tarGzOf makes a tar.gz of n files of size bytes each, stored
@@ -456,45 +469,7 @@ func TestResumedArchiveMixFetchedWhole(t *testing.T) {
 	if len(good) != len(other) {
 		t.Fatalf("setup: versions of %d and %d bytes", len(good), len(other))
 	}
-	var mu sync.Mutex
-	var ranges []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		ranges = append(ranges, r.Header.Get("Range"))
-		n := len(ranges)
-		mu.Unlock()
-		w.Header().Set("ETag", `"v1"`)
-		switch {
-		case n == 1: // the first owner's, held until it is stopped
-			w.Header().Set("Content-Length", itoa(len(good)))
-			w.Write(good[:len(good)*6/10])
-			w.(http.Flusher).Flush()
-			<-r.Context().Done()
-		case r.Header.Get("Range") != "": // the rest, of another version
-			http.ServeContent(w, r, "b.tar.gz", resumeModTime, bytes.NewReader(other))
-		default:
-			http.ServeContent(w, r, "b.tar.gz", resumeModTime, bytes.NewReader(good))
-		}
-	}))
-	defer srv.Close()
-	root := t.TempDir()
-	rec := &logRecorder{}
-	hosts := newResumeHosts(root, rec.logger())
-	key := mustKey(t, srv.URL+"/b.tar.gz", "")
-	hosts.interruptAtCheckpoint(t, key, 1001)
-	b, stopB := hosts.start(t, 1002)
-	defer stopB()
-	if _, err := b.Get(context.Background(), "run2", key, manager.Detached()); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	e, err := b.Wait(ctx, key)
-	if err != nil || e.Stage != state.Ready {
-		t.Fatalf("after a resumed mix: %+v %v; want READY", e, err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
+	_, _, rec, ranges := resumedMix(t, good, other, "/b.tar.gz", "")
 	if len(ranges) != 3 || ranges[1] == "" || ranges[2] != "" {
 		t.Errorf("requests with Range %q: want the first, a resumed one, then one whole", ranges)
 	}

@@ -102,21 +102,12 @@ func startTime(pid int) (uint64, error) {
 }
 
 // procStat reads the start time (field 22) and whether the process is a
-// zombie (field 3) from /proc/PID/stat. The command name (field 2) may hold
-// spaces and parentheses, so fields are counted after its last ')'.
+// zombie (field 3) from /proc/PID/stat.
 func procStat(pid int) (start uint64, zombie bool, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	f, err := statFields(pid)
 	if err != nil {
 		return 0, false, err
 	}
-	if len(b) == 0 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: %w", pid, errEmptyStat)
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, false, fmt.Errorf("/proc/%d/stat: no command field", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
 	// f[0] is field 3 (state), so field 22 is f[19].
 	if len(f) < 20 {
 		return 0, false, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
@@ -126,4 +117,39 @@ func procStat(pid int) (start uint64, zombie bool, err error) {
 		return 0, false, fmt.Errorf("/proc/%d/stat: start time: %w", pid, err)
 	}
 	return v, f[0] == "Z" || f[0] == "X", nil
+}
+
+// ParentPID returns the parent of process pid of this pid namespace
+// (field 4 of /proc/PID/stat).
+func ParentPID(pid int) (int, error) {
+	f, err := statFields(pid)
+	if err != nil {
+		return 0, err
+	}
+	if len(f) < 2 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+	}
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: parent: %w", pid, err)
+	}
+	return ppid, nil
+}
+
+// statFields returns the fields of /proc/PID/stat from field 3 on. The
+// command name (field 2) may hold spaces and parentheses, so fields are
+// counted after its last ')'.
+func statFields(pid int) ([]string, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return nil, err
+	}
+	if len(b) == 0 {
+		return nil, fmt.Errorf("/proc/%d/stat: %w", pid, errEmptyStat)
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil, fmt.Errorf("/proc/%d/stat: no command field", pid)
+	}
+	return strings.Fields(string(b[i+1:])), nil
 }

@@ -2,7 +2,6 @@ package state
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -82,9 +81,9 @@ func (s *Store) deadAttempt(f string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	var h holder
 	_, nonce, _ := strings.Cut(filepath.Base(f), ".tmp-")
-	if json.Unmarshal(b, &h) != nil || h.Nonce != nonce {
+	h := parseHolder(b)
+	if h.Nonce == "" || h.Nonce != nonce {
 		return false, nil
 	}
 	procs := s.lock.opts.Processes

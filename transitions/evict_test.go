@@ -296,3 +296,21 @@ func TestAgesOnTheSweepersClock(t *testing.T) {
 		}
 	}
 }
+
+func TestAbandoned(t *testing.T) {
+	dep := map[string]state.Dependent{"r": {}}
+	for _, tc := range []struct {
+		e    *state.Entry
+		want bool
+	}{
+		{nil, false},
+		{&state.Entry{Stage: state.Downloading}, true},
+		{&state.Entry{Stage: state.Downloading, Dependents: dep}, false},
+		{&state.Entry{Stage: state.Ready}, false},
+		{&state.Entry{Stage: state.Failed}, false},
+	} {
+		if got := Abandoned(tc.e); got != tc.want {
+			t.Errorf("Abandoned(%+v) = %v, want %v", tc.e, got, tc.want)
+		}
+	}
+}

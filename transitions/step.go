@@ -37,8 +37,14 @@ func Step(e *state.Entry, v View, p Policy, now time.Time) (Result, error) {
 	return r, nil
 }
 
+// Abandoned reports whether e is a download that no dependent waits for:
+// it is removed, which cancels it wherever it runs (a pass, a sweep, rm).
+func Abandoned(e *state.Entry) bool {
+	return e != nil && e.Stage == state.Downloading && len(e.Dependents) == 0
+}
+
 func stepDownloading(e *state.Entry, v View, p Policy) (Result, error) {
-	if len(e.Dependents) == 0 {
+	if Abandoned(e) {
 		return Result{Changed: true, Actions: []Action{CancelDownload{Reason: "no dependent left"}, Removed{Reason: "no dependent left"}}}, nil
 	}
 	if !v.Drive {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -376,27 +375,9 @@ func enclosingHolder(path string) (int, bool) {
 		if pid == info.PID {
 			return pid, true
 		}
-		pid = parentOf(pid)
+		if pid, err = state.ParentPID(pid); err != nil {
+			break
+		}
 	}
 	return 0, false
-}
-
-// parentOf returns the parent pid of pid, 0 when it cannot be read.
-func parentOf(pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// The command name in parentheses may hold anything: read after its
-	// last ")". Then: state, ppid.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 2 {
-		return 0
-	}
-	ppid, _ := strconv.Atoi(f[1])
-	return ppid
 }

@@ -77,7 +77,7 @@ func buildRef(source, rest, sha256 string) (state.Key, error) {
 	if sha256 != "" {
 		return state.Key{}, fmt.Errorf("source %q: --sha256 applies to bundles: %w", source, ErrBadSource)
 	}
-	fp := strings.ToLower(strings.TrimPrefix(strings.ToLower(rest), "sha256:"))
+	fp := strings.TrimPrefix(strings.ToLower(rest), "sha256:")
 	if len(fp) != 64 || strings.Trim(fp, "0123456789abcdef") != "" {
 		return state.Key{}, fmt.Errorf("source %q: a built image's fingerprint is 64 hex digits (docker-build://sha256:HEX, as ls prints it), or give its context: docker-build:///path/to/context: %w", source, ErrBadSource)
 	}

@@ -38,10 +38,22 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 	if sel != nil {
 		// A write of named entries: the other lines of their shards are
 		// carried over as they were read (undecoded ones as their bytes).
+		// With a delta, the lines are the delta's and the base's others.
 		for i := range numShards {
-			if sn.loaded[i] && sn.lines[i] != nil {
-				for _, cl := range sn.lines[i].lines {
+			if !sn.loaded[i] {
+				continue
+			}
+			d := sn.deltas[i]
+			if d != nil {
+				for _, cl := range d.lines {
 					if !sel.set[cl.id] {
+						buckets[i] = append(buckets[i], idEntry{cl.id, cl.e})
+					}
+				}
+			}
+			if sn.lines[i] != nil {
+				for _, cl := range sn.lines[i].lines {
+					if !sel.set[cl.id] && !d.has(cl.id) {
 						buckets[i] = append(buckets[i], idEntry{cl.id, cl.e})
 					}
 				}
@@ -69,8 +81,9 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		written []string
 		touched [numShards]bool
 		lines   [numShards]*lineCache
+		dlines  [numShards]*lineCache // of the deltas written or kept
 		jobs    []shardJob
-		dropped bool // a shard's record left the manifest
+		dropped bool // a shard's record left the manifest, or lost its delta
 	)
 	defer func() {
 		if !committed {
@@ -84,9 +97,9 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		b := buckets[i]
 		switch {
 		case sn.rewrite:
-		case sel != nil && !namedChanged(sn.lines[i], sel.ids[i], st.Entries):
+		case sel != nil && !namedChanged(sn, i, sel.ids[i], st.Entries):
 			continue
-		case sel == nil && !shardChanged(sn.lines[i], len(b), st.Entries):
+		case sel == nil && !shardChanged(sn, i, len(b), st.Entries):
 			continue
 		}
 		slices.SortFunc(b, func(x, y idEntry) int { return strings.Compare(x.id, y.id) })
@@ -102,20 +115,51 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			dropped = dropped || had
 			continue
 		}
+		if sel != nil && had && !sn.rewrite && oldRef.Bytes >= deltaMinBase {
+			d, ok := deltaOf(sn, i, sel.ids[i], st.Entries)
+			switch {
+			case ok && len(d) == 0:
+				// Back to the base alone: the delta is retired (its pack
+				// maybe not), and the record changes with no file written.
+				nm.Shards[p] = shardRef{File: oldRef.File, Offset: oldRef.Offset, Bytes: oldRef.Bytes, Entries: oldRef.Entries, SHA256: oldRef.SHA256}
+				lines[i] = sn.lines[i]
+				dropped = true
+				continue
+			case ok:
+				data, c, err := encodeShard(p, d, sn.deltas[i])
+				if err == nil && deltaFits(len(data), oldRef.Bytes) {
+					jobs = append(jobs, shardJob{i: i, prefix: p, data: data, lines: c, entries: len(d), over: oldRef, base: sn.lines[i]})
+					continue
+				}
+				if err != nil && !errors.Is(err, errUndecodedUnreadable) {
+					return false, invalid(err)
+				}
+				putShardBuf(data)
+			}
+			// A deletion from the base, or a delta grown too large: merge.
+		}
 		var prev *lineCache
 		if !sn.rewrite {
 			prev = sn.lines[i]
 		}
-		data, c, err := encodeShard(p, b, prev)
-		if errors.Is(err, errUndecodedUnreadable) && had {
+		var (
+			data []byte
+			c    *lineCache
+			err  error
+		)
+		if had && !sn.rewrite && (oldRef.Bytes >= deltaMinBase || oldRef.hasDelta()) && hasUndecoded(b) {
+			// Lines of a large base, or of a delta, are never carried over
+			// undecoded (see deltaMinBase): decode them, then encode.
+			data, c, err = s.encodeDecoded(i, oldRef, sn, b)
+		} else if data, c, err = encodeShard(p, b, prev); errors.Is(err, errUndecodedUnreadable) && had {
 			// The shard's file could not be read again for the lines
 			// carried over undecoded: decode it whole and encode them.
-			data, c, err = s.encodeDecoded(i, oldRef, b)
-			if err != nil {
-				return false, err
-			}
+			data, c, err = s.encodeDecoded(i, oldRef, sn, b)
 		} else if err != nil {
 			return false, invalid(err)
+		}
+		if err != nil {
+			return false, err
 		}
 		jobs = append(jobs, shardJob{i: i, prefix: p, data: data, lines: c, entries: len(b)})
 	}
@@ -133,10 +177,17 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		if j.err != nil {
 			return false, j.err
 		}
-		nm.Shards[j.prefix] = shardRef{File: j.name, Offset: j.off, Bytes: len(j.data), Entries: j.entries, SHA256: shortHash(j.data)}
+		if j.over.File != "" {
+			r := j.over
+			r.Delta = deltaRef{File: j.name, Offset: j.off, Bytes: len(j.data), Entries: j.entries, SHA256: shortHash(j.data)}
+			nm.Shards[j.prefix] = r
+			lines[j.i], dlines[j.i] = j.base, j.lines
+		} else {
+			nm.Shards[j.prefix] = shardRef{File: j.name, Offset: j.off, Bytes: len(j.data), Entries: j.entries, SHA256: shortHash(j.data)}
+			lines[j.i] = j.lines
+		}
 		j.lines.detach(j.data, filepath.Join(s.root, ShardDir, j.name), j.off, isPackName(j.name))
 		putShardBuf(j.data) // written, hashed, and no cache refers to it
-		lines[j.i] = j.lines
 	}
 	nm.Retired = nm.retiredFrom(old)
 	if old != nil && !sn.rewrite && written == nil && !dropped && len(nm.Retired) == 0 && sameHeader(old, nm) {
@@ -165,7 +216,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			if got, ok := nm.Shards[shardPrefix(i)]; ok {
 				r = got
 			}
-			s.rememberShard(i, r, lines[i])
+			s.rememberShard(i, r, lines[i], dlines[i])
 		}
 	}
 	if old != nil && sn.exists {
@@ -177,16 +228,25 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 }
 
 // encodeDecoded encodes the entries b of shard i after reading its file
-// ref whole, for the lines b carries over undecoded.
-func (s *Store) encodeDecoded(i int, ref shardRef, b []idEntry) ([]byte, *lineCache, error) {
-	full, err := s.readShard(i, ref, nil, nil, true)
+// ref (and its delta) whole, for the lines b carries over undecoded.
+func (s *Store) encodeDecoded(i int, ref shardRef, sn *snapshot, b []idEntry) ([]byte, *lineCache, error) {
+	full, err := s.readShard(i, ref, true, sn.lines[i], nil, true)
 	if err != nil {
 		return nil, nil, err
+	}
+	var fullDelta *lineCache
+	if ref.hasDelta() {
+		if fullDelta, err = s.readShard(i, ref.delta(), false, sn.deltas[i], nil, true); err != nil {
+			return nil, nil, err
+		}
 	}
 	b = slices.Clone(b)
 	for k, ie := range b {
 		if ie.e == nil {
-			cl, ok := full.line(ie.id)
+			cl, ok := fullDelta.line(ie.id)
+			if !ok {
+				cl, ok = full.line(ie.id)
+			}
 			if !ok || cl.e == nil {
 				return nil, nil, fmt.Errorf("state %s: entry %s is not in shard %s any more: %w", s.path, ie.id, ref.File, ErrCorrupt)
 			}
@@ -217,6 +277,49 @@ func sameHeader(a, b *manifest) bool {
 	return err1 == nil && err2 == nil && string(x) == string(y)
 }
 
+// hasUndecoded reports whether b carries a line over undecoded.
+func hasUndecoded(b []idEntry) bool {
+	for _, ie := range b {
+		if ie.e == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// deltaOf returns the delta of shard i after a write of the named entries
+// of it: the lines of its delta that the write did not name, and the
+// named entries that differ from its base's. ok is false when the write
+// deleted an entry of the base: a delta cannot say so, and the shard is
+// merged into a new base instead.
+func deltaOf(sn *snapshot, i int, named []string, entries map[string]*Entry) (d []idEntry, ok bool) {
+	base := sn.lines[i]
+	set := make(map[string]bool, len(named))
+	for _, id := range named {
+		set[id] = true
+		e, now := entries[id]
+		bl, inBase := base.line(id)
+		switch {
+		case !now && inBase:
+			return nil, false
+		case !now:
+		case inBase && bl.e != nil && (bl.e == e || bl.e.Equal(e)):
+			// As the base has it: a release undoing a get.
+		default:
+			d = append(d, idEntry{id, e})
+		}
+	}
+	if dl := sn.deltas[i]; dl != nil {
+		for _, cl := range dl.lines {
+			if !set[cl.id] {
+				d = append(d, idEntry{cl.id, cl.e})
+			}
+		}
+	}
+	slices.SortFunc(d, func(x, y idEntry) int { return strings.Compare(x.id, y.id) })
+	return d, true
+}
+
 // shardJob is one shard for writeShards or writePack to write.
 type shardJob struct {
 	i       int
@@ -224,9 +327,13 @@ type shardJob struct {
 	data    []byte
 	lines   *lineCache
 	entries int
-	name    string // written as
-	off     int64  // at, in a pack
-	err     error
+	// over is the shard's record when the job is a delta over its base
+	// (whose lines are base), empty for a job that is a base.
+	over shardRef
+	base *lineCache
+	name string // written as
+	off  int64  // at, in a pack
+	err  error
 }
 
 // Packs are for the commits of the hot path, a few shards each. A commit

@@ -278,6 +278,11 @@ type shardCache struct {
 	file  string // "" for a shard without entries
 	off   int64  // where in file, a pack
 	lines *lineCache
+	// The delta over it (format 4), as last read or written: "" and nil
+	// for none.
+	dfile  string
+	doff   int64
+	dlines *lineCache
 }
 
 func (s *Store) cachedShards() [numShards]shardCache {
@@ -286,9 +291,9 @@ func (s *Store) cachedShards() [numShards]shardCache {
 	return s.shards
 }
 
-func (s *Store) rememberShard(i int, ref shardRef, lines *lineCache) {
+func (s *Store) rememberShard(i int, ref shardRef, lines, dlines *lineCache) {
 	s.cacheMu.Lock()
-	s.shards[i] = shardCache{file: ref.File, off: ref.Offset, lines: lines}
+	s.shards[i] = shardCache{file: ref.File, off: ref.Offset, lines: lines, dfile: ref.Delta.File, doff: ref.Delta.Offset, dlines: dlines}
 	s.cacheMu.Unlock()
 }
 
@@ -299,6 +304,7 @@ func (s *Store) verifyShared(when string) {
 	}
 	for _, c := range s.cachedShards() {
 		c.lines.verifyShared(when)
+		c.dlines.verifyShared(when)
 	}
 }
 
@@ -311,7 +317,8 @@ type snapshot struct {
 	// (its first write converts it) or a Reset.
 	rewrite bool
 	loaded  [numShards]bool       // the shards st holds
-	lines   [numShards]*lineCache // their lines as read
+	lines   [numShards]*lineCache // their lines as read (of the base, when a delta is over it)
+	deltas  [numShards]*lineCache // the lines of their deltas, nil for none
 	// sel, for a read of named entries, names them: st holds only those,
 	// and a commit carries the other lines of their shards over.
 	sel *selection
@@ -529,15 +536,30 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 		if !ok {
 			continue
 		}
-		if c := cache[i]; c.file == ref.File && c.off == ref.Offset && c.lines.decodedFor(need) {
+		c := cache[i]
+		read := false
+		if c.file == ref.File && c.off == ref.Offset && c.lines.decodedFor(need) {
 			sn.lines[i] = c.lines
 		} else {
-			lines, err := s.readShard(i, ref, c.lines, need, keep)
+			lines, err := s.readShard(i, ref, true, c.lines, need, keep)
 			if err != nil {
 				return nil, err
 			}
-			sn.lines[i] = lines
-			s.rememberShard(i, ref, lines)
+			sn.lines[i], read = lines, true
+		}
+		if ref.hasDelta() {
+			if c.dfile == ref.Delta.File && c.doff == ref.Delta.Offset && c.dlines.decodedFor(need) {
+				sn.deltas[i] = c.dlines
+			} else {
+				dlines, err := s.readShard(i, ref.delta(), false, c.dlines, need, keep)
+				if err != nil {
+					return nil, err
+				}
+				sn.deltas[i], read = dlines, true
+			}
+		}
+		if read || c.dfile != ref.Delta.File || c.doff != ref.Delta.Offset {
+			s.rememberShard(i, ref, sn.lines[i], sn.deltas[i])
 		}
 		n += len(sn.lines[i].lines)
 	}
@@ -551,7 +573,7 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 		case c == nil:
 		case sel != nil:
 			for _, id := range sel.ids[i] {
-				if cl, ok := c.line(id); ok {
+				if cl, ok := sn.lineOf(i, id); ok {
 					sn.st.Entries[id] = cl.e
 				}
 			}
@@ -559,17 +581,31 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 			for _, cl := range c.lines {
 				sn.st.Entries[cl.id] = cl.e
 			}
+			if d := sn.deltas[i]; d != nil {
+				for _, cl := range d.lines {
+					sn.st.Entries[cl.id] = cl.e
+				}
+			}
 		}
 	}
 	return sn, nil
 }
 
+// lineOf returns the line of id in shard i as read: its delta's, else its
+// base's.
+func (sn *snapshot) lineOf(i int, id string) (cachedLine, bool) {
+	if cl, ok := sn.deltas[i].line(id); ok {
+		return cl, true
+	}
+	return sn.lines[i].line(id)
+}
+
 // readShard reads and decodes the file of shard i, checking it against
 // its manifest's record. prev is an older version of the shard, whose
 // lines need not be decoded again.
-func (s *Store) readShard(i int, ref shardRef, prev *lineCache, need needFn, keep bool) (*lineCache, error) {
+func (s *Store) readShard(i int, ref shardRef, base bool, prev *lineCache, need needFn, keep bool) (*lineCache, error) {
 	name := filepath.Join(s.root, ShardDir, ref.File)
-	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, prev, need)
+	b, lines, err := readShardFile(s.root, shardPrefix(i), ref, base, prev, need)
 	switch {
 	case err == nil:
 		return lines, nil
@@ -641,12 +677,18 @@ func decodeFileBytes(root string, b []byte) (*State, error) {
 	}
 	st := &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
 	for p, ref := range man.Shards {
-		_, lines, err := readShardFile(root, p, ref, nil, nil)
-		if err != nil {
-			return nil, fmt.Errorf("shard %s: %w", filepath.Join(root, ShardDir, ref.File), err)
+		files := []shardRef{ref}
+		if ref.hasDelta() {
+			files = append(files, ref.delta())
 		}
-		for _, cl := range lines.lines {
-			st.Entries[cl.id] = cl.e
+		for k, r := range files {
+			_, lines, err := readShardFile(root, p, r, k == 0, nil, nil)
+			if err != nil {
+				return nil, fmt.Errorf("shard %s: %w", filepath.Join(root, ShardDir, r.File), err)
+			}
+			for _, cl := range lines.lines {
+				st.Entries[cl.id] = cl.e
+			}
 		}
 	}
 	return st, nil

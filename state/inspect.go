@@ -90,7 +90,7 @@ func (s *Store) formatChecks() []Check {
 		return out
 	}
 	v := versionOf(b)
-	if v != FormatVersion {
+	if v < 2 {
 		if _, err := decodeV1(b); err != nil {
 			add("state format", "fail", "%s: %v", s.path, err)
 			return out
@@ -112,18 +112,35 @@ func (s *Store) formatChecks() []Check {
 			continue
 		}
 		entries, problems := 0, []string{}
+		deltas := 0
 		for p, ref := range man.Shards {
-			entries += ref.Entries
-			name := filepath.Join(s.root, ShardDir, ref.File)
-			if _, _, err := readShardFile(s.root, p, ref, nil, nil); errors.Is(err, fs.ErrNotExist) {
-				problems = append(problems, name+": missing")
-			} else if err != nil {
-				problems = append(problems, fmt.Sprintf("%s: %v", name, err))
+			files := []shardRef{ref}
+			if ref.hasDelta() {
+				files = append(files, ref.delta())
+				deltas++
 			}
+			ids := map[string]bool{}
+			for k, r := range files {
+				name := filepath.Join(s.root, ShardDir, r.File)
+				_, lines, err := readShardFile(s.root, p, r, k == 0, nil, nil)
+				switch {
+				case errors.Is(err, fs.ErrNotExist):
+					problems = append(problems, name+": missing")
+				case err != nil:
+					problems = append(problems, fmt.Sprintf("%s: %v", name, err))
+				default:
+					for _, cl := range lines.lines {
+						ids[cl.id] = true
+					}
+				}
+			}
+			entries += len(ids)
 		}
 		slices.Sort(problems)
-		if f == StateFile {
-			add("state format", "ok", "version %d: manifest of %d bytes, %d shards, %d entries, commit %d", v, len(b), len(man.Shards), entries, man.Serial)
+		if f == StateFile && v < FormatVersion {
+			add("state format", "ok", "version %d: manifest of %d bytes, %d shards, %d entries, commit %d; version %d from the next write", v, len(b), len(man.Shards), entries, man.Serial, FormatVersion)
+		} else if f == StateFile {
+			add("state format", "ok", "version %d: manifest of %d bytes, %d shards (%d with a delta), %d entries, commit %d", v, len(b), len(man.Shards), deltas, entries, man.Serial)
 		}
 		switch {
 		case len(problems) > 0 && f == StateFile:

@@ -116,9 +116,9 @@ func TestUpgradeFromFormat2(t *testing.T) {
 	}
 	sf := s.Path()
 	v3 := readBytes(t, sf)
-	v2 := bytes.Replace(v3, []byte(`{"version":3,`), []byte(`{"version":2,`), 1)
-	if bytes.Equal(v2, v3) || bytes.Contains(v3, []byte(`"pk-`)) {
-		t.Fatalf("setup: want a manifest of version 3 without packs:\n%.200s", v3)
+	v2 := bytes.Replace(v3, []byte(`{"version":4,`), []byte(`{"version":2,`), 1)
+	if bytes.Equal(v2, v3) || bytes.Contains(v3, []byte(`"pk-`)) || bytes.Contains(v3, []byte(`"delta"`)) {
+		t.Fatalf("setup: want a manifest of version 4 without packs or deltas:\n%.200s", v3)
 	}
 	if err := os.WriteFile(sf, v2, 0o644); err != nil {
 		t.Fatal(err)

@@ -9,12 +9,13 @@ import (
 	"time"
 )
 
-// FormatVersion is the version of the state format this package writes: 2,
-// a manifest and immutable shard files (see v2.go). It reads format 1, one
-// document, and converts it at its first write. A state with a higher
+// FormatVersion is the version of the state format this package writes: 4,
+// a manifest and immutable shard files, packs and deltas (see v2.go). It
+// reads formats 1 (one document), 2 and 3, and converts them at the first
+// write. A state with a higher
 // version is refused with [ErrUnsupportedVersion] rather than misread, so
 // an older depcache never rewrites a newer one's state.
-const FormatVersion = 3
+const FormatVersion = 4
 
 // Stage is where an entry is in its life.
 type Stage string

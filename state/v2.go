@@ -42,6 +42,10 @@ import (
 //     file, once no shard of the manifest names it. Format 2 manifests are
 //     read as they are (no packs, no offsets) and become format 3 at the
 //     next commit.
+//   - Format 4 adds deltas: a write of named entries in a large shard
+//     writes only the entries it changed since the shard's base, and the
+//     manifest names both (see deltaMinBase). Format 3 manifests are read
+//     as they are and become format 4 at the next commit.
 //   - Each manifest lists as retired the shard files of the manifest before
 //     it that it no longer names. The commit after it deletes them: at
 //     that point neither state.json nor state.json.prev names them. A
@@ -93,8 +97,55 @@ type shardRef struct {
 	// (format 3), which holds the shards of one commit one after another.
 	Offset  int64  `json:"offset,omitempty"`
 	Bytes   int    `json:"bytes"`
+	Entries int    `json:"entries"` // in File, the base, without Delta
+	SHA256  string `json:"sha256"`  // the first 8 bytes, in hex
+	// Delta (format 4) names a second file of the shard's layout holding
+	// the entries that a write of named entries changed or added since
+	// the base was written: the shard is the base with each of them put
+	// over it. See deltaFor.
+	Delta deltaRef `json:"delta,omitzero"`
+}
+
+// deltaRef names a shard's delta: a file like a shard's, whose Entries
+// are its lines, not the shard's.
+type deltaRef struct {
+	File    string `json:"file"`
+	Offset  int64  `json:"offset,omitempty"`
+	Bytes   int    `json:"bytes"`
 	Entries int    `json:"entries"`
-	SHA256  string `json:"sha256"` // the first 8 bytes, in hex
+	SHA256  string `json:"sha256"`
+}
+
+// hasDelta reports whether the shard has a delta over its base.
+func (r shardRef) hasDelta() bool { return r.Delta.File != "" }
+
+// delta returns the delta's file as a shardRef, for the readers of one.
+func (r shardRef) delta() shardRef {
+	d := r.Delta
+	return shardRef{File: d.File, Offset: d.Offset, Bytes: d.Bytes, Entries: d.Entries, SHA256: d.SHA256}
+}
+
+// Deltas (format 4) are for the shards a write of named entries would
+// rewrite at a cost that grows with the cache: at 100,000 entries a shard
+// is 140 KB, and a get+release rewrote, and read, five of them per lock
+// hold (BENCHMARKS.md). A write of named entries in a shard of at least
+// deltaMinBase bytes writes only a delta, the shard's changed entries
+// since its base, until the delta outgrows a quarter of the base
+// (deltaMaxFraction, at most deltaMaxBytes); the write after that merges
+// both into a new base. A base that large is then never carried into
+// another file undecoded: a merge and a whole write decode it whole, so a
+// read of named entries need not validate its other lines (only the
+// shard's hash vouches for them, as for any line it does not decode).
+const (
+	deltaMinBase     = 8 << 10
+	deltaMaxFraction = 4
+	deltaMaxBytes    = 64 << 10
+)
+
+// deltaFits reports whether a delta of n bytes may stand over a base of
+// base bytes, or the shard must be merged into a new base.
+func deltaFits(n, base int) bool {
+	return n <= base/deltaMaxFraction && n <= deltaMaxBytes
 }
 
 // shardOf returns the shard index of a key ID, false if it is not one.
@@ -132,7 +183,12 @@ func versionOf(b []byte) int {
 // encoder writes the version first, so a prefix tells most files without
 // parsing them: every read asks.
 func isManifest(b []byte) bool {
-	return bytes.HasPrefix(b, []byte(`{"version":3,`)) || bytes.HasPrefix(b, []byte(`{"version":2,`)) || versionOf(b) >= 2
+	for _, v := range []string{`{"version":4,`, `{"version":3,`, `{"version":2,`} {
+		if bytes.HasPrefix(b, []byte(v)) {
+			return true
+		}
+	}
+	return versionOf(b) >= 2
 }
 
 // errNewer is the refusal of a state file of a later format.
@@ -197,10 +253,34 @@ func (m *manifest) validate() error {
 		case !isHexN(r.SHA256, 16):
 			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
 		}
+		if r.Delta == (deltaRef{}) {
+			continue
+		}
+		d := r.Delta
+		dp, ok := shardFilePrefix(d.File)
+		if isPackName(d.File) {
+			dp, ok = p, true
+		}
+		switch {
+		case m.Version < 4:
+			return fmt.Errorf("shard %s: a delta in a version %d manifest (deltas are format 4)", p, m.Version)
+		case d.Offset < 0 || (d.Offset > 0 && !isPackName(d.File)):
+			return fmt.Errorf("shard %s: delta offset %d in file %q (only a pack has offsets)", p, d.Offset, d.File)
+		case !ok:
+			return fmt.Errorf("shard %s: bad delta file name %q", p, d.File)
+		case dp != p:
+			return fmt.Errorf("shard %s: delta file %q is another shard's", p, d.File)
+		case d.File == r.File && d.Offset == r.Offset:
+			return fmt.Errorf("shard %s: the delta is the base %q", p, d.File)
+		case d.Bytes <= 0 || d.Entries <= 0:
+			return fmt.Errorf("shard %s: delta of %d bytes, %d entries: an empty delta is not written", p, d.Bytes, d.Entries)
+		case !isHexN(d.SHA256, 16):
+			return fmt.Errorf("shard %s: bad delta sha256 %q", p, d.SHA256)
+		}
 	}
 	named := map[string]bool{}
-	for _, r := range m.Shards {
-		named[r.File] = true
+	for _, f := range m.files() {
+		named[f] = true
 	}
 	for _, f := range m.Retired {
 		if !isShardFile(f) {
@@ -309,6 +389,9 @@ func (m *manifest) files() []string {
 	out := make([]string, 0, len(m.Shards))
 	for _, r := range m.Shards {
 		out = append(out, r.File)
+		if r.hasDelta() {
+			out = append(out, r.Delta.File)
+		}
 	}
 	slices.Sort(out)
 	return slices.Compact(out) // a pack is named once per shard in it
@@ -321,8 +404,8 @@ func (m *manifest) retiredFrom(old *manifest) []string {
 		return nil
 	}
 	named := map[string]bool{}
-	for _, r := range m.Shards {
-		named[r.File] = true
+	for _, f := range m.files() {
+		named[f] = true
 	}
 	var out []string
 	for _, f := range old.files() {
@@ -468,9 +551,15 @@ func readFileInto(buf []byte, name string) ([]byte, error) {
 // not hold, and of those only the ones need asks for (nil: all). Errors
 // wrap ErrCorrupt.
 func decodeShard(p string, b []byte, prev *lineCache, need needFn) (*lineCache, error) {
+	return decodeShardFor(p, b, prev, need, false)
+}
+
+// decodeShardFor is decodeShard, which with trust does not check that the
+// lines need does not ask for are JSON (see deltaMinBase).
+func decodeShardFor(p string, b []byte, prev *lineCache, need needFn, trust bool) (*lineCache, error) {
 	hdr := shardHeader(p) + "\n"
 	if bytes.HasPrefix(b, []byte(hdr)) && bytes.HasSuffix(b[len(hdr):], []byte(layoutEnd+"\n")) {
-		if lines, ok := decodeBody(b, len(hdr), len(b)-len(layoutEnd)-1, prev, need); ok && inShard(p, lines) {
+		if lines, ok := decodeBody(b, len(hdr), len(b)-len(layoutEnd)-1, prev, need, trust); ok && inShard(p, lines) {
 			return lines, nil
 		}
 	}
@@ -517,32 +606,43 @@ func inShard(p string, c *lineCache) bool {
 	return true
 }
 
-// shardChanged reports whether the n entries of a shard in entries differ
-// from what prev holds: the same count, and each of prev's entries still
-// there, the same or Equal, is the same set.
-func shardChanged(prev *lineCache, n int, entries map[string]*Entry) bool {
-	if prev == nil {
-		return n != 0
-	}
-	if n != len(prev.lines) {
-		return true
-	}
-	for _, cl := range prev.lines {
+// shardChanged reports whether the n entries of shard i in entries differ
+// from what sn read of it (its delta over its base): the same count, and
+// each entry read still there, the same or Equal, is the same set.
+func shardChanged(sn *snapshot, i, n int, entries map[string]*Entry) bool {
+	base, d := sn.lines[i], sn.deltas[i]
+	same := func(cl cachedLine) bool {
 		e, ok := entries[cl.id]
-		if !ok || (e != cl.e && (e == nil || cl.e == nil || !e.Equal(cl.e))) {
-			return true
+		return ok && (e == cl.e || (e != nil && cl.e != nil && e.Equal(cl.e)))
+	}
+	read := 0
+	if d != nil {
+		for _, cl := range d.lines {
+			if read++; !same(cl) {
+				return true
+			}
 		}
 	}
-	return false
+	if base != nil {
+		for _, cl := range base.lines {
+			if d.has(cl.id) {
+				continue
+			}
+			if read++; !same(cl) {
+				return true
+			}
+		}
+	}
+	return read != n
 }
 
 // namedChanged reports whether any of the entries named (all of them in
-// the shard prev was read from) differs in entries from what prev holds:
-// a write of named entries changes no other line.
-func namedChanged(prev *lineCache, named []string, entries map[string]*Entry) bool {
+// shard i) differs in entries from what sn read: a write of named entries
+// changes no other line.
+func namedChanged(sn *snapshot, i int, named []string, entries map[string]*Entry) bool {
 	for _, id := range named {
 		e, now := entries[id]
-		cl, was := prev.line(id)
+		cl, was := sn.lineOf(i, id)
 		switch {
 		case now != was:
 			return true
@@ -562,7 +662,10 @@ var errShardMismatch = errors.New("does not match its manifest")
 // only the ones need asks for), checking it against ref. Its bytes come back for a copy kept aside. A missing file
 // wraps fs.ErrNotExist; a bad one wraps ErrCorrupt, and errShardMismatch
 // when its size or hash differ.
-func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) ([]byte, *lineCache, error) {
+//
+// A base (not a delta) of deltaMinBase bytes or more is read trusting the
+// lines need does not ask for: no write carries them over undecoded.
+func readShardFile(root, p string, ref shardRef, base bool, prev *lineCache, need needFn) ([]byte, *lineCache, error) {
 	name := filepath.Join(root, ShardDir, ref.File)
 	b, err := readShardBytes(getShardBuf(), name, isPackName(ref.File), ref.Offset, ref.Bytes)
 	if err != nil {
@@ -571,7 +674,7 @@ func readShardFile(root, p string, ref shardRef, prev *lineCache, need needFn) (
 	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
 		return b, nil, fmt.Errorf("%w: %w: %d bytes with sha256 %s, recorded %d bytes with sha256 %s", ErrCorrupt, errShardMismatch, len(b), shortHash(b), ref.Bytes, ref.SHA256)
 	}
-	lines, err := decodeShard(p, b, prev, need)
+	lines, err := decodeShardFor(p, b, prev, need, base && ref.Bytes >= deltaMinBase)
 	if need != nil && (err != nil || len(lines.lines) != ref.Entries) {
 		// Whatever a decode of some lines finds wrong, the whole decode
 		// judges, with the errors it gives.

@@ -155,6 +155,22 @@ func checkLazyDecode(t *testing.T, p string, data []byte, fresh *lineCache) {
 	if errA != nil || errB != nil || !bytes.Equal(a, b) {
 		t.Fatalf("carrying lines over undecoded wrote other bytes (%v, %v):\n%s\n%s", errA, errB, a, b)
 	}
+	// Trusting the lines it does not need (a large base, see
+	// deltaMinBase), it reads the same lines and entries, or other lines
+	// than the whole decode counts: readShardFile then decodes it whole,
+	// as it does when the count is not the manifest's.
+	trusted, err := decodeShardFor(p, data, nil, func(id string) bool { return need[id] }, true)
+	if err != nil {
+		t.Fatalf("a trusting decode of some lines refuses what a whole decode accepts: %v", err)
+	}
+	if len(trusted.lines) != len(lazy.lines) {
+		return
+	}
+	for i, cl := range trusted.lines {
+		if cl.id != lazy.lines[i].id || !reflect.DeepEqual(cl.e, lazy.lines[i].e) {
+			t.Fatalf("line %d (%s) differs in a trusting decode", i, cl.id)
+		}
+	}
 }
 
 // FuzzDecodeManifest: no input makes the manifest decoder panic or accept a
@@ -168,6 +184,10 @@ func FuzzDecodeManifest(f *testing.F) {
 			"3f": {File: "3f-0000000000000029-0000002a.json", Bytes: 99, Entries: 1, SHA256: "fedcba9876543210"},
 			"a1": {File: "pk-0000000000000029-0000002b.json", Bytes: 120, Entries: 1, SHA256: "00112233445566ff"},
 			"a2": {File: "pk-0000000000000029-0000002b.json", Offset: 120, Bytes: 80, Entries: 1, SHA256: "00112233445566ee"},
+			"c4": {File: "c4-0000000000000020-0000000c.json", Bytes: 9000, Entries: 30, SHA256: "00112233445566dd",
+				Delta: deltaRef{File: "pk-0000000000000029-0000002b.json", Offset: 200, Bytes: 350, Entries: 1, SHA256: "00112233445566cc"}},
+			"c5": {File: "pk-0000000000000021-0000000d.json", Offset: 3, Bytes: 9000, Entries: 30, SHA256: "00112233445566bb",
+				Delta: deltaRef{File: "c5-0000000000000029-0000002e.json", Bytes: 350, Entries: 1, SHA256: "00112233445566aa"}},
 		}}
 	b, seedLines, err := encodeManifest(m, nil)
 	if err != nil {
@@ -175,7 +195,8 @@ func FuzzDecodeManifest(f *testing.F) {
 	}
 	f.Add(b)
 	f.Add([]byte(`{"version":2,"serial":1,"shards":{}}`))
-	f.Add([]byte(`{"version":4,"serial":1,"shards":{},"new":1}`))
+	f.Add([]byte(`{"version":5,"serial":1,"shards":{},"new":1}`))
+	f.Add([]byte(`{"version":3,"serial":1,"shards":{"00":{"file":"00-0000000000000001-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef","delta":{"file":"00-0000000000000002-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef"}}}}`))
 	f.Add([]byte(`{"version":2,"serial":1,"shards":{"00":{"file":"pk-0000000000000001-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef"}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := decodeManifest(data)
@@ -195,8 +216,13 @@ func FuzzDecodeManifest(f *testing.F) {
 			return
 		}
 		for p, r := range m.Shards {
-			if strings.ContainsAny(r.File, `/\`) || CheckRelPath(r.File) != nil || !strings.HasPrefix(r.File, p+"-") && !strings.HasPrefix(r.File, packPrefix+"-") {
-				t.Fatalf("accepted shard file %q for shard %q", r.File, p)
+			for _, f := range []string{r.File, r.Delta.File} {
+				if f == "" && r.Delta == (deltaRef{}) {
+					continue
+				}
+				if strings.ContainsAny(f, `/\`) || CheckRelPath(f) != nil || !strings.HasPrefix(f, p+"-") && !strings.HasPrefix(f, packPrefix+"-") {
+					t.Fatalf("accepted shard file %q for shard %q", f, p)
+				}
 			}
 		}
 		again, _, err := encodeManifest(m, nil)

@@ -115,7 +115,7 @@ func TestUpgradeFromFormat1(t *testing.T) {
 func TestNewerFormatRefused(t *testing.T) {
 	dir := t.TempDir()
 	sf := filepath.Join(dir, state.StateFile)
-	newer := []byte(`{"version":4,"serial":1,"shards":{},"segments":[]}` + "\n")
+	newer := []byte(`{"version":5,"serial":1,"shards":{},"segments":[]}` + "\n")
 	if err := os.WriteFile(sf, newer, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestNewerFormatRefused(t *testing.T) {
 	if !errors.Is(err, state.ErrUnsupportedVersion) {
 		t.Fatalf("View: %v, want ErrUnsupportedVersion", err)
 	}
-	for _, want := range []string{"version 4", "versions 1 to 3", "upgrade depcache", sf} {
+	for _, want := range []string{"version 5", "versions 1 to 4", "upgrade depcache", sf} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("%q does not say %q", err, want)
 		}

@@ -33,6 +33,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -456,6 +457,30 @@ func runWorker(mode string, args []string) int {
 	return 2
 }
 
+// cpuProfile starts a CPU profile of this worker when
+// DEPCACHE_BENCH_CPUPROFILE names a directory (one file per worker, for
+// go tool pprof to merge), and returns what stops it; nil when unset.
+func cpuProfile() func() {
+	dir := os.Getenv("DEPCACHE_BENCH_CPUPROFILE")
+	if dir == "" {
+		return nil
+	}
+	f, err := os.CreateTemp(dir, "worker-*.prof")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "cpu profile:", err)
+		return nil
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		fmt.Fprintln(os.Stderr, "cpu profile:", err)
+		f.Close()
+		return nil
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}
+}
+
 // workerGroup runs COUNT workers of MODE ARGS side by side (a fake host's
 // share) and prints their results one after another.
 func workerGroup(args []string) int {
@@ -512,6 +537,9 @@ func workerGetRelease(args []string) int {
 		return 1
 	}
 	defer closeStore()
+	if stop := cpuProfile(); stop != nil {
+		defer stop()
+	}
 	var mu sync.Mutex
 	var res workerResult
 	m, err := manager.New(manager.Config{Root: root, State: st, Log: quietLog(), OnLockHold: func(d time.Duration) {

@@ -278,6 +278,9 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("shard %s: bad delta sha256 %q", p, d.SHA256)
 		}
 	}
+	if len(m.Retired) == 0 {
+		return nil
+	}
 	named := map[string]bool{}
 	for _, f := range m.files() {
 		named[f] = true
@@ -398,22 +401,40 @@ func (m *manifest) files() []string {
 }
 
 // retiredFrom returns the files old named that m does not: a pack stays
-// until none of its shards is named.
+// until none of its shards is named. Only the files of the shards whose
+// records changed can be retired: the others are named by both.
 func (m *manifest) retiredFrom(old *manifest) []string {
 	if old == nil {
 		return nil
 	}
-	named := map[string]bool{}
-	for _, f := range m.files() {
-		named[f] = true
+	var maybe []string
+	for p, r := range old.Shards {
+		if m.Shards[p] != r {
+			maybe = append(maybe, r.File)
+			if r.hasDelta() {
+				maybe = append(maybe, r.Delta.File)
+			}
+		}
 	}
+	slices.Sort(maybe)
+	maybe = slices.Compact(maybe)
 	var out []string
-	for _, f := range old.files() {
-		if !named[f] {
+	for _, f := range maybe {
+		if !m.names(f) {
 			out = append(out, f)
 		}
 	}
 	return out
+}
+
+// names reports whether m names the file f, as a base or a delta.
+func (m *manifest) names(f string) bool {
+	for _, r := range m.Shards {
+		if r.File == f || r.Delta.File == f {
+			return true
+		}
+	}
+	return false
 }
 
 // packPrefix begins the name of a pack, pk-SERIAL-NONCE.json: the shards

@@ -238,8 +238,9 @@ func (w *waiter) pause(ctx context.Context, backoff time.Duration, wait waitFunc
 		// Standing back for another's marker: the lock is not ours to
 		// take until the owner has had it, and a proposal posted meanwhile
 		// is answered through its FIFO, which ends the sleep. Polling
-		// faster only took the CPU from the holder (on 2 cores with 8
-		// processes, 1.15-1.6 × the throughput in paired runs).
+		// faster only takes the CPU from the holder (BENCHMARKS.md: in
+		// paired runs, 0.9-1.6 × the throughput, within the disk's
+		// swings; never less fair).
 		d = w.l.jitter(maxPoll)
 	}
 	if w.turn.mine {

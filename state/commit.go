@@ -309,7 +309,7 @@ func deltaOf(sn *snapshot, i int, named []string, entries map[string]*Entry) (d 
 			return nil, false
 		case !now:
 		case inBase && bl.e != nil && (bl.e == e || bl.e.Equal(e)):
-			// As the base has it: a release undoing a get.
+			// As the base has it again: a change undone.
 		default:
 			d = append(d, idEntry{id, e})
 		}

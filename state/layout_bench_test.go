@@ -2,6 +2,8 @@ package state
 
 import (
 	"fmt"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -45,4 +47,41 @@ func BenchmarkLayout(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkNamedReadOfBase: a read of one entry of a shard of 100,000
+// entries' size (about 400 lines, 140 KB) that this process never saw,
+// checking its other lines as JSON (a shard whose lines a write may carry
+// over undecoded) or trusting them (a base, see deltaMinBase), and the
+// SHA-256 that both pay.
+func BenchmarkNamedReadOfBase(b *testing.B) {
+	st := benchState(100000)
+	var es []idEntry
+	for _, e := range st.Sorted() {
+		if id := e.Key.ID(); id[:2] == "3f" {
+			es = append(es, idEntry{id, e})
+		}
+	}
+	slices.SortFunc(es, func(x, y idEntry) int { return strings.Compare(x.id, y.id) })
+	data, _, err := encodeShard("3f", es, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	want := es[len(es)/2].id
+	need := func(id string) bool { return id == want }
+	b.Logf("%d entries, %d bytes", len(es), len(data))
+	for _, trust := range []bool{false, true} {
+		b.Run(fmt.Sprintf("trust=%t", trust), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := decodeShardFor("3f", data, nil, need, trust); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	b.Run("sha256", func(b *testing.B) {
+		for b.Loop() {
+			shortHash(data)
+		}
+	})
 }

@@ -52,6 +52,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 	nm := &manifest{Version: FormatVersion, Policy: st.Policy, MaxGeneration: st.MaxGeneration, Serial: 1, Shards: map[string]shardRef{}}
 	if old != nil {
 		nm.Serial = old.Serial + 1
+		nm.Shards = make(map[string]shardRef, len(old.Shards)+numShards/16) // sized: the copy grew it from empty at every commit
 		maps.Copy(nm.Shards, old.Shards)
 	}
 	var (

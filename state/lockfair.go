@@ -230,19 +230,10 @@ func (w *waiter) dropTurn() {
 // own attempts allow (at most half the time busy, so that a slow shared
 // filesystem is not flooded), and less often the longer the holder has
 // held, down to the pace of any other waiter, so that a lock held for hours
-// (`depcache lock`) does not keep it busy. A waiter that stands back for
-// another's marker polls at maxPoll; everyone else backs off as before.
+// (`depcache lock`) does not keep it busy. Everyone else backs off as
+// before.
 func (w *waiter) pause(ctx context.Context, backoff time.Duration, wait waitFunc) error {
 	d := w.l.jitter(backoff)
-	if !w.turn.mine && w.turn.seen != nil {
-		// Standing back for another's marker: the lock is not ours to
-		// take until the owner has had it, and a proposal posted meanwhile
-		// is answered through its FIFO, which ends the sleep. Polling
-		// faster only takes the CPU from the holder (BENCHMARKS.md: in
-		// paired runs, 0.9-1.6 × the throughput, within the disk's
-		// swings; never less fair).
-		d = w.l.jitter(maxPoll)
-	}
 	if w.turn.mine {
 		held := time.Since(w.turn.heldSince) / 8
 		d = w.l.jitter(min(maxPoll, max(minPoll, w.turn.cost, held)))

@@ -278,18 +278,11 @@ func (m *manifest) validate() error {
 			return fmt.Errorf("shard %s: bad delta sha256 %q", p, d.SHA256)
 		}
 	}
-	if len(m.Retired) == 0 {
-		return nil
-	}
-	named := map[string]bool{}
-	for _, f := range m.files() {
-		named[f] = true
-	}
 	for _, f := range m.Retired {
 		if !isShardFile(f) {
 			return fmt.Errorf("retired shard: bad file name %q", f)
 		}
-		if named[f] {
+		if m.names(f) {
 			return fmt.Errorf("shard file %s is both named and retired", f)
 		}
 	}
@@ -464,7 +457,9 @@ func encodeManifest(m *manifest, prev *manifestLines) ([]byte, *manifestLines, e
 	if err != nil {
 		return nil, nil, err
 	}
-	buf := make([]byte, 0, len(h)+16+len(m.Shards)*96)
+	// A line with a delta is about 230 bytes: growing a smaller buffer
+	// was a quarter of the encoding at 100,000 entries.
+	buf := make([]byte, 0, len(h)+16+len(m.Shards)*256)
 	buf = append(buf, h[:len(h)-1]...)
 	buf = append(buf, `,"shards":{`...)
 	buf = append(buf, '\n')

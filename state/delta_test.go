@@ -83,7 +83,7 @@ func TestDeltaOverLargeShard(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	stores := []*state.Store{openStore(t, dir), openStore(t, dir)}
-	keys := keysOfShard("3f", 90)
+	keys := keysOfShard("3f", 360)
 	model := map[string]*state.Entry{}
 	entry := func(k state.Key, size int64, deps ...string) *state.Entry {
 		e := &state.Entry{Key: k, Stage: state.Ready, Path: "entries/" + k.ID() + "-g1/content", SizeBytes: size, Generation: 1}
@@ -93,7 +93,7 @@ func TestDeltaOverLargeShard(t *testing.T) {
 		return e
 	}
 	if err := stores[0].Update(ctx, func(st *state.State) (bool, error) {
-		for _, k := range keys[:60] {
+		for _, k := range keys[:240] {
 			e := entry(k, 4096)
 			st.Put(e)
 			model[k.ID()] = e
@@ -103,8 +103,8 @@ func TestDeltaOverLargeShard(t *testing.T) {
 		t.Fatal(err)
 	}
 	v, rec := shardRecordOf(t, dir, "3f")
-	if v != state.FormatVersion || rec.Bytes < 8<<10 || rec.Delta != nil {
-		t.Fatalf("setup: version %d, shard 3f of %d bytes with delta %v: want a base of 8 KiB or more alone", v, rec.Bytes, rec.Delta)
+	if v != state.FormatVersion || rec.Bytes < state.DeltaMinBase || rec.Delta != nil {
+		t.Fatalf("setup: version %d, shard 3f of %d bytes with delta %v: want a base of %d bytes or more alone", v, rec.Bytes, rec.Delta, state.DeltaMinBase)
 	}
 	rng := rand.New(rand.NewPCG(crashSeed(t), 3))
 	var deltas, merges, kept int
@@ -131,7 +131,7 @@ func TestDeltaOverLargeShard(t *testing.T) {
 			ids, change = []string{id}, func(tx *state.Txn) { tx.Put(e) }
 			model[id] = e
 		default: // get of two at once
-			k2 := keys[rng.IntN(60)]
+			k2 := keys[rng.IntN(240)]
 			ids = []string{id}
 			e := model[id].Clone()
 			addDep(e, "run")
@@ -231,7 +231,7 @@ func TestDeltaMissingOrBad(t *testing.T) {
 		t.Run(fault, func(t *testing.T) {
 			dir := t.TempDir()
 			s := openStore(t, dir)
-			keys := keysOfShard("3f", 60)
+			keys := keysOfShard("3f", 240)
 			if err := s.Update(ctx, func(st *state.State) (bool, error) {
 				for _, k := range keys {
 					st.Put(&state.Entry{Key: k, Stage: state.Ready, Path: "entries/" + k.ID() + "-g1/content", SizeBytes: 4096, Generation: 1})
@@ -337,7 +337,7 @@ func TestDeltaDroppedWhenBackToBase(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	s := openStore(t, dir)
-	a, b := keysOfShard("3f", 60), keysOfShard("a1", 60)
+	a, b := keysOfShard("3f", 240), keysOfShard("a1", 240)
 	if err := s.Update(ctx, func(st *state.State) (bool, error) {
 		for _, k := range append(slices.Clone(a), b...) {
 			st.Put(&state.Entry{Key: k, Stage: state.Ready, Path: "entries/" + k.ID() + "-g1/content", SizeBytes: 4096, Generation: 1})

@@ -79,3 +79,6 @@ func UndecodedLines(s *Store) int {
 	}
 	return n
 }
+
+// DeltaMinBase is the size from which a shard's base gets deltas.
+const DeltaMinBase = deltaMinBase

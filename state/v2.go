@@ -102,7 +102,7 @@ type shardRef struct {
 	// Delta (format 4) names a second file of the shard's layout holding
 	// the entries that a write of named entries changed or added since
 	// the base was written: the shard is the base with each of them put
-	// over it. See deltaFor.
+	// over it. See deltaMinBase.
 	Delta deltaRef `json:"delta,omitzero"`
 }
 
@@ -132,14 +132,18 @@ func (r shardRef) delta() shardRef {
 // deltaMinBase bytes writes only a delta, the shard's changed entries
 // since its base, until the delta outgrows a quarter of the base
 // (deltaMaxFraction, at most deltaMaxBytes); the write after that merges
-// both into a new base. Below deltaMinBase a delta saves less than it
-// costs: a second file to read, a merge every few writes, and a manifest
-// twice the size, written at every commit. At 10,000 entries (14 KB
-// shards) get+release with deltas reached 0.31-0.40 of the floor measured
-// in the same runs, against 0.36-0.51 without (BENCHMARKS.md). A base that large is then never carried into
-// another file undecoded: a merge and a whole write decode it whole, so a
-// read of named entries need not validate its other lines (only the
-// shard's hash vouches for them, as for any line it does not decode).
+// both into a new base.
+//
+// A base that large is never carried into another file undecoded: a merge
+// and a whole write decode it whole. So a read of named entries need not
+// validate its other lines; the shard's hash vouches for them, as for any
+// line it does not decode.
+//
+// Below deltaMinBase a delta saves less than it costs: a second file to
+// read, a merge every few writes, and a manifest twice the size, written
+// at every commit. At 10,000 entries (14 KB shards) get+release with
+// deltas reached 0.31-0.40 of the floor measured in the same runs,
+// against 0.36-0.51 without (BENCHMARKS.md).
 const (
 	deltaMinBase     = 32 << 10
 	deltaMaxFraction = 4

@@ -86,7 +86,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 		if had {
 			delete(nm.Shards, p)
 		}
-		if sel != nil && had && !sn.rewrite && oldRef.Bytes >= deltaMinBase {
+		if sel != nil && had && !sn.rewrite && oldRef.largeBase() {
 			d, ok := deltaOf(sn, i, sel.ids[i], st.Entries)
 			switch {
 			case ok && len(d) == 0:
@@ -128,7 +128,7 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 			c    *lineCache
 			err  error
 		)
-		if had && !sn.rewrite && (oldRef.Bytes >= deltaMinBase || oldRef.hasDelta()) && hasUndecoded(b) {
+		if had && !sn.rewrite && (oldRef.largeBase() || oldRef.hasDelta()) && hasUndecoded(b) {
 			// Lines of a large base, or of a delta, are never carried over
 			// undecoded (see deltaMinBase): decode them, then encode.
 			data, c, err = s.encodeDecoded(i, oldRef, sn, b)

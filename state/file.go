@@ -677,11 +677,7 @@ func decodeFileBytes(root string, b []byte) (*State, error) {
 	}
 	st := &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
 	for p, ref := range man.Shards {
-		files := []shardRef{ref}
-		if ref.hasDelta() {
-			files = append(files, ref.delta())
-		}
-		for k, r := range files {
+		for k, r := range ref.fileRefs() {
 			_, lines, err := readShardFile(root, p, r, k == 0, nil, nil)
 			if err != nil {
 				return nil, fmt.Errorf("shard %s: %w", filepath.Join(root, ShardDir, r.File), err)

@@ -114,13 +114,11 @@ func (s *Store) formatChecks() []Check {
 		entries, problems := 0, []string{}
 		deltas := 0
 		for p, ref := range man.Shards {
-			files := []shardRef{ref}
 			if ref.hasDelta() {
-				files = append(files, ref.delta())
 				deltas++
 			}
 			ids := map[string]bool{}
-			for k, r := range files {
+			for k, r := range ref.fileRefs() {
 				name := filepath.Join(s.root, ShardDir, r.File)
 				_, lines, err := readShardFile(s.root, p, r, k == 0, nil, nil)
 				switch {

@@ -116,6 +116,19 @@ type deltaRef struct {
 	SHA256  string `json:"sha256"`
 }
 
+// fileRefs returns the records of the shard's files: its base, then its
+// delta if it has one.
+func (r shardRef) fileRefs() []shardRef {
+	if !r.hasDelta() {
+		return []shardRef{r}
+	}
+	return []shardRef{r, r.delta()}
+}
+
+// largeBase reports whether the shard's base is large enough for deltas,
+// and so is never carried into another file undecoded (see deltaMinBase).
+func (r shardRef) largeBase() bool { return r.Bytes >= deltaMinBase }
+
 // hasDelta reports whether the shard has a delta over its base.
 func (r shardRef) hasDelta() bool { return r.Delta.File != "" }
 
@@ -242,48 +255,23 @@ func (m *manifest) validate() error {
 		if !isHexN(p, 2) {
 			return fmt.Errorf("shard %q: not two lowercase hex digits", p)
 		}
-		fp, ok := shardFilePrefix(r.File)
-		if isPackName(r.File) {
-			fp, ok = p, true
-			if m.Version < 3 {
-				return fmt.Errorf("shard %s: pack %q in a version %d manifest (packs are format 3)", p, r.File, m.Version)
-			}
+		if isPackName(r.File) && m.Version < 3 {
+			return fmt.Errorf("shard %s: pack %q in a version %d manifest (packs are format 3)", p, r.File, m.Version)
 		}
-		switch {
-		case r.Offset < 0 || (r.Offset > 0 && !isPackName(r.File)):
-			return fmt.Errorf("shard %s: offset %d in file %q (only a pack has offsets)", p, r.Offset, r.File)
-		case !ok:
-			return fmt.Errorf("shard %s: bad file name %q", p, r.File)
-		case fp != p:
-			return fmt.Errorf("shard %s: file %q is another shard's", p, r.File)
-		case r.Bytes <= 0 || r.Entries <= 0:
-			return fmt.Errorf("shard %s: %d bytes, %d entries: a shard without entries has no file", p, r.Bytes, r.Entries)
-		case !isHexN(r.SHA256, 16):
-			return fmt.Errorf("shard %s: bad sha256 %q", p, r.SHA256)
+		if err := checkFileRef(p, "", "a shard without entries has no file", r); err != nil {
+			return err
 		}
 		if r.Delta == (deltaRef{}) {
 			continue
 		}
-		d := r.Delta
-		dp, ok := shardFilePrefix(d.File)
-		if isPackName(d.File) {
-			dp, ok = p, true
-		}
-		switch {
+		switch d := r.Delta; {
 		case m.Version < 4:
 			return fmt.Errorf("shard %s: a delta in a version %d manifest (deltas are format 4)", p, m.Version)
-		case d.Offset < 0 || (d.Offset > 0 && !isPackName(d.File)):
-			return fmt.Errorf("shard %s: delta offset %d in file %q (only a pack has offsets)", p, d.Offset, d.File)
-		case !ok:
-			return fmt.Errorf("shard %s: bad delta file name %q", p, d.File)
-		case dp != p:
-			return fmt.Errorf("shard %s: delta file %q is another shard's", p, d.File)
 		case d.File == r.File && d.Offset == r.Offset:
 			return fmt.Errorf("shard %s: the delta is the base %q", p, d.File)
-		case d.Bytes <= 0 || d.Entries <= 0:
-			return fmt.Errorf("shard %s: delta of %d bytes, %d entries: an empty delta is not written", p, d.Bytes, d.Entries)
-		case !isHexN(d.SHA256, 16):
-			return fmt.Errorf("shard %s: bad delta sha256 %q", p, d.SHA256)
+		}
+		if err := checkFileRef(p, "delta ", "an empty delta is not written", r.delta()); err != nil {
+			return err
 		}
 	}
 	for _, f := range m.Retired {
@@ -293,6 +281,29 @@ func (m *manifest) validate() error {
 		if m.names(f) {
 			return fmt.Errorf("shard file %s is both named and retired", f)
 		}
+	}
+	return nil
+}
+
+// checkFileRef checks the record r of a file of shard p, its base or
+// (what "delta ") its delta: its name, offset, size, count and hash.
+// empty says why a record of no bytes or entries is wrong.
+func checkFileRef(p, what, empty string, r shardRef) error {
+	fp, ok := shardFilePrefix(r.File)
+	if isPackName(r.File) {
+		fp, ok = p, true
+	}
+	switch {
+	case r.Offset < 0 || (r.Offset > 0 && !isPackName(r.File)):
+		return fmt.Errorf("shard %s: %soffset %d in file %q (only a pack has offsets)", p, what, r.Offset, r.File)
+	case !ok:
+		return fmt.Errorf("shard %s: bad %sfile name %q", p, what, r.File)
+	case fp != p:
+		return fmt.Errorf("shard %s: %sfile %q is another shard's", p, what, r.File)
+	case r.Bytes <= 0 || r.Entries <= 0:
+		return fmt.Errorf("shard %s: %s%d bytes, %d entries: %s", p, what, r.Bytes, r.Entries, empty)
+	case !isHexN(r.SHA256, 16):
+		return fmt.Errorf("shard %s: bad %ssha256 %q", p, what, r.SHA256)
 	}
 	return nil
 }
@@ -698,7 +709,7 @@ func readShardFile(root, p string, ref shardRef, base bool, prev *lineCache, nee
 	if len(b) != ref.Bytes || shortHash(b) != ref.SHA256 {
 		return b, nil, fmt.Errorf("%w: %w: %d bytes with sha256 %s, recorded %d bytes with sha256 %s", ErrCorrupt, errShardMismatch, len(b), shortHash(b), ref.Bytes, ref.SHA256)
 	}
-	lines, err := decodeShardFor(p, b, prev, need, base && ref.Bytes >= deltaMinBase)
+	lines, err := decodeShardFor(p, b, prev, need, base && ref.largeBase())
 	if need != nil && (err != nil || len(lines.lines) != ref.Entries) {
 		// Whatever a decode of some lines finds wrong, the whole decode
 		// judges, with the errors it gives.

@@ -546,9 +546,10 @@ func (s *Store) collectLitter() {
 }
 
 // stateTemp matches the temporary files renameio makes for state.json and
-// the copies kept aside: ".state.json", the copy's suffix and hash, then
-// random digits.
-var stateTemp = regexp.MustCompile(`^\.` + regexp.QuoteMeta(StateFile) + `((` + regexp.QuoteMeta(BadSuffix) + `|` + regexp.QuoteMeta(KeptSuffix) + `)[0-9a-f]{12})?[0-9]+$`)
+// the copies kept aside (".state.json", the copy's suffix and hash, then
+// random digits), and the links keepPrev makes (".state.json.prev", then
+// random digits).
+var stateTemp = regexp.MustCompile(`^\.` + regexp.QuoteMeta(StateFile) + `((` + regexp.QuoteMeta(BadSuffix) + `|` + regexp.QuoteMeta(KeptSuffix) + `)[0-9a-f]{12}|` + regexp.QuoteMeta(PrevSuffix) + `)?[0-9]+$`)
 
 // olderThan reports whether the regular file p was last written more than
 // grace before the manifest was (committed, both by the file server's

@@ -88,9 +88,15 @@ func (c *committed) checkFailed(t *testing.T, err error, what string, cause erro
 			t.Errorf("the previous version changed in a failed commit:\n%s\nwant\n%s", got, c.prev)
 		}
 	}
-	temps, gerr := filepath.Glob(filepath.Join(c.dir, "."+state.StateFile+"*"))
+	matches, gerr := filepath.Glob(filepath.Join(c.dir, "."+state.StateFile+"*"))
 	if gerr != nil {
 		t.Fatal(gerr)
+	}
+	var temps []string // files: a directory squatting a name is the fault
+	for _, m := range matches {
+		if fi, err := os.Lstat(m); err == nil && fi.Mode().IsRegular() {
+			temps = append(temps, m)
+		}
 	}
 	if len(temps) != 0 {
 		t.Errorf("temporary files left by the failed commit: %v", temps)
@@ -251,39 +257,105 @@ func writePastLimit() int {
 }
 
 // Keeping the previous version fails at its link (a directory squats its
-// temporary name) or at its rename (a directory squats its name): the
-// commit fails before the commit point.
+// temporary name, on the retry too) or at its rename (a directory squats
+// its name): the commit fails before the commit point.
 func TestCommitKeepPrevError(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
-		squat string // suffix of the name a directory takes
-		cause error
+		name string
+		link bool // squat the temporary names, else state.json.prev
 	}{
-		{"link", state.PrevSuffix + ".tmp", fs.ErrExist},
-		{"rename", state.PrevSuffix, fs.ErrExist}, // os.Rename refuses a directory as the new name
+		{"link", true},
+		{"rename", false}, // os.Rename refuses a directory as the new name
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newCommitted(t)
-			squat := c.s.Path() + tc.squat
-			if tc.squat == state.PrevSuffix {
+			var squats []string
+			squat := func(p string) {
+				// Not empty, so that neither a remove nor a rename over
+				// it clears it.
+				if err := os.MkdirAll(filepath.Join(p, "x"), 0o755); err != nil {
+					t.Error(err)
+				}
+				squats = append(squats, p)
+			}
+			if tc.link {
+				state.SetPrevTempHook(t, squat)
+			} else {
 				// The squatter takes the previous version's place: only
 				// the state itself can be compared.
-				if err := os.Remove(squat); err != nil {
+				if err := os.Remove(c.s.Path() + state.PrevSuffix); err != nil {
 					t.Fatal(err)
 				}
 				c.prev = nil
-			}
-			// Not empty, so that neither a remove nor a rename over it
-			// clears it.
-			if err := os.MkdirAll(filepath.Join(squat, "x"), 0o755); err != nil {
-				t.Fatal(err)
+				squat(c.s.Path() + state.PrevSuffix)
 			}
 			err := c.s.Update(context.Background(), bulk(1))
-			c.checkFailed(t, err, "keeping the previous version", tc.cause, func() {
-				if err := os.RemoveAll(squat); err != nil {
-					t.Fatal(err)
+			if tc.link && len(squats) != 2 {
+				t.Errorf("%d temporary names tried, want 2: %q", len(squats), squats)
+			}
+			c.checkFailed(t, err, "keeping the previous version", fs.ErrExist, func() {
+				state.SetPrevTempHook(t, nil)
+				for _, p := range squats {
+					if err := os.RemoveAll(p); err != nil {
+						t.Fatal(err)
+					}
 				}
 			})
 		})
+	}
+}
+
+// A temporary name already taken (litter of a killed commit under the same
+// random number) costs one more try, not the commit.
+func TestCommitKeepPrevNameTaken(t *testing.T) {
+	c := newCommitted(t)
+	var tried []string
+	state.SetPrevTempHook(t, func(p string) {
+		if len(tried) == 0 {
+			if err := os.WriteFile(p, []byte("litter"), 0o644); err != nil {
+				t.Error(err)
+			}
+		}
+		tried = append(tried, p)
+	})
+	if err := c.s.Update(context.Background(), bulk(1)); err != nil {
+		t.Fatalf("commit with its first temporary name taken: %v", err)
+	}
+	if len(tried) != 2 || tried[0] == tried[1] {
+		t.Fatalf("temporary names tried: %q, want two different ones", tried)
+	}
+	if got := readBytes(t, c.s.Path()+state.PrevSuffix); !bytes.Equal(got, c.cur) {
+		t.Errorf("state.json.prev after the commit:\n%s\nwant the state before it:\n%s", got, c.cur)
+	}
+	if got := readBytes(t, tried[0]); string(got) != "litter" {
+		t.Errorf("the file under the taken name was changed: %q", got)
+	}
+}
+
+// After a commit that failed past keeping the previous version,
+// state.json.prev is a link to the state file itself, and the next
+// commit's rename of its link over it does nothing (rename(2) of two links
+// to one file): that link must not stay behind.
+func TestCommitKeepPrevOverItself(t *testing.T) {
+	c := newCommitted(t)
+	prev := c.s.Path() + state.PrevSuffix
+	if err := os.Remove(prev); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(c.s.Path(), prev); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.s.Update(context.Background(), bulk(1)); err != nil {
+		t.Fatal(err)
+	}
+	left, err := filepath.Glob(filepath.Join(c.dir, "."+state.StateFile+state.PrevSuffix+"*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) != 0 {
+		t.Errorf("links left beside state.json.prev: %v", left)
+	}
+	if got := readBytes(t, prev); !bytes.Equal(got, c.cur) {
+		t.Errorf("state.json.prev is not the state before the commit:\n%s\nwant\n%s", got, c.cur)
 	}
 }

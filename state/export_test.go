@@ -82,3 +82,11 @@ func UndecodedLines(s *Store) int {
 
 // DeltaMinBase is the size from which a shard's base gets deltas.
 const DeltaMinBase = deltaMinBase
+
+// SetPrevTempHook makes every commit call hook with the temporary name it
+// is about to link the previous version to, until t ends.
+func SetPrevTempHook(t testing.TB, hook func(name string)) {
+	t.Helper()
+	prevTempHook = hook
+	t.Cleanup(func() { prevTempHook = nil })
+}

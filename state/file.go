@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -728,6 +729,12 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 	}
 	if hadOld {
 		if err := s.keepPrev(); err != nil {
+			// A holder judged stale may find its link collected as litter
+			// by the holder that broke its lock: the lost lock is the
+			// cause worth reporting.
+			if lerr := s.lock.Check(); lerr != nil {
+				return fmt.Errorf("%w (%v)", lerr, err)
+			}
 			return err
 		}
 	}
@@ -748,21 +755,39 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 }
 
 func (s *Store) keepPrev() error {
-	tmp := s.path + PrevSuffix + ".tmp"
-	// The rename below moves tmp away: it is there only after a commit
-	// killed in between, so it is removed only then (on sshfs every
-	// operation is a round trip to the server).
-	if err := os.Link(s.path, tmp); err != nil {
-		_ = os.Remove(tmp)
-		if err := os.Link(s.path, tmp); err != nil {
-			return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
+	// The temporary name is this commit's own: a holder judged stale and
+	// resumed may be between its link and its rename while the holder that
+	// broke its lock commits, and a shared name would let one rename the
+	// other's link away. A name a killed commit left behind is litter that
+	// a later holder deletes.
+	var err error
+	for try := 0; try < 2; try++ {
+		tmp := filepath.Join(s.root, "."+StateFile+PrevSuffix+strconv.FormatUint(uint64(s.nonce32()), 10))
+		if prevTempHook != nil {
+			prevTempHook(tmp)
 		}
+		if err = os.Link(s.path, tmp); err != nil {
+			if errors.Is(err, fs.ErrExist) {
+				continue // another commit's litter under the same number
+			}
+			break
+		}
+		err = os.Rename(tmp, s.path+PrevSuffix)
+		// Also after a rename that succeeded: when state.json.prev is
+		// already a link to the state file (a commit that failed or was
+		// killed after this step), rename(2) does nothing and leaves tmp.
+		_ = os.Remove(tmp)
+		break
 	}
-	if err := os.Rename(tmp, s.path+PrevSuffix); err != nil {
+	if err != nil {
 		return fmt.Errorf("state %s: keeping the previous version: %w", s.path, err)
 	}
 	return nil
 }
+
+// prevTempHook, nil outside tests, runs with the temporary name of the link
+// to the previous version just before it is made.
+var prevTempHook func(name string)
 
 // SyncDir makes a rename in dir durable (fsync of the directory).
 func SyncDir(dir string) error {

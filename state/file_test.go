@@ -453,9 +453,29 @@ func generationOf(t *testing.T, path, what string) uint64 {
 // that the next trial starts clean.
 func crashPhase(t *testing.T, dir string, g, acked uint64) killPhase {
 	t.Helper()
-	temps, err := filepath.Glob(filepath.Join(dir, "."+state.StateFile+"*"))
+	matches, err := filepath.Glob(filepath.Join(dir, "."+state.StateFile+"*"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// A commit killed between keeping the previous version's link and its
+	// rename leaves that link: to the state file as it still is.
+	var temps []string
+	for _, m := range matches {
+		if !strings.HasPrefix(filepath.Base(m), "."+state.StateFile+state.PrevSuffix) {
+			temps = append(temps, m)
+			continue
+		}
+		a, errA := os.Stat(m)
+		b, errB := os.Stat(filepath.Join(dir, state.StateFile))
+		if errA != nil || errB != nil || !os.SameFile(a, b) {
+			t.Fatalf("%s is not a link to the state file (%v, %v)", m, errA, errB)
+		}
+		if g != acked {
+			t.Fatalf("generation %d committed (last acknowledged %d), yet the link %s kept for state.json.prev is still there", g, acked, m)
+		}
+		if err := os.Remove(m); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if len(temps) > 1 {
 		t.Fatalf("temporary files %v: more than one commit in flight", temps)

@@ -134,8 +134,10 @@ func TestSlowFilesystemStallPastLeaseIsFenced(t *testing.T) {
 	}
 	// Hang host a in the middle of its commit: keeping the previous version
 	// comes after the state is written to a temporary file and before the
-	// last check of the lock.
-	hold := slowA.HoldNext(slowfs.Link, state.StateFile+state.PrevSuffix+".tmp")
+	// last check of the lock. Held between its link and its rename, a's
+	// temporary link is in place while b commits: b must neither take it
+	// nor move it away from under a.
+	hold := slowA.HoldNext(slowfs.Rename, state.StateFile+state.PrevSuffix)
 	errA := make(chan error, 1)
 	go func() { errA <- a.Update(ctx, putKey("from-a")) }()
 	<-hold.Hit()

@@ -454,12 +454,13 @@ func TestOldLitterCollectedAtOnce(t *testing.T) {
 	youngShard := plant(filepath.Join(dir, state.ShardDir, "cd-00000000000000fe-12345678.json"), time.Minute)
 	youngTemp := plant(filepath.Join(dir, "."+state.StateFile+"123"), time.Minute)
 	oldKeptTemp := plant(filepath.Join(dir, "."+state.StateFile+state.KeptSuffix+"0123456789ab"+"42"), time.Hour)
-	notOurs := plant(filepath.Join(dir, "."+state.StateFile+".swp"), time.Hour) // an editor's: never touched
+	oldPrevLink := plant(filepath.Join(dir, "."+state.StateFile+state.PrevSuffix+"2840562345"), time.Hour) // keepPrev's, killed before its rename
+	notOurs := plant(filepath.Join(dir, "."+state.StateFile+".swp"), time.Hour)                            // an editor's: never touched
 	nothing := func(*state.State) (bool, error) { return false, nil }
 	if err := openStore(t, dir).Update(context.Background(), nothing); err != nil {
 		t.Fatal(err)
 	}
-	for p, gone := range map[string]bool{oldShard: true, oldTemp: true, oldKeptTemp: true, youngShard: false, youngTemp: false, notOurs: false} {
+	for p, gone := range map[string]bool{oldShard: true, oldTemp: true, oldKeptTemp: true, oldPrevLink: true, youngShard: false, youngTemp: false, notOurs: false} {
 		_, err := os.Stat(p)
 		if gotGone := errors.Is(err, os.ErrNotExist); gotGone != gone {
 			t.Errorf("%s: gone %v, want %v", filepath.Base(p), gotGone, gone)

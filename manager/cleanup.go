@@ -267,21 +267,16 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 			return rep, err
 		}
 	}
-	update := m.store.Update
-	if dryRun {
-		// A dry run plans on a snapshot and takes no lock, so it runs
-		// on a root it cannot write, as ls does.
+	// A dry run plans on a snapshot and takes no lock, so it runs on a
+	// root it cannot write, as ls does.
+	update := m.planOnly
+	if !dryRun {
 		update = func(ctx context.Context, fn func(*state.State) (bool, error)) error {
-			st, err := m.store.View(ctx)
-			if err != nil {
-				return err
-			}
-			// fn plans on its own map: the entries stay shared, and
-			// fn replaces any it changes (the sharing rule of State).
-			own := *st
-			own.Entries = maps.Clone(st.Entries)
-			_, err = fn(&own)
-			return err
+			return m.freeing(ctx, "sweep", func() error { return m.store.Update(ctx, fn) }, func() bool {
+				// Would it evict anything? Else the reserve is kept
+				// for a commit that would.
+				return m.planOnly(ctx, fn) == nil && len(rep.Victims) > 0
+			})
 		}
 	}
 	err := update(ctx, func(st *state.State) (bool, error) {
@@ -400,6 +395,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		failpoint("sweep-before-delete")
 	}
 	m.emptyTrash()
+	if len(evicted) > 0 {
+		m.keepReserve(ctx)
+	}
 	m.tidy(ctx)
 	if len(images) > 0 {
 		m.removeImages(ctx, images)
@@ -419,6 +417,21 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 			"reasons": reasons, "usage": humanize.IBytes(uint64(rep.Usage.Bytes - rep.Freed))}).Info("sweep")
 	}
 	return rep, evictErr
+}
+
+// planOnly runs fn, a store callback, on a snapshot: a plan that is not
+// committed, made without the lock.
+func (m *Manager) planOnly(ctx context.Context, fn func(*state.State) (bool, error)) error {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return err
+	}
+	// fn plans on its own map: the entries stay shared, and fn replaces
+	// any it changes (the sharing rule of State).
+	own := *st
+	own.Entries = maps.Clone(st.Entries)
+	_, err = fn(&own)
+	return err
 }
 
 // evict removes victims through ev and returns those it removed, with

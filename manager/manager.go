@@ -151,6 +151,11 @@ type Config struct {
 	// MaxImageBytes fails an image whose registry size exceeds it before
 	// pulling; 0: no bound.
 	MaxImageBytes int64
+	// DiskReserve is the size of the file store's disk reserve, given up
+	// by a sweep or a removal whose commit meets a full disk (see
+	// state.Reserver). 0: state.DefaultReserve; negative: none. Used only
+	// when State is nil.
+	DiskReserve int64
 	// State is the state store. Default (nil): the file store in Root
 	// (state.Open), safe across hosts that share Root. Content always
 	// lives under Root.
@@ -208,6 +213,8 @@ type Manager struct {
 	// leased: the store holds dependents bound to processes, and named
 	// ones with a TTL, on leases it times itself (state.DependentLeaser).
 	leased bool
+	// reserved: the disk reserve was looked for, at the first Get.
+	reserved sync.Once
 	// owners: the store holds owners on leases renewed with their
 	// progress and says when one ended (state.OwnerLeaser); nil: this
 	// manager times a stalled owner itself.
@@ -338,6 +345,7 @@ func New(cfg Config) (*Manager, error) {
 		fs, err := state.Open(root, state.Options{OnHold: onHold, Perms: perms,
 			OnWait:    func(d time.Duration) { met.lockWait.Observe(seconds(d)) },
 			OnCombine: func(event string) { met.combined.WithLabelValues(event).Inc() },
+			Reserve:   cfg.DiskReserve,
 			Lock:      state.LockOptions{Lease: cfg.LockLease, Processes: cfg.Processes, Clock: cfg.Clock, Log: cfg.Log}})
 		if err != nil {
 			return nil, err
@@ -435,6 +443,7 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	if err := checkDependent(dependent); err != nil {
 		return state.Entry{}, err
 	}
+	m.reserved.Do(func() { m.keepReserve(ctx) })
 	if key.Kind == state.Image && key.Daemon == "" {
 		id, err := m.daemon(ctx)
 		if err != nil {

@@ -481,7 +481,7 @@ func testHostileArchiveFails(t *testing.T, file, reason string, permanent bool) 
 	ents, _ := os.ReadDir(root)
 	for _, e := range ents {
 		switch n := e.Name(); {
-		case n == "state.json", n == "state.json.prev", n == state.ShardDir, n == "staging", n == "entries", strings.HasPrefix(n, "state.lock"):
+		case n == "state.json", n == "state.json.prev", n == state.ShardDir, n == state.ReserveFile, n == "staging", n == "entries", strings.HasPrefix(n, "state.lock"):
 		default:
 			t.Errorf("unexpected %s in the root", e.Name())
 		}

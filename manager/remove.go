@@ -94,8 +94,7 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 	}
 	var dirs []string
 	var images []*state.Entry
-	m.trashMu.RLock()
-	err := m.store.Update(ctx, func(st *state.State) (bool, error) {
+	remove := func(st *state.State) (bool, error) {
 		rep.Removed, dirs, images = nil, nil, nil
 		now := m.cfg.Clock.Now()
 		var errs []error
@@ -151,8 +150,17 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 			}
 		}
 		return len(rep.Removed) > 0, nil
-	})
-	m.trashMu.RUnlock()
+	}
+	var err error
+	if dryRun {
+		err = m.planOnly(ctx, remove)
+	} else {
+		m.trashMu.RLock()
+		err = m.freeing(ctx, "removal", func() error { return m.store.Update(ctx, remove) }, func() bool {
+			return m.planOnly(ctx, remove) == nil && len(rep.Removed) > 0
+		})
+		m.trashMu.RUnlock()
+	}
 	if err != nil {
 		rep.Removed = nil
 		return rep, err
@@ -166,6 +174,9 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 	// Committed first, moved after (see sweep).
 	m.moveToTrash(dirs, "removed")
 	m.emptyTrash()
+	if len(dirs) > 0 {
+		m.keepReserve(ctx)
+	}
 	if len(images) > 0 {
 		m.removeImages(ctx, images)
 	}

@@ -59,6 +59,10 @@ type Options struct {
 	// applied ("answered"), and of each other process's proposal that
 	// this store applied ("served").
 	OnCombine func(event string)
+	// Reserve is the size of the disk reserve (ReserveFile), which the
+	// commits that free space give up on a full disk: 0 is
+	// DefaultReserve, a negative size keeps none.
+	Reserve int64
 }
 
 // Store is the state file of one cache root.

@@ -68,6 +68,7 @@ func (s *Store) Checks(ctx context.Context) []Check {
 		// waits; a dead owner's is broken by the next waiter.
 		add("lock turn", "ok", "a waiter claims the next turn: %s", strings.TrimSpace(string(b)))
 	}
+	out = append(out, s.reserveCheck())
 	return append(out, s.formatChecks()...)
 }
 

@@ -56,5 +56,5 @@ func describeType(m fs.FileMode) string {
 // checkFiles refuses a state, previous-state or lock file that is not a
 // regular file.
 func checkFiles(root string) error {
-	return CheckLayout(root, []string{ShardDir}, []string{StateFile, StateFile + ".prev", LockFile})
+	return CheckLayout(root, []string{ShardDir}, []string{StateFile, StateFile + ".prev", LockFile, ReserveFile})
 }

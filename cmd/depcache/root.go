@@ -16,6 +16,7 @@ import (
 	"github.com/depcache/depcache/manager/docker"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/transitions"
+	"github.com/dustin/go-humanize"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -32,6 +33,7 @@ type globals struct {
 	logFormat string
 	group     bool
 	lockLease time.Duration
+	reserve   sizeValue  // --disk-reserve
 	state     stateFlags // --state and the etcd flags (statestore.go)
 	stdout    io.Writer
 	stderr    io.Writer
@@ -205,6 +207,7 @@ func (g *globals) config(l *loopFlags, p *policyFlags) (manager.Config, error) {
 		Retries:          retries,
 		ProgressInterval: l.progressInterval,
 		LockLease:        g.lockLease,
+		DiskReserve:      g.diskReserve(),
 		Log:              g.log,
 	}
 	if cfg.State, err = g.stateStore(); err != nil {
@@ -267,6 +270,9 @@ func newRoot(g *globals) *cobra.Command {
 				// host's live holder at once.
 				return fmt.Errorf("--lock-lease %s: %w: must be from %s to %s", g.lockLease, errBadFlag, minLockLease, maxLockLease)
 			}
+			if g.reserve.bytes > maxDiskReserve {
+				return fmt.Errorf("--disk-reserve %s: %w: must be at most %s (0: none)", g.reserve.text, errBadFlag, humanize.IBytes(maxDiskReserve))
+			}
 			return nil
 		},
 	}
@@ -279,6 +285,8 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.logLevel, "log-level", "warning", "panic, fatal, error, warning, info, debug or trace")
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
 	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
+	g.reserve = sizeValue{bytes: state.DefaultReserve, text: humanize.IBytes(state.DefaultReserve)}
+	pf.Var(&g.reserve, "disk-reserve", "space the file store keeps in the root, given up so that gc and rm can still commit on a full disk (0: none)")
 	g.state.register(pf)
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))
@@ -384,7 +392,19 @@ func dockerEngine() (manager.Engine, error) {
 // plainConfig is the configuration of the commands that do not run the
 // loops (release, ls, doctor, verify).
 func (g *globals) plainConfig() manager.Config {
-	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, State: g.plainState()}
+	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, DiskReserve: g.diskReserve(), State: g.plainState()}
+}
+
+// maxDiskReserve bounds --disk-reserve: a commit needs megabytes at most.
+const maxDiskReserve = 1 << 30
+
+// diskReserve is --disk-reserve for manager.Config, where 0 is the default
+// and a negative size none.
+func (g *globals) diskReserve() int64 {
+	if g.reserve.bytes == 0 {
+		return -1
+	}
+	return g.reserve.bytes
 }
 
 // quietRetries leaves out the records that a get or run says in its own

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"testing"
 )
 
@@ -46,10 +47,29 @@ func SharedFS(t testing.TB) (mnt1, mnt2 string) {
 	return mnt1, mnt2
 }
 
-// DiskFull returns the directory of the disk-full rig.
+// DiskFull returns the directory of the disk-full rig, held for t alone
+// until it ends: tests of several packages fill that one filesystem, and
+// each needs to know what is free. The hold is an flock(2) of a file in
+// the rig, so it spans the test binaries that go test runs at once.
 func DiskFull(t testing.TB) string {
 	t.Helper()
-	return Env(t, "DISKFULL_DIR")
+	dir := Env(t, "DISKFULL_DIR")
+	f, err := os.OpenFile(filepath.Join(dir, ".rigtest-hold"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatalf("disk-full rig %s: %v", dir, err)
+	}
+	for {
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		t.Fatalf("disk-full rig %s: flock: %v", dir, err)
+	}
+	t.Cleanup(func() { f.Close() }) // closing drops the flock
+	return dir
 }
 
 // Dir returns the rigs directory: $DEPCACHE_RIGS, else ../shared/rigs next to

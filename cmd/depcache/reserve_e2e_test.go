@@ -1,0 +1,72 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/rigtest"
+)
+
+// TestCLIRmOnAFullDisk: on a disk filled to its last byte by another
+// program, `depcache rm` frees an entry through the disk reserve, and ls
+// then shows none; the reserve is there again afterwards.
+func TestCLIRmOnAFullDisk(t *testing.T) {
+	dir := rigtest.DiskFull(t)
+	root, err := os.MkdirTemp(dir, "cli-reserve-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
+	t.Cleanup(func() {
+		os.Remove(filler)
+		os.RemoveAll(root)
+	})
+	src := filepath.Join(t.TempDir(), "one-mib")
+	if err := os.WriteFile(src, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reserve := []string{"--disk-reserve", "256KiB"}
+	if code, _, stderr := depcache(t, root, append(reserve, "get", "file://"+src)...); code != 0 {
+		t.Fatalf("get: exit %d: %s", code, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(root, state.ReserveFile)); err != nil {
+		t.Fatalf("no disk reserve after the first get: %v", err)
+	}
+	fill(t, filler, freeBytes(t, dir)+1<<20)
+	if free := freeBytes(t, dir); free != 0 {
+		t.Fatalf("%d bytes free after the filler", free)
+	}
+	code, _, stderr := depcache(t, root, append(reserve, "rm", "-y", "file://"+src)...)
+	if code != 0 || !strings.Contains(stderr, "gave up the disk reserve") {
+		t.Fatalf("rm on a full disk: exit %d, stderr %q; want 0 and a warning of the reserve given up", code, stderr)
+	}
+	if code, out, stderr := depcache(t, root, "ls", "-q"); code != 0 || out != "" {
+		t.Fatalf("ls after rm: exit %d, %q, %s", code, out, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(root, state.ReserveFile)); err != nil {
+		t.Errorf("the disk reserve was not made again once 1 MiB was freed: %v", err)
+	}
+	if code, out, _ := depcache(t, root, append(reserve, "doctor")...); !strings.Contains(out, "disk reserve") {
+		t.Errorf("doctor (exit %d) has no disk reserve line:\n%s", code, out)
+	}
+}
+
+// A --disk-reserve out of range exits 2 naming it.
+func TestCLIDiskReserveFlag(t *testing.T) {
+	for _, v := range []string{"2GiB", "-1", "lots"} {
+		code, _, stderr := depcache(t, t.TempDir(), "--disk-reserve", v, "ls")
+		if code != exitUsage || !strings.Contains(stderr, "--disk-reserve") {
+			t.Errorf("--disk-reserve %s: exit %d, stderr %q; want exit 2 naming the flag", v, code, stderr)
+		}
+	}
+	root := t.TempDir()
+	if code, _, stderr := depcache(t, root, "--disk-reserve", "0", "get", "file:///etc/hostname"); code != 0 {
+		t.Fatalf("get with --disk-reserve 0: exit %d: %s", code, stderr)
+	}
+	if _, err := os.Lstat(filepath.Join(root, state.ReserveFile)); !os.IsNotExist(err) {
+		t.Errorf("--disk-reserve 0 made a reserve: %v", err)
+	}
+}

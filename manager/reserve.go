@@ -1,0 +1,64 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/depcache/depcache/state"
+	"github.com/dustin/go-humanize"
+)
+
+// ErrDiskFull is wrapped by the error of a sweep or a removal whose commit
+// found no room on the root's filesystem, with the disk reserve given up
+// or not there to give: space must be freed by other means.
+var ErrDiskFull = errors.New("the cache root's filesystem is full")
+
+// freeing runs commit, the commit of a sweep or a removal. On a full disk,
+// if frees says that the commit would free space (it plans again, on a
+// snapshot: the failed commit may have failed before its callback ran),
+// it gives up the store's disk reserve (state.Reserver) and runs commit
+// once more. Both may run the store callback again, as a store may.
+func (m *Manager) freeing(ctx context.Context, what string, commit func() error, frees func() bool) error {
+	err := commit()
+	if err == nil || !errors.Is(err, syscall.ENOSPC) {
+		return err
+	}
+	if !frees() {
+		// A commit that frees nothing (a sweep that only reaps) would
+		// spend the reserve that a removal needs.
+		return fmt.Errorf("%w: %w", ErrDiskFull, err)
+	}
+	r, ok := m.store.(state.Reserver)
+	if !ok {
+		return fmt.Errorf("%w: %w", ErrDiskFull, err)
+	}
+	freed, rerr := r.ReleaseReserve(ctx)
+	switch {
+	case rerr != nil:
+		return fmt.Errorf("%w: %w (and the disk reserve could not be given up: %w)", ErrDiskFull, err, rerr)
+	case freed == 0:
+		return fmt.Errorf("%w: %w (no disk reserve was left to give up: free some space on it by other means)", ErrDiskFull, err)
+	}
+	m.log.WithField("reserve", humanize.IBytes(uint64(freed))).Warn("the disk is full: gave up the disk reserve to commit the " + what)
+	if err := commit(); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			return fmt.Errorf("%w: %w (even with the %s disk reserve given up: free some space on it by other means)", ErrDiskFull, err, humanize.IBytes(uint64(freed)))
+		}
+		return err
+	}
+	return nil
+}
+
+// keepReserve makes the store's disk reserve when it is missing and there
+// is room: at this manager's first Get, and after content was deleted.
+func (m *Manager) keepReserve(ctx context.Context) {
+	r, ok := m.store.(state.Reserver)
+	if !ok {
+		return
+	}
+	if err := r.KeepReserve(ctx); err != nil {
+		m.log.WithError(err).Warn("could not make the disk reserve")
+	}
+}

@@ -1,0 +1,197 @@
+package manager_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/depcache/depcache/manager"
+	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/state/rigtest"
+	"golang.org/x/sys/unix"
+)
+
+// onFullDisk publishes a 1 MiB bundle into a root on the disk-full rig,
+// with a disk reserve of reserve bytes, stops the manager's loop, and
+// fills the filesystem to its last byte with a file of another program.
+func onFullDisk(t *testing.T, reserve int64) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
+	t.Helper()
+	dir := rigtest.DiskFull(t)
+	root, err := os.MkdirTemp(dir, "reserve-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
+	t.Cleanup(func() {
+		os.Remove(filler)
+		os.RemoveAll(root)
+	})
+	body = randomBytes(1 << 20)
+	srv := newServer(t, body)
+	log = &logRecorder{}
+	m, stop := startManager(t, root, func(c *manager.Config) {
+		c.DiskReserve = reserve
+		c.Log = log.logger()
+	})
+	k = mustKey(t, srv.URL+"/b", "")
+	if _, err := getWait(t, m, "job", k); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(context.Background(), "job", k); err != nil {
+		t.Fatal(err)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	held := reserveHeld(t, root)
+	switch {
+	case reserve > 0 && held < reserve:
+		t.Fatalf("after the first get, the reserve holds %d bytes, want %d", held, reserve)
+	case reserve < 0 && held != 0:
+		t.Fatalf("a reserve of %d bytes with none asked for", held)
+	}
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.Write(make([]byte, freeBytes(t, dir)+1<<20))
+	f.Close()
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("filling the disk: %v, want ENOSPC", err)
+	}
+	if free := freeBytes(t, dir); free != 0 {
+		t.Fatalf("%d bytes free after the filler", free)
+	}
+	return m, root, k, body, log
+}
+
+// reserveHeld returns the bytes the disk reserve of root takes, 0 if there
+// is none.
+func reserveHeld(t *testing.T, root string) int64 {
+	t.Helper()
+	fi, err := os.Lstat(filepath.Join(root, state.ReserveFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Sys().(*syscall.Stat_t).Blocks * 512
+}
+
+func freeBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bavail) * st.Bsize
+}
+
+// On a disk filled to its last byte by something else, a removal and a
+// sweep that evicts still commit: they give up the disk reserve first, and
+// the space they free makes it again. A sweep that would evict nothing
+// leaves the reserve alone.
+func TestFullDiskFreedThroughTheReserve(t *testing.T) {
+	for _, op := range []string{"rm", "gc"} {
+		t.Run(op, func(t *testing.T) {
+			const reserve = 256 << 10
+			m, root, k, _, log := onFullDisk(t, reserve)
+			ctx := context.Background()
+			// Nothing to evict (min-age keeps the entry): not worth the
+			// reserve.
+			_, err := m.Sweep(ctx, false)
+			if !errors.Is(err, manager.ErrDiskFull) || !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("a sweep with nothing to evict on a full disk: %v, want ErrDiskFull wrapping ENOSPC", err)
+			}
+			if held := reserveHeld(t, root); held < reserve {
+				t.Fatalf("a sweep that frees nothing gave up the reserve (%d bytes left)", held)
+			}
+			var freed []string
+			switch op {
+			case "rm":
+				rep, err := m.Remove(ctx, []state.Key{k}, false)
+				if err != nil {
+					t.Fatalf("rm on a full disk with a reserve: %v", err)
+				}
+				for _, r := range rep.Removed {
+					freed = append(freed, r.Key.ID())
+				}
+			case "gc":
+				one, zero := int64(1), time.Duration(0)
+				rep, err := m.SweepWith(ctx, false, manager.PolicyChange{MaxSizeBytes: &one, MinAge: &zero})
+				if err != nil {
+					t.Fatalf("gc on a full disk with a reserve: %v", err)
+				}
+				for _, v := range rep.Victims {
+					freed = append(freed, v.Key.ID())
+				}
+			}
+			if !slices.Equal(freed, []string{k.ID()}) {
+				t.Errorf("%s freed %v, want %s", op, freed, k.ID())
+			}
+			if exists(t, root, filepath.Join("entries", gen(k, 1))) {
+				t.Errorf("the entry's content is still there after %s", op)
+			}
+			st, err := state.DecodeFile(root, state.StateFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e := st.Get(k); e != nil {
+				t.Errorf("the entry is still in the state: %+v", e)
+			}
+			if got := log.find("gave up the disk reserve"); len(got) != 1 {
+				t.Errorf("%d warnings of the reserve given up, want 1", len(got))
+			}
+			if held := reserveHeld(t, root); held < reserve {
+				t.Errorf("the reserve was not made again once 1 MiB was freed (%d bytes)", held)
+			}
+		})
+	}
+}
+
+// Without a reserve, the same removal fails, names the full disk and loses
+// nothing; it succeeds once there is room.
+func TestFullDiskWithoutReserve(t *testing.T) {
+	m, root, k, body, _ := onFullDisk(t, -1)
+	ctx := context.Background()
+	_, err := m.Remove(ctx, []state.Key{k}, false)
+	if !errors.Is(err, manager.ErrDiskFull) || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "no disk reserve") {
+		t.Fatalf("rm on a full disk without a reserve: %v, want ErrDiskFull wrapping ENOSPC, saying there was no reserve", err)
+	}
+	st, err := state.DecodeFile(root, state.StateFile)
+	if err != nil {
+		t.Fatalf("the state after the failed removal: %v", err)
+	}
+	e := st.Get(k)
+	if e == nil || e.Stage != state.Ready {
+		t.Fatalf("the entry after the failed removal: %+v", e)
+	}
+	abs, err := m.Abs(*e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(abs); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("the content after the failed removal: %d bytes, %v", len(got), err)
+	}
+	filler, err := filepath.Glob(filepath.Join(filepath.Dir(root), "filler-"+filepath.Base(root)))
+	if err != nil || len(filler) != 1 {
+		t.Fatalf("the filler: %v, %v", filler, err)
+	}
+	if err := os.Remove(filler[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
+		t.Fatalf("rm once there is room: %v", err)
+	}
+	if exists(t, root, filepath.Join("entries", gen(k, 1))) {
+		t.Error("the entry's content is still there")
+	}
+}

@@ -399,6 +399,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		m.keepReserve(ctx)
 	}
 	m.tidy(ctx)
+	m.removeDeadStaging(ctx)
 	if len(images) > 0 {
 		m.removeImages(ctx, images)
 	}

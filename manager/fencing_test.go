@@ -517,10 +517,17 @@ func TestReleasedDownloadCancelled(t *testing.T) {
 
 // TestOtherHostsSupersededStagingRemoved: the staging data of a writer on
 // another host, whose liveness no process here can judge, is removed at
-// start-up once a later generation of its entry settled (READY); one of
-// the generation still DOWNLOADING, one of an entry this state does not
-// know, and one of this host's live writer stay.
+// start-up, or by a running manager's next sweep, once a later generation
+// of its entry settled (READY); one of the generation still DOWNLOADING,
+// one of an entry this state does not know, and one of this host's live
+// writer stay.
 func TestOtherHostsSupersededStagingRemoved(t *testing.T) {
+	for _, when := range []string{"start-up", "sweep"} {
+		t.Run(when, func(t *testing.T) { testOtherHostsSupersededStagingRemoved(t, when) })
+	}
+}
+
+func testOtherHostsSupersededStagingRemoved(t *testing.T, when string) {
 	root := t.TempDir()
 	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
 	ready := mustKey(t, "file://"+abs, "")
@@ -576,13 +583,17 @@ func TestOtherHostsSupersededStagingRemoved(t *testing.T) {
 	if e.Generation < 3 {
 		t.Fatalf("READY at generation %d: the test needs two before it", e.Generation)
 	}
-	newManager(t, root) // its start-up reconciles
+	if when == "start-up" {
+		newManager(t, root) // its start-up reconciles
+	} else if _, err := m.Sweep(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := os.Stat(superseded); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("superseded staging of another host after a start-up: %v, want it removed", err)
+		t.Errorf("superseded staging of another host after a %s: %v, want it removed", when, err)
 	}
 	for _, p := range kept {
 		if _, err := os.Stat(filepath.Join(p, "part")); err != nil {
-			t.Errorf("staging %s after a start-up: %v, want it kept", filepath.Base(p), err)
+			t.Errorf("staging %s after a %s: %v, want it kept", filepath.Base(p), when, err)
 		}
 	}
 }

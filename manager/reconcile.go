@@ -136,7 +136,8 @@ func readDirNames(dir string) ([]string, error) {
 }
 
 // removeDeadStaging removes staging directories whose writer, on this
-// machine, is gone. A writer on another host may still be alive: its data
+// machine, is gone: at start-up and after every sweep, so that a
+// long-running serve does not keep them until it restarts. A writer on another host may still be alive: its data
 // stays (doctor reports it) until a later generation of its entry is
 // READY or FAILED, which fences it. A dead writer's checkpointed data stays while
 // a later generation may resume from it: its entry is still DOWNLOADING
@@ -146,8 +147,8 @@ func readDirNames(dir string) ([]string, error) {
 func (m *Manager) removeDeadStaging(ctx context.Context) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
+	if err != nil || len(ents) == 0 {
+		return // most sweeps: no read of the state
 	}
 	st, err := m.store.View(ctx)
 	if err != nil {

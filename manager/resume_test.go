@@ -205,7 +205,7 @@ func (h *resumeHosts) interruptAtCheckpoint(t *testing.T, key state.Key, pid int
 // back and keeps its checkpointed staging; the manager of another (later)
 // process resumes from it with Range, publishes the right bytes and
 // removes the old staging. And a checkpointed staging whose entry went
-// away is removed by the next start-up.
+// away is removed by the next sweep or start-up.
 func TestResumeAfterShutdown(t *testing.T) {
 	body := make([]byte, 16<<20)
 	for i := range body {
@@ -227,14 +227,11 @@ func TestResumeAfterShutdown(t *testing.T) {
 				t.Fatal(err)
 			}
 			waitFor(t, time.Minute, func() bool { return viewEntry(t, root, key) == nil }, func() string { return "entry still there" })
-			stopB()
-			if got := stagingDirs(root); len(got) != 1 {
-				t.Fatalf("staging %v before the next start-up", got)
-			}
+			stopB() // b's sweeps may have removed it already
 			_, stopC := hosts.start(t, 1003)
 			stopC()
 			if got := stagingDirs(root); len(got) != 0 {
-				t.Errorf("staging %v: a start-up keeps the checkpoint of an entry that is gone", got)
+				t.Errorf("staging %v: a sweep or a start-up keeps the checkpoint of an entry that is gone", got)
 			}
 			continue
 		}

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"sort"
+	"syscall"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/dustin/go-humanize"
@@ -48,7 +50,14 @@ worker's loop applies.`,
 			}
 			if !dryRun { // a dry run writes nothing, not even the policy
 				if err := m.Settle(cmd.Context()); err != nil {
-					return err
+					// On a full disk, reconciling (which commits even
+					// when it changes nothing: it takes the lock) must
+					// not stop the sweep that frees it; a policy to
+					// store first must.
+					if !errors.Is(err, syscall.ENOSPC) || cfg.SetPolicy {
+						return err
+					}
+					g.log.WithError(err).Warn("the disk is full: sweeping without reconciling the root first")
 				}
 			}
 			var rep manager.SweepReport

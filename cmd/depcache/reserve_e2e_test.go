@@ -11,9 +11,15 @@ import (
 )
 
 // TestCLIRmOnAFullDisk: on a disk filled to its last byte by another
-// program, `depcache rm` frees an entry through the disk reserve, and ls
-// then shows none; the reserve is there again afterwards.
+// program, `depcache rm` and `depcache gc` free an entry through the disk
+// reserve, and ls then shows none; the reserve is there again afterwards.
 func TestCLIRmOnAFullDisk(t *testing.T) {
+	for _, free := range [][]string{{"rm", "-y", ""}, {"gc", "--max-size", "1", "--min-age", "0s"}} {
+		t.Run(free[0], func(t *testing.T) { testCLIFreeOnAFullDisk(t, free) })
+	}
+}
+
+func testCLIFreeOnAFullDisk(t *testing.T, free []string) {
 	dir := rigtest.DiskFull(t)
 	root, err := os.MkdirTemp(dir, "cli-reserve-")
 	if err != nil {
@@ -39,12 +45,16 @@ func TestCLIRmOnAFullDisk(t *testing.T) {
 	if free := freeBytes(t, dir); free != 0 {
 		t.Fatalf("%d bytes free after the filler", free)
 	}
-	code, _, stderr := depcache(t, root, append(reserve, "rm", "-y", "file://"+src)...)
+	args := append([]string{}, free...)
+	if args[len(args)-1] == "" {
+		args[len(args)-1] = "file://" + src
+	}
+	code, _, stderr := depcache(t, root, append(reserve, args...)...)
 	if code != 0 || !strings.Contains(stderr, "gave up the disk reserve") {
-		t.Fatalf("rm on a full disk: exit %d, stderr %q; want 0 and a warning of the reserve given up", code, stderr)
+		t.Fatalf("%s on a full disk: exit %d, stderr %q; want 0 and a warning of the reserve given up", free[0], code, stderr)
 	}
 	if code, out, stderr := depcache(t, root, "ls", "-q"); code != 0 || out != "" {
-		t.Fatalf("ls after rm: exit %d, %q, %s", code, out, stderr)
+		t.Fatalf("ls after %s: exit %d, %q, %s", free[0], code, out, stderr)
 	}
 	if _, err := os.Stat(filepath.Join(root, state.ReserveFile)); err != nil {
 		t.Errorf("the disk reserve was not made again once 1 MiB was freed: %v", err)

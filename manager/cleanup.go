@@ -272,10 +272,11 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	update := m.planOnly
 	if !dryRun {
 		update = func(ctx context.Context, fn func(*state.State) (bool, error)) error {
-			return m.freeing(ctx, "sweep", func() error { return m.store.Update(ctx, fn) }, func() bool {
+			return m.freeing(ctx, "sweep", func() error { return m.store.Update(ctx, fn) }, func() (bool, error) {
 				// Would it evict anything? Else the reserve is kept
 				// for a commit that would.
-				return m.planOnly(ctx, fn) == nil && len(rep.Victims) > 0
+				err := m.planOnly(ctx, fn)
+				return len(rep.Victims) > 0, err
 			})
 		}
 	}

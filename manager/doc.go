@@ -32,10 +32,10 @@
 //     that does not parse stops the loop with an error and is kept.
 //   - Every download writes at most what the stored budget can make room
 //     for ([ErrTooLarge]).
-//   - A disk filled to its last byte can still be freed: a removal, or a
-//     sweep that evicts, gives up the file store's disk reserve
-//     ([state.Reserver]) when its commit meets ENOSPC, and fails wrapping
-//     [ErrDiskFull] only when that was not enough.
+//   - A disk filled to its last byte can still be freed: a removal, a
+//     sweep that evicts, or a release gives up part of the file store's
+//     disk reserve ([state.Reserver]) when its commit meets ENOSPC, and
+//     fails wrapping [ErrDiskFull] only when the reserve ran out.
 //
 // # Get, Wait and Release
 //

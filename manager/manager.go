@@ -626,7 +626,11 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 	}
 	m.mu.Unlock()
 	var out struct{}
-	err := m.propose(ctx, opRelease, []string{id}, func() any { return releaseArgs{Key: key, Dependent: dependent} }, &out)
+	// On a full disk too: a dependent that cannot be released keeps its
+	// entry from rm and from every sweep.
+	err := m.freeing(ctx, "release", func() error {
+		return m.propose(ctx, opRelease, []string{id}, func() any { return releaseArgs{Key: key, Dependent: dependent} }, &out)
+	}, func() (bool, error) { return true, nil })
 	m.kick()
 	if errors.Is(err, transitions.ErrNotRegistered) {
 		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)

@@ -156,8 +156,9 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		err = m.planOnly(ctx, remove)
 	} else {
 		m.trashMu.RLock()
-		err = m.freeing(ctx, "removal", func() error { return m.store.Update(ctx, remove) }, func() bool {
-			return m.planOnly(ctx, remove) == nil && len(rep.Removed) > 0
+		err = m.freeing(ctx, "removal", func() error { return m.store.Update(ctx, remove) }, func() (bool, error) {
+			err := m.planOnly(ctx, remove)
+			return len(rep.Removed) > 0, err
 		})
 		m.trashMu.RUnlock()
 	}

@@ -15,17 +15,21 @@ import (
 // or not there to give: space must be freed by other means.
 var ErrDiskFull = errors.New("the cache root's filesystem is full")
 
-// freeing runs commit, the commit of a sweep or a removal. On a full disk,
-// if frees says that the commit would free space (it plans again, on a
-// snapshot: the failed commit may have failed before its callback ran),
-// it gives up the store's disk reserve (state.Reserver) and runs commit
-// once more. Both may run the store callback again, as a store may.
-func (m *Manager) freeing(ctx context.Context, what string, commit func() error, frees func() bool) error {
+// freeing runs commit, the commit of a removal, a sweep or a release. On a
+// full disk, if frees says that the commit would free space or let it be
+// freed (it plans again, on a snapshot: the failed commit may have failed
+// before its callback ran; a plan's error is the answer), it gives up part of the store's disk
+// reserve (state.Reserver) and runs commit again, while the disk is full
+// and there is reserve left. Both may run the store callback again, as a
+// store may.
+func (m *Manager) freeing(ctx context.Context, what string, commit func() error, frees func() (bool, error)) error {
 	err := commit()
 	if err == nil || !errors.Is(err, syscall.ENOSPC) {
 		return err
 	}
-	if !frees() {
+	if ok, perr := frees(); perr != nil {
+		return perr // what the commit would have answered: in use, not found
+	} else if !ok {
 		// A commit that frees nothing (a sweep that only reaps) would
 		// spend the reserve that a removal needs.
 		return fmt.Errorf("%w: %w", ErrDiskFull, err)
@@ -34,25 +38,28 @@ func (m *Manager) freeing(ctx context.Context, what string, commit func() error,
 	if !ok {
 		return fmt.Errorf("%w: %w", ErrDiskFull, err)
 	}
-	freed, rerr := r.ReleaseReserve(ctx)
-	switch {
-	case rerr != nil:
-		return fmt.Errorf("%w: %w (and the disk reserve could not be given up: %w)", ErrDiskFull, err, rerr)
-	case freed == 0:
-		return fmt.Errorf("%w: %w (no disk reserve was left to give up: free some space on it by other means)", ErrDiskFull, err)
-	}
-	m.log.WithField("reserve", humanize.IBytes(uint64(freed))).Warn("the disk is full: gave up the disk reserve to commit the " + what)
-	if err := commit(); err != nil {
-		if errors.Is(err, syscall.ENOSPC) {
-			return fmt.Errorf("%w: %w (even with the %s disk reserve given up: free some space on it by other means)", ErrDiskFull, err, humanize.IBytes(uint64(freed)))
+	var spent int64
+	for errors.Is(err, syscall.ENOSPC) {
+		freed, rerr := r.ReleaseReserve(ctx)
+		switch {
+		case rerr != nil:
+			return fmt.Errorf("%w: %w (and the disk reserve could not be given up: %w)", ErrDiskFull, err, rerr)
+		case freed == 0 && spent == 0:
+			return fmt.Errorf("%w: %w (no disk reserve was left to give up: free some space on it by other means)", ErrDiskFull, err)
+		case freed == 0:
+			return fmt.Errorf("%w: %w (even with the last %s of the disk reserve given up: free some space on it by other means)", ErrDiskFull, err, humanize.IBytes(uint64(spent)))
 		}
-		return err
+		spent += freed
+		err = commit()
 	}
-	return nil
+	if err == nil {
+		m.log.WithField("reserve", humanize.IBytes(uint64(spent))).Warn("the disk is full: gave up the disk reserve, in part, to commit the " + what)
+	}
+	return err
 }
 
-// keepReserve makes the store's disk reserve when it is missing and there
-// is room: at this manager's first Get, and after content was deleted.
+// keepReserve makes the store's disk reserve whole when there is room: at
+// this manager's first Get, and after content was deleted.
 func (m *Manager) keepReserve(ctx context.Context) {
 	r, ok := m.store.(state.Reserver)
 	if !ok {

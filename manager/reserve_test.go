@@ -19,9 +19,10 @@ import (
 )
 
 // onFullDisk publishes a 1 MiB bundle into a root on the disk-full rig,
-// with a disk reserve of reserve bytes, stops the manager's loop, and
-// fills the filesystem to its last byte with a file of another program.
-func onFullDisk(t *testing.T, reserve int64) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
+// with a disk reserve of reserve bytes, releases its dependent "job"
+// unless keep, stops the manager's loop, and fills the filesystem to its
+// last byte with a file of another program.
+func onFullDisk(t *testing.T, reserve int64, keep bool) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
 	t.Helper()
 	dir := rigtest.DiskFull(t)
 	root, err := os.MkdirTemp(dir, "reserve-")
@@ -44,8 +45,10 @@ func onFullDisk(t *testing.T, reserve int64) (m *manager.Manager, root string, k
 	if _, err := getWait(t, m, "job", k); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Release(context.Background(), "job", k); err != nil {
-		t.Fatal(err)
+	if !keep {
+		if err := m.Release(context.Background(), "job", k); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := stop(); err != nil {
 		t.Fatal(err)
@@ -57,19 +60,26 @@ func onFullDisk(t *testing.T, reserve int64) (m *manager.Manager, root string, k
 	case reserve < 0 && held != 0:
 		t.Fatalf("a reserve of %d bytes with none asked for", held)
 	}
-	f, err := os.Create(filler)
+	fillUp(t, filler)
+	return m, root, k, body, log
+}
+
+// fillUp appends to the file filler until the disk-full rig has no byte
+// left.
+func fillUp(t *testing.T, filler string) {
+	t.Helper()
+	f, err := os.OpenFile(filler, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = f.Write(make([]byte, freeBytes(t, dir)+1<<20))
+	_, err = f.Write(make([]byte, freeBytes(t, filepath.Dir(filler))+1<<20))
 	f.Close()
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("filling the disk: %v, want ENOSPC", err)
 	}
-	if free := freeBytes(t, dir); free != 0 {
+	if free := freeBytes(t, filepath.Dir(filler)); free != 0 {
 		t.Fatalf("%d bytes free after the filler", free)
 	}
-	return m, root, k, body, log
 }
 
 // reserveHeld returns the bytes the disk reserve of root takes, 0 if there
@@ -103,7 +113,7 @@ func TestFullDiskFreedThroughTheReserve(t *testing.T) {
 	for _, op := range []string{"rm", "gc"} {
 		t.Run(op, func(t *testing.T) {
 			const reserve = 256 << 10
-			m, root, k, _, log := onFullDisk(t, reserve)
+			m, root, k, _, log := onFullDisk(t, reserve, false)
 			ctx := context.Background()
 			// Nothing to evict (min-age keeps the entry): not worth the
 			// reserve.
@@ -160,7 +170,7 @@ func TestFullDiskFreedThroughTheReserve(t *testing.T) {
 // Without a reserve, the same removal fails, names the full disk and loses
 // nothing; it succeeds once there is room.
 func TestFullDiskWithoutReserve(t *testing.T) {
-	m, root, k, body, _ := onFullDisk(t, -1)
+	m, root, k, body, _ := onFullDisk(t, -1, false)
 	ctx := context.Background()
 	_, err := m.Remove(ctx, []state.Key{k}, false)
 	if !errors.Is(err, manager.ErrDiskFull) || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "no disk reserve") {
@@ -193,5 +203,39 @@ func TestFullDiskWithoutReserve(t *testing.T) {
 	}
 	if exists(t, root, filepath.Join("entries", gen(k, 1))) {
 		t.Error("the entry's content is still there")
+	}
+}
+
+// A dependent that must be released before its entry can go: on a full
+// disk, the release and then the removal each give up a part of the
+// reserve, and the removal's freed space makes it whole again.
+func TestFullDiskReleaseThenRemove(t *testing.T) {
+	const reserve = 256 << 10
+	m, root, k, _, log := onFullDisk(t, reserve, true)
+	ctx := context.Background()
+	if _, err := m.Remove(ctx, []state.Key{k}, false); !errors.As(err, new(*manager.InUseError)) {
+		t.Fatalf("rm of an entry in use: %v, want an InUseError", err)
+	}
+	if err := m.Release(ctx, "job", k); err != nil {
+		t.Fatalf("release on a full disk with a reserve: %v", err)
+	}
+	after := reserveHeld(t, root)
+	if after <= 0 || after >= reserve {
+		t.Errorf("after the release the reserve holds %d bytes, want part of %d", after, reserve)
+	}
+	// What the release's commit left of the part it gave up, taken too:
+	// the removal must give up a part of its own.
+	fillUp(t, filepath.Join(filepath.Dir(root), "filler-"+filepath.Base(root)))
+	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
+		t.Fatalf("rm on a full disk after the release: %v", err)
+	}
+	if exists(t, root, filepath.Join("entries", gen(k, 1))) {
+		t.Error("the entry's content is still there")
+	}
+	if got := log.find("gave up the disk reserve"); len(got) != 2 {
+		t.Errorf("%d warnings of the reserve given up, want 2 (release, removal)", len(got))
+	}
+	if held := reserveHeld(t, root); held < reserve {
+		t.Errorf("the reserve is not whole again once 1 MiB was freed (%d bytes)", held)
 	}
 }

@@ -32,18 +32,22 @@ const reserveTemp = ReserveFile + ".tmp-"
 
 // Reserver is the optional interface of a Backend whose commits take space
 // on the cache's own filesystem (the file store). Its callers are the
-// commits that free space: on an error wrapping syscall.ENOSPC, they give
-// up the reserve and try once more; once content is deleted, they keep a
-// reserve again.
+// commits that free space or let it be freed (a removal, an evicting
+// sweep, a release): on an error wrapping syscall.ENOSPC, they give up
+// part of the reserve and try again, while there is some; once content is
+// deleted, they keep the reserve whole again.
 type Reserver interface {
-	// ReleaseReserve deletes the reserve and returns how many bytes that
-	// freed: 0 when there was none.
+	// ReleaseReserve gives up part of the reserve, a quarter of it (all
+	// of a small one), so that several commits in a row can be made on
+	// a full disk: the release of a run's dependent, then the removal
+	// of its entry. It returns how many bytes that freed: 0 when there
+	// was no reserve left.
 	ReleaseReserve(ctx context.Context) (int64, error)
-	// KeepReserve makes the reserve when it is missing and the
-	// filesystem has room for it twice over, so that the reserve never
-	// takes the last of the space. A reserve that is there stays as it
-	// is, whatever its size: processes with other sizes do not replace
-	// each other's.
+	// KeepReserve makes the reserve, or grows it back to its size, when
+	// the filesystem has room for what it adds twice over, so that the
+	// reserve never takes the last of the space. A reserve larger than
+	// this store's size stays as it is: processes with other sizes do
+	// not shrink each other's.
 	KeepReserve(ctx context.Context) error
 }
 
@@ -59,6 +63,10 @@ func (s *Store) reserveSize() int64 {
 	return s.opts.Reserve
 }
 
+// reservePage is the unit the reserve shrinks by: no smaller part is worth
+// a commit's retry.
+const reservePage = 4 << 10
+
 // ReleaseReserve implements Reserver.
 func (s *Store) ReleaseReserve(ctx context.Context) (int64, error) {
 	p := filepath.Join(s.root, ReserveFile)
@@ -72,10 +80,21 @@ func (s *Store) ReleaseReserve(ctx context.Context) (int64, error) {
 	if err := CheckLayout(s.root, nil, []string{ReserveFile}); err != nil {
 		return 0, err // never a directory of someone's
 	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return 0, fmt.Errorf("state %s: giving up the disk reserve: %w", s.path, err)
+	before := allocated(fi)
+	part := (fi.Size()/4 + reservePage - 1) / reservePage * reservePage
+	if left := fi.Size() - part; left < reservePage {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("state %s: giving up the disk reserve: %w", s.path, err)
+		}
+		return before, nil
+	} else if err := os.Truncate(p, left); err != nil {
+		return 0, fmt.Errorf("state %s: giving up part of the disk reserve: %w", s.path, err)
 	}
-	return allocated(fi), nil
+	fi, err = os.Lstat(p)
+	if err != nil {
+		return part, nil // given up meanwhile by another process
+	}
+	return max(before-allocated(fi), 0), nil
 }
 
 // KeepReserve implements Reserver.
@@ -85,14 +104,30 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 		return nil
 	}
 	p := filepath.Join(s.root, ReserveFile)
-	if _, err := os.Lstat(p); err == nil {
-		return nil
+	var have int64
+	if fi, err := os.Lstat(p); err == nil {
+		if have = fi.Size(); have >= want || !fi.Mode().IsRegular() {
+			return nil // a directory in its way is doctor's to report
+		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state %s: the disk reserve: %w", s.path, err)
 	}
 	var sfs unix.Statfs_t
-	if err := unix.Statfs(s.root, &sfs); err == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 2*want {
+	if err := unix.Statfs(s.root, &sfs); err == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 2*(want-have) {
 		return nil // no room: the next sweep that frees some tries again
+	}
+	if have > 0 {
+		// Grown in place: a process giving part of it up meanwhile
+		// only leaves it smaller, for the next one to grow.
+		f, err := os.OpenFile(p, os.O_WRONLY, 0)
+		if err != nil {
+			return reserveErr(s, err)
+		}
+		err = allocate(f, have, want-have)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		return reserveErr(s, err)
 	}
 	tmp := filepath.Join(s.root, fmt.Sprintf("%s%08x", reserveTemp, s.nonce32()))
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, s.opts.Perms.File)
@@ -101,7 +136,7 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 	}
 	err = f.Chmod(s.opts.Perms.File) // past the umask: a shared root's group must give it up too
 	if err == nil {
-		err = allocate(f, want)
+		err = allocate(f, 0, want)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -116,30 +151,30 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 	return nil
 }
 
-// reserveErr is nil for a filesystem with no room (the reserve waits for
-// the next sweep), else err named.
+// reserveErr is nil for nil and for a filesystem with no room (the
+// reserve waits for the next sweep), else err named.
 func reserveErr(s *Store, err error) error {
-	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+	if err == nil || errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 		return nil
 	}
 	return fmt.Errorf("state %s: making the disk reserve: %w", s.path, err)
 }
 
-// allocate gives f size bytes of disk: fallocate(2) where the filesystem
-// has it, else written zeros (sshfs, older NFS), which take the same space
-// on every filesystem that does not compress.
-func allocate(f *os.File, size int64) error {
-	err := fallocate(f, size)
+// allocate gives f the n bytes of disk from off: fallocate(2) where the
+// filesystem has it, else written zeros (sshfs, older NFS), which take the
+// same space on every filesystem that does not compress.
+func allocate(f *os.File, off, n int64) error {
+	err := fallocate(f, off, n)
 	if err == nil || !(errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS)) {
 		return err
 	}
 	zeros := make([]byte, 1<<20)
-	for left := size; left > 0; {
-		n := min(left, int64(len(zeros)))
-		if _, err := f.Write(zeros[:n]); err != nil {
+	for end := off + n; off < end; {
+		w, err := f.WriteAt(zeros[:min(end-off, int64(len(zeros)))], off)
+		if err != nil {
 			return err
 		}
-		left -= n
+		off += int64(w)
 	}
 	return f.Sync() // some servers allocate only at the flush
 }
@@ -160,7 +195,7 @@ func (s *Store) reserveCheck() Check {
 	fi, err := os.Lstat(p)
 	switch {
 	case err == nil && fi.Mode().IsRegular():
-		return Check{Name: name, Status: "ok", Detail: fmt.Sprintf("%s held in %s, given up so that gc and rm can commit on a full disk", humanize.IBytes(uint64(allocated(fi))), p)}
+		return Check{Name: name, Status: "ok", Detail: fmt.Sprintf("%s held in %s, given up in parts so that release, rm and gc can commit on a full disk", humanize.IBytes(uint64(allocated(fi))), p)}
 	case err == nil:
 		return Check{Name: name, Status: "fail", Detail: fmt.Sprintf("%s is %s, not a regular file: %v (move it away)", p, describeType(fi.Mode()), ErrLayout)}
 	case !errors.Is(err, fs.ErrNotExist):

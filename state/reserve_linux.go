@@ -6,9 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func fallocate(f *os.File, size int64) error {
+func fallocate(f *os.File, off, n int64) error {
 	for {
-		err := unix.Fallocate(int(f.Fd()), 0, 0, size)
+		err := unix.Fallocate(int(f.Fd()), 0, off, n)
 		if err != unix.EINTR {
 			return err
 		}

@@ -8,4 +8,4 @@ import (
 )
 
 // fallocate is not there: allocate writes zeros.
-func fallocate(*os.File, int64) error { return syscall.EOPNOTSUPP }
+func fallocate(*os.File, int64, int64) error { return syscall.EOPNOTSUPP }

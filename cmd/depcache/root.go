@@ -286,7 +286,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.logFormat, "log-format", "text", "text or json")
 	pf.DurationVar(&g.lockLease, "lock-lease", 30*time.Second, "how long the state lock, held from another host, must stay unchanged before it is broken")
 	g.reserve = sizeValue{bytes: state.DefaultReserve, text: humanize.IBytes(state.DefaultReserve)}
-	pf.Var(&g.reserve, "disk-reserve", "space the file store keeps in the root, given up so that gc and rm can still commit on a full disk (0: none)")
+	pf.Var(&g.reserve, "disk-reserve", "space the file store keeps in the root, given up in parts so that release, rm and gc can still commit on a full disk (0: none)")
 	g.state.register(pf)
 	pf.BoolVar(&g.group, "group-shared", false, "make what depcache creates usable by the root's group: directories 2770, files 0660")
 	root.AddCommand(newGet(g), newRelease(g), newLs(g), newGC(g), newServe(g), newPolicy(g), newDoctor(g), newVerify(g))

@@ -444,6 +444,13 @@ func (s *sink) start(rs RangeStart) error {
 func (s *sink) decide(head []byte, r *resumed) error {
 	s.decided = true
 	format := unpack.SniffBytes(head)
+	if format == unpack.Plain && archiveName(s.key) == ".tar" {
+		// An archive of nothing has no header to sniff: its name says
+		// what it is, and it unpacks to an empty directory.
+		if f, ok := unpack.EmptyTar(head); ok {
+			format = f
+		}
+	}
 	if IsKeptPacked(s.key) || (format == unpack.Zip && archiveName(s.key) != ".zip") {
 		format = unpack.Plain
 	}

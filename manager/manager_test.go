@@ -1,6 +1,8 @@
 package manager_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -706,5 +708,62 @@ func TestWaitAfterTheLoopsContextEnds(t *testing.T) {
 	}
 	if _, err := m.Wait(context.Background(), k); !errors.Is(err, manager.ErrNotRunning) {
 		t.Fatalf("Wait on a stopped manager: %v, want ErrNotRunning", err)
+	}
+}
+
+// An empty tar archive (what `tar cf x.tar -T /dev/null` writes: zeros,
+// no header to sniff), plain or gzip, is an empty directory when its name
+// says tar, without the not-an-archive warning; the same zeros under
+// another name, or kept packed, stay a file.
+func TestEmptyTarIsAnEmptyDirectory(t *testing.T) {
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(make([]byte, 10240))
+	zw.Close()
+	src := t.TempDir()
+	for name, b := range map[string][]byte{"empty.tar": make([]byte, 10240), "empty.tgz": gz.Bytes(), "zeros.img": make([]byte, 10240)} {
+		if err := os.WriteFile(filepath.Join(src, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root := t.TempDir()
+	var log logRecorder
+	m := newManager(t, root, func(c *manager.Config) { c.Log = log.logger() })
+	packed, err := manager.KeepPacked(mustKey(t, "file://"+filepath.Join(src, "empty.tar"), ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		key state.Key
+		dir bool
+	}{
+		{mustKey(t, "file://"+filepath.Join(src, "empty.tar"), ""), true},
+		{mustKey(t, "file://"+filepath.Join(src, "empty.tgz"), ""), true},
+		{mustKey(t, "file://"+filepath.Join(src, "zeros.img"), ""), false},
+		{packed, false},
+	} {
+		e, err := getWait(t, m, "run", tc.key)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.key.Source, err)
+		}
+		p, err := m.Abs(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.IsDir() != tc.dir {
+			t.Errorf("%s: a directory %v, want %v", tc.key.Source, fi.IsDir(), tc.dir)
+		}
+		if tc.dir {
+			if ents, err := os.ReadDir(p); err != nil || len(ents) != 0 {
+				t.Errorf("%s: %v, %v; want an empty directory", tc.key.Source, ents, err)
+			}
+		}
+	}
+	if got := log.find("is named like a"); len(got) != 0 {
+		t.Errorf("warned: %v", got)
 	}
 }

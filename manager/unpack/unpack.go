@@ -126,6 +126,43 @@ func SniffBytes(head []byte) Format {
 	return Plain
 }
 
+// EmptyTar tells, from the first bytes of a file (up to SniffHead of
+// them), a tar archive with no member, plain or gzip: one that begins with
+// the end-of-archive marker, two zero blocks (what `tar cf x.tar -T
+// /dev/null` writes). archive/tar, like tar(1), stops there. The bytes say
+// nothing else, so only a name that says tar should make such a file an
+// archive: a disk image may begin with zeros too.
+func EmptyTar(head []byte) (Format, bool) {
+	if endMarker(head) {
+		return Tar, true
+	}
+	if len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+		zr, err := gzip.NewReader(bytes.NewReader(head))
+		if err != nil {
+			return Plain, false
+		}
+		inner := make([]byte, 2*512)
+		m, _ := io.ReadFull(zr, inner)
+		if endMarker(inner[:m]) {
+			return TarGzip, true
+		}
+	}
+	return Plain, false
+}
+
+// endMarker reports whether b begins with two zero blocks.
+func endMarker(b []byte) bool {
+	if len(b) < 2*512 {
+		return false
+	}
+	for _, c := range b[:2*512] {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // isTar looks for the ustar magic (POSIX and GNU) at offset 257.
 func isTar(b []byte) bool {
 	return len(b) >= 262 && bytes.Equal(b[257:262], []byte("ustar"))

@@ -3,6 +3,7 @@ package unpack
 import (
 	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"os"
@@ -339,5 +340,52 @@ func checkExtraction(t *testing.T, extract func(target string) (int64, error)) {
 	}
 	if cost, dirs := treeCost(t, target); cost > fuzzLimits.MaxBytes {
 		t.Errorf("the tree takes %d bytes of disk (%d directories), bound %d", cost, dirs, fuzzLimits.MaxBytes)
+	}
+}
+
+// An archive of nothing, as tar(1) writes it, begins with the end marker;
+// fewer than two zero blocks, or a block that is not zero, is not one.
+func TestEmptyTar(t *testing.T) {
+	gz := func(b []byte) []byte {
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		zw.Write(b)
+		zw.Close()
+		return buf.Bytes()
+	}
+	marked := make([]byte, 10240)
+	marked[1023] = 1
+	for _, tc := range []struct {
+		name string
+		head []byte
+		want Format
+		ok   bool
+	}{
+		{"tar cf of nothing", make([]byte, 10240), Tar, true},
+		{"the end marker alone", make([]byte, 1024), Tar, true},
+		{"gzip of it", gz(make([]byte, 10240)), TarGzip, true},
+		{"one zero block", make([]byte, 512), Plain, false},
+		{"a byte set in the second block", marked, Plain, false},
+		{"gzip of one zero block", gz(make([]byte, 1000)), Plain, false},
+		{"text", []byte("hello"), Plain, false},
+	} {
+		if got, ok := EmptyTar(tc.head); got != tc.want || ok != tc.ok {
+			t.Errorf("%s: %v %v, want %v %v", tc.name, got, ok, tc.want, tc.ok)
+		}
+	}
+	// What the extractor makes of it: nothing, and no error.
+	for _, head := range [][]byte{make([]byte, 10240), gz(make([]byte, 10240))} {
+		f, _ := EmptyTar(head)
+		r, err := Open(bytes.NewReader(head), f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := t.TempDir()
+		if n, err := Extract(context.Background(), r, dir, Limits{}); err != nil || n != 0 {
+			t.Errorf("%v of nothing: %d bytes, %v", f, n, err)
+		}
+		if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+			t.Errorf("%v of nothing made %v, %v", f, ents, err)
+		}
 	}
 }

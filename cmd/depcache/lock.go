@@ -140,6 +140,9 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 	}
 	if es, ok := st.(*etcdstore.Store); ok {
 		return func(ctx context.Context) (lockHold, error) {
+			if pid, ok := enclosingEtcdHolder(ctx, es, name); ok {
+				tellNested(ctx, g, name, pid)
+			}
 			l, err := es.LockNamed(ctx, name, lease)
 			if err != nil {
 				return nil, err
@@ -154,12 +157,7 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 	lockPath, _, _ := state.NamedLockPaths(g.root, name)
 	return func(ctx context.Context) (lockHold, error) {
 		if pid, ok := enclosingHolder(lockPath); ok {
-			hint := "; give --timeout, or take the lock once"
-			if _, ok := ctx.Deadline(); ok {
-				hint = ""
-			}
-			fmt.Fprintf(g.stderr, "depcache lock: %q is held by pid %d, which this command runs under (a 'depcache lock %s' around it): this waits until that one releases it, which it does only after this command ends%s\n",
-				name, pid, name, hint)
+			tellNested(ctx, g, name, pid)
 		}
 		s, err := l.Acquire(ctx)
 		if err != nil {
@@ -213,7 +211,7 @@ A waiter breaks a holder on its own machine at once when the holder's process
 is gone, and a holder on another host once the lock stayed unchanged for
 --lease on the waiter's own clock: every user of NAME should give the same
 --lease. A lock of NAME that the holder of NAME runs (nested in its CMD) says
-at once that it waits for its own enclosing holder (not on etcd).
+at once that it waits for its own enclosing holder.
 
 With --state etcd://..., the lock is on etcd instead (PREFIX/locks/...): it
 excludes every host that uses the prefix, with no shared filesystem, on a
@@ -354,6 +352,46 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	}
 }
 
+// tellNested says that the lock name waits for its own enclosing holder,
+// pid.
+func tellNested(ctx context.Context, g *globals, name string, pid int) {
+	hint := "; give --timeout, or take the lock once"
+	if _, ok := ctx.Deadline(); ok {
+		hint = ""
+	}
+	fmt.Fprintf(g.stderr, "depcache lock: %q is held by pid %d, which this command runs under (a 'depcache lock %s' around it): this waits until that one releases it, which it does only after this command ends%s\n",
+		name, pid, name, hint)
+}
+
+// enclosingEtcdHolder is enclosingHolder for a lock on etcd, whose holder
+// record names a host by its hostname and a pid: one request, and nothing
+// told when it fails.
+func enclosingEtcdHolder(ctx context.Context, es *etcdstore.Store, name string) (int, bool) {
+	info, ok, err := es.NamedLockHolder(ctx, name)
+	if err != nil || !ok {
+		return 0, false
+	}
+	if host, err := os.Hostname(); err != nil || host != info.Host {
+		return 0, false
+	}
+	return info.PID, isAncestor(info.PID)
+}
+
+// isAncestor reports whether pid is a parent, or a parent's parent, of
+// this process.
+func isAncestor(pid int) bool {
+	for p, hops := os.Getppid(), 0; p > 1 && hops < 64; hops++ {
+		if p == pid {
+			return true
+		}
+		var err error
+		if p, err = state.ParentPID(p); err != nil {
+			break
+		}
+	}
+	return false
+}
+
 // enclosingHolder returns the pid of the holder of the lock at path when
 // it is an ancestor of this process: a lock nested in a lock of the same
 // name waits for a holder that waits for it. It is only told, not
@@ -371,13 +409,5 @@ func enclosingHolder(path string) (int, bool) {
 	if alive, err := procs.Alive(info.Process); err != nil || !alive {
 		return 0, false
 	}
-	for pid, hops := os.Getppid(), 0; pid > 1 && hops < 64; hops++ {
-		if pid == info.PID {
-			return pid, true
-		}
-		if pid, err = state.ParentPID(pid); err != nil {
-			break
-		}
-	}
-	return 0, false
+	return info.PID, isAncestor(info.PID)
 }

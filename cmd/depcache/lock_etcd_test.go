@@ -132,3 +132,20 @@ func TestLockEtcdStoppedHolderLosesLease(t *testing.T) {
 		t.Errorf("A's stderr %q, CMD ended by SIGTERM: %v", aErr.String(), exists(ended))
 	}
 }
+
+// TestLockEtcdNested: as TestLockNested, with the lock on etcd: the
+// nested lock of the same name is told at once, and one of another name
+// is not.
+func TestLockEtcdNested(t *testing.T) {
+	url := etcdLockURL(t, "lock-nested")
+	root := t.TempDir()
+	inner := fmt.Sprintf("%s --root %s --state %s lock %%s --timeout 2s -- true", bin, root, url)
+	code, _, stderr := depcache(t, root, "--state", url, "lock", "N", "--", "sh", "-c", fmt.Sprintf(inner, "N"))
+	if code != exitTimeout || !strings.Contains(stderr, `"N" is held by pid`) || !strings.Contains(stderr, "runs under") {
+		t.Errorf("nested lock N on etcd: exit %d, stderr %q; want 3, told it waits for its enclosing holder", code, stderr)
+	}
+	code, _, stderr = depcache(t, root, "--state", url, "lock", "N", "--", "sh", "-c", fmt.Sprintf(inner, "M"))
+	if code != 0 || strings.Contains(stderr, "runs under") {
+		t.Errorf("lock M inside lock N on etcd: exit %d, stderr %q; want 0 and nothing told", code, stderr)
+	}
+}

@@ -11,8 +11,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/depcache/depcache/state"
 )
@@ -335,7 +337,8 @@ func TestCommitKeepPrevNameTaken(t *testing.T) {
 // After a commit that failed past keeping the previous version,
 // state.json.prev is a link to the state file itself, and the next
 // commit's rename of its link over it does nothing (rename(2) of two links
-// to one file): that link must not stay behind.
+// to one file): the previous version is still right, and the link left
+// behind is litter that a later holder deletes.
 func TestCommitKeepPrevOverItself(t *testing.T) {
 	c := newCommitted(t)
 	prev := c.s.Path() + state.PrevSuffix
@@ -348,14 +351,89 @@ func TestCommitKeepPrevOverItself(t *testing.T) {
 	if err := c.s.Update(context.Background(), bulk(1)); err != nil {
 		t.Fatal(err)
 	}
+	if got := readBytes(t, prev); !bytes.Equal(got, c.cur) {
+		t.Errorf("state.json.prev is not the state before the commit:\n%s\nwant\n%s", got, c.cur)
+	}
 	left, err := filepath.Glob(filepath.Join(c.dir, "."+state.StateFile+state.PrevSuffix+"*"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(left) != 0 {
-		t.Errorf("links left beside state.json.prev: %v", left)
+	for _, l := range left {
+		a, errA := os.Stat(l)
+		b, errB := os.Stat(prev)
+		if errA != nil || errB != nil || !os.SameFile(a, b) {
+			t.Fatalf("%s is not a link to state.json.prev (%v, %v)", l, errA, errB)
+		}
+		old := time.Now().Add(-time.Hour)
+		if err := os.Chtimes(l, old, old); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if got := readBytes(t, prev); !bytes.Equal(got, c.cur) {
-		t.Errorf("state.json.prev is not the state before the commit:\n%s\nwant\n%s", got, c.cur)
+	// A later process's first whole update collects it.
+	nothing := func(*state.State) (bool, error) { return false, nil }
+	if err := openStore(t, c.dir).Update(context.Background(), nothing); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range left {
+		if _, err := os.Lstat(l); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s after a later holder's update: %v, want it deleted", filepath.Base(l), err)
+		}
+	}
+}
+
+// A holder that stalls between linking the state file for state.json.prev
+// and renaming that link, past its lease, while the holder that breaks its
+// lock commits twice: it must find its lock lost there, before the rename,
+// and leave state.json.prev as the new holder's previous version (one that
+// parses, with its shards), not roll it back to the manifest it linked.
+func TestCommitKeepPrevStalledPastLease(t *testing.T) {
+	dir := t.TempDir()
+	const lease = 300 * time.Millisecond
+	host := func(name string) *state.Store {
+		// No combining: b, in a's process, would hand its commit to a,
+		// the holder, which is stalled in it.
+		procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
+		s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a, b := host("a"), host("b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := a.Update(ctx, put(0, 1)); err != nil {
+		t.Fatal(err)
+	}
+	var fired atomic.Bool
+	var errB error
+	state.SetPrevLinkedHook(t, func() {
+		if fired.Swap(true) {
+			return // b's own commits, below
+		}
+		// a is in its commit, linked; b waits out a's lease, breaks its
+		// lock and commits twice.
+		if errB = b.Update(ctx, put(1, 1)); errB == nil {
+			errB = b.Update(ctx, put(2, 1))
+		}
+	})
+	err := a.Update(ctx, put(3, 1))
+	if errB != nil {
+		t.Fatalf("host b: %v", errB)
+	}
+	if !errors.Is(err, state.ErrLockLost) {
+		t.Fatalf("host a after its stall: %v, want ErrLockLost", err)
+	}
+	prev, err := state.DecodeFile(dir, state.StateFile+state.PrevSuffix)
+	if err != nil {
+		t.Fatalf("state.json.prev after the stalled holder: %v", err)
+	}
+	got := []bool{prev.Get(bundleKey(0)) != nil, prev.Get(bundleKey(1)) != nil, prev.Get(bundleKey(2)) != nil, prev.Get(bundleKey(3)) != nil}
+	if fmt.Sprint(got) != "[true true false false]" {
+		t.Errorf("entries 0-3 in state.json.prev: %v; want b's previous version (0 and 1)", got)
+	}
+	links, _ := filepath.Glob(filepath.Join(dir, "."+state.StateFile+state.PrevSuffix+"*"))
+	if len(links) != 0 {
+		t.Errorf("the stalled holder left its link: %v", links)
 	}
 }

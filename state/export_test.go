@@ -90,3 +90,12 @@ func SetPrevTempHook(t testing.TB, hook func(name string)) {
 	prevTempHook = hook
 	t.Cleanup(func() { prevTempHook = nil })
 }
+
+// SetPrevLinkedHook makes every commit call hook once it linked the state
+// file to its temporary name for state.json.prev, before it checks the
+// lock and renames that link, until t ends.
+func SetPrevLinkedHook(t testing.TB, hook func()) {
+	t.Helper()
+	prevLinkedHook = hook
+	t.Cleanup(func() { prevLinkedHook = nil })
+}

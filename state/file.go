@@ -736,8 +736,10 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 			// A holder judged stale may find its link collected as litter
 			// by the holder that broke its lock: the lost lock is the
 			// cause worth reporting.
-			if lerr := s.lock.Check(); lerr != nil {
-				return fmt.Errorf("%w (%v)", lerr, err)
+			if !errors.Is(err, ErrLockLost) {
+				if lerr := s.lock.Check(); lerr != nil {
+					return fmt.Errorf("%w (%v)", lerr, err)
+				}
 			}
 			return err
 		}
@@ -776,11 +778,24 @@ func (s *Store) keepPrev() error {
 			}
 			break
 		}
-		err = os.Rename(tmp, s.path+PrevSuffix)
-		// Also after a rename that succeeded: when state.json.prev is
-		// already a link to the state file (a commit that failed or was
-		// killed after this step), rename(2) does nothing and leaves tmp.
-		_ = os.Remove(tmp)
+		if prevLinkedHook != nil {
+			prevLinkedHook()
+		}
+		// A holder judged stale while it stalled here must not roll
+		// state.json.prev back to a manifest whose shards the holder
+		// that broke its lock may have deleted since.
+		if err := s.lock.Check(); err != nil {
+			_ = os.Remove(tmp)
+			return err
+		}
+		// When state.json.prev already is a link to the state file (a
+		// commit failed or was killed after this step), rename(2) of two
+		// links to one file does nothing and leaves tmp: litter that a
+		// later holder deletes, rather than one more round trip to the
+		// file server at every commit.
+		if err = os.Rename(tmp, s.path+PrevSuffix); err != nil {
+			_ = os.Remove(tmp)
+		}
 		break
 	}
 	if err != nil {
@@ -790,8 +805,11 @@ func (s *Store) keepPrev() error {
 }
 
 // prevTempHook, nil outside tests, runs with the temporary name of the link
-// to the previous version just before it is made.
-var prevTempHook func(name string)
+// to the previous version just before it is made; prevLinkedHook just after.
+var (
+	prevTempHook   func(name string)
+	prevLinkedHook func()
+)
 
 // SyncDir makes a rename in dir durable (fsync of the directory).
 func SyncDir(dir string) error {

@@ -458,7 +458,12 @@ func crashPhase(t *testing.T, dir string, g, acked uint64) killPhase {
 		t.Fatal(err)
 	}
 	// A commit killed between keeping the previous version's link and its
-	// rename leaves that link: to the state file as it still is.
+	// rename leaves that link, to the state file as it still is. The
+	// commit after it finds state.json.prev a link to the state file, and
+	// its rename of its own link over it does nothing (rename(2) of two
+	// links to one file): that link stays too, litter of an older
+	// manifest once later commits rotate state.json.prev, which a holder
+	// deletes after the grace.
 	var temps []string
 	for _, m := range matches {
 		if !strings.HasPrefix(filepath.Base(m), "."+state.StateFile+state.PrevSuffix) {
@@ -466,12 +471,12 @@ func crashPhase(t *testing.T, dir string, g, acked uint64) killPhase {
 			continue
 		}
 		a, errA := os.Stat(m)
-		b, errB := os.Stat(filepath.Join(dir, state.StateFile))
-		if errA != nil || errB != nil || !os.SameFile(a, b) {
-			t.Fatalf("%s is not a link to the state file (%v, %v)", m, errA, errB)
+		cur, errC := os.Stat(filepath.Join(dir, state.StateFile))
+		if errA != nil || errC != nil {
+			t.Fatalf("%s: %v, %v", m, errA, errC)
 		}
-		if g != acked {
-			t.Fatalf("generation %d committed (last acknowledged %d), yet the link %s kept for state.json.prev is still there", g, acked, m)
+		if os.SameFile(a, cur) && g != acked {
+			t.Fatalf("generation %d committed (last acknowledged %d), yet the link %s to it kept for state.json.prev is still there", g, acked, m)
 		}
 		if err := os.Remove(m); err != nil {
 			t.Fatal(err)

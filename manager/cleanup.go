@@ -275,8 +275,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 			return m.freeing(ctx, "sweep", func() error { return m.store.Update(ctx, fn) }, func() (bool, error) {
 				// Would it evict anything? Else the reserve is kept
 				// for a commit that would.
+				// Cancelling an abandoned download frees its staging.
 				err := m.planOnly(ctx, fn)
-				return len(rep.Victims) > 0, err
+				return len(rep.Victims) > 0 || len(rep.Cancelled) > 0, err
 			})
 		}
 	}
@@ -494,7 +495,15 @@ func (m *Manager) intoTrash(rel string) error {
 func (m *Manager) moveToTrash(dirs []string, what string) {
 	for _, rel := range dirs {
 		if err := m.intoTrash(rel); err != nil {
-			m.log.WithError(err).WithField("dir", rel).Warnf("could not move the content of %s entry to trash; it stays as an orphan until reconcile moves it", what)
+			// On a full disk, making this manager's trash (a directory
+			// and its owner note) may fail where deleting would not: the
+			// commit already dropped the entry, and no later generation
+			// takes its name.
+			if abs, aerr := state.AbsIn(m.root, rel); aerr == nil && m.DiskFull(err) && os.RemoveAll(abs) == nil {
+				m.log.WithField("dir", rel).Infof("the disk is full: deleted the content of %s entry in place", what)
+			} else {
+				m.log.WithError(err).WithField("dir", rel).Warnf("could not move the content of %s entry to trash; it stays as an orphan until reconcile moves it", what)
+			}
 		}
 		failpoint("trash-moved")
 	}

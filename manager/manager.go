@@ -152,9 +152,10 @@ type Config struct {
 	// pulling; 0: no bound.
 	MaxImageBytes int64
 	// DiskReserve is the size of the file store's disk reserve, given up
-	// by a sweep or a removal whose commit meets a full disk (see
-	// state.Reserver). 0: state.DefaultReserve; negative: none. Used only
-	// when State is nil.
+	// in parts by a sweep, a removal or a release whose commit meets a
+	// full disk (see state.Reserver). 0: state.DefaultReserve; negative:
+	// none is made or grown (one that is there is still given up). Used
+	// only when State is nil.
 	DiskReserve int64
 	// State is the state store. Default (nil): the file store in Root
 	// (state.Open), safe across hosts that share Root. Content always
@@ -630,7 +631,15 @@ func (m *Manager) Release(ctx context.Context, dependent string, key state.Key) 
 	// entry from rm and from every sweep.
 	err := m.freeing(ctx, "release", func() error {
 		return m.propose(ctx, opRelease, []string{id}, func() any { return releaseArgs{Key: key, Dependent: dependent} }, &out)
-	}, func() (bool, error) { return true, nil })
+	}, func() (bool, error) {
+		// A release that would be refused spends nothing.
+		st, err := m.store.View(ctx)
+		if err != nil {
+			return false, err
+		}
+		_, err = transitions.Release(st.Get(key), dependent)
+		return err == nil, err
+	})
 	m.kick()
 	if errors.Is(err, transitions.ErrNotRegistered) {
 		return fmt.Errorf("%s: dependent %q: %w", key.Source, dependent, err)

@@ -10,10 +10,30 @@ import (
 	"github.com/dustin/go-humanize"
 )
 
-// ErrDiskFull is wrapped by the error of a sweep or a removal whose commit
-// found no room on the root's filesystem, with the disk reserve given up
-// or not there to give: space must be freed by other means.
+// ErrDiskFull is wrapped by the error of a sweep, a removal or a release
+// whose commit found no room on the root's filesystem, with the disk
+// reserve given up or not there to give: space must be freed by other
+// means.
 var ErrDiskFull = errors.New("the cache root's filesystem is full")
+
+// DiskFull reports whether err is what a write to the root's full
+// filesystem returns: ENOSPC, EDQUOT (a quota, which the reserve counts
+// against too), or EIO while statfs shows no room left, which is how sshfs
+// passes on the server's ENOSPC.
+func (m *Manager) DiskFull(err error) bool {
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return true
+	case errors.Is(err, syscall.EIO):
+		free, size := diskSpace(m.Root())
+		return size > 0 && free < fullBelow
+	}
+	return false
+}
+
+// fullBelow is the free space under which a filesystem that says EIO is
+// taken to be full: less than a commit of a few entries needs.
+const fullBelow = 64 << 10
 
 // freeing runs commit, the commit of a removal, a sweep or a release. On a
 // full disk, if frees says that the commit would free space or let it be
@@ -24,7 +44,7 @@ var ErrDiskFull = errors.New("the cache root's filesystem is full")
 // store may.
 func (m *Manager) freeing(ctx context.Context, what string, commit func() error, frees func() (bool, error)) error {
 	err := commit()
-	if err == nil || !errors.Is(err, syscall.ENOSPC) {
+	if err == nil || !m.DiskFull(err) {
 		return err
 	}
 	if ok, perr := frees(); perr != nil {
@@ -39,7 +59,7 @@ func (m *Manager) freeing(ctx context.Context, what string, commit func() error,
 		return fmt.Errorf("%w: %w", ErrDiskFull, err)
 	}
 	var spent int64
-	for errors.Is(err, syscall.ENOSPC) {
+	for m.DiskFull(err) {
 		freed, rerr := r.ReleaseReserve(ctx)
 		switch {
 		case rerr != nil:

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
+	"github.com/depcache/depcache/transitions"
 	"golang.org/x/sys/unix"
 )
 
@@ -25,11 +27,19 @@ import (
 func onFullDisk(t *testing.T, reserve int64, keep bool) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
 	t.Helper()
 	dir := rigtest.DiskFull(t)
-	root, err := os.MkdirTemp(dir, "reserve-")
+	return onFullDiskAt(t, dir, dir, reserve, keep)
+}
+
+// onFullDiskAt is onFullDisk with the root made in parent and the filler
+// written in fill, both on the filesystem to fill (through two paths on
+// the sshfs rig: a mount, and the server's own).
+func onFullDiskAt(t *testing.T, parent, fill string, reserve int64, keep bool) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
+	t.Helper()
+	root, err := os.MkdirTemp(parent, "reserve-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
+	filler := filepath.Join(fill, "filler-"+filepath.Base(root))
 	t.Cleanup(func() {
 		os.Remove(filler)
 		os.RemoveAll(root)
@@ -216,6 +226,12 @@ func TestFullDiskReleaseThenRemove(t *testing.T) {
 	if _, err := m.Remove(ctx, []state.Key{k}, false); !errors.As(err, new(*manager.InUseError)) {
 		t.Fatalf("rm of an entry in use: %v, want an InUseError", err)
 	}
+	if err := m.Release(ctx, "nobody", k); !errors.Is(err, transitions.ErrNotRegistered) {
+		t.Fatalf("release of a dependent the entry does not have: %v, want ErrNotRegistered", err)
+	}
+	if held := reserveHeld(t, root); held < reserve {
+		t.Fatalf("refused commits spent the reserve: %d bytes left of %d", held, reserve)
+	}
 	if err := m.Release(ctx, "job", k); err != nil {
 		t.Fatalf("release on a full disk with a reserve: %v", err)
 	}
@@ -237,5 +253,42 @@ func TestFullDiskReleaseThenRemove(t *testing.T) {
 	}
 	if held := reserveHeld(t, root); held < reserve {
 		t.Errorf("the reserve is not whole again once 1 MiB was freed (%d bytes)", held)
+	}
+}
+
+// On the sshfs rig, over a filesystem of the server's that fills up:
+// sftp-server answers ENOSPC with a failure that sshfs passes on as EIO,
+// which counts as a full disk when statfs shows no room. rm frees the
+// entry through the reserve there too.
+func TestFullDiskOnSharedFS(t *testing.T) {
+	mnt1, _ := rigtest.SharedFS(t)
+	export := rigtest.Env(t, "SHAREDFS_EXPORT")
+	if os.Geteuid() != 0 {
+		rigtest.Missing(t, "mounting a small tmpfs in the sshfs rig's export needs root")
+	}
+	sub := fmt.Sprintf("full-%d", time.Now().UnixNano())
+	server := filepath.Join(export, sub)
+	if err := os.Mkdir(server, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", server, "tmpfs", 0, "size=4m"); err != nil {
+		rigtest.Missing(t, fmt.Sprintf("a tmpfs at %s: %v", server, err))
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(server, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmounting %s: %v", server, err)
+		}
+		os.Remove(server)
+	})
+	const reserve = 256 << 10
+	m, root, k, _, log := onFullDiskAt(t, filepath.Join(mnt1, sub), server, reserve, false)
+	if _, err := m.Remove(context.Background(), []state.Key{k}, false); err != nil {
+		t.Fatalf("rm on a full disk over sshfs with a reserve: %v", err)
+	}
+	if exists(t, root, filepath.Join("entries", gen(k, 1))) {
+		t.Error("the entry's content is still there")
+	}
+	if got := log.find("gave up the disk reserve"); len(got) != 1 {
+		t.Errorf("%d warnings of the reserve given up, want 1", len(got))
 	}
 }

@@ -542,21 +542,8 @@ func (s *Store) collectLitter() {
 			}
 		}
 	}
-	// Reserves being allocated by a process killed meanwhile: an
-	// allocation takes milliseconds.
-	temps, _ = filepath.Glob(filepath.Join(s.root, reserveTemp+"*"))
-	for _, t := range temps {
-		if reserveTempName.MatchString(filepath.Base(t)) && olderThan(t, committed, grace) {
-			if err := os.Remove(t); err == nil {
-				s.lock.opts.Log.WithField("file", t).Info("deleted the temporary file of an interrupted disk reserve")
-			}
-		}
-	}
 	l.listed, l.unnamed = now, unnamed
 }
-
-// reserveTempName matches the temporary files of KeepReserve.
-var reserveTempName = regexp.MustCompile(`^` + regexp.QuoteMeta(reserveTemp) + `[0-9a-f]{8}$`)
 
 // stateTemp matches the temporary files renameio makes for state.json and
 // the copies kept aside (".state.json", the copy's suffix and hash, then

@@ -22,13 +22,9 @@ const ReserveFile = "state.reserve"
 
 // DefaultReserve is the size of the reserve when Options.Reserve is 0:
 // room for the lock's files and for a commit of a few changed entries
-// (their deltas and the manifest) at 100,000 entries.
+// (their deltas and the manifest) at 100,000 entries, in each of its
+// quarters.
 const DefaultReserve = 8 << 20
-
-// reserveTemp is the prefix of the temporary file a reserve is allocated
-// in before its rename; the litter of a process killed meanwhile is
-// deleted by a later holder (see collectLitter).
-const reserveTemp = ReserveFile + ".tmp-"
 
 // Reserver is the optional interface of a Backend whose commits take space
 // on the cache's own filesystem (the file store). Its callers are the
@@ -86,15 +82,17 @@ func (s *Store) ReleaseReserve(ctx context.Context) (int64, error) {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return 0, fmt.Errorf("state %s: giving up the disk reserve: %w", s.path, err)
 		}
-		return before, nil
+		return max(before, fi.Size()), nil
 	} else if err := os.Truncate(p, left); err != nil {
 		return 0, fmt.Errorf("state %s: giving up part of the disk reserve: %w", s.path, err)
 	}
-	fi, err = os.Lstat(p)
-	if err != nil {
-		return part, nil // given up meanwhile by another process
+	if fi, err = os.Lstat(p); err == nil && before-allocated(fi) > 0 {
+		return before - allocated(fi), nil
 	}
-	return max(before-allocated(fi), 0), nil
+	// A part that was a hole, blocks counted late (ZFS), or the file
+	// given up meanwhile by another process: the size went down, so the
+	// caller goes on.
+	return part, nil
 }
 
 // KeepReserve implements Reserver.
@@ -104,10 +102,16 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 		return nil
 	}
 	p := filepath.Join(s.root, ReserveFile)
-	var have int64
+	var have, size int64
 	if fi, err := os.Lstat(p); err == nil {
-		if have = fi.Size(); have >= want || !fi.Mode().IsRegular() {
+		if !fi.Mode().IsRegular() {
 			return nil // a directory in its way is doctor's to report
+		}
+		// By its blocks: a part given up may have left a hole below its
+		// size, which a size check would never fill.
+		have, size = min(allocated(fi), fi.Size()), fi.Size()
+		if have >= want {
+			return nil
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state %s: the disk reserve: %w", s.path, err)
@@ -116,39 +120,23 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 	if err := unix.Statfs(s.root, &sfs); err == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 2*(want-have) {
 		return nil // no room: the next sweep that frees some tries again
 	}
-	if have > 0 {
-		// Grown in place: a process giving part of it up meanwhile
-		// only leaves it smaller, for the next one to grow.
-		f, err := os.OpenFile(p, os.O_WRONLY, 0)
-		if err != nil {
-			return reserveErr(s, err)
-		}
-		err = allocate(f, have, want-have)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		return reserveErr(s, err)
-	}
-	tmp := filepath.Join(s.root, fmt.Sprintf("%s%08x", reserveTemp, s.nonce32()))
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, s.opts.Perms.File)
+	// Made in place, never through a temporary file: processes that
+	// start together allocate one reserve between them, not one each,
+	// and one killed meanwhile leaves a smaller reserve, not litter.
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW, s.opts.Perms.File)
 	if err != nil {
 		return reserveErr(s, err)
 	}
-	err = f.Chmod(s.opts.Perms.File) // past the umask: a shared root's group must give it up too
+	if size == 0 {
+		err = f.Chmod(s.opts.Perms.File) // past the umask: a shared root's group must give it up too
+	}
 	if err == nil {
-		err = allocate(f, 0, want)
+		err = allocate(f, size, want)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-		return reserveErr(s, err)
-	}
-	return nil
+	return reserveErr(s, err)
 }
 
 // reserveErr is nil for nil and for a filesystem with no room (the
@@ -157,20 +145,25 @@ func reserveErr(s *Store, err error) error {
 	if err == nil || errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 		return nil
 	}
+	var sfs unix.Statfs_t
+	if errors.Is(err, syscall.EIO) && unix.Statfs(s.root, &sfs) == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 64<<10 {
+		return nil // sshfs's word for the server's ENOSPC
+	}
 	return fmt.Errorf("state %s: making the disk reserve: %w", s.path, err)
 }
 
-// allocate gives f the n bytes of disk from off: fallocate(2) where the
-// filesystem has it, else written zeros (sshfs, older NFS), which take the
-// same space on every filesystem that does not compress.
-func allocate(f *os.File, off, n int64) error {
-	err := fallocate(f, off, n)
+// allocate gives f the disk blocks of its first want bytes: fallocate(2)
+// of them all where the filesystem has it (which also fills holes), else
+// zeros written from size, the file's length (sshfs, older NFS), which
+// take the same space on every filesystem that does not compress.
+func allocate(f *os.File, size, want int64) error {
+	err := fallocateFunc(f, 0, want)
 	if err == nil || !(errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS)) {
 		return err
 	}
 	zeros := make([]byte, 1<<20)
-	for end := off + n; off < end; {
-		w, err := f.WriteAt(zeros[:min(end-off, int64(len(zeros)))], off)
+	for off := size; off < want; {
+		w, err := f.WriteAt(zeros[:min(want-off, int64(len(zeros)))], off)
 		if err != nil {
 			return err
 		}
@@ -178,6 +171,9 @@ func allocate(f *os.File, off, n int64) error {
 	}
 	return f.Sync() // some servers allocate only at the flush
 }
+
+// fallocateFunc is fallocate, or in tests one that is not supported.
+var fallocateFunc = fallocate
 
 // allocated returns the bytes the file takes on disk (its blocks), its
 // size where the system does not say.

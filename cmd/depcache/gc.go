@@ -1,10 +1,8 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"sort"
-	"syscall"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/dustin/go-humanize"
@@ -54,7 +52,7 @@ worker's loop applies.`,
 					// when it changes nothing: it takes the lock) must
 					// not stop the sweep that frees it; a policy to
 					// store first must.
-					if !errors.Is(err, syscall.ENOSPC) || cfg.SetPolicy {
+					if !m.DiskFull(err) || cfg.SetPolicy {
 						return err
 					}
 					g.log.WithError(err).Warn("the disk is full: sweeping without reconciling the root first")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -134,10 +135,10 @@ func TestSlowFilesystemStallPastLeaseIsFenced(t *testing.T) {
 	}
 	// Hang host a in the middle of its commit: keeping the previous version
 	// comes after the state is written to a temporary file and before the
-	// last check of the lock. Held between its link and its rename, a's
-	// temporary link is in place while b commits: b must neither take it
-	// nor move it away from under a.
-	hold := slowA.HoldNext(slowfs.Rename, state.StateFile+state.PrevSuffix)
+	// last check of the lock. Held at the link of its own temporary name
+	// for state.json.prev, a links once b has committed, finds its lock
+	// lost at the check that follows, and writes nothing.
+	hold := slowA.HoldNext(slowfs.Link, "."+state.StateFile+state.PrevSuffix+"*")
 	errA := make(chan error, 1)
 	go func() { errA <- a.Update(ctx, putKey("from-a")) }()
 	<-hold.Hit()
@@ -164,5 +165,17 @@ func TestSlowFilesystemStallPastLeaseIsFenced(t *testing.T) {
 	got := []bool{st.Get(key("seed")) != nil, st.Get(key("from-b")) != nil, st.Get(key("from-a")) != nil}
 	if fmt.Sprint(got) != "[true true false]" {
 		t.Errorf("seed, from-b, from-a present: %v; want the seed and b's entry, not a's", got)
+	}
+	// a wrote nothing: state.json.prev is b's previous version, and a's
+	// link is gone.
+	prev, err := state.DecodeFile(shared, state.StateFile+state.PrevSuffix)
+	if err != nil {
+		t.Fatalf("state.json.prev after the stall: %v", err)
+	}
+	if got := []bool{prev.Get(key("seed")) != nil, prev.Get(key("from-b")) != nil}; fmt.Sprint(got) != "[true false]" {
+		t.Errorf("seed, from-b in state.json.prev: %v; want b's previous version, the seed alone", got)
+	}
+	if links, _ := filepath.Glob(filepath.Join(shared, "."+state.StateFile+state.PrevSuffix+"*")); len(links) != 0 {
+		t.Errorf("host a left its link: %v", links)
 	}
 }

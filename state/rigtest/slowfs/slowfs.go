@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -114,8 +115,9 @@ func (f *FS) SetDelay(d, sync time.Duration) {
 	f.sync.Store(int64(sync))
 }
 
-// HoldNext holds the next op on an entry called name (a base name), from
-// whichever process, until Release.
+// HoldNext holds the next op on an entry called name (a base name; one
+// ending in "*" matches every name it begins), from whichever process,
+// until Release.
 func (f *FS) HoldNext(op Op, name string) *Hold {
 	h := &Hold{op: op, name: name, hit: make(chan struct{}), release: make(chan struct{})}
 	f.mu.Lock()
@@ -156,7 +158,7 @@ func (f *FS) pass(ctx context.Context, op Op, name string) {
 	f.count[op]++
 	var held *Hold
 	for _, h := range f.holds {
-		if !h.taken && h.op == op && h.name == name {
+		if !h.taken && h.op == op && (h.name == name || strings.HasSuffix(h.name, "*") && strings.HasPrefix(name, strings.TrimSuffix(h.name, "*"))) {
 			h.taken, held = true, h
 			break
 		}

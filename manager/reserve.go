@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"syscall"
 
 	"github.com/depcache/depcache/state"
 	"github.com/dustin/go-humanize"
@@ -17,31 +16,17 @@ import (
 var ErrDiskFull = errors.New("the cache root's filesystem is full")
 
 // DiskFull reports whether err is what a write to the root's full
-// filesystem returns: ENOSPC, EDQUOT (a quota, which the reserve counts
-// against too), or EIO while statfs shows no room left, which is how sshfs
-// passes on the server's ENOSPC.
-func (m *Manager) DiskFull(err error) bool {
-	switch {
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		return true
-	case errors.Is(err, syscall.EIO):
-		free, size := diskSpace(m.Root())
-		return size > 0 && free < fullBelow
-	}
-	return false
-}
-
-// fullBelow is the free space under which a filesystem that says EIO is
-// taken to be full: less than a commit of a few entries needs.
-const fullBelow = 64 << 10
+// filesystem returns (see state.DiskFull): ENOSPC, EDQUOT, or sshfs's EIO
+// with no room left.
+func (m *Manager) DiskFull(err error) bool { return state.DiskFull(m.Root(), err) }
 
 // freeing runs commit, the commit of a removal, a sweep or a release. On a
 // full disk, if frees says that the commit would free space or let it be
-// freed (it plans again, on a snapshot: the failed commit may have failed
-// before its callback ran; a plan's error is the answer), it gives up part of the store's disk
-// reserve (state.Reserver) and runs commit again, while the disk is full
-// and there is reserve left. Both may run the store callback again, as a
-// store may.
+// freed, it gives up part of the store's disk reserve (state.Reserver) and
+// runs commit again, while the disk is full and there is reserve left.
+// frees plans again, on a snapshot (the failed commit may have failed
+// before its callback ran), and its error is the answer the commit would
+// have given. Both may run the store callback again, as a store may.
 func (m *Manager) freeing(ctx context.Context, what string, commit func() error, frees func() (bool, error)) error {
 	err := commit()
 	if err == nil || !m.DiskFull(err) {

@@ -59,9 +59,10 @@ type Options struct {
 	// applied ("answered"), and of each other process's proposal that
 	// this store applied ("served").
 	OnCombine func(event string)
-	// Reserve is the size of the disk reserve (ReserveFile), which the
-	// commits that free space give up on a full disk: 0 is
-	// DefaultReserve, a negative size keeps none.
+	// Reserve is the size of the disk reserve (ReserveFile), given up in
+	// parts by the commits that free space, or let it be freed, on a
+	// full disk (Reserver): 0 is DefaultReserve; with a negative size,
+	// none is made or grown (one that is there is still given up).
 	Reserve int64
 }
 

@@ -14,10 +14,11 @@ import (
 )
 
 // ReserveFile is the file of the root that holds the disk reserve: space
-// taken while the filesystem has room, and given up when a commit that
-// would free space (an eviction, a removal) meets a full disk. Without it,
-// a disk filled to the last byte by anything could not be freed by
-// depcache: the lock and every commit write a file first.
+// taken while the filesystem has room, and given up in parts when a commit
+// that frees space or lets it be freed (an eviction, a removal, a release)
+// meets a full disk. Without it, a disk filled to the last byte by anything
+// could not be freed by depcache: the lock and every commit write a file
+// first.
 const ReserveFile = "state.reserve"
 
 // DefaultReserve is the size of the reserve when Options.Reserve is 0:
@@ -29,8 +30,8 @@ const DefaultReserve = 8 << 20
 // Reserver is the optional interface of a Backend whose commits take space
 // on the cache's own filesystem (the file store). Its callers are the
 // commits that free space or let it be freed (a removal, an evicting
-// sweep, a release): on an error wrapping syscall.ENOSPC, they give up
-// part of the reserve and try again, while there is some; once content is
+// sweep, a release): on an error that DiskFull reports, they give up part
+// of the reserve and try again, while there is some; once content is
 // deleted, they keep the reserve whole again.
 type Reserver interface {
 	// ReleaseReserve gives up part of the reserve, a quarter of it (all
@@ -142,20 +143,35 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 // reserveErr is nil for nil and for a filesystem with no room (the
 // reserve waits for the next sweep), else err named.
 func reserveErr(s *Store, err error) error {
-	if err == nil || errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+	if err == nil || DiskFull(s.root, err) {
 		return nil
-	}
-	var sfs unix.Statfs_t
-	if errors.Is(err, syscall.EIO) && unix.Statfs(s.root, &sfs) == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 64<<10 {
-		return nil // sshfs's word for the server's ENOSPC
 	}
 	return fmt.Errorf("state %s: making the disk reserve: %w", s.path, err)
 }
 
+// DiskFull reports whether err is what a write to dir's full filesystem
+// returns: ENOSPC, EDQUOT (a quota, which the reserve counts against too),
+// or EIO while statfs shows less than 64 KiB free, which is how sshfs
+// passes on the server's ENOSPC.
+func DiskFull(dir string, err error) bool {
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return true
+	case errors.Is(err, syscall.EIO):
+		var sfs unix.Statfs_t
+		return unix.Statfs(dir, &sfs) == nil && sfs.Blocks > 0 && int64(sfs.Bavail)*int64(sfs.Bsize) < fullBelow
+	}
+	return false
+}
+
+// fullBelow is the free space under which a filesystem that says EIO is
+// taken to be full: less than a commit of a few entries needs.
+const fullBelow = 64 << 10
+
 // allocate gives f the disk blocks of its first want bytes: fallocate(2)
 // of them all where the filesystem has it (which also fills holes), else
-// zeros written from size, the file's length (sshfs, older NFS), which
-// take the same space on every filesystem that does not compress.
+// zeros written from size, the file's length (sshfs, older NFS): they take
+// the same space on every filesystem that does not compress.
 func allocate(f *os.File, size, want int64) error {
 	err := fallocateFunc(f, 0, want)
 	if err == nil || !(errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS)) {

@@ -273,9 +273,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	if !dryRun {
 		update = func(ctx context.Context, fn func(*state.State) (bool, error)) error {
 			return m.freeing(ctx, "sweep", func() error { return m.store.Update(ctx, fn) }, func() (bool, error) {
-				// Would it evict anything? Else the reserve is kept
-				// for a commit that would.
-				// Cancelling an abandoned download frees its staging.
+				// Would it evict anything, or cancel an abandoned
+				// download (whose staging then goes)? Else the
+				// reserve is kept for a commit that would.
 				err := m.planOnly(ctx, fn)
 				return len(rep.Victims) > 0 || len(rep.Cancelled) > 0, err
 			})

@@ -137,13 +137,14 @@ func readDirNames(dir string) ([]string, error) {
 
 // removeDeadStaging removes staging directories whose writer, on this
 // machine, is gone: at start-up and after every sweep, so that a
-// long-running serve does not keep them until it restarts. A writer on another host may still be alive: its data
-// stays (doctor reports it) until a later generation of its entry is
-// READY or FAILED, which fences it. A dead writer's checkpointed data stays while
-// a later generation may resume from it: its entry is still DOWNLOADING
-// and no later generation of it holds a checkpoint (the owner that copies
-// it removes it then). Superseded and copied, or abandoned (the entry is
-// READY, FAILED or gone), it is removed.
+// long-running serve does not keep them until it restarts. A writer on
+// another host may still be alive: its data stays (doctor reports it)
+// until a later generation of its entry is READY or FAILED, which fences
+// it. A dead writer's checkpointed data stays while a later generation may
+// resume from it: its entry is still DOWNLOADING and no later generation
+// of it holds a checkpoint (the owner that copies it removes it then).
+// Superseded and copied, or abandoned (the entry is READY, FAILED or
+// gone), it is removed.
 func (m *Manager) removeDeadStaging(ctx context.Context) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)

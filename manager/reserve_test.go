@@ -3,6 +3,7 @@ package manager_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -287,6 +288,77 @@ func TestFullDiskOnSharedFS(t *testing.T) {
 	}
 	if exists(t, root, filepath.Join("entries", gen(k, 1))) {
 		t.Error("the entry's content is still there")
+	}
+	if got := log.find("gave up the disk reserve"); len(got) != 1 {
+		t.Errorf("%d warnings of the reserve given up, want 1", len(got))
+	}
+}
+
+// A download whose writer and dependent both died left staging data that
+// fills the disk: a sweep on the full disk cancels it (that frees its
+// staging, so the sweep may spend the reserve), and the staging goes.
+func TestFullDiskFreedByCancellingADeadDownload(t *testing.T) {
+	dir := rigtest.DiskFull(t)
+	root, err := os.MkdirTemp(dir, "reserve-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
+	t.Cleanup(func() {
+		os.Remove(filler)
+		os.RemoveAll(root)
+	})
+	const reserve = 256 << 10
+	machine := &fakeMachine{dead: map[int]bool{}}
+	log := &logRecorder{}
+	m, stop := startManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.DiskReserve = reserve
+		c.Log = log.logger()
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := state.Open(root, state.Options{Reserve: reserve, Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.KeepReserve(ctx); err != nil || reserveHeld(t, root) < reserve {
+		t.Fatalf("making the reserve: %v, %d bytes", err, reserveHeld(t, root))
+	}
+	k := mustKey(t, "https://example.invalid/dead.tar", "")
+	deadProc := fakeProcess("h", 10)
+	machine.kill(deadProc.PID)
+	dead := state.Owner{Process: deadProc, ManagerID: "dead"}
+	now := time.Now()
+	behind(t, root, func(st *state.State) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &dead, Generation: 1, Created: now, LastUsed: now,
+			Dependents: map[string]state.Dependent{"job": {Since: now, Process: &deadProc}}})
+	})
+	staging := filepath.Join(root, "staging", gen(k, 1))
+	if err := os.MkdirAll(staging, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := json.Marshal(map[string]any{"owner": dead, "generation": 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"owner.json": rec, "content": make([]byte, 1<<20)} {
+		if err := os.WriteFile(filepath.Join(staging, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fillUp(t, filler)
+	rep, err := m.Sweep(ctx, false)
+	if err != nil {
+		t.Fatalf("a sweep on a full disk that cancels a dead download: %v", err)
+	}
+	if len(rep.Cancelled) != 1 || rep.Cancelled[0].ID() != k.ID() {
+		t.Errorf("cancelled %v, want %s", rep.Cancelled, k.Source)
+	}
+	if _, err := os.Lstat(staging); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the dead download's staging after the sweep: %v, want it gone", err)
 	}
 	if got := log.find("gave up the disk reserve"); len(got) != 1 {
 		t.Errorf("%d warnings of the reserve given up, want 1", len(got))

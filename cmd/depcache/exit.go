@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -172,13 +173,23 @@ func existingRoot(g *globals) error {
 	fi, err := os.Stat(g.root)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("no cache at %s (nothing was created; depcache get creates it): %w", g.root, errNoCache)
+		return fmt.Errorf("no cache at %s (nothing was created; depcache get creates it): %w", g.rootPath(), errNoCache)
 	case err != nil:
 		return err
 	case !fi.IsDir():
 		return fmt.Errorf("--root %s: not a directory: %w", g.root, errBadFlag)
 	}
 	return nil
+}
+
+// rootPath is the root as an absolute path, for messages: a relative
+// --root means nothing once the message is read elsewhere (a log, a CI
+// page). The root as given when it has none.
+func (g *globals) rootPath() string {
+	if abs, err := filepath.Abs(g.root); err == nil {
+		return abs
+	}
+	return g.root
 }
 
 // rootNotFile refuses a root that exists and is not a directory, for the

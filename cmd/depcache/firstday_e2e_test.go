@@ -179,6 +179,19 @@ func TestNoCacheAtMissingRoot(t *testing.T) {
 	if code, out, _ := depcache(t, root, "dir"); code != 0 || strings.TrimSpace(out) != root {
 		t.Errorf("dir: exit %d, %q; want %s", code, out, root)
 	}
+	// A relative --root is named by its absolute path: the message may be
+	// read far from the directory it was relative to.
+	cwd := t.TempDir()
+	rel := exec.Command(bin, "--root", "never", "ls")
+	rel.Dir = cwd
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "DEPCACHE_") {
+			rel.Env = append(rel.Env, kv)
+		}
+	}
+	if out, err := rel.CombinedOutput(); err == nil || !strings.Contains(string(out), "no cache at "+filepath.Join(cwd, "never")+" ") {
+		t.Errorf("ls --root never (relative): %v, %q; want the absolute path named", err, out)
+	}
 	if _, err := os.Stat(root); !os.IsNotExist(err) {
 		t.Fatal("dir created the root")
 	}

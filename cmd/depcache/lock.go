@@ -62,16 +62,16 @@ func openNamedLock(g *globals, name string, lease time.Duration) (*state.Lock, s
 	if g.group {
 		perms = state.GroupPerms()
 	}
-	if err := state.CheckUnbound(g.root); err != nil {
+	if err := state.CheckUnbound(g.rootPath()); err != nil {
 		return nil, "", err // its hosts lock through the etcd store
 	}
-	if err := state.CheckLayout(g.root, []string{state.LocksDir}, nil); err != nil {
+	if err := state.CheckLayout(g.rootPath(), []string{state.LocksDir}, nil); err != nil {
 		return nil, "", err
 	}
-	if err := perms.MkdirAll(filepath.Join(g.root, state.LocksDir)); err != nil {
+	if err := perms.MkdirAll(filepath.Join(g.rootPath(), state.LocksDir)); err != nil {
 		return nil, "", fmt.Errorf("lock %q: %w", name, err)
 	}
-	lockPath, tokenPath, nameFile := state.NamedLockPaths(g.root, name)
+	lockPath, tokenPath, nameFile := state.NamedLockPaths(g.rootPath(), name)
 	if err := recordLockName(nameFile, name, perms); err != nil {
 		return nil, "", fmt.Errorf("lock %q: %w", name, err)
 	}
@@ -154,7 +154,7 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 	if err != nil {
 		return nil, err
 	}
-	lockPath, _, _ := state.NamedLockPaths(g.root, name)
+	lockPath, _, _ := state.NamedLockPaths(g.rootPath(), name)
 	return func(ctx context.Context) (lockHold, error) {
 		if pid, ok := enclosingHolder(lockPath); ok {
 			tellNested(ctx, g, name, pid)

@@ -95,10 +95,10 @@ func listLocks(g *globals) error {
 		}
 		return printLocks(g, out)
 	}
-	if err := state.CheckUnbound(g.root); err != nil {
+	if err := state.CheckUnbound(g.rootPath()); err != nil {
 		return err // its locks are on the etcd store
 	}
-	dir := filepath.Join(g.root, state.LocksDir)
+	dir := filepath.Join(g.rootPath(), state.LocksDir)
 	paths, err := filepath.Glob(filepath.Join(dir, "*.lock"))
 	if err != nil {
 		return err
@@ -166,10 +166,10 @@ func breakNamedLock(cmd *cobra.Command, g *globals, name string, lease time.Dura
 		return fmt.Errorf("the lock %q, held by pid %d on %s since %s (its clock), was not broken: on %s a holder's lock ends with its lease, which etcd ends by itself when the holder stops renewing it; a live holder keeps it: %w",
 			name, info.PID, info.Host, info.Acquired.Format(time.RFC3339), es, errLockHeld)
 	}
-	if err := state.CheckUnbound(g.root); err != nil {
+	if err := state.CheckUnbound(g.rootPath()); err != nil {
 		return err // its locks are on the etcd store
 	}
-	lockPath, _, _ := state.NamedLockPaths(g.root, name)
+	lockPath, _, _ := state.NamedLockPaths(g.rootPath(), name)
 	info, ok, err := state.ReadLockInfo(lockPath)
 	if err != nil {
 		return err

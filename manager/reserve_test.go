@@ -36,15 +36,7 @@ func onFullDisk(t *testing.T, reserve int64, keep bool) (m *manager.Manager, roo
 // the sshfs rig: a mount, and the server's own).
 func onFullDiskAt(t *testing.T, parent, fill string, reserve int64, keep bool) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
 	t.Helper()
-	root, err := os.MkdirTemp(parent, "reserve-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	filler := filepath.Join(fill, "filler-"+filepath.Base(root))
-	t.Cleanup(func() {
-		os.Remove(filler)
-		os.RemoveAll(root)
-	})
+	root, filler := fullRoot(t, parent, fill)
 	body = randomBytes(1 << 20)
 	srv := newServer(t, body)
 	log = &logRecorder{}
@@ -74,6 +66,25 @@ func onFullDiskAt(t *testing.T, parent, fill string, reserve int64, keep bool) (
 	fillUp(t, filler)
 	return m, root, k, body, log
 }
+
+// fullRoot makes a root in parent, named for the filler that fills its
+// filesystem (fillerOf), and removes both when t ends.
+func fullRoot(t *testing.T, parent, fill string) (root, filler string) {
+	t.Helper()
+	root, err := os.MkdirTemp(parent, "reserve-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler = fillerOf(fill, root)
+	t.Cleanup(func() {
+		os.Remove(filler)
+		os.RemoveAll(root)
+	})
+	return root, filler
+}
+
+// fillerOf is the filler of root, in the directory fill.
+func fillerOf(fill, root string) string { return filepath.Join(fill, "filler-"+filepath.Base(root)) }
 
 // fillUp appends to the file filler until the disk-full rig has no byte
 // left.
@@ -202,11 +213,7 @@ func TestFullDiskWithoutReserve(t *testing.T) {
 	if got, err := os.ReadFile(abs); err != nil || !bytes.Equal(got, body) {
 		t.Fatalf("the content after the failed removal: %d bytes, %v", len(got), err)
 	}
-	filler, err := filepath.Glob(filepath.Join(filepath.Dir(root), "filler-"+filepath.Base(root)))
-	if err != nil || len(filler) != 1 {
-		t.Fatalf("the filler: %v, %v", filler, err)
-	}
-	if err := os.Remove(filler[0]); err != nil {
+	if err := os.Remove(fillerOf(filepath.Dir(root), root)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
@@ -242,7 +249,7 @@ func TestFullDiskReleaseThenRemove(t *testing.T) {
 	}
 	// What the release's commit left of the part it gave up, taken too:
 	// the removal must give up a part of its own.
-	fillUp(t, filepath.Join(filepath.Dir(root), "filler-"+filepath.Base(root)))
+	fillUp(t, fillerOf(filepath.Dir(root), root))
 	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
 		t.Fatalf("rm on a full disk after the release: %v", err)
 	}
@@ -299,15 +306,7 @@ func TestFullDiskOnSharedFS(t *testing.T) {
 // staging, so the sweep may spend the reserve), and the staging goes.
 func TestFullDiskFreedByCancellingADeadDownload(t *testing.T) {
 	dir := rigtest.DiskFull(t)
-	root, err := os.MkdirTemp(dir, "reserve-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
-	t.Cleanup(func() {
-		os.Remove(filler)
-		os.RemoveAll(root)
-	})
+	root, filler := fullRoot(t, dir, dir)
 	const reserve = 256 << 10
 	machine := &fakeMachine{dead: map[int]bool{}}
 	log := &logRecorder{}

@@ -117,8 +117,7 @@ func (s *Store) KeepReserve(ctx context.Context) error {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("state %s: the disk reserve: %w", s.path, err)
 	}
-	var sfs unix.Statfs_t
-	if err := unix.Statfs(s.root, &sfs); err == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 2*(want-have) {
+	if free, ok := freeSpace(s.root); ok && free < 2*(want-have) {
 		return nil // no room: the next sweep that frees some tries again
 	}
 	// Made in place, never through a temporary file: processes that
@@ -158,10 +157,20 @@ func DiskFull(dir string, err error) bool {
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return true
 	case errors.Is(err, syscall.EIO):
-		var sfs unix.Statfs_t
-		return unix.Statfs(dir, &sfs) == nil && sfs.Blocks > 0 && int64(sfs.Bavail)*int64(sfs.Bsize) < fullBelow
+		free, ok := freeSpace(dir)
+		return ok && free < fullBelow
 	}
 	return false
+}
+
+// freeSpace returns the bytes an unprivileged writer may still use on
+// dir's filesystem, and false when statfs cannot tell.
+func freeSpace(dir string) (int64, bool) {
+	var sfs unix.Statfs_t
+	if unix.Statfs(dir, &sfs) != nil || sfs.Blocks == 0 {
+		return 0, false
+	}
+	return int64(sfs.Bavail) * int64(sfs.Bsize), true
 }
 
 // fullBelow is the free space under which a filesystem that says EIO is
@@ -217,10 +226,9 @@ func (s *Store) reserveCheck() Check {
 	if want == 0 {
 		return Check{Name: name, Status: "ok", Detail: "none (--disk-reserve 0): on a full disk, gc and rm cannot commit"}
 	}
-	var sfs unix.Statfs_t
-	if err := unix.Statfs(s.root, &sfs); err == nil && int64(sfs.Bavail)*int64(sfs.Bsize) < 2*want {
+	if free, ok := freeSpace(s.root); ok && free < 2*want {
 		return Check{Name: name, Status: "warn", Detail: fmt.Sprintf("none, and %s free is too little to make one of %s (it takes twice its size): on a full disk, gc and rm cannot commit; free space by other means",
-			humanize.IBytes(uint64(sfs.Bavail)*uint64(sfs.Bsize)), humanize.IBytes(uint64(want)))}
+			humanize.IBytes(uint64(free)), humanize.IBytes(uint64(want)))}
 	}
 	return Check{Name: name, Status: "ok", Detail: fmt.Sprintf("none yet: one of %s is made at the next get, or when gc or rm frees space", humanize.IBytes(uint64(want)))}
 }

@@ -120,7 +120,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		kept = append(kept, o)
 	}
 	m.moveToTrash(kept, "an orphaned")
-	m.removeDeadStaging(ctx)
+	m.removeDeadStaging(ctx, false)
 	m.emptyTrash()
 	return nil
 }
@@ -145,7 +145,12 @@ func readDirNames(dir string) ([]string, error) {
 // of it holds a checkpoint (the owner that copies it removes it then).
 // Superseded and copied, or abandoned (the entry is READY, FAILED or
 // gone), it is removed.
-func (m *Manager) removeDeadStaging(ctx context.Context) {
+//
+// A sweep (sweeping) keeps every checkpointed generation of a DOWNLOADING
+// entry: unlike start-up, it runs beside the loop, whose new owner may
+// already hold a checkpoint of its own while it has yet to copy the older
+// one's prefix. The owner that copies a prefix removes what it copied.
+func (m *Manager) removeDeadStaging(ctx context.Context, sweeping bool) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) == 0 {
@@ -155,8 +160,10 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	// The newest checkpointed generation of each DOWNLOADING entry.
+	// The checkpointed generations of each DOWNLOADING entry, and the
+	// newest of them.
 	resumable := map[string]uint64{}
+	checkpointed := map[string]bool{}
 	for _, d := range ents {
 		id, _, ok := strings.Cut(d.Name(), "-g")
 		e := st.Entries[id]
@@ -164,11 +171,12 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 			continue
 		}
 		g, ok := stagingGen(e.Key, d.Name())
-		if !ok || g < resumable[id] {
+		if !ok {
 			continue
 		}
 		if _, ok := readCheckpoint(filepath.Join(dir, d.Name()), e.Key); ok {
-			resumable[id] = g
+			checkpointed[d.Name()] = true
+			resumable[id] = max(resumable[id], g)
 		}
 	}
 	for _, d := range ents {
@@ -204,7 +212,7 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 			continue
 		}
 		if id, _, _ := strings.Cut(d.Name(), "-g"); st.Entries[id] != nil {
-			if g, ok := stagingGen(st.Entries[id].Key, d.Name()); ok && g > 0 && resumable[id] == g {
+			if g, ok := stagingGen(st.Entries[id].Key, d.Name()); ok && g > 0 && (resumable[id] == g || sweeping && checkpointed[d.Name()]) {
 				m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("keeping the checkpointed staging data of a dead writer for the next owner to resume from")
 				continue
 			}

@@ -605,3 +605,81 @@ func testOtherHostsSupersededStagingRemoved(t *testing.T, when string) {
 		}
 	}
 }
+
+// TestSweepKeepsEveryCheckpointOfADownload: a sweep runs beside the loop,
+// whose owner of a DOWNLOADING entry may hold a checkpoint of its own
+// before it has copied an older generation's prefix. So a sweep keeps the
+// checkpointed staging data of every generation of the entry while it
+// downloads, a dead writer's included (CI once fetched from 0 when it
+// kept only the newest), and removes a dead writer's that has no
+// checkpoint. Once the entry is READY, a sweep removes the dead writer's
+// checkpointed data too.
+func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
+	root := t.TempDir()
+	k := mustKey(t, "http://gate.test/checkpointed", "")
+	machine := &fakeMachine{dead: map[int]bool{}}
+	m := newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
+		c.Policy.DownloadTimeout = time.Hour // no takeover of the live owner
+	})
+	dead := state.Owner{Process: fakeProcess("h", 10), ManagerID: "dead"}
+	live := state.Owner{Process: fakeProcess("h", 12), ManagerID: "live"}
+	machine.kill(dead.PID)
+	raw := make([]byte, 64<<10+1) // past the bytes that tell the format (unpack.SniffHead)
+	stage := func(g uint64, o state.Owner, checkpointed bool) string {
+		dir := filepath.Join("staging", gen(k, g))
+		files := map[string][]byte{"content": raw}
+		var err error
+		if files["owner.json"], err = json.Marshal(map[string]any{"owner": o, "generation": g}); err != nil {
+			t.Fatal(err)
+		}
+		if checkpointed {
+			files["checkpoint.json"], err = json.Marshal(map[string]any{"version": 1, "source": k.Source, "raw": "content",
+				"offset": len(raw), "validator": map[string]any{"etag": `"v1"`}, "sha256_state": []byte("state")})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.MkdirAll(filepath.Join(root, dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for name, b := range files {
+			if err := os.WriteFile(filepath.Join(root, dir, name), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return dir
+	}
+	// The entry first: the loop's own sweeps remove the staging data of
+	// an entry the state does not have.
+	now := time.Now()
+	behind(t, root, func(st *state.State) {
+		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &live, Generation: 3, Created: now, LastUsed: now,
+			Dependents: map[string]state.Dependent{"job": {Since: now}}})
+	})
+	older := stage(1, dead, true)  // a dead writer's, checkpointed, not the newest
+	bare := stage(2, dead, false)  // a dead writer's, nothing to resume from
+	newest := stage(3, live, true) // the live owner's own checkpoint
+	ctx := context.Background()
+	if _, err := m.Sweep(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{older, newest} {
+		if !exists(t, root, dir) {
+			t.Errorf("a sweep removed %s, checkpointed staging data of a DOWNLOADING entry; left %v", dir, dirNames(t, root, "staging"))
+		}
+	}
+	if exists(t, root, bare) {
+		t.Errorf("a sweep left %s, a dead writer's staging data with no checkpoint", bare)
+	}
+
+	changeEntry(t, root, k, func(e *state.Entry) {
+		e.Stage, e.Owner, e.Path = state.Ready, nil, filepath.Join("entries", gen(k, 3))
+	})
+	if _, err := m.Sweep(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if exists(t, root, older) {
+		t.Errorf("a sweep left %s, a dead writer's staging data of an entry now READY", older)
+	}
+}

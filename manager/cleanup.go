@@ -401,7 +401,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		m.keepReserve(ctx)
 	}
 	m.tidy(ctx)
-	m.removeDeadStaging(ctx, true)
+	m.removeDeadStaging(ctx)
 	if len(images) > 0 {
 		m.removeImages(ctx, images)
 	}

@@ -606,12 +606,12 @@ func testOtherHostsSupersededStagingRemoved(t *testing.T, when string) {
 	}
 }
 
-// TestSweepKeepsEveryCheckpointOfADownload: a sweep runs beside the loop,
-// whose owner of a DOWNLOADING entry may hold a checkpoint of its own
-// before it has copied an older generation's prefix. So a sweep keeps the
+// TestSweepKeepsEveryCheckpointOfADownload: an owner of a DOWNLOADING
+// entry, in any process, may hold a checkpoint of its own before it has
+// copied an older generation's prefix. So a sweep, and start-up, keep the
 // checkpointed staging data of every generation of the entry while it
-// downloads, a dead writer's included (CI once fetched from 0 when it
-// kept only the newest), and removes a dead writer's that has no
+// downloads, a dead writer's included (CI once fetched from 0 when a
+// sweep kept only the newest), and remove a dead writer's that has no
 // checkpoint. Once the entry is READY, a sweep removes the dead writer's
 // checkpointed data too.
 func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
@@ -671,6 +671,14 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	}
 	if exists(t, root, bare) {
 		t.Errorf("a sweep left %s, a dead writer's staging data with no checkpoint", bare)
+	}
+	// Start-up reconciliation, in another process, keeps them too.
+	newManager(t, root, func(c *manager.Config) {
+		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 13)}
+		c.Policy.DownloadTimeout = time.Hour
+	})
+	if !exists(t, root, older) {
+		t.Errorf("start-up removed %s, checkpointed staging data of a DOWNLOADING entry", older)
 	}
 
 	changeEntry(t, root, k, func(e *state.Entry) {

@@ -120,7 +120,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		kept = append(kept, o)
 	}
 	m.moveToTrash(kept, "an orphaned")
-	m.removeDeadStaging(ctx, false)
+	m.removeDeadStaging(ctx)
 	m.emptyTrash()
 	return nil
 }
@@ -140,17 +140,13 @@ func readDirNames(dir string) ([]string, error) {
 // long-running serve does not keep them until it restarts. A writer on
 // another host may still be alive: its data stays (doctor reports it)
 // until a later generation of its entry is READY or FAILED, which fences
-// it. A dead writer's checkpointed data stays while a later generation may
-// resume from it: its entry is still DOWNLOADING and no later generation
-// of it holds a checkpoint (the owner that copies it removes it then).
-// Superseded and copied, or abandoned (the entry is READY, FAILED or
-// gone), it is removed.
-//
-// A sweep (sweeping) keeps every checkpointed generation of a DOWNLOADING
-// entry: unlike start-up, it runs beside the loop, whose new owner may
-// already hold a checkpoint of its own while it has yet to copy the older
-// one's prefix. The owner that copies a prefix removes what it copied.
-func (m *Manager) removeDeadStaging(ctx context.Context, sweeping bool) {
+// it. A dead writer's checkpointed data stays while its entry is
+// DOWNLOADING, whichever generation it is of: an owner, in this process
+// or another, may be about to copy its prefix, and may already hold a
+// checkpoint of its own when it does (CI once fetched from 0 when a sweep
+// kept only the newest). The owner that copies a prefix removes what it
+// copied. Abandoned (the entry is READY, FAILED or gone), it is removed.
+func (m *Manager) removeDeadStaging(ctx context.Context) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) == 0 {
@@ -160,9 +156,7 @@ func (m *Manager) removeDeadStaging(ctx context.Context, sweeping bool) {
 	if err != nil {
 		return
 	}
-	// The checkpointed generations of each DOWNLOADING entry, and the
-	// newest of them.
-	resumable := map[string]uint64{}
+	// The checkpointed staging data of each DOWNLOADING entry.
 	checkpointed := map[string]bool{}
 	for _, d := range ents {
 		id, _, ok := strings.Cut(d.Name(), "-g")
@@ -170,13 +164,11 @@ func (m *Manager) removeDeadStaging(ctx context.Context, sweeping bool) {
 		if !ok || e == nil || e.Stage != state.Downloading {
 			continue
 		}
-		g, ok := stagingGen(e.Key, d.Name())
-		if !ok {
+		if g, ok := stagingGen(e.Key, d.Name()); !ok || g == 0 {
 			continue
 		}
 		if _, ok := readCheckpoint(filepath.Join(dir, d.Name()), e.Key); ok {
 			checkpointed[d.Name()] = true
-			resumable[id] = max(resumable[id], g)
 		}
 	}
 	for _, d := range ents {
@@ -211,11 +203,9 @@ func (m *Manager) removeDeadStaging(ctx context.Context, sweeping bool) {
 		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
 			continue
 		}
-		if id, _, _ := strings.Cut(d.Name(), "-g"); st.Entries[id] != nil {
-			if g, ok := stagingGen(st.Entries[id].Key, d.Name()); ok && g > 0 && (resumable[id] == g || sweeping && checkpointed[d.Name()]) {
-				m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("keeping the checkpointed staging data of a dead writer for the next owner to resume from")
-				continue
-			}
+		if checkpointed[d.Name()] {
+			m.log.WithFields(logrus.Fields{"dir": d.Name(), "writer_pid": rec.Owner.PID}).Info("keeping the checkpointed staging data of a dead writer for the next owner to resume from")
+			continue
 		}
 		if cp := filepath.Join(p, checkpointName); exists(cp) {
 			if id, _, _ := strings.Cut(d.Name(), "-g"); st.Entries[id] != nil {

@@ -36,7 +36,7 @@ func onFullDisk(t *testing.T, reserve int64, keep bool) (m *manager.Manager, roo
 // the sshfs rig: a mount, and the server's own).
 func onFullDiskAt(t *testing.T, parent, fill string, reserve int64, keep bool) (m *manager.Manager, root string, k state.Key, body []byte, log *logRecorder) {
 	t.Helper()
-	root, filler := fullRoot(t, parent, fill)
+	root, filler := rigtest.FullRoot(t, parent, fill)
 	body = randomBytes(1 << 20)
 	srv := newServer(t, body)
 	log = &logRecorder{}
@@ -63,45 +63,8 @@ func onFullDiskAt(t *testing.T, parent, fill string, reserve int64, keep bool) (
 	case reserve < 0 && held != 0:
 		t.Fatalf("a reserve of %d bytes with none asked for", held)
 	}
-	fillUp(t, filler)
+	rigtest.FillUp(t, filler)
 	return m, root, k, body, log
-}
-
-// fullRoot makes a root in parent, named for the filler that fills its
-// filesystem (fillerOf), and removes both when t ends.
-func fullRoot(t *testing.T, parent, fill string) (root, filler string) {
-	t.Helper()
-	root, err := os.MkdirTemp(parent, "reserve-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	filler = fillerOf(fill, root)
-	t.Cleanup(func() {
-		os.Remove(filler)
-		os.RemoveAll(root)
-	})
-	return root, filler
-}
-
-// fillerOf is the filler of root, in the directory fill.
-func fillerOf(fill, root string) string { return filepath.Join(fill, "filler-"+filepath.Base(root)) }
-
-// fillUp appends to the file filler until the disk-full rig has no byte
-// left.
-func fillUp(t *testing.T, filler string) {
-	t.Helper()
-	f, err := os.OpenFile(filler, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = f.Write(make([]byte, freeBytes(t, filepath.Dir(filler))+1<<20))
-	f.Close()
-	if !errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("filling the disk: %v, want ENOSPC", err)
-	}
-	if free := freeBytes(t, filepath.Dir(filler)); free != 0 {
-		t.Fatalf("%d bytes free after the filler", free)
-	}
 }
 
 // reserveHeld returns the bytes the disk reserve of root takes, 0 if there
@@ -116,15 +79,6 @@ func reserveHeld(t *testing.T, root string) int64 {
 		t.Fatal(err)
 	}
 	return fi.Sys().(*syscall.Stat_t).Blocks * 512
-}
-
-func freeBytes(t *testing.T, dir string) int64 {
-	t.Helper()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	return int64(st.Bavail) * st.Bsize
 }
 
 // On a disk filled to its last byte by something else, a removal and a
@@ -213,7 +167,7 @@ func TestFullDiskWithoutReserve(t *testing.T) {
 	if got, err := os.ReadFile(abs); err != nil || !bytes.Equal(got, body) {
 		t.Fatalf("the content after the failed removal: %d bytes, %v", len(got), err)
 	}
-	if err := os.Remove(fillerOf(filepath.Dir(root), root)); err != nil {
+	if err := os.Remove(rigtest.Filler(root, filepath.Dir(root))); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
@@ -249,7 +203,7 @@ func TestFullDiskReleaseThenRemove(t *testing.T) {
 	}
 	// What the release's commit left of the part it gave up, taken too:
 	// the removal must give up a part of its own.
-	fillUp(t, fillerOf(filepath.Dir(root), root))
+	rigtest.FillUp(t, rigtest.Filler(root, filepath.Dir(root)))
 	if _, err := m.Remove(ctx, []state.Key{k}, false); err != nil {
 		t.Fatalf("rm on a full disk after the release: %v", err)
 	}
@@ -306,7 +260,7 @@ func TestFullDiskOnSharedFS(t *testing.T) {
 // staging, so the sweep may spend the reserve), and the staging goes.
 func TestFullDiskFreedByCancellingADeadDownload(t *testing.T) {
 	dir := rigtest.DiskFull(t)
-	root, filler := fullRoot(t, dir, dir)
+	root, filler := rigtest.FullRoot(t, dir, dir)
 	const reserve = 256 << 10
 	machine := &fakeMachine{dead: map[int]bool{}}
 	log := &logRecorder{}
@@ -348,7 +302,7 @@ func TestFullDiskFreedByCancellingADeadDownload(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	fillUp(t, filler)
+	rigtest.FillUp(t, filler)
 	rep, err := m.Sweep(ctx, false)
 	if err != nil {
 		t.Fatalf("a sweep on a full disk that cancels a dead download: %v", err)

@@ -484,10 +484,10 @@ func TestCrashTrialsDiskFull(t *testing.T) {
 				t.Fatalf("removing the filler: %v", err)
 			}
 			keep := int64(rng.IntN(maxKeep))
-			if free := freeBytes(t, dir); free > keep {
+			if free := rigtest.FreeBytes(t, dir); free > keep {
 				fill(t, filler, free-keep)
 			}
-			if free := freeBytes(t, dir); free > keep+slack || free >= 2<<20 {
+			if free := rigtest.FreeBytes(t, dir); free > keep+slack || free >= 2<<20 {
 				t.Fatalf("the disk is not full before the trial: %d bytes free after the filler, want at most %d (+%d slack) and below the 2 MiB of the slow download", free, keep, slack)
 			}
 		},
@@ -499,17 +499,6 @@ func TestCrashTrialsDiskFull(t *testing.T) {
 				t.Fatalf("removing the filler: %v", err)
 			}
 		})
-}
-
-// freeBytes returns the bytes an unprivileged writer may still use on the
-// filesystem of dir.
-func freeBytes(t *testing.T, dir string) int64 {
-	t.Helper()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatalf("statfs %s: %v", dir, err)
-	}
-	return int64(st.Bavail) * st.Bsize
 }
 
 // fill writes n bytes into a new file at path. A write that finds the

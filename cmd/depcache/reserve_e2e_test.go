@@ -21,15 +21,7 @@ func TestCLIRmOnAFullDisk(t *testing.T) {
 
 func testCLIFreeOnAFullDisk(t *testing.T, free []string) {
 	dir := rigtest.DiskFull(t)
-	root, err := os.MkdirTemp(dir, "cli-reserve-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	filler := filepath.Join(dir, "filler-"+filepath.Base(root))
-	t.Cleanup(func() {
-		os.Remove(filler)
-		os.RemoveAll(root)
-	})
+	root, filler := rigtest.FullRoot(t, dir, dir)
 	src := filepath.Join(t.TempDir(), "one-mib")
 	if err := os.WriteFile(src, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
@@ -41,10 +33,7 @@ func testCLIFreeOnAFullDisk(t *testing.T, free []string) {
 	if _, err := os.Stat(filepath.Join(root, state.ReserveFile)); err != nil {
 		t.Fatalf("no disk reserve after the first get: %v", err)
 	}
-	fill(t, filler, freeBytes(t, dir)+1<<20)
-	if free := freeBytes(t, dir); free != 0 {
-		t.Fatalf("%d bytes free after the filler", free)
-	}
+	rigtest.FillUp(t, filler)
 	args := append([]string{}, free...)
 	if args[len(args)-1] == "" {
 		args[len(args)-1] = "file://" + src

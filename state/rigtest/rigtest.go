@@ -5,6 +5,7 @@
 package rigtest
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,6 +71,56 @@ func DiskFull(t testing.TB) string {
 	}
 	t.Cleanup(func() { f.Close() }) // closing drops the flock
 	return dir
+}
+
+// FullRoot makes a cache root in parent and names its filler, a file in
+// fill that FillUp writes; both are removed when t ends. parent and fill
+// are on the filesystem to fill, through two paths on the sshfs rig (a
+// mount, and the server's own directory).
+func FullRoot(t testing.TB, parent, fill string) (root, filler string) {
+	t.Helper()
+	root, err := os.MkdirTemp(parent, "full-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler = Filler(root, fill)
+	t.Cleanup(func() {
+		os.Remove(filler)
+		os.RemoveAll(root)
+	})
+	return root, filler
+}
+
+// Filler is the name of the filler of root in the directory fill.
+func Filler(root, fill string) string { return filepath.Join(fill, "filler-"+filepath.Base(root)) }
+
+// FillUp appends to filler until its filesystem has no byte left, and
+// fails t unless the write met ENOSPC and nothing is free after it.
+func FillUp(t testing.TB, filler string) {
+	t.Helper()
+	f, err := os.OpenFile(filler, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.Write(make([]byte, FreeBytes(t, filepath.Dir(filler))+1<<20))
+	f.Close()
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("filling the disk: %v, want ENOSPC", err)
+	}
+	if free := FreeBytes(t, filepath.Dir(filler)); free != 0 {
+		t.Fatalf("%d bytes free after the filler", free)
+	}
+}
+
+// FreeBytes returns the bytes of dir's filesystem that an unprivileged
+// writer may still take.
+func FreeBytes(t testing.TB, dir string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatalf("statfs %s: %v", dir, err)
+	}
+	return int64(st.Bavail) * st.Bsize
 }
 
 // Dir returns the rigs directory: $DEPCACHE_RIGS, else ../shared/rigs next to

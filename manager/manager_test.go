@@ -640,6 +640,16 @@ func TestGroupShared(t *testing.T) {
 			t.Errorf("%s: mode %v, want %v", path, fi.Mode(), want)
 		}
 	}
+	// Every shard file and pack, not only the first the store wrote.
+	shards, err := filepath.Glob(filepath.Join(root, state.ShardDir, "*"))
+	if err != nil || len(shards) < 2 {
+		t.Fatalf("shard files: %v, %v; want at least 2", shards, err)
+	}
+	for _, p := range shards {
+		if fi, err := os.Stat(p); err != nil || fi.Mode() != 0o660 {
+			t.Errorf("%s: %v, %v; want mode %v", p, fi.Mode(), err, os.FileMode(0o660))
+		}
+	}
 }
 
 // TestInterruptedSweepRolledBack: a sweep killed after moving an entry's

@@ -446,7 +446,7 @@ func (s *Store) createShard(p string, serial uint64, data []byte) (*os.File, str
 		if err != nil {
 			return nil, "", fmt.Errorf("state %s: creating shard %s: %w", s.path, path, err)
 		}
-		err = f.Chmod(s.opts.Perms.File)
+		err = s.shardModes.give(f, s.opts.Perms.File)
 		if err == nil {
 			_, err = f.Write(data)
 		}

@@ -264,10 +264,11 @@ func writePastLimit() int {
 func TestCommitKeepPrevError(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		link bool // squat the temporary names, else state.json.prev
+		link bool  // squat the temporary names, else state.json.prev
+		want error // what the failure wraps
 	}{
-		{"link", true},
-		{"rename", false}, // os.Rename refuses a directory as the new name
+		{"link", true, fs.ErrExist},
+		{"rename", false, syscall.EISDIR}, // rename(2) of a file over a directory
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newCommitted(t)
@@ -295,7 +296,7 @@ func TestCommitKeepPrevError(t *testing.T) {
 			if tc.link && len(squats) != 2 {
 				t.Errorf("%d temporary names tried, want 2: %q", len(squats), squats)
 			}
-			c.checkFailed(t, err, "keeping the previous version", fs.ErrExist, func() {
+			c.checkFailed(t, err, "keeping the previous version", tc.want, func() {
 				state.SetPrevTempHook(t, nil)
 				for _, p := range squats {
 					if err := os.RemoveAll(p); err != nil {
@@ -381,59 +382,90 @@ func TestCommitKeepPrevOverItself(t *testing.T) {
 	}
 }
 
-// A holder that stalls between linking the state file for state.json.prev
-// and renaming that link, past its lease, while the holder that breaks its
-// lock commits twice: it must find its lock lost there, before the rename,
-// and leave state.json.prev as the new holder's previous version (one that
-// parses, with its shards), not roll it back to the manifest it linked.
-func TestCommitKeepPrevStalledPastLease(t *testing.T) {
-	dir := t.TempDir()
-	const lease = 300 * time.Millisecond
-	host := func(name string) *state.Store {
-		// No combining: b, in a's process, would hand its commit to a,
-		// the holder, which is stalled in it.
-		procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
-		s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	a, b := host("a"), host("b")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := a.Update(ctx, put(0, 1)); err != nil {
-		t.Fatal(err)
-	}
-	var fired atomic.Bool
-	var errB error
-	state.SetPrevLinkedHook(t, func() {
-		if fired.Swap(true) {
-			return // b's own commits, below
-		}
-		// a is in its commit, linked; b waits out a's lease, breaks its
-		// lock and commits twice.
-		if errB = b.Update(ctx, put(1, 1)); errB == nil {
-			errB = b.Update(ctx, put(2, 1))
-		}
-	})
-	err := a.Update(ctx, put(3, 1))
-	if errB != nil {
-		t.Fatalf("host b: %v", errB)
-	}
-	if !errors.Is(err, state.ErrLockLost) {
-		t.Fatalf("host a after its stall: %v, want ErrLockLost", err)
-	}
-	prev, err := state.DecodeFile(dir, state.StateFile+state.PrevSuffix)
-	if err != nil {
-		t.Fatalf("state.json.prev after the stalled holder: %v", err)
-	}
-	got := []bool{prev.Get(bundleKey(0)) != nil, prev.Get(bundleKey(1)) != nil, prev.Get(bundleKey(2)) != nil, prev.Get(bundleKey(3)) != nil}
-	if fmt.Sprint(got) != "[true true false false]" {
-		t.Errorf("entries 0-3 in state.json.prev: %v; want b's previous version (0 and 1)", got)
-	}
-	links, _ := filepath.Glob(filepath.Join(dir, "."+state.StateFile+state.PrevSuffix+"*"))
-	if len(links) != 0 {
-		t.Errorf("the stalled holder left its link: %v", links)
+// A holder that stalls past its lease at a step of its commit before the
+// last lock check, while the holder that breaks its lock commits twice,
+// must find its lock lost before it replaces the state: after flushing
+// its manifest (a flush on a slow file server can take longer than the
+// lease), after linking the state file for state.json.prev, or after
+// renaming that link. It must leave state.json.prev as the new holder's
+// previous version (one that parses, with its shards), not roll it back to
+// the manifest it linked.
+func TestCommitStalledPastLease(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		at   state.CommitStep
+	}{
+		{"flushed", state.StepFlushed},
+		{"prev-linked", state.StepPrevLinked},
+		{"prev-renamed", state.StepPrevRenamed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			const lease = 300 * time.Millisecond
+			host := func(name string) *state.Store {
+				// No combining: b, in a's process, would hand its commit
+				// to a, the holder, which is stalled in it.
+				procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
+				s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return s
+			}
+			a, b := host("a"), host("b")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := a.Update(ctx, put(0, 1)); err != nil {
+				t.Fatal(err)
+			}
+			var fired atomic.Bool
+			var errB error
+			state.SetCommitStepHook(t, func(step state.CommitStep) {
+				if step != tc.at || fired.Swap(true) {
+					return // other steps, and b's own commits below
+				}
+				// a is in its commit; b waits out a's lease, breaks its
+				// lock and commits twice.
+				if errB = b.Update(ctx, put(1, 1)); errB == nil {
+					errB = b.Update(ctx, put(2, 1))
+				}
+			})
+			err := a.Update(ctx, put(3, 1))
+			if !fired.Load() {
+				t.Fatal("the commit never reached the step")
+			}
+			if errB != nil {
+				t.Fatalf("host b: %v", errB)
+			}
+			if !errors.Is(err, state.ErrLockLost) {
+				t.Fatalf("host a after its stall: %v, want ErrLockLost", err)
+			}
+			has := func(st *state.State) string {
+				return fmt.Sprint([]bool{st.Get(bundleKey(0)) != nil, st.Get(bundleKey(1)) != nil, st.Get(bundleKey(2)) != nil, st.Get(bundleKey(3)) != nil})
+			}
+			cur, err := state.DecodeFile(dir, state.StateFile)
+			if err != nil {
+				t.Fatalf("state.json after the stalled holder: %v", err)
+			}
+			if got := has(cur); got != "[true true true false]" {
+				t.Errorf("entries 0-3 in state.json: %s; want b's last commit (0, 1 and 2)", got)
+			}
+			prev, err := state.DecodeFile(dir, state.StateFile+state.PrevSuffix)
+			if err != nil {
+				t.Fatalf("state.json.prev after the stalled holder: %v", err)
+			}
+			if got := has(prev); got != "[true true false false]" {
+				t.Errorf("entries 0-3 in state.json.prev: %s; want b's previous version (0 and 1)", got)
+			}
+			// The stalled holder leaves none of its temporary files. Once
+			// its link was renamed to state.json.prev, b's first commit
+			// renames its own link over another to the same file, which
+			// does nothing and leaves litter for a later holder.
+			links, _ := filepath.Glob(filepath.Join(dir, "."+state.StateFile+state.PrevSuffix+"*"))
+			temps, _ := filepath.Glob(filepath.Join(dir, "."+state.StateFile+"[0-9]*"))
+			if want := map[bool]int{true: 1}[tc.at == state.StepPrevRenamed]; len(links) != want || len(temps) != 0 {
+				t.Errorf("temporary files left: %v %v; want %d links and no manifest", links, temps, want)
+			}
+		})
 	}
 }

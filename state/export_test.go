@@ -91,11 +91,20 @@ func SetPrevTempHook(t testing.TB, hook func(name string)) {
 	t.Cleanup(func() { prevTempHook = nil })
 }
 
-// SetPrevLinkedHook makes every commit call hook once it linked the state
-// file to its temporary name for state.json.prev, before it checks the
-// lock and renames that link, until t ends.
-func SetPrevLinkedHook(t testing.TB, hook func()) {
+// CommitStep is a point in a commit before its last lock check.
+type CommitStep = commitStep
+
+// The steps of a commit that SetCommitStepHook's hook sees.
+const (
+	StepFlushed     = stepFlushed
+	StepPrevLinked  = stepPrevLinked
+	StepPrevRenamed = stepPrevRenamed
+)
+
+// SetCommitStepHook makes every commit call hook at each step before its
+// last lock check, until t ends.
+func SetCommitStepHook(t testing.TB, hook func(CommitStep)) {
 	t.Helper()
-	prevLinkedHook = hook
-	t.Cleanup(func() { prevLinkedHook = nil })
+	commitStepHook = hook
+	t.Cleanup(func() { commitStepHook = nil })
 }

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/google/renameio/v2"
@@ -87,6 +88,8 @@ type Store struct {
 	shardDirOnce    sync.Once
 	shardDirCovered bool        // see shardEntriesDurable
 	shardDirMade    atomic.Bool // state.d was made or seen by this store
+	modes           modeCheck   // of the manifests it writes in the root
+	shardModes      modeCheck   // of the shard files it writes in state.d (its default ACL may differ)
 
 	batch batcher
 	comb  combiner
@@ -723,15 +726,19 @@ func (s *Store) keepCopy(b []byte, suffix string) (string, error) {
 
 // commit replaces the state file with data. The previous version is linked
 // to state.json.prev first, so no moment exists without a state file.
-func (s *Store) commit(data []byte, hadOld bool) error {
-	pf, err := renameio.NewPendingFile(s.path, renameio.WithTempDir(s.root), renameio.WithStaticPermissions(s.opts.Perms.File))
+func (s *Store) commit(data []byte, hadOld bool) (err error) {
+	tmp, err := s.writeTemp(data)
 	if err != nil {
-		return fmt.Errorf("state %s: %w", s.path, err)
-	}
-	defer pf.Cleanup()
-	if _, err := pf.Write(data); err != nil {
 		return fmt.Errorf("state %s: writing: %w", s.path, err)
 	}
+	if commitStepHook != nil {
+		commitStepHook(stepFlushed)
+	}
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}()
 	if hadOld {
 		if err := s.keepPrev(); err != nil {
 			// A holder judged stale may find its link collected as litter
@@ -745,18 +752,63 @@ func (s *Store) commit(data []byte, hadOld bool) error {
 			return err
 		}
 	}
-	// Last look before the commit point: a holder judged stale by another
-	// host must not overwrite what the new holder wrote.
+	// The last look before the commit point, so that a holder judged
+	// stale by another host does not overwrite what the new holder wrote.
+	// Only the rename follows it: the manifest was flushed before, and a
+	// stall in that flush or in keepPrev's rename is caught here.
 	if err := s.lock.Check(); err != nil {
 		return err
 	}
-	if err := pf.CloseAtomicallyReplace(); err != nil {
+	if err := rename(tmp, s.path); err != nil {
 		return fmt.Errorf("state %s: replacing: %w", s.path, err)
 	}
 	// The commit point has passed: a failed directory fsync is logged, not
 	// returned, or the caller would undo work the new state records.
 	if err := SyncDir(s.root); err != nil {
 		s.lock.opts.Log.WithError(err).WithField("state", s.path).Warn("fsync of the root after a commit")
+	}
+	return nil
+}
+
+// writeTemp writes data, flushed, to a new temporary file next to the
+// state file (named as renameio names its own, which collectLitter knows)
+// and returns its name.
+func (s *Store) writeTemp(data []byte) (string, error) {
+	for range 4 {
+		tmp := filepath.Join(s.root, "."+StateFile+strconv.FormatUint(uint64(s.nonce32())<<32|uint64(s.nonce32()), 10))
+		f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, s.opts.Perms.File)
+		if errors.Is(err, fs.ErrExist) {
+			continue // litter of a killed commit under the same number
+		}
+		if err != nil {
+			return "", err
+		}
+		err = s.modes.give(f, s.opts.Perms.File)
+		if err == nil {
+			_, err = f.Write(data)
+		}
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(tmp)
+			return "", err
+		}
+		return tmp, nil
+	}
+	return "", fmt.Errorf("no free temporary name in %s after 4 tries", s.root)
+}
+
+// rename is rename(2) of a file over a file. os.Rename looks at newpath
+// first, to refuse a directory there, and on sshfs that look is one more
+// round trip to the file server; rename(2) refuses a file over a
+// directory by itself (EISDIR).
+func rename(oldpath, newpath string) error {
+	if err := syscall.Rename(oldpath, newpath); err != nil {
+		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
 	}
 	return nil
 }
@@ -779,8 +831,8 @@ func (s *Store) keepPrev() error {
 			}
 			break
 		}
-		if prevLinkedHook != nil {
-			prevLinkedHook()
+		if commitStepHook != nil {
+			commitStepHook(stepPrevLinked)
 		}
 		// A holder judged stale while it stalled here must not roll
 		// state.json.prev back to a manifest whose shards the holder
@@ -794,8 +846,10 @@ func (s *Store) keepPrev() error {
 		// links to one file does nothing and leaves tmp: litter that a
 		// later holder deletes, rather than one more round trip to the
 		// file server at every commit.
-		if err = os.Rename(tmp, s.path+PrevSuffix); err != nil {
+		if err = rename(tmp, s.path+PrevSuffix); err != nil {
 			_ = os.Remove(tmp)
+		} else if commitStepHook != nil {
+			commitStepHook(stepPrevRenamed)
 		}
 		break
 	}
@@ -806,10 +860,24 @@ func (s *Store) keepPrev() error {
 }
 
 // prevTempHook, nil outside tests, runs with the temporary name of the link
-// to the previous version just before it is made; prevLinkedHook just after.
+// to the previous version just before it is made; commitStepHook at each
+// step of a commit before its last lock check.
 var (
 	prevTempHook   func(name string)
-	prevLinkedHook func()
+	commitStepHook func(commitStep)
+)
+
+// A commitStep is a point in a commit before its last lock check, where a
+// holder that stalls past its lease must still be fenced.
+type commitStep int
+
+const (
+	// stepFlushed follows the flush of the new manifest's temporary file.
+	stepFlushed commitStep = iota
+	// stepPrevLinked follows the link of the state file for state.json.prev.
+	stepPrevLinked
+	// stepPrevRenamed follows the rename of that link to state.json.prev.
+	stepPrevRenamed
 )
 
 // SyncDir makes a rename in dir durable (fsync of the directory).

@@ -97,6 +97,7 @@ type Lock struct {
 	// released when it ended (wall time, for pacing only); guarded by mu.
 	passed   bool
 	released time.Time
+	modes    modeCheck // of the files it creates
 }
 
 // maxBreakDepth bounds the recursion when breakers themselves die while
@@ -223,7 +224,7 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 		return nil, err
 	}
 	tmp := l.path + ".tmp-" + nonce
-	if err := writeExcl(tmp, rec, l.opts.Perm); err != nil {
+	if err := writeExcl(tmp, rec, l.opts.Perm, &l.modes); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", l.path, err)
 	}
 	defer os.Remove(tmp)
@@ -741,12 +742,14 @@ func isHex(s string) bool {
 	return err == nil
 }
 
-func writeExcl(name string, data []byte, perm fs.FileMode) error {
+// writeExcl creates the file name holding data, with the mode perm past
+// the umask (a shared root's group must read it), as modes says.
+func writeExcl(name string, data []byte, perm fs.FileMode, modes *modeCheck) error {
 	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 	if err != nil {
 		return err
 	}
-	if err := f.Chmod(perm); err != nil { // past the umask: a shared root's group must read it
+	if err := modes.give(f, perm); err != nil {
 		f.Close()
 		os.Remove(name)
 		return err

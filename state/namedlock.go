@@ -108,7 +108,7 @@ func (s *Lease) guard(f func() error) error {
 		return err
 	}
 	tmp := s.l.path + ".tmp-" + nonce
-	if err := writeExcl(tmp, rec, s.l.opts.Perm); err != nil {
+	if err := writeExcl(tmp, rec, s.l.opts.Perm, &s.l.modes); err != nil {
 		return fmt.Errorf("lock %s: %w", s.l.path, err)
 	}
 	defer os.Remove(tmp)
@@ -383,7 +383,7 @@ func (l *Lock) BreakStale(ctx context.Context) (broken bool, why string, err err
 			}
 			rec, _ := json.Marshal(holder{Process: self, Nonce: nonce, Acquired: time.Now()})
 			tmp := l.path + ".tmp-" + nonce
-			if err := writeExcl(tmp, rec, l.opts.Perm); err != nil {
+			if err := writeExcl(tmp, rec, l.opts.Perm, &l.modes); err != nil {
 				return false, "", err
 			}
 			w.tmp, w.nonce = tmp, nonce

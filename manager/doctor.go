@@ -717,6 +717,6 @@ func (m *Manager) namedLockChecks(add func(name, status, format string, args ...
 		add("named locks", "ok", "%d held, none by a dead process of this machine", len(locks))
 	}
 	if n := len(litter); n > 0 {
-		add("named lock litter", "warn", "%d files of interrupted lock attempts in %s (the break links of dead breakers are broken by the next waiter; a sweep, such as depcache gc, removes the temporary files of dead processes of this host)", n, dir)
+		add("named lock litter", "warn", "%d files of interrupted lock attempts in %s (the break links of dead breakers are broken by the next waiter; a sweep, such as depcache gc, removes the temporary files of dead processes of this host, and empty ones an hour older than the last commit)", n, dir)
 	}
 }

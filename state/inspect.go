@@ -61,7 +61,7 @@ func (s *Store) Checks(ctx context.Context) []Check {
 	leftovers, _ := filepath.Glob(s.lock.path + ".*")
 	leftovers = slices.DeleteFunc(leftovers, func(f string) bool { return f == s.lock.path+turnSuffix })
 	if len(leftovers) > 0 {
-		add("lock litter", "warn", "%d files of interrupted lock attempts: %s (a sweep, such as depcache gc, removes those of dead processes of this host)", len(leftovers), strings.Join(leftovers, ", "))
+		add("lock litter", "warn", "%d files of interrupted lock attempts: %s (a sweep, such as depcache gc, removes those of dead processes of this host, and empty ones an hour older than the last commit)", len(leftovers), strings.Join(leftovers, ", "))
 	}
 	if b, err := os.ReadFile(s.lock.path + turnSuffix); err == nil {
 		// A long waiter's claim on the next turn: normal while someone

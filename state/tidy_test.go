@@ -33,10 +33,12 @@ func attempt(t *testing.T, path string, p state.Process, nonce string) {
 }
 
 // TestTidy: Tidy removes the lock attempts (state lock and named locks) of
-// dead processes of this machine; it keeps a live waiter's, another
-// host's, unparseable ones however old (a cut read of a live one looks
-// the same), one whose record names another nonce, and anything that is
-// not a regular file.
+// dead processes of this machine, and empty ones (of a process killed
+// between creating its file and writing its record) older than an hour
+// before the last commit; it keeps a live waiter's, another host's,
+// unparseable ones however old (a cut read of a live one looks the same),
+// an empty one made since, one whose record names another nonce, and
+// anything that is not a regular file.
 func TestTidy(t *testing.T) {
 	dir := t.TempDir()
 	self := state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: 1, StartTime: 1}
@@ -63,9 +65,18 @@ func TestTidy(t *testing.T) {
 	attempt(t, lock+".tmp-dd", dead, "zz")
 	attempt(t, named+".tmp-ee", dead, "ee")
 	attempt(t, named+".tmp-ff", alive, "ff")
-	for name, age := range map[string]time.Duration{"gg": 0, "hh": 2 * time.Hour} {
+	for name, c := range map[string]struct {
+		age  time.Duration
+		data string
+	}{
+		"gg": {0, `{"host":"h","pi`},
+		"hh": {2 * time.Hour, `{"host":"h","pi`},
+		"jj": {2 * time.Hour, ""},
+		"kk": {50 * time.Minute, ""},
+	} {
 		f := lock + ".tmp-" + name
-		if err := os.WriteFile(f, []byte(`{"host":"h","pi`), 0o644); err != nil {
+		age := c.age
+		if err := os.WriteFile(f, []byte(c.data), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		at := time.Now().Add(-age)
@@ -81,8 +92,8 @@ func TestTidy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 2 {
-		t.Errorf("Tidy removed %d files, want 2", n)
+	if n != 3 {
+		t.Errorf("Tidy removed %d files, want 3", n)
 	}
 	left := func() []string {
 		t.Helper()
@@ -95,7 +106,7 @@ func TestTidy(t *testing.T) {
 		slices.Sort(names)
 		return names
 	}
-	want := []string{"0a1b.lock.tmp-ff", "state.lock.tmp-bb", "state.lock.tmp-cc", "state.lock.tmp-dd", "state.lock.tmp-gg", "state.lock.tmp-hh", "state.lock.tmp-ii"}
+	want := []string{"0a1b.lock.tmp-ff", "state.lock.tmp-bb", "state.lock.tmp-cc", "state.lock.tmp-dd", "state.lock.tmp-gg", "state.lock.tmp-hh", "state.lock.tmp-ii", "state.lock.tmp-kk"}
 	if got := left(); !slices.Equal(got, want) {
 		t.Fatalf("left after Tidy: %v, want %v", got, want)
 	}

@@ -108,3 +108,11 @@ func SetCommitStepHook(t testing.TB, hook func(CommitStep)) {
 	commitStepHook = hook
 	t.Cleanup(func() { commitStepHook = nil })
 }
+
+// SetLockRemoveHook makes every release of a lock remove it through
+// remove instead of os.Remove, until t ends.
+func SetLockRemoveHook(t testing.TB, remove func(name string) error) {
+	t.Helper()
+	lockRemoveHook = remove
+	t.Cleanup(func() { lockRemoveHook = nil })
+}

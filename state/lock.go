@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -230,6 +231,7 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 	defer os.Remove(tmp)
 
 	w := waiter{l: l, tmp: tmp, nonce: nonce, seen: map[string]observation{}, turn: turn{name: l.path + turnSuffix}}
+	defer w.bury()
 	defer w.dropTurn() // gave up (won: dropped already)
 	start := l.opts.Clock.Now()
 	nextWarn := start.Add(l.opts.WarnAfter)
@@ -314,7 +316,7 @@ func (l *Lock) unlockOnce() func() error {
 		}
 		done = true
 		defer func() { <-l.mu }()
-		err := l.release(l.path, l.nonce)
+		err := l.releaseDead(l.path, l.nonce)
 		l.nonce = ""
 		l.released = time.Now()
 		return err
@@ -337,8 +339,45 @@ func (l *Lock) Check() error {
 	return nil
 }
 
-// release removes name if it still holds nonce.
+// release removes name if it still holds nonce. A remove that fails (an
+// NFS server's EIO, say) is tried again after removeRetries: a lock left in
+// place makes every other process of the root wait out a lease for it.
+// Each try reads the name again first, and one that finds it gone, or
+// another's, ends the release as done: the failed remove may have gone
+// through with only its reply lost, and a later holder's lock is never
+// removed.
 func (l *Lock) release(name, nonce string) error {
+	err := l.releaseOnce(name, nonce)
+	for _, d := range removeRetries {
+		var rerr *removeError
+		if !errors.As(err, &rerr) {
+			break
+		}
+		time.Sleep(d)
+		err = l.releaseOnce(name, nonce)
+		if errors.Is(err, ErrLockLost) {
+			return nil
+		}
+	}
+	return err
+}
+
+// removeRetries are the pauses before release tries a failed remove again.
+var removeRetries = []time.Duration{10 * time.Millisecond, 100 * time.Millisecond}
+
+// removeError is a release whose remove of the lock failed: the lock is
+// still there, with our nonce in it.
+type removeError struct{ err error }
+
+func (e *removeError) Error() string { return e.err.Error() }
+func (e *removeError) Unwrap() error { return e.err }
+
+// lockRemoveHook, nil outside tests, stands in for the remove of a
+// released lock (export_test.go): a test cannot make unlink(2) fail on a
+// file its own process just made, not as root.
+var lockRemoveHook func(name string) error
+
+func (l *Lock) releaseOnce(name, nonce string) error {
 	b, err := readOwn(name, nonce, l.opts.Lease)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("lock %s vanished while held: %w", name, ErrLockLost)
@@ -349,10 +388,51 @@ func (l *Lock) release(name, nonce string) error {
 	if h := parseHolder(b); h.Nonce != nonce {
 		return fmt.Errorf("lock %s taken over by %s while held: %w", name, h.describe(), ErrLockLost)
 	}
-	if err := os.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("lock %s: %w", name, err)
+	remove := os.Remove
+	if lockRemoveHook != nil {
+		remove = lockRemoveHook
+	}
+	if err := remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("lock %s: %w", name, &removeError{err})
 	}
 	return nil
+}
+
+// releaseDead is release for a nonce that is never linked again, as that
+// of a hold that ends: a lock it leaves behind, its remove having failed,
+// is recorded in leftovers.
+func (l *Lock) releaseDead(name, nonce string) error {
+	err := l.release(name, nonce)
+	if rerr := (*removeError)(nil); errors.As(err, &rerr) {
+		leftovers.Store(leftover{name, nonce}, struct{}{})
+	}
+	return err
+}
+
+// leftovers are the lock files this process released but could not
+// remove, by name and nonce. Their holds are over and their nonces never
+// linked again, so a waiter of this process that finds one breaks it at
+// once, where it would wait out a lease for a live holder that is its own
+// process (a second Store on the same root included). Other processes of
+// this machine break it once this one has exited, or after the lease.
+var leftovers sync.Map
+
+type leftover struct{ name, nonce string }
+
+// leave records, for a release of the waiter's nonce that failed, the
+// name left behind. bury moves them to leftovers once the nonce is dead:
+// within a Lock call, the waiter may link the same break link again.
+func (w *waiter) leave(name string, err error) {
+	if rerr := (*removeError)(nil); errors.As(err, &rerr) {
+		w.left = append(w.left, leftover{name, w.nonce})
+	}
+}
+
+func (w *waiter) bury() {
+	for _, k := range w.left {
+		leftovers.Store(k, struct{}{})
+	}
+	w.left = nil
 }
 
 // readHeld reads a lock that its holder checks or releases. A content
@@ -510,6 +590,8 @@ type waiter struct {
 	// (toldUnreadable: an empty file is content too).
 	unreadable     string
 	toldUnreadable bool
+	// left are the names whose release with nonce failed (see bury).
+	left []leftover
 }
 
 // unreadableAfter is how long a lock's content must stay unparseable
@@ -577,6 +659,9 @@ func (w *waiter) try(name string, link bool) (won bool, content []byte, err erro
 
 // judge decides whether the holder recorded in content is stale.
 func (w *waiter) judge(name string, h holder, content []byte) (bool, string) {
+	if _, ok := leftovers.Load(leftover{name, h.Nonce}); ok && h.Nonce != "" {
+		return true, "released by this process, which could not remove it"
+	}
 	self := w.l.opts.Processes.Self()
 	if h.Nonce != "" && self.SameMachine(h.Process) {
 		alive, err := w.l.opts.Processes.Alive(h.Process)
@@ -642,6 +727,7 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 	}
 	defer func() {
 		if err := w.l.release(breaker, w.nonce); err != nil {
+			w.leave(breaker, err)
 			w.l.opts.Log.WithError(err).WithField("lock", breaker).Warn("releasing the breaker lock")
 		}
 	}()

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1048,5 +1049,78 @@ func TestBreakHolderStoppedHere(t *testing.T) {
 	}
 	if _, err := os.Stat(lock); !os.IsNotExist(err) {
 		t.Fatalf("lock after the break: %v, want it gone", err)
+	}
+}
+
+// TestLockLeftBehindHere: a release whose remove fails is tried again; one
+// that fails every time leaves the lock with its nonce, and a waiter of
+// the same process (another Lock on the path, as a second Store on the
+// root has) breaks it at once, where it waited out the lease (here an
+// hour) for a live holder that was its own process. A hold that is not
+// over is not broken so.
+func TestLockLeftBehindHere(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	var fail atomic.Int32 // removes still to fail
+	var calls atomic.Int32
+	state.SetLockRemoveHook(t, func(name string) error {
+		calls.Add(1)
+		if fail.Add(-1) >= 0 {
+			return &os.PathError{Op: "remove", Path: name, Err: syscall.EIO}
+		}
+		return os.Remove(name)
+	})
+	a := newLock(t, path, nil, nil, time.Hour)
+	b := newLock(t, path, nil, nil, time.Hour)
+
+	// One failed remove: the retry removes it, and nothing is reported.
+	unlock, err := a.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fail.Store(1)
+	if err := unlock(); err != nil {
+		t.Fatalf("release whose first remove failed: %v", err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) || calls.Load() != 2 {
+		t.Fatalf("after a failed remove and its retry: stat %v, %d removes, want the lock gone after 2", err, calls.Load())
+	}
+
+	// Every remove fails: the error names the remove, the lock stays.
+	unlock, err = a.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	left, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fail.Store(100)
+	if err := unlock(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("release whose removes all failed: %v, want EIO", err)
+	}
+	if got, err := os.ReadFile(path); err != nil || string(got) != string(left) {
+		t.Fatalf("the lock after its removes failed: %q, %v; want %q", got, err, left)
+	}
+	fail.Store(0)
+
+	// Within a minute, not the lease's hour. A hold of this process
+	// that is not over is waited for.
+	bctx, bcancel := context.WithTimeout(context.Background(), time.Minute)
+	defer bcancel()
+	unlockB, err := b.Lock(bctx)
+	if err != nil {
+		t.Fatalf("the lock left behind by this process was not broken: %v", err)
+	}
+	held, err := os.ReadFile(path)
+	if err != nil || string(held) == string(left) {
+		t.Fatalf("the lock after b took it: %q, %v", held, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, err := a.Lock(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a took the lock b holds: %v", err)
+	}
+	if err := unlockB(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -167,7 +167,9 @@ func (w *waiter) lookAtTurn() bool {
 func (w *waiter) turnStale() bool {
 	h, b := w.turn.seenOwner, w.turn.seen
 	why := ""
-	if self := w.l.opts.Processes.Self(); h.Nonce != "" && self.SameMachine(h.Process) {
+	if _, ok := leftovers.Load(leftover{w.turn.name, h.Nonce}); ok && h.Nonce != "" {
+		why = "marker released by this process, which could not remove it"
+	} else if self := w.l.opts.Processes.Self(); h.Nonce != "" && self.SameMachine(h.Process) {
 		alive, err := w.l.opts.Processes.Alive(h.Process)
 		if err == nil && !alive {
 			why = "marker owner is gone"
@@ -221,7 +223,7 @@ func (w *waiter) dropTurn() {
 		return
 	}
 	w.turn.mine = false
-	if err := w.l.release(w.turn.name, w.nonce); err != nil && !errors.Is(err, ErrLockLost) {
+	if err := w.l.releaseDead(w.turn.name, w.nonce); err != nil && !errors.Is(err, ErrLockLost) {
 		w.l.opts.Log.WithError(err).WithField("lock", w.turn.name).Debug("removing our turn marker")
 	}
 }

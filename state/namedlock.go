@@ -113,6 +113,7 @@ func (s *Lease) guard(f func() error) error {
 	}
 	defer os.Remove(tmp)
 	s.w.tmp, s.w.nonce = tmp, nonce
+	defer s.w.bury() // what breaking a stale breaker below left behind
 	breaker := s.l.path + ".break-" + s.nonce
 	won, content, err := s.w.tryLink(breaker)
 	if err != nil {
@@ -135,7 +136,7 @@ func (s *Lease) guard(f func() error) error {
 		return fmt.Errorf("lock %s: a waiter is judging whether this hold is stale; try again", s.l.path)
 	}
 	defer func() {
-		if err := s.l.release(breaker, nonce); err != nil {
+		if err := s.l.releaseDead(breaker, nonce); err != nil {
 			s.l.opts.Log.WithError(err).WithField("lock", breaker).Warn("releasing the breaker lock")
 		}
 	}()
@@ -353,6 +354,7 @@ func ReadLockInfo(path string) (info LockInfo, ok bool, err error) {
 // link stayed until ctx ended.
 func (l *Lock) BreakStale(ctx context.Context) (broken bool, why string, err error) {
 	w := waiter{l: l, seen: map[string]observation{}}
+	defer w.bury()
 	var first []byte
 	breaking := false // another breaker's link was in the way
 	for {

@@ -731,9 +731,6 @@ func (s *Store) commit(data []byte, hadOld bool) (err error) {
 	if err != nil {
 		return fmt.Errorf("state %s: writing: %w", s.path, err)
 	}
-	if commitStepHook != nil {
-		commitStepHook(stepFlushed)
-	}
 	defer func() {
 		if err != nil {
 			os.Remove(tmp)
@@ -790,6 +787,9 @@ func (s *Store) writeTemp(data []byte) (string, error) {
 		if err == nil {
 			err = f.Sync()
 		}
+		if err == nil && commitStepHook != nil {
+			commitStepHook(stepFlushed)
+		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
@@ -807,10 +807,18 @@ func (s *Store) writeTemp(data []byte) (string, error) {
 // round trip to the file server; rename(2) refuses a file over a
 // directory by itself (EISDIR).
 func rename(oldpath, newpath string) error {
-	if err := syscall.Rename(oldpath, newpath); err != nil {
-		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
+	for {
+		// EINTR, as os.Rename retries it: FUSE and CIFS mounts return it
+		// when the runtime's preemption signal lands in the call.
+		err := syscall.Rename(oldpath, newpath)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
+		}
+		return nil
 	}
-	return nil
 }
 
 func (s *Store) keepPrev() error {

@@ -8,9 +8,11 @@ import (
 	"sync/atomic"
 )
 
-// Perms are the modes of what depcache creates in a root. They are set
-// explicitly after each creation, so that the process's umask cannot strip
-// the group bits of a shared root.
+// Perms are the modes of what depcache creates in a root. A creation whose
+// umask stripped bits is followed by a chmod, so that the umask cannot
+// strip the group bits of a shared root. On the state's hot path the check
+// stops once a file came out right (see modeCheck): a process that tightens
+// its umask after that gets the tighter modes for its state files.
 type Perms struct {
 	Dir  fs.FileMode
 	File fs.FileMode

@@ -71,10 +71,17 @@ func TestTidy(t *testing.T) {
 	}{
 		"gg": {0, `{"host":"h","pi`},
 		"hh": {2 * time.Hour, `{"host":"h","pi`},
-		"jj": {2 * time.Hour, ""},
+		"jj": {3 * time.Hour, ""},
 		"kk": {50 * time.Minute, ""},
+		// Older than an hour, but not an hour older than the last
+		// commit (below): kept.
+		"ll": {90 * time.Minute, ""},
+		"mm": {3 * time.Hour, ""}, // a named lock's
 	} {
 		f := lock + ".tmp-" + name
+		if name == "mm" {
+			f = named + ".tmp-" + name
+		}
 		age := c.age
 		if err := os.WriteFile(f, []byte(c.data), 0o644); err != nil {
 			t.Fatal(err)
@@ -87,13 +94,18 @@ func TestTidy(t *testing.T) {
 	if err := os.Symlink(lock+".tmp-aa", lock+".tmp-ii"); err != nil {
 		t.Fatal(err)
 	}
+	// The last commit an hour ago: the age of an empty file counts from it.
+	committed := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(filepath.Join(dir, state.StateFile), committed, committed); err != nil {
+		t.Fatal(err)
+	}
 
 	n, err := s.Tidy(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 3 {
-		t.Errorf("Tidy removed %d files, want 3", n)
+	if n != 4 {
+		t.Errorf("Tidy removed %d files, want 4", n)
 	}
 	left := func() []string {
 		t.Helper()
@@ -106,7 +118,7 @@ func TestTidy(t *testing.T) {
 		slices.Sort(names)
 		return names
 	}
-	want := []string{"0a1b.lock.tmp-ff", "state.lock.tmp-bb", "state.lock.tmp-cc", "state.lock.tmp-dd", "state.lock.tmp-gg", "state.lock.tmp-hh", "state.lock.tmp-ii", "state.lock.tmp-kk"}
+	want := []string{"0a1b.lock.tmp-ff", "state.lock.tmp-bb", "state.lock.tmp-cc", "state.lock.tmp-dd", "state.lock.tmp-gg", "state.lock.tmp-hh", "state.lock.tmp-ii", "state.lock.tmp-kk", "state.lock.tmp-ll"}
 	if got := left(); !slices.Equal(got, want) {
 		t.Fatalf("left after Tidy: %v, want %v", got, want)
 	}
@@ -162,5 +174,26 @@ func TestTidyKilledWaiter(t *testing.T) {
 	}
 	if after := attempts(); len(after) != 1 || !slices.Contains(before, after[0]) {
 		t.Fatalf("attempts after Tidy: %v (before: %v), want the live waiter's", after, before)
+	}
+}
+
+// TestTidyEmptyAttemptWithoutState: with no commit to count from, an empty
+// lock-attempt file stays, however old.
+func TestTidyEmptyAttemptWithoutState(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	f := filepath.Join(dir, state.LockFile+".tmp-nn")
+	if err := os.WriteFile(f, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now().Add(-24 * time.Hour)
+	if err := os.Chtimes(f, at, at); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.Tidy(context.Background()); n != 0 || err != nil {
+		t.Errorf("Tidy without a state: %d, %v; want nothing removed", n, err)
+	}
+	if _, err := os.Stat(f); err != nil {
+		t.Errorf("the empty attempt without a state: %v; want it kept", err)
 	}
 }

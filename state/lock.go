@@ -365,8 +365,8 @@ func (l *Lock) release(name, nonce string) error {
 // removeRetries are the pauses before release tries a failed remove again.
 var removeRetries = []time.Duration{10 * time.Millisecond, 100 * time.Millisecond}
 
-// removeError is a release whose remove of the lock failed: the lock is
-// still there, with our nonce in it.
+// removeError is a release whose remove of the lock failed: the lock may
+// still be there, with our nonce in it (or the reply alone was lost).
 type removeError struct{ err error }
 
 func (e *removeError) Error() string { return e.err.Error() }
@@ -398,11 +398,16 @@ func (l *Lock) releaseOnce(name, nonce string) error {
 	return nil
 }
 
-// releaseDead is release for a nonce that is never linked again, as that
-// of a hold that ends: a lock it leaves behind, its remove having failed,
-// is recorded in leftovers.
+// releaseDead is release for a nonce that is never linked to name again,
+// as that of a hold that ends: a lock it leaves behind, its remove having
+// failed, is recorded in leftovers.
 func (l *Lock) releaseDead(name, nonce string) error {
-	err := l.release(name, nonce)
+	return l.recordLeft(name, nonce, l.release(name, nonce))
+}
+
+// recordLeft records name and nonce in leftovers when err is a failed
+// remove, and returns err.
+func (l *Lock) recordLeft(name, nonce string, err error) error {
 	if rerr := (*removeError)(nil); errors.As(err, &rerr) {
 		leftovers.Store(leftover{name, nonce}, struct{}{})
 	}
@@ -411,7 +416,7 @@ func (l *Lock) releaseDead(name, nonce string) error {
 
 // leftovers are the lock files this process released but could not
 // remove, by name and nonce. Their holds are over and their nonces never
-// linked again, so a waiter of this process that finds one breaks it at
+// linked to those names again, so a waiter of this process that finds one breaks it at
 // once, where it would wait out a lease for a live holder that is its own
 // process (a second Store on the same root included). Other processes of
 // this machine break it once this one has exited, or after the lease.
@@ -767,6 +772,7 @@ func (w *waiter) breakStale(name string, h holder, content []byte, why string, d
 		}
 	}
 	_ = os.Remove(aside)
+	leftovers.Delete(leftover{name, h.Nonce})
 	if name == w.turn.name {
 		// A marker grants nothing: breaking one is routine, not a warning.
 		w.l.logHolder(h, w.seen[name], w.l.opts.Clock.Now()).WithField("reason", why).Info("broke a stale turn marker")

@@ -223,7 +223,10 @@ func (w *waiter) dropTurn() {
 		return
 	}
 	w.turn.mine = false
-	if err := w.l.releaseDead(w.turn.name, w.nonce); err != nil && !errors.Is(err, ErrLockLost) {
+	// Not tried again as the lock is: the holder (after a win) would wait,
+	// and a marker left behind is ignored and broken by the next waiter
+	// (turnStale).
+	if err := w.l.recordLeft(w.turn.name, w.nonce, w.l.releaseOnce(w.turn.name, w.nonce)); err != nil && !errors.Is(err, ErrLockLost) {
 		w.l.opts.Log.WithError(err).WithField("lock", w.turn.name).Debug("removing our turn marker")
 	}
 }

@@ -626,7 +626,7 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	live := state.Owner{Process: fakeProcess("h", 12), ManagerID: "live"}
 	machine.kill(dead.PID)
 	raw := make([]byte, 64<<10+1) // past the bytes that tell the format (unpack.SniffHead)
-	stage := func(g uint64, o state.Owner, checkpointed bool) string {
+	stageOf := func(k state.Key, g uint64, o state.Owner, checkpointed bool) string {
 		dir := filepath.Join("staging", gen(k, g))
 		files := map[string][]byte{"content": raw}
 		var err error
@@ -650,8 +650,9 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 		}
 		return dir
 	}
+	stage := func(g uint64, o state.Owner, checkpointed bool) string { return stageOf(k, g, o, checkpointed) }
 	// The entry first: the loop's own sweeps remove the staging data of
-	// an entry the state does not have.
+	// an entry the state does not have (unless recently checkpointed).
 	now := time.Now()
 	behind(t, root, func(st *state.State) {
 		st.Put(&state.Entry{Key: k, Stage: state.Downloading, Owner: &live, Generation: 3, Created: now, LastUsed: now,
@@ -689,5 +690,29 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	}
 	if exists(t, root, older) {
 		t.Errorf("a sweep left %s, a dead writer's staging data of an entry now READY", older)
+	}
+
+	// An entry that is gone (an interrupted get's, reaped with its last
+	// dependent): its dead writer's checkpointed data stays for a later
+	// get to resume from, for abandonedResume (10 min) after the
+	// checkpoint; its data without a checkpoint goes at once.
+	gone := mustKey(t, "http://gate.test/gone", "")
+	recent := stageOf(gone, 1, dead, true)
+	goneBare := stageOf(gone, 2, dead, false)
+	if _, err := m.Sweep(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if !exists(t, root, recent) || exists(t, root, goneBare) {
+		t.Errorf("after a sweep: %s kept %v (want true), %s kept %v (want false)", recent, exists(t, root, recent), goneBare, exists(t, root, goneBare))
+	}
+	old := time.Now().Add(-11 * time.Minute)
+	if err := os.Chtimes(filepath.Join(root, recent, "checkpoint.json"), old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Sweep(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if exists(t, root, recent) {
+		t.Errorf("a sweep left %s, checkpointed 11 minutes ago, of an entry that is gone", recent)
 	}
 }

@@ -9,9 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/depcache/depcache/state"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // reconcile makes the root agree with its state, at start-up. It runs only
@@ -145,7 +147,12 @@ func readDirNames(dir string) ([]string, error) {
 // or another, may be about to copy its prefix, and may already hold a
 // checkpoint of its own when it does (CI once fetched from 0 when a sweep
 // kept only the newest). The owner that copies a prefix removes what it
-// copied. Abandoned (the entry is READY, FAILED or gone), it is removed.
+// copied. Abandoned (the entry is READY or FAILED), it is removed. An
+// entry that is gone (an interrupted get's, removed with its last
+// dependent when that get's process was reaped, as the next get's first
+// pass may do before that get registers) leaves its checkpointed data for
+// abandonedResume after the last checkpoint: the next get of the source
+// makes an entry of a later generation, which resumes from it.
 func (m *Manager) removeDeadStaging(ctx context.Context) {
 	dir := filepath.Join(m.Root(), stagingDir)
 	ents, err := os.ReadDir(dir)
@@ -156,11 +163,18 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	// The checkpointed staging data of each DOWNLOADING entry.
+	// The checkpointed staging data of each DOWNLOADING entry, and the
+	// recently checkpointed data of entries that are gone.
 	checkpointed := map[string]bool{}
+	now := m.cfg.Clock.Now()
+	roomy := roomForResume(dir)
 	for _, d := range ents {
 		id, _, ok := strings.Cut(d.Name(), "-g")
 		e := st.Entries[id]
+		if ok && e == nil && roomy && recentCheckpoint(filepath.Join(dir, d.Name()), now) {
+			checkpointed[d.Name()] = true
+			continue
+		}
 		if !ok || e == nil || e.Stage != state.Downloading {
 			continue
 		}
@@ -262,4 +276,34 @@ func metaUnreadable(dir string) error {
 		return fmt.Errorf("%s: %w", filepath.Join(dir, metaName), err)
 	}
 	return nil
+}
+
+// abandonedResume is how long the checkpointed staging data of an entry
+// that is gone is kept for a later get of its source to resume from.
+const abandonedResume = 10 * time.Minute
+
+// roomForResume reports whether dir's filesystem has room to spare for
+// the data of downloads whose entries are gone: 1 GiB and 5 % of it free.
+// On a fuller one, room beats a resume, and a sweep (gc) frees it at once.
+func roomForResume(dir string) bool {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil {
+		return false
+	}
+	free, size := sfs.Bavail*uint64(sfs.Bsize), sfs.Blocks*uint64(sfs.Bsize)
+	return free >= 1<<30 && free*20 >= size
+}
+
+// recentCheckpoint reports whether dir holds a checkpoint that parses and
+// was written within abandonedResume of now. The source it names is
+// checked by the owner that resumes from it (readCheckpoint), which knows
+// the key.
+func recentCheckpoint(dir string, now time.Time) bool {
+	fi, err := os.Stat(filepath.Join(dir, checkpointName))
+	if err != nil || now.Sub(fi.ModTime()) > abandonedResume {
+		return false
+	}
+	var c checkpoint
+	b, err := readNote(filepath.Join(dir, checkpointName))
+	return err == nil && json.Unmarshal(b, &c) == nil && c.Version == checkpointVersion && c.Validator.Strong()
 }

@@ -205,7 +205,8 @@ func (h *resumeHosts) interruptAtCheckpoint(t *testing.T, key state.Key, pid int
 // back and keeps its checkpointed staging; the manager of another (later)
 // process resumes from it with Range, publishes the right bytes and
 // removes the old staging. And a checkpointed staging whose entry went
-// away is removed by the next sweep or start-up.
+// away is kept for a later get to resume from, and removed by the next
+// sweep or start-up once its checkpoint is 10 minutes old.
 func TestResumeAfterShutdown(t *testing.T) {
 	body := make([]byte, 16<<20)
 	for i := range body {
@@ -227,11 +228,19 @@ func TestResumeAfterShutdown(t *testing.T) {
 				t.Fatal(err)
 			}
 			waitFor(t, time.Minute, func() bool { return viewEntry(t, root, key) == nil }, func() string { return "entry still there" })
-			stopB() // b's sweeps may have removed it already
+			stopB()
+			got := stagingDirs(root)
+			if len(got) != 1 {
+				t.Fatalf("staging %v after the entry went: want its recent checkpoint kept", got)
+			}
+			old := time.Now().Add(-11 * time.Minute)
+			if err := os.Chtimes(filepath.Join(root, "staging", got[0], "checkpoint.json"), old, old); err != nil {
+				t.Fatal(err)
+			}
 			_, stopC := hosts.start(t, 1003)
 			stopC()
 			if got := stagingDirs(root); len(got) != 0 {
-				t.Errorf("staging %v: a sweep or a start-up keeps the checkpoint of an entry that is gone", got)
+				t.Errorf("staging %v: a start-up keeps a checkpoint 11 minutes old of an entry that is gone", got)
 			}
 			continue
 		}

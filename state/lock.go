@@ -416,10 +416,11 @@ func (l *Lock) recordLeft(name, nonce string, err error) error {
 
 // leftovers are the lock files this process released but could not
 // remove, by name and nonce. Their holds are over and their nonces never
-// linked to those names again, so a waiter of this process that finds one breaks it at
-// once, where it would wait out a lease for a live holder that is its own
-// process (a second Store on the same root included). Other processes of
-// this machine break it once this one has exited, or after the lease.
+// linked to those names again, so a waiter of this process that finds one
+// breaks it at once, where it would wait out a lease for a live holder
+// that is its own process (a second Store on the same root included).
+// Other processes of this machine break it once this one has exited, or
+// after the lease.
 var leftovers sync.Map
 
 type leftover struct{ name, nonce string }

@@ -648,7 +648,7 @@ func (m *Manager) stagingWriter(dir string, st *state.State) string {
 	if m.self.SameMachine(rec.Owner.Process) {
 		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err == nil && !alive {
 			if _, err := os.Stat(filepath.Join(dir, checkpointName)); err == nil {
-				return "written by " + who + ", which is gone; it holds a checkpoint, kept for the next owner of its entry to resume from (start-up removes it once nothing can)"
+				return "written by " + who + ", which is gone; it holds a checkpoint, kept for the next owner of its entry to resume from (start-up removes it once nothing can; of an entry that is gone, 10 minutes after the checkpoint)"
 			}
 			return "written by " + who + ", which is gone: start-up removes it"
 		}

@@ -167,7 +167,11 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 	// recently checkpointed data of entries that are gone.
 	checkpointed := map[string]bool{}
 	now := m.cfg.Clock.Now()
-	roomy := roomForResume(dir)
+	var pol state.Policy
+	if st.Policy != nil {
+		pol = *st.Policy
+	}
+	roomy := roomForResume(dir, pol)
 	for _, d := range ents {
 		id, _, ok := strings.Cut(d.Name(), "-g")
 		e := st.Entries[id]
@@ -283,15 +287,18 @@ func metaUnreadable(dir string) error {
 const abandonedResume = 10 * time.Minute
 
 // roomForResume reports whether dir's filesystem has room to spare for
-// the data of downloads whose entries are gone: 1 GiB and 5 % of it free.
-// On a fuller one, room beats a resume, and a sweep (gc) frees it at once.
-func roomForResume(dir string) bool {
+// the data of downloads whose entries are gone: 1 GiB and 5 % of it free,
+// beyond the policy's free-disk floor. On a fuller one, room beats a
+// resume: kept, that data (which no budget counts) would make sweeps evict
+// READY entries to meet the floor.
+func roomForResume(dir string, p state.Policy) bool {
 	var sfs unix.Statfs_t
 	if err := unix.Statfs(dir, &sfs); err != nil {
 		return false
 	}
 	free, size := sfs.Bavail*uint64(sfs.Bsize), sfs.Blocks*uint64(sfs.Bsize)
-	return free >= 1<<30 && free*20 >= size
+	floor := max(uint64(max(p.MinFreeDiskBytes, 0)), size/100*uint64(max(p.MinFreeDiskPercent, 0)))
+	return free >= floor+1<<30 && (free-floor)*20 >= size
 }
 
 // recentCheckpoint reports whether dir holds a checkpoint that parses and
@@ -299,11 +306,17 @@ func roomForResume(dir string) bool {
 // checked by the owner that resumes from it (readCheckpoint), which knows
 // the key.
 func recentCheckpoint(dir string, now time.Time) bool {
-	fi, err := os.Stat(filepath.Join(dir, checkpointName))
-	if err != nil || now.Sub(fi.ModTime()) > abandonedResume {
+	fi, err := os.Lstat(filepath.Join(dir, checkpointName))
+	// The mtime is the file server's clock: a skew of up to the grace
+	// either way still ends the keeping.
+	if err != nil || now.Sub(fi.ModTime()) > abandonedResume || fi.ModTime().Sub(now) > abandonedResume {
 		return false
 	}
 	var c checkpoint
 	b, err := readNote(filepath.Join(dir, checkpointName))
-	return err == nil && json.Unmarshal(b, &c) == nil && c.Version == checkpointVersion && c.Validator.Strong()
+	if err != nil || json.Unmarshal(b, &c) != nil {
+		return false
+	}
+	_, ok := readCheckpoint(dir, state.Key{Source: c.Source})
+	return ok
 }

@@ -301,10 +301,10 @@ func roomForResume(dir string, p state.Policy) bool {
 	return free >= floor+1<<30 && (free-floor)*20 >= size
 }
 
-// recentCheckpoint reports whether dir holds a checkpoint that parses and
-// was written within abandonedResume of now. The source it names is
-// checked by the owner that resumes from it (readCheckpoint), which knows
-// the key.
+// recentCheckpoint reports whether dir holds a checkpoint that a resume of
+// the source it names would accept (readCheckpoint), written within
+// abandonedResume of now. Its source is the one it names: the key ID in
+// dir's name is checked by the owner that resumes, which knows the key.
 func recentCheckpoint(dir string, now time.Time) bool {
 	fi, err := os.Lstat(filepath.Join(dir, checkpointName))
 	// The mtime is the file server's clock: a skew of up to the grace

@@ -60,26 +60,38 @@ type checkpoint struct {
 }
 
 // readCheckpoint returns dir's checkpoint for key when it is one a later
-// generation may resume from: it parses, is of key's source, under a strong
-// validator, past the bytes that tell the format, and its raw file holds
-// at least the bytes it covers. Whether they are the right bytes is checked
-// when they are copied.
+// generation may resume from (usable).
 func readCheckpoint(dir string, key state.Key) (checkpoint, bool) {
-	var c checkpoint
-	b, err := readNote(filepath.Join(dir, checkpointName))
-	if err != nil || json.Unmarshal(b, &c) != nil {
+	c, err := loadCheckpoint(dir)
+	if err != nil {
 		return c, false
 	}
+	return c, c.usable(dir, key)
+}
+
+// loadCheckpoint reads and parses dir's checkpoint.
+func loadCheckpoint(dir string) (checkpoint, error) {
+	var c checkpoint
+	b, err := readNote(filepath.Join(dir, checkpointName))
+	if err != nil {
+		return c, err
+	}
+	return c, json.Unmarshal(b, &c)
+}
+
+// usable reports whether c, read from dir, is one a later generation of
+// key may resume from: of key's source, under a strong validator, past the
+// bytes that tell the format, and with a raw file that holds at least the
+// bytes it covers. Whether they are the right bytes is checked when they
+// are copied.
+func (c checkpoint) usable(dir string, key state.Key) bool {
 	if c.Version != checkpointVersion || c.Source != key.Source || !c.Validator.Strong() ||
 		c.Offset < unpack.SniffHead || len(c.SHA256) == 0 ||
 		(c.Raw != contentName && c.Raw != spoolName && c.Raw != rawSpoolName) {
-		return c, false
+		return false
 	}
 	fi, err := os.Lstat(filepath.Join(dir, c.Raw))
-	if err != nil || !fi.Mode().IsRegular() || fi.Size() < c.Offset {
-		return c, false
-	}
-	return c, true
+	return err == nil && fi.Mode().IsRegular() && fi.Size() >= c.Offset
 }
 
 // writeCheckpoint replaces dir's checkpoint atomically: temp file, fsync,

@@ -247,7 +247,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	if err := checkLayout(root); err != nil {
 		return rep, err
 	}
-	rep.Usage.DiskFree, rep.Usage.DiskSize = diskSpace(root)
+	rep.Usage.DiskFree, rep.Usage.DiskSize = m.cfg.Disk.Space(root)
 	var guards map[string]string
 	if snap, err := m.store.View(ctx); err == nil {
 		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
@@ -729,6 +729,13 @@ func (m *Manager) watch(seen map[string]map[string]observation, id, name, sig st
 
 // diskSpace returns the free and total bytes of dir's filesystem, or zeros.
 func diskSpace(dir string) (free, size int64) {
+	return statfsSpace{}.Space(dir)
+}
+
+// statfsSpace is the real DiskSpace.
+type statfsSpace struct{}
+
+func (statfsSpace) Space(dir string) (free, size int64) {
 	var s unix.Statfs_t
 	if err := unix.Statfs(dir, &s); err != nil {
 		return 0, 0

@@ -604,7 +604,7 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 	}
 	// The free-disk floor bounds it too: with no budget set, it is the
 	// only bound a decompression bomb meets.
-	free, size := diskSpace(m.cfg.Root)
+	free, size := m.cfg.Disk.Space(m.cfg.Root)
 	room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now)
 	if ok && (b.limit <= 0 || room < b.limit) {
 		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the disk has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk)",
@@ -625,7 +625,7 @@ func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) err
 	if err := transitions.Fits(pol, st.Entries, key, total, now); err != nil {
 		return err
 	}
-	free, size := diskSpace(m.cfg.Root)
+	free, size := m.cfg.Disk.Space(m.cfg.Root)
 	if room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now); ok && total > room {
 		return fmt.Errorf("%d bytes cannot fit on the disk: it has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk): %w",
 			total, free, room, floor, transitions.ErrTooLarge)

@@ -618,9 +618,11 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	root := t.TempDir()
 	k := mustKey(t, "http://gate.test/checkpointed", "")
 	machine := &fakeMachine{dead: map[int]bool{}}
+	disk := roomyDisk()
 	m := newManager(t, root, func(c *manager.Config) {
 		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 11)}
 		c.Policy.DownloadTimeout = time.Hour // no takeover of the live owner
+		c.Disk = disk
 	})
 	dead := state.Owner{Process: fakeProcess("h", 10), ManagerID: "dead"}
 	live := state.Owner{Process: fakeProcess("h", 12), ManagerID: "live"}
@@ -677,6 +679,7 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	newManager(t, root, func(c *manager.Config) {
 		c.Processes = fakeProc{m: machine, self: fakeProcess("h", 13)}
 		c.Policy.DownloadTimeout = time.Hour
+		c.Disk = disk
 	})
 	if !exists(t, root, older) {
 		t.Errorf("start-up removed %s, checkpointed staging data of a DOWNLOADING entry", older)
@@ -714,5 +717,26 @@ func TestSweepKeepsEveryCheckpointOfADownload(t *testing.T) {
 	}
 	if exists(t, root, recent) {
 		t.Errorf("a sweep left %s, checkpointed 11 minutes ago, of an entry that is gone", recent)
+	}
+
+	// On a disk short of room (under 1 GiB, or under 5 %, free beyond the
+	// policy's floor), room beats a resume: recent data goes too.
+	for _, free := range []int64{1<<30 - 1, 5<<30 - 1} {
+		recent := stageOf(gone, 3, dead, true)
+		disk.setFree(free)
+		if _, err := m.Sweep(ctx, false); err != nil {
+			t.Fatal(err)
+		}
+		if exists(t, root, recent) {
+			t.Errorf("with %d of %d bytes free, a sweep left %s, a gone entry's recent checkpoint", free, disk.size, recent)
+		}
+	}
+	disk.setFree(90 << 30)
+	recent = stageOf(gone, 4, dead, true)
+	if _, err := m.Sweep(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if !exists(t, root, recent) {
+		t.Errorf("with room again, a sweep removed %s, a gone entry's recent checkpoint", recent)
 	}
 }

@@ -172,9 +172,20 @@ type Config struct {
 	// release (see ErrDependentLost). It runs on the loop's goroutine: it
 	// must not block.
 	OnLost func(LostDependent)
-	// Clock and Processes are for tests; production uses the real ones.
+	// Clock, Processes and Disk are for tests; production uses the real
+	// ones (Disk: statfs(2)).
 	Clock     state.Clock
 	Processes state.Processes
+	Disk      DiskSpace
+}
+
+// DiskSpace tells how much room a filesystem has: the free-disk floor, the
+// bounds of a download and the keeping of abandoned downloads' data go by
+// it.
+type DiskSpace interface {
+	// Space returns the bytes free to unprivileged users, and the size,
+	// of the filesystem that holds dir; zeros when they cannot be told.
+	Space(dir string) (free, size int64)
 }
 
 // localDep is a dependent registered by this manager.
@@ -322,11 +333,14 @@ func New(cfg Config) (*Manager, error) {
 		}
 		cfg.Processes = p
 	}
+	if cfg.Disk == nil {
+		cfg.Disk = statfsSpace{}
+	}
 	if cfg.Sources == nil {
 		h := HTTPSource(&http.Client{Transport: http.DefaultTransport}, min(cfg.Policy.DownloadTimeout, time.Minute))
 		cfg.Sources = map[string]Source{"http": h, "https": h, "file": FileSource()}
 	}
-	met := newMetrics(cfg.Metrics)
+	met := newMetrics(cfg.Metrics, cfg.Disk)
 	onHold := func(d time.Duration) {
 		met.lockHold.Observe(seconds(d))
 		if cfg.OnLockHold != nil {

@@ -30,13 +30,15 @@ type metrics struct {
 	usage           prometheus.Gauge
 	budget          prometheus.Gauge
 	// root is the cache root whose filesystem the disk gauges measure, on
-	// scrape (statfs); unset, they read 0.
-	root atomic.Pointer[string]
+	// scrape (space); unset, they read 0.
+	root  atomic.Pointer[string]
+	space DiskSpace
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+func newMetrics(reg prometheus.Registerer, space DiskSpace) *metrics {
 	lockBuckets := prometheus.ExponentialBuckets(0.0001, 4, 10) // 100µs .. 26s
 	m := &metrics{
+		space: space,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "depcache_requests_total",
 			Help: "Get calls by result: hit (READY), miss (created), wait (someone downloads), failed."}, []string{"result"}),
 		downloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "depcache_downloads_total",
@@ -120,7 +122,7 @@ func (m *metrics) disk() (free, size int64) {
 	if root == nil {
 		return 0, 0
 	}
-	return diskSpace(*root)
+	return m.space.Space(*root)
 }
 
 // observeState sets the per-stage gauges, the usage and the budget.
@@ -164,7 +166,7 @@ type Totals struct {
 // out (Entries, Describe), with the disk measured now.
 func (m *Manager) TotalsOf(st *state.State) Totals {
 	t := Totals{UsageBytes: transitions.Measure(st.Entries), Policy: policyOf(st), Stored: st.Policy != nil}
-	t.DiskFree, t.DiskSize = diskSpace(m.Root())
+	t.DiskFree, t.DiskSize = m.cfg.Disk.Space(m.Root())
 	for _, e := range st.Entries {
 		switch e.Stage {
 		case state.Downloading:

@@ -59,6 +59,27 @@ func (fm *fakeMachine) kill(pid int) {
 	fm.mu.Unlock()
 }
 
+// fakeDisk is a filesystem whose free space the test sets.
+type fakeDisk struct {
+	mu         sync.Mutex
+	free, size int64
+}
+
+// roomyDisk is 100 GiB with 90 GiB free, whatever TMPDIR has.
+func roomyDisk() *fakeDisk { return &fakeDisk{free: 90 << 30, size: 100 << 30} }
+
+func (d *fakeDisk) Space(string) (free, size int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.free, d.size
+}
+
+func (d *fakeDisk) setFree(free int64) {
+	d.mu.Lock()
+	d.free = free
+	d.mu.Unlock()
+}
+
 // modelWorker is one simulated process running a manager.
 type modelWorker struct {
 	pid  int

@@ -9,11 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/depcache/depcache/state"
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 )
 
 // reconcile makes the root agree with its state, at start-up. It runs only
@@ -171,11 +171,11 @@ func (m *Manager) removeDeadStaging(ctx context.Context) {
 	if st.Policy != nil {
 		pol = *st.Policy
 	}
-	roomy := roomForResume(dir, pol)
+	roomy := sync.OnceValue(func() bool { return m.roomForResume(dir, pol) }) // statfs only for a gone entry's data
 	for _, d := range ents {
 		id, _, ok := strings.Cut(d.Name(), "-g")
 		e := st.Entries[id]
-		if ok && e == nil && roomy && recentCheckpoint(filepath.Join(dir, d.Name()), now) {
+		if ok && e == nil && recentCheckpoint(filepath.Join(dir, d.Name()), now) && roomy() {
 			checkpointed[d.Name()] = true
 			continue
 		}
@@ -291,18 +291,18 @@ const abandonedResume = 10 * time.Minute
 // beyond the policy's free-disk floor. On a fuller one, room beats a
 // resume: kept, that data (which no budget counts) would make sweeps evict
 // READY entries to meet the floor.
-func roomForResume(dir string, p state.Policy) bool {
-	var sfs unix.Statfs_t
-	if err := unix.Statfs(dir, &sfs); err != nil {
+func (m *Manager) roomForResume(dir string, p state.Policy) bool {
+	f, s := m.cfg.Disk.Space(dir)
+	if f <= 0 || s <= 0 {
 		return false
 	}
-	free, size := sfs.Bavail*uint64(sfs.Bsize), sfs.Blocks*uint64(sfs.Bsize)
+	free, size := uint64(f), uint64(s)
 	floor := max(uint64(max(p.MinFreeDiskBytes, 0)), size/100*uint64(max(p.MinFreeDiskPercent, 0)))
 	return free >= floor+1<<30 && (free-floor)*20 >= size
 }
 
 // recentCheckpoint reports whether dir holds a checkpoint that a resume of
-// the source it names would accept (readCheckpoint), written within
+// the source it names would accept (checkpoint.usable), written within
 // abandonedResume of now. Its source is the one it names: the key ID in
 // dir's name is checked by the owner that resumes, which knows the key.
 func recentCheckpoint(dir string, now time.Time) bool {
@@ -312,11 +312,6 @@ func recentCheckpoint(dir string, now time.Time) bool {
 	if err != nil || now.Sub(fi.ModTime()) > abandonedResume || fi.ModTime().Sub(now) > abandonedResume {
 		return false
 	}
-	var c checkpoint
-	b, err := readNote(filepath.Join(dir, checkpointName))
-	if err != nil || json.Unmarshal(b, &c) != nil {
-		return false
-	}
-	_, ok := readCheckpoint(dir, state.Key{Source: c.Source})
-	return ok
+	c, err := loadCheckpoint(dir)
+	return err == nil && c.usable(dir, state.Key{Source: c.Source})
 }

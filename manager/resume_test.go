@@ -173,7 +173,8 @@ func (h *resumeHosts) start(t *testing.T, pid int) (*manager.Manager, func() err
 	t.Helper()
 	m, err := manager.New(manager.Config{Root: h.root, Log: h.log, PollInterval: 20 * time.Millisecond,
 		RetryBackoff: 10 * time.Millisecond, ProgressInterval: 100 * time.Millisecond,
-		Processes: fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: h.dead}})
+		Processes: fakeProcs{self: state.Process{Host: "h", BootID: "boot", PIDNS: "ns", PID: pid, StartTime: 1}, dead: h.dead},
+		Disk:      roomyDisk()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -345,18 +345,22 @@ func (l *Lock) Check() error {
 // Each try reads the name again first, and one that finds it gone, or
 // another's, ends the release as done: the failed remove may have gone
 // through with only its reply lost, and a later holder's lock is never
-// removed.
+// removed. A try whose read fails leaves the lock as the failed remove
+// did, as far as anyone can tell: the release stays a failed remove.
 func (l *Lock) release(name, nonce string) error {
 	err := l.releaseOnce(name, nonce)
 	for _, d := range removeRetries {
-		var rerr *removeError
-		if !errors.As(err, &rerr) {
+		if !isRemoveError(err) {
 			break
 		}
 		time.Sleep(d)
-		err = l.releaseOnce(name, nonce)
-		if errors.Is(err, ErrLockLost) {
+		switch next := l.releaseOnce(name, nonce); {
+		case errors.Is(next, ErrLockLost):
 			return nil
+		case next == nil || isRemoveError(next):
+			err = next
+		default:
+			err = fmt.Errorf("%w (reading it again: %v)", err, next)
 		}
 	}
 	return err
@@ -371,6 +375,12 @@ type removeError struct{ err error }
 
 func (e *removeError) Error() string { return e.err.Error() }
 func (e *removeError) Unwrap() error { return e.err }
+
+// isRemoveError reports whether err is, or wraps, a failed remove.
+func isRemoveError(err error) bool {
+	var rerr *removeError
+	return errors.As(err, &rerr)
+}
 
 // lockRemoveHook, nil outside tests, stands in for the remove of a
 // released lock (export_test.go): a test cannot make unlink(2) fail on a
@@ -408,7 +418,7 @@ func (l *Lock) releaseDead(name, nonce string) error {
 // recordLeft records name and nonce in leftovers when err is a failed
 // remove, and returns err.
 func (l *Lock) recordLeft(name, nonce string, err error) error {
-	if rerr := (*removeError)(nil); errors.As(err, &rerr) {
+	if isRemoveError(err) {
 		leftovers.Store(leftover{name, nonce}, struct{}{})
 	}
 	return err
@@ -429,7 +439,7 @@ type leftover struct{ name, nonce string }
 // name left behind. bury moves them to leftovers once the nonce is dead:
 // within a Lock call, the waiter may link the same break link again.
 func (w *waiter) leave(name string, err error) {
-	if rerr := (*removeError)(nil); errors.As(err, &rerr) {
+	if isRemoveError(err) {
 		w.left = append(w.left, leftover{name, w.nonce})
 	}
 }

@@ -1062,8 +1062,18 @@ func TestLockLeftBehindHere(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "lock")
 	var fail atomic.Int32 // removes still to fail
 	var calls atomic.Int32
+	var unreadable atomic.Bool // the failed remove leaves the lock unreadable
 	state.SetLockRemoveHook(t, func(name string) error {
 		calls.Add(1)
+		if unreadable.CompareAndSwap(true, false) {
+			if err := os.Rename(name, name+".aside"); err != nil {
+				return err
+			}
+			if err := os.Mkdir(name, 0o755); err != nil {
+				return err
+			}
+			return &os.PathError{Op: "remove", Path: name, Err: syscall.EIO}
+		}
 		if fail.Add(-1) >= 0 {
 			return &os.PathError{Op: "remove", Path: name, Err: syscall.EIO}
 		}
@@ -1119,6 +1129,33 @@ func TestLockLeftBehindHere(t *testing.T) {
 	defer cancel()
 	if _, err := a.Lock(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a took the lock b holds: %v", err)
+	}
+	if err := unlockB(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A remove fails, and the read before the next try fails too (EISDIR
+	// here, an EIO on a file server): the lock may still be there with
+	// this nonce, so it is left behind as when every remove fails.
+	unlock, err = a.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	unreadable.Store(true)
+	if err := unlock(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("release whose remove and reads failed: %v, want the remove's EIO", err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".aside", path); err != nil {
+		t.Fatal(err)
+	}
+	bctx2, bcancel2 := context.WithTimeout(context.Background(), time.Minute)
+	defer bcancel2()
+	unlockB, err = b.Lock(bctx2)
+	if err != nil {
+		t.Fatalf("a lock left behind unread by this process was not broken: %v", err)
 	}
 	if err := unlockB(); err != nil {
 		t.Fatal(err)

@@ -281,6 +281,14 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 			if err == errAnswered {
 				return nil, err
 			}
+			if content == nil {
+				// Free at the last look: what kept us was another's turn.
+				if w.turn.seen != nil {
+					return nil, fmt.Errorf("lock %s free, but standing back for the turn of %s (its marker %s): %w",
+						l.path, w.turn.seenOwner.describe(), w.turn.name, err)
+				}
+				return nil, fmt.Errorf("lock %s: %w", l.path, err)
+			}
 			h := parseHolder(content)
 			return nil, fmt.Errorf("lock %s held by %s (acquired %s by its clock, unchanged for %s by ours): %w",
 				l.path, h.describe(), h.Acquired.Format(time.RFC3339), l.opts.Clock.Now().Sub(w.seen[l.path].since).Round(time.Millisecond), err)

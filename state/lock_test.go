@@ -1161,3 +1161,93 @@ func TestLockLeftBehindHere(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestTurnMarkerLeftBehindHere: a waiter whose turn marker cannot be
+// removed once it holds the lock leaves the marker behind under the same
+// nonce as its live hold. Another Lock of this process breaks the marker
+// at once, and still waits for the hold: what is left behind is a name
+// with a nonce, never the nonce alone.
+func TestTurnMarkerLeftBehindHere(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	turn := path + ".turn"
+	var failTurn atomic.Bool
+	state.SetLockRemoveHook(t, func(name string) error {
+		if name == turn && failTurn.Load() {
+			return &os.PathError{Op: "remove", Path: name, Err: syscall.EIO}
+		}
+		return os.Remove(name)
+	})
+	a := newLock(t, path, nil, nil, time.Hour)
+	b := newLock(t, path, nil, nil, time.Hour)
+	unlockA, err := a.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		unlock func() error
+		err    error
+	}
+	got := make(chan result, 1)
+	go func() {
+		unlock, err := b.Lock(context.Background())
+		got <- result{unlock, err}
+	}()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		if _, err := os.Lstat(turn); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("b, waiting for a's hold, never left a turn marker")
+		}
+	}
+	failTurn.Store(true)
+	if err := unlockA(); err != nil {
+		t.Fatal(err)
+	}
+	r := <-got
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	marker, err := os.ReadFile(turn)
+	if err != nil {
+		t.Fatalf("b's marker, whose remove failed: %v", err)
+	}
+	held, err := os.ReadFile(path)
+	if err != nil || string(held) != string(marker) {
+		t.Fatalf("b's hold %q (%v) and its marker %q: want one record, one nonce", held, err, marker)
+	}
+	failTurn.Store(false)
+
+	// c's clock stands still, so no lease or grace runs out for it: it
+	// waits out 500 of its readings for b's live hold, and takes the lock
+	// once b releases only by breaking the marker as this process's own
+	// leftover.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c := newLock(t, path, nil, &tickClock{now: time.Now(), limit: 500, atLimit: cancel}, time.Hour)
+	if _, err := c.Lock(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("c took the lock b holds, whose nonce a marker left behind shares: %v", err)
+	}
+	if b, err := os.ReadFile(path); err != nil || string(b) != string(held) {
+		t.Fatalf("b's hold after c waited: %q, %v", b, err)
+	}
+	if err := r.unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(turn); err != nil {
+		t.Fatalf("b's marker left behind, before another waiter: %v", err)
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel2()
+	d := newLock(t, path, nil, &tickClock{now: time.Now()}, time.Hour)
+	unlockD, err := d.Lock(ctx2)
+	if err != nil {
+		t.Fatalf("the marker this process left behind was not broken at once: %v", err)
+	}
+	if _, err := os.Lstat(turn); !os.IsNotExist(err) {
+		t.Errorf("the marker left behind, after d took the lock: %v", err)
+	}
+	if err := unlockD(); err != nil {
+		t.Fatal(err)
+	}
+}

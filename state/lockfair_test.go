@@ -390,6 +390,9 @@ func TestLockTurnMarkerJudged(t *testing.T) {
 				if !errors.Is(err, context.Canceled) {
 					t.Fatalf("err = %v, want the wait cancelled at the clock's limit", err)
 				}
+				if msg := err.Error(); !strings.Contains(msg, "turn of") || !strings.Contains(msg, fmt.Sprintf("pid %d", tc.owner.PID)) {
+					t.Errorf("err = %q, want it to name the turn and its owner, pid %d", msg, tc.owner.PID)
+				}
 				if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("lock file left: %v", err)
 				}

@@ -291,11 +291,36 @@ func TestUpgradeFromFormat3(t *testing.T) {
 	if err := s.Update(ctx, putN(300)); err != nil {
 		t.Fatal(err)
 	}
+	// A root that format 3 wrote: packs of a few shards (a write that names
+	// entries of several shards), shards under 32 KiB, so no deltas.
+	for round := range 3 {
+		var ids []string
+		for i := range 4 {
+			ids = append(ids, bundleKey(round*4+i).ID())
+		}
+		err := s.UpdateEntries(ctx, ids, func(tx *state.Txn) (bool, error) {
+			for i := range 4 {
+				e := tx.Get(bundleKey(round*4 + i)).Clone()
+				e.SizeBytes += 1000
+				tx.Put(e)
+			}
+			return true, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 	sf := s.Path()
 	v4 := readBytes(t, sf)
 	v3 := bytes.Replace(v4, []byte(`{"version":4,`), []byte(`{"version":3,`), 1)
-	if bytes.Equal(v3, v4) {
-		t.Fatalf("setup: not a version 4 manifest:\n%.100s", v4)
+	if bytes.Equal(v3, v4) || !bytes.Contains(v3, []byte(`"file":"pk-`)) || bytes.Contains(v3, []byte(`"delta"`)) {
+		t.Fatalf("setup: want a version 4 manifest naming packs, without deltas:\n%.300s", v4)
+	}
+	want := map[string]int64{}
+	if st, err := s.View(ctx); err == nil {
+		for id, e := range st.Entries {
+			want[id] = e.SizeBytes
+		}
 	}
 	if err := os.WriteFile(sf, v3, 0o644); err != nil {
 		t.Fatal(err)
@@ -316,12 +341,22 @@ func TestUpgradeFromFormat3(t *testing.T) {
 	if got := readBytes(t, sf+state.PrevSuffix); !bytes.Equal(got, v3) {
 		t.Error("state.json.prev is not the format 3 manifest")
 	}
+	want[bundleKey(5).ID()]++ // bump's
+	st, err := openStore(t, dir).View(ctx)
+	if err != nil || len(st.Entries) != len(want) {
+		t.Fatalf("after the upgrade: %d entries, %v; want %d", len(st.Entries), err, len(want))
+	}
+	for id, size := range want {
+		if e := st.Entries[id]; e == nil || e.SizeBytes != size {
+			t.Fatalf("after the upgrade, entry %s: %+v, want size %d", id, e, size)
+		}
+	}
 	// Version 3 with a delta: no depcache of format 3 wrote it.
 	withDelta := bytes.Replace(v3, []byte(`,"sha256":`), []byte(`,"delta":{"file":"00-0000000000000009-00000000.json","bytes":9,"entries":1,"sha256":"0123456789abcdef"},"sha256":`), 1)
 	if err := os.WriteFile(sf, withDelta, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := openStore(t, dir).View(ctx)
+	_, err = openStore(t, dir).View(ctx)
 	if !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), "deltas are format 4") {
 		t.Errorf("a format 3 manifest with a delta: %v", err)
 	}

@@ -415,3 +415,87 @@ func TestDeltaDroppedWhenBackToBase(t *testing.T) {
 		t.Errorf("the other shard's delta: size %d", got)
 	}
 }
+
+// A read of named entries in a large base that the store read before, but
+// whose lines it did not decode, reads those lines alone from the base's
+// file, each checked against the hash taken when the whole file was
+// checked; a line whose bytes are not those (damage) sends the read to the
+// whole file, which refuses it as corrupt and deletes nothing.
+func TestNamedReadOfSeenBase(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	keys := keysOfShard("3f", 200)
+	want := map[string]*state.Entry{}
+	writer := openStore(t, dir)
+	if err := writer.Update(ctx, func(st *state.State) (bool, error) {
+		for i, k := range keys {
+			e := &state.Entry{Key: k, Stage: state.Ready, Path: "entries/" + k.ID() + "-g1/content", SizeBytes: int64(4096 + i), Generation: 1}
+			st.Put(e)
+			want[k.ID()] = e
+		}
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, rec := shardRecordOf(t, dir, "3f")
+	if rec.Bytes < state.DeltaMinBase {
+		t.Fatalf("setup: shard 3f of %d bytes, want %d or more", rec.Bytes, state.DeltaMinBase)
+	}
+	basePath := filepath.Join(dir, state.ShardDir, rec.File)
+	named := func(s *state.Store, k state.Key) (*state.Entry, error) {
+		var got *state.Entry
+		err := s.UpdateEntries(ctx, []string{k.ID()}, func(tx *state.Txn) (bool, error) {
+			got = tx.Get(k)
+			return false, nil
+		})
+		return got, err
+	}
+	reader := openStore(t, dir)
+	if got, err := named(reader, keys[0]); err != nil || !got.Equal(want[keys[0].ID()]) {
+		t.Fatalf("first named read: %+v, %v", got, err)
+	}
+
+	// Damage a line the reader has not decoded (same length, so the
+	// others stay where they were): a read of another line does not
+	// read it, and gets its entry.
+	orig := readBytes(t, basePath)
+	damage := func(k state.Key) []byte {
+		t.Helper()
+		b := bytes.Clone(orig)
+		i := bytes.Index(b, []byte(`"`+k.ID()+`":`))
+		j := bytes.Index(b[i:], []byte(`"size_bytes":`))
+		if i < 0 || j < 0 {
+			t.Fatalf("setup: no line of %s with a size in %s", k.ID(), basePath)
+		}
+		b[i+j+len(`"size_bytes":`)] = '9' // 4xxx → 9xxx
+		return b
+	}
+	if err := os.WriteFile(basePath, damage(keys[1]), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys[2:6] {
+		if got, err := named(reader, k); err != nil || !got.Equal(want[k.ID()]) {
+			t.Fatalf("named read of %s in the base seen before: %+v, %v; want %+v", k.ID(), got, err, want[k.ID()])
+		}
+	}
+	// The damaged line itself: refused, named, and nothing deleted.
+	_, err := named(reader, keys[1])
+	if !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), rec.File) {
+		t.Fatalf("named read of the damaged line: %v, want ErrCorrupt naming %s", err, rec.File)
+	}
+	if got := readBytes(t, basePath); !bytes.Equal(got, damage(keys[1])) {
+		t.Error("the damaged base was changed or deleted")
+	}
+	// A whole read checks every line, undecoded or not.
+	if _, err := openStore(t, dir).View(ctx); !errors.Is(err, state.ErrCorrupt) {
+		t.Errorf("View of a root whose base has a damaged line: %v, want ErrCorrupt", err)
+	}
+	if err := os.WriteFile(basePath, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	st, err := openStore(t, dir).View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameEntries(t, "after the repair", st, want)
+}

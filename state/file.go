@@ -529,8 +529,9 @@ func (e *shardAgain) Unwrap() error { return e.err }
 
 // loadShards returns the state of man with the shards of the entries sel
 // names (nil: all), reading only those whose file changed since this store
-// last saw them, or whose lines the read needs are not decoded. With sel,
-// the state holds only the entries it names.
+// last saw them, or whose lines the read needs are not decoded (of a file
+// it saw, only those lines: decodeMore). With sel, the state holds only
+// the entries it names.
 func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot, error) {
 	cache := s.cachedShards()
 	sn := &snapshot{exists: true, man: man, sel: sel}
@@ -547,12 +548,19 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 		}
 		c := cache[i]
 		read := false
-		if c.file == ref.File && c.off == ref.Offset && c.lines.decodedFor(need) {
+		same := c.file == ref.File && c.off == ref.Offset
+		if same && c.lines.decodedFor(need) {
 			sn.lines[i] = c.lines
 		} else {
-			lines, err := s.readShard(i, ref, true, c.lines, need, keep)
-			if err != nil {
-				return nil, err
+			var lines *lineCache
+			if same {
+				lines, _ = c.lines.decodeMore(need)
+			}
+			if lines == nil {
+				var err error
+				if lines, err = s.readShard(i, ref, true, c.lines, need, keep); err != nil {
+					return nil, err
+				}
 			}
 			sn.lines[i], read = lines, true
 		}

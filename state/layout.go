@@ -65,7 +65,8 @@ const (
 // to change one was half the CPU of an operation. The shard's hash in the
 // manifest vouches for the undecoded lines: what a writer wrote, each line
 // validated when it was encoded. A later read that needs them decodes
-// them then, with the same checks.
+// them then, with the same checks, reading only their bytes again when
+// the file is one it saw (decodeMore).
 type lineCache struct {
 	lines []cachedLine
 	src   []byte
@@ -151,6 +152,66 @@ func (c *lineCache) decodedFor(need needFn) bool {
 
 // needFn says which entry lines a read must decode; nil: all of them.
 type needFn func(id string) bool
+
+// decodeMore returns a copy of c with the lines that need asks for decoded
+// too, reading only those lines: from src, or from file at their places. A
+// shard file never changes, and each line's hash, taken when the whole
+// file was checked against its manifest, vouches for the bytes read back,
+// so a read of named entries in a shard it saw before reads a line, not
+// 140 KB and their hash (at 100,000 entries, where a base stays while many
+// deltas over it come and go). ok is false when a line cannot be had that
+// way (its file gone, its bytes not those hashed): the caller reads the
+// file whole, with the checks and errors of a first read.
+func (c *lineCache) decodeMore(need needFn) (next *lineCache, ok bool) {
+	if c == nil || need == nil || (c.src == nil && c.file == "") {
+		return nil, false
+	}
+	next = &lineCache{src: c.src, file: c.file, off: c.off, size: c.size, packed: c.packed, lazy: c.lazy}
+	var f *os.File
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
+	var buf []byte
+	for i, cl := range c.lines {
+		if cl.e != nil || !need(cl.id) {
+			continue
+		}
+		if next.lines == nil {
+			next.lines = slices.Clone(c.lines)
+		}
+		var line []byte
+		if c.src != nil {
+			line = cl.bytesIn(c.src)
+		} else {
+			if f == nil {
+				var err error
+				if f, err = os.Open(c.file); err != nil {
+					return nil, false
+				}
+			}
+			buf = slices.Grow(buf[:0], cl.n)[:cl.n]
+			if _, err := f.ReadAt(buf, c.off+int64(cl.off)); err != nil || sumLine(buf) != cl.sum {
+				return nil, false
+			}
+			line = buf
+		}
+		if line == nil {
+			return nil, false
+		}
+		dec, ok := decodeLineFor(line, cl.off, &cursor{}, nil, false)
+		if !ok || dec.id != cl.id || dec.e == nil {
+			return nil, false
+		}
+		next.lines[i] = dec
+		next.lazy--
+	}
+	if next.lines == nil {
+		return c, true
+	}
+	return next, true
+}
 
 // errUndecodedUnreadable: a write carries a line over undecoded, and the
 // shard file it is in could not be read again for its bytes.

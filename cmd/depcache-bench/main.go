@@ -54,6 +54,10 @@ type options struct {
 	goroutines int
 	entries    []int
 	duration   time.Duration
+	// warmup: each get+release worker runs this long before a window
+	// that all of them share, and only operations that end within it
+	// count (0: each worker counts from its own start, as before).
+	warmup     time.Duration
 	faninProcs int
 	faninMB    int
 	fetchMB    int
@@ -72,6 +76,7 @@ func main() {
 	flag.IntVar(&o.goroutines, "goroutines", 1, "goroutines per process for get+release")
 	flag.StringVar(&entries, "entries", "100,1000,10000,100000", "numbers of READY entries to measure with")
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "how long each get+release point runs")
+	flag.DurationVar(&o.warmup, "warmup", 0, "get+release: how long the workers run before the measured --duration, which then is one window all of them share (0: each counts from its own start)")
 	flag.IntVar(&o.faninProcs, "fanin-procs", 16, "processes in the cold fan-in")
 	flag.IntVar(&o.faninMB, "fanin-mb", 200, "bundle size of the cold fan-in, MB")
 	flag.IntVar(&o.fetchMB, "fetch-mb", 500, "bundle size of the fetch-throughput run, MB")
@@ -116,7 +121,7 @@ func main() {
 	if o.soak.workers < 1 || o.soak.sources < 1 {
 		fatalf("--workers and --sources must be positive")
 	}
-	if o.procs < 1 || o.goroutines < 1 || o.faninProcs < 1 || o.faninMB < 1 || o.fetchMB < 1 || o.duration <= 0 {
+	if o.procs < 1 || o.goroutines < 1 || o.faninProcs < 1 || o.faninMB < 1 || o.fetchMB < 1 || o.duration <= 0 || o.warmup < 0 {
 		fatalf("--procs, --goroutines, --fanin-procs, --fanin-mb, --fetch-mb and --duration must be positive")
 	}
 	if o.root == "" {
@@ -364,13 +369,19 @@ func runGetReleaseWorkers(o options, roots []string, sub string, n int, stateURL
 		}
 	}()
 	var results []int // workers whose results each command prints
+	// The shared window starts once every worker has had the warm-up
+	// after its start (which a fake host delays by its set-up).
+	window := time.Now().Add(o.warmup + 500*time.Millisecond)
 	for i := range o.procs {
 		if o.soak.fakehost != "" && i >= len(roots) {
 			break // a fake host runs all of its workers (below)
 		}
 		argv := []string{os.Args[0], "--worker", "getrelease", filepath.Join(roots[i%len(roots)], sub), strconv.Itoa(n), strconv.Itoa(o.goroutines), o.duration.String()}
-		if stateURL != "" {
+		if stateURL != "" || o.warmup > 0 {
 			argv = append(argv, stateURL)
+		}
+		if o.warmup > 0 {
+			argv = append(argv, strconv.FormatInt(window.UnixNano(), 10))
 		}
 		count := 1
 		if o.soak.fakehost != "" {
@@ -530,6 +541,17 @@ func workerGetRelease(args []string) int {
 	if len(args) > 4 {
 		stateURL = args[4]
 	}
+	// from: the start of the window shared with the other workers (zero:
+	// this worker's start); only what ends within it counts.
+	var from time.Time
+	if len(args) > 5 {
+		ns, err := strconv.ParseInt(args[5], 10, 64)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "getrelease worker: window:", err)
+			return 2
+		}
+		from = time.Unix(0, ns)
+	}
 	ctx := context.Background()
 	st, closeStore, err := workerStore(ctx, stateURL, root)
 	if err != nil {
@@ -543,6 +565,9 @@ func workerGetRelease(args []string) int {
 	var mu sync.Mutex
 	var res workerResult
 	m, err := manager.New(manager.Config{Root: root, State: st, Log: quietLog(), OnLockHold: func(d time.Duration) {
+		if time.Now().Before(from) {
+			return
+		}
 		mu.Lock()
 		res.Holds = append(res.Holds, d)
 		mu.Unlock()
@@ -554,7 +579,10 @@ func workerGetRelease(args []string) int {
 	var wg sync.WaitGroup
 	var ops atomic.Int64
 	var failed atomic.Bool // a get or release failed: the worker fails, after closing its store
-	deadline := time.Now().Add(dur)
+	if from.IsZero() {
+		from = time.Now()
+	}
+	deadline := from.Add(dur)
 	// Fake hosts number their processes alike: a pid alone does not tell
 	// two workers apart.
 	seed := rand.Uint64()
@@ -581,8 +609,10 @@ func workerGetRelease(args []string) int {
 					failed.Store(true)
 					break
 				}
-				lat = append(lat, time.Since(start))
-				ops.Add(1)
+				if end := time.Now(); !end.Before(from) && !end.After(deadline) {
+					lat = append(lat, end.Sub(start))
+					ops.Add(1)
+				}
 			}
 			mu.Lock()
 			res.Latencies = append(res.Latencies, lat...)

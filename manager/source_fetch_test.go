@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -95,6 +97,22 @@ func TestSourceFetch(t *testing.T) {
 				t.Errorf("a failed fetch wrote %q", buf.Bytes())
 			}
 		})
+	}
+	// A FIFO nobody writes to: refused at once, not waited on in open(2)
+	// (where no ctx reaches).
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- manager.FileSource().Fetch(ctx, "file://"+fifo, io.Discard, func(int64) {}) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, manager.ErrPermanent) || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("fetch of a FIFO: %v, want a permanent \"not a regular file\"", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("a fetch of a FIFO nobody writes to did not return within a minute")
 	}
 	hint := manager.DirectoryHint(dir + "/")
 	if want := "tar -czf " + dir + ".tar.gz -C " + filepath.Dir(dir) + " " + filepath.Base(dir); !strings.Contains(hint, want) {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -28,7 +29,11 @@ func (f fileSource) Fetch(ctx context.Context, src string, w io.Writer, total fu
 // the modification time (to the nanosecond) of from.Validator.
 func (fileSource) FetchRange(ctx context.Context, src string, from ResumeFrom, w io.Writer, start func(RangeStart) error) error {
 	p := strings.TrimPrefix(src, "file://")
-	f, err := os.Open(p)
+	// O_NONBLOCK: an open of a FIFO would otherwise wait, deaf to ctx,
+	// for a writer that may never come (and keep the process from
+	// exiting); the type is checked once the file is open. It changes
+	// nothing for the regular file read below.
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
 			return fmt.Errorf("%w: %w", ErrPermanent, err)

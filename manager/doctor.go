@@ -603,19 +603,26 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	if missing == 0 {
 		add("content", "ok", "every READY entry's content exists")
 	}
-	var orphans []string
+	var orphans, foreign []string
 	if ents, err := os.ReadDir(filepath.Join(root, entriesDir)); err == nil {
 		publishing := namedOrPublishing(st)
 		for _, d := range ents {
-			if !named[d.Name()] && !publishing[d.Name()] {
+			switch {
+			case !isEntryDirName(d.Name()):
+				foreign = append(foreign, d.Name())
+			case !named[d.Name()] && !publishing[d.Name()]:
 				orphans = append(orphans, d.Name())
 			}
 		}
 	}
-	if len(orphans) > 0 {
+	switch {
+	case len(orphans) > 0:
 		add("orphans", "warn", "content without an entry (start-up moves it aside): %s", strings.Join(orphans, ", "))
-	} else {
+	case len(foreign) == 0:
 		add("orphans", "ok", "no content without an entry")
+	}
+	if len(foreign) > 0 {
+		add("orphans", "warn", "not depcache's (names not KEYID-gGENERATION), left alone by every command: %s in %s; move them out of the cache root", strings.Join(foreign, ", "), filepath.Join(root, entriesDir))
 	}
 
 	var litter []string

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/depcache/depcache/manager"
@@ -66,5 +67,55 @@ func TestStateFileLostBesideItsPrevious(t *testing.T) {
 	}
 	if e := viewEntry(t, root, k); e == nil || e.Stage != state.Ready {
 		t.Errorf("entry after the rebuild: %+v", e)
+	}
+}
+
+// TestForeignDirectoryInEntries: a --root pointed at a directory that has
+// an entries/ of its own. What is not named as depcache names a
+// generation's directory (KEYID-gN) is not depcache's: start-up neither
+// asks for a rebuild because of it nor moves it aside, sweeps leave it,
+// and doctor says it is there. An orphan of depcache's own name beside it
+// is still moved aside.
+func TestForeignDirectoryInEntries(t *testing.T) {
+	root := t.TempDir()
+	foreign := []string{"photos", "0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789ABCDEF-g1", "0123456789abcdef0123456789abcdef-g", "0123456789abcdef0123456789abcdef-g1x"}
+	for _, d := range foreign {
+		if err := os.MkdirAll(filepath.Join(root, "entries", d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, "entries", d, "p.jpg"), []byte("important"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	m := newManager(t, root) // fails the test if start-up refuses
+	if _, err := getWait(t, m, "a", k); err != nil {
+		t.Fatal(err)
+	}
+	orphan := "fedcba9876543210fedcba9876543210-g3"
+	if err := os.MkdirAll(filepath.Join(root, "entries", orphan), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	newManager(t, root) // a second start-up reconciles with a state
+	if _, err := m.Sweep(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range foreign {
+		if b, err := os.ReadFile(filepath.Join(root, "entries", d, "p.jpg")); err != nil || string(b) != "important" {
+			t.Errorf("entries/%s/p.jpg, not depcache's, after start-ups and a sweep: %q, %v", d, b, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "entries", orphan)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the orphan %s, named as depcache names its own, was not moved aside: %v", orphan, err)
+	}
+	found := false
+	for _, c := range m.Doctor(context.Background()) {
+		if c.Name == "orphans" && c.Status == "warn" && strings.Contains(c.Detail, "not depcache's") && strings.Contains(c.Detail, "photos") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("doctor does not list photos as not depcache's: %+v", m.Doctor(context.Background()))
 	}
 }

@@ -519,7 +519,8 @@ func TestReconcile(t *testing.T) {
 		}
 	}
 	mkfile(filepath.Join(keptDir, "content"), "kept")
-	mkfile("entries/orphan-g1/content", "orphan")
+	orphanDir := filepath.Join("entries", state.Key{Kind: state.Bundle, Source: "https://example.com/orphan"}.ID()+"-g1")
+	mkfile(filepath.Join(orphanDir, "content"), "orphan")
 	owner := func(p state.Process) string {
 		b, _ := json.Marshal(map[string]any{"owner": state.Owner{Process: p, ManagerID: "x"}, "generation": 1})
 		return string(b)
@@ -547,7 +548,7 @@ func TestReconcile(t *testing.T) {
 	}
 	for p, want := range map[string]bool{
 		filepath.Join(keptDir, "content"): true,
-		"entries/orphan-g1":               false,
+		orphanDir:                         false,
 		"staging/dead-g1":                 false,
 		"staging/live-g1":                 true,
 	} {

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -45,9 +46,10 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	if exists, err := m.store.Exists(ctx); err != nil {
 		return err
 	} else if !exists {
-		if ents, _ := os.ReadDir(filepath.Join(root, entriesDir)); len(ents) > 0 {
+		names, _ := readDirNames(filepath.Join(root, entriesDir))
+		if n := len(slices.DeleteFunc(names, func(name string) bool { return !isEntryDirName(name) })); n > 0 {
 			return fmt.Errorf("%s is missing but %d published entries exist (run 'depcache doctor --rebuild'): %w",
-				m.store, len(ents), state.ErrCorrupt)
+				m.store, n, state.ErrCorrupt)
 		}
 	}
 	if err := m.settleTrash(ctx); err != nil {
@@ -94,7 +96,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		}
 		named := namedOrPublishing(st)
 		for _, name := range ents {
-			if !named[name] {
+			if !named[name] && isEntryDirName(name) {
 				orphans = append(orphans, filepath.Join(entriesDir, name))
 			}
 		}
@@ -105,6 +107,11 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	}
 	for _, k := range dropped {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
+	}
+	for _, name := range ents {
+		if !isEntryDirName(name) {
+			m.log.WithField("path", filepath.Join(root, entriesDir, name)).Warn("not depcache's (its name is not KEYID-gGENERATION): left alone; move it out of the cache root")
+		}
 	}
 	kept := orphans[:0]
 	for _, o := range orphans {
@@ -125,6 +132,24 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	m.removeDeadStaging(ctx)
 	m.emptyTrash()
 	return nil
+}
+
+// isEntryDirName reports whether name is one that depcache gives the
+// directory of a generation (stagingName: a key ID, "-g", a generation).
+// Anything else under entries/ is not depcache's (a --root pointed at a
+// directory that had an entries/ of its own): it is never moved or
+// deleted, and no rebuild is asked for because of it.
+func isEntryDirName(name string) bool {
+	id, g, ok := strings.Cut(name, "-g")
+	if !ok || len(id) != 32 || g == "" || strings.TrimLeft(g, "0123456789") != "" {
+		return false
+	}
+	for _, c := range id {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // readDirNames returns the names in dir, in no particular order.

@@ -103,7 +103,8 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			}
 			g.notePolicyMismatch(m)
 			var opts []manager.GetOption
-			if dependent != "" {
+			detached := dependent != ""
+			if detached {
 				opts = append(opts, manager.Detached())
 			} else {
 				dependent = anonymousDependent()
@@ -133,6 +134,15 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 						return fmt.Errorf("%s: not ready after %s: %w", key.Source, timeout, err)
 					}
 					return err
+				}
+				if _, ok := e.Dependents[dependent]; !ok && detached {
+					// Released by another process (or lapsed) while this get
+					// waited: the entry was kept by another dependent, but
+					// the path printed would be held by nobody this caller
+					// knows. Without another dependent, the entry is gone
+					// and Wait says so.
+					return fmt.Errorf("%s: dependent %q is no longer registered on the entry (released, or its TTL ended, while this get waited); get it again to hold it: %w",
+						key.Source, dependent, manager.ErrNotRegistered)
 				}
 			}
 			if e.Stage == state.Failed {

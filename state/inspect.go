@@ -113,7 +113,7 @@ func (s *Store) formatChecks() []Check {
 			continue
 		}
 		entries, problems := 0, []string{}
-		deltas := 0
+		deltas, unreadable := 0, 0 // unreadable: a read failed, as it would for a rebuild
 		for p, ref := range man.Shards {
 			if ref.hasDelta() {
 				deltas++
@@ -127,6 +127,9 @@ func (s *Store) formatChecks() []Check {
 					problems = append(problems, name+": missing")
 				case err != nil:
 					problems = append(problems, fmt.Sprintf("%s: %v", name, err))
+					if !errors.Is(err, ErrCorrupt) {
+						unreadable++
+					}
 				default:
 					for _, cl := range lines.lines {
 						ids[cl.id] = true
@@ -142,6 +145,9 @@ func (s *Store) formatChecks() []Check {
 			add("state format", "ok", "version %d: manifest of %d bytes, %d shards (%d with a delta), %d entries, commit %d", v, len(b), len(man.Shards), deltas, entries, man.Serial)
 		}
 		switch {
+		case len(problems) > 0 && f == StateFile && unreadable > 0:
+			// A rebuild would fail on the same read: say what to fix.
+			add("state shards", "fail", "%d of %d shards named by %s cannot be read or are bad (nothing was changed; fix what the errors say, such as the files' permissions or the filesystem, then run doctor again): %s", len(problems), len(man.Shards), s.path, strings.Join(problems, "; "))
 		case len(problems) > 0 && f == StateFile:
 			add("state shards", "fail", "%d of %d shards named by %s are bad (run 'depcache doctor --rebuild'): %s", len(problems), len(man.Shards), s.path, strings.Join(problems, "; "))
 		case len(problems) > 0:

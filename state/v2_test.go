@@ -470,3 +470,31 @@ func TestOldLitterCollectedAtOnce(t *testing.T) {
 		t.Fatalf("after collecting litter: %v, %v", st, err)
 	}
 }
+
+// A shard that cannot be read (a directory in its place here; permissions
+// or an I/O error elsewhere) is not one a rebuild would fix: a rebuild
+// reads it too. doctor names it, and does not send the operator to
+// --rebuild.
+func TestDoctorOnUnreadableShard(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	if err := s.Update(context.Background(), putN(20)); err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(dir, state.ShardDir, shardFiles(t, dir)[0])
+	if err := os.Remove(victim); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(victim, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var got *state.Check
+	for _, c := range openStore(t, dir).Checks(context.Background()) {
+		if c.Name == "state shards" {
+			got = &c
+		}
+	}
+	if got == nil || got.Status != "fail" || !strings.Contains(got.Detail, victim) || !strings.Contains(got.Detail, "is a directory") || strings.Contains(got.Detail, "--rebuild") {
+		t.Errorf("doctor's shard check on a shard that cannot be read: %+v; want a failure naming it and its error, without --rebuild", got)
+	}
+}

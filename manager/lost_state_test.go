@@ -119,3 +119,79 @@ func TestForeignDirectoryInEntries(t *testing.T) {
 		t.Errorf("doctor does not list photos as not depcache's: %+v", m.Doctor(context.Background()))
 	}
 }
+
+// TestContentLostUnderNamedDependent: a READY entry whose content went
+// missing (deleted by hand, a restore without it) is fetched again at the
+// next start-up under a new generation, and keeps its dependents: a named
+// one can still be released, and holds the new content meanwhile. With no
+// dependent, the entry is dropped.
+func TestContentLostUnderNamedDependent(t *testing.T) {
+	root := t.TempDir()
+	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	k := mustKey(t, "file://"+abs, "")
+	ctx := context.Background()
+	m := newManager(t, root)
+	if _, err := m.Get(ctx, "d1", k, manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	e, err := m.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := m.Abs(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(p); err != nil {
+		t.Fatal(err)
+	}
+
+	m2 := newManager(t, root)
+	if got := viewEntry(t, root, k); got == nil || got.Stage != state.Downloading || got.Owner != nil || got.Dependents["d1"] == (state.Dependent{}) {
+		t.Fatalf("after start-up with the content missing: %+v, want an unowned download that keeps d1", got)
+	}
+	if _, err := m2.Get(ctx, "d2", k, manager.Detached()); err != nil {
+		t.Fatal(err)
+	}
+	e2, err := m2.Wait(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e2.Generation <= e.Generation || len(e2.Dependents) != 2 {
+		t.Errorf("fetched again: generation %d (was %d), dependents %v; want a later generation held by d1 and d2", e2.Generation, e.Generation, e2.Dependents)
+	}
+	if p2, err := m2.Abs(e2); err != nil || !exists(t, root, mustRel(t, root, p2)) {
+		t.Errorf("the content fetched again, %s: %v", p2, err)
+	}
+	for _, d := range []string{"d1", "d2"} {
+		if err := m2.Release(ctx, d, k); err != nil {
+			t.Errorf("release of %s: %v", d, err)
+		}
+	}
+
+	// Lost again with no dependent left: dropped.
+	e3 := viewEntry(t, root, k)
+	if e3 == nil || e3.Stage != state.Ready || len(e3.Dependents) != 0 {
+		t.Fatalf("after both releases: %+v, want a READY entry without dependents", e3)
+	}
+	p3, err := m2.Abs(*e3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(p3); err != nil {
+		t.Fatal(err)
+	}
+	newManager(t, root)
+	if got := viewEntry(t, root, k); got != nil {
+		t.Errorf("a READY entry without dependents whose content is missing: %+v, want it dropped", got)
+	}
+}
+
+func mustRel(t *testing.T, root, p string) string {
+	t.Helper()
+	r, err := filepath.Rel(root, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}

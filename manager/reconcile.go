@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/depcache/depcache/state"
+	"github.com/depcache/depcache/transitions"
 	"github.com/sirupsen/logrus"
 )
 
@@ -21,7 +22,9 @@ import (
 // on a state that was read successfully (the store refuses a corrupt one):
 //   - content that an older depcache's interrupted sweep left in trash
 //     while its entry still names it goes back (settleTrash);
-//   - a READY entry whose content is missing is dropped;
+//   - a READY entry whose content is missing is fetched again under a new
+//     generation when it has dependents, which it keeps (as an image
+//     removed from its daemon is), and dropped when it has none;
 //   - a published directory that no entry names is moved to trash after
 //     the commit. A directory of a generation still DOWNLOADING is named:
 //     its publisher renamed it into place and is about to commit;
@@ -79,9 +82,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	var dropped, orphans []string
+	var dropped, refetched, orphans []string
 	err = m.store.Update(ctx, func(st *state.State) (bool, error) {
-		dropped, orphans = dropped[:0], orphans[:0]
+		dropped, refetched, orphans = dropped[:0], refetched[:0], orphans[:0]
 		changed, err := m.settlePolicy(st)
 		if err != nil {
 			return false, err
@@ -89,8 +92,13 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		for id, e := range st.Entries {
 			// Only if it is still the entry whose content was found missing.
 			if p, ok := missing[id]; ok && e.Stage == state.Ready && e.Path == p {
-				delete(st.Entries, id)
-				dropped = append(dropped, e.Key.String())
+				if len(e.Dependents) > 0 {
+					st.Entries[id] = transitions.Refetch(e, "its content "+p+" was missing: fetching it again").Entry
+					refetched = append(refetched, e.Key.String())
+				} else {
+					delete(st.Entries, id)
+					dropped = append(dropped, e.Key.String())
+				}
 				changed = true
 			}
 		}
@@ -107,6 +115,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	}
 	for _, k := range dropped {
 		m.log.WithField("key", k).Warn("dropped a READY entry whose content is missing")
+	}
+	for _, k := range refetched {
+		m.log.WithField("key", k).Warn("a READY entry's content is missing: it is fetched again, for the dependents it keeps")
 	}
 	for _, name := range ents {
 		if !isEntryDirName(name) {

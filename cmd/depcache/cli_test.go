@@ -155,6 +155,20 @@ func TestCLIEnvTwins(t *testing.T) {
 	if code != 2 || !strings.Contains(errb.String(), "DEPCACHE_RETRIES") {
 		t.Errorf("DEPCACHE_RETRIES=many: exit %d, %q; want 2 naming the variable", code, errb.String())
 	}
+	t.Setenv("DEPCACHE_RETRIES", "")
+	// A value a command checks itself, after the flags parse.
+	t.Setenv("DEPCACHE_SHA256", "zz")
+	errb.Reset()
+	code = run(context.Background(), []string{"--root", root, "get", "file:///x"}, &out, &errb)
+	if code != 2 || !strings.Contains(errb.String(), "--sha256") || !strings.Contains(errb.String(), "set by DEPCACHE_SHA256") {
+		t.Errorf("DEPCACHE_SHA256=zz: exit %d, %q; want 2 naming --sha256 and the variable", code, errb.String())
+	}
+	t.Setenv("DEPCACHE_SHA256", "")
+	errb.Reset()
+	code = run(context.Background(), []string{"--root", root, "gc", "--dry-run", "--max-size", "7EiB"}, &out, &errb)
+	if code != 2 || !strings.Contains(errb.String(), "at most 4EiB") {
+		t.Errorf("--max-size 7EiB: exit %d, %q; want 2 saying the bound", code, errb.String())
+	}
 }
 
 func TestCLIGCGolden(t *testing.T) {

@@ -140,8 +140,11 @@ func (s *sizeValue) Set(v string) error {
 		return fmt.Errorf("%q: a size must not be negative", v)
 	}
 	n, err := humanize.ParseBytes(v)
-	if err != nil || n > 1<<62 {
+	if err != nil {
 		return fmt.Errorf("%q: want a size such as 10GiB, 500MB or 1048576", v)
+	}
+	if n > 1<<62 {
+		return fmt.Errorf("%q: at most 4EiB (4611686018427387904 bytes)", v)
 	}
 	s.bytes, s.percent = int64(n), 0
 	return nil

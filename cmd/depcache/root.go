@@ -330,7 +330,7 @@ func applyEnv(cmd *cobra.Command, g *globals) error {
 // twin, not the command line, the variable's name: the message names the
 // flag, which the user never typed.
 func nameEnvTwin(g *globals, err error) error {
-	if err == nil || !errors.Is(err, errBadFlag) {
+	if err == nil || !isUsage(err) {
 		return err
 	}
 	// Only the flag the message starts with is the one at fault; a flag

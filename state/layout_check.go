@@ -34,7 +34,11 @@ func CheckLayout(root string, dirs, files []string) error {
 				return fmt.Errorf("%s: %w", p, err)
 			}
 			if fi.Mode().Type() != names.want {
-				return fmt.Errorf("%s is %s, not %s: %w (move it back, or make --root the directory it points to)", p, describeType(fi.Mode()), names.what, ErrLayout)
+				hint := "move it out of the cache root; depcache makes " + n + " itself"
+				if fi.Mode()&fs.ModeSymlink != 0 {
+					hint = "move it back, or make --root the directory it points to"
+				}
+				return fmt.Errorf("%s is %s, not %s: %w (%s)", p, describeType(fi.Mode()), names.what, ErrLayout, hint)
 			}
 		}
 	}

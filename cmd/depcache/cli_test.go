@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"flag"
 	"net/http"
 	"net/http/httptest"
@@ -421,5 +422,57 @@ func TestCLIReleaseImageInTwoDaemons(t *testing.T) {
 		if len(e.Dependents) != 1 {
 			t.Errorf("entry of %s lost its dependent in a refused release", e.Key.Daemon)
 		}
+	}
+}
+
+// TestDoctorOnBadLayout: a name of the root's layout that is not what
+// depcache made (a directory where state.json belongs, a file for
+// state.d/) stops every command, doctor included, but doctor reports it
+// as a failing check in its usual forms, and the message says to move it
+// out rather than to follow it. Nothing is moved or deleted.
+func TestDoctorOnBadLayout(t *testing.T) {
+	abs, _ := filepath.Abs("../../testdata/bundles/hello.tar.gz")
+	for _, tc := range []struct {
+		name string
+		bend func(root string) error
+		path string
+	}{
+		{"state.json a directory", func(root string) error {
+			if err := os.Rename(filepath.Join(root, "state.json"), filepath.Join(root, "kept.json")); err != nil {
+				return err
+			}
+			return os.Mkdir(filepath.Join(root, "state.json"), 0o755)
+		}, "state.json"},
+		{"state.d a file", func(root string) error {
+			if err := os.Rename(filepath.Join(root, "state.d"), filepath.Join(root, "kept.d")); err != nil {
+				return err
+			}
+			return os.WriteFile(filepath.Join(root, "state.d"), []byte("x"), 0o644)
+		}, "state.d"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if code, _, errs := cli(t, root, "get", "--dependent", "job", "file://"+abs); code != 0 {
+				t.Fatal(errs)
+			}
+			if err := tc.bend(root); err != nil {
+				t.Fatal(err)
+			}
+			code, out, _ := cli(t, root, "doctor")
+			if code != 1 || !strings.HasPrefix(out, "fail layout") || !strings.Contains(out, filepath.Join(root, tc.path)) || !strings.Contains(out, "move it out") {
+				t.Errorf("doctor: exit %d, %q; want exit 1 and a failing layout check naming %s", code, out, tc.path)
+			}
+			code, out, _ = cli(t, root, "--json", "doctor")
+			var checks []map[string]string
+			if code != 1 || json.Unmarshal([]byte(out), &checks) != nil || len(checks) != 1 || checks[0]["name"] != "layout" || checks[0]["status"] != "fail" {
+				t.Errorf("doctor --json: exit %d, %q; want exit 1 and one failing layout check", code, out)
+			}
+			if code, _, errs := cli(t, root, "ls"); code != 1 || !strings.Contains(errs, tc.path) {
+				t.Errorf("ls: exit %d, %q; want exit 1 naming %s", code, errs, tc.path)
+			}
+			if ents, err := os.ReadDir(filepath.Join(root, "entries")); err != nil || len(ents) != 1 {
+				t.Errorf("entries after: %v, %v; want the one entry left", ents, err)
+			}
+		})
 	}
 }

@@ -80,6 +80,11 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			// its ID).
 			g.state.adoptRoot = rebuild
 			m, err := manager.New(g.plainConfig())
+			if errors.Is(err, state.ErrLayout) && !rebuild && !breakLock {
+				// No check can look further into a root that a name of its
+				// layout leads out of: report that one, as a check.
+				return printChecks(g, []manager.Check{{Name: "layout", Status: "fail", Detail: err.Error()}})
+			}
 			if err != nil {
 				return err
 			}
@@ -105,28 +110,7 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			if probe {
 				opts = append(opts, manager.WithProbes())
 			}
-			checks := m.Doctor(ctx, opts...)
-			if checks == nil {
-				checks = []manager.Check{}
-			}
-			failed := 0
-			for _, c := range checks {
-				if !g.json {
-					fmt.Fprintf(g.stdout, "%-4s %-12s %s\n", c.Status, c.Name, c.Detail)
-				}
-				if c.Status == "fail" {
-					failed++
-				}
-			}
-			if g.json {
-				if err := printJSON(g.stdout, checks); err != nil {
-					return err
-				}
-			}
-			if failed > 0 {
-				return fmt.Errorf("%d check(s) failed: %w", failed, errUnhealthy)
-			}
-			return nil
+			return printChecks(g, m.Doctor(ctx, opts...))
 		},
 	}
 	f := cmd.Flags()
@@ -453,4 +437,30 @@ func breakStateLock(cmd *cobra.Command, g *globals, m *manager.Manager, yes bool
 		return err
 	}
 	return done(true, true, "broke the state lock")
+}
+
+// printChecks prints doctor's checks, one a line or as a JSON array, and
+// fails (errUnhealthy) when one of them failed.
+func printChecks(g *globals, checks []manager.Check) error {
+	if checks == nil {
+		checks = []manager.Check{}
+	}
+	failed := 0
+	for _, c := range checks {
+		if !g.json {
+			fmt.Fprintf(g.stdout, "%-4s %-12s %s\n", c.Status, c.Name, c.Detail)
+		}
+		if c.Status == "fail" {
+			failed++
+		}
+	}
+	if g.json {
+		if err := printJSON(g.stdout, checks); err != nil {
+			return err
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d check(s) failed: %w", failed, errUnhealthy)
+	}
+	return nil
 }

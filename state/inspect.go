@@ -173,6 +173,27 @@ func (s *Store) formatChecks() []Check {
 		add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they are %s older than the last commit, or stayed so for %s",
 			len(unnamed), size, filepath.Join(s.root, ShardDir), grace, grace)
 	}
+	if foreign := foreignInShardDir(s.root); len(foreign) > 0 {
+		add("foreign files", "warn", "not depcache's (not shard files by name, or not regular files), left alone by every command: %s in %s; move them out of the cache root",
+			strings.Join(foreign, ", "), filepath.Join(s.root, ShardDir))
+	}
+	return out
+}
+
+// foreignInShardDir lists what state.d holds that depcache never writes
+// there: names that are not a shard file's, or not regular files. No
+// holder deletes them (only unnamed shard files are litter).
+func foreignInShardDir(root string) []string {
+	ents, err := os.ReadDir(filepath.Join(root, ShardDir))
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range ents {
+		if !isShardFile(e.Name()) || !e.Type().IsRegular() {
+			out = append(out, e.Name())
+		}
+	}
 	return out
 }
 

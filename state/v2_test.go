@@ -498,3 +498,40 @@ func TestDoctorOnUnreadableShard(t *testing.T) {
 		t.Errorf("doctor's shard check on a shard that cannot be read: %+v; want a failure naming it and its error, without --rebuild", got)
 	}
 }
+
+// Files in state.d that depcache never writes there (by name or by type)
+// are left alone, and doctor lists them.
+func TestDoctorListsForeignFilesInShardDir(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	if err := s.Update(context.Background(), putN(20)); err != nil {
+		t.Fatal(err)
+	}
+	sd := filepath.Join(dir, state.ShardDir)
+	if err := os.WriteFile(filepath.Join(sd, "notes.txt"), []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(sd, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(shardFiles(t, dir)[0], filepath.Join(sd, "00-0000000000000099-0000abcd.json")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		bump(t, s, i)
+	}
+	var detail string
+	for _, c := range openStore(t, dir).Checks(context.Background()) {
+		if strings.Contains(c.Detail, "not depcache's") {
+			detail = c.Detail
+		}
+	}
+	for _, n := range []string{"notes.txt", "sub", "00-0000000000000099-0000abcd.json"} {
+		if _, err := os.Lstat(filepath.Join(sd, n)); err != nil {
+			t.Errorf("%s, not depcache's, after commits: %v", n, err)
+		}
+		if !strings.Contains(detail, n) {
+			t.Errorf("doctor does not list %s as not depcache's: %q", n, detail)
+		}
+	}
+}

@@ -547,33 +547,17 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 			continue
 		}
 		c := cache[i]
-		read := false
-		same := c.file == ref.File && c.off == ref.Offset
-		if same && c.lines.decodedFor(need) {
-			sn.lines[i] = c.lines
-		} else {
-			var lines *lineCache
-			if same {
-				lines, _ = c.lines.decodeMore(need)
-			}
-			if lines == nil {
-				var err error
-				if lines, err = s.readShard(i, ref, true, c.lines, need, keep); err != nil {
-					return nil, err
-				}
-			}
-			sn.lines[i], read = lines, true
+		lines, read, err := s.shardLines(i, ref, true, c.file == ref.File && c.off == ref.Offset, c.lines, need, keep)
+		if err != nil {
+			return nil, err
 		}
+		sn.lines[i] = lines
 		if ref.hasDelta() {
-			if c.dfile == ref.Delta.File && c.doff == ref.Delta.Offset && c.dlines.decodedFor(need) {
-				sn.deltas[i] = c.dlines
-			} else {
-				dlines, err := s.readShard(i, ref.delta(), false, c.dlines, need, keep)
-				if err != nil {
-					return nil, err
-				}
-				sn.deltas[i], read = dlines, true
+			dlines, dread, err := s.shardLines(i, ref.delta(), false, c.dfile == ref.Delta.File && c.doff == ref.Delta.Offset, c.dlines, need, keep)
+			if err != nil {
+				return nil, err
 			}
+			sn.deltas[i], read = dlines, read || dread
 		}
 		if read || c.dfile != ref.Delta.File || c.doff != ref.Delta.Offset {
 			s.rememberShard(i, ref, sn.lines[i], sn.deltas[i])
@@ -606,6 +590,23 @@ func (s *Store) loadShards(man *manifest, sel *selection, keep bool) (*snapshot,
 		}
 	}
 	return sn, nil
+}
+
+// shardLines returns the lines of shard i's file ref (its base, or its
+// delta) that a read needs: the cached ones when the file is the one
+// cached (same) and they are decoded, else read (read true), only the
+// lines when the file is the one cached (decodeMore), else whole.
+func (s *Store) shardLines(i int, ref shardRef, base, same bool, cached *lineCache, need needFn, keep bool) (lines *lineCache, read bool, err error) {
+	if same && cached.decodedFor(need) {
+		return cached, false, nil
+	}
+	if same {
+		if lines, _ = cached.decodeMore(need); lines != nil {
+			return lines, true, nil
+		}
+	}
+	lines, err = s.readShard(i, ref, base, cached, need, keep)
+	return lines, true, err
 }
 
 // lineOf returns the line of id in shard i as read: its delta's, else its

@@ -727,10 +727,6 @@ func (m *Manager) watch(seen map[string]map[string]observation, id, name, sig st
 	return now.Sub(o.since)
 }
 
-// diskSpace returns the free and total bytes of dir's filesystem, or zeros.
-func diskSpace(dir string) (free, size int64) {
-	return statfsSpace{}.Space(dir)
-}
 
 // statfsSpace is the real DiskSpace.
 type statfsSpace struct{}

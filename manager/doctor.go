@@ -560,7 +560,7 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 		os.Remove(f.Name())
 	}
 
-	free, size := diskSpace(root)
+	free, size := m.cfg.Disk.Space(root)
 	if size > 0 {
 		status := "ok"
 		if free*20 < size {

@@ -78,7 +78,7 @@ func TestStateFileLostBesideItsPrevious(t *testing.T) {
 // is still moved aside.
 func TestForeignDirectoryInEntries(t *testing.T) {
 	root := t.TempDir()
-	foreign := []string{"photos", "0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789ABCDEF-g1", "0123456789abcdef0123456789abcdef-g", "0123456789abcdef0123456789abcdef-g1x"}
+	foreign := []string{"photos", "0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789ABCDEF-g1", "0123456789abcdef0123456789abcdef-g", "0123456789abcdef0123456789abcdef-g1x", "0123456789abcdef0123456789abcdef-g007", "0123456789abcdef0123456789abcdef-g+7", "0123456789abcdef0123456789abcdef-g99999999999999999999"}
 	for _, d := range foreign {
 		if err := os.MkdirAll(filepath.Join(root, "entries", d), 0o755); err != nil {
 			t.Fatal(err)

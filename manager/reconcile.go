@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -152,7 +153,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 // deleted, and no rebuild is asked for because of it.
 func isEntryDirName(name string) bool {
 	id, g, ok := strings.Cut(name, "-g")
-	if !ok || len(id) != 32 || g == "" || strings.TrimLeft(g, "0123456789") != "" {
+	if !ok || len(id) != 32 {
 		return false
 	}
 	for _, c := range id {
@@ -160,7 +161,8 @@ func isEntryDirName(name string) bool {
 			return false
 		}
 	}
-	return true
+	n, err := strconv.ParseUint(g, 10, 64)
+	return err == nil && strconv.FormatUint(n, 10) == g // as stagingName writes it: no sign, no leading zero
 }
 
 // readDirNames returns the names in dir, in no particular order.

@@ -29,10 +29,16 @@ func (f fileSource) Fetch(ctx context.Context, src string, w io.Writer, total fu
 // the modification time (to the nanosecond) of from.Validator.
 func (fileSource) FetchRange(ctx context.Context, src string, from ResumeFrom, w io.Writer, start func(RangeStart) error) error {
 	p := strings.TrimPrefix(src, "file://")
-	// O_NONBLOCK: an open of a FIFO would otherwise wait, deaf to ctx,
-	// for a writer that may never come (and keep the process from
-	// exiting); the type is checked once the file is open. It changes
-	// nothing for the regular file read below.
+	// Only a regular file is opened: an open of a FIFO would wait, deaf to
+	// ctx, for a writer that may never come (and keep the process from
+	// exiting), and a device's open may act. O_NONBLOCK covers a swap
+	// between the stat and the open (the type is checked again on the
+	// open file); it changes nothing for a regular file.
+	if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+		return fmt.Errorf("%s: %w", DirectoryHint(p), ErrPermanent)
+	} else if err == nil && !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file: %w", p, ErrPermanent)
+	}
 	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {

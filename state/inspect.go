@@ -190,7 +190,9 @@ func foreignInShardDir(root string) []string {
 	}
 	var out []string
 	for _, e := range ents {
-		if !isShardFile(e.Name()) || !e.Type().IsRegular() {
+		// .nfsXXXX: an NFS client's name for a file deleted while open,
+		// gone once it is closed.
+		if (!isShardFile(e.Name()) || !e.Type().IsRegular()) && !strings.HasPrefix(e.Name(), ".nfs") {
 			out = append(out, e.Name())
 		}
 	}

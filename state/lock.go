@@ -357,6 +357,7 @@ func (l *Lock) Check() error {
 // did, as far as anyone can tell: the release stays a failed remove.
 func (l *Lock) release(name, nonce string) error {
 	err := l.releaseOnce(name, nonce)
+	removeErr := err // the last failed remove, which a failed read leaves standing
 	for _, d := range removeRetries {
 		if !isRemoveError(err) {
 			break
@@ -366,9 +367,9 @@ func (l *Lock) release(name, nonce string) error {
 		case errors.Is(next, ErrLockLost):
 			return nil
 		case next == nil || isRemoveError(next):
-			err = next
+			err, removeErr = next, next
 		default:
-			err = fmt.Errorf("%w (reading it again: %v)", err, next)
+			err = fmt.Errorf("%w (reading it again: %v)", removeErr, next)
 		}
 	}
 	return err

@@ -727,7 +727,6 @@ func (m *Manager) watch(seen map[string]map[string]observation, id, name, sig st
 	return now.Sub(o.since)
 }
 
-
 // statfsSpace is the real DiskSpace.
 type statfsSpace struct{}
 

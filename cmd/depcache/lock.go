@@ -119,8 +119,9 @@ type lockHold interface {
 	// token draws the hold's fencing token.
 	token() (uint64, error)
 	// renew keeps the hold alive: an error wrapping state.ErrLockLost
-	// says it is gone, any other that this renewal did not happen.
-	renew() error
+	// says it is gone, any other that this renewal did not happen. It
+	// gives up at ctx's end where it can.
+	renew(ctx context.Context) error
 	// release gives the lock up; an error wrapping state.ErrLockLost says
 	// it had been lost.
 	release() error
@@ -175,7 +176,7 @@ type fileHold struct {
 }
 
 func (h fileHold) token() (uint64, error) { return h.s.NextToken(h.tokenPath) }
-func (h fileHold) renew() error           { return h.s.Renew() }
+func (h fileHold) renew(context.Context) error { return h.s.Renew() }
 func (h fileHold) release() error         { return h.s.Release() }
 func (h fileHold) lost() <-chan struct{}  { return nil }
 
@@ -184,7 +185,7 @@ func (h fileHold) lost() <-chan struct{}  { return nil }
 type etcdHold struct{ l *etcdstore.NamedLock }
 
 func (h etcdHold) token() (uint64, error) { return h.l.Token(), nil }
-func (h etcdHold) renew() error           { return h.l.Check(context.Background()) }
+func (h etcdHold) renew(ctx context.Context) error { return h.l.Check(ctx) }
 func (h etcdHold) release() error         { return h.l.Release(context.Background()) }
 
 // lost is closed as soon as the client learns that etcd ended the lease,
@@ -314,8 +315,20 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	renew := time.NewTicker(every)
 	defer renew.Stop()
 	lastRenewal := time.Now() // monotonic: a stop of this process counts
+	// A renewal runs beside this loop, so that one that hangs (an etcd
+	// cut off answers after its 5 s request timeout; a file server may
+	// never) neither holds up signals and CMD's exit nor lets CMD run
+	// past what the last renewal vouches for: guard fires two thirds of a
+	// lease after it, renewed or not.
+	guard := time.NewTimer(lease * 2 / 3)
+	defer guard.Stop()
+	renewed := make(chan error, 1)
+	renewing := false
+	renewCtx, cancelRenew := context.WithCancel(context.Background())
+	defer cancelRenew()
 	lost := func(why string) int {
 		fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
+		cancelRenew()
 		c.end(endGrace)
 		s.release()
 		return exitLost
@@ -334,11 +347,24 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 			c.signal(sig)
 		case <-s.lost():
 			return lost(fmt.Sprintf("its lease ended (this process went %s without a renewal of its own, lease %s)", time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
+		case <-guard.C:
+			return lost(fmt.Sprintf("could not renew for %s (lease %s): no renewal returned in time", time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
 		case <-renew.C:
-			err := s.renew()
+			if !renewing {
+				renewing = true
+				deadline := lastRenewal.Add(lease * 2 / 3)
+				go func() {
+					ctx, cancel := context.WithDeadline(renewCtx, deadline)
+					defer cancel()
+					renewed <- s.renew(ctx)
+				}()
+			}
+		case err := <-renewed:
+			renewing = false
 			switch {
 			case err == nil:
 				lastRenewal = time.Now()
+				guard.Reset(lease * 2 / 3)
 			case errors.Is(err, state.ErrLockLost):
 				return lost(fmt.Sprintf("%v (this process went %s without renewing, lease %s)", err, time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
 			case time.Since(lastRenewal) >= lease*2/3:

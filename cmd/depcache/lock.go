@@ -175,18 +175,18 @@ type fileHold struct {
 	tokenPath string
 }
 
-func (h fileHold) token() (uint64, error) { return h.s.NextToken(h.tokenPath) }
+func (h fileHold) token() (uint64, error)      { return h.s.NextToken(h.tokenPath) }
 func (h fileHold) renew(context.Context) error { return h.s.Renew() }
-func (h fileHold) release() error         { return h.s.Release() }
-func (h fileHold) lost() <-chan struct{}  { return nil }
+func (h fileHold) release() error              { return h.s.Release() }
+func (h fileHold) lost() <-chan struct{}       { return nil }
 
 // etcdHold is a hold of a lock on etcd: the client renews its lease by
 // itself, so a renewal only checks that the hold is still ours.
 type etcdHold struct{ l *etcdstore.NamedLock }
 
-func (h etcdHold) token() (uint64, error) { return h.l.Token(), nil }
+func (h etcdHold) token() (uint64, error)          { return h.l.Token(), nil }
 func (h etcdHold) renew(ctx context.Context) error { return h.l.Check(ctx) }
-func (h etcdHold) release() error         { return h.l.Release(context.Background()) }
+func (h etcdHold) release() error                  { return h.l.Release(context.Background()) }
 
 // lost is closed as soon as the client learns that etcd ended the lease,
 // so that CMD is ended without waiting for the next check.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -515,16 +516,49 @@ func (m *Manager) moveToTrash(dirs []string, what string) {
 // if its commit fails.
 func (m *Manager) ownTrash() (string, error) {
 	dir := filepath.Join(m.Root(), trashDir, m.self.ManagerID)
-	if _, err := os.Stat(filepath.Join(dir, ownerName)); err == nil {
+	note := filepath.Join(dir, ownerName)
+	var rec struct {
+		Owner state.Owner `json:"owner"`
+	}
+	// Read, not only stat'ed: a note cut short by a full disk would leave
+	// what is moved in here no one's to empty.
+	if b, err := readNote(note); err == nil && json.Unmarshal(b, &rec) == nil && rec.Owner.Same(&m.self) {
 		return dir, nil
 	}
 	if err := m.perms.MkdirAll(dir); err != nil { // trash/ itself too, with the group's mode
 		return "", err
 	}
-	b, _ := json.Marshal(struct {
-		Owner state.Owner `json:"owner"`
-	}{m.self})
-	return dir, m.perms.WriteFile(filepath.Join(dir, ownerName), b)
+	rec.Owner = m.self
+	b, _ := json.Marshal(rec)
+	if err := m.perms.WriteFile(note, b); err != nil {
+		os.Remove(note)
+		return "", err
+	}
+	return dir, nil
+}
+
+// unwrittenTrashNote is how old a trash directory without a readable
+// owner note must be before any sweep adopts it: a manager makes the
+// directory and then writes the note, and a full disk can stop it between
+// the two (or cut the note short) and then kill it.
+const unwrittenTrashNote = 10 * time.Minute
+
+// noteNeverWritten reports whether the trash directory dir has an owner
+// note that is missing or empty, and has not changed for
+// unwrittenTrashNote (by the file server's clock against ours).
+func noteNeverWritten(dir string, now time.Time) bool {
+	fi, err := os.Lstat(filepath.Join(dir, ownerName))
+	if err == nil && fi.Size() > 0 {
+		return false
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	di, derr := os.Lstat(dir)
+	if derr != nil || now.Sub(di.ModTime()) < unwrittenTrashNote || (err == nil && now.Sub(fi.ModTime()) < unwrittenTrashNote) {
+		return false
+	}
+	return true
 }
 
 // emptyTrash deletes, outside the lock, what this manager moved aside.
@@ -618,11 +652,18 @@ func (m *Manager) settleTrashAgainst(st *state.State, dirs []os.DirEntry, listed
 			Owner state.Owner `json:"owner"`
 		}
 		b, err := readNote(filepath.Join(dir, ownerName))
-		if err != nil || json.Unmarshal(b, &rec) != nil || !m.self.SameMachine(rec.Owner.Process) {
-			continue // another host's, or unknown: doctor reports it
-		}
-		if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
-			continue
+		switch {
+		case err == nil && json.Unmarshal(b, &rec) == nil:
+			if !m.self.SameMachine(rec.Owner.Process) {
+				continue // another host's
+			}
+			if alive, err := m.cfg.Processes.Alive(rec.Owner.Process); err != nil || alive {
+				continue
+			}
+		case noteNeverWritten(dir, m.cfg.Clock.Now()):
+			m.log.WithField("dir", dir).Warn("adopting evicted content in trash whose owner note was never written (a full disk, then a crash): it is deleted")
+		default:
+			continue // a note that does not parse: unknown, left alone
 		}
 		own, err := m.ownTrash()
 		if err != nil {

@@ -417,3 +417,48 @@ func TestStopSweepsWhatAPublishOwes(t *testing.T) {
 		}
 	}
 }
+
+// TestTrashWithUnwrittenNote: a trash directory whose owner note is empty
+// or missing (a full disk cut the note short, then the manager died with
+// evicted content in it) is adopted and emptied by a sweep once it stayed
+// so for 10 minutes; a younger one, whose manager may be writing the note
+// now, and one whose note does not parse, are left alone.
+func TestTrashWithUnwrittenNote(t *testing.T) {
+	root := t.TempDir()
+	m := newManager(t, root)
+	mk := func(id string, note []byte, age time.Duration) string {
+		dir := filepath.Join(root, "trash", id)
+		if err := os.MkdirAll(filepath.Join(dir, "x-g1"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "x-g1", "content"), make([]byte, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if note != nil {
+			if err := os.WriteFile(filepath.Join(dir, "owner.json"), note, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		old := time.Now().Add(-age)
+		for _, p := range []string{filepath.Join(dir, "owner.json"), dir} {
+			os.Chtimes(p, old, old)
+		}
+		return dir
+	}
+	emptyOld := mk("aaaa000000000001", []byte{}, 11*time.Minute)
+	missingOld := mk("aaaa000000000002", nil, 11*time.Minute)
+	emptyNew := mk("aaaa000000000003", []byte{}, time.Minute)
+	garbled := mk("aaaa000000000004", []byte("{not json"), 11*time.Minute)
+	if _, err := m.Sweep(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	for dir, kept := range map[string]bool{emptyOld: false, missingOld: false, emptyNew: true, garbled: true} {
+		_, err := os.Stat(filepath.Join(dir, "x-g1", "content"))
+		if got := err == nil; got != kept {
+			t.Errorf("%s: content kept %v, want %v", filepath.Base(dir), got, kept)
+		}
+	}
+	if c := trashContent(root); len(c) != 2 {
+		t.Errorf("trash after the sweep: %v, want only the two left alone", c)
+	}
+}

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -150,6 +151,9 @@ func (s *Store) formatChecks() []Check {
 			add("state shards", "fail", "%d of %d shards named by %s cannot be read or are bad (nothing was changed; fix what the errors say, such as the files' permissions or the filesystem, then run doctor again): %s", len(problems), len(man.Shards), s.path, strings.Join(problems, "; "))
 		case len(problems) > 0 && f == StateFile:
 			add("state shards", "fail", "%d of %d shards named by %s are bad (run 'depcache doctor --rebuild'): %s", len(problems), len(man.Shards), s.path, strings.Join(problems, "; "))
+		case len(problems) > 0 && prevMovedOn(filepath.Join(s.root, f), b):
+			// A commit replaced .prev while we read it, and retired the
+			// files only the old one named: not a problem.
 		case len(problems) > 0:
 			add("previous state shards", "warn", "%d of %d shards named by %s are bad: %s", len(problems), len(man.Shards), filepath.Join(s.root, f), strings.Join(problems, "; "))
 		case f == StateFile:
@@ -178,6 +182,12 @@ func (s *Store) formatChecks() []Check {
 			strings.Join(foreign, ", "), filepath.Join(s.root, ShardDir))
 	}
 	return out
+}
+
+// prevMovedOn reports whether the file at name no longer holds b.
+func prevMovedOn(name string, b []byte) bool {
+	now, err := os.ReadFile(name)
+	return err == nil && !bytes.Equal(now, b)
 }
 
 // foreignInShardDir lists what state.d holds that depcache never writes

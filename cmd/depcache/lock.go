@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
@@ -322,21 +323,35 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	// lease after it, renewed or not.
 	guard := time.NewTimer(lease * 2 / 3)
 	defer guard.Stop()
-	renewed := make(chan error, 1)
+	type renewal struct {
+		began time.Time // what it vouches for: the hold was renewed after this
+		err   error
+	}
+	renewed := make(chan renewal, 1)
 	renewing := false
 	renewCtx, cancelRenew := context.WithCancel(context.Background())
 	defer cancelRenew()
+	// holdMu keeps a renewal and the release apart: a hold's calls are
+	// not safe side by side. A release waits for a renewal in flight,
+	// after CMD has been ended or has exited.
+	var holdMu sync.Mutex
+	release := func() error {
+		cancelRenew()
+		holdMu.Lock()
+		defer holdMu.Unlock()
+		return s.release()
+	}
 	lost := func(why string) int {
 		fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
 		cancelRenew()
 		c.end(endGrace)
-		s.release()
+		release()
 		return exitLost
 	}
 	for {
 		select {
 		case <-c.done:
-			if err := s.release(); errors.Is(err, state.ErrLockLost) {
+			if err := release(); errors.Is(err, state.ErrLockLost) {
 				fmt.Fprintf(g.stderr, "depcache lock: the lease of %q (token %d) was lost while CMD ran, found at release: %v; exit %d\n", name, tok, err, exitLost)
 				return exitLost, nil
 			} else if err != nil {
@@ -356,15 +371,18 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 				go func() {
 					ctx, cancel := context.WithDeadline(renewCtx, deadline)
 					defer cancel()
-					renewed <- s.renew(ctx)
+					holdMu.Lock()
+					defer holdMu.Unlock()
+					began := time.Now()
+					renewed <- renewal{began, s.renew(ctx)}
 				}()
 			}
-		case err := <-renewed:
+		case r := <-renewed:
 			renewing = false
-			switch {
+			switch err := r.err; {
 			case err == nil:
-				lastRenewal = time.Now()
-				guard.Reset(lease * 2 / 3)
+				lastRenewal = r.began
+				guard.Reset(time.Until(lastRenewal.Add(lease * 2 / 3)))
 			case errors.Is(err, state.ErrLockLost):
 				return lost(fmt.Sprintf("%v (this process went %s without renewing, lease %s)", err, time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
 			case time.Since(lastRenewal) >= lease*2/3:

@@ -193,11 +193,18 @@ type RebuildReport struct {
 	UnreadableReason string `json:"unreadable_reason"`
 	// LastState is the last state that parses, which the lists below are
 	// taken from: the state file itself (a forced rebuild), else
-	// state.json.prev; empty when neither parses, and then nothing can be
-	// said about what was dropped. LastStateCopy is a copy of it that no
-	// later commit replaces.
+	// state.json.prev, else the first of them whose manifest parses, read
+	// shard by shard (see UnreadShards); empty when none does, and then
+	// nothing can be said about what was dropped. LastStateCopy is a copy
+	// of it that no later commit replaces.
 	LastState     string `json:"last_state"`
 	LastStateCopy string `json:"last_state_copy"`
+	// UnreadShards are, when neither the state file nor state.json.prev
+	// parses whole (a damaged shard that both name), the shards of
+	// LastState that did not read. The lists below cover every other
+	// shard, and a listed one whose From names the file it was read from
+	// instead; for one with an empty From, what was dropped is unknown.
+	UnreadShards []state.UnreadShard `json:"unread_shards"`
 	// DroppedDependents are the dependents of LastState's entries, which a
 	// rebuild never keeps: re-register those that still run.
 	DroppedDependents []DroppedDependents `json:"dropped_dependents"`
@@ -270,7 +277,9 @@ type RebuiltPolicy struct {
 // re-hashed; run verify for that. Dependents, owners and downloads in flight
 // are lost; the report lists them as the last state that parses (the
 // previous version, state.json.prev, when the state file does not) had
-// them, and a copy of that state is kept. The policy of that state is
+// them, and a copy of that state is kept. When neither parses whole, as
+// after damage to a shard both name, the shards that read still count:
+// the report says which did not. The policy of that state is
 // carried over; without one it is the defaults plus this manager's
 // settings. The unreadable file stays aside; no content is deleted.
 //
@@ -300,7 +309,7 @@ func emptyState(st *state.State) bool {
 
 func (m *Manager) rebuild(ctx context.Context, force bool, from *state.State, fromName string) (RebuildReport, error) {
 	rep := RebuildReport{Failed: []RebuiltFailed{}, DroppedDependents: []DroppedDependents{},
-		DroppedDownloads: []DroppedDownload{}, DroppedEntries: []DroppedEntry{}}
+		DroppedDownloads: []DroppedDownload{}, DroppedEntries: []DroppedEntry{}, UnreadShards: []state.UnreadShard{}}
 	if !force {
 		// A missing state file (with content left, which start-up refuses)
 		// or one that does not parse is what this is for.
@@ -455,6 +464,9 @@ func (p metaFile) entry(last *state.State, now time.Time) *state.Entry {
 // fill says what the rebuild built and what it dropped of the last state.
 func (rep *RebuildReport) fill(r state.Replaced, built *state.State) {
 	rep.Unreadable, rep.LastState, rep.LastStateCopy = r.Unreadable, r.LastFile, r.LastCopy
+	if len(r.Unread) > 0 {
+		rep.UnreadShards = r.Unread
+	}
 	if r.UnreadableErr != nil {
 		rep.UnreadableReason = r.UnreadableErr.Error()
 	}

@@ -339,3 +339,112 @@ func TestVerifyNamesUnreadableMetadata(t *testing.T) {
 		t.Errorf("content after verify: %v", err)
 	}
 }
+
+// TestRebuildAfterADamagedShard: damage to a shard that state.json and
+// state.json.prev both name leaves no state that parses whole. The
+// rebuild still carries over what every other shard says (each entry's
+// last use) and reports, from them, the dependents it drops; the damaged
+// shard is named as unread, its contents unknown.
+func TestRebuildAfterADamagedShard(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	m, stop := startManager(t, root)
+	a, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	b, _ := filepath.Abs("../testdata/hostile/README.md")
+	ka, kb := mustKey(t, "file://"+a, ""), mustKey(t, "file://"+b, "")
+	for _, k := range []state.Key{ka, kb} {
+		if _, err := getWait(t, m, "job-"+k.ID()[:6], k); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.Get(ctx, "named", k, manager.Detached()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := state.Open(root, state.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	shardsBefore := manifestShards(t, root, state.StateFile)
+	if len(shardsBefore) != 2 {
+		t.Fatalf("the two entries share a shard (%v): pick other files", shardsBefore)
+	}
+	// The last commit writes b's shard only: a's is then named by both
+	// state.json and state.json.prev.
+	usedB := time.Date(2026, 11, 2, 0, 0, 0, 0, time.UTC)
+	if err := s.UpdateEntries(ctx, []string{kb.ID()}, func(tx *state.Txn) (bool, error) {
+		e := tx.Get(kb).Clone()
+		e.LastUsed = usedB
+		tx.Put(e)
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cur, prev := manifestShards(t, root, state.StateFile), manifestShards(t, root, state.StateFile+state.PrevSuffix)
+	var shared string
+	for p, f := range cur {
+		if prev[p] == f {
+			shared = p
+		}
+	}
+	if shared == "" {
+		t.Fatalf("no shard named by both manifests: %v, %v", cur, prev)
+	}
+	damaged := filepath.Join(root, state.ShardDir, cur[shared])
+	if err := os.WriteFile(damaged, []byte("{not a shard"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	rm, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := rm.Rebuild(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Entries != 2 {
+		t.Errorf("rebuilt %d entries, want both", rep.Entries)
+	}
+	if rep.LastState != filepath.Join(root, state.StateFile) || len(rep.UnreadShards) != 1 || rep.UnreadShards[0].Shard != shared || rep.UnreadShards[0].From != "" {
+		t.Fatalf("last state %q, unread %+v; want state.json with shard %s unread", rep.LastState, rep.UnreadShards, shared)
+	}
+	// b's shard read: its dependents are reported, its last use kept.
+	if len(rep.DroppedDependents) != 1 || rep.DroppedDependents[0].Key != kb || len(rep.DroppedDependents[0].Dependents) != 2 {
+		t.Errorf("dropped dependents %+v, want b's two", rep.DroppedDependents)
+	}
+	st, err := s.View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := st.Get(kb); e == nil || !e.LastUsed.Equal(usedB) {
+		t.Errorf("b rebuilt as %+v, want its last use %s kept", e, usedB)
+	}
+	if st.Get(ka) == nil {
+		t.Error("a was not rebuilt from its metadata")
+	}
+}
+
+// manifestShards maps each shard of a format 2 state file to its file.
+func manifestShards(t *testing.T, root, name string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m struct {
+		Shards map[string]struct {
+			File string `json:"file"`
+		} `json:"shards"`
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for p, r := range m.Shards {
+		out[p] = r.File
+	}
+	return out
+}

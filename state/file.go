@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -708,6 +709,100 @@ func decodeFileBytes(root string, b []byte) (*State, error) {
 	return st, nil
 }
 
+// UnreadShard is a shard of the last state's manifest that did not read
+// when the state as a whole did not parse: see [Replaced.Unread].
+type UnreadShard struct {
+	// Shard is the shard's prefix, File the file (base or delta) that did
+	// not read, and Reason why.
+	Shard  string `json:"shard"`
+	File   string `json:"file"`
+	Reason string `json:"reason"`
+	// From is the state file whose manifest's version of the shard was
+	// read instead (state.json.prev, one commit older), or empty when no
+	// version read: the shard's entries are unknown.
+	From string `json:"from"`
+}
+
+// readShards reads every shard man names, shard by shard: the entries of
+// each shard whose files all read, by prefix, and for each of the others
+// the first file that did not, and why.
+func readShards(root string, man *manifest) (map[string][]*Entry, map[string]UnreadShard) {
+	good, bad := map[string][]*Entry{}, map[string]UnreadShard{}
+	for p, ref := range man.Shards {
+		var ents []*Entry
+		for k, r := range ref.fileRefs() {
+			_, lines, err := readShardFile(root, p, r, k == 0, nil, nil)
+			if err != nil {
+				bad[p] = UnreadShard{Shard: p, File: filepath.Join(root, ShardDir, r.File), Reason: err.Error()}
+				ents = nil
+				break
+			}
+			for _, cl := range lines.lines {
+				ents = append(ents, cl.e)
+			}
+		}
+		if _, failed := bad[p]; !failed {
+			good[p] = ents
+		}
+	}
+	return good, bad
+}
+
+// readablePart is the part of a damaged format 2 state that still reads:
+// the header and every shard that reads of the first of files (state.json,
+// state.json.prev) whose manifest parses, and for a shard of it that does
+// not read, that shard as a later file's manifest has it if it reads there.
+// A base that no commit rewrote is named by both state.json and its
+// previous version, so damage to it leaves no whole state that parses,
+// while the other shards still say which entries had dependents and when
+// each was last used. It returns a nil state when no manifest parses, and
+// the file it took the header from.
+func readablePart(root string, files []string) (*State, string, []UnreadShard) {
+	var st *State
+	var from string
+	var missing map[string]UnreadShard
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil || !isManifest(b) {
+			continue
+		}
+		man, err := decodeManifest(b)
+		if err != nil {
+			continue
+		}
+		good, bad := readShards(root, man)
+		if st == nil {
+			st = &State{Version: FormatVersion, Policy: man.Policy, MaxGeneration: man.MaxGeneration, Entries: map[string]*Entry{}}
+			from, missing = f, bad
+			for _, ents := range good {
+				for _, e := range ents {
+					st.Entries[e.Key.ID()] = e
+				}
+			}
+			continue
+		}
+		st.MaxGeneration = max(st.MaxGeneration, man.MaxGeneration)
+		for p, u := range missing {
+			if u.From != "" {
+				continue
+			}
+			if ents, ok := good[p]; ok {
+				for _, e := range ents {
+					st.Entries[e.Key.ID()] = e
+				}
+				u.From = f
+				missing[p] = u
+			}
+		}
+	}
+	if st == nil {
+		return nil, "", nil
+	}
+	unread := slices.Collect(maps.Values(missing))
+	slices.SortFunc(unread, func(a, b UnreadShard) int { return strings.Compare(a.Shard, b.Shard) })
+	return st, from, unread
+}
+
 // keepAside copies unreadable bytes next to the state file, named by their
 // hash so that repeated failures keep one copy. The state file itself stays
 // where it is: every process keeps refusing it until an operator acts.
@@ -915,13 +1010,21 @@ func SyncDir(dir string) error {
 type Replaced struct {
 	// Last is the last state that parses: the state file itself when it
 	// parses, else its previous version (state.json.prev) when that one
-	// does; nil when neither does.
+	// does, else what of them still reads (see Unread); nil when no
+	// manifest of theirs parses.
 	Last *State
 	// LastFile is the file Last was read from.
 	LastFile string
 	// LastCopy is a copy of LastFile (state.json.kept-HASH) that no later
 	// commit replaces: state.json.prev is replaced at the next one.
 	LastCopy string
+	// Unread lists, when neither the state file nor its previous version
+	// parses whole, the shards of the manifest Last was read from (the
+	// first of the two that parses) that did not read. Last holds every
+	// other shard of that manifest, and those of the listed shards that
+	// read in the previous version's manifest (with From set): the rest
+	// of the state, which a damaged shard does not make unknown.
+	Unread []UnreadShard
 	// Unreadable is where the state file that did not parse is kept aside
 	// (state.json.bad-HASH), and UnreadableErr why it was not used (it did
 	// not parse, or could not be read). Both are zero when it parsed or
@@ -968,10 +1071,13 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	case !errors.Is(rerr, fs.ErrNotExist):
 		rep.UnreadableErr = rerr
 	}
+	parsed := rep.Last != nil // state.json itself, whole
 	if rep.Last == nil {
 		prev := s.path + PrevSuffix
 		if st, err := DecodeFile(s.root, StateFile+PrevSuffix); err == nil {
 			rep.Last, rep.LastFile = st, prev
+		} else {
+			rep.Last, rep.LastFile, rep.Unread = readablePart(s.root, []string{s.path, prev})
 		}
 	}
 	if rep.Last != nil {
@@ -991,7 +1097,7 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	}
 	// Only a state file that parses becomes state.json.prev: one that does
 	// not never replaces a good previous version.
-	sn := newSnapshot(st, rep.LastFile == s.path)
+	sn := newSnapshot(st, parsed)
 	sn.man = lastMan
 	_, err = s.commitChanges(sn)
 	return rep, err

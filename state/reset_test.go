@@ -3,9 +3,14 @@ package state_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/depcache/depcache/state"
@@ -127,4 +132,159 @@ func TestResetOfAReadableState(t *testing.T) {
 	if prev, _ := os.ReadFile(s.Path() + state.PrevSuffix); !bytes.Equal(prev, good) {
 		t.Errorf("state.json.prev is not the replaced state:\n%s", prev)
 	}
+}
+
+// A shard that no commit since rewrote is named by state.json and by its
+// previous version alike, so damage to it leaves no state that parses
+// whole; a Reset still hands over every other shard, dependents and all,
+// and says which shard it could not read. A damaged shard that only the
+// last commit wrote is taken from the previous version instead.
+func TestResetAfterADamagedShard(t *testing.T) {
+	ctx := context.Background()
+	const n = 300
+	for _, tc := range []struct {
+		name string
+		// Which shards to damage: one that both manifests name, the
+		// one that only state.json names (entry 0's).
+		shared, changed bool
+	}{
+		{"named by both", true, false},
+		{"named by the last commit only", false, true},
+		{"one of each", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := openStore(t, dir)
+			if err := s.Update(ctx, func(st *state.State) (bool, error) {
+				for i := range n {
+					st.Put(&state.Entry{Key: bundleKey(i), Stage: state.Ready, Generation: uint64(i + 1), Path: fmt.Sprintf("entries/x-g%d/content", i+1),
+						Dependents: map[string]state.Dependent{fmt.Sprintf("job%d", i): {}}})
+				}
+				st.MaxGeneration = n
+				return true, nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			// The second commit changes entry 0 only: its shard gets a
+			// new file, the others stay as they were.
+			if err := s.UpdateEntries(ctx, []string{bundleKey(0).ID()}, func(v *state.Txn) (bool, error) {
+				e := v.Get(bundleKey(0)).Clone()
+				e.Dependents = map[string]state.Dependent{"job0": {}, "late": {}}
+				v.Put(e)
+				return true, nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			cur, prev := shardRefs(t, s.Path()), shardRefs(t, s.Path()+state.PrevSuffix)
+			var shared, changed string // the prefixes of the shards to damage
+			for _, p := range slices.Sorted(maps.Keys(cur)) {
+				if cur[p] != prev[p] {
+					changed = p
+				} else if shared == "" {
+					shared = p
+				}
+			}
+			if shared == "" || changed == "" {
+				t.Fatalf("shards: shared %q, changed %q, of %d", shared, changed, len(cur))
+			}
+			damage := func(p string) {
+				ref := cur[p]
+				f, err := os.OpenFile(filepath.Join(dir, state.ShardDir, ref.File), os.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer f.Close()
+				if _, err := f.WriteAt([]byte("#"), ref.Offset+int64(ref.Bytes)/2); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := n // entries handed over
+			var wantUnread []state.UnreadShard
+			if tc.shared {
+				damage(shared)
+				want -= cur[shared].Entries
+				wantUnread = append(wantUnread, state.UnreadShard{Shard: shared})
+			}
+			if tc.changed {
+				damage(changed)
+				if tc.shared {
+					wantUnread = append(wantUnread, state.UnreadShard{Shard: changed, From: s.Path() + state.PrevSuffix})
+				}
+			}
+			slices.SortFunc(wantUnread, func(a, b state.UnreadShard) int { return strings.Compare(a.Shard, b.Shard) })
+			wantLast := s.Path()
+			if !tc.shared {
+				wantLast = s.Path() + state.PrevSuffix // it parses whole
+			}
+			prevBefore, _ := os.ReadFile(s.Path() + state.PrevSuffix)
+
+			var handed *state.State
+			rep, err := s.Reset(ctx, func(st, last *state.State) error {
+				handed = last
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if handed == nil {
+				t.Fatal("Reset's function was given no last state")
+			}
+			if rep.LastFile != wantLast {
+				t.Errorf("LastFile %q, want %q", rep.LastFile, wantLast)
+			}
+			if len(rep.Unread) != len(wantUnread) {
+				t.Fatalf("Unread %+v, want %+v", rep.Unread, wantUnread)
+			}
+			for i, u := range rep.Unread {
+				if w := wantUnread[i]; u.Shard != w.Shard || u.From != w.From || u.Reason == "" || u.File == "" {
+					t.Errorf("Unread[%d] = %+v, want shard %s from %q, with its file and reason", i, u, w.Shard, w.From)
+				}
+			}
+			if len(handed.Entries) != want {
+				t.Errorf("handed %d entries, want %d", len(handed.Entries), want)
+			}
+			for _, e := range handed.Entries {
+				if len(e.Dependents) == 0 {
+					t.Errorf("%s handed without its dependents", e.Key.Source)
+				}
+			}
+			if e := handed.Get(bundleKey(0)); tc.changed && (e == nil || len(e.Dependents) != 1) {
+				t.Errorf("entry 0 handed as %+v, want the previous version's (one dependent)", e)
+			}
+			if handed.MaxGeneration != n {
+				t.Errorf("MaxGeneration %d, want %d", handed.MaxGeneration, n)
+			}
+			// The damaged state.json never becomes the previous version.
+			if after, _ := os.ReadFile(s.Path() + state.PrevSuffix); !bytes.Equal(after, prevBefore) {
+				t.Error("state.json.prev was replaced by the damaged state")
+			}
+			if kept, err := state.DecodeFile(dir, filepath.Base(rep.LastCopy)); err != nil || len(kept.Entries) != want {
+				t.Errorf("the copy at %q: %v", rep.LastCopy, err)
+			}
+		})
+	}
+}
+
+// shardRef is what a manifest records of one shard.
+type shardRef struct {
+	File    string `json:"file"`
+	Offset  int64  `json:"offset"`
+	Bytes   int    `json:"bytes"`
+	Entries int    `json:"entries"`
+	SHA256  string `json:"sha256"`
+}
+
+func shardRefs(t *testing.T, manifest string) map[string]shardRef {
+	t.Helper()
+	b, err := os.ReadFile(manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m struct {
+		Shards map[string]shardRef `json:"shards"`
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	return m.Shards
 }

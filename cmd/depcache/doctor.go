@@ -169,6 +169,13 @@ func printRebuild(w io.Writer, rep manager.RebuildReport) {
 		} else {
 			fmt.Fprintf(w, "dropped, as %s had it:\n", rep.LastState)
 		}
+		for _, u := range rep.UnreadShards {
+			if u.From != "" {
+				fmt.Fprintf(w, "  (shard %s did not read: %s; taken from %s, one commit older)\n", u.Shard, u.Reason, u.From)
+			} else {
+				fmt.Fprintf(w, "  (shard %s did not read: %s; what it held is unknown)\n", u.Shard, u.Reason)
+			}
+		}
 		if len(rep.DroppedDependents)+len(rep.DroppedDownloads)+len(rep.DroppedEntries) == 0 {
 			fmt.Fprintln(w, "  nothing: no dependents, no downloads in flight")
 		}

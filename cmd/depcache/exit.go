@@ -133,6 +133,8 @@ func errKind(err error) string {
 		return "unchecked"
 	case errors.Is(err, manager.ErrStateReadable), errors.Is(err, state.ErrBoundElsewhere), errors.Is(err, etcdstore.ErrRootMismatch):
 		return "refused"
+	case errors.Is(err, etcdstore.ErrUnavailable):
+		return "unavailable"
 	}
 	return "error"
 }

@@ -38,6 +38,9 @@ type stateFlags struct {
 	once  sync.Once
 	store state.Backend
 	err   error
+	// etcdOpts are the options the etcd store was opened with, kept for
+	// the checks doctor runs when it could not be (ClusterChecks).
+	etcdOpts *etcdstore.Options
 }
 
 func (f *stateFlags) register(fs *pflag.FlagSet) {
@@ -139,6 +142,7 @@ func (f *stateFlags) open(ctx context.Context, g *globals) (state.Backend, error
 	user, password := f.credentials()
 	opts := etcdstore.Options{Endpoints: endpoints, Prefix: prefix, TLS: tc, Root: root, Perms: perms, AdoptRoot: f.adoptRoot,
 		Username: user, Password: password}
+	f.etcdOpts = &opts
 	s, err := etcdstore.Open(ctx, opts)
 	if err != nil {
 		if errors.Is(err, etcdstore.ErrBadURL) {
@@ -183,11 +187,28 @@ func (f *stateFlags) tls() (*tls.Config, error) {
 // store that could not be opened answers every call with why.
 func (g *globals) plainState() state.Backend {
 	s, err := g.stateStore()
-	if err != nil {
+	switch {
+	case err != nil && g.state.etcdOpts != nil && errors.Is(err, etcdstore.ErrUnavailable):
+		return unreachedEtcd{unopened{err}, *g.state.etcdOpts}
+	case err != nil:
 		return unopened{err}
 	}
 	return s
 }
+
+// unreachedEtcd is an etcd store that did not answer when opened: doctor
+// still gets each member's status from it (etcdstore.ClusterChecks), which
+// is what an operator needs to see when the cluster has lost its quorum.
+type unreachedEtcd struct {
+	unopened
+	opts etcdstore.Options
+}
+
+func (u unreachedEtcd) Checks(ctx context.Context) []state.Check {
+	return etcdstore.ClusterChecks(ctx, u.opts)
+}
+func (u unreachedEtcd) Holder() string                            { return "" }
+func (u unreachedEtcd) BreakHolder(context.Context, string) error { return u.err }
 
 // unopened is a state store that failed to open.
 type unopened struct{ err error }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/depcache/depcache/state/etcdstore/etcdtest"
@@ -59,6 +60,26 @@ func TestStateFlagErrors(t *testing.T) {
 		if code != c.code || !strings.Contains(stderr, c.want) {
 			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", c.args, code, stderr, c.code, c.want)
 		}
+	}
+	// A cluster that does not answer is its own kind of error, which a
+	// script may retry; doctor still says, member by member, who did
+	// not answer.
+	code, _, stderr := cli(t, root, "--json", "--state", "etcd://127.0.0.1:1/x", "ls")
+	var e errorJSON
+	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "unavailable" || e.ExitCode != 1 {
+		t.Errorf("ls --json on an etcd that does not answer: exit %d, %q (%v); want kind unavailable, exit 1", code, stderr, err)
+	}
+	code, stdout, _ := cli(t, root, "--json", "--state", "etcd://127.0.0.1:1/x", "doctor")
+	var checks []manager.Check
+	if err := json.Unmarshal([]byte(stdout), &checks); err != nil || code != 1 {
+		t.Fatalf("doctor --json: exit %d, %v: %s", code, err, stdout)
+	}
+	got := map[string]string{}
+	for _, c := range checks {
+		got[c.Name] = c.Status
+	}
+	if got["etcd 127.0.0.1:1"] != "fail" || got["etcd leader"] != "fail" || got["state"] != "fail" {
+		t.Errorf("doctor on an etcd that does not answer: %+v; want the endpoint, the leader and the state failing", checks)
 	}
 }
 

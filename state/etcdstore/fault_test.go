@@ -320,6 +320,74 @@ func TestRigQuorumLost(t *testing.T) {
 	}
 }
 
+// TestRigQuorumLostAtOpen: with two of three members killed, the one left
+// knows it has no leader and says so at once ("etcdserver: no leader", an
+// etcd error the client does not hand over as a gRPC status). Open then
+// fails with ErrUnavailable, as a cluster that does not answer does (it
+// failed with the bare "no leader"), and ClusterChecks still reports each
+// member and the missing leader.
+func TestRigQuorumLostAtOpen(t *testing.T) {
+	eps, prefix := faultRig(t, "quorum-open")
+	open(t, eps, prefix) // the prefix exists
+	killed := map[string]bool{}
+	for i := range eps {
+		if n := fmt.Sprint(i + 1); len(killed) < len(eps)-1 {
+			ctl(t, "kill", n)
+			killed[eps[i]] = true
+		}
+	}
+	var left string
+	for _, ep := range eps {
+		if !killed[ep] {
+			left = ep
+		}
+	}
+	// Wait until the member left has stepped down (etcd's check quorum):
+	// the answer this test is about.
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{left}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		st, err := cli.Status(ctx, left)
+		cancel()
+		if err == nil && st.Leader == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("member %s still has a leader a minute after two of three were killed: %+v %v", left, st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_, err = Open(context.Background(), Options{Endpoints: eps, Prefix: prefix, DialTimeout: 3 * time.Second})
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Open without a leader: %v; want ErrUnavailable", err)
+	}
+	t.Logf("Open without a leader: %v", err)
+	checks := ClusterChecks(context.Background(), Options{Endpoints: eps, Prefix: prefix, RequestTimeout: 2 * time.Second})
+	got := map[string]state.Check{}
+	for _, c := range checks {
+		got[c.Name] = c
+	}
+	for _, ep := range eps {
+		c, ok := got["etcd "+ep]
+		switch {
+		case !ok:
+			t.Errorf("no check of %s in %+v", ep, checks)
+		case c.Status != "fail":
+			t.Errorf("%s: %+v, want fail", ep, c)
+		case !killed[ep] && !strings.Contains(c.Detail, "member ") && !strings.Contains(c.Detail, "no leader"):
+			t.Errorf("%s (alive): %q, want its status and no leader", ep, c.Detail)
+		}
+	}
+	if c := got["etcd leader"]; c.Status != "fail" || !strings.Contains(c.Detail, "no quorum") {
+		t.Errorf("leader check %+v, want fail: no quorum", c)
+	}
+}
+
 // TestRigReadsOutliveLeaderKill: reads, and the other requests that may
 // be repeated (a lease grant, a put-if-absent of the sweeper's key, the
 // listing behind a watch), go on across the leader's death. One that

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/depcache/depcache/state"
 	"github.com/dustin/go-humanize"
@@ -20,16 +21,84 @@ var ErrNoLock = errors.New("the etcd state store holds no lock")
 // alarms (NOSPACE), the database size against its quota, the history
 // kept (compaction), and commit records left behind. It changes nothing.
 func (s *Store) Checks(ctx context.Context) []state.Check {
+	out := s.clusterChecks(ctx)
+	add := func(name, status, format string, args ...any) {
+		out = append(out, state.Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
+	}
+	rctx, cancel := s.rctx(ctx)
+	alarms, err := s.cli.AlarmList(rctx)
+	cancel()
+	switch {
+	case err != nil:
+		add("etcd alarms", "fail", "%v", s.fail(ctx, "alarm list", err))
+	case len(alarms.Alarms) == 0:
+		add("etcd alarms", "ok", "none")
+	default:
+		var list []string
+		for _, a := range alarms.Alarms {
+			what := a.Alarm.String()
+			if a.Alarm == etcdserverpb.AlarmType_NOSPACE {
+				what += " (the database reached its quota: writes fail until it is compacted, defragmented and the alarm disarmed)"
+			}
+			list = append(list, fmt.Sprintf("member %x: %s", a.MemberID, what))
+		}
+		add("etcd alarms", "fail", "%s", strings.Join(list, "; "))
+	}
+	out = append(out, s.compactionCheck(ctx))
+	rctx, cancel = s.rctx(ctx)
+	n, err := s.cli.Get(rctx, s.l.noncePrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	cancel()
+	if err == nil {
+		add("etcd commit records", "ok", "%d under %s (each expires 10 minutes after its commit)", n.Count, s.l.noncePrefix())
+	}
+	return out
+}
+
+// ClusterChecks reports, for a doctor whose Open failed (ErrUnavailable),
+// what Checks reports first: each endpoint's status and the leader. Those
+// need no leader and read no key, so that a cluster without quorum still
+// says which members answer and what each knows.
+func ClusterChecks(ctx context.Context, opts Options) []state.Check {
+	opts.setDefaults()
+	name := "etcd " + strings.Join(opts.Endpoints, ",")
+	cli, err := dial(ctx, opts)
+	if err != nil {
+		return []state.Check{{Name: "etcd endpoints", Status: "fail", Detail: fmt.Sprintf("no client: %v", err)}}
+	}
+	defer cli.Close()
+	s := &Store{cli: cli, name: name, timeout: opts.RequestTimeout}
+	return s.clusterChecks(ctx)
+}
+
+// clusterChecks reports each endpoint's status and the leader.
+func (s *Store) clusterChecks(ctx context.Context) []state.Check {
 	var out []state.Check
 	add := func(name, status, format string, args ...any) {
 		out = append(out, state.Check{Name: name, Status: status, Detail: fmt.Sprintf(format, args...)})
 	}
 	leaders := map[uint64]bool{}
 	var reachable int
-	for _, ep := range s.cli.Endpoints() {
-		rctx, cancel := s.rctx(ctx)
-		st, err := s.cli.Status(rctx, ep)
-		cancel()
+	// Asked side by side: a member that is down costs the request
+	// timeout, once, not once per member.
+	eps := s.cli.Endpoints()
+	type answer struct {
+		st  *clientv3.StatusResponse
+		err error
+	}
+	answers := make([]answer, len(eps))
+	var wg sync.WaitGroup
+	for i, ep := range eps {
+		wg.Go(func() {
+			// Not s.rctx: a status is what a member without a leader
+			// can still give, and what an operator needs most then.
+			rctx, cancel := context.WithTimeout(ctx, s.timeout)
+			defer cancel()
+			answers[i].st, answers[i].err = s.cli.Status(rctx, ep)
+		})
+	}
+	wg.Wait()
+	for i, ep := range eps {
+		st, err := answers[i].st, answers[i].err
 		name := "etcd " + ep
 		if err != nil {
 			add(name, "fail", "no status: %v", s.fail(ctx, "status of "+ep, err))
@@ -69,32 +138,6 @@ func (s *Store) Checks(ctx context.Context) []state.Check {
 		add("etcd leader", "fail", "no member knows a leader: the cluster has no quorum")
 	default:
 		add("etcd leader", "warn", "members disagree on the leader (an election is under way?)")
-	}
-	rctx, cancel := s.rctx(ctx)
-	alarms, err := s.cli.AlarmList(rctx)
-	cancel()
-	switch {
-	case err != nil:
-		add("etcd alarms", "fail", "%v", s.fail(ctx, "alarm list", err))
-	case len(alarms.Alarms) == 0:
-		add("etcd alarms", "ok", "none")
-	default:
-		var list []string
-		for _, a := range alarms.Alarms {
-			what := a.Alarm.String()
-			if a.Alarm == etcdserverpb.AlarmType_NOSPACE {
-				what += " (the database reached its quota: writes fail until it is compacted, defragmented and the alarm disarmed)"
-			}
-			list = append(list, fmt.Sprintf("member %x: %s", a.MemberID, what))
-		}
-		add("etcd alarms", "fail", "%s", strings.Join(list, "; "))
-	}
-	out = append(out, s.compactionCheck(ctx))
-	rctx, cancel = s.rctx(ctx)
-	n, err := s.cli.Get(rctx, s.l.noncePrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
-	cancel()
-	if err == nil {
-		add("etcd commit records", "ok", "%d under %s (each expires 10 minutes after its commit)", n.Count, s.l.noncePrefix())
 	}
 	return out
 }

@@ -238,45 +238,14 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if err := checkPrefix(opts.Prefix); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadURL, err)
 	}
-	if opts.DialTimeout <= 0 {
-		opts.DialTimeout = 2 * time.Second
-	}
-	if opts.RequestTimeout <= 0 {
-		opts.RequestTimeout = 5 * time.Second
-	}
-	if opts.SettleTimeout <= 0 {
-		opts.SettleTimeout = 6 * opts.RequestTimeout
-	}
-	if opts.Perms == (state.Perms{}) {
-		opts.Perms = state.DefaultPerms()
-	}
+	opts.setDefaults()
 	s := &Store{cli: opts.Client, l: layout{opts.Prefix}, timeout: opts.RequestTimeout,
 		settle: opts.SettleTimeout, root: opts.Root, adoptRoot: opts.AdoptRoot, perms: opts.Perms}
 	s.life, s.endLife = context.WithCancel(context.WithoutCancel(ctx))
 	if s.cli == nil {
-		if len(opts.Endpoints) == 0 {
-			return nil, fmt.Errorf("%w: no endpoints", ErrBadURL)
-		}
-		cli, err := clientv3.New(clientv3.Config{
-			Endpoints:            opts.Endpoints,
-			DialTimeout:          opts.DialTimeout,
-			DialKeepAliveTime:    10 * time.Second,
-			DialKeepAliveTimeout: 3 * time.Second,
-			TLS:                  opts.TLS,
-			Username:             opts.Username,
-			Password:             opts.Password,
-			Logger:               zap.NewNop(),
-			Context:              context.WithoutCancel(ctx),
-		})
+		cli, err := dial(ctx, opts)
 		if err != nil {
-			if errors.Is(err, context.DeadlineExceeded) && opts.Username != "" {
-				// With credentials the client authenticates as it dials: a
-				// cluster that does not answer is unavailable, not the
-				// caller's own deadline passing.
-				return nil, fmt.Errorf("etcd %s: %w: no answer within %s (authenticating as %s): %v",
-					strings.Join(opts.Endpoints, ","), ErrUnavailable, opts.DialTimeout, opts.Username, err)
-			}
-			return nil, fmt.Errorf("etcd %s: %w", strings.Join(opts.Endpoints, ","), err)
+			return nil, err
 		}
 		s.cli, s.owned = cli, true
 	}
@@ -288,6 +257,51 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	return s, nil
 }
 
+// setDefaults fills in the options left zero.
+func (o *Options) setDefaults() {
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 2 * time.Second
+	}
+	if o.RequestTimeout <= 0 {
+		o.RequestTimeout = 5 * time.Second
+	}
+	if o.SettleTimeout <= 0 {
+		o.SettleTimeout = 6 * o.RequestTimeout
+	}
+	if o.Perms == (state.Perms{}) {
+		o.Perms = state.DefaultPerms()
+	}
+}
+
+// dial makes the client of opts (its DialTimeout set).
+func dial(ctx context.Context, opts Options) (*clientv3.Client, error) {
+	if len(opts.Endpoints) == 0 {
+		return nil, fmt.Errorf("%w: no endpoints", ErrBadURL)
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:            opts.Endpoints,
+		DialTimeout:          opts.DialTimeout,
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		TLS:                  opts.TLS,
+		Username:             opts.Username,
+		Password:             opts.Password,
+		Logger:               zap.NewNop(),
+		Context:              context.WithoutCancel(ctx),
+	})
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && opts.Username != "" {
+			// With credentials the client authenticates as it dials: a
+			// cluster that does not answer is unavailable, not the
+			// caller's own deadline passing.
+			return nil, fmt.Errorf("etcd %s: %w: no answer within %s (authenticating as %s): %v",
+				strings.Join(opts.Endpoints, ","), ErrUnavailable, opts.DialTimeout, opts.Username, err)
+		}
+		return nil, fmt.Errorf("etcd %s: %w", strings.Join(opts.Endpoints, ","), err)
+	}
+	return cli, nil
+}
+
 // probe reads the format and root-id keys within d.
 func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	pctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), d)
@@ -297,12 +311,20 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	for _, a := range ancestors {
 		ops = append(ops, clientv3.OpGet(layout{p: a}.format(), clientv3.WithCountOnly()))
 	}
-	resp, err := s.cli.Txn(pctx).Then(ops...).Commit()
+	// An election in progress (no leader for a second or so) is waited
+	// out within d, as every read of the store waits it out.
+	var resp *clientv3.TxnResponse
+	err := s.readUntil(ctx, time.Now().Add(d), func(rctx context.Context) (err error) {
+		resp, err = s.cli.Txn(rctx).Then(ops...).Commit()
+		return err
+	})
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s: %w", s, ctx.Err())
 		}
-		if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.Unavailable || status.Code(err) == codes.DeadlineExceeded {
+		// The client hands "no leader" and its kin over as etcd's own
+		// errors, not as gRPC statuses: transient knows both.
+		if errors.Is(err, context.DeadlineExceeded) || transient(err) || status.Code(err) == codes.DeadlineExceeded {
 			return fmt.Errorf("%s: %w: no answer within %s: %v", s, ErrUnavailable, d, err)
 		}
 		return fmt.Errorf("%s: %w", s, err)
@@ -519,7 +541,11 @@ func (s *Store) rctx(ctx context.Context) (context.Context, context.CancelFunc) 
 // store's timeout, so that a cluster that stays unavailable is still
 // reported as one after that long.
 func (s *Store) read(ctx context.Context, do func(context.Context) error) error {
-	deadline := time.Now().Add(s.timeout)
+	return s.readUntil(ctx, time.Now().Add(s.timeout), do)
+}
+
+// readUntil is read with the tries ending by deadline.
+func (s *Store) readUntil(ctx context.Context, deadline time.Time, do func(context.Context) error) error {
 	delay := 10 * time.Millisecond
 	for {
 		// Every try ends by the one deadline, so that the reads end within
@@ -1197,7 +1223,18 @@ func (s *Store) settleNonce(ctx context.Context, nonce string) (bool, error) {
 		last = err
 		_ = backoff(sctx, attempt+4)
 	}
-	return false, fmt.Errorf("%w: reading back %s for %s: %v", ErrOutcomeUnknown, nonce, s.settle, last)
+	return false, outcomeUnknown(fmt.Sprintf("reading back %s for %s", nonce, s.settle), last)
+}
+
+// outcomeUnknown is the error of a commit whose answer was lost and whose
+// read-back (what) failed with err. It wraps ErrUnavailable too when the
+// read-back failed for want of the cluster (no leader, no quorum, no
+// member reachable in time), which is what an operator then has to fix.
+func outcomeUnknown(what string, err error) error {
+	if errors.Is(err, ErrUnavailable) || transient(err) || errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+		return fmt.Errorf("%w: %w: %s: %v", ErrOutcomeUnknown, ErrUnavailable, what, err)
+	}
+	return fmt.Errorf("%w: %s: %v", ErrOutcomeUnknown, what, err)
 }
 
 // recordLease returns the lease of this store's commit records, granting a

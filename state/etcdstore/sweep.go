@@ -98,7 +98,7 @@ func (s *Store) evictTxn(ctx context.Context, ids []string, since state.Mark) (b
 		return err
 	})
 	if rerr != nil {
-		return false, fmt.Errorf("%s: evicting: %v; %w: reading back: %v", s, err, ErrOutcomeUnknown, rerr)
+		return false, fmt.Errorf("%s: evicting: %v; %w", s, err, outcomeUnknown("reading back", rerr))
 	}
 	// Gone: deleted by this transaction, or by another sweeper's; either
 	// way no entry names the content now.

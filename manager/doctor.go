@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -648,8 +649,99 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	} else {
 		add("staging", "ok", "no staging data")
 	}
+	m.trashCheck(add)
 
 	return out
+}
+
+// trashCheck reports what trash/ holds, directory by directory, and who
+// will delete it: evicted content waits there for its manager to delete
+// it, and space it takes is not free. A directory nobody will ever empty
+// (an owner note that does not parse, a file planted in trash/) is a
+// warning: only an operator can tell whether it is still needed.
+func (m *Manager) trashCheck(add func(name, status, format string, args ...any)) {
+	root := filepath.Join(m.Root(), trashDir)
+	dirs, err := os.ReadDir(root)
+	if errors.Is(err, fs.ErrNotExist) {
+		add("trash", "ok", "empty")
+		return
+	} else if err != nil {
+		add("trash", "warn", "not checked: %v", err)
+		return
+	}
+	status := "ok"
+	var lines []string
+	var total int64
+	now := m.cfg.Clock.Now()
+	for _, d := range dirs {
+		dir := filepath.Join(root, d.Name())
+		if !d.IsDir() {
+			status = "warn"
+			lines = append(lines, fmt.Sprintf("%s: not a directory, left alone by every command (never followed); remove it by hand", d.Name()))
+			continue
+		}
+		items, _ := os.ReadDir(dir)
+		n, size := 0, int64(0)
+		for _, it := range items {
+			if it.Name() == ownerName {
+				continue
+			}
+			n++
+			size += treeBytes(filepath.Join(dir, it.Name()))
+		}
+		if n == 0 {
+			continue // a manager's own, emptied
+		}
+		total += size
+		var rec struct {
+			Owner state.Owner `json:"owner"`
+		}
+		var who string
+		b, rerr := readNote(filepath.Join(dir, ownerName))
+		switch {
+		case rerr == nil && json.Unmarshal(b, &rec) == nil:
+			p := rec.Owner.Process
+			switch alive, aerr := m.cfg.Processes.Alive(p); {
+			case !m.self.SameMachine(p):
+				who = "of " + p.String() + " on another host, which deletes it (or a sweep there, once it is gone)"
+			case aerr == nil && !alive:
+				who = "of " + p.String() + ", which is gone: the next sweep here adopts and deletes it"
+			default:
+				who = "of " + p.String() + ", which deletes it"
+			}
+		case noteNeverWritten(dir, now):
+			who = "with no owner note (a full disk cut it short): the next sweep adopts and deletes it"
+		case errors.Is(rerr, fs.ErrNotExist) || (rerr == nil && len(b) == 0):
+			who = fmt.Sprintf("with no owner note yet: adopted by a sweep once it stays so for %s", unwrittenTrashNote)
+		default:
+			status = "warn"
+			who = "whose owner note does not parse: left alone by every command; remove it by hand once no run needs it"
+		}
+		lines = append(lines, fmt.Sprintf("%s: %d item(s), %s, %s", d.Name(), n, humanize.IBytes(uint64(size)), who))
+	}
+	if len(lines) == 0 {
+		add("trash", "ok", "empty")
+		return
+	}
+	add("trash", status, "%s of evicted content waiting to be deleted: %s", humanize.IBytes(uint64(total)), strings.Join(lines, "; "))
+}
+
+// treeBytes is the size of the files under p (p itself if a file), never
+// following a symlink.
+func treeBytes(p string) int64 {
+	var n int64
+	_ = filepath.WalkDir(p, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		if d.Type().IsRegular() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
 }
 
 // stagingWriter describes who wrote a staging directory and whether it is

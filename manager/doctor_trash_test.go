@@ -2,10 +2,13 @@ package manager_test
 
 import (
 	"context"
+	"encoding/json"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
@@ -50,4 +53,103 @@ func TestDoctorSaysContentWaitsInTrash(t *testing.T) {
 	if want := filepath.Join("trash", "oldmanager", name); !strings.Contains(detail, "waiting in "+want) {
 		t.Errorf("doctor's content check: %q, want it to say the content waits in %s", detail, want)
 	}
+}
+
+// TestDoctorReportsTrash: doctor says what trash/ holds, directory by
+// directory, and who deletes it; it warns about what nobody ever will (a
+// note that does not parse, a file planted in trash/), and changes nothing.
+func TestDoctorReportsTrash(t *testing.T) {
+	root := t.TempDir()
+	machine := &fakeMachine{dead: map[int]bool{20: true}}
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog(), Processes: fakeProc{m: machine, self: fakeProcess("h", 11)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	trashCheck := func() manager.Check {
+		t.Helper()
+		var got []manager.Check
+		for _, c := range m.Doctor(context.Background()) {
+			if c.Name == "trash" {
+				got = append(got, c)
+			}
+		}
+		if len(got) != 1 {
+			t.Fatalf("trash checks: %+v, want one", got)
+		}
+		return got[0]
+	}
+	if c := trashCheck(); c.Status != "ok" || c.Detail != "empty" {
+		t.Errorf("no trash: %+v, want ok, empty", c)
+	}
+	note := func(p state.Process) []byte {
+		b, _ := json.Marshal(map[string]state.Owner{"owner": {Process: p, ManagerID: "m"}})
+		return b
+	}
+	mk := func(id string, note []byte, age time.Duration) string {
+		dir := filepath.Join(root, "trash", id)
+		if err := os.MkdirAll(filepath.Join(dir, "x-g1"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "x-g1", "content"), make([]byte, 1000), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if note != nil {
+			if err := os.WriteFile(filepath.Join(dir, "owner.json"), note, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		old := time.Now().Add(-age)
+		for _, p := range []string{filepath.Join(dir, "owner.json"), dir} {
+			os.Chtimes(p, old, old)
+		}
+		return dir
+	}
+	mk("live", note(fakeProcess("h", 12)), 0)
+	mk("dead", note(fakeProcess("h", 20)), 0)
+	mk("elsewhere", note(fakeProcess("other", 20)), 0)
+	mk("cut-old", []byte{}, 11*time.Minute)
+	mk("cut-new", nil, time.Minute)
+	mk("garbled", []byte("{not json"), 0)
+	if err := os.MkdirAll(filepath.Join(root, "trash", "emptied"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "trash", "planted"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := trashFiles(t, root)
+	c := trashCheck()
+	if c.Status != "warn" {
+		t.Errorf("status %q, want warn (a note that does not parse, a planted file)", c.Status)
+	}
+	for _, want := range []string{
+		"5.9 KiB of evicted content",
+		"live: 1 item(s), 1000 B, of pid 12 on h, which deletes it",
+		"dead: 1 item(s), 1000 B, of pid 20 on h, which is gone: the next sweep here adopts",
+		"elsewhere: 1 item(s), 1000 B, of pid 20 on other on another host",
+		"cut-old: 1 item(s), 1000 B, with no owner note (a full disk cut it short): the next sweep adopts",
+		"cut-new: 1 item(s), 1000 B, with no owner note yet",
+		"garbled: 1 item(s), 1000 B, whose owner note does not parse: left alone",
+		"planted: not a directory",
+	} {
+		if !strings.Contains(c.Detail, want) {
+			t.Errorf("trash check does not say %q:\n%s", want, c.Detail)
+		}
+	}
+	if strings.Contains(c.Detail, "emptied") {
+		t.Errorf("an empty directory is reported: %s", c.Detail)
+	}
+	if after := trashFiles(t, root); strings.Join(after, "\n") != strings.Join(before, "\n") {
+		t.Errorf("doctor changed trash/:\nbefore %v\nafter  %v", before, after)
+	}
+}
+
+// trashFiles lists every path under root/trash.
+func trashFiles(t *testing.T, root string) []string {
+	t.Helper()
+	var out []string
+	filepath.WalkDir(filepath.Join(root, "trash"), func(p string, d fs.DirEntry, err error) error {
+		out = append(out, p)
+		return nil
+	})
+	return out
 }

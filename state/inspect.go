@@ -121,7 +121,14 @@ func (s *Store) formatChecks() []Check {
 			}
 			ids := map[string]bool{}
 			for k, r := range ref.fileRefs() {
-				name := filepath.Join(s.root, ShardDir, r.File)
+				// A pack holds many shards: name the one that is bad.
+				name := fmt.Sprintf("shard %s (%s)", p, filepath.Join(s.root, ShardDir, r.File))
+				if isPackName(r.File) {
+					name = fmt.Sprintf("shard %s (%s at offset %d)", p, filepath.Join(s.root, ShardDir, r.File), r.Offset)
+				}
+				if k == 1 {
+					name = "delta of " + name
+				}
 				_, lines, err := readShardFile(s.root, p, r, k == 0, nil, nil)
 				switch {
 				case errors.Is(err, fs.ErrNotExist):

@@ -217,6 +217,19 @@ func TestResetAfterADamagedShard(t *testing.T) {
 				wantLast = s.Path() + state.PrevSuffix // it parses whole
 			}
 			prevBefore, _ := os.ReadFile(s.Path() + state.PrevSuffix)
+			// doctor names each bad shard by its prefix, not only its
+			// file: a pack holds the shards of a whole commit.
+			var detail string
+			for _, c := range s.Checks(ctx) {
+				if c.Name == "state shards" {
+					detail = c.Detail
+				}
+			}
+			for p, bad := range map[string]bool{shared: tc.shared, changed: tc.changed} {
+				if bad && !strings.Contains(detail, "shard "+p+" (") {
+					t.Errorf("doctor's state shards check does not name shard %s: %q", p, detail)
+				}
+			}
 
 			var handed *state.State
 			rep, err := s.Reset(ctx, func(st, last *state.State) error {

@@ -349,9 +349,23 @@ func TestRebuildAfterADamagedShard(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	m, stop := startManager(t, root)
-	a, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	b, _ := filepath.Abs("../testdata/hostile/README.md")
-	ka, kb := mustKey(t, "file://"+a, ""), mustKey(t, "file://"+b, "")
+	// Two sources in different shards (a key ID's first byte): their
+	// IDs hash the checkout's absolute paths.
+	var ka, kb state.Key
+	files := []string{"../testdata/bundles/hello.tar.gz", "../testdata/hostile/README.md", "../testdata/hostile/gen.py", "../testdata/hostile/gen_zip.py"}
+	for _, f := range files {
+		abs, _ := filepath.Abs(f)
+		k := mustKey(t, "file://"+abs, "")
+		switch {
+		case ka.Source == "":
+			ka = k
+		case kb.Source == "" && k.ID()[:2] != ka.ID()[:2]:
+			kb = k
+		}
+	}
+	if kb.Source == "" {
+		t.Fatalf("no two of %d files in different shards", len(files))
+	}
 	for _, k := range []state.Key{ka, kb} {
 		if _, err := getWait(t, m, "job-"+k.ID()[:6], k); err != nil {
 			t.Fatal(err)

@@ -54,8 +54,9 @@ type Backend interface {
 	UpdateEntries(ctx context.Context, ids []string, fn func(*Txn) (changed bool, err error)) error
 	// Reset replaces the state with what fn builds, even when the current
 	// one cannot be read: doctor --rebuild. fn gets an empty state to fill
-	// and the last state that parses (nil if none). Nothing that held the
-	// old state is deleted.
+	// and the last state that parses, or the part of it that still reads
+	// (nil if none: see Replaced). Nothing that held the old state is
+	// deleted.
 	Reset(ctx context.Context, fn func(st, last *State) error) (Replaced, error)
 	// Exists reports whether a state was ever committed here (a missing
 	// state beside published content means the state was lost).

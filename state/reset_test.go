@@ -301,3 +301,36 @@ func shardRefs(t *testing.T, manifest string) map[string]shardRef {
 	}
 	return m.Shards
 }
+
+// With every shard gone (state.d lost), the manifests that parse say
+// nothing of what the state held: a Reset hands over no last state, so
+// that a rebuild says what it dropped is unknown, not that it was
+// nothing.
+func TestResetWithEveryShardGone(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	for i := range 2 {
+		if err := s.Update(ctx, put(i, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.RemoveAll(filepath.Join(dir, state.ShardDir)); err != nil {
+		t.Fatal(err)
+	}
+	if last, file, unread := state.ReadablePart(dir); last != nil || file != "" || unread != nil {
+		t.Errorf("ReadablePart: %v, %q, %+v; want nothing", last, file, unread)
+	}
+	rep, err := s.Reset(ctx, func(st, last *state.State) error {
+		if last != nil {
+			t.Errorf("Reset handed %d entries over from no shard", len(last.Entries))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Last != nil || rep.LastFile != "" || rep.LastCopy != "" {
+		t.Errorf("report %+v, want no last state", rep)
+	}
+}

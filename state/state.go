@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 	"time"
 )
@@ -101,11 +101,18 @@ func (s *State) Delete(k Key) {
 
 // Sorted returns the entries ordered by key ID, for stable output.
 func (s *State) Sorted() []*Entry {
-	out := make([]*Entry, 0, len(s.Entries))
-	for _, e := range s.Entries {
-		out = append(out, e)
+	// By the map's keys, which are the entries' key IDs: Key.ID hashes,
+	// and a sort that called it in each comparison cost 1.6 s at 100,000
+	// entries, a third of a CLI command's time.
+	ids := make([]string, 0, len(s.Entries))
+	for id := range s.Entries {
+		ids = append(ids, id)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Key.ID() < out[j].Key.ID() })
+	slices.Sort(ids)
+	out := make([]*Entry, len(ids))
+	for i, id := range ids {
+		out[i] = s.Entries[id]
+	}
 	return out
 }
 

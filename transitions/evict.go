@@ -102,21 +102,14 @@ func Kept(pol state.Policy, e *state.Entry, w Watched, now time.Time) string {
 // eviction order.
 func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map[string]Watched, u Usage, now time.Time) []Victim {
 	var cands []*state.Entry
+	var ids []string // cands' key IDs: Key.ID hashes, too dear to call in a sort
 	for id, e := range entries {
 		if Kept(pol, e, watched[id], now) == "" {
 			cands = append(cands, e)
+			ids = append(ids, id)
 		}
 	}
-	sort.Slice(cands, func(i, j int) bool {
-		a, b := cands[i], cands[j]
-		if (a.Stage == state.Failed) != (b.Stage == state.Failed) {
-			return a.Stage == state.Failed
-		}
-		if !a.LastUsed.Equal(b.LastUsed) {
-			return a.LastUsed.Before(b.LastUsed)
-		}
-		return a.Key.ID() < b.Key.ID()
-	})
+	sort.Sort(byEviction{cands, ids})
 	var out []Victim
 	chosen := map[string]bool{}
 	usage := u.Bytes
@@ -215,4 +208,27 @@ func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, tot
 	}
 	return fmt.Errorf("%d bytes cannot fit in the budget of %d bytes (%d bytes are held by entries that cannot be evicted): %w",
 		total, pol.MaxSizeBytes, fixed, ErrTooLarge)
+}
+
+// byEviction orders entries FAILED first, then least recently used
+// first, ties by key ID.
+type byEviction struct {
+	e   []*state.Entry
+	ids []string
+}
+
+func (b byEviction) Len() int { return len(b.e) }
+func (b byEviction) Swap(i, j int) {
+	b.e[i], b.e[j] = b.e[j], b.e[i]
+	b.ids[i], b.ids[j] = b.ids[j], b.ids[i]
+}
+func (b byEviction) Less(i, j int) bool {
+	x, y := b.e[i], b.e[j]
+	if (x.Stage == state.Failed) != (y.Stage == state.Failed) {
+		return x.Stage == state.Failed
+	}
+	if !x.LastUsed.Equal(y.LastUsed) {
+		return x.LastUsed.Before(y.LastUsed)
+	}
+	return b.ids[i] < b.ids[j]
 }

@@ -176,7 +176,15 @@ func printRebuild(w io.Writer, rep manager.RebuildReport) {
 				fmt.Fprintf(w, "  (shard %s did not read: %s; what it held is unknown)\n", u.Shard, u.Reason)
 			}
 		}
-		if len(rep.DroppedDependents)+len(rep.DroppedDownloads)+len(rep.DroppedEntries) == 0 {
+		unknown := false
+		for _, u := range rep.UnreadShards {
+			unknown = unknown || u.From == ""
+		}
+		switch {
+		case len(rep.DroppedDependents)+len(rep.DroppedDownloads)+len(rep.DroppedEntries) > 0:
+		case unknown:
+			fmt.Fprintln(w, "  nothing from the shards that read; what the unread ones held is unknown")
+		default:
 			fmt.Fprintln(w, "  nothing: no dependents, no downloads in flight")
 		}
 		for _, d := range rep.DroppedDependents {
@@ -350,7 +358,8 @@ func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool
 		return m.Rebuild(ctx, force)
 	}
 	// The file store's last state that parses: state.json, else its
-	// previous version, as the file store's own rebuild takes it.
+	// previous version, else what of them still reads, as the file
+	// store's own rebuild takes it.
 	var from *state.State
 	var name string
 	for _, f := range []string{state.StateFile, state.StateFile + state.PrevSuffix} {
@@ -366,12 +375,20 @@ func rebuildRoot(ctx context.Context, g *globals, m *manager.Manager, force bool
 		from, name = st, p
 		break
 	}
+	var unread []state.UnreadShard
+	if from == nil {
+		// A shard damaged in both: the rest of them still counts.
+		from, name, unread = state.ReadablePart(m.Root())
+	}
 	if from == nil {
 		return m.Rebuild(ctx, force)
 	}
 	rep, err := m.RebuildFrom(ctx, force, from, name)
 	if err != nil {
 		return rep, err
+	}
+	if rep.LastState == name && len(unread) > 0 {
+		rep.UnreadShards = unread
 	}
 	// The root is the prefix's now: the file store's state goes aside,
 	// kept, so that a way back rebuilds from the published metadata

@@ -133,6 +133,9 @@ func errKind(err error) string {
 		return "unchecked"
 	case errors.Is(err, manager.ErrStateReadable), errors.Is(err, state.ErrBoundElsewhere), errors.Is(err, etcdstore.ErrRootMismatch):
 		return "refused"
+	case errors.Is(err, etcdstore.ErrOutcomeUnknown):
+		// It may still apply: not one to retry blindly.
+		return "error"
 	case errors.Is(err, etcdstore.ErrUnavailable):
 		return "unavailable"
 	}

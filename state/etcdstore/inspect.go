@@ -57,15 +57,24 @@ func (s *Store) Checks(ctx context.Context) []state.Check {
 // ClusterChecks reports, for a doctor whose Open failed (ErrUnavailable),
 // what Checks reports first: each endpoint's status and the leader. Those
 // need no leader and read no key, so that a cluster without quorum still
-// says which members answer and what each knows.
+// says which members answer and what each knows. It uses opts.Client
+// when set. With credentials it can say no more than that the client
+// could not log in: etcd answers a login only with a quorum.
 func ClusterChecks(ctx context.Context, opts Options) []state.Check {
 	opts.setDefaults()
-	name := "etcd " + strings.Join(opts.Endpoints, ",")
-	cli, err := dial(ctx, opts)
-	if err != nil {
-		return []state.Check{{Name: "etcd endpoints", Status: "fail", Detail: fmt.Sprintf("no client: %v", err)}}
+	cli := opts.Client
+	if cli == nil {
+		// With credentials, the client logs in as it dials, which a
+		// cluster without quorum cannot answer: then this one check
+		// is all there is to say.
+		c, err := dial(ctx, opts)
+		if err != nil {
+			return []state.Check{{Name: "etcd endpoints", Status: "fail", Detail: fmt.Sprintf("no client for %s: %v", strings.Join(opts.Endpoints, ","), err)}}
+		}
+		defer c.Close()
+		cli = c
 	}
-	defer cli.Close()
+	name := "etcd " + strings.Join(cli.Endpoints(), ",")
 	s := &Store{cli: cli, name: name, timeout: opts.RequestTimeout}
 	return s.clusterChecks(ctx)
 }

@@ -249,3 +249,86 @@ func TestE2ERebuildKeepsTheLastGoodState(t *testing.T) {
 }
 
 func sorted(s []string) []string { return slices.Sorted(slices.Values(s)) }
+
+// TestE2ERebuildAfterADamagedShard: a shard that state.json and its
+// previous version both name is damaged, so neither parses whole. doctor
+// --rebuild still reports, from the shards that read, the dependents it
+// drops, names the shard that did not read and says its contents are
+// unknown, in text and in --json (unread_shards).
+func TestE2ERebuildAfterADamagedShard(t *testing.T) {
+	template := t.TempDir()
+	// Two sources in different shards (a key ID's first byte).
+	var a, b string
+	var ka state.Key
+	for _, f := range []string{"../../testdata/bundles/hello.tar.gz", "../../testdata/hostile/README.md", "../../testdata/hostile/gen.py", "../../testdata/hostile/gen_zip.py"} {
+		abs, _ := filepath.Abs(f)
+		k := state.Key{Kind: state.Bundle, Source: "file://" + abs}
+		switch {
+		case a == "":
+			a, ka = k.Source, k
+		case b == "" && k.ID()[:2] != ka.ID()[:2]:
+			b = k.Source
+		}
+	}
+	for _, args := range [][]string{{"get", "--dependent", "job-a", a}, {"get", "--dependent", "job-b", b}} {
+		if code, out, errs := depcache(t, template, args...); code != 0 {
+			t.Fatalf("%v: exit %d\n%s%s", args, code, out, errs)
+		}
+	}
+	shardFile := func(name string) string {
+		raw, err := os.ReadFile(filepath.Join(template, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var man struct {
+			Shards map[string]struct {
+				File string `json:"file"`
+			} `json:"shards"`
+		}
+		if err := json.Unmarshal(raw, &man); err != nil {
+			t.Fatal(err)
+		}
+		return man.Shards[ka.ID()[:2]].File
+	}
+	f := shardFile(state.StateFile)
+	if f == "" || f != shardFile(state.StateFile+state.PrevSuffix) {
+		t.Fatalf("a's shard file %q is not named by both state.json and state.json.prev", f)
+	}
+	if err := os.WriteFile(filepath.Join(template, state.ShardDir, f), []byte("{damaged"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	prefix := ka.ID()[:2]
+
+	root := copyRoot(t, template)
+	code, out, errs := depcache(t, root, "doctor", "--rebuild")
+	if code != 0 {
+		t.Fatalf("doctor --rebuild: exit %d\n%s%s", code, out, errs)
+	}
+	for _, want := range []string{"rebuilt the state from 2 published entries", "shard " + prefix + " did not read", "what it held is unknown", "dependents of " + b + ": job-b"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("doctor --rebuild does not say %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "nothing: no dependents") {
+		t.Errorf("doctor --rebuild says nothing was dropped:\n%s", out)
+	}
+
+	root = copyRoot(t, template)
+	code, out, errs = depcache(t, root, "--json", "doctor", "--rebuild")
+	var rep struct {
+		rebuildReport
+		UnreadShards []state.UnreadShard `json:"unread_shards"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || code != 0 {
+		t.Fatalf("doctor --rebuild --json: exit %d, %v\n%s%s", code, err, out, errs)
+	}
+	if len(rep.UnreadShards) != 1 || rep.UnreadShards[0].Shard != prefix || rep.UnreadShards[0].From != "" || !strings.HasSuffix(rep.UnreadShards[0].File, f) {
+		t.Errorf("unread_shards %+v, want shard %s (%s) with no other version", rep.UnreadShards, prefix, f)
+	}
+	if len(rep.DroppedDependents) != 1 || rep.DroppedDependents[0].Key.Source != b {
+		t.Errorf("dropped_dependents %+v, want b's", rep.DroppedDependents)
+	}
+	if rep.LastState != filepath.Join(root, state.StateFile) {
+		t.Errorf("last_state %q, want state.json", rep.LastState)
+	}
+}

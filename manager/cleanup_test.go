@@ -426,25 +426,7 @@ func TestStopSweepsWhatAPublishOwes(t *testing.T) {
 func TestTrashWithUnwrittenNote(t *testing.T) {
 	root := t.TempDir()
 	m := newManager(t, root)
-	mk := func(id string, note []byte, age time.Duration) string {
-		dir := filepath.Join(root, "trash", id)
-		if err := os.MkdirAll(filepath.Join(dir, "x-g1"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, "x-g1", "content"), make([]byte, 1000), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if note != nil {
-			if err := os.WriteFile(filepath.Join(dir, "owner.json"), note, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-		old := time.Now().Add(-age)
-		for _, p := range []string{filepath.Join(dir, "owner.json"), dir} {
-			os.Chtimes(p, old, old)
-		}
-		return dir
-	}
+	mk := func(id string, note []byte, age time.Duration) string { return makeTrashDir(t, root, id, note, age) }
 	emptyOld := mk("aaaa000000000001", []byte{}, 11*time.Minute)
 	missingOld := mk("aaaa000000000002", nil, 11*time.Minute)
 	emptyNew := mk("aaaa000000000003", []byte{}, time.Minute)
@@ -461,4 +443,28 @@ func TestTrashWithUnwrittenNote(t *testing.T) {
 	if c := trashContent(root); len(c) != 2 {
 		t.Errorf("trash after the sweep: %v, want only the two left alone", c)
 	}
+}
+
+// makeTrashDir makes trash/id in root holding one entry directory of 1000
+// bytes, with note as its owner note (nil: none), note and directory
+// last changed age ago.
+func makeTrashDir(t *testing.T, root, id string, note []byte, age time.Duration) string {
+	t.Helper()
+	dir := filepath.Join(root, "trash", id)
+	if err := os.MkdirAll(filepath.Join(dir, "x-g1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "x-g1", "content"), make([]byte, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if note != nil {
+		if err := os.WriteFile(filepath.Join(dir, "owner.json"), note, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-age)
+	for _, p := range []string{filepath.Join(dir, "owner.json"), dir} {
+		os.Chtimes(p, old, old)
+	}
+	return dir
 }

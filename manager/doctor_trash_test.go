@@ -85,25 +85,7 @@ func TestDoctorReportsTrash(t *testing.T) {
 		b, _ := json.Marshal(map[string]state.Owner{"owner": {Process: p, ManagerID: "m"}})
 		return b
 	}
-	mk := func(id string, note []byte, age time.Duration) string {
-		dir := filepath.Join(root, "trash", id)
-		if err := os.MkdirAll(filepath.Join(dir, "x-g1"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, "x-g1", "content"), make([]byte, 1000), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if note != nil {
-			if err := os.WriteFile(filepath.Join(dir, "owner.json"), note, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-		old := time.Now().Add(-age)
-		for _, p := range []string{filepath.Join(dir, "owner.json"), dir} {
-			os.Chtimes(p, old, old)
-		}
-		return dir
-	}
+	mk := func(id string, note []byte, age time.Duration) string { return makeTrashDir(t, root, id, note, age) }
 	mk("live", note(fakeProcess("h", 12)), 0)
 	mk("dead", note(fakeProcess("h", 20)), 0)
 	mk("elsewhere", note(fakeProcess("other", 20)), 0)

@@ -378,6 +378,8 @@ func (pd *pending) close() {
 // served is another process's proposal claimed by this hold.
 type served struct {
 	base   string
+	fd     int  // the proposer's FIFO, open for writing while open
+	open   bool // (claimOne opens it; reply closes it)
 	p      Proposal
 	apply  Applier
 	result []byte
@@ -433,21 +435,31 @@ func (s *Store) claimOne(base string) *served {
 	if !od.Proposer.SameMachine(self) {
 		return nil
 	}
-	if alive, err := s.lock.opts.Processes.Alive(od.Proposer); err == nil && !alive {
-		os.Remove(base + proposalSuffix)
-		os.Remove(base + fifoSuffix)
-		return nil
-	}
 	for _, id := range od.IDs {
 		if _, ok := shardOf(id); !ok {
 			return nil // the proposer's own commit refuses it, with its error
 		}
 	}
+	// The proposer holds its FIFO open for reading from before it posts
+	// until after it withdraws or is answered, so a FIFO with no reader
+	// (ENXIO) or none at all, under a posted proposal, is a proposer gone.
+	// That is its liveness, without /proc, and no pid reuse can fool it;
+	// the descriptor is kept for the answer.
+	fd, err := unix.Open(base+fifoSuffix, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
+		os.Remove(base + proposalSuffix)
+		os.Remove(base + fifoSuffix)
+		return nil
+	}
+	if err != nil {
+		return nil
+	}
 	apply := s.applier(od.Op)
 	if err := os.Remove(base + proposalSuffix); err != nil {
+		unix.Close(fd)
 		return nil // withdrawn meanwhile
 	}
-	sv := &served{base: base, p: Proposal{Op: od.Op, IDs: od.IDs, Args: od.Args}, apply: apply}
+	sv := &served{base: base, fd: fd, open: true, p: Proposal{Op: od.Op, IDs: od.IDs, Args: od.Args}, apply: apply}
 	if apply == nil {
 		s.reply(sv, []byte{frameDeclined})
 		return nil
@@ -486,6 +498,7 @@ func (s *Store) answer(svs []*served, committed bool) {
 			if err := os.WriteFile(sv.base+resultSuffix, sv.result, 0o600); err != nil {
 				// Committed: the proposer must not apply it as new. Say
 				// nothing; it applies it again (Again) under the lock.
+				sv.close()
 				continue
 			}
 			s.reply(sv, []byte{frameFile})
@@ -497,15 +510,26 @@ func (s *Store) answer(svs []*served, committed bool) {
 	}
 }
 
-// reply writes one answer frame to a proposer's FIFO; a proposer gone
-// (ENXIO: nobody reads) is no error.
+// reply writes one answer frame to a proposer's FIFO, and closes it; a
+// proposer gone meanwhile (EPIPE: nobody reads) is no error.
 func (s *Store) reply(sv *served, frame []byte) {
-	fd, err := unix.Open(sv.base+fifoSuffix, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return
+	if !sv.open {
+		fd, err := unix.Open(sv.base+fifoSuffix, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return // ENXIO: gone
+		}
+		sv.fd, sv.open = fd, true
 	}
-	unix.Write(fd, frame)
-	unix.Close(fd)
+	unix.Write(sv.fd, frame)
+	sv.close()
+}
+
+// close closes the proposer's FIFO, if open.
+func (sv *served) close() {
+	if sv.open {
+		unix.Close(sv.fd)
+		sv.open = false
+	}
 }
 
 // sweepSpool removes the files of proposers that are gone: a process
@@ -539,14 +563,5 @@ func (s *Store) sweepSpool(dir string, names []string, now time.Time) {
 // readSmall reads a file of at most limit bytes without following a
 // symbolic link or blocking on a FIFO.
 func readSmall(name string, limit int64) ([]byte, error) {
-	f, err := os.OpenFile(name, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err == nil && int64(len(b)) > limit {
-		err = fmt.Errorf("%s: over %d bytes", name, limit)
-	}
-	return b, err
+	return readFileFlags(name, unix.O_NOFOLLOW|unix.O_NONBLOCK, int(limit))
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -167,21 +166,10 @@ func TestCombineDeclines(t *testing.T) {
 func TestCombineSkipsDeadProposers(t *testing.T) {
 	a, b := combineStores(t, true)
 	pd := postFor(t, b, putProposal("https://h/b", "ghost"))
-	// Rewrite the proposal as a process of this machine that is gone.
-	cmd := exec.Command("true")
-	if err := cmd.Run(); err != nil {
-		t.Fatal(err)
-	}
-	sys, err := System()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dead := sys.Self()
-	dead.PID = cmd.Process.Pid
-	raw, _ := json.Marshal(onDisk{V: 1, Proposer: dead, Op: pd.p.Op, IDs: pd.p.IDs, Args: pd.p.Args})
-	if err = os.WriteFile(pd.base+proposalSuffix, raw, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// A proposer that dies leaves its proposal, and the kernel closes its
+	// end of the FIFO: nobody reads there any more.
+	pd.fifo.Close()
+	pd.fifo = nil
 	if err := a.UpdateEntries(context.Background(), []string{testKey("https://h/a").ID()}, func(*Txn) (bool, error) { return false, nil }); err != nil {
 		t.Fatal(err)
 	}

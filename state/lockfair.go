@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"time"
 )
 
@@ -137,7 +136,7 @@ func (w *waiter) attempt(name string, waited time.Duration) (won bool, content [
 // lookAtTurn reads the marker and reports whether this attempt must leave
 // the lock to its owner.
 func (w *waiter) lookAtTurn() bool {
-	b, err := os.ReadFile(w.turn.name)
+	b, err := readFile(w.turn.name)
 	w.turn.absent = errors.Is(err, fs.ErrNotExist)
 	if err != nil {
 		// Absent, or unreadable: nothing to honour. The marker only ever

@@ -140,7 +140,7 @@ func ParentPID(pid int) (int, error) {
 // command name (field 2) may hold spaces and parentheses, so fields are
 // counted after its last ')'.
 func statFields(pid int) ([]string, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	b, err := readFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return nil, err
 	}

@@ -242,6 +242,7 @@ type pending struct {
 	base   string // spool path without suffix; "" until posted
 	fifo   *os.File
 	frame  []byte // the answer, once read
+	buf    []byte // what read reads into
 	failed bool   // posting failed: wait as if not combining
 }
 
@@ -292,7 +293,7 @@ func (pd *pending) post() error {
 		return err
 	}
 	tmp := base + ".tmp"
-	err = os.WriteFile(tmp, b, 0o600)
+	err = writeNew(tmp, b)
 	if err == nil {
 		err = os.Rename(tmp, base+proposalSuffix)
 	}
@@ -317,7 +318,10 @@ func (pd *pending) read(d time.Duration) bool {
 	if pd.fifo == nil {
 		return false
 	}
-	buf := make([]byte, inlineResult+1)
+	if pd.buf == nil {
+		pd.buf = make([]byte, inlineResult+1) // once: a waiter reads at every poll
+	}
+	buf := pd.buf
 	var n int
 	if d > 0 {
 		pd.fifo.SetReadDeadline(time.Now().Add(d))

@@ -2,6 +2,7 @@ package state
 
 import (
 	"fmt"
+	"io"
 	"io/fs"
 
 	"golang.org/x/sys/unix"
@@ -54,4 +55,38 @@ func readFileFlags(name string, flags int, limit int) ([]byte, error) {
 			return nil, fmt.Errorf("%s: over %d bytes", name, limit)
 		}
 	}
+}
+
+// writeNew creates name, which must not exist, private to this user, and
+// writes b to it: os.WriteFile without the poller's system calls (see
+// readFile), for the proposals a waiter posts.
+func writeNew(name string, b []byte) error {
+	var fd int
+	var err error
+	for {
+		fd, err = unix.Open(name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: name, Err: err}
+	}
+	for len(b) > 0 && err == nil {
+		var n int
+		n, err = unix.Write(fd, b)
+		if err == unix.EINTR {
+			err = nil
+		} else if err == nil && n == 0 {
+			err = io.ErrShortWrite
+		}
+		b = b[max(n, 0):]
+	}
+	if cerr := unix.Close(fd); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		return &fs.PathError{Op: "write", Path: name, Err: err}
+	}
+	return nil
 }

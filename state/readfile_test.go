@@ -48,3 +48,25 @@ func TestReadFile(t *testing.T) {
 		t.Fatalf("a symbolic link read with O_NOFOLLOW: %v; want ELOOP", err)
 	}
 }
+
+func TestWriteNew(t *testing.T) {
+	name := filepath.Join(t.TempDir(), "p.tmp")
+	want := bytes.Repeat([]byte("y"), 70_000)
+	if err := writeNew(name, want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(name)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back %d bytes, %v", len(got), err)
+	}
+	fi, err := os.Stat(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		t.Fatalf("mode %v: want private to this user", fi.Mode())
+	}
+	if err := writeNew(name, []byte("again")); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("a second write of the same name: %v; want fs.ErrExist", err)
+	}
+}

@@ -383,7 +383,7 @@ func (pd *pending) close() {
 type served struct {
 	base   string
 	fd     int  // the proposer's FIFO, open for writing while open
-	open   bool // (claimOne opens it; reply closes it)
+	open   bool // (claimOne opens it; reply or close closes it)
 	p      Proposal
 	apply  Applier
 	result []byte
@@ -445,10 +445,11 @@ func (s *Store) claimOne(base string) *served {
 		}
 	}
 	// The proposer holds its FIFO open for reading from before it posts
-	// until after it withdraws or is answered, so a FIFO with no reader
-	// (ENXIO) or none at all, under a posted proposal, is a proposer gone.
-	// That is its liveness, without /proc, and no pid reuse can fool it;
-	// the descriptor is kept for the answer.
+	// until its lead returns, after its proposal was withdrawn or claimed,
+	// so a FIFO with no reader (ENXIO) or none at all, under a posted
+	// proposal, is a proposer gone. That is its liveness, without /proc,
+	// and no pid reuse can fool it. The descriptor is kept for the answer:
+	// at most maxServed of them, through the hold.
 	fd, err := unix.Open(base+fifoSuffix, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
 		os.Remove(base + proposalSuffix)
@@ -515,7 +516,10 @@ func (s *Store) answer(svs []*served, committed bool) {
 }
 
 // reply writes one answer frame to a proposer's FIFO, and closes it; a
-// proposer gone meanwhile (EPIPE: nobody reads) is no error.
+// proposer gone meanwhile (EPIPE: nobody reads) is no error. The Go
+// runtime turns the SIGPIPE of a write to a descriptor other than 1 or 2
+// into that EPIPE, unless the program asked for SIGPIPE (signal.Notify):
+// an embedder that does gets one for such a proposer.
 func (s *Store) reply(sv *served, frame []byte) {
 	if !sv.open {
 		fd, err := unix.Open(sv.base+fifoSuffix, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)

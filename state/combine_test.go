@@ -176,9 +176,49 @@ func TestCombineSkipsDeadProposers(t *testing.T) {
 	if got := dependentsOf(t, a, "https://h/b"); got != nil {
 		t.Fatalf("a dead process's proposal was applied: %v", got)
 	}
-	if _, err := os.Lstat(pd.base + proposalSuffix); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("a dead process's proposal was left in the spool: %v", err)
+	for _, suffix := range []string{proposalSuffix, fifoSuffix} {
+		if _, err := os.Lstat(pd.base + suffix); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("a dead process's %s file was left in the spool: %v", suffix, err)
+		}
 	}
+}
+
+// A hold closes every proposer's FIFO it opened, whether it applied the
+// proposal or declined it.
+func TestCombineHoldClosesFIFOs(t *testing.T) {
+	for _, dep := range []string{"ok", "fail"} {
+		t.Run(dep, func(t *testing.T) {
+			a, b := combineStores(t, true)
+			var pds []*pending
+			for i := range 10 {
+				pds = append(pds, postFor(t, b, putProposal(fmt.Sprintf("https://h/%d", i), dep)))
+			}
+			before := openFDs(t)
+			if err := a.UpdateEntries(context.Background(), []string{testKey("https://h/a").ID()}, func(*Txn) (bool, error) { return false, nil }); err != nil {
+				t.Fatal(err)
+			}
+			if after := openFDs(t); after != before {
+				t.Fatalf("%d descriptors open after the hold, %d before", after, before)
+			}
+			for i, pd := range pds {
+				if !pd.read(0) {
+					t.Fatalf("proposal %d: no answer", i)
+				}
+				if _, applied, _ := pd.answer(); applied != (dep == "ok") {
+					t.Fatalf("proposal %d: applied %v", i, applied)
+				}
+			}
+		})
+	}
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	return len(fds)
 }
 
 // A proposal claimed by a holder that vanished before answering is applied

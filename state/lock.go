@@ -628,7 +628,8 @@ type waiter struct {
 // found alive for alive still, without reading /proc again. A waiter polls
 // every 0.2 ms at first, and the kernel's rendering of /proc/PID/stat was
 // the largest part of each poll; a holder killed meanwhile is broken at
-// most this much later.
+// most this and one poll later. It is wall time, not Clock's: a test's
+// clock that stands still must not stop a waiter from looking again.
 const aliveRecheck = 2 * time.Millisecond
 
 // unreadableAfter is how long a lock's content must stay unparseable
@@ -828,28 +829,38 @@ func (l *Lock) logHolder(h holder, o observation, now time.Time) logrus.FieldLog
 }
 
 // parseHolder decodes a holder record; an unreadable one gives the zero
-// holder. The last record decoded is kept: a waiter reads the same one on
-// every poll until the hold ends, and decoding it each time was a tenth of
-// the waiters' CPU.
+// holder. The last few records decoded are kept: a waiter reads the same
+// ones (the lock's, the turn marker's) on every poll until the hold ends,
+// and decoding them each time was a tenth of the waiters' CPU.
 func parseHolder(b []byte) holder {
-	if last := lastHolder.Load(); last != nil && last.content == string(b) {
-		return last.h
+	for i := range parsedHolders {
+		if last := parsedHolders[i].Load(); last != nil && last.content == string(b) {
+			return last.h
+		}
 	}
 	var h holder
 	if json.Unmarshal(b, &h) != nil || !isHex(h.Nonce) {
 		h = holder{}
 	}
-	lastHolder.Store(&parsedHolder{content: string(b), h: h})
+	slot := nextParsed.Add(1) % uint32(len(parsedHolders))
+	parsedHolders[slot].Store(&parsedHolder{content: string(b), h: h})
 	return h
 }
 
-// parsedHolder is a holder record and what parseHolder made of it.
+// parsedHolder is a holder record and what parseHolder made of it,
+// immutable once stored.
 type parsedHolder struct {
 	content string
 	h       holder
 }
 
-var lastHolder atomic.Pointer[parsedHolder]
+// parsedHolders are the records parseHolder decoded last, replaced in turn:
+// enough for a lock, its marker and a break link, or a few locks waited on
+// at once.
+var (
+	parsedHolders [4]atomic.Pointer[parsedHolder]
+	nextParsed    atomic.Uint32
+)
 
 func (h holder) describe() string {
 	if h.Nonce == "" {

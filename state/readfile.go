@@ -82,11 +82,13 @@ func writeNew(name string, b []byte) error {
 		}
 		b = b[max(n, 0):]
 	}
-	if cerr := unix.Close(fd); err == nil && cerr != nil {
-		err = cerr
-	}
 	if err != nil {
+		unix.Close(fd)
 		return &fs.PathError{Op: "write", Path: name, Err: err}
+	}
+	// On Linux, close closes the descriptor even when it fails with EINTR.
+	if err := unix.Close(fd); err != nil && err != unix.EINTR {
+		return &fs.PathError{Op: "close", Path: name, Err: err}
 	}
 	return nil
 }

@@ -278,8 +278,15 @@ func (pd *pending) post() error {
 	}
 	err = unix.Mkfifo(base+fifoSuffix, 0o600)
 	if errors.Is(err, fs.ErrNotExist) {
+		made := false
 		if err = os.Mkdir(dir, 0o700); err == nil || errors.Is(err, fs.ErrExist) {
+			made = err == nil
 			err = unix.Mkfifo(base+fifoSuffix, 0o600)
+		}
+		if made {
+			// A root's first proposer on this machine (or the first since
+			// its spool was swept): the time to sweep the others'.
+			sweepSpools(filepath.Dir(dir), dir, time.Now())
 		}
 	}
 	if err != nil {
@@ -564,6 +571,29 @@ func (s *Store) sweepSpool(dir string, names []string, now time.Time) {
 		}
 		if gone && n != self.PID {
 			os.Remove(p)
+		}
+	}
+}
+
+// sweepSpools removes the spool directories in base, but keep, that are
+// empty and were last changed staleSpool ago: one is made for each root,
+// host, boot and pid namespace, and nothing else removes them, so a machine
+// that ran many roots (tests, CI jobs) kept thousands. rmdir removes only an
+// empty directory, and a proposer that finds its spool gone makes it again.
+func sweepSpools(base, keep string, now time.Time) {
+	d, err := os.Open(base)
+	if err != nil {
+		return
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	for _, name := range names {
+		p := filepath.Join(base, name)
+		if p == keep {
+			continue
+		}
+		if fi, err := os.Lstat(p); err == nil && fi.IsDir() && now.Sub(fi.ModTime()) > staleSpool {
+			unix.Rmdir(p)
 		}
 	}
 }

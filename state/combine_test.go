@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -429,5 +430,40 @@ func TestOnCombineEvents(t *testing.T) {
 	defer mu.Unlock()
 	if events["proposed"] != 1 || events["served"] != 1 {
 		t.Fatalf("events %v, want one proposed and one served", events)
+	}
+}
+
+// A root's first proposer sweeps the spools of other roots that are empty
+// and old, and leaves the rest.
+func TestFirstProposerSweepsOldSpools(t *testing.T) {
+	a, b := combineStores(t, true)
+	base := filepath.Dir(a.spool())
+	old := time.Now().Add(-time.Hour)
+	mk := func(name string, mtime time.Time, file bool) string {
+		p := filepath.Join(base, name)
+		if err := os.Mkdir(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if file {
+			if err := os.WriteFile(filepath.Join(p, "1-00.fifo"), nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Chtimes(p, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	oldEmpty := mk("oldempty", old, false)
+	newEmpty := mk("newempty", time.Now(), false)
+	oldFull := mk("oldfull", old, true)
+	postFor(t, b, putProposal("https://h/b", "x")) // makes this root's spool
+	if _, err := os.Lstat(oldEmpty); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("an empty spool an hour old is still there: %v", err)
+	}
+	for _, p := range []string{newEmpty, oldFull, a.spool()} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("%s: %v; want it kept", filepath.Base(p), err)
+		}
 	}
 }

@@ -575,8 +575,8 @@ func (s *Store) sweepSpool(dir string, names []string, now time.Time) {
 	}
 }
 
-// sweepSpools removes the spool directories in base, but keep, that are
-// empty and were last changed staleSpool ago: one is made for each root,
+// sweepSpools removes the spool directories in base, but keep, that were
+// last changed staleSpool ago, with the files in them as old: one is made for each root,
 // host, boot and pid namespace, and nothing else removes them, so a machine
 // that ran many roots (tests, CI jobs) kept thousands. rmdir removes only an
 // empty directory, and a proposer that finds its spool gone makes it again.
@@ -593,6 +593,17 @@ func sweepSpools(base, keep string, now time.Time) {
 			continue
 		}
 		if fi, err := os.Lstat(p); err == nil && fi.IsDir() && now.Sub(fi.ModTime()) > staleSpool {
+			// Unchanged for staleSpool: every file in it is at least that
+			// old, litter whoever left it (see staleSpool).
+			if d, err := os.Open(p); err == nil {
+				files, _ := d.Readdirnames(-1)
+				d.Close()
+				for _, f := range files {
+					if fi, err := os.Lstat(filepath.Join(p, f)); err == nil && now.Sub(fi.ModTime()) > staleSpool {
+						os.Remove(filepath.Join(p, f))
+					}
+				}
+			}
 			unix.Rmdir(p)
 		}
 	}

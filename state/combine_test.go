@@ -433,8 +433,8 @@ func TestOnCombineEvents(t *testing.T) {
 	}
 }
 
-// A root's first proposer sweeps the spools of other roots that are empty
-// and old, and leaves the rest.
+// A root's first proposer sweeps the spools of other roots that nobody
+// changed for staleSpool, litter and all, and leaves the rest.
 func TestFirstProposerSweepsOldSpools(t *testing.T) {
 	a, b := combineStores(t, true)
 	base := filepath.Dir(a.spool())
@@ -445,7 +445,11 @@ func TestFirstProposerSweepsOldSpools(t *testing.T) {
 			t.Fatal(err)
 		}
 		if file {
-			if err := os.WriteFile(filepath.Join(p, "1-00.fifo"), nil, 0o600); err != nil {
+			f := filepath.Join(p, "1-00.fifo")
+			if err := os.WriteFile(f, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chtimes(f, mtime, mtime); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -455,13 +459,16 @@ func TestFirstProposerSweepsOldSpools(t *testing.T) {
 		return p
 	}
 	oldEmpty := mk("oldempty", old, false)
+	oldLitter := mk("oldlitter", old, true)
 	newEmpty := mk("newempty", time.Now(), false)
-	oldFull := mk("oldfull", old, true)
+	newFull := mk("newfull", time.Now(), true)
 	postFor(t, b, putProposal("https://h/b", "x")) // makes this root's spool
-	if _, err := os.Lstat(oldEmpty); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("an empty spool an hour old is still there: %v", err)
+	for _, p := range []string{oldEmpty, oldLitter} {
+		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s, an hour old, is still there: %v", filepath.Base(p), err)
+		}
 	}
-	for _, p := range []string{newEmpty, oldFull, a.spool()} {
+	for _, p := range []string{newEmpty, newFull, filepath.Join(newFull, "1-00.fifo"), a.spool()} {
 		if _, err := os.Lstat(p); err != nil {
 			t.Errorf("%s: %v; want it kept", filepath.Base(p), err)
 		}

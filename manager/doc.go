@@ -35,7 +35,9 @@
 //   - A disk filled to its last byte can still be freed: a removal, a
 //     sweep that evicts, or a release gives up part of the file store's
 //     disk reserve ([state.Reserver]) when its commit meets ENOSPC, and
-//     fails wrapping [ErrDiskFull] only when the reserve ran out.
+//     fails wrapping [ErrDiskFull] only when the reserve ran out. A Get,
+//     which frees nothing, never spends the reserve: on a full disk it
+//     fails wrapping [ErrDiskFull].
 //
 // # Get, Wait and Release
 //

@@ -34,7 +34,19 @@ import (
 //
 // The disk is looked at before the commit, and the commit decides from
 // what it saw and the state as it is then: the callback does no I/O.
+//
+// On a full disk it fails wrapping ErrDiskFull: its commit takes the lock,
+// which writes a file, and it frees nothing that would earn it the disk
+// reserve.
 func (m *Manager) reconcile(ctx context.Context) error {
+	err := m.reconcileRoot(ctx)
+	if err != nil && m.DiskFull(err) && !errors.Is(err, ErrDiskFull) {
+		err = fmt.Errorf("%w: reconciling the root at start takes the state lock, which writes a file: free space on it (depcache gc, depcache rm) and try again: %w", ErrDiskFull, err)
+	}
+	return err
+}
+
+func (m *Manager) reconcileRoot(ctx context.Context) error {
 	root := m.Root()
 	if err := checkLayout(root); err != nil {
 		return err

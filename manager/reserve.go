@@ -12,7 +12,8 @@ import (
 // ErrDiskFull is wrapped by the error of a sweep, a removal or a release
 // whose commit found no room on the root's filesystem, with the disk
 // reserve given up or not there to give: space must be freed by other
-// means.
+// means. A Get whose commit finds no room wraps it too, without touching
+// the reserve.
 var ErrDiskFull = errors.New("the cache root's filesystem is full")
 
 // DiskFull reports whether err is what a write to the root's full

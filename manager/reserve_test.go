@@ -178,6 +178,43 @@ func TestFullDiskWithoutReserve(t *testing.T) {
 	}
 }
 
+// A get of a READY entry on a full disk frees nothing, so it leaves the
+// reserve alone and fails wrapping ErrDiskFull, saying what to do; once
+// there is room, the same get goes through.
+func TestFullDiskGetOfAReadyEntry(t *testing.T) {
+	const reserve = 256 << 10
+	m, root, k, body, _ := onFullDisk(t, reserve, false)
+	ctx := context.Background()
+	_, err := m.Get(ctx, "job2", k)
+	if !errors.Is(err, manager.ErrDiskFull) || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "free space") || !strings.Contains(err.Error(), "job2") {
+		t.Fatalf("get on a full disk: %v; want ErrDiskFull wrapping ENOSPC, naming the dependent and saying to free space", err)
+	}
+	if held := reserveHeld(t, root); held < reserve {
+		t.Fatalf("a get spent the reserve: %d bytes left of %d", held, reserve)
+	}
+	st, err := state.DecodeFile(root, state.StateFile)
+	if err != nil {
+		t.Fatalf("the state after the failed get: %v", err)
+	}
+	e := st.Get(k)
+	if e == nil || e.Stage != state.Ready || len(e.Dependents) != 0 {
+		t.Fatalf("the entry after the failed get: %+v", e)
+	}
+	abs, err := m.Abs(*e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(abs); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("the content after the failed get: %d bytes, %v", len(got), err)
+	}
+	if err := os.Remove(rigtest.Filler(root, filepath.Dir(root))); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := m.Get(ctx, "job2", k); err != nil || got.Stage != state.Ready {
+		t.Fatalf("get once there is room: %+v, %v", got.Stage, err)
+	}
+}
+
 // A dependent that must be released before its entry can go: on a full
 // disk, the release and then the removal each give up a part of the
 // reserve, and the removal's freed space makes it whole again.

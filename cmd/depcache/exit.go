@@ -138,6 +138,8 @@ func errKind(err error) string {
 		return "error"
 	case errors.Is(err, etcdstore.ErrUnavailable):
 		return "unavailable"
+	case errors.Is(err, manager.ErrDiskFull):
+		return "disk_full"
 	}
 	return "error"
 }

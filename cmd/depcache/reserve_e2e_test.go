@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -50,6 +51,34 @@ func testCLIFreeOnAFullDisk(t *testing.T, free []string) {
 	}
 	if code, out, _ := depcache(t, root, append(reserve, "doctor")...); !strings.Contains(out, "disk reserve") {
 		t.Errorf("doctor (exit %d) has no disk reserve line:\n%s", code, out)
+	}
+}
+
+// TestCLIGetOnAFullDisk: a get of a cached entry on a full disk exits 1
+// with --json kind disk_full and says to free space, and leaves the reserve
+// to the release and the removal that need it; both then go through.
+func TestCLIGetOnAFullDisk(t *testing.T) {
+	dir := rigtest.DiskFull(t)
+	root, filler := rigtest.FullRoot(t, dir, dir)
+	src := filepath.Join(t.TempDir(), "one-mib")
+	if err := os.WriteFile(src, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reserve := []string{"--disk-reserve", "256KiB"}
+	if code, _, stderr := depcache(t, root, append(reserve, "get", "--dependent", "a", "file://"+src)...); code != 0 {
+		t.Fatalf("get: exit %d: %s", code, stderr)
+	}
+	rigtest.FillUp(t, filler)
+	code, _, stderr := depcache(t, root, append(reserve, "--json", "get", "--dependent", "b", "file://"+src)...)
+	var e errorJSON
+	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "disk_full" || !strings.Contains(e.Error, "free space") {
+		t.Fatalf("get --json on a full disk: exit %d, %q (%v); want exit 1, kind disk_full, saying to free space", code, stderr, err)
+	}
+	if code, _, stderr := depcache(t, root, append(reserve, "release", "--dependent", "a", "file://"+src)...); code != 0 {
+		t.Fatalf("release on the full disk after the refused get: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := depcache(t, root, append(reserve, "rm", "-y", "file://"+src)...); code != 0 {
+		t.Fatalf("rm on the full disk after the release: exit %d: %s", code, stderr)
 	}
 }
 

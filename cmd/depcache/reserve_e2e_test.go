@@ -74,6 +74,7 @@ func TestCLIGetOnAFullDisk(t *testing.T) {
 	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "disk_full" || !strings.Contains(e.Error, "free space") {
 		t.Fatalf("get --json on a full disk: exit %d, %q (%v); want exit 1, kind disk_full, saying to free space", code, stderr, err)
 	}
+	checkSchema(t, "error", stderr)
 	if code, _, stderr := depcache(t, root, append(reserve, "release", "--dependent", "a", "file://"+src)...); code != 0 {
 		t.Fatalf("release on the full disk after the refused get: exit %d: %s", code, stderr)
 	}

@@ -138,7 +138,9 @@ func errKind(err error) string {
 		return "error"
 	case errors.Is(err, etcdstore.ErrUnavailable):
 		return "unavailable"
-	case errors.Is(err, manager.ErrDiskFull):
+	case errors.Is(err, manager.ErrDiskFull), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		// ENOSPC unwrapped: a write outside the state's commits (a named
+		// lock's file, say) on the full disk.
 		return "disk_full"
 	}
 	return "error"

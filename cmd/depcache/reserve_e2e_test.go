@@ -75,6 +75,11 @@ func TestCLIGetOnAFullDisk(t *testing.T) {
 		t.Fatalf("get --json on a full disk: exit %d, %q (%v); want exit 1, kind disk_full, saying to free space", code, stderr, err)
 	}
 	checkSchema(t, "error", stderr)
+	// A named lock's files are on the full disk too.
+	code, _, stderr = depcache(t, root, "--json", "lock", "job", "--", "true")
+	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "disk_full" {
+		t.Fatalf("lock --json on a full disk: exit %d, %q (%v); want exit 1, kind disk_full", code, stderr, err)
+	}
 	if code, _, stderr := depcache(t, root, append(reserve, "release", "--dependent", "a", "file://"+src)...); code != 0 {
 		t.Fatalf("release on the full disk after the refused get: exit %d: %s", code, stderr)
 	}

@@ -38,7 +38,7 @@ func (m *Manager) freeing(ctx context.Context, what string, commit func() error,
 	} else if !ok {
 		// A commit that frees nothing (a sweep that only reaps) would
 		// spend the reserve that a removal needs.
-		return fmt.Errorf("%w: %w", ErrDiskFull, err)
+		return fmt.Errorf("%w: %w (this %s would free nothing, so it leaves the disk reserve alone: free space on it by other means)", ErrDiskFull, err, what)
 	}
 	r, ok := m.store.(state.Reserver)
 	if !ok {

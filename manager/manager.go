@@ -497,7 +497,7 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 	if err != nil && m.DiskFull(err) && !errors.Is(err, ErrDiskFull) {
 		// A get adds a dependent, and so frees nothing: it leaves the
 		// disk reserve to the releases and removals that do.
-		err = fmt.Errorf("%w: registering %s on %s needs a commit, and a get does not give up the disk reserve, which is kept for releases and removals: free space on it (depcache gc, depcache rm) and get again: %w", ErrDiskFull, dependent, key.Source, err)
+		err = fmt.Errorf("%w: registering %s on %s needs a commit, and a get does not give up the disk reserve, which is kept for releases and removals: free space on the root's filesystem (depcache gc, depcache rm) and get again: %w", ErrDiskFull, dependent, key.Source, err)
 	}
 	if err != nil {
 		return state.Entry{}, err

@@ -41,7 +41,7 @@ import (
 func (m *Manager) reconcile(ctx context.Context) error {
 	err := m.reconcileRoot(ctx)
 	if err != nil && m.DiskFull(err) && !errors.Is(err, ErrDiskFull) {
-		err = fmt.Errorf("%w: reconciling the root at start takes the state lock, which writes a file: free space on it (depcache gc, depcache rm) and try again: %w", ErrDiskFull, err)
+		err = fmt.Errorf("%w: reconciling the root at start takes the state lock, which writes a file: free space on the root's filesystem and try again: %w", ErrDiskFull, err)
 	}
 	return err
 }

@@ -13,7 +13,8 @@ import (
 // whose commit found no room on the root's filesystem, with the disk
 // reserve given up or not there to give: space must be freed by other
 // means. A Get whose commit finds no room wraps it too, without touching
-// the reserve.
+// the reserve, and so do Start, Run and Settle when the reconcile they
+// begin with finds none.
 var ErrDiskFull = errors.New("the cache root's filesystem is full")
 
 // DiskFull reports whether err is what a write to the root's full

@@ -278,15 +278,14 @@ func (pd *pending) post() error {
 	}
 	err = unix.Mkfifo(base+fifoSuffix, 0o600)
 	if errors.Is(err, fs.ErrNotExist) {
-		made := false
 		if err = os.Mkdir(dir, 0o700); err == nil || errors.Is(err, fs.ErrExist) {
-			made = err == nil
+			if err == nil {
+				// A root's first proposer on this machine (or the first
+				// since its spool was swept): the time to sweep the
+				// others', once the proposal is posted.
+				defer sweepSpoolsOnce(filepath.Dir(dir), dir)
+			}
 			err = unix.Mkfifo(base+fifoSuffix, 0o600)
-		}
-		if made {
-			// A root's first proposer on this machine (or the first since
-			// its spool was swept): the time to sweep the others'.
-			sweepSpools(filepath.Dir(dir), dir, time.Now())
 		}
 	}
 	if err != nil {
@@ -562,7 +561,7 @@ func (s *Store) sweepSpool(dir string, names []string, now time.Time) {
 		if err != nil {
 			continue
 		}
-		gone := now.Sub(fi.ModTime()) > staleSpool
+		gone := now.Sub(fi.ModTime()) > staleSpool && !proposerListening(dir, name)
 		if !gone {
 			// Without its start time, a pid alone cannot say the process
 			// is gone when it was reused; only age can then. A pid that
@@ -575,11 +574,46 @@ func (s *Store) sweepSpool(dir string, names []string, now time.Time) {
 	}
 }
 
+// proposerListening reports whether a live proposer holds open the FIFO
+// of spool file name (of any suffix): see claimOne. A proposer waiting
+// behind a long hold changes nothing in the spool, so age alone cannot
+// tell its files from litter.
+func proposerListening(dir, name string) bool {
+	base := name
+	for _, suffix := range []string{proposalSuffix, fifoSuffix, resultSuffix, ".tmp"} {
+		if b, ok := strings.CutSuffix(name, suffix); ok {
+			base = b
+			break
+		}
+	}
+	fd, err := unix.Open(filepath.Join(dir, base+fifoSuffix), unix.O_WRONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false // ENXIO: nobody reads; ENOENT: no FIFO
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	return unix.Fstat(fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFIFO // not a file left in its place
+}
+
+// sweptSpools: sweepSpoolsOnce has run in this process.
+var sweptSpools atomic.Bool
+
+// sweepSpoolsOnce is sweepSpools, at most once per process: a CI job that
+// makes thousands of roots must not read the base directory each time.
+func sweepSpoolsOnce(base, keep string) {
+	if sweptSpools.CompareAndSwap(false, true) {
+		sweepSpools(base, keep, time.Now())
+	}
+}
+
 // sweepSpools removes the spool directories in base, but keep, that were
-// last changed staleSpool ago, with the files in them as old: one is made for each root,
-// host, boot and pid namespace, and nothing else removes them, so a machine
-// that ran many roots (tests, CI jobs) kept thousands. rmdir removes only an
-// empty directory, and a proposer that finds its spool gone makes it again.
+// last changed staleSpool ago and in which no proposer listens, with the
+// files in them that are as old: one is made for each root, host, boot and
+// pid namespace, and nothing else removes them, so a machine that ran many
+// roots (tests, CI jobs) kept thousands. rmdir removes only an empty
+// directory, and a proposer that finds its spool gone makes it again. base
+// is private to this user (privateDir); each directory is opened without
+// following a link, and its files are removed relative to it.
 func sweepSpools(base, keep string, now time.Time) {
 	d, err := os.Open(base)
 	if err != nil {
@@ -592,21 +626,33 @@ func sweepSpools(base, keep string, now time.Time) {
 		if p == keep {
 			continue
 		}
-		if fi, err := os.Lstat(p); err == nil && fi.IsDir() && now.Sub(fi.ModTime()) > staleSpool {
-			// Unchanged for staleSpool: every file in it is at least that
-			// old, litter whoever left it (see staleSpool).
-			if d, err := os.Open(p); err == nil {
-				files, _ := d.Readdirnames(-1)
-				d.Close()
-				for _, f := range files {
-					if fi, err := os.Lstat(filepath.Join(p, f)); err == nil && now.Sub(fi.ModTime()) > staleSpool {
-						os.Remove(filepath.Join(p, f))
-					}
-				}
-			}
-			unix.Rmdir(p)
+		if fi, err := os.Lstat(p); err != nil || !fi.IsDir() || now.Sub(fi.ModTime()) <= staleSpool {
+			continue
+		}
+		sweepSpoolDir(p, now)
+	}
+}
+
+func sweepSpoolDir(p string, now time.Time) {
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	dir := os.NewFile(uintptr(fd), p)
+	defer dir.Close()
+	files, _ := dir.Readdirnames(-1)
+	for _, f := range files {
+		if proposerListening(p, f) {
+			return
 		}
 	}
+	for _, f := range files {
+		var st unix.Stat_t
+		if unix.Fstatat(fd, f, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && now.Sub(time.Unix(st.Mtim.Unix())) > staleSpool {
+			unix.Unlinkat(fd, f, 0)
+		}
+	}
+	unix.Rmdir(p)
 }
 
 // readSmall reads a file of at most limit bytes without following a

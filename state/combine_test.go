@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // testPut is a proposal's args: register dependent Name on the entry of
@@ -462,13 +464,35 @@ func TestFirstProposerSweepsOldSpools(t *testing.T) {
 	oldLitter := mk("oldlitter", old, true)
 	newEmpty := mk("newempty", time.Now(), false)
 	newFull := mk("newfull", time.Now(), true)
+	// A proposer of another root that has waited an hour behind a long
+	// hold, still listening on its FIFO: nothing of its spool goes.
+	waiting := mk("waiting", time.Now(), false)
+	fifo := filepath.Join(waiting, "2-00"+fifoSuffix)
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	listener, err := os.OpenFile(fifo, os.O_RDWR|unix.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer listener.Close()
+	req := filepath.Join(waiting, "2-00"+proposalSuffix)
+	if err := os.WriteFile(req, []byte("{}"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{fifo, req, waiting} {
+		if err := os.Chtimes(p, old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sweptSpools.Store(false)                       // once per process, and other tests of this one made spools
 	postFor(t, b, putProposal("https://h/b", "x")) // makes this root's spool
 	for _, p := range []string{oldEmpty, oldLitter} {
 		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("%s, an hour old, is still there: %v", filepath.Base(p), err)
 		}
 	}
-	for _, p := range []string{newEmpty, newFull, filepath.Join(newFull, "1-00.fifo"), a.spool()} {
+	for _, p := range []string{newEmpty, newFull, filepath.Join(newFull, "1-00.fifo"), a.spool(), fifo, req} {
 		if _, err := os.Lstat(p); err != nil {
 			t.Errorf("%s: %v; want it kept", filepath.Base(p), err)
 		}

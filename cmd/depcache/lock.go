@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/spf13/cobra"
@@ -115,6 +116,16 @@ func recordLockName(nameFile, name string, perms state.Perms) error {
 	return nil
 }
 
+// diskFull wraps manager.ErrDiskFull around err when it is a write to
+// root's full filesystem (state.DiskFull: also sshfs's EIO with no room
+// left), so that it is told as one (kind disk_full).
+func diskFull(root string, err error) error {
+	if err != nil && !errors.Is(err, manager.ErrDiskFull) && state.DiskFull(root, err) {
+		return fmt.Errorf("%w: %w", manager.ErrDiskFull, err)
+	}
+	return err
+}
+
 // lockHold is one hold of a named lock, on either store.
 type lockHold interface {
 	// token draws the hold's fencing token.
@@ -154,7 +165,7 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 	}
 	l, tokenPath, err := openNamedLock(g, name, lease)
 	if err != nil {
-		return nil, err
+		return nil, diskFull(g.rootPath(), err)
 	}
 	lockPath, _, _ := state.NamedLockPaths(g.rootPath(), name)
 	return func(ctx context.Context) (lockHold, error) {
@@ -163,7 +174,7 @@ func namedLockAcquirer(g *globals, name string, lease time.Duration) (func(conte
 		}
 		s, err := l.Acquire(ctx)
 		if err != nil {
-			return nil, err
+			return nil, diskFull(g.rootPath(), err)
 		}
 		return fileHold{s, tokenPath}, nil
 	}, nil

@@ -498,3 +498,65 @@ func TestFirstProposerSweepsOldSpools(t *testing.T) {
 		}
 	}
 }
+
+// A proposer whose proposal a holder claimed sleeps on its FIFO for
+// claimedWait, not for the lock's poll: the holder answers before it
+// unlocks, so looks at the lock meanwhile only take its CPU. An unclaimed
+// one waits only the poll it was given, and an answer still ends either.
+func TestClaimedProposerWaitsOnItsFIFO(t *testing.T) {
+	a, b := combineStores(t, true)
+	ctx := context.Background()
+
+	free := postFor(t, b, putProposal("https://h/free", "free"))
+	if answered, err := free.wait(ctx, time.Millisecond); answered || err != nil {
+		t.Fatalf("unclaimed wait: answered=%v err=%v, want a timeout", answered, err)
+	}
+	if free.claimed {
+		t.Fatal("a proposal whose file is still there was taken as claimed")
+	}
+
+	pd := postFor(t, b, putProposal("https://h/b", "claimed"))
+	sv := a.claimOne(pd.base)
+	if sv == nil {
+		t.Fatal("the holder did not claim the proposal")
+	}
+	defer sv.close()
+	start := time.Now()
+	if answered, err := pd.wait(ctx, time.Millisecond); answered || err != nil {
+		t.Fatalf("claimed wait: answered=%v err=%v, want a timeout", answered, err)
+	}
+	if waited := time.Since(start); !pd.claimed || waited < claimedWait {
+		t.Fatalf("claimed=%v after a wait of %s: want the claim seen and a wait of at least %s", pd.claimed, waited, claimedWait)
+	}
+	a.reply(sv, []byte{frameResult, 'x'})
+	if answered, err := pd.wait(ctx, time.Millisecond); !answered || err != nil {
+		t.Fatalf("after the answer: answered=%v err=%v", answered, err)
+	}
+	if res, applied, err := pd.answer(); !applied || err != nil || string(res) != "x" {
+		t.Fatalf("answer %q, %v, %v", res, applied, err)
+	}
+}
+
+// The spool goes to /dev/shm's tmpfs unless TMPDIR names a place, and to
+// os.TempDir() where there is no tmpfs to be had.
+func TestSpoolBase(t *testing.T) {
+	t.Setenv("TMPDIR", "")
+	if isTmpfs(shmDir) {
+		if got := spoolBase(); got != shmDir {
+			t.Fatalf("spoolBase() = %q with no TMPDIR and a tmpfs at %s", got, shmDir)
+		}
+	}
+	old := shmDir
+	shmDir = t.TempDir() // not a tmpfs here, or at worst one: then skip that half
+	t.Cleanup(func() { shmDir = old })
+	if !isTmpfs(shmDir) {
+		if got := spoolBase(); got != os.TempDir() {
+			t.Fatalf("spoolBase() = %q with no tmpfs, want os.TempDir() %q", got, os.TempDir())
+		}
+	}
+	dir := t.TempDir()
+	t.Setenv("TMPDIR", dir)
+	if got := spoolBase(); got != dir {
+		t.Fatalf("spoolBase() = %q with TMPDIR=%s", got, dir)
+	}
+}

@@ -36,6 +36,12 @@ func fsyncCoversNewEntry(dir string) bool {
 	return false
 }
 
+// isTmpfs reports whether dir is on a tmpfs (see spoolBase).
+func isTmpfs(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.TMPFS_MAGIC
+}
+
 // mountType returns the filesystem type of the mount that holds dir, from
 // /proc/self/mounts, "" if it cannot be told.
 func mountType(dir string) string {

@@ -1251,3 +1251,53 @@ func TestTurnMarkerLeftBehindHere(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A holder's attempt file (linked to the lock name to take it) stays
+// through the hold and goes with the unlock: its unlink is a round trip
+// to a shared filesystem's server that no waiter need wait for. A holder
+// that failed to take the lock leaves nothing either.
+func TestLockAttemptFileGoesWithTheUnlock(t *testing.T) {
+	dir := t.TempDir()
+	name := filepath.Join(dir, "lock")
+	l, err := state.NewLock(name, state.LockOptions{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attempts := func() []string {
+		f, _ := filepath.Glob(name + ".tmp-*")
+		return f
+	}
+	unlock, err := l.Lock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := attempts()
+	if len(held) != 1 {
+		t.Fatalf("attempt files while held: %v, want the holder's one", held)
+	}
+	lockFi, err1 := os.Stat(name)
+	tmpFi, err2 := os.Stat(held[0])
+	if err1 != nil || err2 != nil || !os.SameFile(lockFi, tmpFi) {
+		t.Fatalf("the attempt file %s is not the lock's record (%v, %v)", held[0], err1, err2)
+	}
+
+	other, err := state.NewLock(name, state.LockOptions{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := other.Lock(ctx); err == nil {
+		t.Fatal("a second holder took a held lock")
+	}
+	if got := attempts(); len(got) != 1 || got[0] != held[0] {
+		t.Fatalf("attempt files after a failed Lock: %v, want only the holder's %v", got, held)
+	}
+
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
+	if got := attempts(); len(got) != 0 {
+		t.Fatalf("attempt files after the unlock: %v, want none", got)
+	}
+}

@@ -71,7 +71,17 @@ func aged(t time.Time, d, watched time.Duration, now time.Time) bool {
 	}
 	// Watched for d: it has existed for at least d, whatever its stamp
 	// says (a writer whose clock runs ahead must not keep it for ever).
-	return watched >= d || now.Sub(t) >= d+ClockSkewTolerance
+	// Compared by parts: d + ClockSkewTolerance overflows for a d within
+	// the tolerance of the longest Duration, which made every entry aged.
+	age := now.Sub(t) // saturates
+	return watched >= d || age >= d && age-d >= ClockSkewTolerance
+}
+
+// percentOf is n*p/100, rounded down, for 0 <= p <= 100, without the
+// overflow of n*p for an n past math.MaxInt64/100 (a budget of 4 EiB is a
+// valid one: usage*100 wrapped negative and evicted every unused entry).
+func percentOf(n int64, p int) int64 {
+	return n/100*int64(p) + n%100*int64(p)/100
 }
 
 // Kept says why the sweep may not evict e, or "" if it may. Dependents
@@ -127,8 +137,8 @@ func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map
 		}
 	}
 	reason, need := "", int64(0)
-	if pol.MaxSizeBytes > 0 && usage*100 > pol.MaxSizeBytes*int64(pol.HighWatermark) {
-		reason, need = "budget", usage-pol.MaxSizeBytes*int64(pol.LowWatermark)/100
+	if pol.MaxSizeBytes > 0 && usage > percentOf(pol.MaxSizeBytes, pol.HighWatermark) {
+		reason, need = "budget", usage-percentOf(pol.MaxSizeBytes, pol.LowWatermark)
 	}
 	if floor := minFree(pol, u); u.DiskFree > 0 || u.DiskSize > 0 {
 		if floor > u.DiskFree && floor-u.DiskFree > need {
@@ -159,7 +169,7 @@ func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map
 func minFree(pol state.Policy, u Usage) int64 {
 	floor := pol.MinFreeDiskBytes
 	if pol.MinFreeDiskPercent > 0 && u.DiskSize > 0 {
-		floor = max(floor, u.DiskSize*int64(pol.MinFreeDiskPercent)/100)
+		floor = max(floor, percentOf(u.DiskSize, pol.MinFreeDiskPercent))
 	}
 	return floor
 }

@@ -314,3 +314,44 @@ func TestAbandoned(t *testing.T) {
 		}
 	}
 }
+
+// Budgets and ages near the top of their ranges, which are valid policy:
+// the arithmetic must not wrap into "evict everything".
+func TestEvictionAtTheEdgesOfRange(t *testing.T) {
+	const eib = int64(1) << 60
+	es := entries(cacheEntry(1, 30, 1), cacheEntry(2, 30, 2))
+	u := Usage{Bytes: Measure(es)}
+	for _, size := range []int64{97 << 50, 100 << 50, 512 << 50, eib, 2 * eib, 3 * eib, 4 * eib, 1<<63 - 1} {
+		pol := state.Policy{MaxSizeBytes: size, HighWatermark: 90, LowWatermark: 50}
+		if got := PlanEviction(pol, es, watchedAllOf(es), u, t0); len(got) != 0 {
+			t.Errorf("budget %d, usage %d: victims %v, want none", size, u.Bytes, victims(got))
+		}
+	}
+	// Over such a budget, it frees down to the low watermark, no further.
+	pol := state.Policy{MaxSizeBytes: 1<<63 - 1, HighWatermark: 90, LowWatermark: 50}
+	big := entries(cacheEntry(1, 0, 1, func(e *state.Entry) { e.SizeBytes = pol.MaxSizeBytes / 4 * 3 }),
+		cacheEntry(2, 0, 2, func(e *state.Entry) { e.SizeBytes = pol.MaxSizeBytes / 5 }))
+	if got := victims(PlanEviction(pol, big, watchedAllOf(big), Usage{Bytes: Measure(big)}, t0)); !reflect.DeepEqual(got, []string{"1:budget"}) {
+		t.Errorf("over a budget of MaxInt64 bytes: victims %v, want [1:budget]", got)
+	}
+	if got, want := percentOf(1<<63-1, 90), int64((1<<63-1)/100*90+7*90/100); got != want {
+		t.Errorf("percentOf(MaxInt64, 90) = %d, want %d", got, want)
+	}
+	if got := percentOf(199, 50); got != 99 {
+		t.Errorf("percentOf(199, 50) = %d, want 99", got)
+	}
+
+	// Ages within ClockSkewTolerance of the longest Duration: nothing is
+	// that old, so nothing is aged.
+	const longest = time.Duration(1<<63 - 1)
+	for _, d := range []time.Duration{longest, longest - time.Minute, longest - ClockSkewTolerance, longest - ClockSkewTolerance - time.Second} {
+		p := state.Policy{MaxSizeBytes: 1, HighWatermark: 90, LowWatermark: 50, MinAge: state.Duration(d)}
+		if got := PlanEviction(p, es, watchedAllOf(es), u, t0); len(got) != 0 {
+			t.Errorf("min-age %s: victims %v, want none", d, victims(got))
+		}
+		p = state.Policy{MaxAge: state.Duration(d)}
+		if got := PlanEviction(p, es, watchedAllOf(es), Usage{Bytes: 1}, t0); len(got) != 0 {
+			t.Errorf("max-age %s: victims %v, want none", d, victims(got))
+		}
+	}
+}

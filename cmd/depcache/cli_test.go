@@ -476,3 +476,34 @@ func TestDoctorOnBadLayout(t *testing.T) {
 		})
 	}
 }
+
+// parseAge takes days, refuses what a Duration cannot hold (wrapped, a
+// huge age turned negative and selected every entry), and keeps the rest.
+func TestParseAge(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+		ok   bool
+	}{
+		{"7d", 7 * 24 * time.Hour, true},
+		{"1d12h", 36 * time.Hour, true},
+		{"36h", 36 * time.Hour, true},
+		{"0s", 0, true},
+		{"106751d", 106751 * 24 * time.Hour, true},
+		{"106751d23h", 106751*24*time.Hour + 23*time.Hour, true},
+		{"106751d24h", 0, false},
+		{"106752d", 0, false},
+		{"9223372036854775807d", 0, false},
+		{"-1d", 0, false},
+		{"1d-1h", 0, false},
+		{"soon", 0, false},
+	} {
+		got, err := parseAge(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseAge(%q) = %s, %v; want %s, ok %v", tc.in, got, err, tc.want, tc.ok)
+		}
+		if err == nil && got < 0 {
+			t.Errorf("parseAge(%q) = %s: negative", tc.in, got)
+		}
+	}
+}

@@ -117,6 +117,9 @@ func TestBadInputAndRefusals(t *testing.T) {
 		{[]string{"release", "--dependent", "nobody", hello(t)}, 1, []string{`dependent "nobody"`, "not registered"}},
 		{[]string{"ls", "--sort", "colour"}, 2, []string{"want size, last-used or source"}},
 		{[]string{"ls", "--filter", "unused=soon"}, 2, []string{"7d"}},
+		{[]string{"ls", "--filter", "unused=106752d"}, 2, []string{"106752d is out of range", "106751d"}},
+		{[]string{"ls", "--filter", "unused=200000d"}, 2, []string{"out of range"}},
+		{[]string{"ls", "--filter", "unused=106751d24h"}, 2, []string{"out of range"}},
 		{[]string{"rm", "abc"}, 2, []string{"at least 8 hex"}},
 	} {
 		code, _, errs := depcache(t, root, tc.args...)

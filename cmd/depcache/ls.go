@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"regexp"
 	"slices"
 	"sort"
@@ -380,12 +381,18 @@ func newSelector(args, filters []string, now time.Time) (selector, error) {
 }
 
 // parseAge is time.ParseDuration with days: "7d", "1d12h", "36h".
+// A count of days past maxAgeDays, or days and a rest that add up past the
+// longest Duration, is refused: wrapped, it turned negative and selected
+// every entry.
 func parseAge(v string) (time.Duration, error) {
 	var days time.Duration
 	if i := strings.IndexByte(v, 'd'); i > 0 {
 		n, err := strconv.Atoi(v[:i])
 		if err != nil || n < 0 {
 			return 0, fmt.Errorf("want a duration such as 7d, 36h or 1d12h")
+		}
+		if n > maxAgeDays {
+			return 0, fmt.Errorf("%dd is out of range: at most %dd (about 292 years)", n, maxAgeDays)
 		}
 		days, v = time.Duration(n)*24*time.Hour, v[i+1:]
 		if v == "" {
@@ -396,8 +403,14 @@ func parseAge(v string) (time.Duration, error) {
 	if err != nil || d < 0 {
 		return 0, fmt.Errorf("want a duration such as 7d, 36h or 1d12h")
 	}
+	if d > math.MaxInt64-days {
+		return 0, fmt.Errorf("out of range: at most %dd%s in all (about 292 years)", maxAgeDays, time.Duration(math.MaxInt64)-time.Duration(maxAgeDays)*24*time.Hour)
+	}
 	return days + d, nil
 }
+
+// maxAgeDays is the most whole days a time.Duration holds.
+const maxAgeDays = int(math.MaxInt64 / int64(24*time.Hour))
 
 // describeEntries is the content of ls --json and of serve's /v1/entries.
 func describeEntries(ctx context.Context, m *manager.Manager) ([]entryJSON, error) {

@@ -18,6 +18,7 @@ import (
 	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 )
 
 // Exit codes: the contract in ../shared/design.md and README.md.
@@ -60,8 +61,10 @@ type interruptedError struct{ sig os.Signal }
 
 func (e *interruptedError) Error() string {
 	name := "SIGINT"
-	if e.sig == syscall.SIGTERM {
-		name = "SIGTERM"
+	if s, ok := e.sig.(syscall.Signal); ok && s != syscall.SIGINT {
+		if name = unix.SignalName(s); name == "" {
+			name = s.String()
+		}
 	}
 	return "interrupted (" + name + ")"
 }
@@ -225,6 +228,9 @@ func classify(ctx context.Context, err error) error {
 		return nil
 	}
 	var intr *interruptedError
+	if errors.As(err, &intr) {
+		return err // says so itself (run's and lock's own signal handling)
+	}
 	if ctx.Err() != nil && errors.As(context.Cause(ctx), &intr) {
 		if errors.Is(err, context.Canceled) {
 			return intr

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"github.com/depcache/depcache/state/rigtest"
 	"github.com/spf13/cobra"
 	"os"
@@ -83,6 +84,50 @@ func TestInterruptExits130(t *testing.T) {
 		} else if !strings.Contains(errb.String(), "depcache: interrupted (SIGINT)") || strings.Contains(errb.String(), "context canceled") {
 			t.Errorf("stderr after SIGINT: %q", errb.String())
 		}
+	}
+}
+
+// A signal to run while it fetches, or to lock while it waits, before CMD
+// started: exit 128+N, and with --json one error object of kind
+// interrupted (both printed plain text only).
+func TestRunAndLockInterruptedBeforeCMD(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
+		srv := newBlobServer(t, randomBody(1<<20), func(int32) bool { return true })
+		cmd, _, errb := startBin(t, t.TempDir(), nil, "--json", "run", "--dep", "A="+srv.URL+"/blob", "--", "true")
+		<-srv.started // fetching
+		cmd.Process.Signal(sig)
+		if code := exitStatus(t, cmd); code != 128+int(sig) {
+			t.Fatalf("run, %v while fetching: exit %d, want %d\n%s", sig, code, 128+int(sig), errb)
+		}
+		e := decodeError(t, errb.String())
+		if e.Kind != "interrupted" || e.ExitCode != 128+int(sig) || !strings.Contains(e.Error, "before CMD started") {
+			t.Errorf("run --json after %v: %+v", sig, e)
+		}
+		checkSchema(t, "error", errb.String())
+	}
+
+	root := t.TempDir()
+	ready := filepath.Join(t.TempDir(), "ready")
+	holder, _, _ := startBin(t, root, nil, "lock", "held", "--", "sh", "-c", fmt.Sprintf("touch %q; sleep 60", ready))
+	defer holder.Process.Kill()
+	waitFor(t, "the holder to run CMD", func() bool { return exists(ready) })
+	attempts := func() int {
+		f, _ := filepath.Glob(filepath.Join(root, "locks", "*.tmp-*"))
+		return len(f)
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
+		before := attempts()
+		cmd, _, errb := startBin(t, root, nil, "--json", "lock", "held", "--", "true")
+		waitFor(t, "the second lock to wait", func() bool { return attempts() > before })
+		cmd.Process.Signal(sig)
+		if code := exitStatus(t, cmd); code != 128+int(sig) {
+			t.Fatalf("lock, %v while waiting: exit %d, want %d\n%s", sig, code, 128+int(sig), errb)
+		}
+		e := decodeError(t, errb.String())
+		if e.Kind != "interrupted" || e.ExitCode != 128+int(sig) || !strings.Contains(e.Error, `waiting for lock "held"`) || strings.Count(e.Error, "interrupted") != 1 {
+			t.Errorf("lock --json after %v: %+v", sig, e)
+		}
+		checkSchema(t, "error", errb.String())
 	}
 }
 

@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 	"unicode"
 
@@ -303,8 +302,7 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		if s != nil {
 			s.release()
 		}
-		fmt.Fprintf(g.stderr, "depcache lock: %v while waiting for %q\n", interrupted, name)
-		return 128 + int(interrupted.(syscall.Signal)), nil
+		return 0, fmt.Errorf("%w while waiting for lock %q", &interruptedError{sig: interrupted}, name)
 	}
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {

@@ -244,8 +244,9 @@ func runRun(cmd *cobra.Command, g *globals, args, depFlags, shas []string, timeo
 	err = fetchAll(fetchCtx, g, m, prefix, deps, &registered)
 	close(watching)
 	if s, ok := interrupted.Load().(os.Signal); ok {
-		fmt.Fprintf(g.stderr, "depcache run: %v before CMD started\n", s)
-		return 128 + int(s.(syscall.Signal)), nil
+		// An error, not a bare status, so that --json prints its object
+		// (kind interrupted); the exit code stays 128+N.
+		return 0, fmt.Errorf("%w before CMD started", &interruptedError{sig: s})
 	}
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {

@@ -133,14 +133,23 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 					if errors.Is(err, context.DeadlineExceeded) {
 						return fmt.Errorf("%s: not ready after %s: %w", key.Source, timeout, err)
 					}
+					if detached && errors.Is(err, manager.ErrNotFound) {
+						// This get registered NAME and nothing evicts an
+						// entry with a dependent: NAME went first (released
+						// by another process, or its TTL ended), and took
+						// the entry with it. Said as when another
+						// dependent kept the entry.
+						return fmt.Errorf("%s: dependent %q is no longer registered: it was released, or its TTL ended, while this get waited, and no other dependent kept the entry; get it again to hold it: %w",
+							key.Source, dependent, manager.ErrNotRegistered)
+					}
 					return err
 				}
 				if _, ok := e.Dependents[dependent]; !ok && detached {
 					// Released by another process (or lapsed) while this get
 					// waited: the entry was kept by another dependent, but
 					// the path printed would be held by nobody this caller
-					// knows. Without another dependent, the entry is gone
-					// and Wait says so.
+					// knows. (Without another dependent, the entry is
+					// gone: see above.)
 					return fmt.Errorf("%s: dependent %q is no longer registered on the entry (released, or its TTL ended, while this get waited); get it again to hold it: %w",
 						key.Source, dependent, manager.ErrNotRegistered)
 				}

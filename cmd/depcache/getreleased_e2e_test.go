@@ -78,3 +78,36 @@ func TestE2EGetOfDependentReleasedWhileWaiting(t *testing.T) {
 		t.Errorf("B's get printed %q: want the path of the content in the root", p)
 	}
 }
+
+// TestE2EGetOfOnlyDependentReleasedWhileWaiting: as above with no other
+// dependent, so the release cancels the download and removes the entry,
+// or with a --ttl that ends while the get waits: the get still says
+// not_registered (it said not_found, naming no dependent).
+func TestE2EGetOfOnlyDependentReleasedWhileWaiting(t *testing.T) {
+	srv := newBlobServer(t, randomBody(1<<20), func(int32) bool { return true })
+	for _, how := range []string{"released", "ttl"} {
+		root := t.TempDir()
+		url := srv.URL + "/" + how + ".bin"
+		args := []string{"--json", "get", "--dependent", "A", url}
+		if how == "ttl" {
+			args = []string{"--json", "get", "--dependent", "A", "--ttl", "1s", url}
+		}
+		a, aOut, aErr := startBin(t, root, nil, args...)
+		<-srv.started
+		if how == "released" {
+			if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "A", url).CombinedOutput(); err != nil {
+				t.Fatalf("release of A: %v\n%s", err, out)
+			}
+		}
+		if code := exitStatus(t, a); code != 1 {
+			t.Fatalf("%s: A's get exited %d, want 1\nstdout: %s\nstderr: %s", how, code, aOut, aErr)
+		}
+		e := decodeError(t, aErr.String())
+		if e.Kind != "not_registered" || !strings.Contains(e.Error, `dependent "A"`) {
+			t.Errorf("%s: A's get said %+v, want a not_registered error naming dependent A", how, e)
+		}
+		if aOut.Len() != 0 {
+			t.Errorf("%s: A's get printed %q on stdout", how, aOut)
+		}
+	}
+}

@@ -124,8 +124,13 @@ func newServe(g *globals) *cobra.Command {
 }
 
 // servePidPath is the pid file of the serve of root (an absolute path) on
-// this host.
+// this host. It is named by the root with its symbolic links resolved: a
+// link to a root is the same root, and a second serve through it must
+// find the first one's pid file.
 func servePidPath(root string) string {
+	if r, err := filepath.EvalSymlinks(root); err == nil {
+		root = r
+	}
 	sum := sha256.Sum256([]byte(root))
 	return filepath.Join(os.TempDir(), "depcache-serve-"+hex.EncodeToString(sum[:8])+".pid")
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net/http"
 	"os"
@@ -64,6 +65,17 @@ func TestE2EServe(t *testing.T) {
 	out, err := second.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "pid "+strconv.Itoa(serve.Process.Pid)) {
 		t.Errorf("second serve: %v, %q; want a refusal naming pid %d", err, out, serve.Process.Pid)
+	}
+	// Through a symbolic link to the root: the same root, refused alike.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(root, link); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute) // one that starts serves until killed
+	defer cancel()
+	out, err = exec.CommandContext(ctx, bin, "--root", link, "serve", "--listen", "127.0.0.1:0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "pid "+strconv.Itoa(serve.Process.Pid)) {
+		t.Errorf("second serve through a link to the root: %v, %q; want a refusal naming pid %d", err, out, serve.Process.Pid)
 	}
 
 	url := srv.URL + "/b.bin"

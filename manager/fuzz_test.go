@@ -27,7 +27,7 @@ func FuzzParseKey(f *testing.F) {
 		"docker://127.0.0.1:5000/a/b@sha256:" + strings.Repeat("0", 64), "ftp://x", "", "http://%zz", "file://host/x",
 		"docker-build:?tag=app:1&arg=K=V&arg=A=B", "docker-build:?dockerfile=Dockerfile", "docker-build:?arg=%FF=1",
 		"file:///tmp/a%3Fb", "file:///tmp/a%23b#no-unpack", "file:///tmp/a%2541", "https://x/a.zip#no-unpack",
-		"https://h%FF/", "http://H%c3%A9:80/"} {
+		"https://h%FF/", "http://H%c3%A9:80/", "http://h/a/./b/../%2E%2E/c/.", "http://h/a%2F..//./"} {
 		f.Add(s, "")
 	}
 	f.Add("https://x/y", strings.Repeat("a", 64))

@@ -367,6 +367,18 @@ func TestParseKey(t *testing.T) {
 		{"https://example.com/a%2fb%3a?q=%7e%2f%41", "https://example.com/a%2Fb%3A?q=~%2FA", false},
 		{"https://example.com/a%2Fb", "https://example.com/a%2Fb", false},
 		{"https://example.com/%25", "https://example.com/%25", false},
+		// 6.2.2.3: dot segments go, escaped ones too; an escaped "/" is no
+		// separator, and "..." is a name.
+		{"http://h/./small.txt", "http://h/small.txt", false},
+		{"http://h/x/../small.txt", "http://h/small.txt", false},
+		{"http://h/a/b/../../../c", "http://h/c", false},
+		{"http://h/a/%2E%2E/b", "http://h/b", false},
+		{"http://h/a/.", "http://h/a/", false},
+		{"http://h/a/b/..", "http://h/a/", false},
+		{"http://h/..", "http://h/", false},
+		{"http://h/a%2F../b", "http://h/a%2F../b", false},
+		{"http://h/a/.../b/.x/..y", "http://h/a/.../b/.x/..y", false},
+		{"http://h/a//b/./c?x=/../", "http://h/a//b/c?x=/../", false},
 		// The kept-packed key as ls shows it names that key again.
 		{"https://example.com/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},
 		{"HTTPS://Example.com:443/a.zip#no-unpack", "https://example.com/a.zip#no-unpack", false},

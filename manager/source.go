@@ -172,7 +172,14 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 		// RFC 3986, 6.2.2: "%7E" and "~" name one resource, "%2f" and
 		// "%2F" too; "%2F" and "/" do not. So unreserved characters are
 		// unescaped and the other escapes upper-cased, and nothing else.
-		u.RawPath = normaliseEscapes(u.EscapedPath())
+		// And 6.2.2.3: "/a/./b" and "/a/x/../b" are "/a/b" (after the
+		// escapes, so that "%2E%2E" is a ".." too, and "%2F" no "/").
+		raw := removeDotSegments(normaliseEscapes(u.EscapedPath()))
+		if p, err := url.PathUnescape(raw); err == nil {
+			u.Path, u.RawPath = p, raw
+		} else {
+			u.RawPath = normaliseEscapes(u.EscapedPath())
+		}
 		u.RawQuery = normaliseEscapes(u.RawQuery)
 		k.Source = u.String()
 		if packed {
@@ -221,6 +228,34 @@ func ParseKey(source, sha256 string) (state.Key, error) {
 func scheme(src string) string {
 	s, _, _ := strings.Cut(src, "://")
 	return s
+}
+
+// removeDotSegments is RFC 3986's remove_dot_segments (5.2.4) for p, an
+// escaped absolute path: "." segments go, and ".." ones with the segment
+// before them (none past the root). A path with neither is p itself.
+func removeDotSegments(p string) string {
+	if !strings.Contains(p, ".") || !strings.HasPrefix(p, "/") {
+		return p
+	}
+	segs := strings.Split(p[1:], "/")
+	out := make([]string, 0, len(segs))
+	for i, seg := range segs {
+		last := i == len(segs)-1
+		switch seg {
+		case ".":
+		case "..":
+			if len(out) > 0 {
+				out = out[:len(out)-1]
+			}
+		default:
+			out = append(out, seg)
+			continue
+		}
+		if last {
+			out = append(out, "") // "/a/." and "/a/b/.." end in a "/"
+		}
+	}
+	return "/" + strings.Join(out, "/")
 }
 
 // normaliseEscapes unescapes the percent-escapes of unreserved characters

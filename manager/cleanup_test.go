@@ -18,6 +18,7 @@ import (
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/state/rigtest"
+	"github.com/depcache/depcache/transitions"
 	"golang.org/x/sys/unix"
 )
 
@@ -467,4 +468,73 @@ func makeTrashDir(t *testing.T, root, id string, note []byte, age time.Duration)
 		os.Chtimes(p, old, old)
 	}
 	return dir
+}
+
+// Content that verify failed, once nobody holds it, does not keep its entry
+// FAILED for ever: a get registers itself before any pass could prune the
+// entry, so the get's own request drops the content (to trash) and
+// retries. Here no loop runs between the last release and the get, as
+// between two CLI commands.
+func TestVerifyFailedContentNobodyHoldsIsRetried(t *testing.T) {
+	root := t.TempDir()
+	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+abs, "")
+	ctx := context.Background()
+	m, stop := startManager(t, root)
+	ready, err := getWait(t, m, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	content, err := m.Abs(ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := filepath.Join(content, "hello", "README.txt")
+	good, err := os.ReadFile(readme)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := m.Verify(ctx, nil); err != nil || len(res) != 1 || res[0].OK {
+		t.Fatalf("verify: %+v, %v; want one failure", res, err)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	idle, err := manager.New(manager.Config{Root: root, Log: quietLog(), Policy: transitions.Policy{FailureCooldown: time.Hour}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := idle.Release(ctx, "run", k); err != nil {
+		t.Fatal(err)
+	}
+	e, err := idle.Get(ctx, "again", k, manager.Retry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Stage != state.Downloading || e.Path != "" {
+		t.Fatalf("get --retry of a FAILED entry whose kept content nobody holds: %s, path %q; want a download, no path", e.Stage, e.Path)
+	}
+	if _, err := os.Stat(filepath.Dir(content)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the dropped content is still in entries/: %v", err)
+	}
+
+	m2 := newManager(t, root)
+	again, err := getWait(t, m2, "again", k) // a waiting get drives the download
+	if err != nil || again.Stage != state.Ready || again.Generation <= ready.Generation {
+		t.Fatalf("after the retry: %s gen %d, %v; want READY past gen %d", again.Stage, again.Generation, err, ready.Generation)
+	}
+	p, err := m2.Abs(again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(p, "hello", "README.txt")); err != nil || string(b) != string(good) {
+		t.Fatalf("the content fetched again: %q, %v; want the original", b, err)
+	}
 }

@@ -71,6 +71,13 @@ type FailedError struct {
 	// (transitions.Policy.Cooldown). It is on the clock of the host that
 	// failed, as FailedAt is. Zero when unknown. Retry() skips the wait.
 	RetryAt time.Time
+	// Kept: the entry still names its content, kept for the dependents
+	// that held it when verify failed it. No Get retries it, Retry() or
+	// not, while it has any dependent (one registered since included):
+	// the content could be in use. The first Get once none is left
+	// retries it (past its cool-down, or with Retry) and moves that
+	// content to trash.
+	Kept bool
 }
 
 func (e *FailedError) Error() string { return fmt.Sprintf("%s: %s", e.Key.Source, e.Reason) }
@@ -94,7 +101,7 @@ func (e *FailedError) Is(target error) bool {
 // Failed returns the error of the FAILED entry e under this manager's
 // failure cool-down.
 func (m *Manager) Failed(e state.Entry) *FailedError {
-	f := &FailedError{Key: e.Key, Reason: e.Message, Permanent: e.Permanent}
+	f := &FailedError{Key: e.Key, Reason: e.Message, Permanent: e.Permanent, Kept: e.Path != ""}
 	if !e.FailedAt.IsZero() {
 		f.RetryAt = e.FailedAt.Add(m.cfg.Policy.Cooldown(e.Failures))
 	}
@@ -433,7 +440,8 @@ type getOptions struct {
 // Retry makes a Get that finds the entry FAILED retry it now, without
 // waiting for its cool-down to end (transient and permanent failures
 // alike). An entry that still names content kept for its runs (verify
-// failed it) is not retried until they are gone.
+// failed it) is not retried until they are gone; then that content goes
+// to trash, whether the Get retries or its cool-down ended.
 func Retry() GetOption {
 	return func(o *getOptions) { o.retry = true }
 }
@@ -503,6 +511,10 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 		return state.Entry{}, err
 	}
 	snap, result := *out.Entry, out.Result
+	if out.Drop != "" {
+		// Committed: the entry no longer names it, and nobody held it.
+		m.moveToTrash([]string{filepath.Dir(out.Drop)}, "a retried FAILED")
+	}
 	m.metrics.requests.WithLabelValues(result).Inc()
 	m.mu.Lock()
 	id := key.ID()

@@ -17,7 +17,7 @@ import (
 // change it whenever what an applier does changes, so that a process of
 // another build declines the proposal instead of applying it differently.
 const (
-	opRequest = "depcache.request/2" // 2: refuses a fingerprint-only docker-build key with no entry
+	opRequest = "depcache.request/3" // 2: refuses a fingerprint-only docker-build key with no entry; 3: drops a FAILED entry's kept content that no dependent holds
 	opRelease = "depcache.release/1"
 )
 
@@ -41,6 +41,9 @@ type requestArgs struct {
 type requestOutcome struct {
 	Entry  *state.Entry `json:"entry"`
 	Result string       `json:"result"` // requestResult of the entry found
+	// Drop is the content the commit dropped (transitions.DropContent),
+	// for the proposer to move to trash; "" for none.
+	Drop string `json:"drop,omitempty"`
 }
 
 // applyRequest registers the dependent (transitions.Request). Applied again
@@ -56,8 +59,10 @@ func applyRequest(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
 		return false, nil, fmt.Errorf("%s: no such built image here to hold, and this source names it only by its fingerprint: get it by its context (docker-build:///path/to/context?...): %w", a.Key.Source, ErrBadSource)
 	}
 	result := requestResult(cur)
+	var drop string
 	if a.Retry && cur != nil {
-		cur = transitions.RetryNow(cur).Entry
+		rr := transitions.RetryNow(cur)
+		cur, drop = rr.Entry, dropped(rr.Actions, drop)
 	}
 	r, err := transitions.Request(cur, a.Key, a.Dependent, a.Dep, a.Policy, a.Now)
 	if err != nil {
@@ -67,8 +72,18 @@ func applyRequest(tx *state.Txn, p state.Proposal) (bool, []byte, error) {
 		r.Entry.Generation = tx.MaxGeneration() // never reuse a generation of an earlier incarnation
 	}
 	tx.Put(r.Entry)
-	b, err := json.Marshal(requestOutcome{Entry: r.Entry, Result: result})
+	b, err := json.Marshal(requestOutcome{Entry: r.Entry, Result: result, Drop: dropped(r.Actions, drop)})
 	return r.Changed, b, err
+}
+
+// dropped returns the path of the DropContent among acts, else def.
+func dropped(acts []transitions.Action, def string) string {
+	for _, a := range acts {
+		if d, ok := a.(transitions.DropContent); ok {
+			return d.Path
+		}
+	}
+	return def
 }
 
 // releaseArgs is a Release as data.

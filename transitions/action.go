@@ -36,6 +36,13 @@ type Removed struct {
 	Reason string
 }
 
+// DropContent: the entry no longer names Path, content that verify failed
+// and that no dependent holds any more; once the state is written, its
+// directory goes to trash, as a pruned entry's does.
+type DropContent struct {
+	Path string
+}
+
 // Reaped: these dependents no longer held the entry and were removed.
 type Reaped struct {
 	Dependents []string
@@ -56,3 +63,4 @@ func (CancelDownload) action() {}
 func (TakeOver) action()       {}
 func (RemoveStaging) action()  {}
 func (Removed) action()        {}
+func (DropContent) action()    {}

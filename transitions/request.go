@@ -9,20 +9,30 @@ import (
 // Request registers dependent name on the entry for key (e is nil when the
 // state has none). A missing entry is created DOWNLOADING without an owner;
 // a FAILED entry past its cool-down becomes DOWNLOADING again (unless it
-// still names content kept for runs, see retryable); otherwise
-// the stage is kept and the caller reports it.
+// still names content kept for dependents that are still there, see
+// retryable: content none holds any more is dropped, DropContent);
+// otherwise the stage is kept and the caller reports it.
 func Request(e *state.Entry, key state.Key, name string, dep state.Dependent, p Policy, now time.Time) (Result, error) {
 	p = p.WithDefaults()
 	var n *state.Entry
+	var acts []Action
 	if e == nil {
 		n = &state.Entry{Key: key, Stage: state.Downloading, Created: now}
 	} else {
 		if !e.Stage.Valid() {
 			return Result{}, invalid(e, "request")
 		}
-		n = clone(e)
-		if n.Stage == state.Failed && retryable(n, p, now) {
-			n = retry(n)
+		switch {
+		case e.Stage == state.Failed && retryable(e, p, now):
+			n = retry(e)
+		case e.Stage == state.Failed && e.Path != "" && len(e.Dependents) == 0 && cooledDown(e, p, now):
+			// What a loop's prune would do, had it run before this
+			// request: nobody holds the kept content. Without it, every
+			// get registered itself first and kept it for ever.
+			r := retryDropping(e)
+			n, acts = r.Entry, r.Actions
+		default:
+			n = clone(e)
 		}
 	}
 	if n.Dependents == nil {
@@ -30,7 +40,7 @@ func Request(e *state.Entry, key state.Key, name string, dep state.Dependent, p 
 	}
 	n.Dependents[name] = dep
 	n.LastUsed = now
-	return Result{Entry: n, Changed: true}, nil
+	return Result{Entry: n, Changed: true, Actions: acts}, nil
 }
 
 // Release removes dependent name. A DOWNLOADING entry left without

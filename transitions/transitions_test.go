@@ -292,6 +292,43 @@ func TestRequestRelease(t *testing.T) {
 			t.Fatalf("%+v %v", r.Entry, err)
 		}
 	})
+	noDeps := func(e *state.Entry) { e.Dependents = nil }
+	kept := func(e *state.Entry) { e.Path, e.SizeBytes = "entries/x-g3/content", 42 }
+	t.Run("failed by verify, kept content nobody holds now, past cool-down: retried, content dropped", func(t *testing.T) {
+		e := entry(state.Failed, failedAt(t0, 2), kept, noDeps)
+		r, err := Request(e, key, "run2", dep, pol, t0.Add(time.Hour))
+		if err != nil || r.Entry.Stage != state.Downloading || r.Entry.Path != "" || r.Entry.SizeBytes != 0 || r.Entry.Failures != 2 || len(r.Entry.Dependents) != 1 {
+			t.Fatalf("%+v %v", r.Entry, err)
+		}
+		if !reflect.DeepEqual(r.Actions, []Action{DropContent{Path: "entries/x-g3/content"}}) {
+			t.Fatalf("actions %+v, want the drop of the kept content", r.Actions)
+		}
+		if e.Path == "" || e.Stage != state.Failed {
+			t.Fatalf("the entry given was changed: %+v", e)
+		}
+	})
+	t.Run("failed by verify, kept content nobody holds now, within cool-down: stays failed, content kept", func(t *testing.T) {
+		e := entry(state.Failed, failedAt(t0, 1), kept, noDeps)
+		r, err := Request(e, key, "run2", dep, pol, t0.Add(time.Second))
+		if err != nil || r.Entry.Stage != state.Failed || r.Entry.Path != e.Path || len(r.Actions) != 0 {
+			t.Fatalf("%+v %+v %v", r.Entry, r.Actions, err)
+		}
+	})
+	t.Run("retry now: kept content held by a dependent stays; nobody's is dropped", func(t *testing.T) {
+		held := entry(state.Failed, failedAt(t0, 1), kept)
+		if r := RetryNow(held); r.Changed || r.Entry.Stage != state.Failed || len(r.Actions) != 0 {
+			t.Fatalf("held: %+v %+v", r.Entry, r.Actions)
+		}
+		free := entry(state.Failed, failedAt(t0, 1), kept, noDeps)
+		r := RetryNow(free)
+		if !r.Changed || r.Entry.Stage != state.Downloading || r.Entry.Path != "" ||
+			!reflect.DeepEqual(r.Actions, []Action{DropContent{Path: "entries/x-g3/content"}}) {
+			t.Fatalf("free: %+v %+v", r.Entry, r.Actions)
+		}
+		if r := RetryNow(entry(state.Failed, failedAt(t0, 1))); !r.Changed || r.Entry.Stage != state.Downloading || len(r.Actions) != 0 {
+			t.Fatalf("no content: %+v %+v", r.Entry, r.Actions)
+		}
+	})
 	t.Run("release the last dependent of a download: removed and cancelled", func(t *testing.T) {
 		r, err := Release(entry(state.Downloading, ownedBy(other)), "run1")
 		if err != nil || r.Entry != nil || !reflect.DeepEqual(actionTypes(r.Actions), []string{"CancelDownload", "Removed"}) {

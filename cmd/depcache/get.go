@@ -261,6 +261,10 @@ func explainFailed(f *manager.FailedError) error {
 	case f.Permanent:
 		kind = "permanent: a retry is likely to fail the same way"
 	}
+	if f.Kept {
+		// Neither the cool-down nor --retry would: say what does.
+		return fmt.Errorf("%w (%s; its content is kept for the dependents that held it when it failed, and no get retries it while the entry has any dependent, a get's own --dependent included: release them (depcache ls shows them), and the first get once none is left retries it, past its cool-down or with --retry)", f, kind)
+	}
 	if f.RetryAt.IsZero() {
 		return fmt.Errorf("%w (%s; get --retry retries now)", f, kind)
 	}

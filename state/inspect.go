@@ -185,7 +185,7 @@ func (s *Store) formatChecks() []Check {
 			len(unnamed), size, filepath.Join(s.root, ShardDir), grace, grace)
 	}
 	if foreign := foreignInShardDir(s.root); len(foreign) > 0 {
-		add("foreign files", "warn", "not depcache's (not shard files by name, or not regular files), left alone by every command: %s in %s; move them out of the cache root",
+		add("foreign files", "warn", "not depcache's (not shard files by name, or not regular files), never deleted by any command: %s in %s; move them out of the cache root (one that a manifest names as a shard keeps the state unreadable until then)",
 			strings.Join(foreign, ", "), filepath.Join(s.root, ShardDir))
 	}
 	return out

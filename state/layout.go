@@ -187,7 +187,7 @@ func (c *lineCache) decodeMore(need needFn) (next *lineCache, ok bool) {
 		} else {
 			if f == nil {
 				var err error
-				if f, err = os.Open(c.file); err != nil {
+				if f, err = openShard(c.file); err != nil {
 					return nil, false
 				}
 			}

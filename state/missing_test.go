@@ -2,7 +2,11 @@ package state_test
 
 import (
 	"context"
+	"errors"
 	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/depcache/depcache/state"
@@ -64,5 +68,62 @@ func TestViewLooksAgainWhenTheFileIsMissingForAMoment(t *testing.T) {
 		if name == "View" && looked < 2 {
 			t.Errorf("View looked again %d times, want it to wait for the file", looked)
 		}
+	}
+}
+
+// A shard file that is not a regular file (a FIFO, a link to a device or
+// to a copy of itself) is refused at once, naming it, by reads and writes
+// alike: a FIFO made every command wait in open(2), and a link to
+// /dev/zero read until memory ran out. Nothing is deleted.
+func TestNonRegularShardIsRefused(t *testing.T) {
+	for _, kind := range []string{"fifo", "devzero", "link to a copy"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			dir := t.TempDir()
+			s := openStore(t, dir)
+			for i := range 4 {
+				if err := s.Update(ctx, put(i, 1)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			files, _ := filepath.Glob(filepath.Join(dir, state.ShardDir, "[0-9a-f][0-9a-f]-*.json"))
+			if len(files) == 0 {
+				t.Fatal("no shard file of its own")
+			}
+			victim := files[0]
+			copyOf := filepath.Join(t.TempDir(), "copy.json")
+			b, err := os.ReadFile(victim)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(copyOf, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(victim); err != nil {
+				t.Fatal(err)
+			}
+			switch kind {
+			case "fifo":
+				err = syscall.Mkfifo(victim, 0o644)
+			case "devzero":
+				err = os.Symlink("/dev/zero", victim)
+			default:
+				err = os.Symlink(copyOf, victim)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			fresh := openStore(t, dir) // nothing cached
+			_, verr := fresh.View(ctx)
+			uerr := fresh.Update(ctx, func(st *state.State) (bool, error) { return true, nil })
+			for what, err := range map[string]error{"View": verr, "Update": uerr} {
+				if !errors.Is(err, state.ErrLayout) || !strings.Contains(err.Error(), filepath.Base(victim)) {
+					t.Errorf("%s with a shard that is a %s: %v; want ErrLayout naming %s", what, kind, err, filepath.Base(victim))
+				}
+			}
+			if left, _ := filepath.Glob(filepath.Join(dir, state.ShardDir, "*")); len(left) < len(files) {
+				t.Errorf("shard files after the refusals: %d, before: %d", len(left), len(files))
+			}
+		})
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // Format 2 splits the state into a small manifest and immutable shards, so
@@ -538,18 +539,19 @@ func putShardBuf(b []byte) {
 	}
 }
 
-// readFileInto appends the content of the file name to buf.
-// readShardBytes reads a shard: a whole shard file, or n bytes at off of a
-// pack (fewer if the pack is shorter).
+// readShardBytes reads a shard: n bytes at off of a pack, or of a whole
+// shard file (off 0) n bytes and one more, so that a longer file shows as
+// one; fewer if the file is shorter. It reads no further: a file that
+// never ends (a link to /dev/zero) cannot fill the memory.
 func readShardBytes(buf []byte, name string, packed bool, off int64, n int) ([]byte, error) {
-	if !packed {
-		return readFileInto(buf, name)
-	}
-	f, err := os.Open(name)
+	f, err := openShard(name)
 	if err != nil {
 		return buf, err
 	}
 	defer f.Close()
+	if !packed {
+		off, n = 0, n+1
+	}
 	buf = slices.Grow(buf[:0], n)[:n]
 	got, err := f.ReadAt(buf, off)
 	if err == io.EOF {
@@ -558,28 +560,31 @@ func readShardBytes(buf []byte, name string, packed bool, off int64, n int) ([]b
 	return buf[:got], err
 }
 
-func readFileInto(buf []byte, name string) ([]byte, error) {
-	f, err := os.Open(name)
+// errNotShardFile: a name of state.d that is a FIFO, a device, a
+// directory or a symbolic link, where depcache writes only regular files.
+var errNotShardFile = errors.New("not a shard file")
+
+// openShard opens a file of state.d for reading, and refuses one that is
+// not a regular file, without following a link or waiting: a FIFO put in a
+// shard's place made every command wait in open(2), deaf to --timeout and
+// to the first signal.
+func openShard(name string) (*os.File, error) {
+	f, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("it is a symlink, %w: %w (depcache writes only regular files there; move it away)", errNotShardFile, ErrLayout)
+	}
 	if err != nil {
-		return buf, err
+		return nil, err
 	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil {
-		buf = slices.Grow(buf, int(fi.Size())+512)
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("it is %s, %w: %w (depcache writes only regular files there; move it away)", describeType(fi.Mode()), errNotShardFile, ErrLayout)
 	}
-	for {
-		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, 4096)
-		}
-		n, err := f.Read(buf[len(buf):cap(buf)])
-		buf = buf[:len(buf)+n]
-		if err == io.EOF {
-			return buf, nil
-		}
-		if err != nil {
-			return buf, err
-		}
+	if err != nil {
+		f.Close()
+		return nil, err
 	}
+	return f, nil
 }
 
 // decodeShard parses the file of shard p, decoding only the lines prev does

@@ -795,6 +795,10 @@ type UnreadShard struct {
 	// read instead (state.json.prev, one commit older), or empty when no
 	// version read: the shard's entries are unknown.
 	From string `json:"from"`
+	// Copy is where Reset kept the bytes of File (state.json.bad-HASH)
+	// before the rebuild stopped naming it; empty for a file that could
+	// not be read at all (missing).
+	Copy string `json:"copy,omitempty"`
 }
 
 // readShards reads every shard man names, shard by shard: the entries of
@@ -1147,6 +1151,7 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 		}
 	}()
 	var lastMan *manifest // the manifest of the state replaced, if it parsed
+	var shardCopies map[string]string
 	cur, rerr := os.ReadFile(s.path)
 	switch {
 	case rerr == nil:
@@ -1160,6 +1165,9 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 		if rep.Unreadable, err = s.keepCopy(cur, BadSuffix); err != nil {
 			return rep, fmt.Errorf("state %s does not parse and a copy cannot be kept aside, so it is not replaced: %w", s.path, err)
 		}
+		if shardCopies, err = s.keepBadShards(cur); err != nil {
+			return rep, fmt.Errorf("state %s: a shard does not read and a copy of it cannot be kept aside, so the state is not replaced: %w", s.path, err)
+		}
 	case !errors.Is(rerr, fs.ErrNotExist):
 		rep.UnreadableErr = rerr
 	}
@@ -1170,6 +1178,9 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 			rep.Last, rep.LastFile = st, prev
 		} else {
 			rep.Last, rep.LastFile, rep.Unread = ReadablePart(s.root)
+			for i, u := range rep.Unread {
+				rep.Unread[i].Copy = shardCopies[u.File]
+			}
 		}
 	}
 	if rep.Last != nil {
@@ -1194,6 +1205,43 @@ func (s *Store) Reset(ctx context.Context, fn func(st, last *State) error) (rep 
 	_, err = s.commitChanges(sn)
 	return rep, err
 }
+
+// keepBadShards copies aside (state.json.bad-HASH) the files of the shards
+// that manifest b names and that do not read, and returns the copies by
+// file: once the rebuilt state names them no more, a later holder deletes
+// them, and without a copy what they held would be gone with them. A file
+// that cannot be read at all (missing, not a regular file) has no bytes to
+// keep.
+func (s *Store) keepBadShards(b []byte) (map[string]string, error) {
+	if !isManifest(b) {
+		return nil, nil
+	}
+	man, err := decodeManifest(b)
+	if err != nil {
+		return nil, nil
+	}
+	_, bad := readShards(s.root, man)
+	copies := map[string]string{}
+	for _, u := range bad {
+		f, err := openShard(u.File)
+		if err != nil {
+			continue
+		}
+		data, err := io.ReadAll(io.LimitReader(f, maxShardCopy))
+		f.Close()
+		if err != nil {
+			continue
+		}
+		if copies[u.File], err = s.keepCopy(data, BadSuffix); err != nil {
+			return nil, err
+		}
+	}
+	return copies, nil
+}
+
+// maxShardCopy bounds the copy kept of one bad shard file: a pack holds
+// the shards of one commit, far below it.
+const maxShardCopy = 64 << 20
 
 // missingHook, nil outside tests, runs when an unlocked read found the
 // state file missing beside its previous version and is about to look

@@ -187,8 +187,16 @@ func TestResetAfterADamagedShard(t *testing.T) {
 			if shared == "" || changed == "" {
 				t.Fatalf("shards: shared %q, changed %q, of %d", shared, changed, len(cur))
 			}
+			damaged := map[string][]byte{} // file: its bytes once damaged
 			damage := func(p string) {
 				ref := cur[p]
+				defer func() {
+					b, err := os.ReadFile(filepath.Join(dir, state.ShardDir, ref.File))
+					if err != nil {
+						t.Fatal(err)
+					}
+					damaged[ref.File] = b
+				}()
 				f, err := os.OpenFile(filepath.Join(dir, state.ShardDir, ref.File), os.O_WRONLY, 0)
 				if err != nil {
 					t.Fatal(err)
@@ -273,6 +281,25 @@ func TestResetAfterADamagedShard(t *testing.T) {
 			}
 			if kept, err := state.DecodeFile(dir, filepath.Base(rep.LastCopy)); err != nil || len(kept.Entries) != want {
 				t.Errorf("the copy at %q: %v", rep.LastCopy, err)
+			}
+			// The damaged files' bytes are kept aside: the rebuilt state
+			// names them no more, and a later holder deletes them.
+			copies, _ := filepath.Glob(s.Path() + state.BadSuffix + "*")
+			for f, b := range damaged {
+				found := false
+				for _, c := range copies {
+					if cb, err := os.ReadFile(c); err == nil && bytes.Equal(cb, b) {
+						found = true
+					}
+				}
+				if !found {
+					t.Errorf("no copy of the damaged %s among %v", f, copies)
+				}
+			}
+			for _, u := range rep.Unread {
+				if cb, err := os.ReadFile(u.Copy); err != nil || !bytes.Equal(cb, damaged[filepath.Base(u.File)]) {
+					t.Errorf("Unread %s: Copy %q (%v) is not the damaged file's bytes", u.Shard, u.Copy, err)
+				}
 			}
 		})
 	}

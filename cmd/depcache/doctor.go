@@ -170,10 +170,14 @@ func printRebuild(w io.Writer, rep manager.RebuildReport) {
 			fmt.Fprintf(w, "dropped, as %s had it:\n", rep.LastState)
 		}
 		for _, u := range rep.UnreadShards {
+			kept := ""
+			if u.Copy != "" {
+				kept = "; its bytes are kept at " + u.Copy
+			}
 			if u.From != "" {
-				fmt.Fprintf(w, "  (shard %s did not read: %s; taken from %s, one commit older)\n", u.Shard, u.Reason, u.From)
+				fmt.Fprintf(w, "  (shard %s did not read: %s; taken from %s, one commit older%s)\n", u.Shard, u.Reason, u.From, kept)
 			} else {
-				fmt.Fprintf(w, "  (shard %s did not read: %s; what it held is unknown)\n", u.Shard, u.Reason)
+				fmt.Fprintf(w, "  (shard %s did not read: %s; what it held is unknown%s)\n", u.Shard, u.Reason, kept)
 			}
 		}
 		unknown := false

@@ -30,6 +30,11 @@ func (s *Store) commitChanges(sn *snapshot) (committed bool, err error) {
 	invalid := func(err error) error {
 		return fmt.Errorf("state %s: refusing to write an invalid state: %w", s.path, err)
 	}
+	if err := checkGeneration("max_generation", st.MaxGeneration); err != nil {
+		// Counted up to from a state forged near the limit: refused here,
+		// or the next read would refuse the whole state.
+		return false, invalid(err)
+	}
 	if st.Entries == nil {
 		return false, invalid(errors.New(`no "entries" object`))
 	}

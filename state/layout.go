@@ -436,6 +436,9 @@ func decodeLines(b []byte, prev *lineCache) (st *State, next *lineCache, ok bool
 	if !ok {
 		return nil, nil, false
 	}
+	if checkGeneration("max_generation", hdr.MaxGeneration) != nil {
+		return nil, nil, false // the strict decode says what is wrong
+	}
 	st = &State{Version: FormatVersion, Policy: hdr.Policy, MaxGeneration: hdr.MaxGeneration, Entries: make(map[string]*Entry, len(lines.lines))}
 	for _, cl := range lines.lines {
 		st.Entries[cl.id] = cl.e

@@ -208,10 +208,27 @@ func (s *State) Validate() error {
 			return fmt.Errorf("policy: %w", err)
 		}
 	}
+	if err := checkGeneration("max_generation", s.MaxGeneration); err != nil {
+		return err
+	}
 	for id, e := range s.Entries {
 		if err := e.validate(id); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// GenerationLimit bounds every generation a state may hold. A root makes
+// one per claim, so none reaches it (2^62 claims at a million a second
+// take 146,000 years); a state past it is damaged or forged, and counting
+// on from near 2^64 wrapped to 0, reusing the generation, and so the
+// staging and published paths, of an earlier incarnation.
+const GenerationLimit = 1 << 62
+
+func checkGeneration(what string, g uint64) error {
+	if g > GenerationLimit {
+		return fmt.Errorf("%s %d: past %d, more than any root ever counts to", what, g, uint64(GenerationLimit))
 	}
 	return nil
 }
@@ -237,6 +254,9 @@ func (e *Entry) validate(id string) error {
 	}
 	if e.SizeBytes < 0 || e.Progress.Bytes < 0 || e.Progress.Total < 0 {
 		return fmt.Errorf("entry %s: negative size", id)
+	}
+	if err := checkGeneration("generation", e.Generation); err != nil {
+		return fmt.Errorf("entry %s: %w", id, err)
 	}
 	return nil
 }

@@ -247,6 +247,9 @@ func (m *manifest) validate() error {
 	if m.Shards == nil {
 		return errors.New(`no "shards" object`)
 	}
+	if err := checkGeneration("max_generation", m.MaxGeneration); err != nil {
+		return err
+	}
 	if m.Policy != nil {
 		if err := m.Policy.Validate(); err != nil {
 			return fmt.Errorf("policy: %w", err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -533,5 +534,52 @@ func TestDoctorListsForeignFilesInShardDir(t *testing.T) {
 		if !strings.Contains(detail, n) {
 			t.Errorf("doctor does not list %s as not depcache's: %q", n, detail)
 		}
+	}
+}
+
+// A generation past GenerationLimit, in the header or in an entry, is a
+// damaged (or forged) state, refused naming it; and a commit that would
+// count past the limit is refused, leaving the state as it was: counting
+// on from 2^64-1 wrapped to 0 and reused an earlier incarnation's paths.
+func TestGenerationsPastTheLimit(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	if err := s.Update(ctx, put(1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := regexp.MustCompile(`"max_generation":\d+`).ReplaceAll(b, []byte(`"max_generation":18446744073709551615`))
+	if bytes.Equal(forged, b) {
+		t.Fatalf("no max_generation in %s", b)
+	}
+	if err := os.WriteFile(s.Path(), forged, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := openStore(t, dir).View(ctx); !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), "max_generation 18446744073709551615") {
+		t.Fatalf("View of a max_generation of 2^64-1: %v; want ErrCorrupt naming it", err)
+	}
+
+	at := regexp.MustCompile(`"max_generation":\d+`).ReplaceAll(b, []byte(fmt.Sprintf(`"max_generation":%d`, uint64(state.GenerationLimit))))
+	if err := os.WriteFile(s.Path(), at, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s2 := openStore(t, dir)
+	st, err := s2.View(ctx)
+	if err != nil || st.MaxGeneration != state.GenerationLimit {
+		t.Fatalf("View at the limit: %v, %v", st, err)
+	}
+	err = s2.Update(ctx, func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: bundleKey(2), Stage: state.Downloading, Generation: st.MaxGeneration + 1})
+		return true, nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "past") {
+		t.Fatalf("a commit past the limit: %v; want it refused", err)
+	}
+	if now, _ := os.ReadFile(s.Path()); !bytes.Equal(now, at) {
+		t.Fatal("the refused commit changed the state file")
 	}
 }

@@ -616,7 +616,7 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	if missing == 0 {
 		add("content", "ok", "every READY entry's content exists")
 	}
-	var orphans, foreign []string
+	var orphans, foreign, unreadable []string
 	if ents, err := os.ReadDir(filepath.Join(root, entriesDir)); err == nil {
 		publishing := namedOrPublishing(st)
 		for _, d := range ents {
@@ -624,6 +624,12 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 			case !isEntryDirName(d.Name()):
 				foreign = append(foreign, d.Name())
 			case !named[d.Name()] && !publishing[d.Name()]:
+				if err := metaUnreadable(filepath.Join(root, entriesDir, d.Name())); err != nil {
+					// Start-up leaves these in place (reconcile), and
+					// a rebuild cannot name them: say why.
+					unreadable = append(unreadable, fmt.Sprintf("%s (%v)", d.Name(), err))
+					continue
+				}
 				orphans = append(orphans, d.Name())
 			}
 		}
@@ -631,8 +637,11 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	switch {
 	case len(orphans) > 0:
 		add("orphans", "warn", "content without an entry (start-up moves it aside): %s", strings.Join(orphans, ", "))
-	case len(foreign) == 0:
+	case len(foreign) == 0 && len(unreadable) == 0:
 		add("orphans", "ok", "no content without an entry")
+	}
+	if len(unreadable) > 0 {
+		add("orphans", "warn", "content without an entry whose metadata cannot be read, left in place by every command (a rebuild cannot name it): %s; repair or remove its meta.json, then depcache doctor --rebuild", strings.Join(unreadable, "; "))
 	}
 	if len(foreign) > 0 {
 		add("orphans", "warn", "not depcache's (names not KEYID-gGENERATION), left alone by every command: %s in %s; move them out of the cache root", strings.Join(foreign, ", "), filepath.Join(root, entriesDir))

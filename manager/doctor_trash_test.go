@@ -135,3 +135,59 @@ func trashFiles(t *testing.T, root string) []string {
 	})
 	return out
 }
+
+// TestDoctorOrphanWithUnreadableMeta: content that no entry names and
+// whose meta.json does not parse is not said to be moved aside at
+// start-up (reconcile leaves it in place): doctor names it, and the
+// metadata, as what a rebuild cannot name. An orphan with good metadata
+// is still said to be moved aside.
+func TestDoctorOrphanWithUnreadableMeta(t *testing.T) {
+	root := t.TempDir()
+	s, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Update(context.Background(), func(st *state.State) (bool, error) {
+		st.Put(&state.Entry{Key: state.Key{Kind: state.Bundle, Source: "https://example.com/other"}, Stage: state.Downloading})
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	bad := state.Key{Kind: state.Bundle, Source: "https://example.com/bad-meta"}.ID() + "-g3"
+	good := state.Key{Kind: state.Bundle, Source: "https://example.com/good-meta"}.ID() + "-g4"
+	for name, meta := range map[string]string{bad: `{"source":`, good: `{}`} {
+		dir := filepath.Join(root, "entries", name)
+		if err := os.MkdirAll(filepath.Join(dir, "content"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "meta.json"), []byte(meta), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := manager.New(manager.Config{Root: root, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var said []string
+	for _, c := range m.Doctor(context.Background()) {
+		if c.Name == "orphans" {
+			said = append(said, c.Detail)
+		}
+	}
+	all := strings.Join(said, "\n")
+	var movedAside, unreadable string
+	for _, d := range said {
+		if strings.Contains(d, "start-up moves it aside") {
+			movedAside = d
+		}
+		if strings.Contains(d, "metadata cannot be read") {
+			unreadable = d
+		}
+	}
+	if strings.Contains(movedAside, bad) || !strings.Contains(unreadable, bad) || !strings.Contains(unreadable, "meta.json") {
+		t.Errorf("doctor's orphans checks for content with unreadable metadata:\n%s", all)
+	}
+	if !strings.Contains(movedAside, good) {
+		t.Errorf("doctor's orphans checks for an orphan with good metadata:\n%s", all)
+	}
+}

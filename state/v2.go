@@ -231,6 +231,9 @@ func decodeManifest(b []byte) (*manifest, error) {
 		}
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
+	if err := checkDuplicateKeys(b); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
 	if m.Version > FormatVersion {
 		return nil, errNewer(m.Version)
 	}
@@ -613,6 +616,9 @@ func decodeShardFor(p string, b []byte, prev *lineCache, need needFn, trust bool
 		Entries map[string]*Entry `json:"entries"`
 	}
 	if err := strictUnmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if err := checkDuplicateKeys(b); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	if doc.Shard != p {

@@ -56,6 +56,17 @@ func passStatus(code int, err error) error {
 	return cmdStatus(code)
 }
 
+// lostError is run's and lock's exit 75: what they held for CMD (a
+// dependency, the lock's lease) was lost while CMD ran, and they ended it.
+// told: its text was printed when it happened, so main prints it again
+// only as the --json error object.
+type lostError struct {
+	msg  string
+	told bool
+}
+
+func (e *lostError) Error() string { return e.msg }
+
 // interruptedError is the cause of the context main cancels on a signal.
 type interruptedError struct{ sig os.Signal }
 
@@ -84,11 +95,14 @@ func usageErrorf(format string, args ...any) error {
 func exitCode(err error) int {
 	var intr *interruptedError
 	var status cmdStatus
+	var lost *lostError
 	switch {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &status):
 		return int(status)
+	case errors.As(err, &lost):
+		return exitLost
 	case errors.As(err, &intr):
 		return intr.code()
 	case errors.Is(err, errCmdStart) && (errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist)):
@@ -113,9 +127,12 @@ func isUsage(err error) bool {
 // on, finer than the exit code.
 func errKind(err error) string {
 	var intr *interruptedError
+	var lost *lostError
 	switch {
 	case errors.As(err, &intr):
 		return "interrupted"
+	case errors.As(err, &lost):
+		return "lost"
 	case errors.Is(err, errCmdStart):
 		return "cannot_run"
 	case isUsage(err):

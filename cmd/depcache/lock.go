@@ -350,19 +350,21 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		defer holdMu.Unlock()
 		return s.release()
 	}
-	lost := func(why string) int {
-		fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
+	lost := func(why string) error {
+		if !g.json {
+			// Said now: ending CMD may take its grace.
+			fmt.Fprintf(g.stderr, "depcache lock: lost the lease of %q (token %d) while CMD ran: %s; ending CMD, exit %d\n", name, tok, why, exitLost)
+		}
 		cancelRenew()
 		c.end(endGrace)
 		release()
-		return exitLost
+		return &lostError{msg: fmt.Sprintf("lost the lease of %q (token %d) while CMD ran: %s; CMD was ended", name, tok, why), told: !g.json}
 	}
 	for {
 		select {
 		case <-c.done:
 			if err := release(); errors.Is(err, state.ErrLockLost) {
-				fmt.Fprintf(g.stderr, "depcache lock: the lease of %q (token %d) was lost while CMD ran, found at release: %v; exit %d\n", name, tok, err, exitLost)
-				return exitLost, nil
+				return 0, &lostError{msg: fmt.Sprintf("the lease of %q (token %d) was lost while CMD ran, found at release: %v", name, tok, err)}
 			} else if err != nil {
 				fmt.Fprintf(g.stderr, "depcache lock: releasing %q: %v\n", name, err)
 			}
@@ -370,9 +372,9 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 		case sig := <-sigs:
 			c.signal(sig)
 		case <-s.lost():
-			return lost(fmt.Sprintf("its lease ended (this process went %s without a renewal of its own, lease %s)", time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
+			return 0, lost(fmt.Sprintf("its lease ended (this process went %s without a renewal of its own, lease %s)", time.Since(lastRenewal).Round(time.Millisecond), lease))
 		case <-guard.C:
-			return lost(fmt.Sprintf("could not renew for %s (lease %s): no renewal returned in time", time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
+			return 0, lost(fmt.Sprintf("could not renew for %s (lease %s): no renewal returned in time", time.Since(lastRenewal).Round(time.Millisecond), lease))
 		case <-renew.C:
 			if !renewing {
 				renewing = true
@@ -393,11 +395,11 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 				lastRenewal = r.began
 				guard.Reset(time.Until(lastRenewal.Add(lease * 2 / 3)))
 			case errors.Is(err, state.ErrLockLost):
-				return lost(fmt.Sprintf("%v (this process went %s without renewing, lease %s)", err, time.Since(lastRenewal).Round(time.Millisecond), lease)), nil
+				return 0, lost(fmt.Sprintf("%v (this process went %s without renewing, lease %s)", err, time.Since(lastRenewal).Round(time.Millisecond), lease))
 			case time.Since(lastRenewal) >= lease*2/3:
 				// Others may break it at the lease: do not let CMD run on
 				// past what we can vouch for.
-				return lost(fmt.Sprintf("could not renew for %s (lease %s): %v", time.Since(lastRenewal).Round(time.Millisecond), lease, err)), nil
+				return 0, lost(fmt.Sprintf("could not renew for %s (lease %s): %v", time.Since(lastRenewal).Round(time.Millisecond), lease, err))
 			default:
 				g.log.WithError(err).WithField("lock", name).Warn("renewing the lease failed; trying again")
 			}

@@ -361,10 +361,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	g.closeStore()
 	code := exitCode(err)
 	var status cmdStatus
+	var lost *lostError
 	if err != nil && !errors.As(err, &status) {
 		if g.json || jsonAsked(args) || envTrue("DEPCACHE_JSON") {
 			printJSON(stderr, errorJSON{Error: err.Error(), ExitCode: code, Kind: errKind(err)})
-		} else {
+		} else if !errors.As(err, &lost) || !lost.told {
 			fmt.Fprintln(stderr, "depcache:", err)
 		}
 	}

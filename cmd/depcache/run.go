@@ -286,10 +286,14 @@ func runRun(cmd *cobra.Command, g *globals, args, depFlags, shas []string, timeo
 			if l.Evicted {
 				what = "its entry was evicted, and CMD may have been reading deleted files"
 			}
-			fmt.Fprintf(g.stderr, "depcache run: dependency %s (%s) was lost while CMD ran: %s; ending CMD, exit %d\n",
-				name, l.Key.Source, what, exitLost)
+			msg := fmt.Sprintf("dependency %s (%s) was lost while CMD ran: %s; CMD was ended", name, l.Key.Source, what)
+			if !g.json {
+				// Said now: ending CMD may take its grace.
+				fmt.Fprintf(g.stderr, "depcache run: dependency %s (%s) was lost while CMD ran: %s; ending CMD, exit %d\n",
+					name, l.Key.Source, what, exitLost)
+			}
 			c.end(endGrace)
-			return exitLost, nil
+			return 0, &lostError{msg: msg, told: !g.json}
 		}
 	}
 }

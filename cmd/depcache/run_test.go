@@ -212,27 +212,48 @@ func TestRunFailedAndTimeout(t *testing.T) {
 // another process (as a reap after a stop past the lease would remove it):
 // run names the dependency, ends CMD and exits 75.
 func TestRunLostDependency(t *testing.T) {
-	root := t.TempDir()
-	src := testSource(t)
-	dir := t.TempDir()
-	ready, ended := filepath.Join(dir, "ready"), filepath.Join(dir, "ended")
-	script := fmt.Sprintf(`trap 'touch %q; exit 0' TERM; touch %q; while :; do sleep 0.01; done`, ended, ready)
-	cmd, _, stderr := startBin(t, root, nil, "run", "--dep", "LIB="+src, "--", "sh", "-c", script)
-	waitFor(t, "CMD to start", func() bool { return exists(ready) })
-	e := onlyEntry(t, readState(t, root))
-	if len(e.Dependents) != 1 {
-		t.Fatalf("dependents %v, want run's one", e.Dependents)
-	}
-	for name := range e.Dependents {
-		if code, out, errs := depcache(t, root, "release", "--dependent", name, src); code != 0 {
-			t.Fatalf("release: exit %d: %s %s", code, out, errs)
+	for _, jsonOut := range []bool{false, true} {
+		root := t.TempDir()
+		src := testSource(t)
+		dir := t.TempDir()
+		ready, ended := filepath.Join(dir, "ready"), filepath.Join(dir, "ended")
+		script := fmt.Sprintf(`trap 'touch %q; exit 0' TERM; touch %q; while :; do sleep 0.01; done`, ended, ready)
+		args := []string{"run", "--dep", "LIB=" + src, "--", "sh", "-c", script}
+		if jsonOut {
+			args = append([]string{"--json"}, args...)
 		}
-	}
-	if code := exitStatus(t, cmd); code != exitLost {
-		t.Fatalf("run: exit %d, want %d; stderr %s", code, exitLost, stderr)
-	}
-	if !strings.Contains(stderr.String(), "dependency LIB") || !exists(ended) {
-		t.Errorf("stderr %q, CMD ended: %v; want LIB named and CMD sent SIGTERM", stderr, exists(ended))
+		cmd, _, stderr := startBin(t, root, nil, args...)
+		waitFor(t, "CMD to start", func() bool { return exists(ready) })
+		e := onlyEntry(t, readState(t, root))
+		if len(e.Dependents) != 1 {
+			t.Fatalf("dependents %v, want run's one", e.Dependents)
+		}
+		for name := range e.Dependents {
+			if code, out, errs := depcache(t, root, "release", "--dependent", name, src); code != 0 {
+				t.Fatalf("release: exit %d: %s %s", code, out, errs)
+			}
+		}
+		if code := exitStatus(t, cmd); code != exitLost {
+			t.Fatalf("json=%v: run: exit %d, want %d; stderr %s", jsonOut, code, exitLost, stderr)
+		}
+		if !strings.Contains(stderr.String(), "dependency LIB") || !exists(ended) {
+			t.Errorf("json=%v: stderr %q, CMD ended: %v; want LIB named and CMD sent SIGTERM", jsonOut, stderr, exists(ended))
+		}
+		if jsonOut {
+			// The error object, of kind lost (it was a line of text),
+			// after the manager's error-level record of the loss.
+			out := "\n" + stderr.String()
+			i := strings.Index(out, "\n{\n")
+			if i < 0 {
+				t.Fatalf("run --json, a dependency lost: no error object in %q", out)
+			}
+			if e := decodeError(t, out[i+1:]); e.Kind != "lost" || e.ExitCode != exitLost {
+				t.Errorf("run --json, a dependency lost: %+v", e)
+			}
+			checkSchema(t, "error", out[i+1:])
+		} else if n := strings.Count(stderr.String(), "dependency LIB"); n != 1 {
+			t.Errorf("stderr says it %d times, want once: %q", n, stderr)
+		}
 	}
 }
 

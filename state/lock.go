@@ -229,12 +229,7 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 	if err := writeExcl(tmp, rec, l.opts.Perm, &l.modes); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", l.path, err)
 	}
-	won := false
-	defer func() {
-		if !won {
-			os.Remove(tmp)
-		}
-	}()
+	defer os.Remove(tmp)
 
 	w := waiter{l: l, tmp: tmp, nonce: nonce, seen: map[string]observation{}, turn: turn{name: l.path + turnSuffix}}
 	defer w.bury()
@@ -244,15 +239,14 @@ func (l *Lock) lock(ctx context.Context, wait waitFunc) (func() error, error) {
 	delay := minPoll
 	waited := time.Duration(0)
 	for {
-		var content []byte
-		won, content, err = w.attempt(l.path, waited)
+		won, content, err := w.attempt(l.path, waited)
 		if err != nil {
 			return nil, fmt.Errorf("lock %s: %w", l.path, err)
 		}
 		if won {
 			w.dropTurn()
 			l.nonce = nonce
-			return l.unlockOnce(tmp), nil
+			return l.unlockOnce(), nil
 		}
 		if content != nil {
 			h := parseHolder(content)
@@ -323,12 +317,7 @@ const (
 	maxPoll = 10 * time.Millisecond
 )
 
-// unlockOnce returns the unlock of a lock won by linking tmp to its name.
-// tmp is removed after the release, not at the win: on a shared filesystem
-// its unlink is a round trip to the server, which the hold need not wait
-// for (both names are the one record until then; a holder killed leaves
-// tmp as litter, which tidy removes).
-func (l *Lock) unlockOnce(tmp string) func() error {
+func (l *Lock) unlockOnce() func() error {
 	done := false
 	return func() error {
 		if done {
@@ -339,7 +328,6 @@ func (l *Lock) unlockOnce(tmp string) func() error {
 		err := l.releaseDead(l.path, l.nonce)
 		l.nonce = ""
 		l.released = time.Now()
-		os.Remove(tmp)
 		return err
 	}
 }

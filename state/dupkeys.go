@@ -4,56 +4,52 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 )
 
-// checkDuplicateKeys reports the first object key that b, one JSON
-// document, repeats within one object, at any depth. encoding/json keeps
-// the last of them and drops the others without a word: a shard holding
-// one entry twice, or a manifest naming one shard twice, read as whichever
-// came last. Only whole-document decodes (the slow paths) call it; the
-// line-by-line ones refuse a repeated entry by its order.
-func checkDuplicateKeys(b []byte) error {
+// checkRepeatedKeys reports the first key that the object at the top-level
+// field of b (a JSON document) repeats: "entries" of a shard or of a
+// format 1 state, "shards" of a manifest. encoding/json keeps the last of
+// them and drops the others without a word, so a shard holding one entry
+// on two lines, or a manifest naming one shard twice, read as whichever
+// came last. The line-by-line readers refuse those by their order (and
+// fall back to the whole decode, which calls this); a key repeated inside
+// one entry's line is read alike by both.
+func checkRepeatedKeys(b []byte, field string) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	var walk func(path string) error
-	walk = func(path string) error {
-		t, err := dec.Token()
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil // not an object: the decode says what it is
+	}
+	var skip json.RawMessage
+	for dec.More() {
+		kt, err := dec.Token()
 		if err != nil {
-			return err
+			return nil
 		}
-		switch t {
-		case json.Delim('{'):
-			seen := map[string]bool{}
-			for dec.More() {
-				kt, err := dec.Token()
-				if err != nil {
-					return err
-				}
-				k, _ := kt.(string)
-				if seen[k] {
-					return fmt.Errorf("key %q repeated in the object at %s", k, path)
-				}
-				seen[k] = true
-				if err := walk(path + "." + k); err != nil {
-					return err
-				}
+		if k, _ := kt.(string); k != field {
+			if dec.Decode(&skip) != nil {
+				return nil
 			}
-			_, err = dec.Token() // '}'
-			return err
-		case json.Delim('['):
-			for i := 0; dec.More(); i++ {
-				if err := walk(fmt.Sprintf("%s[%d]", path, i)); err != nil {
-					return err
-				}
+			continue
+		}
+		if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+			return nil
+		}
+		seen := map[string]bool{}
+		for dec.More() {
+			kt, err := dec.Token()
+			if err != nil {
+				return nil
 			}
-			_, err = dec.Token() // ']'
-			return err
+			k, _ := kt.(string)
+			if seen[k] {
+				return fmt.Errorf("%q repeated in %q", k, field)
+			}
+			seen[k] = true
+			if dec.Decode(&skip) != nil {
+				return nil
+			}
 		}
 		return nil
-	}
-	if err := walk("$"); err != nil && err != io.EOF {
-		return err
 	}
 	return nil
 }

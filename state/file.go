@@ -741,7 +741,7 @@ func Decode(b []byte) (*State, error) {
 	case st.Version != 1:
 		return nil, fmt.Errorf("%w: no or bad \"version\" (%d)", ErrCorrupt, st.Version)
 	}
-	if err := checkDuplicateKeys(b); err != nil {
+	if err := checkRepeatedKeys(b, "entries"); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	if err := st.Validate(); err != nil {

@@ -389,6 +389,13 @@ func FuzzDecodeLines(f *testing.F) {
 		f.Add(b)
 	}
 	seed, _ := Encode(richState(3))
+	if hdr, rest, ok := bytes.Cut(seed, []byte("\n")); ok {
+		// One entry on two lines; a field twice in one line.
+		line, _, _ := bytes.Cut(rest, []byte("\n"))
+		line = bytes.TrimSuffix(line, []byte(","))
+		f.Add([]byte(string(hdr) + "\n" + string(line) + ",\n" + string(line) + "\n" + layoutEnd + "\n"))
+		f.Add(bytes.Replace(seed, []byte(`"stage":`), []byte(`"stage":"FAILED","stage":`), 1))
+	}
 	_, readCache, _ := decodeLines(seed, nil)
 	_, writeCache, _ := encodeLines(nil, liveState(3), nil)
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -231,7 +231,7 @@ func decodeManifest(b []byte) (*manifest, error) {
 		}
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
-	if err := checkDuplicateKeys(b); err != nil {
+	if err := checkRepeatedKeys(b, "shards"); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	if m.Version > FormatVersion {
@@ -618,7 +618,7 @@ func decodeShardFor(p string, b []byte, prev *lineCache, need needFn, trust bool
 	if err := strictUnmarshal(b, &doc); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
-	if err := checkDuplicateKeys(b); err != nil {
+	if err := checkRepeatedKeys(b, "entries"); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	if doc.Shard != p {

@@ -55,6 +55,16 @@ func FuzzDecodeShard(f *testing.F) {
 		}
 	}
 	f.Add([]byte(`{"shard":"3f","entries":{}}`))
+	{
+		// Repeated keys: an entry on two lines (refused by both readers),
+		// a field twice in one line (read alike by both).
+		_, b := shardOfState(f, richState(3))
+		hdr, rest, _ := bytes.Cut(b, []byte("\n"))
+		line, _, _ := bytes.Cut(rest, []byte("\n"))
+		line = bytes.TrimSuffix(line, []byte(","))
+		f.Add([]byte(string(hdr) + "\n" + string(line) + ",\n" + string(line) + "\n" + layoutEnd + "\n"))
+		f.Add(bytes.Replace(b, []byte(`"stage":`), []byte(`"stage":"FAILED","stage":`), 1))
+	}
 	_, seed := shardOfState(f, richState(20))
 	p0 := string(seed[10:12])
 	seedCache, err := decodeShard(p0, seed, nil, nil)
@@ -194,6 +204,12 @@ func FuzzDecodeManifest(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(b)
+	if _, rest, ok := bytes.Cut(b, []byte("\n")); ok {
+		// A shard named twice, a header field twice.
+		line, _, _ := bytes.Cut(rest, []byte("\n"))
+		f.Add(bytes.Replace(b, line, []byte(string(line)+"\n"+string(line)), 1))
+		f.Add(bytes.Replace(b, []byte(`"serial":41`), []byte(`"serial":40,"serial":41`), 1))
+	}
 	f.Add([]byte(`{"version":2,"serial":1,"shards":{}}`))
 	f.Add([]byte(`{"version":5,"serial":1,"shards":{},"new":1}`))
 	f.Add([]byte(`{"version":3,"serial":1,"shards":{"00":{"file":"00-0000000000000001-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef","delta":{"file":"00-0000000000000002-00000001.json","bytes":5,"entries":1,"sha256":"0123456789abcdef"}}}}`))

@@ -128,11 +128,26 @@ func newServe(g *globals) *cobra.Command {
 // link to a root is the same root, and a second serve through it must
 // find the first one's pid file.
 func servePidPath(root string) string {
-	if r, err := filepath.EvalSymlinks(root); err == nil {
-		root = r
-	}
-	sum := sha256.Sum256([]byte(root))
+	sum := sha256.Sum256([]byte(resolveExisting(root)))
 	return filepath.Join(os.TempDir(), "depcache-serve-"+hex.EncodeToString(sum[:8])+".pid")
+}
+
+// resolveExisting is p with the symbolic links of its longest existing
+// prefix resolved: a root that does not exist yet (the first serve makes
+// it) is named as it will be once it does.
+func resolveExisting(p string) string {
+	rest := ""
+	for dir := filepath.Clean(p); ; {
+		if r, err := filepath.EvalSymlinks(dir); err == nil {
+			return filepath.Join(r, rest)
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return p
+		}
+		rest = filepath.Join(filepath.Base(dir), rest)
+		dir = parent
+	}
 }
 
 // localServe returns the pid of the serve that serves root on this host,

@@ -115,3 +115,29 @@ func TestE2EServe(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// resolveExisting names a root that does not exist yet as it will be once
+// made: through a link to its parent, and without one, alike.
+func TestResolveExisting(t *testing.T) {
+	real := t.TempDir()
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	realResolved, err := filepath.EvalSymlinks(real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ in, want string }{
+		{filepath.Join(link, "a", "b"), filepath.Join(realResolved, "a", "b")},
+		{filepath.Join(real, "a", "b"), filepath.Join(realResolved, "a", "b")},
+		{link, realResolved},
+	} {
+		if got := resolveExisting(tc.in); got != tc.want {
+			t.Errorf("resolveExisting(%s) = %s, want %s", tc.in, got, tc.want)
+		}
+	}
+	if servePidPath(filepath.Join(link, "root")) != servePidPath(filepath.Join(real, "root")) {
+		t.Error("a root not made yet, named through a link to its parent, has another pid file")
+	}
+}

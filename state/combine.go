@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -202,9 +203,18 @@ func (s *Store) spool() string {
 		if self.BootID == "" || self.PIDNS == "" || self.PID <= 0 {
 			return
 		}
-		base := filepath.Join(spoolBase(), "depcache-"+strconv.Itoa(os.Geteuid()))
 		sum := sha256.Sum256([]byte(self.Host + "\x00" + self.BootID + "\x00" + self.PIDNS + "\x00" + s.path))
-		if err := privateDir(base); err != nil {
+		var base string
+		var err error
+		for _, b := range slices.Compact([]string{spoolBase(), os.TempDir()}) {
+			// A /dev/shm this user may not write falls back to the
+			// temporary directory, as every process of the user does.
+			base = filepath.Join(b, "depcache-"+strconv.Itoa(os.Geteuid()))
+			if err = privateDir(base); err == nil {
+				break
+			}
+		}
+		if err != nil {
 			s.lock.opts.Log.WithError(err).Debug("not combining operations with other processes")
 			return
 		}

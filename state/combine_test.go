@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -558,5 +559,34 @@ func TestSpoolBase(t *testing.T) {
 	t.Setenv("TMPDIR", dir)
 	if got := spoolBase(); got != dir {
 		t.Fatalf("spoolBase() = %q with TMPDIR=%s", got, dir)
+	}
+}
+
+// A spool base where this user cannot have a private directory (a
+// /dev/shm mounted read-only, or a foreign depcache-UID there) falls back
+// to os.TempDir(), where combining still works.
+func TestSpoolFallsBackToTempDir(t *testing.T) {
+	t.Setenv("TMPDIR", "")
+	old := shmDir
+	t.Cleanup(func() { shmDir = old })
+	if isTmpfs(old) {
+		blocked, err := os.MkdirTemp(old, "depcache-test-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(blocked) })
+		// A file where the private directory would be.
+		if err := os.WriteFile(filepath.Join(blocked, "depcache-"+strconv.Itoa(os.Geteuid())), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		shmDir = blocked
+	}
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := s.spool()
+	if dir == "" || !strings.HasPrefix(dir, filepath.Join(os.TempDir(), "depcache-")) {
+		t.Fatalf("spool %q: want one under %s", dir, os.TempDir())
 	}
 }

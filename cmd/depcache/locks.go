@@ -61,6 +61,10 @@ may take that long). A live holder, or one that renews, is left alone
 				return breakNamedLock(cmd, g, breakName, lease, yes)
 			}
 			if yes || cmd.Flags().Changed("lease") {
+				if cmd.Flags().Changed("break") {
+					// Alone, --break '' is no --break (a listing).
+					return usageErrorf("--break '': empty, and --yes and --lease go with --break NAME (want the NAME of a lock, as locks lists them)")
+				}
 				return usageErrorf("--yes and --lease go with --break NAME (depcache locks --break NAME --yes)")
 			}
 			return listLocks(g)

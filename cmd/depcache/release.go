@@ -46,6 +46,9 @@ succeed, for cleanup scripts that release what may be gone.`,
 		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dependent == "" {
+				if cmd.Flags().Changed("dependent") {
+					return usageErrorf("--dependent '': empty (want the name given to get --dependent, 1 to 256 bytes)")
+				}
 				return usageErrorf("--dependent is required (an anonymous get's dependent ends with its process)")
 			}
 			if err := manager.CheckDependent(dependent); err != nil {

@@ -186,28 +186,10 @@ func TestTTLOnASkewedClock(t *testing.T) {
 // once they are gone it is pruned and the content deleted then.
 func TestVerifyFailedContentStaysForItsRuns(t *testing.T) {
 	root := t.TempDir()
-	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := mustKey(t, "file://"+abs, "")
 	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	m := newManager(t, root, func(c *manager.Config) { c.Clock = clock })
-	ready, err := getWait(t, m, "run", k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	content, err := m.Abs(ready)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(content, "hello", "README.txt"), []byte("tampered\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	k, ready, content, _ := heldAndVerifyFailed(t, m)
 	ctx := context.Background()
-	if res, err := m.Verify(ctx, nil); err != nil || len(res) != 1 || res[0].OK {
-		t.Fatalf("verify: %+v, %v; want one failure", res, err)
-	}
 	clock.advance(2 * time.Hour) // past the 1 h cool-down
 
 	var failed *manager.FailedError
@@ -477,32 +459,9 @@ func makeTrashDir(t *testing.T, root, id string, note []byte, age time.Duration)
 // between two CLI commands.
 func TestVerifyFailedContentNobodyHoldsIsRetried(t *testing.T) {
 	root := t.TempDir()
-	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := mustKey(t, "file://"+abs, "")
 	ctx := context.Background()
 	m, stop := startManager(t, root)
-	ready, err := getWait(t, m, "run", k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	content, err := m.Abs(ready)
-	if err != nil {
-		t.Fatal(err)
-	}
-	readme := filepath.Join(content, "hello", "README.txt")
-	good, err := os.ReadFile(readme)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if res, err := m.Verify(ctx, nil); err != nil || len(res) != 1 || res[0].OK {
-		t.Fatalf("verify: %+v, %v; want one failure", res, err)
-	}
+	k, ready, content, good := heldAndVerifyFailed(t, m)
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -537,4 +496,37 @@ func TestVerifyFailedContentNobodyHoldsIsRetried(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(p, "hello", "README.txt")); err != nil || string(b) != string(good) {
 		t.Fatalf("the content fetched again: %q, %v; want the original", b, err)
 	}
+}
+
+// heldAndVerifyFailed gets the hello bundle for dependent "run" through m,
+// tampers with its README and verifies: the entry is FAILED, its content
+// kept for "run". It returns the key, the READY entry before, its content
+// path, and the README's good bytes.
+func heldAndVerifyFailed(t *testing.T, m *manager.Manager) (state.Key, state.Entry, string, []byte) {
+	t.Helper()
+	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, "file://"+abs, "")
+	ready, err := getWait(t, m, "run", k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	content, err := m.Abs(ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := filepath.Join(content, "hello", "README.txt")
+	good, err := os.ReadFile(readme)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := m.Verify(context.Background(), nil); err != nil || len(res) != 1 || res[0].OK {
+		t.Fatalf("verify: %+v, %v; want one failure", res, err)
+	}
+	return k, ready, content, good
 }

@@ -504,6 +504,25 @@ func TestVerifyFailedContentNobodyHoldsIsRetried(t *testing.T) {
 // path, and the README's good bytes.
 func heldAndVerifyFailed(t *testing.T, m *manager.Manager) (state.Key, state.Entry, string, []byte) {
 	t.Helper()
+	k, ready, content := getHello(t, m)
+	readme := filepath.Join(content, "hello", "README.txt")
+	good, err := os.ReadFile(readme)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := m.Verify(context.Background(), nil); err != nil || len(res) != 1 || res[0].OK {
+		t.Fatalf("verify: %+v, %v; want one failure", res, err)
+	}
+	return k, ready, content, good
+}
+
+// getHello gets the hello bundle of testdata for dependent "run" through m
+// and returns its key, the READY entry and its content's path.
+func getHello(t *testing.T, m *manager.Manager) (state.Key, state.Entry, string) {
+	t.Helper()
 	abs, err := filepath.Abs("../testdata/bundles/hello.tar.gz")
 	if err != nil {
 		t.Fatal(err)
@@ -517,16 +536,5 @@ func heldAndVerifyFailed(t *testing.T, m *manager.Manager) (state.Key, state.Ent
 	if err != nil {
 		t.Fatal(err)
 	}
-	readme := filepath.Join(content, "hello", "README.txt")
-	good, err := os.ReadFile(readme)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(readme, []byte("tampered\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if res, err := m.Verify(context.Background(), nil); err != nil || len(res) != 1 || res[0].OK {
-		t.Fatalf("verify: %+v, %v; want one failure", res, err)
-	}
-	return k, ready, content, good
+	return k, ready, content
 }

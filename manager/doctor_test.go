@@ -140,17 +140,8 @@ func TestRebuildReportsWhatItDrops(t *testing.T) {
 func TestRebuildKeepsVerifyFailed(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	k := mustKey(t, "file://"+abs, "")
 	m := newManager(t, root)
-	ready, err := getWait(t, m, "run", k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	content, err := m.Abs(ready)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k, ready, content := getHello(t, m)
 	if err := os.Remove(filepath.Join(content, "hello", "data", "numbers.txt")); err != nil {
 		t.Fatal(err)
 	}

@@ -152,7 +152,7 @@ the full key IDs (--json output is always JSON, its keys always full).`,
 			if err != nil {
 				return err
 			}
-			shown := []row{}
+			shown := make([]row, 0, len(rows)) // rows are large: growing the slice copied them over and over
 			for _, r := range rows {
 				if sel.match(r) {
 					shown = append(shown, r)
@@ -430,7 +430,7 @@ func describeRows(ctx context.Context, m *manager.Manager) (*state.State, []row,
 	if err != nil {
 		return nil, nil, err
 	}
-	out := []row{}
+	out := make([]row, 0, len(st.Entries))
 	for _, e := range st.Sorted() {
 		j := toJSON(m, *e)
 		j.Description = desc[e.Key.ID()] // its Dependents are [] when none

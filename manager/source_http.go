@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -13,14 +14,47 @@ import (
 // HTTPSource fetches http:// and https:// sources. A read that brings no
 // byte for idle fails the attempt, so a server that stalls does not hold a
 // live owner forever (its heartbeat would keep waiters from taking over).
+//
+// It asks for the bytes as the server stores them (Accept-Encoding:
+// identity), never a body the transport decompresses: --sha256 and
+// --no-unpack are about the file, and offsets to resume from are the
+// server's. A client without a CheckRedirect of its own gets
+// [CheckRedirect].
 func HTTPSource(client *http.Client, idle time.Duration) Source {
 	if client == nil {
 		client = http.DefaultClient
+	}
+	if client.CheckRedirect == nil {
+		c := *client
+		c.CheckRedirect = CheckRedirect
+		client = &c
 	}
 	if idle <= 0 {
 		idle = time.Minute
 	}
 	return &httpSource{client: client, idle: idle}
+}
+
+// maxRedirects is how many redirects a fetch follows, as net/http's own
+// default.
+const maxRedirects = 10
+
+// CheckRedirect is the redirect policy of [HTTPSource]: it follows up to 10
+// redirects to http:// and https:// URLs, and refuses, for good
+// ([ErrPermanent]: no retry would change them), more of them, one to any
+// other scheme, and one from https:// to plain http://, which would fetch
+// an https source without the transport's integrity.
+func CheckRedirect(req *http.Request, via []*http.Request) error {
+	first := via[0].URL
+	switch {
+	case len(via) >= maxRedirects:
+		return fmt.Errorf("%w: stopped after %d redirects from %s (the last to %s)", ErrPermanent, maxRedirects, first.Redacted(), req.URL.Redacted())
+	case req.URL.Scheme != "http" && req.URL.Scheme != "https":
+		return fmt.Errorf("%w: %s redirected to %s: only http and https redirects are followed", ErrPermanent, first.Redacted(), req.URL.Redacted())
+	case req.URL.Scheme == "http" && slices.ContainsFunc(via, func(r *http.Request) bool { return r.URL.Scheme == "https" }):
+		return fmt.Errorf("%w: %s redirected to %s: a redirect from https to plain http is refused", ErrPermanent, first.Redacted(), req.URL.Redacted())
+	}
+	return nil
 }
 
 type httpSource struct {
@@ -50,6 +84,7 @@ func (h *httpSource) FetchRange(ctx context.Context, src string, from ResumeFrom
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrPermanent, err)
 	}
+	req.Header.Set("Accept-Encoding", "identity")
 	ranged := from.Offset > 0 && from.Validator.Strong()
 	if ranged {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", from.Offset))
@@ -74,9 +109,14 @@ func (h *httpSource) FetchRange(ctx context.Context, src string, from ResumeFrom
 	got := RangeStart{Total: resp.ContentLength}
 	switch {
 	case resp.StatusCode == http.StatusPartialContent && ranged:
-		first, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
+		first, last, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
 		if !ok || first != from.Offset {
 			return fmt.Errorf("GET %s: asked for bytes from %d, got Content-Range %q: %w", src, from.Offset, resp.Header.Get("Content-Range"), errNoResume)
+		}
+		if size >= 0 && last+1 != size {
+			// A server may send less than the rest it was asked for
+			// (RFC 9110 14.4): that is no continuation to the end.
+			return fmt.Errorf("GET %s: asked for bytes from %d to the end, got Content-Range %q, which stops short of it: %w", src, from.Offset, resp.Header.Get("Content-Range"), errNoResume)
 		}
 		got.Offset, got.Total = first, size
 		got.Validator = validatorOf(resp, size)
@@ -136,32 +176,32 @@ func validatorOf(resp *http.Response, length int64) Validator {
 }
 
 // parseContentRange reads "bytes FIRST-LAST/SIZE" (SIZE may be "*": -1).
-func parseContentRange(s string) (first, size int64, ok bool) {
+func parseContentRange(s string) (first, last, size int64, ok bool) {
 	rest, found := strings.CutPrefix(s, "bytes ")
 	if !found {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
 	span, total, found := strings.Cut(rest, "/")
 	if !found {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
 	a, b, found := strings.Cut(span, "-")
 	if !found {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
 	first, err1 := strconv.ParseInt(a, 10, 64)
 	last, err2 := strconv.ParseInt(b, 10, 64)
 	if err1 != nil || err2 != nil || first < 0 || last < first {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
 	if total == "*" {
-		return first, -1, true
+		return first, last, -1, true
 	}
 	size, err := strconv.ParseInt(total, 10, 64)
 	if err != nil || size <= last {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
-	return first, size, true
+	return first, last, size, true
 }
 
 // idleReader re-arms the idle timer on every read that brings data.

@@ -77,6 +77,9 @@ func TestCollidingMembersMalformed(t *testing.T) {
 	for name, tb := range map[string][]byte{
 		"a file, then a directory under its name": archive(t, file("a", "x"), file("a/b", "y")),
 		"a name longer than NAME_MAX":             archive(t, file(long, "x")),
+		// Each component fits NAME_MAX, the whole not PATH_MAX: written
+		// relative to the root it would unpack, and no path could reach it.
+		"a path longer than PATH_MAX": archive(t, file(strings.Repeat(strings.Repeat("d", 200)+"/", 30)+"f", "x")),
 	} {
 		r, err := Open(bytes.NewReader(tb), Tar)
 		if err == nil {
@@ -84,6 +87,36 @@ func TestCollidingMembersMalformed(t *testing.T) {
 		}
 		if !errors.Is(err, ErrMalformed) || !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s: %v, want ErrMalformed and ErrCorrupt", name, err)
+		}
+		if len(err.Error()) > 1000 {
+			t.Errorf("%s: a message of %d bytes: %.300s…", name, len(err.Error()), err)
+		}
+	}
+}
+
+// TestLongPathJustFits: a path as long as the limit allows unpacks, and
+// one byte more is refused.
+func TestLongPathJustFits(t *testing.T) {
+	dir := t.TempDir()
+	room := 4096 - 64 - 1 - len(dir) - 1 // the longest member path
+	name := func(n int) string {
+		var b strings.Builder
+		for b.Len()+201 < n {
+			b.WriteString(strings.Repeat("d", 200) + "/")
+		}
+		b.WriteString(strings.Repeat("f", n-b.Len()))
+		return b.String()
+	}
+	for _, tc := range []struct {
+		n  int
+		ok bool
+	}{{room, true}, {room + 1, false}} {
+		r, err := Open(bytes.NewReader(archive(t, file(name(tc.n), "x"))), Tar)
+		if err == nil {
+			_, err = Extract(context.Background(), r, t.TempDir(), Limits{})
+		}
+		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, ErrMalformed)) {
+			t.Errorf("a member path of %d bytes: %v, want accepted: %v", tc.n, err, tc.ok)
 		}
 	}
 }

@@ -39,6 +39,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -321,8 +322,27 @@ func (x *extractor) charge(name string, n int64) error {
 	return nil
 }
 
+// shown is a member's name as messages quote it: whole up to 200 bytes,
+// else its start and end around the count of bytes left out (a name of a
+// hostile archive may be kilobytes long).
+func shown(name string) string {
+	const most, head, tail = 200, 120, 60
+	if len(name) <= most {
+		return strconv.Quote(name)
+	}
+	return fmt.Sprintf("%s…(%d bytes)…%s", strconv.Quote(strings.ToValidUTF8(name[:head], "")), len(name)-head-tail, strconv.Quote(strings.ToValidUTF8(name[len(name)-tail:], "")))
+}
+
+// pathMax is Linux's PATH_MAX, with its NUL. pathSlack is kept below it for
+// the names that the content's path may take later beside the one it is
+// unpacked under (trash/, a longer generation suffix).
+const (
+	pathMax   = 4096
+	pathSlack = 64
+)
+
 func hostile(name, why string) error {
-	return fmt.Errorf("%w: member %q: %s", ErrHostile, name, why)
+	return fmt.Errorf("%w: member %s: %s", ErrHostile, shown(name), why)
 }
 
 // clean returns the member's name as a local slash path, or an error.
@@ -336,6 +356,13 @@ func (x *extractor) clean(name string) (string, error) {
 	p := path.Clean(name)
 	if !filepath.IsLocal(p) && p != "." {
 		return "", hostile(name, "leaves the directory")
+	}
+	if n := len(x.root.Name()) + 1 + len(p); n >= pathMax-pathSlack {
+		// Written relative to the root, it would unpack, and then no
+		// path-based call (the content's digest, its size, rm) could
+		// reach it.
+		return "", fmt.Errorf("%w: %w: member %s: its path under %s would be %d bytes, and the limit is %d (PATH_MAX, less %d for the names the content takes later)",
+			ErrCorrupt, ErrMalformed, shown(name), x.root.Name(), n, pathMax-pathSlack-1, pathSlack)
 	}
 	// Writing at or below a symlink the archive made would write wherever
 	// it points.
@@ -384,7 +411,7 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) (err error) {
 			return err
 		}
 		if err := x.root.Symlink(t, p); err != nil {
-			return fmt.Errorf("%w: member %q: %w", ErrHostile, hdr.Name, err)
+			return fmt.Errorf("%w: member %s: %w", ErrHostile, shown(hdr.Name), err)
 		}
 		x.order = append(x.order, p)
 		return nil
@@ -400,7 +427,7 @@ func (x *extractor) member(hdr *tar.Header, r io.Reader) (err error) {
 			return err
 		}
 		if err := x.root.Link(t, p); err != nil {
-			return fmt.Errorf("%w: member %q: %w", ErrHostile, hdr.Name, err)
+			return fmt.Errorf("%w: member %s: %w", ErrHostile, shown(hdr.Name), err)
 		}
 		return nil
 	case tar.TypeChar, tar.TypeBlock:
@@ -452,13 +479,13 @@ func (x *extractor) tooLarge(name, what string) error {
 	if what != "" {
 		what = " " + what
 	}
-	return fmt.Errorf("%w: member %q%s: the tree takes %d bytes of disk so far, %d bytes of them file content (a file takes whole %d-byte blocks, a directory one, a member an inode), the bound is %d",
-		ErrTooLarge, name, what, x.used, x.bytes, blockSize, x.lim.MaxBytes)
+	return fmt.Errorf("%w: member %s%s: the tree takes %d bytes of disk so far, %d bytes of them file content (a file takes whole %d-byte blocks, a directory one, a member an inode), the bound is %d",
+		ErrTooLarge, shown(name), what, x.used, x.bytes, blockSize, x.lim.MaxBytes)
 }
 
 func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size < 0 {
-		return fmt.Errorf("%w: %w: member %q: negative size", ErrCorrupt, ErrMalformed, hdr.Name)
+		return fmt.Errorf("%w: %w: member %s: negative size", ErrCorrupt, ErrMalformed, shown(hdr.Name))
 	}
 	if x.lim.MaxBytes > 0 && blocks(hdr.Size) > x.lim.MaxBytes-x.used {
 		return x.tooLarge(hdr.Name, fmt.Sprintf("of %d bytes", hdr.Size))
@@ -476,12 +503,12 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 		return hostile(hdr.Name, "duplicate member")
 	}
 	if err != nil {
-		return fmt.Errorf("member %q: %w", hdr.Name, err)
+		return fmt.Errorf("member %s: %w", shown(hdr.Name), err)
 	}
 	if x.lim.Group {
 		if err := f.Chmod(perm); err != nil {
 			f.Close()
-			return fmt.Errorf("member %q: %w", hdr.Name, err)
+			return fmt.Errorf("member %s: %w", shown(hdr.Name), err)
 		}
 	}
 	h := sha256.New()
@@ -502,9 +529,9 @@ func (x *extractor) regular(p string, hdr *tar.Header, r io.Reader) error {
 	}
 	if err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return fmt.Errorf("%w: member %q: truncated", ErrCorrupt, hdr.Name)
+			return fmt.Errorf("%w: member %s: truncated", ErrCorrupt, shown(hdr.Name))
 		}
-		return fmt.Errorf("member %q: %w", hdr.Name, err)
+		return fmt.Errorf("member %s: %w", shown(hdr.Name), err)
 	}
 	x.files[p] = true
 	x.hashes[p] = hex.EncodeToString(h.Sum(nil))
@@ -645,7 +672,7 @@ func colliding(name string, err error) error {
 	}
 	for _, e := range []error{syscall.EEXIST, syscall.ENOTDIR, syscall.EISDIR, syscall.ENAMETOOLONG} {
 		if errors.Is(err, e) {
-			return fmt.Errorf("%w: %w: member %q: %w", ErrCorrupt, ErrMalformed, name, err)
+			return fmt.Errorf("%w: %w: member %s: %w", ErrCorrupt, ErrMalformed, shown(name), err)
 		}
 	}
 	return err

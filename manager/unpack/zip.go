@@ -94,7 +94,7 @@ func (x *extractor) zipMember(f *zip.File) error {
 		// (through x.member), the size its header claims, the file count.
 		rc, err := f.Open()
 		if err != nil {
-			return fmt.Errorf("%w: member %q: %w", ErrCorrupt, f.Name, err)
+			return fmt.Errorf("%w: member %s: %w", ErrCorrupt, shown(f.Name), err)
 		}
 		defer rc.Close()
 		return x.member(hdr, zipData{rc})
@@ -106,12 +106,12 @@ func (x *extractor) zipMember(f *zip.File) error {
 func readZip(f *zip.File, limit int64) ([]byte, error) {
 	rc, err := f.Open()
 	if err != nil {
-		return nil, fmt.Errorf("%w: member %q: %w", ErrCorrupt, f.Name, err)
+		return nil, fmt.Errorf("%w: member %s: %w", ErrCorrupt, shown(f.Name), err)
 	}
 	defer rc.Close()
 	b, err := io.ReadAll(io.LimitReader(zipData{rc}, limit+1))
 	if err != nil {
-		return nil, fmt.Errorf("member %q: %w", f.Name, err)
+		return nil, fmt.Errorf("member %s: %w", shown(f.Name), err)
 	}
 	return b, nil
 }

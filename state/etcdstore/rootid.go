@@ -102,8 +102,22 @@ func (s *Store) ensureRootID() (string, error) {
 		return "", fmt.Errorf("root ID: %w", err)
 	}
 	defer os.Remove(tmp)
-	if err := os.Link(tmp, rootIDFile(s.root)); err != nil && !errors.Is(err, fs.ErrExist) {
+	made := true
+	if err := os.Link(tmp, rootIDFile(s.root)); errors.Is(err, fs.ErrExist) {
+		made = false
+	} else if err != nil {
 		return "", fmt.Errorf("root ID: %w", err)
+	}
+	// The file store looks for the ID file at its start, and this store
+	// for the file store's state at its own: a file-store process that
+	// began the root since this store's start made its state in between.
+	// The ID made, the state is looked for again, so that of two such
+	// processes at least one sees the other.
+	if err := s.checkNoFileState(); err != nil {
+		if made {
+			os.Remove(rootIDFile(s.root))
+		}
+		return "", err
 	}
 	id, err = readRootID(s.root)
 	if err == nil && id == "" {
@@ -111,6 +125,30 @@ func (s *Store) ensureRootID() (string, error) {
 	}
 	s.rootID = id
 	return id, err
+}
+
+// checkNoFileState refuses (state.ErrBoundElsewhere) a root that holds
+// the file store's state, unless the store is to adopt the root (the
+// rebuild that moves a root to etcd, which sets that state aside): the
+// content there is the file store's, which this prefix would take for
+// orphans and move aside under the processes that hold it. Two processes
+// that began a new root at once, one on each store, leave it with both
+// stores' marks, and each store then refuses it.
+func (s *Store) checkNoFileState() error {
+	if s.adoptRoot {
+		return nil
+	}
+	p := filepath.Join(s.root, state.StateFile)
+	if _, err := os.Lstat(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("%s: %w", s, err)
+	}
+	return fmt.Errorf("%s: %w: root %s holds the file store's state (%s), and one store describes a root's content: use the root without --state, "+
+		"or, to move it to etcd, stop its workers and run depcache --root %s --state %s doctor --rebuild; "+
+		"if it also has %s (two processes began the root at once, one on each store), see which store's processes use it, and remove the other's mark",
+		s, state.ErrBoundElsewhere, s.root, p, s.root, s, rootIDFile(s.root))
 }
 
 // checkBoundTo checks that the prefix, bound meanwhile to the root with

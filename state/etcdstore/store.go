@@ -356,6 +356,9 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 	if s.root == "" {
 		return nil
 	}
+	if err := s.checkNoFileState(); err != nil {
+		return err
+	}
 	var bound string
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
 		bound = string(kvs[0].Value)

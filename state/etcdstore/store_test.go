@@ -540,6 +540,53 @@ func TestRootBoundElsewhere(t *testing.T) {
 	open(t, eps, "/home", func(o *Options) { o.Root = root }) // its own prefix still opens
 }
 
+// TestFileStoreRootRefused: a root that holds the file store's state is
+// refused at Open (its content is the file store's, which this prefix's
+// start-up would move aside as orphans), and at the first commit when the
+// file store began the root after this store opened it, which then leaves
+// no root ID behind; AdoptRoot (the rebuild that moves a root to etcd)
+// takes it.
+func TestFileStoreRootRefused(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	eps := []string{m.Endpoint}
+	fileRoot := func(root string) {
+		t.Helper()
+		fs, err := state.Open(root, state.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fs.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(9)); return true, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root := t.TempDir()
+	fileRoot(root)
+	_, err := Open(ctx, Options{Endpoints: eps, Prefix: "/onfile", Root: root})
+	if !errors.Is(err, state.ErrBoundElsewhere) || !strings.Contains(err.Error(), filepath.Join(root, state.StateFile)) || !strings.Contains(err.Error(), "doctor --rebuild") {
+		t.Errorf("a file store's root: %v, want ErrBoundElsewhere naming its state.json and the move", err)
+	}
+	// Begun by the file store after this store's Open: refused at the
+	// first commit, and the ID it made is taken back.
+	late := t.TempDir()
+	s := open(t, eps, "/late", func(o *Options) { o.Root = late })
+	fileRoot(late)
+	if err := s.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(1)); return true, nil }); !errors.Is(err, state.ErrBoundElsewhere) {
+		t.Errorf("a first commit on a root the file store began meanwhile: %v, want ErrBoundElsewhere", err)
+	}
+	if _, err := os.Lstat(filepath.Join(late, RootIDFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused commit left the root ID: %v", err)
+	}
+	if err := state.CheckUnbound(late); err != nil {
+		t.Errorf("the file store's root is refused to it now: %v", err)
+	}
+	if got := keys(t, s.Client(), "/late"); len(got) != 0 {
+		t.Errorf("the refused commit wrote %v", got)
+	}
+	a := open(t, eps, "/adopt", func(o *Options) { o.Root = root; o.AdoptRoot = true })
+	put(t, a, testEntry(2))
+}
+
 // TestNestedPrefix: a prefix inside another cache's prefix, or holding
 // one, is refused (their keys would mix), and a rebuild of the outer one
 // deletes nothing of the inner one.

@@ -143,12 +143,12 @@ func (s *Store) checkNoFileState() error {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
 		}
-		return fmt.Errorf("%s: %w", s, err)
+		return err
 	}
-	return fmt.Errorf("%s: %w: root %s holds the file store's state (%s), and one store describes a root's content: use the root without --state, "+
+	return fmt.Errorf("%w: root %s holds the file store's state (%s), and one store describes a root's content: use the root without --state, "+
 		"or, to move it to etcd, stop its workers and run depcache --root %s --state %s doctor --rebuild; "+
 		"if it also has %s (two processes began the root at once, one on each store), see which store's processes use it, and remove the other's mark",
-		s, state.ErrBoundElsewhere, s.root, p, s.root, s, rootIDFile(s.root))
+		state.ErrBoundElsewhere, s.root, p, s.root, s, rootIDFile(s.root))
 }
 
 // checkBoundTo checks that the prefix, bound meanwhile to the root with

@@ -357,7 +357,7 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 		return nil
 	}
 	if err := s.checkNoFileState(); err != nil {
-		return err
+		return fmt.Errorf("%s: %w", s, err)
 	}
 	var bound string
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
@@ -412,7 +412,15 @@ func ancestorPrefixes(p string) []string {
 // under the prefix (keys only): for a first commit, when the prefix holds
 // no state of its own, and for a rebuild.
 func (s *Store) nestedPrefix(ctx context.Context) (string, error) {
+	inner, _, err := s.nestedPrefixAt(ctx)
+	return inner, err
+}
+
+// nestedPrefixAt is nestedPrefix, and the revision of its first read: a
+// key under the prefix that changed after it was not seen.
+func (s *Store) nestedPrefixAt(ctx context.Context) (string, int64, error) {
 	from, end := s.l.p+"/", clientv3.GetPrefixRangeEnd(s.l.p+"/")
+	rev := int64(0)
 	for {
 		var r *clientv3.GetResponse
 		err := s.read(ctx, func(rctx context.Context) (err error) {
@@ -420,18 +428,52 @@ func (s *Store) nestedPrefix(ctx context.Context) (string, error) {
 			return err
 		})
 		if err != nil {
-			return "", s.fail(ctx, "looking for prefixes inside this one", err)
+			return "", 0, s.fail(ctx, "looking for prefixes inside this one", err)
+		}
+		if rev == 0 {
+			rev = r.Header.Revision
 		}
 		for _, kv := range r.Kvs {
 			if k := string(kv.Key); k != s.l.format() && strings.HasSuffix(k, "/format") && !s.ownKey(k) {
-				return strings.TrimSuffix(k, "/format"), nil
+				return strings.TrimSuffix(k, "/format"), rev, nil
 			}
 		}
 		if !r.More || len(r.Kvs) == 0 {
-			return "", nil
+			return "", rev, nil
 		}
 		from = string(r.Kvs[len(r.Kvs)-1].Key) + "\x00"
 	}
+}
+
+// firstCommitHook, when set (by tests), runs in a first commit's plan
+// after it looked for nested prefixes, before its transaction.
+var firstCommitHook func()
+
+// outerPrefix returns a depcache prefix that this one lies inside (an
+// ancestor with a format key), "" if none.
+func (s *Store) outerPrefix(ctx context.Context) (string, error) {
+	ancestors := ancestorPrefixes(s.l.p)
+	if len(ancestors) == 0 {
+		return "", nil
+	}
+	ops := make([]clientv3.Op, 0, len(ancestors))
+	for _, a := range ancestors {
+		ops = append(ops, clientv3.OpGet(layout{p: a}.format(), clientv3.WithCountOnly()))
+	}
+	var resp *clientv3.TxnResponse
+	err := s.read(ctx, func(rctx context.Context) (err error) {
+		resp, err = s.cli.Txn(rctx).Then(ops...).Commit()
+		return err
+	})
+	if err != nil {
+		return "", s.fail(ctx, "looking for prefixes this one lies inside", err)
+	}
+	for i, a := range ancestors {
+		if resp.Responses[i].GetResponseRange().Count > 0 {
+			return a, nil
+		}
+	}
+	return "", nil
 }
 
 // ownKey reports whether k, which ends in "/format", is a key of this
@@ -1052,12 +1094,31 @@ func (s *Store) plan(ctx context.Context, sn *snapshot, st *state.State, orig ma
 		t.put(s.l.removals(), []byte(t.nonce))
 	}
 	if sn.format.mod == 0 {
-		// The first commit under the prefix: it must not hold another
-		// cache's prefix.
-		if inner, err := s.nestedPrefix(ctx); err != nil {
+		// The first commit under the prefix: it must neither hold another
+		// cache's prefix nor lie inside one. Two such prefixes begun at
+		// once each looked before the other existed: the compares below
+		// let only the first to commit through, and the other's next try
+		// finds it.
+		inner, seen, err := s.nestedPrefixAt(ctx)
+		if err != nil {
 			return nil, err
 		} else if inner != "" {
 			return nil, fmt.Errorf("%s: %w: the depcache prefix %s lies inside %s: give each cache a prefix that neither holds nor lies in another's", s, ErrNestedPrefix, inner, s.l.p)
+		}
+		outer, err := s.outerPrefix(ctx)
+		if err != nil {
+			return nil, err
+		} else if outer != "" {
+			return nil, fmt.Errorf("%s: %w: prefix %s lies inside the depcache prefix %s (it has %s): give each cache a prefix that neither holds nor lies in another's",
+				s, ErrNestedPrefix, s.l.p, outer, layout{p: outer}.format())
+		}
+		if firstCommitHook != nil {
+			firstCommitHook()
+		}
+		under := s.l.p + "/"
+		t.cmp(clientv3.Compare(clientv3.ModRevision(under).WithRange(clientv3.GetPrefixRangeEnd(under)), "<", seen+1))
+		for _, a := range ancestorPrefixes(s.l.p) {
+			t.cmp(clientv3.Compare(clientv3.CreateRevision(layout{p: a}.format()), "=", 0))
 		}
 		fb, _ := jsonMarshal(format{Version: FormatVersion})
 		t.put(s.l.format(), fb)

@@ -632,6 +632,45 @@ func TestNestedPrefix(t *testing.T) {
 	}
 }
 
+// TestNestedPrefixesBegunAtOnce: of two nested prefixes whose first
+// commits each looked before the other existed, only the first to commit
+// binds; the other's commit is refused (its transaction's compares fail,
+// and its next try finds the first). An inner prefix opened before the
+// outer one was made is refused at its first commit too.
+func TestNestedPrefixesBegunAtOnce(t *testing.T) {
+	ctx := context.Background()
+	m := etcdtest.Start(t)
+	eps := []string{m.Endpoint}
+	t.Cleanup(func() { firstCommitHook = nil })
+	for _, tc := range []struct{ first, second string }{
+		{"/r1", "/r1/in"}, // the outer one commits while the inner one plans
+		{"/r2/in", "/r2"}, // and the other way round
+	} {
+		first := open(t, eps, tc.first, func(o *Options) { o.Root = t.TempDir() })
+		second := open(t, eps, tc.second, func(o *Options) { o.Root = t.TempDir() })
+		firstCommitHook = func() {
+			firstCommitHook = nil
+			put(t, first, testEntry(1))
+		}
+		err := second.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil })
+		if !errors.Is(err, ErrNestedPrefix) {
+			t.Errorf("%s committed while %s planned its first commit: %v, want ErrNestedPrefix", tc.first, tc.second, err)
+		}
+		if got := keys(t, second.Client(), tc.second)["/format"]; got != "" {
+			t.Errorf("%s has a format key: %q", tc.second, got)
+		}
+		if _, err := first.View(ctx); err != nil {
+			t.Errorf("%s, which bound first: %v", tc.first, err)
+		}
+	}
+	// Opened before the outer one was made: refused at its first commit.
+	early := open(t, eps, "/r3/in", func(o *Options) { o.Root = t.TempDir() })
+	put(t, open(t, eps, "/r3", func(o *Options) { o.Root = t.TempDir() }), testEntry(1))
+	if err := early.Update(ctx, func(st *state.State) (bool, error) { st.Put(testEntry(2)); return true, nil }); !errors.Is(err, ErrNestedPrefix) || !strings.Contains(err.Error(), "lies inside the depcache prefix /r3") {
+		t.Errorf("a first commit inside a prefix made since its Open: %v, want ErrNestedPrefix", err)
+	}
+}
+
 // TestUnreachable: no cluster answers: Open fails within its dial
 // timeout, naming the endpoint, and the error is not the caller's deadline.
 func TestUnreachable(t *testing.T) {

@@ -55,7 +55,8 @@ var (
 )
 
 // maxFailedPasses is how many passes in a row may fail (an unreadable
-// state, a lock error) before Wait gives up with the error.
+// state, a lock error) before Wait gives up with the error. A store that
+// is unavailable (state.ErrUnavailable) is waited out instead.
 const maxFailedPasses = 3
 
 // FailedError is the error of a FAILED entry.
@@ -609,7 +610,10 @@ func (m *Manager) Wait(ctx context.Context, key state.Key) (e state.Entry, err e
 			}
 			return state.Entry{}, ErrNotRunning
 		}
-		if failures >= maxFailedPasses {
+		if failures >= maxFailedPasses && !errors.Is(passErr, state.ErrUnavailable) {
+			// A store that is out (etcd without quorum) is waited out,
+			// until ctx ends (--timeout): an owner's download goes on
+			// meanwhile, and a get that gave up would throw it away.
 			return state.Entry{}, fmt.Errorf("%s: the loop cannot read the state: %w", key.Source, passErr)
 		}
 		// Only a pass that started after this call can say the entry is

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
@@ -129,5 +130,103 @@ func TestPublishOnAFullDiskFails(t *testing.T) {
 	}
 	if n := store.failed.Load(); n != 1 {
 		t.Errorf("%d publish commits tried, want 1 (no refetch before the cool-down)", n)
+	}
+}
+
+// outage is a store that answers state.ErrUnavailable, as the etcd store
+// does without quorum, while down is set.
+type outage struct {
+	*state.Store
+	down   atomic.Bool
+	failed atomic.Int64
+}
+
+func (s *outage) fail() error {
+	if !s.down.Load() {
+		return nil
+	}
+	s.failed.Add(1)
+	return fmt.Errorf("no quorum (test): %w", state.ErrUnavailable)
+}
+
+func (s *outage) View(ctx context.Context) (*state.State, error) {
+	if err := s.fail(); err != nil {
+		return nil, err
+	}
+	return s.Store.View(ctx)
+}
+
+func (s *outage) Update(ctx context.Context, fn func(*state.State) (bool, error)) error {
+	if err := s.fail(); err != nil {
+		return err
+	}
+	return s.Store.Update(ctx, fn)
+}
+
+func (s *outage) UpdateEntries(ctx context.Context, ids []string, fn func(*state.Txn) (bool, error)) error {
+	if err := s.fail(); err != nil {
+		return err
+	}
+	return s.Store.UpdateEntries(ctx, ids, fn)
+}
+
+func (s *outage) Propose(ctx context.Context, p state.Proposal) ([]byte, error) {
+	if err := s.fail(); err != nil {
+		return nil, err
+	}
+	return s.Store.Propose(ctx, p)
+}
+
+// TestWaitOutlastsAnUnavailableStore: a Wait whose loop cannot reach the
+// store because it is out (an etcd cluster without quorum) waits the
+// outage out, past the failed passes that end a Wait on a state that
+// does not read, and gets the entry once the store answers again.
+func TestWaitOutlastsAnUnavailableStore(t *testing.T) {
+	root := t.TempDir()
+	fs, err := state.Open(root, state.Options{Lock: state.LockOptions{Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := &outage{Store: fs}
+	g := newGate(false)
+	m, _ := startManager(t, root, func(c *manager.Config) {
+		c.State = store
+		c.Sources = g.sources()
+	})
+	t.Cleanup(g.close)
+	k := mustKey(t, "http://h/x", "")
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	if _, err := m.Get(ctx, "job", k); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		e   state.Entry
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		e, err := m.Wait(ctx, k)
+		done <- result{e, err}
+	}()
+	call := g.next(t)
+	store.down.Store(true)
+	for store.failed.Load() < 20 { // many times the failed passes that end a Wait otherwise
+		select {
+		case r := <-done:
+			t.Fatalf("Wait ended during the outage: %s, %v", r.e.Stage, r.err)
+		case <-ctx.Done():
+			t.Fatal("the store was not asked during the outage")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	store.down.Store(false)
+	if call.ctx.Err() != nil {
+		call = g.next(t) // the download was handed back meanwhile, and claimed again
+	}
+	call.body <- []byte("the body")
+	r := <-done
+	if r.err != nil || r.e.Stage != state.Ready {
+		t.Fatalf("after the outage: %s, %v; want READY", r.e.Stage, r.err)
 	}
 }

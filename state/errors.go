@@ -27,6 +27,11 @@ var (
 	// file store refuses it, since it would take that store's entries for
 	// orphans and move them aside.
 	ErrBoundElsewhere = errors.New("the root is bound to another state store")
+	// ErrUnavailable means the state store did not answer in time, and may
+	// again: an outage, not a state that is wrong (etcd's
+	// etcdstore.ErrUnavailable is one). Waiting out such a failure is
+	// sound; a retry of a commit is settled by the store.
+	ErrUnavailable = errors.New("state store unavailable")
 )
 
 // RootIDFile is the name of a root's ID file: a random ID written once by

@@ -36,7 +36,8 @@ var (
 	// endpoint reachable, no leader, no quorum). It never wraps
 	// context.DeadlineExceeded: a request timeout of the store is not the
 	// caller's deadline.
-	ErrUnavailable = errors.New("etcd cluster unavailable")
+	// errors.Is(err, state.ErrUnavailable) holds for it too.
+	ErrUnavailable error = unavailable{}
 	// ErrTooBig means one commit would exceed etcd's limits on one
 	// transaction (operations or request bytes). A commit is atomic, so
 	// it is refused rather than split; nothing is written.
@@ -301,6 +302,13 @@ func dial(ctx context.Context, opts Options) (*clientv3.Client, error) {
 	}
 	return cli, nil
 }
+
+// unavailable is ErrUnavailable: its own message, and state's sentinel
+// for a store that may answer again.
+type unavailable struct{}
+
+func (unavailable) Error() string        { return "etcd cluster unavailable" }
+func (unavailable) Is(target error) bool { return target == state.ErrUnavailable }
 
 // probe reads the format and root-id keys within d.
 func (s *Store) probe(ctx context.Context, d time.Duration) error {

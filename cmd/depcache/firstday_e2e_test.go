@@ -169,6 +169,10 @@ func TestBadInputAndRefusals(t *testing.T) {
 		{[]string{"ls", "--filter", "unused=200000d"}, 2, []string{"out of range"}},
 		{[]string{"ls", "--filter", "unused=106751d24h"}, 2, []string{"out of range"}},
 		{[]string{"rm", "abc"}, 2, []string{"at least 8 hex"}},
+		{[]string{"gc", "--dry-run", "--set-policy", "--max-size", "1"}, 2, []string{"--set-policy cannot go with it"}},
+		{[]string{"get", "--sha256", "", hello(t)}, 2, []string{"--sha256 '': empty"}},
+		{[]string{"--state", "etcd://a b:1/p", "ls"}, 2, []string{"space or control character"}},
+		{[]string{"--state", "etcd://127.0.0.1:+2379/p", "ls"}, 2, []string{"want HOST:PORT"}},
 	} {
 		code, _, errs := depcache(t, root, tc.args...)
 		if code != tc.wcode {

@@ -33,6 +33,12 @@ worker's loop applies.`,
 			if err != nil {
 				return err
 			}
+			if dryRun && cfg.SetPolicy {
+				// The sweep would run under the stored policy, which a dry
+				// run does not replace: it would show what the old policy
+				// removes, under the new one's name.
+				return usageErrorf("--dry-run writes nothing, so --set-policy cannot go with it: to see what the settings would remove, give them without --set-policy (gc --dry-run --max-size ...)")
+			}
 			if err := existingRoot(g); err != nil {
 				return err
 			}

@@ -52,6 +52,11 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 			if ttl > 0 && !cmd.Flags().Changed("dependent") {
 				g.log.Warn("--ttl has no effect without --dependent: this get's own dependent ends when it exits")
 			}
+			if sha == "" && cmd.Flags().Changed("sha256") {
+				// An unset variable in a script ($SUM) would drop the
+				// check without a word.
+				return usageErrorf("--sha256 '': empty (want the 64 hex digits of the file's sha256; leave the flag out for no check)")
+			}
 			if sha != "" {
 				sha = manager.NormaliseDigest(sha)
 				if err := state.CheckSHA256(sha); err != nil {

@@ -192,8 +192,10 @@ func ParseURL(u string) (endpoints []string, prefix string, err error) {
 		}
 		n, err := strconv.Atoi(port)
 		switch {
-		case host == "" || err != nil:
+		case host == "" || err != nil || strings.Trim(port, "0123456789") != "":
 			return bad("endpoint %q: want HOST:PORT", h)
+		case strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r == 0x7f || r == '/' || r == '\\' }):
+			return bad("endpoint %q: host %q has a space or control character", h, host)
 		case n < 1 || n > 65535:
 			return bad("endpoint %q: port %d out of range (1 to 65535)", h, n)
 		}
@@ -221,6 +223,11 @@ func checkPrefix(p string) error {
 	for _, c := range strings.Split(p[1:], "/") {
 		if c == "" || c == "." || c == ".." {
 			return fmt.Errorf("prefix %q: empty, . or .. component", p)
+		}
+		if strings.TrimSpace(c) != c {
+			// Taken as written, "/x " is another prefix than the "/x"
+			// meant, and nothing would show the difference.
+			return fmt.Errorf("prefix %q: component %q begins or ends with a space", p, c)
 		}
 	}
 	if err := state.CheckText("prefix", p); err != nil {

@@ -144,7 +144,8 @@ func TestParseURL(t *testing.T) {
 	}
 	for _, in := range []string{"http://a:1/p", "etcd://a:1", "etcd://a:1/", "etcd:///p", "etcd://a/p", "etcd://a:0/p",
 		"etcd://a:1,/p", "etcd://a:1/p//q", "etcd://a:1/p/../q", "etcd://a:1/p\x00", "etcd://a:x/p",
-		"etcd://a:1/p?x=y", "etcd://a:1/p#frag", "etcd://u:pw@a:1/p", "etcd://a:99999/p"} {
+		"etcd://a:1/p?x=y", "etcd://a:1/p#frag", "etcd://u:pw@a:1/p", "etcd://a:99999/p",
+		"etcd://a b:1/p", "etcd://a:+1/p", "etcd://a:-1/p", "etcd://a\tb:1/p", "etcd://a:1/p ", "etcd://a:1/ p/q", "etcd://a:1/p /q"} {
 		if _, _, err := ParseURL(in); !errors.Is(err, ErrBadURL) {
 			t.Errorf("ParseURL(%q): %v, want ErrBadURL", in, err)
 		}
@@ -153,6 +154,9 @@ func TestParseURL(t *testing.T) {
 		"etcd://a:99999/p":  "port 99999 out of range",
 		"etcd://u:pw@a:1/p": "credentials do not go in the URL",
 		"etcd://a:1/p?x=y":  "query or fragment",
+		"etcd://a b:1/p":    "space or control character",
+		"etcd://a:+1/p":     "want HOST:PORT",
+		"etcd://a:1/p ":     "begins or ends with a space",
 	} {
 		if _, _, err := ParseURL(in); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParseURL(%q): %v, want it to say %q", in, err, want)

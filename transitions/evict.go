@@ -98,6 +98,11 @@ func Kept(pol state.Policy, e *state.Entry, w Watched, now time.Time) string {
 	case e.External:
 		return "not fetched by depcache"
 	case !aged(e.Created, time.Duration(pol.MinAge), w.Created, now):
+		if age := now.Sub(e.Created); age >= time.Duration(pol.MinAge) {
+			// Old enough by its stamp: what keeps it is the allowance for
+			// a writer's clock ahead of ours, which a listing should name.
+			return fmt.Sprintf("younger than min-age %s plus %s for clock skew (created %s ago by its writer's clock)", pol.MinAge, ClockSkewTolerance, age.Round(time.Second))
+		}
 		return fmt.Sprintf("younger than min-age %s", pol.MinAge)
 	}
 	return ""

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -269,8 +270,14 @@ func TestAgesOnTheSweepersClock(t *testing.T) {
 		if (len(got) == 1) != tc.evicted {
 			t.Errorf("%s: victims %v, want evicted %v", tc.name, victims(got), tc.evicted)
 		}
-		if why := Kept(p, e, Watched{Created: tc.watched}, t0); (why == "") != tc.evicted {
+		why := Kept(p, e, Watched{Created: tc.watched}, t0)
+		if (why == "") != tc.evicted {
 			t.Errorf("%s: Kept = %q", tc.name, why)
+		}
+		// Old enough by its stamp, kept by the skew allowance: the reason
+		// names the allowance, not min-age alone.
+		if skew := strings.Contains(why, "for clock skew"); why != "" && skew != (tc.created >= tc.minAge) {
+			t.Errorf("%s: Kept = %q, want the clock skew named: %v", tc.name, why, tc.created >= tc.minAge)
 		}
 	}
 

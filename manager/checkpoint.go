@@ -431,6 +431,10 @@ func (s *sink) start(rs RangeStart) error {
 		}
 	}
 	s.total, s.val = rs.Total, rs.Validator
+	if r := s.resume; r != nil {
+		// Before the report that the total brings: the prefix is in.
+		s.written.Store(r.c.Offset)
+	}
 	if s.total >= 0 {
 		s.onTotal(s.total)
 	}

@@ -87,11 +87,16 @@ func (c PolicyChange) apply(p state.Policy) state.Policy {
 
 // Differences lists, flag by flag, where the given settings differ from p.
 func (c PolicyChange) Differences(p state.Policy) []string {
+	return c.differences(p, "stored")
+}
+
+// differences is Differences, with p called what (stored, default).
+func (c PolicyChange) differences(p state.Policy, what string) []string {
 	var out []string
 	q := c.Apply(p)
 	add := func(name string, stored, given any) {
 		if fmt.Sprint(stored) != fmt.Sprint(given) {
-			out = append(out, fmt.Sprintf("%s: stored %v, given %v", name, stored, given))
+			out = append(out, fmt.Sprintf("%s: %s %v, given %v", name, what, stored, given))
 		}
 	}
 	add("max-size", p.MaxSizeBytes, q.MaxSizeBytes)
@@ -123,7 +128,11 @@ func (m *Manager) settlePolicy(st *state.State) (bool, error) {
 	if err := p.Validate(); err != nil {
 		return false, fmt.Errorf("%w: %w", ErrBadPolicy, err)
 	}
-	diffs := given.Differences(stored)
+	what := "stored"
+	if st.Policy == nil {
+		what = "default" // nothing stored: the loops use the defaults
+	}
+	diffs := given.differences(stored, what)
 	if m.cfg.SetPolicy {
 		if st.Policy != nil && len(diffs) == 0 {
 			return false, nil

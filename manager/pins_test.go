@@ -127,6 +127,19 @@ func TestPinsResolved(t *testing.T) {
 func TestPolicyMismatchReported(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
+	// Nothing stored yet: the loops use the defaults, and the differences
+	// say so (they said "stored 0").
+	size := int64(5 << 30)
+	fresh, err := manager.New(manager.Config{Root: t.TempDir(), Log: quietLog(), Cleanup: manager.PolicyChange{MaxSizeBytes: &size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Settle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fresh.PolicyMismatch(), []string{fmt.Sprintf("max-size: default %d, given %d", state.DefaultPolicy().MaxSizeBytes, size)}; !slices.Equal(got, want) {
+		t.Errorf("differences on a root with no stored policy: %q, want %q", got, want)
+	}
 	stored := int64(1 << 30)
 	set, err := manager.New(manager.Config{Root: root, Log: quietLog(), SetPolicy: true,
 		Cleanup: manager.PolicyChange{MaxSizeBytes: &stored}})

@@ -153,7 +153,18 @@ func (s *sizeValue) Set(v string) error {
 // notePolicyMismatch tells, in one line on stderr, which of the settings
 // given the root's stored policy overrides in the loops.
 func (g *globals) notePolicyMismatch(m *manager.Manager) {
-	if d := m.PolicyMismatch(); len(d) > 0 {
-		fmt.Fprintf(g.stderr, "depcache: the root's stored cleanup policy applies to the loops, not the flags given (%s); 'depcache policy set' changes it\n", strings.Join(d, "; "))
+	d := m.PolicyMismatch()
+	if len(d) == 0 {
+		return
 	}
+	msg := "the root's stored cleanup policy applies to the loops, not the flags given (" + strings.Join(d, "; ") + "); 'depcache policy set' changes it"
+	if strings.Contains(d[0], ": default ") {
+		msg = "the root stores no cleanup policy, so the loops use the defaults, not the flags given (" + strings.Join(d, "; ") + "); 'depcache policy set' stores one"
+	}
+	if g.json {
+		// stderr carries JSON records and the error object only.
+		g.log.WithField("differences", d).Warn(msg)
+		return
+	}
+	fmt.Fprintln(g.stderr, "depcache: "+msg)
 }

@@ -597,15 +597,25 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 	}
 	pol := policyOf(st)
 	now := m.cfg.Clock.Now()
-	room, fixed, ok := transitions.Room(pol, st.Entries, key, now)
+	// Judged as this manager's sweep, which follows the publish, judges
+	// ages: room that only entries it may not evict yet could make would
+	// leave the cache over its budget until they age (an entry past
+	// min-age by its stamp, within the clock skew tolerance of it).
+	watched := make(map[string]transitions.Watched, len(st.Entries))
+	m.mu.Lock()
+	for id, e := range st.Entries {
+		watched[id] = m.watchedLocked(id, e, now)
+	}
+	m.mu.Unlock()
+	room, fixed, ok := transitions.Room(pol, st.Entries, key, watched, now)
 	if ok && (b.limit <= 0 || room < b.limit) {
-		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted)",
+		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the budget of %d bytes can make room for %d (%d are held by entries that cannot be evicted now: in use, downloading, pinned, or younger than min-age as this process's sweep judges it)",
 			pol.MaxSizeBytes, room, fixed)}
 	}
 	// The free-disk floor bounds it too: with no budget set, it is the
 	// only bound a decompression bomb meets.
 	free, size := m.cfg.Disk.Space(m.cfg.Root)
-	room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now)
+	room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, watched, now)
 	if ok && (b.limit <= 0 || room < b.limit) {
 		b = bound{limit: max(room, 1), disk: true, why: fmt.Sprintf("the disk has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk)",
 			free, room, floor)}
@@ -626,7 +636,7 @@ func (m *Manager) checkFits(ctx context.Context, key state.Key, total int64) err
 		return err
 	}
 	free, size := m.cfg.Disk.Space(m.cfg.Root)
-	if room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, now); ok && total > room {
+	if room, floor, ok := transitions.RoomOnDisk(pol, st.Entries, key, transitions.Usage{DiskFree: free, DiskSize: size}, nil, now); ok && total > room {
 		return fmt.Errorf("%d bytes cannot fit on the disk: it has %d bytes free, evicting could make room for %d, and the policy keeps %d free (min-free-disk): %w",
 			total, free, room, floor, transitions.ErrTooLarge)
 	}

@@ -182,13 +182,18 @@ func minFree(pol state.Policy, u Usage) int64 {
 // Room returns how many bytes a download of self can take: the budget
 // less what the entries that no sweep may evict hold (fixed). ok is false
 // when the policy sets no budget.
-func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now time.Time) (room, fixed int64, ok bool) {
+//
+// Ages are judged as a sweeper that watched entries for watched would
+// judge them (a missing entry: watched for no time, so only its recorded
+// age past the clock skew tolerance counts), which is what the sweep that
+// follows a publish can evict; with watched nil, as recorded: whether a
+// sweep could ever make the room.
+func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, watched map[string]Watched, now time.Time) (room, fixed int64, ok bool) {
 	if pol.MaxSizeBytes <= 0 {
 		return 0, 0, false
 	}
 	for id, e := range entries {
-		// Could it ever make room: ages as recorded.
-		if id == self.ID() || Kept(pol, e, asRecorded(e, now), now) == "" {
+		if id == self.ID() || Kept(pol, e, judged(e, id, watched, now), now) == "" {
 			continue
 		}
 		fixed += held(e) // a download of unknown size holds what it wrote
@@ -196,18 +201,26 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, now
 	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
 }
 
+// judged is how Room and RoomOnDisk judge e's ages (see Room).
+func judged(e *state.Entry, id string, watched map[string]Watched, now time.Time) Watched {
+	if watched == nil {
+		return asRecorded(e, now)
+	}
+	return watched[id]
+}
+
 // RoomOnDisk returns how many bytes a download of self can take under the
 // policy's free-disk floor: what is free now, plus what evicting everything
 // evictable would free, less the floor. ok is false when the policy keeps
-// no floor or the disk's size is unknown.
-func RoomOnDisk(pol state.Policy, entries map[string]*state.Entry, self state.Key, u Usage, now time.Time) (room, floor int64, ok bool) {
+// no floor or the disk's size is unknown. watched is as for Room.
+func RoomOnDisk(pol state.Policy, entries map[string]*state.Entry, self state.Key, u Usage, watched map[string]Watched, now time.Time) (room, floor int64, ok bool) {
 	floor = minFree(pol, u)
 	if floor <= 0 || u.DiskSize <= 0 {
 		return 0, 0, false
 	}
 	var evictable int64
 	for id, e := range entries {
-		if id != self.ID() && Kept(pol, e, asRecorded(e, now), now) == "" {
+		if id != self.ID() && Kept(pol, e, judged(e, id, watched, now), now) == "" {
 			evictable += e.SizeBytes
 		}
 	}
@@ -217,7 +230,7 @@ func RoomOnDisk(pol state.Policy, entries map[string]*state.Entry, self state.Ke
 // Fits says whether a download of total bytes can fit in the budget after
 // evicting everything evictable; if not, the error says why.
 func Fits(pol state.Policy, entries map[string]*state.Entry, self state.Key, total int64, now time.Time) error {
-	room, fixed, ok := Room(pol, entries, self, now)
+	room, fixed, ok := Room(pol, entries, self, nil, now)
 	if !ok || total <= 0 || total <= room {
 		return nil
 	}

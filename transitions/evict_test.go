@@ -108,7 +108,7 @@ func TestFits(t *testing.T) {
 	// Another download of unknown size holds what it has written: two
 	// such downloads must not each get the whole budget.
 	other := cacheEntry(3, 0, 1, func(e *state.Entry) { e.Stage, e.Progress.Bytes = state.Downloading, 70<<20 })
-	if room, fixed, _ := Room(pol, entries(other), self, t0); fixed != 70<<20 || room != 30<<20 {
+	if room, fixed, _ := Room(pol, entries(other), self, nil, t0); fixed != 70<<20 || room != 30<<20 {
 		t.Errorf("beside a download of unknown size that wrote 70 MB: room %d, fixed %d", room, fixed)
 	}
 	// A FAILED entry that a dependent holds keeps what it announced in its
@@ -118,11 +118,39 @@ func TestFits(t *testing.T) {
 		e.Stage, e.Progress.Total, e.Progress.Bytes = state.Failed, 90<<20, 20<<20
 		e.Dependents = map[string]state.Dependent{"r": {}}
 	})
-	if room, fixed, _ := Room(pol, entries(failed), self, t0); fixed != 0 || room != 100<<20 {
+	if room, fixed, _ := Room(pol, entries(failed), self, nil, t0); fixed != 0 || room != 100<<20 {
 		t.Errorf("beside a held FAILED entry with no content: room %d, fixed %d, want the whole budget", room, fixed)
 	}
 	if n := Measure(entries(failed, held)); n != 60<<20 {
 		t.Errorf("Measure with a FAILED entry: %d, want 60 MB", n)
+	}
+	// Past min-age by its stamp, but within the clock skew tolerance of
+	// it: a sweep that has not watched it for min-age may not evict it, so
+	// the room judged as that sweep judges is without it; as recorded
+	// (could a sweep ever make the room), with it.
+	young := cacheEntry(5, 40, -1, func(e *state.Entry) { e.Created = t0.Add(-12 * time.Second) })
+	yp := pol
+	yp.MinAge = state.Duration(10 * time.Second)
+	for _, tc := range []struct {
+		name    string
+		watched map[string]Watched
+		room    int64
+	}{
+		{"as recorded", nil, 100 << 20},
+		{"watched for nothing", map[string]Watched{}, 60 << 20},
+		{"watched 5s", map[string]Watched{young.Key.ID(): {Created: 5 * time.Second, LastUsed: 5 * time.Second}}, 60 << 20},
+		{"watched for min-age", map[string]Watched{young.Key.ID(): {Created: 10 * time.Second, LastUsed: 10 * time.Second}}, 100 << 20},
+	} {
+		if room, _, _ := Room(yp, entries(young), self, tc.watched, t0); room != tc.room {
+			t.Errorf("beside an entry 12s old, min-age 10s, %s: room %d, want %d", tc.name, room, tc.room)
+		}
+		u := Usage{DiskFree: 10 << 20, DiskSize: 1 << 40}
+		dp := yp
+		dp.MinFreeDiskBytes = 5 << 20
+		want := int64(5<<20) + (tc.room-60<<20)
+		if room, _, _ := RoomOnDisk(dp, entries(young), self, u, tc.watched, t0); room != want {
+			t.Errorf("on disk, beside an entry 12s old, %s: room %d, want %d", tc.name, room, want)
+		}
 	}
 }
 
@@ -144,7 +172,7 @@ func TestRoomOnDisk(t *testing.T) {
 		{"the larger of both", state.Policy{MinFreeDiskBytes: 150 << 20, MinFreeDiskPercent: 10}, Usage{DiskFree: 200 << 20, DiskSize: 1000 << 20}, 80 << 20, 150 << 20, true},
 		{"below the floor already: no room", state.Policy{MinFreeDiskBytes: 500 << 20}, Usage{DiskFree: 100 << 20, DiskSize: 1 << 30}, 0, 500 << 20, true},
 	} {
-		room, floor, ok := RoomOnDisk(tc.pol, entries(held, free), self, tc.u, t0)
+		room, floor, ok := RoomOnDisk(tc.pol, entries(held, free), self, tc.u, nil, t0)
 		if room != tc.room || floor != tc.floor || ok != tc.ok {
 			t.Errorf("%s: room %d, floor %d, ok %v; want %d, %d, %v", tc.name, room, floor, ok, tc.room, tc.floor, tc.ok)
 		}

@@ -147,7 +147,7 @@ func TestFits(t *testing.T) {
 		u := Usage{DiskFree: 10 << 20, DiskSize: 1 << 40}
 		dp := yp
 		dp.MinFreeDiskBytes = 5 << 20
-		want := int64(5<<20) + (tc.room-60<<20)
+		want := int64(5<<20) + (tc.room - 60<<20)
 		if room, _, _ := RoomOnDisk(dp, entries(young), self, u, tc.watched, t0); room != want {
 			t.Errorf("on disk, beside an entry 12s old, %s: room %d, want %d", tc.name, room, want)
 		}

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -314,5 +315,65 @@ func TestRoomWithoutEntriesTheSweepKeeps(t *testing.T) {
 	}
 	if used := transitions.Measure(st.Entries); used > budget {
 		t.Errorf("%d bytes used, over the budget of %d", used, budget)
+	}
+}
+
+// TestConcurrentDownloadsOfUnknownSizeHeldToTheBudget: three archives
+// whose compressed bytes say nothing of their trees (1.9 MiB each, a few
+// KB on the wire), fetched at once by three managers under a 3 MiB budget.
+// Each started with the whole budget as its room; the room each report
+// and the end of each download recheck counts what the others have on
+// disk, so what is published stays within the budget (all three were:
+// 5.7 MiB under a budget of 3), and the others fail as too large.
+func TestConcurrentDownloadsOfUnknownSizeHeldToTheBudget(t *testing.T) {
+	const budget = 3 << 20
+	root := t.TempDir()
+	body := zerosTarGz(t, 19, 100<<10)
+	srv := newServer(t, body)
+	srv.set(func(w http.ResponseWriter, r *http.Request) bool {
+		// Paced, so that each download spans several progress reports.
+		for b := body; len(b) > 0; b = b[min(len(b), 64):] {
+			if _, err := w.Write(b[:min(len(b), 64)]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+			time.Sleep(10 * time.Millisecond)
+		}
+		return true
+	})
+	policy := func(c *manager.Config) {
+		c.SetPolicy = true
+		c.Cleanup = manager.PolicyChange{MaxSizeBytes: ptr[int64](budget), MinAge: ptr(time.Duration(0))}
+	}
+	keys := make([]state.Key, 3)
+	ms := make([]*manager.Manager, 3)
+	for i := range keys {
+		keys[i] = mustKey(t, fmt.Sprintf("%s/b%d.tar.gz", srv.URL, i), "")
+		ms[i] = newManager(t, root, policy)
+	}
+	type result struct {
+		e   state.Entry
+		err error
+	}
+	results := make([]result, 3)
+	var wg sync.WaitGroup
+	for i := range keys {
+		wg.Go(func() {
+			e, err := getWait(t, ms[i], "job", keys[i])
+			results[i] = result{e, err}
+		})
+	}
+	wg.Wait()
+	var published int64
+	for i, r := range results {
+		switch {
+		case r.err == nil && r.e.Stage == state.Ready:
+			published += r.e.SizeBytes
+		case !errors.Is(r.err, manager.ErrTooLarge):
+			t.Errorf("%s: %s, %v; want READY or FAILED as too large", keys[i].Source, r.e.Stage, r.err)
+		}
+	}
+	if published > budget {
+		t.Errorf("%d bytes published under a budget of %d", published, budget)
 	}
 }

@@ -378,8 +378,11 @@ type sink struct {
 	staging string
 	b       bound
 	written *atomic.Int64
-	onTotal func(int64)
-	log     logrus.FieldLogger
+	// onDisk and tree: the raw bytes this attempt keeps on disk, and the
+	// disk its unpacked tree takes (see the progress reports).
+	onDisk, tree *atomic.Int64
+	onTotal      func(int64)
+	log          logrus.FieldLogger
 	// noSpool keeps no copy of a tar to resume from: an earlier attempt
 	// found that its tree and the copy together pass the bound.
 	noSpool bool
@@ -497,6 +500,9 @@ func (s *sink) decide(head []byte, r *resumed) error {
 			return fmt.Errorf("the prefix is a %s in %s, not in %s: %w", format, r.c.Raw, s.rawName, errNoResume)
 		}
 		s.raw = r.raw
+		if s.onDisk != nil {
+			s.onDisk.Store(s.n) // the prefix, copied in
+		}
 		if s.rawName == rawSpoolName {
 			// The archive is unpacked again from its first byte: the
 			// tree an earlier attempt of this generation left half made
@@ -542,7 +548,7 @@ func (s *sink) decide(head []byte, r *resumed) error {
 			u.err = fmt.Errorf("unpacking: %w", err)
 		}
 		if u.err == nil {
-			u.n, u.hashes, u.err = unpack.ExtractHashed(s.ctx, tr, s.content(), unpack.Limits{MaxBytes: b.limit, Group: s.m.cfg.GroupShared})
+			u.n, u.hashes, u.err = unpack.ExtractHashed(s.ctx, tr, s.content(), unpack.Limits{MaxBytes: b.limit, Group: s.m.cfg.GroupShared, Used: s.tree})
 			if crowded && errors.Is(u.err, unpack.ErrTooLarge) {
 				u.err = fmt.Errorf("%w: %w", u.err, errSpoolCrowded)
 			}
@@ -618,6 +624,9 @@ func (s *sink) write(p []byte) error {
 	s.h.Write(p)
 	s.n += int64(len(p))
 	s.written.Store(s.n)
+	if s.raw != nil && s.onDisk != nil {
+		s.onDisk.Store(s.n)
+	}
 	if s.pw != nil {
 		if _, err := s.pw.Write(p); err != nil {
 			s.werr = err
@@ -743,7 +752,7 @@ func (s *sink) finish(ferr error) (int64, map[string]string, error) {
 	case unpack.Plain:
 		return s.n, map[string]string{".": hex.EncodeToString(s.h.Sum(nil))}, nil
 	case unpack.Zip:
-		n, hashes, err := s.m.extractZipSpool(s.ctx, filepath.Join(s.staging, spoolName), s.n, s.content(), s.b)
+		n, hashes, err := s.m.extractZipSpool(s.ctx, filepath.Join(s.staging, spoolName), s.n, s.content(), s.b, s.tree)
 		return n, hashes, err
 	}
 	if s.rawName != "" {

@@ -274,8 +274,11 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		return meta, err
 	}
 	content := filepath.Join(staging, contentName)
-	var written, total atomic.Int64
-	stopReports, reportNow := m.reportProgressNow(ctx, key, gen, &written, &total)
+	// onDisk: the raw bytes kept (the content itself for a plain file, a
+	// spool for an archive); tree: what the unpacked tree takes. Their sum
+	// is what the budget counts of this download in flight.
+	var written, total, onDisk, tree atomic.Int64
+	stopReports, reportNow := m.reportProgressNow(ctx, key, gen, &written, &total, func() int64 { return onDisk.Load() + tree.Load() })
 	defer stopReports()
 
 	// The bytes stream from the source through the hash straight into the
@@ -292,6 +295,7 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		fresh      int  // restarts from 0 after an answer that did not resume
 		noSpool    bool // keep no copy of an archive to resume from (errSpoolCrowded)
 		wholeAgain bool // fetched from 0 after a resumed download failed its digest
+		bnd        bound
 	)
 	for attempt := 0; ; attempt++ {
 		var r *resumed
@@ -305,7 +309,10 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		first = false
 		written.Store(0)
 		total.Store(0)
-		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: m.bound(ctx, key), written: &written, log: log, noSpool: noSpool,
+		onDisk.Store(0)
+		tree.Store(0)
+		bnd = m.bound(ctx, key)
+		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: bnd, written: &written, onDisk: &onDisk, tree: &tree, log: log, noSpool: noSpool,
 			h: sha256.New(), resume: r, onTotal: func(n int64) {
 				total.Store(n)
 				reportNow()
@@ -422,6 +429,29 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	if meta.ContentSHA256, err = contentDigest(content, hashes); err != nil {
 		return meta, err
 	}
+	// The whole size known, reported, and judged once more, against every
+	// other download in flight: a compressed archive under the sniffing
+	// head is unpacked at its end, in one go between two reports. Each of
+	// two downloads that finish together reports before it looks, so at
+	// least one sees the other's size: they cannot both publish past the
+	// budget (both may fail).
+	// Only for a download the budget bounded whose size nothing said up
+	// front (an archive's tree, a body without a length): one that
+	// announced its length held it from its first report. A report the
+	// store refuses is the publish's problem, which it meets and handles
+	// (the entry handed back); fenced, we are superseded.
+	if bnd.disk && bnd.limit > 0 && (format != unpack.Plain || total.Load() <= 0) {
+		switch err := m.update(ctx, key, func(e *state.Entry) (transitions.Result, error) {
+			return transitions.Report(e, m.self, gen, written.Load(), total.Load(), meta.SizeBytes)
+		}); {
+		case errors.Is(err, transitions.ErrFenced):
+			return meta, err
+		case err == nil:
+			if err := m.roomLeft(ctx, key, meta.SizeBytes, false); err != nil {
+				return meta, err
+			}
+		}
+	}
 	meta.Published = m.cfg.Clock.Now()
 	mb, _ := json.MarshalIndent(meta, "", "  ")
 	if err := m.perms.WriteFile(filepath.Join(staging, metaName), mb); err != nil {
@@ -488,14 +518,17 @@ func (m *Manager) publish(ctx context.Context, key state.Key, gen uint64, stagin
 // returned function is called. A report that finds us superseded or the
 // entry gone cancels the download.
 func (m *Manager) reportProgress(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64) func() {
-	stop, _ := m.reportProgressNow(ctx, key, gen, written, total)
+	stop, _ := m.reportProgressNow(ctx, key, gen, written, total, nil)
 	return stop
 }
 
 // reportProgressNow is reportProgress that also returns a function asking
 // for a report at once (without waiting for the tick): waiters learn the
-// expected size as soon as the source announces it.
-func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64) (stop, now func()) {
+// expected size as soon as the source announces it. disk, when set, says
+// what the download has on disk: each report records it, and then checks
+// it against the room the budget leaves it beside the other downloads in
+// flight (recheckRoom).
+func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64, disk func() int64) (stop, now func()) {
 	done := make(chan struct{})
 	stopped := make(chan struct{})
 	asked := make(chan chan struct{}) // a report now; closed when it is made
@@ -517,9 +550,16 @@ func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint
 			case <-t.C:
 			case ack = <-asked:
 			}
+			used := int64(-1)
+			if disk != nil {
+				used = disk()
+			}
 			err := m.update(context.WithoutCancel(ctx), key, func(e *state.Entry) (transitions.Result, error) {
-				return transitions.Report(e, m.self, gen, written.Load(), total.Load())
+				return transitions.Report(e, m.self, gen, written.Load(), total.Load(), used)
 			})
+			if err == nil && used > 0 {
+				m.recheckRoom(ctx, key, gen, used)
+			}
 			if errors.Is(err, transitions.ErrFenced) {
 				m.mu.Lock()
 				if d := m.downloads[key.ID()]; d != nil && d.gen == gen {
@@ -623,6 +663,53 @@ func (m *Manager) bound(ctx context.Context, key state.Key) bound {
 	return b
 }
 
+// recheckRoom fails our download of key at gen once what it has on disk
+// (used) passes the room the budget leaves it now. The bound a download
+// starts with counts what the others in flight had written then; those
+// whose size nothing announced (a compressed archive, a body without a
+// Content-Length) grow after it, and each would otherwise fill the room
+// they all were given. Of downloads in flight, those whose key ID sorts
+// after ours give way to ours (they are left out of its room), so that of
+// several that together pass the budget the first by ID goes on, and the
+// others fail as one that did not fit alone would (ErrTooLarge).
+func (m *Manager) recheckRoom(ctx context.Context, key state.Key, gen uint64, used int64) {
+	if err := m.roomLeft(ctx, key, used, true); err != nil {
+		m.cancelDownload(key, gen, err)
+	}
+}
+
+// roomLeft is recheckRoom's judgement: an ErrTooLarge when used passes the
+// room, nil when it fits or the state cannot be read (the next look, or
+// the publish, meets the same problem and says so). ranked leaves out the
+// downloads in flight whose key ID sorts after key's.
+func (m *Manager) roomLeft(ctx context.Context, key state.Key, used int64, ranked bool) error {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return nil
+	}
+	pol := policyOf(st)
+	if pol.MaxSizeBytes <= 0 {
+		return nil
+	}
+	id, now := key.ID(), m.cfg.Clock.Now()
+	before := make(map[string]*state.Entry, len(st.Entries))
+	watched := make(map[string]transitions.Watched, len(st.Entries))
+	m.mu.Lock()
+	for oid, e := range st.Entries {
+		if ranked && e.Stage == state.Downloading && oid > id {
+			continue
+		}
+		before[oid] = e
+		watched[oid] = m.watchedLocked(oid, e, now)
+	}
+	m.mu.Unlock()
+	if room, fixed, ok := transitions.Room(pol, before, key, watched, now); ok && used > room {
+		return fmt.Errorf("the content passed %d bytes: the budget of %d bytes can make room for %d beside the downloads in flight (%d are held by entries that cannot be evicted now): %w",
+			room, pol.MaxSizeBytes, room, fixed, ErrTooLarge)
+	}
+	return nil
+}
+
 // checkFits fails a download at once when its announced size cannot fit in
 // the budget, or above the free-disk floor, even after evicting everything
 // evictable.
@@ -674,7 +761,7 @@ const spoolName = "spool.zip"
 // unpacks, the staging directory holds both, so the spool counts against
 // the bound (as a tar archive's does): the tree may write the bound less
 // the spool's size.
-func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64, content string, b bound) (int64, map[string]string, error) {
+func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64, content string, b bound, tree *atomic.Int64) (int64, map[string]string, error) {
 	if b.limit > 0 && b.disk {
 		b = bound{limit: max(b.limit-size, 1), disk: true, why: fmt.Sprintf("%s, less the %d bytes of the zip archive it is unpacked from", b.why, size)}
 	}
@@ -687,7 +774,7 @@ func (m *Manager) extractZipSpool(ctx context.Context, spool string, size int64,
 	if err := m.perms.MkdirAll(content); err != nil {
 		return 0, nil, err
 	}
-	n, hashes, err := unpack.ExtractZip(ctx, f, size, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared})
+	n, hashes, err := unpack.ExtractZip(ctx, f, size, content, unpack.Limits{MaxBytes: b.limit, Group: m.cfg.GroupShared, Used: tree})
 	return n, hashes, unpackError(err, b)
 }
 

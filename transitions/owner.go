@@ -29,8 +29,12 @@ func ownerString(o *state.Owner) string {
 	return o.Process.String()
 }
 
-// Report records the owner's progress and bumps the heartbeat.
-func Report(e *state.Entry, self state.Owner, gen uint64, bytes, total int64) (Result, error) {
+// Report records the owner's progress and bumps the heartbeat. disk is what
+// the download has on disk so far (its tree and the raw bytes it keeps),
+// recorded as the entry's size, which is what the budget counts of a
+// download in flight: a compressed archive's bytes fetched say nothing of
+// the tree it unpacks to. A negative disk leaves the size as it is.
+func Report(e *state.Entry, self state.Owner, gen uint64, bytes, total, disk int64) (Result, error) {
 	if err := fence(e, self, gen); err != nil {
 		return Result{}, err
 	}
@@ -38,6 +42,9 @@ func Report(e *state.Entry, self state.Owner, gen uint64, bytes, total int64) (R
 	n.Progress.Bytes = bytes
 	n.Progress.Total = total
 	n.Progress.Heartbeat++
+	if disk >= 0 {
+		n.SizeBytes = disk
+	}
 	return Result{Entry: n, Changed: true}, nil
 }
 
@@ -85,6 +92,7 @@ func Fail(e *state.Entry, self state.Owner, gen uint64, reason string, now time.
 	n := clone(e)
 	n.Stage = state.Failed
 	n.Owner = nil
+	n.SizeBytes = 0 // what its reports counted on disk: its staging goes with it
 	n.Failures++
 	n.FailedAt = now
 	n.Message = reason
@@ -100,6 +108,7 @@ func Abandon(e *state.Entry, self state.Owner, gen uint64) (Result, error) {
 	}
 	n := clone(e)
 	n.Owner = nil
+	n.SizeBytes = 0 // the next owner counts its own
 	return Result{Entry: n, Changed: true}, nil
 }
 

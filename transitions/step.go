@@ -92,6 +92,7 @@ func claim(e *state.Entry, self state.Owner) Result {
 	n.Owner = &o
 	n.Generation++
 	n.Progress = state.Progress{}
+	n.SizeBytes = 0 // counted again by the new owner's reports
 	return Result{Entry: n, Changed: true, Actions: []Action{StartDownload{Generation: n.Generation}}}
 }
 

@@ -195,10 +195,23 @@ func TestOwnerEvents(t *testing.T) {
 		wstg  state.Stage
 		check func(t *testing.T, e *state.Entry)
 	}{
-		{name: "report bumps heartbeat", ev: func() (Result, error) { return Report(mine(), self, 3, 10, 100) },
+		{name: "report bumps heartbeat", ev: func() (Result, error) { return Report(mine(), self, 3, 10, 100, 250) },
 			wstg: state.Downloading, check: func(t *testing.T, e *state.Entry) {
 				if e.Progress != (state.Progress{Bytes: 10, Total: 100, Heartbeat: 1}) {
 					t.Errorf("progress = %+v", e.Progress)
+				}
+				if e.SizeBytes != 250 {
+					t.Errorf("size %d, want the 250 bytes on disk", e.SizeBytes)
+				}
+			}},
+		{name: "report without a disk figure keeps the size", ev: func() (Result, error) {
+			e := mine()
+			e.SizeBytes = 7
+			return Report(e, self, 3, 10, 100, -1)
+		},
+			wstg: state.Downloading, check: func(t *testing.T, e *state.Entry) {
+				if e.SizeBytes != 7 {
+					t.Errorf("size %d, want 7 kept", e.SizeBytes)
 				}
 			}},
 		{name: "publish: ready, owner cleared, size set", ev: func() (Result, error) { return Publish(mine(), self, 3, pub, t0) },
@@ -224,9 +237,9 @@ func TestOwnerEvents(t *testing.T) {
 		{name: "publish after the new owner published: fenced",
 			ev: func() (Result, error) { return Publish(entry(state.Ready), self, 3, pub, t0) }, werr: ErrFenced},
 		{name: "report after the entry was removed (released): fenced",
-			ev: func() (Result, error) { return Report(nil, self, 3, 1, 1) }, werr: ErrFenced},
+			ev: func() (Result, error) { return Report(nil, self, 3, 1, 1, 0) }, werr: ErrFenced},
 		{name: "same host and pid but another manager: fenced",
-			ev: func() (Result, error) { return Report(mine(), owner("h1", 10, "m-twin"), 3, 1, 1) }, werr: ErrFenced},
+			ev: func() (Result, error) { return Report(mine(), owner("h1", 10, "m-twin"), 3, 1, 1, 0) }, werr: ErrFenced},
 		{name: "fail on a failed entry: fenced",
 			ev: func() (Result, error) { return Fail(entry(state.Failed), self, 3, "x", t0) }, werr: ErrFenced},
 		{name: "refetch: an unowned download keeping its dependents and generation, content cleared",

@@ -41,6 +41,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -86,6 +87,9 @@ type Limits struct {
 	// Group gives the owner's permissions to the group as well (a root
 	// shared by a group), past the umask; others get none.
 	Group bool
+	// Used, when set, is kept at the disk the tree takes so far (what
+	// MaxBytes bounds), for a caller that reports it while it unpacks.
+	Used *atomic.Int64
 }
 
 // SniffHead is the number of leading bytes SniffBytes wants: enough
@@ -316,6 +320,9 @@ func newExtractor(root *os.Root, lim Limits) *extractor {
 // total passes the bound.
 func (x *extractor) charge(name string, n int64) error {
 	x.used += n
+	if x.lim.Used != nil {
+		x.lim.Used.Store(x.used)
+	}
 	if x.lim.MaxBytes > 0 && x.used > x.lim.MaxBytes {
 		return x.tooLarge(name, "")
 	}

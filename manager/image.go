@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/depcache/depcache/state"
 	"github.com/depcache/depcache/transitions"
@@ -61,7 +62,7 @@ func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log 
 	defer stop()
 	var err error
 	for attempt := 0; ; attempt++ {
-		err = eng.Pull(ctx, ref, func(d, t int64) { done.Store(d); total.Store(t) })
+		err = m.pullWatched(ctx, eng, ref, &done, &total)
 		if err == nil || ctx.Err() != nil || errors.Is(err, ErrPermanent) || attempt >= m.cfg.Retries {
 			break
 		}
@@ -84,6 +85,51 @@ func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log 
 		return transitions.Published{}, fmt.Errorf("the engine reported %s pulled, but does not have it", ref)
 	}
 	return published(info, done.Load(), false), nil
+}
+
+// pullWatched is one Pull of ref, failed (transiently) when its bytes do
+// not move for the stall limit bundles have (the download timeout, at most
+// a minute): the owner's progress reports beat whether or not bytes move,
+// so a registry that stalls would hold every waiter for ever.
+func (m *Manager) pullWatched(ctx context.Context, eng Engine, ref string, done, total *atomic.Int64) error {
+	idle := min(m.cfg.Policy.DownloadTimeout, time.Minute)
+	if idle <= 0 {
+		idle = time.Minute
+	}
+	pctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stalled := fmt.Errorf("pulling %s: no bytes moved for %s", ref, idle)
+	timer := time.AfterFunc(idle, func() { cancel(stalled) })
+	defer timer.Stop()
+	err := eng.Pull(pctx, ref, func(d, t int64) {
+		if d != done.Load() || t != total.Load() {
+			timer.Reset(idle)
+		}
+		done.Store(d)
+		total.Store(t)
+	})
+	if err != nil && ctx.Err() == nil && errors.Is(context.Cause(pctx), stalled) {
+		return stalled
+	}
+	return err
+}
+
+// engineTimeout bounds each short call to the Docker engine (its ID, an
+// inspect, the containers, a removal): a wedged engine must not hold a
+// command for ever, nor one about bundles at all.
+const engineTimeout = 10 * time.Second
+
+func engineContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, engineTimeout)
+}
+
+// engineErr names a call that ran out of engineTimeout (ectx's deadline,
+// not the caller's ctx).
+func engineErr(ctx, ectx context.Context, err error) error {
+	if err != nil && ctx.Err() == nil && errors.Is(ectx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("the Docker engine did not answer within %s: %w", engineTimeout, err)
+	}
+	return err
 }
 
 func published(info ImageInfo, fetched int64, external bool) transitions.Published {
@@ -124,7 +170,11 @@ func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]s
 		}
 		if used == nil {
 			var err error
-			if used, err = m.cfg.Docker.ImagesInUse(ctx); err != nil {
+			ectx, cancel := engineContext(ctx)
+			used, err = m.cfg.Docker.ImagesInUse(ectx)
+			err = engineErr(ctx, ectx, err)
+			cancel()
+			if err != nil {
 				if ctx.Err() == nil { // a sweep cut short by its caller's end is no problem
 					m.log.WithError(err).Warn("cannot list containers: no image is evicted in this sweep")
 				}
@@ -159,7 +209,10 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
 			continue
 		}
 		if err == nil {
-			if err = m.cfg.Docker.Remove(ctx, e.ImageID); err == nil {
+			ectx, cancel := engineContext(ctx)
+			err = engineErr(ctx, ectx, m.cfg.Docker.Remove(ectx, e.ImageID))
+			cancel()
+			if err == nil {
 				m.refetchRemoved(ctx, e)
 				continue
 			}

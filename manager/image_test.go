@@ -44,6 +44,11 @@ type fakeEngine struct {
 	// mutex); an error refuses it.
 	onRemove func(id string) error
 	inUseErr error
+	// stalls: the next pulls that send nothing until they are cancelled,
+	// as a registry that stalls does; hung: the daemon accepts and never
+	// answers (DaemonID blocks until cancelled).
+	stalls int
+	hung   bool
 }
 
 func newFakeEngine() *fakeEngine {
@@ -73,7 +78,16 @@ func (f *fakeEngine) add(ref string, size int64) manager.ImageInfo {
 	return info
 }
 
-func (f *fakeEngine) DaemonID(context.Context) (string, error) { return f.id, nil }
+func (f *fakeEngine) DaemonID(ctx context.Context) (string, error) {
+	f.mu.Lock()
+	hung := f.hung
+	f.mu.Unlock()
+	if hung {
+		<-ctx.Done()
+		return "", ctx.Err()
+	}
+	return f.id, nil
+}
 
 func (f *fakeEngine) Inspect(_ context.Context, ref string) (manager.ImageInfo, bool, error) {
 	f.mu.Lock()
@@ -86,14 +100,23 @@ func (f *fakeEngine) Inspect(_ context.Context, ref string) (manager.ImageInfo, 
 	return info, ok, nil
 }
 
-func (f *fakeEngine) Pull(_ context.Context, ref string, progress func(done, total int64)) error {
+func (f *fakeEngine) Pull(ctx context.Context, ref string, progress func(done, total int64)) error {
 	f.mu.Lock()
 	f.pulls = append(f.pulls, ref)
 	var err error
 	if len(f.pullErrs) > 0 {
 		err, f.pullErrs = f.pullErrs[0], f.pullErrs[1:]
 	}
+	stall := f.stalls > 0
+	if stall {
+		f.stalls--
+	}
 	f.mu.Unlock()
+	if stall {
+		progress(0, 100)
+		<-ctx.Done()
+		return ctx.Err()
+	}
 	if err != nil {
 		return err
 	}
@@ -595,5 +618,38 @@ func TestImageBuilt(t *testing.T) {
 	}
 	if _, builds, _ := eng.counts(); builds != 1 || again.ImageID != e.ImageID {
 		t.Errorf("%d builds, image %s then %s: want the labelled image found, not built again", builds, e.ImageID, again.ImageID)
+	}
+}
+
+// TestStalledPullIsRetried: a pull whose bytes do not move for the stall
+// limit (the download timeout here) fails and is retried; it blocked the
+// owner, and every waiter behind it, for ever (its heartbeat kept beating).
+func TestStalledPullIsRetried(t *testing.T) {
+	eng := newFakeEngine()
+	eng.stalls = 1
+	m := imageManager(t, t.TempDir(), eng, func(c *manager.Config) { c.Policy.DownloadTimeout = 300 * time.Millisecond })
+	e, err := getImage(t, m, "job", "docker://registry.example/app:1")
+	if err != nil || e.Stage != state.Ready {
+		t.Fatalf("after a stalled pull: %s, %v; want READY", e.Stage, err)
+	}
+	if pulls, _, _ := eng.counts(); pulls != 2 {
+		t.Errorf("%d pulls, want 2 (the stalled one, then its retry)", pulls)
+	}
+}
+
+// TestHungEngineDoesNotHoldBundles: an engine that accepts and never
+// answers does not hold up a manager of a root without images, nor its
+// bundles (the start asked it for its ID, without a bound).
+func TestHungEngineDoesNotHoldBundles(t *testing.T) {
+	eng := newFakeEngine()
+	eng.hung = true
+	root := t.TempDir()
+	src := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(src, []byte("a bundle"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m := imageManager(t, root, eng)
+	if e, err := getWait(t, m, "job", mustKey(t, "file://"+src, "")); err != nil || e.Stage != state.Ready {
+		t.Fatalf("a bundle beside a hung engine: %s, %v", e.Stage, err)
 	}
 }

@@ -538,7 +538,10 @@ func (m *Manager) Get(ctx context.Context, dependent string, key state.Key, opts
 		// The daemon is not ours alone: an image removed by hand (docker
 		// rmi) or by an eviction that raced this Get is fetched again
 		// rather than handed out.
-		if _, ok, ierr := m.cfg.Docker.Inspect(ctx, snap.ImageID); ierr == nil && !ok {
+		ectx, cancel := engineContext(ctx)
+		_, ok, ierr := m.cfg.Docker.Inspect(ectx, snap.ImageID)
+		cancel()
+		if ierr == nil && !ok {
 			if snap, err = m.refetchImage(ctx, snap); err != nil {
 				// The caller is told; a pass must not report it lost too.
 				m.mu.Lock()
@@ -753,9 +756,11 @@ func (m *Manager) daemon(ctx context.Context) (string, error) {
 	if id != "" {
 		return id, nil
 	}
-	id, err := m.cfg.Docker.DaemonID(ctx)
+	ectx, cancel := engineContext(ctx)
+	defer cancel()
+	id, err := m.cfg.Docker.DaemonID(ectx)
 	if err != nil {
-		return "", err
+		return "", engineErr(ctx, ectx, err)
 	}
 	m.mu.Lock()
 	m.daemonID = id

@@ -51,11 +51,6 @@ func (m *Manager) reconcileRoot(ctx context.Context) error {
 	if err := checkLayout(root); err != nil {
 		return err
 	}
-	if m.cfg.Docker != nil {
-		if _, err := m.daemon(ctx); err != nil {
-			m.log.WithError(err).Warn("Docker engine unavailable: image entries are not driven")
-		}
-	}
 	// A root with published content but no state lost its state (deleted,
 	// or restored without it): reconciling would move every entry aside as
 	// an orphan. Refuse; doctor --rebuild recovers it.
@@ -75,6 +70,13 @@ func (m *Manager) reconcileRoot(ctx context.Context) error {
 	snap, err := m.store.View(ctx)
 	if err != nil {
 		return err
+	}
+	if m.cfg.Docker != nil && hasImages(snap) {
+		// Only for a root with images: a wedged engine must not hold up
+		// a command about bundles (each engine call is bounded too).
+		if _, err := m.daemon(ctx); err != nil {
+			m.log.WithError(err).Warn("Docker engine unavailable: image entries are not driven")
+		}
 	}
 	missing := map[string]string{} // key ID -> the path found missing
 	for id, e := range snap.Entries {

@@ -320,7 +320,9 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		for id, e := range st.Entries {
 			r, dead := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
 			if len(dead) > 0 {
-				rep.Reaped[e.Key.Source] = dead
+				// Two entries may share a source (with and without
+				// --sha256, or #no-unpack): each adds its own.
+				rep.Reaped[e.Key.Source] = append(rep.Reaped[e.Key.Source], dead...)
 				st.Entries[id] = r.Entry
 				changed = true
 			}

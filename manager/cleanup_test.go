@@ -2,6 +2,8 @@ package manager_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -537,4 +540,40 @@ func getHello(t *testing.T, m *manager.Manager) (state.Key, state.Entry, string)
 		t.Fatal(err)
 	}
 	return k, ready, content
+}
+
+// TestReapedOfEntriesSharingASource: two entries of one source (with and
+// without --sha256) each have a dependent reaped in one sweep; the report,
+// keyed by source, lists both (the second overwrote the first).
+func TestReapedOfEntriesSharingASource(t *testing.T) {
+	root := t.TempDir()
+	src := filepath.Join(t.TempDir(), "blob")
+	body := []byte("shared source")
+	if err := os.WriteFile(src, body, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(body)
+	plain, pinned := mustKey(t, "file://"+src, ""), mustKey(t, "file://"+src, hex.EncodeToString(sum[:]))
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	m := newManager(t, root, func(c *manager.Config) { c.Clock = &fakeClock{now: t0} })
+	ctx := context.Background()
+	for name, k := range map[string]state.Key{"a": plain, "b": pinned} {
+		if _, err := m.Get(ctx, name, k, manager.WithTTL(time.Hour), manager.Detached()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.Wait(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	later, err := manager.New(manager.Config{Root: root, Log: quietLog(), Clock: &fakeClock{now: t0.Add(2 * time.Hour)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := later.Sweep(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := slices.Sorted(slices.Values(rep.Reaped[plain.Source])); !slices.Equal(got, []string{"a", "b"}) {
+		t.Errorf("reaped from %s: %v, want [a b]", plain.Source, rep.Reaped)
+	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 
 	"github.com/depcache/depcache/manager"
@@ -32,12 +33,6 @@ worker's loop applies.`,
 			cfg, err := g.config(&lf, &pf)
 			if err != nil {
 				return err
-			}
-			if dryRun && cfg.SetPolicy {
-				// The sweep would run under the stored policy, which a dry
-				// run does not replace: it would show what the old policy
-				// removes, under the new one's name.
-				return usageErrorf("--dry-run writes nothing, so --set-policy cannot go with it: to see what the settings would remove, give them without --set-policy (gc --dry-run --max-size ...)")
 			}
 			if err := existingRoot(g); err != nil {
 				return err
@@ -86,7 +81,7 @@ worker's loop applies.`,
 			}
 			sort.Strings(srcs)
 			for _, s := range srcs {
-				fmt.Fprintf(g.stdout, "%s %v from %s\n", reaped, rep.Reaped[s], s)
+				fmt.Fprintf(g.stdout, "%s %v from %s\n", reaped, slices.Sorted(slices.Values(rep.Reaped[s])), s)
 			}
 			for _, v := range rep.Victims {
 				fmt.Fprintf(g.stdout, "%s %s (%s, %s)\n", verb, v.Key.Source, humanize.IBytes(uint64(v.Bytes)), v.Reason)

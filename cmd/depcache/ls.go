@@ -372,6 +372,9 @@ func newSelector(args, filters []string, now time.Time) (selector, error) {
 			}
 			s.all = append(s.all, func(r row) bool { return live(r) == want })
 		case "dependent":
+			if v == "" {
+				return s, usageErrorf("--filter dependent=: empty (want the NAME given to get --dependent)")
+			}
 			s.all = append(s.all, func(r row) bool { _, ok := r.e.Dependents[v]; return ok })
 		default:
 			return s, usageErrorf("--filter %q: unknown filter %q (want stage, kind, unused, in-use or dependent)", f, name)

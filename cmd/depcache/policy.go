@@ -139,6 +139,10 @@ func (s *sizeValue) Set(v string) error {
 	if strings.HasPrefix(strings.TrimSpace(v), "-") {
 		return fmt.Errorf("%q: a size must not be negative", v)
 	}
+	if num := strings.TrimSuffix(strings.TrimSpace(strings.ToLower(v)), "b"); strings.Contains(num, ".") && strings.Trim(num, "0123456789. ") == "" {
+		// A fraction of a byte: 0.5 read as 0, which is no budget at all.
+		return fmt.Errorf("%q: want a whole number of bytes, or a unit (1.5GiB, 500MB)", v)
+	}
 	n, err := humanize.ParseBytes(v)
 	if err != nil {
 		return fmt.Errorf("%q: want a size such as 10GiB, 500MB or 1048576", v)

@@ -415,7 +415,16 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	m.tidy(ctx)
 	m.removeDeadStaging(ctx)
 	if len(images) > 0 {
-		m.removeImages(ctx, images)
+		// An image the engine refused to remove has its entry back: not
+		// evicted, and not freed.
+		kept := m.removeImages(ctx, images)
+		rep.Victims = slices.DeleteFunc(rep.Victims, func(v transitions.Victim) bool {
+			if _, ok := kept[v.Key.ID()]; ok {
+				rep.Freed -= v.Bytes
+				return true
+			}
+			return false
+		})
 	}
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")

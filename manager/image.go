@@ -194,14 +194,17 @@ func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]s
 }
 
 // removeImages removes evicted images from the engine, outside the lock.
-// An image the engine refuses to remove (a container appeared) gets its
-// entry back, to be retried at a later sweep; nothing is forced.
+// An image the engine refuses to remove (a container appeared, another tag
+// of the user's names it) gets its entry back, to be retried at a later
+// sweep; nothing is forced. It returns those, by key ID, with the engine's
+// refusal, so that a report does not count them as removed.
 //
 // The image stays when another entry of the daemon names it: a tag and a
 // digest of one image, or a Get of the same reference since the eviction's
 // commit that found the image still there. A Get that does so between that
 // look and the removal gets its entry fetched again.
-func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
+func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kept map[string]error) {
+	kept = map[string]error{}
 	for _, e := range victims {
 		st, err := m.store.View(ctx)
 		if err == nil && namesImage(st, e) {
@@ -218,6 +221,7 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
 			}
 		}
 		m.log.WithError(err).WithField("image_id", e.ImageID).Warn("image not removed; its entry is kept for a later sweep")
+		kept[e.Key.ID()] = err
 		restore := *e
 		m.store.Update(ctx, func(st *state.State) (bool, error) {
 			if st.Get(restore.Key) != nil {
@@ -227,6 +231,7 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) {
 			return true, nil
 		})
 	}
+	return kept
 }
 
 // namesImage reports whether an entry of st names gone's image in gone's

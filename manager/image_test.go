@@ -342,7 +342,9 @@ func TestImageNeverRemovedWhileUsedOrNotOurs(t *testing.T) {
 
 // TestImageRemovalRefusedKeepsTheEntry: an image whose removal the engine
 // refuses (a container started between the sweep's look and the removal)
-// gets its entry back, and a later sweep removes it once it is free.
+// gets its entry back, is not reported evicted, and a later sweep removes
+// it once it is free. An rm the engine refuses so says so (ErrInUse), and
+// reports nothing removed.
 func TestImageRemovalRefusedKeepsTheEntry(t *testing.T) {
 	root := t.TempDir()
 	eng := newFakeEngine()
@@ -361,8 +363,10 @@ func TestImageRemovalRefusedKeepsTheEntry(t *testing.T) {
 		eng.inUse[id] = true // the container appears now
 		return nil
 	})
-	if rep, err := m.SweepWith(ctx, false, sweepAll); err != nil || len(rep.Victims) != 1 {
-		t.Fatalf("sweep: %+v, %v", rep.Victims, err)
+	// Not evicted after all: the report does not say so (it listed the
+	// victim and its bytes as freed).
+	if rep, err := m.SweepWith(ctx, false, sweepAll); err != nil || len(rep.Victims) != 0 || rep.Freed != 0 {
+		t.Fatalf("sweep: %+v, freed %d, %v; want no victim", rep.Victims, rep.Freed, err)
 	}
 	st, err := m.Entries(ctx)
 	if err != nil {
@@ -377,6 +381,21 @@ func TestImageRemovalRefusedKeepsTheEntry(t *testing.T) {
 	eng.mu.Unlock()
 	if rep, err := m.SweepWith(ctx, false, sweepAll); err != nil || len(rep.Victims) != 1 {
 		t.Fatalf("later sweep: %+v, %v", rep.Victims, err)
+	}
+	e, err = getImage(t, m, "run", "docker://registry.test/racy:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Release(ctx, "run", e.Key); err != nil {
+		t.Fatal(err)
+	}
+	eng.setOnRemove(func(string) error { return fmt.Errorf("conflict: image is referenced in multiple repositories: %w", manager.ErrImageInUse) })
+	rep, err := m.Remove(ctx, []state.Key{e.Key}, false)
+	if !errors.Is(err, manager.ErrInUse) || len(rep.Removed) != 0 || rep.Freed != 0 {
+		t.Errorf("rm refused by the engine: %+v, %v; want ErrInUse and nothing removed", rep, err)
+	}
+	if st, err := m.Entries(ctx); err != nil || st.Get(e.Key) == nil {
+		t.Errorf("the entry rm could not remove is gone (%v)", err)
 	}
 	if _, _, removed := eng.counts(); !slices.Equal(removed, []string{e.ImageID}) {
 		t.Errorf("removed %v", removed)

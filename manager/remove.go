@@ -67,7 +67,10 @@ type RemoveReport struct {
 // between leaves content that no entry names, which reconcile moves aside.
 // An image is removed from this host's daemon (never one the daemon had
 // before depcache pulled it, nor one a container uses or another entry
-// names). A dry run changes nothing.
+// names). An image the engine refuses to remove after the commit (another
+// tag of the user's names it) has its entry put back: it is left out of
+// the report, and the error names it (an *InUseError), beside the others,
+// which are removed. A dry run changes nothing.
 func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (RemoveReport, error) {
 	rep := RemoveReport{DryRun: dryRun}
 	if err := checkLayout(m.Root()); err != nil {
@@ -178,11 +181,23 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 	if len(dirs) > 0 {
 		m.keepReserve(ctx)
 	}
+	var refused []error
 	if len(images) > 0 {
-		m.removeImages(ctx, images)
+		// An image the engine refused to remove has its entry back: it was
+		// not removed, and the all-or-nothing of the others is past.
+		kept := m.removeImages(ctx, images)
+		rep.Removed = slices.DeleteFunc(rep.Removed, func(r Removed) bool {
+			if err, ok := kept[r.Key.ID()]; ok {
+				rep.Freed -= r.Bytes
+				refused = append(refused, &InUseError{Key: r.Key, Stage: r.Stage,
+					Reason: fmt.Sprintf("the Docker engine refused to remove its image (%v): the entry is kept", err)})
+				return true
+			}
+			return false
+		})
 	}
 	for _, r := range rep.Removed {
 		m.log.WithFields(logrus.Fields{"source": r.Key.Source, "bytes": r.Bytes}).Info("removed an entry on request")
 	}
-	return rep, nil
+	return rep, errors.Join(refused...)
 }

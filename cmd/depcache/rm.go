@@ -96,10 +96,12 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 					return nil
 				}
 			}
+			var kept error // images the engine refused after the commit: their entries stay
 			if !dryRun {
-				if rep, err = m.Remove(ctx, keys, false); err != nil {
+				if rep, err = m.Remove(ctx, keys, false); err != nil && len(rep.Removed) == 0 {
 					return fmt.Errorf("nothing removed: %w", err)
 				}
+				kept = err
 			}
 			if g.json {
 				out := rmJSON{DryRun: dryRun, Removed: []removedJSON{}, FreedBytes: rep.Freed}
@@ -107,7 +109,10 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 					out.Removed = append(out.Removed, removedJSON{Key: r.Key.ID(), Kind: string(r.Key.Kind), Source: r.Key.Source,
 						Stage: string(r.Stage), SizeBytes: r.Bytes})
 				}
-				return printJSON(g.stdout, out)
+				if err := printJSON(g.stdout, out); err != nil {
+					return err
+				}
+				return kept
 			}
 			verb, freed := "removed", "freed"
 			if dryRun {
@@ -117,7 +122,7 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 				fmt.Fprintf(g.stdout, "%s %s (%s, %s, %s)\n", verb, r.Key.Source, shortID(r.Key.ID()), r.Stage, humanize.IBytes(uint64(r.Bytes)))
 			}
 			fmt.Fprintf(g.stdout, "%s %d, %s %s\n", verb, len(rep.Removed), freed, humanize.IBytes(uint64(rep.Freed)))
-			return nil
+			return kept
 		},
 	}
 	f := cmd.Flags()

@@ -389,7 +389,9 @@ func TestImageRemovalRefusedKeepsTheEntry(t *testing.T) {
 	if err := m.Release(ctx, "run", e.Key); err != nil {
 		t.Fatal(err)
 	}
-	eng.setOnRemove(func(string) error { return fmt.Errorf("conflict: image is referenced in multiple repositories: %w", manager.ErrImageInUse) })
+	eng.setOnRemove(func(string) error {
+		return fmt.Errorf("conflict: image is referenced in multiple repositories: %w", manager.ErrImageInUse)
+	})
 	rep, err := m.Remove(ctx, []state.Key{e.Key}, false)
 	if !errors.Is(err, manager.ErrInUse) || len(rep.Removed) != 0 || rep.Freed != 0 {
 		t.Errorf("rm refused by the engine: %+v, %v; want ErrInUse and nothing removed", rep, err)

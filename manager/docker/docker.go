@@ -92,7 +92,13 @@ func (d *dockerEngine) Pull(ctx context.Context, ref string, progress func(done,
 			return fmt.Errorf("docker: pulling %s: reading the engine's stream: %w", ref, err)
 		}
 		if msg.Error != nil {
-			return fmt.Errorf("docker: pulling %s: %s: %w", ref, msg.Error.Message, manager.ErrPermanent)
+			// The stream's errors are the registry's, after the pull began:
+			// a blob's 500 or a reset is worth a retry, a missing manifest
+			// or a refused login is not.
+			if permanentText(msg.Error.Message) {
+				return fmt.Errorf("docker: pulling %s: %s: %w", ref, msg.Error.Message, manager.ErrPermanent)
+			}
+			return fmt.Errorf("docker: pulling %s: %s", ref, msg.Error.Message)
 		}
 		if msg.Progress != nil && msg.ID != "" && strings.HasPrefix(msg.Status, "Downloading") {
 			layers[msg.ID] = layer{msg.Progress.Current, msg.Progress.Total}
@@ -111,12 +117,30 @@ func (d *dockerEngine) Pull(ctx context.Context, ref string, progress func(done,
 	}
 }
 
-// pullErr marks errors a retry will not fix.
+// pullErr marks errors a retry will not fix. Engines before 23.0 answer
+// a refused login with an error of no class ("no basic auth credentials"),
+// so the text is read too.
 func pullErr(err error) error {
-	if cerrdefs.IsNotFound(err) || cerrdefs.IsUnauthorized(err) || cerrdefs.IsPermissionDenied(err) || cerrdefs.IsInvalidArgument(err) {
+	if cerrdefs.IsNotFound(err) || cerrdefs.IsUnauthorized(err) || cerrdefs.IsPermissionDenied(err) || cerrdefs.IsInvalidArgument(err) || permanentText(err.Error()) {
 		return fmt.Errorf("%w: %w", err, manager.ErrPermanent)
 	}
 	return err
+}
+
+// permanentPull are what an engine or a registry says, in some words, of a
+// pull that no retry changes: the image is not there, or we may not have it.
+var permanentPull = []string{"not found", "manifest unknown", "name unknown", "does not exist", "unauthorized",
+	"authentication required", "no basic auth credentials", "denied", "invalid reference format"}
+
+// permanentText reports whether msg says one of permanentPull.
+func permanentText(msg string) bool {
+	m := strings.ToLower(msg)
+	for _, s := range permanentPull {
+		if strings.Contains(m, s) {
+			return true
+		}
+	}
+	return false
 }
 
 func (d *dockerEngine) RegistrySize(ctx context.Context, ref string) (int64, bool, error) {

@@ -476,3 +476,45 @@ func TestCommitStalledPastLease(t *testing.T) {
 		})
 	}
 }
+
+// TestLockLostByAHoldThatWroteNothing: a hold that stalled past the lease
+// (SIGSTOP, a paused VM) while another host broke its lock and committed,
+// and that then changes nothing, returns what it read without an error:
+// it wrote nothing, and its read was of a committed state (a gc with
+// nothing to evict exited 1, "lock lost"). One that changes something is
+// still fenced (TestCommitStalledPastLease).
+func TestLockLostByAHoldThatWroteNothing(t *testing.T) {
+	dir := t.TempDir()
+	const lease = 300 * time.Millisecond
+	host := func(name string) *state.Store {
+		procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
+		s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a, b := host("a"), host("b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := a.Update(ctx, put(0, 1)); err != nil {
+		t.Fatal(err)
+	}
+	var errB error
+	err := a.Update(ctx, func(st *state.State) (bool, error) {
+		// a stalls here, holding the lock; b waits out its lease, breaks
+		// it and commits.
+		errB = b.Update(ctx, put(1, 1))
+		return false, nil
+	})
+	if errB != nil {
+		t.Fatalf("host b: %v", errB)
+	}
+	if err != nil {
+		t.Fatalf("a hold that wrote nothing, its lock broken meanwhile: %v, want nil", err)
+	}
+	st, err := a.View(ctx)
+	if err != nil || st.Get(bundleKey(1)) == nil {
+		t.Fatalf("b's commit: %v", err)
+	}
+}

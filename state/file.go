@@ -204,7 +204,11 @@ func (s *Store) View(ctx context.Context) (*State, error) {
 		}
 		sn, err = s.readKeeping(false, false, nil)
 		if uerr := unlock(); uerr != nil && err == nil {
-			err = uerr
+			if errors.Is(uerr, ErrLockLost) {
+				s.lostUnwritten(uerr)
+			} else {
+				err = uerr
+			}
 		}
 	}
 	if err != nil {
@@ -247,11 +251,14 @@ func (s *Store) transact(ctx context.Context, hooks txHooks, need func() (ids []
 	committed := false
 	defer func() {
 		if uerr := unlock(); uerr != nil {
-			if committed {
+			switch {
+			case committed:
 				// After the commit point only log: the new state is in
 				// place, and callers undo their work on an error.
 				s.lock.opts.Log.WithError(uerr).WithField("state", s.path).Warn("releasing the state lock after a commit")
-			} else if err == nil {
+			case err == nil && errors.Is(uerr, ErrLockLost):
+				s.lostUnwritten(uerr)
+			case err == nil:
 				err = uerr
 			}
 		}
@@ -282,6 +289,14 @@ func (s *Store) transact(ctx context.Context, hooks txHooks, need func() (ids []
 		s.collectLitter()
 	}
 	return err
+}
+
+// lostUnwritten logs a lock lost by a hold that wrote nothing: this
+// process stalled past the lease (SIGSTOP, a paused VM) and another broke
+// the lock. What the hold read was a committed state, so its outcome
+// stands; an error would fail a get or a gc that did nothing wrong.
+func (s *Store) lostUnwritten(err error) {
+	s.lock.opts.Log.WithError(err).WithField("state", s.path).Warn("the state lock was broken while this process held it (it stalled past the lease); it wrote nothing")
 }
 
 // shardCache is one shard as a store last read or wrote it.

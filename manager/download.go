@@ -278,7 +278,9 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	// spool for an archive); tree: what the unpacked tree takes. Their sum
 	// is what the budget counts of this download in flight.
 	var written, total, onDisk, tree atomic.Int64
-	stopReports, reportNow := m.reportProgressNow(ctx, key, gen, &written, &total, func() int64 { return onDisk.Load() + tree.Load() })
+	var budget atomic.Int64 // the attempt's bound when the budget set it, else 0
+	stopReports, reportNow := m.reportProgressNow(ctx, key, gen, &written, &total, &diskWatch{
+		used: func() int64 { return onDisk.Load() + tree.Load() }, budget: &budget})
 	defer stopReports()
 
 	// The bytes stream from the source through the hash straight into the
@@ -312,6 +314,11 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 		onDisk.Store(0)
 		tree.Store(0)
 		bnd = m.bound(ctx, key)
+		if bnd.disk {
+			budget.Store(bnd.limit)
+		} else {
+			budget.Store(0)
+		}
 		s := &sink{m: m, ctx: ctx, key: key, staging: staging, b: bnd, written: &written, onDisk: &onDisk, tree: &tree, log: log, noSpool: noSpool,
 			h: sha256.New(), resume: r, onTotal: func(n int64) {
 				total.Store(n)
@@ -441,6 +448,12 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	// store refuses is the publish's problem, which it meets and handles
 	// (the entry handed back); fenced, we are superseded.
 	if bnd.disk && bnd.limit > 0 && (format != unpack.Plain || total.Load() <= 0) {
+		// The reports that follow, until the publish, carry the whole
+		// size too: one with the extractor's count (which a sparse run
+		// of zeros undercounts) would make this download look smaller
+		// to the others' checks than the one it passed.
+		onDisk.Store(meta.SizeBytes)
+		tree.Store(0)
 		switch err := m.update(ctx, key, func(e *state.Entry) (transitions.Result, error) {
 			return transitions.Report(e, m.self, gen, written.Load(), total.Load(), meta.SizeBytes)
 		}); {
@@ -451,6 +464,11 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 				return meta, err
 			}
 		}
+	}
+	if ctx.Err() != nil {
+		// Stopped after its bytes were in (a report found it too large,
+		// superseded or released): it is not published.
+		return meta, context.Cause(ctx)
 	}
 	meta.Published = m.cfg.Clock.Now()
 	mb, _ := json.MarshalIndent(meta, "", "  ")
@@ -522,13 +540,21 @@ func (m *Manager) reportProgress(ctx context.Context, key state.Key, gen uint64,
 	return stop
 }
 
+// diskWatch is what a bundle download tells its progress reports: what it
+// has on disk, and the bound the budget set its attempt (0: none).
+type diskWatch struct {
+	used   func() int64
+	budget *atomic.Int64
+}
+
 // reportProgressNow is reportProgress that also returns a function asking
 // for a report at once (without waiting for the tick): waiters learn the
 // expected size as soon as the source announces it. disk, when set, says
-// what the download has on disk: each report records it, and then checks
-// it against the room the budget leaves it beside the other downloads in
-// flight (recheckRoom).
-func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64, disk func() int64) (stop, now func()) {
+// what the download has on disk: each report records it, and, under a
+// budget, checks it against the room left beside the other downloads in
+// flight (recheckRoom) each time it grew by a sixteenth of its bound: a
+// check reads the whole state, which on etcd is a range read.
+func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint64, written, total *atomic.Int64, disk *diskWatch) (stop, now func()) {
 	done := make(chan struct{})
 	stopped := make(chan struct{})
 	asked := make(chan chan struct{}) // a report now; closed when it is made
@@ -537,6 +563,7 @@ func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint
 		t := time.NewTicker(m.cfg.ProgressInterval)
 		defer t.Stop()
 		var ack chan struct{}
+		var checked int64 // what the last room check judged
 		for {
 			if ack != nil {
 				close(ack)
@@ -552,13 +579,19 @@ func (m *Manager) reportProgressNow(ctx context.Context, key state.Key, gen uint
 			}
 			used := int64(-1)
 			if disk != nil {
-				used = disk()
+				used = disk.used()
 			}
 			err := m.update(context.WithoutCancel(ctx), key, func(e *state.Entry) (transitions.Result, error) {
 				return transitions.Report(e, m.self, gen, written.Load(), total.Load(), used)
 			})
-			if err == nil && used > 0 {
-				m.recheckRoom(ctx, key, gen, used)
+			if disk != nil && err == nil && used > 0 {
+				if used < checked {
+					checked = 0 // an attempt that started again
+				}
+				if lim := disk.budget.Load(); lim > 0 && used >= checked+max(lim/16, 1) {
+					checked = used
+					m.recheckRoom(ctx, key, gen, used)
+				}
 			}
 			if errors.Is(err, transitions.ErrFenced) {
 				m.mu.Lock()
@@ -680,10 +713,14 @@ func (m *Manager) recheckRoom(ctx context.Context, key state.Key, gen uint64, us
 
 // roomLeft is recheckRoom's judgement: an ErrTooLarge when used passes the
 // room, nil when it fits or the state cannot be read (the next look, or
-// the publish, meets the same problem and says so). ranked leaves out the
-// downloads in flight whose key ID sorts after key's.
+// the publish, meets the same problem and says so), the reason ctx ended
+// when it did. ranked leaves out the downloads in flight whose key ID
+// sorts after key's.
 func (m *Manager) roomLeft(ctx context.Context, key state.Key, used int64, ranked bool) error {
 	st, err := m.store.View(ctx)
+	if ctx.Err() != nil {
+		return context.Cause(ctx) // a report's check stopped the download meanwhile
+	}
 	if err != nil {
 		return nil
 	}

@@ -441,12 +441,12 @@ func (m *Manager) fetch(ctx context.Context, key state.Key, gen uint64, staging 
 	// head is unpacked at its end, in one go between two reports. Each of
 	// two downloads that finish together reports before it looks, so at
 	// least one sees the other's size: they cannot both publish past the
-	// budget (both may fail).
-	// Only for a download the budget bounded whose size nothing said up
-	// front (an archive's tree, a body without a length): one that
-	// announced its length held it from its first report. A report the
-	// store refuses is the publish's problem, which it meets and handles
-	// (the entry handed back); fenced, we are superseded.
+	// budget (both may fail). Only for a download the budget bounded whose
+	// size nothing said up front (an archive's tree, a body without a
+	// length): one that announced its length held it from its first
+	// report. A report the store refuses is the publish's problem, which
+	// it meets and handles (the entry handed back); fenced, we are
+	// superseded.
 	if bnd.disk && bnd.limit > 0 && (format != unpack.Plain || total.Load() <= 0) {
 		// The reports that follow, until the publish, carry the whole
 		// size too: one with the extractor's count (which a sparse run

@@ -382,6 +382,19 @@ func TestCommitKeepPrevOverItself(t *testing.T) {
 	}
 }
 
+// leaseHost opens dir's store as host name would, with a lease of 300 ms.
+// No combining: another store in this process would hand its commit to
+// the holder, which the tests stall.
+func leaseHost(t *testing.T, dir, name string) *state.Store {
+	t.Helper()
+	procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
+	s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: 300 * time.Millisecond, Processes: procs, Log: quietLog()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // A holder that stalls past its lease at a step of its commit before the
 // last lock check, while the holder that breaks its lock commits twice,
 // must find its lock lost before it replaces the state: after flushing
@@ -405,18 +418,7 @@ func TestCommitStalledPastLease(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			const lease = 300 * time.Millisecond
-			host := func(name string) *state.Store {
-				// No combining: b, in a's process, would hand its commit
-				// to a, the holder, which is stalled in it.
-				procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
-				s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
-				if err != nil {
-					t.Fatal(err)
-				}
-				return s
-			}
-			a, b := host("a"), host("b")
+			a, b := leaseHost(t, dir, "a"), leaseHost(t, dir, "b")
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			if !tc.first {
@@ -485,16 +487,7 @@ func TestCommitStalledPastLease(t *testing.T) {
 // still fenced (TestCommitStalledPastLease).
 func TestLockLostByAHoldThatWroteNothing(t *testing.T) {
 	dir := t.TempDir()
-	const lease = 300 * time.Millisecond
-	host := func(name string) *state.Store {
-		procs := &fakeProcs{self: state.Process{Host: name, BootID: "boot-" + name, PIDNS: "ns-" + name, PID: 1, StartTime: 1}}
-		s, err := state.Open(dir, state.Options{NoCombine: true, Lock: state.LockOptions{Lease: lease, Processes: procs, Log: quietLog()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	a, b := host("a"), host("b")
+	a, b := leaseHost(t, dir, "a"), leaseHost(t, dir, "b")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := a.Update(ctx, put(0, 1)); err != nil {

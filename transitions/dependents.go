@@ -49,7 +49,10 @@ func Liveness(d state.Dependent, dv DependentView, p Policy, now time.Time) (liv
 	case dv.LeaseUnchanged >= p.LeaseDuration:
 		return false, fmt.Sprintf("lease of pid %d on %s not renewed for %s", d.Process.PID, d.Process.Host, dv.LeaseUnchanged.Round(time.Second))
 	}
-	return true, fmt.Sprintf("lease of pid %d on %s renewed", d.Process.PID, d.Process.Host)
+	// Not "renewed": a process that has not watched the lease for its
+	// length (a one-shot gc, rm or ls) cannot tell a live holder from a
+	// host that died.
+	return true, fmt.Sprintf("lease of pid %d on %s seen unchanged for %s, of the %s after which it is stale", d.Process.PID, d.Process.Host, dv.LeaseUnchanged.Round(time.Second), p.LeaseDuration)
 }
 
 // ClockSkewTolerance is how far ahead of the registering host's clock a

@@ -650,7 +650,11 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	var litter []string
 	if ents, err := os.ReadDir(filepath.Join(root, stagingDir)); err == nil {
 		for _, d := range ents {
-			litter = append(litter, d.Name()+" ("+m.stagingWriter(filepath.Join(root, stagingDir, d.Name()), st)+")")
+			p := filepath.Join(root, stagingDir, d.Name())
+			if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
+				continue // listed by a mount's stale directory cache (sshfs), removed since
+			}
+			litter = append(litter, d.Name()+" ("+m.stagingWriter(p, st)+")")
 		}
 	}
 	if len(litter) > 0 {

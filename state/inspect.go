@@ -173,7 +173,14 @@ func (s *Store) formatChecks() []Check {
 	} else if len(unnamed) > 0 {
 		var size int64
 		for n := range unnamed {
-			if fi, err := os.Stat(filepath.Join(s.root, ShardDir, n)); err == nil {
+			fi, err := os.Stat(filepath.Join(s.root, ShardDir, n))
+			if errors.Is(err, fs.ErrNotExist) {
+				// Listed by a mount's stale directory cache (sshfs),
+				// deleted since.
+				delete(unnamed, n)
+				continue
+			}
+			if err == nil {
 				size += fi.Size()
 			}
 		}
@@ -181,8 +188,10 @@ func (s *Store) formatChecks() []Check {
 		if grace <= 0 {
 			grace = 10 * time.Minute
 		}
-		add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they are %s older than the last commit, or stayed so for %s",
-			len(unnamed), size, filepath.Join(s.root, ShardDir), grace, grace)
+		if len(unnamed) > 0 {
+			add("unreferenced shards", "warn", "%d files (%d bytes) in %s that no manifest names, left by interrupted commits: a holder deletes them once they are %s older than the last commit, or stayed so for %s",
+				len(unnamed), size, filepath.Join(s.root, ShardDir), grace, grace)
+		}
 	}
 	if foreign := foreignInShardDir(s.root); len(foreign) > 0 {
 		add("foreign files", "warn", "not depcache's (not shard files by name, or not regular files), never deleted by any command: %s in %s; move them out of the cache root (one that a manifest names as a shard keeps the state unreadable until then)",

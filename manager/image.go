@@ -44,6 +44,13 @@ func (m *Manager) pullImage(ctx context.Context, key state.Key, gen uint64, log 
 	if info, ok, err := eng.Inspect(ctx, ref); err != nil {
 		return transitions.Published{}, err
 	} else if ok {
+		if m.pulledByUs(ctx, key, info.ID) {
+			// A tag and a digest of one image: the daemon has it because
+			// depcache pulled it under the other name, and it goes when
+			// neither entry is left (an External mark kept it for ever).
+			log.WithField("image_id", info.ID).Info("image already present, pulled by depcache under another reference")
+			return published(info, 0, false), nil
+		}
 		log.WithField("image_id", info.ID).Info("image already present: not pulled, never removed by depcache")
 		return published(info, 0, true), nil
 	}
@@ -130,6 +137,21 @@ func engineErr(ctx, ectx context.Context, err error) error {
 		return fmt.Errorf("the Docker engine did not answer within %s: %w", engineTimeout, err)
 	}
 	return err
+}
+
+// pulledByUs reports whether another entry of key's daemon names image id
+// as one depcache fetched (not External).
+func (m *Manager) pulledByUs(ctx context.Context, key state.Key, id string) bool {
+	st, err := m.store.View(ctx)
+	if err != nil {
+		return false // External: the safe side, never removed
+	}
+	for oid, e := range st.Entries {
+		if oid != key.ID() && e.Key.Kind == state.Image && e.Key.Daemon == key.Daemon && e.ImageID == id && !e.External && e.Stage == state.Ready {
+			return true
+		}
+	}
+	return false
 }
 
 func published(info ImageInfo, fetched int64, external bool) transitions.Published {

@@ -429,8 +429,11 @@ func TestImageNamedTwice(t *testing.T) {
 	if other.ImageID != tag.ImageID {
 		t.Fatalf("the digest names %s, the tag %s", other.ImageID, tag.ImageID)
 	}
-	if !other.External {
-		t.Errorf("the digest's entry found the image in the daemon, but is not External: %+v", other)
+	// Found in the daemon, but pulled by depcache under the tag: not
+	// External (marked so, it kept the image for ever once the tag's
+	// entry was evicted).
+	if other.External {
+		t.Errorf("the digest's entry of an image depcache pulled as the tag is External: %+v", other)
 	}
 	if err := m.Release(ctx, "run", tag.Key); err != nil {
 		t.Fatal(err)
@@ -441,6 +444,18 @@ func TestImageNamedTwice(t *testing.T) {
 	if _, _, removed := eng.counts(); len(removed) != 0 {
 		t.Fatalf("removed %v while another entry names the image", removed)
 	}
+	if err := m.Release(ctx, "holder", other.Key); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := m.SweepWith(ctx, false, sweepAll); err != nil || len(rep.Victims) != 1 || rep.Victims[0].Key.ID() != other.Key.ID() {
+		t.Fatalf("sweep of the digest's entry: %+v, %v", rep.Victims, err)
+	}
+	if _, _, removed := eng.counts(); !slices.Equal(removed, []string{tag.ImageID}) {
+		t.Fatalf("removed %v, want %s once neither entry named it", removed, tag.ImageID)
+	}
+	eng.mu.Lock()
+	eng.removed = nil
+	eng.mu.Unlock()
 
 	// Another image is evicted while a Get of it finds it still in the
 	// daemon and makes its entry READY again.

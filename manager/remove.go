@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -109,16 +110,16 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 				continue
 			}
 			r, _ := transitions.Reap(e, m.dependentViewsLocked(e, now), m.cfg.Policy, now)
+			var names []string // the live dependents, as the refusals name them
+			if r.Entry != nil {
+				names = slices.Sorted(maps.Keys(r.Entry.Dependents))
+			}
 			if e.Stage == state.Downloading && !transitions.Abandoned(r.Entry) {
-				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Reason: "downloading (release its dependents to cancel the download)"})
+				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Dependents: names,
+					Reason: fmt.Sprintf("downloading for %s (release them to cancel the download)", strings.Join(names, ", "))})
 				continue
 			}
-			if r.Entry != nil && len(r.Entry.Dependents) > 0 {
-				names := make([]string, 0, len(r.Entry.Dependents))
-				for name := range r.Entry.Dependents {
-					names = append(names, name)
-				}
-				slices.Sort(names)
+			if len(names) > 0 {
 				errs = append(errs, &InUseError{Key: e.Key, Stage: e.Stage, Dependents: names,
 					Reason: fmt.Sprintf("in use by %s (release them first)", strings.Join(names, ", "))})
 				continue

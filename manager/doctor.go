@@ -715,6 +715,12 @@ func (m *Manager) trashCheck(add func(name, status, format string, args ...any))
 		case rerr == nil && json.Unmarshal(b, &rec) == nil:
 			p := rec.Owner.Process
 			switch alive, aerr := m.cfg.Processes.Alive(p); {
+			case !m.self.SameMachine(p) && staleTrash(dir, now):
+				// Its owner empties it right after the move: an hour on, that
+				// host is likely gone, and a host that reboots is another
+				// machine, whose sweeps never adopt it.
+				status = "warn"
+				who = fmt.Sprintf("of %s on another host, unchanged for over %s: if that host died or rebooted, no command deletes it; remove %s by hand once you know it is gone", p, staleTrashAfter, dir)
 			case !m.self.SameMachine(p):
 				who = "of " + p.String() + " on another host, which deletes it (or a sweep there, once it is gone)"
 			case aerr == nil && !alive:
@@ -737,6 +743,17 @@ func (m *Manager) trashCheck(add func(name, status, format string, args ...any))
 		return
 	}
 	add("trash", status, "%s of evicted content waiting to be deleted: %s", humanize.IBytes(uint64(total)), strings.Join(lines, "; "))
+}
+
+// staleTrashAfter is how long another host's trash may stay unchanged
+// before doctor says it may never be deleted.
+const staleTrashAfter = time.Hour
+
+// staleTrash reports whether trash directory dir is unchanged (by its
+// modification time) for staleTrashAfter.
+func staleTrash(dir string, now time.Time) bool {
+	fi, err := os.Lstat(dir)
+	return err == nil && now.Sub(fi.ModTime()) > staleTrashAfter
 }
 
 // treeBytes is the size of the files under p (p itself if a file), never

@@ -89,6 +89,7 @@ func TestDoctorReportsTrash(t *testing.T) {
 	mk("live", note(fakeProcess("h", 12)), 0)
 	mk("dead", note(fakeProcess("h", 20)), 0)
 	mk("elsewhere", note(fakeProcess("other", 20)), 0)
+	mk("elsewhere-old", note(fakeProcess("gone", 30)), 2*time.Hour) // its host died: nothing adopts it
 	mk("cut-old", []byte{}, 11*time.Minute)
 	mk("cut-new", nil, time.Minute)
 	mk("garbled", []byte("{not json"), 0)
@@ -104,10 +105,11 @@ func TestDoctorReportsTrash(t *testing.T) {
 		t.Errorf("status %q, want warn (a note that does not parse, a planted file)", c.Status)
 	}
 	for _, want := range []string{
-		"5.9 KiB of evicted content",
+		"6.8 KiB of evicted content",
 		"live: 1 item(s), 1000 B, of pid 12 on h, which deletes it",
 		"dead: 1 item(s), 1000 B, of pid 20 on h, which is gone: the next sweep here adopts",
-		"elsewhere: 1 item(s), 1000 B, of pid 20 on other on another host",
+		"elsewhere: 1 item(s), 1000 B, of pid 20 on other on another host, which deletes it",
+		"elsewhere-old: 1 item(s), 1000 B, of pid 30 on gone on another host, unchanged for over 1h0m0s: if that host died or rebooted, no command deletes it; remove " + filepath.Join(root, "trash", "elsewhere-old") + " by hand",
 		"cut-old: 1 item(s), 1000 B, with no owner note (a full disk cut it short): the next sweep adopts",
 		"cut-new: 1 item(s), 1000 B, with no owner note yet",
 		"garbled: 1 item(s), 1000 B, whose owner note does not parse: left alone",

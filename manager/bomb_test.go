@@ -54,6 +54,23 @@ func zerosTarGz(t testing.TB, members int, size int64) []byte {
 	return buf.Bytes()
 }
 
+// noiseThenZerosTarGz is a tar.gz of two members: noise random bytes
+// (seeded), which do not compress, then zeros bytes of zeros, which do.
+func noiseThenZerosTarGz(seed byte, noise, zeros int) []byte {
+	var b bytes.Buffer
+	zw := gzip.NewWriter(&b)
+	tw := tar.NewWriter(zw)
+	random := make([]byte, noise)
+	rand.NewChaCha8([32]byte{seed}).Read(random)
+	for i, data := range [][]byte{random, make([]byte, zeros)} {
+		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%d", i), Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg})
+		tw.Write(data)
+	}
+	tw.Close()
+	zw.Close()
+	return b.Bytes()
+}
+
 // zipOf is a zip of one member of size bytes of zeros, stored by method.
 func zipOf(t *testing.T, method uint16, size int) []byte {
 	t.Helper()
@@ -102,20 +119,7 @@ func TestDecompressionBombs(t *testing.T) {
 	plain := bytes.Repeat([]byte("x"), 9<<20)
 	// A tar.gz of 3 MiB on the wire and 6 MiB unpacked: under 8 MiB it
 	// fits, but not beside the copy of itself that resuming would keep.
-	crowded := func() []byte {
-		var b bytes.Buffer
-		zw := gzip.NewWriter(&b)
-		tw := tar.NewWriter(zw)
-		noise := make([]byte, 3<<20)
-		rand.NewChaCha8([32]byte{1}).Read(noise)
-		for i, data := range [][]byte{noise, make([]byte, 3<<20)} {
-			tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%d", i), Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg})
-			tw.Write(data)
-		}
-		tw.Close()
-		zw.Close()
-		return b.Bytes()
-	}()
+	crowded := noiseThenZerosTarGz(1, 3<<20, 3<<20)
 	for _, tc := range []struct {
 		name       string
 		body       []byte
@@ -328,20 +332,7 @@ func TestRoomWithoutEntriesTheSweepKeeps(t *testing.T) {
 func TestConcurrentDownloadsOfUnknownSizeHeldToTheBudget(t *testing.T) {
 	// A few KB on the wire, unpacked at the end in one go; and 300 KB of
 	// noise first, unpacked as it arrives, between reports.
-	noisy := func() []byte {
-		var b bytes.Buffer
-		zw := gzip.NewWriter(&b)
-		tw := tar.NewWriter(zw)
-		noise := make([]byte, 300<<10)
-		rand.NewChaCha8([32]byte{2}).Read(noise)
-		for i, data := range [][]byte{noise, make([]byte, 1600<<10)} {
-			tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%d", i), Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg})
-			tw.Write(data)
-		}
-		tw.Close()
-		zw.Close()
-		return b.Bytes()
-	}()
+	noisy := noiseThenZerosTarGz(2, 300<<10, 1600<<10)
 	for name, tc := range map[string]struct {
 		body  []byte
 		chunk int

@@ -301,17 +301,8 @@ func TestRebuildKeepsLRUOrder(t *testing.T) {
 func TestVerifyNamesUnreadableMetadata(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	abs, _ := filepath.Abs("../testdata/bundles/hello.tar.gz")
-	k := mustKey(t, "file://"+abs, "")
 	m := newManager(t, root)
-	ready, err := getWait(t, m, "run", k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	content, err := m.Abs(ready)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k, _, content := getHello(t, m)
 	metaPath := filepath.Join(filepath.Dir(content), "meta.json")
 	if err := os.WriteFile(metaPath, []byte("{not json"), 0o644); err != nil {
 		t.Fatal(err)

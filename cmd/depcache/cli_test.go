@@ -236,6 +236,8 @@ func TestCLIPolicyFlags(t *testing.T) {
 		{[]string{"gc", "--min-age", "-1s"}, "--min-age"},
 		{[]string{"gc", "--dependent-lease", "10s"}, "at least 30s"},
 		{[]string{"gc", "--cleanup-interval", "0s"}, "--cleanup-interval 0s"},
+		{[]string{"gc", "--cleanup-interval", "1ns"}, "--cleanup-interval 1ns: bad flag value: must be at least 100ms"},
+		{[]string{"policy", "set", "--cleanup-interval", "99ms"}, "--cleanup-interval 99ms"},
 		{[]string{"gc", "--min-age", "2m", "--max-age", "1m", "--set-policy"}, "max-age"},
 	} {
 		code, _, errs := cli(t, t.TempDir(), tc.args...)

@@ -34,7 +34,7 @@ func TestFlagsDeriveDefaults(t *testing.T) {
 		wmsg  string
 	}{
 		{[]string{"get", "--download-timeout", "3s", src}, 0, ""},
-		{[]string{"get", "--download-timeout", "10ms", src}, 0, ""},
+		{[]string{"get", "--download-timeout", "300ms", src}, 0, ""}, // derives the shortest interval, 100ms
 		{[]string{"get", "--progress-interval", "3m", src}, 0, ""},
 		{[]string{"get", "--download-timeout", "3s", "--progress-interval", "2s", src}, 2, "--progress-interval 2s"},
 		{[]string{"gc", "--high-watermark", "80"}, 0, ""},
@@ -98,6 +98,13 @@ func TestLoneFlagErrorsNameOnlyIt(t *testing.T) {
 	}{
 		{[]string{"get", "--download-timeout", "1ns", src}, "--download-timeout 1ns", "--progress-interval"},
 		{[]string{"get", "--progress-interval", "2000000h", src}, "--progress-interval 2000000h", "--download-timeout"},
+		// Absurdly short values are refused, naming the range (each
+		// report is a commit of the state).
+		{[]string{"get", "--progress-interval", "1ns", src}, "--progress-interval 1ns: bad flag value: must be at least 100ms", "--download-timeout"},
+		{[]string{"get", "--progress-interval", "99ms", "--download-timeout", "1h", src}, "--progress-interval 99ms: bad flag value: must be at least 100ms", "--download-timeout"},
+		{[]string{"get", "--download-timeout", "10ms", src}, "--download-timeout 10ms: bad flag value: must be at least 200ms", "--progress-interval"},
+		{[]string{"gc", "--progress-interval", "1ns"}, "--progress-interval 1ns", "--download-timeout"},
+		{[]string{"policy", "set", "--progress-interval", "1ns"}, "--progress-interval 1ns", "--download-timeout"},
 	} {
 		code, _, errs := cli(t, t.TempDir(), tc.args...)
 		if code != 2 || !strings.Contains(errs, tc.want) || strings.Contains(errs, tc.never) {
@@ -110,5 +117,14 @@ func TestLoneFlagErrorsNameOnlyIt(t *testing.T) {
 	code := run(context.Background(), []string{"--root", t.TempDir(), "get", src}, &out, &errb)
 	if errs := errb.String(); code != 2 || !strings.Contains(errs, "DEPCACHE_DOWNLOAD_TIMEOUT") || strings.Contains(errs, "--progress-interval") {
 		t.Errorf("DEPCACHE_DOWNLOAD_TIMEOUT=1ns: exit %d, %q; want 2, naming the variable and not --progress-interval", code, errs)
+	}
+	os.Unsetenv("DEPCACHE_DOWNLOAD_TIMEOUT")
+	t.Setenv("DEPCACHE_PROGRESS_INTERVAL", "1ns")
+	out.Reset()
+	errb.Reset()
+	code = run(context.Background(), []string{"--root", t.TempDir(), "get", src}, &out, &errb)
+	if errs := errb.String(); code != 2 || !strings.Contains(errs, "--progress-interval 1ns: bad flag value: must be at least 100ms") ||
+		!strings.Contains(errs, "DEPCACHE_PROGRESS_INTERVAL") || strings.Contains(errs, "--download-timeout") {
+		t.Errorf("DEPCACHE_PROGRESS_INTERVAL=1ns: exit %d, %q; want 2, naming the flag, the range and the variable", code, errs)
 	}
 }

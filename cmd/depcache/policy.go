@@ -100,8 +100,8 @@ func (p *policyFlags) change() (manager.PolicyChange, error) {
 			return c, fmt.Errorf("--%s %s: %w: must not be negative", d.name, d.v, errBadFlag)
 		}
 	}
-	if p.interval <= 0 {
-		return c, fmt.Errorf("--cleanup-interval %s: %w: must be positive", p.interval, errBadFlag)
+	if p.interval < minCleanupInterval {
+		return c, fmt.Errorf("--cleanup-interval %s: %w: must be at least %s (every pass reads the state and may take its lock)", p.interval, errBadFlag, minCleanupInterval)
 	}
 	if p.lease < manager.MinDependentLease {
 		// Every manager renews at least every MaxRenewInterval, whatever
@@ -111,6 +111,12 @@ func (p *policyFlags) change() (manager.PolicyChange, error) {
 	}
 	return c, nil
 }
+
+// minCleanupInterval is the shortest --cleanup-interval: every pass of the
+// loop reads the state, and a sweep takes the lock that every get and
+// release of the root waits for. A loop of nanoseconds (1ns was accepted)
+// spins on it.
+const minCleanupInterval = 100 * time.Millisecond
 
 // sizeValue is a byte count with units, or (when percentOK) a percent.
 type sizeValue struct {

@@ -122,6 +122,18 @@ func (l *loopFlags) register(fs *pflag.FlagSet) {
 // --download-timeout leaves room for it.
 const defaultProgressInterval = 2 * time.Second
 
+// minProgressInterval is the shortest --progress-interval. Each report is
+// a commit of the state (a lock hold and a shard write on a shared
+// filesystem, a transaction on etcd), which take milliseconds to tens of
+// them: below a tenth of a second a downloader spends its time reporting,
+// and holds the lock every other process waits for. 1ns was accepted.
+const minProgressInterval = 100 * time.Millisecond
+
+// minDownloadTimeout is the shortest --download-timeout: a live download
+// reports at least twice per timeout (see validate), and at most every
+// minProgressInterval.
+const minDownloadTimeout = 2 * minProgressInterval
+
 // maxProgressInterval is the longest --progress-interval given alone: the
 // --download-timeout derived from it, four times as long, still fits in a
 // time.Duration (whole hours, for the message).
@@ -143,15 +155,21 @@ func (l *loopFlags) validate() error {
 			return fmt.Errorf("--%s %s: %w: must be positive", d.name, d.v, errBadFlag)
 		}
 	}
+	// Absurdly short values, given alone or not: each names itself only,
+	// never a partner the user did not give.
+	if l.progressInterval < minProgressInterval {
+		return fmt.Errorf("--progress-interval %s: %w: must be at least %s (each report is a commit of the state)", l.progressInterval, errBadFlag, minProgressInterval)
+	}
+	if l.downloadTimeout < minDownloadTimeout {
+		return fmt.Errorf("--download-timeout %s: %w: must be at least %s (a live download reports progress at least twice per timeout, and at most every %s)",
+			l.downloadTimeout, errBadFlag, minDownloadTimeout, minProgressInterval)
+	}
 	switch pi, dt := l.given("progress-interval"), l.given("download-timeout"); {
 	case dt && !pi:
 		// A live download reports at least twice per timeout; a quarter
-		// leaves room for a slow lock. No interval fits a timeout under
-		// 2ns: that is the given value's fault, said about it.
-		if l.downloadTimeout < 2*time.Nanosecond {
-			return fmt.Errorf("--download-timeout %s: %w: must be at least 2ns (a live download reports progress at least twice per timeout)", l.downloadTimeout, errBadFlag)
-		}
-		l.progressInterval = min(defaultProgressInterval, max(l.downloadTimeout/4, time.Nanosecond))
+		// leaves room for a slow lock, down to the shortest interval,
+		// which still fits twice in the shortest timeout.
+		l.progressInterval = min(defaultProgressInterval, max(l.downloadTimeout/4, minProgressInterval))
 	case pi && !dt:
 		// The derived timeout is four intervals: an interval whose four
 		// do not fit in a duration is out of range itself.

@@ -75,6 +75,7 @@ func TestRunBadInput(t *testing.T) {
 		{[]string{"run", "--dep", "A=" + src, "--sha256", "A=zz", "--", "true"}, "--sha256"},
 		{[]string{"run", "--dep", "A=gopher://x", "--", "true"}, "--dep A"},
 		{[]string{"run", "--timeout", "-1s", "--dep", "A=" + src, "--", "true"}, "--timeout"},
+		{[]string{"run", "--progress-interval", "1ns", "--dep", "A=" + src, "--", "true"}, "--progress-interval 1ns: bad flag value: must be at least 100ms"},
 	} {
 		root := t.TempDir()
 		code, _, stderr := cli(t, root, c.args...)

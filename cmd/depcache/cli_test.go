@@ -130,6 +130,12 @@ func TestCLIExitCodes(t *testing.T) {
 		{"unknown flag", []string{"get", "--nope", "file:///x"}, 2, "unknown flag"},
 		{"bad log level", []string{"--log-level", "loud", "ls"}, 2, "--log-level"},
 		{"release without dependent", []string{"release", "file:///x"}, 2, "--dependent is required"},
+		// pflag kept the last of two values: the first dependent was
+		// never registered (or released), without a word.
+		{"get with two dependents", []string{"get", "--dependent", "a", "--dependent", "b", "file:///x"}, 2, `"--dependent" flag: given twice, "a" and then "b": one get registers one dependent`},
+		{"release with two dependents", []string{"release", "--dependent", "a", "--dependent", "b", "file:///x"}, 2, `"--dependent" flag: given twice, "a" and then "b": one release removes one dependent`},
+		{"get with one dependent given twice", []string{"get", "--dependent", "a", "--dependent", "a", helloSource(t)}, 0, ""},
+		{"get with two sha256", []string{"get", "--sha256", strings.Repeat("0", 64), "--sha256", strings.Repeat("1", 64), "file:///x"}, 2, `"--sha256" flag: given twice`},
 		{"missing file: FAILED", []string{"get", "file:///nonexistent/depcache-test"}, 1, "no such file"},
 		{"timeout", []string{"get", "--timeout", "300ms", stall.URL + "/x"}, 3, "not ready after 300ms"},
 	} {

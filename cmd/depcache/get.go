@@ -202,9 +202,10 @@ it is READY and prints the local path (or the full image ID). Exit status: 0 REA
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&dependent, "dependent", "", "name of the dependent to register (default: one unique to this invocation, bound to this process)")
+	newOnceString(f, &dependent, "dependent", "", "name of the dependent to register (default: one unique to this invocation, bound to this process)",
+		"one get registers one dependent (run a get for each)")
 	f.DurationVar(&ttl, "ttl", 0, "the dependent lapses after this long unless released (reaped by a sweep up to 5 minutes, or the TTL if shorter, later on a host that did not watch it all along)")
-	f.StringVar(&sha, "sha256", "", "expected sha256 of the fetched bytes")
+	newOnceString(f, &sha, "sha256", "", "expected sha256 of the fetched bytes", "a file has one sha256")
 	f.BoolVar(&noWait, "no-wait", false, "register and return at once with the entry's stage; nothing in this process downloads: a queued entry waits for 'depcache serve' or a 'get' that waits")
 	f.BoolVar(&noUnpack, "no-unpack", false, "keep an archive as the file it is, not unpacked (another entry than the unpacked one)")
 	f.BoolVar(&retry, "retry", false, "retry a FAILED entry now instead of after its cool-down (--failure-cooldown, doubling per failure)")

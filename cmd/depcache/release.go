@@ -75,7 +75,8 @@ succeed, for cleanup scripts that release what may be gone.`,
 			return printReleased(g, dependent, key, released)
 		},
 	}
-	cmd.Flags().StringVar(&dependent, "dependent", "", "name of the dependent to remove")
+	newOnceString(cmd.Flags(), &dependent, "dependent", "", "name of the dependent to remove",
+		"one release removes one dependent (run a release for each)")
 	cmd.Flags().BoolVar(&ignoreMissing, "ignore-missing", false, "succeed when SOURCE has no entry or the dependent is not registered on it")
 	return cmd
 }

@@ -101,6 +101,34 @@ func (g *globals) showWarnings(e state.Entry, ws []string) {
 	}
 }
 
+// onceString is a string flag given at most once, or again with the same
+// value: pflag's own keeps the last of two values and drops the first
+// without a word, which for a flag such as get --dependent (one get
+// registers one dependent) loses what the caller meant. why says why one
+// value is all the flag takes.
+type onceString struct {
+	v   *string
+	set bool
+	why string
+}
+
+// newOnceString registers a onceString flag, as fs.StringVar does.
+func newOnceString(fs *pflag.FlagSet, p *string, name, value, usage, why string) {
+	*p = value
+	fs.Var(&onceString{v: p, why: why}, name, usage)
+}
+
+func (o *onceString) String() string { return *o.v }
+func (o *onceString) Type() string   { return "string" }
+
+func (o *onceString) Set(v string) error {
+	if o.set && v != *o.v {
+		return fmt.Errorf("given twice, %q and then %q: %s", *o.v, v, o.why)
+	}
+	*o.v, o.set = v, true
+	return nil
+}
+
 // loopFlags are the policy flags of the commands that run the loops.
 type loopFlags struct {
 	fs               *pflag.FlagSet

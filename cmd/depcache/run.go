@@ -77,6 +77,10 @@ func parseRunDeps(deps, shas []string) ([]*runDep, error) {
 		if err := state.CheckSHA256(hex); err != nil {
 			return nil, fmt.Errorf("--sha256 %q: %w", s, err)
 		}
+		if r.sha != "" && r.sha != hex {
+			// The last would be checked, and the first dropped.
+			return nil, usageErrorf("--sha256 %q: %s is given another sha256 already (%s): a file has one", s, name, r.sha)
+		}
 		r.sha = hex
 	}
 	for _, r := range out {

@@ -73,6 +73,7 @@ func TestRunBadInput(t *testing.T) {
 		{[]string{"run", "--dep", "A=" + src, "--dep", "A=" + src, "--", "true"}, "A is given twice"},
 		{[]string{"run", "--dep", "A=" + src, "--sha256", "B=" + strings.Repeat("0", 64), "--", "true"}, "no --dep B=SOURCE"},
 		{[]string{"run", "--dep", "A=" + src, "--sha256", "A=zz", "--", "true"}, "--sha256"},
+		{[]string{"run", "--dep", "A=" + src, "--sha256", "A=" + strings.Repeat("0", 64), "--sha256", "A=" + strings.Repeat("1", 64), "--", "true"}, "A is given another sha256 already"},
 		{[]string{"run", "--dep", "A=gopher://x", "--", "true"}, "--dep A"},
 		{[]string{"run", "--timeout", "-1s", "--dep", "A=" + src, "--", "true"}, "--timeout"},
 		{[]string{"run", "--progress-interval", "1ns", "--dep", "A=" + src, "--", "true"}, "--progress-interval 1ns: bad flag value: must be at least 100ms"},

@@ -203,8 +203,44 @@ func (h etcdHold) release() error                  { return h.l.Release(context.
 // so that CMD is ended without waiting for the next check.
 func (h etcdHold) lost() <-chan struct{} { return h.l.Lost() }
 
+// splitLockArgs parses lock's command line after its first argument,
+// NAME, as run parses its own: lock's flags (and the global ones) may come
+// before NAME and between NAME and CMD; without "--", CMD starts at the
+// first argument after NAME, and every argument from there on is CMD's,
+// flags and "--" included. (With interspersed flags, "lock N sh -c x"
+// was refused for sh's -c, and "lock N cmd --timeout 5s" took the
+// --timeout from cmd.) args is what cobra left after the flags before
+// NAME; helped: --help came after NAME, and was shown.
+func splitLockArgs(cmd *cobra.Command, args []string) (name string, argv []string, helped bool, err error) {
+	if len(args) == 0 || cmd.Flags().ArgsLenAtDash() == 0 {
+		return "", nil, false, usageErrorf("missing NAME: %s", lockUsage)
+	}
+	name = args[0]
+	// The flag set stops at the first argument that is not a flag (it is
+	// not interspersed), and "--" ends it: what it leaves is CMD.
+	if err := cmd.Flags().Parse(args[1:]); err != nil {
+		return "", nil, false, fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if h, _ := cmd.Flags().GetBool("help"); h {
+		return "", nil, true, cmd.Help()
+	}
+	argv = cmd.Flags().Args()
+	if len(argv) == 0 || argv[0] == "" {
+		if err := checkLockName(name); err != nil {
+			return "", nil, false, err
+		}
+		return "", nil, false, usageErrorf("missing CMD: %s", lockUsage)
+	}
+	return name, argv, false, nil
+}
+
 func newLockCmd(g *globals) *cobra.Command {
 	var timeout, lease time.Duration
+	var (
+		name   string
+		argv   []string
+		helped bool
+	)
 	cmd := &cobra.Command{
 		Use: "lock NAME [--timeout DUR] [--lease DUR] -- CMD [ARGS...]",
 		Example: `  depcache lock docker-cleanup -- docker system prune -f
@@ -236,17 +272,30 @@ Exit status: CMD's (128+N for a signal N); 2 bad usage; 3 --timeout passed
 before the lock was taken; 75 the lease was lost while CMD ran (lock was
 stopped or could not renew past the lease, and another process broke the
 lock): lock says why, ends CMD (SIGTERM, then SIGKILL after 10s) and exits 75.`,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			// The flags after NAME are parsed before the root's checks
+			// see them (they may be global flags: --json, --root).
+			var err error
+			if name, argv, helped, err = splitLockArgs(cmd, args); err != nil || helped {
+				return err
+			}
+			return cmd.Root().PersistentPreRunE(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return passStatus(runLock(cmd, g, args, timeout, lease))
+			if helped {
+				return nil
+			}
+			return passStatus(runLock(cmd, g, name, argv, timeout, lease))
 		},
 	}
 	f := cmd.Flags()
+	f.SetInterspersed(false) // see splitLockArgs
 	f.DurationVar(&timeout, "timeout", 0, "give up waiting for the lock after this long (exit 3)")
 	f.DurationVar(&lease, "lease", 30*time.Second, "how long a holder on another host must leave the lock unchanged before it is broken; the holder renews every third of it")
 	return cmd
 }
 
-func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.Duration) (int, error) {
+func runLock(cmd *cobra.Command, g *globals, name string, argv []string, timeout, lease time.Duration) (int, error) {
 	if timeout < 0 {
 		return 0, fmt.Errorf("--timeout %s: %w: must not be negative", timeout, errBadFlag)
 	}
@@ -256,19 +305,8 @@ func runLock(cmd *cobra.Command, g *globals, args []string, timeout, lease time.
 	if err := rootNotFile(g); err != nil {
 		return 0, err
 	}
-	dash := cmd.ArgsLenAtDash()
-	if len(args) == 0 || dash == 0 {
-		return 0, usageErrorf("missing NAME: %s", lockUsage)
-	}
-	if dash > 1 {
-		return 0, usageErrorf("%q before --: %s", args[:dash], lockUsage)
-	}
-	name, argv := args[0], args[1:]
 	if err := checkLockName(name); err != nil {
 		return 0, err
-	}
-	if len(argv) == 0 || argv[0] == "" {
-		return 0, usageErrorf("missing CMD: %s", lockUsage)
 	}
 	acquire, err := namedLockAcquirer(g, name, lease)
 	if err != nil {

@@ -602,3 +602,42 @@ func TestLockForwardsSignals(t *testing.T) {
 		}
 	}
 }
+
+// TestLockParsesCMDAsRunDoes: lock and run split their command line the
+// same way. Their own flags (and the global ones) come before CMD, and for
+// lock before or after NAME; without "--", CMD starts at its first word
+// and everything after it is CMD's, flags and "--" included.
+func TestLockParsesCMDAsRunDoes(t *testing.T) {
+	src := testSource(t)
+	for _, c := range []struct {
+		args  []string
+		wcode int
+		wout  string
+	}{
+		// CMD's own flags: lock refused sh's -c ("unknown shorthand
+		// flag"), and took a --timeout after CMD as its own.
+		{[]string{"lock", "L", "sh", "-c", "echo ran; exit 7"}, 7, "ran\n"},
+		{[]string{"run", "--dep", "A=" + src, "sh", "-c", "echo ran; exit 7"}, 7, "ran\n"},
+		{[]string{"lock", "L", "echo", "--timeout", "-1s"}, 0, "--timeout -1s\n"},
+		{[]string{"run", "--dep", "A=" + src, "echo", "--timeout", "-1s"}, 0, "--timeout -1s\n"},
+		{[]string{"lock", "L", "echo", "--", "x"}, 0, "-- x\n"},
+		{[]string{"run", "--dep", "A=" + src, "echo", "--", "x"}, 0, "-- x\n"},
+		// The command's own flags, before CMD, with or without "--".
+		{[]string{"lock", "L", "--timeout", "1m", "--", "echo", "x"}, 0, "x\n"},
+		{[]string{"lock", "L", "--timeout", "1m", "echo", "x"}, 0, "x\n"},
+		{[]string{"lock", "--timeout", "1m", "L", "echo", "x"}, 0, "x\n"},
+		{[]string{"run", "--timeout", "1m", "--dep", "A=" + src, "echo", "x"}, 0, "x\n"},
+		{[]string{"lock", "L", "--timeout", "-1s", "echo", "x"}, exitUsage, ""},
+		{[]string{"lock", "L", "--nope", "echo", "x"}, exitUsage, ""},
+		{[]string{"lock", "L", "--lease", "25h", "--", "echo", "x"}, exitUsage, ""},
+	} {
+		code, out, stderr := cli(t, t.TempDir(), c.args...)
+		if code != c.wcode || out != c.wout {
+			t.Errorf("%q: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, code, out, stderr, c.wcode, c.wout)
+		}
+	}
+	// --help after NAME is lock's, as before CMD.
+	if code, out, stderr := cli(t, t.TempDir(), "lock", "L", "--help"); code != 0 || !strings.Contains(out, "lock NAME") {
+		t.Errorf("lock L --help: exit %d, %q, %q; want the help", code, out, stderr)
+	}
+}

@@ -31,6 +31,10 @@ func TestStateFlagErrors(t *testing.T) {
 	if err := os.WriteFile(pem, []byte("not a certificate"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// A plain HTTP server where etcd was meant (a wrong port).
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("hello")) }))
+	t.Cleanup(web.Close)
+	webEP := strings.TrimPrefix(web.URL, "http://")
 	for _, c := range []struct {
 		args []string
 		code int
@@ -48,6 +52,8 @@ func TestStateFlagErrors(t *testing.T) {
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "--etcd-user", "u:pw", "ls"}, 1, "127.0.0.1:1"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "ls"}, 1, "etcd://127.0.0.1:1/x: etcd cluster unavailable"},
 		{[]string{"--state", "etcd://127.0.0.1:1/x", "get", "--no-wait", "file:///nonexistent"}, 1, "127.0.0.1:1"},
+		{[]string{"--state", "etcd://" + webEP + "/x", "ls"}, 1, "etcd cluster unavailable: endpoint " + webEP + " does not answer as etcd"},
+		{[]string{"--state", "etcd://" + webEP + "/x", "lock", "n", "--", "true"}, 1, "endpoint " + webEP + " does not answer as etcd"},
 		// A bad flag is reported as one, before the root is looked at.
 		{[]string{"--root", filepath.Join(root, "missing"), "--state", "etcd://127.0.0.1:99999/x", "ls"}, 2, "port 99999 out of range"},
 		{[]string{"--root", filepath.Join(root, "missing"), "--state", "etcd://127.0.0.1:1/x", "--etcd-cacert", pem, "ls"}, 2, "no PEM certificate"},
@@ -68,6 +74,11 @@ func TestStateFlagErrors(t *testing.T) {
 	var e errorJSON
 	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "unavailable" || e.ExitCode != 1 {
 		t.Errorf("ls --json on an etcd that does not answer: exit %d, %q (%v); want kind unavailable, exit 1", code, stderr, err)
+	}
+	code, _, stderr = cli(t, root, "--json", "--state", "etcd://"+webEP+"/x", "get", "file:///nonexistent")
+	e = errorJSON{}
+	if err := json.Unmarshal([]byte(stderr), &e); err != nil || code != 1 || e.Kind != "unavailable" || e.ExitCode != 1 || !strings.Contains(e.Error, webEP+" does not answer as etcd") {
+		t.Errorf("get --json on a plain HTTP server: exit %d, %q (%v); want kind unavailable, exit 1, naming the endpoint", code, stderr, err)
 	}
 	code, stdout, _ := cli(t, root, "--json", "--state", "etcd://127.0.0.1:1/x", "doctor")
 	var checks []manager.Check

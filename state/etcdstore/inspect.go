@@ -75,7 +75,7 @@ func ClusterChecks(ctx context.Context, opts Options) []state.Check {
 		cli = c
 	}
 	name := "etcd " + strings.Join(cli.Endpoints(), ",")
-	s := &Store{cli: cli, name: name, timeout: opts.RequestTimeout}
+	s := &Store{cli: cli, name: name, timeout: opts.RequestTimeout, tls: opts.TLS}
 	return s.clusterChecks(ctx)
 }
 
@@ -110,7 +110,13 @@ func (s *Store) clusterChecks(ctx context.Context) []state.Check {
 		st, err := answers[i].st, answers[i].err
 		name := "etcd " + ep
 		if err != nil {
-			add(name, "fail", "no status: %v", s.fail(ctx, "status of "+ep, err))
+			err = s.fail(ctx, "status of "+ep, err)
+			if errors.Is(err, ErrUnavailable) {
+				if why := notEtcd(ctx, []string{ep}, s.tls); why != "" {
+					err = fmt.Errorf("status of %s: %w: %s", ep, ErrUnavailable, why)
+				}
+			}
+			add(name, "fail", "no status: %v", err)
 			continue
 		}
 		reachable++

@@ -135,6 +135,8 @@ type Store struct {
 	name    string
 	timeout time.Duration
 	settle  time.Duration
+	// tls is Options.TLS, to tell an endpoint that is not etcd (notEtcd).
+	tls *tls.Config
 	// adoptRoot: Options.AdoptRoot.
 	adoptRoot bool
 
@@ -248,7 +250,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	opts.setDefaults()
 	s := &Store{cli: opts.Client, l: layout{opts.Prefix}, timeout: opts.RequestTimeout,
-		settle: opts.SettleTimeout, root: opts.Root, adoptRoot: opts.AdoptRoot, perms: opts.Perms}
+		settle: opts.SettleTimeout, root: opts.Root, adoptRoot: opts.AdoptRoot, perms: opts.Perms, tls: opts.TLS}
 	s.life, s.endLife = context.WithCancel(context.WithoutCancel(ctx))
 	if s.cli == nil {
 		cli, err := dial(ctx, opts)
@@ -302,6 +304,9 @@ func dial(ctx context.Context, opts Options) (*clientv3.Client, error) {
 			// With credentials the client authenticates as it dials: a
 			// cluster that does not answer is unavailable, not the
 			// caller's own deadline passing.
+			if why := notEtcd(ctx, opts.Endpoints, opts.TLS); why != "" {
+				return nil, fmt.Errorf("etcd %s: %w: %s", strings.Join(opts.Endpoints, ","), ErrUnavailable, why)
+			}
 			return nil, fmt.Errorf("etcd %s: %w: no answer within %s (authenticating as %s): %v",
 				strings.Join(opts.Endpoints, ","), ErrUnavailable, opts.DialTimeout, opts.Username, err)
 		}
@@ -340,7 +345,16 @@ func (s *Store) probe(ctx context.Context, d time.Duration) error {
 		// The client hands "no leader" and its kin over as etcd's own
 		// errors, not as gRPC statuses: transient knows both.
 		if errors.Is(err, context.DeadlineExceeded) || transient(err) || status.Code(err) == codes.DeadlineExceeded {
+			// The gRPC client retries an endpoint that answers, but not
+			// HTTP/2, as one that cannot be reached: say which it is.
+			if why := notEtcd(ctx, s.cli.Endpoints(), s.tls); why != "" {
+				return fmt.Errorf("%s: %w: %s", s, ErrUnavailable, why)
+			}
 			return fmt.Errorf("%s: %w: no answer within %s: %v", s, ErrUnavailable, d, err)
+		}
+		if status.Code(err) == codes.Unimplemented {
+			// HTTP/2 and gRPC, but not etcd's service.
+			return fmt.Errorf("%s: %w: the endpoints do not answer as etcd: a gRPC server without etcd's KV service answered (%v)", s, ErrUnavailable, err)
 		}
 		return fmt.Errorf("%s: %w", s, err)
 	}

@@ -268,6 +268,10 @@ dies or is cut off loses it when etcd ends that lease, and the token is the
 etcd revision at which the lock was granted. The prefix's root is not
 checked: hosts whose roots differ may share a prefix for their locks.
 
+lock's flags come before or after NAME. Without --, CMD starts at the first
+argument after NAME that is not one of them, and every argument from there on
+is CMD's, flags and -- included, as for run.
+
 Exit status: CMD's (128+N for a signal N); 2 bad usage; 3 --timeout passed
 before the lock was taken; 75 the lease was lost while CMD ran (lock was
 stopped or could not renew past the lease, and another process broke the

@@ -155,7 +155,9 @@ source in parallel (each once across processes and hosts), exports each path
 and standard streams passed through. SIGINT, SIGTERM and SIGHUP are forwarded
 to CMD. When CMD exits, run releases everything and exits with CMD's status
 (128+N for a signal N). If run dies, CMD gets SIGKILL and its dependents are
-reaped like any dead process's.
+reaped like any dead process's. Without --, CMD starts at the first argument
+that is not one of run's flags, and every argument from there on is CMD's,
+flags and -- included, as for lock.
 
 Before CMD starts: exit 1 when a source is FAILED, 2 for bad usage or input,
 3 when --timeout passed. While CMD runs: exit 75 when a dependency was lost

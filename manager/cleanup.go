@@ -260,7 +260,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	rep.Usage.DiskFree, rep.Usage.DiskSize = m.cfg.Disk.Space(root)
 	var guards map[string]string
 	if snap, err := m.store.View(ctx); err == nil {
-		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+		guards, _ = m.imageGuards(ctx, snap) // engine calls stay outside the lock; imageGuards logs what it could not ask
 	}
 	var evicted []string // entry directories, relative to the root
 	var images []*state.Entry

@@ -78,13 +78,14 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		return rep, err
 	}
 	var guards map[string]string
+	var unavailable error // the engine could not be asked: no image entry goes
 	var snapshot map[string]bool
 	if snap, err := m.store.View(ctx); err == nil {
 		snapshot = map[string]bool{}
 		for id := range snap.Entries {
 			snapshot[id] = true
 		}
-		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+		guards, unavailable = m.imageGuards(ctx, snap) // engine calls stay outside the lock
 	} else {
 		return rep, err
 	}
@@ -127,6 +128,12 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 			if e.Key.Kind == state.Image && !e.External {
 				id := e.Key.ID()
 				if why, guarded := guards[id]; guarded || !snapshot[id] {
+					if guarded && unavailable != nil {
+						// Not in use as far as anyone knows: the engine
+						// did not say. Worth trying again, not releasing.
+						errs = append(errs, fmt.Errorf("%s: %w (the entry is kept; try again once the engine answers)", e.Key.Source, unavailable))
+						continue
+					}
 					if !guarded {
 						why = "appeared while removing; try again"
 					}
@@ -190,6 +197,12 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		rep.Removed = slices.DeleteFunc(rep.Removed, func(r Removed) bool {
 			if err, ok := kept[r.Key.ID()]; ok {
 				rep.Freed -= r.Bytes
+				if !errors.Is(err, ErrImageInUse) {
+					// Not a refusal: the engine did not answer (or failed).
+					refused = append(refused, fmt.Errorf("%s: %w: %s did not remove its image: %v (the entry is kept; try again once the engine answers)",
+						r.Key.Source, ErrEngineUnavailable, engineName(m.cfg.Docker), err))
+					return true
+				}
 				refused = append(refused, &InUseError{Key: r.Key, Stage: r.Stage,
 					Reason: fmt.Sprintf("the Docker engine refused to remove its image (%v): the entry is kept", err)})
 				return true

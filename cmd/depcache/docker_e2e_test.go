@@ -537,3 +537,69 @@ func TestE2ERmImage(t *testing.T) {
 		t.Errorf("%d entries left after rm", len(st.Entries))
 	}
 }
+
+// envWith is the test's environment with DOCKER_HOST set to host, or
+// unset when host is "".
+func envWith(host string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "DOCKER_HOST=") {
+			env = append(env, kv)
+		}
+	}
+	if host != "" {
+		env = append(env, "DOCKER_HOST="+host)
+	}
+	return env
+}
+
+// TestE2ERmImageEngineDown: rm of an image entry nobody uses, with the
+// engine unreachable, exits 1 with kind unavailable (not in_use), names the
+// engine, and keeps the entry; with the engine back, rm removes it.
+func TestE2ERmImageEngineDown(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/rmdown:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	dead := "unix://" + filepath.Join(t.TempDir(), "no-docker.sock")
+	cases := []struct {
+		name, host, engine string // engine: what the message must name
+	}{
+		{"dead socket", dead, dead},
+		{"no engine configured", "", "no Docker engine here"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.host == "" && fileExists("/var/run/docker.sock") {
+				t.Skip("/var/run/docker.sock exists: an engine is configured")
+			}
+			cmd := exec.Command(bin, "--root", root, "--json", "rm", "-y", "docker://"+ref)
+			cmd.Env = envWith(tc.host)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			cmd.Run()
+			e := decodeError(t, stderr.String())
+			if code := cmd.ProcessState.ExitCode(); code != 1 || e.Kind != "unavailable" || !strings.Contains(e.Error, tc.engine) {
+				t.Errorf("rm with the engine down: exit %d, %+v; want 1, kind unavailable, naming %q", code, e, tc.engine)
+			}
+			if st := readState(t, root); len(st.Entries) != 1 {
+				t.Errorf("%d entries after the refused rm, want the image's kept", len(st.Entries))
+			}
+			if _, ok := imageID(t, c, ref); !ok {
+				t.Error("the image is gone from the daemon")
+			}
+		})
+	}
+	if out, err := exec.Command(bin, "--root", root, "rm", "-y", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("rm with the engine back: %v: %s", err, out)
+	}
+	if st := readState(t, root); len(st.Entries) != 0 {
+		t.Errorf("%d entries left after rm", len(st.Entries))
+	}
+}

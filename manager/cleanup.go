@@ -395,15 +395,11 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		failpoint("sweep-committed")
 	}
 	m.moveToTrash(evicted, "evicted")
-	for _, v := range rep.Victims {
-		rep.Freed += v.Bytes
-	}
 	if dryRun {
+		for _, v := range rep.Victims {
+			rep.Freed += v.Frees
+		}
 		return rep, nil
-	}
-	for _, v := range rep.Victims {
-		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
-		m.metrics.freedBytes.Add(float64(v.Bytes))
 	}
 	if len(evicted) > 0 {
 		failpoint("sweep-before-delete")
@@ -414,17 +410,35 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	}
 	m.tidy(ctx)
 	m.removeDeadStaging(ctx)
+	var removed map[string]bool // image victims whose image went
 	if len(images) > 0 {
 		// An image the engine refused to remove has its entry back: not
 		// evicted, and not freed.
-		kept := m.removeImages(ctx, images)
+		var kept map[string]error
+		kept, removed = m.removeImages(ctx, images)
 		rep.Victims = slices.DeleteFunc(rep.Victims, func(v transitions.Victim) bool {
-			if _, ok := kept[v.Key.ID()]; ok {
-				rep.Freed -= v.Bytes
-				return true
-			}
-			return false
+			_, ok := kept[v.Key.ID()]
+			return ok
 		})
+	}
+	image := make(map[string]bool, len(images))
+	for _, e := range images {
+		image[e.Key.ID()] = true
+	}
+	for _, v := range rep.Victims {
+		// An image frees its bytes once, when it is removed: not for an
+		// entry whose image another entry still names, nor twice for a
+		// tag and a digest of it evicted together.
+		frees := v.Frees
+		if image[v.Key.ID()] {
+			frees = 0
+			if removed[v.Key.ID()] {
+				frees = v.Bytes
+			}
+		}
+		rep.Freed += frees
+		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
+		m.metrics.freedBytes.Add(float64(frees))
 	}
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")

@@ -263,15 +263,30 @@ func usedBy(names []string) string {
 // An image the engine refuses to remove (a container appeared, another tag
 // of the user's names it) gets its entry back, to be retried at a later
 // sweep; nothing is forced. It returns those, by key ID, with the engine's
-// refusal, so that a report does not count them as removed.
+// refusal, so that a report does not count them as removed; and, by key
+// ID, the victim whose image it did remove (one per image, however many
+// victims named it), so that only those count as freed.
 //
 // The image stays when another entry of the daemon names it: a tag and a
 // digest of one image, or a Get of the same reference since the eviction's
 // commit that found the image still there. A Get that does so between that
 // look and the removal gets its entry fetched again.
-func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kept map[string]error) {
-	kept = map[string]error{}
+func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kept map[string]error, removed map[string]bool) {
+	kept, removed = map[string]error{}, map[string]bool{}
+	// One removal per image: the victims that name it go with it, or
+	// come back with it.
+	var order []string
+	byImage := map[string][]*state.Entry{}
 	for _, e := range victims {
+		img := e.Key.Daemon + "\x00" + e.ImageID
+		if byImage[img] == nil {
+			order = append(order, img)
+		}
+		byImage[img] = append(byImage[img], e)
+	}
+	for _, img := range order {
+		group := byImage[img]
+		e := group[len(group)-1]
 		st, err := m.store.View(ctx)
 		if err == nil && namesImage(st, e) {
 			m.log.WithField("image_id", e.ImageID).Info("evicted an image entry whose image another entry names: the image stays")
@@ -282,22 +297,25 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kep
 			err = engineErr(ctx, ectx, m.cfg.Docker.Remove(ectx, e.ImageID))
 			cancel()
 			if err == nil {
+				removed[e.Key.ID()] = true
 				m.refetchRemoved(ctx, e)
 				continue
 			}
 		}
 		m.log.WithError(err).WithField("image_id", e.ImageID).Warn("image not removed; its entry is kept for a later sweep")
-		kept[e.Key.ID()] = err
-		restore := *e
-		m.store.Update(ctx, func(st *state.State) (bool, error) {
-			if st.Get(restore.Key) != nil {
-				return false, nil
-			}
-			st.Put(&restore)
-			return true, nil
-		})
+		for _, e := range group {
+			kept[e.Key.ID()] = err
+			restore := *e
+			m.store.Update(ctx, func(st *state.State) (bool, error) {
+				if st.Get(restore.Key) != nil {
+					return false, nil
+				}
+				st.Put(&restore)
+				return true, nil
+			})
+		}
 	}
-	return kept
+	return kept, removed
 }
 
 // namesImage reports whether an entry of st names gone's image in gone's

@@ -603,3 +603,136 @@ func TestE2ERmImageEngineDown(t *testing.T) {
 		t.Errorf("%d entries left after rm", len(st.Entries))
 	}
 }
+
+// tagAndDigest gets ref and its digest as two entries of one image, held
+// by job-tag and job-digest; it returns the digest reference, the image's
+// ID and its size as the entries record it.
+func tagAndDigest(t *testing.T, c *client.Client, root, ref string) (digest, id string, size int64) {
+	t.Helper()
+	get := func(dep, src string) {
+		t.Helper()
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", dep, src).CombinedOutput(); err != nil {
+			t.Fatalf("get %s: %v: %s", src, err, out)
+		}
+	}
+	get("job-tag", "docker://"+ref)
+	insp, err := c.ImageInspect(context.Background(), ref)
+	if err != nil || len(insp.RepoDigests) == 0 {
+		t.Fatalf("inspect %s: %v, digests %v", ref, err, insp.RepoDigests)
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), insp.ID, image.RemoveOptions{Force: true}) })
+	get("job-digest", "docker://"+insp.RepoDigests[0])
+	st := readState(t, root)
+	if len(st.Entries) != 2 {
+		t.Fatalf("%d entries, want a tag's and a digest's", len(st.Entries))
+	}
+	for _, e := range st.Entries {
+		if e.ImageID != insp.ID || e.SizeBytes <= 0 || size != 0 && e.SizeBytes != size {
+			t.Fatalf("entry %s: image %s, %d bytes; want %s, one size", e.Key.Source, e.ImageID, e.SizeBytes, insp.ID)
+		}
+		size = e.SizeBytes
+	}
+	return insp.RepoDigests[0], insp.ID, size
+}
+
+// gcJSONOf runs gc --json with args and decodes it.
+func gcJSONOf(t *testing.T, root string, args ...string) gcJSON {
+	t.Helper()
+	out, err := exec.Command(bin, append([]string{"--root", root, "--json", "gc", "--max-size", "1", "--min-age", "0s"}, args...)...).Output()
+	var rep gcJSON
+	if err != nil || json.Unmarshal(out, &rep) != nil {
+		t.Fatalf("gc --json %v: %v: %s", args, err, out)
+	}
+	return rep
+}
+
+func release(t *testing.T, root, dep, src string) {
+	t.Helper()
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", dep, src).CombinedOutput(); err != nil {
+		t.Fatalf("release %s %s: %v: %s", dep, src, err, out)
+	}
+}
+
+// TestE2EImageTagAndDigestCountedOnce: a tag's and a digest's entry of one
+// image take its size once in the budget; evicting the tag's while the
+// digest's holds the image frees nothing; evicting both frees it once; rm
+// counts the same way.
+func TestE2EImageTagAndDigestCountedOnce(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	t.Run("gc", func(t *testing.T) {
+		root := t.TempDir()
+		ref := reg.host + "/team/twice:1"
+		pushImage(t, c, ref, 64<<10)
+		digest, id, size := tagAndDigest(t, c, root, ref)
+		if rep := gcJSONOf(t, root, "--dry-run"); rep.UsageBytes != size || len(rep.Victims) != 0 {
+			t.Errorf("usage %d bytes, %d victims; want the image's %d once, none (both held)", rep.UsageBytes, len(rep.Victims), size)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		for _, dry := range []bool{true, false} {
+			args := []string{}
+			if dry {
+				args = append(args, "--dry-run")
+			}
+			rep := gcJSONOf(t, root, args...)
+			if len(rep.Victims) != 1 || rep.Victims[0].Source != "docker://"+ref || rep.FreedBytes != 0 || rep.UsageAfterBytes != size {
+				t.Errorf("gc (dry %v) of the tag's entry while the digest's holds the image: %+v; want the tag evicted, 0 freed, %d left", dry, rep, size)
+			}
+		}
+		if _, ok := imageID(t, c, id); !ok {
+			t.Fatal("the image went although the digest's entry holds it")
+		}
+		// Both evictable: the image goes, and frees its size once.
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
+			t.Fatalf("get again: %v: %s", err, out)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		release(t, root, "job-digest", "docker://"+digest)
+		for _, dry := range []bool{true, false} {
+			args := []string{}
+			if dry {
+				args = append(args, "--dry-run")
+			}
+			rep := gcJSONOf(t, root, args...)
+			if len(rep.Victims) != 2 || rep.FreedBytes != size || rep.UsageBytes != size || rep.UsageAfterBytes != 0 {
+				t.Errorf("gc (dry %v) of both entries: %+v; want 2 victims, %d freed once, usage %d", dry, rep, size, size)
+			}
+		}
+		if _, ok := imageID(t, c, id); ok {
+			t.Error("the image stayed after both its entries were evicted")
+		}
+	})
+	t.Run("rm", func(t *testing.T) {
+		root := t.TempDir()
+		ref := reg.host + "/team/twice-rm:1"
+		pushImage(t, c, ref, 64<<10)
+		digest, id, size := tagAndDigest(t, c, root, ref)
+		release(t, root, "job-tag", "docker://"+ref)
+		rm := func(srcs ...string) rmJSON {
+			t.Helper()
+			out, err := exec.Command(bin, append([]string{"--root", root, "--json", "rm", "-y"}, srcs...)...).Output()
+			var rep rmJSON
+			if err != nil || json.Unmarshal(out, &rep) != nil {
+				t.Fatalf("rm %v: %v: %s", srcs, err, out)
+			}
+			return rep
+		}
+		if rep := rm("docker://" + ref); len(rep.Removed) != 1 || rep.FreedBytes != 0 {
+			t.Errorf("rm of the tag's entry while the digest's holds the image: %+v; want it removed, 0 freed", rep)
+		}
+		if _, ok := imageID(t, c, id); !ok {
+			t.Fatal("rm removed the image that the digest's entry holds")
+		}
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
+			t.Fatalf("get again: %v: %s", err, out)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		release(t, root, "job-digest", "docker://"+digest)
+		if rep := rm("docker://"+ref, "docker://"+digest); len(rep.Removed) != 2 || rep.FreedBytes != size {
+			t.Errorf("rm of both entries: %+v; want both removed, %d freed once", rep, size)
+		}
+		if _, ok := imageID(t, c, id); ok {
+			t.Error("the image stayed after rm of both its entries")
+		}
+	})
+}

@@ -736,3 +736,46 @@ func TestE2EImageTagAndDigestCountedOnce(t *testing.T) {
 		}
 	})
 }
+
+// TestE2ELsKeptByContainer: ls says that an image a container uses is kept
+// for that container, naming it (it said "younger than min-age", which a
+// sweep past min-age would not have been stopped by either).
+func TestE2ELsKeptByContainer(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/ls-ctr:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	name := fmt.Sprintf("depcache-ls-%d", time.Now().UnixNano())
+	ctr, err := c.ContainerCreate(context.Background(), &container.Config{Image: id, Cmd: []string{"/payload"}}, nil, nil, nil, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.ContainerRemove(context.Background(), ctr.ID, container.RemoveOptions{Force: true}) })
+	want := "used by container " + name
+	out, err := exec.Command(bin, "--root", root, "--json", "ls").Output()
+	var list []entryJSON
+	if err != nil || json.Unmarshal(out, &list) != nil || len(list) != 1 {
+		t.Fatalf("ls --json: %v: %s", err, out)
+	}
+	if list[0].Kept != want {
+		t.Errorf("ls --json kept %q, want %q", list[0].Kept, want)
+	}
+	out, err = exec.Command(bin, "--root", root, "ls").Output()
+	if err != nil || !strings.Contains(string(out), want) {
+		t.Errorf("ls: %v:\n%s\nwant KEPT %q", err, out, want)
+	}
+	// Past min-age too: the container keeps it, as it keeps it from gc.
+	if out, err := exec.Command(bin, "--root", root, "--json", "gc", "--max-size", "1", "--min-age", "0s").CombinedOutput(); err != nil {
+		t.Fatalf("gc: %v: %s", err, out)
+	}
+	out, _ = exec.Command(bin, "--root", root, "--json", "ls").Output()
+	if json.Unmarshal(out, &list) != nil || len(list) != 1 || list[0].Kept != want {
+		t.Errorf("after gc: ls --json %s; want the entry, kept %q", out, want)
+	}
+}

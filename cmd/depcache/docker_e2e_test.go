@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -777,5 +778,109 @@ func TestE2ELsKeptByContainer(t *testing.T) {
 	out, _ = exec.Command(bin, "--root", root, "--json", "ls").Output()
 	if json.Unmarshal(out, &list) != nil || len(list) != 1 || list[0].Kept != want {
 		t.Errorf("after gc: ls --json %s; want the entry, kept %q", out, want)
+	}
+}
+
+// doctorChecks runs doctor --json with DOCKER_HOST host and returns its
+// checks by name (each name's last) and its exit code.
+func doctorChecks(t *testing.T, root, host string) (map[string]manager.Check, int) {
+	t.Helper()
+	cmd := exec.Command(bin, "--root", root, "--json", "doctor")
+	cmd.Env = envWith(host)
+	out, _ := cmd.Output()
+	var checks []manager.Check
+	if err := json.Unmarshal(out, &checks); err != nil {
+		t.Fatalf("doctor --json: %v: %s", err, out)
+	}
+	byName := map[string]manager.Check{}
+	for _, c := range checks {
+		byName[c.Name] = c
+	}
+	return byName, cmd.ProcessState.ExitCode()
+}
+
+// TestE2EDoctorChecksTheEngine: on a root with image entries, doctor checks
+// that the engine answers and that each READY image entry's image is in
+// it; on a root without images it does not contact the engine, even one
+// that would hang.
+func TestE2EDoctorChecksTheEngine(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	real := os.Getenv("DOCKER_HOST")
+	// An engine that accepts and never answers, counting its connections.
+	sock := filepath.Join(t.TempDir(), "hung.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dialed atomic.Int32
+	var mu sync.Mutex
+	var conns []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			dialed.Add(1)
+			mu.Lock()
+			conns = append(conns, conn)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	hung := "unix://" + sock
+
+	bundles := t.TempDir()
+	if out, err := exec.Command(bin, "--root", bundles, "get", hello(t)).CombinedOutput(); err != nil {
+		t.Fatalf("get a bundle: %v: %s", err, out)
+	}
+	checks, code := doctorChecks(t, bundles, hung)
+	if _, ok := checks["docker engine"]; ok || code != 0 || dialed.Load() != 0 {
+		t.Errorf("doctor of a root without images: exit %d, engine check %+v, %d connections to the engine; want 0, none, none",
+			code, checks["docker engine"], dialed.Load())
+	}
+
+	root := t.TempDir()
+	ref := reg.host + "/team/doctor:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	checks, code = doctorChecks(t, root, real)
+	if e, i := checks["docker engine"], checks["images"]; code != 0 || e.Status != "ok" || !strings.Contains(e.Detail, real) || i.Status != "ok" {
+		t.Errorf("doctor with the engine up: exit %d, %+v, %+v; want 0 and both ok, naming %s", code, e, i, real)
+	}
+
+	dead := "unix://" + filepath.Join(t.TempDir(), "no-docker.sock")
+	checks, code = doctorChecks(t, root, dead)
+	if e := checks["docker engine"]; code != 1 || e.Status != "fail" || !strings.Contains(e.Detail, dead) {
+		t.Errorf("doctor with the engine down: exit %d, %+v; want 1 and a failing check naming %s", code, e, dead)
+	}
+	start := time.Now()
+	checks, code = doctorChecks(t, root, hung)
+	if e := checks["docker engine"]; code != 1 || e.Status != "fail" || !strings.Contains(e.Detail, "did not answer within") {
+		t.Errorf("doctor with a hung engine: exit %d, %+v; want 1 and a failing check that says it did not answer in time", code, e)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("doctor with a hung engine took %s; want about the 10 s bound", took)
+	}
+
+	if _, err := c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	checks, code = doctorChecks(t, root, real)
+	if i := checks["images"]; code != 0 || i.Status != "warn" || !strings.Contains(i.Detail, "docker://"+ref) || !strings.Contains(i.Detail, id) {
+		t.Errorf("doctor with the image removed by hand: exit %d, %+v; want 0 and a warning naming the entry and its image", code, i)
 	}
 }

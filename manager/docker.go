@@ -23,7 +23,7 @@ var ErrImageInUse = errors.New("image in use")
 // ran out of its bound (10 s). It says nothing of the image: nothing was
 // changed for it, and the same request may succeed once the engine
 // answers.
-var ErrEngineUnavailable = errors.New("Docker engine unavailable")
+var ErrEngineUnavailable = errors.New("docker engine unavailable")
 
 // Engine is the Docker engine as the manager needs it: images live in a
 // host's daemon, not on the shared filesystem. Package manager/docker

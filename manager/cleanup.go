@@ -260,7 +260,7 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	rep.Usage.DiskFree, rep.Usage.DiskSize = m.cfg.Disk.Space(root)
 	var guards map[string]string
 	if snap, err := m.store.View(ctx); err == nil {
-		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+		guards, _ = m.imageGuards(ctx, snap) // engine calls stay outside the lock; imageGuards logs what it could not ask
 	}
 	var evicted []string // entry directories, relative to the root
 	var images []*state.Entry
@@ -395,15 +395,11 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 		failpoint("sweep-committed")
 	}
 	m.moveToTrash(evicted, "evicted")
-	for _, v := range rep.Victims {
-		rep.Freed += v.Bytes
-	}
 	if dryRun {
+		for _, v := range rep.Victims {
+			rep.Freed += v.Frees
+		}
 		return rep, nil
-	}
-	for _, v := range rep.Victims {
-		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
-		m.metrics.freedBytes.Add(float64(v.Bytes))
 	}
 	if len(evicted) > 0 {
 		failpoint("sweep-before-delete")
@@ -414,17 +410,35 @@ func (m *Manager) sweep(ctx context.Context, dryRun bool, given *PolicyChange) (
 	}
 	m.tidy(ctx)
 	m.removeDeadStaging(ctx)
+	var removed map[string]bool // image victims whose image went
 	if len(images) > 0 {
 		// An image the engine refused to remove has its entry back: not
 		// evicted, and not freed.
-		kept := m.removeImages(ctx, images)
+		var kept map[string]error
+		kept, removed = m.removeImages(ctx, images)
 		rep.Victims = slices.DeleteFunc(rep.Victims, func(v transitions.Victim) bool {
-			if _, ok := kept[v.Key.ID()]; ok {
-				rep.Freed -= v.Bytes
-				return true
-			}
-			return false
+			_, ok := kept[v.Key.ID()]
+			return ok
 		})
+	}
+	image := make(map[string]bool, len(images))
+	for _, e := range images {
+		image[e.Key.ID()] = true
+	}
+	for _, v := range rep.Victims {
+		// An image frees its bytes once, when it is removed: not for an
+		// entry whose image another entry still names, nor twice for a
+		// tag and a digest of it evicted together.
+		frees := v.Frees
+		if image[v.Key.ID()] {
+			frees = 0
+			if removed[v.Key.ID()] {
+				frees = v.Bytes
+			}
+		}
+		rep.Freed += frees
+		m.metrics.evictions.WithLabelValues(v.Reason).Inc()
+		m.metrics.freedBytes.Add(float64(frees))
 	}
 	for src, names := range rep.Reaped {
 		m.log.WithFields(logrus.Fields{"source": src, "dependents": names}).Info("reaped dependents that no longer hold their entry")
@@ -818,10 +832,22 @@ type Description struct {
 // own observations of its lease; a one-shot caller has none, so such a
 // dependent shows as live. The state's entries are shared with the store's
 // cache: read them, or Clone one to change it.
-func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Description, error) {
+//
+// WithContainers makes it ask the engine too, for a root that holds
+// images, which containers use them: an image a container uses is kept
+// for that, as a sweep keeps it.
+func (m *Manager) Describe(ctx context.Context, opts ...DescribeOption) (*state.State, map[string]Description, error) {
+	var o describeOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	st, err := m.store.View(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	var users map[string]string
+	if o.containers {
+		users = m.containerUsers(ctx, st) // the engine is asked before m.mu is taken
 	}
 	now := m.cfg.Clock.Now()
 	pol := policyOf(st)
@@ -829,9 +855,56 @@ func (m *Manager) Describe(ctx context.Context) (*state.State, map[string]Descri
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for id, e := range st.Entries {
-		out[id] = m.describeLocked(id, e, pol, now)
+		d := m.describeLocked(id, e, pol, now)
+		// Downloading and live dependents say more; any other reason (or
+		// none) is less than a container's use, which keeps it whatever
+		// its age or pins.
+		held := slices.ContainsFunc(d.Dependents, func(di DependentInfo) bool { return di.Live })
+		if why := users[id]; why != "" && e.Stage != state.Downloading && !held {
+			d.Kept = why
+		}
+		out[id] = d
 	}
 	return st, out, nil
+}
+
+// DescribeOption changes what Describe looks at.
+type DescribeOption func(*describeOptions)
+
+type describeOptions struct{ containers bool }
+
+// WithContainers makes Describe ask the Docker engine (each call within
+// its bound) which containers use the images of a root that holds any,
+// and say so of each: "used by container NAME". A root without images
+// does not contact the engine.
+func WithContainers() DescribeOption { return func(o *describeOptions) { o.containers = true } }
+
+// containerUsers says, by key ID, which containers use the image of each
+// image entry of st in this manager's daemon. An engine that cannot be
+// asked is logged, and leaves it empty.
+func (m *Manager) containerUsers(ctx context.Context, st *state.State) map[string]string {
+	if m.cfg.Docker == nil || !hasImages(st) {
+		return nil
+	}
+	daemon, err := m.daemon(ctx)
+	var users map[string][]string
+	if err == nil {
+		users, err = m.containersByImage(ctx)
+	}
+	if err != nil {
+		m.log.WithError(err).Warn("cannot ask the Docker engine which containers use images")
+		return nil
+	}
+	out := map[string]string{}
+	for id, e := range st.Entries {
+		if e.Key.Kind != state.Image || e.Key.Daemon != daemon || e.ImageID == "" {
+			continue
+		}
+		if names, used := users[e.ImageID]; used {
+			out[id] = usedBy(names)
+		}
+	}
+	return out
 }
 
 // DescribeEntry returns key's entry as the store holds it now and why it

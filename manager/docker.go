@@ -18,6 +18,13 @@ import (
 // container uses it.
 var ErrImageInUse = errors.New("image in use")
 
+// ErrEngineUnavailable means the Docker engine could not be asked: none is
+// configured here, it is down or its socket unreachable, or a call to it
+// ran out of its bound (10 s). It says nothing of the image: nothing was
+// changed for it, and the same request may succeed once the engine
+// answers.
+var ErrEngineUnavailable = errors.New("docker engine unavailable")
+
 // Engine is the Docker engine as the manager needs it: images live in a
 // host's daemon, not on the shared filesystem. Package manager/docker
 // implements it with the Docker Engine API, so that an embedder without
@@ -43,6 +50,28 @@ type Engine interface {
 	FindLabeled(ctx context.Context, label, value string) (ImageInfo, bool, error)
 	// Build builds an image from a tar of its context and returns its ID.
 	Build(ctx context.Context, context io.Reader, spec state.BuildSpec, labels map[string]string) (string, error)
+}
+
+// ContainerNamer is an Engine that can also name the containers (running
+// or not) that use each image, by the image's full ID, so that what keeps
+// an image can be said (ls, rm). An Engine without it is asked
+// ImagesInUse, and its containers go unnamed.
+type ContainerNamer interface {
+	ContainersByImage(ctx context.Context) (map[string][]string, error)
+}
+
+// EngineAddr is an Engine that can say where it is (its DOCKER_HOST), for
+// messages.
+type EngineAddr interface {
+	Addr() string
+}
+
+// engineName names eng in messages: "the Docker engine at ADDR".
+func engineName(eng Engine) string {
+	if a, ok := eng.(EngineAddr); ok && a.Addr() != "" {
+		return "the Docker engine at " + a.Addr()
+	}
+	return "the Docker engine"
 }
 
 // ImageInfo is what the engine says of an image.

@@ -616,6 +616,7 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	if missing == 0 {
 		add("content", "ok", "every READY entry's content exists")
 	}
+	m.imageChecks(ctx, st, add)
 	var orphans, foreign, unreadable []string
 	if ents, err := os.ReadDir(filepath.Join(root, entriesDir)); err == nil {
 		publishing := namedOrPublishing(st)
@@ -665,6 +666,83 @@ func (m *Manager) Doctor(ctx context.Context, opts ...DoctorOption) []Check {
 	m.trashCheck(add)
 
 	return out
+}
+
+// imageChecks checks, on a root that holds image entries, that this
+// host's Docker engine answers ("docker engine") and that the image of
+// each READY image entry of its daemon is in it ("images"). A root without
+// images does not contact the engine. Asking for the engine's ID has the
+// engine's bound (10 s), and so have all the inspections together: an
+// engine that stops answering midway leaves the rest unchecked.
+func (m *Manager) imageChecks(ctx context.Context, st *state.State, add func(name, status, format string, args ...any)) {
+	if !hasImages(st) {
+		return
+	}
+	var images int
+	for _, e := range st.Entries {
+		if e.Key.Kind == state.Image {
+			images++
+		}
+	}
+	if m.cfg.Docker == nil {
+		add("docker engine", "warn", "%s, and no Docker engine here (DOCKER_HOST, or /var/run/docker.sock): not checked; gets and removals of this host's images fail until one answers",
+			plural(images, "image entry", "image entries"))
+		return
+	}
+	name := engineName(m.cfg.Docker)
+	daemon, err := m.daemon(ctx)
+	if err != nil {
+		add("docker engine", "fail", "%s does not answer: %v (%s not checked; gets and removals of its images fail until it answers)",
+			name, err, plural(images, "image entry", "image entries"))
+		return
+	}
+	add("docker engine", "ok", "%s answers: daemon %s", name, daemon)
+	ectx, cancel := engineContext(ctx)
+	defer cancel()
+	var gone, unchecked []string
+	checked, others := 0, 0
+	for _, e := range st.Sorted() {
+		switch {
+		case e.Key.Kind != state.Image || e.Stage != state.Ready || e.ImageID == "":
+			continue
+		case e.Key.Daemon != daemon:
+			others++
+			continue
+		case ectx.Err() != nil:
+			unchecked = append(unchecked, e.Key.Source)
+			continue
+		}
+		_, ok, err := m.cfg.Docker.Inspect(ectx, e.ImageID)
+		switch {
+		case err != nil:
+			unchecked = append(unchecked, fmt.Sprintf("%s (%v)", e.Key.Source, engineErr(ctx, ectx, err)))
+		case !ok:
+			gone = append(gone, fmt.Sprintf("%s (%s)", e.Key.Source, e.ImageID))
+		default:
+			checked++
+		}
+	}
+	elsewhere := ""
+	if others > 0 {
+		elsewhere = fmt.Sprintf("; %s of other daemons not checked here", plural(others, "READY image entry", "READY image entries"))
+	}
+	if len(unchecked) > 0 {
+		add("images", "fail", "%s did not answer for %s: %s%s", name, plural(len(unchecked), "READY image entry", "READY image entries"), strings.Join(unchecked, "; "), elsewhere)
+	}
+	if len(gone) > 0 {
+		add("images", "warn", "READY image entries whose image is gone from the daemon (removed by hand?): %s; the next get of each pulls it again", strings.Join(gone, ", "))
+	}
+	if len(unchecked) == 0 && len(gone) == 0 {
+		add("images", "ok", "the image of every READY image entry of this daemon is present (%d)%s", checked, elsewhere)
+	}
+}
+
+// plural is "1 thing" or "N things".
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }
 
 // trashCheck reports what trash/ holds, directory by directory, and who

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -166,68 +167,126 @@ func published(info ImageInfo, fetched int64, external bool) transitions.Publish
 // evicted by this manager: another daemon's, or used by a container. The
 // engine is asked before the lock is taken; a container created after
 // that is caught by the engine's refusal to remove the image.
-func (m *Manager) imageGuards(ctx context.Context, st *state.State) map[string]string {
-	guards := map[string]string{}
-	var used map[string]bool
+//
+// unavailable is not nil when the engine could not be asked (none here, or
+// it did not answer): every image entry is guarded then, and the error,
+// wrapping ErrEngineUnavailable and naming the engine, says why.
+func (m *Manager) imageGuards(ctx context.Context, st *state.State) (guards map[string]string, unavailable error) {
+	guards = map[string]string{}
+	if !hasImages(st) {
+		return guards, nil
+	}
+	guardAll := func(why string) {
+		for id, e := range st.Entries {
+			if e.Key.Kind == state.Image {
+				guards[id] = why
+			}
+		}
+	}
+	if m.cfg.Docker == nil {
+		why := "no Docker engine here (DOCKER_HOST, or /var/run/docker.sock)"
+		guardAll(why)
+		return guards, fmt.Errorf("%w: %s", ErrEngineUnavailable, why)
+	}
 	// The engine's ID, asked once: a manager that never started (rm) has
 	// not learnt it.
-	daemon, daemonErr := "", error(nil)
-	if m.cfg.Docker != nil && hasImages(st) {
-		daemon, daemonErr = m.daemon(ctx)
+	daemon, err := m.daemon(ctx)
+	if err != nil {
+		why := fmt.Sprintf("%s does not answer: %v", engineName(m.cfg.Docker), err)
+		guardAll(why)
+		return guards, fmt.Errorf("%w: %s", ErrEngineUnavailable, why)
 	}
+	var users map[string][]string
 	for id, e := range st.Entries {
 		if e.Key.Kind != state.Image {
 			continue
 		}
-		switch {
-		case m.cfg.Docker == nil:
-			guards[id] = "no Docker engine here (DOCKER_HOST, or /var/run/docker.sock)"
-			continue
-		case daemonErr != nil:
-			guards[id] = fmt.Sprintf("the Docker engine does not answer: %v", daemonErr)
-			continue
-		case e.Key.Daemon != daemon:
+		if e.Key.Daemon != daemon {
 			guards[id] = "image of another daemon"
 			continue
 		}
-		if used == nil {
+		if users == nil {
 			var err error
-			ectx, cancel := engineContext(ctx)
-			used, err = m.cfg.Docker.ImagesInUse(ectx)
-			err = engineErr(ctx, ectx, err)
-			cancel()
-			if err != nil {
+			if users, err = m.containersByImage(ctx); err != nil {
 				if ctx.Err() == nil { // a sweep cut short by its caller's end is no problem
 					m.log.WithError(err).Warn("cannot list containers: no image is evicted in this sweep")
 				}
-				for id, e := range st.Entries {
-					if e.Key.Kind == state.Image {
-						guards[id] = "containers unknown"
-					}
-				}
-				return guards
+				why := fmt.Sprintf("containers unknown: %s did not list them: %v", engineName(m.cfg.Docker), err)
+				guardAll(why)
+				return guards, fmt.Errorf("%w: %s", ErrEngineUnavailable, why)
 			}
 		}
-		if used[e.ImageID] {
-			guards[id] = "used by a container"
+		if names, used := users[e.ImageID]; used {
+			guards[id] = usedBy(names)
 		}
 	}
-	return guards
+	return guards, nil
+}
+
+// containersByImage asks the engine, within its bound, which containers
+// use each image: by name when it can say (ContainerNamer).
+func (m *Manager) containersByImage(ctx context.Context) (map[string][]string, error) {
+	ectx, cancel := engineContext(ctx)
+	defer cancel()
+	if n, ok := m.cfg.Docker.(ContainerNamer); ok {
+		users, err := n.ContainersByImage(ectx)
+		return users, engineErr(ctx, ectx, err)
+	}
+	used, err := m.cfg.Docker.ImagesInUse(ectx)
+	if err != nil {
+		return nil, engineErr(ctx, ectx, err)
+	}
+	users := make(map[string][]string, len(used))
+	for id, u := range used {
+		if u {
+			users[id] = nil
+		}
+	}
+	return users, nil
+}
+
+// usedBy says which containers use an image: "used by container NAME",
+// the first few of them by name when the engine named them.
+func usedBy(names []string) string {
+	switch names = slices.Sorted(slices.Values(names)); {
+	case len(names) == 0:
+		return "used by a container"
+	case len(names) == 1:
+		return "used by container " + names[0]
+	case len(names) <= 3:
+		return "used by containers " + strings.Join(names, ", ")
+	}
+	return fmt.Sprintf("used by containers %s and %d more", strings.Join(names[:3], ", "), len(names)-3)
 }
 
 // removeImages removes evicted images from the engine, outside the lock.
 // An image the engine refuses to remove (a container appeared, another tag
 // of the user's names it) gets its entry back, to be retried at a later
 // sweep; nothing is forced. It returns those, by key ID, with the engine's
-// refusal, so that a report does not count them as removed.
+// refusal, so that a report does not count them as removed; and, by key
+// ID, the victim whose image it did remove (one per image, however many
+// victims named it), so that only those count as freed.
 //
 // The image stays when another entry of the daemon names it: a tag and a
 // digest of one image, or a Get of the same reference since the eviction's
 // commit that found the image still there. A Get that does so between that
 // look and the removal gets its entry fetched again.
-func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kept map[string]error) {
-	kept = map[string]error{}
+func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kept map[string]error, removed map[string]bool) {
+	kept, removed = map[string]error{}, map[string]bool{}
+	// One removal per image: the victims that name it go with it, or
+	// come back with it.
+	var order []string
+	byImage := map[string][]*state.Entry{}
 	for _, e := range victims {
+		img := e.Key.Daemon + "\x00" + e.ImageID
+		if byImage[img] == nil {
+			order = append(order, img)
+		}
+		byImage[img] = append(byImage[img], e)
+	}
+	for _, img := range order {
+		group := byImage[img]
+		e := group[len(group)-1]
 		st, err := m.store.View(ctx)
 		if err == nil && namesImage(st, e) {
 			m.log.WithField("image_id", e.ImageID).Info("evicted an image entry whose image another entry names: the image stays")
@@ -238,22 +297,25 @@ func (m *Manager) removeImages(ctx context.Context, victims []*state.Entry) (kep
 			err = engineErr(ctx, ectx, m.cfg.Docker.Remove(ectx, e.ImageID))
 			cancel()
 			if err == nil {
+				removed[e.Key.ID()] = true
 				m.refetchRemoved(ctx, e)
 				continue
 			}
 		}
 		m.log.WithError(err).WithField("image_id", e.ImageID).Warn("image not removed; its entry is kept for a later sweep")
-		kept[e.Key.ID()] = err
-		restore := *e
-		m.store.Update(ctx, func(st *state.State) (bool, error) {
-			if st.Get(restore.Key) != nil {
-				return false, nil
-			}
-			st.Put(&restore)
-			return true, nil
-		})
+		for _, e := range group {
+			kept[e.Key.ID()] = err
+			restore := *e
+			m.store.Update(ctx, func(st *state.State) (bool, error) {
+				if st.Get(restore.Key) != nil {
+					return false, nil
+				}
+				st.Put(&restore)
+				return true, nil
+			})
+		}
 	}
-	return kept
+	return kept, removed
 }
 
 // namesImage reports whether an entry of st names gone's image in gone's

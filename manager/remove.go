@@ -78,13 +78,14 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		return rep, err
 	}
 	var guards map[string]string
+	var unavailable error // the engine could not be asked: no image entry goes
 	var snapshot map[string]bool
 	if snap, err := m.store.View(ctx); err == nil {
 		snapshot = map[string]bool{}
 		for id := range snap.Entries {
 			snapshot[id] = true
 		}
-		guards = m.imageGuards(ctx, snap) // engine calls stay outside the lock
+		guards, unavailable = m.imageGuards(ctx, snap) // engine calls stay outside the lock
 	} else {
 		return rep, err
 	}
@@ -98,6 +99,7 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 	}
 	var dirs []string
 	var images []*state.Entry
+	var frees map[string]int64 // by key ID, what each removal frees
 	remove := func(st *state.State) (bool, error) {
 		rep.Removed, dirs, images = nil, nil, nil
 		now := m.cfg.Clock.Now()
@@ -127,6 +129,12 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 			if e.Key.Kind == state.Image && !e.External {
 				id := e.Key.ID()
 				if why, guarded := guards[id]; guarded || !snapshot[id] {
+					if guarded && unavailable != nil {
+						// Not in use as far as anyone knows: the engine
+						// did not say. Worth trying again, not releasing.
+						errs = append(errs, fmt.Errorf("%s: %w (the entry is kept; try again once the engine answers)", e.Key.Source, unavailable))
+						continue
+					}
 					if !guarded {
 						why = "appeared while removing; try again"
 					}
@@ -140,6 +148,7 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		if len(errs) > 0 {
 			return false, errors.Join(errs...)
 		}
+		frees = freesOf(st, rep.Removed)
 		if dryRun {
 			return false, nil
 		}
@@ -170,10 +179,10 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		rep.Removed = nil
 		return rep, err
 	}
-	for _, r := range rep.Removed {
-		rep.Freed += r.Bytes
-	}
 	if dryRun {
+		for _, r := range rep.Removed {
+			rep.Freed += frees[r.Key.ID()]
+		}
 		return rep, nil
 	}
 	// Committed first, moved after (see sweep).
@@ -186,10 +195,22 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 	if len(images) > 0 {
 		// An image the engine refused to remove has its entry back: it was
 		// not removed, and the all-or-nothing of the others is past.
-		kept := m.removeImages(ctx, images)
+		kept, removed := m.removeImages(ctx, images)
+		// An image frees its bytes when it is removed, once.
+		for _, e := range images {
+			frees[e.Key.ID()] = 0
+			if removed[e.Key.ID()] {
+				frees[e.Key.ID()] = e.SizeBytes
+			}
+		}
 		rep.Removed = slices.DeleteFunc(rep.Removed, func(r Removed) bool {
 			if err, ok := kept[r.Key.ID()]; ok {
-				rep.Freed -= r.Bytes
+				if !errors.Is(err, ErrImageInUse) {
+					// Not a refusal: the engine did not answer (or failed).
+					refused = append(refused, fmt.Errorf("%s: %w: %s did not remove its image: %v (the entry is kept; try again once the engine answers)",
+						r.Key.Source, ErrEngineUnavailable, engineName(m.cfg.Docker), err))
+					return true
+				}
 				refused = append(refused, &InUseError{Key: r.Key, Stage: r.Stage,
 					Reason: fmt.Sprintf("the Docker engine refused to remove its image (%v): the entry is kept", err)})
 				return true
@@ -198,7 +219,48 @@ func (m *Manager) Remove(ctx context.Context, keys []state.Key, dryRun bool) (Re
 		})
 	}
 	for _, r := range rep.Removed {
+		rep.Freed += frees[r.Key.ID()]
 		m.log.WithFields(logrus.Fields{"source": r.Key.Source, "bytes": r.Bytes}).Info("removed an entry on request")
 	}
 	return rep, errors.Join(refused...)
+}
+
+// freesOf says, by key ID, what removing each of removed (entries of st)
+// frees: an entry's bytes, but an image's once, and only when no entry
+// left names it; nothing for an image the daemon had before depcache
+// (External), which stays.
+func freesOf(st *state.State, removed []Removed) map[string]int64 {
+	gone := make(map[string]bool, len(removed))
+	for _, r := range removed {
+		gone[r.Key.ID()] = true
+	}
+	out := make(map[string]int64, len(removed))
+	counted := map[string]bool{}
+	for _, r := range removed {
+		id := r.Key.ID()
+		e := st.Get(r.Key)
+		switch {
+		case e.Key.Kind != state.Image || e.ImageID == "" || e.Stage == state.Downloading:
+			out[id] = r.Bytes
+			continue
+		case e.External:
+			continue
+		}
+		img := e.Key.Daemon + "\x00" + e.ImageID
+		if counted[img] {
+			continue
+		}
+		counted[img] = true
+		left := false
+		for oid, o := range st.Entries {
+			if !gone[oid] && o.Key.Kind == state.Image && o.Key.Daemon == e.Key.Daemon && o.ImageID == e.ImageID {
+				left = true
+				break
+			}
+		}
+		if !left {
+			out[id] = r.Bytes
+		}
+	}
+	return out
 }

@@ -20,18 +20,53 @@ type Usage struct {
 
 // Victim is an entry the sweep removes.
 type Victim struct {
-	Key    state.Key
-	Path   string
-	Bytes  int64
-	Reason string // "budget", "age", "free disk" or "failed"
+	Key  state.Key
+	Path string
+	// Bytes is the entry's size; Frees what its eviction frees: Bytes, but
+	// 0 for an image entry whose image another entry still names (a tag
+	// and a digest of one image), which the eviction leaves.
+	Bytes, Frees int64
+	Reason       string // "budget", "age", "free disk" or "failed"
 }
 
 // Measure returns the bytes the entries take, counting downloads in flight
 // at their expected size so that concurrent downloads cannot overshoot.
+// An image that several entries name (a tag and a digest of it, in one
+// daemon) is counted once.
 func Measure(entries map[string]*state.Entry) int64 {
 	var n int64
+	images := map[string]int64{}
 	for _, e := range entries {
+		if img := imageOf(e); img != "" {
+			images[img] = max(images[img], held(e))
+			continue
+		}
 		n += held(e)
+	}
+	for _, b := range images {
+		n += b
+	}
+	return n
+}
+
+// imageOf names the image that e holds, as one daemon's image ID, or is
+// "" for an entry that holds no image (a bundle, an image not pulled yet).
+// Entries with the same name hold one image: it takes its bytes once, and
+// goes only with the last of them.
+func imageOf(e *state.Entry) string {
+	if e.Key.Kind != state.Image || e.ImageID == "" {
+		return ""
+	}
+	return e.Key.Daemon + "\x00" + e.ImageID
+}
+
+// holders counts, by imageOf, the entries that name each image.
+func holders(entries map[string]*state.Entry) map[string]int {
+	n := map[string]int{}
+	for _, e := range entries {
+		if img := imageOf(e); img != "" {
+			n[img]++
+		}
 	}
 	return n
 }
@@ -128,11 +163,19 @@ func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map
 	var out []Victim
 	chosen := map[string]bool{}
 	usage := u.Bytes
-	pick := func(e *state.Entry, reason string) {
+	left := holders(entries) // the entries not chosen yet that name each image
+	pick := func(e *state.Entry, reason string) int64 {
 		chosen[e.Key.ID()] = true
-		usage -= e.SizeBytes
-		u.DiskFree += e.SizeBytes
-		out = append(out, Victim{Key: e.Key, Path: e.Path, Bytes: e.SizeBytes, Reason: reason})
+		frees := e.SizeBytes
+		if img := imageOf(e); img != "" {
+			if left[img]--; left[img] > 0 {
+				frees = 0 // the image stays for the others
+			}
+		}
+		usage -= frees
+		u.DiskFree += frees
+		out = append(out, Victim{Key: e.Key, Path: e.Path, Bytes: e.SizeBytes, Frees: frees, Reason: reason})
+		return frees
 	}
 	if pol.MaxAge > 0 {
 		for _, e := range cands {
@@ -165,8 +208,7 @@ func PlanEviction(pol state.Policy, entries map[string]*state.Entry, watched map
 		if e.Stage == state.Failed {
 			r = "failed"
 		}
-		freed += e.SizeBytes
-		pick(e, r)
+		freed += pick(e, r)
 	}
 	return out
 }
@@ -192,12 +234,15 @@ func Room(pol state.Policy, entries map[string]*state.Entry, self state.Key, wat
 	if pol.MaxSizeBytes <= 0 {
 		return 0, 0, false
 	}
+	kept := map[string]*state.Entry{}
 	for id, e := range entries {
-		if id == self.ID() || Kept(pol, e, judged(e, id, watched, now), now) == "" {
-			continue
+		if id != self.ID() && Kept(pol, e, judged(e, id, watched, now), now) != "" {
+			kept[id] = e
 		}
-		fixed += held(e) // a download of unknown size holds what it wrote
 	}
+	// A download of unknown size holds what it wrote; an image that kept
+	// entries share, its bytes once.
+	fixed = Measure(kept)
 	return max(pol.MaxSizeBytes-fixed, 0), fixed, true
 }
 
@@ -219,10 +264,19 @@ func RoomOnDisk(pol state.Policy, entries map[string]*state.Entry, self state.Ke
 		return 0, 0, false
 	}
 	var evictable int64
+	// An image goes only when every entry that names it may be evicted:
+	// its bytes count once, then.
+	left := holders(entries)
 	for id, e := range entries {
-		if id != self.ID() && Kept(pol, e, judged(e, id, watched, now), now) == "" {
-			evictable += e.SizeBytes
+		if id == self.ID() || Kept(pol, e, judged(e, id, watched, now), now) != "" {
+			continue
 		}
+		if img := imageOf(e); img != "" {
+			if left[img]--; left[img] > 0 {
+				continue
+			}
+		}
+		evictable += e.SizeBytes
 	}
 	return max(u.DiskFree+evictable-floor, 0), floor, true
 }

@@ -390,3 +390,76 @@ func TestEvictionAtTheEdgesOfRange(t *testing.T) {
 		}
 	}
 }
+
+// TestSharedImageCountedOnce: a tag and a digest entry of one image (one
+// image ID in one daemon) take its bytes once, and evicting one of them
+// frees nothing while the other names the image.
+func TestSharedImageCountedOnce(t *testing.T) {
+	img := func(src, daemon, id string, size int64, used int, opts ...func(*state.Entry)) *state.Entry {
+		e := &state.Entry{Key: state.Key{Kind: state.Image, Source: "https://x/" + src, Daemon: daemon}, Stage: state.Ready,
+			ImageID: id, SizeBytes: size << 20, LastUsed: t0.Add(time.Duration(used) * time.Minute), Created: t0.Add(-time.Hour)}
+		for _, o := range opts {
+			o(e)
+		}
+		return e
+	}
+	dep := func(e *state.Entry) { e.Dependents = map[string]state.Dependent{"run": {}} }
+	pol := state.Policy{MaxSizeBytes: 100 << 20, HighWatermark: 90, LowWatermark: 50}
+	tag, digest := img("tag", "d1", "sha256:a", 60, 1), img("digest", "d1", "sha256:a", 60, 2)
+	if n := Measure(entries(tag, digest)); n != 60<<20 {
+		t.Errorf("Measure of a tag and a digest of one 60 MB image: %d MB, want 60", n>>20)
+	}
+	// The same ID in another daemon is another image.
+	if n := Measure(entries(tag, img("elsewhere", "d2", "sha256:a", 60, 1))); n != 120<<20 {
+		t.Errorf("Measure of one ID in two daemons: %d MB, want 120", n>>20)
+	}
+	type victim struct {
+		name         string
+		bytes, frees int64
+	}
+	got := func(vs []Victim) []victim {
+		out := []victim{}
+		for _, v := range vs {
+			out = append(out, victim{v.Key.Source[len("https://x/"):], v.Bytes >> 20, v.Frees >> 20})
+		}
+		return out
+	}
+	tests := []struct {
+		name string
+		es   map[string]*state.Entry
+		want []victim
+	}{
+		// 60 MB image + 40 MB bundle: 100 MB, over 90; to 50 means 50 MB.
+		// The tag (used first) frees nothing, the digest the image: both
+		// go, before the bundle used after them.
+		{"both entries evictable", entries(tag, digest, cacheEntry(3, 40, 5)),
+			[]victim{{"tag", 60, 0}, {"digest", 60, 60}}},
+		// The digest's dependent keeps the image: evicting the tag frees
+		// nothing, so the bundle goes too.
+		{"the other entry held", entries(tag, img("digest", "d1", "sha256:a", 60, 2, dep), cacheEntry(3, 40, 5)),
+			[]victim{{"tag", 60, 0}, {"3", 40, 40}}},
+		// Under the high watermark once the image counts once: nothing.
+		{"under budget counted once", entries(tag, digest, cacheEntry(3, 20, 5)), []victim{}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			u := Usage{Bytes: Measure(tc.es)}
+			if g := got(PlanEviction(pol, tc.es, watchedAllOf(tc.es), u, t0)); !reflect.DeepEqual(g, tc.want) {
+				t.Errorf("victims = %v, want %v", g, tc.want)
+			}
+		})
+	}
+	self := state.Key{Kind: state.Bundle, Source: "https://x/new"}
+	heldTag, heldDigest := img("tag", "d1", "sha256:a", 60, 1, dep), img("digest", "d1", "sha256:a", 60, 2, dep)
+	if room, fixed, _ := Room(pol, entries(heldTag, heldDigest), self, nil, t0); fixed != 60<<20 || room != 40<<20 {
+		t.Errorf("beside one held image named twice: room %d MB, fixed %d MB; want 40, 60", room>>20, fixed>>20)
+	}
+	dp := state.Policy{MinFreeDiskBytes: 10 << 20}
+	u := Usage{DiskFree: 20 << 20, DiskSize: 1 << 30}
+	if room, _, _ := RoomOnDisk(dp, entries(tag, heldDigest), self, u, nil, t0); room != 10<<20 {
+		t.Errorf("on disk, beside an image one held entry names: room %d MB, want 10 (evicting the tag frees nothing)", room>>20)
+	}
+	if room, _, _ := RoomOnDisk(dp, entries(tag, digest), self, u, nil, t0); room != 70<<20 {
+		t.Errorf("on disk, beside an image two evictable entries name: room %d MB, want 70", room>>20)
+	}
+}

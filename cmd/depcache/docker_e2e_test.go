@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -535,5 +536,351 @@ func TestE2ERmImage(t *testing.T) {
 	}
 	if st := readState(t, root); len(st.Entries) != 0 {
 		t.Errorf("%d entries left after rm", len(st.Entries))
+	}
+}
+
+// envWith is the test's environment with DOCKER_HOST set to host, or
+// unset when host is "".
+func envWith(host string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "DOCKER_HOST=") {
+			env = append(env, kv)
+		}
+	}
+	if host != "" {
+		env = append(env, "DOCKER_HOST="+host)
+	}
+	return env
+}
+
+// TestE2ERmImageEngineDown: rm of an image entry nobody uses, with the
+// engine unreachable, exits 1 with kind unavailable (not in_use), names the
+// engine, and keeps the entry; with the engine back, rm removes it.
+func TestE2ERmImageEngineDown(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/rmdown:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	dead := "unix://" + filepath.Join(t.TempDir(), "no-docker.sock")
+	cases := []struct {
+		name, host, engine string // engine: what the message must name
+	}{
+		{"dead socket", dead, dead},
+		{"no engine configured", "", "no Docker engine here"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.host == "" && fileExists("/var/run/docker.sock") {
+				t.Skip("/var/run/docker.sock exists: an engine is configured")
+			}
+			cmd := exec.Command(bin, "--root", root, "--json", "rm", "-y", "docker://"+ref)
+			cmd.Env = envWith(tc.host)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			cmd.Run()
+			e := decodeError(t, stderr.String())
+			if code := cmd.ProcessState.ExitCode(); code != 1 || e.Kind != "unavailable" || !strings.Contains(e.Error, tc.engine) {
+				t.Errorf("rm with the engine down: exit %d, %+v; want 1, kind unavailable, naming %q", code, e, tc.engine)
+			}
+			if st := readState(t, root); len(st.Entries) != 1 {
+				t.Errorf("%d entries after the refused rm, want the image's kept", len(st.Entries))
+			}
+			if _, ok := imageID(t, c, ref); !ok {
+				t.Error("the image is gone from the daemon")
+			}
+		})
+	}
+	if out, err := exec.Command(bin, "--root", root, "rm", "-y", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("rm with the engine back: %v: %s", err, out)
+	}
+	if st := readState(t, root); len(st.Entries) != 0 {
+		t.Errorf("%d entries left after rm", len(st.Entries))
+	}
+}
+
+// tagAndDigest gets ref and its digest as two entries of one image, held
+// by job-tag and job-digest; it returns the digest reference, the image's
+// ID and its size as the entries record it.
+func tagAndDigest(t *testing.T, c *client.Client, root, ref string) (digest, id string, size int64) {
+	t.Helper()
+	get := func(dep, src string) {
+		t.Helper()
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", dep, src).CombinedOutput(); err != nil {
+			t.Fatalf("get %s: %v: %s", src, err, out)
+		}
+	}
+	get("job-tag", "docker://"+ref)
+	insp, err := c.ImageInspect(context.Background(), ref)
+	if err != nil || len(insp.RepoDigests) == 0 {
+		t.Fatalf("inspect %s: %v, digests %v", ref, err, insp.RepoDigests)
+	}
+	t.Cleanup(func() { c.ImageRemove(context.Background(), insp.ID, image.RemoveOptions{Force: true}) })
+	get("job-digest", "docker://"+insp.RepoDigests[0])
+	st := readState(t, root)
+	if len(st.Entries) != 2 {
+		t.Fatalf("%d entries, want a tag's and a digest's", len(st.Entries))
+	}
+	for _, e := range st.Entries {
+		if e.ImageID != insp.ID || e.SizeBytes <= 0 || size != 0 && e.SizeBytes != size {
+			t.Fatalf("entry %s: image %s, %d bytes; want %s, one size", e.Key.Source, e.ImageID, e.SizeBytes, insp.ID)
+		}
+		size = e.SizeBytes
+	}
+	return insp.RepoDigests[0], insp.ID, size
+}
+
+// gcJSONOf runs gc --json with args and decodes it.
+func gcJSONOf(t *testing.T, root string, args ...string) gcJSON {
+	t.Helper()
+	out, err := exec.Command(bin, append([]string{"--root", root, "--json", "gc", "--max-size", "1", "--min-age", "0s"}, args...)...).Output()
+	var rep gcJSON
+	if err != nil || json.Unmarshal(out, &rep) != nil {
+		t.Fatalf("gc --json %v: %v: %s", args, err, out)
+	}
+	return rep
+}
+
+func release(t *testing.T, root, dep, src string) {
+	t.Helper()
+	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", dep, src).CombinedOutput(); err != nil {
+		t.Fatalf("release %s %s: %v: %s", dep, src, err, out)
+	}
+}
+
+// TestE2EImageTagAndDigestCountedOnce: a tag's and a digest's entry of one
+// image take its size once in the budget; evicting the tag's while the
+// digest's holds the image frees nothing; evicting both frees it once; rm
+// counts the same way.
+func TestE2EImageTagAndDigestCountedOnce(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	t.Run("gc", func(t *testing.T) {
+		root := t.TempDir()
+		ref := reg.host + "/team/twice:1"
+		pushImage(t, c, ref, 64<<10)
+		digest, id, size := tagAndDigest(t, c, root, ref)
+		if rep := gcJSONOf(t, root, "--dry-run"); rep.UsageBytes != size || len(rep.Victims) != 0 {
+			t.Errorf("usage %d bytes, %d victims; want the image's %d once, none (both held)", rep.UsageBytes, len(rep.Victims), size)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		for _, dry := range []bool{true, false} {
+			args := []string{}
+			if dry {
+				args = append(args, "--dry-run")
+			}
+			rep := gcJSONOf(t, root, args...)
+			if len(rep.Victims) != 1 || rep.Victims[0].Source != "docker://"+ref || rep.FreedBytes != 0 || rep.UsageAfterBytes != size {
+				t.Errorf("gc (dry %v) of the tag's entry while the digest's holds the image: %+v; want the tag evicted, 0 freed, %d left", dry, rep, size)
+			}
+		}
+		if _, ok := imageID(t, c, id); !ok {
+			t.Fatal("the image went although the digest's entry holds it")
+		}
+		// Both evictable: the image goes, and frees its size once.
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
+			t.Fatalf("get again: %v: %s", err, out)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		release(t, root, "job-digest", "docker://"+digest)
+		for _, dry := range []bool{true, false} {
+			args := []string{}
+			if dry {
+				args = append(args, "--dry-run")
+			}
+			rep := gcJSONOf(t, root, args...)
+			if len(rep.Victims) != 2 || rep.FreedBytes != size || rep.UsageBytes != size || rep.UsageAfterBytes != 0 {
+				t.Errorf("gc (dry %v) of both entries: %+v; want 2 victims, %d freed once, usage %d", dry, rep, size, size)
+			}
+		}
+		if _, ok := imageID(t, c, id); ok {
+			t.Error("the image stayed after both its entries were evicted")
+		}
+	})
+	t.Run("rm", func(t *testing.T) {
+		root := t.TempDir()
+		ref := reg.host + "/team/twice-rm:1"
+		pushImage(t, c, ref, 64<<10)
+		digest, id, size := tagAndDigest(t, c, root, ref)
+		release(t, root, "job-tag", "docker://"+ref)
+		rm := func(srcs ...string) rmJSON {
+			t.Helper()
+			out, err := exec.Command(bin, append([]string{"--root", root, "--json", "rm", "-y"}, srcs...)...).Output()
+			var rep rmJSON
+			if err != nil || json.Unmarshal(out, &rep) != nil {
+				t.Fatalf("rm %v: %v: %s", srcs, err, out)
+			}
+			return rep
+		}
+		if rep := rm("docker://" + ref); len(rep.Removed) != 1 || rep.FreedBytes != 0 {
+			t.Errorf("rm of the tag's entry while the digest's holds the image: %+v; want it removed, 0 freed", rep)
+		}
+		if _, ok := imageID(t, c, id); !ok {
+			t.Fatal("rm removed the image that the digest's entry holds")
+		}
+		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
+			t.Fatalf("get again: %v: %s", err, out)
+		}
+		release(t, root, "job-tag", "docker://"+ref)
+		release(t, root, "job-digest", "docker://"+digest)
+		if rep := rm("docker://"+ref, "docker://"+digest); len(rep.Removed) != 2 || rep.FreedBytes != size {
+			t.Errorf("rm of both entries: %+v; want both removed, %d freed once", rep, size)
+		}
+		if _, ok := imageID(t, c, id); ok {
+			t.Error("the image stayed after rm of both its entries")
+		}
+	})
+}
+
+// TestE2ELsKeptByContainer: ls says that an image a container uses is kept
+// for that container, naming it (it said "younger than min-age", which a
+// sweep past min-age would not have been stopped by either).
+func TestE2ELsKeptByContainer(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	root := t.TempDir()
+	ref := reg.host + "/team/ls-ctr:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	name := fmt.Sprintf("depcache-ls-%d", time.Now().UnixNano())
+	ctr, err := c.ContainerCreate(context.Background(), &container.Config{Image: id, Cmd: []string{"/payload"}}, nil, nil, nil, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.ContainerRemove(context.Background(), ctr.ID, container.RemoveOptions{Force: true}) })
+	want := "used by container " + name
+	out, err := exec.Command(bin, "--root", root, "--json", "ls").Output()
+	var list []entryJSON
+	if err != nil || json.Unmarshal(out, &list) != nil || len(list) != 1 {
+		t.Fatalf("ls --json: %v: %s", err, out)
+	}
+	if list[0].Kept != want {
+		t.Errorf("ls --json kept %q, want %q", list[0].Kept, want)
+	}
+	out, err = exec.Command(bin, "--root", root, "ls").Output()
+	if err != nil || !strings.Contains(string(out), want) {
+		t.Errorf("ls: %v:\n%s\nwant KEPT %q", err, out, want)
+	}
+	// Past min-age too: the container keeps it, as it keeps it from gc.
+	if out, err := exec.Command(bin, "--root", root, "--json", "gc", "--max-size", "1", "--min-age", "0s").CombinedOutput(); err != nil {
+		t.Fatalf("gc: %v: %s", err, out)
+	}
+	out, _ = exec.Command(bin, "--root", root, "--json", "ls").Output()
+	if json.Unmarshal(out, &list) != nil || len(list) != 1 || list[0].Kept != want {
+		t.Errorf("after gc: ls --json %s; want the entry, kept %q", out, want)
+	}
+}
+
+// doctorChecks runs doctor --json with DOCKER_HOST host and returns its
+// checks by name (each name's last) and its exit code.
+func doctorChecks(t *testing.T, root, host string) (map[string]manager.Check, int) {
+	t.Helper()
+	cmd := exec.Command(bin, "--root", root, "--json", "doctor")
+	cmd.Env = envWith(host)
+	out, _ := cmd.Output()
+	var checks []manager.Check
+	if err := json.Unmarshal(out, &checks); err != nil {
+		t.Fatalf("doctor --json: %v: %s", err, out)
+	}
+	byName := map[string]manager.Check{}
+	for _, c := range checks {
+		byName[c.Name] = c
+	}
+	return byName, cmd.ProcessState.ExitCode()
+}
+
+// TestE2EDoctorChecksTheEngine: on a root with image entries, doctor checks
+// that the engine answers and that each READY image entry's image is in
+// it; on a root without images it does not contact the engine, even one
+// that would hang.
+func TestE2EDoctorChecksTheEngine(t *testing.T) {
+	c := dockerClient(t)
+	reg := newRegistry(t)
+	real := os.Getenv("DOCKER_HOST")
+	// An engine that accepts and never answers, counting its connections.
+	sock := filepath.Join(t.TempDir(), "hung.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dialed atomic.Int32
+	var mu sync.Mutex
+	var conns []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			dialed.Add(1)
+			mu.Lock()
+			conns = append(conns, conn)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	hung := "unix://" + sock
+
+	bundles := t.TempDir()
+	if out, err := exec.Command(bin, "--root", bundles, "get", hello(t)).CombinedOutput(); err != nil {
+		t.Fatalf("get a bundle: %v: %s", err, out)
+	}
+	checks, code := doctorChecks(t, bundles, hung)
+	if _, ok := checks["docker engine"]; ok || code != 0 || dialed.Load() != 0 {
+		t.Errorf("doctor of a root without images: exit %d, engine check %+v, %d connections to the engine; want 0, none, none",
+			code, checks["docker engine"], dialed.Load())
+	}
+
+	root := t.TempDir()
+	ref := reg.host + "/team/doctor:1"
+	pushImage(t, c, ref, 64<<10)
+	if out, err := exec.Command(bin, "--root", root, "get", "docker://"+ref).CombinedOutput(); err != nil {
+		t.Fatalf("get: %v: %s", err, out)
+	}
+	id, _ := imageID(t, c, ref)
+	t.Cleanup(func() { c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}) })
+	checks, code = doctorChecks(t, root, real)
+	if e, i := checks["docker engine"], checks["images"]; code != 0 || e.Status != "ok" || !strings.Contains(e.Detail, real) || i.Status != "ok" {
+		t.Errorf("doctor with the engine up: exit %d, %+v, %+v; want 0 and both ok, naming %s", code, e, i, real)
+	}
+
+	dead := "unix://" + filepath.Join(t.TempDir(), "no-docker.sock")
+	checks, code = doctorChecks(t, root, dead)
+	if e := checks["docker engine"]; code != 1 || e.Status != "fail" || !strings.Contains(e.Detail, dead) {
+		t.Errorf("doctor with the engine down: exit %d, %+v; want 1 and a failing check naming %s", code, e, dead)
+	}
+	start := time.Now()
+	checks, code = doctorChecks(t, root, hung)
+	if e := checks["docker engine"]; code != 1 || e.Status != "fail" || !strings.Contains(e.Detail, "did not answer within") {
+		t.Errorf("doctor with a hung engine: exit %d, %+v; want 1 and a failing check that says it did not answer in time", code, e)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("doctor with a hung engine took %s; want about the 10 s bound", took)
+	}
+
+	if _, err := c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	checks, code = doctorChecks(t, root, real)
+	if i := checks["images"]; code != 0 || i.Status != "warn" || !strings.Contains(i.Detail, "docker://"+ref) || !strings.Contains(i.Detail, id) {
+		t.Errorf("doctor with the image removed by hand: exit %d, %+v; want 0 and a warning naming the entry and its image", code, i)
 	}
 }

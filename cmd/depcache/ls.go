@@ -144,11 +144,17 @@ the full key IDs (--json output is always JSON, its keys always full).`,
 			if err := existingRoot(g); err != nil {
 				return err
 			}
-			m, err := manager.New(g.plainConfig())
+			cfg := g.plainConfig()
+			// On a root with images, KEPT says which containers use them:
+			// this host's engine is asked (each call within its bound).
+			if cfg.Docker, err = dockerEngine(); err != nil {
+				return err
+			}
+			m, err := manager.New(cfg)
 			if err != nil {
 				return err
 			}
-			st, rows, err := describeRows(cmd.Context(), m)
+			st, rows, err := describeRows(cmd.Context(), m, manager.WithContainers())
 			if err != nil {
 				return err
 			}
@@ -428,8 +434,8 @@ func describeEntries(ctx context.Context, m *manager.Manager) ([]entryJSON, erro
 	return out, nil
 }
 
-func describeRows(ctx context.Context, m *manager.Manager) (*state.State, []row, error) {
-	st, desc, err := m.Describe(ctx)
+func describeRows(ctx context.Context, m *manager.Manager, opts ...manager.DescribeOption) (*state.State, []row, error) {
+	st, desc, err := m.Describe(ctx, opts...)
 	if err != nil {
 		return nil, nil, err
 	}

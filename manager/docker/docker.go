@@ -175,6 +175,26 @@ func (d *dockerEngine) ImagesInUse(ctx context.Context) (map[string]bool, error)
 	return used, nil
 }
 
+// ContainersByImage is ImagesInUse with the containers' names.
+func (d *dockerEngine) ContainersByImage(ctx context.Context) (map[string][]string, error) {
+	cs, err := d.c.ContainerList(ctx, container.ListOptions{All: true})
+	if err != nil {
+		return nil, fmt.Errorf("docker: listing containers: %w", err)
+	}
+	users := map[string][]string{}
+	for _, c := range cs {
+		name := c.ID[:min(len(c.ID), 12)]
+		if len(c.Names) > 0 {
+			name = strings.TrimPrefix(c.Names[0], "/")
+		}
+		users[c.ImageID] = append(users[c.ImageID], name)
+	}
+	return users, nil
+}
+
+// Addr is the engine's address (DOCKER_HOST, or the default socket).
+func (d *dockerEngine) Addr() string { return d.c.DaemonHost() }
+
 func (d *dockerEngine) Remove(ctx context.Context, id string) error {
 	_, err := d.c.ImageRemove(ctx, id, image.RemoveOptions{PruneChildren: true})
 	switch {

@@ -135,7 +135,9 @@ func engineContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // not the caller's ctx).
 func engineErr(ctx, ectx context.Context, err error) error {
 	if err != nil && ctx.Err() == nil && errors.Is(ectx.Err(), context.DeadlineExceeded) {
-		return fmt.Errorf("the Docker engine did not answer within %s: %w", engineTimeout, err)
+		// ErrEngineUnavailable, and not the deadline: that one is this
+		// call's bound, and a caller's deadline (exit 3) is its own.
+		return fmt.Errorf("%w: the Docker engine did not answer within %s: %v", ErrEngineUnavailable, engineTimeout, err)
 	}
 	return err
 }

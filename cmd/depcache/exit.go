@@ -156,7 +156,7 @@ func errKind(err error) string {
 	case errors.Is(err, etcdstore.ErrOutcomeUnknown):
 		// It may still apply: not one to retry blindly.
 		return "error"
-	case errors.Is(err, etcdstore.ErrUnavailable):
+	case errors.Is(err, etcdstore.ErrUnavailable), errors.Is(err, manager.ErrEngineUnavailable):
 		return "unavailable"
 	case errors.Is(err, manager.ErrDiskFull), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		// ENOSPC unwrapped: a write outside the state's commits (a named

@@ -10,7 +10,6 @@ import (
 
 	"github.com/depcache/depcache/manager"
 	"github.com/depcache/depcache/state"
-	"github.com/depcache/depcache/state/etcdstore"
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -85,7 +84,7 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 			// Refusals first, before asking anything.
 			rep, err := m.Remove(ctx, keys, true)
 			if err != nil {
-				return engineOutage(fmt.Errorf("nothing removed: %w", err))
+				return fmt.Errorf("nothing removed: %w", err)
 			}
 			if !dryRun && !yes && len(rep.Removed) > 0 {
 				ok, err := confirm(cmd.InOrStdin(), g.stderr, removeQuestion(rep))
@@ -100,9 +99,9 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 			var kept error // images the engine refused after the commit: their entries stay
 			if !dryRun {
 				if rep, err = m.Remove(ctx, keys, false); err != nil && len(rep.Removed) == 0 {
-					return engineOutage(fmt.Errorf("nothing removed: %w", err))
+					return fmt.Errorf("nothing removed: %w", err)
 				}
-				kept = engineOutage(err)
+				kept = err
 			}
 			if g.json {
 				out := rmJSON{DryRun: dryRun, Removed: []removedJSON{}, FreedBytes: rep.Freed}
@@ -132,24 +131,6 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 	f.BoolVar(&ignoreMissing, "ignore-missing", false, "skip arguments that name no entry instead of failing")
 	return cmd
 }
-
-// engineOutage gives an error of a Docker engine that did not answer
-// (manager.ErrEngineUnavailable) the --json kind "unavailable", which
-// errKind gives a state store that did not answer: both are outages that
-// changed nothing and are worth trying again later. It returns other
-// errors as they are.
-func engineOutage(err error) error {
-	if !errors.Is(err, manager.ErrEngineUnavailable) {
-		return err
-	}
-	return outageError{err}
-}
-
-// outageError is err, matching etcdstore.ErrUnavailable too (errKind's
-// test for kind "unavailable"), with err's text alone.
-type outageError struct{ error }
-
-func (e outageError) Unwrap() []error { return []error{e.error, etcdstore.ErrUnavailable} }
 
 // removeQuestion is what rm asks before it removes rep's entries.
 func removeQuestion(rep manager.RemoveReport) string {

@@ -875,6 +875,16 @@ func TestE2EDoctorChecksTheEngine(t *testing.T) {
 	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("doctor with a hung engine took %s; want about the 10 s bound", took)
 	}
+	// A get past the engine's bound is the engine's outage (exit 1), not
+	// the caller's --timeout (exit 3).
+	get := exec.Command(bin, "--root", root, "--json", "get", "docker://"+ref)
+	get.Env = envWith(hung)
+	var stderr bytes.Buffer
+	get.Stderr = &stderr
+	get.Run()
+	if e, code := decodeError(t, stderr.String()), get.ProcessState.ExitCode(); code != 1 || e.Kind != "unavailable" || !strings.Contains(e.Error, "did not answer within") {
+		t.Errorf("get with a hung engine: exit %d, %+v; want 1, kind unavailable, saying it did not answer in time", code, e)
+	}
 
 	if _, err := c.ImageRemove(context.Background(), id, image.RemoveOptions{Force: true}); err != nil {
 		t.Fatal(err)

@@ -406,19 +406,7 @@ func TestE2EImageEvictionKeepsASharedImage(t *testing.T) {
 	root := t.TempDir()
 	ref := reg.host + "/team/shared:1"
 	pushImage(t, c, ref, 64<<10)
-	get := func(dep, src string) {
-		t.Helper()
-		if out, err := exec.Command(bin, "--root", root, "get", "--dependent", dep, src).CombinedOutput(); err != nil {
-			t.Fatalf("get %s: %v: %s", src, err, out)
-		}
-	}
-	get("job-tag", "docker://"+ref)
-	insp, err := c.ImageInspect(context.Background(), ref)
-	if err != nil || len(insp.RepoDigests) == 0 {
-		t.Fatalf("inspect %s: %v, digests %v", ref, err, insp.RepoDigests)
-	}
-	t.Cleanup(func() { c.ImageRemove(context.Background(), insp.ID, image.RemoveOptions{Force: true}) })
-	get("job-digest", "docker://"+insp.RepoDigests[0])
+	digest, id, _ := tagAndDigest(t, c, root, ref)
 	if out, err := exec.Command(bin, "--root", root, "release", "--dependent", "job-tag", "docker://"+ref).CombinedOutput(); err != nil {
 		t.Fatalf("release: %v: %s", err, out)
 	}
@@ -426,13 +414,13 @@ func TestE2EImageEvictionKeepsASharedImage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("gc: %v: %s", err, out)
 	}
-	if _, ok := imageID(t, c, insp.ID); !ok {
+	if _, ok := imageID(t, c, id); !ok {
 		t.Fatalf("the shared image was removed although the digest's entry holds it\n%s", out)
 	}
 	st := readState(t, root)
 	e := onlyEntry(t, st)
-	if e.Key.Source != "docker://"+insp.RepoDigests[0] || e.Stage != "READY" || e.ImageID != insp.ID {
-		t.Errorf("left: %s %s %s; want the digest's entry READY with %s\n%s", e.Key.Source, e.Stage, e.ImageID, insp.ID, out)
+	if e.Key.Source != "docker://"+digest || e.Stage != "READY" || e.ImageID != id {
+		t.Errorf("left: %s %s %s; want the digest's entry READY with %s\n%s", e.Key.Source, e.Stage, e.ImageID, id, out)
 	}
 }
 

@@ -79,14 +79,12 @@ confirm (or --yes). --break-lock NAME does the same for the named lock of
 			// lost, or an earlier move was cut short after the root got
 			// its ID).
 			g.state.adoptRoot = rebuild
-			cfg := g.plainConfig()
-			// On a root with images, the checks ask this host's engine
-			// (each call within its bound); one without never does.
-			engine, err := dockerEngine()
+			// On a root with images, the checks ask this host's engine;
+			// one without never does.
+			cfg, err := g.engineConfig()
 			if err != nil {
 				return err
 			}
-			cfg.Docker = engine
 			m, err := manager.New(cfg)
 			if errors.Is(err, state.ErrLayout) && !rebuild && !breakLock {
 				// No check can look further into a root that a name of its

@@ -144,10 +144,10 @@ the full key IDs (--json output is always JSON, its keys always full).`,
 			if err := existingRoot(g); err != nil {
 				return err
 			}
-			cfg := g.plainConfig()
 			// On a root with images, KEPT says which containers use them:
-			// this host's engine is asked (each call within its bound).
-			if cfg.Docker, err = dockerEngine(); err != nil {
+			// this host's engine is asked.
+			cfg, err := g.engineConfig()
+			if err != nil {
 				return err
 			}
 			m, err := manager.New(cfg)

@@ -60,14 +60,12 @@ removes by accident. --dry-run says what would go and asks nothing.`,
 			if err := existingRoot(g); err != nil {
 				return err
 			}
-			cfg := g.plainConfig()
 			// Image entries are removed with their images: rm needs this
 			// host's engine to tell which daemon's they are.
-			engine, err := dockerEngine()
+			cfg, err := g.engineConfig()
 			if err != nil {
 				return err
 			}
-			cfg.Docker = engine
 			m, err := manager.New(cfg)
 			if err != nil {
 				return err

@@ -442,6 +442,16 @@ func (g *globals) plainConfig() manager.Config {
 	return manager.Config{Root: g.root, Log: g.log, GroupShared: g.group, LockLease: g.lockLease, DiskReserve: g.diskReserve(), State: g.plainState()}
 }
 
+// engineConfig is plainConfig with this host's Docker engine, for the
+// plain commands that look at images (ls, doctor, rm). The manager asks
+// the engine only on a root that holds images, each call within its bound.
+func (g *globals) engineConfig() (manager.Config, error) {
+	cfg := g.plainConfig()
+	engine, err := dockerEngine()
+	cfg.Docker = engine
+	return cfg, err
+}
+
 // maxDiskReserve bounds --disk-reserve: a commit needs megabytes at most.
 const maxDiskReserve = 1 << 30
 
